@@ -1,0 +1,637 @@
+//! The pool's state as the placement engine sees it: every node's free CPU, memory and device
+//! capacity, kept exact under allocate and release.
+//!
+//! Two indexes keep placement fast on large pools without changing its result:
+//! - *pristine classes*: idle nodes with identical hardware score identically under any policy
+//!   whose score depends only on the node, so only the one first in tie order can win; the engine
+//!   scores that one representative per class.
+//! - *summaries*: a dense array of each node's free totals, for a cheap necessary-condition filter
+//!   before the exact device-level check.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{DeviceSpec, MAX_DEVICE_MODELS, MILLI_PER_DEVICE, NodeSpec};
+use crate::validate::{ValidationError, validate_node};
+
+/// Index of a node in its [`Cluster`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeId(pub u32);
+
+impl NodeId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// Index of a device model in the cluster's model registry (below [`MAX_DEVICE_MODELS`]).
+pub type ModelId = u8;
+
+/// The kind of GPU request a replica made; GpuClustering groups like with like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum GpuAffinity {
+    Share,
+    Whole(u32),
+}
+
+/// One device's live state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceState {
+    pub model: ModelId,
+    pub memory_bytes: u64,
+    pub milli_free: u32,
+    pub memory_free: u64,
+}
+
+impl DeviceState {
+    pub fn is_free(&self) -> bool {
+        self.milli_free == MILLI_PER_DEVICE && self.memory_free == self.memory_bytes
+    }
+}
+
+/// One node's live state.
+#[derive(Debug, Clone)]
+pub struct NodeState {
+    pub id: NodeId,
+    pub spec: NodeSpec,
+    pub cpu_free: u64,
+    pub memory_free: u64,
+    pub devices: Vec<DeviceState>,
+    /// Bit `m` set when some device is of model `m`.
+    pub model_mask: u64,
+    /// Kinds of GPU request running here, with counts.
+    pub affinities: Vec<(GpuAffinity, u32)>,
+    /// Replicas placed on this node.
+    pub replicas: u32,
+    /// Bumped on every change; lets the engine cache scores per node.
+    pub version: u32,
+    class: usize,
+}
+
+impl NodeState {
+    /// Free milli-GPU over all devices.
+    pub fn milli_free_total(&self) -> u64 {
+        self.devices.iter().map(|d| u64::from(d.milli_free)).sum()
+    }
+
+    /// Devices with nothing on them.
+    pub fn whole_free(&self) -> u32 {
+        self.devices.iter().filter(|d| d.is_free()).count() as u32
+    }
+
+    /// Largest free share on any one device.
+    pub fn max_device_free(&self) -> u32 {
+        self.devices.iter().map(|d| d.milli_free).max().unwrap_or(0)
+    }
+
+    /// Nothing runs here.
+    pub fn is_pristine(&self) -> bool {
+        self.replicas == 0
+    }
+
+    /// Free milli-GPU the node had when empty.
+    pub fn milli_capacity(&self) -> u64 {
+        self.devices.len() as u64 * u64::from(MILLI_PER_DEVICE)
+    }
+}
+
+/// Dense per-node totals for the first, cheap feasibility filter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeSummary {
+    pub cpu_free: u64,
+    pub memory_free: u64,
+    pub max_device_free: u32,
+    pub whole_free: u32,
+    pub model_mask: u64,
+}
+
+/// The share of one device an allocation holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceShare {
+    pub device: u32,
+    pub milli: u32,
+    pub memory_bytes: u64,
+}
+
+/// One replica bound to a node and a set of slices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub node: NodeId,
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    pub devices: Vec<DeviceShare>,
+    pub affinity: Option<GpuAffinity>,
+}
+
+impl Allocation {
+    pub fn gpu_milli(&self) -> u64 {
+        self.devices.iter().map(|d| u64::from(d.milli)).sum()
+    }
+}
+
+/// An allocation that does not fit its node: an engine bug or a stale plan, never applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CapacityError {
+    #[error("node {0} does not exist in this cluster")]
+    UnknownNode(u32),
+    #[error("device {device} does not exist on node {node}")]
+    UnknownDevice { node: String, device: u32 },
+    #[error("node {node}: {what} would exceed its capacity")]
+    Exceeds { node: String, what: &'static str },
+    #[error("node {node}: releasing {what} that was never allocated")]
+    NotAllocated { node: String, what: &'static str },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct HardwareKey {
+    cpu_milli: u64,
+    memory_bytes: u64,
+    labels: BTreeMap<String, String>,
+    devices: Vec<DeviceSpec>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct HardwareClass {
+    /// Pristine members as (tie rank, node).
+    pristine: BTreeSet<(u32, u32)>,
+}
+
+/// The whole pool's placement state.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    nodes: Vec<NodeState>,
+    summaries: Vec<NodeSummary>,
+    models: Vec<String>,
+    tie_rank: Vec<u32>,
+    classes: Vec<HardwareClass>,
+    touched: Vec<u32>,
+    touched_pos: Vec<u32>,
+    gpu_capacity_milli: u64,
+    gpu_used_milli: u64,
+}
+
+const NOT_TOUCHED: u32 = u32::MAX;
+
+impl Cluster {
+    /// Builds a pool from node inventories; ties between equal scores go to the earlier node.
+    pub fn new(specs: Vec<NodeSpec>) -> Result<Self, ValidationError> {
+        let mut models: Vec<String> = Vec::new();
+        let mut model_index: HashMap<String, ModelId> = HashMap::new();
+        let mut class_index: HashMap<HardwareKey, usize> = HashMap::new();
+        let mut names = BTreeSet::new();
+        let mut nodes = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.into_iter().enumerate() {
+            validate_node(&spec)?;
+            if !names.insert(spec.name.clone()) {
+                return Err(ValidationError::new(
+                    "node.name",
+                    spec.name.clone(),
+                    "two nodes have the same name",
+                    "give every node a unique name",
+                ));
+            }
+            let mut devices = Vec::with_capacity(spec.devices.len());
+            let mut model_mask = 0u64;
+            for d in &spec.devices {
+                let id = match model_index.get(&d.model) {
+                    Some(&id) => id,
+                    None => {
+                        if models.len() >= MAX_DEVICE_MODELS {
+                            return Err(ValidationError::new(
+                                "node.devices.model",
+                                d.model.clone(),
+                                format!("a pool holds at most {MAX_DEVICE_MODELS} device models"),
+                                "group rare models under one name",
+                            ));
+                        }
+                        let id = models.len() as ModelId;
+                        models.push(d.model.clone());
+                        model_index.insert(d.model.clone(), id);
+                        id
+                    }
+                };
+                model_mask |= 1u64 << id;
+                devices.push(DeviceState {
+                    model: id,
+                    memory_bytes: d.memory_bytes,
+                    milli_free: MILLI_PER_DEVICE,
+                    memory_free: d.memory_bytes,
+                });
+            }
+            let key = HardwareKey {
+                cpu_milli: spec.cpu_milli,
+                memory_bytes: spec.memory_bytes,
+                labels: spec.labels.clone(),
+                devices: spec.devices.clone(),
+            };
+            let next = class_index.len();
+            let class = *class_index.entry(key).or_insert(next);
+            nodes.push(NodeState {
+                id: NodeId(i as u32),
+                cpu_free: spec.cpu_milli,
+                memory_free: spec.memory_bytes,
+                devices,
+                model_mask,
+                affinities: Vec::new(),
+                replicas: 0,
+                version: 0,
+                class,
+                spec,
+            });
+        }
+        let n = nodes.len();
+        let mut cluster = Cluster {
+            summaries: vec![NodeSummary::default(); n],
+            gpu_capacity_milli: nodes.iter().map(|s| s.milli_capacity()).sum(),
+            classes: vec![HardwareClass::default(); class_index.len()],
+            nodes,
+            models,
+            tie_rank: (0..n as u32).collect(),
+            touched: Vec::new(),
+            touched_pos: vec![NOT_TOUCHED; n],
+            gpu_used_milli: 0,
+        };
+        for i in 0..n {
+            cluster.refresh(i);
+        }
+        Ok(cluster)
+    }
+
+    /// Sets which node wins a tie: `order[0]` first. Must list every node once.
+    pub fn set_tie_order(&mut self, order: &[NodeId]) -> Result<(), ValidationError> {
+        let n = self.nodes.len();
+        let mut rank = vec![u32::MAX; n];
+        for (r, id) in order.iter().enumerate() {
+            if id.index() >= n || rank[id.index()] != u32::MAX {
+                return Err(ValidationError::new(
+                    "tie_order",
+                    format!("{}", id.0),
+                    "the order must list every node exactly once",
+                    "pass a permutation of the node indexes",
+                ));
+            }
+            rank[id.index()] = r as u32;
+        }
+        if order.len() != n {
+            return Err(ValidationError::new(
+                "tie_order",
+                format!("{} of {n} nodes", order.len()),
+                "the order must list every node exactly once",
+                "pass a permutation of the node indexes",
+            ));
+        }
+        for class in &mut self.classes {
+            class.pristine.clear();
+        }
+        self.tie_rank = rank;
+        for i in 0..n {
+            if self.nodes[i].is_pristine() {
+                let class = self.nodes[i].class;
+                self.classes[class]
+                    .pristine
+                    .insert((self.tie_rank[i], i as u32));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn nodes(&self) -> &[NodeState] {
+        &self.nodes
+    }
+
+    pub fn node(&self, id: NodeId) -> &NodeState {
+        &self.nodes[id.index()]
+    }
+
+    pub fn summary(&self, id: NodeId) -> &NodeSummary {
+        &self.summaries[id.index()]
+    }
+
+    pub fn tie_rank(&self, id: NodeId) -> u32 {
+        self.tie_rank[id.index()]
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Registered device model names, indexed by [`ModelId`].
+    pub fn models(&self) -> &[String] {
+        &self.models
+    }
+
+    /// Mask of the named models this pool knows; unknown names match no device.
+    pub fn model_mask(&self, names: &[String]) -> u64 {
+        names
+            .iter()
+            .filter_map(|n| self.models.iter().position(|m| m == n))
+            .fold(0u64, |mask, id| mask | (1u64 << id))
+    }
+
+    pub fn gpu_capacity_milli(&self) -> u64 {
+        self.gpu_capacity_milli
+    }
+
+    pub fn gpu_used_milli(&self) -> u64 {
+        self.gpu_used_milli
+    }
+
+    /// Nodes with something running on them.
+    pub(crate) fn touched(&self) -> &[u32] {
+        &self.touched
+    }
+
+    /// For each hardware class, its idle nodes in tie order.
+    pub(crate) fn pristine_classes(&self) -> impl Iterator<Item = &BTreeSet<(u32, u32)>> {
+        self.classes.iter().map(|c| &c.pristine)
+    }
+
+    /// Applies an allocation, or refuses it whole if any part does not fit.
+    pub fn allocate(&mut self, alloc: &Allocation) -> Result<(), CapacityError> {
+        let i = self.check_node(alloc.node)?;
+        let node = &self.nodes[i];
+        let name = || node.spec.name.clone();
+        if node.cpu_free < alloc.cpu_milli {
+            return Err(CapacityError::Exceeds {
+                node: name(),
+                what: "CPU",
+            });
+        }
+        if node.memory_free < alloc.memory_bytes {
+            return Err(CapacityError::Exceeds {
+                node: name(),
+                what: "memory",
+            });
+        }
+        // Check all device shares first (a device may appear once per allocation), then apply.
+        let mut seen = 0u64;
+        for share in &alloc.devices {
+            let d = node.devices.get(share.device as usize).ok_or_else(|| {
+                CapacityError::UnknownDevice {
+                    node: name(),
+                    device: share.device,
+                }
+            })?;
+            if seen & (1u64 << share.device) != 0 {
+                return Err(CapacityError::Exceeds {
+                    node: name(),
+                    what: "a device listed twice",
+                });
+            }
+            seen |= 1u64 << share.device;
+            if d.milli_free < share.milli {
+                return Err(CapacityError::Exceeds {
+                    node: name(),
+                    what: "device share",
+                });
+            }
+            if d.memory_free < share.memory_bytes {
+                return Err(CapacityError::Exceeds {
+                    node: name(),
+                    what: "device memory",
+                });
+            }
+        }
+        let node = &mut self.nodes[i];
+        node.cpu_free -= alloc.cpu_milli;
+        node.memory_free -= alloc.memory_bytes;
+        for share in &alloc.devices {
+            let d = &mut node.devices[share.device as usize];
+            d.milli_free -= share.milli;
+            d.memory_free -= share.memory_bytes;
+            self.gpu_used_milli += u64::from(share.milli);
+        }
+        if let Some(a) = alloc.affinity {
+            match node.affinities.iter_mut().find(|(k, _)| *k == a) {
+                Some((_, count)) => *count += 1,
+                None => node.affinities.push((a, 1)),
+            }
+        }
+        let was_pristine = node.is_pristine();
+        node.replicas += 1;
+        node.version = node.version.wrapping_add(1);
+        if was_pristine {
+            let class = node.class;
+            self.classes[class]
+                .pristine
+                .remove(&(self.tie_rank[i], i as u32));
+        }
+        self.refresh(i);
+        Ok(())
+    }
+
+    /// Returns an allocation's resources to its node.
+    pub fn release(&mut self, alloc: &Allocation) -> Result<(), CapacityError> {
+        let i = self.check_node(alloc.node)?;
+        let node = &self.nodes[i];
+        let name = || node.spec.name.clone();
+        if node.replicas == 0 {
+            return Err(CapacityError::NotAllocated {
+                node: name(),
+                what: "a replica",
+            });
+        }
+        if node.cpu_free + alloc.cpu_milli > node.spec.cpu_milli {
+            return Err(CapacityError::NotAllocated {
+                node: name(),
+                what: "CPU",
+            });
+        }
+        if node.memory_free + alloc.memory_bytes > node.spec.memory_bytes {
+            return Err(CapacityError::NotAllocated {
+                node: name(),
+                what: "memory",
+            });
+        }
+        for share in &alloc.devices {
+            let d = node.devices.get(share.device as usize).ok_or_else(|| {
+                CapacityError::UnknownDevice {
+                    node: name(),
+                    device: share.device,
+                }
+            })?;
+            if d.milli_free + share.milli > MILLI_PER_DEVICE
+                || d.memory_free + share.memory_bytes > d.memory_bytes
+            {
+                return Err(CapacityError::NotAllocated {
+                    node: name(),
+                    what: "a device share",
+                });
+            }
+        }
+        if let Some(a) = alloc.affinity
+            && !node.affinities.iter().any(|(k, c)| *k == a && *c > 0)
+        {
+            return Err(CapacityError::NotAllocated {
+                node: name(),
+                what: "a GPU request kind",
+            });
+        }
+        let node = &mut self.nodes[i];
+        node.cpu_free += alloc.cpu_milli;
+        node.memory_free += alloc.memory_bytes;
+        for share in &alloc.devices {
+            let d = &mut node.devices[share.device as usize];
+            d.milli_free += share.milli;
+            d.memory_free += share.memory_bytes;
+            self.gpu_used_milli -= u64::from(share.milli);
+        }
+        if let Some(a) = alloc.affinity
+            && let Some(pos) = node.affinities.iter().position(|(k, _)| *k == a)
+        {
+            node.affinities[pos].1 -= 1;
+            if node.affinities[pos].1 == 0 {
+                node.affinities.swap_remove(pos);
+            }
+        }
+        node.replicas -= 1;
+        node.version = node.version.wrapping_add(1);
+        if node.is_pristine() {
+            let class = node.class;
+            self.classes[class]
+                .pristine
+                .insert((self.tie_rank[i], i as u32));
+        }
+        self.refresh(i);
+        Ok(())
+    }
+
+    fn check_node(&self, id: NodeId) -> Result<usize, CapacityError> {
+        if id.index() < self.nodes.len() {
+            Ok(id.index())
+        } else {
+            Err(CapacityError::UnknownNode(id.0))
+        }
+    }
+
+    fn refresh(&mut self, i: usize) {
+        let node = &self.nodes[i];
+        self.summaries[i] = NodeSummary {
+            cpu_free: node.cpu_free,
+            memory_free: node.memory_free,
+            max_device_free: node.max_device_free(),
+            whole_free: node.whole_free(),
+            model_mask: node.model_mask,
+        };
+        let pristine = node.is_pristine();
+        if pristine && self.touched_pos[i] != NOT_TOUCHED {
+            let pos = self.touched_pos[i] as usize;
+            self.touched.swap_remove(pos);
+            if let Some(&moved) = self.touched.get(pos) {
+                self.touched_pos[moved as usize] = pos as u32;
+            }
+            self.touched_pos[i] = NOT_TOUCHED;
+        } else if !pristine && self.touched_pos[i] == NOT_TOUCHED {
+            self.touched_pos[i] = self.touched.len() as u32;
+            self.touched.push(i as u32);
+        }
+        if pristine && self.touched_pos[i] == NOT_TOUCHED {
+            let class = node.class;
+            self.classes[class]
+                .pristine
+                .insert((self.tie_rank[i], i as u32));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::GIB;
+
+    fn t4_node(name: &str) -> NodeSpec {
+        NodeSpec::with_devices(
+            name,
+            16_000,
+            64 * GIB,
+            2,
+            DeviceSpec {
+                model: "T4".into(),
+                memory_bytes: 16 * GIB,
+            },
+        )
+    }
+
+    fn share(node: u32, device: u32, milli: u32) -> Allocation {
+        Allocation {
+            node: NodeId(node),
+            cpu_milli: 1000,
+            memory_bytes: GIB,
+            devices: vec![DeviceShare {
+                device,
+                milli,
+                memory_bytes: GIB,
+            }],
+            affinity: Some(GpuAffinity::Share),
+        }
+    }
+
+    #[test]
+    fn allocate_and_release_restore_the_node_exactly() {
+        let mut c = Cluster::new(vec![t4_node("a"), t4_node("b")]).unwrap();
+        let before = c.node(NodeId(1)).clone();
+        c.allocate(&share(1, 0, 400)).unwrap();
+        assert_eq!(c.node(NodeId(1)).devices[0].milli_free, 600);
+        assert_eq!(c.gpu_used_milli(), 400);
+        assert_eq!(c.touched(), &[1]);
+        c.release(&share(1, 0, 400)).unwrap();
+        let after = c.node(NodeId(1));
+        assert_eq!(after.cpu_free, before.cpu_free);
+        assert_eq!(after.devices, before.devices);
+        assert!(after.affinities.is_empty());
+        assert!(c.touched().is_empty());
+        assert_eq!(c.gpu_used_milli(), 0);
+    }
+
+    #[test]
+    fn over_capacity_is_refused_and_changes_nothing() {
+        let mut c = Cluster::new(vec![t4_node("a")]).unwrap();
+        c.allocate(&share(0, 0, 700)).unwrap();
+        let version = c.node(NodeId(0)).version;
+        let err = c.allocate(&share(0, 0, 400)).unwrap_err();
+        assert!(matches!(err, CapacityError::Exceeds { .. }));
+        assert_eq!(c.node(NodeId(0)).devices[0].milli_free, 300);
+        assert_eq!(c.node(NodeId(0)).version, version);
+        assert!(c.allocate(&share(5, 0, 1)).is_err());
+        assert!(c.allocate(&share(0, 9, 1)).is_err());
+    }
+
+    #[test]
+    fn releasing_what_was_never_allocated_is_refused() {
+        let mut c = Cluster::new(vec![t4_node("a")]).unwrap();
+        assert!(c.release(&share(0, 0, 100)).is_err());
+        c.allocate(&share(0, 0, 100)).unwrap();
+        assert!(c.release(&share(0, 1, 100)).is_err());
+        assert_eq!(c.node(NodeId(0)).devices[1].milli_free, 1000);
+    }
+
+    #[test]
+    fn identical_idle_nodes_share_a_class_ordered_by_tie_rank() {
+        let mut c = Cluster::new(vec![t4_node("a"), t4_node("b"), t4_node("c")]).unwrap();
+        c.set_tie_order(&[NodeId(2), NodeId(0), NodeId(1)]).unwrap();
+        let firsts: Vec<_> = c
+            .pristine_classes()
+            .filter_map(|s| s.first().copied())
+            .collect();
+        assert_eq!(firsts, vec![(0, 2)]);
+        c.allocate(&share(2, 0, 10)).unwrap();
+        let firsts: Vec<_> = c
+            .pristine_classes()
+            .filter_map(|s| s.first().copied())
+            .collect();
+        assert_eq!(firsts, vec![(1, 0)]);
+        assert!(c.set_tie_order(&[NodeId(0), NodeId(0), NodeId(1)]).is_err());
+        assert!(c.set_tie_order(&[NodeId(0)]).is_err());
+    }
+
+    #[test]
+    fn duplicate_node_names_are_refused() {
+        let err = Cluster::new(vec![t4_node("a"), t4_node("a")]).unwrap_err();
+        assert_eq!(err.field, "node.name");
+    }
+}

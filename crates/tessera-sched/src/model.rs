@@ -1,0 +1,72 @@
+//! What the pool is made of: nodes and the devices on them, in Tessera's units.
+//!
+//! Units are those of the public traces: GPU in milli-GPU (1000 = one whole device), CPU in
+//! milli-CPU, memory and device memory in bytes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Milli-GPU in one whole device.
+pub const MILLI_PER_DEVICE: u32 = 1000;
+
+/// Most devices a single node may carry (device sets are kept in fixed-size arrays on the hot path).
+pub const MAX_DEVICES_PER_NODE: usize = 64;
+
+/// Most distinct device models one pool may hold (model sets are 64-bit masks).
+pub const MAX_DEVICE_MODELS: usize = 64;
+
+/// Bytes in one mebibyte.
+pub const MIB: u64 = 1024 * 1024;
+
+/// Bytes in one gibibyte.
+pub const GIB: u64 = 1024 * MIB;
+
+/// One physical accelerator as the agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DeviceSpec {
+    /// Model name, e.g. `H100-80GB`, `T4`, `G2`.
+    pub model: String,
+    /// Device memory in bytes; 0 when the inventory does not know it.
+    pub memory_bytes: u64,
+}
+
+/// One machine of the pool and what it offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    pub name: String,
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub devices: Vec<DeviceSpec>,
+}
+
+impl NodeSpec {
+    /// A node with `count` identical devices.
+    pub fn with_devices(
+        name: impl Into<String>,
+        cpu_milli: u64,
+        memory_bytes: u64,
+        count: usize,
+        device: DeviceSpec,
+    ) -> Self {
+        NodeSpec {
+            name: name.into(),
+            cpu_milli,
+            memory_bytes,
+            labels: BTreeMap::new(),
+            devices: vec![device; count],
+        }
+    }
+}
+
+/// Formats bytes for people: `20.0 GiB`, `512.0 MiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    if bytes >= GIB {
+        format!("{:.1} GiB", bytes as f64 / GIB as f64)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / MIB as f64)
+    }
+}

@@ -1,0 +1,144 @@
+//! The distribution of task shapes a pool sees, learned from its own history.
+//!
+//! FGD (Weng et al., USENIX ATC'23) calls the most common shapes "typical pods": distinct
+//! (CPU, GPU share, device count, device models) tuples ranked by how many tasks have them, kept
+//! until they cover a given fraction of all tasks, then renormalised. Memory is not part of a shape.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::request::{GpuRequest, ResourceRequest};
+
+/// One task shape; memory is deliberately left out (it decides feasibility, not fragmentation).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct TaskShape {
+    pub cpu_milli: u64,
+    pub gpu: GpuRequest,
+    /// Allowed models joined by `|`, empty for any (the trace's own spelling, kept for ordering).
+    pub device_models: String,
+}
+
+impl TaskShape {
+    pub fn of(request: &ResourceRequest) -> Self {
+        TaskShape {
+            cpu_milli: request.cpu_milli,
+            gpu: request.gpu,
+            device_models: request.device_models.join("|"),
+        }
+    }
+
+    pub fn model_list(&self) -> Vec<String> {
+        if self.device_models.is_empty() {
+            Vec::new()
+        } else {
+            self.device_models.split('|').map(str::to_owned).collect()
+        }
+    }
+}
+
+/// A set of task shapes with their share of all tasks (weights sum to 1).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShapeDistribution {
+    pub shapes: Vec<(TaskShape, f64)>,
+}
+
+impl ShapeDistribution {
+    /// FGD's typical-pods rule: the most common shapes until they cover `coverage` (0..=1) of
+    /// all tasks, CPU-only tasks included, renormalised to sum to 1.
+    ///
+    /// Ties in count are ordered as the reference simulator orders them (larger CPU, then larger
+    /// GPU share, more devices, later model name first), so the cut is deterministic.
+    pub fn typical<'a>(
+        requests: impl IntoIterator<Item = &'a ResourceRequest>,
+        coverage: f64,
+    ) -> Self {
+        let mut counts: HashMap<TaskShape, u64> = HashMap::new();
+        let mut total = 0u64;
+        for r in requests {
+            *counts.entry(TaskShape::of(r)).or_default() += 1;
+            total += 1;
+        }
+        if total == 0 {
+            return ShapeDistribution::default();
+        }
+        let mut ranked: Vec<(TaskShape, u64)> = counts.into_iter().collect();
+        ranked.sort_by(|(a, ca), (b, cb)| {
+            cb.cmp(ca).then_with(|| {
+                let key = |s: &TaskShape| {
+                    (
+                        s.cpu_milli,
+                        s.gpu.per_device_milli(),
+                        s.gpu.device_count(),
+                        s.device_models.clone(),
+                    )
+                };
+                key(b).cmp(&key(a))
+            })
+        });
+        let wanted = coverage.clamp(0.0, 1.0) * total as f64;
+        let mut kept = Vec::new();
+        let mut cumulative = 0u64;
+        for (shape, count) in ranked {
+            if (cumulative as f64) >= wanted && !kept.is_empty() {
+                break;
+            }
+            cumulative += count;
+            kept.push((shape, count));
+        }
+        let sum = cumulative as f64;
+        ShapeDistribution {
+            shapes: kept.into_iter().map(|(s, c)| (s, c as f64 / sum)).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shapes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shapes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(cpu: u64, gpu: GpuRequest) -> ResourceRequest {
+        ResourceRequest {
+            cpu_milli: cpu,
+            memory_bytes: 1,
+            gpu,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn typical_shapes_cover_the_threshold_and_sum_to_one() {
+        let mut reqs = Vec::new();
+        reqs.extend((0..60).map(|_| req(4000, GpuRequest::Share { milli: 500 })));
+        reqs.extend((0..30).map(|_| req(8000, GpuRequest::Whole { devices: 1 })));
+        reqs.extend((0..6).map(|_| req(2000, GpuRequest::None)));
+        reqs.extend((0..4).map(|_| req(64000, GpuRequest::Whole { devices: 8 })));
+        let d = ShapeDistribution::typical(&reqs, 0.95);
+        assert_eq!(d.len(), 3, "60+30 < 95, +6 reaches 96");
+        let total: f64 = d.shapes.iter().map(|(_, w)| w).sum();
+        assert!((total - 1.0).abs() < 1e-12);
+        assert_eq!(d.shapes[0].0.gpu, GpuRequest::Share { milli: 500 });
+        assert!((d.shapes[0].1 - 60.0 / 96.0).abs() < 1e-12);
+        let all = ShapeDistribution::typical(&reqs, 1.0);
+        assert_eq!(all.len(), 4);
+    }
+
+    #[test]
+    fn equal_counts_rank_larger_shapes_first() {
+        let reqs = [
+            req(1000, GpuRequest::Share { milli: 200 }),
+            req(3000, GpuRequest::Share { milli: 200 }),
+        ];
+        let d = ShapeDistribution::typical(&reqs, 0.5);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d.shapes[0].0.cpu_milli, 3000);
+    }
+}
