@@ -99,8 +99,11 @@ fn op_strategy() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Free CPU, memory and (milli, memory) per device of one node.
+type NodeFree = (u64, u64, Vec<(u32, u64)>);
+
 /// Free capacity of every node and device, for before/after comparisons.
-fn state(cluster: &Cluster) -> Vec<(u64, u64, Vec<(u32, u64)>)> {
+fn state(cluster: &Cluster) -> Vec<NodeFree> {
     cluster
         .nodes()
         .iter()
