@@ -127,13 +127,19 @@ impl Placer {
         if resolved.models == Some(0) {
             return None;
         }
+        // No policy scores on node memory, and the dense summary checks it exactly, so scores are
+        // cached per request shape *without* memory: tasks that differ only in memory share them.
+        let key = ResourceRequest {
+            memory_bytes: 0,
+            ..request.clone()
+        };
         let node_local = self.policy.node_local();
-        if node_local && !self.cache.contains_key(request) {
+        if node_local && !self.cache.contains_key(&key) {
             if self.cache.len() >= MAX_CACHED_SHAPES {
                 self.cache.clear();
             }
             self.cache.insert(
-                request.clone(),
+                key.clone(),
                 vec![
                     CacheEntry {
                         version: 0,
@@ -144,9 +150,14 @@ impl Placer {
             );
         }
         let mut entries = if node_local {
-            self.cache.get_mut(request).map(|v| v.as_mut_slice())
+            self.cache.get_mut(&key).map(|v| v.as_mut_slice())
         } else {
             None
+        };
+        let scored_as = if node_local {
+            Resolved::new(&key, cluster)
+        } else {
+            resolved
         };
         let policy = self.policy.as_ref();
         let rng = &mut self.rng;
@@ -162,12 +173,12 @@ impl Placer {
                     if entry.version != node.version.wrapping_add(1) {
                         *entry = CacheEntry {
                             version: node.version.wrapping_add(1),
-                            scored: evaluate(policy, node, &resolved, rng),
+                            scored: evaluate(policy, node, &scored_as, rng),
                         };
                     }
                     entry.scored
                 }
-                None => evaluate(policy, node, &resolved, rng),
+                None => evaluate(policy, node, &scored_as, rng),
             };
             if let Some(s) = scored {
                 let rank = cluster.tie_rank(node.id);
