@@ -255,6 +255,7 @@ impl Cluster {
         for i in 0..n {
             cluster.refresh(i);
         }
+        cluster.rebuild_classes();
         Ok(cluster)
     }
 
@@ -281,19 +282,23 @@ impl Cluster {
                 "pass a permutation of the node indexes",
             ));
         }
+        self.tie_rank = rank;
+        self.rebuild_classes();
+        Ok(())
+    }
+
+    /// Refills every hardware class with its idle nodes, keyed by the current tie rank.
+    fn rebuild_classes(&mut self) {
         for class in &mut self.classes {
             class.pristine.clear();
         }
-        self.tie_rank = rank;
-        for i in 0..n {
-            if self.nodes[i].is_pristine() {
-                let class = self.nodes[i].class;
-                self.classes[class]
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.is_pristine() {
+                self.classes[node.class]
                     .pristine
                     .insert((self.tie_rank[i], i as u32));
             }
         }
-        Ok(())
     }
 
     pub fn nodes(&self) -> &[NodeState] {
@@ -412,15 +417,8 @@ impl Cluster {
                 None => node.affinities.push((a, 1)),
             }
         }
-        let was_pristine = node.is_pristine();
         node.replicas += 1;
         node.version = node.version.wrapping_add(1);
-        if was_pristine {
-            let class = node.class;
-            self.classes[class]
-                .pristine
-                .remove(&(self.tie_rank[i], i as u32));
-        }
         self.refresh(i);
         Ok(())
     }
@@ -491,12 +489,6 @@ impl Cluster {
         }
         node.replicas -= 1;
         node.version = node.version.wrapping_add(1);
-        if node.is_pristine() {
-            let class = node.class;
-            self.classes[class]
-                .pristine
-                .insert((self.tie_rank[i], i as u32));
-        }
         self.refresh(i);
         Ok(())
     }
@@ -509,6 +501,8 @@ impl Cluster {
         }
     }
 
+    /// Updates a node's summary and, when it turns idle or busy, moves it between its hardware
+    /// class (idle nodes) and the touched list (busy nodes). The one place that membership changes.
     fn refresh(&mut self, i: usize) {
         let node = &self.nodes[i];
         self.summaries[i] = NodeSummary {
@@ -518,7 +512,8 @@ impl Cluster {
             whole_free: node.whole_free(),
             model_mask: node.model_mask,
         };
-        let pristine = node.is_pristine();
+        let (pristine, class) = (node.is_pristine(), node.class);
+        let key = (self.tie_rank[i], i as u32);
         if pristine && self.touched_pos[i] != NOT_TOUCHED {
             let pos = self.touched_pos[i] as usize;
             self.touched.swap_remove(pos);
@@ -526,15 +521,11 @@ impl Cluster {
                 self.touched_pos[moved as usize] = pos as u32;
             }
             self.touched_pos[i] = NOT_TOUCHED;
+            self.classes[class].pristine.insert(key);
         } else if !pristine && self.touched_pos[i] == NOT_TOUCHED {
             self.touched_pos[i] = self.touched.len() as u32;
             self.touched.push(i as u32);
-        }
-        if pristine && self.touched_pos[i] == NOT_TOUCHED {
-            let class = node.class;
-            self.classes[class]
-                .pristine
-                .insert((self.tie_rank[i], i as u32));
+            self.classes[class].pristine.remove(&key);
         }
     }
 }

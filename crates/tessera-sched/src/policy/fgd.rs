@@ -28,36 +28,48 @@ impl PlacementPolicy for Fgd {
         "FGD"
     }
 
-    /// For a share, every fitting device is tried and the first with the top score wins; whole
-    /// devices take the first free ones.
     fn score(&self, node: &NodeState, req: &Resolved, fit: &Fit, _rng: &mut ChaCha8Rng) -> Scored {
-        let devices = DeviceFree::of(node);
-        let before = node_fragmentation(node.cpu_free, &devices, &self.shapes);
-        let cpu_after = node.cpu_free - req.request.cpu_milli;
-        if req.request.gpu.is_share() {
-            let mut best = Scored {
-                score: i64::MIN,
-                pick: DevicePick::None,
-            };
-            for &d in fit.as_slice() {
-                let mut after = devices;
-                after.free[d as usize] -= req.milli;
-                let s = sigmoid_score(before, node_fragmentation(cpu_after, &after, &self.shapes));
-                if s > best.score {
-                    best = Scored {
-                        score: s,
-                        pick: DevicePick::One(d),
-                    };
-                }
-            }
-            best
-        } else {
+        score_by_potential(node, req, fit, |cpu, devices| {
+            node_fragmentation(cpu, devices, &self.shapes)
+        })
+    }
+}
+
+/// Scores a placement by how much it lowers a node potential (FGD's integer sigmoid of the
+/// change). For a share, every fitting device is tried and the first with the top score wins;
+/// whole devices take the first free ones.
+pub(crate) fn score_by_potential(
+    node: &NodeState,
+    req: &Resolved,
+    fit: &Fit,
+    potential: impl Fn(u64, &DeviceFree) -> f64,
+) -> Scored {
+    let devices = DeviceFree::of(node);
+    let before = potential(node.cpu_free, &devices);
+    let cpu_after = node.cpu_free - req.request.cpu_milli;
+    if req.request.gpu.is_share() {
+        let mut best = Scored {
+            score: i64::MIN,
+            pick: DevicePick::None,
+        };
+        for &d in fit.as_slice() {
             let mut after = devices;
-            for &d in &fit.as_slice()[..req.count as usize] {
-                after.free[d as usize] -= req.milli;
+            after.free[d as usize] -= req.milli;
+            let s = sigmoid_score(before, potential(cpu_after, &after));
+            if s > best.score {
+                best = Scored {
+                    score: s,
+                    pick: DevicePick::One(d),
+                };
             }
-            let s = sigmoid_score(before, node_fragmentation(cpu_after, &after, &self.shapes));
-            Scored::with_default_pick(s, node, req, fit)
         }
+        best
+    } else {
+        let mut after = devices;
+        for &d in &fit.as_slice()[..req.count as usize] {
+            after.free[d as usize] -= req.milli;
+        }
+        let s = sigmoid_score(before, potential(cpu_after, &after));
+        Scored::with_default_pick(s, node, req, fit)
     }
 }

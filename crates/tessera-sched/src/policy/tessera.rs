@@ -25,10 +25,10 @@
 
 use rand_chacha::ChaCha8Rng;
 
-use super::{DevicePick, Fit, PlacementPolicy, Resolved, Scored, resolve_shapes};
+use super::{Fit, PlacementPolicy, Resolved, Scored, resolve_shapes};
 use crate::cluster::{Cluster, NodeState};
 use crate::frag::{DeviceFree, ResolvedShape, node_fragmentation};
-use crate::policy::fgd::sigmoid_score;
+use crate::policy::fgd::score_by_potential;
 use crate::shapes::ShapeDistribution;
 
 pub struct Tessera {
@@ -71,37 +71,8 @@ impl PlacementPolicy for Tessera {
         "Tessera"
     }
 
-    /// For a share, every fitting device is tried and the first with the top score wins; whole
-    /// devices take the first free ones.
     fn score(&self, node: &NodeState, req: &Resolved, fit: &Fit, _rng: &mut ChaCha8Rng) -> Scored {
-        let devices = DeviceFree::of(node);
-        let before = self.potential(node.cpu_free, &devices);
-        let cpu_after = node.cpu_free - req.request.cpu_milli;
-        if req.request.gpu.is_share() {
-            let mut best = Scored {
-                score: i64::MIN,
-                pick: DevicePick::None,
-            };
-            for &d in fit.as_slice() {
-                let mut after = devices;
-                after.free[d as usize] -= req.milli;
-                let s = sigmoid_score(before, self.potential(cpu_after, &after));
-                if s > best.score {
-                    best = Scored {
-                        score: s,
-                        pick: DevicePick::One(d),
-                    };
-                }
-            }
-            best
-        } else {
-            let mut after = devices;
-            for &d in &fit.as_slice()[..req.count as usize] {
-                after.free[d as usize] -= req.milli;
-            }
-            let s = sigmoid_score(before, self.potential(cpu_after, &after));
-            Scored::with_default_pick(s, node, req, fit)
-        }
+        score_by_potential(node, req, fit, |cpu, devices| self.potential(cpu, devices))
     }
 }
 
