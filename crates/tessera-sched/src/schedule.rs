@@ -98,3 +98,136 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
     }
     Ok(plan)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{DeviceShare, NodeId};
+    use crate::model::{DeviceSpec, GIB};
+    use crate::request::{GpuRequest, ResourceRequest};
+
+    fn whole(name: &str, priority: i32, devices: u32, replicas: u32) -> JobSpec {
+        JobSpec {
+            name: name.into(),
+            project: "p".into(),
+            priority,
+            replicas,
+            request: ResourceRequest {
+                gpu: GpuRequest::Whole { devices },
+                cpu_milli: 1000,
+                memory_bytes: GIB,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn higher_priority_goes_first_and_a_gang_that_cannot_fit_waits_with_its_reason() {
+        let node = NodeSpec::with_devices(
+            "n0",
+            32_000,
+            64 * GIB,
+            4,
+            DeviceSpec {
+                model: "H100".into(),
+                memory_bytes: 80 * GIB,
+            },
+        );
+        // One device already runs something.
+        let running = Allocation {
+            node: NodeId(0),
+            cpu_milli: 1000,
+            memory_bytes: GIB,
+            devices: vec![DeviceShare {
+                device: 0,
+                milli: 1000,
+                memory_bytes: 80 * GIB,
+            }],
+            affinity: None,
+        };
+        let snapshot = Snapshot {
+            nodes: vec![node],
+            running: vec![running],
+            pending: vec![
+                PendingJob {
+                    id: 1,
+                    spec: whole("early-low", 25, 2, 1),
+                },
+                PendingJob {
+                    id: 2,
+                    spec: whole("late-high", 75, 2, 1),
+                },
+                PendingJob {
+                    id: 3,
+                    spec: whole("gang", 50, 1, 2),
+                },
+            ],
+        };
+        let config = Config {
+            policy: PolicyKind::Tessera,
+            seed: 1,
+            shapes: ShapeDistribution::default(),
+        };
+        let plan = schedule(&snapshot, &config).unwrap();
+        // Three devices are free: the high-priority job takes two, the gang of two single
+        // devices cannot be placed whole and waits, and the low-priority job no longer fits.
+        let placed: Vec<u64> = plan.placements.iter().map(|(id, _)| *id).collect();
+        assert_eq!(placed, vec![2]);
+        assert!(
+            plan.placements[0].1[0]
+                .devices
+                .iter()
+                .all(|d| d.device != 0)
+        );
+        let waiting: Vec<u64> = plan.waiting.iter().map(|(id, _)| *id).collect();
+        assert_eq!(waiting, vec![3, 1]);
+        match &plan.waiting[0].1 {
+            WaitReason::NoFit {
+                replica,
+                replicas,
+                report,
+            } => {
+                // The first replica found the last free device; the second had none left.
+                // The report looks at one replica alone, so the node counts as feasible.
+                assert_eq!((*replica, *replicas), (1, 2));
+                assert_eq!((report.feasible, report.lacking_gpu), (1, 0));
+            }
+            other => panic!("unexpected reason {other:?}"),
+        }
+    }
+
+    #[test]
+    fn running_work_beyond_capacity_is_a_snapshot_error() {
+        let node = NodeSpec::with_devices(
+            "n0",
+            1000,
+            GIB,
+            0,
+            DeviceSpec {
+                model: "x".into(),
+                memory_bytes: 0,
+            },
+        );
+        let too_big = Allocation {
+            node: NodeId(0),
+            cpu_milli: 2000,
+            memory_bytes: 0,
+            devices: vec![],
+            affinity: None,
+        };
+        let snapshot = Snapshot {
+            nodes: vec![node],
+            running: vec![too_big],
+            pending: vec![],
+        };
+        let config = Config {
+            policy: PolicyKind::Fgd,
+            seed: 1,
+            shapes: ShapeDistribution::default(),
+        };
+        assert!(matches!(
+            schedule(&snapshot, &config),
+            Err(SnapshotError::Running(_))
+        ));
+    }
+}

@@ -11,6 +11,15 @@ fn testdata(rel: &str) -> String {
         .to_string()
 }
 
+/// `sim openb` on the shipped default trace, plus `extra` arguments.
+fn sim_default(extra: &[&str]) -> std::process::Output {
+    let nodes = testdata("openb/openb_node_list_gpu_node.csv");
+    let pods = testdata("openb/openb_pod_list_default.csv");
+    let mut args = vec!["sim", "openb", "--nodes", &nodes, "--pods", &pods];
+    args.extend_from_slice(extra);
+    tessera(&args)
+}
+
 fn tessera(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(args)
@@ -20,20 +29,7 @@ fn tessera(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn json_output_has_one_object_per_policy_with_published_values() {
-    let out = tessera(&[
-        "sim",
-        "openb",
-        "--nodes",
-        &testdata("openb/openb_node_list_gpu_node.csv"),
-        "--pods",
-        &testdata("openb/openb_pod_list_default.csv"),
-        "--policy",
-        "FGD,Tessera",
-        "--seeds",
-        "42..43",
-        "-o",
-        "json",
-    ]);
+    let out = sim_default(&["--policy", "FGD,Tessera", "--seeds", "42..43", "-o", "json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -70,13 +66,7 @@ fn json_output_has_one_object_per_policy_with_published_values() {
 fn out_dir_gets_curves_summary_and_a_png() {
     let dir = std::env::temp_dir().join(format!("tessera-sim-out-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let out = tessera(&[
-        "sim",
-        "openb",
-        "--nodes",
-        &testdata("openb/openb_node_list_gpu_node.csv"),
-        "--pods",
-        &testdata("openb/openb_pod_list_default.csv"),
+    let out = sim_default(&[
         "--policy",
         "BestFit",
         "--seeds",
