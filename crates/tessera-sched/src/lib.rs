@@ -14,6 +14,7 @@ pub mod frag;
 pub mod model;
 pub mod place;
 pub mod policy;
+pub mod quota;
 pub mod request;
 pub mod schedule;
 pub mod shapes;

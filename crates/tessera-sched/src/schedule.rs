@@ -2,6 +2,17 @@
 //!
 //! No I/O, no clock; randomness only from `Config::seed`. The controller builds a snapshot from
 //! its store, applies the plan, and the simulator replays traces through the same engine.
+//!
+//! Stages, least disruptive first:
+//! 1. order pending jobs by fair share between projects ([`crate::quota`]), then priority and age
+//!    inside a project;
+//! 2. refuse jobs that would break a hard limit;
+//! 3. place whole gangs ([`crate::place`]);
+//! 4. only when a gang fits nowhere, look for running work to preempt: jobs of projects above
+//!    their guarantee (when the waiting job's project is within its own), and lower-priority jobs
+//!    of the same project; lowest priority and newest first, and never more than needed.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use serde::Serialize;
 
@@ -9,7 +20,8 @@ use crate::cluster::{Allocation, CapacityError, Cluster};
 use crate::model::NodeSpec;
 use crate::place::{FilterReport, PlacementError, Placer};
 use crate::policy::PolicyKind;
-use crate::request::JobSpec;
+use crate::quota::{LimitHit, ProjectQuota, Quotas};
+use crate::request::{GpuRequest, JobSpec, ResourceRequest};
 use crate::shapes::ShapeDistribution;
 use crate::validate::ValidationError;
 
@@ -20,13 +32,31 @@ pub struct PendingJob {
     pub spec: JobSpec,
 }
 
+/// A job that holds resources now.
+#[derive(Debug, Clone)]
+pub struct RunningJob {
+    pub id: u64,
+    pub project: String,
+    pub priority: i32,
+    /// Order in which jobs started; larger is newer.
+    pub started: u64,
+    /// Milli-GPU it counts against its project's quota.
+    pub gpu_milli: u64,
+    /// Its replicas' allocations on nodes of this snapshot (a node left out, e.g. cordoned, keeps
+    /// its work out of placement but not out of the quota).
+    pub allocations: Vec<Allocation>,
+    /// Already told to stop (e.g. preempted earlier): its resources are as good as free.
+    pub stopping: bool,
+    pub preemptible: bool,
+}
+
 /// The pool as the controller sees it at one instant.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub nodes: Vec<NodeSpec>,
-    /// Allocations of replicas that run now (their node is an index into `nodes`).
-    pub running: Vec<Allocation>,
+    pub running: Vec<RunningJob>,
     pub pending: Vec<PendingJob>,
+    pub projects: Vec<ProjectQuota>,
 }
 
 /// How to schedule.
@@ -38,15 +68,157 @@ pub struct Config {
     pub shapes: ShapeDistribution,
 }
 
+/// The largest free capacity on one node, for telling a user what is there instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FreeBlock {
+    pub node: String,
+    pub whole_devices: u32,
+    pub largest_share_milli: u32,
+}
+
 /// Why a job stays pending.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum WaitReason {
     Invalid(ValidationError),
     NoFit {
         replica: u32,
         replicas: u32,
         report: FilterReport,
+        largest_free: Option<FreeBlock>,
     },
+    QuotaLimit {
+        hit: LimitHit,
+        requested_milli: u64,
+    },
+    /// Jobs were preempted (or are stopping) to make room; the job is placed once they stop.
+    Reclaiming {
+        victims: Vec<u64>,
+    },
+}
+
+impl WaitReason {
+    /// The reason in words a user can act on.
+    pub fn describe(&self, job: &JobSpec) -> String {
+        match self {
+            WaitReason::Invalid(err) => format!("the job is invalid: {err}"),
+            WaitReason::NoFit {
+                replica,
+                replicas,
+                report,
+                largest_free,
+            } => {
+                let mut text = format!("needs {}", describe_needs(job));
+                if *replicas > 1 {
+                    text.push_str(&format!(
+                        "; only {replica} of its {replicas} replicas fit at once, and a gang \
+                         starts whole or not at all"
+                    ));
+                }
+                text.push_str(&format!("; {report}"));
+                if job.request.gpu != GpuRequest::None {
+                    match largest_free {
+                        Some(b) if b.whole_devices > 0 => text.push_str(&format!(
+                            "; the largest free block is {} whole GPU{} on {}",
+                            b.whole_devices,
+                            if b.whole_devices == 1 { "" } else { "s" },
+                            b.node
+                        )),
+                        Some(b) if b.largest_share_milli > 0 => text.push_str(&format!(
+                            "; the largest free share is {} GPU on {}",
+                            gpus(u64::from(b.largest_share_milli)),
+                            b.node
+                        )),
+                        _ => text.push_str("; no GPU is free anywhere"),
+                    }
+                }
+                text
+            }
+            WaitReason::QuotaLimit {
+                hit,
+                requested_milli,
+            } => format!(
+                "needs {} GPU in all; project {} is at {} of its limit of {} GPU",
+                gpus(*requested_milli),
+                hit.project,
+                gpus(hit.used_milli),
+                gpus(hit.limit_milli)
+            ),
+            WaitReason::Reclaiming { victims } => format!(
+                "waiting for {} job{} ({}) to stop and give back capacity for it",
+                victims.len(),
+                if victims.len() == 1 { "" } else { "s" },
+                victims
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+}
+
+fn gpus(milli: u64) -> String {
+    let whole = milli / 1000;
+    let frac = milli % 1000;
+    if frac == 0 {
+        whole.to_string()
+    } else {
+        format!("{}", milli as f64 / 1000.0)
+    }
+}
+
+/// "2 whole GPUs of model H100 on one node", "4 replicas of 0.5 GPU each", ...
+fn describe_needs(job: &JobSpec) -> String {
+    let r = &job.request;
+    let mut each = match r.gpu {
+        GpuRequest::None => "no GPU".to_string(),
+        GpuRequest::Share { milli } => format!("{} of a GPU", gpus(u64::from(milli))),
+        GpuRequest::Whole { devices: 1 } => "1 whole GPU".to_string(),
+        GpuRequest::Whole { devices } => format!("{devices} whole GPUs"),
+    };
+    if !r.device_models.is_empty() {
+        each.push_str(&format!(" of model {}", r.device_models.join(" or ")));
+    }
+    if matches!(r.gpu, GpuRequest::Whole { devices } if devices > 1) {
+        each.push_str(" on one node");
+    }
+    each.push_str(&format!(
+        ", {} CPU and {} memory",
+        gpus(r.cpu_milli),
+        crate::model::human_bytes(r.memory_bytes)
+    ));
+    if !r.node_selector.is_empty() {
+        let labels: Vec<String> = r
+            .node_selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        each.push_str(&format!(" on nodes labelled {}", labels.join(",")));
+    }
+    if job.replicas > 1 {
+        format!("{} replicas, each {each}", job.replicas)
+    } else {
+        each
+    }
+}
+
+/// A running job to stop so that another can start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Preemption {
+    pub job: u64,
+    /// The job that needs the room.
+    pub for_job: u64,
+    pub reason: PreemptReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreemptReason {
+    /// The victim's project is above its guarantee and the other project is within its own.
+    QuotaReclaim,
+    /// A higher-priority job of the same project needs the room.
+    Priority,
 }
 
 /// What the controller should do.
@@ -55,6 +227,7 @@ pub struct Plan {
     /// Jobs placed, each with one allocation per replica.
     pub placements: Vec<(u64, Vec<Allocation>)>,
     pub waiting: Vec<(u64, WaitReason)>,
+    pub preemptions: Vec<Preemption>,
 }
 
 /// A snapshot that contradicts itself (e.g. running work beyond a node's capacity).
@@ -66,37 +239,267 @@ pub enum SnapshotError {
     Running(#[from] CapacityError),
 }
 
-/// Places pending jobs by priority (highest first), then by id; each gang whole or not at all.
+/// Places pending jobs in fair-share and priority order, each gang whole or not at all, and
+/// preempts running work only where quotas or priorities call for it.
 pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotError> {
     let cluster = Cluster::new(snapshot.nodes.clone())?;
     let policy = config.policy.build(&config.shapes, &cluster);
     let mut placer = Placer::new(cluster, policy, config.seed);
-    for alloc in &snapshot.running {
-        placer.adopt(alloc)?;
+    let mut quotas = Quotas::new(&snapshot.projects);
+    for job in &snapshot.running {
+        for alloc in &job.allocations {
+            placer.adopt(alloc)?;
+        }
+        quotas.charge(&job.project, job.gpu_milli);
     }
-    let mut order: Vec<&PendingJob> = snapshot.pending.iter().collect();
-    order.sort_by(|a, b| b.spec.priority.cmp(&a.spec.priority).then(a.id.cmp(&b.id)));
+
+    // One queue per project, highest priority then oldest first.
+    let mut queues: BTreeMap<&str, VecDeque<&PendingJob>> = BTreeMap::new();
+    for job in &snapshot.pending {
+        queues.entry(&job.spec.project).or_default().push_back(job);
+    }
+    for queue in queues.values_mut() {
+        queue
+            .make_contiguous()
+            .sort_by(|a, b| b.spec.priority.cmp(&a.spec.priority).then(a.id.cmp(&b.id)));
+    }
+
     let mut plan = Plan::default();
-    for job in order {
-        match placer.place_job(&job.spec) {
-            Ok(allocs) => plan.placements.push((job.id, allocs)),
+    let mut victims_taken: HashSet<u64> = HashSet::new();
+    // Shapes that found no room this round: nothing is released within a round, so the same
+    // shape cannot fit later either (preemption is tried once per shape, by its first job).
+    let mut no_room: HashMap<(ResourceRequest, u32, &str, i32), WaitReason> = HashMap::new();
+    while let Some(project) = next_project(&queues, &quotas) {
+        let Some(job) = queues.get_mut(project).and_then(|q| q.pop_front()) else {
+            break;
+        };
+        if queues.get(project).is_some_and(|q| q.is_empty()) {
+            queues.remove(project);
+        }
+        let spec = &job.spec;
+        let milli = spec.request.gpu.total_milli() * u64::from(spec.replicas);
+        if let Err(err) = crate::validate::validate_job(spec) {
+            plan.waiting.push((job.id, WaitReason::Invalid(err)));
+            continue;
+        }
+        if let Some(hit) = quotas.limit_hit(project, milli) {
+            plan.waiting.push((
+                job.id,
+                WaitReason::QuotaLimit {
+                    hit,
+                    requested_milli: milli,
+                },
+            ));
+            continue;
+        }
+        let shape = (
+            spec.request.clone(),
+            spec.replicas,
+            spec.project.as_str(),
+            spec.priority,
+        );
+        if let Some(reason) = no_room.get(&shape) {
+            plan.waiting.push((job.id, reason.clone()));
+            continue;
+        }
+        match placer.place_job(spec) {
+            Ok(allocs) => {
+                quotas.charge(project, milli);
+                plan.placements.push((job.id, allocs));
+            }
             Err(PlacementError::Invalid(err)) => {
                 plan.waiting.push((job.id, WaitReason::Invalid(err)));
             }
             Err(PlacementError::NoFit { replica, replicas }) => {
-                let report = placer.explain(&job.spec.request);
-                plan.waiting.push((
-                    job.id,
-                    WaitReason::NoFit {
-                        replica,
-                        replicas,
-                        report,
-                    },
-                ));
+                let within = quotas.within_guarantee(project, milli);
+                match reclaim(
+                    &mut placer,
+                    &mut quotas,
+                    snapshot,
+                    job,
+                    within,
+                    &victims_taken,
+                ) {
+                    Some(chosen) => {
+                        let mut victims = Vec::new();
+                        for (victim, reason) in chosen {
+                            victims.push(victim.id);
+                            if !victim.stopping {
+                                plan.preemptions.push(Preemption {
+                                    job: victim.id,
+                                    for_job: job.id,
+                                    reason,
+                                });
+                            }
+                            victims_taken.insert(victim.id);
+                        }
+                        plan.waiting
+                            .push((job.id, WaitReason::Reclaiming { victims }));
+                    }
+                    None => {
+                        let reason = no_fit(&placer, spec, replica, replicas);
+                        no_room.insert(shape, reason.clone());
+                        plan.waiting.push((job.id, reason));
+                    }
+                }
             }
         }
     }
     Ok(plan)
+}
+
+/// The project whose head job goes next: lowest fair-share key, then priority, then age.
+fn next_project<'a>(
+    queues: &BTreeMap<&'a str, VecDeque<&PendingJob>>,
+    quotas: &Quotas,
+) -> Option<&'a str> {
+    queues
+        .iter()
+        .filter_map(|(name, q)| q.front().map(|head| (*name, head)))
+        .min_by_key(|(name, head)| {
+            (
+                quotas.share_key(name),
+                std::cmp::Reverse(head.spec.priority),
+                head.id,
+            )
+        })
+        .map(|(name, _)| name)
+}
+
+fn no_fit(placer: &Placer, spec: &JobSpec, replica: u32, replicas: u32) -> WaitReason {
+    let report = placer.explain(&spec.request);
+    let largest_free = placer
+        .cluster()
+        .nodes()
+        .iter()
+        .filter(|n| !n.devices.is_empty())
+        .max_by_key(|n| {
+            (
+                n.whole_free(),
+                n.max_device_free(),
+                std::cmp::Reverse(n.id.0),
+            )
+        })
+        .map(|n| FreeBlock {
+            node: n.spec.name.clone(),
+            whole_devices: n.whole_free(),
+            largest_share_milli: n.max_device_free(),
+        });
+    WaitReason::NoFit {
+        replica,
+        replicas,
+        report,
+        largest_free,
+    }
+}
+
+/// Whether `spec` fits now, leaving the pool as it was.
+fn fits(placer: &mut Placer, spec: &JobSpec) -> bool {
+    match placer.place_job(spec) {
+        Ok(allocs) => {
+            for alloc in &allocs {
+                // Undoing a placement made a moment ago cannot fail.
+                let undone = placer.release(alloc);
+                debug_assert!(undone.is_ok(), "{undone:?}");
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Finds the fewest running jobs whose stopping lets `job` fit: stopping jobs first (they are
+/// leaving anyway), then by lowest priority and newest start. Leaves the pool as it was.
+fn reclaim<'a>(
+    placer: &mut Placer,
+    quotas: &mut Quotas,
+    snapshot: &'a Snapshot,
+    job: &PendingJob,
+    within_guarantee: bool,
+    taken: &HashSet<u64>,
+) -> Option<Vec<(&'a RunningJob, PreemptReason)>> {
+    let spec = &job.spec;
+    let mut candidates: Vec<(&RunningJob, PreemptReason)> = snapshot
+        .running
+        .iter()
+        .filter(|r| !taken.contains(&r.id) && !r.allocations.is_empty())
+        .filter_map(|r| {
+            if r.project == spec.project {
+                (r.stopping || (r.preemptible && r.priority < spec.priority))
+                    .then_some((r, PreemptReason::Priority))
+            } else {
+                (r.stopping || (within_guarantee && r.preemptible))
+                    .then_some((r, PreemptReason::QuotaReclaim))
+            }
+        })
+        .collect();
+    if candidates.is_empty() {
+        return None;
+    }
+    candidates.sort_by(|(a, _), (b, _)| {
+        b.stopping
+            .cmp(&a.stopping)
+            .then(a.priority.cmp(&b.priority))
+            .then(b.started.cmp(&a.started))
+            .then(b.id.cmp(&a.id))
+    });
+
+    let release = |placer: &mut Placer, r: &RunningJob| {
+        for alloc in &r.allocations {
+            let undone = placer.release(alloc);
+            debug_assert!(undone.is_ok(), "{undone:?}");
+        }
+    };
+    let adopt = |placer: &mut Placer, r: &RunningJob| {
+        for alloc in &r.allocations {
+            let redone = placer.adopt(alloc);
+            debug_assert!(redone.is_ok(), "{redone:?}");
+        }
+    };
+
+    let mut removed: Vec<(&RunningJob, PreemptReason)> = Vec::new();
+    let mut found = false;
+    for (victim, reason) in candidates {
+        // Another project's work is reclaimable only down to that project's guarantee.
+        if reason == PreemptReason::QuotaReclaim
+            && !victim.stopping
+            && quotas.over_guarantee(&victim.project) < victim.gpu_milli
+        {
+            continue;
+        }
+        release(placer, victim);
+        quotas.uncharge(&victim.project, victim.gpu_milli);
+        removed.push((victim, reason));
+        if fits(placer, spec) {
+            found = true;
+            break;
+        }
+    }
+    if !found {
+        for (victim, _) in removed.iter().rev() {
+            adopt(placer, victim);
+            quotas.charge(&victim.project, victim.gpu_milli);
+        }
+        return None;
+    }
+    // Never more than needed: give back, newest choice first, every victim the job can do without.
+    let mut needed = Vec::new();
+    for (victim, reason) in removed.into_iter().rev() {
+        adopt(placer, victim);
+        if fits(placer, spec) && !victim.stopping {
+            quotas.charge(&victim.project, victim.gpu_milli);
+            continue;
+        }
+        release(placer, victim);
+        needed.push((victim, reason));
+    }
+    // The victims still run until they stop; this round, the pool keeps them.
+    for (victim, _) in &needed {
+        adopt(placer, victim);
+        quotas.charge(&victim.project, victim.gpu_milli);
+    }
+    needed.reverse();
+    Some(needed)
 }
 
 #[cfg(test)]
@@ -118,6 +521,25 @@ mod tests {
                 memory_bytes: GIB,
                 ..Default::default()
             },
+        }
+    }
+
+    fn run(
+        id: u64,
+        project: &str,
+        priority: i32,
+        started: u64,
+        allocs: Vec<Allocation>,
+    ) -> RunningJob {
+        RunningJob {
+            id,
+            project: project.into(),
+            priority,
+            started,
+            gpu_milli: allocs.iter().map(|a| a.gpu_milli()).sum(),
+            allocations: allocs,
+            stopping: false,
+            preemptible: true,
         }
     }
 
@@ -147,7 +569,8 @@ mod tests {
         };
         let snapshot = Snapshot {
             nodes: vec![node],
-            running: vec![running],
+            running: vec![run(9, "p", 50, 9, vec![running])],
+            projects: vec![],
             pending: vec![
                 PendingJob {
                     id: 1,
@@ -186,6 +609,7 @@ mod tests {
                 replica,
                 replicas,
                 report,
+                ..
             } => {
                 // The first replica found the last free device; the second had none left.
                 // The report looks at one replica alone, so the node counts as feasible.
@@ -217,8 +641,9 @@ mod tests {
         };
         let snapshot = Snapshot {
             nodes: vec![node],
-            running: vec![too_big],
+            running: vec![run(1, "p", 50, 1, vec![too_big])],
             pending: vec![],
+            projects: vec![],
         };
         let config = Config {
             policy: PolicyKind::Fgd,
@@ -229,5 +654,257 @@ mod tests {
             schedule(&snapshot, &config),
             Err(SnapshotError::Running(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod quota_tests {
+    use super::*;
+    use crate::cluster::{DeviceShare, NodeId};
+    use crate::model::{DeviceSpec, GIB};
+    use crate::request::{GpuRequest, ResourceRequest};
+
+    fn node(name: &str, devices: usize) -> NodeSpec {
+        NodeSpec::with_devices(
+            name,
+            64_000,
+            256 * GIB,
+            devices,
+            DeviceSpec {
+                model: "H100".into(),
+                memory_bytes: 80 * GIB,
+            },
+        )
+    }
+
+    fn job(project: &str, priority: i32, devices: u32, replicas: u32) -> JobSpec {
+        JobSpec {
+            name: "j".into(),
+            project: project.into(),
+            priority,
+            replicas,
+            request: ResourceRequest {
+                gpu: GpuRequest::Whole { devices },
+                cpu_milli: 1000,
+                memory_bytes: GIB,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// A one-GPU job running on device `device` of node `node`.
+    fn on(
+        id: u64,
+        project: &str,
+        priority: i32,
+        started: u64,
+        node: u32,
+        device: u32,
+    ) -> RunningJob {
+        RunningJob {
+            id,
+            project: project.into(),
+            priority,
+            started,
+            gpu_milli: 1000,
+            allocations: vec![Allocation {
+                node: NodeId(node),
+                cpu_milli: 1000,
+                memory_bytes: GIB,
+                devices: vec![DeviceShare {
+                    device,
+                    milli: 1000,
+                    memory_bytes: 80 * GIB,
+                }],
+                affinity: None,
+            }],
+            stopping: false,
+            preemptible: true,
+        }
+    }
+
+    fn quota(name: &str, guaranteed: u64, limit: Option<u64>) -> ProjectQuota {
+        ProjectQuota {
+            name: name.into(),
+            parent: None,
+            guaranteed_milli: guaranteed,
+            limit_milli: limit,
+            over_quota_weight: 1,
+        }
+    }
+
+    fn config() -> Config {
+        Config {
+            policy: PolicyKind::Tessera,
+            seed: 7,
+            shapes: ShapeDistribution::default(),
+        }
+    }
+
+    /// Four GPUs, all held by project `b` (guarantee 1), jobs of different priority and age.
+    fn full_pool() -> Snapshot {
+        Snapshot {
+            nodes: vec![node("n0", 4)],
+            running: vec![
+                on(1, "b", 50, 1, 0, 0),
+                on(2, "b", 25, 2, 0, 1),
+                on(3, "b", 25, 3, 0, 2),
+                on(4, "b", 50, 4, 0, 3),
+            ],
+            pending: vec![],
+            projects: vec![quota("a", 2000, None), quota("b", 1000, None)],
+        }
+    }
+
+    #[test]
+    fn a_project_under_its_guarantee_reclaims_lowest_priority_newest_first_and_no_more() {
+        let mut snapshot = full_pool();
+        snapshot.pending = vec![PendingJob {
+            id: 10,
+            spec: job("a", 50, 2, 1),
+        }];
+        let plan = schedule(&snapshot, &config()).unwrap();
+        let victims: Vec<u64> = plan.preemptions.iter().map(|p| p.job).collect();
+        // Two GPUs are needed: the two low-priority jobs go, the newer one first.
+        assert_eq!(victims, vec![3, 2]);
+        assert!(
+            plan.preemptions
+                .iter()
+                .all(|p| p.for_job == 10 && p.reason == PreemptReason::QuotaReclaim)
+        );
+        assert_eq!(
+            plan.waiting,
+            vec![(
+                10,
+                WaitReason::Reclaiming {
+                    victims: vec![3, 2]
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn reclaim_stops_at_the_other_projects_guarantee() {
+        let mut snapshot = full_pool();
+        // b's guarantee is 3 GPUs now: only one of its four may be taken back.
+        snapshot.projects[1].guaranteed_milli = 3000;
+        snapshot.pending = vec![PendingJob {
+            id: 10,
+            spec: job("a", 50, 2, 1),
+        }];
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert!(plan.preemptions.is_empty());
+        assert!(matches!(plan.waiting[0].1, WaitReason::NoFit { .. }));
+    }
+
+    #[test]
+    fn a_project_over_its_guarantee_cannot_reclaim_but_may_preempt_its_own_lower_priority_work() {
+        let mut snapshot = full_pool();
+        snapshot.pending = vec![
+            PendingJob {
+                id: 10,
+                spec: job("b", 75, 1, 1),
+            },
+            PendingJob {
+                id: 11,
+                spec: job("a", 50, 1, 1),
+            },
+        ];
+        snapshot.projects[0].guaranteed_milli = 0;
+        let plan = schedule(&snapshot, &config()).unwrap();
+        let got: Vec<(u64, u64, PreemptReason)> = plan
+            .preemptions
+            .iter()
+            .map(|p| (p.job, p.for_job, p.reason))
+            .collect();
+        assert_eq!(got, vec![(3, 10, PreemptReason::Priority)]);
+        let waiting: HashMap<u64, &WaitReason> =
+            plan.waiting.iter().map(|(id, r)| (*id, r)).collect();
+        assert!(matches!(waiting[&11], WaitReason::NoFit { .. }));
+    }
+
+    #[test]
+    fn jobs_already_stopping_are_counted_before_new_victims() {
+        let mut snapshot = full_pool();
+        snapshot.running[2].stopping = true; // job 3
+        snapshot.pending = vec![PendingJob {
+            id: 10,
+            spec: job("a", 50, 1, 1),
+        }];
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert!(plan.preemptions.is_empty());
+        assert_eq!(
+            plan.waiting,
+            vec![(10, WaitReason::Reclaiming { victims: vec![3] })]
+        );
+    }
+
+    #[test]
+    fn a_hard_limit_holds_even_with_free_capacity_and_says_so() {
+        let snapshot = Snapshot {
+            nodes: vec![node("n0", 8)],
+            running: vec![on(1, "vision", 50, 1, 0, 0)],
+            pending: vec![PendingJob {
+                id: 2,
+                spec: job("vision", 50, 2, 1),
+            }],
+            projects: vec![quota("vision", 0, Some(2000))],
+        };
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert!(plan.placements.is_empty());
+        let text = plan.waiting[0].1.describe(&snapshot.pending[0].spec);
+        assert_eq!(
+            text,
+            "needs 2 GPU in all; project vision is at 1 of its limit of 2 GPU"
+        );
+    }
+
+    #[test]
+    fn the_project_furthest_below_its_guarantee_goes_first() {
+        let snapshot = Snapshot {
+            nodes: vec![node("n0", 1)],
+            running: vec![],
+            pending: vec![
+                PendingJob {
+                    id: 1,
+                    spec: job("rich", 100, 1, 1),
+                },
+                PendingJob {
+                    id: 2,
+                    spec: job("poor", 25, 1, 1),
+                },
+            ],
+            projects: vec![quota("rich", 0, None), quota("poor", 1000, None)],
+        };
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert_eq!(plan.placements.len(), 1);
+        assert_eq!(plan.placements[0].0, 2);
+    }
+
+    #[test]
+    fn a_gang_that_does_not_fit_is_described_in_words_a_user_can_act_on() {
+        let snapshot = Snapshot {
+            nodes: vec![node("n0", 2), node("n1", 2)],
+            running: vec![on(1, "p", 50, 1, 0, 0)],
+            pending: vec![PendingJob {
+                id: 2,
+                spec: JobSpec {
+                    request: ResourceRequest {
+                        device_models: vec!["H100".into()],
+                        ..job("p", 50, 2, 2).request
+                    },
+                    ..job("p", 50, 2, 2)
+                },
+            }],
+            projects: vec![],
+        };
+        let plan = schedule(&snapshot, &config()).unwrap();
+        let text = plan.waiting[0].1.describe(&snapshot.pending[0].spec);
+        assert_eq!(
+            text,
+            "needs 2 replicas, each 2 whole GPUs of model H100 on one node, 1 CPU and 1.0 GiB \
+             memory; only 1 of its 2 replicas fit at once, and a gang starts whole or not at all; \
+             1 of 2 nodes fit; the largest free block is 2 whole GPUs on n1"
+        );
     }
 }
