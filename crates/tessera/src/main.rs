@@ -1,7 +1,20 @@
-//! `tessera`: one binary for the pool. For now it carries the trace simulator (`tessera sim`);
-//! the controller, agent and user verbs join it as they land.
+//! `tessera`: one binary for the pool: `up`, `controller`, `agent`, the user verbs, and the trace
+//! simulator (`sim`).
 
+mod agent;
+mod auth;
+mod cli;
+mod controller;
+mod manifest;
+mod protocol;
 mod sim;
+mod state;
+mod store;
+mod units;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -13,17 +26,351 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args, Debug)]
+struct ControllerArgs {
+    /// Where the store (SQLite) and local state live.
+    #[arg(long, default_value = "tessera-data")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    listen: SocketAddr,
+    /// Agent lease, e.g. 10s: an agent unheard for longer is lost and its work moves.
+    #[arg(long, default_value = "10s")]
+    lease: String,
+    /// TLS certificate (PEM); with --tls-key, the API is served over HTTPS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(clap::Args, Debug)]
+struct NodeArgs {
+    /// Simulated devices where no GPU is found, e.g. 4xH100-80GB (shown as simulated everywhere).
+    #[arg(long)]
+    simulate_gpus: Option<String>,
+    /// This node's name (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Node labels KEY=VALUE (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// CPUs to offer (default: all).
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Memory to offer, e.g. 64GiB (default: all).
+    #[arg(long)]
+    memory: Option<String>,
+    /// Grace period between SIGTERM and SIGKILL when a workload is stopped.
+    #[arg(long, default_value = "5s")]
+    grace: String,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// A pool on this machine: controller and a local agent in one process.
+    Up {
+        #[command(flatten)]
+        controller: ControllerArgs,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// The controller alone.
+    Controller {
+        #[command(flatten)]
+        controller: ControllerArgs,
+    },
+    /// A node agent that joins a controller.
+    Agent {
+        /// The controller's URL.
+        #[arg(long)]
+        join: String,
+        /// A join token (only needed the first time).
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long, default_value = "tessera-agent")]
+        data_dir: PathBuf,
+        /// Where the agent serves logs to the controller.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// CA certificate to trust for an HTTPS controller.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    #[command(hide = true)]
+    Shim(agent::shim::ShimArgs),
+    /// Submit a job from flags or a manifest (-f job.yaml).
+    Submit {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(flatten)]
+        args: cli::SubmitArgs,
+    },
+    /// List jobs.
+    Jobs {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(flatten)]
+        args: cli::JobsArgs,
+    },
+    /// Explain a job: state, reason (why it waits), replicas, events.
+    Describe {
+        #[command(flatten)]
+        conn: cli::Conn,
+        /// `job`
+        kind: String,
+        id: u64,
+    },
+    /// A replica's output.
+    Logs {
+        #[command(flatten)]
+        conn: cli::Conn,
+        id: u64,
+        #[arg(long, default_value_t = 0)]
+        replica: u32,
+        #[arg(long)]
+        stderr: bool,
+        /// Keep streaming until the replica ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Cancel jobs (their process trees are killed).
+    Cancel {
+        #[command(flatten)]
+        conn: cli::Conn,
+        ids: Vec<u64>,
+    },
+    /// Nodes: list, cordon, uncordon, drain.
+    Nodes {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(subcommand)]
+        cmd: Option<cli::NodesCmd>,
+    },
+    /// Projects and quotas.
+    Projects {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(subcommand)]
+        cmd: Option<cli::ProjectsCmd>,
+    },
+    /// Users and roles (admin).
+    Users {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(subcommand)]
+        cmd: Option<cli::UsersCmd>,
+    },
+    /// API and join tokens.
+    Token {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(subcommand)]
+        cmd: cli::TokenCmd,
+    },
     /// Replay production traces through Tessera's placement engine.
     #[command(subcommand)]
     Sim(sim::SimCommand),
 }
 
+fn controller_config(a: &ControllerArgs) -> anyhow::Result<controller::ControllerConfig> {
+    let lease = units::parse_duration("--lease", &a.lease)?;
+    if lease < Duration::from_millis(500) {
+        anyhow::bail!("--lease {}: use at least 500ms", a.lease);
+    }
+    Ok(controller::ControllerConfig {
+        data_dir: a.data_dir.clone(),
+        listen: a.listen,
+        lease,
+        tls: a.tls_cert.clone().zip(a.tls_key.clone()),
+        seed: a.seed,
+    })
+}
+
+fn agent_config(
+    node: &NodeArgs,
+    controller: String,
+    join_token: Option<String>,
+    data_dir: PathBuf,
+    listen: SocketAddr,
+    ca_cert: Option<PathBuf>,
+) -> anyhow::Result<agent::AgentConfig> {
+    let devices = match &node.simulate_gpus {
+        Some(spec) => agent::devices::parse_simulated(spec)?,
+        None => {
+            if agent::devices::nvml_present() {
+                tracing::warn!(
+                    "the NVIDIA management library is present, but this build reads no NVML \
+                     inventory yet; pass --simulate-gpus to describe the devices"
+                );
+            }
+            agent::devices::Inventory::default()
+        }
+    };
+    let mut labels = std::collections::BTreeMap::new();
+    for l in &node.labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--label {l}: write KEY=VALUE"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let name = node.node_name.clone().unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "node".into())
+    });
+    manifest::check_name("--node-name", &name)?;
+    Ok(agent::AgentConfig {
+        controller,
+        join_token,
+        name,
+        data_dir,
+        listen,
+        advertise: None,
+        devices,
+        labels,
+        cpu_milli: node.cpus.map(|c| (c * 1000.0) as u64),
+        memory_bytes: match &node.memory {
+            Some(m) => Some(units::parse_bytes(
+                "--memory",
+                &units::Quantity::Text(m.clone()),
+            )?),
+            None => None,
+        },
+        grace_ms: units::parse_duration("--grace", &node.grace)?.as_millis() as u64,
+        ca_cert,
+    })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn serve(controller: ControllerArgs, node: Option<NodeArgs>) -> anyhow::Result<()> {
+    let config = controller_config(&controller)?;
+    runtime()?.block_on(async move {
+        let running = controller::start(config.clone()).await?;
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let host = if running.addr.ip().is_unspecified() {
+            SocketAddr::new([127, 0, 0, 1].into(), running.addr.port())
+        } else {
+            running.addr
+        };
+        let url = format!("{scheme}://{host}");
+        println!("Tessera API at {url} (OpenAPI: {url}/openapi.json)");
+        if let Some(token) = &running.first_admin_token {
+            println!("First admin token (shown once): {token}");
+            let path = cli::config_path();
+            if !path.exists() {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let file = cli::ConfigFile {
+                    url: url.clone(),
+                    token: token.clone(),
+                    ca_cert: None,
+                };
+                controller::write_private(&path, &serde_yaml::to_string(&file)?)?;
+                println!("Wrote {} for the CLI.", path.display());
+            }
+        }
+        if let Some(node) = node {
+            let join = controller::local_join_token(&running.ctl.store, &config.data_dir).await?;
+            let mut node = node;
+            if node.simulate_gpus.is_none() && !agent::devices::nvml_present() {
+                node.simulate_gpus = Some("4xH100-80GB".into());
+                println!(
+                    "No GPU found: the local node offers 4 simulated H100-80GB (marked simulated)."
+                );
+            }
+            let acfg = agent_config(
+                &node,
+                url.clone(),
+                Some(join),
+                config.data_dir.clone(),
+                "127.0.0.1:0".parse()?,
+                None,
+            )?;
+            tokio::spawn(async move {
+                if let Err(e) = agent::run(acfg).await {
+                    tracing::error!("the local agent stopped: {e:#}");
+                }
+            });
+        }
+        running.server.await??;
+        Ok(())
+    })
+}
+
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sim(cmd) => sim::run(cmd),
+        Command::Up { controller, node } => serve(controller, Some(node)),
+        Command::Controller { controller } => serve(controller, None),
+        Command::Agent {
+            join,
+            token,
+            data_dir,
+            listen,
+            ca_cert,
+            node,
+        } => agent_config(
+            &node,
+            join.trim_end_matches('/').to_string(),
+            token,
+            data_dir,
+            listen,
+            ca_cert,
+        )
+        .and_then(|cfg| runtime()?.block_on(agent::run(cfg))),
+        Command::Shim(args) => agent::shim::run(args),
+        Command::Submit { conn, args } => {
+            cli::Client::new(&conn).and_then(|c| cli::submit(&c, &args))
+        }
+        Command::Jobs { conn, args } => cli::Client::new(&conn).and_then(|c| cli::jobs(&c, &args)),
+        Command::Describe { conn, kind, id } => {
+            if kind != "job" {
+                Err(anyhow::anyhow!(
+                    "describe {kind}: only `describe job ID` exists"
+                ))
+            } else {
+                cli::Client::new(&conn).and_then(|c| cli::describe_job(&c, id))
+            }
+        }
+        Command::Logs {
+            conn,
+            id,
+            replica,
+            stderr,
+            follow,
+        } => cli::Client::new(&conn).and_then(|c| cli::logs(&c, id, replica, stderr, follow)),
+        Command::Cancel { conn, ids } => {
+            cli::Client::new(&conn).and_then(|c| cli::cancel(&c, &ids))
+        }
+        Command::Nodes { conn, cmd } => cli::Client::new(&conn).and_then(|c| cli::nodes(&c, cmd)),
+        Command::Projects { conn, cmd } => {
+            cli::Client::new(&conn).and_then(|c| cli::projects(&c, cmd))
+        }
+        Command::Users { conn, cmd } => cli::Client::new(&conn).and_then(|c| cli::users(&c, cmd)),
+        Command::Token { conn, cmd } => cli::Client::new(&conn).and_then(|c| cli::token(&c, cmd)),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

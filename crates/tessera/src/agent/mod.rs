@@ -1,0 +1,596 @@
+//! The node agent: registers the node, reports what runs, receives what should run, converges.
+//!
+//! Each replica runs under its own `tessera shim` (see [`shim`]) in its own session, so workloads
+//! survive an agent restart and are re-adopted from their run directories: no orphan, no double
+//! start. The agent keeps its credential and its workloads' records in its data dir.
+
+pub mod cgroup;
+pub mod devices;
+pub mod shim;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use axum::extract::{Path as AxPath, Query, State as AxState};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::protocol::{
+    Assignment, RegisterRequest, RegisterResponse, ReplicaStatus, RunPhase, SyncRequest,
+    SyncResponse,
+};
+use cgroup::{Backend, Limits};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub controller: String,
+    pub join_token: Option<String>,
+    pub name: String,
+    pub data_dir: PathBuf,
+    /// Where the agent serves logs to the controller.
+    pub listen: std::net::SocketAddr,
+    /// The address the controller should use for `listen` (defaults to it).
+    pub advertise: Option<String>,
+    pub devices: devices::Inventory,
+    pub labels: BTreeMap<String, String>,
+    pub cpu_milli: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub grace_ms: u64,
+    pub ca_cert: Option<PathBuf>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Credential {
+    node: String,
+    controller: String,
+    token: String,
+    callback_secret: String,
+}
+
+/// A workload this agent knows about.
+#[derive(Debug, Clone)]
+struct Run {
+    status: ReplicaStatus,
+    shim_pid: Option<i32>,
+}
+
+struct Shared {
+    runs: Mutex<BTreeMap<String, Run>>,
+    exited: Notify,
+    runs_dir: PathBuf,
+    callback_secret: String,
+}
+
+fn read_exit(dir: &Path) -> Option<shim::ExitRecord> {
+    serde_json::from_slice(&std::fs::read(dir.join("exit")).ok()?).ok()
+}
+
+/// Whether `pid` is alive and is the shim of `key` (not a recycled pid).
+fn is_our_shim(pid: i32, key: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        let text = String::from_utf8_lossy(&c);
+        text.contains("shim") && text.contains(key)
+    }) && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
+}
+
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let root = config.data_dir.join("agent");
+    let runs_dir = root.join("runs");
+    std::fs::create_dir_all(&runs_dir)
+        .with_context(|| format!("creating {}", runs_dir.display()))?;
+    let lease_file = root.join("lease");
+    let backend = Backend::host();
+    match &backend {
+        Backend::None { why } => tracing::warn!(
+            "workloads will run WITHOUT CPU, memory and pids limits: {why}. Run the agent as root \
+             on a host with cgroup v2 (memory, cpu, pids controllers) or v1 hierarchies."
+        ),
+        b => tracing::info!("workload isolation: {}", b.name()),
+    }
+    let http = {
+        let mut b = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(ca) = &config.ca_cert {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
+        b.build()?
+    };
+    let cred_path = root.join("credential.json");
+    let existing: Option<Credential> = std::fs::read(&cred_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|c: &Credential| c.node == config.name && c.controller == config.controller);
+    let callback_secret = existing
+        .as_ref()
+        .map(|c| c.callback_secret.clone())
+        .unwrap_or_else(crate::auth::random_secret);
+    let shared = Arc::new(Shared {
+        runs: Mutex::new(BTreeMap::new()),
+        exited: Notify::new(),
+        runs_dir: runs_dir.clone(),
+        callback_secret: callback_secret.clone(),
+    });
+
+    // The log server, for the controller.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("agent listening on {}", config.listen))?;
+    let local = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route("/v1/logs/{key}", axum::routing::get(serve_logs))
+        .with_state(shared.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let address = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+
+    let (cpu_milli, memory_bytes) = devices::host_cpu_memory();
+    let register = RegisterRequest {
+        name: config.name.clone(),
+        cpu_milli: config.cpu_milli.unwrap_or(cpu_milli),
+        memory_bytes: config.memory_bytes.unwrap_or(memory_bytes),
+        labels: config.labels.clone(),
+        devices: config.devices.devices.clone(),
+        simulated: config.devices.simulated,
+        address,
+        callback_secret: callback_secret.clone(),
+    };
+    let token = match existing {
+        Some(c) => {
+            let resp = post::<RegisterResponse>(
+                &http,
+                &config.controller,
+                "/v1/agent/register",
+                &c.token,
+                &register,
+            )
+            .await?;
+            resp.token.unwrap_or(c.token)
+        }
+        None => {
+            let Some(join) = &config.join_token else {
+                bail!(
+                    "this agent has not joined yet: give it a join token with --token (create one with `tessera token create --join`)"
+                );
+            };
+            let resp = post::<RegisterResponse>(
+                &http,
+                &config.controller,
+                "/v1/agent/register",
+                join,
+                &register,
+            )
+            .await?;
+            let token = resp.token.context("the controller gave no credential")?;
+            crate::controller::write_private(
+                &cred_path,
+                &serde_json::to_string(&Credential {
+                    node: config.name.clone(),
+                    controller: config.controller.clone(),
+                    token: token.clone(),
+                    callback_secret: callback_secret.clone(),
+                })?,
+            )?;
+            token
+        }
+    };
+    tracing::info!("node {} registered with {}", config.name, config.controller);
+
+    adopt(&shared, &runs_dir);
+    let mut seq = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1);
+    let mut revision = u64::MAX;
+    let mut lease_ms = 10_000;
+    loop {
+        seq += 1;
+        let statuses: Vec<ReplicaStatus> = shared
+            .runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|r| r.status.clone())
+            .collect();
+        let req = SyncRequest {
+            seq,
+            revision,
+            statuses,
+            wait_ms: lease_ms / 3,
+        };
+        let sent = now_ms();
+        let call = post::<SyncResponse>(&http, &config.controller, "/v1/agent/sync", &token, &req);
+        let resp = tokio::select! {
+            r = call => r,
+            // A workload ended: report it at once rather than after the long poll.
+            _ = shared.exited.notified() => continue,
+        };
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("sync with the controller failed: {e:#}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
+        };
+        lease_ms = resp.lease_ms;
+        // The lease counts from when the request left, so it ends before the controller's view.
+        let _ = std::fs::write(
+            lease_file.with_extension("tmp"),
+            (sent + lease_ms).to_string(),
+        )
+        .and_then(|_| std::fs::rename(lease_file.with_extension("tmp"), &lease_file));
+        revision = resp.revision;
+        converge(&shared, &config, &backend, &lease_file, &resp);
+    }
+}
+
+async fn post<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    token: &str,
+    body: &impl Serialize,
+) -> anyhow::Result<T> {
+    let resp = http
+        .post(format!("{base}{path}"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .with_context(|| format!("calling {base}{path}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        bail!("{path}: {status}: {text}");
+    }
+    Ok(resp.json().await?)
+}
+
+/// Re-adopts workloads from an earlier life of this agent.
+fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(runs_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let key = entry.file_name().to_string_lossy().into_owned();
+        let dir = entry.path();
+        if dir.join("acked").exists() {
+            continue;
+        }
+        let status = match read_exit(&dir) {
+            Some(exit) => Run {
+                status: ReplicaStatus {
+                    key: key.clone(),
+                    phase: RunPhase::Exited,
+                    exit_code: Some(exit.code),
+                    message: exit.message,
+                },
+                shim_pid: None,
+            },
+            None => {
+                let pid = std::fs::read_to_string(dir.join("shim.pid"))
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok());
+                match pid.filter(|p| is_our_shim(*p, &key)) {
+                    Some(pid) => {
+                        tracing::info!("re-adopted {key} (shim pid {pid})");
+                        watch_adopted(shared.clone(), key.clone(), pid);
+                        Run {
+                            status: ReplicaStatus {
+                                key: key.clone(),
+                                phase: RunPhase::Running,
+                                exit_code: None,
+                                message: "running (re-adopted)".into(),
+                            },
+                            shim_pid: Some(pid),
+                        }
+                    }
+                    None => Run {
+                        status: ReplicaStatus {
+                            key: key.clone(),
+                            phase: RunPhase::Exited,
+                            exit_code: None,
+                            message: "its supervisor was lost while the agent was down".into(),
+                        },
+                        shim_pid: None,
+                    },
+                }
+            }
+        };
+        shared
+            .runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, status);
+    }
+}
+
+fn finish(shared: &Shared, key: &str) {
+    let dir = shared.runs_dir.join(key);
+    let exit = read_exit(&dir).unwrap_or(shim::ExitRecord {
+        code: -1,
+        message: "its supervisor ended without a record".into(),
+    });
+    if let Some(run) = shared
+        .runs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_mut(key)
+    {
+        run.status.phase = RunPhase::Exited;
+        run.status.exit_code = Some(exit.code);
+        run.status.message = exit.message;
+        run.shim_pid = None;
+    }
+    shared.exited.notify_one();
+}
+
+fn watch_adopted(shared: Arc<Shared>, key: String, pid: i32) {
+    tokio::spawn(async move {
+        while is_our_shim(pid, &key) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        finish(&shared, &key);
+    });
+}
+
+fn converge(
+    shared: &Arc<Shared>,
+    config: &AgentConfig,
+    backend: &Backend,
+    lease_file: &Path,
+    resp: &SyncResponse,
+) {
+    let want: BTreeSet<&str> = resp.desired.iter().map(|a| a.key.as_str()).collect();
+    let mut runs = shared.runs.lock().unwrap_or_else(|e| e.into_inner());
+    for key in &resp.acked {
+        if runs
+            .get(key)
+            .is_some_and(|r| r.status.phase == RunPhase::Exited)
+        {
+            runs.remove(key);
+            let _ = std::fs::write(shared.runs_dir.join(key).join("acked"), "");
+            backend.remove(key);
+        }
+    }
+    // Stop what should not run.
+    for (key, run) in runs.iter() {
+        if run.status.phase == RunPhase::Running
+            && !want.contains(key.as_str())
+            && let Some(pid) = run.shim_pid
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    // Start what should, once: a key with a run directory was started before.
+    for a in &resp.desired {
+        let dir = shared.runs_dir.join(&a.key);
+        if runs.contains_key(&a.key) || dir.exists() {
+            continue;
+        }
+        let status = match start(shared, config, backend, lease_file, a, &dir) {
+            Ok(pid) => Run {
+                status: ReplicaStatus {
+                    key: a.key.clone(),
+                    phase: RunPhase::Running,
+                    exit_code: None,
+                    message: "running".into(),
+                },
+                shim_pid: Some(pid),
+            },
+            Err(e) => {
+                tracing::warn!("starting {} failed: {e:#}", a.key);
+                Run {
+                    status: ReplicaStatus {
+                        key: a.key.clone(),
+                        phase: RunPhase::Exited,
+                        exit_code: Some(127),
+                        message: format!("could not start: {e:#}"),
+                    },
+                    shim_pid: None,
+                }
+            }
+        };
+        runs.insert(a.key.clone(), status);
+    }
+}
+
+/// The environment of one replica's allocation.
+pub fn allocation_env(a: &Assignment, node: &str) -> BTreeMap<String, String> {
+    let mut env = a.env.clone();
+    let devices: Vec<String> = a.devices.iter().map(|d| d.device.to_string()).collect();
+    env.insert("CUDA_VISIBLE_DEVICES".into(), devices.join(","));
+    env.insert("TESSERA_JOB_ID".into(), a.job_id.to_string());
+    env.insert("TESSERA_JOB_NAME".into(), a.job_name.clone());
+    env.insert("TESSERA_PROJECT".into(), a.project.clone());
+    env.insert("TESSERA_REPLICA".into(), a.replica.to_string());
+    env.insert("TESSERA_REPLICAS".into(), a.replicas.to_string());
+    env.insert("TESSERA_ATTEMPT".into(), a.attempt.to_string());
+    env.insert("TESSERA_NODE".into(), node.to_string());
+    env.insert("TESSERA_CPU_MILLI".into(), a.cpu_milli.to_string());
+    env.insert("TESSERA_MEMORY_BYTES".into(), a.memory_bytes.to_string());
+    if let Some(d) = a.devices.first() {
+        let share = d.milli < 1000;
+        env.insert("TESSERA_GPU_MILLI".into(), d.milli.to_string());
+        env.insert(
+            "TESSERA_COMPUTE_SHARE".into(),
+            format!("{:.3}", f64::from(d.milli) / 1000.0),
+        );
+        env.insert(
+            "TESSERA_GPU_MEMORY_BYTES".into(),
+            d.memory_bytes.to_string(),
+        );
+        env.insert(
+            "TESSERA_SLICE".into(),
+            if share { "fraction" } else { "whole" }.into(),
+        );
+        if share {
+            // The interception library (a later piece of Tessera) enforces the slice; where it is
+            // installed it is preloaded, and the variables above configure it.
+            let lib = std::env::var("TESSERA_VGPU_LIBRARY")
+                .unwrap_or_else(|_| "/usr/lib/tessera/libtessera_vgpu.so".into());
+            if Path::new(&lib).exists() {
+                env.insert("LD_PRELOAD".into(), lib);
+            }
+        }
+    } else {
+        env.insert("TESSERA_GPU_MILLI".into(), "0".into());
+    }
+    env
+}
+
+fn start(
+    shared: &Arc<Shared>,
+    config: &AgentConfig,
+    backend: &Backend,
+    lease_file: &Path,
+    a: &Assignment,
+    dir: &Path,
+) -> anyhow::Result<i32> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("assignment.json"), serde_json::to_vec_pretty(a)?)?;
+    let procs = backend
+        .create(
+            &a.key,
+            Limits {
+                cpu_milli: a.cpu_milli,
+                memory_bytes: a.memory_bytes.max(16 << 20),
+                pids: 4096,
+            },
+        )
+        .unwrap_or_else(|e| {
+            tracing::warn!(
+                "cgroup for {} not created, running without limits: {e:#}",
+                a.key
+            );
+            vec![]
+        });
+    let exe = std::env::current_exe()?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("shim")
+        .arg("--run-dir")
+        .arg(dir)
+        .arg("--lease-file")
+        .arg(lease_file)
+        .arg("--grace-ms")
+        .arg(config.grace_ms.to_string());
+    for p in &procs {
+        cmd.arg("--cgroup-procs").arg(p);
+    }
+    let oom_file = match backend {
+        Backend::V2 { base } => Some(base.join(&a.key).join("memory.events")),
+        Backend::V1 { memory, .. } => Some(memory.join(&a.key).join("memory.oom_control")),
+        Backend::None { .. } => None,
+    };
+    if let Some(f) = oom_file {
+        cmd.arg("--oom-file").arg(f);
+    }
+    cmd.arg("--").args(&a.command);
+    cmd.envs(allocation_env(a, &config.name));
+    let log = std::fs::File::create(dir.join("shim.log"))?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid in the forked child before exec is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().context("starting the shim")?;
+    let pid = child.id().context("the shim has no pid")? as i32;
+    std::fs::write(dir.join("shim.pid"), pid.to_string())?;
+    let key = a.key.clone();
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+        finish(&shared, &key);
+    });
+    Ok(pid)
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    stream: Option<String>,
+    offset: Option<u64>,
+}
+
+/// Most bytes returned by one log read.
+const LOG_CHUNK: u64 = 1 << 20;
+
+async fn serve_logs(
+    AxState(shared): AxState<Arc<Shared>>,
+    headers: HeaderMap,
+    AxPath(key): AxPath<String>,
+    Query(q): Query<LogQuery>,
+) -> impl IntoResponse {
+    let ok = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t == shared.callback_secret);
+    if !ok {
+        return (
+            StatusCode::UNAUTHORIZED,
+            b"the controller's secret is required".to_vec(),
+        );
+    }
+    if crate::state::parse_key(&key).is_none() {
+        return (StatusCode::BAD_REQUEST, b"not a replica key".to_vec());
+    }
+    let file = match q.stream.as_deref() {
+        None | Some("stdout") => "stdout.log",
+        Some("stderr") => "stderr.log",
+        Some(_) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                b"stream must be stdout or stderr".to_vec(),
+            );
+        }
+    };
+    let path = shared.runs_dir.join(&key).join(file);
+    let offset = q.offset.unwrap_or(0);
+    let result = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(e),
+        };
+        f.seek(SeekFrom::Start(offset))?;
+        let mut buf = Vec::new();
+        f.take(LOG_CHUNK).read_to_end(&mut buf)?;
+        Ok(buf)
+    })
+    .await;
+    match result {
+        Ok(Ok(bytes)) => (StatusCode::OK, bytes),
+        _ => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            b"reading the log failed".to_vec(),
+        ),
+    }
+}

@@ -1,0 +1,783 @@
+//! The user verbs, in the habits of kubectl and Slurm: human tables by default, `-o json|yaml`.
+//! Server URL and token come from flags, `TESSERA_URL` / `TESSERA_TOKEN`, or the config file
+//! (`~/.config/tessera/config.yaml`, or `TESSERA_CONFIG`), in that order.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::controller::api::{JobView, LogChunk, NodeView, ProjectView};
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct Conn {
+    /// Controller URL (default: TESSERA_URL, then the config file).
+    #[arg(long, global = true)]
+    pub url: Option<String>,
+    /// API token (default: TESSERA_TOKEN, then the config file).
+    #[arg(long, global = true)]
+    pub token: Option<String>,
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct ConfigFile {
+    pub url: String,
+    pub token: String,
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+}
+
+pub fn config_path() -> PathBuf {
+    if let Ok(p) = std::env::var("TESSERA_CONFIG") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    PathBuf::from(home).join(".config/tessera/config.yaml")
+}
+
+pub struct Client {
+    url: String,
+    token: String,
+    http: reqwest::blocking::Client,
+    pub output: Output,
+}
+
+impl Client {
+    pub fn new(conn: &Conn) -> anyhow::Result<Client> {
+        let file: Option<ConfigFile> = std::fs::read_to_string(config_path())
+            .ok()
+            .and_then(|t| serde_yaml::from_str(&t).ok());
+        let url = conn
+            .url
+            .clone()
+            .or_else(|| std::env::var("TESSERA_URL").ok())
+            .or_else(|| file.as_ref().map(|f| f.url.clone()))
+            .context("no controller URL: pass --url, set TESSERA_URL, or run `tessera up` (it writes the config file)")?;
+        let token = conn
+            .token
+            .clone()
+            .or_else(|| std::env::var("TESSERA_TOKEN").ok())
+            .or_else(|| file.as_ref().map(|f| f.token.clone()))
+            .context("no API token: pass --token, set TESSERA_TOKEN, or use the config file")?;
+        let mut b = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60));
+        if let Some(ca) = file.as_ref().and_then(|f| f.ca_cert.clone()) {
+            let pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
+        Ok(Client {
+            url: url.trim_end_matches('/').to_string(),
+            token,
+            http: b.build()?,
+            output: conn.output,
+        })
+    }
+
+    pub fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> anyhow::Result<Value> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let resp = req
+            .send()
+            .with_context(|| format!("calling the controller at {}", self.url))?;
+        let status = resp.status();
+        let text = resp.text()?;
+        if !status.is_success() {
+            let msg = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            bail!("{msg} ({status})");
+        }
+        if text.is_empty() {
+            return Ok(Value::Null);
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::GET, path, None)
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::POST, path, Some(body.to_string()))
+    }
+
+    /// Prints `value` as JSON or YAML, or calls `table` for people.
+    pub fn print(
+        &self,
+        value: &Value,
+        table: impl FnOnce(&Value) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        match self.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+            Output::Yaml => print!("{}", serde_yaml::to_string(value)?),
+            Output::Table => table(value)?,
+        }
+        Ok(())
+    }
+}
+
+/// Prints rows as an aligned table.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn gpu_text(g: f64) -> String {
+    if g == 0.0 { "-".into() } else { format!("{g}") }
+}
+
+fn age(ms: u64) -> String {
+    let now = crate::controller::now_ms();
+    let s = now.saturating_sub(ms) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// A manifest file (YAML or JSON); `-` reads standard input.
+    #[arg(short, long)]
+    pub file: Option<PathBuf>,
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub project: Option<String>,
+    /// GPUs per replica: 0.5 for half a device, 2 for two whole devices.
+    #[arg(long)]
+    pub gpu: Option<String>,
+    /// Device memory per device, e.g. 20GiB.
+    #[arg(long)]
+    pub gpu_memory: Option<String>,
+    /// CPUs per replica: 2, 0.5 or 500m.
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// Memory per replica, e.g. 8GiB.
+    #[arg(long)]
+    pub memory: Option<String>,
+    #[arg(long)]
+    pub replicas: Option<u32>,
+    /// low, normal, high, critical, or a number.
+    #[arg(long)]
+    pub priority: Option<String>,
+    /// Restart failed jobs (on-failure) up to --max-restarts times.
+    #[arg(long)]
+    pub restart: Option<String>,
+    #[arg(long)]
+    pub max_restarts: Option<u32>,
+    /// Device models allowed (repeatable).
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    /// KEY=VALUE environment variables (repeatable).
+    #[arg(long = "env")]
+    pub env: Vec<String>,
+    /// The program and its arguments, after `--`.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+/// Builds the manifest from a file and/or flags (flags win).
+fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
+    let mut m: Value = match &args.file {
+        Some(path) => {
+            let text = if path.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                s
+            } else {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+            };
+            serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => {
+            json!({"apiVersion": "tessera/v1", "kind": "Job", "metadata": {}, "spec": {"resources": {}}})
+        }
+    };
+    let num_or_text = |t: &str| -> Value {
+        t.parse::<f64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| Value::from(t))
+    };
+    if let Some(n) = &args.name {
+        m["metadata"]["name"] = json!(n);
+    }
+    if m["metadata"]["name"].is_null() {
+        let base = args
+            .command
+            .first()
+            .map(|c| c.rsplit('/').next().unwrap_or(c).to_string())
+            .unwrap_or_else(|| "job".into());
+        let clean: String = base
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(40)
+            .collect();
+        m["metadata"]["name"] = json!(if clean.is_empty() {
+            "job".into()
+        } else {
+            clean
+        });
+    }
+    if let Some(p) = &args.project {
+        m["metadata"]["project"] = json!(p);
+    }
+    if m["spec"]["resources"].is_null() {
+        m["spec"]["resources"] = json!({});
+    }
+    for (flag, key) in [
+        (&args.gpu, "gpu"),
+        (&args.gpu_memory, "gpuMemory"),
+        (&args.cpu, "cpu"),
+        (&args.memory, "memory"),
+    ] {
+        if let Some(v) = flag {
+            m["spec"]["resources"][key] = num_or_text(v);
+        }
+    }
+    if !args.models.is_empty() {
+        m["spec"]["resources"]["deviceModels"] = json!(args.models);
+    }
+    if let Some(r) = args.replicas {
+        m["spec"]["replicas"] = json!(r);
+    }
+    if let Some(p) = &args.priority {
+        m["spec"]["priority"] = p
+            .parse::<i64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| json!(p));
+    }
+    if let Some(r) = &args.restart {
+        m["spec"]["restart"]["policy"] = json!(r);
+    }
+    if let Some(r) = args.max_restarts {
+        m["spec"]["restart"]["maxRestarts"] = json!(r);
+    }
+    for kv in &args.env {
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("--env {kv}: write KEY=VALUE");
+        };
+        m["spec"]["env"][k] = json!(v);
+    }
+    if !args.command.is_empty() {
+        m["spec"]["command"] = json!(args.command);
+    }
+    if m["spec"]["command"].is_null() {
+        bail!(
+            "no command: give it after `--` (tessera submit --gpu 1 -- python train.py) or in the manifest's spec.command"
+        );
+    }
+    Ok(m)
+}
+
+pub fn submit(c: &Client, args: &SubmitArgs) -> anyhow::Result<()> {
+    let m = manifest_from(args)?;
+    let job = c.post("/v1/jobs", m)?;
+    c.print(&job, |j| {
+        println!(
+            "job {} submitted ({}, project {})",
+            j["id"],
+            j["name"].as_str().unwrap_or(""),
+            j["project"].as_str().unwrap_or("")
+        );
+        Ok(())
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    #[arg(long)]
+    pub project: Option<String>,
+    /// pending, running, ... (comma-separated)
+    #[arg(long)]
+    pub state: Option<String>,
+    #[arg(long)]
+    pub owner: Option<String>,
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+pub fn jobs(c: &Client, a: &JobsArgs) -> anyhow::Result<()> {
+    let mut q = vec![];
+    for (k, v) in [
+        ("project", a.project.clone()),
+        ("state", a.state.clone()),
+        ("owner", a.owner.clone()),
+        ("limit", a.limit.map(|l| l.to_string())),
+    ] {
+        if let Some(v) = v {
+            q.push(format!("{k}={v}"));
+        }
+    }
+    let v = c.get(&format!("/v1/jobs?{}", q.join("&")))?;
+    c.print(&v, |v| {
+        let jobs: Vec<JobView> = serde_json::from_value(v.clone())?;
+        table(
+            &[
+                "ID", "NAME", "PROJECT", "OWNER", "STATE", "REPLICAS", "GPU", "AGE", "REASON",
+            ],
+            jobs.iter()
+                .map(|j| {
+                    let mut reason = j.reason.clone();
+                    if reason.chars().count() > 70 {
+                        reason = reason.chars().take(67).collect::<String>() + "...";
+                    }
+                    vec![
+                        j.id.to_string(),
+                        j.name.clone(),
+                        j.project.clone(),
+                        j.owner.clone(),
+                        format!("{:?}", j.state).to_lowercase(),
+                        j.replicas.to_string(),
+                        gpu_text(j.gpu),
+                        age(j.created_ms),
+                        reason,
+                    ]
+                })
+                .collect(),
+        );
+        Ok(())
+    })
+}
+
+pub fn describe_job(c: &Client, id: u64) -> anyhow::Result<()> {
+    let job = c.get(&format!("/v1/jobs/{id}"))?;
+    let events = c.get(&format!("/v1/jobs/{id}/events"))?;
+    let both = json!({"job": job, "events": events});
+    c.print(&both, |_| {
+        let j: JobView = serde_json::from_value(job.clone())?;
+        println!("Job:        {} ({})", j.id, j.name);
+        println!(
+            "Project:    {}   Owner: {}   Priority: {}",
+            j.project, j.owner, j.priority
+        );
+        println!("State:      {}", format!("{:?}", j.state).to_lowercase());
+        println!("Reason:     {}", j.reason);
+        println!(
+            "Resources:  {} replica(s), each gpu {} cpu {} memory {}{}",
+            j.replicas,
+            gpu_text(j.gpu),
+            j.cpu_milli as f64 / 1000.0,
+            tessera_sched::model::human_bytes(j.memory_bytes),
+            if j.gpu_memory_bytes > 0 {
+                format!(
+                    " gpu-memory {}",
+                    tessera_sched::model::human_bytes(j.gpu_memory_bytes)
+                )
+            } else {
+                String::new()
+            }
+        );
+        println!("Command:    {}", j.command.join(" "));
+        println!("Attempt:    {}   Restarts: {}", j.attempt, j.restarts);
+        if !j.assignments.is_empty() {
+            println!("Replicas:");
+            for r in &j.assignments {
+                println!(
+                    "  {}  node {}  devices {:?}  {}  {}",
+                    r.index,
+                    r.node,
+                    r.devices,
+                    format!("{:?}", r.phase).to_lowercase(),
+                    r.exit_code.map(|c| format!("exit {c}")).unwrap_or_default()
+                );
+            }
+        }
+        println!("Events:");
+        for e in events.as_array().into_iter().flatten() {
+            println!(
+                "  {:>6}  {:<14} {}",
+                age(e["ts_ms"].as_u64().unwrap_or(0)),
+                e["kind"].as_str().unwrap_or(""),
+                e["message"].as_str().unwrap_or("")
+            );
+        }
+        Ok(())
+    })
+}
+
+pub fn logs(c: &Client, id: u64, replica: u32, stderr: bool, follow: bool) -> anyhow::Result<()> {
+    let stream = if stderr { "stderr" } else { "stdout" };
+    let mut offset = 0u64;
+    let mut out = std::io::stdout();
+    loop {
+        let v = c.get(&format!(
+            "/v1/jobs/{id}/logs?replica={replica}&stream={stream}&offset={offset}"
+        ));
+        let chunk: LogChunk = match v {
+            Ok(v) => serde_json::from_value(v)?,
+            Err(e) if follow && e.to_string().contains("has not started") => {
+                std::thread::sleep(Duration::from_millis(300));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        out.write_all(chunk.data.as_bytes())?;
+        out.flush()?;
+        offset = chunk.next_offset;
+        if !follow || chunk.done {
+            return Ok(());
+        }
+        if chunk.data.is_empty() {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+pub fn cancel(c: &Client, ids: &[u64]) -> anyhow::Result<()> {
+    let mut all = vec![];
+    for id in ids {
+        all.push(c.post(&format!("/v1/jobs/{id}/cancel"), json!({}))?);
+    }
+    c.print(&Value::Array(all.clone()), |_| {
+        for j in &all {
+            println!("job {}: {}", j["id"], j["reason"].as_str().unwrap_or(""));
+        }
+        Ok(())
+    })
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCmd {
+    /// List nodes (the default).
+    List,
+    Cordon {
+        name: String,
+    },
+    Uncordon {
+        name: String,
+    },
+    /// Cordon and requeue the node's jobs.
+    Drain {
+        name: String,
+    },
+}
+
+pub fn nodes(c: &Client, cmd: Option<NodesCmd>) -> anyhow::Result<()> {
+    let v = match cmd.unwrap_or(NodesCmd::List) {
+        NodesCmd::List => c.get("/v1/nodes")?,
+        NodesCmd::Cordon { name } => Value::Array(vec![
+            c.post(&format!("/v1/nodes/{name}/cordon"), json!({}))?,
+        ]),
+        NodesCmd::Uncordon { name } => Value::Array(vec![
+            c.post(&format!("/v1/nodes/{name}/uncordon"), json!({}))?,
+        ]),
+        NodesCmd::Drain { name } => {
+            Value::Array(vec![c.post(&format!("/v1/nodes/{name}/drain"), json!({}))?])
+        }
+    };
+    c.print(&v, |v| {
+        let nodes: Vec<NodeView> = serde_json::from_value(v.clone())?;
+        table(
+            &[
+                "NAME",
+                "STATUS",
+                "GPUS",
+                "MODEL",
+                "GPU ALLOC",
+                "CPU ALLOC",
+                "MEMORY",
+                "REPLICAS",
+                "SEEN",
+            ],
+            nodes
+                .iter()
+                .map(|n| {
+                    let status = format!(
+                        "{}{}",
+                        format!("{:?}", n.health).to_lowercase(),
+                        if n.cordoned { ",cordoned" } else { "" }
+                    );
+                    let model = n
+                        .devices
+                        .first()
+                        .map(|d| {
+                            format!(
+                                "{}{}",
+                                d.model,
+                                if n.simulated { " (simulated)" } else { "" }
+                            )
+                        })
+                        .unwrap_or_else(|| "-".into());
+                    vec![
+                        n.name.clone(),
+                        status,
+                        n.devices.len().to_string(),
+                        model,
+                        format!(
+                            "{}/{}",
+                            n.gpu_allocated_milli as f64 / 1000.0,
+                            n.devices.len()
+                        ),
+                        format!(
+                            "{}/{}",
+                            n.cpu_allocated_milli as f64 / 1000.0,
+                            n.cpu_milli as f64 / 1000.0
+                        ),
+                        tessera_sched::model::human_bytes(n.memory_bytes),
+                        n.replicas.to_string(),
+                        format!("{}s ago", n.last_seen_ms_ago / 1000),
+                    ]
+                })
+                .collect(),
+        );
+        Ok(())
+    })
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectsCmd {
+    List,
+    /// Create a project: `tessera projects create vision --guaranteed 4 --limit 8`.
+    Create(ProjectArgs),
+    /// Change a project's quota, parent or members.
+    Set(ProjectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProjectArgs {
+    pub name: String,
+    #[arg(long)]
+    pub parent: Option<String>,
+    /// Guaranteed GPUs.
+    #[arg(long)]
+    pub guaranteed: Option<f64>,
+    /// Hard limit in GPUs; `none` removes it.
+    #[arg(long)]
+    pub limit: Option<String>,
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// Members (comma-separated user names).
+    #[arg(long)]
+    pub members: Option<String>,
+}
+
+pub fn projects(c: &Client, cmd: Option<ProjectsCmd>) -> anyhow::Result<()> {
+    let body = |a: &ProjectArgs, with_name: bool| -> anyhow::Result<Value> {
+        let mut b = json!({});
+        if with_name {
+            b["name"] = json!(a.name);
+        }
+        if let Some(p) = &a.parent {
+            b["parent"] = json!(p);
+        }
+        if let Some(g) = a.guaranteed {
+            b["guaranteed_gpu"] = json!(g);
+        }
+        if let Some(l) = &a.limit {
+            b["limit_gpu"] = if l == "none" {
+                Value::Null
+            } else {
+                json!(
+                    l.parse::<f64>()
+                        .map_err(|_| anyhow::anyhow!("--limit {l}: a number of GPUs or none"))?
+                )
+            };
+        }
+        if let Some(w) = a.weight {
+            b["over_quota_weight"] = json!(w);
+        }
+        if let Some(m) = &a.members {
+            b["members"] = json!(
+                m.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect::<Vec<_>>()
+            );
+        }
+        Ok(b)
+    };
+    let v = match cmd.unwrap_or(ProjectsCmd::List) {
+        ProjectsCmd::List => c.get("/v1/projects")?,
+        ProjectsCmd::Create(a) => Value::Array(vec![c.post("/v1/projects", body(&a, true)?)?]),
+        ProjectsCmd::Set(a) => Value::Array(vec![c.call(
+            reqwest::Method::PATCH,
+            &format!("/v1/projects/{}", a.name),
+            Some(body(&a, false)?.to_string()),
+        )?]),
+    };
+    c.print(&v, |v| {
+        let ps: Vec<ProjectView> = serde_json::from_value(v.clone())?;
+        table(
+            &[
+                "NAME",
+                "PARENT",
+                "GUARANTEED",
+                "LIMIT",
+                "WEIGHT",
+                "USED",
+                "RUNNING",
+                "PENDING",
+                "MEMBERS",
+            ],
+            ps.iter()
+                .map(|p| {
+                    vec![
+                        p.name.clone(),
+                        p.parent.clone().unwrap_or_else(|| "-".into()),
+                        p.guaranteed_gpu.to_string(),
+                        p.limit_gpu
+                            .map(|l| l.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        p.over_quota_weight.to_string(),
+                        p.used_gpu.to_string(),
+                        p.jobs_running.to_string(),
+                        p.jobs_pending.to_string(),
+                        p.members.iter().cloned().collect::<Vec<_>>().join(","),
+                    ]
+                })
+                .collect(),
+        );
+        Ok(())
+    })
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCmd {
+    List,
+    /// `tessera users create ana --role member`
+    Create {
+        name: String,
+        #[arg(long, default_value = "member")]
+        role: String,
+    },
+}
+
+pub fn users(c: &Client, cmd: Option<UsersCmd>) -> anyhow::Result<()> {
+    let v = match cmd.unwrap_or(UsersCmd::List) {
+        UsersCmd::List => c.get("/v1/users")?,
+        UsersCmd::Create { name, role } => Value::Array(vec![
+            c.post("/v1/users", json!({"name": name, "role": role}))?,
+        ]),
+    };
+    c.print(&v, |v| {
+        table(
+            &["NAME", "ROLE"],
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .map(|u| {
+                    vec![
+                        u["name"].as_str().unwrap_or("").into(),
+                        u["role"].as_str().unwrap_or("").into(),
+                    ]
+                })
+                .collect(),
+        );
+        Ok(())
+    })
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    List,
+    /// A token for yourself, for another user (admins), or a join token for agents (--join).
+    Create {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        join: bool,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    Revoke {
+        id: String,
+    },
+}
+
+pub fn token(c: &Client, cmd: TokenCmd) -> anyhow::Result<()> {
+    let v = match cmd {
+        TokenCmd::List => c.get("/v1/tokens")?,
+        TokenCmd::Create {
+            user,
+            join,
+            description,
+        } => {
+            let mut b = json!({});
+            if join {
+                b["kind"] = json!("join");
+            }
+            if let Some(u) = user {
+                b["user"] = json!(u);
+            }
+            if let Some(d) = description {
+                b["description"] = json!(d);
+            }
+            let t = c.post("/v1/tokens", b)?;
+            return c.print(&t, |t| {
+                println!("{}", t["token"].as_str().unwrap_or(""));
+                eprintln!(
+                    "(token {} for {}; shown only now)",
+                    t["id"].as_str().unwrap_or(""),
+                    t["subject"].as_str().unwrap_or("")
+                );
+                Ok(())
+            });
+        }
+        TokenCmd::Revoke { id } => {
+            c.call(reqwest::Method::DELETE, &format!("/v1/tokens/{id}"), None)?;
+            println!("token {id} revoked");
+            return Ok(());
+        }
+    };
+    c.print(&v, |v| {
+        table(
+            &["ID", "KIND", "SUBJECT", "REVOKED", "DESCRIPTION"],
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    vec![
+                        t["id"].as_str().unwrap_or("").into(),
+                        t["kind"].as_str().unwrap_or("").into(),
+                        t["subject"].as_str().unwrap_or("").into(),
+                        t["revoked"].to_string(),
+                        t["description"].as_str().unwrap_or("").into(),
+                    ]
+                })
+                .collect(),
+        );
+        Ok(())
+    })
+}

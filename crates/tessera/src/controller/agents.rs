@@ -1,0 +1,404 @@
+//! The agents' side of the API: registration, and the sync call that carries heartbeats and
+//! workload reports one way and the node's desired allocations the other.
+//!
+//! The sync is a long poll: when nothing changed, the controller holds it until the node's desired
+//! set changes or `wait_ms` passes, so assignments reach agents at once without a fixed tick.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use tessera_sched::NodeSpec;
+use tessera_sched::validate::validate_node;
+
+use super::api::save_job;
+use super::lifecycle::{apply_status, settle};
+use super::{ApiError, AxState, Caller, Ctl, S, issue_token, now_ms};
+use crate::auth::Principal;
+use crate::manifest::check_name;
+use crate::protocol::{
+    Assignment, RegisterRequest, RegisterResponse, ReplicaStatus, RunPhase, SyncRequest,
+    SyncResponse,
+};
+use crate::state::{Node, NodeHealth, ReplicaPhase, State, StopCause, TokenKind, parse_key};
+use crate::store;
+
+pub async fn register(
+    AxState(ctl): S,
+    caller: Caller,
+    body: Bytes,
+) -> Result<Json<RegisterResponse>, ApiError> {
+    let req: RegisterRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("request body: {e}")))?;
+    check_name("name", &req.name)?;
+    let spec = NodeSpec {
+        name: req.name.clone(),
+        cpu_milli: req.cpu_milli,
+        memory_bytes: req.memory_bytes,
+        labels: req.labels.clone(),
+        devices: req.devices.clone(),
+    };
+    validate_node(&spec)?;
+    let joining = match &caller.0 {
+        Principal::Join { .. } => true,
+        Principal::Agent { node } if *node == req.name => false,
+        Principal::Agent { node } => {
+            return Err(ApiError::forbidden(format!(
+                "this agent credential belongs to node {node}, not {}",
+                req.name
+            )));
+        }
+        Principal::User { .. } => {
+            return Err(ApiError::forbidden(
+                "agents join with a join token (`tessera token create --join`), not a user token",
+            ));
+        }
+    };
+    let lease_ms = ctl.config.lease.as_millis() as u64;
+    let token = ctl
+        .store
+        .write(move |c, s| -> Result<Option<String>, ApiError> {
+            let now = now_ms();
+            let old = s.nodes.get(&req.name).cloned();
+            let node = Node {
+                spec,
+                simulated: req.simulated,
+                address: req.address,
+                callback_secret: req.callback_secret,
+                cordoned: old.as_ref().is_some_and(|o| o.cordoned),
+                health: old.as_ref().map_or(NodeHealth::Ready, |o| o.health),
+                registered_ms: now,
+                last_seen_ms: now,
+                last_seq: old.as_ref().map_or(0, |o| o.last_seq),
+                heartbeats: 0,
+            };
+            store::put_node(c, &node)?;
+            let token = if joining {
+                // A node that joins again (e.g. after losing its data dir) gets a new credential;
+                // the old one stops working.
+                let stale: Vec<String> = s
+                    .tokens
+                    .values()
+                    .filter(|t| {
+                        t.kind == TokenKind::Agent && t.subject == node.spec.name && !t.revoked
+                    })
+                    .map(|t| t.id.clone())
+                    .collect();
+                for id in &stale {
+                    let mut t = s.tokens[id].clone();
+                    t.revoked = true;
+                    store::put_token(c, &t)?;
+                }
+                let t = issue_token(c, s, TokenKind::Agent, &node.spec.name, "agent credential")?;
+                for id in stale {
+                    if let Some(t) = s.tokens.get_mut(&id) {
+                        t.revoked = true;
+                    }
+                }
+                Some(t.text)
+            } else {
+                None
+            };
+            s.touch_node(&node.spec.name);
+            s.nodes.insert(node.spec.name.clone(), node);
+            s.kick = true;
+            Ok(token)
+        })
+        .await?;
+    if joining {
+        ctl.tokens.clear();
+    }
+    Ok(Json(RegisterResponse { token, lease_ms }))
+}
+
+/// What node `name` should run now, and the revision of that set.
+fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
+    let revision = s.node_revision.get(name).copied().unwrap_or(0);
+    let mut out = Vec::new();
+    let Some(node) = s.nodes.get(name) else {
+        return (revision, out);
+    };
+    if node.health != NodeHealth::Ready {
+        return (revision, out);
+    }
+    for job in s
+        .jobs
+        .values()
+        .filter(|j| j.state.is_active() && j.stop.is_none())
+    {
+        for r in job.replicas.iter().filter(|r| {
+            r.node == name && matches!(r.phase, ReplicaPhase::Assigned | ReplicaPhase::Running)
+        }) {
+            let spec = &job.def.spec;
+            out.push(Assignment {
+                key: job.key(r.index),
+                job_id: job.id,
+                job_name: spec.name.clone(),
+                project: spec.project.clone(),
+                replica: r.index,
+                replicas: spec.replicas,
+                attempt: job.attempt,
+                command: job.def.command.clone(),
+                env: job.def.env.clone(),
+                cpu_milli: r.cpu_milli,
+                memory_bytes: r.memory_bytes,
+                devices: r.devices.clone(),
+                device_memory: node.spec.devices.iter().map(|d| d.memory_bytes).collect(),
+            });
+        }
+    }
+    (revision, out)
+}
+
+pub async fn sync(
+    AxState(ctl): S,
+    caller: Caller,
+    body: Bytes,
+) -> Result<Json<SyncResponse>, ApiError> {
+    let Principal::Agent { node } = caller.0 else {
+        return Err(ApiError::forbidden(
+            "only an agent's own credential may sync",
+        ));
+    };
+    let req: SyncRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("request body: {e}")))?;
+    let name = node.clone();
+    let statuses = req.statuses.clone();
+    let seq = req.seq;
+    ctl.metrics.heartbeats.inc();
+    let acked = ctl
+        .store
+        .write(move |c, s| -> Result<Vec<String>, ApiError> { report(c, s, &name, seq, &statuses) })
+        .await?;
+    let wait = Duration::from_millis(req.wait_ms.min(ctl.config.lease.as_millis() as u64 / 3));
+    let mut watch = ctl.store.notifier.watch_node(&node);
+    watch.borrow_and_update();
+    let (mut revision, mut want) = ctl.store.read(|s| desired(s, &node));
+    if revision == req.revision && acked.is_empty() && !wait.is_zero() {
+        let _ = tokio::time::timeout(wait, watch.changed()).await;
+        (revision, want) = ctl.store.read(|s| desired(s, &node));
+    }
+    Ok(Json(SyncResponse {
+        revision,
+        lease_ms: ctl.config.lease.as_millis() as u64,
+        desired: want,
+        acked,
+    }))
+}
+
+/// Records a heartbeat and the agent's report; returns the exits now durable.
+fn report(
+    c: &rusqlite::Connection,
+    s: &mut State,
+    name: &str,
+    seq: u64,
+    statuses: &[ReplicaStatus],
+) -> Result<Vec<String>, ApiError> {
+    let now = now_ms();
+    let Some(mut node) = s.nodes.get(name).cloned() else {
+        return Err(ApiError::conflict(format!(
+            "node {name} is not registered; restart its agent"
+        )));
+    };
+    if seq <= node.last_seq {
+        return Err(ApiError::conflict(format!(
+            "stale sync {seq} from node {name} (already saw {})",
+            node.last_seq
+        )));
+    }
+    let came_back = node.health == NodeHealth::Lost;
+    let by_key: BTreeMap<&str, &ReplicaStatus> =
+        statuses.iter().map(|st| (st.key.as_str(), st)).collect();
+    let mut acked = Vec::new();
+    let mut changed = Vec::new();
+    let mut seen_jobs = HashSet::new();
+    for st in statuses {
+        let Some((job_id, attempt, index)) = parse_key(&st.key) else {
+            if st.phase == RunPhase::Exited {
+                acked.push(st.key.clone());
+            }
+            continue;
+        };
+        let current = s
+            .jobs
+            .get(&job_id)
+            .filter(|j| j.attempt == attempt && j.state.is_active() && !came_back);
+        match current {
+            Some(job) => {
+                seen_jobs.insert(job_id);
+                if st.phase == RunPhase::Exited {
+                    acked.push(st.key.clone());
+                }
+                if !changed
+                    .iter()
+                    .any(|(j, _): &(crate::state::Job, _)| j.id == job_id)
+                {
+                    changed.push((job.clone(), Vec::new()));
+                }
+                let (job, notes) = changed
+                    .iter_mut()
+                    .find(|(j, _)| j.id == job_id)
+                    .expect("just pushed");
+                if apply_status(job, index, st, now) {
+                    let what = match st.phase {
+                        RunPhase::Running => format!("replica {index} started on {name}"),
+                        RunPhase::Exited => format!("replica {index} on {name}: {}", st.message),
+                    };
+                    notes.push(("Replica", what));
+                }
+            }
+            // Stale work (an earlier attempt, an ended job): not in the desired set, so the agent
+            // stops it; its exit needs no record.
+            None => {
+                if st.phase == RunPhase::Exited {
+                    acked.push(st.key.clone());
+                }
+            }
+        }
+    }
+    // Replicas of this node that the agent no longer reports: stopped before they started, or
+    // lost by the agent.
+    for job in s.jobs.values().filter(|j| j.state.is_active()) {
+        let missing: Vec<u32> = job
+            .replicas
+            .iter()
+            .filter(|r| {
+                r.node == name
+                    && !r.phase.is_done()
+                    && !by_key.contains_key(job.key(r.index).as_str())
+            })
+            .filter(|r| job.stop.is_some() || r.phase == ReplicaPhase::Running)
+            .map(|r| r.index)
+            .collect();
+        if missing.is_empty() || came_back {
+            continue;
+        }
+        if !changed.iter().any(|(j, _)| j.id == job.id) {
+            changed.push((job.clone(), Vec::new()));
+        }
+        let (j, notes) = changed
+            .iter_mut()
+            .find(|(j, _)| j.id == job.id)
+            .expect("just pushed");
+        for index in missing {
+            if let Some(r) = j.replicas.iter_mut().find(|r| r.index == index) {
+                if r.phase == ReplicaPhase::Running {
+                    r.phase = ReplicaPhase::Exited;
+                    r.exit_code = None;
+                    notes.push((
+                        "Replica",
+                        format!("replica {index} is no longer known to the agent on {name}"),
+                    ));
+                } else {
+                    r.phase = ReplicaPhase::NotStarted;
+                }
+                r.finished_ms = Some(now);
+            }
+        }
+    }
+    for (job, notes) in &mut changed {
+        let more = settle(job, now);
+        notes.extend(more);
+    }
+    if came_back {
+        node.health = NodeHealth::Ready;
+        store::put_node(c, &node)?;
+    }
+    for (job, notes) in changed {
+        save_job(c, s, job, notes, now)?;
+    }
+    node.last_seen_ms = now;
+    node.last_seq = seq;
+    node.heartbeats += 1;
+    if came_back {
+        s.kick = true;
+        s.touch_node(name);
+    }
+    s.nodes.insert(name.to_string(), node);
+    Ok(acked)
+}
+
+/// Marks nodes unheard-from for longer than lease + grace as lost, and requeues their work.
+/// Returns when the next node would expire.
+pub async fn expire_leases(ctl: &Ctl) -> Option<u64> {
+    let lease = ctl.config.lease.as_millis() as u64;
+    let grace = lease / 2;
+    let now = now_ms();
+    let (expired, next): (Vec<String>, Option<u64>) = ctl.store.read(|s| {
+        let mut expired = Vec::new();
+        let mut next: Option<u64> = None;
+        for (name, n) in &s.nodes {
+            if n.health != NodeHealth::Ready {
+                continue;
+            }
+            let deadline = n.last_seen_ms + lease + grace;
+            if deadline <= now {
+                expired.push(name.clone());
+            } else {
+                next = Some(next.map_or(deadline, |x| x.min(deadline)));
+            }
+        }
+        (expired, next)
+    });
+    for name in expired {
+        let result = ctl
+            .store
+            .write(move |c, s| -> Result<(), ApiError> {
+                let now = now_ms();
+                let Some(mut node) = s.nodes.get(&name).cloned() else {
+                    return Ok(());
+                };
+                // Heard from in the meantime: not lost.
+                if node.health != NodeHealth::Ready || node.last_seen_ms + lease + grace > now {
+                    return Ok(());
+                }
+                node.health = NodeHealth::Lost;
+                store::put_node(c, &node)?;
+                let mut changed = Vec::new();
+                for job in s.jobs.values().filter(|j| j.state.is_active()) {
+                    if !job
+                        .replicas
+                        .iter()
+                        .any(|r| r.node == name && !r.phase.is_done())
+                    {
+                        continue;
+                    }
+                    let mut job = job.clone();
+                    for r in job
+                        .replicas
+                        .iter_mut()
+                        .filter(|r| r.node == name && !r.phase.is_done())
+                    {
+                        r.phase = ReplicaPhase::Lost;
+                        r.finished_ms = Some(now);
+                    }
+                    let mut notes = vec![(
+                        "NodeLost",
+                        format!(
+                            "node {name} missed heartbeats for {} ms; its agent has stopped the \
+                             replicas there",
+                            now - node.last_seen_ms
+                        ),
+                    )];
+                    if job.stop.is_none() {
+                        job.stop = Some(StopCause::NodeLost { node: name.clone() });
+                    }
+                    notes.extend(settle(&mut job, now));
+                    changed.push((job, notes));
+                }
+                for (job, notes) in changed {
+                    save_job(c, s, job, notes, now)?;
+                }
+                s.nodes.insert(name.clone(), node);
+                s.touch_node(&name);
+                s.kick = true;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!("marking a node lost failed: {}", e.message);
+        }
+    }
+    next
+}

@@ -1,0 +1,1077 @@
+//! User-facing handlers under `/v1/`: thin edges over the store and the job lifecycle.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query};
+use serde::{Deserialize, Serialize};
+use tessera_sched::GpuRequest;
+
+use super::lifecycle::{Note, settle};
+use super::{ApiError, AxState, Caller, S, issue_token, now_ms};
+use crate::manifest::{Manifest, check_name};
+use crate::state::{
+    Event, Job, JobState, NodeHealth, Project, ReplicaPhase, Role, State, StopCause, TokenKind,
+    User,
+};
+use crate::store;
+use crate::units::{Quantity, parse_gpu_milli};
+
+/// Parses a JSON body strictly, naming what is wrong.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("request body: {e}")))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub index: u32,
+    pub node: String,
+    pub phase: ReplicaPhase,
+    pub gpu_milli: u64,
+    pub devices: Vec<u32>,
+    pub exit_code: Option<i32>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: u64,
+    pub name: String,
+    pub project: String,
+    pub owner: String,
+    pub state: JobState,
+    pub reason: String,
+    pub priority: i32,
+    pub replicas: u32,
+    pub gpu: f64,
+    pub gpu_memory_bytes: u64,
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    pub command: Vec<String>,
+    pub restart: crate::manifest::RestartPolicy,
+    pub attempt: u32,
+    pub restarts: u32,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub assignments: Vec<ReplicaView>,
+}
+
+fn gpu_count(g: GpuRequest) -> f64 {
+    match g {
+        GpuRequest::None => 0.0,
+        GpuRequest::Share { milli } => f64::from(milli) / 1000.0,
+        GpuRequest::Whole { devices } => f64::from(devices),
+    }
+}
+
+pub fn view(job: &Job, state: &State) -> JobView {
+    let s = &job.def.spec;
+    let mut reason = job.reason.clone();
+    if job.state == JobState::Pending {
+        let now = now_ms();
+        if job.not_before_ms > now {
+            reason = format!(
+                "{reason} (restarting in {:.1} s)",
+                (job.not_before_ms - now) as f64 / 1000.0
+            );
+        } else if let Some(w) = state.wait_reasons.get(&job.id) {
+            reason = w.clone();
+        }
+    }
+    JobView {
+        id: job.id,
+        name: s.name.clone(),
+        project: s.project.clone(),
+        owner: job.owner.clone(),
+        state: job.state,
+        reason,
+        priority: s.priority,
+        replicas: s.replicas,
+        gpu: gpu_count(s.request.gpu),
+        gpu_memory_bytes: s.request.gpu_memory_bytes,
+        cpu_milli: s.request.cpu_milli,
+        memory_bytes: s.request.memory_bytes,
+        command: job.def.command.clone(),
+        restart: job.def.restart,
+        attempt: job.attempt,
+        restarts: job.restarts,
+        created_ms: job.created_ms,
+        updated_ms: job.updated_ms,
+        finished_ms: job.finished_ms,
+        assignments: job
+            .replicas
+            .iter()
+            .map(|r| ReplicaView {
+                index: r.index,
+                node: r.node.clone(),
+                phase: r.phase,
+                gpu_milli: r.gpu_milli(),
+                devices: r.devices.iter().map(|d| d.device).collect(),
+                exit_code: r.exit_code,
+            })
+            .collect(),
+    }
+}
+
+/// Installs a changed job: writes it and its events, then updates memory and indexes.
+pub fn save_job(
+    c: &rusqlite::Connection,
+    s: &mut State,
+    mut job: Job,
+    notes: Vec<Note>,
+    now: u64,
+) -> rusqlite::Result<()> {
+    job.updated_ms = now;
+    store::put_job(c, &job)?;
+    let events: Vec<Event> = notes
+        .into_iter()
+        .map(|(kind, message)| Event {
+            job: job.id,
+            ts_ms: now,
+            kind: kind.to_string(),
+            message,
+        })
+        .collect();
+    for e in &events {
+        store::add_event(c, e)?;
+    }
+    // Nothing below can fail.
+    let old = s.jobs.get(&job.id);
+    let was_pending = old.is_some_and(|o| o.state == JobState::Pending);
+    let old_nodes: BTreeSet<String> = old
+        .map(|o| o.replicas.iter().map(|r| r.node.clone()).collect())
+        .unwrap_or_default();
+    let is_new = old.is_none();
+    let done = |j: &Job| j.replicas.iter().filter(|r| r.phase.is_done()).count();
+    // A replica that finished frees capacity: worth a scheduling round.
+    let freed = old.is_some_and(|o| o.attempt == job.attempt && done(o) != done(&job));
+    let changed_desired = old.is_none_or(|o| {
+        o.state != job.state || o.attempt != job.attempt || o.stop.is_some() != job.stop.is_some()
+    });
+    if changed_desired {
+        for n in old_nodes.iter().chain(job.replicas.iter().map(|r| &r.node)) {
+            s.touch_node(&n.clone());
+        }
+    }
+    if was_pending != (job.state == JobState::Pending) || is_new || freed || job.state.is_final() {
+        s.kick = true;
+    }
+    if job.state != JobState::Pending {
+        s.wait_reasons.remove(&job.id);
+    }
+    for e in events {
+        s.push_event(e);
+    }
+    s.jobs.insert(job.id, job);
+    Ok(())
+}
+
+/// The job if the caller may see it; 404 otherwise (a job of another project does not exist for
+/// a member who cannot see it).
+fn visible_job<'a>(s: &'a State, caller: &Caller, id: u64) -> Result<&'a Job, ApiError> {
+    let (name, role) = caller.user()?;
+    let job = s.jobs.get(&id);
+    match (job, s.visible_projects(name, role)) {
+        (Some(j), None) => Ok(j),
+        (Some(j), Some(p)) if p.contains(j.project()) => Ok(j),
+        _ => Err(ApiError::not_found(format!(
+            "no job {id} that you can see; list yours with `tessera jobs`"
+        ))),
+    }
+}
+
+pub async fn submit(
+    AxState(ctl): S,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(axum::http::StatusCode, Json<JobView>), ApiError> {
+    let (user, role) = caller.user()?;
+    let (user, role) = (user.to_string(), role);
+    if role == Role::Viewer {
+        return Err(ApiError::forbidden(format!(
+            "user {user} is a viewer and cannot submit jobs"
+        )));
+    }
+    let text =
+        std::str::from_utf8(&body).map_err(|_| ApiError::bad("the manifest is not UTF-8"))?;
+    let def = Manifest::parse(text)
+        .map_err(ApiError::bad)?
+        .into_def("default")?;
+    let project = def.spec.project.clone();
+    let job = ctl
+        .store
+        .write(move |c, s| -> Result<JobView, ApiError> {
+            if !s.projects.contains_key(&project) {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                    format!(
+                        "metadata.project {project}: no such project; create it with `tessera \
+                         projects create {project}` or pick one from `tessera projects`"
+                    ),
+                ));
+            }
+            if let Some(p) = s.visible_projects(&user, role)
+                && !p.contains(&project)
+            {
+                return Err(ApiError::forbidden(format!(
+                    "user {user} is not a member of project {project}"
+                )));
+            }
+            let now = now_ms();
+            let id = s.next_job_id + 1;
+            let job = Job {
+                id,
+                owner: user.clone(),
+                def,
+                state: JobState::Pending,
+                reason: "submitted; waiting for the scheduler".into(),
+                created_ms: now,
+                updated_ms: now,
+                attempt: 0,
+                restarts: 0,
+                not_before_ms: 0,
+                replicas: vec![],
+                stop: None,
+                started_seq: 0,
+                queued_ms: now,
+                finished_ms: None,
+            };
+            let note = ("Submitted", format!("submitted by {user}"));
+            s.remember_request(&job.def.spec.request);
+            save_job(c, s, job, vec![note], now)?;
+            s.next_job_id = id;
+            Ok(view(&s.jobs[&id], s))
+        })
+        .await?;
+    ctl.metrics.submitted.inc();
+    Ok((axum::http::StatusCode::CREATED, Json(job)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFilter {
+    pub project: Option<String>,
+    pub state: Option<String>,
+    pub owner: Option<String>,
+    pub limit: Option<usize>,
+}
+
+pub async fn list_jobs(
+    AxState(ctl): S,
+    caller: Caller,
+    Query(f): Query<JobFilter>,
+) -> Result<Json<Vec<JobView>>, ApiError> {
+    let (user, role) = caller.user()?;
+    let states: Option<Vec<JobState>> = match &f.state {
+        None => None,
+        Some(text) => Some(
+            text.split(',')
+                .map(|t| {
+                    JobState::parse(t.trim()).ok_or_else(|| {
+                        ApiError::bad(format!(
+                            "state {t}: unknown; use pending, scheduled, running, succeeded, \
+                             failed or cancelled (comma-separated)"
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    let limit = f.limit.unwrap_or(1000).min(100_000);
+    Ok(Json(ctl.store.read(|s| {
+        let visible = s.visible_projects(user, role);
+        s.jobs
+            .values()
+            .rev()
+            .filter(|j| visible.as_ref().is_none_or(|v| v.contains(j.project())))
+            .filter(|j| f.project.as_ref().is_none_or(|p| p == j.project()))
+            .filter(|j| f.owner.as_ref().is_none_or(|o| *o == j.owner))
+            .filter(|j| states.as_ref().is_none_or(|st| st.contains(&j.state)))
+            .take(limit)
+            .map(|j| view(j, s))
+            .collect()
+    })))
+}
+
+pub async fn get_job(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Json<JobView>, ApiError> {
+    ctl.store
+        .read(|s| visible_job(s, &caller, id).map(|j| view(j, s)))
+        .map(Json)
+}
+
+pub async fn job_events(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Json<Vec<Event>>, ApiError> {
+    ctl.store.read(|s| {
+        visible_job(s, &caller, id)?;
+        Ok(Json(
+            s.events
+                .get(&id)
+                .map(|e| e.iter().cloned().collect())
+                .unwrap_or_default(),
+        ))
+    })
+}
+
+pub async fn cancel_job(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Json<JobView>, ApiError> {
+    let (user, role) = caller.user()?;
+    if role == Role::Viewer {
+        return Err(ApiError::forbidden(format!(
+            "user {user} is a viewer and cannot cancel jobs"
+        )));
+    }
+    ctl.store
+        .read(|s| visible_job(s, &caller, id).map(|_| ()))?;
+    let user = user.to_string();
+    let job = ctl
+        .store
+        .write(move |c, s| -> Result<JobView, ApiError> {
+            let mut job = s
+                .jobs
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
+            if job.state.is_final() {
+                return Err(ApiError::conflict(format!(
+                    "job {id} has already ended ({}); nothing to cancel",
+                    job.state.name()
+                )));
+            }
+            let now = now_ms();
+            let mut notes = vec![];
+            if job.state == JobState::Pending {
+                job.state = JobState::Cancelled;
+                job.reason = format!("cancelled by {user} before it started");
+                job.finished_ms = Some(now);
+                notes.push(("Cancelled", job.reason.clone()));
+            } else if job.stop.is_none() || !matches!(job.stop, Some(StopCause::Cancel { .. })) {
+                job.stop = Some(StopCause::Cancel { by: user.clone() });
+                notes.push((
+                    "Cancelling",
+                    format!("{user} asked to cancel; stopping its replicas"),
+                ));
+                notes.extend(settle(&mut job, now));
+            }
+            save_job(c, s, job, notes, now)?;
+            Ok(view(&s.jobs[&id], s))
+        })
+        .await?;
+    Ok(Json(job))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    pub replica: Option<u32>,
+    pub stream: Option<String>,
+    pub offset: Option<u64>,
+    pub attempt: Option<u32>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LogChunk {
+    pub data: String,
+    pub next_offset: u64,
+    /// No more output will come (the replica has ended).
+    pub done: bool,
+}
+
+pub async fn job_logs(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(id): Path<u64>,
+    Query(q): Query<LogQuery>,
+) -> Result<Json<LogChunk>, ApiError> {
+    let stream = q.stream.unwrap_or_else(|| "stdout".into());
+    if stream != "stdout" && stream != "stderr" {
+        return Err(ApiError::bad(format!(
+            "stream {stream}: use stdout or stderr"
+        )));
+    }
+    let replica = q.replica.unwrap_or(0);
+    let offset = q.offset.unwrap_or(0);
+    let (key, address, secret, replica_done) = ctl.store.read(|s| {
+        let job = visible_job(s, &caller, id)?;
+        if replica >= job.def.spec.replicas {
+            return Err(ApiError::bad(format!(
+                "replica {replica}: job {id} has replicas 0 to {}",
+                job.def.spec.replicas - 1
+            )));
+        }
+        // The current attempt, or the last one that ran (kept in the events' history).
+        let attempt = q.attempt.unwrap_or(job.attempt);
+        if attempt == 0 {
+            return Err(ApiError::conflict(format!(
+                "job {id} has not started yet, so it has no output; see `tessera describe job {id}`"
+            )));
+        }
+        let node = job
+            .replicas
+            .iter()
+            .find(|r| r.index == replica && attempt == job.attempt)
+            .map(|r| (r.node.clone(), r.phase.is_done()))
+            .or_else(|| last_node_of(s, id, attempt, replica).map(|n| (n, true)));
+        let Some((node, done)) = node else {
+            return Err(ApiError::not_found(format!(
+                "no record of where replica {replica} of job {id} (attempt {attempt}) ran"
+            )));
+        };
+        let n = s
+            .nodes
+            .get(&node)
+            .ok_or_else(|| ApiError::not_found(format!("node {node} is gone")))?;
+        Ok((
+            format!("{id}.{attempt}.{replica}"),
+            n.address.clone(),
+            n.callback_secret.clone(),
+            done || job.state.is_final(),
+        ))
+    })?;
+    let url = format!("{address}/v1/logs/{key}?stream={stream}&offset={offset}");
+    let resp = ctl
+        .http
+        .get(&url)
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::BAD_GATEWAY,
+                format!("the node's agent did not answer for logs: {e}"),
+            )
+        })?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return Err(ApiError::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            format!("the node's agent answered {status} for logs: {text}"),
+        ));
+    }
+    let bytes = resp.bytes().await.map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            format!("reading logs: {e}"),
+        )
+    })?;
+    Ok(Json(LogChunk {
+        next_offset: offset + bytes.len() as u64,
+        data: String::from_utf8_lossy(&bytes).into_owned(),
+        done: replica_done && bytes.is_empty(),
+    }))
+}
+
+/// The node an earlier attempt's replica ran on, from the job's events.
+fn last_node_of(s: &State, job: u64, attempt: u32, replica: u32) -> Option<String> {
+    let prefix = format!("attempt {attempt}: replica {replica} on ");
+    s.events.get(&job)?.iter().find_map(|e| {
+        e.message
+            .split("; ")
+            .find_map(|part| part.strip_prefix(&prefix))
+            .map(|n| n.split_whitespace().next().unwrap_or_default().to_string())
+    })
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub index: u32,
+    pub model: String,
+    pub memory_bytes: u64,
+    pub allocated_milli: u32,
+    pub simulated: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub health: NodeHealth,
+    pub cordoned: bool,
+    pub simulated: bool,
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    pub labels: BTreeMap<String, String>,
+    pub devices: Vec<DeviceView>,
+    pub gpu_allocated_milli: u64,
+    pub cpu_allocated_milli: u64,
+    pub replicas: u32,
+    pub last_seen_ms_ago: u64,
+}
+
+fn node_view(s: &State, name: &str) -> Option<NodeView> {
+    let n = s.nodes.get(name)?;
+    let mut used = vec![0u32; n.spec.devices.len()];
+    let (mut cpu, mut replicas) = (0, 0);
+    for j in s.jobs.values().filter(|j| j.state.is_active()) {
+        for r in j
+            .replicas
+            .iter()
+            .filter(|r| r.node == name && !r.phase.is_done())
+        {
+            replicas += 1;
+            cpu += r.cpu_milli;
+            for d in &r.devices {
+                if let Some(u) = used.get_mut(d.device as usize) {
+                    *u += d.milli;
+                }
+            }
+        }
+    }
+    Some(NodeView {
+        name: name.to_string(),
+        health: n.health,
+        cordoned: n.cordoned,
+        simulated: n.simulated,
+        cpu_milli: n.spec.cpu_milli,
+        memory_bytes: n.spec.memory_bytes,
+        labels: n.spec.labels.clone(),
+        gpu_allocated_milli: used.iter().map(|&u| u64::from(u)).sum(),
+        devices: n
+            .spec
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DeviceView {
+                index: i as u32,
+                model: d.model.clone(),
+                memory_bytes: d.memory_bytes,
+                allocated_milli: used[i],
+                simulated: n.simulated,
+            })
+            .collect(),
+        cpu_allocated_milli: cpu,
+        replicas,
+        last_seen_ms_ago: now_ms().saturating_sub(n.last_seen_ms),
+    })
+}
+
+pub async fn list_nodes(AxState(ctl): S, caller: Caller) -> Result<Json<Vec<NodeView>>, ApiError> {
+    caller.user()?;
+    Ok(Json(ctl.store.read(|s| {
+        s.nodes.keys().filter_map(|n| node_view(s, n)).collect()
+    })))
+}
+
+pub async fn get_node(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    caller.user()?;
+    ctl.store
+        .read(|s| node_view(s, &name))
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no node {name}; see `tessera nodes`")))
+}
+
+async fn set_cordon(
+    ctl: &super::Ctl,
+    caller: &Caller,
+    name: String,
+    cordon: bool,
+    drain: bool,
+) -> Result<Json<NodeView>, ApiError> {
+    let admin = caller.admin()?.to_string();
+    let n = name.clone();
+    ctl.store
+        .write(move |c, s| -> Result<(), ApiError> {
+            let mut node =
+                s.nodes.get(&n).cloned().ok_or_else(|| {
+                    ApiError::not_found(format!("no node {n}; see `tessera nodes`"))
+                })?;
+            node.cordoned = cordon;
+            store::put_node(c, &node)?;
+            let now = now_ms();
+            let mut changed = Vec::new();
+            if drain {
+                for job in s
+                    .jobs
+                    .values()
+                    .filter(|j| j.state.is_active() && j.stop.is_none())
+                {
+                    if job
+                        .replicas
+                        .iter()
+                        .any(|r| r.node == n && !r.phase.is_done())
+                    {
+                        let mut job = job.clone();
+                        job.stop = Some(StopCause::Drain { node: n.clone() });
+                        let mut notes = vec![("Draining", format!("{admin} drains node {n}"))];
+                        notes.extend(settle(&mut job, now));
+                        changed.push((job, notes));
+                    }
+                }
+            }
+            for (job, notes) in changed {
+                save_job(c, s, job, notes, now)?;
+            }
+            s.nodes.insert(n.clone(), node);
+            s.kick = true;
+            Ok(())
+        })
+        .await?;
+    ctl.store
+        .read(|s| node_view(s, &name))
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no node {name}")))
+}
+
+pub async fn cordon_node(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    set_cordon(&ctl, &caller, name, true, false).await
+}
+
+pub async fn uncordon_node(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    set_cordon(&ctl, &caller, name, false, false).await
+}
+
+pub async fn drain_node(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    set_cordon(&ctl, &caller, name, true, true).await
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProjectView {
+    pub name: String,
+    pub parent: Option<String>,
+    pub guaranteed_gpu: f64,
+    pub limit_gpu: Option<f64>,
+    pub over_quota_weight: u32,
+    pub members: BTreeSet<String>,
+    pub used_gpu: f64,
+    pub jobs_running: u32,
+    pub jobs_pending: u32,
+}
+
+fn project_view(s: &State, p: &Project) -> ProjectView {
+    let (mut used, mut running, mut pending) = (0u64, 0, 0);
+    for j in s.jobs.values().filter(|j| j.project() == p.name) {
+        if j.state.is_active() {
+            used += j.gpu_milli_held();
+            running += 1;
+        } else if j.state == JobState::Pending {
+            pending += 1;
+        }
+    }
+    ProjectView {
+        name: p.name.clone(),
+        parent: p.parent.clone(),
+        guaranteed_gpu: p.guaranteed_milli as f64 / 1000.0,
+        limit_gpu: p.limit_milli.map(|l| l as f64 / 1000.0),
+        over_quota_weight: p.over_quota_weight,
+        members: p.members.clone(),
+        used_gpu: used as f64 / 1000.0,
+        jobs_running: running,
+        jobs_pending: pending,
+    }
+}
+
+pub async fn list_projects(
+    AxState(ctl): S,
+    caller: Caller,
+) -> Result<Json<Vec<ProjectView>>, ApiError> {
+    caller.user()?;
+    Ok(Json(ctl.store.read(|s| {
+        s.projects.values().map(|p| project_view(s, p)).collect()
+    })))
+}
+
+pub async fn get_project(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<ProjectView>, ApiError> {
+    caller.user()?;
+    ctl.store
+        .read(|s| s.projects.get(&name).map(|p| project_view(s, p)))
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no project {name}; see `tessera projects`")))
+}
+
+/// Quota settings as the API takes them (GPU counts, not milli).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectBody {
+    pub name: Option<String>,
+    pub parent: Option<String>,
+    pub guaranteed_gpu: Option<Quantity>,
+    /// A number of GPUs, or null for no limit.
+    #[serde(default, with = "double_option")]
+    pub limit_gpu: Option<Option<Quantity>>,
+    pub over_quota_weight: Option<u32>,
+    pub members: Option<BTreeSet<String>>,
+}
+
+mod double_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    pub fn serialize<T: Serialize, S: Serializer>(
+        v: &Option<Option<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(inner) => inner.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
+        Ok(Some(Option::deserialize(d)?))
+    }
+}
+
+fn apply_project_body(p: &mut Project, b: &ProjectBody, s: &State) -> Result<(), ApiError> {
+    if let Some(parent) = &b.parent {
+        if !s.projects.contains_key(parent) {
+            return Err(ApiError::bad(format!("parent {parent}: no such project")));
+        }
+        // Refuse cycles: the parent must not be this project or under it.
+        let mut at = Some(parent.clone());
+        while let Some(name) = at {
+            if name == p.name {
+                return Err(ApiError::bad(format!(
+                    "parent {parent}: would make project {} its own ancestor",
+                    p.name
+                )));
+            }
+            at = s.projects.get(&name).and_then(|x| x.parent.clone());
+        }
+        p.parent = Some(parent.clone());
+    }
+    if let Some(q) = &b.guaranteed_gpu {
+        p.guaranteed_milli = parse_gpu_milli("guaranteed_gpu", q)?;
+    }
+    if let Some(limit) = &b.limit_gpu {
+        p.limit_milli = match limit {
+            None => None,
+            Some(q) => Some(parse_gpu_milli("limit_gpu", q)?),
+        };
+    }
+    if let Some(limit) = p.limit_milli
+        && limit < p.guaranteed_milli
+    {
+        return Err(ApiError::bad(format!(
+            "limit_gpu {}: below guaranteed_gpu {}; a hard limit must be at least the guarantee",
+            limit as f64 / 1000.0,
+            p.guaranteed_milli as f64 / 1000.0
+        )));
+    }
+    if let Some(w) = b.over_quota_weight {
+        if w == 0 || w > 1000 {
+            return Err(ApiError::bad(format!(
+                "over_quota_weight {w}: use a whole number from 1 to 1000"
+            )));
+        }
+        p.over_quota_weight = w;
+    }
+    if let Some(m) = &b.members {
+        for user in m {
+            if !s.users.contains_key(user) {
+                return Err(ApiError::bad(format!(
+                    "members: no user {user}; create it with `tessera users create {user}`"
+                )));
+            }
+        }
+        p.members = m.clone();
+    }
+    Ok(())
+}
+
+pub async fn create_project(
+    AxState(ctl): S,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(axum::http::StatusCode, Json<ProjectView>), ApiError> {
+    caller.admin()?;
+    let b: ProjectBody = parse_body(&body)?;
+    let name = b
+        .name
+        .clone()
+        .ok_or_else(|| ApiError::bad("name: missing; give the new project a name"))?;
+    check_name("name", &name)?;
+    let view = ctl
+        .store
+        .write(move |c, s| -> Result<ProjectView, ApiError> {
+            if s.projects.contains_key(&name) {
+                return Err(ApiError::conflict(format!(
+                    "project {name} exists; change it with `tessera projects set`"
+                )));
+            }
+            let mut p = Project {
+                name: name.clone(),
+                parent: None,
+                guaranteed_milli: 0,
+                limit_milli: None,
+                over_quota_weight: 1,
+                members: BTreeSet::new(),
+                created_ms: now_ms(),
+            };
+            apply_project_body(&mut p, &b, s)?;
+            store::put_project(c, &p)?;
+            s.projects.insert(name.clone(), p);
+            s.kick = true;
+            Ok(project_view(s, &s.projects[&name]))
+        })
+        .await?;
+    Ok((axum::http::StatusCode::CREATED, Json(view)))
+}
+
+async fn change_project(
+    ctl: &super::Ctl,
+    name: String,
+    b: ProjectBody,
+) -> Result<Json<ProjectView>, ApiError> {
+    ctl.store
+        .write(move |c, s| -> Result<ProjectView, ApiError> {
+            let mut p = s.projects.get(&name).cloned().ok_or_else(|| {
+                ApiError::not_found(format!("no project {name}; see `tessera projects`"))
+            })?;
+            apply_project_body(&mut p, &b, s)?;
+            store::put_project(c, &p)?;
+            s.projects.insert(name.clone(), p);
+            s.kick = true;
+            Ok(project_view(s, &s.projects[&name]))
+        })
+        .await
+        .map(Json)
+}
+
+pub async fn update_project(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<ProjectView>, ApiError> {
+    caller.admin()?;
+    let b: ProjectBody = parse_body(&body)?;
+    if b.name.as_ref().is_some_and(|n| *n != name) {
+        return Err(ApiError::bad("name: a project cannot be renamed"));
+    }
+    change_project(&ctl, name, b).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembersBody {
+    pub members: BTreeSet<String>,
+}
+
+pub async fn set_members(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<ProjectView>, ApiError> {
+    caller.admin()?;
+    let b: MembersBody = parse_body(&body)?;
+    change_project(
+        &ctl,
+        name,
+        ProjectBody {
+            members: Some(b.members),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserBody {
+    pub name: String,
+    pub role: Role,
+}
+
+pub async fn list_users(AxState(ctl): S, caller: Caller) -> Result<Json<Vec<User>>, ApiError> {
+    caller.admin()?;
+    Ok(Json(
+        ctl.store.read(|s| s.users.values().cloned().collect()),
+    ))
+}
+
+pub async fn create_user(
+    AxState(ctl): S,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(axum::http::StatusCode, Json<User>), ApiError> {
+    caller.admin()?;
+    let b: UserBody = parse_body(&body)?;
+    check_name("name", &b.name)?;
+    let user = ctl
+        .store
+        .write(move |c, s| -> Result<User, ApiError> {
+            if s.users.contains_key(&b.name) {
+                return Err(ApiError::conflict(format!("user {} exists", b.name)));
+            }
+            let u = User {
+                name: b.name,
+                role: b.role,
+                created_ms: now_ms(),
+            };
+            store::put_user(c, &u)?;
+            s.users.insert(u.name.clone(), u.clone());
+            Ok(u)
+        })
+        .await?;
+    Ok((axum::http::StatusCode::CREATED, Json(user)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBody {
+    /// `user` (default) or `join`.
+    pub kind: Option<TokenKind>,
+    /// The user the token is for (admins only; default: the caller).
+    pub user: Option<String>,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    pub kind: TokenKind,
+    pub subject: String,
+    pub description: String,
+    pub created_ms: u64,
+    pub revoked: bool,
+    /// The token itself: shown once, on creation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+pub async fn create_token(
+    AxState(ctl): S,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(axum::http::StatusCode, Json<TokenView>), ApiError> {
+    let (me, role) = caller.user()?;
+    let b: TokenBody = if body.is_empty() {
+        TokenBody {
+            kind: None,
+            user: None,
+            description: None,
+        }
+    } else {
+        parse_body(&body)?
+    };
+    let kind = b.kind.unwrap_or(TokenKind::User);
+    if kind == TokenKind::Agent {
+        return Err(ApiError::bad(
+            "kind agent: agents get their credential when they join; create a join token",
+        ));
+    }
+    let subject = b.user.clone().unwrap_or_else(|| me.to_string());
+    if (kind == TokenKind::Join || subject != me) && role != Role::Admin {
+        return Err(ApiError::forbidden(
+            "only an admin can create join tokens or tokens for other users",
+        ));
+    }
+    let description = b.description.unwrap_or_default();
+    let view = ctl
+        .store
+        .write(move |c, s| -> Result<TokenView, ApiError> {
+            if kind == TokenKind::User && !s.users.contains_key(&subject) {
+                return Err(ApiError::bad(format!(
+                    "user {subject}: no such user; create it first"
+                )));
+            }
+            let t = issue_token(c, s, kind, &subject, &description)?;
+            let rec = &s.tokens[&t.id];
+            Ok(TokenView {
+                id: rec.id.clone(),
+                kind,
+                subject: rec.subject.clone(),
+                description: rec.description.clone(),
+                created_ms: rec.created_ms,
+                revoked: false,
+                token: Some(t.text),
+            })
+        })
+        .await?;
+    Ok((axum::http::StatusCode::CREATED, Json(view)))
+}
+
+pub async fn list_tokens(
+    AxState(ctl): S,
+    caller: Caller,
+) -> Result<Json<Vec<TokenView>>, ApiError> {
+    let (me, role) = caller.user()?;
+    Ok(Json(ctl.store.read(|s| {
+        s.tokens
+            .values()
+            .filter(|t| role == Role::Admin || (t.kind == TokenKind::User && t.subject == me))
+            .map(|t| TokenView {
+                id: t.id.clone(),
+                kind: t.kind,
+                subject: t.subject.clone(),
+                description: t.description.clone(),
+                created_ms: t.created_ms,
+                revoked: t.revoked,
+                token: None,
+            })
+            .collect()
+    })))
+}
+
+pub async fn revoke_token(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let (me, role) = caller.user()?;
+    let (me, admin) = (me.to_string(), role == Role::Admin);
+    ctl.store
+        .write(move |c, s| -> Result<(), ApiError> {
+            let mut t = s
+                .tokens
+                .get(&id)
+                .cloned()
+                .filter(|t| admin || (t.kind == TokenKind::User && t.subject == me))
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("no token {id} of yours; see `tessera token list`"))
+                })?;
+            t.revoked = true;
+            store::put_token(c, &t)?;
+            s.tokens.insert(id, t);
+            Ok(())
+        })
+        .await?;
+    ctl.tokens.clear();
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WhoAmI {
+    pub user: String,
+    pub role: Role,
+    pub projects: Option<BTreeSet<String>>,
+}
+
+pub async fn whoami(AxState(ctl): S, caller: Caller) -> Result<Json<WhoAmI>, ApiError> {
+    let (user, role) = caller.user()?;
+    Ok(Json(WhoAmI {
+        user: user.to_string(),
+        role,
+        projects: ctl.store.read(|s| s.visible_projects(user, role)),
+    }))
+}

@@ -1,0 +1,268 @@
+//! Job state transitions: pending → scheduled → running → succeeded / failed / cancelled, with a
+//! reason on every transition. Pure functions over a job record and the time.
+
+use crate::manifest::RestartPolicy;
+use crate::protocol::{ReplicaStatus, RunPhase};
+use crate::state::{Job, JobState, ReplicaPhase, StopCause};
+
+/// Longest restart backoff.
+const MAX_BACKOFF_MS: u64 = 60_000;
+
+/// An event to record: (kind, message).
+pub type Note = (&'static str, String);
+
+/// Backoff before restart number `restarts` (1, 2, 4, ... seconds, at most a minute).
+pub fn backoff_ms(restarts: u32) -> u64 {
+    (1000u64 << restarts.saturating_sub(1).min(16)).min(MAX_BACKOFF_MS)
+}
+
+/// Applies one agent report about a replica of the job's current attempt.
+pub fn apply_status(job: &mut Job, index: u32, status: &ReplicaStatus, now: u64) -> bool {
+    let Some(r) = job.replicas.iter_mut().find(|r| r.index == index) else {
+        return false;
+    };
+    match status.phase {
+        RunPhase::Running if r.phase == ReplicaPhase::Assigned => {
+            r.phase = ReplicaPhase::Running;
+            r.started_ms = Some(now);
+            true
+        }
+        RunPhase::Exited if !r.phase.is_done() => {
+            r.phase = ReplicaPhase::Exited;
+            r.exit_code = status.exit_code;
+            r.finished_ms = Some(now);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Moves the job on after its replicas changed; returns what happened, in words.
+pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
+    let mut notes = Vec::new();
+    if !job.state.is_active() {
+        return notes;
+    }
+    if job.stop.is_none() {
+        if let Some(r) = job
+            .replicas
+            .iter()
+            .find(|r| r.phase == ReplicaPhase::Exited && r.exit_code != Some(0))
+        {
+            let code = r.exit_code.unwrap_or(-1);
+            let others = job.replicas.iter().filter(|o| !o.phase.is_done()).count();
+            let mut text = format!("replica {} exited with {}", r.index, exit_words(code));
+            if others > 0 {
+                text.push_str(&format!(
+                    "; stopping the other {others} replica(s) of the gang"
+                ));
+            }
+            job.stop = Some(StopCause::ReplicaFailed {
+                replica: r.index,
+                exit_code: code,
+            });
+            notes.push(("ReplicaFailed", text));
+        } else if job
+            .replicas
+            .iter()
+            .all(|r| r.phase == ReplicaPhase::Exited && r.exit_code == Some(0))
+        {
+            job.state = JobState::Succeeded;
+            job.reason = "every replica exited with code 0".into();
+            job.finished_ms = Some(now);
+            notes.push(("Succeeded", job.reason.clone()));
+            return notes;
+        } else if job.state == JobState::Scheduled
+            && job
+                .replicas
+                .iter()
+                .any(|r| r.phase == ReplicaPhase::Running)
+        {
+            job.state = JobState::Running;
+            let mut nodes: Vec<&str> = job.replicas.iter().map(|r| r.node.as_str()).collect();
+            nodes.dedup();
+            job.reason = format!("running on {}", nodes.join(", "));
+            notes.push(("Running", job.reason.clone()));
+        }
+    }
+    if job.stop.is_some() && job.all_replicas_done() {
+        let cause = job.stop.take().unwrap_or(StopCause::Cancel {
+            by: "unknown".into(),
+        });
+        let requeue = |job: &mut Job, reason: String| {
+            job.state = JobState::Pending;
+            job.reason = reason;
+            job.queued_ms = now;
+            job.replicas.clear();
+        };
+        match cause {
+            StopCause::Cancel { by } => {
+                job.state = JobState::Cancelled;
+                job.reason = format!("cancelled by {by}");
+                job.finished_ms = Some(now);
+                notes.push(("Cancelled", job.reason.clone()));
+            }
+            StopCause::Preempt { for_job, reason } => {
+                requeue(
+                    job,
+                    format!("preempted for job {for_job} ({reason}); queued again"),
+                );
+                notes.push(("Preempted", job.reason.clone()));
+            }
+            StopCause::NodeLost { node } => {
+                requeue(
+                    job,
+                    format!("node {node} was lost; the job is queued again to run elsewhere"),
+                );
+                notes.push(("Requeued", job.reason.clone()));
+            }
+            StopCause::Drain { node } => {
+                requeue(job, format!("node {node} is being drained; queued again"));
+                notes.push(("Requeued", job.reason.clone()));
+            }
+            StopCause::ReplicaFailed { replica, exit_code } => {
+                let what = format!("replica {replica} exited with {}", exit_words(exit_code));
+                if job.def.restart == RestartPolicy::OnFailure
+                    && job.restarts < job.def.max_restarts
+                {
+                    job.restarts += 1;
+                    let wait = backoff_ms(job.restarts);
+                    job.not_before_ms = now + wait;
+                    requeue(
+                        job,
+                        format!(
+                            "{what}; restart {} of {} after {} s",
+                            job.restarts,
+                            job.def.max_restarts,
+                            wait / 1000
+                        ),
+                    );
+                    notes.push(("Restarting", job.reason.clone()));
+                } else {
+                    job.state = JobState::Failed;
+                    job.reason = if job.def.restart == RestartPolicy::OnFailure {
+                        format!("{what}; no restarts left ({})", job.def.max_restarts)
+                    } else {
+                        format!("{what}; the restart policy is never")
+                    };
+                    job.finished_ms = Some(now);
+                    notes.push(("Failed", job.reason.clone()));
+                }
+            }
+        }
+    }
+    notes
+}
+
+/// "code 3", "signal 9 (killed; out of memory?)".
+pub fn exit_words(code: i32) -> String {
+    match code {
+        137 => "code 137 (killed by SIGKILL, e.g. its memory limit)".into(),
+        c if c > 128 && c < 160 => format!("code {c} (signal {})", c - 128),
+        -1 => "an unknown status (its supervisor was lost)".into(),
+        c => format!("code {c}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::JobDef;
+    use crate::state::Replica;
+    use std::collections::BTreeMap;
+    use tessera_sched::{JobSpec, ResourceRequest};
+
+    fn job(replicas: u32, restart: RestartPolicy) -> Job {
+        Job {
+            id: 1,
+            owner: "ana".into(),
+            def: JobDef {
+                spec: JobSpec {
+                    replicas,
+                    ..JobSpec::single("j", ResourceRequest::default())
+                },
+                command: vec!["true".into()],
+                env: BTreeMap::new(),
+                restart,
+                max_restarts: 1,
+                preemptible: true,
+            },
+            state: JobState::Scheduled,
+            reason: String::new(),
+            created_ms: 0,
+            updated_ms: 0,
+            attempt: 1,
+            restarts: 0,
+            not_before_ms: 0,
+            replicas: (0..replicas)
+                .map(|i| Replica {
+                    index: i,
+                    node: format!("n{i}"),
+                    cpu_milli: 1000,
+                    memory_bytes: 0,
+                    devices: vec![],
+                    phase: ReplicaPhase::Assigned,
+                    exit_code: None,
+                    started_ms: None,
+                    finished_ms: None,
+                })
+                .collect(),
+            stop: None,
+            started_seq: 1,
+            queued_ms: 0,
+            finished_ms: None,
+        }
+    }
+
+    fn status(phase: RunPhase, code: Option<i32>) -> ReplicaStatus {
+        ReplicaStatus {
+            key: String::new(),
+            phase,
+            exit_code: code,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_gang_runs_then_succeeds_only_when_every_replica_exits_zero() {
+        let mut j = job(2, RestartPolicy::Never);
+        apply_status(&mut j, 0, &status(RunPhase::Running, None), 10);
+        assert_eq!(settle(&mut j, 10)[0].0, "Running");
+        apply_status(&mut j, 0, &status(RunPhase::Exited, Some(0)), 20);
+        assert!(settle(&mut j, 20).is_empty());
+        assert_eq!(j.state, JobState::Running);
+        apply_status(&mut j, 1, &status(RunPhase::Exited, Some(0)), 30);
+        settle(&mut j, 30);
+        assert_eq!(j.state, JobState::Succeeded);
+    }
+
+    #[test]
+    fn a_failed_replica_stops_the_gang_then_restarts_with_backoff_until_none_are_left() {
+        let mut j = job(2, RestartPolicy::OnFailure);
+        apply_status(&mut j, 1, &status(RunPhase::Exited, Some(3)), 10);
+        let notes = settle(&mut j, 10);
+        assert_eq!(notes[0].0, "ReplicaFailed");
+        assert!(j.stop.is_some() && j.state.is_active());
+        // The other replica is still assigned: nothing moves until it is done.
+        assert!(settle(&mut j, 11).is_empty());
+        j.replicas[0].phase = ReplicaPhase::NotStarted;
+        settle(&mut j, 12);
+        assert_eq!(j.state, JobState::Pending);
+        assert_eq!((j.restarts, j.not_before_ms), (1, 12 + 1000));
+        assert!(j.reason.contains("restart 1 of 1"), "{}", j.reason);
+        // Second failure: the one allowed restart is used up.
+        j.state = JobState::Running;
+        j.replicas = job(1, RestartPolicy::OnFailure).replicas;
+        apply_status(&mut j, 0, &status(RunPhase::Exited, Some(137)), 20);
+        settle(&mut j, 20);
+        assert_eq!(j.state, JobState::Failed);
+        assert!(j.reason.contains("137"), "{}", j.reason);
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff_ms(1), 1000);
+        assert_eq!(backoff_ms(3), 4000);
+        assert_eq!(backoff_ms(30), MAX_BACKOFF_MS);
+    }
+}

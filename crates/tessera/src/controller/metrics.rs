@@ -1,0 +1,163 @@
+//! Prometheus metrics at `/metrics`: counters and histograms kept as events happen, and gauges
+//! computed from the state at scrape time (so they can never drift from it).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use super::{AxState, S, now_ms};
+use crate::state::{JobState, NodeHealth};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub submitted: Counter,
+    pub heartbeats: Counter,
+    pub preemptions: Counter,
+    pub schedule_seconds: Histogram,
+    pub queue_wait_seconds: Histogram,
+    registry: std::sync::Arc<Registry>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let submitted = Counter::default();
+        let heartbeats = Counter::default();
+        let preemptions = Counter::default();
+        let schedule_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        let queue_wait_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 20));
+        let mut registry = Registry::with_prefix("tessera");
+        registry.register(
+            "jobs_submitted",
+            "Jobs accepted by the API",
+            submitted.clone(),
+        );
+        registry.register(
+            "agent_heartbeats",
+            "Sync calls received from agents",
+            heartbeats.clone(),
+        );
+        registry.register(
+            "preemptions",
+            "Jobs preempted by the scheduler",
+            preemptions.clone(),
+        );
+        registry.register(
+            "scheduling_latency_seconds",
+            "Time of one scheduling round (snapshot to plan)",
+            schedule_seconds.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time from entering the queue to being placed",
+            queue_wait_seconds.clone(),
+        );
+        Metrics {
+            submitted,
+            heartbeats,
+            preemptions,
+            schedule_seconds,
+            queue_wait_seconds,
+            registry: std::sync::Arc::new(registry),
+        }
+    }
+
+    pub fn observe_wait(&self, ms: u64) {
+        self.queue_wait_seconds.observe(ms as f64 / 1000.0);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub async fn scrape(AxState(ctl): S) -> impl IntoResponse {
+    let mut out = String::new();
+    let _ = encode(&mut out, &ctl.metrics.registry);
+    // Served in the classic text format, which has no end marker.
+    if let Some(stripped) = out.strip_suffix("# EOF\n") {
+        out = stripped.to_string();
+    }
+    ctl.store.read(|s| {
+        let mut by_state: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        let mut project_gpu: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut node_used: BTreeMap<&str, u64> = BTreeMap::new();
+        for j in s.jobs.values() {
+            *by_state.entry((j.project(), j.state.name())).or_default() += 1;
+            if j.state.is_active() {
+                *project_gpu.entry(j.project()).or_default() += j.gpu_milli_held();
+                for r in j.replicas.iter().filter(|r| !r.phase.is_done()) {
+                    *node_used.entry(r.node.as_str()).or_default() += r.gpu_milli();
+                }
+            }
+        }
+        let _ = writeln!(out, "# HELP tessera_jobs Jobs by state and project.\n# TYPE tessera_jobs gauge");
+        for p in s.projects.keys() {
+            for st in JobState::ALL {
+                let n = by_state.get(&(p.as_str(), st.name())).copied().unwrap_or(0);
+                let _ = writeln!(out, "tessera_jobs{{project=\"{}\",state=\"{}\"}} {n}", esc(p), st.name());
+            }
+        }
+        let _ = writeln!(out, "# HELP tessera_gpu_allocated_milli Milli-GPU allocated, per node and device model.\n# TYPE tessera_gpu_allocated_milli gauge");
+        let _ = writeln!(out, "# HELP tessera_gpu_capacity_milli Milli-GPU capacity, per node and device model.\n# TYPE tessera_gpu_capacity_milli gauge");
+        let mut model_used: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for (name, n) in &s.nodes {
+            let model = n.spec.devices.first().map(|d| d.model.clone()).unwrap_or_else(|| "none".into());
+            let cap = n.spec.devices.len() as u64 * 1000;
+            let used = node_used.get(name.as_str()).copied().unwrap_or(0);
+            let e = model_used.entry(model.clone()).or_default();
+            e.0 += used;
+            e.1 += cap;
+            let labels = format!("node=\"{}\",model=\"{}\",simulated=\"{}\"", esc(name), esc(&model), n.simulated);
+            let _ = writeln!(out, "tessera_gpu_allocated_milli{{{labels}}} {used}");
+            let _ = writeln!(out, "tessera_gpu_capacity_milli{{{labels}}} {cap}");
+        }
+        let _ = writeln!(out, "# HELP tessera_model_gpu_allocated_milli Milli-GPU allocated per device model.\n# TYPE tessera_model_gpu_allocated_milli gauge");
+        for (model, (used, cap)) in &model_used {
+            let _ = writeln!(out, "tessera_model_gpu_allocated_milli{{model=\"{}\"}} {used}", esc(model));
+            let _ = writeln!(out, "tessera_model_gpu_capacity_milli{{model=\"{}\"}} {cap}", esc(model));
+        }
+        let _ = writeln!(out, "# HELP tessera_project_gpu_allocated_milli Milli-GPU held per project.\n# TYPE tessera_project_gpu_allocated_milli gauge");
+        for (name, p) in &s.projects {
+            let used = project_gpu.get(name.as_str()).copied().unwrap_or(0);
+            let _ = writeln!(out, "tessera_project_gpu_allocated_milli{{project=\"{}\"}} {used}", esc(name));
+            let _ = writeln!(out, "tessera_project_gpu_guaranteed_milli{{project=\"{}\"}} {}", esc(name), p.guaranteed_milli);
+        }
+        let _ = writeln!(out, "# HELP tessera_agent_last_heartbeat_age_seconds Seconds since each agent was last heard from.\n# TYPE tessera_agent_last_heartbeat_age_seconds gauge");
+        let now = now_ms();
+        for (name, n) in &s.nodes {
+            let _ = writeln!(
+                out,
+                "tessera_agent_last_heartbeat_age_seconds{{node=\"{}\"}} {:.3}",
+                esc(name),
+                now.saturating_sub(n.last_seen_ms) as f64 / 1000.0
+            );
+            let _ = writeln!(
+                out,
+                "tessera_node_ready{{node=\"{}\"}} {}",
+                esc(name),
+                u8::from(n.health == NodeHealth::Ready && !n.cordoned)
+            );
+        }
+    });
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+}

@@ -1,0 +1,410 @@
+//! The controller: the HTTP API, the store, and the reconcile loop that turns the pool's state
+//! into a scheduler snapshot and applies the plan.
+
+pub mod agents;
+pub mod api;
+pub mod lifecycle;
+pub mod metrics;
+pub mod openapi;
+pub mod reconcile;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use axum::extract::FromRequestParts;
+pub use axum::extract::State as AxState;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use serde::Serialize;
+use tessera_sched::ValidationError;
+
+use crate::auth::{NewToken, Principal, TokenCache, new_token};
+use crate::state::{Project, Role, TokenKind, TokenRecord, User};
+use crate::store::{self, Store, StoreGone};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// How long an agent may go unheard before its node is lost; agents stop their workloads
+    /// when their own copy of the lease runs out, before the controller moves the work.
+    pub lease: Duration,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub seed: u64,
+}
+
+/// Shared by every request handler and the reconcile loop.
+pub struct Controller {
+    pub store: Store,
+    pub tokens: TokenCache,
+    pub config: ControllerConfig,
+    pub metrics: metrics::Metrics,
+    pub http: reqwest::Client,
+}
+
+pub type Ctl = Arc<Controller>;
+
+/// An API error: an HTTP status and a message that names the problem and its fix.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    status: u16,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            field: None,
+        }
+    }
+    pub fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: e.to_string(),
+            field: Some(e.field),
+        }
+    }
+}
+
+impl From<StoreGone> for ApiError {
+    fn from(_: StoreGone) -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is stopping",
+        )
+    }
+}
+
+impl From<rusqlite::Error> for ApiError {
+    fn from(e: rusqlite::Error) -> Self {
+        ApiError::internal(format!("store: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                status: self.status.as_u16(),
+                message: &self.message,
+                field: self.field.as_deref(),
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// The authenticated caller of a request.
+pub struct Caller(pub Principal);
+
+impl Caller {
+    /// A user, or 403.
+    pub fn user(&self) -> Result<(&str, Role), ApiError> {
+        match &self.0 {
+            Principal::User { name, role } => Ok((name, *role)),
+            _ => Err(ApiError::forbidden(
+                "this token belongs to an agent or is a join token; use a user's token",
+            )),
+        }
+    }
+
+    pub fn admin(&self) -> Result<&str, ApiError> {
+        match self.user()? {
+            (name, Role::Admin) => Ok(name),
+            (name, _) => Err(ApiError::forbidden(format!(
+                "user {name} is not an admin; ask an admin to do this"
+            ))),
+        }
+    }
+}
+
+impl FromRequestParts<Ctl> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, ctl: &Ctl) -> Result<Self, ApiError> {
+        let token = bearer(&parts.headers)?;
+        let ctl = ctl.clone();
+        let token = token.to_string();
+        // argon2 takes milliseconds of CPU on a token's first use: keep it off the async workers.
+        let principal =
+            tokio::task::spawn_blocking(move || ctl.tokens.authenticate(&token, &ctl.store.state))
+                .await
+                .map_err(|_| ApiError::internal("authentication task failed"))?;
+        principal.map(Caller).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "the bearer token is unknown or revoked; get a new one with `tessera token create`",
+            )
+        })
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "no bearer token: send `Authorization: Bearer <token>` (set TESSERA_TOKEN or the \
+                 config file for the CLI)",
+            )
+        })?;
+    value.strip_prefix("Bearer ").ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "the Authorization header must be `Bearer <token>`",
+        )
+    })
+}
+
+/// Writes a token record and returns the token text.
+pub fn issue_token(
+    c: &rusqlite::Connection,
+    state: &mut crate::state::State,
+    kind: TokenKind,
+    subject: &str,
+    description: &str,
+) -> rusqlite::Result<NewToken> {
+    let t = new_token();
+    let rec = TokenRecord {
+        id: t.id.clone(),
+        kind,
+        subject: subject.to_string(),
+        description: description.to_string(),
+        hash: t.hash.clone(),
+        created_ms: now_ms(),
+        revoked: false,
+    };
+    store::put_token(c, &rec)?;
+    state.tokens.insert(rec.id.clone(), rec);
+    Ok(t)
+}
+
+/// What a first start creates: the admin user, its token (returned once), the default project.
+pub async fn bootstrap(store: &Store) -> anyhow::Result<Option<String>> {
+    let token = store
+        .write(|c, s| -> Result<Option<String>, ApiError> {
+            if store::get_meta(c, "bootstrapped")?.is_some() {
+                return Ok(None);
+            }
+            let now = now_ms();
+            let admin = User {
+                name: "admin".into(),
+                role: Role::Admin,
+                created_ms: now,
+            };
+            store::put_user(c, &admin)?;
+            let default = Project {
+                name: "default".into(),
+                parent: None,
+                guaranteed_milli: 0,
+                limit_milli: None,
+                over_quota_weight: 1,
+                members: Default::default(),
+                created_ms: now,
+            };
+            store::put_project(c, &default)?;
+            store::put_meta(c, "bootstrapped", &now.to_string())?;
+            let t = issue_token(c, s, TokenKind::User, "admin", "first admin token")?;
+            s.users.insert(admin.name.clone(), admin);
+            s.projects.insert(default.name.clone(), default);
+            Ok(Some(t.text))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    Ok(token)
+}
+
+/// A join token for the local agent of `tessera up` (created once, kept in the data dir).
+pub async fn local_join_token(store: &Store, data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("local-join-token");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return Ok(text.trim().to_string());
+    }
+    let text = store
+        .write(|c, s| -> Result<String, ApiError> {
+            Ok(issue_token(c, s, TokenKind::Join, "admin", "local agent of tessera up")?.text)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    write_private(&path, &text)?;
+    Ok(text)
+}
+
+/// Writes a file only its owner can read.
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// A running controller.
+pub struct Running {
+    pub ctl: Ctl,
+    pub addr: SocketAddr,
+    pub first_admin_token: Option<String>,
+    pub server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Opens the store, bootstraps it, starts the reconcile loop and the HTTP server.
+pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
+    let db_path = config.data_dir.join("tessera.db");
+    let conn = store::open(&db_path)?;
+    let state = store::load(&conn, now_ms())?;
+    let store = Store::start(conn, state);
+    let first_admin_token = bootstrap(&store).await?;
+    let ctl = Arc::new(Controller {
+        store,
+        tokens: TokenCache::default(),
+        metrics: metrics::Metrics::new(),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .context("building the HTTP client")?,
+        config: config.clone(),
+    });
+    tokio::spawn(reconcile::run(ctl.clone()));
+    let app = router(ctl.clone());
+    let (addr, server) = serve(app, &config).await?;
+    Ok(Running {
+        ctl,
+        addr,
+        first_admin_token,
+        server,
+    })
+}
+
+async fn serve(
+    app: Router,
+    config: &ControllerConfig,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("listening on {} (is it in use?)", config.listen))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let handle = match &config.tls {
+        Some((cert, key)) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                .await
+                .with_context(|| {
+                    format!(
+                        "loading the TLS certificate {} and key {}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?;
+            let server = axum_server::from_tcp_rustls(listener, tls);
+            tokio::spawn(async move {
+                server
+                    .serve(app.into_make_service())
+                    .await
+                    .context("serving HTTPS")
+            })
+        }
+        None => {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tokio::spawn(async move { axum::serve(listener, app).await.context("serving HTTP") })
+        }
+    };
+    Ok((addr, handle))
+}
+
+pub fn router(ctl: Ctl) -> Router {
+    use axum::routing::{delete, get, post};
+    Router::new()
+        .route("/openapi.json", get(openapi::document))
+        .route("/metrics", get(metrics::scrape))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/jobs", post(api::submit).get(api::list_jobs))
+        .route("/v1/jobs/{id}", get(api::get_job))
+        .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
+        .route("/v1/jobs/{id}/events", get(api::job_events))
+        .route("/v1/jobs/{id}/logs", get(api::job_logs))
+        .route("/v1/nodes", get(api::list_nodes))
+        .route("/v1/nodes/{name}", get(api::get_node))
+        .route("/v1/nodes/{name}/cordon", post(api::cordon_node))
+        .route("/v1/nodes/{name}/uncordon", post(api::uncordon_node))
+        .route("/v1/nodes/{name}/drain", post(api::drain_node))
+        .route(
+            "/v1/projects",
+            get(api::list_projects).post(api::create_project),
+        )
+        .route(
+            "/v1/projects/{name}",
+            get(api::get_project).patch(api::update_project),
+        )
+        .route("/v1/projects/{name}/members", post(api::set_members))
+        .route("/v1/users", get(api::list_users).post(api::create_user))
+        .route("/v1/tokens", get(api::list_tokens).post(api::create_token))
+        .route("/v1/tokens/{id}", delete(api::revoke_token))
+        .route("/v1/whoami", get(api::whoami))
+        .route("/v1/agent/register", post(agents::register))
+        .route("/v1/agent/sync", post(agents::sync))
+        .fallback(|| async {
+            ApiError::not_found("no such endpoint; the API is described at /openapi.json")
+        })
+        .with_state(ctl)
+}
+
+/// The state extractor alias used by handlers.
+pub type S = AxState<Ctl>;

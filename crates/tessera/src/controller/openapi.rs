@@ -1,0 +1,272 @@
+//! The OpenAPI 3.1 document served at `/openapi.json`, built from one table of operations so that
+//! the document and the router are checked against each other by a test.
+
+use axum::Json;
+use serde_json::{Value, json};
+
+/// (method, path, summary, request body schema, response schema)
+pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
+    (
+        "post",
+        "/v1/jobs",
+        "Submit a job (manifest as JSON or YAML)",
+        Some("Manifest"),
+        "Job",
+    ),
+    (
+        "get",
+        "/v1/jobs",
+        "List jobs; filters: project, state (comma-separated), owner, limit",
+        None,
+        "JobList",
+    ),
+    (
+        "get",
+        "/v1/jobs/{id}",
+        "Get one job, with its reason",
+        None,
+        "Job",
+    ),
+    (
+        "post",
+        "/v1/jobs/{id}/cancel",
+        "Cancel a job (its whole process trees are killed)",
+        None,
+        "Job",
+    ),
+    (
+        "get",
+        "/v1/jobs/{id}/events",
+        "A job's events, oldest first",
+        None,
+        "EventList",
+    ),
+    (
+        "get",
+        "/v1/jobs/{id}/logs",
+        "Output of one replica; query: replica, stream (stdout|stderr), offset, attempt",
+        None,
+        "LogChunk",
+    ),
+    (
+        "get",
+        "/v1/nodes",
+        "List nodes with their devices and allocation",
+        None,
+        "NodeList",
+    ),
+    ("get", "/v1/nodes/{name}", "Get one node", None, "Node"),
+    (
+        "post",
+        "/v1/nodes/{name}/cordon",
+        "Stop placing new work on a node (admin)",
+        None,
+        "Node",
+    ),
+    (
+        "post",
+        "/v1/nodes/{name}/uncordon",
+        "Place work on a node again (admin)",
+        None,
+        "Node",
+    ),
+    (
+        "post",
+        "/v1/nodes/{name}/drain",
+        "Cordon a node and requeue its jobs (admin)",
+        None,
+        "Node",
+    ),
+    (
+        "get",
+        "/v1/projects",
+        "List projects with quota and usage",
+        None,
+        "ProjectList",
+    ),
+    (
+        "post",
+        "/v1/projects",
+        "Create a project (admin)",
+        Some("ProjectBody"),
+        "Project",
+    ),
+    (
+        "get",
+        "/v1/projects/{name}",
+        "Get one project",
+        None,
+        "Project",
+    ),
+    (
+        "patch",
+        "/v1/projects/{name}",
+        "Change quotas, parent or members (admin)",
+        Some("ProjectBody"),
+        "Project",
+    ),
+    (
+        "post",
+        "/v1/projects/{name}/members",
+        "Set a project's members (admin)",
+        Some("Members"),
+        "Project",
+    ),
+    ("get", "/v1/users", "List users (admin)", None, "UserList"),
+    (
+        "post",
+        "/v1/users",
+        "Create a user with a role (admin)",
+        Some("UserBody"),
+        "User",
+    ),
+    (
+        "get",
+        "/v1/tokens",
+        "List tokens (admins see all, others their own)",
+        None,
+        "TokenList",
+    ),
+    (
+        "post",
+        "/v1/tokens",
+        "Create a token; the secret is in the answer only",
+        Some("TokenBody"),
+        "Token",
+    ),
+    ("delete", "/v1/tokens/{id}", "Revoke a token", None, "Empty"),
+    (
+        "get",
+        "/v1/whoami",
+        "The caller's user, role and projects",
+        None,
+        "WhoAmI",
+    ),
+    (
+        "post",
+        "/v1/agent/register",
+        "An agent joins (join token) or re-registers (its credential)",
+        Some("Register"),
+        "Registered",
+    ),
+    (
+        "post",
+        "/v1/agent/sync",
+        "An agent's heartbeat and report; answers its desired allocations (long poll)",
+        Some("Sync"),
+        "Desired",
+    ),
+];
+
+fn schemas() -> Value {
+    let obj = |props: Value| json!({"type": "object", "properties": props});
+    let list = |item: &str| json!({"type": "array", "items": {"$ref": format!("#/components/schemas/{item}")}});
+    json!({
+        "Manifest": {
+            "type": "object",
+            "required": ["metadata", "spec"],
+            "additionalProperties": false,
+            "properties": {
+                "apiVersion": {"const": "tessera/v1"},
+                "kind": {"const": "Job"},
+                "metadata": {"type": "object", "required": ["name"], "additionalProperties": false,
+                    "properties": {"name": {"type": "string"}, "project": {"type": "string"}}},
+                "spec": {"type": "object", "required": ["command"], "additionalProperties": false,
+                    "properties": {
+                        "replicas": {"type": "integer", "minimum": 1},
+                        "priority": {"oneOf": [{"type": "integer"}, {"enum": ["low", "normal", "high", "critical"]}]},
+                        "resources": {"type": "object", "additionalProperties": false, "properties": {
+                            "gpu": {"description": "0 to 1 (a share) or a whole number of devices", "oneOf": [{"type": "number"}, {"type": "string"}]},
+                            "gpuMemory": {"description": "e.g. 20GiB", "oneOf": [{"type": "integer"}, {"type": "string"}]},
+                            "cpu": {"description": "cores (2, 0.5) or milli (500m)", "oneOf": [{"type": "number"}, {"type": "string"}]},
+                            "memory": {"description": "e.g. 8GiB", "oneOf": [{"type": "integer"}, {"type": "string"}]},
+                            "deviceModels": {"type": "array", "items": {"type": "string"}},
+                            "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}}}},
+                        "command": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                        "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "restart": {"type": "object", "additionalProperties": false, "required": ["policy"], "properties": {
+                            "policy": {"enum": ["never", "on-failure"]}, "maxRestarts": {"type": "integer"}}},
+                        "preemptible": {"type": "boolean"}}}}
+        },
+        "Job": obj(json!({
+            "id": {"type": "integer"}, "name": {"type": "string"}, "project": {"type": "string"},
+            "owner": {"type": "string"},
+            "state": {"enum": ["pending", "scheduled", "running", "succeeded", "failed", "cancelled"]},
+            "reason": {"type": "string"}, "priority": {"type": "integer"}, "replicas": {"type": "integer"},
+            "gpu": {"type": "number"}, "gpu_memory_bytes": {"type": "integer"}, "cpu_milli": {"type": "integer"},
+            "memory_bytes": {"type": "integer"}, "attempt": {"type": "integer"}, "restarts": {"type": "integer"},
+            "assignments": {"type": "array", "items": obj(json!({"index": {"type": "integer"}, "node": {"type": "string"},
+                "phase": {"type": "string"}, "gpu_milli": {"type": "integer"}, "devices": {"type": "array"}, "exit_code": {}}))}})),
+        "JobList": list("Job"),
+        "Event": obj(json!({"job": {"type": "integer"}, "ts_ms": {"type": "integer"}, "kind": {"type": "string"}, "message": {"type": "string"}})),
+        "EventList": list("Event"),
+        "LogChunk": obj(json!({"data": {"type": "string"}, "next_offset": {"type": "integer"}, "done": {"type": "boolean"}})),
+        "Node": obj(json!({"name": {"type": "string"}, "health": {"enum": ["ready", "lost"]}, "cordoned": {"type": "boolean"},
+            "simulated": {"type": "boolean"}, "cpu_milli": {"type": "integer"}, "memory_bytes": {"type": "integer"},
+            "devices": {"type": "array"}, "gpu_allocated_milli": {"type": "integer"}})),
+        "NodeList": list("Node"),
+        "ProjectBody": {"type": "object", "additionalProperties": false, "properties": {
+            "name": {"type": "string"}, "parent": {"type": "string"}, "guaranteed_gpu": {"type": "number"},
+            "limit_gpu": {"type": ["number", "null"]}, "over_quota_weight": {"type": "integer"},
+            "members": {"type": "array", "items": {"type": "string"}}}},
+        "Project": obj(json!({"name": {"type": "string"}, "guaranteed_gpu": {"type": "number"}, "limit_gpu": {},
+            "over_quota_weight": {"type": "integer"}, "used_gpu": {"type": "number"}})),
+        "ProjectList": list("Project"),
+        "Members": {"type": "object", "required": ["members"], "properties": {"members": {"type": "array", "items": {"type": "string"}}}},
+        "UserBody": {"type": "object", "required": ["name", "role"], "properties": {"name": {"type": "string"}, "role": {"enum": ["admin", "member", "viewer"]}}},
+        "User": obj(json!({"name": {"type": "string"}, "role": {"type": "string"}})),
+        "UserList": list("User"),
+        "TokenBody": {"type": "object", "properties": {"kind": {"enum": ["user", "join"]}, "user": {"type": "string"}, "description": {"type": "string"}}},
+        "Token": obj(json!({"id": {"type": "string"}, "kind": {"type": "string"}, "subject": {"type": "string"}, "token": {"type": "string"}})),
+        "TokenList": list("Token"),
+        "WhoAmI": obj(json!({"user": {"type": "string"}, "role": {"type": "string"}})),
+        "Register": obj(json!({"name": {"type": "string"}, "cpu_milli": {"type": "integer"}, "memory_bytes": {"type": "integer"},
+            "devices": {"type": "array"}, "simulated": {"type": "boolean"}, "address": {"type": "string"}})),
+        "Registered": obj(json!({"token": {}, "lease_ms": {"type": "integer"}})),
+        "Sync": obj(json!({"seq": {"type": "integer"}, "revision": {"type": "integer"}, "statuses": {"type": "array"}, "wait_ms": {"type": "integer"}})),
+        "Desired": obj(json!({"revision": {"type": "integer"}, "lease_ms": {"type": "integer"}, "desired": {"type": "array"}, "acked": {"type": "array"}})),
+        "Empty": {"type": "null"},
+        "Error": obj(json!({"error": obj(json!({"status": {"type": "integer"}, "message": {"type": "string"}, "field": {"type": "string"}}))}))
+    })
+}
+
+pub fn build() -> Value {
+    let mut paths = serde_json::Map::new();
+    for (method, path, summary, body, response) in OPERATIONS {
+        let mut op = json!({
+            "summary": summary,
+            "security": [{"bearer": []}],
+            "responses": {
+                "2XX": {"description": "done", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{response}")}}}},
+                "4XX": {"description": "refused; the message names the field and the fix", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            }
+        });
+        let params: Vec<Value> = path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        if !params.is_empty() {
+            op["parameters"] = Value::Array(params);
+        }
+        if let Some(schema) = body {
+            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
+        }
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        entry[*method] = op;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Tessera API", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "One pool of accelerator machines. Every call under /v1/ needs `Authorization: Bearer <token>`."},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": schemas()
+        }
+    })
+}
+
+pub async fn document() -> Json<Value> {
+    Json(build())
+}

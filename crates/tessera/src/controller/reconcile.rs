@@ -1,0 +1,291 @@
+//! The reconcile loop: snapshot → `tessera_sched::schedule` → plan → apply.
+//!
+//! Event-driven: a write that changes what could be placed (a submission, a finished replica, a
+//! joined node, a quota change) wakes the loop at once; wake-ups that arrive while a round runs
+//! coalesce into one more round. Timers only cover what no event announces: a node's lease running
+//! out and a restart backoff ending.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tessera_sched::cluster::GpuAffinity;
+use tessera_sched::quota::ProjectQuota;
+use tessera_sched::schedule::{Config, PendingJob, RunningJob, Snapshot, schedule};
+use tessera_sched::{Allocation, NodeId, PolicyKind, ShapeDistribution};
+
+use super::api::save_job;
+use super::lifecycle::settle;
+use super::{ApiError, Ctl, agents, now_ms};
+use crate::state::{JobState, NodeHealth, Replica, ReplicaPhase, State, StopCause};
+
+/// Longest sleep when nothing is due (a safety net, not the scheduling cadence).
+const IDLE_WAKE: Duration = Duration::from_secs(5);
+
+pub async fn run(ctl: Ctl) {
+    let mut round: u64 = 0;
+    loop {
+        let next_lease = agents::expire_leases(&ctl).await;
+        round += 1;
+        let next_backoff = match schedule_once(&ctl, round).await {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!("scheduling round failed: {}", e.message);
+                None
+            }
+        };
+        let now = now_ms();
+        let due = [next_lease, next_backoff]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| Duration::from_millis(t.saturating_sub(now).max(5)))
+            .unwrap_or(IDLE_WAKE)
+            .min(IDLE_WAKE);
+        let _ = tokio::time::timeout(due, ctl.store.notifier.schedule.notified()).await;
+    }
+}
+
+/// Node names in snapshot order.
+struct Built {
+    snapshot: Snapshot,
+    node_names: Vec<String>,
+    next_backoff: Option<u64>,
+}
+
+fn build(s: &State, now: u64) -> Built {
+    let mut node_names = Vec::new();
+    let mut index: HashMap<&str, u32> = HashMap::new();
+    let mut nodes = Vec::new();
+    for (name, n) in &s.nodes {
+        if n.health == NodeHealth::Ready && !n.cordoned {
+            index.insert(name, nodes.len() as u32);
+            node_names.push(name.clone());
+            nodes.push(n.spec.clone());
+        }
+    }
+    let mut running = Vec::new();
+    let mut pending = Vec::new();
+    let mut next_backoff: Option<u64> = None;
+    for job in s.jobs.values() {
+        if job.state.is_active() {
+            let allocations = job
+                .replicas
+                .iter()
+                .filter(|r| !r.phase.is_done())
+                .filter_map(|r| {
+                    Some(Allocation {
+                        node: NodeId(*index.get(r.node.as_str())?),
+                        cpu_milli: r.cpu_milli,
+                        memory_bytes: r.memory_bytes,
+                        devices: r.devices.clone(),
+                        affinity: affinity(&job.def.spec.request.gpu),
+                    })
+                })
+                .collect();
+            running.push(RunningJob {
+                id: job.id,
+                project: job.project().to_string(),
+                priority: job.def.spec.priority,
+                started: job.started_seq,
+                gpu_milli: job.gpu_milli_held(),
+                allocations,
+                stopping: job.stop.is_some(),
+                preemptible: job.def.preemptible,
+            });
+        } else if job.state == JobState::Pending {
+            if job.not_before_ms > now {
+                next_backoff =
+                    Some(next_backoff.map_or(job.not_before_ms, |x| x.min(job.not_before_ms)));
+                continue;
+            }
+            pending.push(PendingJob {
+                id: job.id,
+                spec: job.def.spec.clone(),
+            });
+        }
+    }
+    let projects = s
+        .projects
+        .values()
+        .map(|p| ProjectQuota {
+            name: p.name.clone(),
+            parent: p.parent.clone(),
+            guaranteed_milli: p.guaranteed_milli,
+            limit_milli: p.limit_milli,
+            over_quota_weight: p.over_quota_weight,
+        })
+        .collect();
+    Built {
+        snapshot: Snapshot {
+            nodes,
+            running,
+            pending,
+            projects,
+        },
+        node_names,
+        next_backoff,
+    }
+}
+
+fn affinity(gpu: &tessera_sched::GpuRequest) -> Option<GpuAffinity> {
+    match *gpu {
+        tessera_sched::GpuRequest::None => None,
+        tessera_sched::GpuRequest::Share { .. } => Some(GpuAffinity::Share),
+        tessera_sched::GpuRequest::Whole { devices } => Some(GpuAffinity::Whole(devices)),
+    }
+}
+
+/// One round; returns when the earliest backoff ends.
+async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
+    let now = now_ms();
+    let (built, shapes) = ctl.store.read(|s| {
+        let shapes = ShapeDistribution::typical(s.recent_requests.iter(), 0.95);
+        (build(s, now), shapes)
+    });
+    let next_backoff = built.next_backoff;
+    if built.snapshot.pending.is_empty() {
+        ctl.store.read(|_| ());
+        return Ok(next_backoff);
+    }
+    let config = Config {
+        policy: PolicyKind::Tessera,
+        seed: ctl.config.seed ^ round,
+        shapes,
+    };
+    let started = Instant::now();
+    let Built {
+        snapshot,
+        node_names,
+        ..
+    } = built;
+    let (plan, snapshot) = tokio::task::spawn_blocking(move || {
+        let plan = schedule(&snapshot, &config);
+        (plan, snapshot)
+    })
+    .await
+    .map_err(|_| ApiError::internal("the scheduler task failed"))?;
+    let plan = plan.map_err(|e| ApiError::internal(format!("snapshot: {e}")))?;
+    ctl.metrics
+        .schedule_seconds
+        .observe(started.elapsed().as_secs_f64());
+
+    let specs: HashMap<u64, tessera_sched::JobSpec> = snapshot
+        .pending
+        .iter()
+        .map(|p| (p.id, p.spec.clone()))
+        .collect();
+    let waits: HashMap<u64, String> = plan
+        .waiting
+        .iter()
+        .filter_map(|(id, why)| Some((*id, why.describe(specs.get(id)?))))
+        .collect();
+    if plan.placements.is_empty() && plan.preemptions.is_empty() {
+        // Nothing to write: only the reasons change, and they live in memory.
+        let mut state = ctl.store.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.wait_reasons = waits;
+        return Ok(next_backoff);
+    }
+    let metrics = ctl.metrics.clone();
+    ctl.store
+        .write(move |c, s| -> Result<(), ApiError> {
+            let now = now_ms();
+            let mut changed = Vec::new();
+            for (id, allocs) in &plan.placements {
+                let Some(job) = s.jobs.get(id) else { continue };
+                // The world may have moved since the snapshot: skip what no longer holds.
+                if job.state != JobState::Pending || job.not_before_ms > now {
+                    continue;
+                }
+                let names: Vec<&String> =
+                    allocs.iter().map(|a| &node_names[a.node.index()]).collect();
+                if names.iter().any(|n| {
+                    s.nodes
+                        .get(*n)
+                        .is_none_or(|node| node.health != NodeHealth::Ready || node.cordoned)
+                }) {
+                    continue;
+                }
+                let mut job = job.clone();
+                job.attempt += 1;
+                s.next_start_seq += 1;
+                job.started_seq = s.next_start_seq;
+                job.state = JobState::Scheduled;
+                job.replicas = allocs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| Replica {
+                        index: i as u32,
+                        node: node_names[a.node.index()].clone(),
+                        cpu_milli: a.cpu_milli,
+                        memory_bytes: a.memory_bytes,
+                        devices: a.devices.clone(),
+                        phase: ReplicaPhase::Assigned,
+                        exit_code: None,
+                        started_ms: None,
+                        finished_ms: None,
+                    })
+                    .collect();
+                let placed: Vec<String> = job
+                    .replicas
+                    .iter()
+                    .map(|r| {
+                        let devs: Vec<String> = r
+                            .devices
+                            .iter()
+                            .map(|d| {
+                                if d.milli == 1000 {
+                                    format!("gpu{}", d.device)
+                                } else {
+                                    format!("gpu{}:{}m", d.device, d.milli)
+                                }
+                            })
+                            .collect();
+                        format!(
+                            "attempt {}: replica {} on {} {}",
+                            job.attempt,
+                            r.index,
+                            r.node,
+                            devs.join(",")
+                        )
+                    })
+                    .collect();
+                job.reason = format!("placed; waiting for the agent on {} to start it", names[0]);
+                metrics.observe_wait(now.saturating_sub(job.queued_ms));
+                changed.push((job, vec![("Scheduled", placed.join("; "))]));
+            }
+            for p in &plan.preemptions {
+                let Some(job) = s.jobs.get(&p.job) else {
+                    continue;
+                };
+                if !job.state.is_active() || job.stop.is_some() {
+                    continue;
+                }
+                let mut job = job.clone();
+                let reason = match p.reason {
+                    tessera_sched::schedule::PreemptReason::QuotaReclaim => format!(
+                        "project {} is above its guaranteed quota and another project reclaims \
+                         its share",
+                        job.project()
+                    ),
+                    tessera_sched::schedule::PreemptReason::Priority => {
+                        "a higher-priority job of the same project needs the room".to_string()
+                    }
+                };
+                job.stop = Some(StopCause::Preempt {
+                    for_job: p.for_job,
+                    reason: reason.clone(),
+                });
+                let mut notes = vec![("Preempting", format!("for job {}: {reason}", p.for_job))];
+                notes.extend(settle(&mut job, now));
+                metrics.preemptions.inc();
+                changed.push((job, notes));
+            }
+            for (job, notes) in changed {
+                save_job(c, s, job, notes, now)?;
+            }
+            s.wait_reasons = waits;
+            Ok(())
+        })
+        .await?;
+    Ok(next_backoff)
+}

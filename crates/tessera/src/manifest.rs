@@ -1,0 +1,337 @@
+//! The job manifest users submit: a Kubernetes-style object, strict about what it accepts.
+//!
+//! Unknown fields are refused rather than ignored, so a typo (`gpus:` for `gpu:`) is an error the
+//! user sees at once, not a job that silently runs without its GPU.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tessera_sched::request::parse_priority;
+use tessera_sched::validate::validate_job;
+use tessera_sched::{GpuRequest, JobSpec, ResourceRequest, ValidationError};
+
+use crate::units::{Quantity, parse_bytes, parse_cpu, parse_gpu};
+
+/// Most bytes of command and environment one job may carry.
+const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Manifest {
+    #[serde(default)]
+    pub api_version: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub metadata: Metadata,
+    pub spec: ManifestSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default)]
+    pub project: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ManifestSpec {
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    #[serde(default)]
+    pub resources: Resources,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub restart: Option<Restart>,
+    #[serde(default)]
+    pub preemptible: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Priority {
+    Number(i32),
+    Class(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Resources {
+    #[serde(default)]
+    pub gpu: Option<Quantity>,
+    #[serde(default)]
+    pub gpu_memory: Option<Quantity>,
+    #[serde(default)]
+    pub cpu: Option<Quantity>,
+    #[serde(default)]
+    pub memory: Option<Quantity>,
+    #[serde(default)]
+    pub device_models: Vec<String>,
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Restart {
+    pub policy: RestartPolicy,
+    #[serde(default)]
+    pub max_restarts: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    #[default]
+    Never,
+    OnFailure,
+}
+
+/// A job as the controller keeps it: the scheduler's view plus what the agent needs to run it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobDef {
+    pub spec: JobSpec,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub restart: RestartPolicy,
+    pub max_restarts: u32,
+    pub preemptible: bool,
+}
+
+/// Defaults applied where a manifest is silent.
+pub const DEFAULT_CPU_MILLI: u64 = 1000;
+pub const DEFAULT_MEMORY_BYTES: u64 = 1 << 30;
+pub const DEFAULT_MAX_RESTARTS: u32 = 3;
+
+impl Manifest {
+    /// Parses YAML or JSON (JSON is YAML), naming the offending field on error.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        serde_yaml::from_str(text).map_err(|e| format!("manifest: {e}"))
+    }
+
+    /// Checks every field and turns the manifest into a job definition.
+    pub fn into_def(self, default_project: &str) -> Result<JobDef, ValidationError> {
+        if let Some(kind) = &self.kind
+            && kind != "Job"
+        {
+            return Err(ValidationError::new(
+                "kind",
+                kind,
+                "only Job is accepted",
+                "write kind: Job",
+            ));
+        }
+        if let Some(v) = &self.api_version
+            && v != "tessera/v1"
+        {
+            return Err(ValidationError::new(
+                "apiVersion",
+                v,
+                "unknown API version",
+                "write apiVersion: tessera/v1",
+            ));
+        }
+        let name = self.metadata.name.trim().to_string();
+        check_name("metadata.name", &name)?;
+        let project = self
+            .metadata
+            .project
+            .unwrap_or_else(|| default_project.to_string());
+        check_name("metadata.project", &project)?;
+        let spec = self.spec;
+        let r = &spec.resources;
+        let gpu = match &r.gpu {
+            Some(q) => {
+                GpuRequest::from_gpus(parse_gpu("spec.resources.gpu", q)?).map_err(|mut e| {
+                    e.field = "spec.resources.gpu".into();
+                    e
+                })?
+            }
+            None => GpuRequest::None,
+        };
+        let request = ResourceRequest {
+            gpu,
+            gpu_memory_bytes: match &r.gpu_memory {
+                Some(q) => parse_bytes("spec.resources.gpuMemory", q)?,
+                None => 0,
+            },
+            cpu_milli: match &r.cpu {
+                Some(q) => parse_cpu("spec.resources.cpu", q)?,
+                None => DEFAULT_CPU_MILLI,
+            },
+            memory_bytes: match &r.memory {
+                Some(q) => parse_bytes("spec.resources.memory", q)?,
+                None => DEFAULT_MEMORY_BYTES,
+            },
+            device_models: r.device_models.clone(),
+            node_selector: r.node_selector.clone(),
+        };
+        let priority = match &spec.priority {
+            None => 50,
+            Some(Priority::Number(n)) => *n,
+            Some(Priority::Class(c)) => parse_priority(c).map_err(|mut e| {
+                e.field = "spec.priority".into();
+                e
+            })?,
+        };
+        if spec.command.is_empty() || spec.command[0].trim().is_empty() {
+            return Err(ValidationError::new(
+                "spec.command",
+                "[]",
+                "a job needs a program to run",
+                "give the command as a list, e.g. command: [python, train.py]",
+            ));
+        }
+        let size: usize = spec.command.iter().map(String::len).sum::<usize>()
+            + spec
+                .env
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        if size > MAX_COMMAND_BYTES {
+            return Err(ValidationError::new(
+                "spec.command",
+                format!("{size} bytes"),
+                "command and environment are too large",
+                "keep them under 64 KiB; put large inputs in files",
+            ));
+        }
+        for key in spec.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(ValidationError::new(
+                    format!("spec.env.{key}"),
+                    key,
+                    "not a valid variable name",
+                    "use letters, digits and underscores",
+                ));
+            }
+            if key.starts_with("TESSERA_") || key == "CUDA_VISIBLE_DEVICES" || key == "LD_PRELOAD" {
+                return Err(ValidationError::new(
+                    format!("spec.env.{key}"),
+                    key,
+                    "this variable is set by Tessera for the job's allocation",
+                    "remove it from env",
+                ));
+            }
+        }
+        let (restart, max_restarts) = match &spec.restart {
+            None => (RestartPolicy::Never, 0),
+            Some(r) => (r.policy, r.max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS)),
+        };
+        if max_restarts > 1000 {
+            return Err(ValidationError::new(
+                "spec.restart.maxRestarts",
+                max_restarts.to_string(),
+                "too many restarts",
+                "use at most 1000",
+            ));
+        }
+        let job = JobSpec {
+            name,
+            project,
+            priority,
+            replicas: spec.replicas.unwrap_or(1),
+            request,
+        };
+        validate_job(&job).map_err(|mut e| {
+            e.field = match e.field.as_str() {
+                "replicas" => "spec.replicas".into(),
+                "priority" => "spec.priority".into(),
+                other => format!("spec.resources.{other}"),
+            };
+            e
+        })?;
+        Ok(JobDef {
+            spec: job,
+            command: spec.command,
+            env: spec.env,
+            restart,
+            max_restarts,
+            preemptible: spec.preemptible.unwrap_or(true),
+        })
+    }
+}
+
+/// Names of jobs, projects, users and nodes: what fits in a path, a label and a table cell.
+pub fn check_name(field: &str, name: &str) -> Result<(), ValidationError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            name,
+            "not a valid name",
+            "use 1 to 63 letters, digits, '-', '_' or '.', starting with a letter or digit",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: tessera/v1
+kind: Job
+metadata: {name: train, project: vision}
+spec:
+  replicas: 4
+  priority: high
+  resources: {gpu: 0.5, gpuMemory: 20GiB, cpu: 2, memory: 8GiB}
+  command: [python, train.py]
+  restart: {policy: on-failure}
+"#;
+
+    #[test]
+    fn a_full_manifest_becomes_a_job() {
+        let def = Manifest::parse(GOOD).unwrap().into_def("default").unwrap();
+        assert_eq!(def.spec.project, "vision");
+        assert_eq!(def.spec.priority, 75);
+        assert_eq!(def.spec.replicas, 4);
+        assert_eq!(def.spec.request.gpu, GpuRequest::Share { milli: 500 });
+        assert_eq!(def.spec.request.gpu_memory_bytes, 20 << 30);
+        assert_eq!(def.spec.request.cpu_milli, 2000);
+        assert_eq!(def.restart, RestartPolicy::OnFailure);
+        assert_eq!(def.max_restarts, DEFAULT_MAX_RESTARTS);
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_units_are_refused_with_the_field_named() {
+        let err = Manifest::parse(&GOOD.replace("gpu: 0.5", "gpus: 0.5")).unwrap_err();
+        assert!(err.contains("unknown field `gpus`"), "{err}");
+        let err = Manifest::parse(&GOOD.replace("8GiB", "8 gigs"))
+            .unwrap()
+            .into_def("d")
+            .unwrap_err();
+        assert_eq!(err.field, "spec.resources.memory");
+        let err = Manifest::parse(&GOOD.replace("gpu: 0.5", "gpu: 1.5"))
+            .unwrap()
+            .into_def("d")
+            .unwrap_err();
+        assert_eq!(err.field, "spec.resources.gpu");
+        let err = Manifest::parse(&GOOD.replace("priority: high", "priority: urgent"))
+            .unwrap()
+            .into_def("d")
+            .unwrap_err();
+        assert_eq!(err.field, "spec.priority");
+        let err = Manifest::parse(&GOOD.replace("[python, train.py]", "[]"))
+            .unwrap()
+            .into_def("d")
+            .unwrap_err();
+        assert_eq!(err.field, "spec.command");
+    }
+}

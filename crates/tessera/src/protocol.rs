@@ -1,0 +1,94 @@
+//! What the controller and its agents say to each other (JSON over HTTP).
+//!
+//! Declarative, like a kubelet: the agent reports what runs on its node, the controller answers
+//! with what should run there, and the agent converges.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tessera_sched::DeviceSpec;
+use tessera_sched::cluster::DeviceShare;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub name: String,
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub devices: Vec<DeviceSpec>,
+    /// The devices are simulated (no NVIDIA library on the node).
+    pub simulated: bool,
+    /// Where the agent serves logs (`http://host:port`).
+    pub address: String,
+    /// What the controller must show when it calls the agent.
+    pub callback_secret: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// The agent's own credential when it joined with a join token (not used again); `None`
+    /// when it re-registered with its own credential.
+    pub token: Option<String>,
+    pub lease_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunPhase {
+    Running,
+    Exited,
+}
+
+/// One workload the agent knows about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub key: String,
+    pub phase: RunPhase,
+    pub exit_code: Option<i32>,
+    /// In words, e.g. "killed by its memory limit (OOM)".
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRequest {
+    /// Increases with every request from this agent; stale requests are ignored.
+    pub seq: u64,
+    /// The revision of the desired set the agent last applied.
+    pub revision: u64,
+    /// Every workload the agent has started or been told to start and not yet seen acknowledged.
+    pub statuses: Vec<ReplicaStatus>,
+    /// How long the controller may hold the request when nothing changed.
+    pub wait_ms: u64,
+}
+
+/// One replica the node should run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub key: String,
+    pub job_id: u64,
+    pub job_name: String,
+    pub project: String,
+    pub replica: u32,
+    pub replicas: u32,
+    pub attempt: u32,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    pub devices: Vec<DeviceShare>,
+    /// Device memory of the devices (index → bytes), for whole-device caps.
+    pub device_memory: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncResponse {
+    pub revision: u64,
+    pub lease_ms: u64,
+    pub desired: Vec<Assignment>,
+    /// Exited workloads whose end is now durable; the agent may forget them.
+    pub acked: Vec<String>,
+}

@@ -1,0 +1,319 @@
+//! The controller's model of the pool: what the store holds, kept in memory for fast reads.
+//!
+//! Every change is made by copying a record, changing the copy, writing it to the store, and only
+//! then installing it here (see `store::Store::write`), so memory never shows what the store has
+//! not committed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use tessera_sched::cluster::DeviceShare;
+use tessera_sched::{NodeSpec, ResourceRequest};
+
+use crate::manifest::JobDef;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Admin,
+    Member,
+    Viewer,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct User {
+    pub name: String,
+    pub role: Role,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Project {
+    pub name: String,
+    pub parent: Option<String>,
+    pub guaranteed_milli: u64,
+    pub limit_milli: Option<u64>,
+    pub over_quota_weight: u32,
+    pub members: BTreeSet<String>,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Pending,
+    Scheduled,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 6] = [
+        JobState::Pending,
+        JobState::Scheduled,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Scheduled => "scheduled",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        JobState::ALL.into_iter().find(|s| s.name() == text)
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    /// Holds (or is about to hold) resources on nodes.
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Scheduled | JobState::Running)
+    }
+}
+
+/// Why an active job's replicas are being stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StopCause {
+    Cancel { by: String },
+    Preempt { for_job: u64, reason: String },
+    ReplicaFailed { replica: u32, exit_code: i32 },
+    NodeLost { node: String },
+    Drain { node: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaPhase {
+    /// Sent to the node's agent, not yet reported running.
+    Assigned,
+    Running,
+    Exited,
+    /// Its node was lost; the agent's own lease has stopped it.
+    Lost,
+    /// Stopped before its agent ever started it.
+    NotStarted,
+}
+
+impl ReplicaPhase {
+    pub fn is_done(self) -> bool {
+        matches!(
+            self,
+            ReplicaPhase::Exited | ReplicaPhase::Lost | ReplicaPhase::NotStarted
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Replica {
+    pub index: u32,
+    pub node: String,
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+    pub devices: Vec<DeviceShare>,
+    pub phase: ReplicaPhase,
+    pub exit_code: Option<i32>,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+}
+
+impl Replica {
+    pub fn gpu_milli(&self) -> u64 {
+        self.devices.iter().map(|d| u64::from(d.milli)).sum()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub owner: String,
+    pub def: JobDef,
+    pub state: JobState,
+    /// Why it is in its state, in words.
+    pub reason: String,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    /// Placements so far; replicas of attempt `a` are keyed `{id}.{a}.{index}`.
+    pub attempt: u32,
+    /// Restarts after failures (preemption and node loss do not count).
+    pub restarts: u32,
+    /// Not to be placed before this time (restart backoff).
+    pub not_before_ms: u64,
+    pub replicas: Vec<Replica>,
+    pub stop: Option<StopCause>,
+    /// Order of the last start, for "newest first" preemption.
+    pub started_seq: u64,
+    /// When it last entered the queue, for queue-wait metrics.
+    pub queued_ms: u64,
+    pub finished_ms: Option<u64>,
+}
+
+impl Job {
+    pub fn project(&self) -> &str {
+        &self.def.spec.project
+    }
+
+    pub fn key(&self, replica: u32) -> String {
+        format!("{}.{}.{}", self.id, self.attempt, replica)
+    }
+
+    /// Milli-GPU held now by replicas that have not finished.
+    pub fn gpu_milli_held(&self) -> u64 {
+        self.replicas
+            .iter()
+            .filter(|r| !r.phase.is_done())
+            .map(Replica::gpu_milli)
+            .sum()
+    }
+
+    pub fn all_replicas_done(&self) -> bool {
+        self.replicas.iter().all(|r| r.phase.is_done())
+    }
+}
+
+/// Splits a replica key `{job}.{attempt}.{index}`.
+pub fn parse_key(key: &str) -> Option<(u64, u32, u32)> {
+    let mut it = key.split('.');
+    let job = it.next()?.parse().ok()?;
+    let attempt = it.next()?.parse().ok()?;
+    let index = it.next()?.parse().ok()?;
+    it.next().is_none().then_some((job, attempt, index))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeHealth {
+    Ready,
+    /// Missed heartbeats for longer than its lease; its work was rescheduled.
+    Lost,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Node {
+    pub spec: NodeSpec,
+    pub simulated: bool,
+    /// Where the agent serves logs.
+    pub address: String,
+    /// The secret the controller shows the agent when it fetches logs.
+    pub callback_secret: String,
+    pub cordoned: bool,
+    pub health: NodeHealth,
+    pub registered_ms: u64,
+    /// Not persisted: a restarted controller gives every node a fresh lease.
+    #[serde(skip)]
+    pub last_seen_ms: u64,
+    #[serde(skip)]
+    pub last_seq: u64,
+    #[serde(skip)]
+    pub heartbeats: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    /// A person's API token.
+    User,
+    /// Lets a new agent join the pool once per use.
+    Join,
+    /// One agent's own credential.
+    Agent,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub kind: TokenKind,
+    /// Owner user (user tokens) or node name (agent tokens); the creator for join tokens.
+    pub subject: String,
+    pub description: String,
+    /// argon2 PHC string of the secret part.
+    pub hash: String,
+    pub created_ms: u64,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    pub job: u64,
+    pub ts_ms: u64,
+    pub kind: String,
+    pub message: String,
+}
+
+/// Events kept in memory per job (all are in the store).
+pub const EVENTS_PER_JOB: usize = 200;
+/// Requests remembered for the pool's shape history.
+pub const SHAPE_HISTORY: usize = 2000;
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub users: BTreeMap<String, User>,
+    pub projects: BTreeMap<String, Project>,
+    pub jobs: BTreeMap<u64, Job>,
+    pub nodes: BTreeMap<String, Node>,
+    pub tokens: BTreeMap<String, TokenRecord>,
+    pub events: HashMap<u64, VecDeque<Event>>,
+    pub next_job_id: u64,
+    pub next_start_seq: u64,
+    /// Per node, bumped whenever what should run there changes.
+    pub node_revision: HashMap<String, u64>,
+    /// Set by writes: run the scheduler after the commit.
+    pub kick: bool,
+    /// Nodes whose desired set changed in this batch: wake their agents after the commit.
+    pub dirty_nodes: BTreeSet<String>,
+    pub recent_requests: VecDeque<ResourceRequest>,
+    /// Reasons of waiting jobs from the last scheduling round (derived, not stored).
+    pub wait_reasons: HashMap<u64, String>,
+}
+
+impl State {
+    pub fn touch_node(&mut self, node: &str) {
+        *self.node_revision.entry(node.to_string()).or_default() += 1;
+        self.dirty_nodes.insert(node.to_string());
+    }
+
+    pub fn remember_request(&mut self, request: &ResourceRequest) {
+        if self.recent_requests.len() >= SHAPE_HISTORY {
+            self.recent_requests.pop_front();
+        }
+        self.recent_requests.push_back(request.clone());
+    }
+
+    pub fn push_event(&mut self, event: Event) {
+        let list = self.events.entry(event.job).or_default();
+        if list.len() >= EVENTS_PER_JOB {
+            list.pop_front();
+        }
+        list.push_back(event);
+    }
+
+    /// Projects a user may see and act in; `None` means all.
+    pub fn visible_projects(&self, user: &str, role: Role) -> Option<BTreeSet<String>> {
+        match role {
+            Role::Admin | Role::Viewer => None,
+            Role::Member => Some(
+                self.projects
+                    .values()
+                    .filter(|p| p.members.contains(user))
+                    .map(|p| p.name.clone())
+                    .collect(),
+            ),
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The embedded store: one SQLite file (WAL, full sync) and a writer thread with group commit.
+//!
+//! Writes are closures that run on the writer thread inside one transaction per batch, each in its
+//! own savepoint. The thread holds the in-memory state's lock from the first change of a batch
+//! until the commit, and replies only after the commit: a reply means durable, and no reader ever
+//! sees a change the file does not hold. Batching many writes into one commit is what makes
+//! thousands of acknowledged submissions per second possible with an fsync per commit.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+
+use crate::state::{Event, Job, Node, Project, State, TokenRecord, User};
+
+/// Most writes committed together.
+const MAX_BATCH: usize = 1024;
+
+/// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE users (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
+     CREATE TABLE projects (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
+     CREATE TABLE jobs (id INTEGER PRIMARY KEY, project TEXT NOT NULL, state TEXT NOT NULL,
+                        doc TEXT NOT NULL);
+     CREATE INDEX jobs_project ON jobs(project);
+     CREATE TABLE nodes (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
+     CREATE TABLE tokens (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+     CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, job INTEGER NOT NULL,
+                          ts_ms INTEGER NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL);
+     CREATE INDEX events_job ON events(job, seq);
+     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+];
+
+/// Opens (creating if needed) and migrates the store.
+pub fn open(path: &Path) -> anyhow::Result<Connection> {
+    let mut conn =
+        Connection::open(path).with_context(|| format!("opening the store {}", path.display()))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > MIGRATIONS.len() {
+        anyhow::bail!(
+            "the store {} has schema version {version}, newer than this tessera ({}); run a \
+             newer tessera or restore a backup",
+            path.display(),
+            MIGRATIONS.len()
+        );
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)
+            .with_context(|| format!("schema migration {}", i + 1))?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(conn)
+}
+
+fn load_docs<T: DeserializeOwned>(conn: &Connection, table: &str) -> anyhow::Result<Vec<T>> {
+    let mut stmt = conn.prepare(&format!("SELECT doc FROM {table}"))?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let doc = row?;
+        out.push(serde_json::from_str(&doc).with_context(|| format!("a record in table {table}"))?);
+    }
+    Ok(out)
+}
+
+/// Reads the whole state back (at start-up).
+pub fn load(conn: &Connection, now_ms: u64) -> anyhow::Result<State> {
+    let mut state = State::default();
+    for u in load_docs::<User>(conn, "users")? {
+        state.users.insert(u.name.clone(), u);
+    }
+    for p in load_docs::<Project>(conn, "projects")? {
+        state.projects.insert(p.name.clone(), p);
+    }
+    for mut n in load_docs::<Node>(conn, "nodes")? {
+        n.last_seen_ms = now_ms;
+        state.nodes.insert(n.spec.name.clone(), n);
+    }
+    for t in load_docs::<TokenRecord>(conn, "tokens")? {
+        state.tokens.insert(t.id.clone(), t);
+    }
+    for j in load_docs::<Job>(conn, "jobs")? {
+        state.next_job_id = state.next_job_id.max(j.id);
+        state.next_start_seq = state.next_start_seq.max(j.started_seq);
+        state.remember_request(&j.def.spec.request);
+        state.jobs.insert(j.id, j);
+    }
+    let mut stmt = conn.prepare(
+        "SELECT job, ts_ms, kind, message FROM events WHERE seq > \
+         (SELECT COALESCE(MAX(seq), 0) FROM events) - 200000 ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Event {
+            job: r.get::<_, i64>(0)? as u64,
+            ts_ms: r.get::<_, i64>(1)? as u64,
+            kind: r.get(2)?,
+            message: r.get(3)?,
+        })
+    })?;
+    for e in rows {
+        state.push_event(e?);
+    }
+    Ok(state)
+}
+
+fn doc<T: Serialize>(value: &T) -> rusqlite::Result<String> {
+    serde_json::to_string(value).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+pub fn put_user(c: &Connection, u: &User) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT OR REPLACE INTO users (name, doc) VALUES (?1, ?2)",
+        params![u.name, doc(u)?],
+    )?;
+    Ok(())
+}
+
+pub fn put_project(c: &Connection, p: &Project) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT OR REPLACE INTO projects (name, doc) VALUES (?1, ?2)",
+        params![p.name, doc(p)?],
+    )?;
+    Ok(())
+}
+
+pub fn put_job(c: &Connection, j: &Job) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT OR REPLACE INTO jobs (id, project, state, doc) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![j.id as i64, j.project(), j.state.name(), doc(j)?])?;
+    Ok(())
+}
+
+pub fn put_node(c: &Connection, n: &Node) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT OR REPLACE INTO nodes (name, doc) VALUES (?1, ?2)",
+        params![n.spec.name, doc(n)?],
+    )?;
+    Ok(())
+}
+
+pub fn put_token(c: &Connection, t: &TokenRecord) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT OR REPLACE INTO tokens (id, doc) VALUES (?1, ?2)",
+        params![t.id, doc(t)?],
+    )?;
+    Ok(())
+}
+
+pub fn add_event(c: &Connection, e: &Event) -> rusqlite::Result<()> {
+    c.prepare_cached("INSERT INTO events (job, ts_ms, kind, message) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![e.job as i64, e.ts_ms as i64, e.kind, e.message])?;
+    Ok(())
+}
+
+pub fn get_meta(c: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+pub fn put_meta(c: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+/// Wakes whoever waits on a change: the scheduler, and agents long-polling for their node.
+#[derive(Default)]
+pub struct Notifier {
+    pub schedule: Notify,
+    nodes: Mutex<std::collections::HashMap<String, watch::Sender<u64>>>,
+}
+
+impl Notifier {
+    /// A receiver that changes whenever the node's desired set does.
+    pub fn watch_node(&self, node: &str) -> watch::Receiver<u64> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        nodes
+            .entry(node.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    pub fn wake_node(&self, node: &str) {
+        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = nodes.get(node) {
+            tx.send_modify(|v| *v += 1);
+        }
+    }
+}
+
+type Reply = Box<dyn FnOnce() + Send>;
+type Op = Box<dyn FnOnce(&Connection, &mut State) -> (bool, Reply) + Send>;
+
+/// The handle through which every change reaches the store.
+#[derive(Clone)]
+pub struct Store {
+    ops: mpsc::UnboundedSender<Op>,
+    pub state: Arc<Mutex<State>>,
+    pub notifier: Arc<Notifier>,
+}
+
+/// A write that was refused; nothing of it was kept.
+pub type WriteResult<R, E> = Result<R, E>;
+
+impl Store {
+    /// Starts the writer thread over an open connection.
+    pub fn start(mut conn: Connection, state: State) -> Store {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Op>();
+        let state = Arc::new(Mutex::new(state));
+        let notifier = Arc::new(Notifier::default());
+        let (st, nt) = (state.clone(), notifier.clone());
+        std::thread::Builder::new()
+            .name("tessera-store".into())
+            .spawn(move || {
+                while let Some(first) = rx.blocking_recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(op) => batch.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut state = st.lock().unwrap_or_else(|e| e.into_inner());
+                    let replies = match run_batch(&mut conn, &mut state, batch) {
+                        Ok(replies) => replies,
+                        Err(err) => {
+                            // Memory may now hold changes the file does not: stop rather than
+                            // acknowledge anything more. A restart reloads the committed state.
+                            tracing::error!("store commit failed, stopping the controller: {err}");
+                            std::process::exit(70);
+                        }
+                    };
+                    let kick = std::mem::take(&mut state.kick);
+                    let dirty = std::mem::take(&mut state.dirty_nodes);
+                    drop(state);
+                    for reply in replies {
+                        reply();
+                    }
+                    if kick {
+                        nt.schedule.notify_one();
+                    }
+                    for node in dirty {
+                        nt.wake_node(&node);
+                    }
+                }
+            })
+            .expect("spawning the store thread");
+        Store {
+            ops: tx,
+            state,
+            notifier,
+        }
+    }
+
+    /// Runs `f` in the next batch; it must write the store before changing `State`, and change
+    /// `State` only once nothing can fail. Resolves after the commit.
+    pub async fn write<R, E, F>(&self, f: F) -> WriteResult<R, E>
+    where
+        R: Send + 'static,
+        E: Send + 'static + From<StoreGone>,
+        F: FnOnce(&Connection, &mut State) -> Result<R, E> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let op: Op = Box::new(move |c, s| {
+            let result = f(c, s);
+            let ok = result.is_ok();
+            (
+                ok,
+                Box::new(move || {
+                    let _ = tx.send(result);
+                }),
+            )
+        });
+        self.ops.send(op).map_err(|_| StoreGone)?;
+        rx.await.map_err(|_| StoreGone)?
+    }
+
+    /// Reads the state (short critical sections only).
+    pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&state)
+    }
+}
+
+/// The writer thread is gone (the controller is stopping).
+#[derive(Debug, thiserror::Error)]
+#[error("the store is stopping")]
+pub struct StoreGone;
+
+fn run_batch(
+    conn: &mut Connection,
+    state: &mut State,
+    batch: Vec<Op>,
+) -> rusqlite::Result<Vec<Reply>> {
+    let mut tx = conn.transaction()?;
+    let mut replies = Vec::with_capacity(batch.len());
+    for op in batch {
+        let sp = tx.savepoint()?;
+        let (ok, reply) = op(&sp, state);
+        if ok {
+            sp.commit()?;
+        }
+        // A refused op's savepoint rolls back when dropped.
+        replies.push(reply);
+    }
+    tx.commit()?;
+    Ok(replies)
+}
