@@ -368,7 +368,7 @@ fn converge(
         {
             runs.remove(key);
             let _ = std::fs::write(shared.runs_dir.join(key).join("acked"), "");
-            backend.remove(key);
+            backend.remove(&cgroup_name(&config.name, key));
         }
     }
     // Stop what should not run.
@@ -414,6 +414,12 @@ fn converge(
         };
         runs.insert(a.key.clone(), status);
     }
+}
+
+/// A replica's cgroup name: unique per node, since several agents may share a host (and a parent
+/// cgroup), and the shim kills every process in its cgroup.
+fn cgroup_name(node: &str, key: &str) -> String {
+    format!("{node}_{key}")
 }
 
 /// The environment of one replica's allocation.
@@ -470,9 +476,10 @@ fn start(
 ) -> anyhow::Result<i32> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("assignment.json"), serde_json::to_vec_pretty(a)?)?;
+    let cg = cgroup_name(&config.name, &a.key);
     let procs = backend
         .create(
-            &a.key,
+            &cg,
             Limits {
                 cpu_milli: a.cpu_milli,
                 memory_bytes: a.memory_bytes.max(16 << 20),
@@ -499,8 +506,8 @@ fn start(
         cmd.arg("--cgroup-procs").arg(p);
     }
     let oom_file = match backend {
-        Backend::V2 { base } => Some(base.join(&a.key).join("memory.events")),
-        Backend::V1 { memory, .. } => Some(memory.join(&a.key).join("memory.oom_control")),
+        Backend::V2 { base } => Some(base.join(&cg).join("memory.events")),
+        Backend::V1 { memory, .. } => Some(memory.join(&cg).join("memory.oom_control")),
         Backend::None { .. } => None,
     };
     if let Some(f) = oom_file {

@@ -1,0 +1,640 @@
+//! The pool end to end: a real controller and real agents as separate processes on 127.0.0.x,
+//! simulated GPUs, real child processes, real SQLite. Nothing of Tessera's own is mocked.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+fn port() -> u16 {
+    let base = 20000 + (std::process::id() % 20000) as u16;
+    base + NEXT_PORT.fetch_add(1, Ordering::SeqCst)
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tessera")
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Pool {
+    dir: tempfile::TempDir,
+    url: String,
+    admin: String,
+    listen: String,
+    controller: Option<Proc>,
+    agents: Vec<(String, Proc)>,
+    http: reqwest::blocking::Client,
+}
+
+impl Pool {
+    fn start() -> Pool {
+        let dir = tempfile::tempdir().unwrap();
+        let listen = format!("127.0.0.1:{}", port());
+        let mut pool = Pool {
+            url: format!("http://{listen}"),
+            listen,
+            admin: String::new(),
+            controller: None,
+            agents: vec![],
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            dir,
+        };
+        pool.admin = pool
+            .start_controller()
+            .expect("a first start prints the admin token");
+        pool
+    }
+
+    /// Starts (or restarts) the controller; returns the admin token on a first start.
+    fn start_controller(&mut self) -> Option<String> {
+        let mut child = Command::new(bin())
+            .args(["controller", "--data-dir"])
+            .arg(self.dir.path().join("controller"))
+            .args(["--listen", &self.listen, "--lease", "2s"])
+            .env("TESSERA_CONFIG", self.dir.path().join("cli.yaml"))
+            .env("TESSERA_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let first = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(first.starts_with("Tessera API at"), "{first}");
+        // A first start prints the admin token on the next line; a restart prints nothing more.
+        let token = rx
+            .recv_timeout(Duration::from_secs(2))
+            .ok()
+            .and_then(|line| {
+                line.strip_prefix("First admin token (shown once): ")
+                    .map(str::to_string)
+            });
+        self.controller = Some(Proc(child));
+        token
+    }
+
+    fn join_token(&self) -> String {
+        self.post("/v1/tokens", json!({"kind": "join"}), &self.admin)
+            .1["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn add_agent(&mut self, name: &str, ip: &str, gpus: &str) {
+        let join = self.join_token();
+        let child = Command::new(bin())
+            .args([
+                "agent",
+                "--join",
+                &self.url,
+                "--token",
+                &join,
+                "--node-name",
+                name,
+                "--simulate-gpus",
+                gpus,
+            ])
+            .args([
+                "--listen",
+                &format!("{ip}:0"),
+                "--grace",
+                "1s",
+                "--cpus",
+                "8",
+                "--memory",
+                "16GiB",
+            ])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(name))
+            .env("TESSERA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.agents.push((name.to_string(), Proc(child)));
+        self.wait_for(&format!("node {name} ready"), || {
+            self.get("/v1/nodes", &self.admin)
+                .1
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == name && n["health"] == "ready")
+        });
+    }
+
+    fn agent_pid(&self, name: &str) -> i32 {
+        self.agents
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+            .0
+            .id() as i32
+    }
+
+    fn req(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        token: &str,
+    ) -> (u16, Value) {
+        let mut r = self.http.request(method, format!("{}{path}", self.url));
+        if !token.is_empty() {
+            r = r.bearer_auth(token);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    fn get(&self, path: &str, token: &str) -> (u16, Value) {
+        self.req(reqwest::Method::GET, path, None, token)
+    }
+
+    fn post(&self, path: &str, body: Value, token: &str) -> (u16, Value) {
+        self.req(reqwest::Method::POST, path, Some(body), token)
+    }
+
+    fn submit(&self, project: &str, gpu: f64, replicas: u32, priority: i64, command: &str) -> u64 {
+        let (status, v) = self.post(
+            "/v1/jobs",
+            json!({"metadata": {"name": "t", "project": project},
+                   "spec": {"replicas": replicas, "priority": priority,
+                            "resources": {"gpu": gpu, "cpu": 0.5, "memory": "128MiB"},
+                            "command": ["sh", "-c", command]}}),
+            &self.admin,
+        );
+        assert_eq!(status, 201, "{v}");
+        v["id"].as_u64().unwrap()
+    }
+
+    fn job(&self, id: u64) -> Value {
+        self.get(&format!("/v1/jobs/{id}"), &self.admin).1
+    }
+
+    fn wait_for(&self, what: &str, mut ok: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !ok() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "timed out waiting for {what}: {}",
+                self.get("/v1/jobs", &self.admin).1
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_state(&self, id: u64, state: &str) -> Value {
+        let mut last = Value::Null;
+        self.wait_for(&format!("job {id} to be {state}"), || {
+            last = self.job(id);
+            last["state"] == state
+        });
+        last
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn logs(pool: &Pool, id: u64) -> String {
+    let (status, v) = pool.get(&format!("/v1/jobs/{id}/logs?replica=0"), &pool.admin);
+    assert_eq!(status, 200, "{v}");
+    v["data"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_job_runs_its_output_is_in_the_logs_and_gangs_span_nodes_or_wait_whole() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
+    pool.add_agent("n2", "127.0.0.3", "2xH100-80GB");
+    let id = pool.submit(
+        "default",
+        0.5,
+        1,
+        50,
+        "echo hello from $TESSERA_JOB_ID share $TESSERA_COMPUTE_SHARE",
+    );
+    pool.wait_state(id, "succeeded");
+    assert_eq!(logs(&pool, id), format!("hello from {id} share 0.500\n"));
+
+    // The CLI reads the same output.
+    let out = Command::new(bin())
+        .args([
+            "logs",
+            &id.to_string(),
+            "--url",
+            &pool.url,
+            "--token",
+            &pool.admin,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("hello from {id} share 0.500\n")
+    );
+
+    // Four one-GPU replicas need both nodes.
+    let gang = pool.submit("default", 1.0, 4, 50, "sleep 1");
+    let running = pool.wait_state(gang, "running");
+    let mut nodes: Vec<&str> = running["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["node"].as_str().unwrap())
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    assert_eq!(nodes, vec!["n1", "n2"]);
+    // Five cannot fit at all: the gang waits whole, and says why.
+    let big = pool.submit("default", 1.0, 5, 50, "true");
+    pool.wait_state(gang, "succeeded");
+    std::thread::sleep(Duration::from_millis(500));
+    let waiting = pool.job(big);
+    assert_eq!(waiting["state"], "pending");
+    assert!(waiting["assignments"].as_array().unwrap().is_empty());
+    let reason = waiting["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("needs 5 replicas, each 1 whole GPU"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("a gang starts whole or not at all"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn bad_requests_are_refused_with_the_problem_named_and_change_nothing() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let count = |pool: &Pool| {
+        pool.get("/v1/jobs", &pool.admin)
+            .1
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = count(&pool);
+    let cases = [
+        (
+            json!({"metadata": {"name": "x"}, "spec": {"command": ["true"], "resources": {"gpus": 1}}}),
+            "unknown field `gpus`",
+        ),
+        (
+            json!({"metadata": {"name": "x"}, "spec": {"command": ["true"], "resources": {"memory": "8 gigs"}}}),
+            "spec.resources.memory",
+        ),
+        (
+            json!({"metadata": {"name": "x"}, "spec": {"command": ["true"], "resources": {"gpu": 1.5}}}),
+            "spec.resources.gpu",
+        ),
+        (
+            json!({"metadata": {"name": "x"}, "spec": {"command": []}}),
+            "spec.command",
+        ),
+        (
+            json!({"metadata": {"name": "x", "project": "nope"}, "spec": {"command": ["true"]}}),
+            "no such project",
+        ),
+        (
+            json!({"spec": {"command": ["true"]}}),
+            "missing field `metadata`",
+        ),
+    ];
+    for (body, expect) in cases {
+        let (status, v) = pool.post("/v1/jobs", body.clone(), &pool.admin);
+        assert!((400..500).contains(&status), "{body} -> {status} {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(expect), "{body}: {msg}");
+    }
+    // Not JSON at all.
+    let resp = pool
+        .http
+        .post(format!("{}/v1/jobs", pool.url))
+        .bearer_auth(&pool.admin)
+        .body("{{{")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    // No token, a wrong token.
+    assert_eq!(pool.post("/v1/jobs", json!({}), "").0, 401);
+    assert_eq!(
+        pool.get(
+            "/v1/jobs",
+            "tsr_000000000000_0000000000000000000000000000000000000000000000000000000000000000"
+        )
+        .0,
+        401
+    );
+    assert_eq!(count(&pool), before);
+
+    // A member sees and acts on their own projects only.
+    assert_eq!(
+        pool.post(
+            "/v1/users",
+            json!({"name": "ana", "role": "member"}),
+            &pool.admin
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        pool.post(
+            "/v1/projects",
+            json!({"name": "vision", "members": ["ana"]}),
+            &pool.admin
+        )
+        .0,
+        201
+    );
+    let ana = pool
+        .post("/v1/tokens", json!({"user": "ana"}), &pool.admin)
+        .1["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = pool.submit("default", 0.0, 1, 50, "sleep 30");
+    assert_eq!(pool.get(&format!("/v1/jobs/{other}"), &ana).0, 404);
+    assert_eq!(
+        pool.post(&format!("/v1/jobs/{other}/cancel"), json!({}), &ana)
+            .0,
+        404
+    );
+    let (status, v) = pool.post(
+        "/v1/jobs",
+        json!({"metadata": {"name": "x"}, "spec": {"command": ["true"]}}),
+        &ana,
+    );
+    assert_eq!(status, 403, "{v}");
+    assert!(pool.get("/v1/jobs", &ana).1.as_array().unwrap().is_empty());
+    let (status, _) = pool.post(
+        "/v1/jobs",
+        json!({"metadata": {"name": "x", "project": "vision"}, "spec": {"command": ["true"]}}),
+        &ana,
+    );
+    assert_eq!(status, 201);
+    // Members cannot administer.
+    assert_eq!(
+        pool.post("/v1/projects", json!({"name": "mine"}), &ana).0,
+        403
+    );
+    assert_eq!(
+        pool.post("/v1/tokens", json!({"kind": "join"}), &ana).0,
+        403
+    );
+    assert_eq!(pool.job(other)["state"], "running");
+    // The OpenAPI document names every endpoint the router serves.
+    let doc = pool.get("/openapi.json", "").1;
+    for p in [
+        "/v1/jobs",
+        "/v1/jobs/{id}/logs",
+        "/v1/nodes/{name}/drain",
+        "/v1/projects/{name}",
+        "/v1/tokens/{id}",
+        "/v1/agent/sync",
+    ] {
+        assert!(
+            doc["paths"][p].is_object(),
+            "{p} missing from the OpenAPI document"
+        );
+    }
+}
+
+#[test]
+fn quota_reclaim_preempts_the_lowest_priority_newest_jobs_and_no_more() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "4xH100-80GB");
+    for (name, g) in [("research", 2.0), ("batch", 0.0)] {
+        let (s, v) = pool.post(
+            "/v1/projects",
+            json!({"name": name, "guaranteed_gpu": g}),
+            &pool.admin,
+        );
+        assert_eq!(s, 201, "{v}");
+    }
+    let old_low = pool.submit("batch", 1.0, 1, 25, "sleep 60");
+    pool.wait_state(old_low, "running");
+    let high = pool.submit("batch", 1.0, 1, 75, "sleep 60");
+    pool.wait_state(high, "running");
+    let new_low = pool.submit("batch", 1.0, 1, 25, "sleep 60");
+    pool.wait_state(new_low, "running");
+    let normal = pool.submit("batch", 1.0, 1, 50, "sleep 60");
+    pool.wait_state(normal, "running");
+    // The pool is full; research is under its guarantee of 2 and asks for 2.
+    let claim = pool.submit("research", 1.0, 2, 50, "sleep 60");
+    pool.wait_state(claim, "running");
+    // The two low-priority batch jobs went back to the queue; the others kept running.
+    for victim in [old_low, new_low] {
+        let j = pool.job(victim);
+        assert_eq!(j["state"], "pending", "{j}");
+        assert!(
+            j["reason"].as_str().unwrap().contains("quota")
+                || j["reason"].as_str().unwrap().contains("preempted")
+                || j["reason"].as_str().unwrap().contains("needs"),
+            "{j}"
+        );
+    }
+    for kept in [high, normal] {
+        assert_eq!(pool.job(kept)["state"], "running");
+    }
+    let events = pool
+        .get(&format!("/v1/jobs/{new_low}/events"), &pool.admin)
+        .1;
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "Preempted"),
+        "{events}"
+    );
+}
+
+/// Appends "attempt ns" lines to a file every 50 ms, forever.
+fn ticker(file: &Path) -> String {
+    format!(
+        "while true; do echo \"$TESSERA_ATTEMPT $(date +%s%N)\" >> {}; sleep 0.05; done",
+        file.display()
+    )
+}
+
+/// (attempt, first ns, last ns) of each attempt's ticks.
+fn spans(file: &Path) -> Vec<(u32, u128, u128)> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let mut out: Vec<(u32, u128, u128)> = vec![];
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        let (Some(a), Some(t)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let (a, t): (u32, u128) = (a.parse().unwrap(), t.parse().unwrap());
+        match out.iter_mut().find(|s| s.0 == a) {
+            Some(s) => s.2 = s.2.max(t),
+            None => out.push((a, t, t)),
+        }
+    }
+    out
+}
+
+#[test]
+fn an_agent_killed_or_cut_off_never_leaves_a_replica_running_twice_and_its_work_moves() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
+
+    // SIGSTOP: the agent cannot renew its lease; its shim stops the workload before the
+    // controller moves it.
+    let file = pool.path("ticks-stop");
+    let id = pool.submit("default", 1.0, 1, 50, &ticker(&file));
+    let first = pool.wait_state(id, "running");
+    let node = first["assignments"][0]["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    pool.wait_for("ticks", || !spans(&file).is_empty());
+    let pid = nix::unistd::Pid::from_raw(pool.agent_pid(&node));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    pool.wait_for("the job to run elsewhere", || {
+        let j = pool.job(id);
+        j["state"] == "running" && j["attempt"] == 2
+    });
+    pool.wait_for("ticks of attempt 2", || {
+        spans(&file).iter().any(|s| s.0 == 2)
+    });
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let s = spans(&file);
+    let a1 = s.iter().find(|x| x.0 == 1).unwrap();
+    let a2 = s.iter().find(|x| x.0 == 2).unwrap();
+    assert!(
+        a1.2 < a2.1,
+        "attempt 1 ticked until {} but attempt 2 started at {}",
+        a1.2,
+        a2.1
+    );
+    assert_ne!(
+        pool.job(id)["assignments"][0]["node"].as_str().unwrap(),
+        node
+    );
+    let (_, c) = pool.post(&format!("/v1/jobs/{id}/cancel"), json!({}), &pool.admin);
+    assert!(c["state"].is_string());
+    pool.wait_state(id, "cancelled");
+
+    // kill -9 of the agent running a job: the job finishes elsewhere.
+    let done = pool.submit("default", 1.0, 1, 50, "sleep 4; echo finished");
+    let j = pool.wait_state(done, "running");
+    let victim = j["assignments"][0]["node"].as_str().unwrap().to_string();
+    let idx = pool.agents.iter().position(|(n, _)| *n == victim).unwrap();
+    let (_, mut proc) = pool.agents.remove(idx);
+    proc.0.kill().unwrap();
+    let j = pool.wait_state(done, "succeeded");
+    assert_ne!(j["assignments"][0]["node"].as_str().unwrap(), victim);
+    assert_eq!(j["attempt"], 2);
+}
+
+#[test]
+fn a_controller_killed_mid_stream_keeps_every_acknowledged_job() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
+    let url = pool.url.clone();
+    let token = pool.admin.clone();
+    let submitter = std::thread::spawn(move || {
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let mut acked = vec![];
+        for _ in 0..2000 {
+            let r = http
+                .post(format!("{url}/v1/jobs"))
+                .bearer_auth(&token)
+                .json(&json!({"metadata": {"name": "s"}, "spec": {"command": ["true"], "resources": {"cpu": "100m", "memory": "16MiB"}}}))
+                .send();
+            match r {
+                Ok(resp) if resp.status().as_u16() == 201 => {
+                    acked.push(resp.json::<Value>().unwrap()["id"].as_u64().unwrap());
+                }
+                _ => break,
+            }
+        }
+        acked
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let mut c = pool.controller.take().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.0.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = c.0.wait();
+    std::mem::forget(c);
+    let acked = submitter.join().unwrap();
+    assert!(
+        acked.len() > 10,
+        "only {} submissions before the kill",
+        acked.len()
+    );
+    assert!(
+        pool.start_controller().is_none(),
+        "a restart must not mint another admin token"
+    );
+    pool.wait_for("the controller", || {
+        pool.http
+            .get(format!("{}/healthz", pool.url))
+            .send()
+            .is_ok()
+    });
+    let jobs = pool.get("/v1/jobs?limit=100000", &pool.admin).1;
+    let ids: std::collections::HashSet<u64> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_u64().unwrap())
+        .collect();
+    for id in &acked {
+        assert!(
+            ids.contains(id),
+            "acknowledged job {id} is gone after the restart"
+        );
+    }
+    // Everything acknowledged runs to the end, once.
+    let last = *acked.last().unwrap();
+    pool.wait_state(last, "succeeded");
+    for id in acked.iter().take(20) {
+        let j = pool.wait_state(*id, "succeeded");
+        assert_eq!(j["attempt"], 1, "{j}");
+    }
+}
