@@ -148,11 +148,6 @@ impl Quotas {
         self.subtree[i]
     }
 
-    pub fn guaranteed(&mut self, project: &str) -> u64 {
-        let i = self.ensure(project);
-        self.projects[i].guaranteed_milli
-    }
-
     /// Would `milli` more keep the project within its guarantee?
     pub fn within_guarantee(&mut self, project: &str, milli: u64) -> bool {
         let i = self.ensure(project);

@@ -212,9 +212,6 @@ pub struct Store {
     pub notifier: Arc<Notifier>,
 }
 
-/// A write that was refused; nothing of it was kept.
-pub type WriteResult<R, E> = Result<R, E>;
-
 impl Store {
     /// Starts the writer thread over an open connection.
     pub fn start(mut conn: Connection, state: State) -> Store {
@@ -267,7 +264,7 @@ impl Store {
 
     /// Runs `f` in the next batch; it must write the store before changing `State`, and change
     /// `State` only once nothing can fail. Resolves after the commit.
-    pub async fn write<R, E, F>(&self, f: F) -> WriteResult<R, E>
+    pub async fn write<R, E, F>(&self, f: F) -> Result<R, E>
     where
         R: Send + 'static,
         E: Send + 'static + From<StoreGone>,

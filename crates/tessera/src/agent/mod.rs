@@ -26,12 +26,7 @@ use crate::protocol::{
 };
 use cgroup::{Backend, Limits};
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::controller::now_ms;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {

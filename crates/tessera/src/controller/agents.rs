@@ -4,7 +4,7 @@
 //! The sync is a long poll: when nothing changed, the controller holds it until the node's desired
 //! set changes or `wait_ms` passes, so assignments reach agents at once without a fixed tick.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::Json;
@@ -13,7 +13,7 @@ use tessera_sched::NodeSpec;
 use tessera_sched::validate::validate_node;
 
 use super::api::save_job;
-use super::lifecycle::{apply_status, settle};
+use super::lifecycle::{Note, apply_status, settle};
 use super::{ApiError, AxState, Caller, Ctl, S, issue_token, now_ms};
 use crate::auth::Principal;
 use crate::manifest::check_name;
@@ -21,7 +21,7 @@ use crate::protocol::{
     Assignment, RegisterRequest, RegisterResponse, ReplicaStatus, RunPhase, SyncRequest,
     SyncResponse,
 };
-use crate::state::{Node, NodeHealth, ReplicaPhase, State, StopCause, TokenKind, parse_key};
+use crate::state::{Job, Node, NodeHealth, ReplicaPhase, State, StopCause, TokenKind, parse_key};
 use crate::store;
 
 pub async fn register(
@@ -210,79 +210,64 @@ fn report(
     let came_back = node.health == NodeHealth::Lost;
     let by_key: BTreeMap<&str, &ReplicaStatus> =
         statuses.iter().map(|st| (st.key.as_str(), st)).collect();
-    let mut acked = Vec::new();
-    let mut changed = Vec::new();
-    let mut seen_jobs = HashSet::new();
-    for st in statuses {
-        let Some((job_id, attempt, index)) = parse_key(&st.key) else {
-            if st.phase == RunPhase::Exited {
-                acked.push(st.key.clone());
-            }
-            continue;
-        };
-        let current = s
-            .jobs
-            .get(&job_id)
-            .filter(|j| j.attempt == attempt && j.state.is_active() && !came_back);
-        match current {
-            Some(job) => {
-                seen_jobs.insert(job_id);
-                if st.phase == RunPhase::Exited {
-                    acked.push(st.key.clone());
-                }
-                if !changed
-                    .iter()
-                    .any(|(j, _): &(crate::state::Job, _)| j.id == job_id)
-                {
-                    changed.push((job.clone(), Vec::new()));
-                }
-                let (job, notes) = changed
-                    .iter_mut()
-                    .find(|(j, _)| j.id == job_id)
-                    .expect("just pushed");
-                if apply_status(job, index, st, now) {
-                    let what = match st.phase {
-                        RunPhase::Running => format!("replica {index} started on {name}"),
-                        RunPhase::Exited => format!("replica {index} on {name}: {}", st.message),
-                    };
-                    notes.push(("Replica", what));
-                }
-            }
-            // Stale work (an earlier attempt, an ended job): not in the desired set, so the agent
-            // stops it; its exit needs no record.
-            None => {
-                if st.phase == RunPhase::Exited {
-                    acked.push(st.key.clone());
-                }
+    // Every reported exit is recorded (or is stale) in this very commit, so all are acknowledged.
+    let acked: Vec<String> = statuses
+        .iter()
+        .filter(|st| st.phase == RunPhase::Exited)
+        .map(|st| st.key.clone())
+        .collect();
+    // Jobs touched by this report, with their events; only those that changed are written, so a
+    // heartbeat about steadily running work costs no store write.
+    let mut changed: BTreeMap<u64, (Job, Vec<Note>)> = BTreeMap::new();
+    if !came_back {
+        for st in statuses {
+            let Some((job_id, attempt, index)) = parse_key(&st.key) else {
+                continue;
+            };
+            // Stale work (an earlier attempt, an ended job) is not in the desired set, so the
+            // agent stops it; its exit needs no record.
+            let Some(job) = s
+                .jobs
+                .get(&job_id)
+                .filter(|j| j.attempt == attempt && j.state.is_active())
+            else {
+                continue;
+            };
+            let (job, notes) = changed
+                .entry(job_id)
+                .or_insert_with(|| (job.clone(), Vec::new()));
+            if apply_status(job, index, st, now) {
+                let what = match st.phase {
+                    RunPhase::Running => format!("replica {index} started on {name}"),
+                    RunPhase::Exited => format!("replica {index} on {name}: {}", st.message),
+                };
+                notes.push(("Replica", what));
             }
         }
-    }
-    // Replicas of this node that the agent no longer reports: stopped before they started, or
-    // lost by the agent.
-    for job in s.jobs.values().filter(|j| j.state.is_active()) {
-        let missing: Vec<u32> = job
-            .replicas
-            .iter()
-            .filter(|r| {
-                r.node == name
-                    && !r.phase.is_done()
-                    && !by_key.contains_key(job.key(r.index).as_str())
-            })
-            .filter(|r| job.stop.is_some() || r.phase == ReplicaPhase::Running)
-            .map(|r| r.index)
-            .collect();
-        if missing.is_empty() || came_back {
-            continue;
-        }
-        if !changed.iter().any(|(j, _)| j.id == job.id) {
-            changed.push((job.clone(), Vec::new()));
-        }
-        let (j, notes) = changed
-            .iter_mut()
-            .find(|(j, _)| j.id == job.id)
-            .expect("just pushed");
-        for index in missing {
-            if let Some(r) = j.replicas.iter_mut().find(|r| r.index == index) {
+        // Replicas of this node that the agent no longer reports: stopped before they started,
+        // or lost by the agent.
+        for job in s.jobs.values().filter(|j| j.state.is_active()) {
+            let missing: Vec<u32> = job
+                .replicas
+                .iter()
+                .filter(|r| {
+                    r.node == name
+                        && !r.phase.is_done()
+                        && (job.stop.is_some() || r.phase == ReplicaPhase::Running)
+                        && !by_key.contains_key(job.key(r.index).as_str())
+                })
+                .map(|r| r.index)
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let (j, notes) = changed
+                .entry(job.id)
+                .or_insert_with(|| (job.clone(), Vec::new()));
+            for index in missing {
+                let Some(r) = j.replicas.iter_mut().find(|r| r.index == index) else {
+                    continue;
+                };
                 if r.phase == ReplicaPhase::Running {
                     r.phase = ReplicaPhase::Exited;
                     r.exit_code = None;
@@ -292,12 +277,16 @@ fn report(
                     ));
                 } else {
                     r.phase = ReplicaPhase::NotStarted;
+                    notes.push((
+                        "Replica",
+                        format!("replica {index} was stopped before {name} started it"),
+                    ));
                 }
                 r.finished_ms = Some(now);
             }
         }
     }
-    for (job, notes) in &mut changed {
+    for (job, notes) in changed.values_mut() {
         let more = settle(job, now);
         notes.extend(more);
     }
@@ -305,7 +294,7 @@ fn report(
         node.health = NodeHealth::Ready;
         store::put_node(c, &node)?;
     }
-    for (job, notes) in changed {
+    for (job, notes) in changed.into_values().filter(|(_, notes)| !notes.is_empty()) {
         save_job(c, s, job, notes, now)?;
     }
     node.last_seen_ms = now;

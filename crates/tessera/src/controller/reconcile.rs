@@ -144,7 +144,6 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
     });
     let next_backoff = built.next_backoff;
     if built.snapshot.pending.is_empty() {
-        ctl.store.read(|_| ());
         return Ok(next_backoff);
     }
     let config = Config {
