@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use serde::Serialize;
 
-use crate::cluster::{Allocation, CapacityError, Cluster};
+use crate::cluster::{Allocation, CapacityError, Cluster, DeviceShare};
 use crate::model::NodeSpec;
 use crate::place::{FilterReport, PlacementError, Placer};
 use crate::policy::PolicyKind;
@@ -321,6 +321,9 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
                     &victims_taken,
                 ) {
                     Some(chosen) => {
+                        let leaving: Vec<&RunningJob> = chosen.iter().map(|(v, _)| *v).collect();
+                        hold_for_reclaimer(&mut placer, spec, &leaving);
+                        quotas.charge(project, milli);
                         let mut victims = Vec::new();
                         for (victim, reason) in chosen {
                             victims.push(victim.id);
@@ -405,6 +408,72 @@ fn fits(placer: &mut Placer, spec: &JobSpec) -> bool {
             true
         }
         Err(_) => false,
+    }
+}
+
+/// Holds, for the rest of this round, the free capacity that `spec` will use once `victims` have
+/// stopped. Without it, a victim that stopped first (and is pending again) lands back on the GPU
+/// it just freed, and the reclaim starts over: a preemption loop. Only the part of the future
+/// placement that is free now is held; the victims' own part is theirs until they stop.
+fn hold_for_reclaimer(placer: &mut Placer, spec: &JobSpec, victims: &[&RunningJob]) {
+    for v in victims {
+        for alloc in &v.allocations {
+            let undone = placer.release(alloc);
+            debug_assert!(undone.is_ok(), "{undone:?}");
+        }
+    }
+    let future = placer.place_job(spec).unwrap_or_default();
+    for alloc in &future {
+        let undone = placer.release(alloc);
+        debug_assert!(undone.is_ok(), "{undone:?}");
+    }
+    for v in victims {
+        for alloc in &v.allocations {
+            let redone = placer.adopt(alloc);
+            debug_assert!(redone.is_ok(), "{redone:?}");
+        }
+    }
+    for alloc in &future {
+        let theirs: Vec<&Allocation> = victims
+            .iter()
+            .flat_map(|v| &v.allocations)
+            .filter(|a| a.node == alloc.node)
+            .collect();
+        let on_device = |device: u32| -> (u32, u64) {
+            theirs
+                .iter()
+                .flat_map(|a| &a.devices)
+                .filter(|d| d.device == device)
+                .fold((0, 0), |(m, b), d| (m + d.milli, b + d.memory_bytes))
+        };
+        let hold = Allocation {
+            node: alloc.node,
+            cpu_milli: alloc
+                .cpu_milli
+                .saturating_sub(theirs.iter().map(|a| a.cpu_milli).sum()),
+            memory_bytes: alloc
+                .memory_bytes
+                .saturating_sub(theirs.iter().map(|a| a.memory_bytes).sum()),
+            devices: alloc
+                .devices
+                .iter()
+                .filter_map(|d| {
+                    let (milli, bytes) = on_device(d.device);
+                    let share = DeviceShare {
+                        device: d.device,
+                        milli: d.milli.saturating_sub(milli),
+                        memory_bytes: d.memory_bytes.saturating_sub(bytes),
+                    };
+                    (share.milli > 0 || share.memory_bytes > 0).then_some(share)
+                })
+                .collect(),
+            affinity: None,
+        };
+        if hold.cpu_milli > 0 || hold.memory_bytes > 0 || !hold.devices.is_empty() {
+            // It fits: `spec` fitted in this free capacity plus the victims' own.
+            let held = placer.adopt(&hold);
+            debug_assert!(held.is_ok(), "{held:?}");
+        }
     }
 }
 
@@ -837,6 +906,43 @@ mod quota_tests {
             plan.waiting,
             vec![(10, WaitReason::Reclaiming { victims: vec![3] })]
         );
+    }
+
+    #[test]
+    fn a_victim_that_stopped_first_does_not_take_back_the_capacity_it_freed() {
+        // Job 10 of project a reclaimed two GPUs; job 3 has stopped and is pending again, job 2
+        // is still stopping. Job 3 must not land on the GPU it freed: that is job 10's.
+        let mut snapshot = full_pool();
+        snapshot.running.retain(|r| r.id != 3);
+        snapshot.running[1].stopping = true; // job 2
+        snapshot.pending = vec![
+            PendingJob {
+                id: 10,
+                spec: job("a", 50, 2, 1),
+            },
+            PendingJob {
+                id: 3,
+                spec: job("b", 25, 1, 1),
+            },
+        ];
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert!(plan.placements.is_empty(), "{:?}", plan.placements);
+        assert!(plan.preemptions.is_empty(), "{:?}", plan.preemptions);
+        let waiting: HashMap<u64, &WaitReason> =
+            plan.waiting.iter().map(|(id, r)| (*id, r)).collect();
+        assert_eq!(waiting[&10], &WaitReason::Reclaiming { victims: vec![2] });
+        assert!(matches!(waiting[&3], WaitReason::NoFit { .. }));
+
+        // Capacity that the reclaiming job cannot use (its two GPUs must share a node) stays
+        // usable by others.
+        snapshot.nodes.push(node("n1", 1));
+        let plan = schedule(&snapshot, &config()).unwrap();
+        let placed: Vec<(u64, NodeId)> = plan
+            .placements
+            .iter()
+            .map(|(id, allocs)| (*id, allocs[0].node))
+            .collect();
+        assert_eq!(placed, vec![(3, NodeId(1))]);
     }
 
     #[test]
