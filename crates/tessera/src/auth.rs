@@ -75,16 +75,21 @@ pub struct TokenCache {
 }
 
 impl TokenCache {
-    /// Forgets every verified token (after a revocation).
-    pub fn clear(&self) {
-        self.verified
+    /// The principal behind `token` when it was verified before: no argon2, so callers need no
+    /// blocking thread. `None` means "not known to be valid" (use [`TokenCache::authenticate`]).
+    pub fn cached(&self, token: &str, state: &std::sync::Mutex<State>) -> Option<Principal> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let id = self
+            .verified
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clear();
+            .get(&digest)
+            .cloned()?;
+        principal(&state.lock().unwrap_or_else(|e| e.into_inner()), &id)
     }
 
     /// The principal behind `token`, or `None` when it is unknown, malformed or revoked.
-    /// `lookup` runs under the state lock; argon2 runs outside it.
+    /// argon2 runs outside the state lock.
     pub fn authenticate(&self, token: &str, state: &std::sync::Mutex<State>) -> Option<Principal> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let cached = self
@@ -112,26 +117,31 @@ impl TokenCache {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(digest, id.to_string());
         }
-        let s = state.lock().unwrap_or_else(|e| e.into_inner());
-        let rec = s.tokens.get(id)?;
-        if rec.revoked {
-            return None;
+        principal(&state.lock().unwrap_or_else(|e| e.into_inner()), id)
+    }
+}
+
+/// Who holds token `id`, unless it is revoked (checked on every request, so a revocation takes
+/// effect at once even for cached tokens).
+fn principal(s: &State, id: &str) -> Option<Principal> {
+    let rec = s.tokens.get(id)?;
+    if rec.revoked {
+        return None;
+    }
+    match rec.kind {
+        TokenKind::User => {
+            let user = s.users.get(&rec.subject)?;
+            Some(Principal::User {
+                name: user.name.clone(),
+                role: user.role,
+            })
         }
-        match rec.kind {
-            TokenKind::User => {
-                let user = s.users.get(&rec.subject)?;
-                Some(Principal::User {
-                    name: user.name.clone(),
-                    role: user.role,
-                })
-            }
-            TokenKind::Agent => Some(Principal::Agent {
-                node: rec.subject.clone(),
-            }),
-            TokenKind::Join => Some(Principal::Join {
-                token_id: rec.id.clone(),
-            }),
-        }
+        TokenKind::Agent => Some(Principal::Agent {
+            node: rec.subject.clone(),
+        }),
+        TokenKind::Join => Some(Principal::Join {
+            token_id: rec.id.clone(),
+        }),
     }
 }
 

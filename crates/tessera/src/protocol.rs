@@ -92,3 +92,13 @@ pub struct SyncResponse {
     /// Exited workloads whose end is now durable; the agent may forget them.
     pub acked: Vec<String>,
 }
+
+/// An exit code in words, for users.
+pub fn exit_words(code: i32) -> String {
+    match code {
+        137 => "code 137 (killed by SIGKILL, e.g. its memory limit)".into(),
+        c if c > 128 && c < 160 => format!("code {c} (signal {})", c - 128),
+        -1 => "an unknown status (its supervisor was lost)".into(),
+        c => format!("code {c}"),
+    }
+}

@@ -129,6 +129,9 @@ pub struct Replica {
     pub devices: Vec<DeviceShare>,
     pub phase: ReplicaPhase,
     pub exit_code: Option<i32>,
+    /// How it ended, in the agent's words (e.g. "killed by its memory limit (OOM)").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_message: Option<String>,
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
 }
@@ -280,9 +283,44 @@ pub struct State {
     pub recent_requests: VecDeque<ResourceRequest>,
     /// Reasons of waiting jobs from the last scheduling round (derived, not stored).
     pub wait_reasons: HashMap<u64, String>,
+    /// Active jobs with a replica on each node (derived, kept by [`State::insert_job`]), so that
+    /// a heartbeat or a node view costs the node's jobs, not the pool's.
+    jobs_by_node: HashMap<String, BTreeSet<u64>>,
 }
 
 impl State {
+    /// Inserts or replaces a job, keeping the per-node index.
+    pub fn insert_job(&mut self, job: Job) {
+        if let Some(old) = self.jobs.get(&job.id) {
+            for r in &old.replicas {
+                if let Some(ids) = self.jobs_by_node.get_mut(&r.node) {
+                    ids.remove(&job.id);
+                    if ids.is_empty() {
+                        self.jobs_by_node.remove(&r.node);
+                    }
+                }
+            }
+        }
+        if job.state.is_active() {
+            for r in &job.replicas {
+                self.jobs_by_node
+                    .entry(r.node.clone())
+                    .or_default()
+                    .insert(job.id);
+            }
+        }
+        self.jobs.insert(job.id, job);
+    }
+
+    /// The active jobs with a replica (of their current attempt) on `node`.
+    pub fn jobs_on(&self, node: &str) -> impl Iterator<Item = &Job> {
+        self.jobs_by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.jobs.get(id))
+    }
+
     pub fn touch_node(&mut self, node: &str) {
         *self.node_revision.entry(node.to_string()).or_default() += 1;
         self.dirty_nodes.insert(node.to_string());

@@ -93,7 +93,7 @@ pub fn load(conn: &Connection, now_ms: u64) -> anyhow::Result<State> {
         state.next_job_id = state.next_job_id.max(j.id);
         state.next_start_seq = state.next_start_seq.max(j.started_seq);
         state.remember_request(&j.def.spec.request);
-        state.jobs.insert(j.id, j);
+        state.insert_job(j);
     }
     let mut stmt = conn.prepare(
         "SELECT job, ts_ms, kind, message FROM events WHERE seq > \

@@ -363,7 +363,7 @@ fn converge(
         {
             runs.remove(key);
             let _ = std::fs::write(shared.runs_dir.join(key).join("acked"), "");
-            backend.remove(&cgroup_name(&config.name, key));
+            backend.remove(&cgroup_name(config, key));
         }
     }
     // Stop what should not run.
@@ -411,10 +411,15 @@ fn converge(
     }
 }
 
-/// A replica's cgroup name: unique per node, since several agents may share a host (and a parent
-/// cgroup), and the shim kills every process in its cgroup.
-fn cgroup_name(node: &str, key: &str) -> String {
-    format!("{node}_{key}")
+/// A replica's cgroup name: unique per agent, since several agents may share a host (and a parent
+/// cgroup), and the shim kills every process in its cgroup. The node name alone is not enough:
+/// agents of two pools on one host may both be `n1`, and then one pool's job 2 would kill the
+/// other's. The agent's data dir is unique on the host and survives restarts (re-adoption).
+fn cgroup_name(config: &AgentConfig, key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let dir = std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+    let digest = Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    format!("{}-{}_{key}", config.name, hex::encode(&digest[..4]))
 }
 
 /// The environment of one replica's allocation.
@@ -471,7 +476,7 @@ fn start(
 ) -> anyhow::Result<i32> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("assignment.json"), serde_json::to_vec_pretty(a)?)?;
-    let cg = cgroup_name(&config.name, &a.key);
+    let cg = cgroup_name(config, &a.key);
     let procs = backend
         .create(
             &cg,

@@ -174,7 +174,7 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     let message = match (why, oom) {
         (_, true) => format!("exited with code {code}: killed by its memory limit (OOM)"),
         (Some(w), _) => format!("{w} (code {code})"),
-        (None, _) => format!("exited with code {code}"),
+        (None, _) => format!("exited with {}", crate::protocol::exit_words(code)),
     };
     write_exit(&args.run_dir, &ExitRecord { code, message })?;
     Ok(())

@@ -28,6 +28,10 @@ pub struct Conn {
     /// API token (default: TESSERA_TOKEN, then the config file).
     #[arg(long, global = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) to trust for an HTTPS controller (default: TESSERA_CA_CERT, then the
+    /// config file).
+    #[arg(long, global = true)]
+    pub ca_cert: Option<PathBuf>,
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -73,9 +77,17 @@ impl Client {
             .or_else(|| file.as_ref().map(|f| f.token.clone()))
             .context("no API token: pass --token, set TESSERA_TOKEN, or use the config file")?;
         let mut b = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60));
-        if let Some(ca) = file.as_ref().and_then(|f| f.ca_cert.clone()) {
-            let pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
-            b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        let ca_cert = conn
+            .ca_cert
+            .clone()
+            .or_else(|| std::env::var_os("TESSERA_CA_CERT").map(PathBuf::from))
+            .or_else(|| file.as_ref().and_then(|f| f.ca_cert.clone()));
+        if let Some(ca) = ca_cert {
+            let pem = std::fs::read(&ca)
+                .with_context(|| format!("--ca-cert {}: cannot read it", ca.display()))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("--ca-cert {}: not a PEM certificate", ca.display()))?;
+            b = b.add_root_certificate(cert);
         }
         Ok(Client {
             url: url.trim_end_matches('/').to_string(),

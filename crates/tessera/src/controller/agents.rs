@@ -56,6 +56,11 @@ pub async fn register(
         }
     };
     let lease_ms = ctl.config.lease.as_millis() as u64;
+    let fresh = if joining {
+        Some(super::hashed_token().await?)
+    } else {
+        None
+    };
     let token = ctl
         .store
         .write(move |c, s| -> Result<Option<String>, ApiError> {
@@ -74,7 +79,7 @@ pub async fn register(
                 heartbeats: 0,
             };
             store::put_node(c, &node)?;
-            let token = if joining {
+            let token = if let Some(fresh) = fresh {
                 // A node that joins again (e.g. after losing its data dir) gets a new credential;
                 // the old one stops working.
                 let stale: Vec<String> = s
@@ -90,7 +95,8 @@ pub async fn register(
                     t.revoked = true;
                     store::put_token(c, &t)?;
                 }
-                let t = issue_token(c, s, TokenKind::Agent, &node.spec.name, "agent credential")?;
+                let what = "agent credential";
+                let t = issue_token(c, s, TokenKind::Agent, &node.spec.name, what, fresh)?;
                 for id in stale {
                     if let Some(t) = s.tokens.get_mut(&id) {
                         t.revoked = true;
@@ -106,9 +112,6 @@ pub async fn register(
             Ok(token)
         })
         .await?;
-    if joining {
-        ctl.tokens.clear();
-    }
     Ok(Json(RegisterResponse { token, lease_ms }))
 }
 
@@ -122,11 +125,7 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
     if node.health != NodeHealth::Ready {
         return (revision, out);
     }
-    for job in s
-        .jobs
-        .values()
-        .filter(|j| j.state.is_active() && j.stop.is_none())
-    {
+    for job in s.jobs_on(name).filter(|j| j.stop.is_none()) {
         for r in job.replicas.iter().filter(|r| {
             r.node == name && matches!(r.phase, ReplicaPhase::Assigned | ReplicaPhase::Running)
         }) {
@@ -246,7 +245,7 @@ fn report(
         }
         // Replicas of this node that the agent no longer reports: stopped before they started,
         // or lost by the agent.
-        for job in s.jobs.values().filter(|j| j.state.is_active()) {
+        for job in s.jobs_on(name) {
             let missing: Vec<u32> = job
                 .replicas
                 .iter()
@@ -345,7 +344,7 @@ pub async fn expire_leases(ctl: &Ctl) -> Option<u64> {
                 node.health = NodeHealth::Lost;
                 store::put_node(c, &node)?;
                 let mut changed = Vec::new();
-                for job in s.jobs.values().filter(|j| j.state.is_active()) {
+                for job in s.jobs_on(&name) {
                     if !job
                         .replicas
                         .iter()

@@ -31,6 +31,8 @@ pub struct ReplicaView {
     pub gpu_milli: u64,
     pub devices: Vec<u32>,
     pub exit_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_message: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -109,6 +111,7 @@ pub fn view(job: &Job, state: &State) -> JobView {
                 gpu_milli: r.gpu_milli(),
                 devices: r.devices.iter().map(|d| d.device).collect(),
                 exit_code: r.exit_code,
+                exit_message: r.exit_message.clone(),
             })
             .collect(),
     }
@@ -163,7 +166,7 @@ pub fn save_job(
     for e in events {
         s.push_event(e);
     }
-    s.jobs.insert(job.id, job);
+    s.insert_job(job);
     Ok(())
 }
 
@@ -512,7 +515,7 @@ fn node_view(s: &State, name: &str) -> Option<NodeView> {
     let n = s.nodes.get(name)?;
     let mut used = vec![0u32; n.spec.devices.len()];
     let (mut cpu, mut replicas) = (0, 0);
-    for j in s.jobs.values().filter(|j| j.state.is_active()) {
+    for j in s.jobs_on(name) {
         for r in j
             .replicas
             .iter()
@@ -987,6 +990,7 @@ pub async fn create_token(
         ));
     }
     let description = b.description.unwrap_or_default();
+    let t = super::hashed_token().await?;
     let view = ctl
         .store
         .write(move |c, s| -> Result<TokenView, ApiError> {
@@ -995,7 +999,7 @@ pub async fn create_token(
                     "user {subject}: no such user; create it first"
                 )));
             }
-            let t = issue_token(c, s, kind, &subject, &description)?;
+            let t = issue_token(c, s, kind, &subject, &description, t)?;
             let rec = &s.tokens[&t.id];
             Ok(TokenView {
                 id: rec.id.clone(),
@@ -1056,7 +1060,6 @@ pub async fn revoke_token(
             Ok(())
         })
         .await?;
-    ctl.tokens.clear();
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 

@@ -2,8 +2,8 @@
 //! reason on every transition. Pure functions over a job record and the time.
 
 use crate::manifest::RestartPolicy;
-use crate::protocol::{ReplicaStatus, RunPhase};
-use crate::state::{Job, JobState, ReplicaPhase, StopCause};
+use crate::protocol::{ReplicaStatus, RunPhase, exit_words};
+use crate::state::{Job, JobState, Replica, ReplicaPhase, StopCause};
 
 /// Longest restart backoff.
 const MAX_BACKOFF_MS: u64 = 60_000;
@@ -30,10 +30,20 @@ pub fn apply_status(job: &mut Job, index: u32, status: &ReplicaStatus, now: u64)
         RunPhase::Exited if !r.phase.is_done() => {
             r.phase = ReplicaPhase::Exited;
             r.exit_code = status.exit_code;
+            r.exit_message = Some(status.message.clone()).filter(|m| !m.is_empty());
             r.finished_ms = Some(now);
             true
         }
         _ => false,
+    }
+}
+
+/// How a replica ended, in words: the agent's own words when it gave some (an OOM kill, a lost
+/// lease), which say more than the exit code.
+fn ended_how(r: &Replica) -> String {
+    match &r.exit_message {
+        Some(m) => m.clone(),
+        None => format!("exited with {}", exit_words(r.exit_code.unwrap_or(-1))),
     }
 }
 
@@ -51,7 +61,7 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
         {
             let code = r.exit_code.unwrap_or(-1);
             let others = job.replicas.iter().filter(|o| !o.phase.is_done()).count();
-            let mut text = format!("replica {} exited with {}", r.index, exit_words(code));
+            let mut text = format!("replica {} {}", r.index, ended_how(r));
             if others > 0 {
                 text.push_str(&format!(
                     "; stopping the other {others} replica(s) of the gang"
@@ -121,7 +131,11 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                 notes.push(("Requeued", job.reason.clone()));
             }
             StopCause::ReplicaFailed { replica, exit_code } => {
-                let what = format!("replica {replica} exited with {}", exit_words(exit_code));
+                let how = match job.replicas.iter().find(|r| r.index == replica) {
+                    Some(r) => ended_how(r),
+                    None => format!("exited with {}", exit_words(exit_code)),
+                };
+                let what = format!("replica {replica} {how}");
                 if job.def.restart == RestartPolicy::OnFailure
                     && job.restarts < job.def.max_restarts
                 {
@@ -152,16 +166,6 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
         }
     }
     notes
-}
-
-/// "code 3", "signal 9 (killed; out of memory?)".
-pub fn exit_words(code: i32) -> String {
-    match code {
-        137 => "code 137 (killed by SIGKILL, e.g. its memory limit)".into(),
-        c if c > 128 && c < 160 => format!("code {c} (signal {})", c - 128),
-        -1 => "an unknown status (its supervisor was lost)".into(),
-        c => format!("code {c}"),
-    }
 }
 
 #[cfg(test)]
@@ -203,6 +207,7 @@ mod tests {
                     devices: vec![],
                     phase: ReplicaPhase::Assigned,
                     exit_code: None,
+                    exit_message: None,
                     started_ms: None,
                     finished_ms: None,
                 })

@@ -170,13 +170,21 @@ impl FromRequestParts<Ctl> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, ctl: &Ctl) -> Result<Self, ApiError> {
         let token = bearer(&parts.headers)?;
-        let ctl = ctl.clone();
-        let token = token.to_string();
-        // argon2 takes milliseconds of CPU on a token's first use: keep it off the async workers.
-        let principal =
-            tokio::task::spawn_blocking(move || ctl.tokens.authenticate(&token, &ctl.store.state))
+        let principal = match ctl.tokens.cached(token, &ctl.store.state) {
+            Some(p) => Some(p),
+            None => {
+                let ctl = ctl.clone();
+                let token = token.to_string();
+                // argon2 takes milliseconds of CPU on a token's first use: keep it off the async
+                // workers.
+                let _slot = argon2_slot().await?;
+                tokio::task::spawn_blocking(move || {
+                    ctl.tokens.authenticate(&token, &ctl.store.state)
+                })
                 .await
-                .map_err(|_| ApiError::internal("authentication task failed"))?;
+                .map_err(|_| ApiError::internal("authentication task failed"))?
+            }
+        };
         principal.map(Caller).ok_or_else(|| {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -205,15 +213,37 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     })
 }
 
-/// Writes a token record and returns the token text.
+/// A permit to run one argon2 hash or verification. Each takes ~19 MiB and milliseconds of CPU;
+/// a thousand agents joining at once (or a caller replaying a known token id with wrong
+/// secrets) must queue for the cores, not allocate gigabytes on the blocking pool.
+async fn argon2_slot() -> Result<tokio::sync::SemaphorePermit<'static>, ApiError> {
+    static SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    });
+    SLOTS
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("token hashing is shut down"))
+}
+
+/// A new token, hashed on a blocking thread: argon2 costs milliseconds of CPU, which must not
+/// stall the async workers or the store's writer.
+pub async fn hashed_token() -> Result<NewToken, ApiError> {
+    let _slot = argon2_slot().await?;
+    tokio::task::spawn_blocking(new_token)
+        .await
+        .map_err(|_| ApiError::internal("token hashing failed"))
+}
+
+/// Writes the record of token `t` (made by [`hashed_token`]) and returns it.
 pub fn issue_token(
     c: &rusqlite::Connection,
     state: &mut crate::state::State,
     kind: TokenKind,
     subject: &str,
     description: &str,
+    t: NewToken,
 ) -> rusqlite::Result<NewToken> {
-    let t = new_token();
     let rec = TokenRecord {
         id: t.id.clone(),
         kind,
@@ -230,8 +260,11 @@ pub fn issue_token(
 
 /// What a first start creates: the admin user, its token (returned once), the default project.
 pub async fn bootstrap(store: &Store) -> anyhow::Result<Option<String>> {
+    let t = hashed_token()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let token = store
-        .write(|c, s| -> Result<Option<String>, ApiError> {
+        .write(move |c, s| -> Result<Option<String>, ApiError> {
             if store::get_meta(c, "bootstrapped")?.is_some() {
                 return Ok(None);
             }
@@ -253,7 +286,7 @@ pub async fn bootstrap(store: &Store) -> anyhow::Result<Option<String>> {
             };
             store::put_project(c, &default)?;
             store::put_meta(c, "bootstrapped", &now.to_string())?;
-            let t = issue_token(c, s, TokenKind::User, "admin", "first admin token")?;
+            let t = issue_token(c, s, TokenKind::User, "admin", "first admin token", t)?;
             s.users.insert(admin.name.clone(), admin);
             s.projects.insert(default.name.clone(), default);
             Ok(Some(t.text))
@@ -269,9 +302,13 @@ pub async fn local_join_token(store: &Store, data_dir: &Path) -> anyhow::Result<
     if let Ok(text) = std::fs::read_to_string(&path) {
         return Ok(text.trim().to_string());
     }
+    let t = hashed_token()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let text = store
-        .write(|c, s| -> Result<String, ApiError> {
-            Ok(issue_token(c, s, TokenKind::Join, "admin", "local agent of tessera up")?.text)
+        .write(move |c, s| -> Result<String, ApiError> {
+            let what = "local agent of tessera up";
+            Ok(issue_token(c, s, TokenKind::Join, "admin", what, t)?.text)
         })
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message))?;

@@ -220,6 +220,7 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
                         devices: a.devices.clone(),
                         phase: ReplicaPhase::Assigned,
                         exit_code: None,
+                        exit_message: None,
                         started_ms: None,
                         finished_ms: None,
                     })
