@@ -31,6 +31,8 @@ impl Drop for Proc {
 
 struct Pool {
     dir: tempfile::TempDir,
+    /// The controller's self-signed certificate when it serves HTTPS.
+    cert: Option<PathBuf>,
     url: String,
     admin: String,
     listen: String,
@@ -41,18 +43,39 @@ struct Pool {
 
 impl Pool {
     fn start() -> Pool {
+        Pool::start_with(false)
+    }
+
+    /// With `tls`, the controller serves HTTPS with a fresh self-signed certificate for
+    /// 127.0.0.1, which the test's client, the agents and the CLI are given as their CA.
+    fn start_with(tls: bool) -> Pool {
         let dir = tempfile::tempdir().unwrap();
         let listen = format!("127.0.0.1:{}", port());
+        let mut http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30));
+        let cert = tls.then(|| {
+            let made = rcgen::generate_simple_self_signed(vec![
+                "127.0.0.1".to_string(),
+                "localhost".to_string(),
+            ])
+            .unwrap();
+            let cert = dir.path().join("cert.pem");
+            std::fs::write(&cert, made.cert.pem()).unwrap();
+            std::fs::write(dir.path().join("key.pem"), made.signing_key.serialize_pem()).unwrap();
+            http = std::mem::replace(&mut http, reqwest::blocking::Client::builder())
+                .add_root_certificate(
+                    reqwest::Certificate::from_pem(made.cert.pem().as_bytes()).unwrap(),
+                );
+            cert
+        });
+        let scheme = if tls { "https" } else { "http" };
         let mut pool = Pool {
-            url: format!("http://{listen}"),
+            url: format!("{scheme}://{listen}"),
             listen,
             admin: String::new(),
             controller: None,
             agents: vec![],
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
+            http: http.build().unwrap(),
+            cert,
             dir,
         };
         pool.admin = pool
@@ -67,6 +90,14 @@ impl Pool {
             .args(["controller", "--data-dir"])
             .arg(self.dir.path().join("controller"))
             .args(["--listen", &self.listen, "--lease", "2s"])
+            .args(self.cert.iter().flat_map(|cert| {
+                [
+                    "--tls-cert".into(),
+                    cert.clone().into_os_string(),
+                    "--tls-key".into(),
+                    cert.with_file_name("key.pem").into_os_string(),
+                ]
+            }))
             .env("TESSERA_CONFIG", self.dir.path().join("cli.yaml"))
             .env("TESSERA_LOG", "warn")
             .stdout(Stdio::piped())
@@ -128,6 +159,11 @@ impl Pool {
             ])
             .arg("--data-dir")
             .arg(self.dir.path().join(name))
+            .args(
+                self.cert
+                    .iter()
+                    .flat_map(|c| ["--ca-cert".into(), c.clone().into_os_string()]),
+            )
             .env("TESSERA_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -459,6 +495,11 @@ fn quota_reclaim_preempts_the_lowest_priority_newest_jobs_and_no_more() {
     // The two low-priority batch jobs went back to the queue; the others kept running.
     for victim in [old_low, new_low] {
         let j = pool.job(victim);
+        if j["state"] != "pending" {
+            for id in [old_low, high, new_low, normal, claim] {
+                eprintln!("job {id}: {}\n  {:?}", pool.job(id), events(&pool, id));
+            }
+        }
         assert_eq!(j["state"], "pending", "{j}");
         assert!(
             j["reason"].as_str().unwrap().contains("quota")
@@ -637,4 +678,189 @@ fn a_controller_killed_mid_stream_keeps_every_acknowledged_job() {
         let j = pool.wait_state(*id, "succeeded");
         assert_eq!(j["attempt"], 1, "{j}");
     }
+}
+
+/// Runs the CLI against the pool; returns (success, stdout, stderr).
+fn cli(pool: &Pool, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .arg(args[0])
+        .args(["--url", &pool.url, "--token", &pool.admin])
+        .args(&args[1..])
+        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .env_remove("TESSERA_URL")
+        .env_remove("TESSERA_TOKEN")
+        .env_remove("TESSERA_CA_CERT")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn events(pool: &Pool, id: u64) -> Vec<Value> {
+    pool.get(&format!("/v1/jobs/{id}/events"), &pool.admin)
+        .1
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Whether this host lets us create memory-limited cgroups (v2 with the memory controller, or a
+/// v1 memory hierarchy), as root.
+fn memory_cgroups_usable() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"));
+    let v1 = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
+    root && (v1 || v2)
+}
+
+#[test]
+fn failed_jobs_restart_with_backoff_memory_hogs_are_oom_killed_and_the_cli_speaks_yaml() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+
+    // Fails twice, then succeeds: two restarts, 1 s and then 2 s apart.
+    let counter = pool.path("attempts");
+    let script = format!(
+        "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; echo attempt $n; [ $n -ge 3 ]",
+        c = counter.display()
+    );
+    let (ok, out, err) = cli(
+        &pool,
+        &[
+            "submit",
+            "--restart",
+            "on-failure",
+            "--max-restarts",
+            "3",
+            "--cpu",
+            "0.5",
+            "--memory",
+            "64MiB",
+            "-o",
+            "yaml",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    assert!(ok, "{err}");
+    let created: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+    let id = created["id"].as_u64().expect("the YAML names the job's id");
+    assert_eq!(created["restart"].as_str(), Some("on-failure"), "{out}");
+    let done = pool.wait_state(id, "succeeded");
+    assert_eq!(done["restarts"], 2, "{done}");
+    assert_eq!(std::fs::read_to_string(&counter).unwrap().trim(), "3");
+    let ev = events(&pool, id);
+    let restarts: Vec<&Value> = ev.iter().filter(|e| e["kind"] == "Restarting").collect();
+    assert_eq!(restarts.len(), 2, "{ev:?}");
+    assert!(
+        restarts[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("restart 1 of 3 after 1 s"),
+        "{ev:?}"
+    );
+    // The second attempt began no sooner than the backoff allowed.
+    let started: Vec<u64> = ev
+        .iter()
+        .filter(|e| e["kind"] == "Replica" && e["message"].as_str().unwrap().contains("started"))
+        .map(|e| e["ts_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(started.len(), 3, "{ev:?}");
+    let r1 = restarts[0]["ts_ms"].as_u64().unwrap();
+    let r2 = restarts[1]["ts_ms"].as_u64().unwrap();
+    assert!(started[1] >= r1 + 1000, "{ev:?}");
+    assert!(started[2] >= r2 + 2000, "{ev:?}");
+
+    // Out of restarts: failed, with the exit code in words.
+    let (ok, out, err) = cli(
+        &pool,
+        &[
+            "submit",
+            "--restart",
+            "on-failure",
+            "--max-restarts",
+            "1",
+            "-o",
+            "json",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ],
+    );
+    assert!(ok, "{err}");
+    let id: u64 = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let failed = pool.wait_state(id, "failed");
+    assert_eq!(failed["restarts"], 1, "{failed}");
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("code 3") && reason.contains("no restarts left"),
+        "{reason}"
+    );
+
+    // A memory hog is stopped by its memory limit, and the reason says so.
+    assert!(
+        memory_cgroups_usable(),
+        "this test needs memory cgroups (v1 or v2), i.e. running as root on a host that has \
+         them; the README's test command does so"
+    );
+    let (ok, out, err) = cli(
+        &pool,
+        &[
+            "submit",
+            "--memory",
+            "64MiB",
+            "-o",
+            "json",
+            "--",
+            "sh",
+            "-c",
+            "tail /dev/zero",
+        ],
+    );
+    assert!(ok, "{err}");
+    let id: u64 = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let oom = pool.wait_state(id, "failed");
+    let reason = oom["reason"].as_str().unwrap();
+    assert!(reason.contains("OOM"), "{oom}");
+    assert_eq!(oom["assignments"][0]["exit_code"], 137, "{oom}");
+}
+
+#[test]
+fn over_tls_agents_join_jobs_run_and_the_cli_trusts_only_the_given_ca() {
+    let mut pool = Pool::start_with(true);
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let id = pool.submit("default", 1.0, 1, 50, "echo over tls");
+    pool.wait_state(id, "succeeded");
+    assert_eq!(logs(&pool, id), "over tls\n");
+
+    let cert = pool.cert.clone().unwrap();
+    let (ok, out, err) = cli(
+        &pool,
+        &["jobs", "-o", "json", "--ca-cert", cert.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed[0]["id"], id);
+
+    // Without the CA the CLI refuses the server's certificate, and says it could not connect.
+    let (ok, _, err) = cli(&pool, &["jobs"]);
+    assert!(!ok);
+    assert!(err.contains("calling the controller at https://"), "{err}");
+    // Plain HTTP to the TLS port gets no API answer.
+    let plain = reqwest::blocking::Client::new()
+        .get(format!("http://{}/v1/jobs", pool.listen))
+        .bearer_auth(&pool.admin)
+        .send();
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
 }

@@ -1,0 +1,643 @@
+//! `tessera bench`: load generators for the numbers in docs/benchmarks.md.
+//!
+//! Each benchmark starts its own controller (and agents) as child processes of this binary, on a
+//! fresh data dir with the store on, so what it measures is the real pool, and so it can read the
+//! controller's memory from /proc. Results print as a table or as JSON (`-o json`).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use tessera_sched::DeviceSpec;
+
+use crate::protocol::{
+    RegisterRequest, RegisterResponse, ReplicaStatus, RunPhase, SyncRequest, SyncResponse,
+};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Submissions accepted per second through the API (every one committed before its 201).
+    Api {
+        #[arg(long, default_value_t = 20_000)]
+        jobs: usize,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Submit → running latency of a 1-replica job on an idle pool, as the workload sees it.
+    Latency {
+        #[arg(long, default_value_t = 200)]
+        jobs: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Controller memory with many simulated nodes (protocol-level agents) and many jobs.
+    Scale {
+        #[arg(long, default_value_t = 10_000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 100_000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Common {
+    /// Where the benchmark's controller keeps its store (default: a fresh temporary dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Port for the benchmark's controller on 127.0.0.1.
+    #[arg(long, default_value_t = 7590)]
+    port: u16,
+    /// table or json
+    #[arg(short, long, default_value = "table")]
+    output: String,
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (common, result) = match cmd {
+        BenchCommand::Api {
+            jobs,
+            concurrency,
+            common,
+        } => {
+            let r = rt.block_on(api(&common, jobs, concurrency));
+            (common, r)
+        }
+        BenchCommand::Latency { jobs, common } => {
+            let r = rt.block_on(latency(&common, jobs));
+            (common, r)
+        }
+        BenchCommand::Scale {
+            nodes,
+            jobs,
+            concurrency,
+            common,
+        } => {
+            let r = rt.block_on(scale(&common, nodes, jobs, concurrency));
+            (common, r)
+        }
+    };
+    let result = result?;
+    match common.output.as_str() {
+        "json" => println!("{}", serde_json::to_string_pretty(&result)?),
+        _ => {
+            if let Value::Object(map) = &result {
+                for (k, v) in map {
+                    println!("{k:<28} {v}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A controller (and agents) of this binary, killed on drop; the data dir is removed when it was
+/// a temporary one.
+struct Pool {
+    controller: Child,
+    agents: Vec<Child>,
+    url: String,
+    admin: String,
+    dir: PathBuf,
+    remove_dir: bool,
+    http: reqwest::Client,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for c in self
+            .agents
+            .iter_mut()
+            .chain(std::iter::once(&mut self.controller))
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.remove_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Pool {
+    fn start(common: &Common, lease: &str) -> anyhow::Result<Pool> {
+        let (dir, remove_dir) = match &common.data_dir {
+            Some(d) => (d.clone(), false),
+            None => (
+                std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id())),
+                true,
+            ),
+        };
+        if dir.join("controller").exists() {
+            bail!(
+                "--data-dir {}: holds an earlier pool; give an empty or new directory",
+                dir.display()
+            );
+        }
+        std::fs::create_dir_all(&dir)?;
+        let listen = format!("127.0.0.1:{}", common.port);
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["controller", "--data-dir"])
+            .arg(dir.join("controller"))
+            .args(["--listen", &listen, "--lease", lease])
+            .env("TESSERA_CONFIG", dir.join("cli.yaml"))
+            .env("TESSERA_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().context("controller stdout")?).lines();
+        let mut admin = None;
+        for _ in 0..3 {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(t) = line.strip_prefix("First admin token (shown once): ") {
+                        admin = Some(t.to_string());
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        let Some(admin) = admin else {
+            let _ = child.kill();
+            bail!(
+                "the benchmark's controller did not start (is port {} free? try --port)",
+                common.port
+            );
+        };
+        // Keep draining stdout so the controller never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Pool {
+            controller: child,
+            agents: vec![],
+            url: format!("http://{listen}"),
+            admin,
+            dir,
+            remove_dir,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .pool_max_idle_per_host(usize::MAX)
+                .build()?,
+        })
+    }
+
+    async fn post(&self, path: &str, token: &str, body: String) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("POST {path}: {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.admin)
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("GET {path}: {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    async fn join_token(&self) -> anyhow::Result<String> {
+        let v = self
+            .post(
+                "/v1/tokens",
+                &self.admin,
+                json!({"kind": "join"}).to_string(),
+            )
+            .await?;
+        Ok(v["token"].as_str().context("join token")?.to_string())
+    }
+
+    /// A real agent process with `gpus` simulated devices.
+    async fn add_agent(&mut self, name: &str, gpus: &str) -> anyhow::Result<()> {
+        let join = self.join_token().await?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(["agent", "--join", &self.url, "--token", &join])
+            .args([
+                "--node-name",
+                name,
+                "--simulate-gpus",
+                gpus,
+                "--grace",
+                "1s",
+            ])
+            .arg("--data-dir")
+            .arg(self.dir.join(name))
+            .env("TESSERA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        self.agents.push(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.get(&format!("/v1/nodes/{name}")).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("agent {name} did not join within 30 s")
+    }
+
+    fn controller_memory(&self) -> anyhow::Result<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.controller.id()))?;
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+                * 1024
+        };
+        Ok((field("VmRSS:"), field("VmHWM:")))
+    }
+}
+
+fn manifest(name: &str, gpu: f64, command: &[&str]) -> String {
+    let mut resources = serde_json::Map::new();
+    if gpu > 0.0 {
+        resources.insert("gpu".into(), json!(gpu));
+    }
+    resources.insert("cpu".into(), json!(1));
+    resources.insert("memory".into(), json!("1GiB"));
+    json!({
+        "metadata": {"name": name},
+        "spec": {"resources": resources, "command": command},
+    })
+    .to_string()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+/// Sends `count` submissions with `concurrency` in flight; returns per-request latencies (ms) and
+/// the wall time.
+async fn submit_many(
+    pool: &Arc<Pool>,
+    count: usize,
+    concurrency: usize,
+    shapes: &[(f64, &'static [&'static str])],
+    what: &str,
+) -> anyhow::Result<(Vec<f64>, Duration)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let pb = bar(count, what);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let pool = pool.clone();
+        let next = next.clone();
+        let pb = pb.clone();
+        let shapes: Vec<(f64, Vec<&'static str>)> =
+            shapes.iter().map(|(g, c)| (*g, c.to_vec())).collect();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    return anyhow::Ok(lat);
+                }
+                let (gpu, cmd) = &shapes[i % shapes.len()];
+                let body = manifest(&format!("b{i}"), *gpu, cmd);
+                let t = Instant::now();
+                pool.post("/v1/jobs", &pool.admin, body).await?;
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+                pb.inc(1);
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(count);
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let wall = started.elapsed();
+    pb.finish_and_clear();
+    all.sort_by(f64::total_cmp);
+    Ok((all, wall))
+}
+
+async fn api(common: &Common, jobs: usize, concurrency: usize) -> anyhow::Result<Value> {
+    let mut pool = Pool::start(common, "10s")?;
+    pool.add_agent("n1", "8xH100-80GB").await?;
+    let pool = Arc::new(pool);
+    let (lat, wall) = submit_many(
+        &pool,
+        jobs,
+        concurrency,
+        &[(1.0, &["true"]), (0.5, &["true"]), (0.0, &["true"])],
+        "submit",
+    )
+    .await?;
+    // Every acknowledged submission must be in the store.
+    let listed = pool.get("/v1/jobs?limit=1000000").await?;
+    let stored = listed.as_array().map_or(0, Vec::len);
+    if stored != jobs {
+        bail!("{jobs} submissions were acknowledged but the controller lists {stored} jobs");
+    }
+    Ok(json!({
+        "jobs": jobs,
+        "concurrency": concurrency,
+        "wall_s": round2(wall.as_secs_f64()),
+        "submissions_per_s": (jobs as f64 / wall.as_secs_f64()).round(),
+        "request_p50_ms": round2(percentile(&lat, 50.0)),
+        "request_p99_ms": round2(percentile(&lat, 99.0)),
+        "jobs_listed_after": stored,
+    }))
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+async fn latency(common: &Common, jobs: usize) -> anyhow::Result<Value> {
+    let mut pool = Pool::start(common, "10s")?;
+    pool.add_agent("n1", "8xH100-80GB").await?;
+    let marks = pool.dir.join("marks");
+    std::fs::create_dir_all(&marks)?;
+    let script = format!("date +%s%N > {}/$TESSERA_JOB_ID", marks.display());
+    let pb = bar(jobs, "jobs");
+    let mut lat = Vec::with_capacity(jobs);
+    for i in 0..jobs {
+        let body = manifest(&format!("l{i}"), 1.0, &["sh", "-c", &script]);
+        let t0 = now_ns();
+        let job = pool.post("/v1/jobs", &pool.admin, body).await?;
+        let id = job["id"].as_u64().context("job id")?;
+        let started = wait_for_mark(&marks.join(id.to_string())).await?;
+        lat.push((started.saturating_sub(t0)) as f64 / 1e6);
+        // Idle pool for the next one: wait until this job is over.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let j = pool.get(&format!("/v1/jobs/{id}")).await?;
+            if j["state"] == "succeeded" {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("job {id} did not finish: {j}");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    lat.sort_by(f64::total_cmp);
+    Ok(json!({
+        "jobs": jobs,
+        "submit_to_running_p50_ms": round2(percentile(&lat, 50.0)),
+        "submit_to_running_p90_ms": round2(percentile(&lat, 90.0)),
+        "submit_to_running_p99_ms": round2(percentile(&lat, 99.0)),
+        "submit_to_running_max_ms": round2(lat.last().copied().unwrap_or(f64::NAN)),
+    }))
+}
+
+/// The workload's own clock reading at its start (nanoseconds since the epoch).
+async fn wait_for_mark(path: &Path) -> anyhow::Result<u128> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(ns) = text.trim().parse::<u128>()
+        {
+            return Ok(ns);
+        }
+        if Instant::now() > deadline {
+            bail!("the workload never wrote {}", path.display());
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
+/// Counters shared by the protocol-level agents of the scale benchmark.
+#[derive(Default)]
+struct AgentStats {
+    syncs: AtomicU64,
+    running: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A node that speaks the agent protocol but runs nothing: it reports every assignment as
+/// running, so the controller holds the state of a busy pool.
+async fn protocol_agent(
+    pool: Arc<Pool>,
+    name: String,
+    join: String,
+    stats: Arc<AgentStats>,
+) -> anyhow::Result<()> {
+    let reg = RegisterRequest {
+        name: name.clone(),
+        cpu_milli: 64_000,
+        memory_bytes: 512 << 30,
+        labels: BTreeMap::new(),
+        devices: (0..8)
+            .map(|_| DeviceSpec {
+                model: "H100-80GB".into(),
+                memory_bytes: 80 << 30,
+            })
+            .collect(),
+        simulated: true,
+        address: "http://127.0.0.1:9".into(),
+        callback_secret: "unused".into(),
+    };
+    let resp: RegisterResponse = serde_json::from_value(
+        pool.post("/v1/agent/register", &join, serde_json::to_string(&reg)?)
+            .await?,
+    )?;
+    let token = resp.token.context("no agent credential")?;
+    let mut seq = 0u64;
+    let mut revision = 0u64;
+    let mut running: Vec<String> = Vec::new();
+    loop {
+        seq += 1;
+        let req = SyncRequest {
+            seq,
+            revision,
+            statuses: running
+                .iter()
+                .map(|key| ReplicaStatus {
+                    key: key.clone(),
+                    phase: RunPhase::Running,
+                    exit_code: None,
+                    message: String::new(),
+                })
+                .collect(),
+            wait_ms: resp.lease_ms / 3,
+        };
+        match pool
+            .post("/v1/agent/sync", &token, serde_json::to_string(&req)?)
+            .await
+        {
+            Ok(v) => {
+                let s: SyncResponse = serde_json::from_value(v)?;
+                stats.syncs.fetch_add(1, Ordering::Relaxed);
+                revision = s.revision;
+                let before = running.len() as u64;
+                running = s.desired.into_iter().map(|a| a.key).collect();
+                let now = running.len() as u64;
+                if now >= before {
+                    stats.running.fetch_add(now - before, Ordering::Relaxed);
+                } else {
+                    stats.running.fetch_sub(before - now, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn scale(
+    common: &Common,
+    nodes: usize,
+    jobs: usize,
+    concurrency: usize,
+) -> anyhow::Result<Value> {
+    // A long lease: the point is memory, not heartbeat load; 10,000 long polls stay open.
+    let pool = Arc::new(Pool::start(common, "60s")?);
+    let join = pool.join_token().await?;
+    let stats = Arc::new(AgentStats::default());
+    let started = Instant::now();
+    let pb = bar(nodes, "nodes");
+    let width = nodes.to_string().len();
+    let mut handles = Vec::new();
+    for i in 0..nodes {
+        let name = format!("sim{i:0width$}");
+        handles.push(tokio::spawn(protocol_agent(
+            pool.clone(),
+            name,
+            join.clone(),
+            stats.clone(),
+        )));
+        // Registration is one store write per node; pace it so that it does not all queue up.
+        if i % 256 == 255 {
+            loop {
+                let n = pool.get("/v1/nodes").await?.as_array().map_or(0, Vec::len);
+                pb.set_position(n as u64);
+                if n + 256 > i {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    loop {
+        let n = pool.get("/v1/nodes").await?.as_array().map_or(0, Vec::len);
+        pb.set_position(n as u64);
+        if n >= nodes {
+            break;
+        }
+        if handles.iter().any(|h| h.is_finished()) {
+            bail!("a simulated node failed to register");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pb.finish_and_clear();
+    let nodes_s = started.elapsed().as_secs_f64();
+    let (lat, wall) = submit_many(
+        &pool,
+        jobs,
+        concurrency,
+        &[
+            (1.0, &["python3", "train.py"]),
+            (0.5, &["python3", "serve.py"]),
+            (2.0, &["torchrun", "train.py"]),
+            (0.0, &["sh", "etl.sh"]),
+        ],
+        "jobs",
+    )
+    .await?;
+    // Let the scheduler and the agents settle: wait until the running count stops changing.
+    let settle = Instant::now();
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = stats.running.load(Ordering::Relaxed);
+        if now == last || settle.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        last = now;
+    }
+    let (rss, peak) = pool.controller_memory()?;
+    let store_bytes: u64 = std::fs::read_dir(pool.dir.join("controller"))?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
+    let listed = pool.get("/v1/jobs?limit=1000000").await?;
+    let mut states: BTreeMap<String, u64> = BTreeMap::new();
+    for j in listed.as_array().into_iter().flatten() {
+        *states
+            .entry(j["state"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    for h in &handles {
+        h.abort();
+    }
+    Ok(json!({
+        "nodes": nodes,
+        "gpus": nodes * 8,
+        "jobs": jobs,
+        "jobs_by_state": states,
+        "replicas_reported_running": stats.running.load(Ordering::Relaxed),
+        "agent_syncs": stats.syncs.load(Ordering::Relaxed),
+        "agent_sync_errors": stats.errors.load(Ordering::Relaxed),
+        "nodes_joined_s": round2(nodes_s),
+        "submissions_per_s": (jobs as f64 / wall.as_secs_f64()).round(),
+        "request_p99_ms": round2(percentile(&lat, 99.0)),
+        "controller_rss_mib": rss >> 20,
+        "controller_peak_rss_mib": peak >> 20,
+        "store_mib": store_bytes >> 20,
+    }))
+}
