@@ -202,17 +202,19 @@ fn agent_config(
     listen: SocketAddr,
     ca_cert: Option<PathBuf>,
 ) -> anyhow::Result<agent::AgentConfig> {
-    let devices = match &node.simulate_gpus {
-        Some(spec) => agent::devices::parse_simulated(spec)?,
-        None => {
-            if agent::devices::nvml_present() {
+    // Real devices win: --simulate-gpus only describes hosts where NVML finds none.
+    let devices = match (agent::devices::nvml_inventory()?, &node.simulate_gpus) {
+        (Some(real), _) if !real.devices.is_empty() => {
+            if node.simulate_gpus.is_some() {
                 tracing::warn!(
-                    "the NVIDIA management library is present, but this build reads no NVML \
-                     inventory yet; pass --simulate-gpus to describe the devices"
+                    "--simulate-gpus is ignored: NVML found {} GPU(s)",
+                    real.devices.len()
                 );
             }
-            agent::devices::Inventory::default()
+            real
         }
+        (_, Some(spec)) => agent::devices::parse_simulated(spec)?,
+        (real, None) => real.unwrap_or_default(),
     };
     let mut labels = std::collections::BTreeMap::new();
     for l in &node.labels {
@@ -291,7 +293,11 @@ fn serve(controller: ControllerArgs, node: Option<NodeArgs>) -> anyhow::Result<(
         if let Some(node) = node {
             let join = controller::local_join_token(&running.ctl.store, &config.data_dir).await?;
             let mut node = node;
-            if node.simulate_gpus.is_none() && !agent::devices::nvml_present() {
+            let has_gpus = agent::devices::nvml_inventory()
+                .ok()
+                .flatten()
+                .is_some_and(|i| !i.devices.is_empty());
+            if node.simulate_gpus.is_none() && !has_gpus {
                 node.simulate_gpus = Some("4xH100-80GB".into());
                 println!(
                     "No GPU found: the local node offers 4 simulated H100-80GB (marked simulated)."

@@ -49,34 +49,47 @@ pub fn parse_simulated(spec: &str) -> anyhow::Result<Inventory> {
     })
 }
 
-/// Whether the NVIDIA management library can be loaded on this host.
-pub fn nvml_present() -> bool {
-    ["libnvidia-ml.so.1", "libnvidia-ml.so"].iter().any(|name| {
-        // SAFETY: loading NVIDIA's library runs its initialisers, which are designed for this; the
-        // handle is closed at once.
-        unsafe { libloading_probe(name) }
-    })
+/// The node's real GPUs, read through NVML (loaded at run time, so the same binary runs on hosts
+/// without NVIDIA's library). `Ok(None)`: no NVIDIA library here. An error: the library is here
+/// but unusable (e.g. no driver loaded), which an operator must hear about rather than get a node
+/// without GPUs.
+pub fn nvml_inventory() -> anyhow::Result<Option<Inventory>> {
+    use nvml_wrapper::error::NvmlError;
+    let nvml = match nvml_wrapper::Nvml::init() {
+        Ok(n) => n,
+        Err(NvmlError::LibloadingError(_) | NvmlError::LibraryNotFound) => return Ok(None),
+        Err(e) => bail!(
+            "the NVIDIA management library is installed but cannot be used ({e}); check the              driver with nvidia-smi, or pass --simulate-gpus to run without GPUs"
+        ),
+    };
+    let count = nvml.device_count()?;
+    let mut devices = Vec::with_capacity(count as usize);
+    for index in 0..count {
+        let device = nvml.device_by_index(index)?;
+        let name = device.name()?;
+        let memory_bytes = device.memory_info()?.total;
+        devices.push(DeviceSpec {
+            model: model_name(&name, memory_bytes),
+            memory_bytes,
+        });
+    }
+    Ok(Some(Inventory {
+        devices,
+        simulated: false,
+    }))
 }
 
-/// dlopen(name) and dlclose; true when it loads.
-unsafe fn libloading_probe(name: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(name) else {
-        return false;
-    };
-    unsafe extern "C" {
-        fn dlopen(filename: *const std::ffi::c_char, flag: i32) -> *mut std::ffi::c_void;
-        fn dlclose(handle: *mut std::ffi::c_void) -> i32;
-    }
-    const RTLD_LAZY: i32 = 1;
-    // SAFETY: c is a valid NUL-terminated string; a non-null handle is closed exactly once.
-    unsafe {
-        let h = dlopen(c.as_ptr(), RTLD_LAZY);
-        if h.is_null() {
-            return false;
-        }
-        dlclose(h);
-    }
-    true
+/// A short model name from NVML's product name and the device's memory, in the form users
+/// request and simulated inventories use: "NVIDIA H100 80GB HBM3" with 79.6 GiB → `H100-80GB`,
+/// "NVIDIA A100-SXM4-40GB" → `A100-40GB`, "Tesla T4" → `T4-15GB`.
+pub fn model_name(nvml_name: &str, memory_bytes: u64) -> String {
+    let family = nvml_name
+        .split_whitespace()
+        .find(|w| !matches!(*w, "NVIDIA" | "Tesla" | "GeForce" | "Quadro"))
+        .unwrap_or("GPU");
+    let family = family.split('-').next().unwrap_or(family);
+    let gib = (memory_bytes as f64 / GIB as f64).round() as u64;
+    format!("{family}-{gib}GB")
 }
 
 /// CPUs (milli) and memory (bytes) of this host.
@@ -115,5 +128,20 @@ mod tests {
                 .to_string()
                 .contains("H100-80GB")
         );
+    }
+
+    #[test]
+    fn nvml_product_names_become_the_model_names_users_request() {
+        let mib = 1 << 20;
+        assert_eq!(
+            model_name("NVIDIA H100 80GB HBM3", 81_559 * mib),
+            "H100-80GB"
+        );
+        assert_eq!(model_name("NVIDIA H200", 143_771 * mib), "H200-140GB");
+        assert_eq!(
+            model_name("NVIDIA A100-SXM4-40GB", 40_960 * mib),
+            "A100-40GB"
+        );
+        assert_eq!(model_name("Tesla T4", 15_360 * mib), "T4-15GB");
     }
 }
