@@ -1,0 +1,1568 @@
+//! A simulated CUDA driver (`libcuda.so.1`) for machines without a GPU.
+//!
+//! It exists only so that Tessera's interception library and agent can be tested end to end where
+//! there is no GPU; it is not a product feature. It implements the driver calls Tessera's tests
+//! and probe use: init, devices and attributes, primary and created contexts, memory (plain,
+//! pitch, managed, async and pools, VMM basics, arrays), copies, PTX modules, kernel launches that
+//! take simulated time, streams, events and minimal graphs (stream capture).
+//!
+//! Devices are shared by every process on the machine, like real ones: each simulated device is a
+//! file under `TESSERA_FAKECUDA_DIR` (default `/dev/shm/tessera-fakecuda`) that holds its memory
+//! accounting and its timeline, so memory runs out for everyone and launches from several
+//! processes queue behind each other. Configuration (read by the first process that creates a
+//! device): `TESSERA_FAKECUDA_DEVICES` (count, default 1), `TESSERA_FAKECUDA_MEMORY` (bytes per
+//! device, default 80 GiB), `TESSERA_FAKECUDA_NS_PER_THREAD` (simulated time per kernel thread,
+//! default 3 ns, so 132 × 256 threads take ~100 µs). Device memory is backed by lazily
+//! committed host memory, so copies move real bytes.
+
+#![allow(non_snake_case, clippy::missing_safety_doc)]
+
+use std::collections::HashMap;
+use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use tessera_shm::Region;
+
+pub type CUresult = c_uint;
+pub const CUDA_SUCCESS: CUresult = 0;
+pub const CUDA_ERROR_INVALID_VALUE: CUresult = 1;
+pub const CUDA_ERROR_OUT_OF_MEMORY: CUresult = 2;
+pub const CUDA_ERROR_NOT_INITIALIZED: CUresult = 3;
+pub const CUDA_ERROR_NO_DEVICE: CUresult = 100;
+pub const CUDA_ERROR_INVALID_DEVICE: CUresult = 101;
+pub const CUDA_ERROR_INVALID_IMAGE: CUresult = 200;
+pub const CUDA_ERROR_INVALID_CONTEXT: CUresult = 201;
+pub const CUDA_ERROR_INVALID_HANDLE: CUresult = 400;
+pub const CUDA_ERROR_NOT_FOUND: CUresult = 500;
+pub const CUDA_ERROR_NOT_READY: CUresult = 600;
+pub const CUDA_ERROR_NOT_SUPPORTED: CUresult = 801;
+
+/// The driver API version this stand-in reports (12.8).
+pub const DRIVER_VERSION: c_int = 12080;
+/// A launch never takes less than this (driver and launch overhead).
+const MIN_KERNEL_NS: u64 = 2_000;
+/// How far ahead of the device a stream may queue before a launch blocks (a real driver blocks
+/// when its push buffer fills; this keeps the simulation's queues short and contention visible).
+const MAX_QUEUE_NS: u64 = 5_000_000;
+const GIB: u64 = 1 << 30;
+
+/// Device words in each device's shared region.
+const WORD_BUSY_UNTIL: usize = 0;
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn sleep_until(ns: u64) {
+    let now = monotonic_ns();
+    if ns > now {
+        std::thread::sleep(Duration::from_nanos(ns - now));
+    }
+}
+
+struct Device {
+    region: Region,
+    slot: usize,
+}
+
+struct Process {
+    devices: Vec<Device>,
+    ns_per_thread: f64,
+    /// Device pointer → (device, bytes, mapping length).
+    allocations: Mutex<HashMap<u64, (usize, u64)>>,
+    /// VMM handles → (device, bytes).
+    handles: Mutex<HashMap<u64, (usize, u64)>>,
+    next_handle: AtomicU64,
+    /// The latest end of any work this process queued (cuCtxSynchronize waits for it).
+    last_end: AtomicU64,
+    default_stream: Stream,
+    name: String,
+}
+
+static PROCESS: OnceLock<Result<Process, CUresult>> = OnceLock::new();
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn init_process() -> Result<Process, CUresult> {
+    let dir = std::env::var_os("TESSERA_FAKECUDA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/shm/tessera-fakecuda"));
+    std::fs::create_dir_all(&dir).map_err(|_| CUDA_ERROR_NOT_INITIALIZED)?;
+    let count = env_u64("TESSERA_FAKECUDA_DEVICES", 1).clamp(1, 64) as usize;
+    let memory = env_u64("TESSERA_FAKECUDA_MEMORY", 80 * GIB);
+    let ns_per_thread = std::env::var("TESSERA_FAKECUDA_NS_PER_THREAD")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| *v >= 0.0)
+        .unwrap_or(3.0);
+    // Like the real driver, CUDA_VISIBLE_DEVICES picks and orders the devices a process sees.
+    let visible: Vec<usize> = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(v) if !v.trim().is_empty() => v
+            .split(',')
+            .map_while(|d| d.trim().parse::<usize>().ok())
+            .filter(|d| *d < count)
+            .collect(),
+        Ok(_) => vec![],
+        Err(_) => (0..count).collect(),
+    };
+    let pid = std::process::id() as i32;
+    let start = tessera_shm::process_start_time(pid).unwrap_or(0);
+    let mut devices = Vec::new();
+    for physical in visible {
+        let region = Region::open_or_create(&dir.join(format!("device{physical}")), memory)
+            .map_err(|_| CUDA_ERROR_NOT_INITIALIZED)?;
+        let slot = region.claim(pid, start).ok_or(CUDA_ERROR_NOT_INITIALIZED)?;
+        devices.push(Device { region, slot });
+    }
+    Ok(Process {
+        devices,
+        ns_per_thread,
+        allocations: Mutex::new(HashMap::new()),
+        handles: Mutex::new(HashMap::new()),
+        next_handle: AtomicU64::new(1),
+        last_end: AtomicU64::new(0),
+        default_stream: Stream::default(),
+        name: std::env::var("TESSERA_FAKECUDA_NAME")
+            .unwrap_or_else(|_| "Tessera Simulated H100 80GB".into()),
+    })
+}
+
+fn process() -> Result<&'static Process, CUresult> {
+    match PROCESS.get() {
+        Some(Ok(p)) => Ok(p),
+        Some(Err(e)) => Err(*e),
+        None => Err(CUDA_ERROR_NOT_INITIALIZED),
+    }
+}
+
+macro_rules! tri {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(code) => return code,
+        }
+    };
+}
+
+// ---- contexts --------------------------------------------------------------------------------
+
+/// A context: the device it belongs to.
+struct Context {
+    device: usize,
+}
+
+thread_local! {
+    static CURRENT: std::cell::Cell<*mut Context> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+static PRIMARY: OnceLock<Vec<usize>> = OnceLock::new();
+
+fn primary(device: usize) -> *mut Context {
+    let table = PRIMARY.get_or_init(|| {
+        (0..64)
+            .map(|d| Box::into_raw(Box::new(Context { device: d })) as usize)
+            .collect()
+    });
+    table[device] as *mut Context
+}
+
+fn current_device() -> Result<usize, CUresult> {
+    let ctx = CURRENT.with(|c| c.get());
+    if ctx.is_null() {
+        return Err(CUDA_ERROR_INVALID_CONTEXT);
+    }
+    // SAFETY: contexts are leaked boxes that live for the process.
+    Ok(unsafe { (*ctx).device })
+}
+
+fn device(p: &Process, dev: c_int) -> Result<&Device, CUresult> {
+    usize::try_from(dev)
+        .ok()
+        .and_then(|d| p.devices.get(d))
+        .ok_or(CUDA_ERROR_INVALID_DEVICE)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuInit(flags: c_uint) -> CUresult {
+    if flags != 0 {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    match PROCESS.get_or_init(init_process) {
+        Ok(p) if p.devices.is_empty() => CUDA_ERROR_NO_DEVICE,
+        Ok(_) => CUDA_SUCCESS,
+        Err(e) => *e,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> CUresult {
+    if version.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: checked non-null; the caller passes a writable int.
+    unsafe { *version = DRIVER_VERSION };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> CUresult {
+    let p = tri!(process());
+    // SAFETY: the caller passes a writable int.
+    unsafe { *count = p.devices.len() as c_int };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGet(dev: *mut c_int, ordinal: c_int) -> CUresult {
+    let p = tri!(process());
+    tri!(device(p, ordinal));
+    // SAFETY: the caller passes a writable int.
+    unsafe { *dev = ordinal };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: c_int) -> CUresult {
+    let p = tri!(process());
+    tri!(device(p, dev));
+    if name.is_null() || len <= 0 {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let bytes = p.name.as_bytes();
+    let n = bytes.len().min(len as usize - 1);
+    // SAFETY: the caller's buffer holds `len` bytes; we write n + 1 <= len.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), name as *mut u8, n);
+        *name.add(n) = 0;
+    }
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], dev: c_int) -> CUresult {
+    let p = tri!(process());
+    tri!(device(p, dev));
+    let mut id = *b"tessera-fake-gpu";
+    id[15] = dev as u8;
+    // SAFETY: the caller passes a 16-byte CUuuid.
+    unsafe { *uuid = id };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], dev: c_int) -> CUresult {
+    // SAFETY: same contract.
+    unsafe { cuDeviceGetUuid(uuid, dev) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetAttribute(
+    value: *mut c_int,
+    attrib: c_int,
+    dev: c_int,
+) -> CUresult {
+    let p = tri!(process());
+    tri!(device(p, dev));
+    let v = match attrib {
+        1 => 1024,              // max threads per block
+        2 | 3 => 1024,          // max block dim x, y
+        4 => 64,                // max block dim z
+        5 => i32::MAX,          // max grid dim x
+        6 | 7 => 65535,         // max grid dim y, z
+        8 => 48 * 1024,         // shared memory per block
+        10 => 32,               // warp size
+        16 => 132,              // multiprocessors
+        75 => 9,                // compute capability major
+        76 => 0,                // compute capability minor
+        13 => 1_980_000,        // clock rate, kHz
+        36 => 2_619_000,        // memory clock rate, kHz
+        37 => 5120,             // memory bus width
+        39 => 2048,             // max threads per multiprocessor
+        41 | 83 | 88 | 89 => 1, // unified addressing, managed memory, pageable access, concurrent managed
+        102 | 115 => 1,         // virtual memory management, memory pools
+        _ => 0,
+    };
+    // SAFETY: the caller passes a writable int.
+    unsafe { *value = v };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> CUresult {
+    let p = tri!(process());
+    let d = tri!(device(p, dev));
+    // SAFETY: the caller passes a writable size_t.
+    unsafe { *bytes = d.region.cap() as usize };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut *mut c_void, dev: c_int) -> CUresult {
+    let p = tri!(process());
+    tri!(device(p, dev));
+    // SAFETY: the caller passes a writable CUcontext.
+    unsafe { *ctx = primary(dev as usize) as *mut c_void };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: c_int) -> CUresult {
+    let p = tri!(process());
+    tri!(device(p, dev));
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuDevicePrimaryCtxReset_v2(dev: c_int) -> CUresult {
+    cuDevicePrimaryCtxRelease_v2(dev)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDevicePrimaryCtxGetState(
+    dev: c_int,
+    flags: *mut c_uint,
+    active: *mut c_int,
+) -> CUresult {
+    let p = tri!(process());
+    tri!(device(p, dev));
+    // SAFETY: the caller passes writable outputs.
+    unsafe {
+        *flags = 0;
+        *active = 1;
+    }
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxCreate_v2(
+    ctx: *mut *mut c_void,
+    _flags: c_uint,
+    dev: c_int,
+) -> CUresult {
+    let p = tri!(process());
+    tri!(device(p, dev));
+    let c = Box::into_raw(Box::new(Context {
+        device: dev as usize,
+    }));
+    CURRENT.with(|cur| cur.set(c));
+    // SAFETY: the caller passes a writable CUcontext.
+    unsafe { *ctx = c as *mut c_void };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuCtxDestroy_v2(ctx: *mut c_void) -> CUresult {
+    if ctx.is_null() {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    CURRENT.with(|cur| {
+        if cur.get() == ctx as *mut Context {
+            cur.set(std::ptr::null_mut());
+        }
+    });
+    // Contexts are small and may still be referenced by other threads; they are not freed.
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuCtxSetCurrent(ctx: *mut c_void) -> CUresult {
+    CURRENT.with(|cur| cur.set(ctx as *mut Context));
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut *mut c_void) -> CUresult {
+    // SAFETY: the caller passes a writable CUcontext.
+    unsafe { *ctx = CURRENT.with(|c| c.get()) as *mut c_void };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuCtxPushCurrent_v2(ctx: *mut c_void) -> CUresult {
+    cuCtxSetCurrent(ctx)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxPopCurrent_v2(ctx: *mut *mut c_void) -> CUresult {
+    if !ctx.is_null() {
+        // SAFETY: non-null; the caller passes a writable CUcontext.
+        unsafe { *ctx = CURRENT.with(|c| c.get()) as *mut c_void };
+    }
+    CURRENT.with(|c| c.set(std::ptr::null_mut()));
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxGetDevice(dev: *mut c_int) -> CUresult {
+    let d = tri!(current_device());
+    // SAFETY: the caller passes a writable int.
+    unsafe { *dev = d as c_int };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuCtxSynchronize() -> CUresult {
+    let p = tri!(process());
+    sleep_until(p.last_end.load(Ordering::SeqCst));
+    CUDA_SUCCESS
+}
+
+// ---- memory ----------------------------------------------------------------------------------
+
+/// Reserves host address space for a device allocation; pages are committed only when touched.
+fn map_bytes(bytes: u64, prot: c_int) -> Option<u64> {
+    let len = bytes.max(1) as usize;
+    // SAFETY: an anonymous private mapping; no existing memory is affected.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    (ptr != libc::MAP_FAILED).then_some(ptr as u64)
+}
+
+fn unmap_bytes(ptr: u64, bytes: u64) {
+    // SAFETY: ptr/len come from map_bytes of the same allocation.
+    unsafe { libc::munmap(ptr as *mut c_void, bytes.max(1) as usize) };
+}
+
+fn alloc_on(dev: usize, bytes: u64) -> Result<u64, CUresult> {
+    let p = process()?;
+    if bytes == 0 {
+        return Err(CUDA_ERROR_INVALID_VALUE);
+    }
+    let d = p.devices.get(dev).ok_or(CUDA_ERROR_INVALID_DEVICE)?;
+    if !d.region.try_charge(d.slot, bytes) {
+        return Err(CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    let Some(ptr) = map_bytes(bytes, libc::PROT_READ | libc::PROT_WRITE) else {
+        d.region.credit(d.slot, bytes);
+        return Err(CUDA_ERROR_OUT_OF_MEMORY);
+    };
+    p.allocations
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(ptr, (dev, bytes));
+    Ok(ptr)
+}
+
+fn free_ptr(ptr: u64) -> CUresult {
+    let p = tri!(process());
+    let Some((dev, bytes)) = p
+        .allocations
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&ptr)
+    else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    unmap_bytes(ptr, bytes);
+    let d = &p.devices[dev];
+    d.region.credit(d.slot, bytes);
+    CUDA_SUCCESS
+}
+
+unsafe fn alloc_out(out: *mut u64, bytes: u64) -> CUresult {
+    if out.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let dev = tri!(current_device());
+    let ptr = tri!(alloc_on(dev, bytes));
+    // SAFETY: checked non-null; the caller passes a writable CUdeviceptr.
+    unsafe { *out = ptr };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytes: usize) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { alloc_out(dptr, bytes as u64) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocManaged(
+    dptr: *mut u64,
+    bytes: usize,
+    _flags: c_uint,
+) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { alloc_out(dptr, bytes as u64) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocPitch_v2(
+    dptr: *mut u64,
+    pitch: *mut usize,
+    width: usize,
+    height: usize,
+    _element: c_uint,
+) -> CUresult {
+    let row = width.div_ceil(512) * 512;
+    // SAFETY: forwarded contract; pitch is a writable size_t.
+    unsafe {
+        let r = alloc_out(dptr, (row * height) as u64);
+        if r == CUDA_SUCCESS {
+            *pitch = row;
+        }
+        r
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocAsync(
+    dptr: *mut u64,
+    bytes: usize,
+    _stream: *mut c_void,
+) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { alloc_out(dptr, bytes as u64) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
+    dptr: *mut u64,
+    bytes: usize,
+    stream: *mut c_void,
+) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { cuMemAllocAsync(dptr, bytes, stream) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
+    dptr: *mut u64,
+    bytes: usize,
+    _pool: *mut c_void,
+    _stream: *mut c_void,
+) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { alloc_out(dptr, bytes as u64) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
+    dptr: *mut u64,
+    bytes: usize,
+    pool: *mut c_void,
+    stream: *mut c_void,
+) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { cuMemAllocFromPoolAsync(dptr, bytes, pool, stream) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemFree_v2(dptr: u64) -> CUresult {
+    free_ptr(dptr)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemFreeAsync(dptr: u64, _stream: *mut c_void) -> CUresult {
+    free_ptr(dptr)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemFreeAsync_ptsz(dptr: u64, stream: *mut c_void) -> CUresult {
+    cuMemFreeAsync(dptr, stream)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+    let p = tri!(process());
+    let dev = tri!(current_device());
+    let d = &p.devices[dev];
+    let cap = d.region.cap();
+    // Like a real device, memory of processes that have ended is free again.
+    d.region.reclaim_dead();
+    // SAFETY: the caller passes writable size_ts.
+    unsafe {
+        *total = cap as usize;
+        *free = cap.saturating_sub(d.region.used()) as usize;
+    }
+    CUDA_SUCCESS
+}
+
+/// Bytes per element of a CUarray_format, times channels.
+fn element_bytes(format: c_uint, channels: c_uint) -> u64 {
+    let each = match format {
+        0x01 | 0x08 => 1,
+        0x02 | 0x09 | 0x10 => 2,
+        _ => 4,
+    };
+    each * u64::from(channels.max(1))
+}
+
+#[repr(C)]
+pub struct ArrayDescriptor {
+    pub width: usize,
+    pub height: usize,
+    pub format: c_uint,
+    pub channels: c_uint,
+}
+
+#[repr(C)]
+pub struct Array3dDescriptor {
+    pub width: usize,
+    pub height: usize,
+    pub depth: usize,
+    pub format: c_uint,
+    pub channels: c_uint,
+    pub flags: c_uint,
+}
+
+/// Bytes of a 2D array.
+pub fn array_bytes(d: &ArrayDescriptor) -> u64 {
+    d.width.max(1) as u64 * d.height.max(1) as u64 * element_bytes(d.format, d.channels)
+}
+
+/// Bytes of a 3D array; with `levels` mip levels, each level a quarter (or eighth) of the last.
+pub fn array3d_bytes(d: &Array3dDescriptor, levels: u32) -> u64 {
+    let mut total = 0;
+    let (mut w, mut h, mut z) = (d.width.max(1), d.height.max(1), d.depth.max(1));
+    for _ in 0..levels.max(1) {
+        total += w as u64 * h as u64 * z as u64 * element_bytes(d.format, d.channels);
+        w = (w / 2).max(1);
+        h = (h / 2).max(1);
+        z = (z / 2).max(1);
+    }
+    total
+}
+
+unsafe fn array_out(out: *mut *mut c_void, bytes: u64) -> CUresult {
+    let dev = tri!(current_device());
+    let ptr = tri!(alloc_on(dev, bytes));
+    // SAFETY: the caller passes a writable handle; arrays are identified by their backing.
+    unsafe { *out = ptr as *mut c_void };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArrayCreate_v2(
+    arr: *mut *mut c_void,
+    desc: *const ArrayDescriptor,
+) -> CUresult {
+    if desc.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: the caller passes a valid descriptor and a writable handle.
+    unsafe { array_out(arr, array_bytes(&*desc)) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArray3DCreate_v2(
+    arr: *mut *mut c_void,
+    desc: *const Array3dDescriptor,
+) -> CUresult {
+    if desc.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: the caller passes a valid descriptor and a writable handle.
+    unsafe { array_out(arr, array3d_bytes(&*desc, 1)) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMipmappedArrayCreate(
+    arr: *mut *mut c_void,
+    desc: *const Array3dDescriptor,
+    levels: c_uint,
+) -> CUresult {
+    if desc.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: the caller passes a valid descriptor and a writable handle.
+    unsafe { array_out(arr, array3d_bytes(&*desc, levels)) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuArrayDestroy(arr: *mut c_void) -> CUresult {
+    free_ptr(arr as u64)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMipmappedArrayDestroy(arr: *mut c_void) -> CUresult {
+    free_ptr(arr as u64)
+}
+
+/// VMM: physical memory is charged at creation; addresses are reserved and mapped separately.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemCreate(
+    handle: *mut u64,
+    bytes: usize,
+    _prop: *const c_void,
+    _flags: u64,
+) -> CUresult {
+    let p = tri!(process());
+    let dev = tri!(current_device());
+    let d = &p.devices[dev];
+    if bytes == 0 || handle.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if !d.region.try_charge(d.slot, bytes as u64) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    let h = p.next_handle.fetch_add(1, Ordering::SeqCst);
+    p.handles
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(h, (dev, bytes as u64));
+    // SAFETY: checked non-null.
+    unsafe { *handle = h };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemRelease(handle: u64) -> CUresult {
+    let p = tri!(process());
+    let Some((dev, bytes)) = p
+        .handles
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&handle)
+    else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    let d = &p.devices[dev];
+    d.region.credit(d.slot, bytes);
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemGetAllocationGranularity(
+    granularity: *mut usize,
+    _prop: *const c_void,
+    _option: c_uint,
+) -> CUresult {
+    // SAFETY: the caller passes a writable size_t.
+    unsafe { *granularity = 2 << 20 };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAddressReserve(
+    ptr: *mut u64,
+    bytes: usize,
+    _alignment: usize,
+    _addr: u64,
+    _flags: u64,
+) -> CUresult {
+    let Some(p) = map_bytes(bytes as u64, libc::PROT_NONE) else {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    };
+    // SAFETY: the caller passes a writable CUdeviceptr.
+    unsafe { *ptr = p };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemAddressFree(ptr: u64, bytes: usize) -> CUresult {
+    unmap_bytes(ptr, bytes as u64);
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemMap(
+    ptr: u64,
+    bytes: usize,
+    _offset: usize,
+    _handle: u64,
+    _flags: u64,
+) -> CUresult {
+    // SAFETY: the range was reserved by cuMemAddressReserve.
+    let r = unsafe {
+        libc::mprotect(
+            ptr as *mut c_void,
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    };
+    if r == 0 {
+        CUDA_SUCCESS
+    } else {
+        CUDA_ERROR_INVALID_VALUE
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemUnmap(ptr: u64, bytes: usize) -> CUresult {
+    // SAFETY: the range was reserved by cuMemAddressReserve.
+    let r = unsafe { libc::mprotect(ptr as *mut c_void, bytes, libc::PROT_NONE) };
+    if r == 0 {
+        CUDA_SUCCESS
+    } else {
+        CUDA_ERROR_INVALID_VALUE
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemSetAccess(
+    _ptr: u64,
+    _bytes: usize,
+    _desc: *const c_void,
+    _count: usize,
+) -> CUresult {
+    CUDA_SUCCESS
+}
+
+fn copy(dst: u64, src: u64, bytes: usize) -> CUresult {
+    if bytes == 0 {
+        return CUDA_SUCCESS;
+    }
+    if dst == 0 || src == 0 {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: both ranges are the caller's (host memory, or device memory backed by host pages).
+    unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemcpyHtoD_v2(dst: u64, src: *const c_void, bytes: usize) -> CUresult {
+    copy(dst, src as u64, bytes)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: u64, bytes: usize) -> CUresult {
+    copy(dst as u64, src, bytes)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemcpyDtoD_v2(dst: u64, src: u64, bytes: usize) -> CUresult {
+    copy(dst, src, bytes)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemcpyHtoDAsync_v2(
+    dst: u64,
+    src: *const c_void,
+    bytes: usize,
+    _s: *mut c_void,
+) -> CUresult {
+    copy(dst, src as u64, bytes)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemcpyDtoHAsync_v2(
+    dst: *mut c_void,
+    src: u64,
+    bytes: usize,
+    _s: *mut c_void,
+) -> CUresult {
+    copy(dst as u64, src, bytes)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemsetD8_v2(dst: u64, value: u8, count: usize) -> CUresult {
+    if dst == 0 {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: the range is the caller's device memory, backed by host pages.
+    unsafe { std::ptr::write_bytes(dst as *mut u8, value, count) };
+    CUDA_SUCCESS
+}
+
+// ---- modules, streams, launches, events, graphs -----------------------------------------------
+
+struct Module {
+    entries: Vec<String>,
+}
+
+struct Function {
+    _name: String,
+}
+
+#[derive(Default)]
+struct Stream {
+    /// When the last work queued on this stream ends (monotonic ns).
+    tail: AtomicU64,
+    /// Kernel durations recorded while capturing into a graph.
+    capture: Mutex<Option<Vec<u64>>>,
+}
+
+struct Graph {
+    kernels: Vec<u64>,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuModuleLoadData(
+    module: *mut *mut c_void,
+    image: *const c_void,
+) -> CUresult {
+    if image.is_null() || module.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: PTX images are NUL-terminated text.
+    let text = unsafe { CStr::from_ptr(image as *const c_char) }.to_string_lossy();
+    if !text.contains(".version") || !text.contains(".target") {
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    let entries: Vec<String> = text
+        .split(".entry")
+        .skip(1)
+        .filter_map(|rest| {
+            let name: String = rest
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '$')
+                .collect();
+            (!name.is_empty()).then_some(name)
+        })
+        .collect();
+    let m = Box::into_raw(Box::new(Module { entries }));
+    // SAFETY: checked non-null.
+    unsafe { *module = m as *mut c_void };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuModuleLoadDataEx(
+    module: *mut *mut c_void,
+    image: *const c_void,
+    _n: c_uint,
+    _options: *mut c_void,
+    _values: *mut *mut c_void,
+) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { cuModuleLoadData(module, image) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuModuleGetFunction(
+    function: *mut *mut c_void,
+    module: *mut c_void,
+    name: *const c_char,
+) -> CUresult {
+    if module.is_null() || name.is_null() || function.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: modules are our leaked boxes; name is NUL-terminated.
+    let (m, name) = unsafe { (&*(module as *const Module), CStr::from_ptr(name)) };
+    let name = name.to_string_lossy();
+    if !m.entries.iter().any(|e| *e == name) {
+        return CUDA_ERROR_NOT_FOUND;
+    }
+    let f = Box::into_raw(Box::new(Function {
+        _name: name.into_owned(),
+    }));
+    // SAFETY: checked non-null.
+    unsafe { *function = f as *mut c_void };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuModuleUnload(_module: *mut c_void) -> CUresult {
+    CUDA_SUCCESS
+}
+
+/// The stream behind a handle: null and the legacy/per-thread default handles (1, 2) are the
+/// process's default stream.
+fn stream(p: &Process, handle: *mut c_void) -> &Stream {
+    if (handle as usize) <= 2 {
+        &p.default_stream
+    } else {
+        // SAFETY: streams are our leaked boxes.
+        unsafe { &*(handle as *const Stream) }
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamCreate(s: *mut *mut c_void, _flags: c_uint) -> CUresult {
+    tri!(process());
+    // SAFETY: the caller passes a writable CUstream.
+    unsafe { *s = Box::into_raw(Box::new(Stream::default())) as *mut c_void };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamCreateWithPriority(
+    s: *mut *mut c_void,
+    flags: c_uint,
+    _priority: c_int,
+) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { cuStreamCreate(s, flags) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamDestroy_v2(_s: *mut c_void) -> CUresult {
+    // Work queued on it still completes; the small stream record is kept.
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamSynchronize(s: *mut c_void) -> CUresult {
+    let p = tri!(process());
+    sleep_until(stream(p, s).tail.load(Ordering::SeqCst));
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamSynchronize_ptsz(s: *mut c_void) -> CUresult {
+    cuStreamSynchronize(s)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamQuery(s: *mut c_void) -> CUresult {
+    let p = tri!(process());
+    if stream(p, s).tail.load(Ordering::SeqCst) <= monotonic_ns() {
+        CUDA_SUCCESS
+    } else {
+        CUDA_ERROR_NOT_READY
+    }
+}
+
+/// Queues `ns` of work on `s` of the current device: the device runs one piece of work at a
+/// time, for every process on the machine, in the order it was queued.
+fn enqueue(s: *mut c_void, ns: u64) -> CUresult {
+    let p = tri!(process());
+    let dev = tri!(current_device());
+    let st = stream(p, s);
+    if let Some(graph) = st
+        .capture
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()
+    {
+        graph.push(ns);
+        return CUDA_SUCCESS;
+    }
+    let busy = p.devices[dev].region.word(WORD_BUSY_UNTIL);
+    let end = loop {
+        let now = monotonic_ns();
+        let current = busy.load(Ordering::SeqCst);
+        let start = now.max(current).max(st.tail.load(Ordering::SeqCst));
+        let end = start + ns;
+        if busy
+            .compare_exchange(current, end, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            break end;
+        }
+    };
+    st.tail.fetch_max(end, Ordering::SeqCst);
+    p.last_end.fetch_max(end, Ordering::SeqCst);
+    // A full queue blocks the launching thread, as a real driver's does.
+    sleep_until(end.saturating_sub(MAX_QUEUE_NS));
+    CUDA_SUCCESS
+}
+
+fn kernel_ns(p: &Process, grid: [c_uint; 3], block: [c_uint; 3]) -> u64 {
+    let threads: u64 = grid
+        .iter()
+        .chain(block.iter())
+        .map(|d| u64::from((*d).max(1)))
+        .product();
+    ((threads as f64 * p.ns_per_thread) as u64).max(MIN_KERNEL_NS)
+}
+
+fn launch(f: *mut c_void, grid: [c_uint; 3], block: [c_uint; 3], s: *mut c_void) -> CUresult {
+    let p = tri!(process());
+    if f.is_null() {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    enqueue(s, kernel_ns(p, grid, block))
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuLaunchKernel(
+    f: *mut c_void,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    _shared: c_uint,
+    s: *mut c_void,
+    _params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> CUresult {
+    launch(f, [gx, gy, gz], [bx, by, bz], s)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuLaunchKernel_ptsz(
+    f: *mut c_void,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shared: c_uint,
+    s: *mut c_void,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CUresult {
+    cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shared, s, params, extra)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuLaunchCooperativeKernel(
+    f: *mut c_void,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    _shared: c_uint,
+    s: *mut c_void,
+    _params: *mut *mut c_void,
+) -> CUresult {
+    launch(f, [gx, gy, gz], [bx, by, bz], s)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuLaunchCooperativeKernel_ptsz(
+    f: *mut c_void,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shared: c_uint,
+    s: *mut c_void,
+    params: *mut *mut c_void,
+) -> CUresult {
+    cuLaunchCooperativeKernel(f, gx, gy, gz, bx, by, bz, shared, s, params)
+}
+
+/// CUlaunchConfig.
+#[repr(C)]
+pub struct LaunchConfig {
+    pub grid: [c_uint; 3],
+    pub block: [c_uint; 3],
+    pub shared: c_uint,
+    pub stream: *mut c_void,
+    pub attrs: *mut c_void,
+    pub num_attrs: c_uint,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchKernelEx(
+    config: *const LaunchConfig,
+    f: *mut c_void,
+    _params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> CUresult {
+    if config.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: the caller passes a valid CUlaunchConfig.
+    let c = unsafe { &*config };
+    launch(f, c.grid, c.block, c.stream)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
+    config: *const LaunchConfig,
+    f: *mut c_void,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { cuLaunchKernelEx(config, f, params, extra) }
+}
+
+struct Event {
+    at: AtomicU64,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuEventCreate(e: *mut *mut c_void, _flags: c_uint) -> CUresult {
+    // SAFETY: the caller passes a writable CUevent.
+    unsafe {
+        *e = Box::into_raw(Box::new(Event {
+            at: AtomicU64::new(0),
+        })) as *mut c_void
+    };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventRecord(e: *mut c_void, s: *mut c_void) -> CUresult {
+    let p = tri!(process());
+    if e.is_null() {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    let at = stream(p, s).tail.load(Ordering::SeqCst).max(monotonic_ns());
+    // SAFETY: events are our leaked boxes.
+    unsafe { &*(e as *const Event) }
+        .at
+        .store(at, Ordering::SeqCst);
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventRecord_ptsz(e: *mut c_void, s: *mut c_void) -> CUresult {
+    cuEventRecord(e, s)
+}
+
+fn event_at(e: *mut c_void) -> Result<u64, CUresult> {
+    if e.is_null() {
+        return Err(CUDA_ERROR_INVALID_HANDLE);
+    }
+    // SAFETY: events are our leaked boxes.
+    Ok(unsafe { &*(e as *const Event) }.at.load(Ordering::SeqCst))
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventQuery(e: *mut c_void) -> CUresult {
+    if tri!(event_at(e)) <= monotonic_ns() {
+        CUDA_SUCCESS
+    } else {
+        CUDA_ERROR_NOT_READY
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventSynchronize(e: *mut c_void) -> CUresult {
+    sleep_until(tri!(event_at(e)));
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuEventElapsedTime(
+    ms: *mut f32,
+    start: *mut c_void,
+    end: *mut c_void,
+) -> CUresult {
+    let (a, b) = (tri!(event_at(start)), tri!(event_at(end)));
+    if a > monotonic_ns() || b > monotonic_ns() {
+        return CUDA_ERROR_NOT_READY;
+    }
+    // SAFETY: the caller passes a writable float.
+    unsafe { *ms = (b as f64 - a as f64) as f32 / 1e6 };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventDestroy_v2(_e: *mut c_void) -> CUresult {
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamBeginCapture_v2(s: *mut c_void, _mode: c_uint) -> CUresult {
+    let p = tri!(process());
+    *stream(p, s)
+        .capture
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamBeginCapture_v2_ptsz(s: *mut c_void, mode: c_uint) -> CUresult {
+    cuStreamBeginCapture_v2(s, mode)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamEndCapture(s: *mut c_void, graph: *mut *mut c_void) -> CUresult {
+    let p = tri!(process());
+    let Some(kernels) = stream(p, s)
+        .capture
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    // SAFETY: the caller passes a writable CUgraph.
+    unsafe { *graph = Box::into_raw(Box::new(Graph { kernels })) as *mut c_void };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamEndCapture_ptsz(
+    s: *mut c_void,
+    graph: *mut *mut c_void,
+) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { cuStreamEndCapture(s, graph) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphInstantiateWithFlags(
+    exec: *mut *mut c_void,
+    graph: *mut c_void,
+    _flags: u64,
+) -> CUresult {
+    if graph.is_null() || exec.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: graphs are our leaked boxes; an executable graph is a copy of its kernels.
+    unsafe {
+        let g = &*(graph as *const Graph);
+        *exec = Box::into_raw(Box::new(Graph {
+            kernels: g.kernels.clone(),
+        })) as *mut c_void;
+    }
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphInstantiate_v2(
+    exec: *mut *mut c_void,
+    graph: *mut c_void,
+    _error_node: *mut *mut c_void,
+    _log: *mut c_char,
+    _log_size: usize,
+) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { cuGraphInstantiateWithFlags(exec, graph, 0) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuGraphLaunch(exec: *mut c_void, s: *mut c_void) -> CUresult {
+    if exec.is_null() {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    // SAFETY: executable graphs are our leaked boxes.
+    let g = unsafe { &*(exec as *const Graph) };
+    // A graph's kernels run back to back with one launch's overhead.
+    enqueue(s, g.kernels.iter().sum::<u64>().max(MIN_KERNEL_NS))
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuGraphLaunch_ptsz(exec: *mut c_void, s: *mut c_void) -> CUresult {
+    cuGraphLaunch(exec, s)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuGraphDestroy(_g: *mut c_void) -> CUresult {
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuGraphExecDestroy(_g: *mut c_void) -> CUresult {
+    CUDA_SUCCESS
+}
+
+// ---- errors and entry points -----------------------------------------------------------------
+
+fn error_text(code: CUresult) -> Option<(&'static CStr, &'static CStr)> {
+    Some(match code {
+        CUDA_SUCCESS => (c"CUDA_SUCCESS", c"no error"),
+        CUDA_ERROR_INVALID_VALUE => (c"CUDA_ERROR_INVALID_VALUE", c"invalid argument"),
+        CUDA_ERROR_OUT_OF_MEMORY => (c"CUDA_ERROR_OUT_OF_MEMORY", c"out of memory"),
+        CUDA_ERROR_NOT_INITIALIZED => (c"CUDA_ERROR_NOT_INITIALIZED", c"initialization error"),
+        CUDA_ERROR_NO_DEVICE => (
+            c"CUDA_ERROR_NO_DEVICE",
+            c"no CUDA-capable device is detected",
+        ),
+        CUDA_ERROR_INVALID_DEVICE => (c"CUDA_ERROR_INVALID_DEVICE", c"invalid device ordinal"),
+        CUDA_ERROR_INVALID_IMAGE => (
+            c"CUDA_ERROR_INVALID_IMAGE",
+            c"device kernel image is invalid",
+        ),
+        CUDA_ERROR_INVALID_CONTEXT => (c"CUDA_ERROR_INVALID_CONTEXT", c"invalid device context"),
+        CUDA_ERROR_INVALID_HANDLE => (c"CUDA_ERROR_INVALID_HANDLE", c"invalid resource handle"),
+        CUDA_ERROR_NOT_FOUND => (c"CUDA_ERROR_NOT_FOUND", c"named symbol not found"),
+        CUDA_ERROR_NOT_READY => (c"CUDA_ERROR_NOT_READY", c"device not ready"),
+        CUDA_ERROR_NOT_SUPPORTED => (c"CUDA_ERROR_NOT_SUPPORTED", c"operation not supported"),
+        _ => return None,
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetErrorString(code: CUresult, out: *mut *const c_char) -> CUresult {
+    let Some((_, text)) = error_text(code) else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    // SAFETY: the caller passes a writable pointer; the text is static.
+    unsafe { *out = text.as_ptr() };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetErrorName(code: CUresult, out: *mut *const c_char) -> CUresult {
+    let Some((name, _)) = error_text(code) else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    // SAFETY: the caller passes a writable pointer; the text is static.
+    unsafe { *out = name.as_ptr() };
+    CUDA_SUCCESS
+}
+
+macro_rules! exports {
+    ($($name:ident),* $(,)?) => {
+        /// The address of the exported function `name`.
+        pub fn export(name: &str) -> Option<*mut c_void> {
+            match name {
+                $(stringify!($name) => Some($name as *mut c_void),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+exports!(
+    cuInit,
+    cuDriverGetVersion,
+    cuDeviceGetCount,
+    cuDeviceGet,
+    cuDeviceGetName,
+    cuDeviceGetUuid,
+    cuDeviceGetUuid_v2,
+    cuDeviceGetAttribute,
+    cuDeviceTotalMem_v2,
+    cuDevicePrimaryCtxRetain,
+    cuDevicePrimaryCtxRelease_v2,
+    cuDevicePrimaryCtxReset_v2,
+    cuDevicePrimaryCtxGetState,
+    cuCtxCreate_v2,
+    cuCtxDestroy_v2,
+    cuCtxSetCurrent,
+    cuCtxGetCurrent,
+    cuCtxPushCurrent_v2,
+    cuCtxPopCurrent_v2,
+    cuCtxGetDevice,
+    cuCtxSynchronize,
+    cuMemAlloc_v2,
+    cuMemAllocManaged,
+    cuMemAllocPitch_v2,
+    cuMemAllocAsync,
+    cuMemAllocAsync_ptsz,
+    cuMemAllocFromPoolAsync,
+    cuMemAllocFromPoolAsync_ptsz,
+    cuMemFree_v2,
+    cuMemFreeAsync,
+    cuMemFreeAsync_ptsz,
+    cuMemGetInfo_v2,
+    cuArrayCreate_v2,
+    cuArray3DCreate_v2,
+    cuMipmappedArrayCreate,
+    cuArrayDestroy,
+    cuMipmappedArrayDestroy,
+    cuMemCreate,
+    cuMemRelease,
+    cuMemGetAllocationGranularity,
+    cuMemAddressReserve,
+    cuMemAddressFree,
+    cuMemMap,
+    cuMemUnmap,
+    cuMemSetAccess,
+    cuMemcpyHtoD_v2,
+    cuMemcpyDtoH_v2,
+    cuMemcpyDtoD_v2,
+    cuMemcpyHtoDAsync_v2,
+    cuMemcpyDtoHAsync_v2,
+    cuMemsetD8_v2,
+    cuModuleLoadData,
+    cuModuleLoadDataEx,
+    cuModuleGetFunction,
+    cuModuleUnload,
+    cuStreamCreate,
+    cuStreamCreateWithPriority,
+    cuStreamDestroy_v2,
+    cuStreamSynchronize,
+    cuStreamSynchronize_ptsz,
+    cuStreamQuery,
+    cuLaunchKernel,
+    cuLaunchKernel_ptsz,
+    cuLaunchCooperativeKernel,
+    cuLaunchCooperativeKernel_ptsz,
+    cuLaunchKernelEx,
+    cuLaunchKernelEx_ptsz,
+    cuEventCreate,
+    cuEventRecord,
+    cuEventRecord_ptsz,
+    cuEventQuery,
+    cuEventSynchronize,
+    cuEventElapsedTime,
+    cuEventDestroy_v2,
+    cuStreamBeginCapture_v2,
+    cuStreamBeginCapture_v2_ptsz,
+    cuStreamEndCapture,
+    cuStreamEndCapture_ptsz,
+    cuGraphInstantiateWithFlags,
+    cuGraphInstantiate_v2,
+    cuGraphLaunch,
+    cuGraphLaunch_ptsz,
+    cuGraphDestroy,
+    cuGraphExecDestroy,
+    cuGetErrorString,
+    cuGetErrorName,
+    cuGetProcAddress,
+    cuGetProcAddress_v2,
+);
+
+/// `cuGetProcAddress`: the newest variant of `symbol` this driver has for `version`; with the
+/// per-thread default stream flag, the `_ptsz` variant where one exists.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetProcAddress(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    version: c_int,
+    flags: u64,
+) -> CUresult {
+    if symbol.is_null() || pfn.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: symbol is NUL-terminated.
+    let name = unsafe { CStr::from_ptr(symbol) }.to_string_lossy();
+    const PER_THREAD_DEFAULT_STREAM: u64 = 2;
+    let mut candidates = Vec::new();
+    for suffix in ["_v3", "_v2", ""] {
+        let base = format!("{name}{suffix}");
+        if flags & PER_THREAD_DEFAULT_STREAM != 0 {
+            candidates.push(format!("{base}_ptsz"));
+            candidates.push(format!("{base}_ptds"));
+        }
+        candidates.push(base);
+    }
+    // Versioned names are only returned to callers built for a version that has them.
+    let found = candidates
+        .iter()
+        .filter(|c| version >= 3020 || !c.contains("_v"))
+        .find_map(|c| export(c));
+    match found {
+        Some(f) => {
+            // SAFETY: checked non-null.
+            unsafe { *pfn = f };
+            CUDA_SUCCESS
+        }
+        None => {
+            // SAFETY: checked non-null.
+            unsafe { *pfn = std::ptr::null_mut() };
+            CUDA_ERROR_NOT_FOUND
+        }
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetProcAddress_v2(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    version: c_int,
+    flags: u64,
+    status: *mut c_int,
+) -> CUresult {
+    // SAFETY: forwarded contract.
+    let r = unsafe { cuGetProcAddress(symbol, pfn, version, flags) };
+    if !status.is_null() {
+        // CU_GET_PROC_ADDRESS_SUCCESS = 0, SYMBOL_NOT_FOUND = 1.
+        // SAFETY: checked non-null.
+        unsafe { *status = if r == CUDA_SUCCESS { 0 } else { 1 } };
+    }
+    r
+}

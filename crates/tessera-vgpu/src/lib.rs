@@ -1,0 +1,979 @@
+//! Tessera's CUDA interception library: makes a GPU slice real for programs that are not changed.
+//!
+//! The agent preloads it (`LD_PRELOAD`) into workloads on fractional slices. It sits on every path
+//! from a program to the driver: it exports the driver's `cu*` symbols it hooks (for programs
+//! linked against libcuda), overrides `dlsym` (for programs and runtimes that `dlopen` libcuda),
+//! and rewrites the answers of `cuGetProcAddress` / `_v2` (how the CUDA runtime and PyTorch fetch
+//! driver entry points), matching the real function that the driver returned, so versioned
+//! (`_v2`, `_v3`) and per-thread-default-stream (`_ptsz`) variants are all caught. Everything it
+//! does not hook passes through untouched.
+//!
+//! - Memory: every device allocation path is charged against the slice's cap before it reaches
+//!   the driver; past the cap the program gets exactly `CUDA_ERROR_OUT_OF_MEMORY`. The cap is
+//!   shared by all processes of the allocation (see `tessera-shm`), and `cuMemGetInfo`,
+//!   `cuDeviceTotalMem` and NVML's memory info report the slice.
+//! - Compute: launches (kernels, cooperative, `Ex`, graphs) pass a time-slice limiter
+//!   ([`limiter`]).
+//! - Configuration comes from the agent's `TESSERA_*` variables ([`config`]), read on the first
+//!   CUDA call; a bad value refuses CUDA with a message on stderr (fail closed).
+
+#![allow(non_snake_case, clippy::missing_safety_doc, clippy::too_many_arguments)]
+
+pub mod config;
+pub mod limiter;
+#[macro_use]
+pub mod real;
+pub mod slice;
+
+use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
+use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
+
+use slice::{CUDA_ERROR_NOT_FOUND, CUDA_SUCCESS, CUresult, Slice, ready, slice};
+
+macro_rules! tri {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(code) => return code,
+        }
+    };
+}
+
+type Ptr = *mut c_void;
+
+// ---- memory ----------------------------------------------------------------------------------
+
+/// Charges `bytes`, runs the real allocation, records what it returned under `id()`, and gives
+/// the charge back when the driver refused.
+fn charged(
+    s: &Slice,
+    bytes: u64,
+    call: impl FnOnce() -> CUresult,
+    id: impl FnOnce() -> u64,
+) -> CUresult {
+    tri!(s.charge(bytes));
+    let r = call();
+    if r == CUDA_SUCCESS {
+        s.remember(id(), bytes);
+    } else {
+        s.credit(bytes);
+    }
+    r
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytes: usize) -> CUresult {
+    let s = tri!(slice());
+    let real = tri!(
+        real!(
+            cuda,
+            cuMemAlloc_v2 as unsafe extern "C" fn(*mut u64, usize) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: the caller's arguments go to the real function unchanged; dptr is valid after success.
+    charged(
+        s,
+        bytes as u64,
+        || unsafe { real(dptr, bytes) },
+        || unsafe { *dptr },
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocManaged(
+    dptr: *mut u64,
+    bytes: usize,
+    flags: c_uint,
+) -> CUresult {
+    let s = tri!(slice());
+    let real = tri!(
+        real!(
+            cuda,
+            cuMemAllocManaged as unsafe extern "C" fn(*mut u64, usize, c_uint) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: as for cuMemAlloc_v2.
+    charged(
+        s,
+        bytes as u64,
+        || unsafe { real(dptr, bytes, flags) },
+        || unsafe { *dptr },
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocPitch_v2(
+    dptr: *mut u64,
+    pitch: *mut usize,
+    width: usize,
+    height: usize,
+    element: c_uint,
+) -> CUresult {
+    let s = tri!(slice());
+    let real = tri!(
+        real!(
+            cuda,
+            cuMemAllocPitch_v2
+                as unsafe extern "C" fn(*mut u64, *mut usize, usize, usize, c_uint) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // The driver picks the pitch; charge the widest it would pick (512-byte rows) up front, then
+    // settle on the real size.
+    let guess = (width.div_ceil(512) * 512 * height) as u64;
+    tri!(s.charge(guess));
+    // SAFETY: the caller's arguments go to the real function unchanged.
+    let r = unsafe { real(dptr, pitch, width, height, element) };
+    if r != CUDA_SUCCESS {
+        s.credit(guess);
+        return r;
+    }
+    // SAFETY: valid after success.
+    let (ptr, real_bytes) = unsafe { (*dptr, (*pitch * height) as u64) };
+    s.credit(guess);
+    if s.charge(real_bytes).is_err() {
+        if let Some(free) = real!(cuda, cuMemFree_v2 as unsafe extern "C" fn(u64) -> CUresult) {
+            // SAFETY: freeing what the driver just gave us.
+            unsafe { free(ptr) };
+        }
+        return slice::CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    s.remember(ptr, real_bytes);
+    r
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocAsync(dptr: *mut u64, bytes: usize, stream: Ptr) -> CUresult {
+    let s = tri!(slice());
+    let real = tri!(
+        real!(
+            cuda,
+            cuMemAllocAsync as unsafe extern "C" fn(*mut u64, usize, Ptr) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: as for cuMemAlloc_v2.
+    charged(
+        s,
+        bytes as u64,
+        || unsafe { real(dptr, bytes, stream) },
+        || unsafe { *dptr },
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
+    dptr: *mut u64,
+    bytes: usize,
+    stream: Ptr,
+) -> CUresult {
+    let s = tri!(slice());
+    let real = tri!(
+        real!(
+            cuda,
+            cuMemAllocAsync_ptsz as unsafe extern "C" fn(*mut u64, usize, Ptr) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: as for cuMemAlloc_v2.
+    charged(
+        s,
+        bytes as u64,
+        || unsafe { real(dptr, bytes, stream) },
+        || unsafe { *dptr },
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
+    dptr: *mut u64,
+    bytes: usize,
+    pool: Ptr,
+    stream: Ptr,
+) -> CUresult {
+    let s = tri!(slice());
+    let real = tri!(
+        real!(
+            cuda,
+            cuMemAllocFromPoolAsync as unsafe extern "C" fn(*mut u64, usize, Ptr, Ptr) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: as for cuMemAlloc_v2.
+    charged(
+        s,
+        bytes as u64,
+        || unsafe { real(dptr, bytes, pool, stream) },
+        || unsafe { *dptr },
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
+    dptr: *mut u64,
+    bytes: usize,
+    pool: Ptr,
+    stream: Ptr,
+) -> CUresult {
+    let s = tri!(slice());
+    let real = tri!(
+        real!(
+            cuda,
+            cuMemAllocFromPoolAsync_ptsz
+                as unsafe extern "C" fn(*mut u64, usize, Ptr, Ptr) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: as for cuMemAlloc_v2.
+    charged(
+        s,
+        bytes as u64,
+        || unsafe { real(dptr, bytes, pool, stream) },
+        || unsafe { *dptr },
+    )
+}
+
+/// Runs a free and credits what `id` was charged when it succeeded.
+fn freed(id: u64, call: impl FnOnce() -> CUresult) -> CUresult {
+    let r = call();
+    if r == CUDA_SUCCESS
+        && let Ok(s) = slice()
+    {
+        s.forget(id);
+    }
+    r
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemFree_v2(dptr: u64) -> CUresult {
+    let real = tri!(
+        real!(cuda, cuMemFree_v2 as unsafe extern "C" fn(u64) -> CUresult)
+            .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: the caller's argument goes to the real function unchanged.
+    freed(dptr, || unsafe { real(dptr) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemFreeAsync(dptr: u64, stream: Ptr) -> CUresult {
+    let real = tri!(
+        real!(
+            cuda,
+            cuMemFreeAsync as unsafe extern "C" fn(u64, Ptr) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: as above.
+    freed(dptr, || unsafe { real(dptr, stream) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: u64, stream: Ptr) -> CUresult {
+    let real = tri!(
+        real!(
+            cuda,
+            cuMemFreeAsync_ptsz as unsafe extern "C" fn(u64, Ptr) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: as above.
+    freed(dptr, || unsafe { real(dptr, stream) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemCreate(
+    handle: *mut u64,
+    bytes: usize,
+    prop: Ptr,
+    flags: u64,
+) -> CUresult {
+    let s = tri!(slice());
+    let real = tri!(
+        real!(
+            cuda,
+            cuMemCreate as unsafe extern "C" fn(*mut u64, usize, Ptr, u64) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: as for cuMemAlloc_v2.
+    charged(
+        s,
+        bytes as u64,
+        || unsafe { real(handle, bytes, prop, flags) },
+        || unsafe { *handle },
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemRelease(handle: u64) -> CUresult {
+    let real = tri!(
+        real!(cuda, cuMemRelease as unsafe extern "C" fn(u64) -> CUresult)
+            .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: as above.
+    freed(handle, || unsafe { real(handle) })
+}
+
+/// CUDA_ARRAY_DESCRIPTOR.
+#[repr(C)]
+pub struct ArrayDescriptor {
+    pub width: usize,
+    pub height: usize,
+    pub format: c_uint,
+    pub channels: c_uint,
+}
+
+/// CUDA_ARRAY3D_DESCRIPTOR.
+#[repr(C)]
+pub struct Array3dDescriptor {
+    pub width: usize,
+    pub height: usize,
+    pub depth: usize,
+    pub format: c_uint,
+    pub channels: c_uint,
+    pub flags: c_uint,
+}
+
+fn element_bytes(format: c_uint, channels: c_uint) -> u64 {
+    let each = match format {
+        0x01 | 0x08 => 1,
+        0x02 | 0x09 | 0x10 => 2,
+        _ => 4,
+    };
+    each * u64::from(channels.max(1))
+}
+
+fn array3d_bytes(d: &Array3dDescriptor, levels: u32) -> u64 {
+    let (mut w, mut h, mut z, mut total) = (d.width.max(1), d.height.max(1), d.depth.max(1), 0);
+    for _ in 0..levels.max(1) {
+        total += w as u64 * h as u64 * z as u64 * element_bytes(d.format, d.channels);
+        (w, h, z) = ((w / 2).max(1), (h / 2).max(1), (z / 2).max(1));
+    }
+    total
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArrayCreate_v2(arr: *mut Ptr, desc: *const ArrayDescriptor) -> CUresult {
+    let s = tri!(slice());
+    let real = tri!(
+        real!(
+            cuda,
+            cuArrayCreate_v2 as unsafe extern "C" fn(*mut Ptr, *const ArrayDescriptor) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    if desc.is_null() {
+        // SAFETY: the driver reports the bad argument itself.
+        return unsafe { real(arr, desc) };
+    }
+    // SAFETY: non-null descriptor from the caller.
+    let d = unsafe { &*desc };
+    let bytes =
+        d.width.max(1) as u64 * d.height.max(1) as u64 * element_bytes(d.format, d.channels);
+    // SAFETY: as for cuMemAlloc_v2.
+    charged(
+        s,
+        bytes,
+        || unsafe { real(arr, desc) },
+        || unsafe { *arr as u64 },
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArray3DCreate_v2(
+    arr: *mut Ptr,
+    desc: *const Array3dDescriptor,
+) -> CUresult {
+    let s = tri!(slice());
+    let real = tri!(
+        real!(
+            cuda,
+            cuArray3DCreate_v2
+                as unsafe extern "C" fn(*mut Ptr, *const Array3dDescriptor) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    if desc.is_null() {
+        // SAFETY: the driver reports the bad argument itself.
+        return unsafe { real(arr, desc) };
+    }
+    // SAFETY: non-null descriptor from the caller.
+    let bytes = array3d_bytes(unsafe { &*desc }, 1);
+    // SAFETY: as for cuMemAlloc_v2.
+    charged(
+        s,
+        bytes,
+        || unsafe { real(arr, desc) },
+        || unsafe { *arr as u64 },
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMipmappedArrayCreate(
+    arr: *mut Ptr,
+    desc: *const Array3dDescriptor,
+    levels: c_uint,
+) -> CUresult {
+    let s = tri!(slice());
+    let real = tri!(
+        real!(
+            cuda,
+            cuMipmappedArrayCreate
+                as unsafe extern "C" fn(*mut Ptr, *const Array3dDescriptor, c_uint) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    if desc.is_null() {
+        // SAFETY: the driver reports the bad argument itself.
+        return unsafe { real(arr, desc, levels) };
+    }
+    // SAFETY: non-null descriptor from the caller.
+    let bytes = array3d_bytes(unsafe { &*desc }, levels);
+    // SAFETY: as for cuMemAlloc_v2.
+    charged(
+        s,
+        bytes,
+        || unsafe { real(arr, desc, levels) },
+        || unsafe { *arr as u64 },
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArrayDestroy(arr: Ptr) -> CUresult {
+    let real = tri!(
+        real!(
+            cuda,
+            cuArrayDestroy as unsafe extern "C" fn(Ptr) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: as above.
+    freed(arr as u64, || unsafe { real(arr) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMipmappedArrayDestroy(arr: Ptr) -> CUresult {
+    let real = tri!(
+        real!(
+            cuda,
+            cuMipmappedArrayDestroy as unsafe extern "C" fn(Ptr) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: as above.
+    freed(arr as u64, || unsafe { real(arr) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+    let s = tri!(slice());
+    let real = tri!(
+        real!(
+            cuda,
+            cuMemGetInfo_v2 as unsafe extern "C" fn(*mut usize, *mut usize) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: the caller passes writable outputs, which the real call fills first.
+    unsafe {
+        let r = real(free, total);
+        if r == CUDA_SUCCESS {
+            let cap = s.cap();
+            let left = cap.saturating_sub(s.used()) as usize;
+            *total = (*total).min(cap as usize);
+            *free = (*free).min(left);
+        }
+        r
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> CUresult {
+    let s = tri!(slice());
+    let real = tri!(
+        real!(
+            cuda,
+            cuDeviceTotalMem_v2 as unsafe extern "C" fn(*mut usize, c_int) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: as above.
+    unsafe {
+        let r = real(bytes, dev);
+        if r == CUDA_SUCCESS {
+            *bytes = (*bytes).min(s.cap() as usize);
+        }
+        r
+    }
+}
+
+// ---- init, launches, captures ------------------------------------------------------------------
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
+    // The slice first: a bad configuration refuses CUDA before the driver is touched.
+    tri!(slice());
+    let real = tri!(
+        real!(cuda, cuInit as unsafe extern "C" fn(c_uint) -> CUresult).ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: unchanged argument.
+    unsafe { real(flags) }
+}
+
+fn drain() {
+    if let Some(sync) = real!(cuda, cuCtxSynchronize as unsafe extern "C" fn() -> CUresult) {
+        // SAFETY: no arguments; waits for this process's work in the current context.
+        unsafe { sync() };
+    }
+}
+
+/// The limiter, before every launch. The fast path is one atomic load to find the slice.
+#[inline]
+fn gate() -> Result<(), CUresult> {
+    let s = match ready() {
+        Some(s) => s,
+        None => slice()?,
+    };
+    s.limiter.before_launch(drain);
+    Ok(())
+}
+
+type LaunchFn = unsafe extern "C" fn(
+    Ptr,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    Ptr,
+    *mut Ptr,
+    *mut Ptr,
+) -> CUresult;
+type CoopFn = unsafe extern "C" fn(
+    Ptr,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    Ptr,
+    *mut Ptr,
+) -> CUresult;
+type LaunchExFn = unsafe extern "C" fn(*const c_void, Ptr, *mut Ptr, *mut Ptr) -> CUresult;
+type GraphFn = unsafe extern "C" fn(Ptr, Ptr) -> CUresult;
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchKernel(
+    f: Ptr,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    sh: c_uint,
+    st: Ptr,
+    p: *mut Ptr,
+    e: *mut Ptr,
+) -> CUresult {
+    tri!(gate());
+    let real = tri!(real!(cuda, cuLaunchKernel as LaunchFn).ok_or(CUDA_ERROR_NOT_FOUND));
+    // SAFETY: unchanged arguments.
+    unsafe { real(f, gx, gy, gz, bx, by, bz, sh, st, p, e) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchKernel_ptsz(
+    f: Ptr,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    sh: c_uint,
+    st: Ptr,
+    p: *mut Ptr,
+    e: *mut Ptr,
+) -> CUresult {
+    tri!(gate());
+    let real = tri!(real!(cuda, cuLaunchKernel_ptsz as LaunchFn).ok_or(CUDA_ERROR_NOT_FOUND));
+    // SAFETY: unchanged arguments.
+    unsafe { real(f, gx, gy, gz, bx, by, bz, sh, st, p, e) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchCooperativeKernel(
+    f: Ptr,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    sh: c_uint,
+    st: Ptr,
+    p: *mut Ptr,
+) -> CUresult {
+    tri!(gate());
+    let real = tri!(real!(cuda, cuLaunchCooperativeKernel as CoopFn).ok_or(CUDA_ERROR_NOT_FOUND));
+    // SAFETY: unchanged arguments.
+    unsafe { real(f, gx, gy, gz, bx, by, bz, sh, st, p) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(
+    f: Ptr,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    sh: c_uint,
+    st: Ptr,
+    p: *mut Ptr,
+) -> CUresult {
+    tri!(gate());
+    let real =
+        tri!(real!(cuda, cuLaunchCooperativeKernel_ptsz as CoopFn).ok_or(CUDA_ERROR_NOT_FOUND));
+    // SAFETY: unchanged arguments.
+    unsafe { real(f, gx, gy, gz, bx, by, bz, sh, st, p) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchKernelEx(
+    config: *const c_void,
+    f: Ptr,
+    p: *mut Ptr,
+    e: *mut Ptr,
+) -> CUresult {
+    tri!(gate());
+    let real = tri!(real!(cuda, cuLaunchKernelEx as LaunchExFn).ok_or(CUDA_ERROR_NOT_FOUND));
+    // SAFETY: unchanged arguments.
+    unsafe { real(config, f, p, e) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
+    config: *const c_void,
+    f: Ptr,
+    p: *mut Ptr,
+    e: *mut Ptr,
+) -> CUresult {
+    tri!(gate());
+    let real = tri!(real!(cuda, cuLaunchKernelEx_ptsz as LaunchExFn).ok_or(CUDA_ERROR_NOT_FOUND));
+    // SAFETY: unchanged arguments.
+    unsafe { real(config, f, p, e) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphLaunch(exec: Ptr, st: Ptr) -> CUresult {
+    tri!(gate());
+    let real = tri!(real!(cuda, cuGraphLaunch as GraphFn).ok_or(CUDA_ERROR_NOT_FOUND));
+    // SAFETY: unchanged arguments.
+    unsafe { real(exec, st) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphLaunch_ptsz(exec: Ptr, st: Ptr) -> CUresult {
+    tri!(gate());
+    let real = tri!(real!(cuda, cuGraphLaunch_ptsz as GraphFn).ok_or(CUDA_ERROR_NOT_FOUND));
+    // SAFETY: unchanged arguments.
+    unsafe { real(exec, st) }
+}
+
+/// A capture records launches instead of running them, and synchronising would break it: the
+/// limiter stands aside while one is open.
+fn capture_changed(r: CUresult, opened: bool) -> CUresult {
+    if r == CUDA_SUCCESS
+        && let Some(s) = ready()
+    {
+        if opened {
+            s.limiter.capturing.fetch_add(1, Ordering::SeqCst);
+        } else {
+            let _ = s
+                .limiter
+                .capturing
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                    Some(c.saturating_sub(1))
+                });
+        }
+    }
+    r
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamBeginCapture_v2(st: Ptr, mode: c_uint) -> CUresult {
+    let real = tri!(
+        real!(
+            cuda,
+            cuStreamBeginCapture_v2 as unsafe extern "C" fn(Ptr, c_uint) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: unchanged arguments.
+    capture_changed(unsafe { real(st, mode) }, true)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamBeginCapture_v2_ptsz(st: Ptr, mode: c_uint) -> CUresult {
+    let real = tri!(
+        real!(
+            cuda,
+            cuStreamBeginCapture_v2_ptsz as unsafe extern "C" fn(Ptr, c_uint) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: unchanged arguments.
+    capture_changed(unsafe { real(st, mode) }, true)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamEndCapture(st: Ptr, graph: *mut Ptr) -> CUresult {
+    let real = tri!(
+        real!(
+            cuda,
+            cuStreamEndCapture as unsafe extern "C" fn(Ptr, *mut Ptr) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: unchanged arguments.
+    capture_changed(unsafe { real(st, graph) }, false)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamEndCapture_ptsz(st: Ptr, graph: *mut Ptr) -> CUresult {
+    let real = tri!(
+        real!(
+            cuda,
+            cuStreamEndCapture_ptsz as unsafe extern "C" fn(Ptr, *mut Ptr) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: unchanged arguments.
+    capture_changed(unsafe { real(st, graph) }, false)
+}
+
+// ---- NVML ------------------------------------------------------------------------------------
+
+#[repr(C)]
+pub struct NvmlMemory {
+    pub total: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+#[repr(C)]
+pub struct NvmlMemoryV2 {
+    pub version: c_uint,
+    pub total: u64,
+    pub reserved: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+const NVML_SUCCESS: c_uint = 0;
+const NVML_ERROR_UNINITIALIZED: c_uint = 1;
+const NVML_ERROR_FUNCTION_NOT_FOUND: c_uint = 13;
+
+/// Whether NVML's `device` is the one this slice is on.
+fn is_slice_device(s: &Slice, device: Ptr) -> bool {
+    let Some(index) = real!(
+        nvml,
+        nvmlDeviceGetIndex as unsafe extern "C" fn(Ptr, *mut c_uint) -> c_uint
+    ) else {
+        return false;
+    };
+    let mut i: c_uint = u32::MAX;
+    // SAFETY: a device handle from the caller and our own output.
+    unsafe { index(device, &mut i) == NVML_SUCCESS && i == s.config.physical_device }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: Ptr, memory: *mut NvmlMemory) -> c_uint {
+    let Ok(s) = slice() else {
+        return NVML_ERROR_UNINITIALIZED;
+    };
+    let Some(real) = real!(
+        nvml,
+        nvmlDeviceGetMemoryInfo as unsafe extern "C" fn(Ptr, *mut NvmlMemory) -> c_uint
+    ) else {
+        return NVML_ERROR_FUNCTION_NOT_FOUND;
+    };
+    // SAFETY: the caller's output, filled by the real call first.
+    unsafe {
+        let r = real(device, memory);
+        if r == NVML_SUCCESS && is_slice_device(s, device) {
+            let (cap, used) = (s.cap(), s.used());
+            (*memory).total = cap;
+            (*memory).used = used.min(cap);
+            (*memory).free = cap.saturating_sub(used);
+        }
+        r
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
+    device: Ptr,
+    memory: *mut NvmlMemoryV2,
+) -> c_uint {
+    let Ok(s) = slice() else {
+        return NVML_ERROR_UNINITIALIZED;
+    };
+    let Some(real) = real!(
+        nvml,
+        nvmlDeviceGetMemoryInfo_v2 as unsafe extern "C" fn(Ptr, *mut NvmlMemoryV2) -> c_uint
+    ) else {
+        return NVML_ERROR_FUNCTION_NOT_FOUND;
+    };
+    // SAFETY: the caller's output, filled by the real call first.
+    unsafe {
+        let r = real(device, memory);
+        if r == NVML_SUCCESS && is_slice_device(s, device) {
+            let (cap, used) = (s.cap(), s.used());
+            (*memory).total = cap;
+            (*memory).reserved = 0;
+            (*memory).used = used.min(cap);
+            (*memory).free = cap.saturating_sub(used);
+        }
+        r
+    }
+}
+
+// ---- entry points ----------------------------------------------------------------------------
+
+macro_rules! hooks {
+    ($($lib:ident: $($name:ident),*;)*) => {
+        /// Our hook for the driver or NVML symbol `name`.
+        fn hook_by_name(name: &[u8]) -> Option<Ptr> {
+            match name {
+                $($(n if n == stringify!($name).as_bytes() => Some($name as Ptr),)*)*
+                _ => None,
+            }
+        }
+
+        /// (real function, our hook) for every hook whose real function exists.
+        fn hook_table() -> Vec<(usize, usize)> {
+            let mut t = Vec::new();
+            $($(
+                let real = real::$lib(
+                    // SAFETY: a static NUL-terminated name.
+                    unsafe { CStr::from_bytes_with_nul_unchecked(concat!(stringify!($name), "\0").as_bytes()) },
+                );
+                if real != 0 {
+                    t.push((real, $name as Ptr as usize));
+                }
+            )*)*
+            t
+        }
+    };
+}
+
+hooks! {
+    cuda: cuInit, cuMemAlloc_v2, cuMemAllocManaged, cuMemAllocPitch_v2, cuMemAllocAsync,
+        cuMemAllocAsync_ptsz, cuMemAllocFromPoolAsync, cuMemAllocFromPoolAsync_ptsz, cuMemFree_v2,
+        cuMemFreeAsync, cuMemFreeAsync_ptsz, cuMemCreate, cuMemRelease, cuArrayCreate_v2,
+        cuArray3DCreate_v2, cuMipmappedArrayCreate, cuArrayDestroy, cuMipmappedArrayDestroy,
+        cuMemGetInfo_v2, cuDeviceTotalMem_v2, cuLaunchKernel, cuLaunchKernel_ptsz,
+        cuLaunchCooperativeKernel, cuLaunchCooperativeKernel_ptsz, cuLaunchKernelEx,
+        cuLaunchKernelEx_ptsz, cuGraphLaunch, cuGraphLaunch_ptsz, cuStreamBeginCapture_v2,
+        cuStreamBeginCapture_v2_ptsz, cuStreamEndCapture, cuStreamEndCapture_ptsz,
+        cuGetProcAddress, cuGetProcAddress_v2;
+    nvml: nvmlDeviceGetMemoryInfo, nvmlDeviceGetMemoryInfo_v2;
+}
+
+/// Replaces a real function the driver handed out with our hook for it, if we have one.
+fn substitute(pfn: *mut Ptr) {
+    static TABLE: OnceLock<Vec<(usize, usize)>> = OnceLock::new();
+    // SAFETY: the caller checked pfn; the driver just wrote it.
+    let got = unsafe { *pfn } as usize;
+    if got == 0 {
+        return;
+    }
+    if let Some((_, hook)) = TABLE
+        .get_or_init(hook_table)
+        .iter()
+        .find(|(r, _)| *r == got)
+    {
+        // SAFETY: as above.
+        unsafe { *pfn = *hook as Ptr };
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetProcAddress(
+    symbol: *const c_char,
+    pfn: *mut Ptr,
+    version: c_int,
+    flags: u64,
+) -> CUresult {
+    let real = tri!(
+        real!(
+            cuda,
+            cuGetProcAddress
+                as unsafe extern "C" fn(*const c_char, *mut Ptr, c_int, u64) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: unchanged arguments.
+    let r = unsafe { real(symbol, pfn, version, flags) };
+    if r == CUDA_SUCCESS && !pfn.is_null() {
+        substitute(pfn);
+    }
+    r
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetProcAddress_v2(
+    symbol: *const c_char,
+    pfn: *mut Ptr,
+    version: c_int,
+    flags: u64,
+    status: *mut c_int,
+) -> CUresult {
+    let real = tri!(
+        real!(
+            cuda,
+            cuGetProcAddress_v2
+                as unsafe extern "C" fn(
+                    *const c_char,
+                    *mut Ptr,
+                    c_int,
+                    u64,
+                    *mut c_int,
+                ) -> CUresult
+        )
+        .ok_or(CUDA_ERROR_NOT_FOUND)
+    );
+    // SAFETY: unchanged arguments.
+    let r = unsafe { real(symbol, pfn, version, flags, status) };
+    if r == CUDA_SUCCESS && !pfn.is_null() {
+        substitute(pfn);
+    }
+    r
+}
+
+/// `dlsym`: our hook for the driver and NVML symbols we hook, glibc's answer for everything else.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dlsym(handle: Ptr, symbol: *const c_char) -> Ptr {
+    if !symbol.is_null() {
+        // SAFETY: dlsym's contract: a NUL-terminated name.
+        let name = unsafe { CStr::from_ptr(symbol) }.to_bytes();
+        if (name.starts_with(b"cu") || name.starts_with(b"nvml"))
+            && let Some(h) = hook_by_name(name)
+        {
+            return h;
+        }
+    }
+    // SAFETY: glibc's dlsym with the caller's arguments.
+    unsafe { real::dlsym()(handle, symbol) }
+}
