@@ -569,6 +569,19 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
     unsafe { cuMemAllocFromPoolAsync(dptr, bytes, pool, stream) }
 }
 
+/// The device's default memory pool (one per device; allocations from it are ordinary ones).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool: *mut *mut c_void, dev: c_int) -> CUresult {
+    let p = tri!(process());
+    tri!(device(p, dev));
+    if pool.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: checked non-null; the handle is an opaque nonzero token.
+    unsafe { *pool = (0x1000 + dev as usize) as *mut c_void };
+    CUDA_SUCCESS
+}
+
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemFree_v2(dptr: u64) -> CUresult {
     free_ptr(dptr)

@@ -3,8 +3,9 @@
 //! It loads the driver the way runtimes do (`dlopen("libcuda.so.1")` and `dlsym`), loads
 //! hand-written PTX, and reports one line of `key=value` results:
 //!
-//! - `oom [--max BYTES] [--hold SECONDS]`: allocates 64 MiB at a time until the driver refuses
-//!   (or `--max` is reached); prints `allocated_bytes=N result=NAME`; holds the memory if asked.
+//! - `oom [--via PATH] [--max BYTES] [--hold SECONDS]`: allocates 64 MiB at a time (through
+//!   `cuMemAlloc`, or managed, async, pool, pitch, vmm, array) until the driver refuses (or
+//!   `--max` is reached); prints `allocated_bytes=N result=NAME`; holds the memory if asked.
 //! - `meminfo`: prints `free_bytes=F total_bytes=T device_total_bytes=D`.
 //! - `launch --seconds S [--empty]`: a launch loop; prints `launches_per_s=R kernels_per_s=R`.
 //! - `graph --seconds S`: the same through a CUDA graph of 10 kernels.
@@ -179,6 +180,60 @@ fn launch_spin(d: &Driver, launch: LaunchFn, f: Ptr, stream: Ptr, cycles: &mut u
     d.check("cuLaunchKernel", r);
 }
 
+/// One 64 MiB-style allocation through the path named `via`; returns the driver's result.
+fn allocator<'a>(d: &'a Driver, via: &str) -> Box<dyn Fn(u64) -> R + 'a> {
+    let null = std::ptr::null_mut();
+    match via {
+        "alloc" => {
+            let f: unsafe extern "C" fn(*mut u64, usize) -> R = d.sym(c"cuMemAlloc_v2");
+            // SAFETY: a driver call with our own output and valid arguments (so in every arm).
+            Box::new(move |n| unsafe { f(&mut 0, n as usize) })
+        }
+        "managed" => {
+            let f: unsafe extern "C" fn(*mut u64, usize, c_uint) -> R = d.sym(c"cuMemAllocManaged");
+            Box::new(move |n| unsafe { f(&mut 0, n as usize, 1) })
+        }
+        "async" => {
+            let f: unsafe extern "C" fn(*mut u64, usize, Ptr) -> R = d.sym(c"cuMemAllocAsync");
+            Box::new(move |n| unsafe { f(&mut 0, n as usize, null) })
+        }
+        "pool" => {
+            let get: unsafe extern "C" fn(*mut Ptr, c_int) -> R =
+                d.sym(c"cuDeviceGetDefaultMemPool");
+            let f: unsafe extern "C" fn(*mut u64, usize, Ptr, Ptr) -> R =
+                d.sym(c"cuMemAllocFromPoolAsync");
+            let mut pool = std::ptr::null_mut();
+            d.check("cuDeviceGetDefaultMemPool", unsafe { get(&mut pool, 0) });
+            Box::new(move |n| unsafe { f(&mut 0, n as usize, pool, null) })
+        }
+        "pitch" => {
+            let f: unsafe extern "C" fn(*mut u64, *mut usize, usize, usize, c_uint) -> R =
+                d.sym(c"cuMemAllocPitch_v2");
+            Box::new(move |n| unsafe { f(&mut 0, &mut 0, (n / 4) as usize, 4, 4) })
+        }
+        "vmm" => {
+            let f: unsafe extern "C" fn(*mut u64, usize, *const u32, u64) -> R =
+                d.sym(c"cuMemCreate");
+            // CUmemAllocationProp: pinned device memory on device 0.
+            let prop: [u32; 8] = [1, 0, 1, 0, 0, 0, 0, 0];
+            Box::new(move |n| unsafe { f(&mut 0, n as usize, prop.as_ptr(), 0) })
+        }
+        "array" => {
+            // CUDA_ARRAY_DESCRIPTOR: width, height, format (FLOAT), channels.
+            #[repr(C)]
+            struct Desc(usize, usize, c_uint, c_uint);
+            let f: unsafe extern "C" fn(*mut Ptr, *const Desc) -> R = d.sym(c"cuArrayCreate_v2");
+            Box::new(move |n| {
+                let desc = Desc(16384, (n / 16384 / 4) as usize, 0x20, 1);
+                unsafe { f(&mut std::ptr::null_mut(), &desc) }
+            })
+        }
+        other => fail(&format!(
+            "--via {other}: use alloc, managed, async, pool, pitch, vmm or array"
+        )),
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().map(String::as_str).unwrap_or("");
@@ -186,7 +241,8 @@ fn main() {
     d.context();
     match mode {
         "oom" => {
-            let alloc: unsafe extern "C" fn(*mut u64, usize) -> R = d.sym(c"cuMemAlloc_v2");
+            let via: String = arg(&args, "--via").unwrap_or_else(|| "alloc".into());
+            let alloc = allocator(&d, &via);
             let max: u64 = arg(&args, "--max").unwrap_or(u64::MAX);
             let step = 64u64 << 20;
             let mut total = 0u64;
@@ -194,9 +250,7 @@ fn main() {
                 if total + step > max {
                     break "max_reached".to_string();
                 }
-                let mut p = 0u64;
-                // SAFETY: our output.
-                let r = unsafe { alloc(&mut p, step as usize) };
+                let r = alloc(step);
                 if r != 0 {
                     break d.error_name(r);
                 }
