@@ -864,3 +864,48 @@ fn over_tls_agents_join_jobs_run_and_the_cli_trusts_only_the_given_ca() {
         .send();
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
 }
+
+#[test]
+fn a_fractional_job_runs_with_its_slice_enforced_on_simulated_gpus() {
+    let probe = Path::new(bin()).with_file_name("tessera-vgpu-probe");
+    assert!(
+        probe.exists(),
+        "{} is missing: build the workspace (cargo test --workspace)",
+        probe.display()
+    );
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
+    let p = probe.display();
+    // Half a GPU with 1 GiB: the unmodified program sees 1 GiB and is refused past it.
+    let (status, v) = pool.post(
+        "/v1/jobs",
+        json!({"metadata": {"name": "slice"},
+               "spec": {"resources": {"gpu": 0.5, "gpuMemory": "1GiB", "cpu": 0.5, "memory": "256MiB"},
+                        "command": ["sh", "-c", format!("{p} meminfo && {p} oom")]}}),
+        &pool.admin,
+    );
+    assert_eq!(status, 201, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    pool.wait_state(id, "succeeded");
+    let out = logs(&pool, id);
+    assert!(
+        out.contains("free_bytes=1073741824 total_bytes=1073741824"),
+        "{out}"
+    );
+    assert!(
+        out.contains("allocated_bytes=1073741824 result=CUDA_ERROR_OUT_OF_MEMORY"),
+        "{out}"
+    );
+    // A whole GPU on the same simulated node: the simulated driver, no slice library.
+    let whole = pool.submit(
+        "default",
+        1.0,
+        1,
+        50,
+        &format!("{p} meminfo; echo preload=$LD_PRELOAD"),
+    );
+    pool.wait_state(whole, "succeeded");
+    let out = logs(&pool, whole);
+    assert!(out.contains("total_bytes=85899345920"), "{out}");
+    assert!(out.contains("preload=\n"), "{out}");
+}

@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod devices;
+pub mod gpu;
 pub mod shim;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -364,6 +365,7 @@ fn converge(
             runs.remove(key);
             let _ = std::fs::write(shared.runs_dir.join(key).join("acked"), "");
             backend.remove(&cgroup_name(config, key));
+            let _ = std::fs::remove_file(gpu::slice_region(config, key));
         }
     }
     // Stop what should not run.
@@ -451,15 +453,6 @@ pub fn allocation_env(a: &Assignment, node: &str) -> BTreeMap<String, String> {
             "TESSERA_SLICE".into(),
             if share { "fraction" } else { "whole" }.into(),
         );
-        if share {
-            // The interception library (a later piece of Tessera) enforces the slice; where it is
-            // installed it is preloaded, and the variables above configure it.
-            let lib = std::env::var("TESSERA_VGPU_LIBRARY")
-                .unwrap_or_else(|_| "/usr/lib/tessera/libtessera_vgpu.so".into());
-            if Path::new(&lib).exists() {
-                env.insert("LD_PRELOAD".into(), lib);
-            }
-        }
     } else {
         env.insert("TESSERA_GPU_MILLI".into(), "0".into());
     }
@@ -515,6 +508,7 @@ fn start(
     }
     cmd.arg("--").args(&a.command);
     cmd.envs(allocation_env(a, &config.name));
+    cmd.envs(gpu::device_env(config, a)?);
     let log = std::fs::File::create(dir.join("shim.log"))?;
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)

@@ -1,0 +1,116 @@
+//! What a replica on GPUs needs besides its variables: on simulated nodes the simulated driver in
+//! front of it, and on fractional slices the interception library with the slice's accounting
+//! region, which the agent creates (and removes when the replica is done).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+use super::AgentConfig;
+use crate::protocol::Assignment;
+
+/// Where a library built with Tessera is: `TESSERA_<VAR>`, beside the binary, in the build's
+/// `deps/` (a cargo build), or the system location.
+fn find_library(var: &str, file: &str) -> Option<PathBuf> {
+    if let Ok(p) = std::env::var(var) {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [
+        dir.join(file),
+        dir.join("deps").join(file),
+        Path::new("/usr/lib/tessera").join(file),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+}
+
+/// The directory of this agent's GPU state: simulated devices, slice regions, device schedules.
+fn gpu_dir(config: &AgentConfig) -> PathBuf {
+    config.data_dir.join("gpu")
+}
+
+/// A replica's slice accounting region.
+pub fn slice_region(config: &AgentConfig, key: &str) -> PathBuf {
+    gpu_dir(config).join(format!("slice-{key}"))
+}
+
+/// The environment that puts the simulated driver and the slice library in front of the
+/// replica, creating the slice's accounting region. An error when a fractional slice cannot be
+/// enforced: the replica must not run uncapped.
+pub fn device_env(
+    config: &AgentConfig,
+    a: &Assignment,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut env = BTreeMap::new();
+    let Some(first) = a.devices.first() else {
+        return Ok(env);
+    };
+    let dir = gpu_dir(config);
+    std::fs::create_dir_all(&dir)?;
+    if config.devices.simulated {
+        match find_library("TESSERA_FAKECUDA_LIBRARY", "libcuda.so") {
+            Some(lib) => {
+                let libdir = dir.join("lib");
+                std::fs::create_dir_all(&libdir)?;
+                let link = libdir.join("libcuda.so.1");
+                if std::fs::read_link(&link).ok().as_deref() != Some(lib.as_path()) {
+                    let _ = std::fs::remove_file(&link);
+                    std::os::unix::fs::symlink(&lib, &link)
+                        .with_context(|| format!("linking {}", link.display()))?;
+                }
+                let mut path = libdir.display().to_string();
+                if let Ok(old) = std::env::var("LD_LIBRARY_PATH") {
+                    path = format!("{path}:{old}");
+                }
+                env.insert("LD_LIBRARY_PATH".into(), path);
+                env.insert(
+                    "TESSERA_FAKECUDA_DIR".into(),
+                    dir.join("simulated").display().to_string(),
+                );
+                env.insert(
+                    "TESSERA_FAKECUDA_DEVICES".into(),
+                    config.devices.devices.len().to_string(),
+                );
+                if let Some(d) = config.devices.devices.first() {
+                    env.insert("TESSERA_FAKECUDA_MEMORY".into(), d.memory_bytes.to_string());
+                    env.insert(
+                        "TESSERA_FAKECUDA_NAME".into(),
+                        format!("Tessera Simulated {}", d.model),
+                    );
+                }
+            }
+            None => tracing::warn!(
+                "the simulated CUDA driver (libcuda.so of tessera-fakecuda) was not found beside \
+                 tessera; workloads on simulated GPUs get no driver"
+            ),
+        }
+    }
+    if first.milli < 1000 {
+        let Some(lib) = find_library("TESSERA_VGPU_LIBRARY", "libtessera_vgpu.so") else {
+            bail!(
+                "the slice library libtessera_vgpu.so is not beside tessera nor in \
+                 /usr/lib/tessera (set TESSERA_VGPU_LIBRARY); a fractional slice is not run \
+                 unenforced"
+            );
+        };
+        let region = slice_region(config, &a.key);
+        tessera_shm::Region::open_or_create(&region, first.memory_bytes)
+            .with_context(|| format!("creating the slice region {}", region.display()))?;
+        let mut preload = lib.display().to_string();
+        if let Some(old) = a.env.get("LD_PRELOAD") {
+            preload = format!("{preload}:{old}");
+        }
+        env.insert("LD_PRELOAD".into(), preload);
+        env.insert("TESSERA_VGPU_SHM".into(), region.display().to_string());
+        env.insert(
+            "TESSERA_VGPU_DEVICE_SHM".into(),
+            dir.join(format!("schedule-gpu{}", first.device))
+                .display()
+                .to_string(),
+        );
+    }
+    Ok(env)
+}
