@@ -1460,6 +1460,7 @@ exports!(
     cuMemFree_v2,
     cuMemFreeAsync,
     cuMemFreeAsync_ptsz,
+    cuDeviceGetDefaultMemPool,
     cuMemGetInfo_v2,
     cuArrayCreate_v2,
     cuArray3DCreate_v2,

@@ -212,6 +212,27 @@ impl Region {
         None
     }
 
+    /// After a checkpoint restore the process has its old pid but a new start time: stamps slot
+    /// `slot` with it, if the slot is still this pid's. `false` when another process has
+    /// already given the slot back (it looked dead meanwhile).
+    pub fn restamp(&self, slot: usize, pid: i32, start_time: u64) -> bool {
+        let s = &self.layout().slots[slot];
+        if s.pid.load(Ordering::SeqCst) == pid {
+            s.start_time.store(start_time, Ordering::SeqCst);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Adds `bytes` to slot `slot` whatever the cap: for memory a process already holds (after
+    /// a restore) and must be counted again.
+    pub fn recharge(&self, slot: usize, bytes: u64) {
+        self.layout().slots[slot]
+            .bytes
+            .fetch_add(bytes, Ordering::SeqCst);
+    }
+
     /// Adds `bytes` to slot `slot` if the total stays within the cap (after giving back the
     /// slots of dead processes, when short). Returns whether it was charged.
     pub fn try_charge(&self, slot: usize, bytes: u64) -> bool {
@@ -314,6 +335,30 @@ mod tests {
         assert_ne!(mine, s);
         assert!(r.try_charge(mine, 50), "the dead process's 90 come back");
         assert_eq!(r.used(), 50);
+    }
+
+    #[test]
+    fn a_restored_process_keeps_its_slot_or_counts_its_memory_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Region::open_or_create(&dir.path().join("r"), 100).unwrap();
+        let (pid, start) = me();
+        // Checkpointed as a process that started earlier; restored as this one.
+        let slot = r.claim(pid, start - 1).unwrap();
+        assert!(r.try_charge(slot, 40));
+        // Same pid, new start time: the slot is stamped anew and keeps its bytes.
+        assert!(r.restamp(slot, pid, start));
+        assert_eq!(r.reclaim_dead(), 0, "the restamped slot must look alive");
+        assert_eq!(r.used(), 40);
+        // Had another process given it back, it is no longer ours; a recharge counts it again.
+        assert!(!r.restamp(slot, pid + 1, start));
+        let again = r.claim(pid + 1, 0).unwrap();
+        r.recharge(again, 70);
+        assert_eq!(
+            r.used(),
+            110,
+            "a recharge ignores the cap: the memory is already held"
+        );
+        assert!(!r.try_charge(slot, 1));
     }
 
     #[test]

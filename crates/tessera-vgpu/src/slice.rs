@@ -2,7 +2,7 @@
 //! processes of its allocation, and the compute limiter it shares with the slices on its device.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use tessera_shm::{Region, Schedule};
@@ -20,6 +20,9 @@ pub struct Slice {
     pub config: Config,
     region: Region,
     pid: AtomicI32,
+    /// The process's start time when it took its slot; another one with the same pid means the
+    /// process was restored from a checkpoint.
+    start: AtomicU64,
     slot: AtomicUsize,
     /// Device pointers, VMM handles and arrays → bytes charged for them.
     sizes: Mutex<HashMap<u64, u64>>,
@@ -70,6 +73,7 @@ fn init() -> Result<Slice, String> {
         config,
         region,
         pid: AtomicI32::new(0),
+        start: AtomicU64::new(0),
         slot: AtomicUsize::new(0),
         sizes: Mutex::new(HashMap::new()),
         limiter,
@@ -97,13 +101,37 @@ pub fn ready() -> Option<&'static Slice> {
 }
 
 impl Slice {
-    /// This process's accounting slot; a forked child claims its own (and its own allowance).
+    /// This process's accounting slot. A forked child claims its own (with its own allowance);
+    /// a process restored from a checkpoint (same pid, new start time) stamps its slot anew, or,
+    /// when another process gave the slot back meanwhile, counts what it holds in a new one.
+    /// Called on allocations and frees, never on launches.
     fn own_slot(&self) -> Result<usize, String> {
         let me = pid();
-        if self.pid.load(Ordering::SeqCst) == me {
-            return Ok(self.slot.load(Ordering::SeqCst));
-        }
         let start = tessera_shm::process_start_time(me).unwrap_or(0);
+        if self.pid.load(Ordering::SeqCst) == me {
+            let slot = self.slot.load(Ordering::SeqCst);
+            if self.start.load(Ordering::SeqCst) == start {
+                return Ok(slot);
+            }
+            self.start.store(start, Ordering::SeqCst);
+            if self.region.restamp(slot, me, start) {
+                return Ok(slot);
+            }
+            let held: u64 = self
+                .sizes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .sum::<u64>()
+                + self.config.context_bytes;
+            let slot = self
+                .region
+                .claim(me, start)
+                .ok_or("the slice's accounting region is full (512 processes)")?;
+            self.region.recharge(slot, held);
+            self.slot.store(slot, Ordering::SeqCst);
+            return Ok(slot);
+        }
         let slot = self
             .region
             .claim(me, start)
@@ -116,6 +144,7 @@ impl Slice {
             ));
         }
         self.slot.store(slot, Ordering::SeqCst);
+        self.start.store(start, Ordering::SeqCst);
         self.pid.store(me, Ordering::SeqCst);
         self.sizes.lock().unwrap_or_else(|e| e.into_inner()).clear();
         Ok(slot)

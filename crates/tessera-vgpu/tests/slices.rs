@@ -95,11 +95,22 @@ fn every_allocation_path_stops_exactly_at_the_cap_with_out_of_memory() {
     // Without a slice the whole simulated device is there.
     let whole = results(m.probe(None, &["oom"]));
     assert_eq!(num(&whole, "allocated_bytes") as u64, 8 * GIB);
-    for via in ["alloc", "managed", "async", "pool", "pitch", "vmm", "array"] {
-        let r = results(m.probe(Some((via, 0.5, GIB)), &["oom", "--via", via]));
-        assert_eq!(num(&r, "allocated_bytes") as u64, GIB, "{via}: {r:?}");
-        assert_eq!(r["result"], "CUDA_ERROR_OUT_OF_MEMORY", "{via}");
+    // Each path, found through dlsym, through cuGetProcAddress_v2, and through it with the
+    // per-thread default stream flag (the `_ptsz` variants).
+    for entry in [&[][..], &["--proc-address"], &["--proc-address", "--ptds"]] {
+        for via in ["alloc", "managed", "async", "pool", "pitch", "vmm", "array"] {
+            let name = format!("{via}{}", entry.len());
+            let mut args = vec!["oom", "--via", via];
+            args.extend_from_slice(entry);
+            let r = results(m.probe(Some((&name, 0.5, GIB)), &args));
+            assert_eq!(num(&r, "allocated_bytes") as u64, GIB, "{args:?}: {r:?}");
+            assert_eq!(r["result"], "CUDA_ERROR_OUT_OF_MEMORY", "{args:?}");
+        }
     }
+    // The allowance for context memory that no hook sees comes off the cap, per process.
+    let mut c = m.probe(Some(("allowance", 0.5, GIB)), &["oom"]);
+    c.env("TESSERA_VGPU_CONTEXT_BYTES", (256 * MIB).to_string());
+    assert_eq!(num(&results(c), "allocated_bytes") as u64, 768 * MIB);
     // A cap that is not a multiple of the step: the last step that fits, and no byte more.
     let r = results(m.probe(Some(("odd", 0.5, GIB + 32 * MIB)), &["oom"]));
     assert_eq!(num(&r, "allocated_bytes") as u64, GIB);
@@ -157,9 +168,16 @@ fn processes_of_one_slice_share_its_cap_and_a_killed_one_gives_its_memory_back()
 }
 
 /// Runs two probes side by side; returns their kernels per second.
-fn side_by_side(m: &Machine, a: (&str, f64, &str), b: (&str, f64, &str), secs: &str) -> (f64, f64) {
-    let start = |(name, share, mode): (&str, f64, &str)| {
-        m.probe(Some((name, share, GIB)), &[mode, "--seconds", secs])
+fn side_by_side(
+    m: &Machine,
+    a: (&str, f64, &[&str]),
+    b: (&str, f64, &[&str]),
+    secs: &str,
+) -> (f64, f64) {
+    let start = |(name, share, mode): (&str, f64, &[&str])| {
+        let mut args = mode.to_vec();
+        args.extend(["--seconds", secs]);
+        m.probe(Some((name, share, GIB)), &args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -187,12 +205,17 @@ fn side_by_side(m: &Machine, a: (&str, f64, &str), b: (&str, f64, &str), secs: &
 #[test]
 fn two_slices_at_30_70_get_30_70_of_device_time_also_through_graphs() {
     let m = Machine::new(80 * GIB);
-    for (mode_a, mode_b) in [("launch", "launch"), ("graph", "launch")] {
+    let launch: &[&str] = &["launch"];
+    for (mode_a, mode_b) in [
+        (launch, launch),
+        (&["graph"][..], launch),
+        (&["launch", "--proc-address", "--ptds"][..], launch),
+    ] {
         let (a, b) = side_by_side(&m, ("a", 0.3, mode_a), ("b", 0.7, mode_b), "3");
         let share_a = 100.0 * a / (a + b);
         assert!(
             (25.0..=35.0).contains(&share_a),
-            "{mode_a} at 30% vs {mode_b} at 70%: {share_a:.1}% ({a:.0} vs {b:.0} kernels/s)"
+            "{mode_a:?} at 30% vs {mode_b:?} at 70%: {share_a:.1}% ({a:.0} vs {b:.0} kernels/s)"
         );
     }
 }

@@ -9,6 +9,9 @@
 //! - `meminfo`: prints `free_bytes=F total_bytes=T device_total_bytes=D`.
 //! - `launch --seconds S [--empty]`: a launch loop; prints `launches_per_s=R kernels_per_s=R`.
 //! - `graph --seconds S`: the same through a CUDA graph of 10 kernels.
+//!
+//! With `--proc-address [--ptds]` it finds entry points through `cuGetProcAddress_v2` (with the
+//! per-thread default stream flag), as the CUDA runtime and PyTorch do, instead of `dlsym`.
 
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 use std::time::{Duration, Instant};
@@ -43,10 +46,15 @@ SPIN:
 
 struct Driver {
     lib: Ptr,
+    /// Find entry points through cuGetProcAddress_v2 (as the CUDA runtime and PyTorch do) with
+    /// these flags, instead of dlsym.
+    proc_address: Option<u64>,
 }
 
+type GetProcFn = unsafe extern "C" fn(*const c_char, *mut Ptr, c_int, u64, *mut c_int) -> R;
+
 impl Driver {
-    fn open() -> Driver {
+    fn open(proc_address: Option<u64>) -> Driver {
         // SAFETY: dlopen of the driver by its soname.
         let lib = unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW) };
         if lib.is_null() {
@@ -54,11 +62,36 @@ impl Driver {
                 "libcuda.so.1 cannot be loaded (no driver, and no simulated one on the library path)",
             );
         }
-        Driver { lib }
+        Driver { lib, proc_address }
     }
 
-    /// The driver function `name` (through dlsym, as runtimes find it).
+    /// The driver function `name`: through dlsym, or through cuGetProcAddress_v2 by its base
+    /// name (`cuMemAlloc` for `cuMemAlloc_v2`), which picks the variant for CUDA 12.8 and the
+    /// flags (the per-thread default stream flag selects `_ptsz` variants).
     fn sym<T: Copy>(&self, name: &CStr) -> T {
+        let Some(flags) = self.proc_address else {
+            return self.dlsym(name);
+        };
+        let get: GetProcFn = self.dlsym(c"cuGetProcAddress_v2");
+        let text = name.to_string_lossy();
+        let base = text.strip_suffix("_v2").unwrap_or(&text);
+        let base = std::ffi::CString::new(base).unwrap_or_default();
+        let mut f: Ptr = std::ptr::null_mut();
+        let mut status = 0;
+        // SAFETY: a NUL-terminated name and our outputs.
+        let r = unsafe { get(base.as_ptr(), &mut f, 12080, flags, &mut status) };
+        if r != 0 || f.is_null() {
+            fail(&format!(
+                "cuGetProcAddress_v2({}) failed: error {r}",
+                base.to_string_lossy()
+            ));
+        }
+        // SAFETY: T is the C function pointer type of that symbol.
+        unsafe { std::mem::transmute_copy::<Ptr, T>(&f) }
+    }
+
+    /// The driver function `name` through dlsym.
+    fn dlsym<T: Copy>(&self, name: &CStr) -> T {
         // SAFETY: a valid handle and a NUL-terminated name.
         let p = unsafe { libc::dlsym(self.lib, name.as_ptr()) };
         if p.is_null() {
@@ -237,7 +270,16 @@ fn allocator<'a>(d: &'a Driver, via: &str) -> Box<dyn Fn(u64) -> R + 'a> {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().map(String::as_str).unwrap_or("");
-    let d = Driver::open();
+    // --proc-address: entry points through cuGetProcAddress_v2; --ptds: with the per-thread
+    // default stream flag.
+    let proc_address = args.iter().any(|a| a == "--proc-address").then(|| {
+        if args.iter().any(|a| a == "--ptds") {
+            2
+        } else {
+            0
+        }
+    });
+    let d = Driver::open(proc_address);
     d.context();
     match mode {
         "oom" => {
