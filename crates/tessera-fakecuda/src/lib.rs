@@ -42,7 +42,9 @@ pub const CUDA_ERROR_NOT_SUPPORTED: CUresult = 801;
 
 /// The driver API version this stand-in reports (12.8).
 pub const DRIVER_VERSION: c_int = 12080;
-/// A launch never takes less than this (driver and launch overhead).
+/// A launch never takes less than this (driver and launch overhead), unless
+/// `TESSERA_FAKECUDA_MIN_KERNEL_NS` says otherwise (0 makes a launch loop bound by the CPU, to
+/// measure what an interposed library adds per call).
 const MIN_KERNEL_NS: u64 = 2_000;
 /// How far ahead of the device a stream may queue before a launch blocks (a real driver blocks
 /// when its push buffer fills; this keeps the simulation's queues short and contention visible).
@@ -77,6 +79,7 @@ struct Device {
 struct Process {
     devices: Vec<Device>,
     ns_per_thread: f64,
+    min_kernel_ns: u64,
     /// Device pointer → (device, bytes, mapping length).
     allocations: Mutex<HashMap<u64, (usize, u64)>>,
     /// VMM handles → (device, bytes).
@@ -131,6 +134,7 @@ fn init_process() -> Result<Process, CUresult> {
     Ok(Process {
         devices,
         ns_per_thread,
+        min_kernel_ns: env_u64("TESSERA_FAKECUDA_MIN_KERNEL_NS", MIN_KERNEL_NS),
         allocations: Mutex::new(HashMap::new()),
         handles: Mutex::new(HashMap::new()),
         next_handle: AtomicU64::new(1),
@@ -1082,7 +1086,7 @@ fn kernel_ns(p: &Process, grid: [c_uint; 3], block: [c_uint; 3]) -> u64 {
         .chain(block.iter())
         .map(|d| u64::from((*d).max(1)))
         .product();
-    ((threads as f64 * p.ns_per_thread) as u64).max(MIN_KERNEL_NS)
+    ((threads as f64 * p.ns_per_thread) as u64).max(p.min_kernel_ns)
 }
 
 fn launch(f: *mut c_void, grid: [c_uint; 3], block: [c_uint; 3], s: *mut c_void) -> CUresult {
@@ -1352,7 +1356,8 @@ pub extern "C" fn cuGraphLaunch(exec: *mut c_void, s: *mut c_void) -> CUresult {
     // SAFETY: executable graphs are our leaked boxes.
     let g = unsafe { &*(exec as *const Graph) };
     // A graph's kernels run back to back with one launch's overhead.
-    enqueue(s, g.kernels.iter().sum::<u64>().max(MIN_KERNEL_NS))
+    let p = tri!(process());
+    enqueue(s, g.kernels.iter().sum::<u64>().max(p.min_kernel_ns))
 }
 
 #[unsafe(no_mangle)]

@@ -26,14 +26,25 @@ const REFRESH_NS: u64 = 1_000_000;
 /// The plan value meaning "no window: launch freely".
 const FREE: u64 = u64::MAX;
 
-pub fn monotonic_ns() -> u64 {
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime (a vDSO call, no syscall) writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The precise clock, for windows.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// The same clock at tick resolution (1-4 ms) and a fraction of the cost: enough to know when
+/// to refresh the plan.
+fn coarse_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
 }
 
 pub struct Limiter {
@@ -158,15 +169,17 @@ impl Limiter {
             return;
         }
         loop {
-            let now = monotonic_ns();
-            let plan = if now.saturating_sub(self.planned_at.load(Ordering::Relaxed)) > REFRESH_NS {
-                self.refresh(now)
-            } else {
-                self.plan.load(Ordering::Relaxed)
-            };
+            let coarse = coarse_ns();
+            let plan =
+                if coarse.saturating_sub(self.planned_at.load(Ordering::Relaxed)) > REFRESH_NS {
+                    self.refresh(coarse)
+                } else {
+                    self.plan.load(Ordering::Relaxed)
+                };
             if plan == FREE {
                 return;
             }
+            let now = monotonic_ns();
             let start = plan >> 32;
             let full = plan & 0xffff_ffff;
             let len = full - self.overrun_ns.load(Ordering::Relaxed).min(full * 9 / 10);
