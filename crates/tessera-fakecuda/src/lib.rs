@@ -13,7 +13,8 @@
 //! device): `TESSERA_FAKECUDA_DEVICES` (count, default 1), `TESSERA_FAKECUDA_MEMORY` (bytes per
 //! device, default 80 GiB), `TESSERA_FAKECUDA_NS_PER_THREAD` (simulated time per kernel thread,
 //! default 3 ns, so 132 × 256 threads take ~100 µs). Device memory is backed by lazily
-//! committed host memory, so copies move real bytes.
+//! committed host memory, so copies move real bytes. The same library answers a few NVML calls
+//! (init, device count and handles, index, memory info) when linked as `libnvidia-ml.so.1`.
 
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
@@ -1421,6 +1422,130 @@ pub unsafe extern "C" fn cuGetErrorName(code: CUresult, out: *mut *const c_char)
     CUDA_SUCCESS
 }
 
+// ---- NVML (the same library answers as libnvidia-ml.so.1) ---------------------------------------
+
+pub type NvmlReturn = c_uint;
+const NVML_SUCCESS: NvmlReturn = 0;
+const NVML_ERROR_INVALID_ARGUMENT: NvmlReturn = 2;
+
+/// NVML's view: every simulated device of the machine, by physical index (NVML ignores
+/// CUDA_VISIBLE_DEVICES), each read from its shared file.
+fn nvml_device(handle: *mut c_void) -> Option<(usize, Region)> {
+    let index = (handle as usize).checked_sub(1)?;
+    let count = env_u64("TESSERA_FAKECUDA_DEVICES", 1) as usize;
+    if index >= count {
+        return None;
+    }
+    let dir = std::env::var_os("TESSERA_FAKECUDA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/shm/tessera-fakecuda"));
+    std::fs::create_dir_all(&dir).ok()?;
+    let memory = env_u64("TESSERA_FAKECUDA_MEMORY", 80 * GIB);
+    let region = Region::open_or_create(&dir.join(format!("device{index}")), memory).ok()?;
+    region.reclaim_dead();
+    Some((index, region))
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlInit_v2() -> NvmlReturn {
+    NVML_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlShutdown() -> NvmlReturn {
+    NVML_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> NvmlReturn {
+    if count.is_null() {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    // SAFETY: checked non-null.
+    unsafe { *count = env_u64("TESSERA_FAKECUDA_DEVICES", 1) as c_uint };
+    NVML_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
+    index: c_uint,
+    handle: *mut *mut c_void,
+) -> NvmlReturn {
+    if handle.is_null() || index as u64 >= env_u64("TESSERA_FAKECUDA_DEVICES", 1) {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    // SAFETY: checked non-null; handles are index + 1.
+    unsafe { *handle = (index as usize + 1) as *mut c_void };
+    NVML_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetIndex(handle: *mut c_void, index: *mut c_uint) -> NvmlReturn {
+    let Some((i, _)) = nvml_device(handle) else {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    };
+    // SAFETY: the caller passes a writable uint.
+    unsafe { *index = i as c_uint };
+    NVML_SUCCESS
+}
+
+/// nvmlMemory_t.
+#[repr(C)]
+pub struct NvmlMemory {
+    pub total: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+/// nvmlMemory_v2_t.
+#[repr(C)]
+pub struct NvmlMemoryV2 {
+    pub version: c_uint,
+    pub total: u64,
+    pub reserved: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
+    handle: *mut c_void,
+    memory: *mut NvmlMemory,
+) -> NvmlReturn {
+    let Some((_, r)) = nvml_device(handle) else {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    };
+    let (total, used) = (r.cap(), r.used().min(r.cap()));
+    // SAFETY: the caller passes a writable nvmlMemory_t.
+    unsafe {
+        *memory = NvmlMemory {
+            total,
+            free: total - used,
+            used,
+        }
+    };
+    NVML_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
+    handle: *mut c_void,
+    memory: *mut NvmlMemoryV2,
+) -> NvmlReturn {
+    let Some((_, r)) = nvml_device(handle) else {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    };
+    let (total, used) = (r.cap(), r.used().min(r.cap()));
+    // SAFETY: the caller passes a writable nvmlMemory_v2_t (its version field set by them).
+    unsafe {
+        (*memory).total = total;
+        (*memory).reserved = 0;
+        (*memory).free = total - used;
+        (*memory).used = used;
+    }
+    NVML_SUCCESS
+}
+
 macro_rules! exports {
     ($($name:ident),* $(,)?) => {
         /// The address of the exported function `name`.
@@ -1523,6 +1648,13 @@ exports!(
     cuGetErrorName,
     cuGetProcAddress,
     cuGetProcAddress_v2,
+    nvmlInit_v2,
+    nvmlShutdown,
+    nvmlDeviceGetCount_v2,
+    nvmlDeviceGetHandleByIndex_v2,
+    nvmlDeviceGetIndex,
+    nvmlDeviceGetMemoryInfo,
+    nvmlDeviceGetMemoryInfo_v2,
 );
 
 /// `cuGetProcAddress`: the newest variant of `symbol` this driver has for `version`; with the

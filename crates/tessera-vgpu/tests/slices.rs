@@ -30,6 +30,7 @@ impl Machine {
             fake.display()
         );
         std::os::unix::fs::symlink(&fake, dir.path().join("libcuda.so.1")).unwrap();
+        std::os::unix::fs::symlink(&fake, dir.path().join("libnvidia-ml.so.1")).unwrap();
         let m = Machine { dir };
         std::fs::write(m.path("memory"), device_memory.to_string()).unwrap();
         m
@@ -123,8 +124,12 @@ fn memory_info_reports_the_slice() {
     assert_eq!(num(&r, "total_bytes") as u64, 12 * GIB);
     assert_eq!(num(&r, "free_bytes") as u64, 12 * GIB);
     assert_eq!(num(&r, "device_total_bytes") as u64, 12 * GIB);
+    // NVML, as nvidia-smi and frameworks read it.
+    assert_eq!(num(&r, "nvml_total_bytes") as u64, 12 * GIB);
+    assert_eq!(num(&r, "nvml_free_bytes") as u64, 12 * GIB);
     let whole = results(m.probe(None, &["meminfo"]));
     assert_eq!(num(&whole, "total_bytes") as u64, 80 * GIB);
+    assert_eq!(num(&whole, "nvml_total_bytes") as u64, 80 * GIB);
 }
 
 /// Starts a probe that holds memory; returns once it has reported what it holds.

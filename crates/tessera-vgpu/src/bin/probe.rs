@@ -267,6 +267,37 @@ fn allocator<'a>(d: &'a Driver, via: &str) -> Box<dyn Fn(u64) -> R + 'a> {
     }
 }
 
+/// NVML's memory info for this process's device (the first of CUDA_VISIBLE_DEVICES), as
+/// nvidia-smi and frameworks read it; `None` without NVML.
+fn nvml_memory() -> Option<(u64, u64)> {
+    // SAFETY: dlopen of NVML by its soname.
+    let lib = unsafe { libc::dlopen(c"libnvidia-ml.so.1".as_ptr(), libc::RTLD_NOW) };
+    if lib.is_null() {
+        return None;
+    }
+    let sym = |name: &CStr| {
+        // SAFETY: a valid handle and a NUL-terminated name.
+        let p = unsafe { libc::dlsym(lib, name.as_ptr()) };
+        (!p.is_null()).then_some(p)
+    };
+    type InitFn = unsafe extern "C" fn() -> c_uint;
+    type HandleFn = unsafe extern "C" fn(c_uint, *mut Ptr) -> c_uint;
+    type MemFn = unsafe extern "C" fn(Ptr, *mut [u64; 3]) -> c_uint;
+    let index: c_uint = std::env::var("CUDA_VISIBLE_DEVICES")
+        .ok()
+        .and_then(|v| v.split(',').next()?.trim().parse().ok())
+        .unwrap_or(0);
+    // SAFETY: NVML's documented signatures; our own outputs (nvmlMemory_t is total, free, used).
+    unsafe {
+        let init: InitFn = std::mem::transmute(sym(c"nvmlInit_v2")?);
+        let handle: HandleFn = std::mem::transmute(sym(c"nvmlDeviceGetHandleByIndex_v2")?);
+        let info: MemFn = std::mem::transmute(sym(c"nvmlDeviceGetMemoryInfo")?);
+        let mut h: Ptr = std::ptr::null_mut();
+        let mut m = [0u64; 3];
+        (init() == 0 && handle(index, &mut h) == 0 && info(h, &mut m) == 0).then_some((m[0], m[1]))
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().map(String::as_str).unwrap_or("");
@@ -313,7 +344,11 @@ fn main() {
                 d.check("cuMemGetInfo_v2", info(&mut free, &mut total));
                 d.check("cuDeviceTotalMem_v2", total_mem(&mut dev_total, 0));
             }
-            println!("free_bytes={free} total_bytes={total} device_total_bytes={dev_total}");
+            print!("free_bytes={free} total_bytes={total} device_total_bytes={dev_total}");
+            match nvml_memory() {
+                Some((total, free)) => println!(" nvml_total_bytes={total} nvml_free_bytes={free}"),
+                None => println!(),
+            }
         }
         "launch" | "graph" => {
             let seconds: f64 = arg(&args, "--seconds").unwrap_or(2.0);

@@ -55,11 +55,14 @@ pub fn device_env(
             Some(lib) => {
                 let libdir = dir.join("lib");
                 std::fs::create_dir_all(&libdir)?;
-                let link = libdir.join("libcuda.so.1");
-                if std::fs::read_link(&link).ok().as_deref() != Some(lib.as_path()) {
-                    let _ = std::fs::remove_file(&link);
-                    std::os::unix::fs::symlink(&lib, &link)
-                        .with_context(|| format!("linking {}", link.display()))?;
+                // The simulated driver also answers NVML's memory calls.
+                for name in ["libcuda.so.1", "libnvidia-ml.so.1"] {
+                    let link = libdir.join(name);
+                    if std::fs::read_link(&link).ok().as_deref() != Some(lib.as_path()) {
+                        let _ = std::fs::remove_file(&link);
+                        std::os::unix::fs::symlink(&lib, &link)
+                            .with_context(|| format!("linking {}", link.display()))?;
+                    }
                 }
                 let mut path = libdir.display().to_string();
                 if let Ok(old) = std::env::var("LD_LIBRARY_PATH") {
