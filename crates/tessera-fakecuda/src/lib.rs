@@ -26,6 +26,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tessera_shm::Region;
+use tessera_shm::cuda::{Array3dDescriptor, ArrayDescriptor, array_bytes, array3d_bytes};
 
 pub type CUresult = c_uint;
 pub const CUDA_SUCCESS: CUresult = 0;
@@ -543,16 +544,6 @@ pub unsafe extern "C" fn cuMemAllocAsync(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
-    dptr: *mut u64,
-    bytes: usize,
-    stream: *mut c_void,
-) -> CUresult {
-    // SAFETY: forwarded contract.
-    unsafe { cuMemAllocAsync(dptr, bytes, stream) }
-}
-
-#[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
     dptr: *mut u64,
     bytes: usize,
@@ -561,17 +552,6 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
 ) -> CUresult {
     // SAFETY: forwarded contract.
     unsafe { alloc_out(dptr, bytes as u64) }
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
-    dptr: *mut u64,
-    bytes: usize,
-    pool: *mut c_void,
-    stream: *mut c_void,
-) -> CUresult {
-    // SAFETY: forwarded contract.
-    unsafe { cuMemAllocFromPoolAsync(dptr, bytes, pool, stream) }
 }
 
 /// The device's default memory pool (one per device; allocations from it are ordinary ones).
@@ -598,11 +578,6 @@ pub extern "C" fn cuMemFreeAsync(dptr: u64, _stream: *mut c_void) -> CUresult {
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn cuMemFreeAsync_ptsz(dptr: u64, stream: *mut c_void) -> CUresult {
-    cuMemFreeAsync(dptr, stream)
-}
-
-#[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
     let p = tri!(process());
     let dev = tri!(current_device());
@@ -616,52 +591,6 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
         *free = cap.saturating_sub(d.region.used()) as usize;
     }
     CUDA_SUCCESS
-}
-
-/// Bytes per element of a CUarray_format, times channels.
-fn element_bytes(format: c_uint, channels: c_uint) -> u64 {
-    let each = match format {
-        0x01 | 0x08 => 1,
-        0x02 | 0x09 | 0x10 => 2,
-        _ => 4,
-    };
-    each * u64::from(channels.max(1))
-}
-
-#[repr(C)]
-pub struct ArrayDescriptor {
-    pub width: usize,
-    pub height: usize,
-    pub format: c_uint,
-    pub channels: c_uint,
-}
-
-#[repr(C)]
-pub struct Array3dDescriptor {
-    pub width: usize,
-    pub height: usize,
-    pub depth: usize,
-    pub format: c_uint,
-    pub channels: c_uint,
-    pub flags: c_uint,
-}
-
-/// Bytes of a 2D array.
-pub fn array_bytes(d: &ArrayDescriptor) -> u64 {
-    d.width.max(1) as u64 * d.height.max(1) as u64 * element_bytes(d.format, d.channels)
-}
-
-/// Bytes of a 3D array; with `levels` mip levels, each level a quarter (or eighth) of the last.
-pub fn array3d_bytes(d: &Array3dDescriptor, levels: u32) -> u64 {
-    let mut total = 0;
-    let (mut w, mut h, mut z) = (d.width.max(1), d.height.max(1), d.depth.max(1));
-    for _ in 0..levels.max(1) {
-        total += w as u64 * h as u64 * z as u64 * element_bytes(d.format, d.channels);
-        w = (w / 2).max(1);
-        h = (h / 2).max(1);
-        z = (z / 2).max(1);
-    }
-    total
 }
 
 unsafe fn array_out(out: *mut *mut c_void, bytes: u64) -> CUresult {
@@ -1032,11 +961,6 @@ pub extern "C" fn cuStreamSynchronize(s: *mut c_void) -> CUresult {
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn cuStreamSynchronize_ptsz(s: *mut c_void) -> CUresult {
-    cuStreamSynchronize(s)
-}
-
-#[unsafe(no_mangle)]
 pub extern "C" fn cuStreamQuery(s: *mut c_void) -> CUresult {
     let p = tri!(process());
     if stream(p, s).tail.load(Ordering::SeqCst) <= monotonic_ns() {
@@ -1116,23 +1040,6 @@ pub extern "C" fn cuLaunchKernel(
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn cuLaunchKernel_ptsz(
-    f: *mut c_void,
-    gx: c_uint,
-    gy: c_uint,
-    gz: c_uint,
-    bx: c_uint,
-    by: c_uint,
-    bz: c_uint,
-    shared: c_uint,
-    s: *mut c_void,
-    params: *mut *mut c_void,
-    extra: *mut *mut c_void,
-) -> CUresult {
-    cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shared, s, params, extra)
-}
-
-#[unsafe(no_mangle)]
 pub extern "C" fn cuLaunchCooperativeKernel(
     f: *mut c_void,
     gx: c_uint,
@@ -1146,22 +1053,6 @@ pub extern "C" fn cuLaunchCooperativeKernel(
     _params: *mut *mut c_void,
 ) -> CUresult {
     launch(f, [gx, gy, gz], [bx, by, bz], s)
-}
-
-#[unsafe(no_mangle)]
-pub extern "C" fn cuLaunchCooperativeKernel_ptsz(
-    f: *mut c_void,
-    gx: c_uint,
-    gy: c_uint,
-    gz: c_uint,
-    bx: c_uint,
-    by: c_uint,
-    bz: c_uint,
-    shared: c_uint,
-    s: *mut c_void,
-    params: *mut *mut c_void,
-) -> CUresult {
-    cuLaunchCooperativeKernel(f, gx, gy, gz, bx, by, bz, shared, s, params)
 }
 
 /// CUlaunchConfig.
@@ -1188,17 +1079,6 @@ pub unsafe extern "C" fn cuLaunchKernelEx(
     // SAFETY: the caller passes a valid CUlaunchConfig.
     let c = unsafe { &*config };
     launch(f, c.grid, c.block, c.stream)
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
-    config: *const LaunchConfig,
-    f: *mut c_void,
-    params: *mut *mut c_void,
-    extra: *mut *mut c_void,
-) -> CUresult {
-    // SAFETY: forwarded contract.
-    unsafe { cuLaunchKernelEx(config, f, params, extra) }
 }
 
 struct Event {
@@ -1228,11 +1108,6 @@ pub extern "C" fn cuEventRecord(e: *mut c_void, s: *mut c_void) -> CUresult {
         .at
         .store(at, Ordering::SeqCst);
     CUDA_SUCCESS
-}
-
-#[unsafe(no_mangle)]
-pub extern "C" fn cuEventRecord_ptsz(e: *mut c_void, s: *mut c_void) -> CUresult {
-    cuEventRecord(e, s)
 }
 
 fn event_at(e: *mut c_void) -> Result<u64, CUresult> {
@@ -1289,11 +1164,6 @@ pub extern "C" fn cuStreamBeginCapture_v2(s: *mut c_void, _mode: c_uint) -> CUre
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn cuStreamBeginCapture_v2_ptsz(s: *mut c_void, mode: c_uint) -> CUresult {
-    cuStreamBeginCapture_v2(s, mode)
-}
-
-#[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuStreamEndCapture(s: *mut c_void, graph: *mut *mut c_void) -> CUresult {
     let p = tri!(process());
     let Some(kernels) = stream(p, s)
@@ -1307,15 +1177,6 @@ pub unsafe extern "C" fn cuStreamEndCapture(s: *mut c_void, graph: *mut *mut c_v
     // SAFETY: the caller passes a writable CUgraph.
     unsafe { *graph = Box::into_raw(Box::new(Graph { kernels })) as *mut c_void };
     CUDA_SUCCESS
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuStreamEndCapture_ptsz(
-    s: *mut c_void,
-    graph: *mut *mut c_void,
-) -> CUresult {
-    // SAFETY: forwarded contract.
-    unsafe { cuStreamEndCapture(s, graph) }
 }
 
 #[unsafe(no_mangle)]
@@ -1362,11 +1223,6 @@ pub extern "C" fn cuGraphLaunch(exec: *mut c_void, s: *mut c_void) -> CUresult {
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn cuGraphLaunch_ptsz(exec: *mut c_void, s: *mut c_void) -> CUresult {
-    cuGraphLaunch(exec, s)
-}
-
-#[unsafe(no_mangle)]
 pub extern "C" fn cuGraphDestroy(_g: *mut c_void) -> CUresult {
     CUDA_SUCCESS
 }
@@ -1375,6 +1231,31 @@ pub extern "C" fn cuGraphDestroy(_g: *mut c_void) -> CUresult {
 pub extern "C" fn cuGraphExecDestroy(_g: *mut c_void) -> CUresult {
     CUDA_SUCCESS
 }
+
+/// `$alias` does what `$target` does: the per-thread default stream is the process's default
+/// stream in this simulation.
+macro_rules! alias {
+    ($alias:ident = $target:ident($($arg:ident: $ty:ty),*)) => {
+        #[unsafe(no_mangle)]
+        #[allow(unused_unsafe)]
+        pub unsafe extern "C" fn $alias($($arg: $ty),*) -> CUresult {
+            // SAFETY: the same contract as the function it stands for.
+            unsafe { $target($($arg),*) }
+        }
+    };
+}
+
+alias!(cuMemAllocAsync_ptsz = cuMemAllocAsync(dptr: *mut u64, bytes: usize, stream: *mut c_void));
+alias!(cuMemAllocFromPoolAsync_ptsz = cuMemAllocFromPoolAsync(dptr: *mut u64, bytes: usize, pool: *mut c_void, stream: *mut c_void));
+alias!(cuMemFreeAsync_ptsz = cuMemFreeAsync(dptr: u64, stream: *mut c_void));
+alias!(cuStreamSynchronize_ptsz = cuStreamSynchronize(s: *mut c_void));
+alias!(cuLaunchKernel_ptsz = cuLaunchKernel(f: *mut c_void, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shared: c_uint, s: *mut c_void, params: *mut *mut c_void, extra: *mut *mut c_void));
+alias!(cuLaunchCooperativeKernel_ptsz = cuLaunchCooperativeKernel(f: *mut c_void, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shared: c_uint, s: *mut c_void, params: *mut *mut c_void));
+alias!(cuLaunchKernelEx_ptsz = cuLaunchKernelEx(config: *const LaunchConfig, f: *mut c_void, params: *mut *mut c_void, extra: *mut *mut c_void));
+alias!(cuEventRecord_ptsz = cuEventRecord(e: *mut c_void, s: *mut c_void));
+alias!(cuStreamBeginCapture_v2_ptsz = cuStreamBeginCapture_v2(s: *mut c_void, mode: c_uint));
+alias!(cuStreamEndCapture_ptsz = cuStreamEndCapture(s: *mut c_void, graph: *mut *mut c_void));
+alias!(cuGraphLaunch_ptsz = cuGraphLaunch(exec: *mut c_void, s: *mut c_void));
 
 // ---- errors and entry points -----------------------------------------------------------------
 

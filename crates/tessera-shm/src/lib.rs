@@ -18,6 +18,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
+pub mod cuda;
 mod schedule;
 pub use schedule::{ENTRIES, Entry, Schedule};
 
@@ -349,9 +350,13 @@ mod tests {
         assert!(r.restamp(slot, pid, start));
         assert_eq!(r.reclaim_dead(), 0, "the restamped slot must look alive");
         assert_eq!(r.used(), 40);
-        // Had another process given it back, it is no longer ours; a recharge counts it again.
-        assert!(!r.restamp(slot, pid + 1, start));
-        let again = r.claim(pid + 1, 0).unwrap();
+        // A slot that is no longer this pid's is not stamped; a recharge counts held memory again
+        // in a new slot (here one of our parent, which is alive).
+        let parent = std::os::unix::process::parent_id() as i32;
+        assert!(!r.restamp(slot, parent, start));
+        let again = r
+            .claim(parent, process_start_time(parent).unwrap())
+            .unwrap();
         r.recharge(again, 70);
         assert_eq!(
             r.used(),

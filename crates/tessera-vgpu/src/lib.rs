@@ -30,6 +30,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 
 use slice::{CUDA_ERROR_NOT_FOUND, CUDA_SUCCESS, CUresult, Slice, ready, slice};
+use tessera_shm::cuda::{self, Array3dDescriptor, ArrayDescriptor};
 
 macro_rules! tri {
     ($e:expr) => {
@@ -62,180 +63,6 @@ fn charged(
     r
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytes: usize) -> CUresult {
-    let s = tri!(slice());
-    let real = tri!(
-        real!(
-            cuda,
-            cuMemAlloc_v2 as unsafe extern "C" fn(*mut u64, usize) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: the caller's arguments go to the real function unchanged; dptr is valid after success.
-    charged(
-        s,
-        bytes as u64,
-        || unsafe { real(dptr, bytes) },
-        || unsafe { *dptr },
-    )
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAllocManaged(
-    dptr: *mut u64,
-    bytes: usize,
-    flags: c_uint,
-) -> CUresult {
-    let s = tri!(slice());
-    let real = tri!(
-        real!(
-            cuda,
-            cuMemAllocManaged as unsafe extern "C" fn(*mut u64, usize, c_uint) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: as for cuMemAlloc_v2.
-    charged(
-        s,
-        bytes as u64,
-        || unsafe { real(dptr, bytes, flags) },
-        || unsafe { *dptr },
-    )
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAllocPitch_v2(
-    dptr: *mut u64,
-    pitch: *mut usize,
-    width: usize,
-    height: usize,
-    element: c_uint,
-) -> CUresult {
-    let s = tri!(slice());
-    let real = tri!(
-        real!(
-            cuda,
-            cuMemAllocPitch_v2
-                as unsafe extern "C" fn(*mut u64, *mut usize, usize, usize, c_uint) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // The driver picks the pitch; charge the widest it would pick (512-byte rows) up front, then
-    // settle on the real size.
-    let guess = (width.div_ceil(512) * 512 * height) as u64;
-    tri!(s.charge(guess));
-    // SAFETY: the caller's arguments go to the real function unchanged.
-    let r = unsafe { real(dptr, pitch, width, height, element) };
-    if r != CUDA_SUCCESS {
-        s.credit(guess);
-        return r;
-    }
-    // SAFETY: valid after success.
-    let (ptr, real_bytes) = unsafe { (*dptr, (*pitch * height) as u64) };
-    s.credit(guess);
-    if s.charge(real_bytes).is_err() {
-        if let Some(free) = real!(cuda, cuMemFree_v2 as unsafe extern "C" fn(u64) -> CUresult) {
-            // SAFETY: freeing what the driver just gave us.
-            unsafe { free(ptr) };
-        }
-        return slice::CUDA_ERROR_OUT_OF_MEMORY;
-    }
-    s.remember(ptr, real_bytes);
-    r
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAllocAsync(dptr: *mut u64, bytes: usize, stream: Ptr) -> CUresult {
-    let s = tri!(slice());
-    let real = tri!(
-        real!(
-            cuda,
-            cuMemAllocAsync as unsafe extern "C" fn(*mut u64, usize, Ptr) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: as for cuMemAlloc_v2.
-    charged(
-        s,
-        bytes as u64,
-        || unsafe { real(dptr, bytes, stream) },
-        || unsafe { *dptr },
-    )
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
-    dptr: *mut u64,
-    bytes: usize,
-    stream: Ptr,
-) -> CUresult {
-    let s = tri!(slice());
-    let real = tri!(
-        real!(
-            cuda,
-            cuMemAllocAsync_ptsz as unsafe extern "C" fn(*mut u64, usize, Ptr) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: as for cuMemAlloc_v2.
-    charged(
-        s,
-        bytes as u64,
-        || unsafe { real(dptr, bytes, stream) },
-        || unsafe { *dptr },
-    )
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
-    dptr: *mut u64,
-    bytes: usize,
-    pool: Ptr,
-    stream: Ptr,
-) -> CUresult {
-    let s = tri!(slice());
-    let real = tri!(
-        real!(
-            cuda,
-            cuMemAllocFromPoolAsync as unsafe extern "C" fn(*mut u64, usize, Ptr, Ptr) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: as for cuMemAlloc_v2.
-    charged(
-        s,
-        bytes as u64,
-        || unsafe { real(dptr, bytes, pool, stream) },
-        || unsafe { *dptr },
-    )
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
-    dptr: *mut u64,
-    bytes: usize,
-    pool: Ptr,
-    stream: Ptr,
-) -> CUresult {
-    let s = tri!(slice());
-    let real = tri!(
-        real!(
-            cuda,
-            cuMemAllocFromPoolAsync_ptsz
-                as unsafe extern "C" fn(*mut u64, usize, Ptr, Ptr) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: as for cuMemAlloc_v2.
-    charged(
-        s,
-        bytes as u64,
-        || unsafe { real(dptr, bytes, pool, stream) },
-        || unsafe { *dptr },
-    )
-}
-
 /// Runs a free and credits what `id` was charged when it succeeded.
 fn freed(id: u64, call: impl FnOnce() -> CUresult) -> CUresult {
     let r = call();
@@ -247,236 +74,109 @@ fn freed(id: u64, call: impl FnOnce() -> CUresult) -> CUresult {
     r
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemFree_v2(dptr: u64) -> CUresult {
-    let real = tri!(
-        real!(cuda, cuMemFree_v2 as unsafe extern "C" fn(u64) -> CUresult)
-            .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: the caller's argument goes to the real function unchanged.
-    freed(dptr, || unsafe { real(dptr) })
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemFreeAsync(dptr: u64, stream: Ptr) -> CUresult {
-    let real = tri!(
-        real!(
-            cuda,
-            cuMemFreeAsync as unsafe extern "C" fn(u64, Ptr) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: as above.
-    freed(dptr, || unsafe { real(dptr, stream) })
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: u64, stream: Ptr) -> CUresult {
-    let real = tri!(
-        real!(
-            cuda,
-            cuMemFreeAsync_ptsz as unsafe extern "C" fn(u64, Ptr) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: as above.
-    freed(dptr, || unsafe { real(dptr, stream) })
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemCreate(
-    handle: *mut u64,
-    bytes: usize,
-    prop: Ptr,
-    flags: u64,
-) -> CUresult {
-    let s = tri!(slice());
-    let real = tri!(
-        real!(
-            cuda,
-            cuMemCreate as unsafe extern "C" fn(*mut u64, usize, Ptr, u64) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: as for cuMemAlloc_v2.
-    charged(
-        s,
-        bytes as u64,
-        || unsafe { real(handle, bytes, prop, flags) },
-        || unsafe { *handle },
-    )
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemRelease(handle: u64) -> CUresult {
-    let real = tri!(
-        real!(cuda, cuMemRelease as unsafe extern "C" fn(u64) -> CUresult)
-            .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: as above.
-    freed(handle, || unsafe { real(handle) })
-}
-
-/// CUDA_ARRAY_DESCRIPTOR.
-#[repr(C)]
-pub struct ArrayDescriptor {
-    pub width: usize,
-    pub height: usize,
-    pub format: c_uint,
-    pub channels: c_uint,
-}
-
-/// CUDA_ARRAY3D_DESCRIPTOR.
-#[repr(C)]
-pub struct Array3dDescriptor {
-    pub width: usize,
-    pub height: usize,
-    pub depth: usize,
-    pub format: c_uint,
-    pub channels: c_uint,
-    pub flags: c_uint,
-}
-
-fn element_bytes(format: c_uint, channels: c_uint) -> u64 {
-    let each = match format {
-        0x01 | 0x08 => 1,
-        0x02 | 0x09 | 0x10 => 2,
-        _ => 4,
+/// The real driver function of the hook's own name.
+macro_rules! real_of {
+    ($name:ident($($ty:ty),*)) => {
+        tri!(real!(cuda, $name as unsafe extern "C" fn($($ty),*) -> CUresult).ok_or(CUDA_ERROR_NOT_FOUND))
     };
-    each * u64::from(channels.max(1))
 }
 
-fn array3d_bytes(d: &Array3dDescriptor, levels: u32) -> u64 {
-    let (mut w, mut h, mut z, mut total) = (d.width.max(1), d.height.max(1), d.depth.max(1), 0);
-    for _ in 0..levels.max(1) {
-        total += w as u64 * h as u64 * z as u64 * element_bytes(d.format, d.channels);
-        (w, h, z) = ((w / 2).max(1), (h / 2).max(1), (z / 2).max(1));
-    }
-    total
+/// A hook that charges `$bytes` before the real allocation and remembers the charge under the
+/// handle `$id` names (read after success).
+macro_rules! alloc_hook {
+    ($name:ident($($arg:ident: $ty:ty),*) charge $bytes:expr, id $id:expr) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> CUresult {
+            let s = tri!(slice());
+            let real = real_of!($name($($ty),*));
+            // SAFETY: the caller's arguments go to the real function unchanged; its output is
+            // valid after success.
+            charged(s, $bytes, || unsafe { real($($arg),*) }, || unsafe { $id })
+        }
+    };
 }
+
+/// A hook that credits the charge of the handle `$id` after the real free succeeded.
+macro_rules! free_hook {
+    ($name:ident($($arg:ident: $ty:ty),*) id $id:expr) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> CUresult {
+            let real = real_of!($name($($ty),*));
+            // SAFETY: the caller's arguments go to the real function unchanged.
+            freed($id, || unsafe { real($($arg),*) })
+        }
+    };
+}
+
+alloc_hook!(cuMemAlloc_v2(dptr: *mut u64, bytes: usize) charge bytes as u64, id *dptr);
+alloc_hook!(cuMemAllocManaged(dptr: *mut u64, bytes: usize, flags: c_uint) charge bytes as u64, id *dptr);
+alloc_hook!(cuMemAllocAsync(dptr: *mut u64, bytes: usize, stream: Ptr) charge bytes as u64, id *dptr);
+alloc_hook!(cuMemAllocAsync_ptsz(dptr: *mut u64, bytes: usize, stream: Ptr) charge bytes as u64, id *dptr);
+alloc_hook!(cuMemAllocFromPoolAsync(dptr: *mut u64, bytes: usize, pool: Ptr, stream: Ptr) charge bytes as u64, id *dptr);
+alloc_hook!(cuMemAllocFromPoolAsync_ptsz(dptr: *mut u64, bytes: usize, pool: Ptr, stream: Ptr) charge bytes as u64, id *dptr);
+alloc_hook!(cuMemCreate(handle: *mut u64, bytes: usize, prop: Ptr, flags: u64) charge bytes as u64, id *handle);
+// SAFETY (in the expressions below): a non-null descriptor comes from the caller; a null one is
+// charged nothing and refused by the driver.
+alloc_hook!(cuArrayCreate_v2(arr: *mut Ptr, desc: *const ArrayDescriptor) charge unsafe { array_bytes(desc) }, id *arr as u64);
+alloc_hook!(cuArray3DCreate_v2(arr: *mut Ptr, desc: *const Array3dDescriptor) charge unsafe { array3d_bytes(desc, 1) }, id *arr as u64);
+alloc_hook!(cuMipmappedArrayCreate(arr: *mut Ptr, desc: *const Array3dDescriptor, levels: c_uint) charge unsafe { array3d_bytes(desc, levels) }, id *arr as u64);
+free_hook!(cuMemFree_v2(dptr: u64) id dptr);
+free_hook!(cuMemFreeAsync(dptr: u64, stream: Ptr) id dptr);
+free_hook!(cuMemFreeAsync_ptsz(dptr: u64, stream: Ptr) id dptr);
+free_hook!(cuMemRelease(handle: u64) id handle);
+free_hook!(cuArrayDestroy(arr: Ptr) id arr as u64);
+free_hook!(cuMipmappedArrayDestroy(arr: Ptr) id arr as u64);
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuArrayCreate_v2(arr: *mut Ptr, desc: *const ArrayDescriptor) -> CUresult {
-    let s = tri!(slice());
-    let real = tri!(
-        real!(
-            cuda,
-            cuArrayCreate_v2 as unsafe extern "C" fn(*mut Ptr, *const ArrayDescriptor) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    if desc.is_null() {
-        // SAFETY: the driver reports the bad argument itself.
-        return unsafe { real(arr, desc) };
-    }
-    // SAFETY: non-null descriptor from the caller.
-    let d = unsafe { &*desc };
-    let bytes =
-        d.width.max(1) as u64 * d.height.max(1) as u64 * element_bytes(d.format, d.channels);
-    // SAFETY: as for cuMemAlloc_v2.
-    charged(
-        s,
-        bytes,
-        || unsafe { real(arr, desc) },
-        || unsafe { *arr as u64 },
-    )
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuArray3DCreate_v2(
-    arr: *mut Ptr,
-    desc: *const Array3dDescriptor,
+pub unsafe extern "C" fn cuMemAllocPitch_v2(
+    dptr: *mut u64,
+    pitch: *mut usize,
+    width: usize,
+    height: usize,
+    element: c_uint,
 ) -> CUresult {
     let s = tri!(slice());
-    let real = tri!(
-        real!(
-            cuda,
-            cuArray3DCreate_v2
-                as unsafe extern "C" fn(*mut Ptr, *const Array3dDescriptor) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    if desc.is_null() {
-        // SAFETY: the driver reports the bad argument itself.
-        return unsafe { real(arr, desc) };
+    let real = real_of!(cuMemAllocPitch_v2(*mut u64, *mut usize, usize, usize, c_uint));
+    // The driver picks the pitch; charge the widest it would pick (512-byte rows) up front, then
+    // settle on the real size.
+    let guess = (width.div_ceil(512) * 512 * height) as u64;
+    tri!(s.charge(guess));
+    // SAFETY: the caller's arguments go to the real function unchanged.
+    let r = unsafe { real(dptr, pitch, width, height, element) };
+    s.credit(guess);
+    if r != CUDA_SUCCESS {
+        return r;
     }
-    // SAFETY: non-null descriptor from the caller.
-    let bytes = array3d_bytes(unsafe { &*desc }, 1);
-    // SAFETY: as for cuMemAlloc_v2.
-    charged(
-        s,
-        bytes,
-        || unsafe { real(arr, desc) },
-        || unsafe { *arr as u64 },
-    )
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMipmappedArrayCreate(
-    arr: *mut Ptr,
-    desc: *const Array3dDescriptor,
-    levels: c_uint,
-) -> CUresult {
-    let s = tri!(slice());
-    let real = tri!(
-        real!(
-            cuda,
-            cuMipmappedArrayCreate
-                as unsafe extern "C" fn(*mut Ptr, *const Array3dDescriptor, c_uint) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    if desc.is_null() {
-        // SAFETY: the driver reports the bad argument itself.
-        return unsafe { real(arr, desc, levels) };
+    // SAFETY: valid after success.
+    let (ptr, real_bytes) = unsafe { (*dptr, (*pitch * height) as u64) };
+    if s.charge(real_bytes).is_err() {
+        if let Some(free) = real!(cuda, cuMemFree_v2 as unsafe extern "C" fn(u64) -> CUresult) {
+            // SAFETY: freeing what the driver just gave us.
+            unsafe { free(ptr) };
+        }
+        return slice::CUDA_ERROR_OUT_OF_MEMORY;
     }
-    // SAFETY: non-null descriptor from the caller.
-    let bytes = array3d_bytes(unsafe { &*desc }, levels);
-    // SAFETY: as for cuMemAlloc_v2.
-    charged(
-        s,
-        bytes,
-        || unsafe { real(arr, desc, levels) },
-        || unsafe { *arr as u64 },
-    )
+    s.remember(ptr, real_bytes);
+    r
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuArrayDestroy(arr: Ptr) -> CUresult {
-    let real = tri!(
-        real!(
-            cuda,
-            cuArrayDestroy as unsafe extern "C" fn(Ptr) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: as above.
-    freed(arr as u64, || unsafe { real(arr) })
+/// Bytes of a 2D array; 0 for a null descriptor.
+unsafe fn array_bytes(desc: *const ArrayDescriptor) -> u64 {
+    // SAFETY: the caller passes null or a valid descriptor.
+    unsafe { desc.as_ref() }.map_or(0, cuda::array_bytes)
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMipmappedArrayDestroy(arr: Ptr) -> CUresult {
-    let real = tri!(
-        real!(
-            cuda,
-            cuMipmappedArrayDestroy as unsafe extern "C" fn(Ptr) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: as above.
-    freed(arr as u64, || unsafe { real(arr) })
+/// Bytes of a 3D array with `levels` mip levels (each half the last in every dimension); 0 for a
+/// null descriptor.
+unsafe fn array3d_bytes(desc: *const Array3dDescriptor, levels: u32) -> u64 {
+    // SAFETY: the caller passes null or a valid descriptor.
+    unsafe { desc.as_ref() }.map_or(0, |d| cuda::array3d_bytes(d, levels))
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
     let s = tri!(slice());
-    let real = tri!(
-        real!(
-            cuda,
-            cuMemGetInfo_v2 as unsafe extern "C" fn(*mut usize, *mut usize) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
+    let real = real_of!(cuMemGetInfo_v2(*mut usize, *mut usize));
     // SAFETY: the caller passes writable outputs, which the real call fills first.
     unsafe {
         let r = real(free, total);
@@ -493,13 +193,7 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> CUresult {
     let s = tri!(slice());
-    let real = tri!(
-        real!(
-            cuda,
-            cuDeviceTotalMem_v2 as unsafe extern "C" fn(*mut usize, c_int) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
+    let real = real_of!(cuDeviceTotalMem_v2(*mut usize, c_int));
     // SAFETY: as above.
     unsafe {
         let r = real(bytes, dev);
@@ -516,9 +210,7 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> C
 pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
     // The slice first: a bad configuration refuses CUDA before the driver is touched.
     tri!(slice());
-    let real = tri!(
-        real!(cuda, cuInit as unsafe extern "C" fn(c_uint) -> CUresult).ok_or(CUDA_ERROR_NOT_FOUND)
-    );
+    let real = real_of!(cuInit(c_uint));
     // SAFETY: unchanged argument.
     unsafe { real(flags) }
 }
@@ -541,154 +233,27 @@ fn gate() -> Result<(), CUresult> {
     Ok(())
 }
 
-type LaunchFn = unsafe extern "C" fn(
-    Ptr,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    Ptr,
-    *mut Ptr,
-    *mut Ptr,
-) -> CUresult;
-type CoopFn = unsafe extern "C" fn(
-    Ptr,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    Ptr,
-    *mut Ptr,
-) -> CUresult;
-type LaunchExFn = unsafe extern "C" fn(*const c_void, Ptr, *mut Ptr, *mut Ptr) -> CUresult;
-type GraphFn = unsafe extern "C" fn(Ptr, Ptr) -> CUresult;
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuLaunchKernel(
-    f: Ptr,
-    gx: c_uint,
-    gy: c_uint,
-    gz: c_uint,
-    bx: c_uint,
-    by: c_uint,
-    bz: c_uint,
-    sh: c_uint,
-    st: Ptr,
-    p: *mut Ptr,
-    e: *mut Ptr,
-) -> CUresult {
-    tri!(gate());
-    let real = tri!(real!(cuda, cuLaunchKernel as LaunchFn).ok_or(CUDA_ERROR_NOT_FOUND));
-    // SAFETY: unchanged arguments.
-    unsafe { real(f, gx, gy, gz, bx, by, bz, sh, st, p, e) }
+/// A launch hook: the limiter's gate, then the real launch.
+macro_rules! launch_hook {
+    ($name:ident($($arg:ident: $ty:ty),*)) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> CUresult {
+            tri!(gate());
+            let real = real_of!($name($($ty),*));
+            // SAFETY: unchanged arguments.
+            unsafe { real($($arg),*) }
+        }
+    };
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuLaunchKernel_ptsz(
-    f: Ptr,
-    gx: c_uint,
-    gy: c_uint,
-    gz: c_uint,
-    bx: c_uint,
-    by: c_uint,
-    bz: c_uint,
-    sh: c_uint,
-    st: Ptr,
-    p: *mut Ptr,
-    e: *mut Ptr,
-) -> CUresult {
-    tri!(gate());
-    let real = tri!(real!(cuda, cuLaunchKernel_ptsz as LaunchFn).ok_or(CUDA_ERROR_NOT_FOUND));
-    // SAFETY: unchanged arguments.
-    unsafe { real(f, gx, gy, gz, bx, by, bz, sh, st, p, e) }
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuLaunchCooperativeKernel(
-    f: Ptr,
-    gx: c_uint,
-    gy: c_uint,
-    gz: c_uint,
-    bx: c_uint,
-    by: c_uint,
-    bz: c_uint,
-    sh: c_uint,
-    st: Ptr,
-    p: *mut Ptr,
-) -> CUresult {
-    tri!(gate());
-    let real = tri!(real!(cuda, cuLaunchCooperativeKernel as CoopFn).ok_or(CUDA_ERROR_NOT_FOUND));
-    // SAFETY: unchanged arguments.
-    unsafe { real(f, gx, gy, gz, bx, by, bz, sh, st, p) }
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(
-    f: Ptr,
-    gx: c_uint,
-    gy: c_uint,
-    gz: c_uint,
-    bx: c_uint,
-    by: c_uint,
-    bz: c_uint,
-    sh: c_uint,
-    st: Ptr,
-    p: *mut Ptr,
-) -> CUresult {
-    tri!(gate());
-    let real =
-        tri!(real!(cuda, cuLaunchCooperativeKernel_ptsz as CoopFn).ok_or(CUDA_ERROR_NOT_FOUND));
-    // SAFETY: unchanged arguments.
-    unsafe { real(f, gx, gy, gz, bx, by, bz, sh, st, p) }
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuLaunchKernelEx(
-    config: *const c_void,
-    f: Ptr,
-    p: *mut Ptr,
-    e: *mut Ptr,
-) -> CUresult {
-    tri!(gate());
-    let real = tri!(real!(cuda, cuLaunchKernelEx as LaunchExFn).ok_or(CUDA_ERROR_NOT_FOUND));
-    // SAFETY: unchanged arguments.
-    unsafe { real(config, f, p, e) }
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
-    config: *const c_void,
-    f: Ptr,
-    p: *mut Ptr,
-    e: *mut Ptr,
-) -> CUresult {
-    tri!(gate());
-    let real = tri!(real!(cuda, cuLaunchKernelEx_ptsz as LaunchExFn).ok_or(CUDA_ERROR_NOT_FOUND));
-    // SAFETY: unchanged arguments.
-    unsafe { real(config, f, p, e) }
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuGraphLaunch(exec: Ptr, st: Ptr) -> CUresult {
-    tri!(gate());
-    let real = tri!(real!(cuda, cuGraphLaunch as GraphFn).ok_or(CUDA_ERROR_NOT_FOUND));
-    // SAFETY: unchanged arguments.
-    unsafe { real(exec, st) }
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuGraphLaunch_ptsz(exec: Ptr, st: Ptr) -> CUresult {
-    tri!(gate());
-    let real = tri!(real!(cuda, cuGraphLaunch_ptsz as GraphFn).ok_or(CUDA_ERROR_NOT_FOUND));
-    // SAFETY: unchanged arguments.
-    unsafe { real(exec, st) }
-}
+launch_hook!(cuLaunchKernel(f: Ptr, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, sh: c_uint, st: Ptr, p: *mut Ptr, e: *mut Ptr));
+launch_hook!(cuLaunchKernel_ptsz(f: Ptr, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, sh: c_uint, st: Ptr, p: *mut Ptr, e: *mut Ptr));
+launch_hook!(cuLaunchCooperativeKernel(f: Ptr, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, sh: c_uint, st: Ptr, p: *mut Ptr));
+launch_hook!(cuLaunchCooperativeKernel_ptsz(f: Ptr, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, sh: c_uint, st: Ptr, p: *mut Ptr));
+launch_hook!(cuLaunchKernelEx(config: *const c_void, f: Ptr, p: *mut Ptr, e: *mut Ptr));
+launch_hook!(cuLaunchKernelEx_ptsz(config: *const c_void, f: Ptr, p: *mut Ptr, e: *mut Ptr));
+launch_hook!(cuGraphLaunch(exec: Ptr, st: Ptr));
+launch_hook!(cuGraphLaunch_ptsz(exec: Ptr, st: Ptr));
 
 /// A capture records launches instead of running them, and synchronising would break it: the
 /// limiter stands aside while one is open.
@@ -710,57 +275,22 @@ fn capture_changed(r: CUresult, opened: bool) -> CUresult {
     r
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuStreamBeginCapture_v2(st: Ptr, mode: c_uint) -> CUresult {
-    let real = tri!(
-        real!(
-            cuda,
-            cuStreamBeginCapture_v2 as unsafe extern "C" fn(Ptr, c_uint) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: unchanged arguments.
-    capture_changed(unsafe { real(st, mode) }, true)
+/// A hook on the start (`true`) or end (`false`) of a stream capture.
+macro_rules! capture_hook {
+    ($name:ident($($arg:ident: $ty:ty),*) opens $opens:expr) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> CUresult {
+            let real = real_of!($name($($ty),*));
+            // SAFETY: unchanged arguments.
+            capture_changed(unsafe { real($($arg),*) }, $opens)
+        }
+    };
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuStreamBeginCapture_v2_ptsz(st: Ptr, mode: c_uint) -> CUresult {
-    let real = tri!(
-        real!(
-            cuda,
-            cuStreamBeginCapture_v2_ptsz as unsafe extern "C" fn(Ptr, c_uint) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: unchanged arguments.
-    capture_changed(unsafe { real(st, mode) }, true)
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuStreamEndCapture(st: Ptr, graph: *mut Ptr) -> CUresult {
-    let real = tri!(
-        real!(
-            cuda,
-            cuStreamEndCapture as unsafe extern "C" fn(Ptr, *mut Ptr) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: unchanged arguments.
-    capture_changed(unsafe { real(st, graph) }, false)
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuStreamEndCapture_ptsz(st: Ptr, graph: *mut Ptr) -> CUresult {
-    let real = tri!(
-        real!(
-            cuda,
-            cuStreamEndCapture_ptsz as unsafe extern "C" fn(Ptr, *mut Ptr) -> CUresult
-        )
-        .ok_or(CUDA_ERROR_NOT_FOUND)
-    );
-    // SAFETY: unchanged arguments.
-    capture_changed(unsafe { real(st, graph) }, false)
-}
+capture_hook!(cuStreamBeginCapture_v2(st: Ptr, mode: c_uint) opens true);
+capture_hook!(cuStreamBeginCapture_v2_ptsz(st: Ptr, mode: c_uint) opens true);
+capture_hook!(cuStreamEndCapture(st: Ptr, graph: *mut Ptr) opens false);
+capture_hook!(cuStreamEndCapture_ptsz(st: Ptr, graph: *mut Ptr) opens false);
 
 // ---- NVML ------------------------------------------------------------------------------------
 
