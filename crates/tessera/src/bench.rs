@@ -508,6 +508,7 @@ async fn protocol_agent(
                     phase: RunPhase::Running,
                     exit_code: None,
                     message: String::new(),
+                    resume_failed: None,
                 })
                 .collect(),
             wait_ms: resp.lease_ms / 3,

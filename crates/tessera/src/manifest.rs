@@ -10,7 +10,7 @@ use tessera_sched::request::parse_priority;
 use tessera_sched::validate::validate_job;
 use tessera_sched::{GpuRequest, JobSpec, ResourceRequest, ValidationError};
 
-use crate::units::{Quantity, parse_bytes, parse_cpu, parse_gpu};
+use crate::units::{Quantity, parse_bytes, parse_cpu, parse_duration, parse_gpu};
 
 /// Most bytes of command and environment one job may carry.
 const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -50,6 +50,98 @@ pub struct ManifestSpec {
     pub restart: Option<Restart>,
     #[serde(default)]
     pub preemptible: Option<bool>,
+    /// The job can save and resume its progress (see [`CheckpointManifest`]).
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointManifest>,
+}
+
+/// `spec.checkpoint`: how the job saves its progress. To stop it (preemption, a move, a drain),
+/// the agent sends `signal` and gives it `grace` to write a checkpoint into
+/// `$TESSERA_CHECKPOINT_DIR` and exit; wherever it starts again it finds the last complete
+/// checkpoint in `$TESSERA_RESUME_FROM`. With `interval`, the job is asked to checkpoint that
+/// often as it runs (`$TESSERA_CHECKPOINT_INTERVAL`, seconds).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointManifest {
+    #[serde(default)]
+    pub signal: Option<String>,
+    #[serde(default)]
+    pub grace: Option<String>,
+    #[serde(default)]
+    pub interval: Option<String>,
+}
+
+/// A job's checkpoint declaration, checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The signal's number and its name (`USR1`).
+    pub signal: i32,
+    pub signal_name: String,
+    pub grace_ms: u64,
+    pub interval_ms: Option<u64>,
+}
+
+impl CheckpointManifest {
+    fn check(&self) -> Result<Checkpoint, ValidationError> {
+        let text = self.signal.clone().unwrap_or_else(|| "USR1".into());
+        let upper = text.trim().to_ascii_uppercase();
+        let name = upper.strip_prefix("SIG").unwrap_or(&upper).to_string();
+        let signal = match name.parse::<i32>() {
+            Ok(n) => nix::sys::signal::Signal::try_from(n).ok(),
+            Err(_) => format!("SIG{name}")
+                .parse::<nix::sys::signal::Signal>()
+                .ok(),
+        };
+        let signal = signal
+            .filter(|s| {
+                !matches!(
+                    s,
+                    nix::sys::signal::Signal::SIGKILL | nix::sys::signal::Signal::SIGSTOP
+                )
+            })
+            .ok_or_else(|| {
+                ValidationError::new(
+                    "spec.checkpoint.signal",
+                    &text,
+                    "not a signal a program can catch",
+                    "use e.g. USR1, USR2, TERM or INT",
+                )
+            })?;
+        let grace = parse_duration(
+            "spec.checkpoint.grace",
+            self.grace.as_deref().unwrap_or("30s"),
+        )?;
+        if grace < std::time::Duration::from_secs(1) || grace > std::time::Duration::from_secs(3600)
+        {
+            return Err(ValidationError::new(
+                "spec.checkpoint.grace",
+                self.grace.clone().unwrap_or_default(),
+                "out of range",
+                "give the job 1s to 1h to write its checkpoint",
+            ));
+        }
+        let interval = match &self.interval {
+            Some(i) => {
+                let d = parse_duration("spec.checkpoint.interval", i)?;
+                if d < std::time::Duration::from_secs(1) {
+                    return Err(ValidationError::new(
+                        "spec.checkpoint.interval",
+                        i,
+                        "too short",
+                        "checkpoint at most once a second, e.g. interval: 10m",
+                    ));
+                }
+                Some(d.as_millis() as u64)
+            }
+            None => None,
+        };
+        Ok(Checkpoint {
+            signal: signal as i32,
+            signal_name: signal.as_str().trim_start_matches("SIG").to_string(),
+            grace_ms: grace.as_millis() as u64,
+            interval_ms: interval,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,6 +193,8 @@ pub struct JobDef {
     pub restart: RestartPolicy,
     pub max_restarts: u32,
     pub preemptible: bool,
+    #[serde(default)]
+    pub checkpoint: Option<Checkpoint>,
 }
 
 /// Defaults applied where a manifest is silent.
@@ -246,6 +340,11 @@ impl Manifest {
             };
             e
         })?;
+        let checkpoint = spec
+            .checkpoint
+            .as_ref()
+            .map(CheckpointManifest::check)
+            .transpose()?;
         Ok(JobDef {
             spec: job,
             command: spec.command,
@@ -253,6 +352,7 @@ impl Manifest {
             restart,
             max_restarts,
             preemptible: spec.preemptible.unwrap_or(true),
+            checkpoint,
         })
     }
 }

@@ -50,6 +50,10 @@ pub struct ReplicaStatus {
     pub exit_code: Option<i32>,
     /// In words, e.g. "killed by its memory limit (OOM)".
     pub message: String,
+    /// The checkpoint this replica was to resume from, when it failed its integrity check (the
+    /// replica started from the beginning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_failed: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,6 +86,12 @@ pub struct Assignment {
     pub devices: Vec<DeviceShare>,
     /// Device memory of the devices (index → bytes), for whole-device caps.
     pub device_memory: Vec<u64>,
+    /// How the job checkpoints, when it does: stopping it sends this signal and waits its grace.
+    #[serde(default)]
+    pub checkpoint: Option<crate::manifest::Checkpoint>,
+    /// The checkpoint to resume from (its id), when the replica saved one before.
+    #[serde(default)]
+    pub resume: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -283,9 +283,36 @@ pub struct State {
     pub recent_requests: VecDeque<ResourceRequest>,
     /// Reasons of waiting jobs from the last scheduling round (derived, not stored).
     pub wait_reasons: HashMap<u64, String>,
+    /// The latest complete checkpoint of each (job, replica).
+    pub checkpoints: HashMap<(u64, u32), CheckpointManifest>,
     /// Active jobs with a replica on each node (derived, kept by [`State::insert_job`]), so that
     /// a heartbeat or a node view costs the node's jobs, not the pool's.
     jobs_by_node: HashMap<String, BTreeSet<u64>>,
+}
+
+/// One file of a checkpoint: its path inside the checkpoint directory and its chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointFile {
+    pub path: String,
+    pub size: u64,
+    /// SHA-256 (hex) of each chunk, in order.
+    pub chunks: Vec<String>,
+}
+
+/// A complete checkpoint of one replica, as an agent uploaded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointManifest {
+    /// SHA-256 of the file list (set by the controller).
+    #[serde(default)]
+    pub id: String,
+    pub job: u64,
+    pub attempt: u32,
+    pub replica: u32,
+    pub files: Vec<CheckpointFile>,
+    #[serde(default)]
+    pub created_ms: u64,
 }
 
 impl State {

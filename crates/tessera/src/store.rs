@@ -33,6 +33,10 @@ const MIGRATIONS: &[&str] = &[
                           ts_ms INTEGER NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL);
      CREATE INDEX events_job ON events(job, seq);
      CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // The latest complete checkpoint of each replica of each job: a manifest of files whose
+    // contents are content-addressed chunks in the blob area beside the store.
+    "CREATE TABLE checkpoints (job INTEGER NOT NULL, replica INTEGER NOT NULL, id TEXT NOT NULL,
+                               doc TEXT NOT NULL, PRIMARY KEY (job, replica));",
 ];
 
 /// Opens (creating if needed) and migrates the store.
@@ -85,6 +89,9 @@ pub fn load(conn: &Connection, now_ms: u64) -> anyhow::Result<State> {
     for mut n in load_docs::<Node>(conn, "nodes")? {
         n.last_seen_ms = now_ms;
         state.nodes.insert(n.spec.name.clone(), n);
+    }
+    for m in load_docs::<crate::state::CheckpointManifest>(conn, "checkpoints")? {
+        state.checkpoints.insert((m.job, m.replica), m);
     }
     for t in load_docs::<TokenRecord>(conn, "tokens")? {
         state.tokens.insert(t.id.clone(), t);
@@ -153,6 +160,25 @@ pub fn put_token(c: &Connection, t: &TokenRecord) -> rusqlite::Result<()> {
     c.execute(
         "INSERT OR REPLACE INTO tokens (id, doc) VALUES (?1, ?2)",
         params![t.id, doc(t)?],
+    )?;
+    Ok(())
+}
+
+pub fn put_checkpoint(
+    c: &Connection,
+    m: &crate::state::CheckpointManifest,
+) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT OR REPLACE INTO checkpoints (job, replica, id, doc) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![m.job as i64, m.replica, m.id, doc(m)?])?;
+    Ok(())
+}
+
+pub fn delete_checkpoint(c: &Connection, job: u64, replica: u32) -> rusqlite::Result<()> {
+    c.execute(
+        "DELETE FROM checkpoints WHERE job = ?1 AND replica = ?2",
+        params![job as i64, replica],
     )?;
     Ok(())
 }

@@ -909,3 +909,86 @@ fn a_fractional_job_runs_with_its_slice_enforced_on_simulated_gpus() {
     assert!(out.contains("total_bytes=85899345920"), "{out}");
     assert!(out.contains("preload=\n"), "{out}");
 }
+
+/// A counting "training" job that checkpoints its count when asked (USR1) and resumes from it.
+fn counting_job(pool: &Pool, worklog: &Path) -> u64 {
+    let script = format!(
+        r#"n=0
+if [ -n "${{TESSERA_RESUME_FROM:-}}" ]; then n=$(cat "$TESSERA_RESUME_FROM/count"); echo "resumed from $n"; else echo "fresh start"; fi
+trap 'echo $n > "$TESSERA_CHECKPOINT_DIR/count"; : > "$TESSERA_CHECKPOINT_DIR/COMPLETE"; exit 0' USR1
+while [ $n -lt 60 ]; do n=$((n+1)); echo $n >> {log}; sleep 0.05; done
+echo "done $n""#,
+        log = worklog.display()
+    );
+    let (status, v) = pool.post(
+        "/v1/jobs",
+        json!({"metadata": {"name": "train"},
+               "spec": {"priority": 25,
+                        "resources": {"gpu": 1, "cpu": 0.5, "memory": "128MiB"},
+                        "checkpoint": {"signal": "USR1", "grace": "10s"},
+                        "command": ["sh", "-c", script]}}),
+        &pool.admin,
+    );
+    assert_eq!(status, 201, "{v}");
+    v["id"].as_u64().unwrap()
+}
+
+fn worklog_lines(path: &Path) -> Vec<u32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_preempted_job_resumes_from_its_checkpoint_and_a_corrupt_checkpoint_means_a_fresh_start() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    for corrupt in [false, true] {
+        let worklog = pool.path(if corrupt { "work-b" } else { "work-a" });
+        let low = counting_job(&pool, &worklog);
+        pool.wait_state(low, "running");
+        pool.wait_for("some progress", || worklog_lines(&worklog).len() >= 15);
+        // A high-priority job of the same project takes the only GPU.
+        let high = pool.submit("default", 1.0, 1, 75, "sleep 2");
+        pool.wait_for("the checkpoint", || {
+            events(&pool, low).iter().any(|e| e["kind"] == "Checkpoint")
+        });
+        if corrupt {
+            // Damage every stored chunk while the job waits to come back.
+            for dir in std::fs::read_dir(pool.path("controller").join("blobs")).unwrap() {
+                for f in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+                    std::fs::write(f.unwrap().path(), b"not the checkpoint").unwrap();
+                }
+            }
+        }
+        pool.wait_state(high, "succeeded");
+        let done = pool.wait_state(low, "succeeded");
+        assert_eq!(done["attempt"], 2, "{done}");
+        let ev = events(&pool, low);
+        let kinds: Vec<&str> = ev.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        assert!(kinds.contains(&"Preempted"), "{kinds:?}");
+        let out = logs(&pool, low);
+        let lines = worklog_lines(&worklog);
+        if corrupt {
+            assert!(kinds.contains(&"CheckpointCorrupt"), "{kinds:?}");
+            assert!(out.starts_with("fresh start\n"), "{out}");
+            // Counted from 1 again.
+            assert_eq!(lines.iter().filter(|n| **n == 1).count(), 2, "{lines:?}");
+        } else {
+            let resumed: u32 = out
+                .strip_prefix("resumed from ")
+                .and_then(|r| r.lines().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("the second attempt did not resume: {out}"));
+            assert!(resumed >= 15, "resumed from {resumed}");
+            // Nothing redone from the start: every step ran, at most one of them twice (a
+            // signal between a step's count and its log line), and 1 was counted only once.
+            let missing = (1..=60).filter(|n| !lines.contains(n)).count();
+            assert!(missing <= 1 && lines.len() <= 61, "{lines:?}");
+            assert_eq!(lines.iter().filter(|n| **n == 1).count(), 1, "{lines:?}");
+        }
+        assert!(out.ends_with("done 60\n"), "{out}");
+    }
+}

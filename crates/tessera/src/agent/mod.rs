@@ -5,6 +5,7 @@
 //! start. The agent keeps its credential and its workloads' records in its data dir.
 
 pub mod cgroup;
+pub mod checkpoint;
 pub mod devices;
 pub mod gpu;
 pub mod shim;
@@ -67,6 +68,8 @@ struct Shared {
     exited: Notify,
     runs_dir: PathBuf,
     callback_secret: String,
+    /// The controller, for checkpoints (set once the agent has its credential).
+    remote: std::sync::OnceLock<checkpoint::Remote>,
 }
 
 fn read_exit(dir: &Path) -> Option<shim::ExitRecord> {
@@ -121,6 +124,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         exited: Notify::new(),
         runs_dir: runs_dir.clone(),
         callback_secret: callback_secret.clone(),
+        remote: std::sync::OnceLock::new(),
     });
 
     // The log server, for the controller.
@@ -188,6 +192,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     };
     tracing::info!("node {} registered with {}", config.name, config.controller);
+    let _ = shared.remote.set(checkpoint::Remote {
+        http: http.clone(),
+        base: config.controller.clone(),
+        token: token.clone(),
+    });
 
     adopt(&shared, &runs_dir);
     let mut seq = SystemTime::now()
@@ -278,6 +287,7 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                     phase: RunPhase::Exited,
                     exit_code: Some(exit.code),
                     message: exit.message,
+                    resume_failed: None,
                 },
                 shim_pid: None,
             },
@@ -295,6 +305,7 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                                 phase: RunPhase::Running,
                                 exit_code: None,
                                 message: "running (re-adopted)".into(),
+                                resume_failed: None,
                             },
                             shim_pid: Some(pid),
                         }
@@ -305,6 +316,7 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                             phase: RunPhase::Exited,
                             exit_code: None,
                             message: "its supervisor was lost while the agent was down".into(),
+                            resume_failed: None,
                         },
                         shim_pid: None,
                     },
@@ -387,12 +399,13 @@ fn converge(
             continue;
         }
         let status = match start(shared, config, backend, lease_file, a, &dir) {
-            Ok(pid) => Run {
+            Ok((pid, resume_failed)) => Run {
                 status: ReplicaStatus {
                     key: a.key.clone(),
                     phase: RunPhase::Running,
                     exit_code: None,
                     message: "running".into(),
+                    resume_failed,
                 },
                 shim_pid: Some(pid),
             },
@@ -404,6 +417,7 @@ fn converge(
                         phase: RunPhase::Exited,
                         exit_code: Some(127),
                         message: format!("could not start: {e:#}"),
+                        resume_failed: None,
                     },
                     shim_pid: None,
                 }
@@ -466,7 +480,7 @@ fn start(
     lease_file: &Path,
     a: &Assignment,
     dir: &Path,
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<(i32, Option<String>)> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("assignment.json"), serde_json::to_vec_pretty(a)?)?;
     let cg = cgroup_name(config, &a.key);
@@ -494,7 +508,14 @@ fn start(
         .arg("--lease-file")
         .arg(lease_file)
         .arg("--grace-ms")
-        .arg(config.grace_ms.to_string());
+        .arg(
+            a.checkpoint
+                .as_ref()
+                .map_or(config.grace_ms, |c| c.grace_ms)
+                .to_string(),
+        )
+        .arg("--stop-signal")
+        .arg(a.checkpoint.as_ref().map_or(15, |c| c.signal).to_string());
     for p in &procs {
         cmd.arg("--cgroup-procs").arg(p);
     }
@@ -509,6 +530,36 @@ fn start(
     cmd.arg("--").args(&a.command);
     cmd.envs(allocation_env(a, &config.name));
     cmd.envs(gpu::device_env(config, a)?);
+    let mut resume_failed = None;
+    if let Some(c) = &a.checkpoint {
+        let ckpt = dir.join("checkpoint");
+        std::fs::create_dir_all(&ckpt)?;
+        if let (Some(id), Some(remote)) = (&a.resume, shared.remote.get()) {
+            let into = dir.join("resume");
+            // The replica must not start before its checkpoint is here and verified.
+            let restored = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(checkpoint::restore(remote, id, &into))
+            });
+            match restored {
+                Ok(()) => {
+                    cmd.env("TESSERA_RESUME_FROM", &into);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: checkpoint {id} not restored, starting anew: {e:#}",
+                        a.key
+                    );
+                    let _ = std::fs::remove_dir_all(&into);
+                    resume_failed = Some(id.clone());
+                }
+            }
+        }
+        cmd.env("TESSERA_CHECKPOINT_DIR", &ckpt);
+        cmd.env("TESSERA_CHECKPOINT_SIGNAL", &c.signal_name);
+        if let Some(i) = c.interval_ms {
+            cmd.env("TESSERA_CHECKPOINT_INTERVAL", (i / 1000).max(1).to_string());
+        }
+    }
     let log = std::fs::File::create(dir.join("shim.log"))?;
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
@@ -526,11 +577,41 @@ fn start(
     std::fs::write(dir.join("shim.pid"), pid.to_string())?;
     let key = a.key.clone();
     let shared = shared.clone();
+    let ckpt = a.checkpoint.as_ref().map(|_| dir.join("checkpoint"));
     tokio::spawn(async move {
-        let _ = child.wait().await;
+        match ckpt {
+            None => {
+                let _ = child.wait().await;
+            }
+            Some(ckpt) => {
+                // Send each complete checkpoint as it appears, and the last one before the exit
+                // is reported: a requeued replica then resumes from it.
+                let mut sent = None;
+                loop {
+                    let ended = tokio::select! {
+                        _ = child.wait() => true,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+                    };
+                    let stamp = checkpoint::marker_stamp(&ckpt);
+                    if stamp.is_some()
+                        && stamp != sent
+                        && let Some(remote) = shared.remote.get()
+                    {
+                        match checkpoint::upload(remote, &key, &ckpt).await {
+                            Ok(Some(_)) => sent = stamp,
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!("{key}: checkpoint not sent: {e:#}"),
+                        }
+                    }
+                    if ended {
+                        break;
+                    }
+                }
+            }
+        }
         finish(&shared, &key);
     });
-    Ok(pid)
+    Ok((pid, resume_failed))
 }
 
 #[derive(Deserialize)]

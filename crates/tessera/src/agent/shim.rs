@@ -45,6 +45,10 @@ pub struct ShimArgs {
     pub lease_file: PathBuf,
     #[arg(long, default_value_t = 5000)]
     pub grace_ms: u64,
+    /// The signal that asks the workload to stop: TERM, or a checkpointing job's own signal,
+    /// sent to the whole tree; SIGKILL follows after the grace period.
+    #[arg(long, default_value_t = 15)]
+    pub stop_signal: i32,
     /// `cgroup.procs` files to join before the workload starts.
     #[arg(long)]
     pub cgroup_procs: Vec<PathBuf>,
@@ -145,7 +149,8 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
         if why.is_none() {
             if TERM.load(Ordering::SeqCst) {
                 why = Some("stopped by Tessera".into());
-                kill_group(pgid, Signal::SIGTERM, &args.cgroup_procs);
+                let stop = Signal::try_from(args.stop_signal).unwrap_or(Signal::SIGTERM);
+                kill_group(pgid, stop, &args.cgroup_procs);
                 stop_deadline = Some(Instant::now() + Duration::from_millis(args.grace_ms));
             } else if lease_end(&args.lease_file).is_none_or(|end| end <= now_ms()) {
                 why = Some(

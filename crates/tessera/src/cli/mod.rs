@@ -218,6 +218,16 @@ pub struct SubmitArgs {
     pub restart: Option<String>,
     #[arg(long)]
     pub max_restarts: Option<u32>,
+    /// The signal that asks the job to checkpoint (USR1 by default when any checkpoint flag is
+    /// given); see `spec.checkpoint`.
+    #[arg(long)]
+    pub checkpoint_signal: Option<String>,
+    /// Time the job gets to write its checkpoint and exit, e.g. 30s.
+    #[arg(long)]
+    pub checkpoint_grace: Option<String>,
+    /// How often the job checkpoints as it runs, e.g. 10m.
+    #[arg(long)]
+    pub checkpoint_interval: Option<String>,
     /// Device models allowed (repeatable).
     #[arg(long = "model")]
     pub models: Vec<String>,
@@ -305,6 +315,15 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
     }
     if let Some(r) = args.max_restarts {
         m["spec"]["restart"]["maxRestarts"] = json!(r);
+    }
+    for (flag, key) in [
+        (&args.checkpoint_signal, "signal"),
+        (&args.checkpoint_grace, "grace"),
+        (&args.checkpoint_interval, "interval"),
+    ] {
+        if let Some(v) = flag {
+            m["spec"]["checkpoint"][key] = json!(v);
+        }
     }
     for kv in &args.env {
         let Some((k, v)) = kv.split_once('=') else {

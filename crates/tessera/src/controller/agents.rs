@@ -144,6 +144,13 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
                 memory_bytes: r.memory_bytes,
                 devices: r.devices.clone(),
                 device_memory: node.spec.devices.iter().map(|d| d.memory_bytes).collect(),
+                checkpoint: job.def.checkpoint.clone(),
+                resume: job
+                    .def
+                    .checkpoint
+                    .as_ref()
+                    .and_then(|_| s.checkpoints.get(&(job.id, r.index)))
+                    .map(|m| m.id.clone()),
             });
         }
     }
@@ -223,6 +230,21 @@ fn report(
             let Some((job_id, attempt, index)) = parse_key(&st.key) else {
                 continue;
             };
+            let mut corrupt = None;
+            if let Some(bad) = &st.resume_failed
+                && s.checkpoints
+                    .get(&(job_id, index))
+                    .is_some_and(|m| m.id == *bad)
+            {
+                // Never again: the next start of this replica begins from the beginning too.
+                store::delete_checkpoint(c, job_id, index)?;
+                s.checkpoints.remove(&(job_id, index));
+                corrupt = Some(format!(
+                    "checkpoint {} of replica {index} failed its integrity check; the replica \
+                     started from the beginning",
+                    &bad[..bad.len().min(12)]
+                ));
+            }
             // Stale work (an earlier attempt, an ended job) is not in the desired set, so the
             // agent stops it; its exit needs no record.
             let Some(job) = s
@@ -235,6 +257,9 @@ fn report(
             let (job, notes) = changed
                 .entry(job_id)
                 .or_insert_with(|| (job.clone(), Vec::new()));
+            if let Some(text) = corrupt {
+                notes.push(("CheckpointCorrupt", text));
+            }
             if apply_status(job, index, st, now) {
                 let what = match st.phase {
                     RunPhase::Running => format!("replica {index} started on {name}"),

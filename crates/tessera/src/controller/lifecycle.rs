@@ -190,6 +190,7 @@ mod tests {
                 restart,
                 max_restarts: 1,
                 preemptible: true,
+                checkpoint: None,
             },
             state: JobState::Scheduled,
             reason: String::new(),
@@ -225,6 +226,7 @@ mod tests {
             phase,
             exit_code: code,
             message: String::new(),
+            resume_failed: None,
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod checkpoints;
 pub mod lifecycle;
 pub mod metrics;
 pub mod openapi;
@@ -437,6 +438,16 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/v1/whoami", get(api::whoami))
         .route("/v1/agent/register", post(agents::register))
         .route("/v1/agent/sync", post(agents::sync))
+        .route("/v1/agent/chunks/missing", post(checkpoints::missing))
+        .route(
+            "/v1/agent/chunks/{hash}",
+            axum::routing::put(checkpoints::put_chunk).get(checkpoints::get_chunk),
+        )
+        .route("/v1/agent/checkpoints", post(checkpoints::put_checkpoint))
+        .route(
+            "/v1/agent/checkpoints/{id}",
+            get(checkpoints::get_checkpoint),
+        )
         .fallback(|| async {
             ApiError::not_found("no such endpoint; the API is described at /openapi.json")
         })

@@ -1,0 +1,214 @@
+//! Checkpoints: agents upload a replica's checkpoint as content-addressed chunks (only the chunks
+//! the controller lacks travel) and a manifest of its files; a restarted replica is told the
+//! latest complete one, and its agent fetches and verifies it.
+//!
+//! Chunks live in a blob area beside the store (`blobs/ab/cdef…`, named by their SHA-256, written
+//! to a temporary file, synced, then renamed), so a chunk on disk is always whole. Manifests are
+//! in the store; one is accepted only when every chunk it names is present.
+
+use std::path::{Path, PathBuf};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::Path as AxPath;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{ApiError, AxState, Caller, S, now_ms};
+use crate::auth::Principal;
+use crate::state::{CheckpointManifest, Event};
+use crate::store;
+
+fn agent(caller: &Caller) -> Result<&str, ApiError> {
+    match &caller.0 {
+        Principal::Agent { node } => Ok(node),
+        _ => Err(ApiError::forbidden("only agents move checkpoints")),
+    }
+}
+
+fn valid_hash(h: &str) -> bool {
+    h.len() == 64
+        && h.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+fn chunk_path(blobs: &Path, hash: &str) -> PathBuf {
+    blobs.join(&hash[..2]).join(&hash[2..])
+}
+
+fn blobs(data_dir: &Path) -> PathBuf {
+    data_dir.join("blobs")
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hashes {
+    pub hashes: Vec<String>,
+}
+
+/// Which of these chunks the controller does not have yet.
+pub async fn missing(
+    AxState(ctl): S,
+    caller: Caller,
+    Json(req): Json<Hashes>,
+) -> Result<Json<Hashes>, ApiError> {
+    agent(&caller)?;
+    if let Some(bad) = req.hashes.iter().find(|h| !valid_hash(h)) {
+        return Err(ApiError::bad(format!(
+            "hashes: {bad} is not a SHA-256 in lower-case hex"
+        )));
+    }
+    let dir = blobs(&ctl.config.data_dir);
+    let missing = req
+        .hashes
+        .into_iter()
+        .filter(|h| !chunk_path(&dir, h).exists())
+        .collect();
+    Ok(Json(Hashes { hashes: missing }))
+}
+
+/// Stores one chunk, after checking that it is what its name says.
+pub async fn put_chunk(
+    AxState(ctl): S,
+    caller: Caller,
+    AxPath(hash): AxPath<String>,
+    body: Bytes,
+) -> Result<axum::http::StatusCode, ApiError> {
+    agent(&caller)?;
+    if !valid_hash(&hash) {
+        return Err(ApiError::bad(format!(
+            "{hash} is not a SHA-256 in lower-case hex"
+        )));
+    }
+    if hex::encode(Sha256::digest(&body)) != hash {
+        return Err(ApiError::bad(format!(
+            "chunk {hash}: the body's SHA-256 differs (damaged in transit); send it again"
+        )));
+    }
+    let path = chunk_path(&blobs(&ctl.config.data_dir), &hash);
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        if path.exists() {
+            return Ok(());
+        }
+        let dir = path.parent().expect("a chunk path has a parent");
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".{}.tmp", &hash[2..]));
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)
+    })
+    .await
+    .map_err(|_| ApiError::internal("storing a chunk failed"))?
+    .map_err(|e| ApiError::internal(format!("storing a chunk: {e}")))?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+pub async fn get_chunk(
+    AxState(ctl): S,
+    caller: Caller,
+    AxPath(hash): AxPath<String>,
+) -> Result<Bytes, ApiError> {
+    agent(&caller)?;
+    if !valid_hash(&hash) {
+        return Err(ApiError::bad(format!(
+            "{hash} is not a SHA-256 in lower-case hex"
+        )));
+    }
+    let path = chunk_path(&blobs(&ctl.config.data_dir), &hash);
+    match tokio::fs::read(&path).await {
+        Ok(b) => Ok(Bytes::from(b)),
+        Err(_) => Err(ApiError::not_found(format!("no chunk {hash}"))),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Saved {
+    pub id: String,
+}
+
+/// Records a replica's complete checkpoint: durable before the answer, and only if every chunk
+/// it names is stored.
+pub async fn put_checkpoint(
+    AxState(ctl): S,
+    caller: Caller,
+    body: Bytes,
+) -> Result<Json<Saved>, ApiError> {
+    let node = agent(&caller)?.to_string();
+    let mut m: CheckpointManifest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("manifest: {e}")))?;
+    let dir = blobs(&ctl.config.data_dir);
+    for f in &m.files {
+        if f.path.is_empty() || f.path.starts_with('/') || f.path.split('/').any(|p| p == "..") {
+            return Err(ApiError::bad(format!(
+                "files.path {}: must be relative, inside the checkpoint",
+                f.path
+            )));
+        }
+        if let Some(h) = f
+            .chunks
+            .iter()
+            .find(|h| !valid_hash(h) || !chunk_path(&dir, h).exists())
+        {
+            return Err(ApiError::bad(format!(
+                "files.chunks: chunk {h} of {} is not stored; upload it first",
+                f.path
+            )));
+        }
+    }
+    let files = serde_json::to_vec(&m.files).map_err(|e| ApiError::internal(e.to_string()))?;
+    m.id = hex::encode(Sha256::digest(&files));
+    m.created_ms = now_ms();
+    let saved = m.id.clone();
+    ctl.store
+        .write(move |c, s| -> Result<(), ApiError> {
+            let Some(job) = s.jobs.get(&m.job) else {
+                return Err(ApiError::not_found(format!("no job {}", m.job)));
+            };
+            let here = job
+                .replicas
+                .iter()
+                .any(|r| r.index == m.replica && r.node == node);
+            if job.attempt != m.attempt || !here {
+                return Err(ApiError::conflict(format!(
+                    "replica {} of job {} attempt {} does not run on {node}",
+                    m.replica, m.job, m.attempt
+                )));
+            }
+            store::put_checkpoint(c, &m)?;
+            let bytes: u64 = m.files.iter().map(|f| f.size).sum();
+            let e = Event {
+                job: m.job,
+                ts_ms: m.created_ms,
+                kind: "Checkpoint".into(),
+                message: format!(
+                    "replica {} saved checkpoint {} ({} files, {} bytes)",
+                    m.replica,
+                    &m.id[..12],
+                    m.files.len(),
+                    bytes
+                ),
+            };
+            store::add_event(c, &e)?;
+            s.push_event(e);
+            s.checkpoints.insert((m.job, m.replica), m);
+            Ok(())
+        })
+        .await?;
+    Ok(Json(Saved { id: saved }))
+}
+
+pub async fn get_checkpoint(
+    AxState(ctl): S,
+    caller: Caller,
+    AxPath(id): AxPath<String>,
+) -> Result<Json<CheckpointManifest>, ApiError> {
+    agent(&caller)?;
+    ctl.store
+        .read(|s| s.checkpoints.values().find(|m| m.id == id).cloned())
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no checkpoint {id}")))
+}
