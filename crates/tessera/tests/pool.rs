@@ -992,3 +992,72 @@ fn a_preempted_job_resumes_from_its_checkpoint_and_a_corrupt_checkpoint_means_a_
         assert!(out.ends_with("done 60\n"), "{out}");
     }
 }
+
+#[test]
+fn a_job_that_checkpoints_on_an_interval_resumes_elsewhere_when_its_node_is_killed() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
+    let worklog = pool.path("work");
+    // A training loop with the Python helper: a step every 50 ms, a checkpoint every second.
+    let script = format!(
+        r#"import sys, time
+sys.path.insert(0, {helper:?})
+from tessera_checkpoint import Checkpointer
+ckpt = Checkpointer()
+state = ckpt.load_json() or {{"step": 0}}
+print("start", state["step"], flush=True)
+log = open({log:?}, "a")
+while state["step"] < 120:
+    time.sleep(0.05)
+    state["step"] += 1
+    log.write(f"{{state['step']}}\n"); log.flush()
+    if ckpt.due():
+        ckpt.save_json(state)
+print("done", state["step"], flush=True)
+"#,
+        helper = helper.display().to_string(),
+        log = worklog.display().to_string(),
+    );
+    let (status, v) = pool.post(
+        "/v1/jobs",
+        json!({"metadata": {"name": "train"},
+               "spec": {"resources": {"gpu": 1, "cpu": 0.5, "memory": "256MiB"},
+                        "checkpoint": {"interval": "1s", "grace": "5s"},
+                        "command": ["python3", "-c", script]}}),
+        &pool.admin,
+    );
+    assert_eq!(status, 201, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    let running = pool.wait_state(id, "running");
+    let node = running["assignments"][0]["node"].as_str().unwrap().to_string();
+    pool.wait_for("two checkpoints", || {
+        events(&pool, id)
+            .iter()
+            .filter(|e| e["kind"] == "Checkpoint")
+            .count()
+            >= 2
+    });
+    let idx = pool.agents.iter().position(|(n, _)| *n == node).unwrap();
+    let (_, mut proc) = pool.agents.remove(idx);
+    proc.0.kill().unwrap();
+    let reached = worklog_lines(&worklog).into_iter().max().unwrap();
+    let done = pool.wait_state(id, "succeeded");
+    assert_ne!(done["assignments"][0]["node"].as_str().unwrap(), node);
+    assert_eq!(done["attempt"], 2, "{done}");
+    let out = logs(&pool, id);
+    let resumed: u32 = out
+        .strip_prefix("start ")
+        .and_then(|r| r.lines().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    // It resumed from a checkpoint, losing at most the work of one interval (20 steps) and of
+    // one upload poll (20 more).
+    assert!(resumed >= 20, "resumed from {resumed}");
+    assert!(
+        resumed + 40 >= reached,
+        "resumed from {resumed}, but had reached {reached}"
+    );
+    assert!(out.ends_with("done 120\n"), "{out}");
+}
