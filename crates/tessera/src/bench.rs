@@ -40,6 +40,15 @@ pub enum BenchCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Checkpoint and restore of a replica's state through the controller: time and bytes sent
+    /// for the first checkpoint, one with 10% of the state changed, and one with all of it.
+    Checkpoint {
+        /// Size of the state, e.g. 1GiB.
+        #[arg(long, default_value = "1GiB")]
+        size: String,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Controller memory with many simulated nodes (protocol-level agents) and many jobs.
     Scale {
         #[arg(long, default_value_t = 10_000)]
@@ -81,6 +90,10 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Latency { jobs, common } => {
             let r = rt.block_on(latency(&common, jobs));
+            (common, r)
+        }
+        BenchCommand::Checkpoint { size, common } => {
+            let r = rt.block_on(checkpoints(&common, &size));
             (common, r)
         }
         BenchCommand::Scale {
@@ -641,4 +654,122 @@ async fn scale(
         "controller_peak_rss_mib": peak >> 20,
         "store_mib": store_bytes >> 20,
     }))
+}
+
+/// Fills `buf` with fast pseudo-random bytes (xorshift), so chunks do not repeat.
+fn scramble(buf: &mut [u8], seed: &mut u64) {
+    for word in buf.chunks_mut(8) {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let b = seed.to_le_bytes();
+        word.copy_from_slice(&b[..word.len()]);
+    }
+}
+
+/// Rewrites every `every`-th MiB of the state file with new bytes, then marks the checkpoint
+/// complete again.
+fn change_state(dir: &Path, size: u64, every: u64, seed: &mut u64) -> anyhow::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let _ = std::fs::remove_file(dir.join("COMPLETE"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("state.bin"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let chunks = size.div_ceil(1 << 20);
+    for i in (0..chunks).filter(|i| i % every == 0) {
+        let len = (size - i * (1 << 20)).min(1 << 20) as usize;
+        scramble(&mut buf[..len], seed);
+        f.seek(SeekFrom::Start(i << 20))?;
+        f.write_all(&buf[..len])?;
+    }
+    f.sync_all()?;
+    std::thread::sleep(Duration::from_millis(10));
+    std::fs::write(dir.join("COMPLETE"), b"")?;
+    Ok(())
+}
+
+async fn checkpoints(common: &Common, size: &str) -> anyhow::Result<Value> {
+    let size = crate::units::parse_bytes("--size", &crate::units::Quantity::Text(size.into()))?;
+    let pool = Arc::new(Pool::start(common, "60s")?);
+    // A node that speaks the agent protocol, and a checkpointing job placed on it.
+    let join = pool.join_token().await?;
+    let reg = RegisterRequest {
+        name: "bench".into(),
+        cpu_milli: 8000,
+        memory_bytes: 64 << 30,
+        labels: BTreeMap::new(),
+        devices: vec![DeviceSpec {
+            model: "H100-80GB".into(),
+            memory_bytes: 80 << 30,
+        }],
+        simulated: true,
+        address: "http://127.0.0.1:9".into(),
+        callback_secret: "unused".into(),
+    };
+    let resp: RegisterResponse = serde_json::from_value(
+        pool.post("/v1/agent/register", &join, serde_json::to_string(&reg)?)
+            .await?,
+    )?;
+    let token = resp.token.context("no agent credential")?;
+    let job = json!({"metadata": {"name": "ckpt"},
+                     "spec": {"resources": {"gpu": 1}, "checkpoint": {"grace": "30s"},
+                              "command": ["true"]}});
+    pool.post("/v1/jobs", &pool.admin, job.to_string()).await?;
+    let mut key = None;
+    for seq in 1..200u64 {
+        let req = SyncRequest {
+            seq,
+            revision: 0,
+            statuses: vec![],
+            wait_ms: 0,
+        };
+        let s: SyncResponse = serde_json::from_value(
+            pool.post("/v1/agent/sync", &token, serde_json::to_string(&req)?)
+                .await?,
+        )?;
+        if let Some(a) = s.desired.first() {
+            key = Some(a.key.clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let key = key.context("the job was never placed on the benchmark's node")?;
+    let remote = crate::agent::checkpoint::Remote {
+        http: pool.http.clone(),
+        base: pool.url.clone(),
+        token,
+    };
+    let dir = pool.dir.join("checkpoint");
+    std::fs::create_dir_all(&dir)?;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rows = Vec::new();
+    for (what, every) in [("first", 1), ("10% changed", 10), ("all changed", 1)] {
+        change_state(&dir, size, every, &mut seed)?;
+        let t = Instant::now();
+        let (id, sent) = crate::agent::checkpoint::upload(&remote, &key, &dir)
+            .await?
+            .context("the checkpoint was not complete")?;
+        let secs = t.elapsed().as_secs_f64();
+        rows.push((what, id, sent, secs));
+    }
+    let into = pool.dir.join("restored");
+    let t = Instant::now();
+    crate::agent::checkpoint::restore(&remote, &rows[2].1, &into).await?;
+    let restore_s = t.elapsed().as_secs_f64();
+    if std::fs::read(into.join("state.bin"))? != std::fs::read(dir.join("state.bin"))? {
+        bail!("the restored state differs from the checkpointed one");
+    }
+    let mib = |b: u64| round2(b as f64 / f64::from(1 << 20));
+    let mut out = serde_json::Map::new();
+    out.insert("state_mib".into(), json!(mib(size)));
+    for (what, _, sent, secs) in &rows {
+        out.insert(format!("{what}: sent_mib"), json!(mib(*sent)));
+        out.insert(format!("{what}: seconds"), json!(round2(*secs)));
+    }
+    out.insert("restore_seconds".into(), json!(round2(restore_s)));
+    out.insert("restored_identical".into(), json!(true));
+    Ok(Value::Object(out))
 }

@@ -1031,7 +1031,10 @@ print("done", state["step"], flush=True)
     assert_eq!(status, 201, "{v}");
     let id = v["id"].as_u64().unwrap();
     let running = pool.wait_state(id, "running");
-    let node = running["assignments"][0]["node"].as_str().unwrap().to_string();
+    let node = running["assignments"][0]["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
     pool.wait_for("two checkpoints", || {
         events(&pool, id)
             .iter()
