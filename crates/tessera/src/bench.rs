@@ -49,6 +49,14 @@ pub enum BenchCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Preemption latency: a high-priority job's submission → its workload running, on a GPU
+    /// held by a low-priority job that is stopped plainly or checkpointed first.
+    Preempt {
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Controller memory with many simulated nodes (protocol-level agents) and many jobs.
     Scale {
         #[arg(long, default_value_t = 10_000)]
@@ -94,6 +102,10 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Checkpoint { size, common } => {
             let r = rt.block_on(checkpoints(&common, &size));
+            (common, r)
+        }
+        BenchCommand::Preempt { rounds, common } => {
+            let r = rt.block_on(preempt(&common, rounds));
             (common, r)
         }
         BenchCommand::Scale {
@@ -771,5 +783,71 @@ async fn checkpoints(common: &Common, size: &str) -> anyhow::Result<Value> {
     }
     out.insert("restore_seconds".into(), json!(round2(restore_s)));
     out.insert("restored_identical".into(), json!(true));
+    Ok(Value::Object(out))
+}
+
+async fn wait_state(pool: &Pool, id: u64, states: &[&str]) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = pool.get(&format!("/v1/jobs/{id}")).await?;
+        if states.iter().any(|s| j["state"] == *s) {
+            return Ok(j);
+        }
+        if Instant::now() > deadline {
+            bail!("job {id} never reached {states:?}: {j}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn preempt(common: &Common, rounds: usize) -> anyhow::Result<Value> {
+    let mut pool = Pool::start(common, "10s")?;
+    pool.add_agent("n1", "1xH100-80GB").await?;
+    let marks = pool.dir.join("marks");
+    std::fs::create_dir_all(&marks)?;
+    let mark = format!("date +%s%N > {}/$TESSERA_JOB_ID", marks.display());
+    let saver = "trap 'echo 1 > \"$TESSERA_CHECKPOINT_DIR/state\"; : > \"$TESSERA_CHECKPOINT_DIR/COMPLETE\"; exit 0' USR1; while true; do sleep 0.05; done";
+    let mut out = serde_json::Map::new();
+    for checkpoint in [false, true] {
+        let mut lat = Vec::new();
+        for i in 0..rounds {
+            let mut low = json!({"metadata": {"name": format!("low{i}")},
+                                 "spec": {"priority": 10, "resources": {"gpu": 1},
+                                          "command": ["sh", "-c", saver]}});
+            if checkpoint {
+                low["spec"]["checkpoint"] = json!({"grace": "30s"});
+            }
+            let low = pool.post("/v1/jobs", &pool.admin, low.to_string()).await?;
+            let low = low["id"].as_u64().context("job id")?;
+            wait_state(&pool, low, &["running"]).await?;
+            let high = json!({"metadata": {"name": format!("high{i}")},
+                              "spec": {"priority": 90, "resources": {"gpu": 1},
+                                       "command": ["sh", "-c", mark]}});
+            let t0 = now_ns();
+            let high = pool.post("/v1/jobs", &pool.admin, high.to_string()).await?;
+            let high = high["id"].as_u64().context("job id")?;
+            let started = wait_for_mark(&marks.join(high.to_string())).await?;
+            lat.push(started.saturating_sub(t0) as f64 / 1e6);
+            wait_state(&pool, high, &["succeeded"]).await?;
+            pool.post(&format!("/v1/jobs/{low}/cancel"), &pool.admin, "{}".into())
+                .await?;
+            wait_state(&pool, low, &["cancelled", "succeeded", "failed"]).await?;
+        }
+        lat.sort_by(f64::total_cmp);
+        let what = if checkpoint {
+            "with checkpoint"
+        } else {
+            "plain stop"
+        };
+        out.insert(
+            format!("{what}: p50_ms"),
+            json!(round2(percentile(&lat, 50.0))),
+        );
+        out.insert(
+            format!("{what}: max_ms"),
+            json!(round2(*lat.last().unwrap_or(&f64::NAN))),
+        );
+    }
+    out.insert("rounds".into(), json!(rounds));
     Ok(Value::Object(out))
 }

@@ -36,6 +36,10 @@ pub struct Project {
     pub over_quota_weight: u32,
     pub members: BTreeSet<String>,
     pub created_ms: u64,
+    /// A job of this project runs at least this long before it may be preempted (against
+    /// thrashing: a preempted job pays its restart again).
+    #[serde(default)]
+    pub min_runtime_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]

@@ -1064,3 +1064,47 @@ print("done", state["step"], flush=True)
     );
     assert!(out.ends_with("done 120\n"), "{out}");
 }
+
+#[test]
+fn a_project_minimum_runtime_holds_off_preemption_until_it_has_passed() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let (s, v) = pool.post(
+        "/v1/projects",
+        json!({"name": "batch", "min_runtime": "3s"}),
+        &pool.admin,
+    );
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["min_runtime_s"], 3.0, "{v}");
+    let (s, v) = pool.post(
+        "/v1/projects",
+        json!({"name": "bad", "min_runtime": "soon"}),
+        &pool.admin,
+    );
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(v["error"]["field"], "min_runtime", "{v}");
+    let low = pool.submit("batch", 1.0, 1, 25, "sleep 60");
+    pool.wait_state(low, "running");
+    let high = pool.submit("batch", 1.0, 1, 75, "sleep 0.1");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        pool.job(high)["state"],
+        "pending",
+        "preempted before its minimum runtime"
+    );
+    assert_eq!(pool.job(low)["state"], "running");
+    pool.wait_state(high, "succeeded");
+    let started = |id: u64| {
+        events(&pool, id)
+            .iter()
+            .find(|e| e["kind"] == "Replica" && e["message"].as_str().unwrap().contains("started"))
+            .map(|e| e["ts_ms"].as_u64().unwrap())
+            .unwrap()
+    };
+    assert!(
+        started(high) >= started(low) + 3000,
+        "the high-priority job started {} ms after the low one",
+        started(high) - started(low)
+    );
+    assert!(events(&pool, low).iter().any(|e| e["kind"] == "Preempted"));
+}

@@ -619,6 +619,9 @@ pub struct ProjectArgs {
     pub limit: Option<String>,
     #[arg(long)]
     pub weight: Option<u32>,
+    /// How long a job runs before it may be preempted, e.g. 10m.
+    #[arg(long)]
+    pub min_runtime: Option<String>,
     /// Members (comma-separated user names).
     #[arg(long)]
     pub members: Option<String>,
@@ -648,6 +651,9 @@ pub fn projects(c: &Client, cmd: Option<ProjectsCmd>) -> anyhow::Result<()> {
         }
         if let Some(w) = a.weight {
             b["over_quota_weight"] = json!(w);
+        }
+        if let Some(d) = &a.min_runtime {
+            b["min_runtime"] = json!(d);
         }
         if let Some(m) = &a.members {
             b["members"] = json!(

@@ -661,6 +661,8 @@ pub struct ProjectView {
     pub limit_gpu: Option<f64>,
     pub over_quota_weight: u32,
     pub members: BTreeSet<String>,
+    /// Seconds a job runs before it may be preempted.
+    pub min_runtime_s: f64,
     pub used_gpu: f64,
     pub jobs_running: u32,
     pub jobs_pending: u32,
@@ -683,6 +685,7 @@ fn project_view(s: &State, p: &Project) -> ProjectView {
         limit_gpu: p.limit_milli.map(|l| l as f64 / 1000.0),
         over_quota_weight: p.over_quota_weight,
         members: p.members.clone(),
+        min_runtime_s: p.min_runtime_ms as f64 / 1000.0,
         used_gpu: used as f64 / 1000.0,
         jobs_running: running,
         jobs_pending: pending,
@@ -723,6 +726,8 @@ pub struct ProjectBody {
     pub limit_gpu: Option<Option<Quantity>>,
     pub over_quota_weight: Option<u32>,
     pub members: Option<BTreeSet<String>>,
+    /// How long a job runs before it may be preempted, e.g. 10m.
+    pub min_runtime: Option<String>,
 }
 
 mod double_option {
@@ -787,6 +792,15 @@ fn apply_project_body(p: &mut Project, b: &ProjectBody, s: &State) -> Result<(),
         }
         p.over_quota_weight = w;
     }
+    if let Some(d) = &b.min_runtime {
+        let d = crate::units::parse_duration("min_runtime", d)?;
+        if d > std::time::Duration::from_secs(7 * 24 * 3600) {
+            return Err(ApiError::bad(
+                "min_runtime: at most 7 days; longer protects a job from every reclaim",
+            ));
+        }
+        p.min_runtime_ms = d.as_millis() as u64;
+    }
     if let Some(m) = &b.members {
         for user in m {
             if !s.users.contains_key(user) {
@@ -828,6 +842,7 @@ pub async fn create_project(
                 over_quota_weight: 1,
                 members: BTreeSet::new(),
                 created_ms: now_ms(),
+                min_runtime_ms: 0,
             };
             apply_project_body(&mut p, &b, s)?;
             store::put_project(c, &p)?;

@@ -284,6 +284,7 @@ pub async fn bootstrap(store: &Store) -> anyhow::Result<Option<String>> {
                 over_quota_weight: 1,
                 members: Default::default(),
                 created_ms: now,
+                min_runtime_ms: 0,
             };
             store::put_project(c, &default)?;
             store::put_meta(c, "bootstrapped", &now.to_string())?;

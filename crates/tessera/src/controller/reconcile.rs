@@ -82,6 +82,18 @@ fn build(s: &State, now: u64) -> Built {
                     })
                 })
                 .collect();
+            // A job is protected from preemption for its project's minimum runtime, counted
+            // from its first replica's start; the loop wakes when the protection ends.
+            let min_runtime = s
+                .projects
+                .get(job.project())
+                .map_or(0, |p| p.min_runtime_ms);
+            let protected_until = job
+                .replicas
+                .iter()
+                .filter_map(|r| r.started_ms)
+                .min()
+                .map_or(0, |t| t + min_runtime);
             running.push(RunningJob {
                 id: job.id,
                 project: job.project().to_string(),
@@ -90,8 +102,12 @@ fn build(s: &State, now: u64) -> Built {
                 gpu_milli: job.gpu_milli_held(),
                 allocations,
                 stopping: job.stop.is_some(),
-                preemptible: job.def.preemptible,
+                preemptible: job.def.preemptible && protected_until <= now,
             });
+            if job.def.preemptible && protected_until > now {
+                next_backoff =
+                    Some(next_backoff.map_or(protected_until, |x| x.min(protected_until)));
+            }
         } else if job.state == JobState::Pending {
             if job.not_before_ms > now {
                 next_backoff =
