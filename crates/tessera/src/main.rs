@@ -144,6 +144,15 @@ enum Command {
         conn: cli::Conn,
         ids: Vec<u64>,
     },
+    /// Move a running job to another node (a checkpointing job saves first and resumes there).
+    Migrate {
+        #[command(flatten)]
+        conn: cli::Conn,
+        id: u64,
+        /// The node to move to (default: wherever the scheduler places it).
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Nodes: list, cordon, uncordon, drain.
     Nodes {
         #[command(flatten)]
@@ -388,6 +397,9 @@ fn main() {
         } => cli::Client::new(&conn).and_then(|c| cli::logs(&c, id, replica, stderr, follow)),
         Command::Cancel { conn, ids } => {
             cli::Client::new(&conn).and_then(|c| cli::cancel(&c, &ids))
+        }
+        Command::Migrate { conn, id, to } => {
+            cli::Client::new(&conn).and_then(|c| cli::migrate(&c, id, to.as_deref()))
         }
         Command::Nodes { conn, cmd } => cli::Client::new(&conn).and_then(|c| cli::nodes(&c, cmd)),
         Command::Projects { conn, cmd } => {

@@ -95,11 +95,29 @@ impl JobState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StopCause {
-    Cancel { by: String },
-    Preempt { for_job: u64, reason: String },
-    ReplicaFailed { replica: u32, exit_code: i32 },
-    NodeLost { node: String },
-    Drain { node: String },
+    Cancel {
+        by: String,
+    },
+    Preempt {
+        for_job: u64,
+        reason: String,
+    },
+    ReplicaFailed {
+        replica: u32,
+        exit_code: i32,
+    },
+    NodeLost {
+        node: String,
+    },
+    Drain {
+        node: String,
+    },
+    /// Moved by request: checkpointed (when the job checkpoints) and started again, on `to` when
+    /// given.
+    Migrate {
+        by: String,
+        to: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +187,9 @@ pub struct Job {
     /// When it last entered the queue, for queue-wait metrics.
     pub queued_ms: u64,
     pub finished_ms: Option<u64>,
+    /// The node its next start must be on (`tessera migrate --to`), cleared once placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_node: Option<String>,
 }
 
 impl Job {

@@ -1108,3 +1108,45 @@ fn a_project_minimum_runtime_holds_off_preemption_until_it_has_passed() {
     );
     assert!(events(&pool, low).iter().any(|e| e["kind"] == "Preempted"));
 }
+
+#[test]
+fn a_migrated_job_checkpoints_and_resumes_on_the_node_it_was_sent_to() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let worklog = pool.path("work");
+    let id = counting_job(&pool, &worklog);
+    pool.wait_state(id, "running");
+    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
+    pool.wait_for("some progress", || worklog_lines(&worklog).len() >= 10);
+    // Bad requests change nothing.
+    let (s, v) = pool.post(
+        &format!("/v1/jobs/{id}/migrate"),
+        json!({"to": "n9"}),
+        &pool.admin,
+    );
+    assert_eq!(s, 422, "{v}");
+    let (s, v) = pool.post(
+        &format!("/v1/jobs/{id}/migrate"),
+        json!({"to": "n1"}),
+        &pool.admin,
+    );
+    assert_eq!(s, 409, "{v}");
+    assert_eq!(pool.job(id)["attempt"], 1);
+    let (ok, out, err) = cli(&pool, &["migrate", &id.to_string(), "--to", "n2"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("n2"), "{out}");
+    let done = pool.wait_state(id, "succeeded");
+    assert_eq!(done["assignments"][0]["node"], "n2", "{done}");
+    assert_eq!(done["attempt"], 2, "{done}");
+    let out = logs(&pool, id);
+    assert!(out.starts_with("resumed from "), "{out}");
+    let lines = worklog_lines(&worklog);
+    assert_eq!(lines.iter().filter(|n| **n == 1).count(), 1, "{lines:?}");
+    let kinds: Vec<String> = events(&pool, id)
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    for k in ["Migrating", "Checkpoint", "Migrated"] {
+        assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
+    }
+}

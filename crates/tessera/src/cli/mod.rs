@@ -509,6 +509,19 @@ pub fn cancel(c: &Client, ids: &[u64]) -> anyhow::Result<()> {
     })
 }
 
+/// Moves a running job (checkpointed first when it checkpoints), to `to` or anywhere.
+pub fn migrate(c: &Client, id: u64, to: Option<&str>) -> anyhow::Result<()> {
+    let body = match to {
+        Some(n) => json!({ "to": n }),
+        None => json!({}),
+    };
+    let j = c.post(&format!("/v1/jobs/{id}/migrate"), body)?;
+    c.print(&j, |j| {
+        println!("job {}: {}", j["id"], j["reason"].as_str().unwrap_or(""));
+        Ok(())
+    })
+}
+
 #[derive(Debug, Subcommand)]
 pub enum NodesCmd {
     /// List nodes (the default).

@@ -239,6 +239,7 @@ pub async fn submit(
                 started_seq: 0,
                 queued_ms: now,
                 finished_ms: None,
+                pin_node: None,
             };
             let note = ("Submitted", format!("submitted by {user}"));
             s.remember_request(&job.def.spec.request);
@@ -366,6 +367,89 @@ pub async fn cancel_job(
                 ));
                 notes.extend(settle(&mut job, now));
             }
+            save_job(c, s, job, notes, now)?;
+            Ok(view(&s.jobs[&id], s))
+        })
+        .await?;
+    Ok(Json(job))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateBody {
+    /// The node to move to; anywhere the scheduler likes when absent.
+    pub to: Option<String>,
+}
+
+/// Moves a running job: it is stopped the way preemption stops it (a checkpointing job saves
+/// first) and started again, on `to` when given.
+pub async fn migrate_job(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(id): Path<u64>,
+    body: Bytes,
+) -> Result<Json<JobView>, ApiError> {
+    let (user, role) = caller.user()?;
+    if role == Role::Viewer {
+        return Err(ApiError::forbidden(format!(
+            "user {user} is a viewer and cannot move jobs"
+        )));
+    }
+    let b: MigrateBody = if body.is_empty() {
+        MigrateBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("request body: {e}")))?
+    };
+    ctl.store
+        .read(|s| visible_job(s, &caller, id).map(|_| ()))?;
+    let user = user.to_string();
+    let job = ctl
+        .store
+        .write(move |c, s| -> Result<JobView, ApiError> {
+            let mut job = s
+                .jobs
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
+            if !job.state.is_active() || job.stop.is_some() {
+                return Err(ApiError::conflict(format!(
+                    "job {id} is {} and not running; only a running job can be moved",
+                    if job.stop.is_some() {
+                        "stopping"
+                    } else {
+                        job.state.name()
+                    }
+                )));
+            }
+            if let Some(to) = &b.to {
+                let ready = s
+                    .nodes
+                    .get(to)
+                    .is_some_and(|n| n.health == NodeHealth::Ready && !n.cordoned);
+                if !ready {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                        format!(
+                            "to {to}: no ready, uncordoned node of that name; see `tessera nodes`"
+                        ),
+                    ));
+                }
+                if job.replicas.iter().all(|r| r.node == *to) {
+                    return Err(ApiError::conflict(format!("job {id} already runs on {to}")));
+                }
+            }
+            let now = now_ms();
+            let target = b.to.as_ref().map_or(String::new(), |n| format!(" to {n}"));
+            let mut notes = vec![(
+                "Migrating",
+                format!("{user} asked to move the job{target}; stopping its replicas"),
+            )];
+            job.reason = format!("moving{target} at the request of {user}; stopping it first");
+            job.stop = Some(StopCause::Migrate {
+                by: user.clone(),
+                to: b.to.clone(),
+            });
+            notes.extend(settle(&mut job, now));
             save_job(c, s, job, notes, now)?;
             Ok(view(&s.jobs[&id], s))
         })

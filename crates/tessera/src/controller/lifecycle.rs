@@ -126,6 +126,17 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                 );
                 notes.push(("Requeued", job.reason.clone()));
             }
+            StopCause::Migrate { by, to } => {
+                let target = to
+                    .as_ref()
+                    .map_or(String::new(), |n| format!(" to node {n}"));
+                requeue(
+                    job,
+                    format!("moved{target} at the request of {by}; queued again"),
+                );
+                job.pin_node = to;
+                notes.push(("Migrated", job.reason.clone()));
+            }
             StopCause::Drain { node } => {
                 requeue(job, format!("node {node} is being drained; queued again"));
                 notes.push(("Requeued", job.reason.clone()));
@@ -217,6 +228,7 @@ mod tests {
             started_seq: 1,
             queued_ms: 0,
             finished_ms: None,
+            pin_node: None,
         }
     }
 

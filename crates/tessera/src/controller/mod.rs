@@ -417,6 +417,7 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/v1/jobs", post(api::submit).get(api::list_jobs))
         .route("/v1/jobs/{id}", get(api::get_job))
         .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
+        .route("/v1/jobs/{id}/migrate", post(api::migrate_job))
         .route("/v1/jobs/{id}/events", get(api::job_events))
         .route("/v1/jobs/{id}/logs", get(api::job_logs))
         .route("/v1/nodes", get(api::list_nodes))

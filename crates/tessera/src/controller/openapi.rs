@@ -35,6 +35,13 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
         "Job",
     ),
     (
+        "post",
+        "/v1/jobs/{id}/migrate",
+        "Move a running job (checkpointed first when it checkpoints), to a given node or anywhere",
+        None,
+        "Job",
+    ),
+    (
         "get",
         "/v1/jobs/{id}/events",
         "A job's events, oldest first",

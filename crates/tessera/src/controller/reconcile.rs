@@ -52,6 +52,9 @@ struct Built {
     next_backoff: Option<u64>,
 }
 
+/// Every node carries its own name as this label, so a job can be pinned to one.
+pub const NODE_LABEL: &str = "tessera.io/node";
+
 fn build(s: &State, now: u64) -> Built {
     let mut node_names = Vec::new();
     let mut index: HashMap<&str, u32> = HashMap::new();
@@ -60,7 +63,9 @@ fn build(s: &State, now: u64) -> Built {
         if n.health == NodeHealth::Ready && !n.cordoned {
             index.insert(name, nodes.len() as u32);
             node_names.push(name.clone());
-            nodes.push(n.spec.clone());
+            let mut spec = n.spec.clone();
+            spec.labels.insert(NODE_LABEL.to_string(), name.clone());
+            nodes.push(spec);
         }
     }
     let mut running = Vec::new();
@@ -114,10 +119,13 @@ fn build(s: &State, now: u64) -> Built {
                     Some(next_backoff.map_or(job.not_before_ms, |x| x.min(job.not_before_ms)));
                 continue;
             }
-            pending.push(PendingJob {
-                id: job.id,
-                spec: job.def.spec.clone(),
-            });
+            let mut spec = job.def.spec.clone();
+            if let Some(node) = &job.pin_node {
+                spec.request
+                    .node_selector
+                    .insert(NODE_LABEL.to_string(), node.clone());
+            }
+            pending.push(PendingJob { id: job.id, spec });
         }
     }
     let projects = s
@@ -225,6 +233,7 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
                 s.next_start_seq += 1;
                 job.started_seq = s.next_start_seq;
                 job.state = JobState::Scheduled;
+                job.pin_node = None;
                 job.replicas = allocs
                     .iter()
                     .enumerate()
