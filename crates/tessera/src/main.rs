@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// Tessera makes a room of accelerator machines one pool.
@@ -239,6 +240,10 @@ fn agent_config(
             .unwrap_or_else(|| "node".into())
     });
     manifest::check_name("--node-name", &name)?;
+    // Workloads run in their own directories: every path handed to them (checkpoints, the
+    // simulated driver, slice regions) must not depend on the agent's working directory.
+    let data_dir = std::path::absolute(&data_dir)
+        .with_context(|| format!("--data-dir {}", data_dir.display()))?;
     Ok(agent::AgentConfig {
         controller,
         join_token,

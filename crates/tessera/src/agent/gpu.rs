@@ -10,8 +10,10 @@ use anyhow::{Context, bail};
 use super::AgentConfig;
 use crate::protocol::Assignment;
 
-/// Where a library built with Tessera is: `TESSERA_<VAR>`, beside the binary, in the build's
-/// `deps/` (a cargo build), or the system location.
+/// Where a library built with Tessera is: `TESSERA_<VAR>`, else the newest of: beside the
+/// binary, in the build's `deps/` (a cargo build keeps the copy there current, while the one
+/// beside the binary is only refreshed when its package is built by name), and the system
+/// location.
 fn find_library(var: &str, file: &str) -> Option<PathBuf> {
     if let Ok(p) = std::env::var(var) {
         return Some(PathBuf::from(p));
@@ -24,7 +26,9 @@ fn find_library(var: &str, file: &str) -> Option<PathBuf> {
         Path::new("/usr/lib/tessera").join(file),
     ]
     .into_iter()
-    .find(|p| p.exists())
+    .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+    .max_by_key(|(modified, _)| *modified)
+    .map(|(_, p)| p)
 }
 
 /// The directory of this agent's GPU state: simulated devices, slice regions, device schedules.
