@@ -28,6 +28,20 @@ extern "C" fn on_term(_: i32) {
     TERM.store(true, Ordering::SeqCst);
 }
 
+/// Does nothing: its only purpose is to interrupt the shim's wait when the workload exits.
+extern "C" fn on_child(_: i32) {}
+
+/// Waits up to `ms`, returning early when a signal arrives (a stop request, the workload's
+/// exit): unlike `std::thread::sleep`, `nanosleep` is not resumed after a handler runs.
+fn nap(ms: u64) {
+    let ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: (ms * 1_000_000) as libc::c_long,
+    };
+    // SAFETY: nanosleep reads the timespec we own; the remainder pointer may be null.
+    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+}
+
 /// What the shim leaves behind when the workload has ended.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ExitRecord {
@@ -86,6 +100,10 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         signal::signal(Signal::SIGTERM, SigHandler::Handler(on_term))?;
+    }
+    // SAFETY: the handler does nothing (it only wakes the wait below).
+    unsafe {
+        signal::signal(Signal::SIGCHLD, SigHandler::Handler(on_child))?;
     }
     let work = args.run_dir.join("work");
     fs::create_dir_all(&work)?;
@@ -164,7 +182,7 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
             kill_group(pgid, Signal::SIGKILL, &args.cgroup_procs);
             stop_deadline = None;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        nap(50);
     };
     // Leave nothing of the tree behind.
     kill_group(pgid, Signal::SIGKILL, &args.cgroup_procs);
