@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use serde::Serialize;
 
-use crate::cluster::{Allocation, CapacityError, Cluster, DeviceShare};
+use crate::cluster::{Allocation, CapacityError, Cluster, DeviceShare, NodeId};
 use crate::model::NodeSpec;
 use crate::place::{FilterReport, PlacementError, Placer};
 use crate::policy::PolicyKind;
@@ -48,6 +48,9 @@ pub struct RunningJob {
     /// Already told to stop (e.g. preempted earlier): its resources are as good as free.
     pub stopping: bool,
     pub preemptible: bool,
+    /// What each of its replicas asked for; `None` when unknown (the job is then never moved to
+    /// consolidate free capacity, only preempted).
+    pub request: Option<ResourceRequest>,
 }
 
 /// The pool as the controller sees it at one instant.
@@ -94,6 +97,10 @@ pub enum WaitReason {
     /// Jobs were preempted (or are stopping) to make room; the job is placed once they stop.
     Reclaiming {
         victims: Vec<u64>,
+    },
+    /// Free capacity was enough but scattered: these jobs are being moved to gather it.
+    Consolidating {
+        moved: Vec<u64>,
     },
 }
 
@@ -143,6 +150,15 @@ impl WaitReason {
                 hit.project,
                 gpus(hit.used_milli),
                 gpus(hit.limit_milli)
+            ),
+            WaitReason::Consolidating { moved } => format!(
+                "free capacity is scattered; moving job{} {} to gather it for this one",
+                if moved.len() == 1 { "" } else { "s" },
+                moved
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             WaitReason::Reclaiming { victims } => format!(
                 "waiting for {} job{} ({}) to stop and give back capacity for it",
@@ -228,6 +244,16 @@ pub struct Plan {
     pub placements: Vec<(u64, Vec<Allocation>)>,
     pub waiting: Vec<(u64, WaitReason)>,
     pub preemptions: Vec<Preemption>,
+    /// Running jobs to move (stop, then start on `to`) so that `for_job` fits.
+    pub moves: Vec<Move>,
+}
+
+/// A running job to move to another node, for consolidation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Move {
+    pub job: u64,
+    pub to: NodeId,
+    pub for_job: u64,
 }
 
 /// A snapshot that contradicts itself (e.g. running work beyond a node's capacity).
@@ -339,11 +365,28 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
                         plan.waiting
                             .push((job.id, WaitReason::Reclaiming { victims }));
                     }
-                    None => {
-                        let reason = no_fit(&placer, spec, replica, replicas);
-                        no_room.insert(shape, reason.clone());
-                        plan.waiting.push((job.id, reason));
-                    }
+                    None => match consolidate(&mut placer, snapshot, job, &victims_taken) {
+                        Some(moves) => {
+                            let mut moved = Vec::new();
+                            for (m, to) in moves {
+                                moved.push(m.id);
+                                victims_taken.insert(m.id);
+                                plan.moves.push(Move {
+                                    job: m.id,
+                                    to,
+                                    for_job: job.id,
+                                });
+                            }
+                            quotas.charge(project, milli);
+                            plan.waiting
+                                .push((job.id, WaitReason::Consolidating { moved }));
+                        }
+                        None => {
+                            let reason = no_fit(&placer, spec, replica, replicas);
+                            no_room.insert(shape, reason.clone());
+                            plan.waiting.push((job.id, reason));
+                        }
+                    },
                 }
             }
         }
@@ -475,6 +518,123 @@ fn hold_for_reclaimer(placer: &mut Placer, spec: &JobSpec, victims: &[&RunningJo
             debug_assert!(held.is_ok(), "{held:?}");
         }
     }
+}
+
+/// Most nodes one consolidation attempt tries to clear.
+const MAX_CONSOLIDATION_NODES: usize = 16;
+
+/// Gathers scattered free capacity for a one-replica `job`: moves small running jobs off one
+/// node onto others. Planned in memory and kept only when the job and every moved job fit (all
+/// or nothing, KAI's transactional style); the pool is left holding the capacity the job and the
+/// moved jobs will take, as for a reclaim. Candidates are preemptible one-replica jobs of no
+/// higher priority, smallest first.
+fn consolidate<'a>(
+    placer: &mut Placer,
+    snapshot: &'a Snapshot,
+    job: &PendingJob,
+    taken: &HashSet<u64>,
+) -> Option<Vec<(&'a RunningJob, NodeId)>> {
+    if job.spec.replicas != 1 {
+        return None;
+    }
+    let movable: Vec<&RunningJob> = snapshot
+        .running
+        .iter()
+        .filter(|r| {
+            r.preemptible
+                && !r.stopping
+                && r.request.is_some()
+                && r.allocations.len() == 1
+                && r.priority <= job.spec.priority
+                && !taken.contains(&r.id)
+        })
+        .collect();
+    // Only nodes where the free GPU share plus what could move away covers the job, most
+    // promising first, and a bounded number of them: a round on a large pool stays cheap.
+    let need = job.spec.request.gpu.total_milli();
+    let mut room: HashMap<NodeId, u64> = HashMap::new();
+    for r in &movable {
+        *room.entry(r.allocations[0].node).or_insert_with(|| {
+            placer
+                .cluster()
+                .node(r.allocations[0].node)
+                .milli_free_total()
+        }) += r.allocations[0].gpu_milli();
+    }
+    let mut nodes: Vec<(u64, NodeId)> = room
+        .into_iter()
+        .filter(|(_, milli)| *milli >= need)
+        .map(|(n, milli)| (milli, n))
+        .collect();
+    nodes.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for node in nodes
+        .into_iter()
+        .take(MAX_CONSOLIDATION_NODES)
+        .map(|(_, n)| n)
+    {
+        let mut on_node: Vec<&RunningJob> = movable
+            .iter()
+            .copied()
+            .filter(|r| r.allocations[0].node == node)
+            .collect();
+        on_node.sort_by_key(|r| (r.gpu_milli, r.id));
+        // Take jobs off this node, smallest first, until the job fits.
+        let mut off: Vec<&RunningJob> = Vec::new();
+        let mut placed = None;
+        for r in on_node {
+            let undone = placer.release(&r.allocations[0]);
+            debug_assert!(undone.is_ok(), "{undone:?}");
+            off.push(r);
+            if let Ok(a) = placer.place_job(&job.spec) {
+                placed = Some(a);
+                break;
+            }
+        }
+        let mut moves: Vec<(&RunningJob, Allocation)> = Vec::new();
+        let mut ok = placed.is_some();
+        if ok {
+            for r in &off {
+                let request = r.request.as_ref().expect("filtered on request");
+                match placer.place_replica(request) {
+                    // Moving onto the node being cleared gains nothing.
+                    Some(a) if a.node != node => moves.push((r, a)),
+                    Some(a) => {
+                        let undone = placer.release(&a);
+                        debug_assert!(undone.is_ok(), "{undone:?}");
+                        ok = false;
+                        break;
+                    }
+                    None => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+        }
+        // Undo the trial whatever it found: the running jobs keep their places this round.
+        for (_, a) in &moves {
+            let undone = placer.release(a);
+            debug_assert!(undone.is_ok(), "{undone:?}");
+        }
+        for a in placed.iter().flatten() {
+            let undone = placer.release(a);
+            debug_assert!(undone.is_ok(), "{undone:?}");
+        }
+        for r in &off {
+            let redone = placer.adopt(&r.allocations[0]);
+            debug_assert!(redone.is_ok(), "{redone:?}");
+        }
+        if ok {
+            // Hold what the moved jobs will take, then what the job will.
+            for (_, a) in &moves {
+                let held = placer.adopt(a);
+                debug_assert!(held.is_ok(), "{held:?}");
+            }
+            hold_for_reclaimer(placer, &job.spec, &off);
+            return Some(moves.into_iter().map(|(r, a)| (r, a.node)).collect());
+        }
+    }
+    None
 }
 
 /// Finds the fewest running jobs whose stopping lets `job` fit: stopping jobs first (they are
@@ -609,6 +769,7 @@ mod tests {
             allocations: allocs,
             stopping: false,
             preemptible: true,
+            request: None,
         }
     }
 
@@ -789,6 +950,7 @@ mod quota_tests {
             }],
             stopping: false,
             preemptible: true,
+            request: None,
         }
     }
 
@@ -943,6 +1105,52 @@ mod quota_tests {
             .map(|(id, allocs)| (*id, allocs[0].node))
             .collect();
         assert_eq!(placed, vec![(3, NodeId(1))]);
+    }
+
+    #[test]
+    fn scattered_free_gpus_are_gathered_by_moving_a_small_job_and_only_when_it_fits_elsewhere() {
+        // Two nodes of two GPUs, one busy GPU on each: two GPUs are free, but not on one node.
+        let movable = |id, node| {
+            let mut r = on(id, "a", 50, id, node, 0);
+            r.request = Some(job("a", 50, 1, 1).request);
+            r
+        };
+        let mut snapshot = Snapshot {
+            nodes: vec![node("n0", 2), node("n1", 2)],
+            running: vec![movable(1, 0), movable(2, 1)],
+            pending: vec![PendingJob {
+                id: 10,
+                spec: job("a", 50, 2, 1),
+            }],
+            projects: vec![quota("a", 0, None)],
+        };
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert!(plan.placements.is_empty());
+        assert!(plan.preemptions.is_empty());
+        assert_eq!(plan.moves.len(), 1, "{:?}", plan.moves);
+        let m = &plan.moves[0];
+        assert_eq!(m.for_job, 10);
+        // The moved job goes to the other node, next to the job that stays.
+        let other = if m.job == 1 { NodeId(1) } else { NodeId(0) };
+        assert_eq!(m.to, other);
+        assert_eq!(
+            plan.waiting,
+            vec![(10, WaitReason::Consolidating { moved: vec![m.job] })]
+        );
+
+        // With n1 full, only one GPU is free in all: no move can help, so nothing moves.
+        snapshot.running.push(movable(3, 1));
+        snapshot.running[2].allocations[0].devices[0].device = 1;
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert!(plan.moves.is_empty(), "{:?}", plan.moves);
+        assert!(matches!(plan.waiting[0].1, WaitReason::NoFit { .. }));
+
+        // A job whose request is unknown, or of higher priority, is never moved.
+        snapshot.running.truncate(2);
+        snapshot.running[0].request = None;
+        snapshot.running[1].priority = 90;
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert!(plan.moves.is_empty(), "{:?}", plan.moves);
     }
 
     #[test]

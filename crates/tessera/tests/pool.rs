@@ -1150,3 +1150,34 @@ fn a_migrated_job_checkpoints_and_resumes_on_the_node_it_was_sent_to() {
         assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
     }
 }
+
+#[test]
+fn consolidation_moves_a_small_job_so_that_a_waiting_whole_node_job_runs() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
+    let a = pool.submit("default", 1.0, 1, 50, "sleep 30");
+    pool.wait_state(a, "running");
+    // The second small job must land on the other node: keep n1 out of placement meanwhile.
+    pool.add_agent("n2", "127.0.0.3", "2xH100-80GB");
+    let (s, v) = pool.post("/v1/nodes/n1/cordon", json!({}), &pool.admin);
+    assert_eq!(s, 200, "{v}");
+    let b = pool.submit("default", 1.0, 1, 50, "sleep 30");
+    let on = pool.wait_state(b, "running")["assignments"][0]["node"].clone();
+    assert_eq!(on, "n2");
+    let (s, v) = pool.post("/v1/nodes/n1/uncordon", json!({}), &pool.admin);
+    assert_eq!(s, 200, "{v}");
+    // Two GPUs are free, one on each node: a job needing two on one node fits only after a move.
+    let big = pool.submit("default", 2.0, 1, 50, "sleep 0.2");
+    let done = pool.wait_state(big, "succeeded");
+    let moved: Vec<u64> = [a, b]
+        .into_iter()
+        .filter(|id| events(&pool, *id).iter().any(|e| e["kind"] == "Migrated"))
+        .collect();
+    assert_eq!(moved.len(), 1, "exactly one small job moves");
+    let moved = pool.job(moved[0]);
+    assert_ne!(
+        moved["assignments"][0]["node"], done["assignments"][0]["node"],
+        "the moved job left the node the big job took: {moved}"
+    );
+    assert!(events(&pool, big).iter().any(|e| e["kind"] == "Scheduled"),);
+}

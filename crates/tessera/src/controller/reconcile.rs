@@ -108,6 +108,7 @@ fn build(s: &State, now: u64) -> Built {
                 allocations,
                 stopping: job.stop.is_some(),
                 preemptible: job.def.preemptible && protected_until <= now,
+                request: Some(job.def.spec.request.clone()),
             });
             if job.def.preemptible && protected_until > now {
                 next_backoff =
@@ -202,7 +203,7 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
         .iter()
         .filter_map(|(id, why)| Some((*id, why.describe(specs.get(id)?))))
         .collect();
-    if plan.placements.is_empty() && plan.preemptions.is_empty() {
+    if plan.placements.is_empty() && plan.preemptions.is_empty() && plan.moves.is_empty() {
         // Nothing to write: only the reasons change, and they live in memory.
         let mut state = ctl.store.state.lock().unwrap_or_else(|e| e.into_inner());
         state.wait_reasons = waits;
@@ -303,6 +304,29 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
                 let mut notes = vec![("Preempting", format!("for job {}: {reason}", p.for_job))];
                 notes.extend(settle(&mut job, now));
                 metrics.preemptions.inc();
+                changed.push((job, notes));
+            }
+            for m in &plan.moves {
+                let Some(job) = s.jobs.get(&m.job) else {
+                    continue;
+                };
+                if !job.state.is_active() || job.stop.is_some() {
+                    continue;
+                }
+                let mut job = job.clone();
+                let to = node_names[m.to.index()].clone();
+                job.stop = Some(StopCause::Migrate {
+                    by: format!("consolidation for job {}", m.for_job),
+                    to: Some(to.clone()),
+                });
+                let mut notes = vec![(
+                    "Migrating",
+                    format!(
+                        "moving to {to} to gather free capacity for job {}",
+                        m.for_job
+                    ),
+                )];
+                notes.extend(settle(&mut job, now));
                 changed.push((job, notes));
             }
             for (job, notes) in changed {
