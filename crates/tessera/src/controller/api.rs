@@ -19,6 +19,17 @@ use crate::store;
 use crate::units::{Quantity, parse_gpu_milli};
 
 /// Parses a JSON body strictly, naming what is wrong.
+/// The user behind a call that changes jobs; viewers may not `what`.
+fn acting_user(caller: &Caller, what: &str) -> Result<String, ApiError> {
+    let (user, role) = caller.user()?;
+    if role == Role::Viewer {
+        return Err(ApiError::forbidden(format!(
+            "user {user} is a viewer and cannot {what}"
+        )));
+    }
+    Ok(user.to_string())
+}
+
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("request body: {e}")))
 }
@@ -189,13 +200,8 @@ pub async fn submit(
     caller: Caller,
     body: Bytes,
 ) -> Result<(axum::http::StatusCode, Json<JobView>), ApiError> {
-    let (user, role) = caller.user()?;
-    let (user, role) = (user.to_string(), role);
-    if role == Role::Viewer {
-        return Err(ApiError::forbidden(format!(
-            "user {user} is a viewer and cannot submit jobs"
-        )));
-    }
+    let user = acting_user(&caller, "submit jobs")?;
+    let role = caller.user()?.1;
     let text =
         std::str::from_utf8(&body).map_err(|_| ApiError::bad("the manifest is not UTF-8"))?;
     let def = Manifest::parse(text)
@@ -329,15 +335,9 @@ pub async fn cancel_job(
     caller: Caller,
     Path(id): Path<u64>,
 ) -> Result<Json<JobView>, ApiError> {
-    let (user, role) = caller.user()?;
-    if role == Role::Viewer {
-        return Err(ApiError::forbidden(format!(
-            "user {user} is a viewer and cannot cancel jobs"
-        )));
-    }
+    let user = acting_user(&caller, "cancel jobs")?;
     ctl.store
         .read(|s| visible_job(s, &caller, id).map(|_| ()))?;
-    let user = user.to_string();
     let job = ctl
         .store
         .write(move |c, s| -> Result<JobView, ApiError> {
@@ -389,20 +389,14 @@ pub async fn migrate_job(
     Path(id): Path<u64>,
     body: Bytes,
 ) -> Result<Json<JobView>, ApiError> {
-    let (user, role) = caller.user()?;
-    if role == Role::Viewer {
-        return Err(ApiError::forbidden(format!(
-            "user {user} is a viewer and cannot move jobs"
-        )));
-    }
+    let user = acting_user(&caller, "move jobs")?;
     let b: MigrateBody = if body.is_empty() {
         MigrateBody::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("request body: {e}")))?
+        parse_body(&body)?
     };
     ctl.store
         .read(|s| visible_job(s, &caller, id).map(|_| ()))?;
-    let user = user.to_string();
     let job = ctl
         .store
         .write(move |c, s| -> Result<JobView, ApiError> {
