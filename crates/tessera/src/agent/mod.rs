@@ -70,6 +70,9 @@ struct Shared {
     callback_secret: String,
     /// The controller, for checkpoints (set once the agent has its credential).
     remote: std::sync::OnceLock<checkpoint::Remote>,
+    /// The keys the controller last wanted here (a replica stopped while its checkpoint was
+    /// being fetched does not start).
+    wanted: Mutex<BTreeSet<String>>,
 }
 
 fn read_exit(dir: &Path) -> Option<shim::ExitRecord> {
@@ -125,6 +128,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         runs_dir: runs_dir.clone(),
         callback_secret: callback_secret.clone(),
         remote: std::sync::OnceLock::new(),
+        wanted: Mutex::new(BTreeSet::new()),
     });
 
     // The log server, for the controller.
@@ -392,39 +396,113 @@ fn converge(
             );
         }
     }
+    *shared.wanted.lock().unwrap_or_else(|e| e.into_inner()) =
+        want.iter().map(|k| k.to_string()).collect();
     // Start what should, once: a key with a run directory was started before.
     for a in &resp.desired {
         let dir = shared.runs_dir.join(&a.key);
         if runs.contains_key(&a.key) || dir.exists() {
             continue;
         }
-        let status = match start(shared, config, backend, lease_file, a, &dir) {
-            Ok((pid, resume_failed)) => Run {
-                status: ReplicaStatus {
-                    key: a.key.clone(),
-                    phase: RunPhase::Running,
-                    exit_code: None,
-                    message: "running".into(),
-                    resume_failed,
-                },
-                shim_pid: Some(pid),
-            },
-            Err(e) => {
-                tracing::warn!("starting {} failed: {e:#}", a.key);
-                Run {
-                    status: ReplicaStatus {
-                        key: a.key.clone(),
-                        phase: RunPhase::Exited,
-                        exit_code: Some(127),
-                        message: format!("could not start: {e:#}"),
-                        resume_failed: None,
-                    },
-                    shim_pid: None,
-                }
+        if let (Some(_), Some(id), Some(remote)) = (&a.checkpoint, &a.resume, shared.remote.get()) {
+            // Fetching a checkpoint can take seconds: it runs beside the sync loop, which must
+            // keep renewing the lease meanwhile.
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                tracing::warn!("{}: {e}", a.key);
+                continue;
             }
-        };
-        runs.insert(a.key.clone(), status);
+            let mut run = started(&a.key, Ok((0, None)));
+            run.shim_pid = None;
+            run.status.message = "restoring its checkpoint".into();
+            runs.insert(a.key.clone(), run);
+            let (shared, config, backend) = (shared.clone(), config.clone(), backend.clone());
+            let (lease_file, a, remote, id) = (
+                lease_file.to_path_buf(),
+                a.clone(),
+                remote.clone(),
+                id.clone(),
+            );
+            tokio::spawn(async move {
+                let into = dir.join("resume");
+                let restored = match checkpoint::restore(&remote, &id, &into).await {
+                    Ok(()) => Restored::From(into),
+                    Err(e) => {
+                        tracing::warn!("{}: checkpoint {id} not restored: {e:#}", a.key);
+                        let _ = std::fs::remove_dir_all(&into);
+                        Restored::Failed(id)
+                    }
+                };
+                let wanted = shared
+                    .wanted
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&a.key);
+                let run = if wanted {
+                    started(
+                        &a.key,
+                        start(&shared, &config, &backend, &lease_file, &a, &dir, restored),
+                    )
+                } else {
+                    let mut run = started(&a.key, Ok((0, None)));
+                    run.shim_pid = None;
+                    run.status.phase = RunPhase::Exited;
+                    run.status.message = "stopped before it started".into();
+                    run
+                };
+                shared
+                    .runs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(a.key.clone(), run);
+                shared.exited.notify_one();
+            });
+            continue;
+        }
+        let run = started(
+            &a.key,
+            start(shared, config, backend, lease_file, a, &dir, Restored::None),
+        );
+        runs.insert(a.key.clone(), run);
     }
+}
+
+/// The run record of a replica whose start returned `result`.
+fn started(key: &str, result: anyhow::Result<(i32, Option<String>)>) -> Run {
+    match result {
+        Ok((pid, resume_failed)) => Run {
+            status: ReplicaStatus {
+                key: key.to_string(),
+                phase: RunPhase::Running,
+                exit_code: None,
+                message: "running".into(),
+                resume_failed,
+            },
+            shim_pid: Some(pid),
+        },
+        Err(e) => {
+            tracing::warn!("starting {key} failed: {e:#}");
+            Run {
+                status: ReplicaStatus {
+                    key: key.to_string(),
+                    phase: RunPhase::Exited,
+                    exit_code: Some(127),
+                    message: format!("could not start: {e:#}"),
+                    resume_failed: None,
+                },
+                shim_pid: None,
+            }
+        }
+    }
+}
+
+/// What became of a replica's checkpoint before it started.
+enum Restored {
+    /// None to restore.
+    None,
+    /// Restored and verified in this directory.
+    From(PathBuf),
+    /// This checkpoint failed its check: start from the beginning, and say so.
+    Failed(String),
 }
 
 /// A replica's cgroup name: unique per agent, since several agents may share a host (and a parent
@@ -480,6 +558,7 @@ fn start(
     lease_file: &Path,
     a: &Assignment,
     dir: &Path,
+    restored: Restored,
 ) -> anyhow::Result<(i32, Option<String>)> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("assignment.json"), serde_json::to_vec_pretty(a)?)?;
@@ -534,25 +613,12 @@ fn start(
     if let Some(c) = &a.checkpoint {
         let ckpt = dir.join("checkpoint");
         std::fs::create_dir_all(&ckpt)?;
-        if let (Some(id), Some(remote)) = (&a.resume, shared.remote.get()) {
-            let into = dir.join("resume");
-            // The replica must not start before its checkpoint is here and verified.
-            let restored = tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(checkpoint::restore(remote, id, &into))
-            });
-            match restored {
-                Ok(()) => {
-                    cmd.env("TESSERA_RESUME_FROM", &into);
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "{}: checkpoint {id} not restored, starting anew: {e:#}",
-                        a.key
-                    );
-                    let _ = std::fs::remove_dir_all(&into);
-                    resume_failed = Some(id.clone());
-                }
+        match restored {
+            Restored::None => {}
+            Restored::From(into) => {
+                cmd.env("TESSERA_RESUME_FROM", into);
             }
+            Restored::Failed(id) => resume_failed = Some(id),
         }
         cmd.env("TESSERA_CHECKPOINT_DIR", &ckpt);
         cmd.env("TESSERA_CHECKPOINT_SIGNAL", &c.signal_name);
