@@ -26,7 +26,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tessera_shm::Region;
-use tessera_shm::cuda::{Array3dDescriptor, ArrayDescriptor, array_bytes, array3d_bytes};
+use tessera_shm::cuda::{
+    Array3dDescriptor, ArrayDescriptor, NvmlMemory, NvmlMemoryV2, array_bytes, array3d_bytes,
+};
 
 pub type CUresult = c_uint;
 pub const CUDA_SUCCESS: CUresult = 0;
@@ -1370,24 +1372,6 @@ pub unsafe extern "C" fn nvmlDeviceGetIndex(handle: *mut c_void, index: *mut c_u
     NVML_SUCCESS
 }
 
-/// nvmlMemory_t.
-#[repr(C)]
-pub struct NvmlMemory {
-    pub total: u64,
-    pub free: u64,
-    pub used: u64,
-}
-
-/// nvmlMemory_v2_t.
-#[repr(C)]
-pub struct NvmlMemoryV2 {
-    pub version: c_uint,
-    pub total: u64,
-    pub reserved: u64,
-    pub free: u64,
-    pub used: u64,
-}
-
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
     handle: *mut c_void,
@@ -1396,15 +1380,8 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
     let Some((_, r)) = nvml_device(handle) else {
         return NVML_ERROR_INVALID_ARGUMENT;
     };
-    let (total, used) = (r.cap(), r.used().min(r.cap()));
     // SAFETY: the caller passes a writable nvmlMemory_t.
-    unsafe {
-        *memory = NvmlMemory {
-            total,
-            free: total - used,
-            used,
-        }
-    };
+    unsafe { (*memory).set(r.cap(), r.used()) };
     NVML_SUCCESS
 }
 
@@ -1416,14 +1393,8 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     let Some((_, r)) = nvml_device(handle) else {
         return NVML_ERROR_INVALID_ARGUMENT;
     };
-    let (total, used) = (r.cap(), r.used().min(r.cap()));
     // SAFETY: the caller passes a writable nvmlMemory_v2_t (its version field set by them).
-    unsafe {
-        (*memory).total = total;
-        (*memory).reserved = 0;
-        (*memory).free = total - used;
-        (*memory).used = used;
-    }
+    unsafe { (*memory).set(r.cap(), r.used()) };
     NVML_SUCCESS
 }
 

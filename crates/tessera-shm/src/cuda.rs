@@ -1,5 +1,6 @@
-//! How many bytes the CUDA objects that accounting must charge take: arrays and mipmapped arrays,
-//! from the descriptors the driver API receives.
+//! The CUDA and NVML structures accounting reads and reports: how many bytes arrays and
+//! mipmapped arrays take, from the descriptors the driver API receives, and NVML's memory info,
+//! which both the slice library and the simulated driver fill.
 
 use std::ffi::c_uint;
 
@@ -46,6 +47,43 @@ pub fn array3d_bytes(d: &Array3dDescriptor, levels: u32) -> u64 {
         (w, h, z) = ((w / 2).max(1), (h / 2).max(1), (z / 2).max(1));
     }
     total
+}
+
+/// nvmlMemory_t.
+#[repr(C)]
+pub struct NvmlMemory {
+    pub total: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+/// nvmlMemory_v2_t (its `version` is the caller's).
+#[repr(C)]
+pub struct NvmlMemoryV2 {
+    pub version: c_uint,
+    pub total: u64,
+    pub reserved: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+impl NvmlMemory {
+    /// Reports `total` bytes of which `used` are taken.
+    pub fn set(&mut self, total: u64, used: u64) {
+        self.total = total;
+        self.used = used.min(total);
+        self.free = total - self.used;
+    }
+}
+
+impl NvmlMemoryV2 {
+    /// Reports `total` bytes of which `used` are taken (none reserved).
+    pub fn set(&mut self, total: u64, used: u64) {
+        self.total = total;
+        self.reserved = 0;
+        self.used = used.min(total);
+        self.free = total - self.used;
+    }
 }
 
 #[cfg(test)]

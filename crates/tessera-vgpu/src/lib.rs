@@ -30,7 +30,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 
 use slice::{CUDA_ERROR_NOT_FOUND, CUDA_SUCCESS, CUresult, Slice, ready, slice};
-use tessera_shm::cuda::{self, Array3dDescriptor, ArrayDescriptor};
+use tessera_shm::cuda::{self, Array3dDescriptor, ArrayDescriptor, NvmlMemory, NvmlMemoryV2};
 
 macro_rules! tri {
     ($e:expr) => {
@@ -294,22 +294,6 @@ capture_hook!(cuStreamEndCapture_ptsz(st: Ptr, graph: *mut Ptr) opens false);
 
 // ---- NVML ------------------------------------------------------------------------------------
 
-#[repr(C)]
-pub struct NvmlMemory {
-    pub total: u64,
-    pub free: u64,
-    pub used: u64,
-}
-
-#[repr(C)]
-pub struct NvmlMemoryV2 {
-    pub version: c_uint,
-    pub total: u64,
-    pub reserved: u64,
-    pub free: u64,
-    pub used: u64,
-}
-
 const NVML_SUCCESS: c_uint = 0;
 const NVML_ERROR_UNINITIALIZED: c_uint = 1;
 const NVML_ERROR_FUNCTION_NOT_FOUND: c_uint = 13;
@@ -327,25 +311,31 @@ fn is_slice_device(s: &Slice, device: Ptr) -> bool {
     unsafe { index(device, &mut i) == NVML_SUCCESS && i == s.config.physical_device }
 }
 
+/// What NVML should report for `device`: the slice's (cap, used) when it is the slice's device.
+fn slice_memory(device: Ptr) -> Result<Option<(u64, u64)>, c_uint> {
+    let s = slice().map_err(|_| NVML_ERROR_UNINITIALIZED)?;
+    Ok(is_slice_device(s, device).then(|| (s.cap(), s.used())))
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: Ptr, memory: *mut NvmlMemory) -> c_uint {
-    let Ok(s) = slice() else {
-        return NVML_ERROR_UNINITIALIZED;
-    };
     let Some(real) = real!(
         nvml,
         nvmlDeviceGetMemoryInfo as unsafe extern "C" fn(Ptr, *mut NvmlMemory) -> c_uint
     ) else {
         return NVML_ERROR_FUNCTION_NOT_FOUND;
     };
+    let slice = match slice_memory(device) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
     // SAFETY: the caller's output, filled by the real call first.
     unsafe {
         let r = real(device, memory);
-        if r == NVML_SUCCESS && is_slice_device(s, device) {
-            let (cap, used) = (s.cap(), s.used());
-            (*memory).total = cap;
-            (*memory).used = used.min(cap);
-            (*memory).free = cap.saturating_sub(used);
+        if r == NVML_SUCCESS
+            && let Some((cap, used)) = slice
+        {
+            (*memory).set(cap, used);
         }
         r
     }
@@ -356,24 +346,23 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     device: Ptr,
     memory: *mut NvmlMemoryV2,
 ) -> c_uint {
-    let Ok(s) = slice() else {
-        return NVML_ERROR_UNINITIALIZED;
-    };
     let Some(real) = real!(
         nvml,
         nvmlDeviceGetMemoryInfo_v2 as unsafe extern "C" fn(Ptr, *mut NvmlMemoryV2) -> c_uint
     ) else {
         return NVML_ERROR_FUNCTION_NOT_FOUND;
     };
+    let slice = match slice_memory(device) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
     // SAFETY: the caller's output, filled by the real call first.
     unsafe {
         let r = real(device, memory);
-        if r == NVML_SUCCESS && is_slice_device(s, device) {
-            let (cap, used) = (s.cap(), s.used());
-            (*memory).total = cap;
-            (*memory).reserved = 0;
-            (*memory).used = used.min(cap);
-            (*memory).free = cap.saturating_sub(used);
+        if r == NVML_SUCCESS
+            && let Some((cap, used)) = slice
+        {
+            (*memory).set(cap, used);
         }
         r
     }
