@@ -295,6 +295,36 @@ impl Pool {
         bail!("agent {name} did not join within 30 s")
     }
 
+    /// Joins a node of `gpus` simulated H100s through the agent protocol (no process behind
+    /// it); returns its credential and the lease.
+    async fn register_node(
+        &self,
+        name: &str,
+        join: &str,
+        gpus: usize,
+    ) -> anyhow::Result<(String, u64)> {
+        let reg = RegisterRequest {
+            name: name.to_string(),
+            cpu_milli: 64_000,
+            memory_bytes: 512 << 30,
+            labels: BTreeMap::new(),
+            devices: (0..gpus)
+                .map(|_| DeviceSpec {
+                    model: "H100-80GB".into(),
+                    memory_bytes: 80 << 30,
+                })
+                .collect(),
+            simulated: true,
+            address: "http://127.0.0.1:9".into(),
+            callback_secret: "unused".into(),
+        };
+        let resp: RegisterResponse = serde_json::from_value(
+            self.post("/v1/agent/register", join, serde_json::to_string(&reg)?)
+                .await?,
+        )?;
+        Ok((resp.token.context("no agent credential")?, resp.lease_ms))
+    }
+
     fn controller_memory(&self) -> anyhow::Result<(u64, u64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.controller.id()))?;
         let field = |name: &str| -> u64 {
@@ -442,17 +472,7 @@ async fn latency(common: &Common, jobs: usize) -> anyhow::Result<Value> {
         let started = wait_for_mark(&marks.join(id.to_string())).await?;
         lat.push((started.saturating_sub(t0)) as f64 / 1e6);
         // Idle pool for the next one: wait until this job is over.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let j = pool.get(&format!("/v1/jobs/{id}")).await?;
-            if j["state"] == "succeeded" {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("job {id} did not finish: {j}");
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        wait_state(&pool, id, &["succeeded"]).await?;
         pb.inc(1);
     }
     pb.finish_and_clear();
@@ -498,26 +518,7 @@ async fn protocol_agent(
     join: String,
     stats: Arc<AgentStats>,
 ) -> anyhow::Result<()> {
-    let reg = RegisterRequest {
-        name: name.clone(),
-        cpu_milli: 64_000,
-        memory_bytes: 512 << 30,
-        labels: BTreeMap::new(),
-        devices: (0..8)
-            .map(|_| DeviceSpec {
-                model: "H100-80GB".into(),
-                memory_bytes: 80 << 30,
-            })
-            .collect(),
-        simulated: true,
-        address: "http://127.0.0.1:9".into(),
-        callback_secret: "unused".into(),
-    };
-    let resp: RegisterResponse = serde_json::from_value(
-        pool.post("/v1/agent/register", &join, serde_json::to_string(&reg)?)
-            .await?,
-    )?;
-    let token = resp.token.context("no agent credential")?;
+    let (token, lease_ms) = pool.register_node(&name, &join, 8).await?;
     let mut seq = 0u64;
     let mut revision = 0u64;
     let mut running: Vec<String> = Vec::new();
@@ -536,7 +537,7 @@ async fn protocol_agent(
                     resume_failed: None,
                 })
                 .collect(),
-            wait_ms: resp.lease_ms / 3,
+            wait_ms: lease_ms / 3,
         };
         match pool
             .post("/v1/agent/sync", &token, serde_json::to_string(&req)?)
@@ -708,24 +709,7 @@ async fn checkpoints(common: &Common, size: &str) -> anyhow::Result<Value> {
     let pool = Arc::new(Pool::start(common, "60s")?);
     // A node that speaks the agent protocol, and a checkpointing job placed on it.
     let join = pool.join_token().await?;
-    let reg = RegisterRequest {
-        name: "bench".into(),
-        cpu_milli: 8000,
-        memory_bytes: 64 << 30,
-        labels: BTreeMap::new(),
-        devices: vec![DeviceSpec {
-            model: "H100-80GB".into(),
-            memory_bytes: 80 << 30,
-        }],
-        simulated: true,
-        address: "http://127.0.0.1:9".into(),
-        callback_secret: "unused".into(),
-    };
-    let resp: RegisterResponse = serde_json::from_value(
-        pool.post("/v1/agent/register", &join, serde_json::to_string(&reg)?)
-            .await?,
-    )?;
-    let token = resp.token.context("no agent credential")?;
+    let (token, _) = pool.register_node("bench", &join, 1).await?;
     let job = json!({"metadata": {"name": "ckpt"},
                      "spec": {"resources": {"gpu": 1}, "checkpoint": {"grace": "30s"},
                               "command": ["true"]}});
