@@ -411,10 +411,10 @@ fn converge(
                 tracing::warn!("{}: {e}", a.key);
                 continue;
             }
-            let mut run = started(&a.key, Ok((0, None)));
-            run.shim_pid = None;
-            run.status.message = "restoring its checkpoint".into();
-            runs.insert(a.key.clone(), run);
+            runs.insert(
+                a.key.clone(),
+                without_shim(&a.key, RunPhase::Running, "restoring its checkpoint"),
+            );
             let (shared, config, backend) = (shared.clone(), config.clone(), backend.clone());
             let (lease_file, a, remote, id) = (
                 lease_file.to_path_buf(),
@@ -443,11 +443,7 @@ fn converge(
                         start(&shared, &config, &backend, &lease_file, &a, &dir, restored),
                     )
                 } else {
-                    let mut run = started(&a.key, Ok((0, None)));
-                    run.shim_pid = None;
-                    run.status.phase = RunPhase::Exited;
-                    run.status.message = "stopped before it started".into();
-                    run
+                    without_shim(&a.key, RunPhase::Exited, "stopped before it started")
                 };
                 shared
                     .runs
@@ -463,6 +459,20 @@ fn converge(
             start(shared, config, backend, lease_file, a, &dir, Restored::None),
         );
         runs.insert(a.key.clone(), run);
+    }
+}
+
+/// The run record of a replica that has no shim (yet, or at all).
+fn without_shim(key: &str, phase: RunPhase, message: &str) -> Run {
+    Run {
+        status: ReplicaStatus {
+            key: key.to_string(),
+            phase,
+            exit_code: None,
+            message: message.to_string(),
+            resume_failed: None,
+        },
+        shim_pid: None,
     }
 }
 
