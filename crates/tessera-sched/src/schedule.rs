@@ -738,7 +738,7 @@ mod tests {
     use crate::model::{DeviceSpec, GIB};
     use crate::request::{GpuRequest, ResourceRequest};
 
-    fn whole(name: &str, priority: i32, devices: u32, replicas: u32) -> JobSpec {
+    pub(super) fn whole(name: &str, priority: i32, devices: u32, replicas: u32) -> JobSpec {
         JobSpec {
             name: name.into(),
             project: "p".into(),
@@ -892,7 +892,7 @@ mod quota_tests {
     use super::*;
     use crate::cluster::{DeviceShare, NodeId};
     use crate::model::{DeviceSpec, GIB};
-    use crate::request::{GpuRequest, ResourceRequest};
+    use crate::request::ResourceRequest;
 
     fn node(name: &str, devices: usize) -> NodeSpec {
         NodeSpec::with_devices(
@@ -909,16 +909,8 @@ mod quota_tests {
 
     fn job(project: &str, priority: i32, devices: u32, replicas: u32) -> JobSpec {
         JobSpec {
-            name: "j".into(),
             project: project.into(),
-            priority,
-            replicas,
-            request: ResourceRequest {
-                gpu: GpuRequest::Whole { devices },
-                cpu_milli: 1000,
-                memory_bytes: GIB,
-                ..Default::default()
-            },
+            ..super::tests::whole("j", priority, devices, replicas)
         }
     }
 

@@ -707,6 +707,17 @@ fn events(pool: &Pool, id: u64) -> Vec<Value> {
         .clone()
 }
 
+/// `tessera submit ARGS -o json` through the CLI; returns the new job's id.
+fn cli_submit(pool: &Pool, args: &[&str]) -> u64 {
+    let mut all = vec!["submit", "-o", "json"];
+    all.extend_from_slice(args);
+    let (ok, out, err) = cli(pool, &all);
+    assert!(ok, "{err}");
+    serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_u64()
+        .unwrap()
+}
+
 /// Whether this host lets us create memory-limited cgroups (v2 with the memory controller, or a
 /// v1 memory hierarchy), as root.
 fn memory_cgroups_usable() -> bool {
@@ -778,26 +789,19 @@ fn failed_jobs_restart_with_backoff_memory_hogs_are_oom_killed_and_the_cli_speak
     assert!(started[2] >= r2 + 2000, "{ev:?}");
 
     // Out of restarts: failed, with the exit code in words.
-    let (ok, out, err) = cli(
+    let id = cli_submit(
         &pool,
         &[
-            "submit",
             "--restart",
             "on-failure",
             "--max-restarts",
             "1",
-            "-o",
-            "json",
             "--",
             "sh",
             "-c",
             "exit 3",
         ],
     );
-    assert!(ok, "{err}");
-    let id: u64 = serde_json::from_str::<Value>(&out).unwrap()["id"]
-        .as_u64()
-        .unwrap();
     let failed = pool.wait_state(id, "failed");
     assert_eq!(failed["restarts"], 1, "{failed}");
     let reason = failed["reason"].as_str().unwrap();
@@ -812,24 +816,10 @@ fn failed_jobs_restart_with_backoff_memory_hogs_are_oom_killed_and_the_cli_speak
         "this test needs memory cgroups (v1 or v2), i.e. running as root on a host that has \
          them; the README's test command does so"
     );
-    let (ok, out, err) = cli(
+    let id = cli_submit(
         &pool,
-        &[
-            "submit",
-            "--memory",
-            "64MiB",
-            "-o",
-            "json",
-            "--",
-            "sh",
-            "-c",
-            "tail /dev/zero",
-        ],
+        &["--memory", "64MiB", "--", "sh", "-c", "tail /dev/zero"],
     );
-    assert!(ok, "{err}");
-    let id: u64 = serde_json::from_str::<Value>(&out).unwrap()["id"]
-        .as_u64()
-        .unwrap();
     let oom = pool.wait_state(id, "failed");
     let reason = oom["reason"].as_str().unwrap();
     assert!(reason.contains("OOM"), "{oom}");
