@@ -67,6 +67,15 @@ struct NodeArgs {
     /// Grace period between SIGTERM and SIGKILL when a workload is stopped.
     #[arg(long, default_value = "5s")]
     grace: String,
+    /// CRIU 4.x for transparent checkpoints (default: $TESSERA_CRIU, /usr/local/sbin/criu, then
+    /// the PATH; scripts/install-criu.sh builds it). Without one the node does cooperative
+    /// checkpoints only.
+    #[arg(long)]
+    criu: Option<PathBuf>,
+    /// Where transparent replicas keep their files: the same path on every node, since CRIU
+    /// restores files by path.
+    #[arg(long, default_value = "/var/lib/tessera/transparent")]
+    transparent_root: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -244,6 +253,7 @@ fn agent_config(
     // simulated driver, slice regions) must not depend on the agent's working directory.
     let data_dir = std::path::absolute(&data_dir)
         .with_context(|| format!("--data-dir {}", data_dir.display()))?;
+    let devices_simulated = devices.simulated || devices.devices.is_empty();
     Ok(agent::AgentConfig {
         controller,
         join_token,
@@ -263,6 +273,24 @@ fn agent_config(
         },
         grace_ms: units::parse_duration("--grace", &node.grace)?.as_millis() as u64,
         ca_cert,
+        transparent: match agent::criu::detect(
+            node.criu.as_deref(),
+            &node.transparent_root,
+            !devices_simulated,
+        ) {
+            Ok(t) => {
+                tracing::info!(
+                    "transparent checkpoints: CRIU {} at {}",
+                    t.version,
+                    t.criu.display()
+                );
+                Some(t)
+            }
+            Err(e) => {
+                tracing::info!("no transparent checkpoints on this node: {e:#}");
+                None
+            }
+        },
     })
 }
 

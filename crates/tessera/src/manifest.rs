@@ -60,9 +60,17 @@ pub struct ManifestSpec {
 /// `$TESSERA_CHECKPOINT_DIR` and exit; wherever it starts again it finds the last complete
 /// checkpoint in `$TESSERA_RESUME_FROM`. With `interval`, the job is asked to checkpoint that
 /// often as it runs (`$TESSERA_CHECKPOINT_INTERVAL`, seconds).
+///
+/// `mode: transparent` is for programs that cannot cooperate: the agent freezes the process tree
+/// and saves it whole with CRIU (memory, registers, open files, its work directory), and restores
+/// it wherever it runs next; `grace` bounds the dump and `interval` takes periodic dumps while it
+/// runs. Such a job runs only on nodes that can do this (`tessera nodes`, CHECKPOINT).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointManifest {
+    /// `cooperative` (default) or `transparent`.
+    #[serde(default)]
+    pub mode: Option<String>,
     #[serde(default)]
     pub signal: Option<String>,
     #[serde(default)]
@@ -79,10 +87,33 @@ pub struct Checkpoint {
     pub signal_name: String,
     pub grace_ms: u64,
     pub interval_ms: Option<u64>,
+    /// Saved whole by CRIU rather than by the program itself.
+    #[serde(default)]
+    pub transparent: bool,
 }
 
 impl CheckpointManifest {
     fn check(&self) -> Result<Checkpoint, ValidationError> {
+        let transparent = match self.mode.as_deref().map(str::trim) {
+            None | Some("cooperative") => false,
+            Some("transparent") => true,
+            Some(other) => {
+                return Err(ValidationError::new(
+                    "spec.checkpoint.mode",
+                    other,
+                    "not a checkpoint mode",
+                    "use cooperative (the program saves itself on a signal) or transparent (CRIU saves the process)",
+                ));
+            }
+        };
+        if transparent && let Some(sig) = &self.signal {
+            return Err(ValidationError::new(
+                "spec.checkpoint.signal",
+                sig,
+                "a transparent checkpoint sends the program no signal",
+                "remove spec.checkpoint.signal, or use mode: cooperative",
+            ));
+        }
         let text = self.signal.clone().unwrap_or_else(|| "USR1".into());
         let upper = text.trim().to_ascii_uppercase();
         let name = upper.strip_prefix("SIG").unwrap_or(&upper).to_string();
@@ -140,6 +171,7 @@ impl CheckpointManifest {
             signal_name: signal.as_str().trim_start_matches("SIG").to_string(),
             grace_ms: grace.as_millis() as u64,
             interval_ms: interval,
+            transparent,
         })
     }
 }
@@ -407,6 +439,24 @@ spec:
         assert_eq!(def.spec.request.cpu_milli, 2000);
         assert_eq!(def.restart, RestartPolicy::OnFailure);
         assert_eq!(def.max_restarts, DEFAULT_MAX_RESTARTS);
+    }
+
+    #[test]
+    fn checkpoint_modes_are_checked() {
+        let with = |c: &str| {
+            Manifest::parse(&GOOD.replace("  restart:", &format!("  checkpoint: {c}\n  restart:")))
+                .unwrap()
+                .into_def("d")
+        };
+        let def = with("{mode: transparent, interval: 10m}").unwrap();
+        let c = def.checkpoint.unwrap();
+        assert!(c.transparent);
+        assert_eq!(c.interval_ms, Some(600_000));
+        assert!(!with("{}").unwrap().checkpoint.unwrap().transparent);
+        let err = with("{mode: transparent, signal: USR2}").unwrap_err();
+        assert_eq!(err.field, "spec.checkpoint.signal");
+        let err = with("{mode: freeze}").unwrap_err();
+        assert_eq!(err.field, "spec.checkpoint.mode");
     }
 
     #[test]

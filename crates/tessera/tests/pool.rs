@@ -134,6 +134,15 @@ impl Pool {
     }
 
     fn add_agent(&mut self, name: &str, ip: &str, gpus: &str) {
+        self.add_agent_with(name, ip, gpus, &[]);
+    }
+
+    /// An agent that finds no CRIU, as on a host without it.
+    fn add_agent_without_criu(&mut self, name: &str, ip: &str, gpus: &str) {
+        self.add_agent_with(name, ip, gpus, &["--criu", "/nonexistent/criu"]);
+    }
+
+    fn add_agent_with(&mut self, name: &str, ip: &str, gpus: &str, extra: &[&str]) {
         let join = self.join_token();
         let child = Command::new(bin())
             .args([
@@ -159,6 +168,10 @@ impl Pool {
             ])
             .arg("--data-dir")
             .arg(self.dir.path().join(name))
+            // One host: its agents share the root, as nodes share the path.
+            .arg("--transparent-root")
+            .arg(self.dir.path().join("transparent"))
+            .args(extra)
             .args(
                 self.cert
                     .iter()
@@ -178,6 +191,20 @@ impl Pool {
                 .iter()
                 .any(|n| n["name"] == name && n["health"] == "ready")
         });
+    }
+
+    /// `kill -9` of the agent of `node` once job `id` has sent two checkpoints.
+    fn kill_agent_after_two_checkpoints(&mut self, id: u64, node: &str) {
+        self.wait_for("two checkpoints", || {
+            events(self, id)
+                .iter()
+                .filter(|e| e["kind"] == "Checkpoint")
+                .count()
+                >= 2
+        });
+        let idx = self.agents.iter().position(|(n, _)| n == node).unwrap();
+        let (_, mut proc) = self.agents.remove(idx);
+        proc.0.kill().unwrap();
     }
 
     fn agent_pid(&self, name: &str) -> i32 {
@@ -699,6 +726,17 @@ fn cli(pool: &Pool, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The job's events tell of a move that carried a checkpoint.
+fn assert_moved_with_a_checkpoint(pool: &Pool, id: u64) {
+    let kinds: Vec<String> = events(pool, id)
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    for k in ["Migrating", "Checkpoint", "Migrated"] {
+        assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
+    }
+}
+
 fn events(pool: &Pool, id: u64) -> Vec<Value> {
     pool.get(&format!("/v1/jobs/{id}/events"), &pool.admin)
         .1
@@ -1025,16 +1063,7 @@ print("done", state["step"], flush=True)
         .as_str()
         .unwrap()
         .to_string();
-    pool.wait_for("two checkpoints", || {
-        events(&pool, id)
-            .iter()
-            .filter(|e| e["kind"] == "Checkpoint")
-            .count()
-            >= 2
-    });
-    let idx = pool.agents.iter().position(|(n, _)| *n == node).unwrap();
-    let (_, mut proc) = pool.agents.remove(idx);
-    proc.0.kill().unwrap();
+    pool.kill_agent_after_two_checkpoints(id, &node);
     let reached = worklog_lines(&worklog).into_iter().max().unwrap();
     let done = pool.wait_state(id, "succeeded");
     assert_ne!(done["assignments"][0]["node"].as_str().unwrap(), node);
@@ -1132,13 +1161,7 @@ fn a_migrated_job_checkpoints_and_resumes_on_the_node_it_was_sent_to() {
     assert!(out.starts_with("resumed from "), "{out}");
     let lines = worklog_lines(&worklog);
     assert_eq!(lines.iter().filter(|n| **n == 1).count(), 1, "{lines:?}");
-    let kinds: Vec<String> = events(&pool, id)
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap().to_string())
-        .collect();
-    for k in ["Migrating", "Checkpoint", "Migrated"] {
-        assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
-    }
+    assert_moved_with_a_checkpoint(&pool, id);
 }
 
 #[test]
@@ -1170,4 +1193,103 @@ fn consolidation_moves_a_small_job_so_that_a_waiting_whole_node_job_runs() {
         "the moved job left the node the big job took: {moved}"
     );
     assert!(events(&pool, big).iter().any(|e| e["kind"] == "Scheduled"),);
+}
+
+/// Nodes that can checkpoint transparently need CRIU 4.x (CI builds it with
+/// scripts/install-criu.sh, as the README's test command does).
+fn require_criu() {
+    let out = Command::new("/usr/local/sbin/criu")
+        .arg("--version")
+        .output();
+    assert!(
+        out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Version: 4.")),
+        "CRIU 4.x is missing: run scripts/install-criu.sh (as root) before the tests"
+    );
+}
+
+#[test]
+fn a_transparent_job_keeps_its_memory_across_a_move_and_only_capable_nodes_take_it() {
+    require_criu();
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
+    let (ok, out, err) = cli(&pool, &["nodes"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("CHECKPOINT") && out.contains("cooperative,criu-4."),
+        "{out}"
+    );
+    // A program that knows nothing of Tessera: its count lives only in its memory.
+    let worklog = pool.path("counts");
+    let program = format!(
+        "import time\nn = 0\nwhile n < 120:\n    n += 1\n    print(n, flush=True)\n    with open({log:?}, 'a') as f: f.write(f'{{n}}\\n')\n    time.sleep(0.03)\n",
+        log = worklog.display().to_string()
+    );
+    let transparent = |extra: [&str; 2], program: &str| {
+        let mut args = vec!["--cpu", "0.5", "--memory", "256MiB"];
+        args.extend(["--checkpoint-mode", "transparent", extra[0], extra[1]]);
+        args.extend(["--", "python3", "-c", program]);
+        cli_submit(&pool, &args)
+    };
+    let id = transparent(["--checkpoint-grace", "30s"], &program);
+    let first = pool.wait_state(id, "running")["assignments"][0]["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = if first == "n1" { "n2" } else { "n1" };
+    pool.wait_for("some progress", || worklog_lines(&worklog).len() >= 20);
+    let (ok, _, err) = cli(&pool, &["migrate", &id.to_string(), "--to", other]);
+    assert!(ok, "{err}");
+    let done = pool.wait_state(id, "succeeded");
+    assert_eq!(done["assignments"][0]["node"], other, "{done}");
+    assert_eq!(done["attempt"], 2, "{done}");
+    // Restored, not restarted: every count once, in order, across the move.
+    let lines = worklog_lines(&worklog);
+    assert_eq!(lines, (1..=120).collect::<Vec<u32>>(), "{lines:?}");
+    // Its output moved with it: the log of the new attempt holds the whole count.
+    let out = logs(&pool, id);
+    assert!(out.starts_with("1\n2\n") && out.ends_with("120\n"), "{out}");
+    assert_moved_with_a_checkpoint(&pool, id);
+    // With an interval, a dump is taken every second as it runs: kill -9 of its node and it
+    // goes on elsewhere from the last one, memory and all.
+    let worklog2 = pool.path("counts2");
+    let program2 = program.replace(
+        &worklog.display().to_string(),
+        &worklog2.display().to_string(),
+    );
+    let id2 = transparent(["--checkpoint-interval", "1s"], &program2);
+    let node = pool.wait_state(id2, "running")["assignments"][0]["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    pool.kill_agent_after_two_checkpoints(id2, &node);
+    let done = pool.wait_state(id2, "succeeded");
+    assert_ne!(done["assignments"][0]["node"].as_str().unwrap(), node);
+    let lines = worklog_lines(&worklog2);
+    // Counting went on from a dump, not from the start: 1 appears once, every count is there,
+    // and what ran after the last dump ran again.
+    assert_eq!(lines.iter().filter(|n| **n == 1).count(), 1, "{lines:?}");
+    let restart = lines
+        .windows(2)
+        .position(|w| w[1] <= w[0])
+        .expect("a resumed count");
+    assert!(lines[restart + 1] > 1, "{lines:?}");
+    let mut seen: Vec<u32> = lines.clone();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, (1..=120).collect::<Vec<u32>>());
+    // A pool without CRIU nodes keeps such a job waiting, and says why.
+    let mut plain = Pool::start();
+    plain.add_agent_without_criu("m1", "127.0.0.4", "1xH100-80GB");
+    let waiting = cli_submit(&plain, &["--checkpoint-mode", "transparent", "--", "true"]);
+    plain.wait_for("a reason", || {
+        plain.job(waiting)["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("tessera.io/criu"))
+    });
+    let (ok, _, err) = cli(
+        &plain,
+        &["submit", "--checkpoint-mode", "magic", "--", "true"],
+    );
+    assert!(!ok && err.contains("spec.checkpoint.mode"), "{err}");
 }

@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod checkpoint;
+pub mod criu;
 pub mod devices;
 pub mod gpu;
 pub mod shim;
@@ -46,6 +47,8 @@ pub struct AgentConfig {
     pub memory_bytes: Option<u64>,
     pub grace_ms: u64,
     pub ca_cert: Option<PathBuf>,
+    /// Transparent checkpoints (CRIU), where this node can do them.
+    pub transparent: Option<criu::Transparent>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -150,7 +153,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         name: config.name.clone(),
         cpu_milli: config.cpu_milli.unwrap_or(cpu_milli),
         memory_bytes: config.memory_bytes.unwrap_or(memory_bytes),
-        labels: config.labels.clone(),
+        labels: {
+            let mut labels = config.labels.clone();
+            labels.extend(config.transparent.iter().flat_map(|t| t.labels()));
+            labels
+        },
         devices: config.devices.devices.clone(),
         simulated: config.devices.simulated,
         address,
@@ -616,26 +623,50 @@ fn start(
     if let Some(f) = oom_file {
         cmd.arg("--oom-file").arg(f);
     }
-    cmd.arg("--").args(&a.command);
-    cmd.envs(allocation_env(a, &config.name));
-    cmd.envs(gpu::device_env(config, a)?);
     let mut resume_failed = None;
+    let mut resume_from = None;
+    match restored {
+        Restored::None => {}
+        Restored::From(into) => resume_from = Some(into),
+        Restored::Failed(id) => resume_failed = Some(id),
+    }
     if let Some(c) = &a.checkpoint {
         let ckpt = dir.join("checkpoint");
         std::fs::create_dir_all(&ckpt)?;
-        match restored {
-            Restored::None => {}
-            Restored::From(into) => {
-                cmd.env("TESSERA_RESUME_FROM", into);
+        if c.transparent {
+            // The shim saves and restores the whole tree; the program is told nothing.
+            let t = config.transparent.as_ref().context(
+                "this node cannot checkpoint transparently (no working CRIU 4.x; see the agent's log)",
+            )?;
+            cmd.arg("--criu")
+                .arg(&t.criu)
+                .arg("--home")
+                .arg(t.home(a.job_id, a.replica))
+                .arg("--checkpoint-dir")
+                .arg(&ckpt);
+            if let (Some(p), false) = (&t.cuda_plugins, a.devices.is_empty()) {
+                cmd.arg("--criu-plugins").arg(p);
             }
-            Restored::Failed(id) => resume_failed = Some(id),
-        }
-        cmd.env("TESSERA_CHECKPOINT_DIR", &ckpt);
-        cmd.env("TESSERA_CHECKPOINT_SIGNAL", &c.signal_name);
-        if let Some(i) = c.interval_ms {
-            cmd.env("TESSERA_CHECKPOINT_INTERVAL", (i / 1000).max(1).to_string());
+            if let Some(i) = c.interval_ms {
+                cmd.arg("--checkpoint-interval-ms").arg(i.to_string());
+            }
+            if let Some(from) = &resume_from {
+                cmd.arg("--restore-from").arg(from);
+            }
+        } else {
+            if let Some(from) = &resume_from {
+                cmd.env("TESSERA_RESUME_FROM", from);
+            }
+            cmd.env("TESSERA_CHECKPOINT_DIR", &ckpt);
+            cmd.env("TESSERA_CHECKPOINT_SIGNAL", &c.signal_name);
+            if let Some(i) = c.interval_ms {
+                cmd.env("TESSERA_CHECKPOINT_INTERVAL", (i / 1000).max(1).to_string());
+            }
         }
     }
+    cmd.arg("--").args(&a.command);
+    cmd.envs(allocation_env(a, &config.name));
+    cmd.envs(gpu::device_env(config, a)?);
     let log = std::fs::File::create(dir.join("shim.log"))?;
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)

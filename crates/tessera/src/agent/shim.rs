@@ -69,6 +69,24 @@ pub struct ShimArgs {
     /// Checked for an OOM kill after the workload ends.
     #[arg(long)]
     pub oom_file: Option<PathBuf>,
+    /// Transparent checkpoints: the CRIU binary (and the rest of the `--home` options).
+    #[arg(long, requires_all = ["home", "checkpoint_dir"])]
+    pub criu: Option<PathBuf>,
+    /// CRIU's plugin directory (CUDA), for GPU replicas.
+    #[arg(long, requires = "criu")]
+    pub criu_plugins: Option<PathBuf>,
+    /// The replica's home, the same path on every node (work/ and the output files).
+    #[arg(long, requires = "criu")]
+    pub home: Option<PathBuf>,
+    /// Where dumps are written for the agent to send.
+    #[arg(long, requires = "criu")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Periodic dumps while the workload runs.
+    #[arg(long, requires = "criu")]
+    pub checkpoint_interval_ms: Option<u64>,
+    /// A verified checkpoint to restore instead of starting the command.
+    #[arg(long, requires = "criu")]
+    pub restore_from: Option<PathBuf>,
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
 }
@@ -96,6 +114,51 @@ fn write_exit(run_dir: &Path, rec: &ExitRecord) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts the command in its own session (a session leader, as CRIU needs to restore it), in
+/// the replica's cgroups. Returns its pid, which is also its process group.
+fn spawn(args: &ShimArgs, work: &Path, stdout: fs::File, stderr: fs::File) -> std::io::Result<i32> {
+    let procs = args.cgroup_procs.clone();
+    let mut cmd = Command::new(&args.command[0]);
+    cmd.args(&args.command[1..])
+        .current_dir(work)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr);
+    // SAFETY: runs in the forked child before exec; it only calls setsid and opens and writes
+    // files (no locks held across fork in this single-threaded process).
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            for p in &procs {
+                fs::write(p, "0")?;
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd.spawn()?.id() as i32)
+}
+
+/// Reaps every child that has ended (as a subreaper the shim inherits orphans of the tree);
+/// returns the workload's exit code (128 + signal when killed) once `pid` has ended.
+fn reap(pid: i32) -> anyhow::Result<Option<i32>> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => return Ok(Some(code)),
+            Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => {
+                return Ok(Some(128 + sig as i32));
+            }
+            Ok(WaitStatus::StillAlive) => return Ok(None),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::ECHILD) => {
+                anyhow::bail!("the workload (pid {pid}) is not the shim's to wait for")
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).context("waiting for the workload"),
+        }
+    }
+}
+
 pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
@@ -105,16 +168,32 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     unsafe {
         signal::signal(Signal::SIGCHLD, SigHandler::Handler(on_child))?;
     }
-    let work = args.run_dir.join("work");
+    let criu = args.criu.clone().map(|bin| super::criu::Criu {
+        bin,
+        plugins: args.criu_plugins.clone(),
+        home: args.home.clone().unwrap_or_default(),
+    });
+    // A transparent replica's files live in its home (the same path on every node, as CRIU
+    // restores them by path); the run directory links to its output.
+    let home = args.home.clone().unwrap_or_else(|| args.run_dir.clone());
+    let work = home.join("work");
     fs::create_dir_all(&work)?;
+    if home != args.run_dir {
+        for name in ["stdout.log", "stderr.log"] {
+            let link = args.run_dir.join(name);
+            if fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(home.join(name), &link)?;
+            }
+        }
+    }
     let stdout = fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(args.run_dir.join("stdout.log"))?;
+        .open(home.join("stdout.log"))?;
     let stderr = fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(args.run_dir.join("stderr.log"))?;
+        .open(home.join("stderr.log"))?;
     if lease_end(&args.lease_file).is_none_or(|end| end <= now_ms()) {
         write_exit(
             &args.run_dir,
@@ -125,51 +204,65 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
         )?;
         return Ok(());
     }
-    let procs = args.cgroup_procs.clone();
-    let mut cmd = Command::new(&args.command[0]);
-    cmd.args(&args.command[1..])
-        .current_dir(&work)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .process_group(0);
-    // SAFETY: runs in the forked child before exec; it only opens and writes files (no locks
-    // held across fork in this single-threaded process).
-    unsafe {
-        cmd.pre_exec(move || {
-            for p in &procs {
-                fs::write(p, "0")?;
-            }
-            Ok(())
-        });
-    }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            write_exit(
-                &args.run_dir,
-                &ExitRecord {
-                    code: 127,
-                    message: format!("could not start {}: {e}", args.command[0]),
-                },
-            )?;
+    // A restored tree is not our child: as a subreaper the shim inherits it when CRIU exits.
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer and touches no memory of ours.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let grace = Duration::from_millis(args.grace_ms);
+    let started = match (&criu, &args.restore_from) {
+        (Some(c), Some(from)) => c
+            .restore(from, &args.cgroup_procs, grace.max(Duration::from_secs(60)))
+            .map_err(|e| format!("its checkpoint could not be restored: {e:#}")),
+        _ => spawn(&args, &work, stdout, stderr)
+            .map_err(|e| format!("could not start {}: {e}", args.command[0])),
+    };
+    let pgid = match started {
+        Ok(pid) => pid,
+        Err(message) => {
+            write_exit(&args.run_dir, &ExitRecord { code: 127, message })?;
             return Ok(());
         }
     };
-    let pgid = child.id() as i32;
     fs::write(args.run_dir.join("pid"), pgid.to_string())?;
+    let interval = args.checkpoint_interval_ms.map(Duration::from_millis);
+    let mut next_dump = interval.map(|i| Instant::now() + i);
     let mut stop_deadline: Option<Instant> = None;
     let mut why: Option<String> = None;
     let status = loop {
-        if let Some(status) = child.try_wait().context("waiting for the workload")? {
+        if let Some(status) = reap(pgid)? {
             break status;
         }
         if why.is_none() {
             if TERM.load(Ordering::SeqCst) {
-                why = Some("stopped by Tessera".into());
-                let stop = Signal::try_from(args.stop_signal).unwrap_or(Signal::SIGTERM);
-                kill_group(pgid, stop, &args.cgroup_procs);
-                stop_deadline = Some(Instant::now() + Duration::from_millis(args.grace_ms));
+                let dumped = match (&criu, &args.checkpoint_dir) {
+                    (Some(c), Some(dir)) => Some(c.dump(pgid, dir, false, grace)),
+                    _ => None,
+                };
+                match dumped {
+                    // CRIU ended the tree after saving it.
+                    Some(Ok(())) => {
+                        why = Some("checkpointed by CRIU and stopped by Tessera".into())
+                    }
+                    Some(Err(e)) => {
+                        eprintln!("transparent checkpoint failed: {e:#}");
+                        why = Some(format!("stopped by Tessera; its checkpoint failed: {e:#}"));
+                        kill_group(pgid, Signal::SIGTERM, &args.cgroup_procs);
+                        stop_deadline = Some(Instant::now() + grace.min(Duration::from_secs(10)));
+                    }
+                    None => {
+                        why = Some("stopped by Tessera".into());
+                        let stop = Signal::try_from(args.stop_signal).unwrap_or(Signal::SIGTERM);
+                        kill_group(pgid, stop, &args.cgroup_procs);
+                        stop_deadline = Some(Instant::now() + grace);
+                    }
+                }
+                continue;
+            } else if let (Some(c), Some(dir), Some(at)) = (&criu, &args.checkpoint_dir, next_dump)
+                && Instant::now() >= at
+            {
+                if let Err(e) = c.dump(pgid, dir, true, grace) {
+                    eprintln!("periodic transparent checkpoint failed: {e:#}");
+                }
+                next_dump = interval.map(|i| Instant::now() + i);
             } else if lease_end(&args.lease_file).is_none_or(|end| end <= now_ms()) {
                 why = Some(
                     "killed: the agent lost contact with the controller and its lease ran out"
@@ -186,10 +279,17 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     };
     // Leave nothing of the tree behind.
     kill_group(pgid, Signal::SIGKILL, &args.cgroup_procs);
-    use std::os::unix::process::ExitStatusExt;
-    let code = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    let code = status;
+    if home != args.run_dir {
+        // The run directory keeps this attempt's output; the home goes (a next attempt
+        // restores its own from the checkpoint).
+        for name in ["stdout.log", "stderr.log"] {
+            let link = args.run_dir.join(name);
+            let _ = fs::remove_file(&link);
+            let _ = fs::copy(home.join(name), &link);
+        }
+        let _ = fs::remove_dir_all(&home);
+    }
     let oom = args
         .oom_file
         .as_ref()

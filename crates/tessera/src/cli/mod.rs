@@ -228,6 +228,10 @@ pub struct SubmitArgs {
     /// How often the job checkpoints as it runs, e.g. 10m.
     #[arg(long)]
     pub checkpoint_interval: Option<String>,
+    /// cooperative (the program saves itself on --checkpoint-signal) or transparent (CRIU
+    /// saves the whole process; for programs that cannot cooperate).
+    #[arg(long)]
+    pub checkpoint_mode: Option<String>,
     /// Device models allowed (repeatable).
     #[arg(long = "model")]
     pub models: Vec<String>,
@@ -320,6 +324,7 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
         (&args.checkpoint_signal, "signal"),
         (&args.checkpoint_grace, "grace"),
         (&args.checkpoint_interval, "interval"),
+        (&args.checkpoint_mode, "mode"),
     ] {
         if let Some(v) = flag {
             m["spec"]["checkpoint"][key] = json!(v);
@@ -563,6 +568,7 @@ pub fn nodes(c: &Client, cmd: Option<NodesCmd>) -> anyhow::Result<()> {
                 "CPU ALLOC",
                 "MEMORY",
                 "REPLICAS",
+                "CHECKPOINT",
                 "SEEN",
             ],
             nodes
@@ -601,6 +607,7 @@ pub fn nodes(c: &Client, cmd: Option<NodesCmd>) -> anyhow::Result<()> {
                         ),
                         tessera_sched::model::human_bytes(n.memory_bytes),
                         n.replicas.to_string(),
+                        n.checkpoint.join(","),
                         format!("{}s ago", n.last_seen_ms_ago / 1000),
                     ]
                 })

@@ -582,11 +582,29 @@ pub struct NodeView {
     pub cpu_milli: u64,
     pub memory_bytes: u64,
     pub labels: BTreeMap<String, String>,
+    /// How this node can checkpoint: `cooperative` everywhere, `criu-4.1.1` where CRIU works,
+    /// `cuda` where it saves GPU state too.
+    #[serde(default)]
+    pub checkpoint: Vec<String>,
     pub devices: Vec<DeviceView>,
     pub gpu_allocated_milli: u64,
     pub cpu_allocated_milli: u64,
     pub replicas: u32,
     pub last_seen_ms_ago: u64,
+}
+
+/// What a node's labels say about its checkpoints (its agent sets them).
+fn checkpoint_kinds(labels: &BTreeMap<String, String>) -> Vec<String> {
+    use crate::agent::criu::{CRIU_LABEL, CRIU_VERSION_LABEL, CUDA_LABEL};
+    let mut kinds = vec!["cooperative".to_string()];
+    if labels.get(CRIU_LABEL).is_some_and(|v| v == "true") {
+        let version = labels.get(CRIU_VERSION_LABEL).map_or("", String::as_str);
+        kinds.push(format!("criu-{version}").trim_end_matches('-').to_string());
+        if labels.get(CUDA_LABEL).is_some_and(|v| v == "true") {
+            kinds.push("cuda".into());
+        }
+    }
+    kinds
 }
 
 fn node_view(s: &State, name: &str) -> Option<NodeView> {
@@ -616,6 +634,7 @@ fn node_view(s: &State, name: &str) -> Option<NodeView> {
         cpu_milli: n.spec.cpu_milli,
         memory_bytes: n.spec.memory_bytes,
         labels: n.spec.labels.clone(),
+        checkpoint: checkpoint_kinds(&n.spec.labels),
         gpu_allocated_milli: used.iter().map(|&u| u64::from(u)).sum(),
         devices: n
             .spec

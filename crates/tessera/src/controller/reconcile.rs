@@ -126,6 +126,15 @@ fn build(s: &State, now: u64) -> Built {
                     .node_selector
                     .insert(NODE_LABEL.to_string(), node.clone());
             }
+            // A transparent checkpoint needs CRIU on the node (and cuda-checkpoint for GPUs).
+            if job.def.checkpoint.as_ref().is_some_and(|c| c.transparent) {
+                use crate::agent::criu::{CRIU_LABEL, CUDA_LABEL};
+                let sel = &mut spec.request.node_selector;
+                sel.insert(CRIU_LABEL.to_string(), "true".into());
+                if spec.request.gpu != tessera_sched::GpuRequest::None {
+                    sel.insert(CUDA_LABEL.to_string(), "true".into());
+                }
+            }
             pending.push(PendingJob { id: job.id, spec });
         }
     }
