@@ -535,6 +535,7 @@ async fn protocol_agent(
                     exit_code: None,
                     message: String::new(),
                     resume_failed: None,
+                    port: None,
                 })
                 .collect(),
             wait_ms: lease_ms / 3,

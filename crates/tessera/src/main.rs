@@ -8,6 +8,7 @@ mod cli;
 mod controller;
 mod manifest;
 mod protocol;
+mod service;
 mod sim;
 mod state;
 mod store;
@@ -45,6 +46,9 @@ struct ControllerArgs {
     tls_key: Option<PathBuf>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Where the service gateway listens (`http://ADDR/SERVICE/...`), or `off`.
+    #[arg(long, default_value = "127.0.0.1:7481")]
+    gateway_listen: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -170,6 +174,13 @@ enum Command {
         #[command(subcommand)]
         cmd: Option<cli::NodesCmd>,
     },
+    /// Services behind the gateway: list, scale, move, delete (create with `submit -f`).
+    Services {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(subcommand)]
+        cmd: Option<cli::ServicesCmd>,
+    },
     /// Projects and quotas.
     Projects {
         #[command(flatten)]
@@ -210,6 +221,14 @@ fn controller_config(a: &ControllerArgs) -> anyhow::Result<controller::Controlle
         lease,
         tls: a.tls_cert.clone().zip(a.tls_key.clone()),
         seed: a.seed,
+        gateway: match a.gateway_listen.as_str() {
+            "off" => None,
+            addr => Some(addr.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "--gateway-listen {addr}: write HOST:PORT, e.g. 127.0.0.1:7481, or off"
+                )
+            })?),
+        },
     })
 }
 
@@ -332,6 +351,9 @@ fn serve(controller: ControllerArgs, node: Option<NodeArgs>) -> anyhow::Result<(
                 println!("Wrote {} for the CLI.", path.display());
             }
         }
+        if let Some(gw) = running.gateway {
+            println!("Service gateway at http://{gw}/SERVICE/");
+        }
         if let Some(node) = node {
             let join = controller::local_join_token(&running.ctl.store, &config.data_dir).await?;
             let mut node = node;
@@ -435,6 +457,9 @@ fn main() {
             cli::Client::new(&conn).and_then(|c| cli::migrate(&c, id, to.as_deref()))
         }
         Command::Nodes { conn, cmd } => cli::Client::new(&conn).and_then(|c| cli::nodes(&c, cmd)),
+        Command::Services { conn, cmd } => {
+            cli::Client::new(&conn).and_then(|c| cli::services(&c, cmd))
+        }
         Command::Projects { conn, cmd } => {
             cli::Client::new(&conn).and_then(|c| cli::projects(&c, cmd))
         }

@@ -53,6 +53,9 @@ pub struct ManifestSpec {
     /// The job can save and resume its progress (see [`CheckpointManifest`]).
     #[serde(default)]
     pub checkpoint: Option<CheckpointManifest>,
+    /// `kind: Service` only: port, readiness check and autoscaling.
+    #[serde(default)]
+    pub service: Option<crate::service::ServiceManifest>,
 }
 
 /// `spec.checkpoint`: how the job saves its progress. To stop it (preemption, a move, a drain),
@@ -240,18 +243,74 @@ impl Manifest {
         serde_yaml::from_str(text).map_err(|e| format!("manifest: {e}"))
     }
 
+    /// Whether this manifest describes a service (`kind: Service`).
+    pub fn is_service(&self) -> bool {
+        self.kind.as_deref() == Some("Service")
+    }
+
     /// Checks every field and turns the manifest into a job definition.
     pub fn into_def(self, default_project: &str) -> Result<JobDef, ValidationError> {
-        if let Some(kind) = &self.kind
-            && kind != "Job"
-        {
+        match self.kind.as_deref() {
+            None | Some("Job") => {}
+            Some("Service") => {
+                return Err(ValidationError::new(
+                    "kind",
+                    "Service",
+                    "a service is not a job",
+                    "submit it with `tessera submit -f` (it goes to /v1/services)",
+                ));
+            }
+            Some(kind) => {
+                return Err(ValidationError::new(
+                    "kind",
+                    kind,
+                    "unknown kind",
+                    "write kind: Job or kind: Service",
+                ));
+            }
+        }
+        if self.spec.service.is_some() {
             return Err(ValidationError::new(
-                "kind",
-                kind,
-                "only Job is accepted",
-                "write kind: Job",
+                "spec.service",
+                "...",
+                "only a Service has spec.service",
+                "write kind: Service, or remove spec.service",
             ));
         }
+        self.into_job_def(default_project)
+    }
+
+    /// Checks a `kind: Service` manifest: one replica's job definition (replicas are placed one
+    /// by one) and the service's own settings.
+    pub fn into_service(
+        mut self,
+        default_project: &str,
+    ) -> Result<(JobDef, crate::service::ServiceDef), ValidationError> {
+        if !self.is_service() {
+            return Err(ValidationError::new(
+                "kind",
+                self.kind.clone().unwrap_or_default(),
+                "not a service",
+                "write kind: Service",
+            ));
+        }
+        let svc = self.spec.service.take().unwrap_or_default();
+        let replicas = self.spec.replicas.take();
+        // A service keeps running: it restarts when it fails, and is not preempted unless it
+        // says so.
+        if self.spec.restart.is_none() {
+            self.spec.restart = Some(Restart {
+                policy: RestartPolicy::OnFailure,
+                max_restarts: None,
+            });
+        }
+        self.spec.preemptible = Some(self.spec.preemptible.unwrap_or(false));
+        let def = self.into_job_def(default_project)?;
+        let svc = svc.check(replicas)?;
+        Ok((def, svc))
+    }
+
+    fn into_job_def(self, default_project: &str) -> Result<JobDef, ValidationError> {
         if let Some(v) = &self.api_version
             && v != "tessera/v1"
         {

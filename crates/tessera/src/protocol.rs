@@ -54,6 +54,9 @@ pub struct ReplicaStatus {
     /// replica started from the beginning).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_failed: Option<String>,
+    /// The port a service replica was given (`$PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,6 +95,9 @@ pub struct Assignment {
     /// The checkpoint to resume from (its id), when the replica saved one before.
     #[serde(default)]
     pub resume: Option<String>,
+    /// A service replica: the port its program must listen on, or 0 for one the agent picks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

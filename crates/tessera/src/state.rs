@@ -156,6 +156,9 @@ pub struct Replica {
     pub exit_message: Option<String>,
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
+    /// The port its program listens on (services), as the agent reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 impl Replica {
@@ -190,9 +193,45 @@ pub struct Job {
     /// The node its next start must be on (`tessera migrate --to`), cleared once placed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin_node: Option<String>,
+    /// The service this job is a replica of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// A service replica started to take over from this one (a move): it becomes a full
+    /// replica once ready, and the old one drains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<u64>,
+    /// A service replica being removed: it takes no new requests and stops once its requests
+    /// are done (or its drain time is up), from `draining_since_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_since_ms: Option<u64>,
 }
 
 impl Job {
+    /// A job just submitted: pending, waiting for the scheduler.
+    pub fn new(id: u64, owner: &str, def: JobDef, now: u64) -> Job {
+        Job {
+            id,
+            owner: owner.to_string(),
+            def,
+            state: JobState::Pending,
+            reason: "submitted; waiting for the scheduler".into(),
+            created_ms: now,
+            updated_ms: now,
+            attempt: 0,
+            restarts: 0,
+            not_before_ms: 0,
+            replicas: vec![],
+            stop: None,
+            started_seq: 0,
+            queued_ms: now,
+            finished_ms: None,
+            pin_node: None,
+            service: None,
+            replaces: None,
+            draining_since_ms: None,
+        }
+    }
+
     pub fn project(&self) -> &str {
         &self.def.spec.project
     }
@@ -284,6 +323,17 @@ pub struct Event {
     pub message: String,
 }
 
+/// A service: its replicas are jobs with `service` set to its name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    pub owner: String,
+    /// One replica's job definition (its project, resources, command).
+    pub template: JobDef,
+    pub def: crate::service::ServiceDef,
+    pub created_ms: u64,
+}
+
 /// Events kept in memory per job (all are in the store).
 pub const EVENTS_PER_JOB: usize = 200;
 /// Requests remembered for the pool's shape history.
@@ -293,6 +343,7 @@ pub const SHAPE_HISTORY: usize = 2000;
 pub struct State {
     pub users: BTreeMap<String, User>,
     pub projects: BTreeMap<String, Project>,
+    pub services: BTreeMap<String, Service>,
     pub jobs: BTreeMap<u64, Job>,
     pub nodes: BTreeMap<String, Node>,
     pub tokens: BTreeMap<String, TokenRecord>,

@@ -37,6 +37,7 @@ const MIGRATIONS: &[&str] = &[
     // contents are content-addressed chunks in the blob area beside the store.
     "CREATE TABLE checkpoints (job INTEGER NOT NULL, replica INTEGER NOT NULL, id TEXT NOT NULL,
                                doc TEXT NOT NULL, PRIMARY KEY (job, replica));",
+    "CREATE TABLE services (name TEXT PRIMARY KEY, doc TEXT NOT NULL);",
 ];
 
 /// Opens (creating if needed) and migrates the store.
@@ -92,6 +93,9 @@ pub fn load(conn: &Connection, now_ms: u64) -> anyhow::Result<State> {
     }
     for m in load_docs::<crate::state::CheckpointManifest>(conn, "checkpoints")? {
         state.checkpoints.insert((m.job, m.replica), m);
+    }
+    for svc in load_docs::<crate::state::Service>(conn, "services")? {
+        state.services.insert(svc.name.clone(), svc);
     }
     for t in load_docs::<TokenRecord>(conn, "tokens")? {
         state.tokens.insert(t.id.clone(), t);
@@ -153,6 +157,18 @@ pub fn put_node(c: &Connection, n: &Node) -> rusqlite::Result<()> {
         "INSERT OR REPLACE INTO nodes (name, doc) VALUES (?1, ?2)",
         params![n.spec.name, doc(n)?],
     )?;
+    Ok(())
+}
+
+pub fn put_service(c: &Connection, svc: &crate::state::Service) -> rusqlite::Result<()> {
+    c.prepare_cached("INSERT OR REPLACE INTO services (name, doc) VALUES (?1, ?2)")?
+        .execute(params![svc.name, doc(svc)?])?;
+    Ok(())
+}
+
+pub fn delete_service(c: &Connection, name: &str) -> rusqlite::Result<()> {
+    c.prepare_cached("DELETE FROM services WHERE name = ?1")?
+        .execute([name])?;
     Ok(())
 }
 

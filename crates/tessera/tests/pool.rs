@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,8 @@ struct Pool {
     url: String,
     admin: String,
     listen: String,
+    /// The service gateway's base URL.
+    gateway: String,
     controller: Option<Proc>,
     agents: Vec<(String, Proc)>,
     http: reqwest::blocking::Client,
@@ -71,6 +74,7 @@ impl Pool {
         let mut pool = Pool {
             url: format!("{scheme}://{listen}"),
             listen,
+            gateway: format!("127.0.0.1:{}", port()),
             admin: String::new(),
             controller: None,
             agents: vec![],
@@ -90,6 +94,7 @@ impl Pool {
             .args(["controller", "--data-dir"])
             .arg(self.dir.path().join("controller"))
             .args(["--listen", &self.listen, "--lease", "2s"])
+            .args(["--gateway-listen", &self.gateway])
             .args(self.cert.iter().flat_map(|cert| {
                 [
                     "--tls-cert".into(),
@@ -1292,4 +1297,212 @@ fn a_transparent_job_keeps_its_memory_across_a_move_and_only_capable_nodes_take_
         &["submit", "--checkpoint-mode", "magic", "--", "true"],
     );
     assert!(!ok && err.contains("spec.checkpoint.mode"), "{err}");
+}
+
+/// A small HTTP service: `/healthz` answers once it has started, `/` answers with its job id
+/// after `delay` seconds. It listens where Tessera tells it ($TESSERA_HOST:$PORT).
+fn write_service(pool: &Pool, delay: f64) -> PathBuf {
+    let path = pool.path(&format!("server-{delay}.py"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"import os, time
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.path != "/healthz":
+            time.sleep({delay})
+        body = ("job " + os.environ["TESSERA_JOB_ID"]).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer((os.environ["TESSERA_HOST"], int(os.environ["PORT"])), H).serve_forever()
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Requests from `threads` threads to the gateway until stopped: (answers by job, failures).
+struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(Vec<String>, Vec<String>)>>,
+}
+
+impl Load {
+    fn start(url: String, threads: usize) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, url) = (stop.clone(), url.clone());
+                std::thread::spawn(move || {
+                    let http = reqwest::blocking::Client::new();
+                    let (mut ok, mut failed) = (vec![], vec![]);
+                    while !stop.load(Ordering::SeqCst) {
+                        match http.get(&url).send() {
+                            Ok(r) if r.status().is_success() => ok.push(r.text().unwrap()),
+                            Ok(r) => failed.push(format!("{}: {}", r.status(), r.text().unwrap())),
+                            Err(e) => failed.push(e.to_string()),
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    fn finish(self) -> (Vec<String>, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (mut ok, mut failed) = (vec![], vec![]);
+        for t in self.threads {
+            let (o, f) = t.join().unwrap();
+            ok.extend(o);
+            failed.extend(f);
+        }
+        (ok, failed)
+    }
+}
+
+fn service(pool: &Pool, name: &str) -> Value {
+    pool.get(&format!("/v1/services/{name}"), &pool.admin).1
+}
+
+/// Ready, not draining replicas of a service, by job id.
+fn ready_jobs(pool: &Pool, name: &str) -> Vec<u64> {
+    service(pool, name)["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["ready"] == true && e["draining"] == false)
+        .map(|e| e["job"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_service_under_load_moves_and_scales_without_a_failed_request_and_autoscales() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
+    let server = write_service(&pool, 0.005);
+    let manifest = pool.path("web.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: tessera/v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  replicas: 1\n  \
+             resources: {{cpu: 0.2, memory: 128MiB}}\n  command: [python3, {server:?}]\n  \
+             service: {{readiness: {{path: /healthz, period: 200ms}}}}\n",
+            server = server.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = cli(&pool, &["submit", "-f", manifest.to_str().unwrap()]);
+    assert!(ok && out.contains("service web created"), "{out}{err}");
+    pool.wait_for("a ready replica", || ready_jobs(&pool, "web").len() == 1);
+    let first = ready_jobs(&pool, "web")[0];
+    let first_node = pool.job(first)["assignments"][0]["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = if first_node == "n1" { "n2" } else { "n1" };
+    let load = Load::start(format!("http://{}/web/", pool.gateway), 4);
+    std::thread::sleep(Duration::from_millis(500));
+    // Move: the new replica starts on the other node, takes the traffic, the old one drains.
+    let (ok, _, err) = cli(&pool, &["services", "move", "web", "--to", other]);
+    assert!(ok, "{err}");
+    pool.wait_for("the move", || {
+        let ready = ready_jobs(&pool, "web");
+        ready.len() == 1 && ready[0] != first && pool.job(first)["state"] == "cancelled"
+    });
+    let moved = ready_jobs(&pool, "web")[0];
+    assert_eq!(pool.job(moved)["assignments"][0]["node"], other);
+    // Scale up, then down, under the same load.
+    let (ok, _, err) = cli(&pool, &["services", "scale", "web", "3"]);
+    assert!(ok, "{err}");
+    pool.wait_for("three replicas", || ready_jobs(&pool, "web").len() == 3);
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, _, err) = cli(&pool, &["services", "scale", "web", "1"]);
+    assert!(ok, "{err}");
+    pool.wait_for("one replica left", || {
+        service(&pool, "web")["jobs"].as_array().unwrap().len() == 1
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (answers, failed) = load.finish();
+    assert!(
+        failed.is_empty(),
+        "{} failed requests: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        answers.len() > 200,
+        "only {} requests went through",
+        answers.len()
+    );
+    let by: std::collections::BTreeSet<&String> = answers.iter().collect();
+    assert!(
+        by.len() >= 3,
+        "traffic reached the moved and the added replicas: {by:?}"
+    );
+    let (ok, out, _) = cli(&pool, &["services"]);
+    assert!(ok && out.contains("web") && out.contains("1/1"), "{out}");
+
+    // Autoscaling on requests in flight: slow answers and 6 callers need more than one replica;
+    // when the load stops, it shrinks back after the delay.
+    let slow = write_service(&pool, 0.2);
+    let (s, v) = pool.post(
+        "/v1/services",
+        json!({"kind": "Service", "metadata": {"name": "slow"},
+               "spec": {"resources": {"cpu": 0.2, "memory": "128MiB"},
+                        "command": ["python3", slow],
+                        "service": {"readiness": {"path": "/healthz", "period": "200ms"},
+                                    "autoscale": {"min": 1, "max": 3, "targetInFlight": 2,
+                                                  "scaleDownDelay": "1s"}}}}),
+        &pool.admin,
+    );
+    assert_eq!(s, 201, "{v}");
+    pool.wait_for("a ready slow replica", || {
+        ready_jobs(&pool, "slow").len() == 1
+    });
+    let load = Load::start(format!("http://{}/slow/", pool.gateway), 6);
+    pool.wait_for("scaled up", || ready_jobs(&pool, "slow").len() == 3);
+    let (_, failed) = load.finish();
+    assert!(failed.is_empty(), "{failed:?}");
+    pool.wait_for("scaled down", || {
+        service(&pool, "slow")["replicas"] == 1
+            && service(&pool, "slow")["jobs"].as_array().unwrap().len() == 1
+    });
+    // Bad requests name the problem and change nothing.
+    let (s, v) = pool.post(
+        "/v1/services/slow/scale",
+        json!({"replicas": 9}),
+        &pool.admin,
+    );
+    assert_eq!(s, 422, "{v}");
+    assert!(v.to_string().contains("autoscale range"), "{v}");
+    let (s, _) = pool.post(
+        "/v1/services",
+        json!({"kind": "Service", "metadata": {"name": "slow"},
+        "spec": {"command": ["true"]}}),
+        &pool.admin,
+    );
+    assert_eq!(s, 409);
+    let (s, v) = pool.post(
+        "/v1/services",
+        json!({"kind": "Service", "metadata": {"name": "x"},
+        "spec": {"command": ["true"], "service": {"port": 70000}}}),
+        &pool.admin,
+    );
+    assert_eq!(s, 422, "{v}");
+    assert!(v.to_string().contains("spec.service.port"), "{v}");
+    let r = reqwest::blocking::get(format!("http://{}/nosuch/", pool.gateway)).unwrap();
+    assert_eq!(r.status(), 404);
+    let (ok, _, err) = cli(&pool, &["services", "delete", "slow"]);
+    assert!(ok, "{err}");
 }

@@ -299,6 +299,7 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                     exit_code: Some(exit.code),
                     message: exit.message,
                     resume_failed: None,
+                    port: None,
                 },
                 shim_pid: None,
             },
@@ -317,6 +318,9 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                                 exit_code: None,
                                 message: "running (re-adopted)".into(),
                                 resume_failed: None,
+                                port: std::fs::read_to_string(dir.join("port"))
+                                    .ok()
+                                    .and_then(|p| p.trim().parse().ok()),
                             },
                             shim_pid: Some(pid),
                         }
@@ -328,6 +332,7 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                             exit_code: None,
                             message: "its supervisor was lost while the agent was down".into(),
                             resume_failed: None,
+                            port: None,
                         },
                         shim_pid: None,
                     },
@@ -478,21 +483,27 @@ fn without_shim(key: &str, phase: RunPhase, message: &str) -> Run {
             exit_code: None,
             message: message.to_string(),
             resume_failed: None,
+            port: None,
         },
         shim_pid: None,
     }
 }
 
 /// The run record of a replica whose start returned `result`.
-fn started(key: &str, result: anyhow::Result<(i32, Option<String>)>) -> Run {
+fn started(key: &str, result: anyhow::Result<Started>) -> Run {
     match result {
-        Ok((pid, resume_failed)) => Run {
+        Ok(Started {
+            shim_pid: pid,
+            resume_failed,
+            port,
+        }) => Run {
             status: ReplicaStatus {
                 key: key.to_string(),
                 phase: RunPhase::Running,
                 exit_code: None,
                 message: "running".into(),
                 resume_failed,
+                port,
             },
             shim_pid: Some(pid),
         },
@@ -505,11 +516,31 @@ fn started(key: &str, result: anyhow::Result<(i32, Option<String>)>) -> Run {
                     exit_code: Some(127),
                     message: format!("could not start: {e:#}"),
                     resume_failed: None,
+                    port: None,
                 },
                 shim_pid: None,
             }
         }
     }
+}
+
+/// A replica whose shim runs.
+struct Started {
+    shim_pid: i32,
+    /// The checkpoint that failed its check (the replica started from the beginning).
+    resume_failed: Option<String>,
+    /// A service replica's port.
+    port: Option<u16>,
+}
+
+/// A port for a service replica: the one it asked for, or one free on the agent's address.
+fn service_port(config: &AgentConfig, wanted: u16) -> anyhow::Result<u16> {
+    if wanted != 0 {
+        return Ok(wanted);
+    }
+    let l = std::net::TcpListener::bind((config.listen.ip(), 0))
+        .context("finding a free port for a service replica")?;
+    Ok(l.local_addr()?.port())
 }
 
 /// What became of a replica's checkpoint before it started.
@@ -576,7 +607,7 @@ fn start(
     a: &Assignment,
     dir: &Path,
     restored: Restored,
-) -> anyhow::Result<(i32, Option<String>)> {
+) -> anyhow::Result<Started> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("assignment.json"), serde_json::to_vec_pretty(a)?)?;
     let cg = cgroup_name(config, &a.key);
@@ -666,6 +697,17 @@ fn start(
     }
     cmd.arg("--").args(&a.command);
     cmd.envs(allocation_env(a, &config.name));
+    let port = match a.port {
+        Some(wanted) => {
+            let port = service_port(config, wanted)?;
+            std::fs::write(dir.join("port"), port.to_string())?;
+            cmd.env("PORT", port.to_string())
+                .env("TESSERA_PORT", port.to_string())
+                .env("TESSERA_HOST", config.listen.ip().to_string());
+            Some(port)
+        }
+        None => None,
+    };
     cmd.envs(gpu::device_env(config, a)?);
     let log = std::fs::File::create(dir.join("shim.log"))?;
     cmd.stdin(std::process::Stdio::null())
@@ -718,7 +760,11 @@ fn start(
         }
         finish(&shared, &key);
     });
-    Ok((pid, resume_failed))
+    Ok(Started {
+        shim_pid: pid,
+        resume_failed,
+        port,
+    })
 }
 
 #[derive(Deserialize)]

@@ -349,6 +349,18 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
 
 pub fn submit(c: &Client, args: &SubmitArgs) -> anyhow::Result<()> {
     let m = manifest_from(args)?;
+    if m["kind"] == "Service" {
+        let svc = c.post("/v1/services", m)?;
+        return c.print(&svc, |v| {
+            println!(
+                "service {} created with {} replica(s): jobs {}",
+                v["name"].as_str().unwrap_or(""),
+                v["replicas"],
+                v["jobs"]
+            );
+            Ok(())
+        });
+    }
     let job = c.post("/v1/jobs", m)?;
     c.print(&job, |j| {
         println!(
@@ -612,6 +624,109 @@ pub fn nodes(c: &Client, cmd: Option<NodesCmd>) -> anyhow::Result<()> {
                     ]
                 })
                 .collect(),
+        );
+        Ok(())
+    })
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServicesCmd {
+    List,
+    /// One service with its replicas (ready, draining, requests in flight).
+    Get {
+        name: String,
+    },
+    /// Set the replica count (within the autoscale range, if any).
+    Scale {
+        name: String,
+        replicas: u32,
+    },
+    /// Move a replica, make-before-break: the new one starts, becomes ready and takes the
+    /// traffic before the old one drains and stops.
+    Move {
+        name: String,
+        /// The replica's job id (default: the oldest replica).
+        #[arg(long)]
+        job: Option<u64>,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Stop every replica and remove the service.
+    Delete {
+        name: String,
+    },
+}
+
+pub fn services(c: &Client, cmd: Option<ServicesCmd>) -> anyhow::Result<()> {
+    let one = |v: Value| Value::Array(vec![v]);
+    let v = match cmd.unwrap_or(ServicesCmd::List) {
+        ServicesCmd::List => c.get("/v1/services")?,
+        ServicesCmd::Get { name } => one(c.get(&format!("/v1/services/{name}"))?),
+        ServicesCmd::Scale { name, replicas } => one(c.post(
+            &format!("/v1/services/{name}/scale"),
+            json!({ "replicas": replicas }),
+        )?),
+        ServicesCmd::Move { name, job, to } => one(c.post(
+            &format!("/v1/services/{name}/move"),
+            json!({ "job": job, "to": to }),
+        )?),
+        ServicesCmd::Delete { name } => one(c.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/services/{name}"),
+            None,
+        )?),
+    };
+    c.print(&v, |v| {
+        let rows = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|svc| {
+                let eps: Vec<String> = svc["endpoints"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| {
+                        format!(
+                            "{}@{}{}{}",
+                            e["job"],
+                            e["node"].as_str().unwrap_or(""),
+                            if e["ready"] == true { "" } else { "(starting)" },
+                            if e["draining"] == true {
+                                "(draining)"
+                            } else {
+                                ""
+                            }
+                        )
+                    })
+                    .collect();
+                let auto = match &svc["autoscale"] {
+                    Value::Null => "-".to_string(),
+                    a => format!(
+                        "{}..{} {} {}",
+                        a["min"],
+                        a["max"],
+                        a["metric"].as_str().unwrap_or(""),
+                        a["target"]
+                    ),
+                };
+                vec![
+                    svc["name"].as_str().unwrap_or("").to_string(),
+                    svc["project"].as_str().unwrap_or("").to_string(),
+                    format!("{}/{}", svc["ready"], svc["replicas"]),
+                    auto,
+                    svc["path"].as_str().unwrap_or("").to_string(),
+                    if eps.is_empty() {
+                        "-".into()
+                    } else {
+                        eps.join(" ")
+                    },
+                ]
+            })
+            .collect();
+        table(
+            &["NAME", "PROJECT", "READY", "AUTOSCALE", "PATH", "REPLICAS"],
+            rows,
         );
         Ok(())
     })

@@ -151,6 +151,11 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
                     .as_ref()
                     .and_then(|_| s.checkpoints.get(&(job.id, r.index)))
                     .map(|m| m.id.clone()),
+                port: job
+                    .service
+                    .as_ref()
+                    .and_then(|name| s.services.get(name))
+                    .map(|svc| svc.def.port.unwrap_or(0)),
             });
         }
     }

@@ -20,7 +20,7 @@ use crate::units::{Quantity, parse_gpu_milli};
 
 /// Parses a JSON body strictly, naming what is wrong.
 /// The user behind a call that changes jobs; viewers may not `what`.
-fn acting_user(caller: &Caller, what: &str) -> Result<String, ApiError> {
+pub fn acting_user(caller: &Caller, what: &str) -> Result<String, ApiError> {
     let (user, role) = caller.user()?;
     if role == Role::Viewer {
         return Err(ApiError::forbidden(format!(
@@ -30,7 +30,7 @@ fn acting_user(caller: &Caller, what: &str) -> Result<String, ApiError> {
     Ok(user.to_string())
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("request body: {e}")))
 }
 
@@ -195,6 +195,33 @@ fn visible_job<'a>(s: &'a State, caller: &Caller, id: u64) -> Result<&'a Job, Ap
     }
 }
 
+/// The project exists and `user` may submit to it.
+pub fn may_use_project(s: &State, user: &str, role: Role, project: &str) -> Result<(), ApiError> {
+    if !s.projects.contains_key(project) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "metadata.project {project}: no such project; create it with `tessera \
+         projects create {project}` or pick one from `tessera projects`"
+            ),
+        ));
+    }
+    if let Some(p) = s.visible_projects(user, role)
+        && !p.contains(project)
+    {
+        return Err(ApiError::forbidden(format!(
+            "user {user} is not a member of project {project}"
+        )));
+    }
+    Ok(())
+}
+
+/// A manifest from a request body (YAML or JSON).
+pub fn parse_manifest(body: &[u8]) -> Result<Manifest, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|_| ApiError::bad("the manifest is not UTF-8"))?;
+    Manifest::parse(text).map_err(ApiError::bad)
+}
+
 pub async fn submit(
     AxState(ctl): S,
     caller: Caller,
@@ -202,51 +229,15 @@ pub async fn submit(
 ) -> Result<(axum::http::StatusCode, Json<JobView>), ApiError> {
     let user = acting_user(&caller, "submit jobs")?;
     let role = caller.user()?.1;
-    let text =
-        std::str::from_utf8(&body).map_err(|_| ApiError::bad("the manifest is not UTF-8"))?;
-    let def = Manifest::parse(text)
-        .map_err(ApiError::bad)?
-        .into_def("default")?;
+    let def = parse_manifest(&body)?.into_def("default")?;
     let project = def.spec.project.clone();
     let job = ctl
         .store
         .write(move |c, s| -> Result<JobView, ApiError> {
-            if !s.projects.contains_key(&project) {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                    format!(
-                        "metadata.project {project}: no such project; create it with `tessera \
-                         projects create {project}` or pick one from `tessera projects`"
-                    ),
-                ));
-            }
-            if let Some(p) = s.visible_projects(&user, role)
-                && !p.contains(&project)
-            {
-                return Err(ApiError::forbidden(format!(
-                    "user {user} is not a member of project {project}"
-                )));
-            }
+            may_use_project(s, &user, role, &project)?;
             let now = now_ms();
             let id = s.next_job_id + 1;
-            let job = Job {
-                id,
-                owner: user.clone(),
-                def,
-                state: JobState::Pending,
-                reason: "submitted; waiting for the scheduler".into(),
-                created_ms: now,
-                updated_ms: now,
-                attempt: 0,
-                restarts: 0,
-                not_before_ms: 0,
-                replicas: vec![],
-                stop: None,
-                started_seq: 0,
-                queued_ms: now,
-                finished_ms: None,
-                pin_node: None,
-            };
+            let job = Job::new(id, &user, def, now);
             let note = ("Submitted", format!("submitted by {user}"));
             s.remember_request(&job.def.spec.request);
             save_job(c, s, job, vec![note], now)?;
@@ -353,25 +344,31 @@ pub async fn cancel_job(
                 )));
             }
             let now = now_ms();
-            let mut notes = vec![];
-            if job.state == JobState::Pending {
-                job.state = JobState::Cancelled;
-                job.reason = format!("cancelled by {user} before it started");
-                job.finished_ms = Some(now);
-                notes.push(("Cancelled", job.reason.clone()));
-            } else if job.stop.is_none() || !matches!(job.stop, Some(StopCause::Cancel { .. })) {
-                job.stop = Some(StopCause::Cancel { by: user.clone() });
-                notes.push((
-                    "Cancelling",
-                    format!("{user} asked to cancel; stopping its replicas"),
-                ));
-                notes.extend(settle(&mut job, now));
-            }
+            let notes = cancel(&mut job, &user, now);
             save_job(c, s, job, notes, now)?;
             Ok(view(&s.jobs[&id], s))
         })
         .await?;
     Ok(Json(job))
+}
+
+/// Cancels an active job on behalf of `by`: at once when pending, else by stopping it.
+pub fn cancel(job: &mut Job, by: &str, now: u64) -> Vec<Note> {
+    let mut notes = vec![];
+    if job.state == JobState::Pending {
+        job.state = JobState::Cancelled;
+        job.reason = format!("cancelled by {by} before it started");
+        job.finished_ms = Some(now);
+        notes.push(("Cancelled", job.reason.clone()));
+    } else if !matches!(job.stop, Some(StopCause::Cancel { .. })) {
+        job.stop = Some(StopCause::Cancel { by: by.to_string() });
+        notes.push((
+            "Cancelling",
+            format!("{by} asked to cancel; stopping its replicas"),
+        ));
+        notes.extend(settle(job, now));
+    }
+    notes
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -405,6 +402,13 @@ pub async fn migrate_job(
                 .get(&id)
                 .cloned()
                 .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
+            // A service replica moves make-before-break: a replacement starts first.
+            if let Some(name) = job.service.clone()
+                && s.services.contains_key(&name)
+            {
+                super::services::start_move(c, s, &name, Some(id), b.to.clone())?;
+                return Ok(view(&s.jobs[&id], s));
+            }
             if !job.state.is_active() || job.stop.is_some() {
                 return Err(ApiError::conflict(format!(
                     "job {id} is {} and not running; only a running job can be moved",

@@ -25,6 +25,7 @@ pub fn apply_status(job: &mut Job, index: u32, status: &ReplicaStatus, now: u64)
         RunPhase::Running if r.phase == ReplicaPhase::Assigned => {
             r.phase = ReplicaPhase::Running;
             r.started_ms = Some(now);
+            r.port = status.port;
             true
         }
         RunPhase::Exited if !r.phase.is_done() => {
@@ -222,6 +223,7 @@ mod tests {
                     exit_message: None,
                     started_ms: None,
                     finished_ms: None,
+                    port: None,
                 })
                 .collect(),
             stop: None,
@@ -229,6 +231,9 @@ mod tests {
             queued_ms: 0,
             finished_ms: None,
             pin_node: None,
+            service: None,
+            replaces: None,
+            draining_since_ms: None,
         }
     }
 
@@ -239,6 +244,7 @@ mod tests {
             exit_code: code,
             message: String::new(),
             resume_failed: None,
+            port: None,
         }
     }
 

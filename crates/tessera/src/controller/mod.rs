@@ -4,10 +4,12 @@
 pub mod agents;
 pub mod api;
 pub mod checkpoints;
+pub mod gateway;
 pub mod lifecycle;
 pub mod metrics;
 pub mod openapi;
 pub mod reconcile;
+pub mod services;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,6 +47,8 @@ pub struct ControllerConfig {
     pub lease: Duration,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub seed: u64,
+    /// Where the service gateway listens (plain HTTP), if anywhere.
+    pub gateway: Option<SocketAddr>,
 }
 
 /// Shared by every request handler and the reconcile loop.
@@ -54,6 +58,7 @@ pub struct Controller {
     pub config: ControllerConfig,
     pub metrics: metrics::Metrics,
     pub http: reqwest::Client,
+    pub gateway: Arc<gateway::Gateway>,
 }
 
 pub type Ctl = Arc<Controller>;
@@ -338,6 +343,8 @@ pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 pub struct Running {
     pub ctl: Ctl,
     pub addr: SocketAddr,
+    /// Where the service gateway listens.
+    pub gateway: Option<SocketAddr>,
     pub first_admin_token: Option<String>,
     pub server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -360,13 +367,28 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
             .build()
             .context("building the HTTP client")?,
         config: config.clone(),
+        gateway: Arc::new(gateway::Gateway::new()),
     });
     tokio::spawn(reconcile::run(ctl.clone()));
+    tokio::spawn(services::run(ctl.clone()));
+    let gateway_addr = match config.gateway {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("gateway listening on {addr} (is it in use?)"))?;
+            let local = listener.local_addr()?;
+            let app = gateway::router(ctl.gateway.clone());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            Some(local)
+        }
+        None => None,
+    };
     let app = router(ctl.clone());
     let (addr, server) = serve(app, &config).await?;
     Ok(Running {
         ctl,
         addr,
+        gateway: gateway_addr,
         first_admin_token,
         server,
     })
@@ -420,6 +442,13 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/v1/jobs/{id}/migrate", post(api::migrate_job))
         .route("/v1/jobs/{id}/events", get(api::job_events))
         .route("/v1/jobs/{id}/logs", get(api::job_logs))
+        .route("/v1/services", post(services::create).get(services::list))
+        .route(
+            "/v1/services/{name}",
+            get(services::get).delete(services::delete),
+        )
+        .route("/v1/services/{name}/scale", post(services::scale))
+        .route("/v1/services/{name}/move", post(services::move_replica))
         .route("/v1/nodes", get(api::list_nodes))
         .route("/v1/nodes/{name}", get(api::get_node))
         .route("/v1/nodes/{name}/cordon", post(api::cordon_node))

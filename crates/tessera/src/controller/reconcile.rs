@@ -258,6 +258,7 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
                         exit_message: None,
                         started_ms: None,
                         finished_ms: None,
+                        port: None,
                     })
                     .collect();
                 let placed: Vec<String> = job
