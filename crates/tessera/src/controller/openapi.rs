@@ -56,6 +56,48 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
         "LogChunk",
     ),
     (
+        "post",
+        "/v1/services",
+        "Create a service (manifest with kind: Service)",
+        Some("Manifest"),
+        "Service",
+    ),
+    (
+        "get",
+        "/v1/services",
+        "List services with their replicas",
+        None,
+        "ServiceList",
+    ),
+    (
+        "get",
+        "/v1/services/{name}",
+        "Get one service",
+        None,
+        "Service",
+    ),
+    (
+        "delete",
+        "/v1/services/{name}",
+        "Stop every replica and remove the service",
+        None,
+        "Service",
+    ),
+    (
+        "post",
+        "/v1/services/{name}/scale",
+        "Set the replica count (within its autoscale range)",
+        Some("Scale"),
+        "Service",
+    ),
+    (
+        "post",
+        "/v1/services/{name}/move",
+        "Move a replica make-before-break (job: which, to: node)",
+        Some("Move"),
+        "Service",
+    ),
+    (
         "get",
         "/v1/nodes",
         "List nodes with their devices and allocation",
@@ -168,6 +210,17 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
 fn schemas() -> Value {
     let obj = |props: Value| json!({"type": "object", "properties": props});
     let list = |item: &str| json!({"type": "array", "items": {"$ref": format!("#/components/schemas/{item}")}});
+    let checkpoint = json!({"type": "object", "additionalProperties": false, "properties": {
+        "mode": {"enum": ["cooperative", "transparent"]}, "signal": {"type": "string"},
+        "grace": {"type": "string"}, "interval": {"type": "string"}}});
+    let autoscale = json!({"type": "object", "required": ["min", "max"], "properties": {
+        "min": {"type": "integer"}, "max": {"type": "integer"}, "targetInFlight": {"type": "number"},
+        "targetRps": {"type": "number"}, "scaleDownDelay": {"type": "string"}}});
+    let service = json!({"description": "kind: Service only", "type": "object",
+        "additionalProperties": false, "properties": {
+            "port": {"oneOf": [{"type": "integer"}, {"const": "auto"}]},
+            "readiness": {"type": "object", "properties": {"path": {"type": "string"}, "period": {"type": "string"}}},
+            "drain": {"type": "string"}, "autoscale": autoscale}});
     json!({
         "Manifest": {
             "type": "object",
@@ -175,7 +228,7 @@ fn schemas() -> Value {
             "additionalProperties": false,
             "properties": {
                 "apiVersion": {"const": "tessera/v1"},
-                "kind": {"const": "Job"},
+                "kind": {"enum": ["Job", "Service"]},
                 "metadata": {"type": "object", "required": ["name"], "additionalProperties": false,
                     "properties": {"name": {"type": "string"}, "project": {"type": "string"}}},
                 "spec": {"type": "object", "required": ["command"], "additionalProperties": false,
@@ -193,8 +246,16 @@ fn schemas() -> Value {
                         "env": {"type": "object", "additionalProperties": {"type": "string"}},
                         "restart": {"type": "object", "additionalProperties": false, "required": ["policy"], "properties": {
                             "policy": {"enum": ["never", "on-failure"]}, "maxRestarts": {"type": "integer"}}},
-                        "preemptible": {"type": "boolean"}}}}
+                        "preemptible": {"type": "boolean"},
+                        "checkpoint": checkpoint,
+                        "service": service}}}
         },
+        "Service": obj(json!({"name": {"type": "string"}, "project": {"type": "string"}, "replicas": {"type": "integer"},
+            "ready": {"type": "integer"}, "path": {"type": "string"}, "jobs": {"type": "array"}, "endpoints": {"type": "array"},
+            "autoscale": {}})),
+        "ServiceList": list("Service"),
+        "Scale": {"type": "object", "required": ["replicas"], "properties": {"replicas": {"type": "integer"}}},
+        "Move": {"type": "object", "properties": {"job": {"type": "integer"}, "to": {"type": "string"}}},
         "Job": obj(json!({
             "id": {"type": "integer"}, "name": {"type": "string"}, "project": {"type": "string"},
             "owner": {"type": "string"},
