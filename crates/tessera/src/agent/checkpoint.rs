@@ -28,6 +28,19 @@ pub struct Remote {
     pub token: String,
 }
 
+impl Remote {
+    /// An authenticated GET of `path` on the controller; an error status is an error.
+    async fn get(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        Ok(self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?
+            .error_for_status()?)
+    }
+}
+
 #[derive(Deserialize)]
 struct Hashes {
     hashes: Vec<String>,
@@ -182,12 +195,8 @@ pub async fn upload(
 /// start from the beginning (the message says why).
 pub async fn restore(remote: &Remote, id: &str, into: &Path) -> anyhow::Result<()> {
     let m: CheckpointManifest = remote
-        .http
-        .get(format!("{}/v1/agent/checkpoints/{id}", remote.base))
-        .bearer_auth(&remote.token)
-        .send()
+        .get(&format!("/v1/agent/checkpoints/{id}"))
         .await?
-        .error_for_status()?
         .json()
         .await?;
     std::fs::create_dir_all(into)?;
@@ -202,12 +211,8 @@ pub async fn restore(remote: &Remote, id: &str, into: &Path) -> anyhow::Result<(
         let mut out = std::fs::File::create(&path)?;
         for hash in &file.chunks {
             let bytes = remote
-                .http
-                .get(format!("{}/v1/agent/chunks/{hash}", remote.base))
-                .bearer_auth(&remote.token)
-                .send()
+                .get(&format!("/v1/agent/chunks/{hash}"))
                 .await?
-                .error_for_status()?
                 .bytes()
                 .await?;
             if hex::encode(Sha256::digest(&bytes)) != *hash {

@@ -30,6 +30,17 @@ pub fn acting_user(caller: &Caller, what: &str) -> Result<String, ApiError> {
     Ok(user.to_string())
 }
 
+/// An optional request body: its type's default when empty.
+pub fn parse_body_or_default<T: serde::de::DeserializeOwned + Default>(
+    body: &[u8],
+) -> Result<T, ApiError> {
+    if body.is_empty() {
+        Ok(T::default())
+    } else {
+        parse_body(body)
+    }
+}
+
 pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("request body: {e}")))
 }
@@ -371,6 +382,22 @@ pub fn cancel(job: &mut Job, by: &str, now: u64) -> Vec<Note> {
     notes
 }
 
+/// A node work may be moved to: it exists, is ready and is not cordoned.
+pub fn move_target(s: &State, to: &str) -> Result<(), ApiError> {
+    let ready = s
+        .nodes
+        .get(to)
+        .is_some_and(|n| n.health == NodeHealth::Ready && !n.cordoned);
+    if ready {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            format!("to {to}: no ready, uncordoned node of that name; see `tessera nodes`"),
+        ))
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateBody {
@@ -387,11 +414,7 @@ pub async fn migrate_job(
     body: Bytes,
 ) -> Result<Json<JobView>, ApiError> {
     let user = acting_user(&caller, "move jobs")?;
-    let b: MigrateBody = if body.is_empty() {
-        MigrateBody::default()
-    } else {
-        parse_body(&body)?
-    };
+    let b: MigrateBody = parse_body_or_default(&body)?;
     ctl.store
         .read(|s| visible_job(s, &caller, id).map(|_| ()))?;
     let job = ctl
@@ -420,18 +443,7 @@ pub async fn migrate_job(
                 )));
             }
             if let Some(to) = &b.to {
-                let ready = s
-                    .nodes
-                    .get(to)
-                    .is_some_and(|n| n.health == NodeHealth::Ready && !n.cordoned);
-                if !ready {
-                    return Err(ApiError::new(
-                        axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                        format!(
-                            "to {to}: no ready, uncordoned node of that name; see `tessera nodes`"
-                        ),
-                    ));
-                }
+                move_target(s, to)?;
                 if job.replicas.iter().all(|r| r.node == *to) {
                     return Err(ApiError::conflict(format!("job {id} already runs on {to}")));
                 }

@@ -11,12 +11,15 @@ use axum::body::Bytes;
 use axum::extract::{Path, State as AxState};
 use serde::{Deserialize, Serialize};
 
-use super::api::{acting_user, cancel, may_use_project, parse_body, parse_manifest, save_job};
+use super::api::{
+    acting_user, cancel, may_use_project, move_target, parse_body, parse_body_or_default,
+    parse_manifest, save_job,
+};
 use super::gateway::{Gateway, Seen};
 use super::lifecycle::Note;
 use super::{ApiError, Caller, Ctl, now_ms};
 use crate::service::{ScaleMemory, ScaleMetric, desired_replicas};
-use crate::state::{Job, JobState, NodeHealth, ReplicaPhase, Service, State};
+use crate::state::{Job, JobState, ReplicaPhase, Service, State};
 use crate::store;
 
 type S = AxState<Ctl>;
@@ -301,16 +304,7 @@ pub fn start_move(
         )));
     }
     if let Some(to) = &to {
-        let ready = s
-            .nodes
-            .get(to)
-            .is_some_and(|n| n.health == NodeHealth::Ready && !n.cordoned);
-        if !ready {
-            return Err(ApiError::new(
-                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                format!("to {to}: no ready, uncordoned node of that name; see `tessera nodes`"),
-            ));
-        }
+        move_target(s, to)?;
     }
     let now = now_ms();
     Ok(add_replica(c, s, &svc, Some(old_id), to, now)?)
@@ -323,11 +317,7 @@ pub async fn move_replica(
     body: Bytes,
 ) -> Result<Json<ServiceView>, ApiError> {
     acting_user(&caller, "move services")?;
-    let b: MoveBody = if body.is_empty() {
-        MoveBody::default()
-    } else {
-        parse_body(&body)?
-    };
+    let b: MoveBody = parse_body_or_default(&body)?;
     ctl.store.read(|s| visible(s, &caller, &name))?;
     let gw = ctl.gateway.clone();
     let v = ctl
