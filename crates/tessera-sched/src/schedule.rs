@@ -348,7 +348,7 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
                 ) {
                     Some(chosen) => {
                         let leaving: Vec<&RunningJob> = chosen.iter().map(|(v, _)| *v).collect();
-                        hold_for_reclaimer(&mut placer, spec, &leaving);
+                        hold_for_reclaimer(&mut placer, spec, &allocations_of(&leaving));
                         quotas.charge(project, milli);
                         let mut victims = Vec::new();
                         for (victim, reason) in chosen {
@@ -454,32 +454,29 @@ fn fits(placer: &mut Placer, spec: &JobSpec) -> bool {
     }
 }
 
-/// Holds, for the rest of this round, the free capacity that `spec` will use once `victims` have
-/// stopped. Without it, a victim that stopped first (and is pending again) lands back on the GPU
-/// it just freed, and the reclaim starts over: a preemption loop. Only the part of the future
-/// placement that is free now is held; the victims' own part is theirs until they stop.
-fn hold_for_reclaimer(placer: &mut Placer, spec: &JobSpec, victims: &[&RunningJob]) {
-    for v in victims {
-        for alloc in &v.allocations {
-            let undone = placer.release(alloc);
-            debug_assert!(undone.is_ok(), "{undone:?}");
-        }
+/// Holds, for the rest of this round, the free capacity that `spec` will use once the `leaving`
+/// allocations (of victims, moved jobs or shrinking replicas) are given back. Without it, a victim
+/// that stopped first (and is pending again) lands back on the GPU it just freed, and the reclaim
+/// starts over: a preemption loop. Only the part of the future placement that is free now is
+/// held; the leaving part is theirs until they stop.
+fn hold_for_reclaimer(placer: &mut Placer, spec: &JobSpec, leaving: &[&Allocation]) {
+    for alloc in leaving {
+        let undone = placer.release(alloc);
+        debug_assert!(undone.is_ok(), "{undone:?}");
     }
     let future = placer.place_job(spec).unwrap_or_default();
     for alloc in &future {
         let undone = placer.release(alloc);
         debug_assert!(undone.is_ok(), "{undone:?}");
     }
-    for v in victims {
-        for alloc in &v.allocations {
-            let redone = placer.adopt(alloc);
-            debug_assert!(redone.is_ok(), "{redone:?}");
-        }
+    for alloc in leaving {
+        let redone = placer.adopt(alloc);
+        debug_assert!(redone.is_ok(), "{redone:?}");
     }
     for alloc in &future {
-        let theirs: Vec<&Allocation> = victims
+        let theirs: Vec<&Allocation> = leaving
             .iter()
-            .flat_map(|v| &v.allocations)
+            .copied()
             .filter(|a| a.node == alloc.node)
             .collect();
         let on_device = |device: u32| -> (u32, u64) {
@@ -513,30 +510,35 @@ fn hold_for_reclaimer(placer: &mut Placer, spec: &JobSpec, victims: &[&RunningJo
             affinity: None,
         };
         if hold.cpu_milli > 0 || hold.memory_bytes > 0 || !hold.devices.is_empty() {
-            // It fits: `spec` fitted in this free capacity plus the victims' own.
+            // It fits: `spec` fitted in this free capacity plus the leaving allocations.
             let held = placer.adopt(&hold);
             debug_assert!(held.is_ok(), "{held:?}");
         }
     }
 }
 
+/// All the allocations of these jobs, for [`hold_for_reclaimer`].
+fn allocations_of<'a>(jobs: &[&'a RunningJob]) -> Vec<&'a Allocation> {
+    jobs.iter().flat_map(|j| &j.allocations).collect()
+}
+
 /// Most nodes one consolidation attempt tries to clear.
 const MAX_CONSOLIDATION_NODES: usize = 16;
 
-/// Gathers scattered free capacity for a one-replica `job`: moves small running jobs off one
-/// node onto others. Planned in memory and kept only when the job and every moved job fit (all
-/// or nothing, KAI's transactional style); the pool is left holding the capacity the job and the
-/// moved jobs will take, as for a reclaim. Candidates are preemptible one-replica jobs of no
-/// higher priority, smallest first.
+/// Most starting nodes tried: each try clears nodes from its start onwards.
+const MAX_CONSOLIDATION_STARTS: usize = 4;
+
+/// Gathers scattered free capacity for `job` (one replica or a whole gang): moves small running
+/// jobs off some nodes onto others. Planned in memory and kept only when the job and every moved
+/// job fit (all or nothing, KAI's transactional style); the pool is left holding the capacity the
+/// job and the moved jobs will take, as for a reclaim. Candidates are preemptible one-replica jobs
+/// of no higher priority, smallest first; never more of them move than the job needs.
 fn consolidate<'a>(
     placer: &mut Placer,
     snapshot: &'a Snapshot,
     job: &PendingJob,
     taken: &HashSet<u64>,
 ) -> Option<Vec<(&'a RunningJob, NodeId)>> {
-    if job.spec.replicas != 1 {
-        return None;
-    }
     let movable: Vec<&RunningJob> = snapshot
         .running
         .iter()
@@ -549,7 +551,7 @@ fn consolidate<'a>(
                 && !taken.contains(&r.id)
         })
         .collect();
-    // Only nodes where the free GPU share plus what could move away covers the job, most
+    // Only nodes where the free GPU share plus what could move away covers one replica, most
     // promising first, and a bounded number of them: a round on a large pool stays cheap.
     let need = job.spec.request.gpu.total_milli();
     let mut room: HashMap<NodeId, u64> = HashMap::new();
@@ -567,74 +569,108 @@ fn consolidate<'a>(
         .map(|(n, milli)| (milli, n))
         .collect();
     nodes.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    for node in nodes
+    let nodes: Vec<NodeId> = nodes
         .into_iter()
         .take(MAX_CONSOLIDATION_NODES)
         .map(|(_, n)| n)
-    {
+        .collect();
+    (0..nodes.len().min(MAX_CONSOLIDATION_STARTS))
+        .find_map(|start| try_consolidation(placer, &movable, &nodes[start..], &job.spec))
+}
+
+/// One consolidation trial: takes jobs off `nodes` in order, smallest first, until `spec` fits;
+/// puts back every one it can do without; then places `spec` and the moved jobs elsewhere. On
+/// success the pool holds what `spec` and the moved jobs will take; otherwise it is unchanged.
+fn try_consolidation<'a>(
+    placer: &mut Placer,
+    movable: &[&'a RunningJob],
+    nodes: &[NodeId],
+    spec: &JobSpec,
+) -> Option<Vec<(&'a RunningJob, NodeId)>> {
+    let release = |placer: &mut Placer, r: &RunningJob| {
+        let undone = placer.release(&r.allocations[0]);
+        debug_assert!(undone.is_ok(), "{undone:?}");
+    };
+    let adopt = |placer: &mut Placer, a: &Allocation| {
+        let redone = placer.adopt(a);
+        debug_assert!(redone.is_ok(), "{redone:?}");
+    };
+    let mut off: Vec<&RunningJob> = Vec::new();
+    let mut fit = false;
+    'clear: for &node in nodes {
         let mut on_node: Vec<&RunningJob> = movable
             .iter()
             .copied()
             .filter(|r| r.allocations[0].node == node)
             .collect();
         on_node.sort_by_key(|r| (r.gpu_milli, r.id));
-        // Take jobs off this node, smallest first, until the job fits.
-        let mut off: Vec<&RunningJob> = Vec::new();
-        let mut placed = None;
         for r in on_node {
-            let undone = placer.release(&r.allocations[0]);
-            debug_assert!(undone.is_ok(), "{undone:?}");
+            release(placer, r);
             off.push(r);
-            if let Ok(a) = placer.place_job(&job.spec) {
-                placed = Some(a);
-                break;
+            if fits(placer, spec) {
+                fit = true;
+                break 'clear;
             }
         }
-        let mut moves: Vec<(&RunningJob, Allocation)> = Vec::new();
-        let mut ok = placed.is_some();
-        if ok {
-            for r in &off {
-                let request = r.request.as_ref().expect("filtered on request");
-                match placer.place_replica(request) {
-                    // Moving onto the node being cleared gains nothing.
-                    Some(a) if a.node != node => moves.push((r, a)),
-                    Some(a) => {
-                        let undone = placer.release(&a);
-                        debug_assert!(undone.is_ok(), "{undone:?}");
-                        ok = false;
-                        break;
-                    }
-                    None => {
-                        ok = false;
-                        break;
-                    }
+    }
+    if !fit {
+        for r in &off {
+            adopt(placer, &r.allocations[0]);
+        }
+        return None;
+    }
+    // Never more moves than needed: put back, last taken first, every job it can do without.
+    let mut moving: Vec<&RunningJob> = Vec::new();
+    for r in off.into_iter().rev() {
+        adopt(placer, &r.allocations[0]);
+        if !fits(placer, spec) {
+            release(placer, r);
+            moving.push(r);
+        }
+    }
+    let placed = placer.place_job(spec).unwrap_or_default();
+    let mut moves: Vec<(&RunningJob, Allocation)> = Vec::new();
+    let mut ok = !placed.is_empty();
+    if ok {
+        for r in &moving {
+            let request = r.request.as_ref().expect("filtered on request");
+            match placer.place_replica(request) {
+                // Moving onto the node it is on gains nothing.
+                Some(a) if a.node != r.allocations[0].node => moves.push((r, a)),
+                Some(a) => {
+                    let undone = placer.release(&a);
+                    debug_assert!(undone.is_ok(), "{undone:?}");
+                    ok = false;
+                    break;
+                }
+                None => {
+                    ok = false;
+                    break;
                 }
             }
         }
-        // Undo the trial whatever it found: the running jobs keep their places this round.
-        for (_, a) in &moves {
-            let undone = placer.release(a);
-            debug_assert!(undone.is_ok(), "{undone:?}");
-        }
-        for a in placed.iter().flatten() {
-            let undone = placer.release(a);
-            debug_assert!(undone.is_ok(), "{undone:?}");
-        }
-        for r in &off {
-            let redone = placer.adopt(&r.allocations[0]);
-            debug_assert!(redone.is_ok(), "{redone:?}");
-        }
-        if ok {
-            // Hold what the moved jobs will take, then what the job will.
-            for (_, a) in &moves {
-                let held = placer.adopt(a);
-                debug_assert!(held.is_ok(), "{held:?}");
-            }
-            hold_for_reclaimer(placer, &job.spec, &off);
-            return Some(moves.into_iter().map(|(r, a)| (r, a.node)).collect());
-        }
     }
-    None
+    // Undo the trial whatever it found: the running jobs keep their places this round.
+    for (_, a) in &moves {
+        let undone = placer.release(a);
+        debug_assert!(undone.is_ok(), "{undone:?}");
+    }
+    for a in &placed {
+        let undone = placer.release(a);
+        debug_assert!(undone.is_ok(), "{undone:?}");
+    }
+    for r in &moving {
+        adopt(placer, &r.allocations[0]);
+    }
+    if !ok {
+        return None;
+    }
+    // Hold what the moved jobs will take, then what the job will.
+    for (_, a) in &moves {
+        adopt(placer, a);
+    }
+    hold_for_reclaimer(placer, spec, &allocations_of(&moving));
+    Some(moves.into_iter().map(|(r, a)| (r, a.node)).collect())
 }
 
 /// Finds the fewest running jobs whose stopping lets `job` fit: stopping jobs first (they are
@@ -1143,6 +1179,80 @@ mod quota_tests {
         snapshot.running[1].priority = 90;
         let plan = schedule(&snapshot, &config()).unwrap();
         assert!(plan.moves.is_empty(), "{:?}", plan.moves);
+    }
+
+    #[test]
+    fn a_gang_waiting_on_scattered_gpus_gets_whole_nodes_by_the_fewest_moves() {
+        // Four nodes of two GPUs, one busy GPU on each: four GPUs are free, none two on a node.
+        let movable = |id, node| {
+            let mut r = on(id, "a", 50, id, node, 0);
+            r.request = Some(job("a", 50, 1, 1).request);
+            r
+        };
+        let snapshot = Snapshot {
+            nodes: (0..4).map(|i| node(&format!("n{i}"), 2)).collect(),
+            running: (0..4).map(|i| movable(i + 1, i as u32)).collect(),
+            pending: vec![PendingJob {
+                id: 10,
+                spec: job("a", 50, 2, 2),
+            }],
+            projects: vec![quota("a", 0, None)],
+        };
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert!(plan.placements.is_empty() && plan.preemptions.is_empty());
+        // Two nodes are cleared for the gang's two replicas; their jobs go to the other two.
+        assert_eq!(plan.moves.len(), 2, "{:?}", plan.moves);
+        let from: HashSet<NodeId> = plan
+            .moves
+            .iter()
+            .map(|m| snapshot.running[m.job as usize - 1].allocations[0].node)
+            .collect();
+        let to: HashSet<NodeId> = plan.moves.iter().map(|m| m.to).collect();
+        assert_eq!(from.len(), 2, "{:?}", plan.moves);
+        assert_eq!(to.len(), 2, "{:?}", plan.moves);
+        assert!(from.is_disjoint(&to), "{:?}", plan.moves);
+        let mut moved: Vec<u64> = plan.moves.iter().map(|m| m.job).collect();
+        moved.sort();
+        assert!(matches!(
+            &plan.waiting[..],
+            [(10, WaitReason::Consolidating { .. })]
+        ));
+
+        // Once the moved jobs stopped and wait to start again, pinned to their targets as the
+        // controller pins them, the round places the gang on the two cleared nodes and the moved
+        // jobs on the others: no one takes another's place.
+        let mut after = snapshot.clone();
+        for n in &mut after.nodes {
+            n.labels.insert("node".into(), n.name.clone());
+        }
+        after.running.retain(|r| !moved.contains(&r.id));
+        after.pending.extend(plan.moves.iter().map(|m| {
+            let mut spec = job("a", 50, 1, 1);
+            spec.request
+                .node_selector
+                .insert("node".into(), format!("n{}", m.to.0));
+            PendingJob { id: m.job, spec }
+        }));
+        let plan = schedule(&after, &config()).unwrap();
+        let placed: HashMap<u64, Vec<NodeId>> = plan
+            .placements
+            .iter()
+            .map(|(id, allocs)| (*id, allocs.iter().map(|a| a.node).collect()))
+            .collect();
+        assert_eq!(placed.len(), 3, "{:?}", plan.placements);
+        let gang: HashSet<NodeId> = placed[&10].iter().copied().collect();
+        assert_eq!(gang, from);
+        for id in &moved {
+            assert!(to.contains(&placed[id][0]), "{:?}", plan.placements);
+        }
+
+        // A gang that needs more than moving can gather (three whole nodes while only four GPUs
+        // are free) moves nothing.
+        let mut snapshot = snapshot;
+        snapshot.pending[0].spec = job("a", 50, 2, 3);
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert!(plan.moves.is_empty(), "{:?}", plan.moves);
+        assert!(matches!(plan.waiting[0].1, WaitReason::NoFit { .. }));
     }
 
     #[test]
