@@ -8,9 +8,12 @@
 //!    inside a project;
 //! 2. refuse jobs that would break a hard limit;
 //! 3. place whole gangs ([`crate::place`]);
-//! 4. only when a gang fits nowhere, look for running work to preempt: jobs of projects above
+//! 4. only when a gang fits nowhere: take back replicas that elastic jobs run above their
+//!    minimum (lent idle capacity); else look for running work to preempt: jobs of projects above
 //!    their guarantee (when the waiting job's project is within its own), and lower-priority jobs
-//!    of the same project; lowest priority and newest first, and never more than needed.
+//!    of the same project; lowest priority and newest first, and never more than needed; else
+//!    move small jobs to gather scattered free capacity (consolidation);
+//! 5. last, grow elastic jobs into what is still idle.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -51,6 +54,22 @@ pub struct RunningJob {
     /// What each of its replicas asked for; `None` when unknown (the job is then never moved to
     /// consolidate free capacity, only preempted).
     pub request: Option<ResourceRequest>,
+    /// Set for an elastic job (`replicas: {min, max}`).
+    pub elastic: Option<ElasticRunning>,
+}
+
+/// What an elastic job may do now: grow into idle capacity, and give back its replicas above
+/// its minimum when a waiting job needs the room.
+#[derive(Debug, Clone, Default)]
+pub struct ElasticRunning {
+    /// Replicas it may add now (its maximum less what it runs; 0 while it must not grow).
+    pub may_grow: u32,
+    /// Its replicas above its minimum, oldest first: (replica index, allocation). The newest go
+    /// first when room is needed.
+    pub extra: Vec<(u32, Allocation)>,
+    /// Its replicas already told to stop and not stopped yet: their room is as good as free, and
+    /// counted before any other replica is asked to go.
+    pub leaving: Vec<(u32, Allocation)>,
 }
 
 /// The pool as the controller sees it at one instant.
@@ -101,6 +120,10 @@ pub enum WaitReason {
     /// Free capacity was enough but scattered: these jobs are being moved to gather it.
     Consolidating {
         moved: Vec<u64>,
+    },
+    /// Elastic jobs are giving back replicas above their minimum: (job, replicas).
+    Shrinking {
+        from: Vec<(u64, u32)>,
     },
 }
 
@@ -160,6 +183,21 @@ impl WaitReason {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
+            WaitReason::Shrinking { from } => {
+                let mut per_job: BTreeMap<u64, u32> = BTreeMap::new();
+                for (job, _) in from {
+                    *per_job.entry(*job).or_default() += 1;
+                }
+                format!(
+                    "waiting for elastic job{} to give back replicas above their minimum: {}",
+                    if per_job.len() == 1 { "" } else { "s" },
+                    per_job
+                        .iter()
+                        .map(|(job, n)| format!("{n} of job {job}",))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
             WaitReason::Reclaiming { victims } => format!(
                 "waiting for {} job{} ({}) to stop and give back capacity for it",
                 victims.len(),
@@ -246,6 +284,25 @@ pub struct Plan {
     pub preemptions: Vec<Preemption>,
     /// Running jobs to move (stop, then start on `to`) so that `for_job` fits.
     pub moves: Vec<Move>,
+    /// Replicas to add to running elastic jobs, in idle capacity.
+    pub grows: Vec<Grow>,
+    /// Replicas above their minimum that elastic jobs give back so that `for_job` fits.
+    pub shrinks: Vec<Shrink>,
+}
+
+/// New replicas for a running elastic job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Grow {
+    pub job: u64,
+    pub allocations: Vec<Allocation>,
+}
+
+/// Replicas of a running elastic job to stop (checkpointed where it checkpoints).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Shrink {
+    pub job: u64,
+    pub replicas: Vec<u32>,
+    pub for_job: u64,
 }
 
 /// A running job to move to another node, for consolidation.
@@ -292,6 +349,8 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
 
     let mut plan = Plan::default();
     let mut victims_taken: HashSet<u64> = HashSet::new();
+    // Replicas of elastic jobs given back this round: (job, replica index).
+    let mut shrunk: HashSet<(u64, u32)> = HashSet::new();
     // Shapes that found no room this round: nothing is released within a round, so the same
     // shape cannot fit later either (preemption is tried once per shape, by its first job).
     let mut no_room: HashMap<(ResourceRequest, u32, &str, i32), WaitReason> = HashMap::new();
@@ -337,6 +396,37 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
                 plan.waiting.push((job.id, WaitReason::Invalid(err)));
             }
             Err(PlacementError::NoFit { replica, replicas }) => {
+                if let Some(chosen) =
+                    shrink_elastic(&mut placer, snapshot, job, &victims_taken, &shrunk)
+                {
+                    let leaving: Vec<&Allocation> = chosen.iter().map(|(_, _, a)| *a).collect();
+                    hold_for_reclaimer(&mut placer, spec, &leaving);
+                    quotas.charge(project, milli);
+                    let mut per_job: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+                    for (owner, index, alloc) in &chosen {
+                        shrunk.insert((owner.id, *index));
+                        quotas.uncharge(&owner.project, alloc.gpu_milli());
+                        let leaving = owner
+                            .elastic
+                            .as_ref()
+                            .is_some_and(|e| e.leaving.iter().any(|(i, _)| i == index));
+                        if !leaving {
+                            per_job.entry(owner.id).or_default().push(*index);
+                        }
+                    }
+                    plan.shrinks
+                        .extend(per_job.into_iter().map(|(owner, mut replicas)| {
+                            replicas.sort_unstable();
+                            Shrink {
+                                job: owner,
+                                replicas,
+                                for_job: job.id,
+                            }
+                        }));
+                    let from = chosen.iter().map(|(o, i, _)| (o.id, *i)).collect();
+                    plan.waiting.push((job.id, WaitReason::Shrinking { from }));
+                    continue;
+                }
                 let within = quotas.within_guarantee(project, milli);
                 match reclaim(
                     &mut placer,
@@ -391,7 +481,142 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
             }
         }
     }
+    plan.grows = grow_elastic(&mut placer, &mut quotas, snapshot, &victims_taken, &shrunk);
     Ok(plan)
+}
+
+/// Most replicas added to elastic jobs in one round (a large pool grows over a few rounds).
+const MAX_GROWS_PER_ROUND: usize = 256;
+
+/// Grows running elastic jobs into the capacity nothing waiting could use (this runs after every
+/// waiting job had its turn): one replica at a time to each job in turn, higher priority first,
+/// then the job with fewest replicas, within its project's hard limit.
+fn grow_elastic(
+    placer: &mut Placer,
+    quotas: &mut Quotas,
+    snapshot: &Snapshot,
+    taken: &HashSet<u64>,
+    shrunk: &HashSet<(u64, u32)>,
+) -> Vec<Grow> {
+    let mut growers: Vec<(&RunningJob, &ResourceRequest, u32)> = snapshot
+        .running
+        .iter()
+        .filter(|r| !r.stopping && !taken.contains(&r.id))
+        // A job giving back replicas this round does not take others at once.
+        .filter(|r| !shrunk.iter().any(|(job, _)| *job == r.id))
+        .filter_map(|r| {
+            let e = r.elastic.as_ref()?;
+            (e.may_grow > 0).then_some((r, r.request.as_ref()?, e.may_grow))
+        })
+        .collect();
+    growers.sort_by_key(|(r, _, _)| (std::cmp::Reverse(r.priority), r.allocations.len(), r.id));
+    let mut grown: BTreeMap<u64, Vec<Allocation>> = BTreeMap::new();
+    let mut total = 0;
+    loop {
+        let mut progress = false;
+        for (r, request, left) in &mut growers {
+            if *left == 0 || total >= MAX_GROWS_PER_ROUND {
+                continue;
+            }
+            let milli = request.gpu.total_milli();
+            if quotas.limit_hit(&r.project, milli).is_some() {
+                *left = 0;
+                continue;
+            }
+            match placer.place_replica(request) {
+                Some(alloc) => {
+                    quotas.charge(&r.project, milli);
+                    grown.entry(r.id).or_default().push(alloc);
+                    *left -= 1;
+                    total += 1;
+                    progress = true;
+                }
+                None => *left = 0,
+            }
+        }
+        if !progress {
+            break;
+        }
+    }
+    grown
+        .into_iter()
+        .map(|(job, allocations)| Grow { job, allocations })
+        .collect()
+}
+
+/// Finds the fewest replicas above their minimum that elastic jobs can give back so that `job`
+/// fits: lowest priority first, each job's newest replica first. They were lent idle capacity, so
+/// any waiting job may take it back. Leaves the pool as it was.
+fn shrink_elastic<'a>(
+    placer: &mut Placer,
+    snapshot: &'a Snapshot,
+    job: &PendingJob,
+    taken: &HashSet<u64>,
+    shrunk: &HashSet<(u64, u32)>,
+) -> Option<Vec<(&'a RunningJob, u32, &'a Allocation)>> {
+    // (already leaving, priority, how many newer replicas of its job come first, job, replica)
+    type Candidate<'b> = (bool, i32, usize, &'b RunningJob, u32, &'b Allocation);
+    let mut candidates: Vec<Candidate<'a>> = snapshot
+        .running
+        .iter()
+        .filter(|r| !r.stopping && !taken.contains(&r.id) && r.id != job.id)
+        .filter_map(|r| Some((r, r.elastic.as_ref()?)))
+        .flat_map(|(r, e)| {
+            let leaving = e
+                .leaving
+                .iter()
+                .map(move |(index, alloc)| (true, r.priority, 0, r, *index, alloc));
+            let extra = e
+                .extra
+                .iter()
+                .rev()
+                .filter(|(index, _)| !shrunk.contains(&(r.id, *index)))
+                .enumerate()
+                .map(move |(newest, (index, alloc))| (false, r.priority, newest, r, *index, alloc));
+            leaving.chain(extra)
+        })
+        .filter(|(leaving, _, _, r, index, _)| !leaving || !shrunk.contains(&(r.id, *index)))
+        .collect();
+    if candidates.is_empty() {
+        return None;
+    }
+    // Replicas already leaving first; then spread over jobs: every job's newest first, then
+    // their second newest, ...
+    candidates.sort_by_key(|(leaving, priority, newest, r, index, _)| {
+        (!*leaving, *priority, *newest, r.id, *index)
+    });
+    let mut removed = Vec::new();
+    let mut found = false;
+    for (_, _, _, r, index, alloc) in candidates {
+        let undone = placer.release(alloc);
+        debug_assert!(undone.is_ok(), "{undone:?}");
+        removed.push((r, index, alloc));
+        if fits(placer, &job.spec) {
+            found = true;
+            break;
+        }
+    }
+    let mut needed = Vec::new();
+    // Never more than needed: give back, last choice first, every replica the job can do without.
+    for (r, index, alloc) in removed.into_iter().rev() {
+        let redone = placer.adopt(alloc);
+        debug_assert!(redone.is_ok(), "{redone:?}");
+        if found && !fits(placer, &job.spec) {
+            let undone = placer.release(alloc);
+            debug_assert!(undone.is_ok(), "{undone:?}");
+            needed.push((r, index, alloc));
+        }
+    }
+    if !found {
+        return None;
+    }
+    // They run until they stop: the pool keeps them this round, and the caller holds the room.
+    for (_, _, alloc) in &needed {
+        let redone = placer.adopt(alloc);
+        debug_assert!(redone.is_ok(), "{redone:?}");
+    }
+    needed.reverse();
+    Some(needed)
 }
 
 /// The project whose head job goes next: lowest fair-share key, then priority, then age.
@@ -806,6 +1031,7 @@ mod tests {
             stopping: false,
             preemptible: true,
             request: None,
+            elastic: None,
         }
     }
 
@@ -979,6 +1205,7 @@ mod quota_tests {
             stopping: false,
             preemptible: true,
             request: None,
+            elastic: None,
         }
     }
 
@@ -1253,6 +1480,182 @@ mod quota_tests {
         let plan = schedule(&snapshot, &config()).unwrap();
         assert!(plan.moves.is_empty(), "{:?}", plan.moves);
         assert!(matches!(plan.waiting[0].1, WaitReason::NoFit { .. }));
+    }
+
+    /// An elastic job of project `project` running `replicas` one-GPU replicas on node 0
+    /// (devices 0..replicas), `min` of them its minimum, allowed `max`.
+    fn elastic(
+        id: u64,
+        project: &str,
+        priority: i32,
+        replicas: u32,
+        min: u32,
+        max: u32,
+    ) -> RunningJob {
+        let allocations: Vec<Allocation> = (0..replicas)
+            .map(|d| on(id, project, priority, id, 0, d).allocations.remove(0))
+            .collect();
+        RunningJob {
+            gpu_milli: 1000 * u64::from(replicas),
+            request: Some(job(project, priority, 1, 1).request),
+            elastic: Some(ElasticRunning {
+                may_grow: max - replicas,
+                extra: (min..replicas)
+                    .map(|i| (i, allocations[i as usize].clone()))
+                    .collect(),
+                leaving: vec![],
+            }),
+            allocations,
+            ..on(id, project, priority, id, 0, 0)
+        }
+    }
+
+    #[test]
+    fn elastic_jobs_grow_into_idle_capacity_in_turn_and_within_their_limit() {
+        let mut snapshot = Snapshot {
+            nodes: vec![node("n0", 8)],
+            // Job 1 runs 2 of its 2..8, job 2 runs 1 of its 1..3: five GPUs are idle.
+            running: vec![elastic(1, "a", 50, 2, 2, 8), {
+                let mut j = elastic(2, "a", 50, 1, 1, 3);
+                j.allocations[0].devices[0].device = 2;
+                j
+            }],
+            pending: vec![],
+            projects: vec![quota("a", 0, None)],
+        };
+        let plan = schedule(&snapshot, &config()).unwrap();
+        let grown: Vec<(u64, usize)> = plan
+            .grows
+            .iter()
+            .map(|g| (g.job, g.allocations.len()))
+            .collect();
+        // Job 2 (fewer replicas) reaches its maximum of 3; job 1 takes the other three.
+        assert_eq!(grown, vec![(1, 3), (2, 2)]);
+        let devices: HashSet<u32> = plan
+            .grows
+            .iter()
+            .flat_map(|g| &g.allocations)
+            .map(|a| a.devices[0].device)
+            .collect();
+        assert_eq!(devices.len(), 5, "no GPU given twice: {:?}", plan.grows);
+        assert!(!devices.contains(&0) && !devices.contains(&1) && !devices.contains(&2));
+
+        // A project hard limit of 5 GPUs (3 in use) leaves room for two more replicas only.
+        snapshot.projects[0].limit_milli = Some(5000);
+        let plan = schedule(&snapshot, &config()).unwrap();
+        let total: usize = plan.grows.iter().map(|g| g.allocations.len()).sum();
+        assert_eq!(total, 2, "{:?}", plan.grows);
+
+        // A job that may not grow now (e.g. finishing) does not.
+        snapshot.projects[0].limit_milli = None;
+        for r in &mut snapshot.running {
+            r.elastic.as_mut().unwrap().may_grow = 0;
+        }
+        assert!(schedule(&snapshot, &config()).unwrap().grows.is_empty());
+    }
+
+    #[test]
+    fn a_waiting_job_takes_back_an_elastic_jobs_newest_extra_replicas_and_no_more() {
+        // Job 1 holds all four GPUs, 1 of them its minimum; job 10 (lower priority, another
+        // project over nothing) needs two.
+        let snapshot = Snapshot {
+            nodes: vec![node("n0", 4)],
+            running: vec![elastic(1, "a", 75, 4, 1, 4)],
+            pending: vec![PendingJob {
+                id: 10,
+                spec: job("b", 25, 2, 1),
+            }],
+            projects: vec![quota("a", 0, None), quota("b", 0, None)],
+        };
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert!(plan.preemptions.is_empty() && plan.moves.is_empty());
+        assert_eq!(
+            plan.shrinks,
+            vec![Shrink {
+                job: 1,
+                replicas: vec![2, 3],
+                for_job: 10
+            }]
+        );
+        assert_eq!(
+            plan.waiting,
+            vec![(
+                10,
+                WaitReason::Shrinking {
+                    from: vec![(1, 3), (1, 2)]
+                }
+            )]
+        );
+        assert!(
+            plan.grows.is_empty(),
+            "a shrinking job does not grow: {:?}",
+            plan.grows
+        );
+        assert!(
+            plan.waiting[0]
+                .1
+                .describe(&job("b", 25, 2, 1))
+                .contains("give back replicas above their minimum: 2 of job 1")
+        );
+
+        // Its minimum is never given back: a job needing four GPUs cannot get them this way.
+        let mut snapshot = snapshot;
+        snapshot.pending[0].spec = job("b", 25, 4, 1);
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert!(plan.shrinks.is_empty(), "{:?}", plan.shrinks);
+        assert!(matches!(plan.waiting[0].1, WaitReason::NoFit { .. }));
+    }
+
+    #[test]
+    fn room_an_elastic_job_gave_back_goes_to_the_job_it_was_given_for() {
+        // Replica 3 of job 1 is still stopping (its job is not marked stopping: only the
+        // replica is); job 10 waits for it. Job 1 may grow again, but not into job 10's room.
+        let mut running = elastic(1, "a", 50, 4, 1, 4);
+        running.elastic.as_mut().unwrap().may_grow = 0;
+        let mut snapshot = Snapshot {
+            nodes: vec![node("n0", 4)],
+            running: vec![running],
+            pending: vec![PendingJob {
+                id: 10,
+                spec: job("a", 50, 1, 1),
+            }],
+            projects: vec![quota("a", 0, None)],
+        };
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert_eq!(plan.shrinks.len(), 1);
+        let gone = plan.shrinks[0].replicas[0];
+        // While the replica stops, job 10 waits for it and no other replica is asked to go.
+        let e = snapshot.running[0].elastic.as_mut().unwrap();
+        let at = e.extra.iter().position(|(i, _)| *i == gone).unwrap();
+        let leaving = e.extra.remove(at);
+        e.leaving.push(leaving);
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert!(plan.shrinks.is_empty(), "{:?}", plan.shrinks);
+        assert_eq!(
+            plan.waiting,
+            vec![(
+                10,
+                WaitReason::Shrinking {
+                    from: vec![(1, gone)]
+                }
+            )]
+        );
+        // The replica stopped: the next round places job 10 on the GPU it freed.
+        snapshot.running[0]
+            .elastic
+            .as_mut()
+            .unwrap()
+            .leaving
+            .clear();
+        let r = &mut snapshot.running[0];
+        r.allocations.remove(gone as usize);
+        let e = r.elastic.as_mut().unwrap();
+        e.extra.retain(|(i, _)| *i != gone);
+        e.may_grow = 1;
+        let plan = schedule(&snapshot, &config()).unwrap();
+        assert_eq!(plan.placements.len(), 1, "{:?}", plan);
+        assert_eq!(plan.placements[0].1[0].devices[0].device, gone);
+        assert!(plan.grows.is_empty(), "{:?}", plan.grows);
     }
 
     #[test]

@@ -109,6 +109,7 @@ fn build(s: &State, now: u64) -> Built {
                 stopping: job.stop.is_some(),
                 preemptible: job.def.preemptible && protected_until <= now,
                 request: Some(job.def.spec.request.clone()),
+                elastic: None,
             });
             if job.def.preemptible && protected_until > now {
                 next_backoff =
