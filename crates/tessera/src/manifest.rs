@@ -37,8 +37,9 @@ pub struct Metadata {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ManifestSpec {
+    /// A number (a gang of that many), or `{min, max}` for an elastic job.
     #[serde(default)]
-    pub replicas: Option<u32>,
+    pub replicas: Option<Replicas>,
     #[serde(default)]
     pub priority: Option<Priority>,
     #[serde(default)]
@@ -179,6 +180,30 @@ impl CheckpointManifest {
     }
 }
 
+/// `spec.replicas`: a fixed gang, or an elastic range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Replicas {
+    Count(u32),
+    Range(ReplicaRange),
+}
+
+/// `replicas: {min, max}`: the job starts once `min` replicas fit together, grows towards `max`
+/// into idle capacity, and gives back replicas above `min` when other work needs the room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaRange {
+    pub min: u32,
+    pub max: u32,
+}
+
+/// An elastic job's bounds, checked (`1 <= min <= max`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Elastic {
+    pub min: u32,
+    pub max: u32,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Priority {
@@ -230,6 +255,9 @@ pub struct JobDef {
     pub preemptible: bool,
     #[serde(default)]
     pub checkpoint: Option<Checkpoint>,
+    /// Set for an elastic job; `spec.replicas` is then its minimum, the gang it starts with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elastic: Option<Elastic>,
 }
 
 /// Defaults applied where a manifest is silent.
@@ -295,7 +323,18 @@ impl Manifest {
             ));
         }
         let svc = self.spec.service.take().unwrap_or_default();
-        let replicas = self.spec.replicas.take();
+        let replicas = match self.spec.replicas.take() {
+            None => None,
+            Some(Replicas::Count(n)) => Some(n),
+            Some(Replicas::Range(r)) => {
+                return Err(ValidationError::new(
+                    "spec.replicas",
+                    format!("{{min: {}, max: {}}}", r.min, r.max),
+                    "a service scales by its autoscale settings, not by a replica range",
+                    "write spec.replicas: N and spec.service.autoscale: {min, max, ...}",
+                ));
+            }
+        };
         // A service keeps running: it restarts when it fails, and is not preempted unless it
         // says so.
         if self.spec.restart.is_none() {
@@ -416,11 +455,35 @@ impl Manifest {
                 "use at most 1000",
             ));
         }
+        let (replicas, elastic) = match spec.replicas {
+            None => (1, None),
+            Some(Replicas::Count(n)) => (n, None),
+            Some(Replicas::Range(r)) => {
+                if r.min == 0 || r.min > r.max || r.max > tessera_sched::validate::MAX_REPLICAS {
+                    return Err(ValidationError::new(
+                        "spec.replicas",
+                        format!("{{min: {}, max: {}}}", r.min, r.max),
+                        format!(
+                            "an elastic job needs 1 <= min <= max <= {}",
+                            tessera_sched::validate::MAX_REPLICAS
+                        ),
+                        "e.g. replicas: {min: 1, max: 8}",
+                    ));
+                }
+                (
+                    r.min,
+                    Some(Elastic {
+                        min: r.min,
+                        max: r.max,
+                    }),
+                )
+            }
+        };
         let job = JobSpec {
             name,
             project,
             priority,
-            replicas: spec.replicas.unwrap_or(1),
+            replicas,
             request,
         };
         validate_job(&job).map_err(|mut e| {
@@ -444,6 +507,7 @@ impl Manifest {
             max_restarts,
             preemptible: spec.preemptible.unwrap_or(true),
             checkpoint,
+            elastic,
         })
     }
 }
@@ -516,6 +580,37 @@ spec:
         assert_eq!(err.field, "spec.checkpoint.signal");
         let err = with("{mode: freeze}").unwrap_err();
         assert_eq!(err.field, "spec.checkpoint.mode");
+    }
+
+    #[test]
+    fn replicas_are_a_number_or_an_elastic_range() {
+        let with = |r: &str| {
+            Manifest::parse(&GOOD.replace("replicas: 4", &format!("replicas: {r}")))
+                .map_err(|e| e.to_string())
+                .and_then(|m| m.into_def("d").map_err(|e| e.field))
+        };
+        let def = with("{min: 2, max: 6}").unwrap();
+        assert_eq!(
+            def.spec.replicas, 2,
+            "an elastic job starts with its minimum"
+        );
+        assert_eq!(def.elastic, Some(Elastic { min: 2, max: 6 }));
+        assert_eq!(with("3").unwrap().elastic, None);
+        for bad in [
+            "{min: 0, max: 2}",
+            "{min: 3, max: 2}",
+            "{min: 1, max: 5000}",
+        ] {
+            assert_eq!(with(bad).unwrap_err(), "spec.replicas", "{bad}");
+        }
+        assert!(with("{min: 1, most: 2}").is_err());
+        let svc = Manifest::parse(
+            "kind: Service\nmetadata: {name: s}\nspec: {replicas: {min: 1, max: 2}, command: [x]}",
+        )
+        .unwrap()
+        .into_service("d")
+        .unwrap_err();
+        assert_eq!(svc.field, "spec.replicas");
     }
 
     #[test]

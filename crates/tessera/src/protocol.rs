@@ -98,6 +98,29 @@ pub struct Assignment {
     /// A service replica: the port its program must listen on, or 0 for one the agent picks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// An elastic job's replica set now; the agent keeps it in the file the program watches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elastic: Option<ReplicaSet>,
+}
+
+/// An elastic job's replicas as its programs see them (`$TESSERA_REPLICA_SET_FILE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaSet {
+    /// Grows by one or more with every change of the set.
+    pub generation: u64,
+    pub min: u32,
+    pub max: u32,
+    /// Every replica in the set, by index; a program's rank is its position here.
+    pub replicas: Vec<Member>,
+}
+
+/// One replica of an elastic job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub index: u32,
+    pub node: String,
+    /// The node's address (the host its agent listens on).
+    pub host: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

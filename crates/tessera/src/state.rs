@@ -159,6 +159,13 @@ pub struct Replica {
     /// The port its program listens on (services), as the agent reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// An elastic job's replica given back (checkpointed where the job checkpoints): it is out of
+    /// the replica set, and its end is neither a failure nor part of the job's success.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
+    /// A replica added to an elastic job that starts from the checkpoint of this departed one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_of: Option<u32>,
 }
 
 impl Replica {
@@ -204,6 +211,9 @@ pub struct Job {
     /// are done (or its drain time is up), from `draining_since_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draining_since_ms: Option<u64>,
+    /// Bumped whenever an elastic job's replica set changes, so its replicas can tell.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl Job {
@@ -229,7 +239,15 @@ impl Job {
             service: None,
             replaces: None,
             draining_since_ms: None,
+            generation: 0,
         }
+    }
+
+    /// Replicas in its replica set now: not given back and not finished.
+    pub fn members(&self) -> impl Iterator<Item = &Replica> {
+        self.replicas
+            .iter()
+            .filter(|r| !r.leaving && !r.phase.is_done())
     }
 
     pub fn project(&self) -> &str {

@@ -1506,3 +1506,195 @@ fn a_service_under_load_moves_and_scales_without_a_failed_request_and_autoscales
     let (ok, _, err) = cli(&pool, &["services", "delete", "slow"]);
     assert!(ok, "{err}");
 }
+
+fn replica_logs(pool: &Pool, id: u64, replica: u32) -> String {
+    let (status, v) = pool.get(
+        &format!("/v1/jobs/{id}/logs?replica={replica}"),
+        &pool.admin,
+    );
+    assert_eq!(status, 200, "{v}");
+    v["data"].as_str().unwrap().to_string()
+}
+
+/// Indexes of an elastic job's replicas in its set now (running, not given back).
+fn members(job: &Value) -> Vec<u64> {
+    job["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["phase"] == "running" && r["leaving"] != true)
+        .map(|r| r["index"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn an_elastic_job_grows_into_idle_gpus_gives_one_back_for_a_waiting_job_and_grows_again() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
+    pool.add_agent("n2", "127.0.0.3", "2xH100-80GB");
+    // Each replica reports the replica set it sees and checkpoints its step count when given
+    // back, with the Python helpers a user would use.
+    let script = pool.path("elastic.py");
+    std::fs::write(
+        &script,
+        r#"import sys, time
+from pathlib import Path
+from tessera_checkpoint import Checkpointer
+from tessera_elastic import ReplicaSet
+stop = Path(sys.argv[1])
+ckpt = Checkpointer()
+state = ckpt.load_json()
+print("resumed" if state else "fresh", flush=True)
+state = state or {"steps": 0}
+replicas = ReplicaSet()
+def show(world):
+    print(f"generation={world['generation']} n={len(world['replicas'])} rank={replicas.rank(world)}", flush=True)
+show(replicas.current())
+while not stop.exists():
+    state["steps"] += 1
+    if ckpt.due():
+        print("checkpointing", flush=True)
+        ckpt.save_json(state)
+    if replicas.changed():
+        show(replicas.current())
+    time.sleep(0.05)
+print("done", flush=True)
+"#,
+    )
+    .unwrap();
+    let stop = pool.path("stop");
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
+    let id = cli_submit(
+        &pool,
+        &[
+            "--name",
+            "elastic",
+            "--gpu",
+            "1",
+            "--replicas",
+            "1-3",
+            "--checkpoint-signal",
+            "USR1",
+            "--checkpoint-grace",
+            "10s",
+            "--env",
+            &format!("PYTHONPATH={}", python.canonicalize().unwrap().display()),
+            "--",
+            "python3",
+            script.to_str().unwrap(),
+            stop.to_str().unwrap(),
+        ],
+    );
+    // It starts with its minimum and grows into the idle GPUs up to its maximum.
+    pool.wait_for("the job to grow to 3 replicas", || {
+        members(&pool.job(id)).len() == 3
+    });
+    let job = pool.job(id);
+    assert_eq!(
+        (job["replicas"].as_u64(), job["elastic"]["max"].as_u64()),
+        (Some(3), Some(3))
+    );
+    pool.wait_for("replica 0 to see 3 replicas", || {
+        replica_logs(&pool, id, 0).contains("n=3 rank=0")
+    });
+    let (ok, out, err) = cli(&pool, &["jobs"]);
+    assert!(ok && out.contains("3 (elastic 1-3)"), "{out}{err}");
+    // (A program that is sent its checkpoint signal before it set its handler just dies.)
+    pool.wait_for("every replica to be up", || {
+        members(&pool.job(id))
+            .iter()
+            .all(|i| replica_logs(&pool, id, *i as u32).contains("generation="))
+    });
+
+    // A job needing two GPUs on one node: one GPU is free, so one replica is given back (from
+    // the node with the free GPU) and checkpoints on its way out.
+    let big = pool.submit("default", 2.0, 1, 50, "sleep 2");
+    pool.wait_state(big, "running");
+    let ev = events(&pool, id);
+    let shrinking: Vec<&Value> = ev.iter().filter(|e| e["kind"] == "Shrinking").collect();
+    assert_eq!(shrinking.len(), 1, "{ev:?}");
+    assert!(
+        shrinking[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("for job {big}")),
+        "{ev:?}"
+    );
+    let job = pool.job(id);
+    let gone: Vec<u64> = job["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["leaving"] == true)
+        .map(|r| r["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(gone.len(), 1, "{job}");
+    assert!(
+        gone[0] >= 1,
+        "the minimum replica 0 is never given back: {job}"
+    );
+    pool.wait_for("the checkpoint of the replica given back", || {
+        events(&pool, id).iter().any(|e| e["kind"] == "Checkpoint")
+    });
+    assert!(replica_logs(&pool, id, gone[0] as u32).contains("checkpointing"));
+    pool.wait_for("replica 0 to see 2 replicas", || {
+        replica_logs(&pool, id, 0).contains("n=2 rank=0")
+    });
+    assert_eq!(
+        pool.job(id)["state"],
+        "running",
+        "giving back is not failing"
+    );
+
+    // Once the big job is done, the job grows back; the new replica starts from the checkpoint
+    // of the one that left.
+    pool.wait_state(big, "succeeded");
+    pool.wait_for("the job to grow back to 3", || {
+        members(&pool.job(id)).len() == 3
+    });
+    let grown: Vec<u64> = members(&pool.job(id))
+        .into_iter()
+        .filter(|i| *i > 2)
+        .collect();
+    assert_eq!(grown.len(), 1, "{}", pool.job(id));
+    pool.wait_for("the new replica to start", || {
+        replica_logs(&pool, id, grown[0] as u32).contains("generation=")
+    });
+    assert!(
+        replica_logs(&pool, id, grown[0] as u32).starts_with("resumed\n"),
+        "{}",
+        replica_logs(&pool, id, grown[0] as u32)
+    );
+    pool.wait_for("replica 0 to see 3 replicas again", || {
+        replica_logs(&pool, id, 0).matches("n=3 rank=0").count() == 2
+    });
+
+    // Done: every replica in the set exits 0, and the one given back does not count.
+    std::fs::write(&stop, "").unwrap();
+    pool.wait_state(id, "succeeded");
+    let kinds: Vec<String> = events(&pool, id)
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "Grown").count(),
+        2,
+        "{kinds:?}"
+    );
+}
+
+#[test]
+fn an_elastic_range_that_cannot_be_is_refused_by_field() {
+    let pool = Pool::start();
+    let (status, v) = pool.post(
+        "/v1/jobs",
+        json!({"metadata": {"name": "e"},
+               "spec": {"replicas": {"min": 4, "max": 2}, "command": ["true"]}}),
+        &pool.admin,
+    );
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(v["error"]["field"], "spec.replicas", "{v}");
+    assert_eq!(pool.get("/v1/jobs", &pool.admin).1, json!([]));
+    let (ok, _, err) = cli(&pool, &["submit", "--replicas", "2-", "--", "true"]);
+    assert!(!ok && err.contains("MIN-MAX"), "{err}");
+}

@@ -76,6 +76,8 @@ struct Shared {
     /// The keys the controller last wanted here (a replica stopped while its checkpoint was
     /// being fetched does not start).
     wanted: Mutex<BTreeSet<String>>,
+    /// The replica-set generation last written for each elastic replica.
+    replica_sets: Mutex<BTreeMap<String, u64>>,
 }
 
 fn read_exit(dir: &Path) -> Option<shim::ExitRecord> {
@@ -132,6 +134,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         callback_secret: callback_secret.clone(),
         remote: std::sync::OnceLock::new(),
         wanted: Mutex::new(BTreeSet::new()),
+        replica_sets: Mutex::new(BTreeMap::new()),
     });
 
     // The log server, for the controller.
@@ -410,6 +413,26 @@ fn converge(
     }
     *shared.wanted.lock().unwrap_or_else(|e| e.into_inner()) =
         want.iter().map(|k| k.to_string()).collect();
+    // Tell running elastic replicas that their replica set changed.
+    {
+        let mut written = shared
+            .replica_sets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        written.retain(|key, _| want.contains(key.as_str()));
+        for a in &resp.desired {
+            let Some(set) = &a.elastic else { continue };
+            if !runs.contains_key(&a.key) || written.get(&a.key) == Some(&set.generation) {
+                continue;
+            }
+            match write_replica_set(&shared.runs_dir.join(&a.key), set) {
+                Ok(()) => {
+                    written.insert(a.key.clone(), set.generation);
+                }
+                Err(e) => tracing::warn!("{}: replica set not written: {e}", a.key),
+            }
+        }
+    }
     // Start what should, once: a key with a run directory was started before.
     for a in &resp.desired {
         let dir = shared.runs_dir.join(&a.key);
@@ -557,6 +580,16 @@ enum Restored {
 /// cgroup), and the shim kills every process in its cgroup. The node name alone is not enough:
 /// agents of two pools on one host may both be `n1`, and then one pool's job 2 would kill the
 /// other's. The agent's data dir is unique on the host and survives restarts (re-adoption).
+/// The file in a replica's run directory that holds its elastic job's replica set.
+const REPLICA_SET_FILE: &str = "replicas.json";
+
+/// Replaces the replica-set file whole (write, then rename), so a reader never sees half of it.
+fn write_replica_set(dir: &Path, set: &crate::protocol::ReplicaSet) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{REPLICA_SET_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(set)?)?;
+    std::fs::rename(&tmp, dir.join(REPLICA_SET_FILE))
+}
+
 fn cgroup_name(config: &AgentConfig, key: &str) -> String {
     use sha2::{Digest, Sha256};
     let dir = std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
@@ -697,6 +730,18 @@ fn start(
     }
     cmd.arg("--").args(&a.command);
     cmd.envs(allocation_env(a, &config.name));
+    if let Some(set) = &a.elastic {
+        write_replica_set(dir, set)?;
+        shared
+            .replica_sets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(a.key.clone(), set.generation);
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        cmd.env("TESSERA_REPLICA_SET_FILE", dir.join(REPLICA_SET_FILE))
+            .env("TESSERA_REPLICAS_MIN", set.min.to_string())
+            .env("TESSERA_REPLICAS_MAX", set.max.to_string());
+    }
     let port = match a.port {
         Some(wanted) => {
             let port = service_port(config, wanted)?;

@@ -208,8 +208,10 @@ pub struct SubmitArgs {
     /// Memory per replica, e.g. 8GiB.
     #[arg(long)]
     pub memory: Option<String>,
+    /// Replicas that run as one gang (4), or an elastic range MIN-MAX (1-8): the job starts
+    /// with MIN, grows into idle capacity and gives replicas back when others need the room.
     #[arg(long)]
-    pub replicas: Option<u32>,
+    pub replicas: Option<String>,
     /// low, normal, high, critical, or a number.
     #[arg(long)]
     pub priority: Option<String>,
@@ -305,8 +307,8 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
     if !args.models.is_empty() {
         m["spec"]["resources"]["deviceModels"] = json!(args.models);
     }
-    if let Some(r) = args.replicas {
-        m["spec"]["replicas"] = json!(r);
+    if let Some(r) = &args.replicas {
+        m["spec"]["replicas"] = replicas_flag(r)?;
     }
     if let Some(p) = &args.priority {
         m["spec"]["priority"] = p
@@ -345,6 +347,30 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
         );
     }
     Ok(m)
+}
+
+/// "4", or "3 (elastic 1-8)".
+fn replicas_text(j: &JobView) -> String {
+    match j.elastic {
+        Some(e) => format!("{} (elastic {}-{})", j.replicas, e.min, e.max),
+        None => j.replicas.to_string(),
+    }
+}
+
+/// `--replicas 4` or `--replicas 1-8` (elastic), as the manifest writes them.
+fn replicas_flag(text: &str) -> anyhow::Result<Value> {
+    let number = |t: &str| t.trim().parse::<u32>().ok();
+    match text.split_once('-') {
+        None => number(text).map(|n| json!(n)),
+        Some((min, max)) => number(min)
+            .zip(number(max))
+            .map(|(min, max)| json!({"min": min, "max": max})),
+    }
+    .ok_or_else(|| {
+        anyhow::anyhow!(
+            "--replicas {text}: give a number of replicas (4) or an elastic range MIN-MAX (1-8)"
+        )
+    })
 }
 
 pub fn submit(c: &Client, args: &SubmitArgs) -> anyhow::Result<()> {
@@ -417,7 +443,7 @@ pub fn jobs(c: &Client, a: &JobsArgs) -> anyhow::Result<()> {
                         j.project.clone(),
                         j.owner.clone(),
                         format!("{:?}", j.state).to_lowercase(),
-                        j.replicas.to_string(),
+                        replicas_text(j),
                         gpu_text(j.gpu),
                         age(j.created_ms),
                         reason,
@@ -444,7 +470,7 @@ pub fn describe_job(c: &Client, id: u64) -> anyhow::Result<()> {
         println!("Reason:     {}", j.reason);
         println!(
             "Resources:  {} replica(s), each gpu {} cpu {} memory {}{}",
-            j.replicas,
+            replicas_text(&j),
             gpu_text(j.gpu),
             j.cpu_milli as f64 / 1000.0,
             tessera_sched::model::human_bytes(j.memory_bytes),
@@ -952,4 +978,19 @@ pub fn token(c: &Client, cmd: TokenCmd) -> anyhow::Result<()> {
         );
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_replicas_flag_is_a_number_or_an_elastic_range() {
+        assert_eq!(replicas_flag("4").unwrap(), json!(4));
+        assert_eq!(replicas_flag("1-8").unwrap(), json!({"min": 1, "max": 8}));
+        for bad in ["", "x", "1-", "-3", "1-2-3", "1.5"] {
+            let err = replicas_flag(bad).unwrap_err().to_string();
+            assert!(err.contains("MIN-MAX"), "{bad}: {err}");
+        }
+    }
 }

@@ -18,8 +18,8 @@ use super::{ApiError, AxState, Caller, Ctl, S, issue_token, now_ms};
 use crate::auth::Principal;
 use crate::manifest::check_name;
 use crate::protocol::{
-    Assignment, RegisterRequest, RegisterResponse, ReplicaStatus, RunPhase, SyncRequest,
-    SyncResponse,
+    Assignment, Member, RegisterRequest, RegisterResponse, ReplicaSet, ReplicaStatus, RunPhase,
+    SyncRequest, SyncResponse,
 };
 use crate::state::{Job, Node, NodeHealth, ReplicaPhase, State, StopCause, TokenKind, parse_key};
 use crate::store;
@@ -126,8 +126,11 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
         return (revision, out);
     }
     for job in s.jobs_on(name).filter(|j| j.stop.is_none()) {
+        let elastic = job.def.elastic.map(|e| replica_set(s, job, e));
         for r in job.replicas.iter().filter(|r| {
-            r.node == name && matches!(r.phase, ReplicaPhase::Assigned | ReplicaPhase::Running)
+            r.node == name
+                && !r.leaving
+                && matches!(r.phase, ReplicaPhase::Assigned | ReplicaPhase::Running)
         }) {
             let spec = &job.def.spec;
             out.push(Assignment {
@@ -136,7 +139,9 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
                 job_name: spec.name.clone(),
                 project: spec.project.clone(),
                 replica: r.index,
-                replicas: spec.replicas,
+                replicas: elastic
+                    .as_ref()
+                    .map_or(spec.replicas, |e| e.replicas.len() as u32),
                 attempt: job.attempt,
                 command: job.def.command.clone(),
                 env: job.def.env.clone(),
@@ -149,17 +154,46 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
                     .def
                     .checkpoint
                     .as_ref()
-                    .and_then(|_| s.checkpoints.get(&(job.id, r.index)))
+                    .and_then(|_| {
+                        s.checkpoints
+                            .get(&(job.id, r.index))
+                            .or_else(|| s.checkpoints.get(&(job.id, r.resume_of?)))
+                    })
                     .map(|m| m.id.clone()),
                 port: job
                     .service
                     .as_ref()
                     .and_then(|name| s.services.get(name))
                     .map(|svc| svc.def.port.unwrap_or(0)),
+                elastic: elastic.clone(),
             });
         }
     }
     (revision, out)
+}
+
+/// An elastic job's replica set as its programs see it.
+fn replica_set(s: &State, job: &Job, e: crate::manifest::Elastic) -> ReplicaSet {
+    let host = |node: &str| {
+        s.nodes
+            .get(node)
+            .and_then(|n| reqwest::Url::parse(&n.address).ok())
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    ReplicaSet {
+        generation: job.generation,
+        min: e.min,
+        max: e.max,
+        replicas: job
+            .members()
+            .map(|r| Member {
+                index: r.index,
+                node: r.node.clone(),
+                host: host(&r.node),
+            })
+            .collect(),
+    }
 }
 
 pub async fn sync(
@@ -282,7 +316,7 @@ fn report(
                 .filter(|r| {
                     r.node == name
                         && !r.phase.is_done()
-                        && (job.stop.is_some() || r.phase == ReplicaPhase::Running)
+                        && (job.stop.is_some() || r.leaving || r.phase == ReplicaPhase::Running)
                         && !by_key.contains_key(job.key(r.index).as_str())
                 })
                 .map(|r| r.index)

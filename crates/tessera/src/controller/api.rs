@@ -55,6 +55,9 @@ pub struct ReplicaView {
     pub exit_code: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_message: Option<String>,
+    /// Given back by its elastic job.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -66,7 +69,11 @@ pub struct JobView {
     pub state: JobState,
     pub reason: String,
     pub priority: i32,
+    /// Replicas it runs now (an elastic job between its min and max), or asks for.
     pub replicas: u32,
+    /// An elastic job's bounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elastic: Option<crate::manifest::Elastic>,
     pub gpu: f64,
     pub gpu_memory_bytes: u64,
     pub cpu_milli: u64,
@@ -111,7 +118,11 @@ pub fn view(job: &Job, state: &State) -> JobView {
         state: job.state,
         reason,
         priority: s.priority,
-        replicas: s.replicas,
+        replicas: match job.def.elastic {
+            Some(_) if job.state.is_active() => job.members().count() as u32,
+            _ => s.replicas,
+        },
+        elastic: job.def.elastic,
         gpu: gpu_count(s.request.gpu),
         gpu_memory_bytes: s.request.gpu_memory_bytes,
         cpu_milli: s.request.cpu_milli,
@@ -134,6 +145,7 @@ pub fn view(job: &Job, state: &State) -> JobView {
                 devices: r.devices.iter().map(|d| d.device).collect(),
                 exit_code: r.exit_code,
                 exit_message: r.exit_message.clone(),
+                leaving: r.leaving,
             })
             .collect(),
     }
@@ -172,14 +184,24 @@ pub fn save_job(
     // A replica that finished frees capacity: worth a scheduling round.
     let freed = old.is_some_and(|o| o.attempt == job.attempt && done(o) != done(&job));
     let changed_desired = old.is_none_or(|o| {
-        o.state != job.state || o.attempt != job.attempt || o.stop.is_some() != job.stop.is_some()
+        o.state != job.state
+            || o.attempt != job.attempt
+            || o.stop.is_some() != job.stop.is_some()
+            || o.generation != job.generation
     });
+    // An elastic job that starts running may grow: worth a scheduling round.
+    let may_grow = job.def.elastic.is_some() && old.is_some_and(|o| o.state != job.state);
     if changed_desired {
         for n in old_nodes.iter().chain(job.replicas.iter().map(|r| &r.node)) {
             s.touch_node(&n.clone());
         }
     }
-    if was_pending != (job.state == JobState::Pending) || is_new || freed || job.state.is_final() {
+    if was_pending != (job.state == JobState::Pending)
+        || is_new
+        || freed
+        || may_grow
+        || job.state.is_final()
+    {
         s.kick = true;
     }
     if job.state != JobState::Pending {
@@ -500,7 +522,8 @@ pub async fn job_logs(
     let offset = q.offset.unwrap_or(0);
     let (key, address, secret, replica_done) = ctl.store.read(|s| {
         let job = visible_job(s, &caller, id)?;
-        if replica >= job.def.spec.replicas {
+        // An elastic job's replicas are numbered on as it grows.
+        if job.def.elastic.is_none() && replica >= job.def.spec.replicas {
             return Err(ApiError::bad(format!(
                 "replica {replica}: job {id} has replicas 0 to {}",
                 job.def.spec.replicas - 1

@@ -54,11 +54,12 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
     if !job.state.is_active() {
         return notes;
     }
+    // Replicas an elastic job gave back end as they will: they are no longer part of it.
     if job.stop.is_none() {
         if let Some(r) = job
             .replicas
             .iter()
-            .find(|r| r.phase == ReplicaPhase::Exited && r.exit_code != Some(0))
+            .find(|r| !r.leaving && r.phase == ReplicaPhase::Exited && r.exit_code != Some(0))
         {
             let code = r.exit_code.unwrap_or(-1);
             let others = job.replicas.iter().filter(|o| !o.phase.is_done()).count();
@@ -73,10 +74,12 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                 exit_code: code,
             });
             notes.push(("ReplicaFailed", text));
-        } else if job
-            .replicas
-            .iter()
-            .all(|r| r.phase == ReplicaPhase::Exited && r.exit_code == Some(0))
+        } else if job.all_replicas_done()
+            && job
+                .replicas
+                .iter()
+                .filter(|r| !r.leaving)
+                .all(|r| r.phase == ReplicaPhase::Exited && r.exit_code == Some(0))
         {
             job.state = JobState::Succeeded;
             job.reason = "every replica exited with code 0".into();
@@ -203,6 +206,7 @@ mod tests {
                 max_restarts: 1,
                 preemptible: true,
                 checkpoint: None,
+                elastic: None,
             },
             state: JobState::Scheduled,
             reason: String::new(),
@@ -224,6 +228,8 @@ mod tests {
                     started_ms: None,
                     finished_ms: None,
                     port: None,
+                    leaving: false,
+                    resume_of: None,
                 })
                 .collect(),
             stop: None,
@@ -234,6 +240,7 @@ mod tests {
             service: None,
             replaces: None,
             draining_since_ms: None,
+            generation: 0,
         }
     }
 
@@ -282,6 +289,34 @@ mod tests {
         settle(&mut j, 20);
         assert_eq!(j.state, JobState::Failed);
         assert!(j.reason.contains("137"), "{}", j.reason);
+    }
+
+    #[test]
+    fn a_replica_an_elastic_job_gave_back_is_neither_its_failure_nor_its_success() {
+        let mut j = job(3, RestartPolicy::Never);
+        j.replicas[2].leaving = true;
+        for i in 0..3 {
+            apply_status(&mut j, i, &status(RunPhase::Running, None), 10);
+        }
+        settle(&mut j, 10);
+        // Stopped by its checkpoint signal: a non-zero exit, and nothing fails.
+        apply_status(&mut j, 2, &status(RunPhase::Exited, Some(143)), 20);
+        assert!(settle(&mut j, 20).is_empty());
+        assert_eq!((j.state, j.stop.is_none()), (JobState::Running, true));
+        apply_status(&mut j, 0, &status(RunPhase::Exited, Some(0)), 30);
+        apply_status(&mut j, 1, &status(RunPhase::Exited, Some(0)), 30);
+        settle(&mut j, 30);
+        assert_eq!(j.state, JobState::Succeeded);
+
+        // The others done while a given-back replica still stops: success waits for it.
+        let mut j = job(2, RestartPolicy::Never);
+        j.replicas[1].leaving = true;
+        apply_status(&mut j, 0, &status(RunPhase::Exited, Some(0)), 30);
+        settle(&mut j, 30);
+        assert!(j.state.is_active());
+        apply_status(&mut j, 1, &status(RunPhase::Exited, Some(1)), 31);
+        settle(&mut j, 31);
+        assert_eq!(j.state, JobState::Succeeded);
     }
 
     #[test]

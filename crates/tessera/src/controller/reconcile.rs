@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 
 use tessera_sched::cluster::GpuAffinity;
 use tessera_sched::quota::ProjectQuota;
-use tessera_sched::schedule::{Config, PendingJob, RunningJob, Snapshot, schedule};
+use tessera_sched::schedule::{Config, ElasticRunning, PendingJob, RunningJob, Snapshot, schedule};
 use tessera_sched::{Allocation, NodeId, PolicyKind, ShapeDistribution};
 
 use super::api::save_job;
+use super::lifecycle::Note;
 use super::lifecycle::settle;
 use super::{ApiError, Ctl, agents, now_ms};
-use crate::state::{JobState, NodeHealth, Replica, ReplicaPhase, State, StopCause};
+use crate::state::{Job, JobState, NodeHealth, Replica, ReplicaPhase, State, StopCause};
 
 /// Longest sleep when nothing is due (a safety net, not the scheduling cadence).
 const IDLE_WAKE: Duration = Duration::from_secs(5);
@@ -73,20 +74,43 @@ fn build(s: &State, now: u64) -> Built {
     let mut next_backoff: Option<u64> = None;
     for job in s.jobs.values() {
         if job.state.is_active() {
-            let allocations = job
-                .replicas
-                .iter()
-                .filter(|r| !r.phase.is_done())
-                .filter_map(|r| {
-                    Some(Allocation {
-                        node: NodeId(*index.get(r.node.as_str())?),
-                        cpu_milli: r.cpu_milli,
-                        memory_bytes: r.memory_bytes,
-                        devices: r.devices.clone(),
-                        affinity: affinity(&job.def.spec.request.gpu),
-                    })
+            let allocation = |r: &Replica| {
+                Some(Allocation {
+                    node: NodeId(*index.get(r.node.as_str())?),
+                    cpu_milli: r.cpu_milli,
+                    memory_bytes: r.memory_bytes,
+                    devices: r.devices.clone(),
+                    affinity: affinity(&job.def.spec.request.gpu),
                 })
-                .collect();
+            };
+            let live = || job.replicas.iter().filter(|r| !r.phase.is_done());
+            let allocations = live().filter_map(allocation).collect();
+            let elastic = job.def.elastic.filter(|_| job.stop.is_none()).map(|e| {
+                let leaving: Vec<(u32, Allocation)> = live()
+                    .filter(|r| r.leaving)
+                    .filter_map(|r| Some((r.index, allocation(r)?)))
+                    .collect();
+                // Replicas of the starting gang (indexes below min) are never given back.
+                let extra = job
+                    .members()
+                    .filter(|r| r.index >= e.min)
+                    .filter_map(|r| Some((r.index, allocation(r)?)))
+                    .collect();
+                // It grows only while it runs whole: not while it starts, finishes, or gives
+                // replicas back.
+                let settled = job.state == JobState::Running
+                    && leaving.is_empty()
+                    && !job.replicas.iter().any(|r| !r.leaving && r.phase.is_done());
+                ElasticRunning {
+                    may_grow: if settled {
+                        e.max.saturating_sub(job.members().count() as u32)
+                    } else {
+                        0
+                    },
+                    extra,
+                    leaving,
+                }
+            });
             // A job is protected from preemption for its project's minimum runtime, counted
             // from its first replica's start; the loop wakes when the protection ends.
             let min_runtime = s
@@ -109,7 +133,7 @@ fn build(s: &State, now: u64) -> Built {
                 stopping: job.stop.is_some(),
                 preemptible: job.def.preemptible && protected_until <= now,
                 request: Some(job.def.spec.request.clone()),
-                elastic: None,
+                elastic,
             });
             if job.def.preemptible && protected_until > now {
                 next_backoff =
@@ -178,7 +202,12 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
         (build(s, now), shapes)
     });
     let next_backoff = built.next_backoff;
-    if built.snapshot.pending.is_empty() {
+    let may_grow = built
+        .snapshot
+        .running
+        .iter()
+        .any(|r| r.elastic.as_ref().is_some_and(|e| e.may_grow > 0));
+    if built.snapshot.pending.is_empty() && !may_grow {
         return Ok(next_backoff);
     }
     let config = Config {
@@ -213,7 +242,12 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
         .iter()
         .filter_map(|(id, why)| Some((*id, why.describe(specs.get(id)?))))
         .collect();
-    if plan.placements.is_empty() && plan.preemptions.is_empty() && plan.moves.is_empty() {
+    if plan.placements.is_empty()
+        && plan.preemptions.is_empty()
+        && plan.moves.is_empty()
+        && plan.grows.is_empty()
+        && plan.shrinks.is_empty()
+    {
         // Nothing to write: only the reasons change, and they live in memory.
         let mut state = ctl.store.state.lock().unwrap_or_else(|e| e.into_inner());
         state.wait_reasons = waits;
@@ -245,46 +279,16 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
                 job.started_seq = s.next_start_seq;
                 job.state = JobState::Scheduled;
                 job.pin_node = None;
+                job.generation += 1;
                 job.replicas = allocs
                     .iter()
                     .enumerate()
-                    .map(|(i, a)| Replica {
-                        index: i as u32,
-                        node: node_names[a.node.index()].clone(),
-                        cpu_milli: a.cpu_milli,
-                        memory_bytes: a.memory_bytes,
-                        devices: a.devices.clone(),
-                        phase: ReplicaPhase::Assigned,
-                        exit_code: None,
-                        exit_message: None,
-                        started_ms: None,
-                        finished_ms: None,
-                        port: None,
-                    })
+                    .map(|(i, a)| new_replica(i as u32, &node_names[a.node.index()], a))
                     .collect();
                 let placed: Vec<String> = job
                     .replicas
                     .iter()
-                    .map(|r| {
-                        let devs: Vec<String> = r
-                            .devices
-                            .iter()
-                            .map(|d| {
-                                if d.milli == 1000 {
-                                    format!("gpu{}", d.device)
-                                } else {
-                                    format!("gpu{}:{}m", d.device, d.milli)
-                                }
-                            })
-                            .collect();
-                        format!(
-                            "attempt {}: replica {} on {} {}",
-                            job.attempt,
-                            r.index,
-                            r.node,
-                            devs.join(",")
-                        )
-                    })
+                    .map(|r| placed_line(job.attempt, r))
                     .collect();
                 job.reason = format!("placed; waiting for the agent on {} to start it", names[0]);
                 metrics.observe_wait(now.saturating_sub(job.queued_ms));
@@ -340,6 +344,32 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
                 notes.extend(settle(&mut job, now));
                 changed.push((job, notes));
             }
+            for g in &plan.grows {
+                let Some(job) = s.jobs.get(&g.job) else {
+                    continue;
+                };
+                let names: Vec<&String> = g
+                    .allocations
+                    .iter()
+                    .map(|a| &node_names[a.node.index()])
+                    .collect();
+                let ready = names.iter().all(|n| {
+                    s.nodes
+                        .get(*n)
+                        .is_some_and(|node| node.health == NodeHealth::Ready && !node.cordoned)
+                });
+                if let Some(grown) = grow(s, job, &g.allocations, &node_names).filter(|_| ready) {
+                    changed.push(grown);
+                }
+            }
+            for sh in &plan.shrinks {
+                let Some(job) = s.jobs.get(&sh.job) else {
+                    continue;
+                };
+                if let Some(shrunk) = shrink(job, &sh.replicas, sh.for_job) {
+                    changed.push(shrunk);
+                }
+            }
             for (job, notes) in changed {
                 save_job(c, s, job, notes, now)?;
             }
@@ -348,4 +378,140 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
         })
         .await?;
     Ok(next_backoff)
+}
+
+/// A replica just placed, not yet started.
+fn new_replica(index: u32, node: &str, a: &Allocation) -> Replica {
+    Replica {
+        index,
+        node: node.to_string(),
+        cpu_milli: a.cpu_milli,
+        memory_bytes: a.memory_bytes,
+        devices: a.devices.clone(),
+        phase: ReplicaPhase::Assigned,
+        exit_code: None,
+        exit_message: None,
+        started_ms: None,
+        finished_ms: None,
+        port: None,
+        leaving: false,
+        resume_of: None,
+    }
+}
+
+/// "attempt 2: replica 0 on n1 gpu0,gpu1": the event line `tessera logs` finds nodes by.
+fn placed_line(attempt: u32, r: &Replica) -> String {
+    let devs: Vec<String> = r
+        .devices
+        .iter()
+        .map(|d| {
+            if d.milli == 1000 {
+                format!("gpu{}", d.device)
+            } else {
+                format!("gpu{}:{}m", d.device, d.milli)
+            }
+        })
+        .collect();
+    format!(
+        "attempt {attempt}: replica {} on {} {}",
+        r.index,
+        r.node,
+        devs.join(",")
+    )
+}
+
+/// Replicas an elastic job has given back that it still remembers (older ones are in its events).
+const DEPARTED_KEPT: usize = 16;
+
+/// Adds replicas to a running elastic job; `None` when the job no longer may grow.
+fn grow(
+    s: &State,
+    job: &Job,
+    allocations: &[Allocation],
+    node_names: &[String],
+) -> Option<(Job, Vec<Note>)> {
+    let e = job.def.elastic?;
+    let leaving = job.replicas.iter().any(|r| r.leaving && !r.phase.is_done());
+    if job.state != JobState::Running || job.stop.is_some() || leaving {
+        return None;
+    }
+    let room = e.max.saturating_sub(job.members().count() as u32) as usize;
+    if room == 0 {
+        return None;
+    }
+    let mut job = job.clone();
+    // A new replica takes over the newest checkpoint one that left saved (and none took yet).
+    let mut departed: Vec<&Replica> = job
+        .replicas
+        .iter()
+        .filter(|r| r.leaving && r.phase.is_done())
+        .filter(|r| s.checkpoints.contains_key(&(job.id, r.index)))
+        .filter(|r| !job.replicas.iter().any(|o| o.resume_of == Some(r.index)))
+        .collect();
+    departed.sort_by_key(|r| (r.finished_ms, r.index));
+    let mut takeover: Vec<u32> = departed.iter().map(|r| r.index).collect();
+    let first = job.replicas.iter().map(|r| r.index + 1).max().unwrap_or(0);
+    let mut lines = Vec::new();
+    for (next, a) in (first..).zip(allocations.iter().take(room)) {
+        let mut r = new_replica(next, &node_names[a.node.index()], a);
+        r.resume_of = job.def.checkpoint.as_ref().and(takeover.pop());
+        let mut line = placed_line(job.attempt, &r);
+        if let Some(of) = r.resume_of {
+            line.push_str(&format!(" (from the checkpoint of replica {of})"));
+        }
+        lines.push(line);
+        job.replicas.push(r);
+    }
+    let gone: Vec<u32> = job
+        .replicas
+        .iter()
+        .filter(|r| r.leaving && r.phase.is_done())
+        .map(|r| r.index)
+        .collect();
+    if gone.len() > DEPARTED_KEPT {
+        let forget = &gone[..gone.len() - DEPARTED_KEPT];
+        job.replicas.retain(|r| !forget.contains(&r.index));
+    }
+    job.generation += 1;
+    let now = job.members().count();
+    let text = format!(
+        "grew to {now} of at most {} replicas in idle capacity; {}",
+        e.max,
+        lines.join("; ")
+    );
+    Some((job, vec![("Grown", text)]))
+}
+
+/// Gives back replicas above an elastic job's minimum; `None` when none of them can go.
+fn shrink(job: &Job, replicas: &[u32], for_job: u64) -> Option<(Job, Vec<Note>)> {
+    let e = job.def.elastic?;
+    if !job.state.is_active() || job.stop.is_some() {
+        return None;
+    }
+    let mut job = job.clone();
+    let mut gone = Vec::new();
+    for r in job.replicas.iter_mut() {
+        if replicas.contains(&r.index) && r.index >= e.min && !r.leaving && !r.phase.is_done() {
+            r.leaving = true;
+            gone.push(r.index.to_string());
+        }
+    }
+    if gone.is_empty() {
+        return None;
+    }
+    job.generation += 1;
+    let how = if job.def.checkpoint.is_some() {
+        "checkpointing and stopping"
+    } else {
+        "stopping"
+    };
+    let text = format!(
+        "{how} replica{} {} for job {for_job}, which needs the room; {} of {}..{} replicas remain",
+        if gone.len() == 1 { "" } else { "s" },
+        gone.join(", "),
+        job.members().count(),
+        e.min,
+        e.max
+    );
+    Some((job, vec![("Shrinking", text)]))
 }
