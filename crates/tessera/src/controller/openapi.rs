@@ -233,7 +233,10 @@ fn schemas() -> Value {
                     "properties": {"name": {"type": "string"}, "project": {"type": "string"}}},
                 "spec": {"type": "object", "required": ["command"], "additionalProperties": false,
                     "properties": {
-                        "replicas": {"type": "integer", "minimum": 1},
+                        "replicas": {"description": "a gang of N, or an elastic range {min, max}", "oneOf": [
+                            {"type": "integer", "minimum": 1},
+                            {"type": "object", "required": ["min", "max"], "additionalProperties": false, "properties": {
+                                "min": {"type": "integer", "minimum": 1}, "max": {"type": "integer", "minimum": 1}}}]},
                         "priority": {"oneOf": [{"type": "integer"}, {"enum": ["low", "normal", "high", "critical"]}]},
                         "resources": {"type": "object", "additionalProperties": false, "properties": {
                             "gpu": {"description": "0 to 1 (a share) or a whole number of devices", "oneOf": [{"type": "number"}, {"type": "string"}]},
@@ -261,10 +264,12 @@ fn schemas() -> Value {
             "owner": {"type": "string"},
             "state": {"enum": ["pending", "scheduled", "running", "succeeded", "failed", "cancelled"]},
             "reason": {"type": "string"}, "priority": {"type": "integer"}, "replicas": {"type": "integer"},
+            "elastic": {"type": "object", "properties": {"min": {"type": "integer"}, "max": {"type": "integer"}}},
             "gpu": {"type": "number"}, "gpu_memory_bytes": {"type": "integer"}, "cpu_milli": {"type": "integer"},
             "memory_bytes": {"type": "integer"}, "attempt": {"type": "integer"}, "restarts": {"type": "integer"},
             "assignments": {"type": "array", "items": obj(json!({"index": {"type": "integer"}, "node": {"type": "string"},
-                "phase": {"type": "string"}, "gpu_milli": {"type": "integer"}, "devices": {"type": "array"}, "exit_code": {}}))}})),
+                "phase": {"type": "string"}, "gpu_milli": {"type": "integer"}, "devices": {"type": "array"}, "exit_code": {},
+                "leaving": {"type": "boolean"}}))}})),
         "JobList": list("Job"),
         "Event": obj(json!({"job": {"type": "integer"}, "ts_ms": {"type": "integer"}, "kind": {"type": "string"}, "message": {"type": "string"}})),
         "EventList": list("Event"),
