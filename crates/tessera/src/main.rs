@@ -7,6 +7,7 @@ mod bench;
 mod cli;
 mod controller;
 mod manifest;
+mod metering;
 mod protocol;
 mod service;
 mod sim;
@@ -49,6 +50,13 @@ struct ControllerArgs {
     /// Where the service gateway listens (`http://ADDR/SERVICE/...`), or `off`.
     #[arg(long, default_value = "127.0.0.1:7481")]
     gateway_listen: String,
+    /// Chargeback: the price of one GPU-hour of a device model, MODEL=PRICE (repeatable; `*=P`
+    /// for models not listed). `tessera usage` shows the cost.
+    #[arg(long = "gpu-hour-rate")]
+    gpu_hour_rates: Vec<String>,
+    /// Grams of CO2 per kWh of the pool's electricity; `tessera usage` then shows CO2.
+    #[arg(long)]
+    carbon_intensity: Option<f64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -167,6 +175,14 @@ enum Command {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Usage over a window by project, user, device model, job or node: GPU-hours, memory,
+    /// CPU, energy and cost (`-o csv|json` for scripts).
+    Usage {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(flatten)]
+        args: cli::UsageArgs,
+    },
     /// Nodes: list, cordon, uncordon, drain.
     Nodes {
         #[command(flatten)]
@@ -215,7 +231,18 @@ fn controller_config(a: &ControllerArgs) -> anyhow::Result<controller::Controlle
     if lease < Duration::from_millis(500) {
         anyhow::bail!("--lease {}: use at least 500ms", a.lease);
     }
+    let mut rates = metering::Rates::default();
+    for r in &a.gpu_hour_rates {
+        rates.add_rate(r).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(g) = a.carbon_intensity {
+        if !g.is_finite() || g < 0.0 {
+            anyhow::bail!("--carbon-intensity {g}: give grams of CO2 per kWh, zero or more");
+        }
+        rates.carbon_g_per_kwh = Some(g);
+    }
     Ok(controller::ControllerConfig {
+        rates,
         data_dir: a.data_dir.clone(),
         listen: a.listen,
         lease,
@@ -457,6 +484,9 @@ fn main() {
             cli::Client::new(&conn).and_then(|c| cli::migrate(&c, id, to.as_deref()))
         }
         Command::Nodes { conn, cmd } => cli::Client::new(&conn).and_then(|c| cli::nodes(&c, cmd)),
+        Command::Usage { conn, args } => {
+            cli::Client::new(&conn).and_then(|c| cli::usage(&c, &args))
+        }
         Command::Services { conn, cmd } => {
             cli::Client::new(&conn).and_then(|c| cli::services(&c, cmd))
         }

@@ -377,6 +377,8 @@ pub struct State {
     pub recent_requests: VecDeque<ResourceRequest>,
     /// Reasons of waiting jobs from the last scheduling round (derived, not stored).
     pub wait_reasons: HashMap<u64, String>,
+    /// The last usage segment committed (see `controller::usage`).
+    pub usage_seq: u64,
     /// The latest complete checkpoint of each (job, replica).
     pub checkpoints: HashMap<(u64, u32), CheckpointManifest>,
     /// Active jobs with a replica on each node (derived, kept by [`State::insert_job`]), so that

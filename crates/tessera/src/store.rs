@@ -38,6 +38,10 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE checkpoints (job INTEGER NOT NULL, replica INTEGER NOT NULL, id TEXT NOT NULL,
                                doc TEXT NOT NULL, PRIMARY KEY (job, replica));",
     "CREATE TABLE services (name TEXT PRIMARY KEY, doc TEXT NOT NULL);",
+    // The usage ledger: one row per replica run, written when the run ends.
+    "CREATE TABLE usage (seq INTEGER PRIMARY KEY, job INTEGER NOT NULL, project TEXT NOT NULL,
+                         start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL, doc TEXT NOT NULL);
+     CREATE INDEX usage_end ON usage(end_ms);",
 ];
 
 /// Opens (creating if needed) and migrates the store.
@@ -106,6 +110,9 @@ pub fn load(conn: &Connection, now_ms: u64) -> anyhow::Result<State> {
         state.remember_request(&j.def.spec.request);
         state.insert_job(j);
     }
+    state.usage_seq = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM usage", [], |r| {
+        r.get::<_, i64>(0)
+    })? as u64;
     let mut stmt = conn.prepare(
         "SELECT job, ts_ms, kind, message FROM events WHERE seq > \
          (SELECT COALESCE(MAX(seq), 0) FROM events) - 200000 ORDER BY seq",

@@ -1698,3 +1698,140 @@ fn an_elastic_range_that_cannot_be_is_refused_by_field() {
     let (ok, _, err) = cli(&pool, &["submit", "--replicas", "2-", "--", "true"]);
     assert!(!ok && err.contains("MIN-MAX"), "{err}");
 }
+
+impl Pool {
+    /// Kills the controller (SIGKILL) and starts it again on the same store.
+    fn restart_controller(&mut self) {
+        let mut c = self.controller.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.0.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let _ = c.0.wait();
+        std::mem::forget(c);
+        assert!(self.start_controller().is_none());
+        self.wait_for("the controller", || {
+            self.http
+                .get(format!("{}/healthz", self.url))
+                .send()
+                .is_ok()
+        });
+    }
+}
+
+/// Milli-GPU-milliseconds a one-replica, one-GPU job ran, from its own events: each "started"
+/// event to the next end of that replica (the controller stamps both with the same clock it
+/// meters with).
+fn metered_from_events(pool: &Pool, id: u64) -> u64 {
+    let mut total = 0;
+    let mut started = None;
+    for e in events(pool, id) {
+        let msg = e["message"].as_str().unwrap();
+        let ts = e["ts_ms"].as_u64().unwrap();
+        if e["kind"] != "Replica" {
+            continue;
+        }
+        if msg.starts_with("replica 0 started on") {
+            started = Some(ts);
+        } else if let Some(t0) = started.take() {
+            total += 1000 * (ts - t0);
+        }
+    }
+    assert!(started.is_none(), "job {id} still runs");
+    total
+}
+
+#[test]
+fn usage_is_metered_exactly_through_preemption_restart_and_a_controller_restart() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let low = pool.submit("default", 1.0, 1, 25, "sleep 60");
+    pool.wait_state(low, "running");
+    std::thread::sleep(Duration::from_millis(400));
+    // Preempted by a high-priority job, then started again once it is done.
+    let high = pool.submit("default", 1.0, 1, 75, "sleep 1");
+    pool.wait_state(high, "succeeded");
+    let again = pool.wait_state(low, "running");
+    assert_eq!(again["attempt"], 2, "{again}");
+    // The controller dies while the job runs; the run is metered whole once it ends.
+    pool.restart_controller();
+    std::thread::sleep(Duration::from_millis(300));
+    let (s, v) = pool.post(&format!("/v1/jobs/{low}/cancel"), json!({}), &pool.admin);
+    assert_eq!(s, 200, "{v}");
+    pool.wait_state(low, "cancelled");
+
+    let usage = |pool: &Pool, by: &str| {
+        pool.get(&format!("/v1/usage?since=1d&by={by}"), &pool.admin)
+            .1
+    };
+    let by_job = usage(&pool, "job");
+    let row = |report: &Value, key: &str| -> Value {
+        report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["key"] == key)
+            .unwrap_or_else(|| panic!("no row {key} in {report}"))
+            .clone()
+    };
+    for id in [low, high] {
+        let r = row(&by_job, &id.to_string());
+        assert_eq!(
+            r["gpu_milli_ms"].as_u64().unwrap(),
+            metered_from_events(&pool, id),
+            "job {id}: {r}"
+        );
+    }
+    assert_eq!(row(&by_job, &low.to_string())["segments"], 2);
+    assert!(
+        row(&by_job, &high.to_string())["gpu_milli_ms"]
+            .as_u64()
+            .unwrap()
+            >= 1_000_000
+    );
+    // Totals equal the sum over jobs, whatever the grouping.
+    let sum: u64 = by_job["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["gpu_milli_ms"].as_u64().unwrap())
+        .sum();
+    assert_eq!(by_job["total"]["gpu_milli_ms"].as_u64().unwrap(), sum);
+    for by in ["project", "user", "model", "node"] {
+        assert_eq!(usage(&pool, by)["total"], by_job["total"], "{by}");
+    }
+    assert_eq!(
+        row(&usage(&pool, "model"), "H100-80GB")["gpu_milli_ms"].as_u64(),
+        Some(sum)
+    );
+
+    // The ledger survives a restart unchanged.
+    pool.restart_controller();
+    assert_eq!(usage(&pool, "job")["rows"], by_job["rows"]);
+
+    // For scripts: CSV with the total last; bad groupings are refused by name.
+    let (ok, out, err) = cli(
+        &pool,
+        &["usage", "--since", "1d", "--by", "user", "-o", "csv"],
+    );
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let col = header.iter().position(|h| *h == "gpu_milli_ms").unwrap();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[1].starts_with("admin,"), "{out}");
+    assert!(lines[2].starts_with("total,"), "{out}");
+    assert_eq!(lines[2].split(',').nth(col), Some(sum.to_string().as_str()));
+    let (ok, out, _) = cli(&pool, &["usage", "--since", "1d"]);
+    assert!(
+        ok && out.contains("GPU-HOURS") && out.contains("default"),
+        "{out}"
+    );
+    let (s, v) = pool.get("/v1/usage?by=color", &pool.admin);
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v.to_string().contains("project, user, model, job or node"),
+        "{v}"
+    );
+}

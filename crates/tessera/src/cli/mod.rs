@@ -18,6 +18,8 @@ pub enum Output {
     Table,
     Json,
     Yaml,
+    /// One line per row with a header (lists, and `usage` rows with their total last).
+    Csv,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -145,6 +147,7 @@ impl Client {
         match self.output {
             Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
             Output::Yaml => print!("{}", serde_yaml::to_string(value)?),
+            Output::Csv => print!("{}", csv(value)),
             Output::Table => table(value)?,
         }
         Ok(())
@@ -152,6 +155,54 @@ impl Client {
 }
 
 /// Prints rows as an aligned table.
+/// A list (or a report's `rows` and `total`) as CSV: the first row's fields are the columns;
+/// nested values are written as JSON.
+pub fn csv(value: &Value) -> String {
+    let mut rows: Vec<&Value> = match value {
+        Value::Array(items) => items.iter().collect(),
+        v => v["rows"]
+            .as_array()
+            .map(|r| r.iter().collect())
+            .unwrap_or_else(|| vec![v]),
+    };
+    if let Some(total) = value.get("total").filter(|t| t.is_object()) {
+        rows.push(total);
+    }
+    let Some(mut columns) = rows
+        .first()
+        .and_then(|r| r.as_object())
+        .map(|o| o.keys().cloned().collect::<Vec<String>>())
+    else {
+        return String::new();
+    };
+    // What a row is about comes first.
+    for first in ["key", "name", "id"].into_iter().rev() {
+        if let Some(at) = columns.iter().position(|c| c == first) {
+            let c = columns.remove(at);
+            columns.insert(0, c);
+        }
+    }
+    let cell = |v: &Value| -> String {
+        let text = match v {
+            Value::Null => String::new(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        if text.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", text.replace('"', "\"\""))
+        } else {
+            text
+        }
+    };
+    let mut out = columns.join(",") + "\n";
+    for r in rows {
+        let line: Vec<String> = columns.iter().map(|c| cell(&r[c])).collect();
+        out.push_str(&line.join(","));
+        out.push('\n');
+    }
+    out
+}
+
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
@@ -347,6 +398,75 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
         );
     }
     Ok(m)
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// Start of the window: a duration back from now (7d, 12h) or epoch milliseconds.
+    #[arg(long, default_value = "7d")]
+    pub since: String,
+    /// End of the window (default: now).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// project, user, model, job or node.
+    #[arg(long, default_value = "project")]
+    pub by: String,
+    /// Only this project.
+    #[arg(long)]
+    pub project: Option<String>,
+}
+
+/// `tessera usage`: GPU-hours, memory, CPU, energy and cost per project (user, model, ...).
+pub fn usage(c: &Client, a: &UsageArgs) -> anyhow::Result<()> {
+    let mut q = vec![format!("since={}", a.since), format!("by={}", a.by)];
+    if let Some(u) = &a.until {
+        q.push(format!("until={u}"));
+    }
+    if let Some(p) = &a.project {
+        q.push(format!("project={p}"));
+    }
+    let v = c.get(&format!("/v1/usage?{}", q.join("&")))?;
+    c.print(&v, |v| {
+        let report: crate::metering::Report = serde_json::from_value(v.clone())?;
+        let co2 = report.total.co2_kg.is_some();
+        let mut header = vec![
+            a.by.to_uppercase(),
+            "GPU-HOURS".into(),
+            "GPU-MEM GiB-h".into(),
+            "CPU-HOURS".into(),
+            "MEM GiB-h".into(),
+            "ENERGY kWh".into(),
+            "COST".into(),
+            "JOBS".into(),
+        ];
+        if co2 {
+            header.insert(6, "CO2 kg".into());
+        }
+        let line = |r: &crate::metering::UsageRow| {
+            let mut cells = vec![
+                r.key.clone(),
+                format!("{:.3}", r.gpu_hours),
+                format!("{:.2}", r.gpu_memory_gib_hours),
+                format!("{:.3}", r.cpu_hours),
+                format!("{:.2}", r.memory_gib_hours),
+                format!("{:.4}{}", r.energy_kwh, if r.simulated { "*" } else { "" }),
+                format!("{:.2}", r.cost),
+                r.jobs.to_string(),
+            ];
+            if let Some(kg) = r.co2_kg {
+                cells.insert(6, format!("{kg:.4}"));
+            }
+            cells
+        };
+        let mut rows: Vec<Vec<String>> = report.rows.iter().map(line).collect();
+        rows.push(line(&report.total));
+        let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        table(&header, rows);
+        if report.total.simulated {
+            println!("* includes simulated devices: their energy is simulated, not measured");
+        }
+        Ok(())
+    })
 }
 
 /// "4", or "3 (elastic 1-8)".
@@ -983,6 +1103,18 @@ pub fn token(c: &Client, cmd: TokenCmd) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn csv_puts_the_key_first_quotes_what_needs_it_and_ends_with_the_total() {
+        let report = json!({"rows": [{"gpu": 1, "key": "a,b"}, {"gpu": 2, "key": "say \"x\""}],
+                            "total": {"gpu": 3, "key": "total"}});
+        assert_eq!(
+            csv(&report),
+            "key,gpu\n\"a,b\",1\n\"say \"\"x\"\"\",2\ntotal,3\n"
+        );
+        assert_eq!(csv(&json!([{"z": null, "id": 7}])), "id,z\n7,\n");
+        assert_eq!(csv(&json!([])), "");
+    }
 
     #[test]
     fn the_replicas_flag_is_a_number_or_an_elastic_range() {

@@ -161,6 +161,8 @@ pub fn save_job(
 ) -> rusqlite::Result<()> {
     job.updated_ms = now;
     store::put_job(c, &job)?;
+    let ended = super::usage::ended(s.jobs.get(&job.id), &job, &s.nodes, now);
+    let usage_seq = super::usage::record(c, s.usage_seq, &ended)?;
     let events: Vec<Event> = notes
         .into_iter()
         .map(|(kind, message)| Event {
@@ -174,6 +176,7 @@ pub fn save_job(
         store::add_event(c, e)?;
     }
     // Nothing below can fail.
+    s.usage_seq = usage_seq;
     let old = s.jobs.get(&job.id);
     let was_pending = old.is_some_and(|o| o.state == JobState::Pending);
     let old_nodes: BTreeSet<String> = old

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod reconcile;
 pub mod services;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,8 @@ pub struct ControllerConfig {
     pub seed: u64,
     /// Where the service gateway listens (plain HTTP), if anywhere.
     pub gateway: Option<SocketAddr>,
+    /// Chargeback rates and the carbon factor for usage reports.
+    pub rates: crate::metering::Rates,
 }
 
 /// Shared by every request handler and the reconcile loop.
@@ -449,6 +452,7 @@ pub fn router(ctl: Ctl) -> Router {
         )
         .route("/v1/services/{name}/scale", post(services::scale))
         .route("/v1/services/{name}/move", post(services::move_replica))
+        .route("/v1/usage", get(usage::get_usage))
         .route("/v1/nodes", get(api::list_nodes))
         .route("/v1/nodes/{name}", get(api::get_node))
         .route("/v1/nodes/{name}/cordon", post(api::cordon_node))

@@ -1,0 +1,177 @@
+//! The usage ledger: every replica run becomes a segment in the store the moment it ends (in the
+//! same commit as its end), and runs still going are read from the state. `GET /v1/usage` sums
+//! both over a window ([`crate::metering`]).
+//!
+//! The two reads agree: the state's `usage_seq` names the last segment committed when the state
+//! was read, and only segments up to it are read from the store; one that ended later is still
+//! an open run in that state.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use axum::Json;
+use axum::extract::Query;
+use rusqlite::{Connection, OpenFlags, params};
+use serde::Deserialize;
+
+use super::{ApiError, AxState, Caller, S, now_ms};
+use crate::metering::{GroupBy, Report, Segment, Window, report};
+use crate::state::{Job, Node, Replica, State};
+
+/// A replica's run from its start to `end_ms`.
+fn segment(job: &Job, r: &Replica, nodes: &BTreeMap<String, Node>, end_ms: u64) -> Segment {
+    let node = nodes.get(&r.node);
+    let model = r
+        .devices
+        .first()
+        .and_then(|d| node?.spec.devices.get(d.device as usize))
+        .map(|d| d.model.clone())
+        .unwrap_or_default();
+    let start_ms = r.started_ms.unwrap_or(end_ms);
+    Segment {
+        job: job.id,
+        attempt: job.attempt,
+        replica: r.index,
+        user: job.owner.clone(),
+        project: job.project().to_string(),
+        model,
+        node: r.node.clone(),
+        gpu_milli: r.gpu_milli(),
+        gpu_memory_bytes: r.devices.iter().map(|d| d.memory_bytes).sum(),
+        cpu_milli: r.cpu_milli,
+        memory_bytes: r.memory_bytes,
+        start_ms,
+        end_ms: end_ms.max(start_ms),
+        energy_mj: 0,
+        simulated: !r.devices.is_empty() && node.is_some_and(|n| n.simulated),
+    }
+}
+
+fn is_open(r: &Replica) -> bool {
+    r.started_ms.is_some() && !r.phase.is_done()
+}
+
+/// The runs that `new` ends compared with `old`: replicas that had started and were not done,
+/// and now are done, or are gone (requeued in the same change).
+pub fn ended(
+    old: Option<&Job>,
+    new: &Job,
+    nodes: &BTreeMap<String, Node>,
+    now: u64,
+) -> Vec<Segment> {
+    let Some(old) = old else { return vec![] };
+    old.replicas
+        .iter()
+        .filter(|r| is_open(r))
+        .filter_map(|r| {
+            let now_r = new
+                .replicas
+                .iter()
+                .find(|n| new.attempt == old.attempt && n.index == r.index);
+            match now_r {
+                Some(n) if is_open(n) => None,
+                Some(n) => Some(segment(old, r, nodes, n.finished_ms.unwrap_or(now))),
+                None => Some(segment(old, r, nodes, now)),
+            }
+        })
+        .collect()
+}
+
+/// Writes ended runs to the ledger; returns the last sequence number used.
+pub fn record(c: &Connection, mut seq: u64, segments: &[Segment]) -> rusqlite::Result<u64> {
+    for s in segments {
+        seq += 1;
+        let doc = serde_json::to_string(s)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        c.execute(
+            "INSERT INTO usage (seq, job, project, start_ms, end_ms, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![seq as i64, s.job as i64, s.project, s.start_ms as i64, s.end_ms as i64, doc],
+        )?;
+    }
+    Ok(seq)
+}
+
+/// Runs going on now, up to `now`.
+fn open_runs(s: &State, now: u64) -> Vec<Segment> {
+    s.jobs
+        .values()
+        .filter(|j| j.state.is_active())
+        .flat_map(|j| {
+            j.replicas
+                .iter()
+                .filter(|r| is_open(r))
+                .map(move |r| segment(j, r, &s.nodes, now))
+        })
+        .collect()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct UsageQuery {
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub by: Option<String>,
+    pub project: Option<String>,
+}
+
+/// `GET /v1/usage?since=7d&by=project`: usage over a window; members see their projects only.
+pub async fn get_usage(
+    AxState(ctl): S,
+    caller: Caller,
+    Query(q): Query<UsageQuery>,
+) -> Result<Json<Report>, ApiError> {
+    let (user, role) = caller.user()?;
+    let now = now_ms();
+    let by = match q.by.as_deref() {
+        None => GroupBy::Project,
+        Some(b) => GroupBy::parse(b).ok_or_else(|| {
+            ApiError::bad(format!(
+                "by {b}: group by project, user, model, job or node"
+            ))
+        })?,
+    };
+    let window =
+        Window::parse(q.since.as_deref(), q.until.as_deref(), now).map_err(ApiError::bad)?;
+    let (mut segments, seq, visible) = ctl.store.read(|s| {
+        (
+            open_runs(s, now),
+            s.usage_seq,
+            s.visible_projects(user, role),
+        )
+    });
+    let wanted: Option<BTreeSet<String>> = match (&q.project, visible) {
+        (Some(p), Some(v)) if !v.contains(p) => {
+            return Err(ApiError::not_found(format!(
+                "project {p}: no such project among yours"
+            )));
+        }
+        (Some(p), _) => Some([p.clone()].into()),
+        (None, v) => v,
+    };
+    let path = ctl.config.data_dir.join("tessera.db");
+    let closed = tokio::task::spawn_blocking(move || read_closed(&path, seq, window))
+        .await
+        .map_err(|_| ApiError::internal("the usage reader failed"))?
+        .map_err(|e| ApiError::internal(format!("reading the usage ledger: {e}")))?;
+    segments.extend(closed);
+    segments.retain(|s| wanted.as_ref().is_none_or(|w| w.contains(&s.project)));
+    Ok(Json(report(&segments, window, by, &ctl.config.rates)))
+}
+
+/// Ended runs up to `seq` that overlap the window, from a read-only connection.
+fn read_closed(path: &std::path::Path, seq: u64, w: Window) -> anyhow::Result<Vec<Segment>> {
+    let c = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    c.busy_timeout(std::time::Duration::from_secs(5))?;
+    let mut stmt =
+        c.prepare("SELECT doc FROM usage WHERE seq <= ?1 AND end_ms > ?2 AND start_ms < ?3")?;
+    let rows = stmt.query_map(
+        params![seq as i64, w.since_ms as i64, w.until_ms as i64],
+        |r| r.get::<_, String>(0),
+    )?;
+    let mut out = Vec::new();
+    for doc in rows {
+        out.push(serde_json::from_str(&doc?)?);
+    }
+    Ok(out)
+}
