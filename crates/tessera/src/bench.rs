@@ -536,9 +536,11 @@ async fn protocol_agent(
                     message: String::new(),
                     resume_failed: None,
                     port: None,
+                    usage: None,
                 })
                 .collect(),
             wait_ms: lease_ms / 3,
+            sample: None,
         };
         match pool
             .post("/v1/agent/sync", &token, serde_json::to_string(&req)?)
@@ -722,6 +724,7 @@ async fn checkpoints(common: &Common, size: &str) -> anyhow::Result<Value> {
             revision: 0,
             statuses: vec![],
             wait_ms: 0,
+            sample: None,
         };
         let s: SyncResponse = serde_json::from_value(
             pool.post("/v1/agent/sync", &token, serde_json::to_string(&req)?)

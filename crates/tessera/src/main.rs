@@ -88,6 +88,9 @@ struct NodeArgs {
     /// restores files by path.
     #[arg(long, default_value = "/var/lib/tessera/transparent")]
     transparent_root: PathBuf,
+    /// How often the agent samples its devices' and workloads' use (sent with its sync).
+    #[arg(long, default_value = "5s")]
+    telemetry_interval: String,
 }
 
 #[derive(Subcommand)]
@@ -318,6 +321,16 @@ fn agent_config(
             None => None,
         },
         grace_ms: units::parse_duration("--grace", &node.grace)?.as_millis() as u64,
+        telemetry_ms: {
+            let t = units::parse_duration("--telemetry-interval", &node.telemetry_interval)?;
+            if t < Duration::from_millis(200) {
+                anyhow::bail!(
+                    "--telemetry-interval {}: sample at most every 200ms",
+                    node.telemetry_interval
+                );
+            }
+            t.as_millis() as u64
+        },
         ca_cert,
         transparent: match agent::criu::detect(
             node.criu.as_deref(),

@@ -43,7 +43,7 @@ pub enum RunPhase {
 }
 
 /// One workload the agent knows about.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaStatus {
     pub key: String,
     pub phase: RunPhase,
@@ -57,6 +57,44 @@ pub struct ReplicaStatus {
     /// The port a service replica was given (`$PORT`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// What it uses now, from the agent's latest sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<ReplicaUsage>,
+}
+
+/// One replica's use of what it holds, sampled by its agent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaUsage {
+    /// Busy time of its GPU share, percent (on a simulated device: the part of its CPU
+    /// allocation it uses stands in for it).
+    pub gpu_util_pct: f64,
+    pub gpu_memory_bytes: u64,
+    /// CPU, percent of one core.
+    pub cpu_pct: f64,
+    pub memory_bytes: u64,
+    /// Energy of its share of its devices since it started (millijoules, cumulative).
+    pub energy_mj: u64,
+    /// The GPU readings are simulated.
+    pub simulated: bool,
+}
+
+/// One device's readings at one instant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceSample {
+    pub index: u32,
+    pub util_pct: f64,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub power_mw: u64,
+}
+
+/// A node's device readings, sent with a sync when there is a new one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeSample {
+    pub at_ms: u64,
+    /// Simulated devices: the readings are made up from what runs (see `agent::telemetry`).
+    pub simulated: bool,
+    pub devices: Vec<DeviceSample>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,6 +108,9 @@ pub struct SyncRequest {
     pub statuses: Vec<ReplicaStatus>,
     /// How long the controller may hold the request when nothing changed.
     pub wait_ms: u64,
+    /// The node's newest device readings, when they are new.
+    #[serde(default)]
+    pub sample: Option<NodeSample>,
 }
 
 /// One replica the node should run.

@@ -379,6 +379,9 @@ pub struct State {
     pub wait_reasons: HashMap<u64, String>,
     /// The last usage segment committed (see `controller::usage`).
     pub usage_seq: u64,
+    /// Each running replica's latest use as its agent reported it, by replica key (derived, not
+    /// stored: the agent reports cumulative counts again after a restart).
+    pub replica_usage: HashMap<String, crate::protocol::ReplicaUsage>,
     /// The latest complete checkpoint of each (job, replica).
     pub checkpoints: HashMap<(u64, u32), CheckpointManifest>,
     /// Active jobs with a replica on each node (derived, kept by [`State::insert_job`]), so that

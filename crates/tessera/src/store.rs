@@ -42,6 +42,10 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE usage (seq INTEGER PRIMARY KEY, job INTEGER NOT NULL, project TEXT NOT NULL,
                          start_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL, doc TEXT NOT NULL);
      CREATE INDEX usage_end ON usage(end_ms);",
+    // Telemetry: one point per series per minute (see `controller::telemetry`).
+    "CREATE TABLE samples (series TEXT NOT NULL, ts_ms INTEGER NOT NULL, doc TEXT NOT NULL,
+                           PRIMARY KEY (series, ts_ms));
+     CREATE INDEX samples_ts ON samples(ts_ms);",
 ];
 
 /// Opens (creating if needed) and migrates the store.

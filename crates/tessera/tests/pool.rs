@@ -170,6 +170,8 @@ impl Pool {
                 "8",
                 "--memory",
                 "16GiB",
+                "--telemetry-interval",
+                "300ms",
             ])
             .arg("--data-dir")
             .arg(self.dir.path().join(name))
@@ -1834,4 +1836,147 @@ fn usage_is_metered_exactly_through_preemption_restart_and_a_controller_restart(
         v.to_string().contains("project, user, model, job or node"),
         "{v}"
     );
+}
+
+/// The points of a telemetry series now.
+fn series(pool: &Pool, name: &str) -> Vec<Value> {
+    let (status, v) = pool.get(&format!("/v1/telemetry?name={name}&since=1h"), &pool.admin);
+    assert_eq!(status, 200, "{v}");
+    v["points"].as_array().unwrap().clone()
+}
+
+#[test]
+fn devices_and_workloads_are_sampled_metered_for_energy_and_scraped_by_a_real_prometheus() {
+    let prometheus = which("prometheus").expect(
+        "Prometheus is needed for this test: run scripts/test-deps.sh (the README's test command)",
+    );
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
+    // One replica keeps its (simulated) GPU busy, the other holds half a GPU and idles.
+    let busy = pool.submit("default", 1.0, 1, 50, "while :; do :; done");
+    let idle = pool.submit("default", 0.5, 1, 50, "sleep 600");
+    pool.wait_state(busy, "running");
+    pool.wait_state(idle, "running");
+    let util = |p: &Value| p["util_pct"].as_f64().unwrap();
+    pool.wait_for("the busy workload to read busy", || {
+        series(&pool, &format!("job/{busy}/0"))
+            .iter()
+            .any(|p| util(p) > 50.0)
+    });
+    let quiet = series(&pool, &format!("job/{idle}/0"));
+    assert!(
+        !quiet.is_empty() && quiet.iter().all(|p| util(p) < 20.0),
+        "{quiet:?}"
+    );
+    assert!(quiet.iter().all(|p| p["simulated"] == true));
+    let busy_gpu = pool.job(busy)["assignments"][0]["devices"][0]
+        .as_u64()
+        .unwrap();
+    let device = series(&pool, &format!("gpu/n1/{busy_gpu}"));
+    assert!(device.iter().any(|p| util(p) > 50.0), "{device:?}");
+    assert!(
+        device
+            .iter()
+            .all(|p| p["memory_total_bytes"].as_u64() == Some(80 << 30))
+    );
+    let pool_series = series(&pool, "pool");
+    assert!(!pool_series.is_empty());
+    assert!(
+        pool_series
+            .iter()
+            .all(|p| p["memory_total_bytes"].as_u64() == Some(160 << 30))
+    );
+    let (s, v) = pool.get("/v1/telemetry?name=disk/n1", &pool.admin);
+    assert_eq!(s, 400, "{v}");
+
+    // The controller's /metrics under dcgm-exporter's names, scraped by a real Prometheus.
+    let (_, metrics) = pool.get("/metrics", "");
+    let text = metrics.as_str().unwrap().to_string();
+    for name in [
+        "DCGM_FI_DEV_GPU_UTIL{gpu=\"0\"",
+        "DCGM_FI_DEV_FB_FREE{",
+        "DCGM_FI_DEV_POWER_USAGE{",
+        &format!("tessera_workload_energy_joules{{job=\"{busy}\""),
+        "tessera_project_power_watts{project=\"default\"}",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+    let prom_port = port();
+    let config = pool.path("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: tessera\n    \
+             static_configs: [{{targets: ['{}']}}]\n",
+            pool.listen
+        ),
+    )
+    .unwrap();
+    let _prom = Proc(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                pool.path("prom").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let query = |q: &str| -> Value {
+        pool.http
+            .get(format!("http://127.0.0.1:{prom_port}/api/v1/query"))
+            .query(&[("query", q)])
+            .send()
+            .ok()
+            .and_then(|r| r.json::<Value>().ok())
+            .unwrap_or(Value::Null)
+    };
+    let q = format!("DCGM_FI_DEV_GPU_UTIL{{Hostname=\"n1\",gpu=\"{busy_gpu}\"}}");
+    pool.wait_for("Prometheus to scrape the controller", || {
+        query(&q)["data"]["result"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+    });
+    let got = query(&q);
+    let value: f64 = got["data"]["result"][0]["value"][1]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(value > 50.0, "{got}");
+    let up = query("up{job=\"tessera\"}");
+    assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
+
+    // Energy: metered per job when the runs end; the busy job drew more than the idle half.
+    for id in [busy, idle] {
+        let (s, v) = pool.post(&format!("/v1/jobs/{id}/cancel"), json!({}), &pool.admin);
+        assert_eq!(s, 200, "{v}");
+        pool.wait_state(id, "cancelled");
+    }
+    let report = pool.get("/v1/usage?since=1h&by=job", &pool.admin).1;
+    let energy = |id: u64| {
+        report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["key"] == id.to_string().as_str())
+            .unwrap()["energy_mj"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(energy(idle) > 0, "{report}");
+    assert!(energy(busy) > 2 * energy(idle), "{report}");
+    assert_eq!(report["total"]["simulated"], true);
+}
+
+/// A program on the PATH.
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
 }

@@ -162,6 +162,28 @@ impl Backend {
         }
     }
 
+    /// The processes in the workload's cgroup.
+    pub fn pids(&self, name: &str) -> Vec<i32> {
+        let Some(dir) = self.dirs(name).into_iter().next() else {
+            return vec![];
+        };
+        fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// Memory the workload's cgroup uses now, in bytes.
+    pub fn memory_used(&self, name: &str) -> Option<u64> {
+        let file = match self {
+            Backend::V2 { base } => base.join(name).join("memory.current"),
+            Backend::V1 { memory, .. } => memory.join(name).join("memory.usage_in_bytes"),
+            Backend::None { .. } => return None,
+        };
+        fs::read_to_string(file).ok()?.trim().parse().ok()
+    }
+
     /// Removes the (empty) cgroup(s).
     pub fn remove(&self, name: &str) {
         for dir in self.dirs(name) {

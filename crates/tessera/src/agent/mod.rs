@@ -10,6 +10,7 @@ pub mod criu;
 pub mod devices;
 pub mod gpu;
 pub mod shim;
+pub mod telemetry;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -46,6 +47,8 @@ pub struct AgentConfig {
     pub cpu_milli: Option<u64>,
     pub memory_bytes: Option<u64>,
     pub grace_ms: u64,
+    /// How often devices and workloads are sampled.
+    pub telemetry_ms: u64,
     pub ca_cert: Option<PathBuf>,
     /// Transparent checkpoints (CRIU), where this node can do them.
     pub transparent: Option<criu::Transparent>,
@@ -78,6 +81,10 @@ struct Shared {
     wanted: Mutex<BTreeSet<String>>,
     /// The replica-set generation last written for each elastic replica.
     replica_sets: Mutex<BTreeMap<String, u64>>,
+    /// What the controller last wanted here, by key (for sampling).
+    assignments: Mutex<BTreeMap<String, Assignment>>,
+    /// The newest sample of the devices and running replicas.
+    sample: Mutex<Option<telemetry::Sample>>,
 }
 
 fn read_exit(dir: &Path) -> Option<shim::ExitRecord> {
@@ -135,7 +142,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         remote: std::sync::OnceLock::new(),
         wanted: Mutex::new(BTreeSet::new()),
         replica_sets: Mutex::new(BTreeMap::new()),
+        assignments: Mutex::new(BTreeMap::new()),
+        sample: Mutex::new(None),
     });
+    spawn_sampler(shared.clone(), config.clone(), backend.clone());
 
     // The log server, for the controller.
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -219,20 +229,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .unwrap_or(1);
     let mut revision = u64::MAX;
     let mut lease_ms = 10_000;
+    let mut sample_sent = 0;
     loop {
         seq += 1;
-        let statuses: Vec<ReplicaStatus> = shared
-            .runs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|r| r.status.clone())
-            .collect();
+        let (statuses, sample) = statuses_with_usage(&shared, config.devices.simulated);
+        let sample = sample.filter(|s| s.at_ms > sample_sent);
+        let sample_at = sample.as_ref().map(|s| s.at_ms);
         let req = SyncRequest {
             seq,
             revision,
             statuses,
             wait_ms: lease_ms / 3,
+            sample,
         };
         let sent = now_ms();
         let call = post::<SyncResponse>(&http, &config.controller, "/v1/agent/sync", &token, &req);
@@ -250,6 +258,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             }
         };
         lease_ms = resp.lease_ms;
+        if let Some(at) = sample_at {
+            sample_sent = at;
+        }
         // The lease counts from when the request left, so it ends before the controller's view.
         let _ = std::fs::write(
             lease_file.with_extension("tmp"),
@@ -303,6 +314,7 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                     message: exit.message,
                     resume_failed: None,
                     port: None,
+                    usage: None,
                 },
                 shim_pid: None,
             },
@@ -324,6 +336,7 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                                 port: std::fs::read_to_string(dir.join("port"))
                                     .ok()
                                     .and_then(|p| p.trim().parse().ok()),
+                                usage: None,
                             },
                             shim_pid: Some(pid),
                         }
@@ -336,6 +349,7 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                             message: "its supervisor was lost while the agent was down".into(),
                             resume_failed: None,
                             port: None,
+                            usage: None,
                         },
                         shim_pid: None,
                     },
@@ -379,6 +393,66 @@ fn watch_adopted(shared: Arc<Shared>, key: String, pid: i32) {
     });
 }
 
+/// Samples devices and running replicas every `telemetry_ms`, on a thread of its own (NVML
+/// calls block).
+fn spawn_sampler(shared: Arc<Shared>, config: AgentConfig, backend: Backend) {
+    let spawned = std::thread::Builder::new()
+        .name("tessera-telemetry".into())
+        .spawn(move || {
+            let mut sampler = telemetry::Sampler::new(&config);
+            loop {
+                let running: Vec<Assignment> = {
+                    let runs = shared.runs.lock().unwrap_or_else(|e| e.into_inner());
+                    let wanted = shared.assignments.lock().unwrap_or_else(|e| e.into_inner());
+                    wanted
+                        .values()
+                        .filter(|a| {
+                            runs.get(&a.key)
+                                .is_some_and(|r| r.status.phase == RunPhase::Running)
+                        })
+                        .cloned()
+                        .collect()
+                };
+                let sample =
+                    sampler.sample(&config, &backend, &shared.runs_dir, &running, now_ms());
+                *shared.sample.lock().unwrap_or_else(|e| e.into_inner()) = Some(sample);
+                std::thread::sleep(Duration::from_millis(config.telemetry_ms));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no telemetry: {e}");
+    }
+}
+
+/// What to report: every run's status with its latest use (an ended run: its final energy
+/// count), and the newest device sample.
+fn statuses_with_usage(
+    shared: &Shared,
+    simulated: bool,
+) -> (Vec<ReplicaStatus>, Option<crate::protocol::NodeSample>) {
+    let latest = shared.sample.lock().unwrap_or_else(|e| e.into_inner());
+    let runs = shared.runs.lock().unwrap_or_else(|e| e.into_inner());
+    let statuses = runs
+        .values()
+        .map(|r| {
+            let mut st = r.status.clone();
+            st.usage = match st.phase {
+                RunPhase::Running => latest
+                    .as_ref()
+                    .and_then(|s| s.replicas.get(&st.key))
+                    .cloned(),
+                RunPhase::Exited => Some(crate::protocol::ReplicaUsage {
+                    energy_mj: telemetry::read_energy(&shared.runs_dir.join(&st.key)) as u64,
+                    simulated,
+                    ..Default::default()
+                }),
+            };
+            st
+        })
+        .collect();
+    (statuses, latest.as_ref().map(|s| s.node.clone()))
+}
+
 fn converge(
     shared: &Arc<Shared>,
     config: &AgentConfig,
@@ -413,6 +487,11 @@ fn converge(
     }
     *shared.wanted.lock().unwrap_or_else(|e| e.into_inner()) =
         want.iter().map(|k| k.to_string()).collect();
+    *shared.assignments.lock().unwrap_or_else(|e| e.into_inner()) = resp
+        .desired
+        .iter()
+        .map(|a| (a.key.clone(), a.clone()))
+        .collect();
     // Tell running elastic replicas that their replica set changed.
     {
         let mut written = shared
@@ -507,6 +586,7 @@ fn without_shim(key: &str, phase: RunPhase, message: &str) -> Run {
             message: message.to_string(),
             resume_failed: None,
             port: None,
+            usage: None,
         },
         shim_pid: None,
     }
@@ -527,6 +607,7 @@ fn started(key: &str, result: anyhow::Result<Started>) -> Run {
                 message: "running".into(),
                 resume_failed,
                 port,
+                usage: None,
             },
             shim_pid: Some(pid),
         },
@@ -540,6 +621,7 @@ fn started(key: &str, result: anyhow::Result<Started>) -> Run {
                     message: format!("could not start: {e:#}"),
                     resume_failed: None,
                     port: None,
+                    usage: None,
                 },
                 shim_pid: None,
             }

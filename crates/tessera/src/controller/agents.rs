@@ -212,6 +212,20 @@ pub async fn sync(
     let statuses = req.statuses.clone();
     let seq = req.seq;
     ctl.metrics.heartbeats.inc();
+    {
+        let now = now_ms();
+        let mut t = super::telemetry::lock(&ctl.telemetry);
+        if let Some(sample) = &req.sample {
+            t.record_node(&node, sample);
+        }
+        for st in &req.statuses {
+            if let (Some(u), Some((job, _, index)), RunPhase::Running) =
+                (&st.usage, parse_key(&st.key), st.phase)
+            {
+                t.record_replica(job, index, u, now);
+            }
+        }
+    }
     let acked = ctl
         .store
         .write(move |c, s| -> Result<Vec<String>, ApiError> { report(c, s, &name, seq, &statuses) })
@@ -264,6 +278,21 @@ fn report(
     // Jobs touched by this report, with their events; only those that changed are written, so a
     // heartbeat about steadily running work costs no store write.
     let mut changed: BTreeMap<u64, (Job, Vec<Note>)> = BTreeMap::new();
+    // The latest use of replicas still running (an exit carries the final energy count), read
+    // when their run ends (see `usage::ended`).
+    let live: Vec<(String, crate::protocol::ReplicaUsage)> = statuses
+        .iter()
+        .filter_map(|st| {
+            let (job, attempt, index) = parse_key(&st.key)?;
+            let j = s.jobs.get(&job)?;
+            let open = j.attempt == attempt
+                && j.replicas
+                    .iter()
+                    .any(|r| r.index == index && !r.phase.is_done());
+            Some((st.key.clone(), st.usage.clone()?)).filter(|_| open)
+        })
+        .collect();
+    s.replica_usage.extend(live);
     if !came_back {
         for st in statuses {
             let Some((job_id, attempt, index)) = parse_key(&st.key) else {

@@ -161,7 +161,7 @@ pub fn save_job(
 ) -> rusqlite::Result<()> {
     job.updated_ms = now;
     store::put_job(c, &job)?;
-    let ended = super::usage::ended(s.jobs.get(&job.id), &job, &s.nodes, now);
+    let ended = super::usage::ended(s.jobs.get(&job.id), &job, s, now);
     let usage_seq = super::usage::record(c, s.usage_seq, &ended)?;
     let events: Vec<Event> = notes
         .into_iter()
@@ -177,6 +177,10 @@ pub fn save_job(
     }
     // Nothing below can fail.
     s.usage_seq = usage_seq;
+    for seg in &ended {
+        s.replica_usage
+            .remove(&format!("{}.{}.{}", seg.job, seg.attempt, seg.replica));
+    }
     let old = s.jobs.get(&job.id);
     let was_pending = old.is_some_and(|o| o.state == JobState::Pending);
     let old_nodes: BTreeSet<String> = old

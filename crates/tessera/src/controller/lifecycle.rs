@@ -252,6 +252,7 @@ mod tests {
             message: String::new(),
             resume_failed: None,
             port: None,
+            usage: None,
         }
     }
 

@@ -91,7 +91,9 @@ pub async fn scrape(AxState(ctl): S) -> impl IntoResponse {
     if let Some(stripped) = out.strip_suffix("# EOF\n") {
         out = stripped.to_string();
     }
+    let latest = super::telemetry::lock(&ctl.telemetry).latest.clone();
     ctl.store.read(|s| {
+        devices(&mut out, s, &latest);
         let mut by_state: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         let mut project_gpu: BTreeMap<&str, u64> = BTreeMap::new();
         let mut node_used: BTreeMap<&str, u64> = BTreeMap::new();
@@ -160,4 +162,147 @@ pub async fn scrape(AxState(ctl): S) -> impl IntoResponse {
         )],
         out,
     )
+}
+
+/// Device series under the names dcgm-exporter users already chart, then per-workload (slice)
+/// and per-project series. Simulated devices carry `simulated="true"`.
+fn devices(
+    out: &mut String,
+    s: &crate::state::State,
+    latest: &BTreeMap<String, crate::protocol::NodeSample>,
+) {
+    type Family = (&'static str, &'static str);
+    const DCGM: [Family; 4] = [
+        ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %)."),
+        ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB)."),
+        ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB)."),
+        ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W)."),
+    ];
+    let mut lines: Vec<Vec<String>> = vec![Vec::new(); DCGM.len()];
+    for (node, sample) in latest {
+        let Some(n) = s.nodes.get(node) else { continue };
+        for d in &sample.devices {
+            let model = n
+                .spec
+                .devices
+                .get(d.index as usize)
+                .map_or("unknown", |m| m.model.as_str());
+            let labels = format!(
+                "gpu=\"{i}\",UUID=\"TESSERA-{node}-{i}\",device=\"nvidia{i}\",modelName=\"{model}\",Hostname=\"{node}\",simulated=\"{sim}\"",
+                i = d.index,
+                node = esc(node),
+                model = esc(model),
+                sim = sample.simulated
+            );
+            const MIB: u64 = 1 << 20;
+            let values = [
+                format!("{:.1}", d.util_pct),
+                (d.memory_used_bytes / MIB).to_string(),
+                (d.memory_total_bytes.saturating_sub(d.memory_used_bytes) / MIB).to_string(),
+                format!("{:.3}", d.power_mw as f64 / 1000.0),
+            ];
+            for (k, v) in values.into_iter().enumerate() {
+                lines[k].push(format!("{}{{{labels}}} {v}", DCGM[k].0));
+            }
+        }
+    }
+    for ((name, help), lines) in DCGM.iter().zip(lines) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for l in lines {
+            let _ = writeln!(out, "{l}");
+        }
+    }
+    // Workloads (each replica's share of its devices) and projects.
+    const WORKLOAD: [Family; 4] = [
+        (
+            "tessera_workload_gpu_util_percent",
+            "A replica's GPU utilisation, percent of its share's device.",
+        ),
+        (
+            "tessera_workload_gpu_memory_used_bytes",
+            "Device memory a replica uses.",
+        ),
+        (
+            "tessera_workload_gpu_share_milli",
+            "Milli-GPU a replica holds (1000 per whole device).",
+        ),
+        (
+            "tessera_workload_energy_joules",
+            "Energy of a replica's share of its devices since it started.",
+        ),
+    ];
+    let mut lines: Vec<Vec<String>> = vec![Vec::new(); WORKLOAD.len()];
+    let mut project_mem: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut project_power: BTreeMap<&str, f64> = BTreeMap::new();
+    for j in s.jobs.values().filter(|j| j.state.is_active()) {
+        for r in j
+            .replicas
+            .iter()
+            .filter(|r| r.phase == crate::state::ReplicaPhase::Running)
+        {
+            let Some(u) = s.replica_usage.get(&j.key(r.index)) else {
+                continue;
+            };
+            let gpus: Vec<String> = r.devices.iter().map(|d| d.device.to_string()).collect();
+            let labels = format!(
+                "job=\"{}\",replica=\"{}\",project=\"{}\",node=\"{}\",gpu=\"{}\",slice=\"{}\",simulated=\"{}\"",
+                j.id,
+                r.index,
+                esc(j.project()),
+                esc(&r.node),
+                gpus.join(","),
+                r.devices.first().is_some_and(|d| d.milli < 1000),
+                u.simulated
+            );
+            let values = [
+                format!("{:.1}", u.gpu_util_pct),
+                u.gpu_memory_bytes.to_string(),
+                r.gpu_milli().to_string(),
+                format!("{:.3}", u.energy_mj as f64 / 1000.0),
+            ];
+            for (k, v) in values.into_iter().enumerate() {
+                lines[k].push(format!("{}{{{labels}}} {v}", WORKLOAD[k].0));
+            }
+            *project_mem.entry(j.project()).or_default() += u.gpu_memory_bytes;
+            // The replica's part of its devices' power now.
+            let power: f64 = r
+                .devices
+                .iter()
+                .filter_map(|d| {
+                    let sample = latest.get(&r.node)?;
+                    let dev = sample.devices.iter().find(|x| x.index == d.device)?;
+                    Some(dev.power_mw as f64 / 1000.0 * f64::from(d.milli) / 1000.0)
+                })
+                .sum();
+            *project_power.entry(j.project()).or_default() += power;
+        }
+    }
+    for ((name, help), lines) in WORKLOAD.iter().zip(lines) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for l in lines {
+            let _ = writeln!(out, "{l}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tessera_project_gpu_memory_used_bytes Device memory the project's replicas use.\n# TYPE tessera_project_gpu_memory_used_bytes gauge"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tessera_project_power_watts The project's share of its devices' power draw.\n# TYPE tessera_project_power_watts gauge"
+    );
+    for p in s.projects.keys() {
+        let mem = project_mem.get(p.as_str()).copied().unwrap_or(0);
+        let power = project_power.get(p.as_str()).copied().unwrap_or(0.0);
+        let _ = writeln!(
+            out,
+            "tessera_project_gpu_memory_used_bytes{{project=\"{}\"}} {mem}",
+            esc(p)
+        );
+        let _ = writeln!(
+            out,
+            "tessera_project_power_watts{{project=\"{}\"}} {power:.3}",
+            esc(p)
+        );
+    }
 }

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod reconcile;
 pub mod services;
+pub mod telemetry;
 pub mod usage;
 
 use std::net::SocketAddr;
@@ -62,6 +63,8 @@ pub struct Controller {
     pub metrics: metrics::Metrics,
     pub http: reqwest::Client,
     pub gateway: Arc<gateway::Gateway>,
+    /// Recent device and workload readings (see [`telemetry`]).
+    pub telemetry: std::sync::Mutex<telemetry::Telemetry>,
 }
 
 pub type Ctl = Arc<Controller>;
@@ -371,8 +374,10 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
             .context("building the HTTP client")?,
         config: config.clone(),
         gateway: Arc::new(gateway::Gateway::new()),
+        telemetry: Default::default(),
     });
     tokio::spawn(reconcile::run(ctl.clone()));
+    tokio::spawn(telemetry::run(ctl.clone(), Duration::from_secs(20)));
     tokio::spawn(services::run(ctl.clone()));
     let gateway_addr = match config.gateway {
         Some(addr) => {
@@ -453,6 +458,7 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/v1/services/{name}/scale", post(services::scale))
         .route("/v1/services/{name}/move", post(services::move_replica))
         .route("/v1/usage", get(usage::get_usage))
+        .route("/v1/telemetry", get(telemetry::get_series))
         .route("/v1/nodes", get(api::list_nodes))
         .route("/v1/nodes/{name}", get(api::get_node))
         .route("/v1/nodes/{name}/cordon", post(api::cordon_node))

@@ -6,7 +6,7 @@
 //! was read, and only segments up to it are read from the store; one that ended later is still
 //! an open run in that state.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use axum::Json;
 use axum::extract::Query;
@@ -15,10 +15,17 @@ use serde::Deserialize;
 
 use super::{ApiError, AxState, Caller, S, now_ms};
 use crate::metering::{GroupBy, Report, Segment, Window, report};
+use crate::protocol::ReplicaUsage;
 use crate::state::{Job, Node, Replica, State};
 
-/// A replica's run from its start to `end_ms`.
-fn segment(job: &Job, r: &Replica, nodes: &BTreeMap<String, Node>, end_ms: u64) -> Segment {
+/// A replica's run from its start to `end_ms`, with the energy its agent last counted.
+fn segment(
+    job: &Job,
+    r: &Replica,
+    nodes: &BTreeMap<String, Node>,
+    usage: &HashMap<String, ReplicaUsage>,
+    end_ms: u64,
+) -> Segment {
     let node = nodes.get(&r.node);
     let model = r
         .devices
@@ -41,7 +48,7 @@ fn segment(job: &Job, r: &Replica, nodes: &BTreeMap<String, Node>, end_ms: u64) 
         memory_bytes: r.memory_bytes,
         start_ms,
         end_ms: end_ms.max(start_ms),
-        energy_mj: 0,
+        energy_mj: usage.get(&job.key(r.index)).map_or(0, |u| u.energy_mj),
         simulated: !r.devices.is_empty() && node.is_some_and(|n| n.simulated),
     }
 }
@@ -52,12 +59,8 @@ fn is_open(r: &Replica) -> bool {
 
 /// The runs that `new` ends compared with `old`: replicas that had started and were not done,
 /// and now are done, or are gone (requeued in the same change).
-pub fn ended(
-    old: Option<&Job>,
-    new: &Job,
-    nodes: &BTreeMap<String, Node>,
-    now: u64,
-) -> Vec<Segment> {
+pub fn ended(old: Option<&Job>, new: &Job, s: &State, now: u64) -> Vec<Segment> {
+    let (nodes, usage) = (&s.nodes, &s.replica_usage);
     let Some(old) = old else { return vec![] };
     old.replicas
         .iter()
@@ -69,8 +72,8 @@ pub fn ended(
                 .find(|n| new.attempt == old.attempt && n.index == r.index);
             match now_r {
                 Some(n) if is_open(n) => None,
-                Some(n) => Some(segment(old, r, nodes, n.finished_ms.unwrap_or(now))),
-                None => Some(segment(old, r, nodes, now)),
+                Some(n) => Some(segment(old, r, nodes, usage, n.finished_ms.unwrap_or(now))),
+                None => Some(segment(old, r, nodes, usage, now)),
             }
         })
         .collect()
@@ -99,7 +102,7 @@ fn open_runs(s: &State, now: u64) -> Vec<Segment> {
             j.replicas
                 .iter()
                 .filter(|r| is_open(r))
-                .map(move |r| segment(j, r, &s.nodes, now))
+                .map(move |r| segment(j, r, &s.nodes, &s.replica_usage, now))
         })
         .collect()
 }

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# What the test suite needs beyond the Rust toolchain, on Debian 12 as root: CRIU 4.x (built from
+# source, see install-criu.sh) and Prometheus (the suite scrapes the controller with a real one).
+# Idempotent: installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+./install-criu.sh
+missing=()
+command -v prometheus >/dev/null || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]}" >&2
+    apt-get update -q >/dev/null
+    # No services are started: the tests run what they need themselves.
+    ours=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        ours=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "${missing[@]}" >/dev/null
+    [ -z "$ours" ] || rm -f /usr/sbin/policy-rc.d
+fi
