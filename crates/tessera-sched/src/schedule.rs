@@ -79,6 +79,8 @@ pub struct Snapshot {
     pub running: Vec<RunningJob>,
     pub pending: Vec<PendingJob>,
     pub projects: Vec<ProjectQuota>,
+    /// Each project's placement rules (residency; what its jobs may request).
+    pub rules: BTreeMap<String, crate::rules::PlacementRules>,
 }
 
 /// How to schedule.
@@ -120,6 +122,10 @@ pub enum WaitReason {
     /// Free capacity was enough but scattered: these jobs are being moved to gather it.
     Consolidating {
         moved: Vec<u64>,
+    },
+    /// The job's project does not allow what it asks for (its placement rules).
+    Policy {
+        why: String,
     },
     /// Elastic jobs are giving back replicas above their minimum: (job, replicas).
     Shrinking {
@@ -183,6 +189,9 @@ impl WaitReason {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
+            WaitReason::Policy { why } => {
+                format!("its project's policy does not allow it: it {why}")
+            }
             WaitReason::Shrinking { from } => {
                 let mut per_job: BTreeMap<u64, u32> = BTreeMap::new();
                 for (job, _) in from {
@@ -347,13 +356,26 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
             .sort_by(|a, b| b.spec.priority.cmp(&a.spec.priority).then(a.id.cmp(&b.id)));
     }
 
+    // What running jobs' replicas may ask for under their projects' rules (for moves and growth).
+    let requests: HashMap<u64, ResourceRequest> = snapshot
+        .running
+        .iter()
+        .filter_map(|r| {
+            let request = r.request.as_ref()?;
+            let narrowed = match snapshot.rules.get(&r.project) {
+                Some(rules) => rules.narrow(request).ok()?,
+                None => request.clone(),
+            };
+            Some((r.id, narrowed))
+        })
+        .collect();
     let mut plan = Plan::default();
     let mut victims_taken: HashSet<u64> = HashSet::new();
     // Replicas of elastic jobs given back this round: (job, replica index).
     let mut shrunk: HashSet<(u64, u32)> = HashSet::new();
     // Shapes that found no room this round: nothing is released within a round, so the same
     // shape cannot fit later either (preemption is tried once per shape, by its first job).
-    let mut no_room: HashMap<(ResourceRequest, u32, &str, i32), WaitReason> = HashMap::new();
+    let mut no_room: HashMap<(ResourceRequest, u32, String, i32), WaitReason> = HashMap::new();
     while let Some(project) = next_project(&queues, &quotas) {
         let Some(job) = queues.get_mut(project).and_then(|q| q.pop_front()) else {
             break;
@@ -361,6 +383,21 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
         if queues.get(project).is_some_and(|q| q.is_empty()) {
             queues.remove(project);
         }
+        // The project's rules narrow what the job may be given (e.g. only nodes in region=eu).
+        let narrowed;
+        let job: &PendingJob = match snapshot.rules.get(project).filter(|r| !r.is_empty()) {
+            None => job,
+            Some(rules) => match rules.narrow_job(&job.spec) {
+                Ok(spec) => {
+                    narrowed = PendingJob { id: job.id, spec };
+                    &narrowed
+                }
+                Err(why) => {
+                    plan.waiting.push((job.id, WaitReason::Policy { why }));
+                    continue;
+                }
+            },
+        };
         let spec = &job.spec;
         let milli = spec.request.gpu.total_milli() * u64::from(spec.replicas);
         if let Err(err) = crate::validate::validate_job(spec) {
@@ -380,7 +417,7 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
         let shape = (
             spec.request.clone(),
             spec.replicas,
-            spec.project.as_str(),
+            spec.project.clone(),
             spec.priority,
         );
         if let Some(reason) = no_room.get(&shape) {
@@ -455,33 +492,42 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
                         plan.waiting
                             .push((job.id, WaitReason::Reclaiming { victims }));
                     }
-                    None => match consolidate(&mut placer, snapshot, job, &victims_taken) {
-                        Some(moves) => {
-                            let mut moved = Vec::new();
-                            for (m, to) in moves {
-                                moved.push(m.id);
-                                victims_taken.insert(m.id);
-                                plan.moves.push(Move {
-                                    job: m.id,
-                                    to,
-                                    for_job: job.id,
-                                });
+                    None => {
+                        match consolidate(&mut placer, snapshot, &requests, job, &victims_taken) {
+                            Some(moves) => {
+                                let mut moved = Vec::new();
+                                for (m, to) in moves {
+                                    moved.push(m.id);
+                                    victims_taken.insert(m.id);
+                                    plan.moves.push(Move {
+                                        job: m.id,
+                                        to,
+                                        for_job: job.id,
+                                    });
+                                }
+                                quotas.charge(project, milli);
+                                plan.waiting
+                                    .push((job.id, WaitReason::Consolidating { moved }));
                             }
-                            quotas.charge(project, milli);
-                            plan.waiting
-                                .push((job.id, WaitReason::Consolidating { moved }));
+                            None => {
+                                let reason = no_fit(&placer, spec, replica, replicas);
+                                no_room.insert(shape, reason.clone());
+                                plan.waiting.push((job.id, reason));
+                            }
                         }
-                        None => {
-                            let reason = no_fit(&placer, spec, replica, replicas);
-                            no_room.insert(shape, reason.clone());
-                            plan.waiting.push((job.id, reason));
-                        }
-                    },
+                    }
                 }
             }
         }
     }
-    plan.grows = grow_elastic(&mut placer, &mut quotas, snapshot, &victims_taken, &shrunk);
+    plan.grows = grow_elastic(
+        &mut placer,
+        &mut quotas,
+        snapshot,
+        &requests,
+        &victims_taken,
+        &shrunk,
+    );
     Ok(plan)
 }
 
@@ -495,6 +541,7 @@ fn grow_elastic(
     placer: &mut Placer,
     quotas: &mut Quotas,
     snapshot: &Snapshot,
+    requests: &HashMap<u64, ResourceRequest>,
     taken: &HashSet<u64>,
     shrunk: &HashSet<(u64, u32)>,
 ) -> Vec<Grow> {
@@ -506,7 +553,21 @@ fn grow_elastic(
         .filter(|r| !shrunk.iter().any(|(job, _)| *job == r.id))
         .filter_map(|r| {
             let e = r.elastic.as_ref()?;
-            (e.may_grow > 0).then_some((r, r.request.as_ref()?, e.may_grow))
+            let request = requests.get(&r.id)?;
+            // Never past the project's most GPU per job.
+            let room = match snapshot
+                .rules
+                .get(&r.project)
+                .and_then(|x| x.max_job_gpu_milli)
+            {
+                Some(max) if request.gpu.total_milli() > 0 => {
+                    let per = request.gpu.total_milli();
+                    let now = per * r.allocations.len() as u64;
+                    (max.saturating_sub(now) / per).min(u64::from(e.may_grow)) as u32
+                }
+                _ => e.may_grow,
+            };
+            (room > 0).then_some((r, request, room))
         })
         .collect();
     growers.sort_by_key(|(r, _, _)| (std::cmp::Reverse(r.priority), r.allocations.len(), r.id));
@@ -761,6 +822,7 @@ const MAX_CONSOLIDATION_STARTS: usize = 4;
 fn consolidate<'a>(
     placer: &mut Placer,
     snapshot: &'a Snapshot,
+    requests: &HashMap<u64, ResourceRequest>,
     job: &PendingJob,
     taken: &HashSet<u64>,
 ) -> Option<Vec<(&'a RunningJob, NodeId)>> {
@@ -770,7 +832,7 @@ fn consolidate<'a>(
         .filter(|r| {
             r.preemptible
                 && !r.stopping
-                && r.request.is_some()
+                && requests.contains_key(&r.id)
                 && r.allocations.len() == 1
                 && r.priority <= job.spec.priority
                 && !taken.contains(&r.id)
@@ -800,7 +862,7 @@ fn consolidate<'a>(
         .map(|(_, n)| n)
         .collect();
     (0..nodes.len().min(MAX_CONSOLIDATION_STARTS))
-        .find_map(|start| try_consolidation(placer, &movable, &nodes[start..], &job.spec))
+        .find_map(|start| try_consolidation(placer, &movable, requests, &nodes[start..], &job.spec))
 }
 
 /// One consolidation trial: takes jobs off `nodes` in order, smallest first, until `spec` fits;
@@ -809,6 +871,7 @@ fn consolidate<'a>(
 fn try_consolidation<'a>(
     placer: &mut Placer,
     movable: &[&'a RunningJob],
+    requests: &HashMap<u64, ResourceRequest>,
     nodes: &[NodeId],
     spec: &JobSpec,
 ) -> Option<Vec<(&'a RunningJob, NodeId)>> {
@@ -858,8 +921,7 @@ fn try_consolidation<'a>(
     let mut ok = !placed.is_empty();
     if ok {
         for r in &moving {
-            let request = r.request.as_ref().expect("filtered on request");
-            match placer.place_replica(request) {
+            match placer.place_replica(&requests[&r.id]) {
                 // Moving onto the node it is on gains nothing.
                 Some(a) if a.node != r.allocations[0].node => moves.push((r, a)),
                 Some(a) => {
@@ -1077,6 +1139,7 @@ mod tests {
                     spec: whole("gang", 50, 1, 2),
                 },
             ],
+            ..Default::default()
         };
         let config = Config {
             policy: PolicyKind::Tessera,
@@ -1136,6 +1199,7 @@ mod tests {
             running: vec![run(1, "p", 50, 1, vec![too_big])],
             pending: vec![],
             projects: vec![],
+            ..Default::default()
         };
         let config = Config {
             policy: PolicyKind::Fgd,
@@ -1239,6 +1303,7 @@ mod quota_tests {
             ],
             pending: vec![],
             projects: vec![quota("a", 2000, None), quota("b", 1000, None)],
+            ..Default::default()
         }
     }
 
@@ -1378,6 +1443,7 @@ mod quota_tests {
                 spec: job("a", 50, 2, 1),
             }],
             projects: vec![quota("a", 0, None)],
+            ..Default::default()
         };
         let plan = schedule(&snapshot, &config()).unwrap();
         assert!(plan.placements.is_empty());
@@ -1424,6 +1490,7 @@ mod quota_tests {
                 spec: job("a", 50, 2, 2),
             }],
             projects: vec![quota("a", 0, None)],
+            ..Default::default()
         };
         let plan = schedule(&snapshot, &config()).unwrap();
         assert!(plan.placements.is_empty() && plan.preemptions.is_empty());
@@ -1522,6 +1589,7 @@ mod quota_tests {
             }],
             pending: vec![],
             projects: vec![quota("a", 0, None)],
+            ..Default::default()
         };
         let plan = schedule(&snapshot, &config()).unwrap();
         let grown: Vec<(u64, usize)> = plan
@@ -1566,6 +1634,7 @@ mod quota_tests {
                 spec: job("b", 25, 2, 1),
             }],
             projects: vec![quota("a", 0, None), quota("b", 0, None)],
+            ..Default::default()
         };
         let plan = schedule(&snapshot, &config()).unwrap();
         assert!(plan.preemptions.is_empty() && plan.moves.is_empty());
@@ -1620,6 +1689,7 @@ mod quota_tests {
                 spec: job("a", 50, 1, 1),
             }],
             projects: vec![quota("a", 0, None)],
+            ..Default::default()
         };
         let plan = schedule(&snapshot, &config()).unwrap();
         assert_eq!(plan.shrinks.len(), 1);
@@ -1668,6 +1738,7 @@ mod quota_tests {
                 spec: job("vision", 50, 2, 1),
             }],
             projects: vec![quota("vision", 0, Some(2000))],
+            ..Default::default()
         };
         let plan = schedule(&snapshot, &config()).unwrap();
         assert!(plan.placements.is_empty());
@@ -1694,6 +1765,7 @@ mod quota_tests {
                 },
             ],
             projects: vec![quota("rich", 0, None), quota("poor", 1000, None)],
+            ..Default::default()
         };
         let plan = schedule(&snapshot, &config()).unwrap();
         assert_eq!(plan.placements.len(), 1);
@@ -1716,6 +1788,7 @@ mod quota_tests {
                 },
             }],
             projects: vec![],
+            ..Default::default()
         };
         let plan = schedule(&snapshot, &config()).unwrap();
         let text = plan.waiting[0].1.describe(&snapshot.pending[0].spec);

@@ -2,7 +2,7 @@
 //! now (placements and elastic growth) fits beside everything running, elastic jobs never grow
 //! past their maximum or shrink below their minimum, and nothing is both moved and preempted.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use proptest::prelude::*;
 use tessera_sched::cluster::Cluster;
@@ -11,6 +11,7 @@ use tessera_sched::place::Placer;
 use tessera_sched::policy::PolicyKind;
 use tessera_sched::quota::ProjectQuota;
 use tessera_sched::request::{GpuRequest, JobSpec, ResourceRequest};
+use tessera_sched::rules::PlacementRules;
 use tessera_sched::schedule::{Config, ElasticRunning, PendingJob, RunningJob, Snapshot, schedule};
 use tessera_sched::shapes::ShapeDistribution;
 
@@ -55,7 +56,11 @@ fn snapshot(devices: &[usize], running: &[JobShape], pending: &[JobShape]) -> Sn
         .iter()
         .enumerate()
         .map(|(i, n)| NodeSpec {
-            labels: BTreeMap::new(),
+            labels: [(
+                "region".to_string(),
+                if i % 2 == 0 { "eu" } else { "us" }.to_string(),
+            )]
+            .into(),
             ..NodeSpec::with_devices(
                 format!("n{i}"),
                 32_000,
@@ -137,6 +142,7 @@ fn snapshot(devices: &[usize], running: &[JobShape], pending: &[JobShape]) -> Sn
                 over_quota_weight: 1,
             })
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -191,5 +197,81 @@ proptest! {
         prop_assert!(plan.moves.iter().all(|m| !preempted.contains(&m.job)));
         let placed: HashSet<u64> = plan.placements.iter().map(|(id, _)| *id).collect();
         prop_assert!(plan.waiting.iter().all(|(id, _)| !placed.contains(id)));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Project a may run only in region=eu, project b at most 2 GPUs per job: whatever runs,
+    /// waits or arrives, nothing the plan starts or moves breaks its project's rules.
+    #[test]
+    fn no_job_is_placed_grown_or_moved_outside_its_projects_residency(
+        devices in prop::collection::vec(0usize..=4, 1..6),
+        running in prop::collection::vec(job_strategy(), 0..8),
+        pending in prop::collection::vec(job_strategy(), 0..6),
+        seed in any::<u64>(),
+    ) {
+        let mut snap = snapshot(&devices, &running, &pending);
+        let eu = PlacementRules {
+            node_selector: [("region".to_string(), "eu".to_string())].into(),
+            ..Default::default()
+        };
+        let small = PlacementRules {
+            max_job_gpu_milli: Some(2000),
+            ..Default::default()
+        };
+        snap.rules = [("a".to_string(), eu), ("b".to_string(), small)].into();
+        // Running work was placed before the rules (some of a's runs in us): only what the
+        // plan starts, grows or moves is held to them.
+        let config = Config {
+            policy: PolicyKind::Tessera,
+            seed,
+            shapes: ShapeDistribution::default(),
+        };
+        let plan = schedule(&snap, &config).unwrap();
+        let region = |node: tessera_sched::NodeId| snap.nodes[node.index()].labels["region"].clone();
+        let project_of = |id: u64| -> String {
+            snap.pending
+                .iter()
+                .find(|p| p.id == id)
+                .map(|p| p.spec.project.clone())
+                .or_else(|| snap.running.iter().find(|r| r.id == id).map(|r| r.project.clone()))
+                .unwrap()
+        };
+        for (id, allocs) in &plan.placements {
+            if project_of(*id) == "a" {
+                for a in allocs {
+                    prop_assert_eq!(region(a.node), "eu", "job {} placed outside eu", id);
+                }
+            }
+            if project_of(*id) == "b" {
+                let total: u64 = allocs.iter().map(|a| a.gpu_milli()).sum();
+                prop_assert!(total <= 2000, "job {id} of b holds {total} milli-GPU");
+            }
+        }
+        for g in &plan.grows {
+            if project_of(g.job) == "a" {
+                for a in &g.allocations {
+                    prop_assert_eq!(region(a.node), "eu");
+                }
+            }
+            if project_of(g.job) == "b" {
+                let r = snap.running.iter().find(|r| r.id == g.job).unwrap();
+                let total: u64 = r.allocations.iter().chain(&g.allocations).map(|a| a.gpu_milli()).sum();
+                prop_assert!(total <= 2000, "job {} of b grows to {total}", g.job);
+            }
+        }
+        for m in &plan.moves {
+            if project_of(m.job) == "a" {
+                prop_assert_eq!(region(m.to), "eu", "job {} moved outside eu", m.job);
+            }
+        }
+        // Only b's jobs can break a rule by asking (more than 2 GPUs); they are told why.
+        for (id, why) in &plan.waiting {
+            if let tessera_sched::schedule::WaitReason::Policy { why } = why {
+                prop_assert!(project_of(*id) == "b" && why.contains("at most 2"), "{why}");
+            }
+        }
     }
 }

@@ -180,6 +180,7 @@ fn build(s: &State, now: u64) -> Built {
             running,
             pending,
             projects,
+            ..Default::default()
         },
         node_names,
         next_backoff,
