@@ -21,6 +21,20 @@ pub struct PlacementRules {
     pub max_job_gpu_milli: Option<u64>,
 }
 
+/// Which rule a request breaks, and how, in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Breach {
+    pub rule: Rule,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    Residency,
+    DeviceModels,
+    MaxJobGpu,
+}
+
 impl PlacementRules {
     pub fn is_empty(&self) -> bool {
         self.node_selector.is_empty()
@@ -29,15 +43,18 @@ impl PlacementRules {
     }
 
     /// The request narrowed to what the rules allow, or why no request of this job can comply.
-    pub fn narrow(&self, request: &ResourceRequest) -> Result<ResourceRequest, String> {
+    pub fn narrow(&self, request: &ResourceRequest) -> Result<ResourceRequest, Breach> {
         let mut r = request.clone();
         for (key, value) in &self.node_selector {
             match r.node_selector.get(key) {
                 Some(v) if v != value => {
-                    return Err(format!(
-                        "asks for nodes labelled {key}={v}, and its project allows only \
-                         {key}={value}"
-                    ));
+                    return Err(Breach {
+                        rule: Rule::Residency,
+                        why: format!(
+                            "asks for nodes labelled {key}={v}, and its project allows only \
+                             {key}={value}"
+                        ),
+                    });
                 }
                 _ => {
                     r.node_selector.insert(key.clone(), value.clone());
@@ -50,11 +67,14 @@ impl PlacementRules {
             } else {
                 r.device_models.retain(|m| self.device_models.contains(m));
                 if r.device_models.is_empty() {
-                    return Err(format!(
-                        "asks for device models {}, and its project allows only {}",
-                        request.device_models.join(", "),
-                        self.device_models.join(", ")
-                    ));
+                    return Err(Breach {
+                        rule: Rule::DeviceModels,
+                        why: format!(
+                            "asks for device models {}, and its project allows only {}",
+                            request.device_models.join(", "),
+                            self.device_models.join(", ")
+                        ),
+                    });
                 }
             }
         }
@@ -62,16 +82,19 @@ impl PlacementRules {
     }
 
     /// The job narrowed to the rules, or why it cannot comply.
-    pub fn narrow_job(&self, job: &JobSpec) -> Result<JobSpec, String> {
+    pub fn narrow_job(&self, job: &JobSpec) -> Result<JobSpec, Breach> {
         let total = job.request.gpu.total_milli() * u64::from(job.replicas);
         if let Some(max) = self.max_job_gpu_milli
             && total > max
         {
-            return Err(format!(
-                "asks for {} GPU in all, and its project allows at most {} per job",
-                total as f64 / 1000.0,
-                max as f64 / 1000.0
-            ));
+            return Err(Breach {
+                rule: Rule::MaxJobGpu,
+                why: format!(
+                    "asks for {} GPU in all, and its project allows at most {} per job",
+                    total as f64 / 1000.0,
+                    max as f64 / 1000.0
+                ),
+            });
         }
         Ok(JobSpec {
             request: self.narrow(&job.request)?,
@@ -113,22 +136,21 @@ mod tests {
         assert_eq!(n.device_models, vec!["H100", "A100"]);
         let mut us = r.clone();
         us.node_selector.insert("region".into(), "us".into());
-        assert!(rules().narrow(&us).unwrap_err().contains("only region=eu"));
+        let breach = rules().narrow(&us).unwrap_err();
+        assert_eq!(breach.rule, Rule::Residency);
+        assert!(breach.why.contains("only region=eu"));
         let mut t4 = r.clone();
         t4.device_models = vec!["T4".into(), "A100".into()];
         assert_eq!(rules().narrow(&t4).unwrap().device_models, vec!["A100"]);
         t4.device_models = vec!["T4".into()];
-        assert!(rules().narrow(&t4).is_err());
+        assert_eq!(rules().narrow(&t4).unwrap_err().rule, Rule::DeviceModels);
         let job = JobSpec {
             replicas: 3,
             ..JobSpec::single("j", r)
         };
-        assert!(
-            rules()
-                .narrow_job(&job)
-                .unwrap_err()
-                .contains("at most 4 per job")
-        );
+        let breach = rules().narrow_job(&job).unwrap_err();
+        assert_eq!(breach.rule, Rule::MaxJobGpu);
+        assert!(breach.why.contains("at most 4 per job"));
         assert!(PlacementRules::default().is_empty());
     }
 }

@@ -392,7 +392,8 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
                     narrowed = PendingJob { id: job.id, spec };
                     &narrowed
                 }
-                Err(why) => {
+                Err(breach) => {
+                    let why = breach.why;
                     plan.waiting.push((job.id, WaitReason::Policy { why }));
                     continue;
                 }

@@ -186,6 +186,13 @@ enum Command {
         #[command(flatten)]
         args: cli::UsageArgs,
     },
+    /// The audit log: placements, preemptions, moves, policy decisions, admin actions.
+    Audit {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(flatten)]
+        args: cli::AuditArgs,
+    },
     /// Nodes: list, cordon, uncordon, drain.
     Nodes {
         #[command(flatten)]
@@ -497,6 +504,9 @@ fn main() {
             cli::Client::new(&conn).and_then(|c| cli::migrate(&c, id, to.as_deref()))
         }
         Command::Nodes { conn, cmd } => cli::Client::new(&conn).and_then(|c| cli::nodes(&c, cmd)),
+        Command::Audit { conn, args } => {
+            cli::Client::new(&conn).and_then(|c| cli::audit(&c, &args))
+        }
         Command::Usage { conn, args } => {
             cli::Client::new(&conn).and_then(|c| cli::usage(&c, &args))
         }

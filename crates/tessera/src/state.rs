@@ -27,7 +27,7 @@ pub struct User {
     pub created_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Project {
     pub name: String,
     pub parent: Option<String>,
@@ -40,6 +40,74 @@ pub struct Project {
     /// thrashing: a preempted job pays its restart again).
     #[serde(default)]
     pub min_runtime_ms: u64,
+    /// Where its jobs may run, what they may request, and when idle ones are reclaimed.
+    #[serde(default)]
+    pub policy: ProjectPolicy,
+}
+
+/// A project's policy: residency (node labels), allowed device models, the most GPU one job
+/// may ask for, and idle reclaim of interactive jobs. Sub-projects are bound by their
+/// ancestors' policies too.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProjectPolicy {
+    /// Node labels every node of its jobs must carry, e.g. `region: eu`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub residency: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_models: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_job_gpu_milli: Option<u64>,
+    /// Interactive jobs whose GPUs stay under this utilisation (percent) ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_threshold_pct: Option<f64>,
+    /// ... for this long are stopped (0: never) ...
+    #[serde(default)]
+    pub idle_after_ms: u64,
+    /// ... after a warning this long before.
+    #[serde(default)]
+    pub idle_warning_ms: u64,
+}
+
+impl State {
+    /// The placement rules of a project: its policy and its ancestors', the nearer ancestor's
+    /// residency label winning none (a conflict leaves nothing allowed, which describe shows).
+    pub fn placement_rules(&self, project: &str) -> tessera_sched::PlacementRules {
+        let mut rules = tessera_sched::PlacementRules::default();
+        let mut at = self.projects.get(project);
+        let mut seen = 0;
+        while let Some(p) = at {
+            let pol = &p.policy;
+            for (k, v) in &pol.residency {
+                rules
+                    .node_selector
+                    .entry(k.clone())
+                    .or_insert_with(|| v.clone());
+            }
+            if !pol.device_models.is_empty() {
+                if rules.device_models.is_empty() {
+                    rules.device_models = pol.device_models.clone();
+                } else {
+                    rules
+                        .device_models
+                        .retain(|m| pol.device_models.contains(m));
+                    if rules.device_models.is_empty() {
+                        // Nothing is allowed by both: a model no node has.
+                        rules.device_models.push("(none allowed)".into());
+                    }
+                }
+            }
+            if let Some(max) = pol.max_job_gpu_milli {
+                rules.max_job_gpu_milli = Some(rules.max_job_gpu_milli.map_or(max, |m| m.min(max)));
+            }
+            seen += 1;
+            at = p
+                .parent
+                .as_ref()
+                .filter(|_| seen < 64)
+                .and_then(|n| self.projects.get(n));
+        }
+        rules
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]
@@ -379,6 +447,9 @@ pub struct State {
     pub wait_reasons: HashMap<u64, String>,
     /// The last usage segment committed (see `controller::usage`).
     pub usage_seq: u64,
+    /// The user whose request the current write serves (for the audit log); cleared by the
+    /// store before every write, so a write of the scheduler or the controller has none.
+    pub acting: Option<String>,
     /// Each running replica's latest use as its agent reported it, by replica key (derived, not
     /// stored: the agent reports cumulative counts again after a restart).
     pub replica_usage: HashMap<String, crate::protocol::ReplicaUsage>,

@@ -46,6 +46,12 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE samples (series TEXT NOT NULL, ts_ms INTEGER NOT NULL, doc TEXT NOT NULL,
                            PRIMARY KEY (series, ts_ms));
      CREATE INDEX samples_ts ON samples(ts_ms);",
+    // The audit log (see `controller::audit`).
+    "CREATE TABLE audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL,
+                         actor TEXT NOT NULL, action TEXT NOT NULL, project TEXT, job INTEGER,
+                         detail TEXT NOT NULL);
+     CREATE INDEX audit_ts ON audit(ts_ms);
+     CREATE INDEX audit_job ON audit(job);",
 ];
 
 /// Opens (creating if needed) and migrates the store.
@@ -359,7 +365,9 @@ fn run_batch(
     let mut replies = Vec::with_capacity(batch.len());
     for op in batch {
         let sp = tx.savepoint()?;
+        state.acting = None;
         let (ok, reply) = op(&sp, state);
+        state.acting = None;
         if ok {
             sp.commit()?;
         }

@@ -1980,3 +1980,144 @@ fn which(name: &str) -> Option<PathBuf> {
         .map(|d| Path::new(d).join(name))
         .find(|p| p.is_file())
 }
+
+/// The audit entries of a query, oldest first.
+fn audit(pool: &Pool, query: &str) -> Vec<Value> {
+    let (s, v) = pool.get(&format!("/v1/audit?since=1h&{query}"), &pool.admin);
+    assert_eq!(s, 200, "{v}");
+    let mut entries = v.as_array().unwrap().clone();
+    entries.reverse();
+    entries
+}
+
+fn actions(entries: &[Value]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_projects_residency_holds_refusals_name_the_rule_and_every_decision_is_audited() {
+    let mut pool = Pool::start();
+    pool.add_agent_with("eu1", "127.0.0.2", "1xH100-80GB", &["--label", "region=eu"]);
+    pool.add_agent_with("us1", "127.0.0.3", "2xH100-80GB", &["--label", "region=us"]);
+    let (ok, out, err) = cli(
+        &pool,
+        &[
+            "projects",
+            "create",
+            "gdpr",
+            "--residency",
+            "region=eu",
+            "--max-gpu-per-job",
+            "1",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = cli(&pool, &["projects"]);
+    assert!(ok && out.contains("region=eu; <=1 GPU/job"), "{out}");
+
+    // The EU job runs in the EU, though the US node has more room; a second one waits for it.
+    let a = pool.submit("gdpr", 1.0, 1, 50, "sleep 60");
+    let on = pool.wait_state(a, "running")["assignments"][0]["node"].clone();
+    assert_eq!(on, "eu1");
+    let b = pool.submit("gdpr", 1.0, 1, 50, "sleep 60");
+    pool.wait_for("b's reason", || {
+        pool.job(b)["reason"]
+            .as_str()
+            .unwrap()
+            .contains("project gdpr's policy: only nodes labelled region=eu")
+    });
+    // Requests the policy can never allow are refused, naming the field and the rule.
+    let refuse = |resources: Value, field: &str| {
+        let (s, v) = pool.post(
+            "/v1/jobs",
+            json!({"metadata": {"name": "x", "project": "gdpr"},
+                   "spec": {"resources": resources, "command": ["true"]}}),
+            &pool.admin,
+        );
+        assert_eq!(s, 422, "{v}");
+        assert_eq!(v["error"]["field"], field, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("change project gdpr's policy"),
+            "{v}"
+        );
+        v["error"]["message"].as_str().unwrap().to_string()
+    };
+    let m = refuse(json!({"gpu": 2}), "spec.resources.gpu");
+    assert!(m.contains("at most 1 per job"), "{m}");
+    let m = refuse(
+        json!({"gpu": 1, "nodeSelector": {"region": "us"}}),
+        "spec.resources.nodeSelector",
+    );
+    assert!(m.contains("only region=eu"), "{m}");
+    let (s, v) = pool.post(
+        &format!("/v1/jobs/{a}/migrate"),
+        json!({"to": "us1"}),
+        &pool.admin,
+    );
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(v["error"]["field"], "to");
+    assert_eq!(
+        pool.job(a)["state"],
+        "running",
+        "a refused move changes nothing"
+    );
+
+    // Priority preemption in another project, and admin actions.
+    let low = pool.submit("default", 2.0, 1, 25, "sleep 60");
+    pool.wait_state(low, "running");
+    let high = pool.submit("default", 1.0, 1, 75, "sleep 0.2");
+    pool.wait_state(high, "succeeded");
+    for verb in ["cordon", "uncordon"] {
+        let (s, v) = pool.post(&format!("/v1/nodes/us1/{verb}"), json!({}), &pool.admin);
+        assert_eq!(s, 200, "{v}");
+    }
+    let (s, v) = pool.post(&format!("/v1/jobs/{a}/cancel"), json!({}), &pool.admin);
+    assert_eq!(s, 200, "{v}");
+    let on = pool.wait_state(b, "running")["assignments"][0]["node"].clone();
+    assert_eq!(on, "eu1");
+
+    // The audit log has every decision, with who made it.
+    let of_a = audit(&pool, &format!("job={a}"));
+    assert_eq!(actions(&of_a)[..3], ["submit", "place", "deny"], "{of_a:?}");
+    assert!(
+        of_a.iter()
+            .any(|e| e["action"] == "cancel" && e["actor"] == "admin")
+    );
+    let place = &of_a[1];
+    assert_eq!(place["actor"], "scheduler");
+    assert!(place["detail"].as_str().unwrap().contains("eu1"), "{place}");
+    let denies = audit(&pool, "action=deny&project=gdpr");
+    assert_eq!(denies.len(), 3, "{denies:?}");
+    assert!(denies.iter().all(|e| e["actor"] == "admin"));
+    let of_low = audit(&pool, &format!("job={low}"));
+    let preempt = of_low
+        .iter()
+        .find(|e| e["action"] == "preempt")
+        .unwrap_or_else(|| panic!("no preemption of {low}: {of_low:?}"));
+    assert_eq!(preempt["actor"], "scheduler");
+    assert!(
+        preempt["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("for job {high}"))
+    );
+    let admin = actions(&audit(&pool, ""));
+    for action in ["project-create", "cordon", "uncordon"] {
+        assert!(
+            admin.iter().any(|a| a == action),
+            "{action} missing: {admin:?}"
+        );
+    }
+    let of_b = audit(&pool, &format!("job={b}"));
+    assert_eq!(actions(&of_b), ["submit", "place"], "{of_b:?}");
+    let (ok, out, err) = cli(&pool, &["audit", "--project", "gdpr", "--action", "deny"]);
+    assert!(ok && out.lines().count() == 4, "{out}{err}");
+    let (s, _) = pool.get("/v1/audit?since=yesterday", &pool.admin);
+    assert_eq!(s, 400);
+}

@@ -469,6 +469,96 @@ pub fn usage(c: &Client, a: &UsageArgs) -> anyhow::Result<()> {
     })
 }
 
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Start of the window: a duration back from now (1d, 2h) or epoch milliseconds.
+    #[arg(long, default_value = "1d")]
+    pub since: String,
+    #[arg(long)]
+    pub until: Option<String>,
+    #[arg(long)]
+    pub project: Option<String>,
+    #[arg(long)]
+    pub job: Option<u64>,
+    /// place, preempt, consolidate, migrate, grow, shrink, cancel, deny, requeue, idle-stop,
+    /// cordon, drain, project-update, ...
+    #[arg(long)]
+    pub action: Option<String>,
+    #[arg(long, default_value_t = 200)]
+    pub limit: usize,
+}
+
+/// `tessera audit`: decisions and admin actions, newest first.
+pub fn audit(c: &Client, a: &AuditArgs) -> anyhow::Result<()> {
+    let mut q = vec![format!("since={}", a.since), format!("limit={}", a.limit)];
+    for (k, v) in [
+        ("until", a.until.clone()),
+        ("project", a.project.clone()),
+        ("job", a.job.map(|j| j.to_string())),
+        ("action", a.action.clone()),
+    ] {
+        if let Some(v) = v {
+            q.push(format!("{k}={v}"));
+        }
+    }
+    let v = c.get(&format!("/v1/audit?{}", q.join("&")))?;
+    c.print(&v, |v| {
+        let entries: Vec<crate::controller::audit::Entry> = serde_json::from_value(v.clone())?;
+        table(
+            &["AGE", "ACTOR", "ACTION", "PROJECT", "JOB", "DETAIL"],
+            entries
+                .iter()
+                .map(|e| {
+                    let mut detail = e.detail.clone();
+                    if detail.chars().count() > 80 {
+                        detail = detail.chars().take(77).collect::<String>() + "...";
+                    }
+                    vec![
+                        age(e.ts_ms),
+                        e.actor.clone(),
+                        e.action.clone(),
+                        e.project.clone().unwrap_or_else(|| "-".into()),
+                        e.job.map_or("-".into(), |j| j.to_string()),
+                        detail,
+                    ]
+                })
+                .collect(),
+        );
+        Ok(())
+    })
+}
+
+/// "region=eu; models H100; <=4 GPU/job; idle 30m<5%", or "-".
+pub fn policy_text(p: &crate::state::ProjectPolicy) -> String {
+    let mut parts = Vec::new();
+    if !p.residency.is_empty() {
+        let labels: Vec<String> = p
+            .residency
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        parts.push(labels.join(","));
+    }
+    if !p.device_models.is_empty() {
+        parts.push(format!("models {}", p.device_models.join(",")));
+    }
+    if let Some(m) = p.max_job_gpu_milli {
+        parts.push(format!("<={} GPU/job", m as f64 / 1000.0));
+    }
+    if p.idle_after_ms > 0 {
+        parts.push(format!(
+            "idle {}s<{}%",
+            p.idle_after_ms / 1000,
+            p.idle_threshold_pct.unwrap_or(5.0)
+        ));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
 /// "4", or "3 (elastic 1-8)".
 fn replicas_text(j: &JobView) -> String {
     match j.elastic {
@@ -906,6 +996,24 @@ pub struct ProjectArgs {
     /// Members (comma-separated user names).
     #[arg(long)]
     pub members: Option<String>,
+    /// Residency: node labels KEY=VALUE its jobs must run on (repeatable); `none` clears.
+    #[arg(long)]
+    pub residency: Vec<String>,
+    /// Device models its jobs may use (comma-separated); `any` clears.
+    #[arg(long)]
+    pub models: Option<String>,
+    /// Most GPUs one job may ask for; `none` removes the cap.
+    #[arg(long)]
+    pub max_gpu_per_job: Option<String>,
+    /// Stop interactive jobs idle this long, e.g. 30m; `off` disables.
+    #[arg(long)]
+    pub idle_after: Option<String>,
+    /// GPU utilisation (percent) under which a job counts as idle (default 5).
+    #[arg(long)]
+    pub idle_threshold: Option<f64>,
+    /// Warn this long before an idle job is stopped (default 5m).
+    #[arg(long)]
+    pub idle_warning: Option<String>,
 }
 
 pub fn projects(c: &Client, cmd: Option<ProjectsCmd>) -> anyhow::Result<()> {
@@ -935,6 +1043,41 @@ pub fn projects(c: &Client, cmd: Option<ProjectsCmd>) -> anyhow::Result<()> {
         }
         if let Some(d) = &a.min_runtime {
             b["min_runtime"] = json!(d);
+        }
+        if !a.residency.is_empty() {
+            let mut labels = serde_json::Map::new();
+            for kv in a.residency.iter().filter(|kv| *kv != "none") {
+                let (k, v) = kv.split_once('=').ok_or_else(|| {
+                    anyhow::anyhow!("--residency {kv}: write KEY=VALUE, e.g. region=eu, or none")
+                })?;
+                labels.insert(k.trim().to_string(), json!(v.trim()));
+            }
+            b["residency"] = Value::Object(labels);
+        }
+        if let Some(m) = &a.models {
+            b["device_models"] = if m == "any" {
+                json!([])
+            } else {
+                json!(m.split(',').map(str::trim).collect::<Vec<_>>())
+            };
+        }
+        if let Some(g) = &a.max_gpu_per_job {
+            b["max_gpu_per_job"] = if g == "none" {
+                Value::Null
+            } else {
+                json!(g.parse::<f64>().map_err(|_| anyhow::anyhow!(
+                    "--max-gpu-per-job {g}: a number of GPUs or none"
+                ))?)
+            };
+        }
+        if let Some(d) = &a.idle_after {
+            b["idle_after"] = json!(d);
+        }
+        if let Some(t) = a.idle_threshold {
+            b["idle_threshold"] = json!(t);
+        }
+        if let Some(w) = &a.idle_warning {
+            b["idle_warning"] = json!(w);
         }
         if let Some(m) = &a.members {
             b["members"] = json!(
@@ -968,6 +1111,7 @@ pub fn projects(c: &Client, cmd: Option<ProjectsCmd>) -> anyhow::Result<()> {
                 "RUNNING",
                 "PENDING",
                 "MEMBERS",
+                "POLICY",
             ],
             ps.iter()
                 .map(|p| {
@@ -983,6 +1127,7 @@ pub fn projects(c: &Client, cmd: Option<ProjectsCmd>) -> anyhow::Result<()> {
                         p.jobs_running.to_string(),
                         p.jobs_pending.to_string(),
                         p.members.iter().cloned().collect::<Vec<_>>().join(","),
+                        policy_text(&p.policy),
                     ]
                 })
                 .collect(),

@@ -174,6 +174,17 @@ pub fn save_job(
         .collect();
     for e in &events {
         store::add_event(c, e)?;
+        if let Some((actor, action)) = decision(s.acting.as_deref(), &e.kind) {
+            super::audit::record(
+                c,
+                now,
+                &actor,
+                action,
+                Some(job.project()),
+                Some(job.id),
+                &e.message,
+            )?;
+        }
     }
     // Nothing below can fail.
     s.usage_seq = usage_seq;
@@ -219,6 +230,37 @@ pub fn save_job(
     }
     s.insert_job(job);
     Ok(())
+}
+
+/// The audit action of a job event that records a decision, and who made it: the user whose
+/// request it serves, else the scheduler (placements, preemptions, moves, resizes) or the
+/// controller (requeues after a node loss or drain, idle reclaim).
+fn decision(acting: Option<&str>, kind: &str) -> Option<(String, &'static str)> {
+    let action = match kind {
+        "Submitted" => "submit",
+        "Scheduled" => "place",
+        "Preempting" => "preempt",
+        "Migrating" if acting.is_some() => "migrate",
+        "Migrating" => "consolidate",
+        "Grown" => "grow",
+        "Shrinking" => "shrink",
+        "Cancelling" => "cancel",
+        "Cancelled" if acting.is_some() => "cancel",
+        "Requeued" => "requeue",
+        "IdleWarning" => "idle-warning",
+        "IdleStop" => "idle-stop",
+        _ => return None,
+    };
+    let by_scheduler = matches!(
+        action,
+        "place" | "preempt" | "consolidate" | "grow" | "shrink"
+    );
+    let actor = match acting {
+        Some(user) => user.to_string(),
+        None if by_scheduler => "scheduler".into(),
+        None => "controller".into(),
+    };
+    Some((actor, action))
 }
 
 /// The job if the caller may see it; 404 otherwise (a job of another project does not exist for
@@ -271,9 +313,11 @@ pub async fn submit(
     let role = caller.user()?.1;
     let def = parse_manifest(&body)?.into_def("default")?;
     let project = def.spec.project.clone();
+    check_policy(&ctl, &user, &def).await?;
     let job = ctl
         .store
         .write(move |c, s| -> Result<JobView, ApiError> {
+            s.acting = Some(user.clone());
             may_use_project(s, &user, role, &project)?;
             let now = now_ms();
             let id = s.next_job_id + 1;
@@ -287,6 +331,44 @@ pub async fn submit(
         .await?;
     ctl.metrics.submitted.inc();
     Ok((axum::http::StatusCode::CREATED, Json(job)))
+}
+
+/// Refuses a job its project's policy does not allow, naming the field and the rule; the
+/// refusal is in the audit log.
+pub async fn check_policy(
+    ctl: &super::Ctl,
+    user: &str,
+    def: &crate::manifest::JobDef,
+) -> Result<(), ApiError> {
+    let project = def.spec.project.clone();
+    let Err(breach) = ctl
+        .store
+        .read(|s| s.placement_rules(&project).narrow_job(&def.spec))
+    else {
+        return Ok(());
+    };
+    use tessera_sched::rules::Rule;
+    let field = match breach.rule {
+        Rule::Residency => "spec.resources.nodeSelector",
+        Rule::DeviceModels => "spec.resources.deviceModels",
+        Rule::MaxJobGpu => "spec.resources.gpu",
+    };
+    let message = format!(
+        "{field}: the job {}; change the request, or ask an admin to change project {project}'s \
+         policy (`tessera projects`)",
+        breach.why
+    );
+    let (who, what) = (
+        user.to_string(),
+        format!("{}: {}", def.spec.name, breach.why),
+    );
+    ctl.store
+        .write(move |c, _| -> Result<(), ApiError> {
+            super::audit::record(c, now_ms(), &who, "deny", Some(&project), None, &what)?;
+            Ok(())
+        })
+        .await?;
+    Err(ApiError::new(axum::http::StatusCode::UNPROCESSABLE_ENTITY, message).with_field(field))
 }
 
 #[derive(Debug, Deserialize)]
@@ -385,6 +467,7 @@ pub async fn cancel_job(
             }
             let now = now_ms();
             let notes = cancel(&mut job, &user, now);
+            s.acting = Some(user.clone());
             save_job(c, s, job, notes, now)?;
             Ok(view(&s.jobs[&id], s))
         })
@@ -446,9 +529,45 @@ pub async fn migrate_job(
     let b: MigrateBody = parse_body_or_default(&body)?;
     ctl.store
         .read(|s| visible_job(s, &caller, id).map(|_| ()))?;
+    // A move outside the project's residency is refused, and the refusal audited.
+    if let Some(to) = b.to.clone()
+        && let Some((project, why)) = ctl.store.read(|s| {
+            let job = s.jobs.get(&id)?;
+            let node = &s.nodes.get(&to)?.spec;
+            let rules = s.placement_rules(job.project());
+            let model = node.devices.first().map(|d| d.model.as_str());
+            (!rules.allows(&node.labels, model)).then(|| {
+                let policy = s
+                    .projects
+                    .get(job.project())
+                    .map_or("-".into(), |p| crate::cli::policy_text(&p.policy));
+                (
+                    job.project().to_string(),
+                    format!(
+                        "node {to} is outside project {}'s policy ({policy})",
+                        job.project()
+                    ),
+                )
+            })
+        })
+    {
+        let (who, what) = (user.clone(), format!("migrate job {id}: {why}"));
+        ctl.store
+            .write(move |c, _| -> Result<(), ApiError> {
+                super::audit::record(c, now_ms(), &who, "deny", Some(&project), Some(id), &what)?;
+                Ok(())
+            })
+            .await?;
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            format!("to: {why}; pick a node it allows"),
+        )
+        .with_field("to"));
+    }
     let job = ctl
         .store
         .write(move |c, s| -> Result<JobView, ApiError> {
+            s.acting = Some(user.clone());
             let mut job = s
                 .jobs
                 .get(&id)
@@ -738,6 +857,13 @@ async fn set_cordon(
             node.cordoned = cordon;
             store::put_node(c, &node)?;
             let now = now_ms();
+            s.acting = Some(admin.clone());
+            let action = match (cordon, drain) {
+                (_, true) => "drain",
+                (true, false) => "cordon",
+                (false, false) => "uncordon",
+            };
+            super::audit::record(c, now, &admin, action, None, None, &format!("node {n}"))?;
             let mut changed = Vec::new();
             if drain {
                 for job in s
@@ -752,7 +878,7 @@ async fn set_cordon(
                     {
                         let mut job = job.clone();
                         job.stop = Some(StopCause::Drain { node: n.clone() });
-                        let mut notes = vec![("Draining", format!("{admin} drains node {n}"))];
+                        let mut notes = vec![("Requeued", format!("{admin} drains node {n}"))];
                         notes.extend(settle(&mut job, now));
                         changed.push((job, notes));
                     }
@@ -809,6 +935,8 @@ pub struct ProjectView {
     pub used_gpu: f64,
     pub jobs_running: u32,
     pub jobs_pending: u32,
+    #[serde(default)]
+    pub policy: crate::state::ProjectPolicy,
 }
 
 fn project_view(s: &State, p: &Project) -> ProjectView {
@@ -832,6 +960,7 @@ fn project_view(s: &State, p: &Project) -> ProjectView {
         used_gpu: used as f64 / 1000.0,
         jobs_running: running,
         jobs_pending: pending,
+        policy: p.policy.clone(),
     }
 }
 
@@ -871,6 +1000,19 @@ pub struct ProjectBody {
     pub members: Option<BTreeSet<String>>,
     /// How long a job runs before it may be preempted, e.g. 10m.
     pub min_runtime: Option<String>,
+    /// Node labels the project's jobs must run on, e.g. {"region": "eu"}; {} clears.
+    pub residency: Option<BTreeMap<String, String>>,
+    /// Device models its jobs may use; [] allows any.
+    pub device_models: Option<Vec<String>>,
+    /// Most GPUs one job may ask for, or null for no cap.
+    #[serde(default, with = "double_option")]
+    pub max_gpu_per_job: Option<Option<Quantity>>,
+    /// Stop interactive jobs idle this long (e.g. 30m), or "off".
+    pub idle_after: Option<String>,
+    /// Under this GPU utilisation (percent) a job is idle (default 5).
+    pub idle_threshold: Option<f64>,
+    /// Warn this long before an idle job is stopped (default 5m, at most idle_after).
+    pub idle_warning: Option<String>,
 }
 
 mod double_option {
@@ -944,6 +1086,7 @@ fn apply_project_body(p: &mut Project, b: &ProjectBody, s: &State) -> Result<(),
         }
         p.min_runtime_ms = d.as_millis() as u64;
     }
+    apply_policy(&mut p.policy, b)?;
     if let Some(m) = &b.members {
         for user in m {
             if !s.users.contains_key(user) {
@@ -957,12 +1100,70 @@ fn apply_project_body(p: &mut Project, b: &ProjectBody, s: &State) -> Result<(),
     Ok(())
 }
 
+fn apply_policy(pol: &mut crate::state::ProjectPolicy, b: &ProjectBody) -> Result<(), ApiError> {
+    if let Some(r) = &b.residency {
+        for (k, v) in r {
+            if k.is_empty() || v.is_empty() {
+                return Err(ApiError::bad(format!(
+                    "residency {k}={v}: give label keys and values, e.g. {{\"region\": \"eu\"}}"
+                )));
+            }
+        }
+        pol.residency = r.clone();
+    }
+    if let Some(m) = &b.device_models {
+        pol.device_models = m
+            .iter()
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect();
+    }
+    if let Some(max) = &b.max_gpu_per_job {
+        pol.max_job_gpu_milli = match max {
+            None => None,
+            Some(q) => Some(parse_gpu_milli("max_gpu_per_job", q)?).filter(|m| *m > 0),
+        };
+    }
+    if let Some(t) = b.idle_threshold {
+        if !(0.0..=100.0).contains(&t) {
+            return Err(ApiError::bad(format!(
+                "idle_threshold {t}: a utilisation in percent, 0 to 100"
+            )));
+        }
+        pol.idle_threshold_pct = Some(t);
+    }
+    if let Some(a) = &b.idle_after {
+        pol.idle_after_ms = if a == "off" {
+            0
+        } else {
+            let d = crate::units::parse_duration("idle_after", a)?;
+            if d < std::time::Duration::from_secs(1) {
+                return Err(ApiError::bad("idle_after: at least 1s, or off"));
+            }
+            d.as_millis() as u64
+        };
+        if pol.idle_after_ms > 0 && b.idle_warning.is_none() && pol.idle_warning_ms == 0 {
+            pol.idle_warning_ms = (5 * 60_000).min(pol.idle_after_ms / 2);
+        }
+    }
+    if let Some(w) = &b.idle_warning {
+        pol.idle_warning_ms = crate::units::parse_duration("idle_warning", w)?.as_millis() as u64;
+    }
+    if pol.idle_after_ms > 0 && pol.idle_warning_ms >= pol.idle_after_ms {
+        return Err(ApiError::bad(format!(
+            "idle_warning: must be shorter than idle_after ({} s)",
+            pol.idle_after_ms / 1000
+        )));
+    }
+    Ok(())
+}
+
 pub async fn create_project(
     AxState(ctl): S,
     caller: Caller,
     body: Bytes,
 ) -> Result<(axum::http::StatusCode, Json<ProjectView>), ApiError> {
-    caller.admin()?;
+    let admin = caller.admin()?.to_string();
     let b: ProjectBody = parse_body(&body)?;
     let name = b
         .name
@@ -986,9 +1187,19 @@ pub async fn create_project(
                 members: BTreeSet::new(),
                 created_ms: now_ms(),
                 min_runtime_ms: 0,
+                policy: Default::default(),
             };
             apply_project_body(&mut p, &b, s)?;
             store::put_project(c, &p)?;
+            super::audit::record(
+                c,
+                now_ms(),
+                &admin,
+                "project-create",
+                Some(&name),
+                None,
+                &serde_json::to_string(&b).unwrap_or_default(),
+            )?;
             s.projects.insert(name.clone(), p);
             s.kick = true;
             Ok(project_view(s, &s.projects[&name]))
@@ -999,6 +1210,7 @@ pub async fn create_project(
 
 async fn change_project(
     ctl: &super::Ctl,
+    admin: String,
     name: String,
     b: ProjectBody,
 ) -> Result<Json<ProjectView>, ApiError> {
@@ -1009,6 +1221,15 @@ async fn change_project(
             })?;
             apply_project_body(&mut p, &b, s)?;
             store::put_project(c, &p)?;
+            super::audit::record(
+                c,
+                now_ms(),
+                &admin,
+                "project-update",
+                Some(&name),
+                None,
+                &serde_json::to_string(&b).unwrap_or_default(),
+            )?;
             s.projects.insert(name.clone(), p);
             s.kick = true;
             Ok(project_view(s, &s.projects[&name]))
@@ -1023,12 +1244,12 @@ pub async fn update_project(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<ProjectView>, ApiError> {
-    caller.admin()?;
+    let admin = caller.admin()?.to_string();
     let b: ProjectBody = parse_body(&body)?;
     if b.name.as_ref().is_some_and(|n| *n != name) {
         return Err(ApiError::bad("name: a project cannot be renamed"));
     }
-    change_project(&ctl, name, b).await
+    change_project(&ctl, admin, name, b).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -1043,10 +1264,11 @@ pub async fn set_members(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<ProjectView>, ApiError> {
-    caller.admin()?;
+    let admin = caller.admin()?.to_string();
     let b: MembersBody = parse_body(&body)?;
     change_project(
         &ctl,
+        admin,
         name,
         ProjectBody {
             members: Some(b.members),
@@ -1075,7 +1297,7 @@ pub async fn create_user(
     caller: Caller,
     body: Bytes,
 ) -> Result<(axum::http::StatusCode, Json<User>), ApiError> {
-    caller.admin()?;
+    let admin = caller.admin()?.to_string();
     let b: UserBody = parse_body(&body)?;
     check_name("name", &b.name)?;
     let user = ctl
@@ -1090,6 +1312,8 @@ pub async fn create_user(
                 created_ms: now_ms(),
             };
             store::put_user(c, &u)?;
+            let what = format!("user {} as {:?}", u.name, u.role).to_lowercase();
+            super::audit::record(c, now_ms(), &admin, "user-create", None, None, &what)?;
             s.users.insert(u.name.clone(), u.clone());
             Ok(u)
         })
@@ -1149,6 +1373,7 @@ pub async fn create_token(
     }
     let description = b.description.unwrap_or_default();
     let t = super::hashed_token().await?;
+    let creator = me.to_string();
     let view = ctl
         .store
         .write(move |c, s| -> Result<TokenView, ApiError> {
@@ -1158,6 +1383,8 @@ pub async fn create_token(
                 )));
             }
             let t = issue_token(c, s, kind, &subject, &description, t)?;
+            let what = format!("{kind:?} token {} for {subject}", t.id).to_lowercase();
+            super::audit::record(c, now_ms(), &creator, "token-create", None, None, &what)?;
             let rec = &s.tokens[&t.id];
             Ok(TokenView {
                 id: rec.id.clone(),
@@ -1214,6 +1441,8 @@ pub async fn revoke_token(
                 })?;
             t.revoked = true;
             store::put_token(c, &t)?;
+            let what = format!("token {id} of {}", t.subject);
+            super::audit::record(c, now_ms(), &me, "token-revoke", None, None, &what)?;
             s.tokens.insert(id, t);
             Ok(())
         })

@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod audit;
 pub mod checkpoints;
 pub mod gateway;
 pub mod lifecycle;
@@ -112,6 +113,11 @@ impl ApiError {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+    /// Names the request field at fault.
+    pub fn with_field(mut self, field: &str) -> Self {
+        self.field = Some(field.to_string());
+        self
     }
 }
 
@@ -296,6 +302,7 @@ pub async fn bootstrap(store: &Store) -> anyhow::Result<Option<String>> {
                 members: Default::default(),
                 created_ms: now,
                 min_runtime_ms: 0,
+                policy: Default::default(),
             };
             store::put_project(c, &default)?;
             store::put_meta(c, "bootstrapped", &now.to_string())?;
@@ -458,6 +465,7 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/v1/services/{name}/scale", post(services::scale))
         .route("/v1/services/{name}/move", post(services::move_replica))
         .route("/v1/usage", get(usage::get_usage))
+        .route("/v1/audit", get(audit::get_audit))
         .route("/v1/telemetry", get(telemetry::get_series))
         .route("/v1/nodes", get(api::list_nodes))
         .route("/v1/nodes/{name}", get(api::get_node))

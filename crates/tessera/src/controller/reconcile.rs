@@ -174,13 +174,19 @@ fn build(s: &State, now: u64) -> Built {
             over_quota_weight: p.over_quota_weight,
         })
         .collect();
+    let rules = s
+        .projects
+        .keys()
+        .map(|p| (p.clone(), s.placement_rules(p)))
+        .filter(|(_, r)| !r.is_empty())
+        .collect();
     Built {
         snapshot: Snapshot {
             nodes,
             running,
             pending,
             projects,
-            ..Default::default()
+            rules,
         },
         node_names,
         next_backoff,
@@ -241,7 +247,27 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
     let waits: HashMap<u64, String> = plan
         .waiting
         .iter()
-        .filter_map(|(id, why)| Some((*id, why.describe(specs.get(id)?))))
+        .filter_map(|(id, why)| {
+            let spec = specs.get(id)?;
+            let mut text = why.describe(spec);
+            // Say when the project's residency is part of why nothing fits.
+            if let (tessera_sched::schedule::WaitReason::NoFit { .. }, Some(rules)) =
+                (why, snapshot.rules.get(&spec.project))
+                && !rules.node_selector.is_empty()
+            {
+                let labels: Vec<String> = rules
+                    .node_selector
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                text.push_str(&format!(
+                    " (project {}'s policy: only nodes labelled {})",
+                    spec.project,
+                    labels.join(",")
+                ));
+            }
+            Some((*id, text))
+        })
         .collect();
     if plan.placements.is_empty()
         && plan.preemptions.is_empty()

@@ -15,6 +15,7 @@ use super::api::{
     acting_user, cancel, may_use_project, move_target, parse_body, parse_body_or_default,
     parse_manifest, save_job,
 };
+use super::audit;
 use super::gateway::{Gateway, Seen};
 use super::lifecycle::Note;
 use super::{ApiError, Caller, Ctl, now_ms};
@@ -162,6 +163,10 @@ pub async fn create(
                 created_ms: now,
             };
             store::put_service(c, &svc)?;
+            s.acting = Some(user.clone());
+            let project = svc.template.spec.project.clone();
+            let what = format!("service {name} with {} replica(s)", svc.def.replicas);
+            audit::record(c, now, &user, "service-create", Some(&project), None, &what)?;
             for _ in 0..svc.def.replicas {
                 add_replica(c, s, &svc, None, None, now)?;
             }
@@ -255,6 +260,17 @@ pub async fn scale(
             tracing::info!("{user} scales service {name} to {}", b.replicas);
             svc.def.replicas = b.replicas;
             store::put_service(c, &svc)?;
+            let what = format!("service {name} to {} replica(s)", b.replicas);
+            let project = svc.template.spec.project.clone();
+            audit::record(
+                c,
+                now_ms(),
+                &user,
+                "service-scale",
+                Some(&project),
+                None,
+                &what,
+            )?;
             s.services.insert(name.clone(), svc);
             s.kick = true;
             Ok(view(&s.services[&name], s, &gw))
@@ -316,13 +332,29 @@ pub async fn move_replica(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<ServiceView>, ApiError> {
-    acting_user(&caller, "move services")?;
+    let user = acting_user(&caller, "move services")?;
     let b: MoveBody = parse_body_or_default(&body)?;
     ctl.store.read(|s| visible(s, &caller, &name))?;
     let gw = ctl.gateway.clone();
     let v = ctl
         .store
         .write(move |c, s| -> Result<ServiceView, ApiError> {
+            let what = format!(
+                "service {name}: replica {} to {}",
+                b.job.map_or("any".into(), |j| j.to_string()),
+                b.to.clone().unwrap_or_else(|| "anywhere".into())
+            );
+            let project = s.services[&name].template.spec.project.clone();
+            audit::record(
+                c,
+                now_ms(),
+                &user,
+                "service-move",
+                Some(&project),
+                b.job,
+                &what,
+            )?;
+            s.acting = Some(user.clone());
             start_move(c, s, &name, b.job, b.to)?;
             Ok(view(&s.services[&name], s, &gw))
         })
@@ -343,6 +375,10 @@ pub async fn delete(
         .write(move |c, s| -> Result<ServiceView, ApiError> {
             let v = view(&s.services[&name], s, &gw);
             let now = now_ms();
+            s.acting = Some(user.clone());
+            let project = s.services[&name].template.spec.project.clone();
+            let what = format!("service {name}");
+            audit::record(c, now, &user, "service-delete", Some(&project), None, &what)?;
             let ids: Vec<u64> = children(s, &name).map(|j| j.id).collect();
             for id in ids {
                 let mut job = s.jobs[&id].clone();
