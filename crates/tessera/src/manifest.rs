@@ -51,6 +51,9 @@ pub struct ManifestSpec {
     pub restart: Option<Restart>,
     #[serde(default)]
     pub preemptible: Option<bool>,
+    /// A person works in it (a notebook, a shell): its project's idle policy may stop it.
+    #[serde(default)]
+    pub interactive: Option<bool>,
     /// The job can save and resume its progress (see [`CheckpointManifest`]).
     #[serde(default)]
     pub checkpoint: Option<CheckpointManifest>,
@@ -255,6 +258,9 @@ pub struct JobDef {
     pub preemptible: bool,
     #[serde(default)]
     pub checkpoint: Option<Checkpoint>,
+    /// A person works in it; its project's idle policy applies.
+    #[serde(default)]
+    pub interactive: bool,
     /// Set for an elastic job; `spec.replicas` is then its minimum, the gang it starts with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elastic: Option<Elastic>,
@@ -508,6 +514,7 @@ impl Manifest {
             preemptible: spec.preemptible.unwrap_or(true),
             checkpoint,
             elastic,
+            interactive: spec.interactive.unwrap_or(false),
         })
     }
 }

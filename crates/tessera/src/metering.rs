@@ -37,6 +37,9 @@ pub struct Segment {
     /// The devices' readings were simulated (no real GPU on the node).
     #[serde(default)]
     pub simulated: bool,
+    /// Milli-GPU-milliseconds its GPU share sat under the idle threshold.
+    #[serde(default)]
+    pub idle_gpu_milli_ms: u64,
 }
 
 /// What rows are keyed by.
@@ -165,12 +168,15 @@ pub struct UsageRow {
     pub memory_mib_ms: u64,
     /// Millijoules (exact over the readings kept).
     pub energy_mj: u64,
+    /// Milli-GPU-milliseconds held while idle (under the idle threshold).
+    pub idle_gpu_milli_ms: u64,
     /// Replica runs counted.
     pub segments: u64,
     /// Distinct jobs.
     pub jobs: u64,
     /// Derived, for people: GPU-hours, GiB-hours of device memory, CPU-hours, kWh.
     pub gpu_hours: f64,
+    pub idle_gpu_hours: f64,
     pub gpu_memory_gib_hours: f64,
     pub cpu_hours: f64,
     pub memory_gib_hours: f64,
@@ -218,6 +224,8 @@ pub fn report<'a>(
         row.memory_mib_ms += s.memory_bytes / MIB * ms;
         // Energy is known per segment: the window takes its part in proportion to time.
         row.energy_mj += (u128::from(s.energy_mj) * u128::from(ms) / u128::from(span)) as u64;
+        row.idle_gpu_milli_ms +=
+            (u128::from(s.idle_gpu_milli_ms) * u128::from(ms) / u128::from(span)) as u64;
         row.segments += 1;
         row.simulated |= s.simulated;
         jobs.insert(s.job);
@@ -240,6 +248,7 @@ pub fn report<'a>(
             total.cpu_milli_ms += row.cpu_milli_ms;
             total.memory_mib_ms += row.memory_mib_ms;
             total.energy_mj += row.energy_mj;
+            total.idle_gpu_milli_ms += row.idle_gpu_milli_ms;
             total.segments += row.segments;
             total.simulated |= row.simulated;
             total_cost += cost;
@@ -260,6 +269,7 @@ pub fn report<'a>(
 /// Fills in the derived, human units.
 fn finish(row: &mut UsageRow, cost: f64, rates: &Rates) {
     row.gpu_hours = row.gpu_milli_ms as f64 / 1000.0 / MS_PER_HOUR;
+    row.idle_gpu_hours = row.idle_gpu_milli_ms as f64 / 1000.0 / MS_PER_HOUR;
     row.gpu_memory_gib_hours = row.gpu_memory_mib_ms as f64 / 1024.0 / MS_PER_HOUR;
     row.cpu_hours = row.cpu_milli_ms as f64 / 1000.0 / MS_PER_HOUR;
     row.memory_gib_hours = row.memory_mib_ms as f64 / 1024.0 / MS_PER_HOUR;
@@ -289,6 +299,7 @@ mod tests {
             end_ms: end,
             energy_mj: (end - start) * 350, // 350 W
             simulated: false,
+            idle_gpu_milli_ms: 0,
         }
     }
 

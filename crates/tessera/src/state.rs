@@ -180,6 +180,10 @@ pub enum StopCause {
     Drain {
         node: String,
     },
+    /// Its GPUs stayed idle past its project's idle policy.
+    Idle {
+        idle_ms: u64,
+    },
     /// Moved by request: checkpointed (when the job checkpoints) and started again, on `to` when
     /// given.
     Migrate {
@@ -420,6 +424,16 @@ pub struct Service {
     pub created_ms: u64,
 }
 
+/// How long a replica's GPU share has sat idle, from its agent's readings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IdleCount {
+    /// When its last reading came.
+    pub last_at: u64,
+    pub last_util_pct: f64,
+    /// Milli-GPU-milliseconds under the idle threshold so far.
+    pub idle_gpu_milli_ms: u64,
+}
+
 /// Events kept in memory per job (all are in the store).
 pub const EVENTS_PER_JOB: usize = 200;
 /// Requests remembered for the pool's shape history.
@@ -453,6 +467,8 @@ pub struct State {
     /// Each running replica's latest use as its agent reported it, by replica key (derived, not
     /// stored: the agent reports cumulative counts again after a restart).
     pub replica_usage: HashMap<String, crate::protocol::ReplicaUsage>,
+    /// Each running replica's idle count, by replica key (derived, like `replica_usage`).
+    pub replica_idle: HashMap<String, IdleCount>,
     /// The latest complete checkpoint of each (job, replica).
     pub checkpoints: HashMap<(u64, u32), CheckpointManifest>,
     /// Active jobs with a replica on each node (derived, kept by [`State::insert_job`]), so that

@@ -2121,3 +2121,110 @@ fn a_projects_residency_holds_refusals_name_the_rule_and_every_decision_is_audit
     let (s, _) = pool.get("/v1/audit?since=yesterday", &pool.admin);
     assert_eq!(s, 400);
 }
+
+#[test]
+fn idle_interactive_jobs_are_warned_then_stopped_in_time_and_idle_gpu_hours_are_reported() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
+    let (ok, out, err) = cli(
+        &pool,
+        &[
+            "projects",
+            "create",
+            "notebooks",
+            "--idle-after",
+            "3s",
+            "--idle-warning",
+            "1s",
+            "--idle-threshold",
+            "5",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let submit = |interactive: bool, command: &str| {
+        let mut args = vec!["--project", "notebooks", "--gpu", "0.5", "--cpu", "0.5"];
+        if interactive {
+            args.push("--interactive");
+        }
+        args.extend(["--", "sh", "-c", command]);
+        cli_submit(&pool, &args)
+    };
+    let idle = submit(true, "sleep 600");
+    let busy = submit(true, "while :; do :; done");
+    let batch = submit(false, "sleep 600");
+    for id in [idle, busy, batch] {
+        pool.wait_state(id, "running");
+    }
+    let done = pool.wait_state(idle, "cancelled");
+    assert!(
+        done["reason"].as_str().unwrap().contains("idle policy"),
+        "{done}"
+    );
+    let ev = events(&pool, idle);
+    let at = |kind: &str| -> u64 {
+        ev.iter()
+            .find(|e| e["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} in {ev:?}"))["ts_ms"]
+            .as_u64()
+            .unwrap()
+    };
+    let started = ev
+        .iter()
+        .find(|e| {
+            e["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("replica 0 started")
+        })
+        .unwrap()["ts_ms"]
+        .as_u64()
+        .unwrap();
+    // Warned first, stopped not before the idle time (3 s from its first idle reading, which
+    // comes after it started).
+    assert!(at("IdleWarning") < at("IdleStop"));
+    assert!(at("IdleStop") >= started + 3_000, "stopped early: {ev:?}");
+    assert!(at("IdleStop") - at("IdleWarning") >= 900, "{ev:?}");
+    // The busy one and the batch job keep running.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(pool.job(busy)["state"], "running");
+    assert_eq!(pool.job(batch)["state"], "running");
+    let stops = audit(&pool, "action=idle-stop");
+    assert_eq!(stops.len(), 1, "{stops:?}");
+    assert_eq!(
+        (stops[0]["job"].as_u64(), stops[0]["actor"].as_str()),
+        (Some(idle), Some("controller"))
+    );
+
+    // Idle GPU-hours: the idle and batch jobs' shares count, the busy one's does not.
+    for id in [busy, batch] {
+        let (s, v) = pool.post(&format!("/v1/jobs/{id}/cancel"), json!({}), &pool.admin);
+        assert_eq!(s, 200, "{v}");
+        pool.wait_state(id, "cancelled");
+    }
+    let report = pool.get("/v1/usage?since=1h&by=job", &pool.admin).1;
+    let row = |id: u64| -> (u64, u64) {
+        let r = report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["key"] == id.to_string().as_str())
+            .unwrap()
+            .clone();
+        (
+            r["idle_gpu_milli_ms"].as_u64().unwrap(),
+            r["gpu_milli_ms"].as_u64().unwrap(),
+        )
+    };
+    let (idle_ms, held) = row(idle);
+    assert!(idle_ms > 0 && idle_ms <= held, "{report}");
+    let (busy_idle, busy_held) = row(busy);
+    assert!(
+        busy_idle * 4 < busy_held,
+        "the busy job counted idle: {report}"
+    );
+    let (ok, out, _) = cli(&pool, &["usage", "--since", "1h"]);
+    assert!(
+        ok && out.contains("IDLE GPU-H") && out.contains("notebooks"),
+        "{out}"
+    );
+}

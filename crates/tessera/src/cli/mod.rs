@@ -285,6 +285,9 @@ pub struct SubmitArgs {
     /// saves the whole process; for programs that cannot cooperate).
     #[arg(long)]
     pub checkpoint_mode: Option<String>,
+    /// A person works in it (a notebook, a shell): its project's idle policy may stop it.
+    #[arg(long)]
+    pub interactive: bool,
     /// Device models allowed (repeatable).
     #[arg(long = "model")]
     pub models: Vec<String>,
@@ -361,6 +364,9 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
     if let Some(r) = &args.replicas {
         m["spec"]["replicas"] = replicas_flag(r)?;
     }
+    if args.interactive {
+        m["spec"]["interactive"] = json!(true);
+    }
     if let Some(p) = &args.priority {
         m["spec"]["priority"] = p
             .parse::<i64>()
@@ -432,6 +438,7 @@ pub fn usage(c: &Client, a: &UsageArgs) -> anyhow::Result<()> {
         let mut header = vec![
             a.by.to_uppercase(),
             "GPU-HOURS".into(),
+            "IDLE GPU-H".into(),
             "GPU-MEM GiB-h".into(),
             "CPU-HOURS".into(),
             "MEM GiB-h".into(),
@@ -440,12 +447,13 @@ pub fn usage(c: &Client, a: &UsageArgs) -> anyhow::Result<()> {
             "JOBS".into(),
         ];
         if co2 {
-            header.insert(6, "CO2 kg".into());
+            header.insert(7, "CO2 kg".into());
         }
         let line = |r: &crate::metering::UsageRow| {
             let mut cells = vec![
                 r.key.clone(),
                 format!("{:.3}", r.gpu_hours),
+                format!("{:.3}", r.idle_gpu_hours),
                 format!("{:.2}", r.gpu_memory_gib_hours),
                 format!("{:.3}", r.cpu_hours),
                 format!("{:.2}", r.memory_gib_hours),
@@ -454,7 +462,7 @@ pub fn usage(c: &Client, a: &UsageArgs) -> anyhow::Result<()> {
                 r.jobs.to_string(),
             ];
             if let Some(kg) = r.co2_kg {
-                cells.insert(6, format!("{kg:.4}"));
+                cells.insert(7, format!("{kg:.4}"));
             }
             cells
         };

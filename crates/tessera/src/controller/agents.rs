@@ -292,6 +292,31 @@ fn report(
             Some((st.key.clone(), st.usage.clone()?)).filter(|_| open)
         })
         .collect();
+    // Idle time: each reading's GPU share counts idle until the next when under the threshold.
+    let now_idle = now_ms();
+    for (key, u) in &live {
+        let Some((job, _, index)) = parse_key(key) else {
+            continue;
+        };
+        let Some(j) = s.jobs.get(&job) else { continue };
+        let milli = j
+            .replicas
+            .iter()
+            .find(|r| r.index == index)
+            .map_or(0, |r| r.gpu_milli());
+        let threshold = s
+            .projects
+            .get(j.project())
+            .and_then(|p| p.policy.idle_threshold_pct)
+            .unwrap_or(super::idle::DEFAULT_THRESHOLD_PCT);
+        let c = s.replica_idle.entry(key.clone()).or_default();
+        if c.last_at > 0 && milli > 0 && c.last_util_pct < threshold {
+            // A gap in the readings counts at most a minute.
+            c.idle_gpu_milli_ms += milli * now_idle.saturating_sub(c.last_at).min(60_000);
+        }
+        c.last_at = now_idle;
+        c.last_util_pct = u.gpu_util_pct;
+    }
     s.replica_usage.extend(live);
     if !came_back {
         for st in statuses {

@@ -189,8 +189,9 @@ pub fn save_job(
     // Nothing below can fail.
     s.usage_seq = usage_seq;
     for seg in &ended {
-        s.replica_usage
-            .remove(&format!("{}.{}.{}", seg.job, seg.attempt, seg.replica));
+        let key = format!("{}.{}.{}", seg.job, seg.attempt, seg.replica);
+        s.replica_usage.remove(&key);
+        s.replica_idle.remove(&key);
     }
     let old = s.jobs.get(&job.id);
     let was_pending = old.is_some_and(|o| o.state == JobState::Pending);

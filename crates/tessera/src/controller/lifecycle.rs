@@ -110,6 +110,15 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
             job.replicas.clear();
         };
         match cause {
+            StopCause::Idle { idle_ms } => {
+                job.state = JobState::Cancelled;
+                job.reason = format!(
+                    "stopped by its project's idle policy: its GPUs were idle for {} s",
+                    idle_ms / 1000
+                );
+                job.finished_ms = Some(now);
+                notes.push(("Cancelled", job.reason.clone()));
+            }
             StopCause::Cancel { by } => {
                 job.state = JobState::Cancelled;
                 job.reason = format!("cancelled by {by}");
@@ -207,6 +216,7 @@ mod tests {
                 preemptible: true,
                 checkpoint: None,
                 elastic: None,
+                interactive: false,
             },
             state: JobState::Scheduled,
             reason: String::new(),

@@ -6,6 +6,7 @@ pub mod api;
 pub mod audit;
 pub mod checkpoints;
 pub mod gateway;
+pub mod idle;
 pub mod lifecycle;
 pub mod metrics;
 pub mod openapi;
@@ -385,6 +386,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
     });
     tokio::spawn(reconcile::run(ctl.clone()));
     tokio::spawn(telemetry::run(ctl.clone(), Duration::from_secs(20)));
+    tokio::spawn(idle::run(ctl.clone(), Duration::from_millis(500)));
     tokio::spawn(services::run(ctl.clone()));
     let gateway_addr = match config.gateway {
         Some(addr) => {

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::{ApiError, AxState, Caller, S, now_ms};
 use crate::metering::{GroupBy, Report, Segment, Window, report};
 use crate::protocol::ReplicaUsage;
-use crate::state::{Job, Node, Replica, State};
+use crate::state::{IdleCount, Job, Node, Replica, State};
 
 /// A replica's run from its start to `end_ms`, with the energy its agent last counted.
 fn segment(
@@ -24,6 +24,7 @@ fn segment(
     r: &Replica,
     nodes: &BTreeMap<String, Node>,
     usage: &HashMap<String, ReplicaUsage>,
+    idle: &HashMap<String, IdleCount>,
     end_ms: u64,
 ) -> Segment {
     let node = nodes.get(&r.node);
@@ -50,6 +51,9 @@ fn segment(
         end_ms: end_ms.max(start_ms),
         energy_mj: usage.get(&job.key(r.index)).map_or(0, |u| u.energy_mj),
         simulated: !r.devices.is_empty() && node.is_some_and(|n| n.simulated),
+        idle_gpu_milli_ms: idle
+            .get(&job.key(r.index))
+            .map_or(0, |c| c.idle_gpu_milli_ms),
     }
 }
 
@@ -60,7 +64,7 @@ fn is_open(r: &Replica) -> bool {
 /// The runs that `new` ends compared with `old`: replicas that had started and were not done,
 /// and now are done, or are gone (requeued in the same change).
 pub fn ended(old: Option<&Job>, new: &Job, s: &State, now: u64) -> Vec<Segment> {
-    let (nodes, usage) = (&s.nodes, &s.replica_usage);
+    let (nodes, usage, idle) = (&s.nodes, &s.replica_usage, &s.replica_idle);
     let Some(old) = old else { return vec![] };
     old.replicas
         .iter()
@@ -72,8 +76,15 @@ pub fn ended(old: Option<&Job>, new: &Job, s: &State, now: u64) -> Vec<Segment> 
                 .find(|n| new.attempt == old.attempt && n.index == r.index);
             match now_r {
                 Some(n) if is_open(n) => None,
-                Some(n) => Some(segment(old, r, nodes, usage, n.finished_ms.unwrap_or(now))),
-                None => Some(segment(old, r, nodes, usage, now)),
+                Some(n) => Some(segment(
+                    old,
+                    r,
+                    nodes,
+                    usage,
+                    idle,
+                    n.finished_ms.unwrap_or(now),
+                )),
+                None => Some(segment(old, r, nodes, usage, idle, now)),
             }
         })
         .collect()
@@ -102,7 +113,7 @@ fn open_runs(s: &State, now: u64) -> Vec<Segment> {
             j.replicas
                 .iter()
                 .filter(|r| is_open(r))
-                .map(move |r| segment(j, r, &s.nodes, &s.replica_usage, now))
+                .map(move |r| segment(j, r, &s.nodes, &s.replica_usage, &s.replica_idle, now))
         })
         .collect()
 }
