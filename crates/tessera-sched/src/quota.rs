@@ -53,6 +53,8 @@ pub struct Quotas {
     own: Vec<u64>,
     /// Milli-GPU used by the project and all its descendants.
     subtree: Vec<u64>,
+    /// Past use, decayed (see [`Quotas::with_history`]).
+    history: Vec<u64>,
 }
 
 impl Quotas {
@@ -88,6 +90,7 @@ impl Quotas {
             parent,
             own: vec![0; n],
             subtree: vec![0; n],
+            history: vec![0; n],
         }
     }
 
@@ -102,6 +105,7 @@ impl Quotas {
         self.parent.push(None);
         self.own.push(0);
         self.subtree.push(0);
+        self.history.push(0);
         i
     }
 
@@ -160,6 +164,19 @@ impl Quotas {
         self.subtree[i].saturating_sub(self.projects[i].guaranteed_milli)
     }
 
+    /// Adds each project's past use: its average milli-GPU over the recent past, weighted by a
+    /// half-life (Slurm's and KAI's time-decayed fair share). Past use counts only for access
+    /// above the guarantee: a project that used much over its quota lately waits behind one
+    /// that did not.
+    pub fn with_history(mut self, history: &std::collections::BTreeMap<String, u64>) -> Self {
+        for (name, milli) in history {
+            if let Some(&i) = self.index.get(name) {
+                self.history[i] = *milli;
+            }
+        }
+        self
+    }
+
     /// Fair-share order key, lower goes first: the fraction of its guarantee a project uses while
     /// under it, and after that its excess divided by its over-quota weight (offset so that every
     /// project under its guarantee comes before every project above it).
@@ -173,7 +190,8 @@ impl Quotas {
             (0, used * 1_000_000 / guaranteed.max(1))
         } else {
             let weight = u64::from(self.projects[i].over_quota_weight.max(1));
-            (1, (used - guaranteed) * 1_000 / weight)
+            let past = self.history[i].saturating_sub(guaranteed);
+            (1, (used - guaranteed + past) * 1_000 / weight)
         }
     }
 }
@@ -190,6 +208,23 @@ mod tests {
             limit_milli: limit,
             over_quota_weight: 1,
         }
+    }
+
+    #[test]
+    fn past_use_above_the_guarantee_orders_over_quota_access_but_not_the_guarantee() {
+        let history = [("b".to_string(), 3000)].into();
+        let mut q = Quotas::new(&[
+            project("a", None, 1000, None),
+            project("b", None, 1000, None),
+        ])
+        .with_history(&history);
+        q.charge("a", 2000);
+        q.charge("b", 2000);
+        // Both are 1 GPU over their guarantee now; b used 3 on average lately, so a goes first.
+        assert!(q.share_key("a") < q.share_key("b"));
+        // Under its guarantee, b is ahead of a (which is over) whatever its past.
+        q.uncharge("b", 1500);
+        assert!(q.share_key("b") < q.share_key("a"));
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub struct Snapshot {
     pub projects: Vec<ProjectQuota>,
     /// Each project's placement rules (residency; what its jobs may request).
     pub rules: BTreeMap<String, crate::rules::PlacementRules>,
+    /// Each project's past use: average milli-GPU, decayed with the pool's half-life.
+    pub history: BTreeMap<String, u64>,
 }
 
 /// How to schedule.
@@ -337,7 +339,7 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
     let cluster = Cluster::new(snapshot.nodes.clone())?;
     let policy = config.policy.build(&config.shapes, &cluster);
     let mut placer = Placer::new(cluster, policy, config.seed);
-    let mut quotas = Quotas::new(&snapshot.projects);
+    let mut quotas = Quotas::new(&snapshot.projects).with_history(&snapshot.history);
     for job in &snapshot.running {
         for alloc in &job.allocations {
             placer.adopt(alloc)?;
@@ -1727,6 +1729,31 @@ mod quota_tests {
         assert_eq!(plan.placements.len(), 1, "{:?}", plan);
         assert_eq!(plan.placements[0].1[0].devices[0].device, gone);
         assert!(plan.grows.is_empty(), "{:?}", plan.grows);
+    }
+
+    #[test]
+    fn of_two_projects_equal_now_the_one_that_used_less_lately_goes_first() {
+        let mut snapshot = Snapshot {
+            nodes: vec![node("n0", 3)],
+            running: vec![on(1, "a", 50, 1, 0, 0), on(2, "b", 50, 2, 0, 1)],
+            pending: vec![
+                PendingJob {
+                    id: 10,
+                    spec: job("a", 50, 1, 1),
+                },
+                PendingJob {
+                    id: 11,
+                    spec: job("b", 50, 1, 1),
+                },
+            ],
+            projects: vec![quota("a", 0, None), quota("b", 0, None)],
+            ..Default::default()
+        };
+        let placed = |s: &Snapshot| schedule(s, &config()).unwrap().placements[0].0;
+        // Without history the older job (a's) wins the one free GPU; with a's heavy past, b's.
+        assert_eq!(placed(&snapshot), 10);
+        snapshot.history = [("a".to_string(), 4000)].into();
+        assert_eq!(placed(&snapshot), 11);
     }
 
     #[test]

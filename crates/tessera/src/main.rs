@@ -57,6 +57,10 @@ struct ControllerArgs {
     /// Grams of CO2 per kWh of the pool's electricity; `tessera usage` then shows CO2.
     #[arg(long)]
     carbon_intensity: Option<f64>,
+    /// Half-life of past use in fair share between projects (over-quota access), e.g. 7d;
+    /// `off` counts only current use.
+    #[arg(long, default_value = "7d")]
+    fair_share_half_life: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -251,8 +255,13 @@ fn controller_config(a: &ControllerArgs) -> anyhow::Result<controller::Controlle
         }
         rates.carbon_g_per_kwh = Some(g);
     }
+    let fair_share_half_life = match a.fair_share_half_life.as_str() {
+        "off" => None,
+        h => Some(units::parse_duration("--fair-share-half-life", h)?).filter(|d| !d.is_zero()),
+    };
     Ok(controller::ControllerConfig {
         rates,
+        fair_share_half_life,
         data_dir: a.data_dir.clone(),
         listen: a.listen,
         lease,

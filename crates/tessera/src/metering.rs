@@ -266,6 +266,24 @@ pub fn report<'a>(
     }
 }
 
+/// Each key's past use as an average milli-GPU, each moment weighted by 2^(-age / half-life)
+/// (a project that held m milli-GPU for ever scores m; one idle for a half-life keeps half).
+pub fn decayed<'a>(
+    segments: impl IntoIterator<Item = &'a Segment>,
+    by: GroupBy,
+    now: u64,
+    half_life_ms: u64,
+) -> BTreeMap<String, f64> {
+    let mut out: BTreeMap<String, f64> = BTreeMap::new();
+    let h = half_life_ms.max(1) as f64;
+    for s in segments {
+        let weight = |t: u64| (-(now.saturating_sub(t) as f64) / h).exp2();
+        let part = s.gpu_milli as f64 * (weight(s.end_ms.min(now)) - weight(s.start_ms.min(now)));
+        *out.entry(by.key(s)).or_default() += part.max(0.0);
+    }
+    out
+}
+
 /// Fills in the derived, human units.
 fn finish(row: &mut UsageRow, cost: f64, rates: &Rates) {
     row.gpu_hours = row.gpu_milli_ms as f64 / 1000.0 / MS_PER_HOUR;
@@ -358,6 +376,17 @@ mod tests {
         assert_eq!(job1.energy_mj, 350 * 10_000);
         let model = report(&segs, all, GroupBy::Model, &rates);
         assert_eq!(model.rows[0].key, "(no gpu)");
+    }
+
+    #[test]
+    fn past_use_decays_by_half_each_half_life() {
+        let h = 1_000_000;
+        let long = [seg(1, "a", "H100", 1000, 0, 100 * h)];
+        let at = |now| decayed(&long, GroupBy::Project, now, h)["a"].round();
+        assert_eq!(at(100 * h), 1000.0);
+        // Stopped one half-life ago: half of it counts; two: a quarter.
+        assert_eq!(at(101 * h), 500.0);
+        assert_eq!(at(102 * h), 250.0);
     }
 
     #[test]

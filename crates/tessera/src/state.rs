@@ -467,6 +467,9 @@ pub struct State {
     /// Each running replica's latest use as its agent reported it, by replica key (derived, not
     /// stored: the agent reports cumulative counts again after a restart).
     pub replica_usage: HashMap<String, crate::protocol::ReplicaUsage>,
+    /// Each project's past use for fair share (average milli-GPU, decayed; derived from the usage
+    /// ledger every half a minute).
+    pub usage_history: BTreeMap<String, f64>,
     /// Each running replica's idle count, by replica key (derived, like `replica_usage`).
     pub replica_idle: HashMap<String, IdleCount>,
     /// The latest complete checkpoint of each (job, replica).

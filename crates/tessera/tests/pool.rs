@@ -1808,9 +1808,14 @@ fn usage_is_metered_exactly_through_preemption_restart_and_a_controller_restart(
         Some(sum)
     );
 
-    // The ledger survives a restart unchanged.
+    // The ledger survives a restart unchanged, and fair share reads its past use from it.
     pool.restart_controller();
     assert_eq!(usage(&pool, "job")["rows"], by_job["rows"]);
+    pool.wait_for("the fair-share history", || {
+        pool.get("/v1/projects/default", &pool.admin).1["recent_gpu"]
+            .as_f64()
+            .is_some_and(|g| g > 0.0)
+    });
 
     // For scripts: CSV with the total last; bad groupings are refused by name.
     let (ok, out, err) = cli(

@@ -938,6 +938,9 @@ pub struct ProjectView {
     pub jobs_pending: u32,
     #[serde(default)]
     pub policy: crate::state::ProjectPolicy,
+    /// Its past use as fair share sees it: average GPUs, decayed with the pool's half-life.
+    #[serde(default)]
+    pub recent_gpu: f64,
 }
 
 fn project_view(s: &State, p: &Project) -> ProjectView {
@@ -962,6 +965,7 @@ fn project_view(s: &State, p: &Project) -> ProjectView {
         jobs_running: running,
         jobs_pending: pending,
         policy: p.policy.clone(),
+        recent_gpu: s.usage_history.get(&p.name).copied().unwrap_or(0.0) / 1000.0,
     }
 }
 

@@ -55,6 +55,8 @@ pub struct ControllerConfig {
     pub gateway: Option<SocketAddr>,
     /// Chargeback rates and the carbon factor for usage reports.
     pub rates: crate::metering::Rates,
+    /// Half-life of past use in fair share; `None`: only current use counts.
+    pub fair_share_half_life: Option<Duration>,
 }
 
 /// Shared by every request handler and the reconcile loop.
@@ -387,6 +389,9 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
     tokio::spawn(reconcile::run(ctl.clone()));
     tokio::spawn(telemetry::run(ctl.clone(), Duration::from_secs(20)));
     tokio::spawn(idle::run(ctl.clone(), Duration::from_millis(500)));
+    if let Some(h) = config.fair_share_half_life {
+        tokio::spawn(usage::history_loop(ctl.clone(), h, Duration::from_secs(30)));
+    }
     tokio::spawn(services::run(ctl.clone()));
     let gateway_addr = match config.gateway {
         Some(addr) => {

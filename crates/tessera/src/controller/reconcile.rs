@@ -187,6 +187,11 @@ fn build(s: &State, now: u64) -> Built {
             pending,
             projects,
             rules,
+            history: s
+                .usage_history
+                .iter()
+                .map(|(p, milli)| (p.clone(), milli.round() as u64))
+                .collect(),
         },
         node_names,
         next_backoff,

@@ -170,6 +170,40 @@ pub async fn get_usage(
     Ok(Json(report(&segments, window, by, &ctl.config.rates)))
 }
 
+/// Keeps each project's decayed past use (for fair share) fresh: every `every`, from the ledger
+/// over the last ten half-lives and the runs going on.
+pub async fn history_loop(
+    ctl: super::Ctl,
+    half_life: std::time::Duration,
+    every: std::time::Duration,
+) {
+    let half_life_ms = half_life.as_millis() as u64;
+    loop {
+        let now = now_ms();
+        let (open, seq) = ctl.store.read(|s| (open_runs(s, now), s.usage_seq));
+        let window = Window {
+            since_ms: now.saturating_sub(10 * half_life_ms),
+            until_ms: now,
+        };
+        let path = ctl.config.data_dir.join("tessera.db");
+        match tokio::task::spawn_blocking(move || read_closed(&path, seq, window)).await {
+            Ok(Ok(mut segments)) => {
+                segments.extend(open);
+                let history =
+                    crate::metering::decayed(&segments, GroupBy::Project, now, half_life_ms);
+                ctl.store
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .usage_history = history;
+            }
+            Ok(Err(e)) => tracing::warn!("fair-share history not read: {e}"),
+            Err(_) => tracing::warn!("fair-share history reader failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Ended runs up to `seq` that overlap the window, from a read-only connection.
 fn read_closed(path: &std::path::Path, seq: u64, w: Window) -> anyhow::Result<Vec<Segment>> {
     let c = Connection::open_with_flags(
