@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # What the test suite needs beyond the Rust toolchain, on Debian 12 as root: CRIU 4.x (built from
-# source, see install-criu.sh) and Prometheus (the suite scrapes the controller with a real one).
+# source, see install-criu.sh), Prometheus (the suite scrapes the controller with a real one), and
+# Chromium with ChromeDriver (the dashboard's end-to-end test drives it headless).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 ./install-criu.sh
 missing=()
 command -v prometheus >/dev/null || missing+=(prometheus)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     apt-get update -q >/dev/null

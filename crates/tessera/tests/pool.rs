@@ -2233,3 +2233,192 @@ fn idle_interactive_jobs_are_warned_then_stopped_in_time_and_idle_gpu_hours_are_
         "{out}"
     );
 }
+
+/// Waits until `f` (a check in the browser) says yes.
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "timed out in the browser waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+#[test]
+fn the_dashboard_logs_in_submits_a_job_and_shows_it_run_on_its_slice_in_headless_chromium() {
+    let (Some(chromium), Some(chromedriver)) = (which("chromium"), which("chromedriver")) else {
+        panic!(
+            "Chromium and ChromeDriver are needed: run scripts/test-deps.sh (the README's test command)"
+        );
+    };
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
+    let driver_port = port();
+    let _driver = Proc(
+        Command::new(chromedriver)
+            .arg(format!("--port={driver_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Screenshots for the docs when asked: TESSERA_SCREENSHOTS=docs/img cargo test ... dashboard
+    let shots = std::env::var_os("TESSERA_SCREENSHOTS").map(PathBuf::from);
+    let url = format!("{}/ui/", pool.url);
+    let admin = pool.admin.clone();
+    // The WebDriver client's TLS stack needs its provider named (ChromeDriver is plain HTTP).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let job_id: u64 = rt.block_on(async move {
+        use fantoccini::{ClientBuilder, Locator};
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({"binary": chromium, "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                   "--disable-dev-shm-usage", "--window-size=1280,1500"]}),
+        );
+        let mut browser = None;
+        for _ in 0..50 {
+            match ClientBuilder::rustls()
+                .expect("TLS roots")
+                .capabilities(caps.clone())
+                .connect(&format!("http://127.0.0.1:{driver_port}"))
+                .await
+            {
+                Ok(c) => {
+                    browser = Some(c);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        let b = browser.expect("ChromeDriver did not start");
+        let shot = |b: fantoccini::Client, name: &'static str| {
+            let shots = shots.clone();
+            async move {
+                if let Some(dir) = shots {
+                    std::fs::create_dir_all(&dir).unwrap();
+                    std::fs::write(dir.join(name), b.screenshot().await.unwrap()).unwrap();
+                }
+            }
+        };
+        b.goto(&url).await.unwrap();
+        let text = |id: &'static str| {
+            let b = b.clone();
+            async move {
+                match b.find(Locator::Id(id)).await {
+                    Ok(e) => e.text().await.unwrap_or_default(),
+                    Err(_) => String::new(),
+                }
+            }
+        };
+        // A wrong token is refused, and says so.
+        b.find(Locator::Id("token"))
+            .await
+            .unwrap()
+            .send_keys("not-a-token")
+            .await
+            .unwrap();
+        b.find(Locator::Id("login"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        eventually("the login error", || async {
+            text("login-error").await.contains("Not logged in")
+        })
+        .await;
+        let field = b.find(Locator::Id("token")).await.unwrap();
+        field.clear().await.unwrap();
+        field.send_keys(&admin).await.unwrap();
+        b.find(Locator::Id("login"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        eventually("the dashboard", || async {
+            text("who").await.contains("admin")
+        })
+        .await;
+        eventually("the node drawn with its devices", || async {
+            text("nodes").await.contains("gpu1 H100-80GB")
+        })
+        .await;
+
+        // Submit half a GPU from the form; see it run on its share of a device, then its logs.
+        let name = b.find(Locator::Id("job-name")).await.unwrap();
+        name.clear().await.unwrap();
+        name.send_keys("from-ui").await.unwrap();
+        let cmd = b.find(Locator::Id("job-command")).await.unwrap();
+        cmd.clear().await.unwrap();
+        cmd.send_keys("echo hello from the dashboard; sleep 4")
+            .await
+            .unwrap();
+        b.find(Locator::Id("submit"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        eventually("the submission", || async {
+            text("submit-result").await.contains("submitted")
+        })
+        .await;
+        let result = text("submit-result").await;
+        let id: u64 = result
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{result}"));
+        let row = format!("tr[data-job='{id}']");
+        let row_text = |b: fantoccini::Client, row: String| async move {
+            match b.find(Locator::Css(&row)).await {
+                Ok(e) => e.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            }
+        };
+        eventually("the job to run", || {
+            let f = row_text(b.clone(), row.clone());
+            async move { f.await.contains("running") }
+        })
+        .await;
+        eventually("its slice on a device", || async {
+            text("nodes").await.contains(&format!("job {id} 0.5"))
+        })
+        .await;
+        shot(b.clone(), "dashboard.png").await;
+        b.find(Locator::Css(&row))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        eventually("its live logs", || async {
+            text("log").await.contains("hello from the dashboard")
+        })
+        .await;
+        eventually("the job to succeed", || {
+            let f = row_text(b.clone(), row.clone());
+            async move { f.await.contains("succeeded") }
+        })
+        .await;
+        shot(b.clone(), "dashboard-logs.png").await;
+        b.close().await.unwrap();
+        id
+    });
+    let job = pool.wait_state(job_id, "succeeded");
+    assert_eq!(job["name"], "from-ui");
+    assert_eq!(job["gpu"], 0.5);
+    // The page, script and style come from the controller itself.
+    let page = pool.http.get(format!("{}/ui/", pool.url)).send().unwrap();
+    assert_eq!(page.status(), 200);
+    let _ = &mut pool;
+}

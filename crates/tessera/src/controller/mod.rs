@@ -13,6 +13,7 @@ pub mod openapi;
 pub mod reconcile;
 pub mod services;
 pub mod telemetry;
+pub mod ui;
 pub mod usage;
 
 use std::net::SocketAddr;
@@ -455,6 +456,11 @@ async fn serve(
 pub fn router(ctl: Ctl) -> Router {
     use axum::routing::{delete, get, post};
     Router::new()
+        .route("/", get(ui::root))
+        .route("/ui", get(ui::root))
+        .route("/ui/", get(ui::index))
+        .route("/ui/app.js", get(ui::app))
+        .route("/ui/style.css", get(ui::style))
         .route("/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics::scrape))
         .route("/healthz", get(|| async { "ok" }))
