@@ -495,6 +495,9 @@ fn bad_requests_are_refused_with_the_problem_named_and_change_nothing() {
         "/v1/projects/{name}",
         "/v1/tokens/{id}",
         "/v1/agent/sync",
+        "/v1/usage",
+        "/v1/telemetry",
+        "/v1/audit",
     ] {
         assert!(
             doc["paths"][p].is_object(),
@@ -1954,6 +1957,26 @@ fn devices_and_workloads_are_sampled_metered_for_energy_and_scraped_by_a_real_pr
     assert!(value > 50.0, "{got}");
     let up = query("up{job=\"tessera\"}");
     assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
+    // The Grafana dashboard in docs/ charts only what the controller exports, in valid PromQL.
+    let dashboard: Value =
+        serde_json::from_str(include_str!("../../../docs/grafana/tessera.json")).unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$node", ".*")
+                .replace("$project", ".*");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("DCGM_") || word.starts_with("tessera_") {
+                    let family = word.trim_end_matches("_bucket");
+                    assert!(text.contains(family), "{word} (in {expr}) is not exported");
+                }
+            }
+            let answer = query(&expr);
+            assert_eq!(answer["status"], "success", "{expr}: {answer}");
+        }
+    }
 
     // Energy: metered per job when the runs end; the busy job drew more than the idle half.
     for id in [busy, idle] {

@@ -99,6 +99,27 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
     ),
     (
         "get",
+        "/v1/usage",
+        "Usage over a window; query: since (7d or epoch ms), until, by (project|user|model|job|node), project",
+        None,
+        "Usage",
+    ),
+    (
+        "get",
+        "/v1/telemetry",
+        "A time series; query: name (pool, gpu/NODE/INDEX, job/ID/REPLICA), since",
+        None,
+        "Series",
+    ),
+    (
+        "get",
+        "/v1/audit",
+        "The audit log, newest first; query: since, until, project, job, action, limit",
+        None,
+        "AuditList",
+    ),
+    (
+        "get",
         "/v1/nodes",
         "List nodes with their devices and allocation",
         None,
@@ -250,6 +271,7 @@ fn schemas() -> Value {
                         "restart": {"type": "object", "additionalProperties": false, "required": ["policy"], "properties": {
                             "policy": {"enum": ["never", "on-failure"]}, "maxRestarts": {"type": "integer"}}},
                         "preemptible": {"type": "boolean"},
+                        "interactive": {"type": "boolean", "description": "its project's idle policy may stop it"},
                         "checkpoint": checkpoint,
                         "service": service}}}
         },
@@ -281,10 +303,33 @@ fn schemas() -> Value {
         "ProjectBody": {"type": "object", "additionalProperties": false, "properties": {
             "name": {"type": "string"}, "parent": {"type": "string"}, "guaranteed_gpu": {"type": "number"},
             "limit_gpu": {"type": ["number", "null"]}, "over_quota_weight": {"type": "integer"},
-            "members": {"type": "array", "items": {"type": "string"}}}},
+            "members": {"type": "array", "items": {"type": "string"}},
+            "min_runtime": {"type": "string"},
+            "residency": {"type": "object", "additionalProperties": {"type": "string"}, "description": "node labels its jobs must run on"},
+            "device_models": {"type": "array", "items": {"type": "string"}},
+            "max_gpu_per_job": {"type": ["number", "null"]},
+            "idle_after": {"type": "string", "description": "e.g. 30m, or off"},
+            "idle_threshold": {"type": "number", "description": "percent GPU utilisation"},
+            "idle_warning": {"type": "string"}}},
         "Project": obj(json!({"name": {"type": "string"}, "guaranteed_gpu": {"type": "number"}, "limit_gpu": {},
             "over_quota_weight": {"type": "integer"}, "used_gpu": {"type": "number"}})),
         "ProjectList": list("Project"),
+        "UsageRow": obj(json!({"key": {"type": "string"}, "gpu_milli_ms": {"type": "integer"}, "idle_gpu_milli_ms": {"type": "integer"},
+            "gpu_memory_mib_ms": {"type": "integer"}, "cpu_milli_ms": {"type": "integer"}, "memory_mib_ms": {"type": "integer"},
+            "energy_mj": {"type": "integer"}, "gpu_hours": {"type": "number"}, "idle_gpu_hours": {"type": "number"},
+            "energy_kwh": {"type": "number"}, "cost": {"type": "number"}, "co2_kg": {"type": "number"},
+            "segments": {"type": "integer"}, "jobs": {"type": "integer"}, "simulated": {"type": "boolean"}})),
+        "Usage": obj(json!({"by": {"type": "string"}, "window": {"type": "object"},
+            "rows": {"type": "array", "items": {"$ref": "#/components/schemas/UsageRow"}},
+            "total": {"$ref": "#/components/schemas/UsageRow"}})),
+        "Series": obj(json!({"name": {"type": "string"}, "points": {"type": "array", "items": obj(json!({
+            "ts_ms": {"type": "integer"}, "util_pct": {"type": "number"}, "memory_used_bytes": {"type": "integer"},
+            "memory_total_bytes": {"type": "integer"}, "power_mw": {"type": "integer"}, "cpu_pct": {"type": "number"},
+            "host_memory_bytes": {"type": "integer"}, "simulated": {"type": "boolean"}}))}})),
+        "AuditEntry": obj(json!({"seq": {"type": "integer"}, "ts_ms": {"type": "integer"}, "actor": {"type": "string"},
+            "action": {"type": "string"}, "project": {"type": ["string", "null"]}, "job": {"type": ["integer", "null"]},
+            "detail": {"type": "string"}})),
+        "AuditList": list("AuditEntry"),
         "Members": {"type": "object", "required": ["members"], "properties": {"members": {"type": "array", "items": {"type": "string"}}}},
         "UserBody": {"type": "object", "required": ["name", "role"], "properties": {"name": {"type": "string"}, "role": {"enum": ["admin", "member", "viewer"]}}},
         "User": obj(json!({"name": {"type": "string"}, "role": {"type": "string"}})),
@@ -342,4 +387,39 @@ pub fn build() -> Value {
 
 pub async fn document() -> Json<Value> {
     Json(build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("$ref", Value::String(r)) => out.push(r.clone()),
+                        _ => refs(x, out),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_reference_names_a_schema_the_document_defines() {
+        let doc = build();
+        let mut found = Vec::new();
+        refs(&doc, &mut found);
+        assert!(found.len() > OPERATIONS.len());
+        for r in found {
+            let name = r.strip_prefix("#/components/schemas/").unwrap();
+            assert!(
+                doc["components"]["schemas"].get(name).is_some(),
+                "{r} is not defined"
+            );
+        }
+    }
 }
