@@ -1118,6 +1118,7 @@ pub fn projects(c: &Client, cmd: Option<ProjectsCmd>) -> anyhow::Result<()> {
                 "USED",
                 "RUNNING",
                 "PENDING",
+                "RECENT",
                 "MEMBERS",
                 "POLICY",
             ],
@@ -1134,6 +1135,7 @@ pub fn projects(c: &Client, cmd: Option<ProjectsCmd>) -> anyhow::Result<()> {
                         p.used_gpu.to_string(),
                         p.jobs_running.to_string(),
                         p.jobs_pending.to_string(),
+                        format!("{:.3}", p.recent_gpu),
                         p.members.iter().cloned().collect::<Vec<_>>().join(","),
                         policy_text(&p.policy),
                     ]
