@@ -92,6 +92,17 @@ fn load_docs<T: DeserializeOwned>(conn: &Connection, table: &str) -> anyhow::Res
     Ok(out)
 }
 
+/// A read-only connection beside the writer, for queries over tables the state does not keep in
+/// memory (usage ledger, telemetry, audit log); WAL lets it read while the writer commits.
+pub fn read_only(path: &Path) -> rusqlite::Result<Connection> {
+    let c = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    c.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(c)
+}
+
 /// Reads the whole state back (at start-up).
 pub fn load(conn: &Connection, now_ms: u64) -> anyhow::Result<State> {
     let mut state = State::default();

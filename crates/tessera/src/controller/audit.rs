@@ -4,7 +4,7 @@
 
 use axum::Json;
 use axum::extract::Query;
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AxState, Caller, S, now_ms};
@@ -79,11 +79,7 @@ pub async fn get_audit(
     let limit = q.limit.unwrap_or(1000).min(MAX_ENTRIES);
     let path = ctl.config.data_dir.join("tessera.db");
     let entries = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Entry>> {
-        let c = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        c.busy_timeout(std::time::Duration::from_secs(5))?;
+        let c = crate::store::read_only(&path)?;
         let mut stmt = c.prepare(
             "SELECT seq, ts_ms, actor, action, project, job, detail FROM audit
              WHERE ts_ms >= ?1 AND ts_ms <= ?2

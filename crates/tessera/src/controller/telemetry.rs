@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::Query;
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AxState, Caller, Ctl, S, now_ms};
@@ -321,11 +321,7 @@ fn read_stored(
     exact: bool,
     since_ms: u64,
 ) -> anyhow::Result<Vec<(String, Point)>> {
-    let c = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    c.busy_timeout(Duration::from_secs(5))?;
+    let c = crate::store::read_only(path)?;
     let pattern = if exact {
         prefix.to_string()
     } else {

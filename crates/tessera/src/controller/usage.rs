@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use axum::Json;
 use axum::extract::Query;
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, params};
 use serde::Deserialize;
 
 use super::{ApiError, AxState, Caller, S, now_ms};
@@ -206,11 +206,7 @@ pub async fn history_loop(
 
 /// Ended runs up to `seq` that overlap the window, from a read-only connection.
 fn read_closed(path: &std::path::Path, seq: u64, w: Window) -> anyhow::Result<Vec<Segment>> {
-    let c = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    c.busy_timeout(std::time::Duration::from_secs(5))?;
+    let c = crate::store::read_only(path)?;
     let mut stmt =
         c.prepare("SELECT doc FROM usage WHERE seq <= ?1 AND end_ms > ?2 AND start_ms < ?3")?;
     let rows = stmt.query_map(
