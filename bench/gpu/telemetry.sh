@@ -22,7 +22,8 @@ export TESSERA_CONFIG="$W/cli.yaml"
 for _ in $(seq 60); do grep -q "admin token" "$W/up.log" && break; sleep 1; done
 TOKEN=$(sed -n 's/.*admin token (shown once): //p' "$W/up.log")
 [ -n "$TOKEN" ] || fail "no pool: $(tail -5 "$W/up.log")"
-T=("$BIN" --url http://127.0.0.1:17480 --token "$TOKEN")
+export TESSERA_URL=http://127.0.0.1:17480 TESSERA_TOKEN="$TOKEN"
+T=("$BIN")
 "${T[@]}" nodes | tee -a "$OUT/telemetry.txt"
 BUSY=$("${T[@]}" submit -o json --name burn --gpu 1 -- python3 -c '
 import torch, time
