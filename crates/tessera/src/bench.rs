@@ -57,6 +57,15 @@ pub enum BenchCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Metering at scale: writing a usage ledger of many replica runs (in group-commit batches,
+    /// as the controller does) and reading reports over it.
+    Usage {
+        /// Replica runs in the ledger, spread over 30 days.
+        #[arg(long, default_value_t = 1_000_000)]
+        runs: usize,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Controller memory with many simulated nodes (protocol-level agents) and many jobs.
     Scale {
         #[arg(long, default_value_t = 10_000)]
@@ -106,6 +115,10 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Preempt { rounds, common } => {
             let r = rt.block_on(preempt(&common, rounds));
+            (common, r)
+        }
+        BenchCommand::Usage { runs, common } => {
+            let r = usage(&common, runs);
             (common, r)
         }
         BenchCommand::Scale {
@@ -447,6 +460,106 @@ async fn api(common: &Common, jobs: usize, concurrency: usize) -> anyhow::Result
         "request_p50_ms": round2(percentile(&lat, 50.0)),
         "request_p99_ms": round2(percentile(&lat, 99.0)),
         "jobs_listed_after": stored,
+    }))
+}
+
+/// Writes `runs` segments (50 projects, 500 users, 4 models, 1,000 nodes, over 30 days) into a
+/// fresh store, then times reports over them.
+fn usage(common: &Common, runs: usize) -> anyhow::Result<Value> {
+    use crate::metering::{GroupBy, Rates, Segment, Window, report};
+    let (dir, remove_dir) = match &common.data_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("tessera-bench-usage-{}", std::process::id())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("tessera.db");
+    let mut conn = crate::store::open(&path)?;
+    let day = 86_400_000u64;
+    let now = 40 * day;
+    let models = ["H100-80GB", "A100-80GB", "L4-24GB", ""];
+    let mut seed = 42u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let segment = |i: usize, r: u64| {
+        let start = 10 * day + r % (30 * day);
+        let milli = [250, 500, 1000, 2000, 8000][(r >> 40) as usize % 5];
+        Segment {
+            job: i as u64 / 2 + 1,
+            attempt: 1,
+            replica: (i % 2) as u32,
+            user: format!("user{}", (r >> 8) % 500),
+            project: format!("project{}", (r >> 20) % 50),
+            model: models[(r >> 30) as usize % 4].to_string(),
+            node: format!("node{}", (r >> 34) % 1000),
+            gpu_milli: milli,
+            gpu_memory_bytes: milli * (80 << 20),
+            cpu_milli: 4000,
+            memory_bytes: 32 << 30,
+            start_ms: start,
+            end_ms: (start + (r >> 12) % (8 * 3_600_000)).min(now),
+            energy_mj: (r >> 16) % 1_000_000_000,
+            simulated: false,
+            idle_gpu_milli_ms: 0,
+        }
+    };
+    let pb = bar(runs, "runs written");
+    let started = Instant::now();
+    let mut seq = 0u64;
+    for chunk_start in (0..runs).step_by(1024) {
+        let tx = conn.transaction()?;
+        let batch: Vec<Segment> = (chunk_start..(chunk_start + 1024).min(runs))
+            .map(|i| segment(i, next()))
+            .collect();
+        seq = crate::controller::usage::record(&tx, seq, &batch)?;
+        tx.commit()?;
+        pb.inc(batch.len() as u64);
+    }
+    pb.finish_and_clear();
+    let write_s = started.elapsed().as_secs_f64();
+    let rates = Rates {
+        gpu_hour: [("H100-80GB".to_string(), 2.5), ("*".to_string(), 1.0)].into(),
+        carbon_g_per_kwh: Some(300.0),
+    };
+    let timed = |days: u64, by: GroupBy| -> anyhow::Result<(f64, usize, usize)> {
+        let t = Instant::now();
+        let window = Window {
+            since_ms: now - days * day,
+            until_ms: now,
+        };
+        let segments = crate::controller::usage::read_closed(&path, seq, window)?;
+        let r = report(&segments, window, by, &rates);
+        Ok((
+            t.elapsed().as_secs_f64() * 1000.0,
+            segments.len(),
+            r.rows.len(),
+        ))
+    };
+    let (week_project_ms, week_runs, _) = timed(7, GroupBy::Project)?;
+    let (month_project_ms, month_runs, _) = timed(30, GroupBy::Project)?;
+    let (month_job_ms, _, month_jobs) = timed(30, GroupBy::Job)?;
+    let bytes = std::fs::metadata(&path)?.len()
+        + std::fs::metadata(dir.join("tessera.db-wal")).map_or(0, |m| m.len());
+    drop(conn);
+    if remove_dir {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(json!({
+        "runs": runs,
+        "ledger_write_runs_per_s": round2(runs as f64 / write_s),
+        "store_mib": round2(bytes as f64 / (1 << 20) as f64),
+        "report_7d_by_project_ms": round2(week_project_ms),
+        "runs_in_7d": week_runs,
+        "report_30d_by_project_ms": round2(month_project_ms),
+        "runs_in_30d": month_runs,
+        "report_30d_by_job_ms": round2(month_job_ms),
+        "jobs_in_30d": month_jobs,
     }))
 }
 

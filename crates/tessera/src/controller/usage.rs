@@ -205,7 +205,7 @@ pub async fn history_loop(
 }
 
 /// Ended runs up to `seq` that overlap the window, from a read-only connection.
-fn read_closed(path: &std::path::Path, seq: u64, w: Window) -> anyhow::Result<Vec<Segment>> {
+pub fn read_closed(path: &std::path::Path, seq: u64, w: Window) -> anyhow::Result<Vec<Segment>> {
     let c = crate::store::read_only(path)?;
     let mut stmt =
         c.prepare("SELECT doc FROM usage WHERE seq <= ?1 AND end_ms > ?2 AND start_ms < ?3")?;
