@@ -1903,6 +1903,7 @@ fn devices_and_workloads_are_sampled_metered_for_energy_and_scraped_by_a_real_pr
     for name in [
         "DCGM_FI_DEV_GPU_UTIL{gpu=\"0\"",
         "DCGM_FI_DEV_FB_FREE{",
+        "DCGM_FI_DEV_FB_TOTAL{gpu=\"1\",UUID=\"TESSERA-n1-1\",device=\"nvidia1\",modelName=\"H100-80GB\",Hostname=\"n1\",simulated=\"true\"} 81920",
         "DCGM_FI_DEV_POWER_USAGE{",
         &format!("tessera_workload_energy_joules{{job=\"{busy}\""),
         "tessera_project_power_watts{project=\"default\"}",

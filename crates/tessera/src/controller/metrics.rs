@@ -172,10 +172,11 @@ fn devices(
     latest: &BTreeMap<String, crate::protocol::NodeSample>,
 ) {
     type Family = (&'static str, &'static str);
-    const DCGM: [Family; 4] = [
+    const DCGM: [Family; 5] = [
         ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %)."),
         ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB)."),
         ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB)."),
+        ("DCGM_FI_DEV_FB_TOTAL", "Framebuffer memory total (in MiB)."),
         ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W)."),
     ];
     let mut lines: Vec<Vec<String>> = vec![Vec::new(); DCGM.len()];
@@ -199,6 +200,7 @@ fn devices(
                 format!("{:.1}", d.util_pct),
                 (d.memory_used_bytes / MIB).to_string(),
                 (d.memory_total_bytes.saturating_sub(d.memory_used_bytes) / MIB).to_string(),
+                (d.memory_total_bytes / MIB).to_string(),
                 format!("{:.3}", d.power_mw as f64 / 1000.0),
             ];
             for (k, v) in values.into_iter().enumerate() {
