@@ -2444,5 +2444,4 @@ fn the_dashboard_logs_in_submits_a_job_and_shows_it_run_on_its_slice_in_headless
     // The page, script and style come from the controller itself.
     let page = pool.http.get(format!("{}/ui/", pool.url)).send().unwrap();
     assert_eq!(page.status(), 200);
-    let _ = &mut pool;
 }
