@@ -112,6 +112,9 @@ pub enum WaitReason {
         replicas: u32,
         report: FilterReport,
         largest_free: Option<FreeBlock>,
+        /// The node labels its project's residency allows (`key=value`), when it has any: they
+        /// narrow where the job may fit.
+        residency: Vec<String>,
     },
     QuotaLimit {
         hit: LimitHit,
@@ -145,6 +148,7 @@ impl WaitReason {
                 replicas,
                 report,
                 largest_free,
+                residency,
             } => {
                 let mut text = format!("needs {}", describe_needs(job));
                 if *replicas > 1 {
@@ -169,6 +173,13 @@ impl WaitReason {
                         )),
                         _ => text.push_str("; no GPU is free anywhere"),
                     }
+                }
+                if !residency.is_empty() {
+                    text.push_str(&format!(
+                        " (project {}'s policy: only nodes labelled {})",
+                        job.project,
+                        residency.join(",")
+                    ));
                 }
                 text
             }
@@ -513,7 +524,8 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
                                     .push((job.id, WaitReason::Consolidating { moved }));
                             }
                             None => {
-                                let reason = no_fit(&placer, spec, replica, replicas);
+                                let rules = snapshot.rules.get(project);
+                                let reason = no_fit(&placer, spec, rules, replica, replicas);
                                 no_room.insert(shape, reason.clone());
                                 plan.waiting.push((job.id, reason));
                             }
@@ -701,7 +713,13 @@ fn next_project<'a>(
         .map(|(name, _)| name)
 }
 
-fn no_fit(placer: &Placer, spec: &JobSpec, replica: u32, replicas: u32) -> WaitReason {
+fn no_fit(
+    placer: &Placer,
+    spec: &JobSpec,
+    rules: Option<&crate::rules::PlacementRules>,
+    replica: u32,
+    replicas: u32,
+) -> WaitReason {
     let report = placer.explain(&spec.request);
     let largest_free = placer
         .cluster()
@@ -725,6 +743,11 @@ fn no_fit(placer: &Placer, spec: &JobSpec, replica: u32, replicas: u32) -> WaitR
         replicas,
         report,
         largest_free,
+        residency: rules
+            .into_iter()
+            .flat_map(|r| &r.node_selector)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect(),
     }
 }
 

@@ -533,7 +533,8 @@ fn usage(common: &Common, runs: usize) -> anyhow::Result<Value> {
             since_ms: now - days * day,
             until_ms: now,
         };
-        let segments = crate::controller::usage::read_closed(&path, seq, window)?;
+        let segments =
+            crate::controller::usage::read_closed(&crate::store::read_only(&path)?, seq, window)?;
         let r = report(&segments, window, by, &rates);
         Ok((
             t.elapsed().as_secs_f64() * 1000.0,

@@ -68,6 +68,47 @@ pub struct ProjectPolicy {
     pub idle_warning_ms: u64,
 }
 
+impl ProjectPolicy {
+    /// Utilisation under which a replica is idle when the project names no threshold (percent).
+    pub const DEFAULT_IDLE_THRESHOLD_PCT: f64 = 5.0;
+
+    pub fn idle_threshold(&self) -> f64 {
+        self.idle_threshold_pct
+            .unwrap_or(Self::DEFAULT_IDLE_THRESHOLD_PCT)
+    }
+
+    /// In a few words: "region=eu; models H100; <=4 GPU/job; idle 1800s<5%", or "-".
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.residency.is_empty() {
+            let labels: Vec<String> = self
+                .residency
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            parts.push(labels.join(","));
+        }
+        if !self.device_models.is_empty() {
+            parts.push(format!("models {}", self.device_models.join(",")));
+        }
+        if let Some(m) = self.max_job_gpu_milli {
+            parts.push(format!("<={} GPU/job", m as f64 / 1000.0));
+        }
+        if self.idle_after_ms > 0 {
+            parts.push(format!(
+                "idle {}s<{}%",
+                self.idle_after_ms / 1000,
+                self.idle_threshold()
+            ));
+        }
+        if parts.is_empty() {
+            "-".into()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
 impl State {
     /// The placement rules of a project: its policy and its ancestors', the nearer ancestor's
     /// residency label winning none (a conflict leaves nothing allowed, which describe shows).
@@ -241,6 +282,25 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// A replica just placed by `alloc` on `node`, not yet started.
+    pub fn assigned(index: u32, node: &str, alloc: &tessera_sched::Allocation) -> Replica {
+        Replica {
+            index,
+            node: node.to_string(),
+            cpu_milli: alloc.cpu_milli,
+            memory_bytes: alloc.memory_bytes,
+            devices: alloc.devices.clone(),
+            phase: ReplicaPhase::Assigned,
+            exit_code: None,
+            exit_message: None,
+            started_ms: None,
+            finished_ms: None,
+            port: None,
+            leaving: false,
+            resume_of: None,
+        }
+    }
+
     pub fn gpu_milli(&self) -> u64 {
         self.devices.iter().map(|d| u64::from(d.milli)).sum()
     }

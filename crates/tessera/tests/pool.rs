@@ -2342,32 +2342,34 @@ fn the_dashboard_logs_in_submits_a_job_and_shows_it_run_on_its_slice_in_headless
                 }
             }
         };
+        let click = |id: &'static str| {
+            let b = b.clone();
+            async move {
+                b.find(Locator::Id(id))
+                    .await
+                    .unwrap()
+                    .click()
+                    .await
+                    .unwrap()
+            }
+        };
+        let type_in = |id: &'static str, text: String| {
+            let b = b.clone();
+            async move {
+                let field = b.find(Locator::Id(id)).await.unwrap();
+                field.clear().await.unwrap();
+                field.send_keys(&text).await.unwrap();
+            }
+        };
         // A wrong token is refused, and says so.
-        b.find(Locator::Id("token"))
-            .await
-            .unwrap()
-            .send_keys("not-a-token")
-            .await
-            .unwrap();
-        b.find(Locator::Id("login"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        type_in("token", "not-a-token".into()).await;
+        click("login").await;
         eventually("the login error", || async {
             text("login-error").await.contains("Not logged in")
         })
         .await;
-        let field = b.find(Locator::Id("token")).await.unwrap();
-        field.clear().await.unwrap();
-        field.send_keys(&admin).await.unwrap();
-        b.find(Locator::Id("login"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        type_in("token", admin.clone()).await;
+        click("login").await;
         eventually("the dashboard", || async {
             text("who").await.contains("admin")
         })
@@ -2378,20 +2380,13 @@ fn the_dashboard_logs_in_submits_a_job_and_shows_it_run_on_its_slice_in_headless
         .await;
 
         // Submit half a GPU from the form; see it run on its share of a device, then its logs.
-        let name = b.find(Locator::Id("job-name")).await.unwrap();
-        name.clear().await.unwrap();
-        name.send_keys("from-ui").await.unwrap();
-        let cmd = b.find(Locator::Id("job-command")).await.unwrap();
-        cmd.clear().await.unwrap();
-        cmd.send_keys("echo hello from the dashboard; sleep 4")
-            .await
-            .unwrap();
-        b.find(Locator::Id("submit"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        type_in("job-name", "from-ui".into()).await;
+        type_in(
+            "job-command",
+            "echo hello from the dashboard; sleep 4".into(),
+        )
+        .await;
+        click("submit").await;
         eventually("the submission", || async {
             text("submit-result").await.contains("submitted")
         })

@@ -536,37 +536,6 @@ pub fn audit(c: &Client, a: &AuditArgs) -> anyhow::Result<()> {
     })
 }
 
-/// "region=eu; models H100; <=4 GPU/job; idle 30m<5%", or "-".
-pub fn policy_text(p: &crate::state::ProjectPolicy) -> String {
-    let mut parts = Vec::new();
-    if !p.residency.is_empty() {
-        let labels: Vec<String> = p
-            .residency
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        parts.push(labels.join(","));
-    }
-    if !p.device_models.is_empty() {
-        parts.push(format!("models {}", p.device_models.join(",")));
-    }
-    if let Some(m) = p.max_job_gpu_milli {
-        parts.push(format!("<={} GPU/job", m as f64 / 1000.0));
-    }
-    if p.idle_after_ms > 0 {
-        parts.push(format!(
-            "idle {}s<{}%",
-            p.idle_after_ms / 1000,
-            p.idle_threshold_pct.unwrap_or(5.0)
-        ));
-    }
-    if parts.is_empty() {
-        "-".into()
-    } else {
-        parts.join("; ")
-    }
-}
-
 /// "4", or "3 (elastic 1-8)".
 fn replicas_text(j: &JobView) -> String {
     match j.elastic {
@@ -1137,7 +1106,7 @@ pub fn projects(c: &Client, cmd: Option<ProjectsCmd>) -> anyhow::Result<()> {
                         p.jobs_pending.to_string(),
                         format!("{:.3}", p.recent_gpu),
                         p.members.iter().cloned().collect::<Vec<_>>().join(","),
-                        policy_text(&p.policy),
+                        p.policy.summary(),
                     ]
                 })
                 .collect(),

@@ -278,46 +278,7 @@ fn report(
     // Jobs touched by this report, with their events; only those that changed are written, so a
     // heartbeat about steadily running work costs no store write.
     let mut changed: BTreeMap<u64, (Job, Vec<Note>)> = BTreeMap::new();
-    // The latest use of replicas still running (an exit carries the final energy count), read
-    // when their run ends (see `usage::ended`).
-    let live: Vec<(String, crate::protocol::ReplicaUsage)> = statuses
-        .iter()
-        .filter_map(|st| {
-            let (job, attempt, index) = parse_key(&st.key)?;
-            let j = s.jobs.get(&job)?;
-            let open = j.attempt == attempt
-                && j.replicas
-                    .iter()
-                    .any(|r| r.index == index && !r.phase.is_done());
-            Some((st.key.clone(), st.usage.clone()?)).filter(|_| open)
-        })
-        .collect();
-    // Idle time: each reading's GPU share counts idle until the next when under the threshold.
-    let now_idle = now_ms();
-    for (key, u) in &live {
-        let Some((job, _, index)) = parse_key(key) else {
-            continue;
-        };
-        let Some(j) = s.jobs.get(&job) else { continue };
-        let milli = j
-            .replicas
-            .iter()
-            .find(|r| r.index == index)
-            .map_or(0, |r| r.gpu_milli());
-        let threshold = s
-            .projects
-            .get(j.project())
-            .and_then(|p| p.policy.idle_threshold_pct)
-            .unwrap_or(super::idle::DEFAULT_THRESHOLD_PCT);
-        let c = s.replica_idle.entry(key.clone()).or_default();
-        if c.last_at > 0 && milli > 0 && c.last_util_pct < threshold {
-            // A gap in the readings counts at most a minute.
-            c.idle_gpu_milli_ms += milli * now_idle.saturating_sub(c.last_at).min(60_000);
-        }
-        c.last_at = now_idle;
-        c.last_util_pct = u.gpu_util_pct;
-    }
-    s.replica_usage.extend(live);
+    record_use(s, statuses, now);
     if !came_back {
         for st in statuses {
             let Some((job_id, attempt, index)) = parse_key(&st.key) else {
@@ -423,6 +384,41 @@ fn report(
     }
     s.nodes.insert(name.to_string(), node);
     Ok(acked)
+}
+
+/// Keeps the latest use of replicas still running (an exit carries the final energy count; read
+/// when their run ends, see `usage::ended`) and their idle time: each reading's GPU share counts
+/// idle until the next while under the project's threshold.
+fn record_use(s: &mut State, statuses: &[ReplicaStatus], now: u64) {
+    for st in statuses {
+        let Some(u) = &st.usage else { continue };
+        let Some((job, attempt, index)) = parse_key(&st.key) else {
+            continue;
+        };
+        let Some(j) = s.jobs.get(&job).filter(|j| j.attempt == attempt) else {
+            continue;
+        };
+        let Some(r) = j
+            .replicas
+            .iter()
+            .find(|r| r.index == index && !r.phase.is_done())
+        else {
+            continue;
+        };
+        let milli = r.gpu_milli();
+        let threshold = s.projects.get(j.project()).map_or(
+            crate::state::ProjectPolicy::DEFAULT_IDLE_THRESHOLD_PCT,
+            |p| p.policy.idle_threshold(),
+        );
+        let c = s.replica_idle.entry(st.key.clone()).or_default();
+        if c.last_at > 0 && milli > 0 && c.last_util_pct < threshold {
+            // A gap in the readings counts at most a minute.
+            c.idle_gpu_milli_ms += milli * now.saturating_sub(c.last_at).min(60_000);
+        }
+        c.last_at = now;
+        c.last_util_pct = u.gpu_util_pct;
+        s.replica_usage.insert(st.key.clone(), u.clone());
+    }
 }
 
 /// Marks nodes unheard-from for longer than lease + grace as lost, and requeues their work.

@@ -363,12 +363,7 @@ pub async fn check_policy(
         user.to_string(),
         format!("{}: {}", def.spec.name, breach.why),
     );
-    ctl.store
-        .write(move |c, _| -> Result<(), ApiError> {
-            super::audit::record(c, now_ms(), &who, "deny", Some(&project), None, &what)?;
-            Ok(())
-        })
-        .await?;
+    super::audit::record_refusal(ctl, who, project, None, what).await?;
     Err(ApiError::new(axum::http::StatusCode::UNPROCESSABLE_ENTITY, message).with_field(field))
 }
 
@@ -541,7 +536,7 @@ pub async fn migrate_job(
                 let policy = s
                     .projects
                     .get(job.project())
-                    .map_or("-".into(), |p| crate::cli::policy_text(&p.policy));
+                    .map_or("-".into(), |p| p.policy.summary());
                 (
                     job.project().to_string(),
                     format!(
@@ -552,13 +547,8 @@ pub async fn migrate_job(
             })
         })
     {
-        let (who, what) = (user.clone(), format!("migrate job {id}: {why}"));
-        ctl.store
-            .write(move |c, _| -> Result<(), ApiError> {
-                super::audit::record(c, now_ms(), &who, "deny", Some(&project), Some(id), &what)?;
-                Ok(())
-            })
-            .await?;
+        let what = format!("migrate job {id}: {why}");
+        super::audit::record_refusal(&ctl, user.clone(), project, Some(id), what).await?;
         return Err(ApiError::new(
             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
             format!("to: {why}; pick a node it allows"),

@@ -41,6 +41,22 @@ pub fn record(
     Ok(())
 }
 
+/// Records a refusal in a write of its own: the refused request itself wrote nothing.
+pub async fn record_refusal(
+    ctl: &super::Ctl,
+    actor: String,
+    project: String,
+    job: Option<u64>,
+    detail: String,
+) -> Result<(), ApiError> {
+    ctl.store
+        .write(move |c, _| -> Result<(), ApiError> {
+            record(c, now_ms(), &actor, "deny", Some(&project), job, &detail)?;
+            Ok(())
+        })
+        .await
+}
+
 #[derive(Debug, Deserialize)]
 pub struct AuditQuery {
     pub since: Option<String>,
@@ -77,9 +93,7 @@ pub async fn get_audit(
         )));
     }
     let limit = q.limit.unwrap_or(1000).min(MAX_ENTRIES);
-    let path = ctl.config.data_dir.join("tessera.db");
-    let entries = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Entry>> {
-        let c = crate::store::read_only(&path)?;
+    let entries = super::read_store(&ctl, "audit log", move |c| {
         let mut stmt = c.prepare(
             "SELECT seq, ts_ms, actor, action, project, job, detail FROM audit
              WHERE ts_ms >= ?1 AND ts_ms <= ?2
@@ -125,7 +139,6 @@ pub async fn get_audit(
         Ok(out)
     })
     .await
-    .map_err(|_| ApiError::internal("the audit reader failed"))?
-    .map_err(|e| ApiError::internal(format!("reading the audit log: {e}")))?;
+    .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     Ok(Json(entries))
 }

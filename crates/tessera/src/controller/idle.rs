@@ -11,8 +11,6 @@ use super::lifecycle::settle;
 use super::{ApiError, Ctl, api::save_job, now_ms};
 use crate::state::{ReplicaPhase, State, StopCause};
 
-/// Utilisation under which a replica is idle when its project names no threshold (percent).
-pub const DEFAULT_THRESHOLD_PCT: f64 = 5.0;
 /// A reading older than this says nothing about now.
 const STALE_MS: u64 = 30_000;
 
@@ -95,7 +93,7 @@ fn observe(s: &State, now: u64) -> Vec<Observation> {
             if policy.idle_after_ms == 0 {
                 return None;
             }
-            let threshold = policy.idle_threshold_pct.unwrap_or(DEFAULT_THRESHOLD_PCT);
+            let threshold = policy.idle_threshold();
             let mut idle = Some(true);
             for r in j
                 .replicas

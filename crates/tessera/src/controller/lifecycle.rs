@@ -201,56 +201,36 @@ mod tests {
     use tessera_sched::{JobSpec, ResourceRequest};
 
     fn job(replicas: u32, restart: RestartPolicy) -> Job {
-        Job {
-            id: 1,
-            owner: "ana".into(),
-            def: JobDef {
-                spec: JobSpec {
-                    replicas,
-                    ..JobSpec::single("j", ResourceRequest::default())
-                },
-                command: vec!["true".into()],
-                env: BTreeMap::new(),
-                restart,
-                max_restarts: 1,
-                preemptible: true,
-                checkpoint: None,
-                elastic: None,
-                interactive: false,
+        let def = JobDef {
+            spec: JobSpec {
+                replicas,
+                ..JobSpec::single("j", ResourceRequest::default())
             },
+            command: vec!["true".into()],
+            env: BTreeMap::new(),
+            restart,
+            max_restarts: 1,
+            preemptible: true,
+            checkpoint: None,
+            elastic: None,
+            interactive: false,
+        };
+        let placed = tessera_sched::Allocation {
+            node: tessera_sched::NodeId(0),
+            cpu_milli: 1000,
+            memory_bytes: 0,
+            devices: vec![],
+            affinity: None,
+        };
+        Job {
             state: JobState::Scheduled,
             reason: String::new(),
-            created_ms: 0,
-            updated_ms: 0,
             attempt: 1,
-            restarts: 0,
-            not_before_ms: 0,
-            replicas: (0..replicas)
-                .map(|i| Replica {
-                    index: i,
-                    node: format!("n{i}"),
-                    cpu_milli: 1000,
-                    memory_bytes: 0,
-                    devices: vec![],
-                    phase: ReplicaPhase::Assigned,
-                    exit_code: None,
-                    exit_message: None,
-                    started_ms: None,
-                    finished_ms: None,
-                    port: None,
-                    leaving: false,
-                    resume_of: None,
-                })
-                .collect(),
-            stop: None,
             started_seq: 1,
-            queued_ms: 0,
-            finished_ms: None,
-            pin_node: None,
-            service: None,
-            replaces: None,
-            draining_since_ms: None,
-            generation: 0,
+            replicas: (0..replicas)
+                .map(|i| Replica::assigned(i, &format!("n{i}"), &placed))
+                .collect(),
+            ..Job::new(1, "ana", def, 0)
         }
     }
 

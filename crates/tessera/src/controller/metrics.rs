@@ -164,6 +164,19 @@ pub async fn scrape(AxState(ctl): S) -> impl IntoResponse {
     )
 }
 
+/// A gauge family's name and help.
+type Family = (&'static str, &'static str);
+
+/// Writes each gauge family's header, then its samples.
+fn gauges(out: &mut String, families: &[Family], samples: Vec<Vec<String>>) {
+    for ((name, help), lines) in families.iter().zip(samples) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for l in lines {
+            let _ = writeln!(out, "{l}");
+        }
+    }
+}
+
 /// Device series under the names dcgm-exporter users already chart, then per-workload (slice)
 /// and per-project series. Simulated devices carry `simulated="true"`.
 fn devices(
@@ -171,7 +184,6 @@ fn devices(
     s: &crate::state::State,
     latest: &BTreeMap<String, crate::protocol::NodeSample>,
 ) {
-    type Family = (&'static str, &'static str);
     const DCGM: [Family; 5] = [
         ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %)."),
         ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB)."),
@@ -208,12 +220,7 @@ fn devices(
             }
         }
     }
-    for ((name, help), lines) in DCGM.iter().zip(lines) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for l in lines {
-            let _ = writeln!(out, "{l}");
-        }
-    }
+    gauges(out, &DCGM, lines);
     // Workloads (each replica's share of its devices) and projects.
     const WORKLOAD: [Family; 4] = [
         (
@@ -279,12 +286,7 @@ fn devices(
             *project_power.entry(j.project()).or_default() += power;
         }
     }
-    for ((name, help), lines) in WORKLOAD.iter().zip(lines) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for l in lines {
-            let _ = writeln!(out, "{l}");
-        }
-    }
+    gauges(out, &WORKLOAD, lines);
     let _ = writeln!(
         out,
         "# HELP tessera_project_gpu_memory_used_bytes Device memory the project's replicas use.\n# TYPE tessera_project_gpu_memory_used_bytes gauge"

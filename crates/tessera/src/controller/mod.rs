@@ -366,11 +366,32 @@ pub struct Running {
     pub server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
+impl ControllerConfig {
+    /// The store's SQLite file.
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("tessera.db")
+    }
+}
+
+/// Runs `read` on a read-only connection to the store, off the async threads: for the tables the
+/// state does not keep in memory (usage ledger, telemetry, audit log). `what` names it in errors.
+pub async fn read_store<T: Send + 'static>(
+    ctl: &Ctl,
+    what: &'static str,
+    read: impl FnOnce(&rusqlite::Connection) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let path = ctl.config.store_path();
+    tokio::task::spawn_blocking(move || read(&store::read_only(&path)?))
+        .await
+        .map_err(|_| anyhow::anyhow!("the {what} reader failed"))?
+        .with_context(|| format!("reading the {what}"))
+}
+
 /// Opens the store, bootstraps it, starts the reconcile loop and the HTTP server.
 pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
-    let db_path = config.data_dir.join("tessera.db");
+    let db_path = config.store_path();
     let conn = store::open(&db_path)?;
     let state = store::load(&conn, now_ms())?;
     let store = Store::start(conn, state);

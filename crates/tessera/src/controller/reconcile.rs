@@ -17,7 +17,7 @@ use super::api::save_job;
 use super::lifecycle::Note;
 use super::lifecycle::settle;
 use super::{ApiError, Ctl, agents, now_ms};
-use crate::state::{Job, JobState, NodeHealth, Replica, ReplicaPhase, State, StopCause};
+use crate::state::{Job, JobState, NodeHealth, Replica, State, StopCause};
 
 /// Longest sleep when nothing is due (a safety net, not the scheduling cadence).
 const IDLE_WAKE: Duration = Duration::from_secs(5);
@@ -252,27 +252,7 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
     let waits: HashMap<u64, String> = plan
         .waiting
         .iter()
-        .filter_map(|(id, why)| {
-            let spec = specs.get(id)?;
-            let mut text = why.describe(spec);
-            // Say when the project's residency is part of why nothing fits.
-            if let (tessera_sched::schedule::WaitReason::NoFit { .. }, Some(rules)) =
-                (why, snapshot.rules.get(&spec.project))
-                && !rules.node_selector.is_empty()
-            {
-                let labels: Vec<String> = rules
-                    .node_selector
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
-                text.push_str(&format!(
-                    " (project {}'s policy: only nodes labelled {})",
-                    spec.project,
-                    labels.join(",")
-                ));
-            }
-            Some((*id, text))
-        })
+        .filter_map(|(id, why)| Some((*id, why.describe(specs.get(id)?))))
         .collect();
     if plan.placements.is_empty()
         && plan.preemptions.is_empty()
@@ -315,7 +295,7 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
                 job.replicas = allocs
                     .iter()
                     .enumerate()
-                    .map(|(i, a)| new_replica(i as u32, &node_names[a.node.index()], a))
+                    .map(|(i, a)| Replica::assigned(i as u32, &node_names[a.node.index()], a))
                     .collect();
                 let placed: Vec<String> = job
                     .replicas
@@ -412,25 +392,6 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
     Ok(next_backoff)
 }
 
-/// A replica just placed, not yet started.
-fn new_replica(index: u32, node: &str, a: &Allocation) -> Replica {
-    Replica {
-        index,
-        node: node.to_string(),
-        cpu_milli: a.cpu_milli,
-        memory_bytes: a.memory_bytes,
-        devices: a.devices.clone(),
-        phase: ReplicaPhase::Assigned,
-        exit_code: None,
-        exit_message: None,
-        started_ms: None,
-        finished_ms: None,
-        port: None,
-        leaving: false,
-        resume_of: None,
-    }
-}
-
 /// "attempt 2: replica 0 on n1 gpu0,gpu1": the event line `tessera logs` finds nodes by.
 fn placed_line(attempt: u32, r: &Replica) -> String {
     let devs: Vec<String> = r
@@ -485,7 +446,7 @@ fn grow(
     let first = job.replicas.iter().map(|r| r.index + 1).max().unwrap_or(0);
     let mut lines = Vec::new();
     for (next, a) in (first..).zip(allocations.iter().take(room)) {
-        let mut r = new_replica(next, &node_names[a.node.index()], a);
+        let mut r = Replica::assigned(next, &node_names[a.node.index()], a);
         r.resume_of = job.def.checkpoint.as_ref().and(takeover.pop());
         let mut line = placed_line(job.attempt, &r);
         if let Some(of) = r.resume_of {

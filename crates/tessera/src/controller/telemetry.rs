@@ -240,13 +240,13 @@ pub async fn get_series(
         }
     };
     let exact = q.name != "pool";
-    let path = ctl.config.data_dir.join("tessera.db");
     let stored = {
         let prefix = prefix.clone();
-        tokio::task::spawn_blocking(move || read_stored(&path, &prefix, exact, window.since_ms))
-            .await
-            .map_err(|_| ApiError::internal("the telemetry reader failed"))?
-            .map_err(|e| ApiError::internal(format!("reading telemetry: {e}")))?
+        super::read_store(&ctl, "telemetry", move |c| {
+            read_stored(c, &prefix, exact, window.since_ms)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?
     };
     let stored_until = stored
         .iter()
@@ -316,12 +316,11 @@ pub fn pool_points(rows: &[(String, Point)]) -> Vec<Point> {
 }
 
 fn read_stored(
-    path: &std::path::Path,
+    c: &rusqlite::Connection,
     prefix: &str,
     exact: bool,
     since_ms: u64,
 ) -> anyhow::Result<Vec<(String, Point)>> {
-    let c = crate::store::read_only(path)?;
     let pattern = if exact {
         prefix.to_string()
     } else {

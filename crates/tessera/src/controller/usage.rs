@@ -160,11 +160,9 @@ pub async fn get_usage(
         (Some(p), _) => Some([p.clone()].into()),
         (None, v) => v,
     };
-    let path = ctl.config.data_dir.join("tessera.db");
-    let closed = tokio::task::spawn_blocking(move || read_closed(&path, seq, window))
+    let closed = super::read_store(&ctl, "usage ledger", move |c| read_closed(c, seq, window))
         .await
-        .map_err(|_| ApiError::internal("the usage reader failed"))?
-        .map_err(|e| ApiError::internal(format!("reading the usage ledger: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     segments.extend(closed);
     segments.retain(|s| wanted.as_ref().is_none_or(|w| w.contains(&s.project)));
     Ok(Json(report(&segments, window, by, &ctl.config.rates)))
@@ -185,9 +183,8 @@ pub async fn history_loop(
             since_ms: now.saturating_sub(10 * half_life_ms),
             until_ms: now,
         };
-        let path = ctl.config.data_dir.join("tessera.db");
-        match tokio::task::spawn_blocking(move || read_closed(&path, seq, window)).await {
-            Ok(Ok(mut segments)) => {
+        match super::read_store(&ctl, "usage ledger", move |c| read_closed(c, seq, window)).await {
+            Ok(mut segments) => {
                 segments.extend(open);
                 let history =
                     crate::metering::decayed(&segments, GroupBy::Project, now, half_life_ms);
@@ -197,16 +194,14 @@ pub async fn history_loop(
                     .unwrap_or_else(|e| e.into_inner())
                     .usage_history = history;
             }
-            Ok(Err(e)) => tracing::warn!("fair-share history not read: {e}"),
-            Err(_) => tracing::warn!("fair-share history reader failed"),
+            Err(e) => tracing::warn!("fair-share history not read: {e:#}"),
         }
         tokio::time::sleep(every).await;
     }
 }
 
-/// Ended runs up to `seq` that overlap the window, from a read-only connection.
-pub fn read_closed(path: &std::path::Path, seq: u64, w: Window) -> anyhow::Result<Vec<Segment>> {
-    let c = crate::store::read_only(path)?;
+/// Ended runs up to `seq` that overlap the window.
+pub fn read_closed(c: &Connection, seq: u64, w: Window) -> anyhow::Result<Vec<Segment>> {
     let mut stmt =
         c.prepare("SELECT doc FROM usage WHERE seq <= ?1 AND end_ms > ?2 AND start_ms < ?3")?;
     let rows = stmt.query_map(
