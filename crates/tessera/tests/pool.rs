@@ -1725,6 +1725,17 @@ impl Pool {
     }
 }
 
+/// The row of `key` in a usage report.
+fn usage_row(report: &Value, key: &str) -> Value {
+    report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == key)
+        .unwrap_or_else(|| panic!("no row {key} in {report}"))
+        .clone()
+}
+
 /// Milli-GPU-milliseconds a one-replica, one-GPU job ran, from its own events: each "started"
 /// event to the next end of that replica (the controller stamps both with the same clock it
 /// meters with).
@@ -1771,15 +1782,7 @@ fn usage_is_metered_exactly_through_preemption_restart_and_a_controller_restart(
             .1
     };
     let by_job = usage(&pool, "job");
-    let row = |report: &Value, key: &str| -> Value {
-        report["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["key"] == key)
-            .unwrap_or_else(|| panic!("no row {key} in {report}"))
-            .clone()
-    };
+    let row = usage_row;
     for id in [low, high] {
         let r = row(&by_job, &id.to_string());
         assert_eq!(
@@ -1987,12 +1990,7 @@ fn devices_and_workloads_are_sampled_metered_for_energy_and_scraped_by_a_real_pr
     }
     let report = pool.get("/v1/usage?since=1h&by=job", &pool.admin).1;
     let energy = |id: u64| {
-        report["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["key"] == id.to_string().as_str())
-            .unwrap()["energy_mj"]
+        usage_row(&report, &id.to_string())["energy_mj"]
             .as_u64()
             .unwrap()
     };
@@ -2232,13 +2230,7 @@ fn idle_interactive_jobs_are_warned_then_stopped_in_time_and_idle_gpu_hours_are_
     }
     let report = pool.get("/v1/usage?since=1h&by=job", &pool.admin).1;
     let row = |id: u64| -> (u64, u64) {
-        let r = report["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["key"] == id.to_string().as_str())
-            .unwrap()
-            .clone();
+        let r = usage_row(&report, &id.to_string());
         (
             r["idle_gpu_milli_ms"].as_u64().unwrap(),
             r["gpu_milli_ms"].as_u64().unwrap(),
