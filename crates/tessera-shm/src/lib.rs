@@ -22,7 +22,7 @@ pub mod cuda;
 mod schedule;
 pub use schedule::{ENTRIES, Entry, Schedule};
 
-const MAGIC: u64 = 0x7465_7373_6572_6131; // "tessera1"
+const MAGIC: u64 = 0x7465_7373_6572_6132; // "tessera2"
 /// Process slots per region: processes of one allocation, or on one simulated device.
 pub const SLOTS: usize = 512;
 /// Spare words a user of the region may use for its own shared counters.
@@ -41,6 +41,10 @@ struct Slot {
     _pad: u32,
     start_time: AtomicU64,
     bytes: AtomicU64,
+    /// The pid namespace `pid` belongs to (its inode): confined workloads each have their own,
+    /// so pids repeat across them and only a process of the same namespace can tell whether a
+    /// slot's process still lives.
+    ns: AtomicU64,
 }
 
 #[repr(C)]
@@ -75,6 +79,12 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 2..];
     // Field 22 (starttime) is the 20th after the name.
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The inode of this process's pid namespace (0 when it cannot be read).
+pub fn pid_namespace() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino())
 }
 
 impl Region {
@@ -190,8 +200,11 @@ impl Region {
     /// or one of a process that is gone. `None` when all are held by live processes.
     pub fn claim(&self, pid: i32, start_time: u64) -> Option<usize> {
         let slots = &self.layout().slots;
+        let ns = pid_namespace();
         if let Some(i) = slots.iter().position(|s| {
-            s.pid.load(Ordering::SeqCst) == pid && s.start_time.load(Ordering::SeqCst) == start_time
+            s.pid.load(Ordering::SeqCst) == pid
+                && s.start_time.load(Ordering::SeqCst) == start_time
+                && s.ns.load(Ordering::SeqCst) == ns
         }) {
             return Some(i);
         }
@@ -201,6 +214,7 @@ impl Region {
                     .compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst)
                     .is_ok()
                 {
+                    s.ns.store(ns, Ordering::SeqCst);
                     s.start_time.store(start_time, Ordering::SeqCst);
                     return Some(i);
                 }
@@ -261,12 +275,18 @@ impl Region {
             });
     }
 
-    /// Frees the slots of processes that no longer exist; returns the bytes given back.
+    /// Frees the slots of processes that no longer exist; returns the bytes given back. Slots of
+    /// another pid namespace are left to [`Region::release_namespace`].
     pub fn reclaim_dead(&self) -> u64 {
         let mut freed = 0;
+        let ours = pid_namespace();
         for s in &self.layout().slots {
             let pid = s.pid.load(Ordering::SeqCst);
             if pid == 0 {
+                continue;
+            }
+            let ns = s.ns.load(Ordering::SeqCst);
+            if ns != 0 && ns != ours {
                 continue;
             }
             let start = s.start_time.load(Ordering::SeqCst);
@@ -276,6 +296,25 @@ impl Region {
             }
             // Take the bytes first, then free the slot: a crash in between leaves a slot with
             // zero bytes, which the next pass frees.
+            freed += s.bytes.swap(0, Ordering::SeqCst);
+            let _ = s
+                .pid
+                .compare_exchange(pid, 0, Ordering::SeqCst, Ordering::SeqCst);
+        }
+        freed
+    }
+}
+
+impl Region {
+    /// Frees every slot of pid namespace `ns`, whose processes have all ended (the agent calls
+    /// this when a confined replica is over); returns the bytes given back.
+    pub fn release_namespace(&self, ns: u64) -> u64 {
+        let mut freed = 0;
+        for s in &self.layout().slots {
+            let pid = s.pid.load(Ordering::SeqCst);
+            if pid == 0 || ns == 0 || s.ns.load(Ordering::SeqCst) != ns {
+                continue;
+            }
             freed += s.bytes.swap(0, Ordering::SeqCst);
             let _ = s
                 .pid
@@ -364,6 +403,26 @@ mod tests {
             "a recharge ignores the cap: the memory is already held"
         );
         assert!(!r.try_charge(slot, 1));
+    }
+
+    #[test]
+    fn slots_of_another_pid_namespace_wait_for_their_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Region::open_or_create(&dir.path().join("r"), 100).unwrap();
+        // Pid 2 of some confined workload: no such process here, but its own namespace's.
+        let s = r.claim(2, 7).unwrap();
+        assert!(r.try_charge(s, 60));
+        r.layout().slots[s]
+            .ns
+            .store(4_026_000_001, Ordering::SeqCst);
+        assert_eq!(
+            r.reclaim_dead(),
+            0,
+            "another namespace's slot is not judged from here"
+        );
+        assert_eq!(r.release_namespace(4_026_000_002), 0);
+        assert_eq!(r.release_namespace(4_026_000_001), 60);
+        assert_eq!(r.used(), 0);
     }
 
     #[test]

@@ -103,7 +103,7 @@ impl TokenCache {
             let hash = {
                 let s = state.lock().unwrap_or_else(|e| e.into_inner());
                 let rec = s.tokens.get(id)?;
-                if rec.revoked {
+                if !rec.usable(crate::controller::now_ms()) {
                     return None;
                 }
                 rec.hash.clone()
@@ -125,7 +125,7 @@ impl TokenCache {
 /// effect at once even for cached tokens).
 fn principal(s: &State, id: &str) -> Option<Principal> {
     let rec = s.tokens.get(id)?;
-    if rec.revoked {
+    if !rec.usable(crate::controller::now_ms()) {
         return None;
     }
     match rec.kind {
@@ -174,6 +174,8 @@ mod tests {
                 hash: t.hash.clone(),
                 created_ms: 0,
                 revoked: false,
+                uses_left: None,
+                expires_ms: None,
             },
         );
         let state = Mutex::new(state);

@@ -330,6 +330,7 @@ impl Pool {
             simulated: true,
             address: "http://127.0.0.1:9".into(),
             callback_secret: "unused".into(),
+            confinement: "simulated by the benchmark".into(),
         };
         let resp: RegisterResponse = serde_json::from_value(
             self.post("/v1/agent/register", join, serde_json::to_string(&reg)?)

@@ -95,6 +95,20 @@ struct NodeArgs {
     /// How often the agent samples its devices' and workloads' use (sent with its sync).
     #[arg(long, default_value = "5s")]
     telemetry_interval: String,
+    /// The uids (and gids) this agent gives projects' workloads, one per project, FIRST-LAST;
+    /// no account of the host may use them.
+    #[arg(long, default_value = "200000-265535")]
+    workload_uids: String,
+    /// Run workloads unconfined (as the agent's user, without namespaces) where this node cannot
+    /// confine them. Without it such a node refuses every replica. Shown in `tessera nodes`.
+    #[arg(long)]
+    allow_unconfined: bool,
+    /// More paths to hide from workloads, besides the data dir (repeatable).
+    #[arg(long = "hide")]
+    hide: Vec<PathBuf>,
+    /// Most processes and threads one replica may have.
+    #[arg(long, default_value_t = 16384)]
+    pids_max: u64,
 }
 
 #[derive(Subcommand)]
@@ -319,6 +333,40 @@ fn agent_config(
     let data_dir = std::path::absolute(&data_dir)
         .with_context(|| format!("--data-dir {}", data_dir.display()))?;
     let devices_simulated = devices.simulated || devices.devices.is_empty();
+    let confinement = agent::confine::Mode::detect(
+        agent::confine::UidRange::parse("--workload-uids", &node.workload_uids)?,
+        node.allow_unconfined,
+    );
+    let mut transparent = match agent::criu::detect(
+        node.criu.as_deref(),
+        &node.transparent_root,
+        !devices_simulated,
+    ) {
+        Ok(t) => {
+            tracing::info!(
+                "transparent checkpoints: CRIU {} at {}",
+                t.version,
+                t.criu.display()
+            );
+            Some(t)
+        }
+        Err(e) => {
+            tracing::info!("no transparent checkpoints on this node: {e:#}");
+            None
+        }
+    };
+    // CRIU reads a process's limits, which needs CAP_SYS_RESOURCE for another uid's.
+    let confined = matches!(confinement, agent::confine::Mode::Confined(_));
+    let transparent_unconfined =
+        transparent.is_some() && confined && !agent::confine::has_cap_sys_resource();
+    if transparent_unconfined && !node.allow_unconfined {
+        tracing::warn!(
+            "no transparent checkpoints on this node: the agent lacks CAP_SYS_RESOURCE, without \
+             which CRIU cannot dump a workload that runs as its own uid; give the agent that \
+             capability, or let transparent replicas run unconfined with --allow-unconfined"
+        );
+        transparent = None;
+    }
     Ok(agent::AgentConfig {
         controller,
         join_token,
@@ -348,24 +396,18 @@ fn agent_config(
             t.as_millis() as u64
         },
         ca_cert,
-        transparent: match agent::criu::detect(
-            node.criu.as_deref(),
-            &node.transparent_root,
-            !devices_simulated,
-        ) {
-            Ok(t) => {
-                tracing::info!(
-                    "transparent checkpoints: CRIU {} at {}",
-                    t.version,
-                    t.criu.display()
-                );
-                Some(t)
-            }
-            Err(e) => {
-                tracing::info!("no transparent checkpoints on this node: {e:#}");
-                None
-            }
+        confinement,
+        transparent_unconfined: transparent_unconfined && transparent.is_some(),
+        hide: node
+            .hide
+            .iter()
+            .map(|p| std::path::absolute(p).with_context(|| format!("--hide {}", p.display())))
+            .collect::<anyhow::Result<_>>()?,
+        pids_max: match node.pids_max {
+            0 => anyhow::bail!("--pids-max 0: a replica needs at least one process"),
+            n => n,
         },
+        transparent,
     })
 }
 

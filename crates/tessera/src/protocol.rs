@@ -25,6 +25,9 @@ pub struct RegisterRequest {
     pub address: String,
     /// What the controller must show when it calls the agent.
     pub callback_secret: String,
+    /// How the node confines workloads, in words (`tessera nodes` shows it).
+    #[serde(default)]
+    pub confinement: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

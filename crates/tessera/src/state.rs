@@ -432,6 +432,9 @@ pub struct Node {
     pub cordoned: bool,
     pub health: NodeHealth,
     pub registered_ms: u64,
+    /// How its agent confines workloads, in its words.
+    #[serde(default)]
+    pub confinement: String,
     /// Not persisted: a restarted controller gives every node a fresh lease.
     #[serde(skip)]
     pub last_seen_ms: u64,
@@ -463,6 +466,20 @@ pub struct TokenRecord {
     pub hash: String,
     pub created_ms: u64,
     pub revoked: bool,
+    /// Join tokens: how many more nodes it may join (`None`: no limit, tokens from before
+    /// limits existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses_left: Option<u32>,
+    /// When it stops working (Unix ms), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
+}
+
+impl TokenRecord {
+    /// Whether the token still lets its holder in at `now`.
+    pub fn usable(&self, now: u64) -> bool {
+        !self.revoked && self.uses_left != Some(0) && self.expires_ms.is_none_or(|e| now < e)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -32,6 +32,9 @@ impl Drop for Proc {
 
 struct Pool {
     dir: tempfile::TempDir,
+    /// Where jobs and the test exchange files, as a cluster's shared file system would: outside
+    /// the pool's data dirs (which workloads cannot see) and open to every workload's uid.
+    shared_dir: tempfile::TempDir,
     /// The controller's self-signed certificate when it serves HTTPS.
     cert: Option<PathBuf>,
     url: String,
@@ -81,6 +84,7 @@ impl Pool {
             http: http.build().unwrap(),
             cert,
             dir,
+            shared_dir: shared_dir(),
         };
         pool.admin = pool
             .start_controller()
@@ -296,6 +300,23 @@ impl Pool {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// A file jobs can read and write (see `shared_dir`).
+    fn shared(&self, name: &str) -> PathBuf {
+        self.shared_dir.path().join(name)
+    }
+}
+
+/// A directory every workload may use, outside `/tmp` (each workload has its own) and outside
+/// directories others cannot enter, mode 1777 like a shared scratch file system.
+fn shared_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("shared-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    dir
 }
 
 fn logs(pool: &Pool, id: u64) -> String {
@@ -595,7 +616,7 @@ fn an_agent_killed_or_cut_off_never_leaves_a_replica_running_twice_and_its_work_
 
     // SIGSTOP: the agent cannot renew its lease; its shim stops the workload before the
     // controller moves it.
-    let file = pool.path("ticks-stop");
+    let file = pool.shared("ticks-stop");
     let id = pool.submit("default", 1.0, 1, 50, &ticker(&file));
     let first = pool.wait_state(id, "running");
     let node = first["assignments"][0]["node"]
@@ -782,7 +803,7 @@ fn failed_jobs_restart_with_backoff_memory_hogs_are_oom_killed_and_the_cli_speak
     pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
 
     // Fails twice, then succeeds: two restarts, 1 s and then 2 s apart.
-    let counter = pool.path("attempts");
+    let counter = pool.shared("attempts");
     let script = format!(
         "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; echo attempt $n; [ $n -ge 3 ]",
         c = counter.display()
@@ -984,7 +1005,7 @@ fn a_preempted_job_resumes_from_its_checkpoint_and_a_corrupt_checkpoint_means_a_
     let mut pool = Pool::start();
     pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
     for corrupt in [false, true] {
-        let worklog = pool.path(if corrupt { "work-b" } else { "work-a" });
+        let worklog = pool.shared(if corrupt { "work-b" } else { "work-a" });
         let low = counting_job(&pool, &worklog);
         pool.wait_state(low, "running");
         pool.wait_for("some progress", || worklog_lines(&worklog).len() >= 15);
@@ -1037,7 +1058,7 @@ fn a_job_that_checkpoints_on_an_interval_resumes_elsewhere_when_its_node_is_kill
     pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
     pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
     let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
-    let worklog = pool.path("work");
+    let worklog = pool.shared("work");
     // A training loop with the Python helper: a step every 50 ms, a checkpoint every second.
     let script = format!(
         r#"import sys, time
@@ -1142,7 +1163,7 @@ fn a_project_minimum_runtime_holds_off_preemption_until_it_has_passed() {
 fn a_migrated_job_checkpoints_and_resumes_on_the_node_it_was_sent_to() {
     let mut pool = Pool::start();
     pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
-    let worklog = pool.path("work");
+    let worklog = pool.shared("work");
     let id = counting_job(&pool, &worklog);
     pool.wait_state(id, "running");
     pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
@@ -1221,8 +1242,12 @@ fn require_criu() {
 fn a_transparent_job_keeps_its_memory_across_a_move_and_only_capable_nodes_take_it() {
     require_criu();
     let mut pool = Pool::start();
-    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
-    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
+    // CRIU cannot dump another uid's process without CAP_SYS_RESOURCE, which some hosts (these
+    // build machines) do not give even to root: there the admin must allow transparent replicas
+    // to run unconfined, or the node offers no transparent checkpoints.
+    for (name, ip) in [("n1", "127.0.0.2"), ("n2", "127.0.0.3")] {
+        pool.add_agent_with(name, ip, "1xH100-80GB", &["--allow-unconfined"]);
+    }
     let (ok, out, err) = cli(&pool, &["nodes"]);
     assert!(ok, "{err}");
     assert!(
@@ -1230,7 +1255,7 @@ fn a_transparent_job_keeps_its_memory_across_a_move_and_only_capable_nodes_take_
         "{out}"
     );
     // A program that knows nothing of Tessera: its count lives only in its memory.
-    let worklog = pool.path("counts");
+    let worklog = pool.shared("counts");
     let program = format!(
         "import time\nn = 0\nwhile n < 120:\n    n += 1\n    print(n, flush=True)\n    with open({log:?}, 'a') as f: f.write(f'{{n}}\\n')\n    time.sleep(0.03)\n",
         log = worklog.display().to_string()
@@ -1255,18 +1280,26 @@ fn a_transparent_job_keeps_its_memory_across_a_move_and_only_capable_nodes_take_
     assert_eq!(done["attempt"], 2, "{done}");
     // Restored, not restarted: every count once, in order, across the move.
     let lines = worklog_lines(&worklog);
-    assert_eq!(lines, (1..=120).collect::<Vec<u32>>(), "{lines:?}");
+    assert_eq!(
+        lines,
+        (1..=120).collect::<Vec<u32>>(),
+        "{:?}",
+        events(&pool, id)
+    );
     // Its output moved with it: the log of the new attempt holds the whole count.
     let out = logs(&pool, id);
     assert!(out.starts_with("1\n2\n") && out.ends_with("120\n"), "{out}");
     assert_moved_with_a_checkpoint(&pool, id);
     // With an interval, a dump is taken every second as it runs: kill -9 of its node and it
     // goes on elsewhere from the last one, memory and all.
-    let worklog2 = pool.path("counts2");
-    let program2 = program.replace(
-        &worklog.display().to_string(),
-        &worklog2.display().to_string(),
-    );
+    let worklog2 = pool.shared("counts2");
+    // (Slower, so that two dumps travel before it ends even on a busy two-core machine.)
+    let program2 = program
+        .replace(
+            &worklog.display().to_string(),
+            &worklog2.display().to_string(),
+        )
+        .replace("time.sleep(0.03)", "time.sleep(0.08)");
     let id2 = transparent(["--checkpoint-interval", "1s"], &program2);
     let node = pool.wait_state(id2, "running")["assignments"][0]["node"]
         .as_str()
@@ -1307,7 +1340,7 @@ fn a_transparent_job_keeps_its_memory_across_a_move_and_only_capable_nodes_take_
 /// A small HTTP service: `/healthz` answers once it has started, `/` answers with its job id
 /// after `delay` seconds. It listens where Tessera tells it ($TESSERA_HOST:$PORT).
 fn write_service(pool: &Pool, delay: f64) -> PathBuf {
-    let path = pool.path(&format!("server-{delay}.py"));
+    let path = pool.shared(&format!("server-{delay}.py"));
     std::fs::write(
         &path,
         format!(
@@ -1539,7 +1572,7 @@ fn an_elastic_job_grows_into_idle_gpus_gives_one_back_for_a_waiting_job_and_grow
     pool.add_agent("n2", "127.0.0.3", "2xH100-80GB");
     // Each replica reports the replica set it sees and checkpoints its step count when given
     // back, with the Python helpers a user would use.
-    let script = pool.path("elastic.py");
+    let script = pool.shared("elastic.py");
     std::fs::write(
         &script,
         r#"import sys, time
@@ -1567,7 +1600,7 @@ print("done", flush=True)
 "#,
     )
     .unwrap();
-    let stop = pool.path("stop");
+    let stop = pool.shared("stop");
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
     let id = cli_submit(
         &pool,
@@ -2431,4 +2464,207 @@ fn the_dashboard_logs_in_submits_a_job_and_shows_it_run_on_its_slice_in_headless
     // The page, script and style come from the controller itself.
     let page = pool.http.get(format!("{}/ui/", pool.url)).send().unwrap();
     assert_eq!(page.status(), 200);
+}
+
+/// The agent's run directory of job `id`'s replica 0 (its first attempt's key, `ID.1.0`).
+fn run_dir(pool: &Pool, node: &str, id: u64) -> PathBuf {
+    let runs = pool.path(node).join("agent").join("runs");
+    std::fs::read_dir(&runs)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{id}.")))
+        })
+        .unwrap_or_else(|| panic!("no run dir of job {id} in {}", runs.display()))
+}
+
+#[test]
+fn a_members_workload_cannot_reach_the_store_the_agent_or_another_tenants_files_and_processes() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
+    for name in ["alpha", "beta"] {
+        let (s, v) = pool.post("/v1/projects", json!({"name": name}), &pool.admin);
+        assert_eq!(s, 201, "{v}");
+    }
+    // One tenant's job holds a secret in its output and its files, and keeps running.
+    let victim = pool.submit(
+        "alpha",
+        0.5,
+        1,
+        50,
+        "echo password=hunter2; echo secret > secret.txt; echo tmpsecret > /tmp/s; exec sleep 60",
+    );
+    pool.wait_state(victim, "running");
+    pool.wait_for("the victim's output", || {
+        logs(&pool, victim).contains("hunter2")
+    });
+    let victim_dir = run_dir(&pool, "n1", victim);
+    let victim_pid: i32 = std::fs::read_to_string(victim_dir.join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let credential = pool.path("n1").join("agent").join("credential.json");
+    let store = pool.path("controller").join("tessera.db");
+    assert!(credential.exists() && store.exists());
+    // The other tenant's job tries everything a member's code could, and reports each try.
+    let attack = format!(
+        r#"try() {{ if sh -c "$2" >/dev/null 2>&1; then echo "$1=done"; else echo "$1=refused"; fi; }}
+echo uid=$(id -u)
+echo nnp=$(grep NoNewPrivs /proc/self/status | tr -dc 0-9)
+echo capeff=$(grep CapEff /proc/self/status | cut -f2)
+echo pid1=$(cat /proc/1/comm)
+try read_credential 'cat {cred}'
+try read_store 'head -c 16 {store}'
+try write_store 'echo x >> {store}'
+try read_victim_log 'grep hunter2 {vdir}/stdout.log'
+try read_victim_work 'cat {vdir}/work/secret.txt'
+try list_victim_run 'ls -a {runs} | grep -qx {vkey}'
+try see_victim_process 'test -e /proc/{vpid}'
+try signal_victim 'kill -9 {vpid}'
+try see_victim_sleep 'grep -l sleep /proc/[0-9]*/comm'
+try victim_tmp 'cat /tmp/s'
+try write_own_work 'echo mine > own.txt && cat own.txt'
+try write_own_tmp 'echo mine > /tmp/own && cat /tmp/own'
+try chown_to_root 'touch f && chown 0 f'
+try mount_proc 'mkdir -p m && mount -t tmpfs none m'
+"#,
+        cred = credential.display(),
+        store = store.display(),
+        vdir = victim_dir.display(),
+        runs = pool.path("n1").join("agent").join("runs").display(),
+        vkey = victim_dir.file_name().unwrap().to_str().unwrap(),
+        vpid = victim_pid,
+    );
+    let attacker = pool.submit("beta", 0.5, 1, 50, &attack);
+    pool.wait_state(attacker, "succeeded");
+    let out = logs(&pool, attacker);
+    let said = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in {out}"))
+            .to_string()
+    };
+    assert_ne!(said("uid"), "0", "{out}");
+    assert_eq!(said("nnp"), "1", "{out}");
+    assert_eq!(said("capeff"), "0000000000000000", "{out}");
+    assert_eq!(said("pid1"), "tessera", "its pid 1 is its own init: {out}");
+    for refused in [
+        "read_credential",
+        "read_store",
+        "write_store",
+        "read_victim_log",
+        "read_victim_work",
+        "list_victim_run",
+        "see_victim_process",
+        "signal_victim",
+        "see_victim_sleep",
+        "victim_tmp",
+        "chown_to_root",
+        "mount_proc",
+    ] {
+        assert_eq!(said(refused), "refused", "{refused}: {out}");
+    }
+    for done in ["write_own_work", "write_own_tmp"] {
+        assert_eq!(said(done), "done", "{done}: {out}");
+    }
+    // The victim ran on, untouched, as another uid than the attacker.
+    assert_eq!(pool.job(victim)["state"], "running");
+    let victim_uid = std::fs::metadata(victim_dir.join("work")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_ne!(victim_uid.uid().to_string(), said("uid"));
+    assert_ne!(victim_uid.uid(), 0);
+}
+
+fn register_as(pool: &Pool, name: &str, token: &str) -> (u16, Value) {
+    pool.post(
+        "/v1/agent/register",
+        json!({"name": name, "cpu_milli": 8000, "memory_bytes": 17179869184u64,
+               "devices": [{"model": "H100-80GB", "memory_bytes": 85899345920u64}],
+               "simulated": true, "address": "http://127.0.0.9:9", "callback_secret": "x"}),
+        token,
+    )
+}
+
+#[test]
+fn join_tokens_join_once_cannot_take_over_a_live_node_and_agents_speak_only_for_their_node() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let id = pool.submit("default", 1.0, 1, 50, "exec sleep 60");
+    pool.wait_state(id, "running");
+    let key = run_dir(&pool, "n1", id)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+
+    // A join token joins one node; a second join with it is refused.
+    let once = pool.join_token();
+    let (s, v) = register_as(&pool, "evil", &once);
+    assert_eq!(s, 200, "{v}");
+    let evil = v["token"].as_str().unwrap().to_string();
+    let (s, v) = register_as(&pool, "evil2", &once);
+    assert_eq!(s, 401, "a used join token: {v}");
+
+    // A join under the name of a node with a live credential is refused; n1 keeps its work.
+    let (s, v) = register_as(&pool, "n1", &pool.join_token());
+    assert_eq!(s, 409, "{v}");
+    assert!(v.to_string().contains("tessera nodes replace n1"), "{v}");
+
+    // An agent reports n1's replica as exited 0: ignored and audited, the job runs on.
+    let (s, v) = pool.post(
+        "/v1/agent/sync",
+        json!({"seq": 1, "revision": 0, "wait_ms": 0,
+               "statuses": [{"key": key, "phase": "exited", "exit_code": 0, "message": "done"}]}),
+        &evil,
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(v["desired"].as_array().unwrap().is_empty(), "{v}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pool.job(id)["state"], "running");
+    let forged = audit(&pool, "action=forged-report");
+    assert_eq!(forged.len(), 1, "{forged:?}");
+    assert!(forged[0]["detail"].as_str().unwrap().contains(&key));
+    assert!(run_dir(&pool, "n1", id).join("pid").exists());
+    assert!(
+        !run_dir(&pool, "n1", id).join("exit").exists(),
+        "n1's replica still runs"
+    );
+
+    // Join tokens expire, and their limits are checked.
+    let (s, v) = pool.post(
+        "/v1/tokens",
+        json!({"kind": "join", "expires_in": "1s"}),
+        &pool.admin,
+    );
+    assert_eq!(s, 201, "{v}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let (s, v) = register_as(&pool, "late", v["token"].as_str().unwrap());
+    assert_eq!(s, 401, "an expired join token: {v}");
+    for (body, field) in [
+        (json!({"kind": "join", "uses": 0}), "uses"),
+        (json!({"kind": "join", "expires_in": "0s"}), "expires_in"),
+        (json!({"kind": "user", "uses": 3}), "uses"),
+    ] {
+        let (s, v) = pool.post("/v1/tokens", body.clone(), &pool.admin);
+        assert_eq!(s, 400, "{body}: {v}");
+        assert!(v.to_string().contains(field), "{body}: {v}");
+    }
+    let (s, v) = pool.post(
+        "/v1/tokens",
+        json!({"kind": "join", "uses": 2, "expires_in": "2h"}),
+        &pool.admin,
+    );
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["uses_left"], 2, "{v}");
+
+    // The admin replaces n1: its credential is revoked, and a new machine may take the name.
+    let (ok, _, err) = cli(&pool, &["nodes", "replace", "n1"]);
+    assert!(ok, "{err}");
+    let (s, v) = register_as(&pool, "n1", &pool.join_token());
+    assert_eq!(s, 200, "after a replace: {v}");
+    assert!(!audit(&pool, "action=node-replace").is_empty());
 }

@@ -272,6 +272,15 @@ impl Criu {
         if dir.join("home").is_dir() {
             copy_tree(&dir.join("home"), &self.home)?;
         }
+        // A checkpoint carries contents, not modes; the shim keeps output files 0600, and CRIU
+        // checks that the files it reopens have the mode it dumped.
+        for name in ["stdout.log", "stderr.log"] {
+            use std::os::unix::fs::PermissionsExt;
+            let f = self.home.join(name);
+            if f.exists() {
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
         let images = dir.join("images");
         let pidfile = dir.join("restored.pid");
         let mut cmd = self.command("restore", &images);

@@ -121,3 +121,43 @@ pub fn device_env(
     }
     Ok(env)
 }
+
+/// What a confined replica must reach of the agent's GPU state (bound into its view of the data
+/// dir), made usable by its uid: the simulated driver's links and devices, its slice region and
+/// its device's schedule. The shared files are created here, before the replica runs, since its
+/// view of the data dir is read-only.
+pub fn confined_paths(
+    config: &AgentConfig,
+    env: &BTreeMap<String, String>,
+    uid: u32,
+) -> anyhow::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::PermissionsExt;
+    let shared = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("opening {} to workloads", p.display()))
+    };
+    let mut paths = Vec::new();
+    let dir = gpu_dir(config);
+    if let Some(sim) = env.get("TESSERA_FAKECUDA_DIR").map(PathBuf::from) {
+        std::fs::create_dir_all(&sim)?;
+        let memory = config.devices.devices.first().map_or(0, |d| d.memory_bytes);
+        for i in 0..config.devices.devices.len() {
+            let device = sim.join(format!("device{i}"));
+            tessera_shm::Region::open_or_create(&device, memory)?;
+            shared(&device, 0o666)?;
+        }
+        paths.push(sim);
+        paths.push(dir.join("lib"));
+    }
+    if let Some(region) = env.get("TESSERA_VGPU_SHM").map(PathBuf::from) {
+        std::os::unix::fs::chown(&region, Some(uid), Some(uid))?;
+        shared(&region, 0o600)?;
+        paths.push(region);
+    }
+    if let Some(schedule) = env.get("TESSERA_VGPU_DEVICE_SHM").map(PathBuf::from) {
+        tessera_shm::Schedule::open_or_create(&schedule)?;
+        shared(&schedule, 0o666)?;
+        paths.push(schedule);
+    }
+    Ok(paths)
+}

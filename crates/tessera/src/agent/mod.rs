@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod checkpoint;
+pub mod confine;
 pub mod criu;
 pub mod devices;
 pub mod gpu;
@@ -52,6 +53,15 @@ pub struct AgentConfig {
     pub ca_cert: Option<PathBuf>,
     /// Transparent checkpoints (CRIU), where this node can do them.
     pub transparent: Option<criu::Transparent>,
+    /// How workloads are confined here (decided once at start).
+    pub confinement: confine::Mode,
+    /// Transparent replicas run as the agent's user: CRIU here cannot dump another uid's
+    /// process, and the admin allowed unconfined work.
+    pub transparent_unconfined: bool,
+    /// More paths hidden from workloads besides the data dir (e.g. a controller's store).
+    pub hide: Vec<PathBuf>,
+    /// Most processes and threads per replica (`pids.max`).
+    pub pids_max: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -85,6 +95,8 @@ struct Shared {
     assignments: Mutex<BTreeMap<String, Assignment>>,
     /// The newest sample of the devices and running replicas.
     sample: Mutex<Option<telemetry::Sample>>,
+    /// Each project's workload uid on this node (when it confines).
+    uids: Mutex<Option<confine::Uids>>,
 }
 
 fn read_exit(dir: &Path) -> Option<shim::ExitRecord> {
@@ -108,6 +120,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let runs_dir = root.join("runs");
     std::fs::create_dir_all(&runs_dir)
         .with_context(|| format!("creating {}", runs_dir.display()))?;
+    // Others may pass through the data dir (to the simulated driver) but not list it; the
+    // agent's own part (credential, run dirs) is its alone.
+    crate::controller::restrict(&config.data_dir, 0o711)?;
+    crate::controller::restrict(&root, 0o700)?;
+    match &config.confinement {
+        confine::Mode::Confined(_) => {
+            tracing::info!("workloads: {}", config.confinement.describe())
+        }
+        m => tracing::warn!("workloads: {}", m.describe()),
+    }
     let lease_file = root.join("lease");
     let backend = Backend::host();
     match &backend {
@@ -144,6 +166,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         replica_sets: Mutex::new(BTreeMap::new()),
         assignments: Mutex::new(BTreeMap::new()),
         sample: Mutex::new(None),
+        uids: Mutex::new(match &config.confinement {
+            confine::Mode::Confined(range) => {
+                Some(confine::Uids::load(root.join("uids.json"), *range)?)
+            }
+            _ => None,
+        }),
     });
     spawn_sampler(shared.clone(), config.clone(), backend.clone());
 
@@ -175,6 +203,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         simulated: config.devices.simulated,
         address,
         callback_secret: callback_secret.clone(),
+        confinement: if config.transparent_unconfined {
+            format!(
+                "{}; transparent (CRIU) replicas UNCONFINED, allowed by the admin",
+                config.confinement.describe()
+            )
+        } else {
+            config.confinement.describe()
+        },
     };
     let token = match existing {
         Some(c) => {
@@ -185,7 +221,22 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 &c.token,
                 &register,
             )
-            .await?;
+            .await
+            .map_err(|e| {
+                if e.to_string().contains("401") {
+                    e.context(format!(
+                        "the controller no longer accepts this node's credential (an admin \
+                         replaced node {} or revoked it). To join again, remove {} and start \
+                         the agent with a new join token (`tessera token create --join`); under \
+                         `tessera up`, also remove {}",
+                        config.name,
+                        cred_path.display(),
+                        config.data_dir.join("local-join-token").display()
+                    ))
+                } else {
+                    e
+                }
+            })?;
             resp.token.unwrap_or(c.token)
         }
         None => {
@@ -679,6 +730,28 @@ fn cgroup_name(config: &AgentConfig, key: &str) -> String {
     format!("{}-{}_{key}", config.name, hex::encode(&digest[..4]))
 }
 
+/// The uid a replica runs as here, `None` where the admin allowed unconfined work; an error
+/// (the replica is refused) where the node cannot confine it.
+fn workload_uid(
+    shared: &Shared,
+    config: &AgentConfig,
+    a: &Assignment,
+) -> anyhow::Result<Option<u32>> {
+    match &config.confinement {
+        confine::Mode::Refused { why } => bail!(
+            "this node cannot confine workloads, so it runs none: {why}. Run the agent as root \
+             on a host with namespaces, or let the node run unconfined work with \
+             `--allow-unconfined` (then shown in `tessera nodes`)"
+        ),
+        confine::Mode::Unconfined { .. } => Ok(None),
+        confine::Mode::Confined(_) => {
+            let mut uids = shared.uids.lock().unwrap_or_else(|e| e.into_inner());
+            let uids = uids.as_mut().context("the agent has no workload uids")?;
+            Ok(Some(uids.of(&a.project)?))
+        }
+    }
+}
+
 /// The environment of one replica's allocation.
 pub fn allocation_env(a: &Assignment, node: &str) -> BTreeMap<String, String> {
     let mut env = a.env.clone();
@@ -724,7 +797,17 @@ fn start(
     restored: Restored,
 ) -> anyhow::Result<Started> {
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("assignment.json"), serde_json::to_vec_pretty(a)?)?;
+    crate::controller::write_file(
+        &dir.join("assignment.json"),
+        &serde_json::to_string(a)?,
+        false,
+    )?;
+    let transparent = a.checkpoint.as_ref().is_some_and(|c| c.transparent);
+    let uid = if transparent && config.transparent_unconfined {
+        None
+    } else {
+        workload_uid(shared, config, a)?
+    };
     let cg = cgroup_name(config, &a.key);
     let procs = backend
         .create(
@@ -732,7 +815,7 @@ fn start(
             Limits {
                 cpu_milli: a.cpu_milli,
                 memory_bytes: a.memory_bytes.max(16 << 20),
-                pids: 4096,
+                pids: config.pids_max,
             },
         )
         .unwrap_or_else(|e| {
@@ -776,9 +859,15 @@ fn start(
         Restored::From(into) => resume_from = Some(into),
         Restored::Failed(id) => resume_failed = Some(id),
     }
+    if let (Some(uid), Some(from)) = (uid, &resume_from) {
+        confine::own_tree(from, uid)?;
+    }
     if let Some(c) = &a.checkpoint {
         let ckpt = dir.join("checkpoint");
         std::fs::create_dir_all(&ckpt)?;
+        if let Some(uid) = uid {
+            confine::own(&ckpt, uid)?;
+        }
         if c.transparent {
             // The shim saves and restores the whole tree; the program is told nothing.
             let t = config.transparent.as_ref().context(
@@ -810,6 +899,24 @@ fn start(
             }
         }
     }
+    let device_env = gpu::device_env(config, a)?;
+    if let Some(uid) = uid {
+        cmd.arg("--uid").arg(uid.to_string());
+        // CRIU would have to dump and restore the namespaces with their mounts.
+        if !transparent {
+            let tmp = dir.join("tmp");
+            std::fs::create_dir_all(&tmp)?;
+            confine::own(&tmp, uid)?;
+            cmd.arg("--namespaces").arg("--private-tmp").arg(&tmp);
+            for m in std::iter::once(&config.data_dir).chain(&config.hide) {
+                cmd.arg("--mask").arg(m);
+            }
+            cmd.arg("--expose").arg(dir);
+            for p in gpu::confined_paths(config, &device_env, uid)? {
+                cmd.arg("--expose").arg(p);
+            }
+        }
+    }
     cmd.arg("--").args(&a.command);
     cmd.envs(allocation_env(a, &config.name));
     if let Some(set) = &a.elastic {
@@ -835,7 +942,7 @@ fn start(
         }
         None => None,
     };
-    cmd.envs(gpu::device_env(config, a)?);
+    cmd.envs(device_env);
     let log = std::fs::File::create(dir.join("shim.log"))?;
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)

@@ -87,6 +87,9 @@ pub struct ShimArgs {
     /// A verified checkpoint to restore instead of starting the command.
     #[arg(long, requires = "criu")]
     pub restore_from: Option<PathBuf>,
+    /// How the workload is confined (none without `--uid`: the admin allowed it).
+    #[command(flatten)]
+    pub confine: super::confine::Confine,
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
 }
@@ -118,21 +121,26 @@ fn write_exit(run_dir: &Path, rec: &ExitRecord) -> anyhow::Result<()> {
 /// the replica's cgroups. Returns its pid, which is also its process group.
 fn spawn(args: &ShimArgs, work: &Path, stdout: fs::File, stderr: fs::File) -> std::io::Result<i32> {
     let procs = args.cgroup_procs.clone();
+    let confine = args.confine.clone();
+    let dir = work.to_path_buf();
+    confine
+        .before_spawn()
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
     let mut cmd = Command::new(&args.command[0]);
     cmd.args(&args.command[1..])
         .current_dir(work)
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
-    // SAFETY: runs in the forked child before exec; it only calls setsid and opens and writes
-    // files (no locks held across fork in this single-threaded process).
+    // SAFETY: runs in the forked child before exec; it calls setsid, writes files, mounts and
+    // drops privileges (no locks held across fork in this single-threaded process).
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
             for p in &procs {
                 fs::write(p, "0")?;
             }
-            Ok(())
+            confine.enter(&dir)
         });
     }
     Ok(cmd.spawn()?.id() as i32)
@@ -159,6 +167,20 @@ fn reap(pid: i32) -> anyhow::Result<Option<i32>> {
     }
 }
 
+/// Gives back what a confined workload's processes held of the simulated devices.
+fn release_simulated_devices(dir: &Path, ns: u64) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with("device")
+            && let Ok(region) = tessera_shm::Region::open(&e.path())
+        {
+            region.release_namespace(ns);
+        }
+    }
+}
+
 pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
@@ -178,6 +200,9 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     let home = args.home.clone().unwrap_or_else(|| args.run_dir.clone());
     let work = home.join("work");
     fs::create_dir_all(&work)?;
+    if let Some(uid) = args.confine.uid {
+        super::confine::own(&work, uid)?;
+    }
     if home != args.run_dir {
         for name in ["stdout.log", "stderr.log"] {
             let link = args.run_dir.join(name);
@@ -186,14 +211,19 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let stdout = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(home.join("stdout.log"))?;
-    let stderr = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(home.join("stderr.log"))?;
+    // The workload writes its output through these descriptors; the files stay the agent's.
+    // (A restored home's files come back 0644; CRIU checks the mode it dumped.)
+    let log = |name: &str| {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(home.join(name))?;
+        f.set_permissions(fs::Permissions::from_mode(0o600))?;
+        Ok::<_, std::io::Error>(f)
+    };
+    let (stdout, stderr) = (log("stdout.log")?, log("stderr.log")?);
     if lease_end(&args.lease_file).is_none_or(|end| end <= now_ms()) {
         write_exit(
             &args.run_dir,
@@ -223,6 +253,18 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
         }
     };
     fs::write(args.run_dir.join("pid"), pgid.to_string())?;
+    // The workload's own pid namespace, whose slots in shared device accounting are given back
+    // when it ends (nobody outside it can tell its pids from others').
+    let pid_ns = args
+        .confine
+        .namespaces
+        .then(|| {
+            use std::os::unix::fs::MetadataExt;
+            fs::metadata(format!("/proc/{pgid}/ns/pid"))
+                .map(|m| m.ino())
+                .ok()
+        })
+        .flatten();
     let interval = args.checkpoint_interval_ms.map(Duration::from_millis);
     let mut next_dump = interval.map(|i| Instant::now() + i);
     let mut stop_deadline: Option<Instant> = None;
@@ -279,6 +321,9 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     };
     // Leave nothing of the tree behind.
     kill_group(pgid, Signal::SIGKILL, &args.cgroup_procs);
+    if let (Some(ns), Some(dir)) = (pid_ns, std::env::var_os("TESSERA_FAKECUDA_DIR")) {
+        release_simulated_devices(Path::new(&dir), ns);
+    }
     let code = status;
     if home != args.run_dir {
         // The run directory keeps this attempt's output; the home goes (a next attempt

@@ -766,6 +766,10 @@ pub enum NodesCmd {
     Drain {
         name: String,
     },
+    /// Revoke the node's agent credential so that a new machine may join under its name.
+    Replace {
+        name: String,
+    },
 }
 
 pub fn nodes(c: &Client, cmd: Option<NodesCmd>) -> anyhow::Result<()> {
@@ -780,6 +784,9 @@ pub fn nodes(c: &Client, cmd: Option<NodesCmd>) -> anyhow::Result<()> {
         NodesCmd::Drain { name } => {
             Value::Array(vec![c.post(&format!("/v1/nodes/{name}/drain"), json!({}))?])
         }
+        NodesCmd::Replace { name } => Value::Array(vec![
+            c.post(&format!("/v1/nodes/{name}/replace"), json!({}))?,
+        ]),
     };
     c.print(&v, |v| {
         let nodes: Vec<NodeView> = serde_json::from_value(v.clone())?;
@@ -794,6 +801,7 @@ pub fn nodes(c: &Client, cmd: Option<NodesCmd>) -> anyhow::Result<()> {
                 "MEMORY",
                 "REPLICAS",
                 "CHECKPOINT",
+                "WORKLOADS",
                 "SEEN",
             ],
             nodes
@@ -833,6 +841,10 @@ pub fn nodes(c: &Client, cmd: Option<NodesCmd>) -> anyhow::Result<()> {
                         tessera_sched::model::human_bytes(n.memory_bytes),
                         n.replicas.to_string(),
                         n.checkpoint.join(","),
+                        n.confinement
+                            .split_once(' ')
+                            .map_or(n.confinement.as_str(), |(word, _)| word)
+                            .to_string(),
                         format!("{}s ago", n.last_seen_ms_ago / 1000),
                     ]
                 })
@@ -1162,6 +1174,12 @@ pub enum TokenCmd {
         join: bool,
         #[arg(long)]
         description: Option<String>,
+        /// Join tokens: how many nodes it may join (default 1).
+        #[arg(long, requires = "join")]
+        uses: Option<u32>,
+        /// Join tokens: how long it works, e.g. 1h (default) or 7d.
+        #[arg(long, requires = "join")]
+        expires_in: Option<String>,
     },
     Revoke {
         id: String,
@@ -1175,8 +1193,16 @@ pub fn token(c: &Client, cmd: TokenCmd) -> anyhow::Result<()> {
             user,
             join,
             description,
+            uses,
+            expires_in,
         } => {
             let mut b = json!({});
+            if let Some(n) = uses {
+                b["uses"] = json!(n);
+            }
+            if let Some(e) = expires_in {
+                b["expires_in"] = json!(e);
+            }
             if join {
                 b["kind"] = json!("join");
             }

@@ -40,9 +40,12 @@ pub async fn register(
         devices: req.devices.clone(),
     };
     validate_node(&spec)?;
+    if req.confinement.len() > 500 {
+        return Err(ApiError::bad("confinement: at most 500 characters"));
+    }
     let joining = match &caller.0 {
-        Principal::Join { .. } => true,
-        Principal::Agent { node } if *node == req.name => false,
+        Principal::Join { token_id } => Some(token_id.clone()),
+        Principal::Agent { node } if *node == req.name => None,
         Principal::Agent { node } => {
             return Err(ApiError::forbidden(format!(
                 "this agent credential belongs to node {node}, not {}",
@@ -56,7 +59,7 @@ pub async fn register(
         }
     };
     let lease_ms = ctl.config.lease.as_millis() as u64;
-    let fresh = if joining {
+    let fresh = if joining.is_some() {
         Some(super::hashed_token().await?)
     } else {
         None
@@ -66,6 +69,31 @@ pub async fn register(
         .write(move |c, s| -> Result<Option<String>, ApiError> {
             let now = now_ms();
             let old = s.nodes.get(&req.name).cloned();
+            if let Some(id) = &joining {
+                // A join spends one use of its token, checked again inside the write so that
+                // two joins cannot share the last use.
+                let mut t = s
+                    .tokens
+                    .get(id)
+                    .filter(|t| t.usable(now))
+                    .cloned()
+                    .ok_or_else(|| ApiError::unauthorized("this join token is used up, expired or revoked; ask an admin for a new one (`tessera token create --join`)"))?;
+                // A name with a live credential is a node in service: joining under it would
+                // take it over.
+                if s.tokens.values().any(|t| {
+                    t.kind == TokenKind::Agent && t.subject == req.name && !t.revoked
+                }) {
+                    return Err(ApiError::conflict(format!(
+                        "node {} is already in the pool with a live agent credential; to replace \
+                         that machine, an admin runs `tessera nodes replace {}` first, or join \
+                         under another --node-name",
+                        req.name, req.name
+                    )));
+                }
+                t.uses_left = t.uses_left.map(|u| u.saturating_sub(1));
+                store::put_token(c, &t)?;
+                s.tokens.insert(t.id.clone(), t);
+            }
             let node = Node {
                 spec,
                 simulated: req.simulated,
@@ -74,6 +102,7 @@ pub async fn register(
                 cordoned: old.as_ref().is_some_and(|o| o.cordoned),
                 health: old.as_ref().map_or(NodeHealth::Ready, |o| o.health),
                 registered_ms: now,
+                confinement: req.confinement,
                 last_seen_ms: now,
                 last_seq: old.as_ref().map_or(0, |o| o.last_seq),
                 heartbeats: 0,
@@ -206,8 +235,43 @@ pub async fn sync(
             "only an agent's own credential may sync",
         ));
     };
-    let req: SyncRequest =
+    let mut req: SyncRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("request body: {e}")))?;
+    // An agent speaks only for replicas assigned to its own node.
+    let foreign: Vec<ReplicaStatus> = ctl.store.read(|s| {
+        req.statuses
+            .iter()
+            .filter(|st| !reportable(s, &node, &st.key))
+            .cloned()
+            .collect()
+    });
+    req.statuses
+        .retain(|st| !foreign.iter().any(|f| f.key == st.key));
+    if !foreign.is_empty() {
+        let (n, keys) = (
+            node.clone(),
+            foreign.iter().map(|f| f.key.clone()).collect::<Vec<_>>(),
+        );
+        tracing::warn!("agent of node {n} reported replicas of other nodes: {keys:?}; ignored");
+        ctl.store
+            .write(move |c, _| -> Result<(), ApiError> {
+                let detail = format!(
+                    "ignored reports about replicas not assigned to node {n}: {}",
+                    keys.join(", ")
+                );
+                super::audit::record(
+                    c,
+                    now_ms(),
+                    &format!("agent:{n}"),
+                    "forged-report",
+                    None,
+                    None,
+                    &detail,
+                )?;
+                Ok(())
+            })
+            .await?;
+    }
     let name = node.clone();
     let statuses = req.statuses.clone();
     let seq = req.seq;
@@ -244,6 +308,22 @@ pub async fn sync(
         desired: want,
         acked,
     }))
+}
+
+/// May node `node` report on replica `key`? Only on replicas of the job's current attempt that
+/// are assigned to it; an earlier attempt's replica is reported only to be acknowledged (its
+/// report changes nothing), and a key that names no job changes nothing either.
+fn reportable(s: &State, node: &str, key: &str) -> bool {
+    let Some((job, attempt, index)) = parse_key(key) else {
+        return true;
+    };
+    match s.jobs.get(&job) {
+        Some(j) if j.attempt == attempt => j
+            .replicas
+            .iter()
+            .any(|r| r.index == index && r.node == node),
+        _ => true,
+    }
 }
 
 /// Records a heartbeat and the agent's report; returns the exits now durable.

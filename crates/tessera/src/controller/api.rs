@@ -742,6 +742,9 @@ pub struct NodeView {
     /// `cuda` where it saves GPU state too.
     #[serde(default)]
     pub checkpoint: Vec<String>,
+    /// How its agent confines workloads (`confined (uids …)`, or why not).
+    #[serde(default)]
+    pub confinement: String,
     pub devices: Vec<DeviceView>,
     pub gpu_allocated_milli: u64,
     pub cpu_allocated_milli: u64,
@@ -791,6 +794,7 @@ fn node_view(s: &State, name: &str) -> Option<NodeView> {
         memory_bytes: n.spec.memory_bytes,
         labels: n.spec.labels.clone(),
         checkpoint: checkpoint_kinds(&n.spec.labels),
+        confinement: n.confinement.clone(),
         gpu_allocated_milli: used.iter().map(|&u| u64::from(u)).sum(),
         devices: n
             .spec
@@ -880,6 +884,48 @@ async fn set_cordon(
             }
             s.nodes.insert(n.clone(), node);
             s.kick = true;
+            Ok(())
+        })
+        .await?;
+    ctl.store
+        .read(|s| node_view(s, &name))
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no node {name}")))
+}
+
+/// Revokes the node's agent credentials (its agent is cut off; its work moves when its lease runs
+/// out), so that a join token may register a new machine under the name.
+pub async fn replace_node(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    let admin = caller.admin()?.to_string();
+    let n = name.clone();
+    ctl.store
+        .write(move |c, s| -> Result<(), ApiError> {
+            if !s.nodes.contains_key(&n) {
+                return Err(ApiError::not_found(format!(
+                    "no node {n}; see `tessera nodes`"
+                )));
+            }
+            let ids: Vec<String> = s
+                .tokens
+                .values()
+                .filter(|t| t.kind == TokenKind::Agent && t.subject == n && !t.revoked)
+                .map(|t| t.id.clone())
+                .collect();
+            for id in &ids {
+                if let Some(t) = s.tokens.get_mut(id) {
+                    t.revoked = true;
+                    store::put_token(c, t)?;
+                }
+            }
+            let detail = format!(
+                "node {n}: {} agent credential(s) revoked for a replacement",
+                ids.len()
+            );
+            super::audit::record(c, now_ms(), &admin, "node-replace", None, None, &detail)?;
             Ok(())
         })
         .await?;
@@ -1324,6 +1370,10 @@ pub struct TokenBody {
     /// The user the token is for (admins only; default: the caller).
     pub user: Option<String>,
     pub description: Option<String>,
+    /// Join tokens: how many nodes it may join (default 1).
+    pub uses: Option<u32>,
+    /// Join tokens: how long it works, e.g. `1h` (default), `7d`.
+    pub expires_in: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -1334,6 +1384,12 @@ pub struct TokenView {
     pub description: String,
     pub created_ms: u64,
     pub revoked: bool,
+    /// Join tokens: nodes it may still join.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses_left: Option<u32>,
+    /// When it stops working (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
     /// The token itself: shown once, on creation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
@@ -1350,6 +1406,8 @@ pub async fn create_token(
             kind: None,
             user: None,
             description: None,
+            uses: None,
+            expires_in: None,
         }
     } else {
         parse_body(&body)?
@@ -1367,6 +1425,31 @@ pub async fn create_token(
         ));
     }
     let description = b.description.unwrap_or_default();
+    if description.len() > 200 {
+        return Err(ApiError::bad("description: at most 200 characters"));
+    }
+    if kind != TokenKind::Join && (b.uses.is_some() || b.expires_in.is_some()) {
+        return Err(ApiError::bad(
+            "uses, expires_in: only join tokens are limited this way; leave them out",
+        ));
+    }
+    let uses = b.uses.unwrap_or(1);
+    if !(1..=10_000).contains(&uses) {
+        return Err(ApiError::bad(format!(
+            "uses {uses}: a join token joins 1 to 10000 nodes"
+        )));
+    }
+    let ttl = match &b.expires_in {
+        None => std::time::Duration::from_secs(3600),
+        Some(t) => crate::units::parse_duration("expires_in", t)
+            .map_err(|e| ApiError::bad(format!("{e:#}")))?,
+    };
+    if ttl.is_zero() || ttl > std::time::Duration::from_secs(365 * 86_400) {
+        return Err(ApiError::bad(
+            "expires_in: give a duration from 1s to 365d, e.g. 1h",
+        ));
+    }
+    let expires_ms = now_ms() + ttl.as_millis() as u64;
     let t = super::hashed_token().await?;
     let creator = me.to_string();
     let view = ctl
@@ -1378,6 +1461,9 @@ pub async fn create_token(
                 )));
             }
             let t = issue_token(c, s, kind, &subject, &description, t)?;
+            if kind == TokenKind::Join {
+                super::limit_join_token(c, s, &t.id, uses, Some(expires_ms))?;
+            }
             let what = format!("{kind:?} token {} for {subject}", t.id).to_lowercase();
             super::audit::record(c, now_ms(), &creator, "token-create", None, None, &what)?;
             let rec = &s.tokens[&t.id];
@@ -1388,6 +1474,8 @@ pub async fn create_token(
                 description: rec.description.clone(),
                 created_ms: rec.created_ms,
                 revoked: false,
+                uses_left: rec.uses_left,
+                expires_ms: rec.expires_ms,
                 token: Some(t.text),
             })
         })
@@ -1411,6 +1499,8 @@ pub async fn list_tokens(
                 description: t.description.clone(),
                 created_ms: t.created_ms,
                 revoked: t.revoked,
+                uses_left: t.uses_left,
+                expires_ms: t.expires_ms,
                 token: None,
             })
             .collect()

@@ -206,9 +206,22 @@ pub async fn get_checkpoint(
     caller: Caller,
     AxPath(id): AxPath<String>,
 ) -> Result<Json<CheckpointManifest>, ApiError> {
-    agent(&caller)?;
+    let node = agent(&caller)?;
+    // Only the agent of a node that runs the checkpoint's replica may read it.
     ctl.store
-        .read(|s| s.checkpoints.values().find(|m| m.id == id).cloned())
+        .read(|s| {
+            s.checkpoints
+                .values()
+                .find(|m| m.id == id)
+                .filter(|m| {
+                    s.jobs.get(&m.job).is_some_and(|j| {
+                        j.replicas
+                            .iter()
+                            .any(|r| r.index == m.replica && r.node == node)
+                    })
+                })
+                .cloned()
+        })
         .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("no checkpoint {id}")))
+        .ok_or_else(|| ApiError::not_found(format!("no checkpoint {id} for a replica on {node}")))
 }

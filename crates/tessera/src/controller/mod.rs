@@ -112,6 +112,9 @@ impl ApiError {
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, message)
     }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message)
+    }
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, message)
     }
@@ -274,10 +277,28 @@ pub fn issue_token(
         hash: t.hash.clone(),
         created_ms: now_ms(),
         revoked: false,
+        uses_left: None,
+        expires_ms: None,
     };
     store::put_token(c, &rec)?;
     state.tokens.insert(rec.id.clone(), rec);
     Ok(t)
+}
+
+/// Limits a join token just issued: it joins `uses` nodes and stops working at `expires_ms`.
+pub fn limit_join_token(
+    c: &rusqlite::Connection,
+    state: &mut crate::state::State,
+    id: &str,
+    uses: u32,
+    expires_ms: Option<u64>,
+) -> rusqlite::Result<()> {
+    if let Some(t) = state.tokens.get_mut(id) {
+        t.uses_left = Some(uses);
+        t.expires_ms = expires_ms;
+        store::put_token(c, t)?;
+    }
+    Ok(())
 }
 
 /// What a first start creates: the admin user, its token (returned once), the default project.
@@ -332,7 +353,9 @@ pub async fn local_join_token(store: &Store, data_dir: &Path) -> anyhow::Result<
     let text = store
         .write(move |c, s| -> Result<String, ApiError> {
             let what = "local agent of tessera up";
-            Ok(issue_token(c, s, TokenKind::Join, "admin", what, t)?.text)
+            let t = issue_token(c, s, TokenKind::Join, "admin", what, t)?;
+            limit_join_token(c, s, &t.id, 1, None)?;
+            Ok(t.text)
         })
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message))?;
@@ -342,8 +365,14 @@ pub async fn local_join_token(store: &Store, data_dir: &Path) -> anyhow::Result<
 
 /// Writes a file only its owner can read.
 pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    write_file(path, text, true)
+}
+
+/// Writes a file only its owner can read (0600, also when it existed before), syncing it to disk
+/// when `durable`.
+pub fn write_file(path: &Path, text: &str, durable: bool) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -351,9 +380,21 @@ pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(text.as_bytes())?;
-    f.sync_all()?;
+    if durable {
+        f.sync_all()?;
+    }
     Ok(())
+}
+
+/// Creates directory `dir` if needed and sets its mode (0700: its owner's alone; 0711: others
+/// may pass through to a path they know, but not list it).
+pub fn restrict(dir: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
 }
 
 /// A running controller.
@@ -506,6 +547,7 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/v1/nodes/{name}/cordon", post(api::cordon_node))
         .route("/v1/nodes/{name}/uncordon", post(api::uncordon_node))
         .route("/v1/nodes/{name}/drain", post(api::drain_node))
+        .route("/v1/nodes/{name}/replace", post(api::replace_node))
         .route(
             "/v1/projects",
             get(api::list_projects).post(api::create_project),

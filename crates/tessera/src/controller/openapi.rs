@@ -142,6 +142,13 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
     ),
     (
         "post",
+        "/v1/nodes/{name}/replace",
+        "Revoke a node's agent credential so that a new machine may join under its name (admin)",
+        None,
+        "Node",
+    ),
+    (
+        "post",
         "/v1/nodes/{name}/drain",
         "Cordon a node and requeue its jobs (admin)",
         None,
