@@ -110,13 +110,13 @@ impl ServiceManifest {
             None => None,
             Some(serde_yaml::Value::String(s)) if s == "auto" => None,
             Some(serde_yaml::Value::Number(n)) => match n.as_u64() {
-                Some(p @ 1..=65535) => Some(p as u16),
+                Some(p @ 1024..=65535) => Some(p as u16),
                 _ => {
                     return Err(ValidationError::new(
                         "spec.service.port",
                         n.to_string(),
-                        "not a port",
-                        "use 1 to 65535, or auto",
+                        "not a port a workload may listen on",
+                        "use 1024 to 65535, or auto",
                     ));
                 }
             },
@@ -125,7 +125,7 @@ impl ServiceManifest {
                     "spec.service.port",
                     format!("{other:?}"),
                     "not a port",
-                    "use a number from 1 to 65535, or auto (the program reads $PORT)",
+                    "use a number from 1024 to 65535, or auto (the program reads $PORT)",
                 ));
             }
         };
@@ -314,6 +314,8 @@ mod tests {
             parse("{port: 70000}").unwrap_err().field,
             "spec.service.port"
         );
+        // A workload runs unprivileged: no port below 1024.
+        assert_eq!(parse("{port: 80}").unwrap_err().field, "spec.service.port");
         assert_eq!(
             parse("{readiness: {path: healthz}}").unwrap_err().field,
             "spec.service.readiness.path"

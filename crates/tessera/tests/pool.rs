@@ -1299,7 +1299,7 @@ fn a_transparent_job_keeps_its_memory_across_a_move_and_only_capable_nodes_take_
             &worklog.display().to_string(),
             &worklog2.display().to_string(),
         )
-        .replace("time.sleep(0.03)", "time.sleep(0.08)");
+        .replace("time.sleep(0.03)", "time.sleep(0.15)");
     let id2 = transparent(["--checkpoint-interval", "1s"], &program2);
     let node = pool.wait_state(id2, "running")["assignments"][0]["node"]
         .as_str()

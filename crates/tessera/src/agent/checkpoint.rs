@@ -78,7 +78,13 @@ pub fn marker_stamp(dir: &Path) -> Option<std::time::SystemTime> {
 type ChunkAt = (String, PathBuf, u64, usize);
 
 /// Hashes every file of the checkpoint in `dir`: the manifest's files, and where each chunk is.
+///
+/// The directory belongs to the workload, which may swap a file or a directory for a symbolic
+/// link while the agent (root) reads it: a file is opened without following links, and only if
+/// its owner is the directory's, so nothing the workload could not read itself leaves the node.
 fn hash_dir(dir: &Path) -> anyhow::Result<(Vec<CheckpointFile>, Vec<ChunkAt>)> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let owner = std::fs::symlink_metadata(dir)?.uid();
     let mut files = Vec::new();
     let mut chunks = Vec::new();
     for path in files_under(dir)? {
@@ -87,7 +93,15 @@ fn hash_dir(dir: &Path) -> anyhow::Result<(Vec<CheckpointFile>, Vec<ChunkAt>)> {
             .to_str()
             .context("a checkpoint file name that is not UTF-8")?
             .to_string();
-        let mut f = std::fs::File::open(&path)?;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .with_context(|| format!("opening checkpoint file {rel}"))?;
+        let meta = f.metadata()?;
+        if !meta.is_file() || meta.uid() != owner {
+            bail!("checkpoint file {rel} is not a file of the checkpoint's owner; not sent");
+        }
         let mut buf = vec![0u8; CHUNK];
         let (mut size, mut hashes) = (0u64, Vec::new());
         loop {
@@ -228,6 +242,30 @@ pub async fn restore(remote: &Remote, id: &str, into: &Path) -> anyhow::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_files_of_the_checkpoints_owner_are_read() {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "run the tests as root, as the README says (this one changes owners)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(secret.path(), b"the agent's secret").unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(200_123), Some(200_123)).unwrap();
+        // A workload's link to a file of root's, and a file of root's put in its directory.
+        std::os::unix::fs::symlink(secret.path(), dir.path().join("link")).unwrap();
+        assert_eq!(
+            hash_dir(dir.path()).unwrap().0.len(),
+            0,
+            "links are not followed"
+        );
+        std::fs::write(dir.path().join("model"), b"x").unwrap();
+        let e = hash_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not a file of the checkpoint's owner"), "{e}");
+        std::os::unix::fs::chown(dir.path().join("model"), Some(200_123), None).unwrap();
+        assert_eq!(hash_dir(dir.path()).unwrap().0.len(), 1);
+    }
 
     #[test]
     fn files_are_hashed_in_chunks_with_their_paths_and_sizes() {

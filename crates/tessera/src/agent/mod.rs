@@ -689,13 +689,18 @@ struct Started {
     port: Option<u16>,
 }
 
-/// A port for a service replica: the one it asked for, or one free on the agent's address.
-fn service_port(config: &AgentConfig, wanted: u16) -> anyhow::Result<u16> {
-    if wanted != 0 {
-        return Ok(wanted);
+/// A port for a service replica: the one it asked for, or one free on the agent's address. A
+/// fixed port must be free here now: the gateway routes to this address and port, so a port
+/// that something else listens on (the controller's API, another replica) would hand that
+/// listener to whoever calls the service.
+fn service_port(ip: std::net::IpAddr, wanted: u16) -> anyhow::Result<u16> {
+    if wanted != 0 && wanted < 1024 {
+        bail!("port {wanted}: a workload cannot listen below 1024; use 1024-65535 or auto");
     }
-    let l = std::net::TcpListener::bind((config.listen.ip(), 0))
-        .context("finding a free port for a service replica")?;
+    let l = std::net::TcpListener::bind((ip, wanted)).with_context(|| match wanted {
+        0 => "finding a free port for a service replica".to_string(),
+        p => format!("port {p} is taken on this node ({ip}); choose another or use auto"),
+    })?;
     Ok(l.local_addr()?.port())
 }
 
@@ -865,7 +870,8 @@ fn start(
     if let Some(c) = &a.checkpoint {
         let ckpt = dir.join("checkpoint");
         std::fs::create_dir_all(&ckpt)?;
-        if let Some(uid) = uid {
+        // The program writes cooperative checkpoints itself; CRIU (root) writes transparent ones.
+        if let (Some(uid), false) = (uid, c.transparent) {
             confine::own(&ckpt, uid)?;
         }
         if c.transparent {
@@ -933,7 +939,7 @@ fn start(
     }
     let port = match a.port {
         Some(wanted) => {
-            let port = service_port(config, wanted)?;
+            let port = service_port(config.listen.ip(), wanted)?;
             std::fs::write(dir.join("port"), port.to_string())?;
             cmd.env("PORT", port.to_string())
                 .env("TESSERA_PORT", port.to_string())
@@ -1061,5 +1067,30 @@ async fn serve_logs(
             StatusCode::INTERNAL_SERVER_ERROR,
             b"reading the log failed".to_vec(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_cannot_claim_a_port_another_listener_holds() {
+        let ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        // What the gateway would otherwise reach: e.g. the controller's API on this address.
+        let api = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let taken = api.local_addr().unwrap().port();
+        let e = service_port(ip, taken).unwrap_err().to_string();
+        assert!(e.contains(&format!("port {taken} is taken")), "{e}");
+        assert!(
+            service_port(ip, 80)
+                .unwrap_err()
+                .to_string()
+                .contains("below 1024")
+        );
+        let free = service_port(ip, 0).unwrap();
+        assert_ne!(free, 0);
+        drop(api);
+        assert_eq!(service_port(ip, taken).unwrap(), taken);
     }
 }
