@@ -294,18 +294,11 @@ impl Region {
             if alive {
                 continue;
             }
-            // Take the bytes first, then free the slot: a crash in between leaves a slot with
-            // zero bytes, which the next pass frees.
-            freed += s.bytes.swap(0, Ordering::SeqCst);
-            let _ = s
-                .pid
-                .compare_exchange(pid, 0, Ordering::SeqCst, Ordering::SeqCst);
+            freed += free_slot(s, pid);
         }
         freed
     }
-}
 
-impl Region {
     /// Frees every slot of pid namespace `ns`, whose processes have all ended (the agent calls
     /// this when a confined replica is over); returns the bytes given back.
     pub fn release_namespace(&self, ns: u64) -> u64 {
@@ -315,13 +308,20 @@ impl Region {
             if pid == 0 || ns == 0 || s.ns.load(Ordering::SeqCst) != ns {
                 continue;
             }
-            freed += s.bytes.swap(0, Ordering::SeqCst);
-            let _ = s
-                .pid
-                .compare_exchange(pid, 0, Ordering::SeqCst, Ordering::SeqCst);
+            freed += free_slot(s, pid);
         }
         freed
     }
+}
+
+/// Gives back slot `s` of process `pid`; returns its bytes. The bytes go first, then the slot: a
+/// crash in between leaves a slot with zero bytes, which the next pass frees.
+fn free_slot(s: &Slot, pid: i32) -> u64 {
+    let freed = s.bytes.swap(0, Ordering::SeqCst);
+    let _ = s
+        .pid
+        .compare_exchange(pid, 0, Ordering::SeqCst, Ordering::SeqCst);
+    freed
 }
 
 /// `path` as a C string (for FFI callers).

@@ -2521,7 +2521,7 @@ try read_credential 'cat {cred}'
 try read_store 'head -c 16 {store}'
 try write_store 'echo x >> {store}'
 try read_victim_log 'grep hunter2 {vdir}/stdout.log'
-try read_victim_work 'cat {vdir}/work/secret.txt'
+try read_victim_work 'cat {vwork}/secret.txt'
 try list_victim_run 'ls -a {runs} | grep -qx {vkey}'
 try see_victim_process 'test -e /proc/{vpid}'
 try signal_victim 'kill -9 {vpid}'
@@ -2537,6 +2537,7 @@ try mount_proc 'mkdir -p m && mount -t tmpfs none m'
         vdir = victim_dir.display(),
         runs = pool.path("n1").join("agent").join("runs").display(),
         vkey = victim_dir.file_name().unwrap().to_str().unwrap(),
+        vwork = victim_dir.join("work").display(),
         vpid = victim_pid,
     );
     let attacker = pool.submit("beta", 0.5, 1, 50, &attack);

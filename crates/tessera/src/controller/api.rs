@@ -887,8 +887,13 @@ async fn set_cordon(
             Ok(())
         })
         .await?;
+    node_answer(ctl, &name)
+}
+
+/// The node as an answer to an admin action on it.
+fn node_answer(ctl: &super::Ctl, name: &str) -> Result<Json<NodeView>, ApiError> {
     ctl.store
-        .read(|s| node_view(s, &name))
+        .read(|s| node_view(s, name))
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no node {name}")))
 }
@@ -929,10 +934,7 @@ pub async fn replace_node(
             Ok(())
         })
         .await?;
-    ctl.store
-        .read(|s| node_view(s, &name))
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("no node {name}")))
+    node_answer(&ctl, &name)
 }
 
 pub async fn cordon_node(
