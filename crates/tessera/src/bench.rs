@@ -648,6 +648,7 @@ async fn protocol_agent(
                     key: key.clone(),
                     phase: RunPhase::Running,
                     exit_code: None,
+                    interrupted: false,
                     message: String::new(),
                     resume_failed: None,
                     port: None,

@@ -61,6 +61,14 @@ struct ControllerArgs {
     /// `off` counts only current use.
     #[arg(long, default_value = "7d")]
     fair_share_half_life: String,
+    /// Most output kept per replica (stdout and stderr together); older output rotates away
+    /// and `tessera logs` says so.
+    #[arg(long, default_value = "64MiB")]
+    log_limit: String,
+    /// Free space kept on the store's file system: below it new work (submissions, services,
+    /// scaling up) is refused with 507 while running work and reads go on.
+    #[arg(long, default_value = "1GiB")]
+    disk_reserve: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -109,6 +117,10 @@ struct NodeArgs {
     /// Most processes and threads one replica may have.
     #[arg(long, default_value_t = 16384)]
     pids_max: u64,
+    /// How long the run dir (output, work dir) of an ended replica stays on the node, e.g. 3d;
+    /// `tessera logs` reads it until then.
+    #[arg(long, default_value = "3d")]
+    keep_runs: String,
 }
 
 #[derive(Subcommand)]
@@ -273,7 +285,15 @@ fn controller_config(a: &ControllerArgs) -> anyhow::Result<controller::Controlle
         "off" => None,
         h => Some(units::parse_duration("--fair-share-half-life", h)?).filter(|d| !d.is_zero()),
     };
+    let size =
+        |flag: &str, text: &str| units::parse_bytes(flag, &units::Quantity::Text(text.to_string()));
+    let log_limit = size("--log-limit", &a.log_limit)?;
+    if log_limit < agent::logs::MIN_LIMIT {
+        anyhow::bail!("--log-limit {}: use at least 64KiB", a.log_limit);
+    }
     Ok(controller::ControllerConfig {
+        log_limit,
+        disk_reserve: size("--disk-reserve", &a.disk_reserve)?,
         rates,
         fair_share_half_life,
         data_dir: a.data_dir.clone(),
@@ -407,6 +427,7 @@ fn agent_config(
             0 => anyhow::bail!("--pids-max 0: a replica needs at least one process"),
             n => n,
         },
+        keep_runs: units::parse_duration("--keep-runs", &node.keep_runs)?,
         transparent,
     })
 }
@@ -496,6 +517,16 @@ fn keep_large_allocations_returnable() {
     }
 }
 
+/// A command whose reader went away (`tessera jobs | head`) ends quietly, as Unix tools do,
+/// instead of panicking in `println!`. Servers keep SIGPIPE ignored (a closed socket is an error
+/// to handle, not a reason to die).
+fn exit_quietly_on_a_closed_pipe() {
+    // SAFETY: restores the default disposition of one signal; no handler of ours is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() {
     keep_large_allocations_returnable();
     tracing_subscriber::fmt()
@@ -506,6 +537,12 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Up { .. } | Command::Controller { .. } | Command::Agent { .. } | Command::Shim(_)
+    ) {
+        exit_quietly_on_a_closed_pipe();
+    }
     let result = match cli.command {
         Command::Sim(cmd) => sim::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),

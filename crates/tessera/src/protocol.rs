@@ -51,6 +51,9 @@ pub struct ReplicaStatus {
     pub key: String,
     pub phase: RunPhase,
     pub exit_code: Option<i32>,
+    /// Ended for a reason of the node, not the workload's (see `StopCause::Interrupted`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
     /// In words, e.g. "killed by its memory limit (OOM)".
     pub message: String,
     /// The checkpoint this replica was to resume from, when it failed its integrity check (the
@@ -171,6 +174,9 @@ pub struct Member {
 pub struct SyncResponse {
     pub revision: u64,
     pub lease_ms: u64,
+    /// Most output kept per replica started from now on (0: the agent's default).
+    #[serde(default)]
+    pub log_limit_bytes: u64,
     pub desired: Vec<Assignment>,
     /// Exited workloads whose end is now durable; the agent may forget them.
     pub acked: Vec<String>,

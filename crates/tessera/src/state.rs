@@ -231,6 +231,12 @@ pub enum StopCause {
         by: String,
         to: Option<String>,
     },
+    /// A replica could not run for a reason of its node, not its own (the node's disk was full,
+    /// its supervisor was lost): the job is queued again without using a restart.
+    Interrupted {
+        replica: u32,
+        why: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -271,8 +271,38 @@ impl Notifier {
     }
 }
 
-type Reply = Box<dyn FnOnce() + Send>;
-type Op = Box<dyn FnOnce(&Connection, &mut State) -> (bool, Reply) + Send>;
+/// Answers a write once its batch is committed, or with the reason the commit failed.
+type Reply = Box<dyn FnOnce(Option<&StoreFault>) + Send>;
+type Op = Box<dyn FnOnce(&Connection, &mut State) -> (Outcome, Reply) + Send>;
+
+/// How one write ended: its savepoint is kept only when it is `Done`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    Refused,
+    /// The write panicked: its SQL is rolled back and the memory reloaded from the store.
+    Panicked,
+}
+
+/// What `/healthz` reports about the writer.
+#[derive(Debug, Default)]
+pub struct WriterHealth {
+    /// Writes that panicked and were rolled back since the controller started.
+    pub faults: std::sync::atomic::AtomicU64,
+    /// The id and message of the latest such panic.
+    pub last_fault: Mutex<Option<String>>,
+    /// Set when the writer thread has stopped (the controller is going down).
+    pub stopped: std::sync::atomic::AtomicBool,
+}
+
+impl WriterHealth {
+    fn record(&self, fault: &StoreFault) {
+        self.faults
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        *self.last_fault.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(format!("{}: {}", fault.id, fault.message));
+    }
+}
 
 /// The handle through which every change reaches the store.
 #[derive(Clone)]
@@ -280,6 +310,7 @@ pub struct Store {
     ops: mpsc::UnboundedSender<Op>,
     pub state: Arc<Mutex<State>>,
     pub notifier: Arc<Notifier>,
+    pub health: Arc<WriterHealth>,
 }
 
 impl Store {
@@ -288,10 +319,22 @@ impl Store {
         let (tx, mut rx) = mpsc::unbounded_channel::<Op>();
         let state = Arc::new(Mutex::new(state));
         let notifier = Arc::new(Notifier::default());
-        let (st, nt) = (state.clone(), notifier.clone());
+        let health = Arc::new(WriterHealth::default());
+        let (st, nt, hl) = (state.clone(), notifier.clone(), health.clone());
+        let stopped = health.clone();
         std::thread::Builder::new()
             .name("tessera-store".into())
             .spawn(move || {
+                // Marks the writer stopped however the thread ends.
+                struct Stopped(Arc<WriterHealth>);
+                impl Drop for Stopped {
+                    fn drop(&mut self) {
+                        self.0
+                            .stopped
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                let _stopped = Stopped(stopped);
                 while let Some(first) = rx.blocking_recv() {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
@@ -301,20 +344,35 @@ impl Store {
                         }
                     }
                     let mut state = st.lock().unwrap_or_else(|e| e.into_inner());
-                    let replies = match run_batch(&mut conn, &mut state, batch) {
-                        Ok(replies) => replies,
+                    let mut replies = Vec::with_capacity(batch.len());
+                    let failed = match run_batch(&mut conn, &mut state, batch, &mut replies) {
+                        Ok(()) => None,
                         Err(err) => {
-                            // Memory may now hold changes the file does not: stop rather than
-                            // acknowledge anything more. A restart reloads the committed state.
-                            tracing::error!("store commit failed, stopping the controller: {err}");
-                            std::process::exit(70);
+                            // Nothing of the batch is in the file (its transaction rolled back):
+                            // fail every write of it, and put memory back to what the file holds.
+                            let fault = StoreFault::commit(&err);
+                            tracing::error!(
+                                fault = %fault.id,
+                                "a store commit failed; its {} write(s) are refused: {err}",
+                                replies.len()
+                            );
+                            hl.record(&fault);
+                            if let Err(e) = reload(&conn, &mut state) {
+                                // Memory would hold changes the file does not: stop rather than
+                                // acknowledge anything more. A restart reloads the file.
+                                tracing::error!(
+                                    "reloading the state failed, stopping the controller: {e:#}"
+                                );
+                                std::process::exit(70);
+                            }
+                            Some(fault)
                         }
                     };
                     let kick = std::mem::take(&mut state.kick);
                     let dirty = std::mem::take(&mut state.dirty_nodes);
                     drop(state);
                     for reply in replies {
-                        reply();
+                        reply(failed.as_ref());
                     }
                     if kick {
                         nt.schedule.notify_one();
@@ -329,6 +387,7 @@ impl Store {
             ops: tx,
             state,
             notifier,
+            health,
         }
     }
 
@@ -337,22 +396,56 @@ impl Store {
     pub async fn write<R, E, F>(&self, f: F) -> Result<R, E>
     where
         R: Send + 'static,
-        E: Send + 'static + From<StoreGone>,
+        E: Send + 'static + From<StoreGone> + From<StoreFault>,
         F: FnOnce(&Connection, &mut State) -> Result<R, E> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
+        let health = self.health.clone();
         let op: Op = Box::new(move |c, s| {
-            let result = f(c, s);
-            let ok = result.is_ok();
-            (
-                ok,
-                Box::new(move || {
-                    let _ = tx.send(result);
-                }),
-            )
+            // A bug in one write must not take the writer (and with it every other write) down:
+            // the panic fails this write alone, and the batch rolls back what it changed.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(c, s))) {
+                Ok(result) => {
+                    let outcome = if result.is_ok() {
+                        Outcome::Done
+                    } else {
+                        Outcome::Refused
+                    };
+                    (
+                        outcome,
+                        Box::new(move |failed: Option<&StoreFault>| {
+                            let _ = tx.send(match failed {
+                                None => result,
+                                Some(f) => Err(E::from(f.clone())),
+                            });
+                        }),
+                    )
+                }
+                Err(payload) => {
+                    let fault = StoreFault::new(FaultKind::Panic, panic_message(payload.as_ref()));
+                    tracing::error!(
+                        fault = %fault.id,
+                        "a store write panicked and was rolled back: {}",
+                        fault.message
+                    );
+                    health.record(&fault);
+                    (
+                        Outcome::Panicked,
+                        Box::new(move |_: Option<&StoreFault>| {
+                            let _ = tx.send(Err(E::from(fault)));
+                        }),
+                    )
+                }
+            }
         });
         self.ops.send(op).map_err(|_| StoreGone)?;
         rx.await.map_err(|_| StoreGone)?
+    }
+
+    /// Whether the writer still commits: a no-op write must come back within `wait`.
+    pub async fn writer_ok(&self, wait: std::time::Duration) -> bool {
+        let probe = self.write(|_, _| Ok::<(), WriteProbeError>(()));
+        matches!(tokio::time::timeout(wait, probe).await, Ok(Ok(())))
     }
 
     /// Reads the state (short critical sections only).
@@ -367,24 +460,261 @@ impl Store {
 #[error("the store is stopping")]
 pub struct StoreGone;
 
+/// A write that failed inside the store and changed nothing: it panicked, or its batch's commit
+/// failed. `id` ties the answer to the line in the log.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", self.words())]
+pub struct StoreFault {
+    pub id: String,
+    pub kind: FaultKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    Panic,
+    /// The store's file system is full.
+    DiskFull,
+    Commit,
+}
+
+impl StoreFault {
+    fn new(kind: FaultKind, message: String) -> StoreFault {
+        StoreFault {
+            id: fault_id(),
+            kind,
+            message,
+        }
+    }
+
+    fn commit(err: &rusqlite::Error) -> StoreFault {
+        let full = matches!(err.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull));
+        let kind = if full {
+            FaultKind::DiskFull
+        } else {
+            FaultKind::Commit
+        };
+        StoreFault::new(kind, err.to_string())
+    }
+
+    fn words(&self) -> String {
+        match self.kind {
+            FaultKind::DiskFull => format!(
+                "the store's disk is full, so nothing was changed ({}); an admin must free space \
+                 on the controller's disk",
+                self.id
+            ),
+            _ => format!(
+                "internal error {} (nothing was changed; the controller log has the details)",
+                self.id
+            ),
+        }
+    }
+}
+
+/// A fresh id for an internal error, given to the caller and written beside the details in the
+/// log, so that a user's report leads to the log line.
+pub fn fault_id() -> String {
+    let mut bytes = [0u8; 6];
+    let _ = getrandom::fill(&mut bytes);
+    format!("fault-{}", hex::encode(bytes))
+}
+
+/// The error of the writer's health probe (which never fails on its own).
+#[derive(Debug)]
+enum WriteProbeError {
+    Gone,
+    Fault,
+}
+
+impl From<StoreGone> for WriteProbeError {
+    fn from(_: StoreGone) -> Self {
+        WriteProbeError::Gone
+    }
+}
+
+impl From<StoreFault> for WriteProbeError {
+    fn from(_: StoreFault) -> Self {
+        WriteProbeError::Fault
+    }
+}
+
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
+}
+
+/// Runs a batch in one transaction, pushing each write's reply as it runs; on an error the
+/// transaction rolls back (writes not yet run are dropped, so their callers hear `StoreGone`).
 fn run_batch(
     conn: &mut Connection,
     state: &mut State,
     batch: Vec<Op>,
-) -> rusqlite::Result<Vec<Reply>> {
+    replies: &mut Vec<Reply>,
+) -> rusqlite::Result<()> {
     let mut tx = conn.transaction()?;
-    let mut replies = Vec::with_capacity(batch.len());
     for op in batch {
         let sp = tx.savepoint()?;
         state.acting = None;
-        let (ok, reply) = op(&sp, state);
+        let (outcome, reply) = op(&sp, state);
         state.acting = None;
-        if ok {
-            sp.commit()?;
-        }
-        // A refused op's savepoint rolls back when dropped.
         replies.push(reply);
+        match outcome {
+            Outcome::Done => sp.commit()?,
+            // A refused op changed nothing in memory; its savepoint rolls back when dropped.
+            Outcome::Refused => drop(sp),
+            Outcome::Panicked => {
+                drop(sp);
+                // Memory may hold part of the write: rebuild it from what the store holds now
+                // (this batch's earlier writes included), keeping what is only in memory.
+                reload(&tx, state).map_err(|e| {
+                    rusqlite::Error::ToSqlConversionFailure(
+                        format!("reloading the state after a fault: {e:#}").into(),
+                    )
+                })?;
+            }
+        }
     }
-    tx.commit()?;
-    Ok(replies)
+    tx.commit()
+}
+
+/// Replaces the stored part of `state` with what `conn` holds, keeping the derived, memory-only
+/// part (leases, reported use, wait reasons), and wakes every agent and the scheduler.
+fn reload(conn: &Connection, state: &mut State) -> anyhow::Result<()> {
+    let mut fresh = load(conn, crate::controller::now_ms())?;
+    for (name, node) in fresh.nodes.iter_mut() {
+        if let Some(old) = state.nodes.get(name) {
+            node.last_seen_ms = old.last_seen_ms;
+            node.last_seq = old.last_seq;
+            node.heartbeats = old.heartbeats;
+        }
+    }
+    fresh.node_revision = std::mem::take(&mut state.node_revision);
+    for name in fresh.nodes.keys() {
+        *fresh.node_revision.entry(name.clone()).or_default() += 1;
+    }
+    fresh.dirty_nodes = fresh.nodes.keys().cloned().collect();
+    fresh.kick = true;
+    fresh.wait_reasons = std::mem::take(&mut state.wait_reasons);
+    fresh.replica_usage = std::mem::take(&mut state.replica_usage);
+    fresh.usage_history = std::mem::take(&mut state.usage_history);
+    fresh.replica_idle = std::mem::take(&mut state.replica_idle);
+    *state = fresh;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Role;
+
+    #[derive(Debug)]
+    enum TestError {
+        Gone,
+        Fault(String),
+    }
+    impl From<StoreGone> for TestError {
+        fn from(_: StoreGone) -> Self {
+            TestError::Gone
+        }
+    }
+    impl From<StoreFault> for TestError {
+        fn from(f: StoreFault) -> Self {
+            TestError::Fault(f.id)
+        }
+    }
+
+    fn user(name: &str) -> User {
+        User {
+            name: name.into(),
+            role: Role::Member,
+            created_ms: 1,
+        }
+    }
+
+    /// Writes `name` to the file and to memory, then panics half-way when asked to.
+    async fn add_user(store: &Store, name: &'static str, panic: bool) -> Result<(), TestError> {
+        store
+            .write(move |c, s| {
+                put_user(c, &user(name))?;
+                s.users.insert(name.into(), user(name));
+                if panic {
+                    let missing: std::collections::HashMap<u64, u64> = Default::default();
+                    let _ = missing[&42];
+                }
+                Ok::<(), TestError>(())
+            })
+            .await
+    }
+
+    impl From<rusqlite::Error> for TestError {
+        fn from(_: rusqlite::Error) -> Self {
+            TestError::Gone
+        }
+    }
+
+    fn users_on_disk(path: &Path) -> Vec<String> {
+        let c = read_only(path).unwrap();
+        let mut st = c.prepare("SELECT name FROM users ORDER BY name").unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_write_fails_alone_rolls_back_memory_and_file_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tessera.db");
+        let conn = open(&path).unwrap();
+        let state = load(&conn, 0).unwrap();
+        let store = Store::start(conn, state);
+
+        // Three writes in flight together (likely one batch): the middle one panics.
+        let (a, b, c) = tokio::join!(
+            add_user(&store, "before", false),
+            add_user(&store, "broken", true),
+            add_user(&store, "after", false),
+        );
+        assert!(a.is_ok(), "{a:?}");
+        assert!(c.is_ok(), "{c:?}");
+        match b {
+            Err(TestError::Fault(id)) => assert!(id.starts_with("fault-"), "{id}"),
+            other => panic!("the panicking write must fail with a fault id, got {other:?}"),
+        }
+        let names = store.read(|s| s.users.keys().cloned().collect::<Vec<_>>());
+        assert_eq!(
+            names,
+            ["after", "before"],
+            "memory keeps only committed writes"
+        );
+        assert_eq!(users_on_disk(&path), ["after", "before"]);
+        assert_eq!(
+            store
+                .health
+                .faults
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        assert!(
+            store
+                .health
+                .last_fault
+                .lock()
+                .unwrap()
+                .as_deref()
+                .is_some_and(|f| f.contains("no entry found for key")),
+            "the fault's message names the panic"
+        );
+
+        // The writer goes on: later writes commit and the probe answers.
+        add_user(&store, "later", false).await.unwrap();
+        assert!(store.writer_ok(std::time::Duration::from_secs(5)).await);
+        assert_eq!(users_on_disk(&path), ["after", "before", "later"]);
+    }
 }

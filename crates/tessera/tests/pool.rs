@@ -45,6 +45,10 @@ struct Pool {
     controller: Option<Proc>,
     agents: Vec<(String, Proc)>,
     http: reqwest::blocking::Client,
+    /// Where the controller's and the agents' data dirs are made (the temp dir by default).
+    data_root: PathBuf,
+    /// More arguments for the controller.
+    controller_args: Vec<String>,
 }
 
 impl Pool {
@@ -55,6 +59,12 @@ impl Pool {
     /// With `tls`, the controller serves HTTPS with a fresh self-signed certificate for
     /// 127.0.0.1, which the test's client, the agents and the CLI are given as their CA.
     fn start_with(tls: bool) -> Pool {
+        Pool::start_in(tls, None, &[])
+    }
+
+    /// A pool whose data dirs are made under `data_root` (e.g. a small file system), with more
+    /// arguments for its controller.
+    fn start_in(tls: bool, data_root: Option<PathBuf>, controller_args: &[&str]) -> Pool {
         let dir = tempfile::tempdir().unwrap();
         let listen = format!("127.0.0.1:{}", port());
         let mut http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30));
@@ -83,6 +93,8 @@ impl Pool {
             agents: vec![],
             http: http.build().unwrap(),
             cert,
+            data_root: data_root.unwrap_or_else(|| dir.path().to_path_buf()),
+            controller_args: controller_args.iter().map(|a| a.to_string()).collect(),
             dir,
             shared_dir: shared_dir(),
         };
@@ -96,8 +108,9 @@ impl Pool {
     fn start_controller(&mut self) -> Option<String> {
         let mut child = Command::new(bin())
             .args(["controller", "--data-dir"])
-            .arg(self.dir.path().join("controller"))
+            .arg(self.data_root.join("controller"))
             .args(["--listen", &self.listen, "--lease", "2s"])
+            .args(&self.controller_args)
             .args(["--gateway-listen", &self.gateway])
             .args(self.cert.iter().flat_map(|cert| {
                 [
@@ -178,7 +191,7 @@ impl Pool {
                 "300ms",
             ])
             .arg("--data-dir")
-            .arg(self.dir.path().join(name))
+            .arg(self.data_root.join(name))
             // One host: its agents share the root, as nodes share the path.
             .arg("--transparent-root")
             .arg(self.dir.path().join("transparent"))
@@ -298,7 +311,7 @@ impl Pool {
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.data_root.join(name)
     }
 
     /// A file jobs can read and write (see `shared_dir`).
@@ -2668,4 +2681,291 @@ fn join_tokens_join_once_cannot_take_over_a_live_node_and_agents_speak_only_for_
     let (s, v) = register_as(&pool, "n1", &pool.join_token());
     assert_eq!(s, 200, "after a replace: {v}");
     assert!(!audit(&pool, "action=node-replace").is_empty());
+}
+
+/// What the controller holds of every resource a write can change, for comparing memory with
+/// the store after a restart.
+fn resources(pool: &Pool) -> Value {
+    let names = |path: &str, key: &str, extra: &str| -> Vec<(String, String)> {
+        let (status, v) = pool.get(path, &pool.admin);
+        assert_eq!(status, 200, "{path}: {v}");
+        let mut out: Vec<(String, String)> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r[key].to_string(), r[extra].to_string()))
+            .collect();
+        out.sort();
+        out
+    };
+    json!({
+        "jobs": names("/v1/jobs?limit=100000", "id", "state"),
+        "services": names("/v1/services", "name", "replicas"),
+        "projects": names("/v1/projects", "name", "members"),
+        "users": names("/v1/users", "name", "role"),
+        "tokens": names("/v1/tokens", "id", "revoked"),
+        "nodes": names("/v1/nodes", "name", "cordoned"),
+    })
+}
+
+#[test]
+fn concurrent_conflicting_writes_on_every_resource_never_wedge_the_controller() {
+    let mut pool = Pool::start();
+    let join = pool.join_token();
+    assert_eq!(register_as(&pool, "n1", &join).0, 200);
+    // Jobs and services ask for more CPU than any node has, so that they stay where the
+    // requests leave them (nothing runs, nothing ends on its own).
+    let job = json!({"metadata": {"name": "t", "project": "default"},
+                     "spec": {"resources": {"cpu": 64}, "command": ["true"]}});
+    let svc = |name: &str| {
+        json!({"kind": "Service", "metadata": {"name": name},
+               "spec": {"resources": {"cpu": 64}, "command": ["true"],
+                        "service": {}}})
+    };
+    let mut statuses: Vec<(String, u16, Value)> = vec![];
+    for round in 0..12 {
+        let name = format!("s{round}");
+        assert_eq!(pool.post("/v1/services", svc(&name), &pool.admin).0, 201);
+        let (s, v) = pool.post("/v1/jobs", job.clone(), &pool.admin);
+        assert_eq!(s, 201, "{v}");
+        let id = v["id"].as_u64().unwrap();
+        let (s, v) = pool.post("/v1/tokens", json!({"kind": "user"}), &pool.admin);
+        assert_eq!(s, 201, "{v}");
+        let token = v["id"].as_str().unwrap().to_string();
+        let project = format!("p{round}");
+        let user = format!("u{round}");
+        use reqwest::Method as M;
+        let calls: Vec<(M, String, Option<Value>)> = vec![
+            (M::DELETE, format!("/v1/services/{name}"), None),
+            (
+                M::POST,
+                format!("/v1/services/{name}/scale"),
+                Some(json!({"replicas": 3})),
+            ),
+            (
+                M::POST,
+                format!("/v1/services/{name}/move"),
+                Some(json!({})),
+            ),
+            (
+                M::POST,
+                format!("/v1/services/{name}/scale"),
+                Some(json!({"replicas": 2})),
+            ),
+            (M::DELETE, format!("/v1/services/{name}"), None),
+            (M::POST, "/v1/services".into(), Some(svc(&name))),
+            (M::POST, format!("/v1/jobs/{id}/cancel"), None),
+            (M::POST, format!("/v1/jobs/{id}/migrate"), Some(json!({}))),
+            (M::POST, format!("/v1/jobs/{id}/cancel"), None),
+            (
+                M::POST,
+                "/v1/projects".into(),
+                Some(json!({"name": project})),
+            ),
+            (
+                M::PATCH,
+                format!("/v1/projects/{project}"),
+                Some(json!({"guaranteed_gpu": 1})),
+            ),
+            (
+                M::POST,
+                format!("/v1/projects/{project}/members"),
+                Some(json!({"members": []})),
+            ),
+            (
+                M::POST,
+                "/v1/projects".into(),
+                Some(json!({"name": project})),
+            ),
+            (
+                M::POST,
+                "/v1/users".into(),
+                Some(json!({"name": user, "role": "member"})),
+            ),
+            (
+                M::POST,
+                "/v1/users".into(),
+                Some(json!({"name": user, "role": "viewer"})),
+            ),
+            (M::DELETE, format!("/v1/tokens/{token}"), None),
+            (M::DELETE, format!("/v1/tokens/{token}"), None),
+            (M::POST, "/v1/nodes/n1/cordon".into(), None),
+            (M::POST, "/v1/nodes/n1/drain".into(), None),
+            (M::POST, "/v1/nodes/n1/uncordon".into(), None),
+            (M::POST, "/v1/nodes/n1/replace".into(), None),
+        ];
+        let gate = std::sync::Barrier::new(calls.len());
+        let answers: Vec<(String, u16, Value)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = calls
+                .iter()
+                .map(|(method, path, body)| {
+                    let (pool, gate) = (&pool, &gate);
+                    scope.spawn(move || {
+                        gate.wait();
+                        let (s, v) = pool.req(method.clone(), path, body.clone(), &pool.admin);
+                        (format!("{method} {path}"), s, v)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // Of two creations of one user, exactly one wins; the other is told it exists.
+        let user_wins = answers
+            .iter()
+            .filter(|(call, s, _)| call == "POST /v1/users" && *s == 201)
+            .count();
+        assert_eq!(user_wins, 1, "{answers:?}");
+        statuses.extend(answers);
+    }
+    let failed: Vec<_> = statuses.iter().filter(|(_, s, _)| *s >= 500).collect();
+    assert!(failed.is_empty(), "server errors: {failed:?}");
+    assert!(
+        statuses.iter().any(|(_, s, _)| *s == 404 || *s == 409),
+        "the calls must have conflicted"
+    );
+    let (status, health) = pool.get("/healthz", "");
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["store"]["faults"], 0, "{health}");
+    // The writer goes on, and what memory says is what the store holds.
+    assert_eq!(pool.post("/v1/jobs", job, &pool.admin).0, 201);
+    let before = resources(&pool);
+    pool.restart_controller();
+    assert_eq!(resources(&pool), before);
+}
+
+/// A small tmpfs, unmounted when dropped (after the pool that uses it).
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(mib: u64) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={mib}m,mode=0755").as_str()),
+        )
+        .expect("mounting a tmpfs (the tests run as root, as the agent does)");
+        SmallDisk(dir)
+    }
+
+    fn free(&self) -> u64 {
+        let st = nix::sys::statvfs::statvfs(self.0.path()).unwrap();
+        st.blocks_available() as u64 * st.fragment_size() as u64
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.0.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn submit_as_admin(pool: &Pool, command: &str) -> (u16, Value) {
+    pool.post(
+        "/v1/jobs",
+        json!({"metadata": {"name": "t", "project": "default"},
+               "spec": {"resources": {"cpu": 0.5, "memory": "128MiB"},
+                        "command": ["sh", "-c", command]}}),
+        &pool.admin,
+    )
+}
+
+#[test]
+fn a_log_flood_is_capped_a_filling_disk_refuses_new_work_with_507_and_the_pool_recovers() {
+    const MIB: u64 = 1 << 20;
+    let disk = SmallDisk::mount(64);
+    let mut pool = Pool::start_in(
+        false,
+        Some(disk.0.path().to_path_buf()),
+        &["--log-limit", "1MiB", "--disk-reserve", "24MiB"],
+    );
+    pool.add_agent_with("n1", "127.0.0.2", "1xH100-80GB", &["--keep-runs", "1s"]);
+    let mut acknowledged = vec![];
+
+    // 200 MiB to stdout on a 64 MiB disk: only the newest 1 MiB (the pool's cap) is kept.
+    let (s, v) = submit_as_admin(
+        &pool,
+        "yes tessera-flood | head -c 200000000; exec sleep 600",
+    );
+    assert_eq!(s, 201, "{v}");
+    let flood = v["id"].as_u64().unwrap();
+    acknowledged.push(flood);
+    pool.wait_state(flood, "running");
+    let runs = run_dir(&pool, "n1", flood);
+    let kept = || -> u64 {
+        ["stdout.log", "stdout.log.1"]
+            .iter()
+            .filter_map(|n| std::fs::metadata(runs.join(n)).ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    pool.wait_for("the flood to be written", || {
+        let (_, v) = pool.get(&format!("/v1/jobs/{flood}/logs?offset=0"), &pool.admin);
+        v["cut"].as_u64().unwrap_or(0) + kept() >= 200_000_000
+    });
+    assert!(kept() <= MIB, "kept {} bytes of output", kept());
+    let (s, chunk) = pool.get(&format!("/v1/jobs/{flood}/logs?offset=0"), &pool.admin);
+    assert_eq!(s, 200, "{chunk}");
+    assert!(
+        chunk["cut"].as_u64().unwrap() >= 200_000_000 - MIB,
+        "{}",
+        chunk["cut"]
+    );
+    assert_eq!(
+        chunk["offset"], chunk["cut"],
+        "the data starts where the cut ends"
+    );
+    assert!(chunk["data"].as_str().unwrap().contains("tessera-flood\n"));
+    let (ok, out, err) = cli(&pool, &["logs", &flood.to_string()]);
+    assert!(ok, "{err}");
+    assert!(err.contains("bytes of earlier output were cut"), "{err}");
+    assert!(out.len() as u64 <= MIB && out.contains("tessera-flood"));
+
+    // A job fills the disk below the reserve with its own files: new work is refused with 507,
+    // while running work goes on and reads answer.
+    let (s, v) = submit_as_admin(&pool, "head -c 46000000 /dev/zero > big; exec sleep 600");
+    assert_eq!(s, 201, "{v}");
+    let filler = v["id"].as_u64().unwrap();
+    acknowledged.push(filler);
+    pool.wait_for("the disk to fill below the reserve", || {
+        disk.free() < 24 * MIB
+    });
+    let (s, v) = submit_as_admin(&pool, "true");
+    assert_eq!(s, 507, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("reserve of 24 MiB"), "{message}");
+    let (s, v) = pool.post(
+        "/v1/services",
+        json!({"kind": "Service", "metadata": {"name": "web"},
+               "spec": {"resources": {"cpu": 0.2}, "command": ["true"], "service": {}}}),
+        &pool.admin,
+    );
+    assert_eq!(s, 507, "{v}");
+    std::thread::sleep(Duration::from_secs(3)); // longer than the lease: syncs must go on
+    for id in [flood, filler] {
+        assert_eq!(pool.job(id)["state"], "running", "{}", pool.job(id));
+    }
+    assert_eq!(pool.get("/v1/nodes/n1", &pool.admin).1["health"], "ready");
+
+    // Space returns when the filler ends and its run dir is removed: new work runs again.
+    let (s, v) = pool.post(&format!("/v1/jobs/{filler}/cancel"), json!({}), &pool.admin);
+    assert_eq!(s, 200, "{v}");
+    pool.wait_for("space to return", || disk.free() >= 24 * MIB);
+    let (s, v) = submit_as_admin(&pool, "echo back");
+    assert_eq!(s, 201, "{v}");
+    let back = v["id"].as_u64().unwrap();
+    acknowledged.push(back);
+    pool.wait_state(back, "succeeded");
+    assert_eq!(logs(&pool, back), "back\n");
+    // The filler's output is gone with its run dir, and `logs` says so.
+    let (s, v) = pool.get(&format!("/v1/jobs/{filler}/logs"), &pool.admin);
+    assert_eq!(s, 410, "{v}");
+
+    // Nothing acknowledged was lost, across a restart too.
+    pool.restart_controller();
+    for id in acknowledged {
+        assert_eq!(pool.get(&format!("/v1/jobs/{id}"), &pool.admin).0, 200);
+    }
 }

@@ -10,6 +10,7 @@ pub mod confine;
 pub mod criu;
 pub mod devices;
 pub mod gpu;
+pub mod logs;
 pub mod shim;
 pub mod telemetry;
 
@@ -62,6 +63,8 @@ pub struct AgentConfig {
     pub hide: Vec<PathBuf>,
     /// Most processes and threads per replica (`pids.max`).
     pub pids_max: u64,
+    /// How long an ended replica's run dir is kept after the controller recorded its end.
+    pub keep_runs: Duration,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -97,6 +100,8 @@ struct Shared {
     sample: Mutex<Option<telemetry::Sample>>,
     /// Each project's workload uid on this node (when it confines).
     uids: Mutex<Option<confine::Uids>>,
+    /// Most output kept per replica, as the controller last said.
+    log_limit: std::sync::atomic::AtomicU64,
 }
 
 fn read_exit(dir: &Path) -> Option<shim::ExitRecord> {
@@ -172,6 +177,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             }
             _ => None,
         }),
+        log_limit: std::sync::atomic::AtomicU64::new(logs::DEFAULT_LIMIT),
     });
     spawn_sampler(shared.clone(), config.clone(), backend.clone());
 
@@ -274,6 +280,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     });
 
     adopt(&shared, &runs_dir);
+    spawn_pruner(runs_dir.clone(), config.keep_runs);
     let mut seq = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -309,6 +316,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             }
         };
         lease_ms = resp.lease_ms;
+        if resp.log_limit_bytes >= logs::MIN_LIMIT {
+            shared
+                .log_limit
+                .store(resp.log_limit_bytes, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Some(at) = sample_at {
             sample_sent = at;
         }
@@ -362,6 +374,7 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                     key: key.clone(),
                     phase: RunPhase::Exited,
                     exit_code: Some(exit.code),
+                    interrupted: exit.interrupted,
                     message: exit.message,
                     resume_failed: None,
                     port: None,
@@ -382,6 +395,7 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                                 key: key.clone(),
                                 phase: RunPhase::Running,
                                 exit_code: None,
+                                interrupted: false,
                                 message: "running (re-adopted)".into(),
                                 resume_failed: None,
                                 port: std::fs::read_to_string(dir.join("port"))
@@ -397,6 +411,7 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                             key: key.clone(),
                             phase: RunPhase::Exited,
                             exit_code: None,
+                            interrupted: true,
                             message: "its supervisor was lost while the agent was down".into(),
                             resume_failed: None,
                             port: None,
@@ -420,6 +435,7 @@ fn finish(shared: &Shared, key: &str) {
     let exit = read_exit(&dir).unwrap_or(shim::ExitRecord {
         code: -1,
         message: "its supervisor ended without a record".into(),
+        interrupted: true,
     });
     if let Some(run) = shared
         .runs
@@ -429,6 +445,7 @@ fn finish(shared: &Shared, key: &str) {
     {
         run.status.phase = RunPhase::Exited;
         run.status.exit_code = Some(exit.code);
+        run.status.interrupted = exit.interrupted;
         run.status.message = exit.message;
         run.shim_pid = None;
     }
@@ -442,6 +459,39 @@ fn watch_adopted(shared: Arc<Shared>, key: String, pid: i32) {
         }
         finish(&shared, &key);
     });
+}
+
+/// Removes the run dirs of replicas whose end the controller recorded (`acked`) longer ago than
+/// `keep`, once a minute: output of ended work must not fill the node's disk.
+fn spawn_pruner(runs_dir: PathBuf, keep: Duration) {
+    tokio::spawn(async move {
+        loop {
+            let dir = runs_dir.clone();
+            let _ = tokio::task::spawn_blocking(move || prune_runs(&dir, keep)).await;
+            tokio::time::sleep(Duration::from_secs(60).min(keep.max(Duration::from_secs(1)))).await;
+        }
+    });
+}
+
+fn prune_runs(runs_dir: &Path, keep: Duration) {
+    let Ok(entries) = std::fs::read_dir(runs_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let ended = entry
+            .path()
+            .join("acked")
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if ended.is_some_and(|age| age >= keep) {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => tracing::info!("removed the run dir of {:?}", entry.file_name()),
+                Err(e) => tracing::warn!("{}: not removed: {e}", entry.path().display()),
+            }
+        }
+    }
 }
 
 /// Samples devices and running replicas every `telemetry_ms`, on a thread of its own (NVML
@@ -634,6 +684,7 @@ fn without_shim(key: &str, phase: RunPhase, message: &str) -> Run {
             key: key.to_string(),
             phase,
             exit_code: None,
+            interrupted: false,
             message: message.to_string(),
             resume_failed: None,
             port: None,
@@ -655,6 +706,7 @@ fn started(key: &str, result: anyhow::Result<Started>) -> Run {
                 key: key.to_string(),
                 phase: RunPhase::Running,
                 exit_code: None,
+                interrupted: false,
                 message: "running".into(),
                 resume_failed,
                 port,
@@ -664,11 +716,17 @@ fn started(key: &str, result: anyhow::Result<Started>) -> Run {
         },
         Err(e) => {
             tracing::warn!("starting {key} failed: {e:#}");
+            // A full disk is the node's problem, not the workload's: it is queued again.
+            let interrupted = e
+                .chain()
+                .filter_map(|c| c.downcast_ref::<std::io::Error>())
+                .any(shim::out_of_space);
             Run {
                 status: ReplicaStatus {
                     key: key.to_string(),
                     phase: RunPhase::Exited,
                     exit_code: Some(127),
+                    interrupted,
                     message: format!("could not start: {e:#}"),
                     resume_failed: None,
                     port: None,
@@ -845,7 +903,14 @@ fn start(
                 .to_string(),
         )
         .arg("--stop-signal")
-        .arg(a.checkpoint.as_ref().map_or(15, |c| c.signal).to_string());
+        .arg(a.checkpoint.as_ref().map_or(15, |c| c.signal).to_string())
+        .arg("--log-limit")
+        .arg(
+            shared
+                .log_limit
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .to_string(),
+        );
     for p in &procs {
         cmd.arg("--cgroup-procs").arg(p);
     }
@@ -1016,57 +1081,62 @@ struct LogQuery {
 /// Most bytes returned by one log read.
 const LOG_CHUNK: u64 = 1 << 20;
 
+/// Response headers of a log read: where the data starts in the stream, and how many bytes
+/// before it (from the offset asked for) were rotated away.
+pub const LOG_FROM: &str = "x-tessera-log-from";
+pub const LOG_CUT: &str = "x-tessera-log-cut";
+
 async fn serve_logs(
     AxState(shared): AxState<Arc<Shared>>,
     headers: HeaderMap,
     AxPath(key): AxPath<String>,
     Query(q): Query<LogQuery>,
-) -> impl IntoResponse {
+) -> axum::response::Response {
+    let answer = |status: StatusCode, text: &str| (status, text.to_string()).into_response();
     let ok = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|t| t == shared.callback_secret);
     if !ok {
-        return (
+        return answer(
             StatusCode::UNAUTHORIZED,
-            b"the controller's secret is required".to_vec(),
+            "the controller's secret is required",
         );
     }
     if crate::state::parse_key(&key).is_none() {
-        return (StatusCode::BAD_REQUEST, b"not a replica key".to_vec());
+        return answer(StatusCode::BAD_REQUEST, "not a replica key");
     }
-    let file = match q.stream.as_deref() {
+    let name = match q.stream.as_deref() {
         None | Some("stdout") => "stdout.log",
         Some("stderr") => "stderr.log",
-        Some(_) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                b"stream must be stdout or stderr".to_vec(),
-            );
-        }
+        Some(_) => return answer(StatusCode::BAD_REQUEST, "stream must be stdout or stderr"),
     };
-    let path = shared.runs_dir.join(&key).join(file);
+    let dir = shared.runs_dir.join(&key);
+    if !dir.exists() {
+        return answer(
+            StatusCode::GONE,
+            "this run's output is no longer on its node (run dirs of ended replicas are removed \
+             after the node's --keep-runs)",
+        );
+    }
     let offset = q.offset.unwrap_or(0);
-    let result = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-            Err(e) => return Err(e),
-        };
-        f.seek(SeekFrom::Start(offset))?;
-        let mut buf = Vec::new();
-        f.take(LOG_CHUNK).read_to_end(&mut buf)?;
-        Ok(buf)
-    })
-    .await;
-    match result {
-        Ok(Ok(bytes)) => (StatusCode::OK, bytes),
-        _ => (
+    let read = tokio::task::spawn_blocking(move || logs::read(&dir, name, offset, LOG_CHUNK)).await;
+    match read {
+        Ok(Ok(chunk)) => (
+            StatusCode::OK,
+            [
+                (LOG_FROM, chunk.from.to_string()),
+                (LOG_CUT, chunk.cut.to_string()),
+            ],
+            chunk.data,
+        )
+            .into_response(),
+        Ok(Err(e)) => answer(
             StatusCode::INTERNAL_SERVER_ERROR,
-            b"reading the log failed".to_vec(),
+            &format!("reading the log failed: {e}"),
         ),
+        Err(_) => answer(StatusCode::INTERNAL_SERVER_ERROR, "reading the log failed"),
     }
 }
 

@@ -47,6 +47,16 @@ fn nap(ms: u64) {
 pub struct ExitRecord {
     pub code: i32,
     pub message: String,
+    /// The workload did not start for a reason of the node (e.g. its disk was full).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
+}
+
+/// Whether an error is the node's lack of space (ENOSPC, EDQUOT) rather than the workload's.
+pub fn out_of_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,6 +97,9 @@ pub struct ShimArgs {
     /// A verified checkpoint to restore instead of starting the command.
     #[arg(long, requires = "criu")]
     pub restore_from: Option<PathBuf>,
+    /// Most bytes of output kept (stdout and stderr together; older output rotates away).
+    #[arg(long, default_value_t = super::logs::DEFAULT_LIMIT)]
+    pub log_limit: u64,
     /// How the workload is confined (none without `--uid`: the admin allowed it).
     #[command(flatten)]
     pub confine: super::confine::Confine,
@@ -119,7 +132,12 @@ fn write_exit(run_dir: &Path, rec: &ExitRecord) -> anyhow::Result<()> {
 
 /// Starts the command in its own session (a session leader, as CRIU needs to restore it), in
 /// the replica's cgroups. Returns its pid, which is also its process group.
-fn spawn(args: &ShimArgs, work: &Path, stdout: fs::File, stderr: fs::File) -> std::io::Result<i32> {
+fn spawn(
+    args: &ShimArgs,
+    work: &Path,
+    stdout: impl Into<Stdio>,
+    stderr: impl Into<Stdio>,
+) -> std::io::Result<i32> {
     let procs = args.cgroup_procs.clone();
     let confine = args.confine.clone();
     let dir = work.to_path_buf();
@@ -211,8 +229,11 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
             }
         }
     }
-    // The workload writes its output through these descriptors; the files stay the agent's.
-    // (A restored home's files come back 0644; CRIU checks the mode it dumped.)
+    // A transparent replica writes its output files itself (CRIU restores them by path); the
+    // shim keeps them under the cap by copying and truncating. Any other replica writes into
+    // pipes the shim drains into capped, rotated files (the files stay the agent's).
+    let per_stream = (args.log_limit / 2).max(super::logs::MIN_LIMIT / 2);
+    let direct = criu.is_some();
     let log = |name: &str| {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let f = fs::OpenOptions::new()
@@ -223,13 +244,13 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
         f.set_permissions(fs::Permissions::from_mode(0o600))?;
         Ok::<_, std::io::Error>(f)
     };
-    let (stdout, stderr) = (log("stdout.log")?, log("stderr.log")?);
     if lease_end(&args.lease_file).is_none_or(|end| end <= now_ms()) {
         write_exit(
             &args.run_dir,
             &ExitRecord {
                 code: 128 + 9,
                 message: "not started: the agent's lease had already run out".into(),
+                interrupted: true,
             },
         )?;
         return Ok(());
@@ -238,17 +259,46 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer and touches no memory of ours.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let grace = Duration::from_millis(args.grace_ms);
+    let mut pump = super::logs::Pump::default();
     let started = match (&criu, &args.restore_from) {
         (Some(c), Some(from)) => c
             .restore(from, &args.cgroup_procs, grace.max(Duration::from_secs(60)))
-            .map_err(|e| format!("its checkpoint could not be restored: {e:#}")),
-        _ => spawn(&args, &work, stdout, stderr)
-            .map_err(|e| format!("could not start {}: {e}", args.command[0])),
+            .map_err(|e| {
+                std::io::Error::other(format!("its checkpoint could not be restored: {e:#}"))
+            }),
+        _ if direct => (|| spawn(&args, &work, log("stdout.log")?, log("stderr.log")?))(),
+        _ => (|| {
+            let (out_r, out_w) = super::logs::pipe()?;
+            let (err_r, err_w) = super::logs::pipe()?;
+            let streams = [("stdout.log", out_r), ("stderr.log", err_r)];
+            let writers = streams
+                .into_iter()
+                .map(|(name, r)| Ok((super::logs::Rotating::open(&home, name, per_stream)?, r)))
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let pid = spawn(&args, &work, out_w, err_w)?;
+            for (w, r) in writers {
+                pump.add(r, w)?;
+            }
+            Ok::<_, std::io::Error>(pid)
+        })(),
     };
     let pgid = match started {
         Ok(pid) => pid,
-        Err(message) => {
-            write_exit(&args.run_dir, &ExitRecord { code: 127, message })?;
+        Err(e) => {
+            let interrupted = out_of_space(&e);
+            let message = if interrupted {
+                format!("the node could not start it: {e}")
+            } else {
+                format!("could not start {}: {e}", args.command[0])
+            };
+            write_exit(
+                &args.run_dir,
+                &ExitRecord {
+                    code: 127,
+                    message,
+                    interrupted,
+                },
+            )?;
             return Ok(());
         }
     };
@@ -313,14 +363,31 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
                 kill_group(pgid, Signal::SIGKILL, &args.cgroup_procs);
             }
         }
+        if direct {
+            for name in ["stdout.log", "stderr.log"] {
+                if let Err(e) = super::logs::truncate_over(&home, name, per_stream) {
+                    eprintln!("tessera: rotating {name} failed: {e}");
+                }
+            }
+        }
         if stop_deadline.is_some_and(|d| Instant::now() >= d) {
             kill_group(pgid, Signal::SIGKILL, &args.cgroup_procs);
             stop_deadline = None;
         }
-        nap(50);
+        if pump.is_done() {
+            nap(50);
+        } else {
+            pump.wait(50);
+        }
     };
     // Leave nothing of the tree behind.
     kill_group(pgid, Signal::SIGKILL, &args.cgroup_procs);
+    // The output is complete before the exit is recorded (unless a process that escaped the
+    // tree still holds a pipe: then after a few seconds).
+    let until = Instant::now() + Duration::from_secs(5);
+    while !pump.is_done() && Instant::now() < until {
+        pump.wait(50);
+    }
     if let (Some(ns), Some(dir)) = (pid_ns, std::env::var_os("TESSERA_FAKECUDA_DIR")) {
         release_simulated_devices(Path::new(&dir), ns);
     }
@@ -344,6 +411,13 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
         (Some(w), _) => format!("{w} (code {code})"),
         (None, _) => format!("exited with {}", crate::protocol::exit_words(code)),
     };
-    write_exit(&args.run_dir, &ExitRecord { code, message })?;
+    write_exit(
+        &args.run_dir,
+        &ExitRecord {
+            code,
+            message,
+            interrupted: false,
+        },
+    )?;
     Ok(())
 }

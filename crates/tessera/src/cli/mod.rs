@@ -714,10 +714,18 @@ pub fn logs(c: &Client, id: u64, replica: u32, stderr: bool, follow: bool) -> an
             }
             Err(e) => return Err(e),
         };
+        if chunk.cut > 0 {
+            out.flush()?;
+            eprintln!(
+                "[tessera: {} bytes of earlier output were cut; the pool keeps only the newest \
+                 output of each replica]",
+                chunk.cut
+            );
+        }
         out.write_all(chunk.data.as_bytes())?;
         out.flush()?;
         offset = chunk.next_offset;
-        if !follow || chunk.done {
+        if chunk.done || (!follow && chunk.data.is_empty()) {
             return Ok(());
         }
         if chunk.data.is_empty() {

@@ -120,7 +120,9 @@ pub async fn register(
                     .map(|t| t.id.clone())
                     .collect();
                 for id in &stale {
-                    let mut t = s.tokens[id].clone();
+                    let Some(mut t) = s.tokens.get(id).cloned() else {
+                        continue;
+                    };
                     t.revoked = true;
                     store::put_token(c, &t)?;
                 }
@@ -305,6 +307,7 @@ pub async fn sync(
     Ok(Json(SyncResponse {
         revision,
         lease_ms: ctl.config.lease.as_millis() as u64,
+        log_limit_bytes: ctl.config.log_limit,
         desired: want,
         acked,
     }))

@@ -96,6 +96,15 @@ fn gpu_count(g: GpuRequest) -> f64 {
     }
 }
 
+/// The view of job `id`, looked up inside the request's own read or write (never by `[]`: a
+/// concurrent request may have changed the map since).
+fn job_view(s: &State, id: u64) -> Result<JobView, ApiError> {
+    s.jobs
+        .get(&id)
+        .map(|j| view(j, s))
+        .ok_or_else(|| ApiError::not_found(format!("no job {id}")))
+}
+
 pub fn view(job: &Job, state: &State) -> JobView {
     let s = &job.def.spec;
     let mut reason = job.reason.clone();
@@ -315,6 +324,7 @@ pub async fn submit(
     let def = parse_manifest(&body)?.into_def("default")?;
     let project = def.spec.project.clone();
     check_policy(&ctl, &user, &def).await?;
+    super::disk::guard(&ctl, "submissions")?;
     let job = ctl
         .store
         .write(move |c, s| -> Result<JobView, ApiError> {
@@ -327,7 +337,7 @@ pub async fn submit(
             s.remember_request(&job.def.spec.request);
             save_job(c, s, job, vec![note], now)?;
             s.next_job_id = id;
-            Ok(view(&s.jobs[&id], s))
+            job_view(s, id)
         })
         .await?;
     ctl.metrics.submitted.inc();
@@ -465,7 +475,7 @@ pub async fn cancel_job(
             let notes = cancel(&mut job, &user, now);
             s.acting = Some(user.clone());
             save_job(c, s, job, notes, now)?;
-            Ok(view(&s.jobs[&id], s))
+            job_view(s, id)
         })
         .await?;
     Ok(Json(job))
@@ -569,7 +579,7 @@ pub async fn migrate_job(
                 && s.services.contains_key(&name)
             {
                 super::services::start_move(c, s, &name, Some(id), b.to.clone())?;
-                return Ok(view(&s.jobs[&id], s));
+                return job_view(s, id);
             }
             if !job.state.is_active() || job.stop.is_some() {
                 return Err(ApiError::conflict(format!(
@@ -600,7 +610,7 @@ pub async fn migrate_job(
             });
             notes.extend(settle(&mut job, now));
             save_job(c, s, job, notes, now)?;
-            Ok(view(&s.jobs[&id], s))
+            job_view(s, id)
         })
         .await?;
     Ok(Json(job))
@@ -618,6 +628,14 @@ pub struct LogQuery {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct LogChunk {
     pub data: String,
+    /// Where `data` starts in the replica's output (later than the offset asked for when
+    /// output there was cut, or earlier when it asked past the end).
+    #[serde(default)]
+    pub offset: u64,
+    /// Bytes from the offset asked for up to `offset` that are no longer kept (the pool keeps
+    /// only the newest output of each replica, `--log-limit`).
+    #[serde(default)]
+    pub cut: u64,
     pub next_offset: u64,
     /// No more output will come (the replica has ended).
     pub done: bool,
@@ -688,6 +706,10 @@ pub async fn job_logs(
                 format!("the node's agent did not answer for logs: {e}"),
             )
         })?;
+    if resp.status() == reqwest::StatusCode::GONE {
+        let text = resp.text().await.unwrap_or_default();
+        return Err(ApiError::new(axum::http::StatusCode::GONE, text));
+    }
     if !resp.status().is_success() {
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
@@ -696,6 +718,14 @@ pub async fn job_logs(
             format!("the node's agent answered {status} for logs: {text}"),
         ));
     }
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let from = header(crate::agent::LOG_FROM).unwrap_or(offset);
+    let cut = header(crate::agent::LOG_CUT).unwrap_or(0);
     let bytes = resp.bytes().await.map_err(|e| {
         ApiError::new(
             axum::http::StatusCode::BAD_GATEWAY,
@@ -703,7 +733,9 @@ pub async fn job_logs(
         )
     })?;
     Ok(Json(LogChunk {
-        next_offset: offset + bytes.len() as u64,
+        offset: from,
+        cut,
+        next_offset: from.saturating_add(bytes.len() as u64),
         data: String::from_utf8_lossy(&bytes).into_owned(),
         done: replica_done && bytes.is_empty(),
     }))
@@ -1245,7 +1277,10 @@ pub async fn create_project(
             )?;
             s.projects.insert(name.clone(), p);
             s.kick = true;
-            Ok(project_view(s, &s.projects[&name]))
+            s.projects
+                .get(&name)
+                .map(|p| project_view(s, p))
+                .ok_or_else(|| ApiError::not_found(format!("no project {name}")))
         })
         .await?;
     Ok((axum::http::StatusCode::CREATED, Json(view)))
@@ -1275,7 +1310,10 @@ async fn change_project(
             )?;
             s.projects.insert(name.clone(), p);
             s.kick = true;
-            Ok(project_view(s, &s.projects[&name]))
+            s.projects
+                .get(&name)
+                .map(|p| project_view(s, p))
+                .ok_or_else(|| ApiError::not_found(format!("no project {name}")))
         })
         .await
         .map(Json)
@@ -1468,7 +1506,10 @@ pub async fn create_token(
             }
             let what = format!("{kind:?} token {} for {subject}", t.id).to_lowercase();
             super::audit::record(c, now_ms(), &creator, "token-create", None, None, &what)?;
-            let rec = &s.tokens[&t.id];
+            let rec = s
+                .tokens
+                .get(&t.id)
+                .ok_or_else(|| ApiError::internal("the token just issued is missing"))?;
             Ok(TokenView {
                 id: rec.id.clone(),
                 kind,

@@ -5,6 +5,9 @@ use crate::manifest::RestartPolicy;
 use crate::protocol::{ReplicaStatus, RunPhase, exit_words};
 use crate::state::{Job, JobState, Replica, ReplicaPhase, StopCause};
 
+/// How long a job whose replica was interrupted by its node waits before it is placed again.
+const INTERRUPTED_WAIT_MS: u64 = 5_000;
+
 /// Longest restart backoff.
 const MAX_BACKOFF_MS: u64 = 60_000;
 
@@ -33,6 +36,12 @@ pub fn apply_status(job: &mut Job, index: u32, status: &ReplicaStatus, now: u64)
             r.exit_code = status.exit_code;
             r.exit_message = Some(status.message.clone()).filter(|m| !m.is_empty());
             r.finished_ms = Some(now);
+            if status.interrupted && !r.leaving && job.stop.is_none() {
+                job.stop = Some(StopCause::Interrupted {
+                    replica: index,
+                    why: status.message.clone(),
+                });
+            }
             true
         }
         _ => false,
@@ -150,6 +159,18 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                 job.pin_node = to;
                 notes.push(("Migrated", job.reason.clone()));
             }
+            StopCause::Interrupted { replica, why } => {
+                requeue(
+                    job,
+                    format!(
+                        "replica {replica} could not run for a reason of its node ({why}); \
+                         queued again"
+                    ),
+                );
+                // Not at once: the node's trouble (a full disk) may take a while to clear.
+                job.not_before_ms = now + INTERRUPTED_WAIT_MS;
+                notes.push(("Requeued", job.reason.clone()));
+            }
             StopCause::Drain { node } => {
                 requeue(job, format!("node {node} is being drained; queued again"));
                 notes.push(("Requeued", job.reason.clone()));
@@ -239,6 +260,7 @@ mod tests {
             key: String::new(),
             phase,
             exit_code: code,
+            interrupted: false,
             message: String::new(),
             resume_failed: None,
             port: None,
@@ -308,6 +330,30 @@ mod tests {
         apply_status(&mut j, 1, &status(RunPhase::Exited, Some(1)), 31);
         settle(&mut j, 31);
         assert_eq!(j.state, JobState::Succeeded);
+    }
+
+    #[test]
+    fn a_replica_its_node_interrupted_is_queued_again_without_using_a_restart() {
+        let mut j = job(2, RestartPolicy::Never);
+        apply_status(&mut j, 0, &status(RunPhase::Running, None), 10);
+        settle(&mut j, 10);
+        let mut full = status(RunPhase::Exited, Some(127));
+        full.interrupted = true;
+        full.message = "the node could not start it: No space left on device".into();
+        apply_status(&mut j, 1, &full, 20);
+        // The gang's other replica is stopped first; then the job waits and is placed again.
+        assert!(settle(&mut j, 20).is_empty());
+        assert!(j.stop.is_some() && j.state.is_active());
+        apply_status(&mut j, 0, &status(RunPhase::Exited, Some(143)), 30);
+        let notes = settle(&mut j, 30);
+        assert_eq!(notes[0].0, "Requeued", "{notes:?}");
+        assert_eq!(
+            j.state,
+            JobState::Pending,
+            "not failed, although its policy is never"
+        );
+        assert_eq!((j.restarts, j.not_before_ms), (0, 30 + INTERRUPTED_WAIT_MS));
+        assert!(j.reason.contains("No space left"), "{}", j.reason);
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod agents;
 pub mod api;
 pub mod audit;
 pub mod checkpoints;
+pub mod disk;
 pub mod gateway;
 pub mod idle;
 pub mod lifecycle;
@@ -33,7 +34,7 @@ use tessera_sched::ValidationError;
 
 use crate::auth::{NewToken, Principal, TokenCache, new_token};
 use crate::state::{Project, Role, TokenKind, TokenRecord, User};
-use crate::store::{self, Store, StoreGone};
+use crate::store::{self, Store, StoreFault, StoreGone};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -58,6 +59,10 @@ pub struct ControllerConfig {
     pub rates: crate::metering::Rates,
     /// Half-life of past use in fair share; `None`: only current use counts.
     pub fair_share_half_life: Option<Duration>,
+    /// Most output kept per replica, told to every agent.
+    pub log_limit: u64,
+    /// Free bytes kept on the store's file system (see [`disk`]).
+    pub disk_reserve: u64,
 }
 
 /// Shared by every request handler and the reconcile loop.
@@ -142,8 +147,19 @@ impl From<StoreGone> for ApiError {
     fn from(_: StoreGone) -> Self {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the controller is stopping",
+            "the store is not taking writes now (the controller is stopping, or a commit \
+             failed); nothing was changed, try again",
         )
+    }
+}
+
+impl From<StoreFault> for ApiError {
+    fn from(e: StoreFault) -> Self {
+        let status = match e.kind {
+            store::FaultKind::DiskFull => StatusCode::INSUFFICIENT_STORAGE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
     }
 }
 
@@ -525,7 +541,7 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/ui/style.css", get(ui::style))
         .route("/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics::scrape))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/v1/jobs", post(api::submit).get(api::list_jobs))
         .route("/v1/jobs/{id}", get(api::get_job))
         .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
@@ -576,7 +592,50 @@ pub fn router(ctl: Ctl) -> Router {
         .fallback(|| async {
             ApiError::not_found("no such endpoint; the API is described at /openapi.json")
         })
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            handler_panicked,
+        ))
         .with_state(ctl)
+}
+
+/// A bug in one handler fails that request with a 500 naming a fault id (written to the log
+/// with the details) instead of dropping the connection without an answer.
+fn handler_panicked(payload: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let id = store::fault_id();
+    let message = store::panic_message(payload.as_ref());
+    tracing::error!(fault = %id, "a request handler panicked: {message}");
+    ApiError::internal(format!(
+        "internal error {id}; the controller log has the details"
+    ))
+    .into_response()
+}
+
+/// Liveness for load balancers and supervisors: 200 only while the store's writer commits (a
+/// controller whose writer is stuck answers every write 503 and must be restarted, not trusted).
+async fn healthz(AxState(ctl): S) -> (StatusCode, Json<serde_json::Value>) {
+    use std::sync::atomic::Ordering;
+    let health = &ctl.store.health;
+    let ok =
+        !health.stopped.load(Ordering::SeqCst) && ctl.store.writer_ok(Duration::from_secs(5)).await;
+    let last_fault = health
+        .last_fault
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let body = serde_json::json!({
+        "status": if ok { "ok" } else { "unavailable" },
+        "store": {
+            "writer": if ok { "committing" } else { "stopped or stuck" },
+            "faults": health.faults.load(Ordering::SeqCst),
+            "last_fault": last_fault,
+        },
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
 }
 
 /// The state extractor alias used by handlers.

@@ -302,7 +302,7 @@ fn schemas() -> Value {
         "JobList": list("Job"),
         "Event": obj(json!({"job": {"type": "integer"}, "ts_ms": {"type": "integer"}, "kind": {"type": "string"}, "message": {"type": "string"}})),
         "EventList": list("Event"),
-        "LogChunk": obj(json!({"data": {"type": "string"}, "next_offset": {"type": "integer"}, "done": {"type": "boolean"}})),
+        "LogChunk": obj(json!({"data": {"type": "string"}, "offset": {"type": "integer"}, "cut": {"type": "integer"}, "next_offset": {"type": "integer"}, "done": {"type": "boolean"}})),
         "Node": obj(json!({"name": {"type": "string"}, "health": {"enum": ["ready", "lost"]}, "cordoned": {"type": "boolean"},
             "simulated": {"type": "boolean"}, "cpu_milli": {"type": "integer"}, "memory_bytes": {"type": "integer"},
             "devices": {"type": "array"}, "gpu_allocated_milli": {"type": "integer"}})),

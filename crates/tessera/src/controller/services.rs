@@ -143,6 +143,7 @@ pub async fn create(
     let m = parse_manifest(&body)?;
     let name = m.metadata.name.trim().to_string();
     let (template, def) = m.into_service("default")?;
+    super::disk::guard(&ctl, "services")?;
     let gw = ctl.gateway.clone();
     let v = ctl
         .store
@@ -171,17 +172,22 @@ pub async fn create(
                 add_replica(c, s, &svc, None, None, now)?;
             }
             s.services.insert(name.clone(), svc);
-            Ok(view(&s.services[&name], s, &gw))
+            Ok(view(service(s, &name)?, s, &gw))
         })
         .await?;
     Ok((axum::http::StatusCode::CREATED, Json(v)))
 }
 
-fn visible(s: &State, caller: &Caller, name: &str) -> Result<(), ApiError> {
-    let svc = s
-        .services
+/// The service named `name`, looked up inside the request's own read or write: a concurrent
+/// delete may have removed it since the request was checked.
+fn service<'a>(s: &'a State, name: &str) -> Result<&'a Service, ApiError> {
+    s.services
         .get(name)
-        .ok_or_else(|| ApiError::not_found(format!("no service {name}; see `tessera services`")))?;
+        .ok_or_else(|| ApiError::not_found(format!("no service {name}; see `tessera services`")))
+}
+
+fn visible(s: &State, caller: &Caller, name: &str) -> Result<(), ApiError> {
+    let svc = service(s, name)?;
     let (user, role) = caller.user()?;
     if let Some(p) = s.visible_projects(user, role)
         && !p.contains(&svc.template.spec.project)
@@ -214,7 +220,7 @@ pub async fn get(
 ) -> Result<Json<ServiceView>, ApiError> {
     ctl.store.read(|s| {
         visible(s, &caller, &name)?;
-        Ok(Json(view(&s.services[&name], s, &ctl.gateway)))
+        Ok(Json(view(service(s, &name)?, s, &ctl.gateway)))
     })
 }
 
@@ -232,12 +238,18 @@ pub async fn scale(
 ) -> Result<Json<ServiceView>, ApiError> {
     let user = acting_user(&caller, "scale services")?;
     let b: ScaleBody = parse_body(&body)?;
-    ctl.store.read(|s| visible(s, &caller, &name))?;
+    let current = ctl.store.read(|s| {
+        visible(s, &caller, &name)?;
+        Ok::<_, ApiError>(service(s, &name)?.def.replicas)
+    })?;
+    if b.replicas > current {
+        super::disk::guard(&ctl, "replicas")?;
+    }
     let gw = ctl.gateway.clone();
     let v = ctl
         .store
         .write(move |c, s| -> Result<ServiceView, ApiError> {
-            let mut svc = s.services[&name].clone();
+            let mut svc = service(s, &name)?.clone();
             let (lo, hi) = svc
                 .def
                 .autoscale
@@ -273,7 +285,7 @@ pub async fn scale(
             )?;
             s.services.insert(name.clone(), svc);
             s.kick = true;
-            Ok(view(&s.services[&name], s, &gw))
+            Ok(view(service(s, &name)?, s, &gw))
         })
         .await?;
     Ok(Json(v))
@@ -295,7 +307,7 @@ pub fn start_move(
     job: Option<u64>,
     to: Option<String>,
 ) -> Result<u64, ApiError> {
-    let svc = s.services[name].clone();
+    let svc = service(s, name)?.clone();
     let old = match job {
         Some(id) => s
             .jobs
@@ -344,7 +356,7 @@ pub async fn move_replica(
                 b.job.map_or("any".into(), |j| j.to_string()),
                 b.to.clone().unwrap_or_else(|| "anywhere".into())
             );
-            let project = s.services[&name].template.spec.project.clone();
+            let project = service(s, &name)?.template.spec.project.clone();
             audit::record(
                 c,
                 now_ms(),
@@ -356,7 +368,7 @@ pub async fn move_replica(
             )?;
             s.acting = Some(user.clone());
             start_move(c, s, &name, b.job, b.to)?;
-            Ok(view(&s.services[&name], s, &gw))
+            Ok(view(service(s, &name)?, s, &gw))
         })
         .await?;
     Ok(Json(v))
@@ -373,15 +385,17 @@ pub async fn delete(
     let v = ctl
         .store
         .write(move |c, s| -> Result<ServiceView, ApiError> {
-            let v = view(&s.services[&name], s, &gw);
+            let v = view(service(s, &name)?, s, &gw);
             let now = now_ms();
             s.acting = Some(user.clone());
-            let project = s.services[&name].template.spec.project.clone();
+            let project = service(s, &name)?.template.spec.project.clone();
             let what = format!("service {name}");
             audit::record(c, now, &user, "service-delete", Some(&project), None, &what)?;
             let ids: Vec<u64> = children(s, &name).map(|j| j.id).collect();
             for id in ids {
-                let mut job = s.jobs[&id].clone();
+                let Some(mut job) = s.jobs.get(&id).cloned() else {
+                    continue;
+                };
                 let notes = cancel(&mut job, &user, now);
                 save_job(c, s, job, notes, now)?;
             }
