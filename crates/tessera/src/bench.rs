@@ -194,6 +194,9 @@ impl Pool {
             .args(["controller", "--data-dir"])
             .arg(dir.join("controller"))
             .args(["--listen", &listen, "--lease", lease])
+            // Every simulated agent long-polls from this one address.
+            .args(["--max-connections", "60000"])
+            .args(["--max-connections-per-address", "60000"])
             .env("TESSERA_CONFIG", dir.join("cli.yaml"))
             .env("TESSERA_LOG", "warn")
             .stdout(Stdio::piped())

@@ -69,6 +69,18 @@ struct ControllerArgs {
     /// scaling up) is refused with 507 while running work and reads go on.
     #[arg(long, default_value = "1GiB")]
     disk_reserve: String,
+    /// Most open connections to the API (agents' long polls included; the gateway has as many
+    /// again). Raise it with the process's open-file limit for pools of more than ~15,000 nodes.
+    #[arg(long, default_value_t = 16384)]
+    max_connections: usize,
+    /// Most open connections from one address (raise it when many agents reach the controller
+    /// through one NAT address).
+    #[arg(long, default_value_t = 1024)]
+    max_connections_per_address: usize,
+    /// Most bytes of request bodies the gateway holds at once (each until it is answered); past
+    /// it, requests get 503 with Retry-After. One request may send at most 64 MiB.
+    #[arg(long, default_value = "256MiB")]
+    gateway_body_budget: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -294,6 +306,23 @@ fn controller_config(a: &ControllerArgs) -> anyhow::Result<controller::Controlle
     Ok(controller::ControllerConfig {
         log_limit,
         disk_reserve: size("--disk-reserve", &a.disk_reserve)?,
+        gateway_body_budget: match size("--gateway-body-budget", &a.gateway_body_budget)? {
+            n if n < 1 << 20 => anyhow::bail!(
+                "--gateway-body-budget {}: use at least 1MiB",
+                a.gateway_body_budget
+            ),
+            n => usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .min(usize::MAX >> 4),
+        },
+        max_connections: match a.max_connections {
+            0 => anyhow::bail!("--max-connections 0: allow at least one connection"),
+            n => n,
+        },
+        max_connections_per_address: match a.max_connections_per_address {
+            0 => anyhow::bail!("--max-connections-per-address 0: allow at least one"),
+            n => n,
+        },
         rates,
         fair_share_half_life,
         data_dir: a.data_dir.clone(),

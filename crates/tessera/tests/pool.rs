@@ -2969,3 +2969,187 @@ fn a_log_flood_is_capped_a_filling_disk_refuses_new_work_with_507_and_the_pool_r
         assert_eq!(pool.get(&format!("/v1/jobs/{id}"), &pool.admin).0, 200);
     }
 }
+
+/// Waits until the server closes `conn` (a read returns 0 or fails), writing `trickle` every
+/// second meanwhile when given; returns how long that took.
+fn time_to_close(mut conn: std::net::TcpStream, trickle: Option<&[u8]>) -> Duration {
+    use std::io::Read;
+    let start = Instant::now();
+    conn.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        assert!(start.elapsed() < Duration::from_secs(40), "never closed");
+        if let Some(t) = trickle
+            && std::io::Write::write_all(&mut conn, t).is_err()
+        {
+            return start.elapsed();
+        }
+        match conn.read(&mut buf) {
+            Ok(0) => return start.elapsed(),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return start.elapsed(),
+        }
+    }
+}
+
+/// Sends `head` and reads the status line of the answer.
+fn status_after(mut conn: std::net::TcpStream, head: &[u8]) -> (u16, String, Duration) {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    conn.write_all(head).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(40)))
+        .unwrap();
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = conn.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&buf[..n]);
+        if text.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text, start.elapsed())
+}
+
+#[test]
+fn idle_slow_and_crowding_clients_are_cut_off_and_the_gateway_holds_a_bounded_body_budget() {
+    use std::net::TcpStream;
+    let pool = Pool::start_in(
+        false,
+        None,
+        &[
+            "--max-connections-per-address",
+            "24",
+            "--gateway-body-budget",
+            "1MiB",
+        ],
+    );
+    // A service that never becomes ready: its route exists and requests to it wait for it.
+    let (s, v) = pool.post(
+        "/v1/services",
+        json!({"kind": "Service", "metadata": {"name": "up"},
+               "spec": {"resources": {"cpu": 64}, "command": ["true"], "service": {}}}),
+        &pool.admin,
+    );
+    assert_eq!(s, 201, "{v}");
+    let api = pool.listen.clone();
+    let gateway = pool.gateway.clone();
+    // The gateway knows the route once a request to it waits for a replica instead of a 404.
+    let probe = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    pool.wait_for("the gateway's route", || {
+        probe.get(format!("http://{gateway}/up/")).send().is_err()
+    });
+    let admin = pool.admin.clone();
+    std::thread::scope(|scope| {
+        // A connection that sends nothing is closed after the header timeout (10 s).
+        let idle = scope.spawn(|| time_to_close(TcpStream::connect(&api).unwrap(), None));
+        // Headers trickled a line a second are cut off at the same deadline.
+        let trickled = scope.spawn(|| {
+            let mut c = TcpStream::connect(&api).unwrap();
+            std::io::Write::write_all(&mut c, b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+            time_to_close(c, Some(b"X-Slow: yes\r\n"))
+        });
+        // A body that stops coming is answered with an error after 10 s of silence.
+        let stalled = scope.spawn(|| {
+            let head = format!(
+                "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+            );
+            status_after(TcpStream::connect(&api).unwrap(), head.as_bytes())
+        });
+        // An upload stalled half-way holds 900 KiB of the gateway's 1 MiB budget...
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let gw = gateway.clone();
+        let holder = scope.spawn(move || {
+            use std::io::Write;
+            let mut c = TcpStream::connect(&gw).unwrap();
+            c.write_all(b"POST /up/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
+                .unwrap();
+            c.write_all(&vec![b'a'; 900 << 10]).unwrap();
+            let _ = rx.recv();
+            drop(c);
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        // ...so another upload is refused at once with 503 and Retry-After.
+        let started = Instant::now();
+        let resp = reqwest::blocking::Client::new()
+            .post(format!("http://{gateway}/up/"))
+            .body(vec![b'b'; 300 << 10])
+            .send()
+            .unwrap();
+        let (status, retry) = (
+            resp.status().as_u16(),
+            resp.headers().get("retry-after").cloned(),
+        );
+        let text = resp.text().unwrap();
+        assert_eq!(status, 503, "{text}");
+        assert!(
+            text.contains("most request bytes in flight (1 MiB)"),
+            "{text}"
+        );
+        assert_eq!(retry.unwrap(), "1");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Once the stalled upload is gone its budget is back: the next one is taken (and waits
+        // for a ready replica, which this service never has).
+        tx.send(()).unwrap();
+        holder.join().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let resp = reqwest::blocking::Client::new()
+            .post(format!("http://{gateway}/up/"))
+            .body(vec![b'c'; 300 << 10])
+            .send()
+            .unwrap();
+        let text = resp.text().unwrap();
+        assert!(text.contains("no ready replica"), "{text}");
+
+        for (what, took) in [
+            ("idle", idle.join().unwrap()),
+            ("trickled", trickled.join().unwrap()),
+        ] {
+            assert!(
+                took >= Duration::from_secs(8) && took < Duration::from_secs(20),
+                "{what} connection closed after {took:?}"
+            );
+        }
+        let (status, text, took) = stalled.join().unwrap();
+        assert!(matches!(status, 400 | 408), "{text}");
+        assert!(took < Duration::from_secs(20), "{took:?}");
+    });
+
+    // One address cannot take every connection: with 24 held from 127.0.0.1, a 25th from it is
+    // closed at once, while another address is served; closing them gives the places back.
+    let fresh = |from: &str| {
+        reqwest::blocking::Client::builder()
+            .local_address(from.parse::<std::net::IpAddr>().unwrap())
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+            .get(format!("{}/healthz", pool.url))
+            .send()
+    };
+    let held: Vec<TcpStream> = (0..30).map(|_| TcpStream::connect(&api).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(fresh("127.0.0.1").is_err(), "a connection over the limit");
+    assert_eq!(fresh("127.0.0.3").unwrap().status(), 200);
+    drop(held);
+    pool.wait_for("the places to come back", || {
+        fresh("127.0.0.1").is_ok_and(|r| r.status() == 200)
+    });
+}

@@ -67,9 +67,13 @@ pub struct Route {
     pub requests: Arc<AtomicU64>,
 }
 
-#[derive(Default)]
 pub struct Gateway {
     client: reqwest::Client,
+    /// Bytes of request bodies the gateway may hold at once, across all requests: each body is
+    /// kept until it is answered (it may be resent to another replica), so without a bound a few
+    /// large uploads take the controller's memory.
+    body_budget: Arc<tokio::sync::Semaphore>,
+    budget_bytes: usize,
     routes: RwLock<HashMap<String, Arc<Route>>>,
     /// Endpoints by job, kept across refreshes so their counters and readiness survive.
     by_job: Mutex<HashMap<u64, Arc<Endpoint>>>,
@@ -90,7 +94,8 @@ const MAX_BODY: usize = 64 << 20;
 const WAIT_FOR_READY: Duration = Duration::from_secs(10);
 
 impl Gateway {
-    pub fn new() -> Gateway {
+    /// A gateway holding at most `body_budget` bytes of request bodies at once.
+    pub fn new(body_budget: usize) -> Gateway {
         Gateway {
             client: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(2))
@@ -98,8 +103,67 @@ impl Gateway {
                 .pool_max_idle_per_host(64)
                 .build()
                 .expect("a plain HTTP client"),
-            ..Default::default()
+            body_budget: Arc::new(tokio::sync::Semaphore::new(body_budget)),
+            budget_bytes: body_budget,
+            routes: Default::default(),
+            by_job: Default::default(),
+            requests: Default::default(),
         }
+    }
+
+    /// Reads a request body within the budget: the body and the budget it holds until dropped,
+    /// or the answer to give (413 over [`MAX_BODY`], 503 while the budget is spent).
+    async fn take_body(
+        &self,
+        body: Body,
+    ) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), Response> {
+        use http_body_util::BodyExt;
+        let mut body = body;
+        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let mut data = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the request body: {e}"),
+                )
+            })?;
+            let Ok(chunk) = frame.into_data() else {
+                continue;
+            };
+            if data.len() + chunk.len() > MAX_BODY {
+                return Err(error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the request body is over the gateway's {} MiB per request",
+                        MAX_BODY >> 20
+                    ),
+                ));
+            }
+            let permit = self
+                .body_budget
+                .clone()
+                .try_acquire_many_owned(chunk.len() as u32)
+                .map_err(|_| {
+                    let mut resp = error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "the gateway holds its most request bytes in flight ({} MiB); \
+                             retry shortly",
+                            self.budget_bytes >> 20
+                        ),
+                    );
+                    resp.headers_mut()
+                        .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+                    resp
+                })?;
+            match &mut held {
+                Some(h) => h.merge(permit),
+                None => held = Some(permit),
+            }
+            data.extend_from_slice(&chunk);
+        }
+        Ok((Bytes::from(data), held))
     }
 
     /// Replaces the routing table with what the store says runs now.
@@ -268,7 +332,7 @@ pub async fn proxy_root(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     forward(gw.0, service, String::new(), method, uri, headers, body).await
 }
@@ -279,7 +343,7 @@ pub async fn proxy(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     forward(gw.0, service, rest, method, uri, headers, body).await
 }
@@ -291,7 +355,7 @@ async fn forward(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let Some(route) = gw.route(&service) else {
         return error(
@@ -300,6 +364,10 @@ async fn forward(
         );
     };
     route.requests.fetch_add(1, Ordering::SeqCst);
+    let (body, _budget) = match gw.take_body(body).await {
+        Ok(taken) => taken,
+        Err(resp) => return resp,
+    };
     let path = match uri.query() {
         Some(q) => format!("/{rest}?{q}"),
         None => format!("/{rest}"),
@@ -344,16 +412,13 @@ async fn forward(
                         out.append(name, value.clone());
                     }
                 }
-                return match resp.bytes().await {
-                    Ok(bytes) => (status, out, Body::from(bytes)).into_response(),
-                    Err(e) => error(
-                        StatusCode::BAD_GATEWAY,
-                        format!(
-                            "replica {} of {service} broke off its answer: {e}",
-                            held.0.job
-                        ),
-                    ),
-                };
+                // The answer streams through (its size is the program's business); the replica
+                // counts as busy until it has been sent.
+                let stream = futures_util::StreamExt::map(resp.bytes_stream(), move |chunk| {
+                    let _busy = &held;
+                    chunk
+                });
+                return (status, out, Body::from_stream(stream)).into_response();
             }
             // Nothing reached the program: any request may go elsewhere. Otherwise only one
             // that may safely run twice.
@@ -385,7 +450,7 @@ pub fn router(gw: Arc<Gateway>) -> axum::Router {
         .route("/{service}", any(proxy_root))
         .route("/{service}/", any(proxy_root))
         .route("/{service}/{*rest}", any(proxy))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(gw)
 }
 
@@ -402,7 +467,7 @@ mod tests {
 
     #[test]
     fn picks_the_least_busy_ready_endpoint_and_never_a_draining_one() {
-        let gw = Gateway::new();
+        let gw = Gateway::new(64 << 20);
         let a = Arc::new(Endpoint::new(1, "n1".into(), "http://a".into()));
         let b = Arc::new(Endpoint::new(2, "n2".into(), "http://b".into()));
         let r = route(&[a.clone(), b.clone()]);

@@ -92,6 +92,17 @@ pub async fn scrape(AxState(ctl): S) -> impl IntoResponse {
         out = stripped.to_string();
     }
     let latest = super::telemetry::lock(&ctl.telemetry).latest.clone();
+    let _ = writeln!(
+        out,
+        "# HELP tessera_http_connections Open connections, per listener (see --max-connections).\n# TYPE tessera_http_connections gauge"
+    );
+    for (listener, c) in &ctl.connections {
+        let _ = writeln!(
+            out,
+            "tessera_http_connections{{listener=\"{listener}\"}} {}",
+            c.open()
+        );
+    }
     ctl.store.read(|s| {
         devices(&mut out, s, &latest);
         let mut by_state: BTreeMap<(&str, &str), u64> = BTreeMap::new();

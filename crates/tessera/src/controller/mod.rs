@@ -9,6 +9,7 @@ pub mod disk;
 pub mod gateway;
 pub mod idle;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod reconcile;
@@ -63,6 +64,12 @@ pub struct ControllerConfig {
     pub log_limit: u64,
     /// Free bytes kept on the store's file system (see [`disk`]).
     pub disk_reserve: u64,
+    /// Most open connections to the API (and, apart, to the gateway), in all and from one
+    /// address (see [`limits`]).
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
+    /// Bytes of request bodies the gateway holds at once (see [`gateway::Gateway::new`]).
+    pub gateway_body_budget: usize,
 }
 
 /// Shared by every request handler and the reconcile loop.
@@ -75,6 +82,8 @@ pub struct Controller {
     pub gateway: Arc<gateway::Gateway>,
     /// Recent device and workload readings (see [`telemetry`]).
     pub telemetry: std::sync::Mutex<telemetry::Telemetry>,
+    /// Open connections of the API and of the gateway (see [`limits`]).
+    pub connections: [(&'static str, Arc<limits::Connections>); 2],
 }
 
 pub type Ctl = Arc<Controller>;
@@ -462,8 +471,15 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
             .build()
             .context("building the HTTP client")?,
         config: config.clone(),
-        gateway: Arc::new(gateway::Gateway::new()),
+        gateway: Arc::new(gateway::Gateway::new(config.gateway_body_budget)),
         telemetry: Default::default(),
+        connections: ["api", "gateway"].map(|name| {
+            let c = limits::Connections::new(
+                config.max_connections,
+                config.max_connections_per_address,
+            );
+            (name, c)
+        }),
     });
     tokio::spawn(reconcile::run(ctl.clone()));
     tokio::spawn(telemetry::run(ctl.clone(), Duration::from_secs(20)));
@@ -479,13 +495,19 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
                 .with_context(|| format!("gateway listening on {addr} (is it in use?)"))?;
             let local = listener.local_addr()?;
             let app = gateway::router(ctl.gateway.clone());
-            tokio::spawn(async move { axum::serve(listener, app).await });
+            let connections = ctl.connections[1].1.clone();
+            let listener = listener.into_std()?;
+            tokio::spawn(async move {
+                if let Err(e) = limits::serve(listener, None, app, connections).await {
+                    tracing::error!("the gateway stopped: {e}");
+                }
+            });
             Some(local)
         }
         None => None,
     };
     let app = router(ctl.clone());
-    let (addr, server) = serve(app, &config).await?;
+    let (addr, server) = serve(app, &config, ctl.connections[0].1.clone()).await?;
     Ok(Running {
         ctl,
         addr,
@@ -498,6 +520,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
 async fn serve(
     app: Router,
     config: &ControllerConfig,
+    connections: Arc<limits::Connections>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let listener = std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("listening on {} (is it in use?)", config.listen))?;
@@ -515,18 +538,17 @@ async fn serve(
                         key.display()
                     )
                 })?;
-            let server = axum_server::from_tcp_rustls(listener, tls);
             tokio::spawn(async move {
-                server
-                    .serve(app.into_make_service())
+                limits::serve(listener, Some(tls), app, connections)
                     .await
                     .context("serving HTTPS")
             })
         }
-        None => {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            tokio::spawn(async move { axum::serve(listener, app).await.context("serving HTTP") })
-        }
+        None => tokio::spawn(async move {
+            limits::serve(listener, None, app, connections)
+                .await
+                .context("serving HTTP")
+        }),
     };
     Ok((addr, handle))
 }
