@@ -13,6 +13,52 @@ use crate::request::{GpuRequest, JobSpec, ResourceRequest};
 
 /// Most replicas one gang may have.
 pub const MAX_REPLICAS: u32 = 4096;
+/// Most device models a request may accept, and labels a node or selector may have.
+pub const MAX_LIST: usize = 64;
+/// Longest device model name.
+pub const MAX_MODEL_LEN: usize = 64;
+/// Longest label key and value (as Kubernetes: a 63-character name, a 253-character value).
+pub const MAX_LABEL_KEY: usize = 63;
+pub const MAX_LABEL_VALUE: usize = 253;
+/// Largest node a node may claim to be: 65,536 CPUs, 1 PiB of memory, 16 TiB per device. A
+/// claim beyond them is a broken or hostile agent, and would saturate the pool's sums.
+pub const MAX_NODE_CPU_MILLI: u64 = 65_536_000;
+pub const MAX_NODE_MEMORY_BYTES: u64 = 1 << 50;
+pub const MAX_DEVICE_MEMORY_BYTES: u64 = 16 << 40;
+
+/// Checks labels (a node's, or a request's selector) against the limits above.
+fn check_labels(
+    field: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<(), ValidationError> {
+    if labels.len() > MAX_LIST {
+        return Err(ValidationError::new(
+            field,
+            format!("{} labels", labels.len()),
+            format!("at most {MAX_LIST} labels"),
+            "keep the labels that placement needs",
+        ));
+    }
+    for (key, value) in labels {
+        if key.trim().is_empty() || key.len() > MAX_LABEL_KEY || key.contains('\0') {
+            return Err(ValidationError::new(
+                field,
+                format!("{key:?}"),
+                format!("a label key must have 1 to {MAX_LABEL_KEY} characters"),
+                "write labels as key=value, e.g. region=eu",
+            ));
+        }
+        if value.len() > MAX_LABEL_VALUE || value.contains('\0') {
+            return Err(ValidationError::new(
+                format!("{field}.{key}"),
+                format!("{} characters", value.len()),
+                format!("a label value has at most {MAX_LABEL_VALUE} characters"),
+                "shorten the value",
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// A request or node that Tessera refuses, with the field, the offending value and the fix.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
@@ -101,27 +147,25 @@ pub fn validate_request(request: &ResourceRequest) -> Result<(), ValidationError
             "give cpu, e.g. cpu=2 (2000 milli-CPU)",
         ));
     }
+    if request.device_models.len() > MAX_LIST {
+        return Err(ValidationError::new(
+            "device_models",
+            format!("{} models", request.device_models.len()),
+            format!("at most {MAX_LIST} device models"),
+            "list the models the job can use, e.g. H100-80GB|A100-80GB",
+        ));
+    }
     for model in &request.device_models {
-        if model.trim().is_empty() {
+        if model.trim().is_empty() || model.len() > MAX_MODEL_LEN {
             return Err(ValidationError::new(
                 "device_models",
-                format!("{:?}", request.device_models),
-                "a device model name is empty",
+                format!("{model:?}"),
+                format!("a device model name has 1 to {MAX_MODEL_LEN} characters"),
                 "list model names such as H100-80GB|A100-80GB",
             ));
         }
     }
-    for (key, value) in &request.node_selector {
-        if key.trim().is_empty() {
-            return Err(ValidationError::new(
-                "node_selector",
-                format!("={value}"),
-                "a label key is empty",
-                "write selectors as key=value, e.g. region=eu",
-            ));
-        }
-    }
-    Ok(())
+    check_labels("node_selector", &request.node_selector)
 }
 
 /// Checks a whole job.
@@ -169,6 +213,41 @@ pub fn validate_node(node: &NodeSpec) -> Result<(), ValidationError> {
             format!("0 (node {})", node.name),
             "a node must offer some memory",
             "report the node's memory in bytes",
+        ));
+    }
+    if node.cpu_milli > MAX_NODE_CPU_MILLI {
+        return Err(ValidationError::new(
+            "node.cpu",
+            format!("{} (node {})", node.cpu_milli, node.name),
+            format!("a node offers at most {} CPUs", MAX_NODE_CPU_MILLI / 1000),
+            "report the node's real CPUs in milli-CPU (32 CPUs = 32000)",
+        ));
+    }
+    if node.memory_bytes > MAX_NODE_MEMORY_BYTES {
+        return Err(ValidationError::new(
+            "node.memory",
+            format!("{} (node {})", node.memory_bytes, node.name),
+            "a node offers at most 1 PiB of memory",
+            "report the node's real memory in bytes",
+        ));
+    }
+    check_labels("node.labels", &node.labels)?;
+    if let Some(d) = node
+        .devices
+        .iter()
+        .find(|d| d.memory_bytes > MAX_DEVICE_MEMORY_BYTES || d.model.len() > MAX_MODEL_LEN)
+    {
+        return Err(ValidationError::new(
+            "node.devices",
+            format!(
+                "{} with {} bytes (node {})",
+                d.model, d.memory_bytes, node.name
+            ),
+            format!(
+                "a device has at most 16 TiB of memory and a model name of at most \
+                 {MAX_MODEL_LEN} characters"
+            ),
+            "report the device as NVML names it",
         ));
     }
     if node.devices.len() > MAX_DEVICES_PER_NODE {

@@ -269,6 +269,8 @@ pub struct JobDef {
 /// Defaults applied where a manifest is silent.
 pub const DEFAULT_CPU_MILLI: u64 = 1000;
 pub const DEFAULT_MEMORY_BYTES: u64 = 1 << 30;
+/// The least memory a replica may ask for (what a shim and a small program need).
+pub const MIN_MEMORY_BYTES: u64 = 16 << 20;
 pub const DEFAULT_MAX_RESTARTS: u32 = 3;
 
 impl Manifest {
@@ -429,6 +431,30 @@ impl Manifest {
                 format!("{size} bytes"),
                 "command and environment are too large",
                 "keep them under 64 KiB; put large inputs in files",
+            ));
+        }
+        if let Some(i) = spec.command.iter().position(|a| a.contains('\0')) {
+            return Err(ValidationError::new(
+                format!("spec.command[{i}]"),
+                format!("{:?}", spec.command[i]),
+                "a NUL byte cannot be passed to a program",
+                "remove the NUL byte",
+            ));
+        }
+        if let Some((key, _)) = spec.env.iter().find(|(_, v)| v.contains('\0')) {
+            return Err(ValidationError::new(
+                format!("spec.env.{key}"),
+                "a value with a NUL byte",
+                "a NUL byte cannot be passed in the environment",
+                "remove the NUL byte",
+            ));
+        }
+        if request.memory_bytes < MIN_MEMORY_BYTES {
+            return Err(ValidationError::new(
+                "spec.resources.memory",
+                request.memory_bytes.to_string(),
+                "a replica needs at least 16 MiB of memory to start",
+                "ask for 16MiB or more, e.g. memory: 512MiB",
             ));
         }
         for key in spec.env.keys() {

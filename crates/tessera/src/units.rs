@@ -102,6 +102,14 @@ pub fn parse_gpu(field: &str, q: &Quantity) -> Result<f64, ValidationError> {
 /// Milli-GPU from a number of GPUs (quotas: `8`, `2.5`).
 pub fn parse_gpu_milli(field: &str, q: &Quantity) -> Result<u64, ValidationError> {
     let g = parse_gpu(field, q)?;
+    if g > MAX_GPUS {
+        return Err(ValidationError::new(
+            field,
+            q.shown(),
+            format!("at most {MAX_GPUS} GPUs"),
+            "give a number of GPUs the pool could hold; no limit is written as null",
+        ));
+    }
     let milli = g * 1000.0;
     if !milli.is_finite() || milli < 0.0 || (milli - milli.round()).abs() > 1e-6 {
         return Err(ValidationError::new(
@@ -113,6 +121,10 @@ pub fn parse_gpu_milli(field: &str, q: &Quantity) -> Result<u64, ValidationError
     }
     Ok(milli.round() as u64)
 }
+
+/// The most GPUs an amount (a quota, a limit) may name: far above any pool, far below where sums
+/// of milli-GPU would saturate.
+pub const MAX_GPUS: f64 = 1_000_000.0;
 
 /// Durations such as `30s`, `5m`, `2h`, `7d`, `250ms`.
 pub fn parse_duration(field: &str, text: &str) -> Result<std::time::Duration, ValidationError> {

@@ -3153,3 +3153,132 @@ fn idle_slow_and_crowding_clients_are_cut_off_and_the_gateway_holds_a_bounded_bo
         fresh("127.0.0.1").is_ok_and(|r| r.status() == 200)
     });
 }
+
+#[test]
+fn impossible_values_from_users_and_agents_are_refused_by_field_and_change_nothing() {
+    let pool = Pool::start();
+    let field = |v: &Value| v["error"]["field"].as_str().unwrap_or("").to_string();
+    let refused = |(s, v): (u16, Value), want: &str| {
+        assert!((400..500).contains(&s), "{want}: {s} {v}");
+        assert_eq!(field(&v), want, "{v}");
+    };
+    // Users: a quota that would saturate, NUL bytes, too little memory, endless model lists.
+    refused(
+        pool.post(
+            "/v1/projects",
+            json!({"name": "q", "guaranteed_gpu": 1e30}),
+            &pool.admin,
+        ),
+        "guaranteed_gpu",
+    );
+    refused(
+        pool.post(
+            "/v1/projects",
+            json!({"name": "q", "limit_gpu": 2e6}),
+            &pool.admin,
+        ),
+        "limit_gpu",
+    );
+    let job = |resources: Value, command: Value, env: Value| {
+        pool.post(
+            "/v1/jobs",
+            json!({"metadata": {"name": "t"},
+                   "spec": {"resources": resources, "command": command, "env": env}}),
+            &pool.admin,
+        )
+    };
+    let cpu = json!({"cpu": 1});
+    refused(
+        job(cpu.clone(), json!(["echo", "a\u{0}b"]), json!({})),
+        "spec.command[1]",
+    );
+    refused(
+        job(cpu.clone(), json!(["true"]), json!({"A": "x\u{0}"})),
+        "spec.env.A",
+    );
+    for memory in [json!(0), json!(1), json!("1MiB")] {
+        refused(
+            job(
+                json!({"cpu": 1, "memory": memory}),
+                json!(["true"]),
+                json!({}),
+            ),
+            "spec.resources.memory",
+        );
+    }
+    let models: Vec<String> = (0..10_000).map(|i| format!("M{i}")).collect();
+    refused(
+        job(
+            json!({"gpu": 1, "deviceModels": models}),
+            json!(["true"]),
+            json!({}),
+        ),
+        "spec.resources.device_models",
+    );
+
+    // Agents: a node beyond any machine, an address that is not the agent's, endless labels.
+    let node = |patch: Value| {
+        let mut body = json!({"name": "n9", "cpu_milli": 8000, "memory_bytes": 17179869184u64,
+               "devices": [{"model": "H100-80GB", "memory_bytes": 85899345920u64}],
+               "simulated": true, "address": "http://127.0.0.9:9", "callback_secret": "x"});
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        pool.post("/v1/agent/register", body, &pool.join_token())
+    };
+    refused(node(json!({"cpu_milli": u64::MAX})), "node.cpu");
+    refused(node(json!({"memory_bytes": u64::MAX})), "node.memory");
+    refused(
+        node(json!({"devices": [{"model": "H100-80GB", "memory_bytes": u64::MAX}]})),
+        "node.devices",
+    );
+    for address in [
+        "file:///etc/passwd",
+        "http://",
+        "ftp://x:1",
+        "http://u:p@h:1",
+    ] {
+        refused(node(json!({"address": address})), "address");
+    }
+    let labels: serde_json::Map<String, Value> =
+        (0..100).map(|i| (format!("k{i}"), json!("v"))).collect();
+    refused(node(json!({"labels": labels})), "node.labels");
+    refused(
+        node(json!({"labels": {"k".repeat(64): "v"}})),
+        "node.labels",
+    );
+
+    // An agent's sync: a sequence number that would lock its node out, impossible readings.
+    let (s, v) = node(json!({}));
+    assert_eq!(s, 200, "{v}");
+    let agent = v["token"].as_str().unwrap().to_string();
+    let sync = |patch: Value| {
+        let mut body = json!({"seq": 1, "revision": 0, "wait_ms": 0, "statuses": []});
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        pool.post("/v1/agent/sync", body, &agent)
+    };
+    refused(sync(json!({"seq": u64::MAX})), "seq");
+    let device = |index: u32, util: f64| {
+        json!({"index": index, "util_pct": util, "memory_used_bytes": 0,
+               "memory_total_bytes": 85899345920u64, "power_mw": 0})
+    };
+    let sample = |devices: Vec<Value>| json!({"sample": {"at_ms": 1, "simulated": true, "devices": devices}});
+    refused(sync(sample(vec![device(0, -5.0)])), "sample.devices");
+    refused(
+        sync(sample(vec![device(0, 5.0), device(0, 5.0)])),
+        "sample.devices.index",
+    );
+    refused(sync(sample(vec![device(3, 5.0)])), "sample.devices.index");
+    // The node still syncs afterwards: nothing was recorded of the refused ones.
+    let (s, v) = sync(json!({"seq": 2}));
+    assert_eq!(s, 200, "{v}");
+
+    // Nothing of the refused requests exists.
+    assert_eq!(pool.get("/v1/jobs", &pool.admin).1, json!([]));
+    let projects = pool.get("/v1/projects", &pool.admin).1;
+    assert!(!projects.to_string().contains("\"q\""), "{projects}");
+    let nodes = pool.get("/v1/nodes", &pool.admin).1;
+    assert_eq!(nodes.as_array().unwrap().len(), 1, "{nodes}");
+}

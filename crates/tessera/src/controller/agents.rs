@@ -43,6 +43,13 @@ pub async fn register(
     if req.confinement.len() > 500 {
         return Err(ApiError::bad("confinement: at most 500 characters"));
     }
+    check_address(&req.address)?;
+    if req.callback_secret.is_empty() || req.callback_secret.len() > 256 {
+        return Err(
+            ApiError::bad("callback_secret: give the agent's secret, 1 to 256 characters")
+                .with_field("callback_secret"),
+        );
+    }
     let joining = match &caller.0 {
         Principal::Join { token_id } => Some(token_id.clone()),
         Principal::Agent { node } if *node == req.name => None,
@@ -227,6 +234,86 @@ fn replica_set(s: &State, job: &Job, e: crate::manifest::Elastic) -> ReplicaSet 
     }
 }
 
+/// Where an agent serves logs: an `http` or `https` URL of a host, nothing else (the controller
+/// calls it with the node's secret).
+fn check_address(address: &str) -> Result<(), ApiError> {
+    let ok = reqwest::Url::parse(address).is_ok_and(|u| {
+        matches!(u.scheme(), "http" | "https")
+            && u.host_str().is_some_and(|h| !h.is_empty())
+            && u.username().is_empty()
+            && u.password().is_none()
+            && matches!(u.path(), "" | "/")
+            && u.query().is_none()
+    });
+    if ok && address.len() <= 256 {
+        Ok(())
+    } else {
+        Err(ApiError::bad(format!(
+            "address {address:?}: give where the agent serves, as http://HOST:PORT or \
+             https://HOST:PORT"
+        ))
+        .with_field("address"))
+    }
+}
+
+/// What an agent reports must be possible: a sequence number not beyond a day from now (the
+/// agent counts from the current time in microseconds; a larger one would lock the node out of
+/// its own later syncs), readings within their ranges, each device once.
+fn check_sync(req: &SyncRequest, devices: usize, now_ms: u64) -> Result<(), ApiError> {
+    let bad = |field: &str, what: String| Err(ApiError::bad(what).with_field(field));
+    let latest = (now_ms + 86_400_000).saturating_mul(1000);
+    if req.seq > latest {
+        return bad(
+            "seq",
+            format!(
+                "seq {}: beyond a day from now; an agent counts from the current time in \
+                 microseconds (check the node's clock)",
+                req.seq
+            ),
+        );
+    }
+    let pct = |v: f64, most: f64| v.is_finite() && (0.0..=most).contains(&v);
+    if let Some(sample) = &req.sample {
+        let mut seen = std::collections::BTreeSet::new();
+        for d in &sample.devices {
+            if d.index as usize >= devices || !seen.insert(d.index) {
+                return bad(
+                    "sample.devices.index",
+                    format!(
+                        "device {}: each of the node's {devices} devices is reported at most \
+                         once, by its index",
+                        d.index
+                    ),
+                );
+            }
+            if !pct(d.util_pct, 100.0) || d.memory_used_bytes > d.memory_total_bytes {
+                return bad(
+                    "sample.devices",
+                    format!(
+                        "device {}: utilisation must be 0 to 100 and memory used at most its \
+                         total",
+                        d.index
+                    ),
+                );
+            }
+        }
+    }
+    for st in &req.statuses {
+        if let Some(u) = &st.usage
+            && !(pct(u.gpu_util_pct, 100.0) && pct(u.cpu_pct, 100.0 * 65_536.0))
+        {
+            return bad(
+                "statuses.usage",
+                format!(
+                    "{}: GPU utilisation must be 0 to 100 and CPU 0 or more percent",
+                    st.key
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
 pub async fn sync(
     AxState(ctl): S,
     caller: Caller,
@@ -239,6 +326,11 @@ pub async fn sync(
     };
     let mut req: SyncRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("request body: {e}")))?;
+    let devices = ctl
+        .store
+        .read(|s| s.nodes.get(&node).map(|n| n.spec.devices.len()))
+        .unwrap_or(0);
+    check_sync(&req, devices, now_ms())?;
     // An agent speaks only for replicas assigned to its own node.
     let foreign: Vec<ReplicaStatus> = ctl.store.read(|s| {
         req.statuses
