@@ -2922,6 +2922,43 @@ fn a_log_flood_is_capped_a_filling_disk_refuses_new_work_with_507_and_the_pool_r
     assert!(ok, "{err}");
     assert!(err.contains("bytes of earlier output were cut"), "{err}");
     assert!(out.len() as u64 <= MIB && out.contains("tessera-flood"));
+    // An offset past the end reads nothing from the end (it was a 502).
+    let (s, v) = pool.get(
+        &format!("/v1/jobs/{flood}/logs?offset={}", u64::MAX),
+        &pool.admin,
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"], "");
+    assert_eq!(v["next_offset"], v["offset"]);
+    assert!(v["offset"].as_u64().unwrap() >= 200_000_000);
+    // A reader that goes away (`tessera logs 1 | head -1`) ends the CLI quietly, not in a panic.
+    let mut child = Command::new(bin())
+        .args([
+            "logs",
+            "--url",
+            &pool.url,
+            "--token",
+            &pool.admin,
+            &flood.to_string(),
+        ])
+        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        out.status.signal() == Some(nix::sys::signal::Signal::SIGPIPE as i32)
+            || out.status.success(),
+        "{:?} {err}",
+        out.status
+    );
 
     // A job fills the disk below the reserve with its own files: new work is refused with 507,
     // while running work goes on and reads answer.
@@ -3281,4 +3318,90 @@ fn impossible_values_from_users_and_agents_are_refused_by_field_and_change_nothi
     assert!(!projects.to_string().contains("\"q\""), "{projects}");
     let nodes = pool.get("/v1/nodes", &pool.admin).1;
     assert_eq!(nodes.as_array().unwrap().len(), 1, "{nodes}");
+}
+
+/// The cgroup directories (one per controller) of job `id`'s running replica on `node`, as its
+/// shim was given them.
+fn cgroups_of(pool: &Pool, node: &str, id: u64) -> Vec<PathBuf> {
+    let run = run_dir(pool, node, id);
+    let pid = std::fs::read_to_string(run.join("shim.pid")).unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    args.windows(2)
+        .filter(|w| w[0] == "--cgroup-procs")
+        .map(|w| Path::new(&w[1]).parent().unwrap().to_path_buf())
+        .collect()
+}
+
+#[test]
+fn cgroups_of_fork_heavy_jobs_and_of_a_dead_shims_replicas_do_not_leak() {
+    assert!(
+        memory_cgroups_usable(),
+        "this test needs cgroups (v1 or v2) as root; the README's test command does so"
+    );
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    // A job that forks all the time, so that processes appear while it is being killed.
+    let forker = pool.submit(
+        "default",
+        0.0,
+        1,
+        50,
+        "while :; do sh -c 'sleep 600 &'; done",
+    );
+    pool.wait_state(forker, "running");
+    let dirs = cgroups_of(&pool, "n1", forker);
+    assert!(dirs.len() >= 2, "{dirs:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    let (s, v) = pool.post(&format!("/v1/jobs/{forker}/cancel"), json!({}), &pool.admin);
+    assert_eq!(s, 200, "{v}");
+    pool.wait_state(forker, "cancelled");
+    pool.wait_for("the forker's cgroups to be removed", || {
+        dirs.iter().all(|d| !d.exists())
+    });
+
+    // With its agent gone, a shim killed outright (as an OOM killer might): its workload does
+    // not run on without the lease's enforcement, and its cgroups go when the agent is back.
+    let sleeper = pool.submit("default", 0.0, 1, 50, "exec sleep 600");
+    pool.wait_state(sleeper, "running");
+    let dirs = cgroups_of(&pool, "n1", sleeper);
+    let run = run_dir(&pool, "n1", sleeper);
+    let shim: i32 = std::fs::read_to_string(run.join("shim.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let workload: i32 = std::fs::read_to_string(run.join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+    };
+    assert!(
+        alive(workload),
+        "the workload runs before its shim is killed"
+    );
+    let idx = pool.agents.iter().position(|(n, _)| n == "n1").unwrap();
+    let (_, mut agent) = pool.agents.remove(idx);
+    agent.0.kill().unwrap();
+    let _ = agent.0.wait();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    pool.wait_for("the workload to die with its shim", || !alive(workload));
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    pool.wait_for("the dead shim's cgroups to be removed", || {
+        dirs.iter().all(|d| !d.exists())
+    });
 }

@@ -184,11 +184,51 @@ impl Backend {
         fs::read_to_string(file).ok()?.trim().parse().ok()
     }
 
-    /// Removes the (empty) cgroup(s).
-    pub fn remove(&self, name: &str) {
-        for dir in self.dirs(name) {
-            let _ = fs::remove_dir(dir);
+    /// Kills whatever still runs in the workload's cgroup(s) and removes them. A process that
+    /// forks while it is being killed keeps a cgroup busy, so the kill is repeated (through
+    /// `cgroup.kill` where the kernel has it) until the directories go, for up to two seconds.
+    pub fn remove(&self, name: &str) -> bool {
+        let dirs = self.dirs(name);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            let mut left = false;
+            for dir in dirs.iter().filter(|d| d.exists()) {
+                if fs::write(dir.join("cgroup.kill"), "1").is_err() {
+                    let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+                left |= fs::remove_dir(dir).is_err() && dir.exists();
+            }
+            if !left {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// Names of the cgroups under this backend that start with `prefix` (an agent's own).
+    pub fn named(&self, prefix: &str) -> Vec<String> {
+        let Some(base) = self.dirs("").into_iter().next() else {
+            return vec![];
+        };
+        fs::read_dir(base)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(prefix))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 

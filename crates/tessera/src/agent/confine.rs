@@ -435,6 +435,17 @@ fn become_init() -> std::io::Result<()> {
     // so that the shim sees the exec of the program, not the end of the init.
     // SAFETY: close_range takes integers; the init uses no descriptor above 2.
     unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    // If the shim dies (killed, or its host's OOM killer), the init dies with it, and with the
+    // init everything in the namespace: no workload outlives the supervisor that enforces its
+    // lease. Set after the credentials changed (a change clears it); a shim already gone by
+    // then shows as a new parent.
+    let shim = nix::unistd::getppid();
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and touches no memory of ours.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    if nix::unistd::getppid() != shim {
+        // SAFETY: ends the init without unwinding into the parent's stack.
+        unsafe { libc::_exit(128 + libc::SIGKILL) }
+    }
     loop {
         let mut status = 0;
         // SAFETY: waitpid writes the status into the integer we own.

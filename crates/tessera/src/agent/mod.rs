@@ -280,7 +280,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     });
 
     adopt(&shared, &runs_dir);
-    spawn_pruner(runs_dir.clone(), config.keep_runs);
+    spawn_pruner(shared.clone(), config.clone(), backend.clone());
     let mut seq = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -461,16 +461,43 @@ fn watch_adopted(shared: Arc<Shared>, key: String, pid: i32) {
     });
 }
 
-/// Removes the run dirs of replicas whose end the controller recorded (`acked`) longer ago than
-/// `keep`, once a minute: output of ended work must not fill the node's disk.
-fn spawn_pruner(runs_dir: PathBuf, keep: Duration) {
+/// Once a minute (and at start): removes the run dirs of replicas whose end the controller
+/// recorded (`acked`) longer ago than `--keep-runs`, so that output of ended work does not fill
+/// the node's disk; and the cgroups of this agent that belong to no running replica (left by a
+/// fork-heavy workload that outlived the first removal, or by an agent that died).
+fn spawn_pruner(shared: Arc<Shared>, config: AgentConfig, backend: Backend) {
+    let keep = config.keep_runs;
     tokio::spawn(async move {
         loop {
-            let dir = runs_dir.clone();
-            let _ = tokio::task::spawn_blocking(move || prune_runs(&dir, keep)).await;
+            let (shared, config, backend) = (shared.clone(), config.clone(), backend.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                prune_runs(&shared.runs_dir, keep);
+                sweep_cgroups(&shared, &config, &backend);
+            })
+            .await;
             tokio::time::sleep(Duration::from_secs(60).min(keep.max(Duration::from_secs(1)))).await;
         }
     });
+}
+
+fn sweep_cgroups(shared: &Shared, config: &AgentConfig, backend: &Backend) {
+    let prefix = cgroup_name(config, "");
+    // Held while sweeping: a replica being started holds it too, so its new cgroup is not taken
+    // for a stale one.
+    let runs = shared.runs.lock().unwrap_or_else(|e| e.into_inner());
+    for name in backend.named(&prefix) {
+        let key = &name[prefix.len()..];
+        let live = runs
+            .get(key)
+            .is_some_and(|r| r.status.phase == RunPhase::Running);
+        if !live {
+            if backend.remove(&name) {
+                tracing::info!("removed the stale cgroup {name}");
+            } else {
+                tracing::warn!("the stale cgroup {name} could not be removed");
+            }
+        }
+    }
 }
 
 fn prune_runs(runs_dir: &Path, keep: Duration) {
@@ -570,7 +597,9 @@ fn converge(
         {
             runs.remove(key);
             let _ = std::fs::write(shared.runs_dir.join(key).join("acked"), "");
-            backend.remove(&cgroup_name(config, key));
+            if !backend.remove(&cgroup_name(config, key)) {
+                tracing::warn!("{key}: its cgroup could not be removed yet; retried later");
+            }
             let _ = std::fs::remove_file(gpu::slice_region(config, key));
         }
     }

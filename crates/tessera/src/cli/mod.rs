@@ -620,7 +620,7 @@ pub fn jobs(c: &Client, a: &JobsArgs) -> anyhow::Result<()> {
             ],
             jobs.iter()
                 .map(|j| {
-                    let mut reason = j.reason.clone();
+                    let mut reason = printable(&j.reason);
                     if reason.chars().count() > 70 {
                         reason = reason.chars().take(67).collect::<String>() + "...";
                     }
@@ -642,6 +642,20 @@ pub fn jobs(c: &Client, a: &JobsArgs) -> anyhow::Result<()> {
     })
 }
 
+/// Text from the pool as a terminal may show it: control characters (a job's command may hold
+/// escape sequences that move the cursor or retitle the window) are written as escapes.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 pub fn describe_job(c: &Client, id: u64) -> anyhow::Result<()> {
     let job = c.get(&format!("/v1/jobs/{id}"))?;
     let events = c.get(&format!("/v1/jobs/{id}/events"))?;
@@ -654,7 +668,7 @@ pub fn describe_job(c: &Client, id: u64) -> anyhow::Result<()> {
             j.project, j.owner, j.priority
         );
         println!("State:      {}", format!("{:?}", j.state).to_lowercase());
-        println!("Reason:     {}", j.reason);
+        println!("Reason:     {}", printable(&j.reason));
         println!(
             "Resources:  {} replica(s), each gpu {} cpu {} memory {}{}",
             replicas_text(&j),
@@ -670,7 +684,7 @@ pub fn describe_job(c: &Client, id: u64) -> anyhow::Result<()> {
                 String::new()
             }
         );
-        println!("Command:    {}", j.command.join(" "));
+        println!("Command:    {}", printable(&j.command.join(" ")));
         println!("Attempt:    {}   Restarts: {}", j.attempt, j.restarts);
         if !j.assignments.is_empty() {
             println!("Replicas:");
@@ -690,8 +704,8 @@ pub fn describe_job(c: &Client, id: u64) -> anyhow::Result<()> {
             println!(
                 "  {:>6}  {:<14} {}",
                 age(e["ts_ms"].as_u64().unwrap_or(0)),
-                e["kind"].as_str().unwrap_or(""),
-                e["message"].as_str().unwrap_or("")
+                printable(e["kind"].as_str().unwrap_or("")),
+                printable(e["message"].as_str().unwrap_or(""))
             );
         }
         Ok(())
@@ -741,7 +755,11 @@ pub fn cancel(c: &Client, ids: &[u64]) -> anyhow::Result<()> {
     }
     c.print(&Value::Array(all.clone()), |_| {
         for j in &all {
-            println!("job {}: {}", j["id"], j["reason"].as_str().unwrap_or(""));
+            println!(
+                "job {}: {}",
+                j["id"],
+                printable(j["reason"].as_str().unwrap_or(""))
+            );
         }
         Ok(())
     })
@@ -755,7 +773,11 @@ pub fn migrate(c: &Client, id: u64, to: Option<&str>) -> anyhow::Result<()> {
     };
     let j = c.post(&format!("/v1/jobs/{id}/migrate"), body)?;
     c.print(&j, |j| {
-        println!("job {}: {}", j["id"], j["reason"].as_str().unwrap_or(""));
+        println!(
+            "job {}: {}",
+            j["id"],
+            printable(j["reason"].as_str().unwrap_or(""))
+        );
         Ok(())
     })
 }
@@ -1261,6 +1283,15 @@ pub fn token(c: &Client, cmd: TokenCmd) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_shown_as_escapes() {
+        assert_eq!(
+            printable("a\u{1b}]0;pwned\u{7}b"),
+            "a\\u{1b}]0;pwned\\u{7}b"
+        );
+        assert_eq!(printable("line\nnext ünï"), "line\\nnext ünï");
+    }
 
     #[test]
     fn csv_puts_the_key_first_quotes_what_needs_it_and_ends_with_the_total() {

@@ -78,6 +78,16 @@ impl Default for Metrics {
     }
 }
 
+/// A sample value with `places` decimals; what rounds to zero is written without a sign (a `-0.0`
+/// reads as a fault to people and to some scrapers).
+fn decimal(v: f64, places: usize) -> String {
+    let text = format!("{v:.places$}");
+    match text.strip_prefix('-') {
+        Some(digits) if digits.chars().all(|c| c == '0' || c == '.') => digits.to_string(),
+        _ => text,
+    }
+}
+
 fn esc(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -154,9 +164,9 @@ pub async fn scrape(AxState(ctl): S) -> impl IntoResponse {
         for (name, n) in &s.nodes {
             let _ = writeln!(
                 out,
-                "tessera_agent_last_heartbeat_age_seconds{{node=\"{}\"}} {:.3}",
+                "tessera_agent_last_heartbeat_age_seconds{{node=\"{}\"}} {}",
                 esc(name),
-                now.saturating_sub(n.last_seen_ms) as f64 / 1000.0
+                decimal(now.saturating_sub(n.last_seen_ms) as f64 / 1000.0, 3)
             );
             let _ = writeln!(
                 out,
@@ -220,11 +230,11 @@ fn devices(
             );
             const MIB: u64 = 1 << 20;
             let values = [
-                format!("{:.1}", d.util_pct),
+                decimal(d.util_pct, 1),
                 (d.memory_used_bytes / MIB).to_string(),
                 (d.memory_total_bytes.saturating_sub(d.memory_used_bytes) / MIB).to_string(),
                 (d.memory_total_bytes / MIB).to_string(),
-                format!("{:.3}", d.power_mw as f64 / 1000.0),
+                decimal(d.power_mw as f64 / 1000.0, 3),
             ];
             for (k, v) in values.into_iter().enumerate() {
                 lines[k].push(format!("{}{{{labels}}} {v}", DCGM[k].0));
@@ -275,10 +285,10 @@ fn devices(
                 u.simulated
             );
             let values = [
-                format!("{:.1}", u.gpu_util_pct),
+                decimal(u.gpu_util_pct, 1),
                 u.gpu_memory_bytes.to_string(),
                 r.gpu_milli().to_string(),
-                format!("{:.3}", u.energy_mj as f64 / 1000.0),
+                decimal(u.energy_mj as f64 / 1000.0, 3),
             ];
             for (k, v) in values.into_iter().enumerate() {
                 lines[k].push(format!("{}{{{labels}}} {v}", WORKLOAD[k].0));
@@ -316,8 +326,22 @@ fn devices(
         );
         let _ = writeln!(
             out,
-            "tessera_project_power_watts{{project=\"{}\"}} {power:.3}",
-            esc(p)
+            "tessera_project_power_watts{{project=\"{}\"}} {}",
+            esc(p),
+            decimal(power, 3)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_negative_zero_is_written_as_zero() {
+        assert_eq!(decimal(-0.0, 3), "0.000");
+        assert_eq!(decimal(-0.0001, 1), "0.0");
+        assert_eq!(decimal(2.25, 1), "2.2");
+        assert_eq!(decimal(-1.5, 1), "-1.5");
     }
 }
