@@ -46,6 +46,21 @@ pub fn random_secret() -> String {
     random_hex(32)
 }
 
+/// The secret the controller shows node `node`'s agent when it calls it (for logs): derived from
+/// the controller's own key, so the store never holds it (a copy of the store opens no agent).
+pub fn callback_secret(key: &[u8], node: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(b"tessera-callback:");
+    mac.update(node.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Compares two secrets in time that does not depend on where they differ.
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Makes a new random token and its hash.
 pub fn new_token() -> NewToken {
     let id = random_hex(6);

@@ -23,7 +23,9 @@ pub struct RegisterRequest {
     pub simulated: bool,
     /// Where the agent serves logs (`http://host:port`).
     pub address: String,
-    /// What the controller must show when it calls the agent.
+    /// Not used: the controller derives the secret it shows the agent and sends it back in
+    /// the answer (kept so that older agents still register).
+    #[serde(default)]
     pub callback_secret: String,
     /// How the node confines workloads, in words (`tessera nodes` shows it).
     #[serde(default)]
@@ -36,6 +38,9 @@ pub struct RegisterResponse {
     /// when it re-registered with its own credential.
     pub token: Option<String>,
     pub lease_ms: u64,
+    /// What the controller will show when it calls the agent (kept in the agent's memory only).
+    #[serde(default)]
+    pub callback_secret: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -433,8 +433,6 @@ pub struct Node {
     pub simulated: bool,
     /// Where the agent serves logs.
     pub address: String,
-    /// The secret the controller shows the agent when it fetches logs.
-    pub callback_secret: String,
     pub cordoned: bool,
     pub health: NodeHealth,
     pub registered_ms: u64,

@@ -52,6 +52,8 @@ const MIGRATIONS: &[&str] = &[
                          detail TEXT NOT NULL);
      CREATE INDEX audit_ts ON audit(ts_ms);
      CREATE INDEX audit_job ON audit(job);",
+    // Agents' callback secrets are derived from the controller's key, no longer stored.
+    "UPDATE nodes SET doc = json_remove(doc, '$.callback_secret');",
 ];
 
 /// Opens (creating if needed) and migrates the store.

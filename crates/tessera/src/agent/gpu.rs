@@ -53,12 +53,13 @@ pub fn device_env(
         return Ok(env);
     };
     let dir = gpu_dir(config);
-    std::fs::create_dir_all(&dir)?;
+    // Passable, not listable, by workloads (the agent's umask makes new directories private).
+    crate::controller::restrict(&dir, 0o711)?;
     if config.devices.simulated {
         match find_library("TESSERA_FAKECUDA_LIBRARY", "libcuda.so") {
             Some(lib) => {
                 let libdir = dir.join("lib");
-                std::fs::create_dir_all(&libdir)?;
+                crate::controller::restrict(&libdir, 0o755)?;
                 // The simulated driver also answers NVML's memory calls.
                 for name in ["libcuda.so.1", "libnvidia-ml.so.1"] {
                     let link = libdir.join(name);
@@ -139,7 +140,7 @@ pub fn confined_paths(
     let mut paths = Vec::new();
     let dir = gpu_dir(config);
     if let Some(sim) = env.get("TESSERA_FAKECUDA_DIR").map(PathBuf::from) {
-        std::fs::create_dir_all(&sim)?;
+        crate::controller::restrict(&sim, 0o711)?;
         let memory = config.devices.devices.first().map_or(0, |d| d.memory_bytes);
         for i in 0..config.devices.devices.len() {
             let device = sim.join(format!("device{i}"));

@@ -72,7 +72,6 @@ struct Credential {
     node: String,
     controller: String,
     token: String,
-    callback_secret: String,
 }
 
 /// A workload this agent knows about.
@@ -86,7 +85,9 @@ struct Shared {
     runs: Mutex<BTreeMap<String, Run>>,
     exited: Notify,
     runs_dir: PathBuf,
-    callback_secret: String,
+    /// SHA-256 of what the controller shows when it calls (set at registration; the secret
+    /// itself is never written to disk).
+    callback_hash: std::sync::OnceLock<[u8; 32]>,
     /// The controller, for checkpoints (set once the agent has its credential).
     remote: std::sync::OnceLock<checkpoint::Remote>,
     /// The keys the controller last wanted here (a replica stopped while its checkpoint was
@@ -121,6 +122,10 @@ fn is_our_shim(pid: i32, key: &str) -> bool {
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    // What the agent creates is its own (0600 files, 0700 directories) unless it opens a path
+    // to workloads on purpose; each shim gives its workload the usual 022.
+    // SAFETY: umask only sets the process's file mode mask.
+    unsafe { libc::umask(0o077) };
     let root = config.data_dir.join("agent");
     let runs_dir = root.join("runs");
     std::fs::create_dir_all(&runs_dir)
@@ -157,15 +162,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .filter(|c: &Credential| c.node == config.name && c.controller == config.controller);
-    let callback_secret = existing
-        .as_ref()
-        .map(|c| c.callback_secret.clone())
-        .unwrap_or_else(crate::auth::random_secret);
     let shared = Arc::new(Shared {
         runs: Mutex::new(BTreeMap::new()),
         exited: Notify::new(),
         runs_dir: runs_dir.clone(),
-        callback_secret: callback_secret.clone(),
+        callback_hash: std::sync::OnceLock::new(),
         remote: std::sync::OnceLock::new(),
         wanted: Mutex::new(BTreeSet::new()),
         replica_sets: Mutex::new(BTreeMap::new()),
@@ -208,7 +209,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         devices: config.devices.devices.clone(),
         simulated: config.devices.simulated,
         address,
-        callback_secret: callback_secret.clone(),
+        callback_secret: String::new(),
         confinement: if config.transparent_unconfined {
             format!(
                 "{}; transparent (CRIU) replicas UNCONFINED, allowed by the admin",
@@ -218,7 +219,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             config.confinement.describe()
         },
     };
-    let token = match existing {
+    let (token, callback) = match existing {
         Some(c) => {
             let resp = post::<RegisterResponse>(
                 &http,
@@ -243,7 +244,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     e
                 }
             })?;
-            resp.token.unwrap_or(c.token)
+            (resp.token.unwrap_or(c.token), resp.callback_secret)
         }
         None => {
             let Some(join) = &config.join_token else {
@@ -266,12 +267,20 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     node: config.name.clone(),
                     controller: config.controller.clone(),
                     token: token.clone(),
-                    callback_secret: callback_secret.clone(),
                 })?,
             )?;
-            token
+            (token, resp.callback_secret)
         }
     };
+    if callback.is_empty() {
+        bail!("the controller gave no callback secret; run the same version of tessera on both");
+    }
+    {
+        use sha2::Digest;
+        let _ = shared
+            .callback_hash
+            .set(sha2::Sha256::digest(callback.as_bytes()).into());
+    }
     tracing::info!("node {} registered with {}", config.name, config.controller);
     let _ = shared.remote.set(checkpoint::Remote {
         http: http.clone(),
@@ -810,8 +819,11 @@ const REPLICA_SET_FILE: &str = "replicas.json";
 
 /// Replaces the replica-set file whole (write, then rename), so a reader never sees half of it.
 fn write_replica_set(dir: &Path, set: &crate::protocol::ReplicaSet) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let tmp = dir.join(format!("{REPLICA_SET_FILE}.tmp"));
     std::fs::write(&tmp, serde_json::to_vec_pretty(set)?)?;
+    // The workload reads it (the agent's umask would make it private).
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
     std::fs::rename(&tmp, dir.join(REPLICA_SET_FILE))
 }
 
@@ -888,7 +900,9 @@ fn start(
     dir: &Path,
     restored: Restored,
 ) -> anyhow::Result<Started> {
-    std::fs::create_dir_all(dir)?;
+    // The workload passes through its run dir to its work, checkpoint and temp dirs (its own);
+    // it cannot list it, and the agent's files in it are 0600.
+    crate::controller::restrict(dir, 0o711)?;
     crate::controller::write_file(
         &dir.join("assignment.json"),
         &serde_json::to_string(a)?,
@@ -1126,7 +1140,14 @@ async fn serve_logs(
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == shared.callback_secret);
+        .is_some_and(|t| {
+            use sha2::Digest;
+            let presented: [u8; 32] = sha2::Sha256::digest(t.as_bytes()).into();
+            shared
+                .callback_hash
+                .get()
+                .is_some_and(|h| crate::auth::same_secret(h, &presented))
+        });
     if !ok {
         return answer(
             StatusCode::UNAUTHORIZED,

@@ -155,6 +155,9 @@ fn spawn(
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
+            // The agent's private umask (which the shim keeps for its own files) is not the
+            // workload's: its files get the usual 0644 and 0755.
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
             for p in &procs {
                 fs::write(p, "0")?;
             }

@@ -44,12 +44,13 @@ pub async fn register(
         return Err(ApiError::bad("confinement: at most 500 characters"));
     }
     check_address(&req.address)?;
-    if req.callback_secret.is_empty() || req.callback_secret.len() > 256 {
+    if req.callback_secret.len() > 256 {
         return Err(
-            ApiError::bad("callback_secret: give the agent's secret, 1 to 256 characters")
+            ApiError::bad("callback_secret: at most 256 characters (it is not used)")
                 .with_field("callback_secret"),
         );
     }
+    let node_name = req.name.clone();
     let joining = match &caller.0 {
         Principal::Join { token_id } => Some(token_id.clone()),
         Principal::Agent { node } if *node == req.name => None,
@@ -105,7 +106,6 @@ pub async fn register(
                 spec,
                 simulated: req.simulated,
                 address: req.address,
-                callback_secret: req.callback_secret,
                 cordoned: old.as_ref().is_some_and(|o| o.cordoned),
                 health: old.as_ref().map_or(NodeHealth::Ready, |o| o.health),
                 registered_ms: now,
@@ -150,7 +150,12 @@ pub async fn register(
             Ok(token)
         })
         .await?;
-    Ok(Json(RegisterResponse { token, lease_ms }))
+    let callback_secret = crate::auth::callback_secret(&ctl.callback_key, &node_name);
+    Ok(Json(RegisterResponse {
+        token,
+        lease_ms,
+        callback_secret,
+    }))
 }
 
 /// What node `name` should run now, and the revision of that set.

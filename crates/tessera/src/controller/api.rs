@@ -689,7 +689,7 @@ pub async fn job_logs(
         Ok((
             format!("{id}.{attempt}.{replica}"),
             n.address.clone(),
-            n.callback_secret.clone(),
+            crate::auth::callback_secret(&ctl.callback_key, &node),
             done || job.state.is_final(),
         ))
     })?;
@@ -777,6 +777,9 @@ pub struct NodeView {
     /// How its agent confines workloads (`confined (uids …)`, or why not).
     #[serde(default)]
     pub confinement: String,
+    /// Where its agent serves (the controller calls it for logs).
+    #[serde(default)]
+    pub address: String,
     pub devices: Vec<DeviceView>,
     pub gpu_allocated_milli: u64,
     pub cpu_allocated_milli: u64,
@@ -827,6 +830,7 @@ fn node_view(s: &State, name: &str) -> Option<NodeView> {
         labels: n.spec.labels.clone(),
         checkpoint: checkpoint_kinds(&n.spec.labels),
         confinement: n.confinement.clone(),
+        address: n.address.clone(),
         gpu_allocated_milli: used.iter().map(|&u| u64::from(u)).sum(),
         devices: n
             .spec

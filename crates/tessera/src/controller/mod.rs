@@ -84,6 +84,9 @@ pub struct Controller {
     pub telemetry: std::sync::Mutex<telemetry::Telemetry>,
     /// Open connections of the API and of the gateway (see [`limits`]).
     pub connections: [(&'static str, Arc<limits::Connections>); 2],
+    /// The key agents' callback secrets are derived from (see [`crate::auth::callback_secret`]);
+    /// kept in its own file, not in the store.
+    pub callback_key: Vec<u8>,
 }
 
 pub type Ctl = Arc<Controller>;
@@ -422,6 +425,43 @@ pub fn restrict(dir: &Path, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("setting the mode of {}", dir.display()))
 }
 
+/// Makes the store's files and the controller's own files private where an older version (or
+/// another umask) left them readable: `tessera.db*`, blobs, keys.
+fn restrict_existing(data_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        if name.starts_with("tessera.db") || name == "callback.key" {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("setting the mode of {}", path.display()))?;
+        } else if name == "blobs" {
+            restrict(&path, 0o700)?;
+        }
+    }
+    Ok(())
+}
+
+/// The controller's key for derived secrets: 32 random bytes in a 0600 file, made on first use.
+fn load_or_make_key(path: &Path) -> anyhow::Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(key) if key.len() >= 32 => Ok(key),
+        Ok(_) => anyhow::bail!(
+            "{} is shorter than a key; remove it (agents then register again with a new one)",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = crate::auth::random_secret();
+            write_private(path, &key)?;
+            Ok(key.into_bytes())
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 /// A running controller.
 pub struct Running {
     pub ctl: Ctl,
@@ -457,6 +497,15 @@ pub async fn read_store<T: Send + 'static>(
 pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
+    // The store and everything beside it are the controller's alone: files it creates are
+    // 0600 and directories 0700 (a workload's own files get the usual 022 from its shim).
+    // SAFETY: umask only sets the process's file mode mask.
+    unsafe { libc::umask(0o077) };
+    // Under `tessera up` the agent, sharing the data dir, opens it to 0711 for workloads to
+    // pass through to the simulated driver.
+    restrict(&config.data_dir, 0o700)?;
+    restrict_existing(&config.data_dir)?;
+    let callback_key = load_or_make_key(&config.data_dir.join("callback.key"))?;
     let db_path = config.store_path();
     let conn = store::open(&db_path)?;
     let state = store::load(&conn, now_ms())?;
@@ -473,6 +522,7 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
         config: config.clone(),
         gateway: Arc::new(gateway::Gateway::new(config.gateway_body_budget)),
         telemetry: Default::default(),
+        callback_key,
         connections: ["api", "gateway"].map(|name| {
             let c = limits::Connections::new(
                 config.max_connections,
