@@ -110,6 +110,20 @@ impl ProjectPolicy {
 }
 
 impl State {
+    /// The next job id: above every id of the store and every id ever given.
+    pub fn take_job_id(&mut self) -> std::io::Result<u64> {
+        let floor = self
+            .id_ceiling
+            .as_ref()
+            .map_or(0, IdCeiling::given)
+            .max(self.next_job_id);
+        let id = floor + 1;
+        if let Some(c) = self.id_ceiling.as_mut() {
+            c.record(id)?;
+        }
+        Ok(id)
+    }
+
     /// The placement rules of a project: its policy and its ancestors', the nearer ancestor's
     /// residency label winning none (a conflict leaves nothing allowed, which describe shows).
     pub fn placement_rules(&self, project: &str) -> tessera_sched::PlacementRules {
@@ -515,6 +529,59 @@ pub struct IdleCount {
     pub idle_gpu_milli_ms: u64,
 }
 
+/// Job ids are never given twice, even after the store is restored from an older copy (a
+/// reused id would reuse replica keys that agents have already run): the highest id given is
+/// also kept in a file beside the store, not in it, so that a restored store does not roll it
+/// back. It is written with every id (one small write, not synced: a restore is an admin's act
+/// long after the page cache reached the disk, and after a crash the store's own ids count).
+#[derive(Debug)]
+pub struct IdCeiling {
+    file: std::fs::File,
+    given: u64,
+}
+
+impl IdCeiling {
+    /// Opens (creating) the record at `path`.
+    pub fn load(path: &std::path::Path) -> std::io::Result<IdCeiling> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)?;
+        let given = match text.trim() {
+            "" => 0,
+            t => t.parse().map_err(|_| {
+                std::io::Error::other(format!(
+                    "{} does not hold a job id; restore it, or remove it if the store is intact",
+                    path.display()
+                ))
+            })?,
+        };
+        Ok(IdCeiling { file, given })
+    }
+
+    /// The highest id given.
+    pub fn given(&self) -> u64 {
+        self.given
+    }
+
+    fn record(&mut self, id: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if id > self.given {
+            self.file
+                .write_all_at(format!("{id:020}\n").as_bytes(), 0)?;
+            self.given = id;
+        }
+        Ok(())
+    }
+}
+
 /// Events kept in memory per job (all are in the store).
 pub const EVENTS_PER_JOB: usize = 200;
 /// Requests remembered for the pool's shape history.
@@ -522,6 +589,9 @@ pub const SHAPE_HISTORY: usize = 2000;
 
 #[derive(Debug, Default)]
 pub struct State {
+    /// Where job ids are reserved (see [`IdCeiling`]); none in tests and benchmarks that make
+    /// a state in memory.
+    pub id_ceiling: Option<IdCeiling>,
     pub users: BTreeMap<String, User>,
     pub projects: BTreeMap<String, Project>,
     pub services: BTreeMap<String, Service>,

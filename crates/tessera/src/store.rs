@@ -606,6 +606,7 @@ fn reload(conn: &Connection, state: &mut State) -> anyhow::Result<()> {
     fresh.replica_usage = std::mem::take(&mut state.replica_usage);
     fresh.usage_history = std::mem::take(&mut state.usage_history);
     fresh.replica_idle = std::mem::take(&mut state.replica_idle);
+    fresh.id_ceiling = state.id_ceiling.take();
     *state = fresh;
     Ok(())
 }

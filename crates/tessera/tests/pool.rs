@@ -2830,7 +2830,13 @@ fn concurrent_conflicting_writes_on_every_resource_never_wedge_the_controller() 
     assert_eq!(health["store"]["faults"], 0, "{health}");
     // The writer goes on, and what memory says is what the store holds.
     assert_eq!(pool.post("/v1/jobs", job, &pool.admin).0, 201);
-    let before = resources(&pool);
+    // Once the services' reconciler has made the replicas the last scaling asked for.
+    let mut before = resources(&pool);
+    pool.wait_for("the pool to settle", || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = resources(&pool);
+        std::mem::replace(&mut before, now) == before
+    });
     pool.restart_controller();
     assert_eq!(resources(&pool), before);
 }
@@ -3489,4 +3495,104 @@ fn the_store_and_the_agents_files_are_private_and_hold_no_agent_secret() {
         .send()
         .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
+}
+
+impl Pool {
+    /// Kills the controller (SIGKILL) and leaves it down.
+    fn kill_controller(&mut self) {
+        let mut c = self.controller.take().unwrap();
+        let _ = c.0.kill();
+        let _ = c.0.wait();
+    }
+
+    fn start_controller_again(&mut self) {
+        assert!(self.start_controller().is_none());
+        self.wait_for("the controller", || {
+            self.http
+                .get(format!("{}/healthz", self.url))
+                .send()
+                .is_ok()
+        });
+    }
+}
+
+#[test]
+fn a_restored_store_never_gives_a_job_id_twice_and_a_lost_store_is_not_bootstrapped_over() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let store = pool.path("controller");
+    let files = ["tessera.db", "tessera.db-wal", "tessera.db-shm"];
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for f in files {
+            let _ = std::fs::remove_file(to.join(f));
+            if from.join(f).exists() {
+                std::fs::copy(from.join(f), to.join(f)).unwrap();
+            }
+        }
+    };
+    let a = pool.submit("default", 0.0, 1, 50, "echo a");
+    pool.wait_state(a, "succeeded");
+    // A backup of the store, then more work that the backup does not know.
+    pool.kill_controller();
+    let backup = pool.path("backup");
+    copy(&store, &backup);
+    pool.start_controller_again();
+    let b = pool.submit("default", 0.0, 1, 50, "echo b");
+    pool.wait_state(b, "succeeded");
+
+    // The store restored from the backup: ids go on above every id given, and jobs run.
+    pool.kill_controller();
+    copy(&backup, &store);
+    pool.start_controller_again();
+    let c = pool.submit("default", 0.0, 1, 50, "echo c");
+    assert_eq!(c, b + 1, "job id {c}: b was {b}");
+    pool.wait_state(c, "succeeded");
+    assert_eq!(logs(&pool, c), "c\n");
+
+    // Restored with the id record too: an id is given again, but the node that ran its replica
+    // key never runs it twice; the job goes on under a new attempt.
+    pool.kill_controller();
+    copy(&backup, &store);
+    std::fs::remove_file(store.join("job-ids")).unwrap();
+    pool.start_controller_again();
+    let d = pool.submit("default", 0.0, 1, 50, "echo d");
+    assert_eq!(d, b, "the old store's next id");
+    let done = pool.wait_state(d, "succeeded");
+    assert!(done["attempt"].as_u64().unwrap() >= 2, "{done}");
+    assert_eq!(logs(&pool, d), "d\n");
+    let requeued = events(&pool, d);
+    assert!(
+        requeued.iter().any(|e| e["kind"] == "Requeued"
+            && e["message"]
+                .as_str()
+                .unwrap()
+                .contains("already ran this replica key")),
+        "{requeued:?}"
+    );
+
+    // An emptied store beside an earlier pool's state is refused, saying what to do.
+    pool.kill_controller();
+    std::fs::write(store.join("tessera.db"), b"").unwrap();
+    for f in ["tessera.db-wal", "tessera.db-shm"] {
+        let _ = std::fs::remove_file(store.join(f));
+    }
+    let out = Command::new(bin())
+        .args(["controller", "--data-dir"])
+        .arg(&store)
+        .args(["--listen", &pool.listen, "--gateway-listen", "off"])
+        .env("TESSERA_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is missing or empty") && err.contains("restore tessera.db"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::metadata(store.join("tessera.db")).unwrap().len(),
+        0,
+        "nothing written"
+    );
 }

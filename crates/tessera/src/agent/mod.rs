@@ -654,7 +654,23 @@ fn converge(
     // Start what should, once: a key with a run directory was started before.
     for a in &resp.desired {
         let dir = shared.runs_dir.join(&a.key);
-        if runs.contains_key(&a.key) || dir.exists() {
+        if runs.contains_key(&a.key) {
+            continue;
+        }
+        if dir.exists() {
+            // This node ran that replica key to its end before: the controller's store was
+            // restored from an older copy. Never run a key twice; the job goes on under a new
+            // attempt (a new key).
+            tracing::warn!("{}: this key already ran here; reported back", a.key);
+            let mut run = without_shim(
+                &a.key,
+                RunPhase::Exited,
+                "this node already ran this replica key (the pool's store was restored from an \
+                 older copy?)",
+            );
+            run.status.interrupted = true;
+            runs.insert(a.key.clone(), run);
+            shared.exited.notify_one();
             continue;
         }
         if let (Some(_), Some(id), Some(remote)) = (&a.checkpoint, &a.resume, shared.remote.get()) {

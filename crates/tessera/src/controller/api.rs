@@ -331,7 +331,9 @@ pub async fn submit(
             s.acting = Some(user.clone());
             may_use_project(s, &user, role, &project)?;
             let now = now_ms();
-            let id = s.next_job_id + 1;
+            let id = s
+                .take_job_id()
+                .map_err(|e| ApiError::internal(format!("reserving a job id: {e}")))?;
             let job = Job::new(id, &user, def, now);
             let note = ("Submitted", format!("submitted by {user}"));
             s.remember_request(&job.def.spec.request);

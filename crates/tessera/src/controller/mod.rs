@@ -425,6 +425,39 @@ pub fn restrict(dir: &Path, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("setting the mode of {}", dir.display()))
 }
 
+/// A missing or empty store beside what an earlier pool left (its WAL, agent state, checkpoint
+/// blobs, reserved job ids, its key) is a lost store, not a new pool: bootstrapping an empty
+/// pool there would give agents' replica keys out again and orphan their work.
+fn refuse_a_lost_store(data_dir: &Path, db: &Path) -> anyhow::Result<()> {
+    let empty = std::fs::metadata(db).map_or(true, |m| m.len() == 0);
+    if !empty {
+        return Ok(());
+    }
+    let wal = db.with_file_name("tessera.db-wal");
+    let left: Vec<String> = [
+        wal.clone(),
+        data_dir.join("agent"),
+        data_dir.join("blobs"),
+        data_dir.join("job-ids"),
+        data_dir.join("callback.key"),
+    ]
+    .iter()
+    .filter(|p| std::fs::symlink_metadata(p).is_ok())
+    .map(|p| p.display().to_string())
+    .collect();
+    if left.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the store {} is missing or empty, but the data dir holds an earlier pool's state ({}). \
+         Its store was lost: restore tessera.db (with tessera.db-wal if it had one) from a \
+         backup and start again; or, to make a new pool, give an empty --data-dir (the old \
+         agents must then join the new pool afresh)",
+        db.display(),
+        left.join(", ")
+    )
+}
+
 /// Makes the store's files and the controller's own files private where an older version (or
 /// another umask) left them readable: `tessera.db*`, blobs, keys.
 fn restrict_existing(data_dir: &Path) -> anyhow::Result<()> {
@@ -505,10 +538,15 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
     // pass through to the simulated driver.
     restrict(&config.data_dir, 0o700)?;
     restrict_existing(&config.data_dir)?;
-    let callback_key = load_or_make_key(&config.data_dir.join("callback.key"))?;
+    refuse_a_lost_store(&config.data_dir, &config.store_path())?;
     let db_path = config.store_path();
     let conn = store::open(&db_path)?;
-    let state = store::load(&conn, now_ms())?;
+    let callback_key = load_or_make_key(&config.data_dir.join("callback.key"))?;
+    let mut state = store::load(&conn, now_ms())?;
+    state.id_ceiling = Some(
+        crate::state::IdCeiling::load(&config.data_dir.join("job-ids"))
+            .context("reading the highest job id given")?,
+    );
     let store = Store::start(conn, state);
     let first_admin_token = bootstrap(&store).await?;
     let ctl = Arc::new(Controller {

@@ -117,8 +117,10 @@ fn add_replica(
     replaces: Option<u64>,
     to: Option<String>,
     now: u64,
-) -> rusqlite::Result<u64> {
-    let id = s.next_job_id + 1;
+) -> Result<u64, ApiError> {
+    let id = s
+        .take_job_id()
+        .map_err(|e| ApiError::internal(format!("reserving a job id: {e}")))?;
     let mut job = Job::new(id, &svc.owner, svc.template.clone(), now);
     job.service = Some(svc.name.clone());
     job.replaces = replaces;
@@ -335,7 +337,7 @@ pub fn start_move(
         move_target(s, to)?;
     }
     let now = now_ms();
-    Ok(add_replica(c, s, &svc, Some(old_id), to, now)?)
+    add_replica(c, s, &svc, Some(old_id), to, now)
 }
 
 pub async fn move_replica(
@@ -523,7 +525,7 @@ fn plan(s: &State, gw: &Gateway, now: u64) -> Plan {
     p
 }
 
-fn apply(c: &rusqlite::Connection, s: &mut State, p: Plan, now: u64) -> rusqlite::Result<()> {
+fn apply(c: &rusqlite::Connection, s: &mut State, p: Plan, now: u64) -> Result<(), ApiError> {
     let drain = |c: &rusqlite::Connection, s: &mut State, id: u64, why: String| {
         let Some(mut job) = s.jobs.get(&id).cloned() else {
             return Ok(());
@@ -679,7 +681,7 @@ pub async fn run(ctl: Ctl) {
         }
         let r = ctl
             .store
-            .write(move |c, s| -> Result<(), ApiError> { Ok(apply(c, s, p, now_ms())?) })
+            .write(move |c, s| -> Result<(), ApiError> { apply(c, s, p, now_ms()) })
             .await;
         if let Err(e) = r {
             tracing::warn!("services: {e:?}");
