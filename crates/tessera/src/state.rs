@@ -504,8 +504,125 @@ impl TokenRecord {
 pub struct Event {
     pub job: u64,
     pub ts_ms: u64,
-    pub kind: String,
+    pub kind: EventKind,
     pub message: String,
+}
+
+/// What happened to a job. Stored and shown by name; the names are part of the API (`tessera
+/// describe`, the events endpoint, the dashboard). A kind that records a decision names its
+/// audit action here, so that a new kind cannot silently miss the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    Submitted,
+    Scheduled,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelling,
+    Cancelled,
+    Preempting,
+    Preempted,
+    Requeued,
+    Restarting,
+    ReplicaFailed,
+    Replica,
+    Ready,
+    Draining,
+    Migrating,
+    Migrated,
+    Grown,
+    Shrinking,
+    NodeLost,
+    Checkpoint,
+    CheckpointCorrupt,
+    IdleWarning,
+    IdleStop,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 24] = [
+        EventKind::Submitted,
+        EventKind::Scheduled,
+        EventKind::Running,
+        EventKind::Succeeded,
+        EventKind::Failed,
+        EventKind::Cancelling,
+        EventKind::Cancelled,
+        EventKind::Preempting,
+        EventKind::Preempted,
+        EventKind::Requeued,
+        EventKind::Restarting,
+        EventKind::ReplicaFailed,
+        EventKind::Replica,
+        EventKind::Ready,
+        EventKind::Draining,
+        EventKind::Migrating,
+        EventKind::Migrated,
+        EventKind::Grown,
+        EventKind::Shrinking,
+        EventKind::NodeLost,
+        EventKind::Checkpoint,
+        EventKind::CheckpointCorrupt,
+        EventKind::IdleWarning,
+        EventKind::IdleStop,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Submitted => "Submitted",
+            EventKind::Scheduled => "Scheduled",
+            EventKind::Running => "Running",
+            EventKind::Succeeded => "Succeeded",
+            EventKind::Failed => "Failed",
+            EventKind::Cancelling => "Cancelling",
+            EventKind::Cancelled => "Cancelled",
+            EventKind::Preempting => "Preempting",
+            EventKind::Preempted => "Preempted",
+            EventKind::Requeued => "Requeued",
+            EventKind::Restarting => "Restarting",
+            EventKind::ReplicaFailed => "ReplicaFailed",
+            EventKind::Replica => "Replica",
+            EventKind::Ready => "Ready",
+            EventKind::Draining => "Draining",
+            EventKind::Migrating => "Migrating",
+            EventKind::Migrated => "Migrated",
+            EventKind::Grown => "Grown",
+            EventKind::Shrinking => "Shrinking",
+            EventKind::NodeLost => "NodeLost",
+            EventKind::Checkpoint => "Checkpoint",
+            EventKind::CheckpointCorrupt => "CheckpointCorrupt",
+            EventKind::IdleWarning => "IdleWarning",
+            EventKind::IdleStop => "IdleStop",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// The audit action of an event that records a decision (`by_user`: a user's request made
+    /// it), or `None` for one that only reports.
+    pub fn audit_action(self, by_user: bool) -> Option<&'static str> {
+        use EventKind::*;
+        Some(match self {
+            Submitted => "submit",
+            Scheduled => "place",
+            Preempting => "preempt",
+            Migrating if by_user => "migrate",
+            Migrating => "consolidate",
+            Grown => "grow",
+            Shrinking => "shrink",
+            Cancelling => "cancel",
+            Cancelled if by_user => "cancel",
+            Requeued => "requeue",
+            IdleWarning => "idle-warning",
+            IdleStop => "idle-stop",
+            Running | Succeeded | Failed | Cancelled | Preempted | Restarting | ReplicaFailed
+            | Replica | Ready | Draining | Migrated | NodeLost | Checkpoint | CheckpointCorrupt => {
+                return None;
+            }
+        })
+    }
 }
 
 /// A service: its replicas are jobs with `service` set to its name.
@@ -720,5 +837,31 @@ impl State {
                     .collect(),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_kinds_are_stored_by_the_names_users_see_and_decisions_name_their_audit_action() {
+        for kind in EventKind::ALL {
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{}\"", kind.as_str()));
+            assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(
+            EventKind::parse("Scheduld"),
+            None,
+            "a misspelt kind is not a kind"
+        );
+        let action = |k: EventKind, by_user| k.audit_action(by_user);
+        assert_eq!(action(EventKind::Scheduled, false), Some("place"));
+        assert_eq!(action(EventKind::Migrating, true), Some("migrate"));
+        assert_eq!(action(EventKind::Migrating, false), Some("consolidate"));
+        assert_eq!(action(EventKind::Cancelled, true), Some("cancel"));
+        assert_eq!(action(EventKind::Cancelled, false), None);
+        assert_eq!(action(EventKind::Running, true), None);
     }
 }

@@ -141,15 +141,23 @@ pub fn load(conn: &Connection, now_ms: u64) -> anyhow::Result<State> {
          (SELECT COALESCE(MAX(seq), 0) FROM events) - 200000 ORDER BY seq",
     )?;
     let rows = stmt.query_map([], |r| {
-        Ok(Event {
-            job: r.get::<_, i64>(0)? as u64,
-            ts_ms: r.get::<_, i64>(1)? as u64,
-            kind: r.get(2)?,
-            message: r.get(3)?,
-        })
+        Ok((
+            r.get::<_, i64>(0)? as u64,
+            r.get::<_, i64>(1)? as u64,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+        ))
     })?;
-    for e in rows {
-        state.push_event(e?);
+    for row in rows {
+        let (job, ts_ms, kind, message) = row?;
+        let kind = crate::state::EventKind::parse(&kind)
+            .with_context(|| format!("job {job} has an event of unknown kind {kind:?}"))?;
+        state.push_event(Event {
+            job,
+            ts_ms,
+            kind,
+            message,
+        });
     }
     Ok(state)
 }
@@ -231,7 +239,12 @@ pub fn delete_checkpoint(c: &Connection, job: u64, replica: u32) -> rusqlite::Re
 
 pub fn add_event(c: &Connection, e: &Event) -> rusqlite::Result<()> {
     c.prepare_cached("INSERT INTO events (job, ts_ms, kind, message) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![e.job as i64, e.ts_ms as i64, e.kind, e.message])?;
+        .execute(params![
+            e.job as i64,
+            e.ts_ms as i64,
+            e.kind.as_str(),
+            e.message
+        ])?;
     Ok(())
 }
 

@@ -21,7 +21,9 @@ use crate::protocol::{
     Assignment, Member, RegisterRequest, RegisterResponse, ReplicaSet, ReplicaStatus, RunPhase,
     SyncRequest, SyncResponse,
 };
-use crate::state::{Job, Node, NodeHealth, ReplicaPhase, State, StopCause, TokenKind, parse_key};
+use crate::state::{
+    EventKind, Job, Node, NodeHealth, ReplicaPhase, State, StopCause, TokenKind, parse_key,
+};
 use crate::store;
 
 pub async fn register(
@@ -492,14 +494,14 @@ fn report(
                 .entry(job_id)
                 .or_insert_with(|| (job.clone(), Vec::new()));
             if let Some(text) = corrupt {
-                notes.push(("CheckpointCorrupt", text));
+                notes.push((EventKind::CheckpointCorrupt, text));
             }
             if apply_status(job, index, st, now) {
                 let what = match st.phase {
                     RunPhase::Running => format!("replica {index} started on {name}"),
                     RunPhase::Exited => format!("replica {index} on {name}: {}", st.message),
                 };
-                notes.push(("Replica", what));
+                notes.push((EventKind::Replica, what));
             }
         }
         // Replicas of this node that the agent no longer reports: stopped before they started,
@@ -530,13 +532,13 @@ fn report(
                     r.phase = ReplicaPhase::Exited;
                     r.exit_code = None;
                     notes.push((
-                        "Replica",
+                        EventKind::Replica,
                         format!("replica {index} is no longer known to the agent on {name}"),
                     ));
                 } else {
                     r.phase = ReplicaPhase::NotStarted;
                     notes.push((
-                        "Replica",
+                        EventKind::Replica,
                         format!("replica {index} was stopped before {name} started it"),
                     ));
                 }
@@ -656,7 +658,7 @@ pub async fn expire_leases(ctl: &Ctl) -> Option<u64> {
                         r.finished_ms = Some(now);
                     }
                     let mut notes = vec![(
-                        "NodeLost",
+                        EventKind::NodeLost,
                         format!(
                             "node {name} missed heartbeats for {} ms; its agent has stopped the \
                              replicas there",

@@ -1,5 +1,6 @@
 //! User-facing handlers under `/v1/`: thin edges over the store and the job lifecycle.
 
+use crate::state::EventKind;
 use std::collections::{BTreeMap, BTreeSet};
 
 use axum::Json;
@@ -177,13 +178,13 @@ pub fn save_job(
         .map(|(kind, message)| Event {
             job: job.id,
             ts_ms: now,
-            kind: kind.to_string(),
+            kind,
             message,
         })
         .collect();
     for e in &events {
         store::add_event(c, e)?;
-        if let Some((actor, action)) = decision(s.acting.as_deref(), &e.kind) {
+        if let Some((actor, action)) = decision(s.acting.as_deref(), e.kind) {
             super::audit::record(
                 c,
                 now,
@@ -245,22 +246,8 @@ pub fn save_job(
 /// The audit action of a job event that records a decision, and who made it: the user whose
 /// request it serves, else the scheduler (placements, preemptions, moves, resizes) or the
 /// controller (requeues after a node loss or drain, idle reclaim).
-fn decision(acting: Option<&str>, kind: &str) -> Option<(String, &'static str)> {
-    let action = match kind {
-        "Submitted" => "submit",
-        "Scheduled" => "place",
-        "Preempting" => "preempt",
-        "Migrating" if acting.is_some() => "migrate",
-        "Migrating" => "consolidate",
-        "Grown" => "grow",
-        "Shrinking" => "shrink",
-        "Cancelling" => "cancel",
-        "Cancelled" if acting.is_some() => "cancel",
-        "Requeued" => "requeue",
-        "IdleWarning" => "idle-warning",
-        "IdleStop" => "idle-stop",
-        _ => return None,
-    };
+fn decision(acting: Option<&str>, kind: EventKind) -> Option<(String, &'static str)> {
+    let action = kind.audit_action(acting.is_some())?;
     let by_scheduler = matches!(
         action,
         "place" | "preempt" | "consolidate" | "grow" | "shrink"
@@ -335,7 +322,7 @@ pub async fn submit(
                 .take_job_id()
                 .map_err(|e| ApiError::internal(format!("reserving a job id: {e}")))?;
             let job = Job::new(id, &user, def, now);
-            let note = ("Submitted", format!("submitted by {user}"));
+            let note = (EventKind::Submitted, format!("submitted by {user}"));
             s.remember_request(&job.def.spec.request);
             save_job(c, s, job, vec![note], now)?;
             s.next_job_id = id;
@@ -490,11 +477,11 @@ pub fn cancel(job: &mut Job, by: &str, now: u64) -> Vec<Note> {
         job.state = JobState::Cancelled;
         job.reason = format!("cancelled by {by} before it started");
         job.finished_ms = Some(now);
-        notes.push(("Cancelled", job.reason.clone()));
+        notes.push((EventKind::Cancelled, job.reason.clone()));
     } else if !matches!(job.stop, Some(StopCause::Cancel { .. })) {
         job.stop = Some(StopCause::Cancel { by: by.to_string() });
         notes.push((
-            "Cancelling",
+            EventKind::Cancelling,
             format!("{by} asked to cancel; stopping its replicas"),
         ));
         notes.extend(settle(job, now));
@@ -602,7 +589,7 @@ pub async fn migrate_job(
             let now = now_ms();
             let target = b.to.as_ref().map_or(String::new(), |n| format!(" to {n}"));
             let mut notes = vec![(
-                "Migrating",
+                EventKind::Migrating,
                 format!("{user} asked to move the job{target}; stopping its replicas"),
             )];
             job.reason = format!("moving{target} at the request of {user}; stopping it first");
@@ -911,7 +898,8 @@ async fn set_cordon(
                     {
                         let mut job = job.clone();
                         job.stop = Some(StopCause::Drain { node: n.clone() });
-                        let mut notes = vec![("Requeued", format!("{admin} drains node {n}"))];
+                        let mut notes =
+                            vec![(EventKind::Requeued, format!("{admin} drains node {n}"))];
                         notes.extend(settle(&mut job, now));
                         changed.push((job, notes));
                     }

@@ -183,7 +183,7 @@ pub async fn put_checkpoint(
             let e = Event {
                 job: m.job,
                 ts_ms: m.created_ms,
-                kind: "Checkpoint".into(),
+                kind: crate::state::EventKind::Checkpoint,
                 message: format!(
                     "replica {} saved checkpoint {} ({} files, {} bytes)",
                     m.replica,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::lifecycle::settle;
 use super::{ApiError, Ctl, api::save_job, now_ms};
-use crate::state::{ReplicaPhase, State, StopCause};
+use crate::state::{EventKind, ReplicaPhase, State, StopCause};
 
 /// A reading older than this says nothing about now.
 const STALE_MS: u64 = 30_000;
@@ -146,7 +146,7 @@ pub async fn run(ctl: Ctl, every: Duration) {
                         } => (
                             job,
                             vec![(
-                                "IdleWarning",
+                                EventKind::IdleWarning,
                                 format!(
                                     "its GPUs have been idle for {} s; it will be stopped in {} s \
                                      unless they are used",
@@ -158,7 +158,7 @@ pub async fn run(ctl: Ctl, every: Duration) {
                         Action::Stop { job, idle_ms } => (
                             job,
                             vec![(
-                                "IdleStop",
+                                EventKind::IdleStop,
                                 format!(
                                     "its GPUs were idle for {} s: stopped by its project's idle \
                                      policy",

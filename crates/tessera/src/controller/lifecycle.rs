@@ -3,7 +3,7 @@
 
 use crate::manifest::RestartPolicy;
 use crate::protocol::{ReplicaStatus, RunPhase, exit_words};
-use crate::state::{Job, JobState, Replica, ReplicaPhase, StopCause};
+use crate::state::{EventKind, Job, JobState, Replica, ReplicaPhase, StopCause};
 
 /// How long a job whose replica was interrupted by its node waits before it is placed again.
 const INTERRUPTED_WAIT_MS: u64 = 5_000;
@@ -12,7 +12,7 @@ const INTERRUPTED_WAIT_MS: u64 = 5_000;
 const MAX_BACKOFF_MS: u64 = 60_000;
 
 /// An event to record: (kind, message).
-pub type Note = (&'static str, String);
+pub type Note = (EventKind, String);
 
 /// Backoff before restart number `restarts` (1, 2, 4, ... seconds, at most a minute).
 pub fn backoff_ms(restarts: u32) -> u64 {
@@ -82,7 +82,7 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                 replica: r.index,
                 exit_code: code,
             });
-            notes.push(("ReplicaFailed", text));
+            notes.push((EventKind::ReplicaFailed, text));
         } else if job.all_replicas_done()
             && job
                 .replicas
@@ -93,7 +93,7 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
             job.state = JobState::Succeeded;
             job.reason = "every replica exited with code 0".into();
             job.finished_ms = Some(now);
-            notes.push(("Succeeded", job.reason.clone()));
+            notes.push((EventKind::Succeeded, job.reason.clone()));
             return notes;
         } else if job.state == JobState::Scheduled
             && job
@@ -105,7 +105,7 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
             let mut nodes: Vec<&str> = job.replicas.iter().map(|r| r.node.as_str()).collect();
             nodes.dedup();
             job.reason = format!("running on {}", nodes.join(", "));
-            notes.push(("Running", job.reason.clone()));
+            notes.push((EventKind::Running, job.reason.clone()));
         }
     }
     if job.stop.is_some() && job.all_replicas_done() {
@@ -126,27 +126,27 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                     idle_ms / 1000
                 );
                 job.finished_ms = Some(now);
-                notes.push(("Cancelled", job.reason.clone()));
+                notes.push((EventKind::Cancelled, job.reason.clone()));
             }
             StopCause::Cancel { by } => {
                 job.state = JobState::Cancelled;
                 job.reason = format!("cancelled by {by}");
                 job.finished_ms = Some(now);
-                notes.push(("Cancelled", job.reason.clone()));
+                notes.push((EventKind::Cancelled, job.reason.clone()));
             }
             StopCause::Preempt { for_job, reason } => {
                 requeue(
                     job,
                     format!("preempted for job {for_job} ({reason}); queued again"),
                 );
-                notes.push(("Preempted", job.reason.clone()));
+                notes.push((EventKind::Preempted, job.reason.clone()));
             }
             StopCause::NodeLost { node } => {
                 requeue(
                     job,
                     format!("node {node} was lost; the job is queued again to run elsewhere"),
                 );
-                notes.push(("Requeued", job.reason.clone()));
+                notes.push((EventKind::Requeued, job.reason.clone()));
             }
             StopCause::Migrate { by, to } => {
                 let target = to
@@ -157,7 +157,7 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                     format!("moved{target} at the request of {by}; queued again"),
                 );
                 job.pin_node = to;
-                notes.push(("Migrated", job.reason.clone()));
+                notes.push((EventKind::Migrated, job.reason.clone()));
             }
             StopCause::Interrupted { replica, why } => {
                 requeue(
@@ -169,11 +169,11 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                 );
                 // Not at once: the node's trouble (a full disk) may take a while to clear.
                 job.not_before_ms = now + INTERRUPTED_WAIT_MS;
-                notes.push(("Requeued", job.reason.clone()));
+                notes.push((EventKind::Requeued, job.reason.clone()));
             }
             StopCause::Drain { node } => {
                 requeue(job, format!("node {node} is being drained; queued again"));
-                notes.push(("Requeued", job.reason.clone()));
+                notes.push((EventKind::Requeued, job.reason.clone()));
             }
             StopCause::ReplicaFailed { replica, exit_code } => {
                 let how = match job.replicas.iter().find(|r| r.index == replica) {
@@ -196,7 +196,7 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                             wait / 1000
                         ),
                     );
-                    notes.push(("Restarting", job.reason.clone()));
+                    notes.push((EventKind::Restarting, job.reason.clone()));
                 } else {
                     job.state = JobState::Failed;
                     job.reason = if job.def.restart == RestartPolicy::OnFailure {
@@ -205,7 +205,7 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                         format!("{what}; the restart policy is never")
                     };
                     job.finished_ms = Some(now);
-                    notes.push(("Failed", job.reason.clone()));
+                    notes.push((EventKind::Failed, job.reason.clone()));
                 }
             }
         }
@@ -272,7 +272,7 @@ mod tests {
     fn a_gang_runs_then_succeeds_only_when_every_replica_exits_zero() {
         let mut j = job(2, RestartPolicy::Never);
         apply_status(&mut j, 0, &status(RunPhase::Running, None), 10);
-        assert_eq!(settle(&mut j, 10)[0].0, "Running");
+        assert_eq!(settle(&mut j, 10)[0].0, EventKind::Running);
         apply_status(&mut j, 0, &status(RunPhase::Exited, Some(0)), 20);
         assert!(settle(&mut j, 20).is_empty());
         assert_eq!(j.state, JobState::Running);
@@ -286,7 +286,7 @@ mod tests {
         let mut j = job(2, RestartPolicy::OnFailure);
         apply_status(&mut j, 1, &status(RunPhase::Exited, Some(3)), 10);
         let notes = settle(&mut j, 10);
-        assert_eq!(notes[0].0, "ReplicaFailed");
+        assert_eq!(notes[0].0, EventKind::ReplicaFailed);
         assert!(j.stop.is_some() && j.state.is_active());
         // The other replica is still assigned: nothing moves until it is done.
         assert!(settle(&mut j, 11).is_empty());
@@ -346,7 +346,7 @@ mod tests {
         assert!(j.stop.is_some() && j.state.is_active());
         apply_status(&mut j, 0, &status(RunPhase::Exited, Some(143)), 30);
         let notes = settle(&mut j, 30);
-        assert_eq!(notes[0].0, "Requeued", "{notes:?}");
+        assert_eq!(notes[0].0, EventKind::Requeued, "{notes:?}");
         assert_eq!(
             j.state,
             JobState::Pending,

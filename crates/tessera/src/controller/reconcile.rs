@@ -17,7 +17,7 @@ use super::api::save_job;
 use super::lifecycle::Note;
 use super::lifecycle::settle;
 use super::{ApiError, Ctl, agents, now_ms};
-use crate::state::{Job, JobState, NodeHealth, Replica, State, StopCause};
+use crate::state::{EventKind, Job, JobState, NodeHealth, Replica, State, StopCause};
 
 /// Longest sleep when nothing is due (a safety net, not the scheduling cadence).
 const IDLE_WAKE: Duration = Duration::from_secs(5);
@@ -304,7 +304,7 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
                     .collect();
                 job.reason = format!("placed; waiting for the agent on {} to start it", names[0]);
                 metrics.observe_wait(now.saturating_sub(job.queued_ms));
-                changed.push((job, vec![("Scheduled", placed.join("; "))]));
+                changed.push((job, vec![(EventKind::Scheduled, placed.join("; "))]));
             }
             for p in &plan.preemptions {
                 let Some(job) = s.jobs.get(&p.job) else {
@@ -328,7 +328,10 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
                     for_job: p.for_job,
                     reason: reason.clone(),
                 });
-                let mut notes = vec![("Preempting", format!("for job {}: {reason}", p.for_job))];
+                let mut notes = vec![(
+                    EventKind::Preempting,
+                    format!("for job {}: {reason}", p.for_job),
+                )];
                 notes.extend(settle(&mut job, now));
                 metrics.preemptions.inc();
                 changed.push((job, notes));
@@ -347,7 +350,7 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
                     to: Some(to.clone()),
                 });
                 let mut notes = vec![(
-                    "Migrating",
+                    EventKind::Migrating,
                     format!(
                         "moving to {to} to gather free capacity for job {}",
                         m.for_job
@@ -472,7 +475,7 @@ fn grow(
         e.max,
         lines.join("; ")
     );
-    Some((job, vec![("Grown", text)]))
+    Some((job, vec![(EventKind::Grown, text)]))
 }
 
 /// Gives back replicas above an elastic job's minimum; `None` when none of them can go.
@@ -506,5 +509,5 @@ fn shrink(job: &Job, replicas: &[u32], for_job: u64) -> Option<(Job, Vec<Note>)>
         e.min,
         e.max
     );
-    Some((job, vec![("Shrinking", text)]))
+    Some((job, vec![(EventKind::Shrinking, text)]))
 }

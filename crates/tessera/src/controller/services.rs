@@ -20,7 +20,7 @@ use super::gateway::{Gateway, Seen};
 use super::lifecycle::Note;
 use super::{ApiError, Caller, Ctl, now_ms};
 use crate::service::{ScaleMemory, ScaleMetric, desired_replicas};
-use crate::state::{Job, JobState, ReplicaPhase, Service, State};
+use crate::state::{EventKind, Job, JobState, ReplicaPhase, Service, State};
 use crate::store;
 
 type S = AxState<Ctl>;
@@ -130,7 +130,7 @@ fn add_replica(
         None => format!("replica of service {}", svc.name),
     };
     s.remember_request(&job.def.spec.request);
-    save_job(c, s, job, vec![("Submitted", what)], now)?;
+    save_job(c, s, job, vec![(EventKind::Submitted, what)], now)?;
     s.next_job_id = id;
     Ok(id)
 }
@@ -537,7 +537,7 @@ fn apply(c: &rusqlite::Connection, s: &mut State, p: Plan, now: u64) -> Result<(
             cancel(&mut job, "the service", now)
         } else {
             job.draining_since_ms = Some(now);
-            vec![("Draining", why)]
+            vec![(EventKind::Draining, why)]
         };
         save_job(c, s, job, notes, now)
     };
@@ -548,7 +548,7 @@ fn apply(c: &rusqlite::Connection, s: &mut State, p: Plan, now: u64) -> Result<(
                 c,
                 s,
                 j,
-                vec![("Ready", format!("took over from job {old}"))],
+                vec![(EventKind::Ready, format!("took over from job {old}"))],
                 now,
             )?;
         }
