@@ -8,7 +8,8 @@ cargo build --release --quiet
 TESSERA=$PWD/target/release/tessera
 S=$(mktemp -d)
 export TESSERA_CONFIG=$S/cli.yaml
-TESSERA_LOG=warn "$TESSERA" up --data-dir "$S/data" --listen 127.0.0.1:7482 >"$S/up.log" 2>&1 &
+TESSERA_LOG=warn "$TESSERA" up --data-dir "$S/data" --listen 127.0.0.1:7482 --gateway-listen off \
+  >"$S/up.log" 2>&1 &
 UP=$!
 trap 'kill $UP 2>/dev/null || true; sleep 1; rm -rf "$S"' EXIT
 for _ in $(seq 100); do

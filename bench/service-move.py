@@ -4,13 +4,15 @@ and while one replica is moved to another node (make-before-break), and failed r
 
 Usage (from the repository root, after `cargo build --release`):
     python3 bench/service-move.py [--callers 8] [--steady 10] [--moves 3]
+TESSERA_BIN_DIR=DIR takes the binary from DIR instead of target/release (the test suite's smoke
+run of every bench script does).
 
 Starts a real pool on loopback (controller + two agents, real processes), a one-replica Python
 HTTP service answering in ~1 ms, and `callers` threads sending GET requests through the gateway
 as fast as they can. Prints one JSON line per phase: steady (before any move) and moving (from
 each `tessera services move` until the old replica has stopped).
 """
-import argparse, http.client, json, os, shutil, signal, socket, subprocess, sys, tempfile, threading, time
+import argparse, atexit, http.client, json, os, shutil, signal, socket, subprocess, sys, tempfile, threading, time
 
 p = argparse.ArgumentParser()
 p.add_argument("--callers", type=int, default=8)
@@ -18,9 +20,24 @@ p.add_argument("--steady", type=float, default=10.0)
 p.add_argument("--moves", type=int, default=3)
 args = p.parse_args()
 
-BIN = os.path.abspath("target/release/tessera")
+BIN = os.path.join(os.environ.get("TESSERA_BIN_DIR") or os.path.abspath("target/release"), "tessera")
 tmp = tempfile.mkdtemp()
+# The program must be readable by the workload's own (unprivileged) uid, and a workload has a
+# /tmp of its own: it lives under target/, like a shared file system's scratch dir.
+os.makedirs("target", exist_ok=True)
+public = tempfile.mkdtemp(dir=os.path.abspath("target"))
+os.chmod(public, 0o755)
 procs = []
+
+@atexit.register
+def cleanup():
+    for pr in procs:
+        pr.send_signal(signal.SIGTERM)
+    for pr in procs:
+        try: pr.wait(5)
+        except Exception: pr.kill()
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(public, ignore_errors=True)
 
 def free_port(host="127.0.0.1"):
     s = socket.socket(); s.bind((host, 0)); port = s.getsockname()[1]; s.close(); return port
@@ -47,13 +64,13 @@ def api_get(path):
     c.request("GET", path, headers={"authorization": f"Bearer {token}"})
     return json.loads(c.getresponse().read())
 
-join = json.loads(cli("token", "create", "--join", "-o", "json"))["token"]
+join = json.loads(cli("token", "create", "--join", "--uses", "2", "-o", "json"))["token"]
 for name, ip in [("n1", "127.0.0.2"), ("n2", "127.0.0.3")]:
     procs.append(subprocess.Popen([BIN, "agent", "--join", URL, "--token", join, "--node-name", name,
                                    "--listen", f"{ip}:0", "--data-dir", f"{tmp}/{name}", "--cpus", "4",
                                    "--memory", "8GiB", "--criu", "/nonexistent"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
-server = f"{tmp}/server.py"
+server = f"{public}/server.py"
 open(server, "w").write('''import os
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 class H(BaseHTTPRequestHandler):
@@ -75,15 +92,20 @@ spec:
   command: [python3, {server}]
   service: {{readiness: {{path: /healthz, period: 200ms}}}}
 """)
-while len(api_get("/v1/nodes")) < 2:
-    time.sleep(0.1)
+def wait(what, cond, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            sys.exit(f"timed out waiting for {what}: {api_get('/v1/jobs')}")
+        time.sleep(0.1)
+
+wait("two nodes", lambda: len(api_get("/v1/nodes")) >= 2)
 cli("submit", "-f", f"{tmp}/web.yaml")
 
 def ready():
     return [e for e in api_get("/v1/services/web")["endpoints"] if e["ready"] and not e["draining"]]
 
-while not ready():
-    time.sleep(0.1)
+wait("a ready replica", ready)
 
 samples = []  # (start time, latency seconds, ok)
 lock = threading.Lock()
@@ -116,10 +138,8 @@ for i in range(args.moves):
     target = "n2" if old["node"] == "n1" else "n1"
     t0 = time.monotonic()
     cli("services", "move", "web", "--to", target)
-    while True:
-        if api_get(f"/v1/jobs/{old['job']}")["state"] in ("cancelled", "succeeded", "failed"):
-            break
-        time.sleep(0.05)
+    wait(f"replica {old['job']} to stop",
+         lambda: api_get(f"/v1/jobs/{old['job']}")["state"] in ("cancelled", "succeeded", "failed"))
     windows.append((t0, time.monotonic()))
     time.sleep(2)
 stop.set()
@@ -138,9 +158,3 @@ print(json.dumps(summary("steady", steady, args.steady)))
 print(json.dumps(summary("moving", moving, sum(b - a for a, b in windows)) | {
     "moves": len(windows), "move_seconds": [round(b - a, 2) for a, b in windows]}))
 print(json.dumps({"all_failed": sum(1 for r in samples if not r[2]), "all_requests": len(samples)}))
-for pr in procs:
-    pr.send_signal(signal.SIGTERM)
-for pr in procs:
-    try: pr.wait(5)
-    except Exception: pr.kill()
-shutil.rmtree(tmp, ignore_errors=True)

@@ -7,14 +7,19 @@
 # Usage (as root; installs Slurm and munge with apt when they are missing, and writes
 # /etc/slurm/slurm.conf and gres.conf):
 #   bench/slurm-vs-tessera.sh [JOBS] [RUNS]        # defaults: 200 jobs, 3 runs each
+# TESSERA_BIN_DIR=DIR uses the binaries built there instead of building a release (the test
+# suite's smoke run of every bench script does, with a few jobs).
 set -euo pipefail
 JOBS=${1:-200}
 RUNS=${2:-3}
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-cargo build --release --quiet
-TESSERA=$REPO/target/release/tessera
+if [ -z "${TESSERA_BIN_DIR:-}" ]; then
+  cargo build --release --quiet
+  TESSERA_BIN_DIR=$REPO/target/release
+fi
+TESSERA=$TESSERA_BIN_DIR/tessera
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
@@ -73,7 +78,10 @@ done
 
 # --- Tessera ---------------------------------------------------------------------------------
 export TESSERA_CONFIG=$S/tessera-cli.yaml
-TESSERA_LOG=warn "$TESSERA" up --data-dir "$S/tessera" --listen 127.0.0.1:7481 \
+# Free ports of its own (the defaults may be taken, and 7481 is the gateway's default).
+port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+TESSERA_LOG=warn "$TESSERA" up --data-dir "$S/tessera" --listen "127.0.0.1:$(port)" \
+  --gateway-listen off \
   --simulate-gpus 8xH100-80GB --cpus 16 --memory 16000MiB >"$S/tessera-up.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do

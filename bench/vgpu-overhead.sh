@@ -4,17 +4,22 @@
 # CPU), without the library, with it on a lone slice (launches pass straight through), and with
 # it holding a window (the limiter's full check on every launch). Runs interleaved, RUNS times.
 #   bench/vgpu-overhead.sh [SECONDS] [RUNS]
+# TESSERA_BIN_DIR=DIR uses what is built there instead of building a release (the test suite's
+# smoke run of every bench script does).
 set -euo pipefail
 SECONDS_EACH=${1:-5}
 RUNS=${2:-3}
 cd "$(dirname "$0")/.."
-cargo build --release --quiet -p tessera-vgpu -p tessera-fakecuda
+if [ -z "${TESSERA_BIN_DIR:-}" ]; then
+  cargo build --release --quiet -p tessera-vgpu -p tessera-fakecuda
+  TESSERA_BIN_DIR=$PWD/target/release
+fi
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
-ln -s "$PWD/target/release/libcuda.so" "$T/libcuda.so.1"
+ln -s "$TESSERA_BIN_DIR/libcuda.so" "$T/libcuda.so.1"
 export LD_LIBRARY_PATH=$T TESSERA_FAKECUDA_DIR=$T/devices TESSERA_FAKECUDA_MIN_KERNEL_NS=0
-PROBE=$PWD/target/release/tessera-vgpu-probe
-LIB=$PWD/target/release/libtessera_vgpu.so
+PROBE=$TESSERA_BIN_DIR/tessera-vgpu-probe
+LIB=$TESSERA_BIN_DIR/libtessera_vgpu.so
 slice() {
   env LD_PRELOAD="$LIB" TESSERA_GPU_MEMORY_BYTES=1073741824 TESSERA_VGPU_SHM="$T/slice-$1" \
     TESSERA_VGPU_DEVICE_SHM="$T/gpu0" TESSERA_COMPUTE_SHARE="$2" TESSERA_COMPUTE_BURST="$3" "${@:4}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the test suite needs beyond the Rust toolchain, on Debian 12 as root: CRIU 4.x (built from
-# source, see install-criu.sh), Prometheus (the suite scrapes the controller with a real one), and
-# Chromium with ChromeDriver (the dashboard's end-to-end test drives it headless).
+# source, see install-criu.sh), Prometheus (the suite scrapes the controller with a real one),
+# Chromium with ChromeDriver (the dashboard's end-to-end test drives it headless), and Slurm with
+# munge (the smoke run of bench/slurm-vs-tessera.sh puts a few jobs through both).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,6 +11,8 @@ missing=()
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v slurmctld >/dev/null || missing+=(slurm-wlm slurmctld slurmd slurm-client)
+command -v munged >/dev/null || missing+=(munge)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     apt-get update -q >/dev/null
