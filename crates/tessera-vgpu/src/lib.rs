@@ -115,11 +115,17 @@ alloc_hook!(cuMemAllocAsync_ptsz(dptr: *mut u64, bytes: usize, stream: Ptr) char
 alloc_hook!(cuMemAllocFromPoolAsync(dptr: *mut u64, bytes: usize, pool: Ptr, stream: Ptr) charge bytes as u64, id *dptr);
 alloc_hook!(cuMemAllocFromPoolAsync_ptsz(dptr: *mut u64, bytes: usize, pool: Ptr, stream: Ptr) charge bytes as u64, id *dptr);
 alloc_hook!(cuMemCreate(handle: *mut u64, bytes: usize, prop: Ptr, flags: u64) charge bytes as u64, id *handle);
-// SAFETY (in the expressions below): a non-null descriptor comes from the caller; a null one is
-// charged nothing and refused by the driver.
-alloc_hook!(cuArrayCreate_v2(arr: *mut Ptr, desc: *const ArrayDescriptor) charge unsafe { array_bytes(desc) }, id *arr as u64);
-alloc_hook!(cuArray3DCreate_v2(arr: *mut Ptr, desc: *const Array3dDescriptor) charge unsafe { array3d_bytes(desc, 1) }, id *arr as u64);
-alloc_hook!(cuMipmappedArrayCreate(arr: *mut Ptr, desc: *const Array3dDescriptor, levels: c_uint) charge unsafe { array3d_bytes(desc, levels) }, id *arr as u64);
+// In the charges below: a non-null descriptor comes from the caller; a null one is charged
+// nothing and refused by the driver.
+alloc_hook!(cuArrayCreate_v2(arr: *mut Ptr, desc: *const ArrayDescriptor) charge
+    // SAFETY: as said above.
+    unsafe { array_bytes(desc) }, id *arr as u64);
+alloc_hook!(cuArray3DCreate_v2(arr: *mut Ptr, desc: *const Array3dDescriptor) charge
+    // SAFETY: as said above.
+    unsafe { array3d_bytes(desc, 1) }, id *arr as u64);
+alloc_hook!(cuMipmappedArrayCreate(arr: *mut Ptr, desc: *const Array3dDescriptor, levels: c_uint) charge
+    // SAFETY: as said above.
+    unsafe { array3d_bytes(desc, levels) }, id *arr as u64);
 free_hook!(cuMemFree_v2(dptr: u64) id dptr);
 free_hook!(cuMemFreeAsync(dptr: u64, stream: Ptr) id dptr);
 free_hook!(cuMemFreeAsync_ptsz(dptr: u64, stream: Ptr) id dptr);

@@ -224,10 +224,12 @@ fn allocator<'a>(d: &'a Driver, via: &str) -> Box<dyn Fn(u64) -> R + 'a> {
         }
         "managed" => {
             let f: unsafe extern "C" fn(*mut u64, usize, c_uint) -> R = d.sym(c"cuMemAllocManaged");
+            // SAFETY: a driver call with our own output and valid arguments.
             Box::new(move |n| unsafe { f(&mut 0, n as usize, 1) })
         }
         "async" => {
             let f: unsafe extern "C" fn(*mut u64, usize, Ptr) -> R = d.sym(c"cuMemAllocAsync");
+            // SAFETY: a driver call with our own output and valid arguments.
             Box::new(move |n| unsafe { f(&mut 0, n as usize, null) })
         }
         "pool" => {
@@ -236,12 +238,15 @@ fn allocator<'a>(d: &'a Driver, via: &str) -> Box<dyn Fn(u64) -> R + 'a> {
             let f: unsafe extern "C" fn(*mut u64, usize, Ptr, Ptr) -> R =
                 d.sym(c"cuMemAllocFromPoolAsync");
             let mut pool = std::ptr::null_mut();
+            // SAFETY: the driver writes the pool handle into our own variable.
             d.check("cuDeviceGetDefaultMemPool", unsafe { get(&mut pool, 0) });
+            // SAFETY: a driver call with our own output and valid arguments.
             Box::new(move |n| unsafe { f(&mut 0, n as usize, pool, null) })
         }
         "pitch" => {
             let f: unsafe extern "C" fn(*mut u64, *mut usize, usize, usize, c_uint) -> R =
                 d.sym(c"cuMemAllocPitch_v2");
+            // SAFETY: a driver call with our own output and valid arguments.
             Box::new(move |n| unsafe { f(&mut 0, &mut 0, (n / 4) as usize, 4, 4) })
         }
         "vmm" => {
@@ -249,6 +254,7 @@ fn allocator<'a>(d: &'a Driver, via: &str) -> Box<dyn Fn(u64) -> R + 'a> {
                 d.sym(c"cuMemCreate");
             // CUmemAllocationProp: pinned device memory on device 0.
             let prop: [u32; 8] = [1, 0, 1, 0, 0, 0, 0, 0];
+            // SAFETY: a driver call with our own output and valid arguments.
             Box::new(move |n| unsafe { f(&mut 0, n as usize, prop.as_ptr(), 0) })
         }
         "array" => {
@@ -258,6 +264,7 @@ fn allocator<'a>(d: &'a Driver, via: &str) -> Box<dyn Fn(u64) -> R + 'a> {
             let f: unsafe extern "C" fn(*mut Ptr, *const Desc) -> R = d.sym(c"cuArrayCreate_v2");
             Box::new(move |n| {
                 let desc = Desc(16384, (n / 16384 / 4) as usize, 0x20, 1);
+                // SAFETY: a driver call with our own output and a descriptor that outlives it.
                 unsafe { f(&mut std::ptr::null_mut(), &desc) }
             })
         }
