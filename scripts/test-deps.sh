@@ -2,7 +2,8 @@
 # What the test suite needs beyond the Rust toolchain, on Debian 12 as root: CRIU 4.x (built from
 # source, see install-criu.sh), Prometheus (the suite scrapes the controller with a real one),
 # Chromium with ChromeDriver (the dashboard's end-to-end test drives it headless), and Slurm with
-# munge (the smoke run of bench/slurm-vs-tessera.sh puts a few jobs through both).
+# munge (the smoke run of bench/slurm-vs-tessera.sh puts a few jobs through both), and
+# Schemathesis from PyPI (it checks the API document against a live controller).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,4 +27,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         "${missing[@]}" >/dev/null
     [ -z "$ours" ] || rm -f /usr/sbin/policy-rc.d
+fi
+if ! command -v st >/dev/null; then
+    command -v pip3 >/dev/null || {
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip >/dev/null
+    }
+    echo "installing schemathesis" >&2
+    pip3 install -q --break-system-packages 'schemathesis==4.32.5'
 fi

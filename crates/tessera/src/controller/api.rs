@@ -563,6 +563,10 @@ pub async fn migrate_job(
                 .get(&id)
                 .cloned()
                 .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
+            // A target that cannot take it is the request's fault, whatever the job's state.
+            if let Some(to) = &b.to {
+                move_target(s, to)?;
+            }
             // A service replica moves make-before-break: a replacement starts first.
             if let Some(name) = job.service.clone()
                 && s.services.contains_key(&name)
@@ -581,7 +585,6 @@ pub async fn migrate_job(
                 )));
             }
             if let Some(to) = &b.to {
-                move_target(s, to)?;
                 if job.replicas.iter().all(|r| r.node == *to) {
                     return Err(ApiError::conflict(format!("job {id} already runs on {to}")));
                 }

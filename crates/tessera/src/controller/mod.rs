@@ -705,7 +705,41 @@ pub fn router(ctl: Ctl) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             handler_panicked,
         ))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(ctl)
+}
+
+/// Every error of the API is JSON (`{"error": {"status", "message"}}`), also those the HTTP layer
+/// makes itself (a malformed query or path, a method the route does not have, a body over the
+/// limit), so that clients parse one shape.
+async fn json_errors(resp: Response) -> Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(status, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != CONTENT_TYPE && name != CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 /// A bug in one handler fails that request with a 500 naming a fault id (written to the log

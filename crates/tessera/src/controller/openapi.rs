@@ -233,6 +233,41 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
         Some("Sync"),
         "Desired",
     ),
+    (
+        "post",
+        "/v1/agent/chunks/missing",
+        "An agent asks which checkpoint chunks (SHA-256) the controller lacks",
+        Some("Hashes"),
+        "Hashes",
+    ),
+    (
+        "put",
+        "/v1/agent/chunks/{hash}",
+        "An agent uploads one checkpoint chunk, named by its SHA-256",
+        Some("Bytes"),
+        "Empty",
+    ),
+    (
+        "get",
+        "/v1/agent/chunks/{hash}",
+        "An agent downloads one checkpoint chunk of a replica it runs",
+        None,
+        "Bytes",
+    ),
+    (
+        "post",
+        "/v1/agent/checkpoints",
+        "An agent records a replica's complete checkpoint (every chunk uploaded first)",
+        Some("CheckpointManifest"),
+        "Saved",
+    ),
+    (
+        "get",
+        "/v1/agent/checkpoints/{id}",
+        "An agent reads a checkpoint of a replica it runs",
+        None,
+        "CheckpointManifest",
+    ),
 ];
 
 fn schemas() -> Value {
@@ -286,8 +321,8 @@ fn schemas() -> Value {
             "ready": {"type": "integer"}, "path": {"type": "string"}, "jobs": {"type": "array"}, "endpoints": {"type": "array"},
             "autoscale": {}})),
         "ServiceList": list("Service"),
-        "Scale": {"type": "object", "required": ["replicas"], "properties": {"replicas": {"type": "integer"}}},
-        "Move": {"type": "object", "properties": {"job": {"type": "integer"}, "to": {"type": "string"}}},
+        "Scale": {"type": "object", "required": ["replicas"], "additionalProperties": false, "properties": {"replicas": {"type": "integer", "minimum": 0}}},
+        "Move": {"type": "object", "additionalProperties": false, "properties": {"job": {"type": "integer", "minimum": 0}, "to": {"type": "string"}}},
         "Job": obj(json!({
             "id": {"type": "integer"}, "name": {"type": "string"}, "project": {"type": "string"},
             "owner": {"type": "string"},
@@ -337,25 +372,91 @@ fn schemas() -> Value {
             "action": {"type": "string"}, "project": {"type": ["string", "null"]}, "job": {"type": ["integer", "null"]},
             "detail": {"type": "string"}})),
         "AuditList": list("AuditEntry"),
-        "Members": {"type": "object", "required": ["members"], "properties": {"members": {"type": "array", "items": {"type": "string"}}}},
-        "UserBody": {"type": "object", "required": ["name", "role"], "properties": {"name": {"type": "string"}, "role": {"enum": ["admin", "member", "viewer"]}}},
+        "Members": {"type": "object", "required": ["members"], "additionalProperties": false, "properties": {"members": {"type": "array", "items": {"type": "string"}}}},
+        "UserBody": {"type": "object", "required": ["name", "role"], "additionalProperties": false, "properties": {"name": {"type": "string"}, "role": {"enum": ["admin", "member", "viewer"]}}},
         "User": obj(json!({"name": {"type": "string"}, "role": {"type": "string"}})),
         "UserList": list("User"),
-        "TokenBody": {"type": "object", "properties": {"kind": {"enum": ["user", "join"]}, "user": {"type": "string"}, "description": {"type": "string"}}},
+        "TokenBody": {"type": "object", "additionalProperties": false, "properties": {"kind": {"enum": ["user", "join"]}, "user": {"type": "string"}, "description": {"type": "string"},
+            "uses": {"type": "integer", "minimum": 1, "description": "join tokens: how many nodes it may join (default 1)"},
+            "expires_in": {"type": "string", "description": "join tokens: how long it works, e.g. 1h (default), 7d"}}},
         "Token": obj(json!({"id": {"type": "string"}, "kind": {"type": "string"}, "subject": {"type": "string"}, "token": {"type": "string"}})),
         "TokenList": list("Token"),
         "WhoAmI": obj(json!({"user": {"type": "string"}, "role": {"type": "string"}})),
-        "Register": obj(json!({"name": {"type": "string"}, "cpu_milli": {"type": "integer"}, "memory_bytes": {"type": "integer"},
-            "devices": {"type": "array"}, "simulated": {"type": "boolean"}, "address": {"type": "string"}})),
-        "Registered": obj(json!({"token": {}, "lease_ms": {"type": "integer"}})),
-        "Sync": obj(json!({"seq": {"type": "integer"}, "revision": {"type": "integer"}, "statuses": {"type": "array"}, "wait_ms": {"type": "integer"}})),
         "Desired": obj(json!({"revision": {"type": "integer"}, "lease_ms": {"type": "integer"}, "desired": {"type": "array"}, "acked": {"type": "array"}})),
         "Empty": {"type": "null"},
         "Error": obj(json!({"error": obj(json!({"status": {"type": "integer"}, "message": {"type": "string"}, "field": {"type": "string"}}))}))
     })
 }
 
+/// The agents' side of the API (a separate literal: one would pass the macro's recursion limit).
+fn agent_schemas() -> Value {
+    let obj = |props: Value| json!({"type": "object", "properties": props});
+    json!({
+        "Register": {"type": "object", "additionalProperties": false,
+            "required": ["name", "cpu_milli", "memory_bytes", "simulated", "address"],
+            "properties": {"name": {"type": "string"}, "cpu_milli": {"type": "integer", "minimum": 0}, "memory_bytes": {"type": "integer", "minimum": 0},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "devices": {"type": "array", "items": {"type": "object", "required": ["model", "memory_bytes"], "properties": {
+                    "model": {"type": "string"}, "memory_bytes": {"type": "integer", "minimum": 0}}}},
+                "simulated": {"type": "boolean"}, "address": {"type": "string"},
+                "callback_secret": {"type": "string", "description": "not used"}, "confinement": {"type": "string"}}},
+        "Registered": obj(json!({"token": {}, "lease_ms": {"type": "integer"}, "callback_secret": {"type": "string"}})),
+        "Sync": {"type": "object", "additionalProperties": false, "required": ["seq", "revision", "statuses", "wait_ms"],
+            "properties": {"seq": {"type": "integer", "minimum": 0}, "revision": {"type": "integer", "minimum": 0}, "statuses": {"type": "array"},
+                "wait_ms": {"type": "integer", "minimum": 0}, "sample": {}}},
+        "Hashes": {"type": "object", "additionalProperties": false, "required": ["hashes"], "properties": {"hashes": {"type": "array", "items": {"type": "string"}}}},
+        "Saved": obj(json!({"id": {"type": "string"}})),
+        "CheckpointManifest": {"type": "object", "description": "a replica's checkpoint: its files and their chunks",
+            "required": ["job", "attempt", "replica", "files"],
+            "properties": {"id": {"type": "string"}, "job": {"type": "integer"}, "attempt": {"type": "integer"},
+                "replica": {"type": "integer"}, "files": {"type": "array"}}},
+        "Bytes": {"type": "string", "format": "binary"}
+    })
+}
+
+/// A request field that may be left out may also be `null` (the server reads both as absent):
+/// said in the schema, so that the document and the server agree.
+fn optional_may_be_null(schema: &mut Value) {
+    match schema {
+        Value::Object(m) => {
+            let required: Vec<String> = m
+                .get("required")
+                .and_then(Value::as_array)
+                .map(|r| {
+                    r.iter()
+                        .filter_map(|x| x.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Some(Value::Object(props)) = m.get_mut("properties") {
+                for (name, prop) in props.iter_mut() {
+                    optional_may_be_null(prop);
+                    if !required.contains(name) {
+                        *prop = json!({"anyOf": [prop.take(), {"type": "null"}]});
+                    }
+                }
+            }
+            for key in ["items", "additionalProperties", "oneOf", "anyOf"] {
+                if let Some(inner) = m.get_mut(key) {
+                    optional_may_be_null(inner);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(optional_may_be_null),
+        _ => {}
+    }
+}
+
 pub fn build() -> Value {
+    let mut schemas = schemas();
+    if let (Some(all), Value::Object(more)) = (schemas.as_object_mut(), agent_schemas()) {
+        all.extend(more);
+    }
+    for (_, _, _, body, _) in OPERATIONS {
+        if let Some(schema) = body.and_then(|b| schemas.get_mut(b)) {
+            optional_may_be_null(schema);
+        }
+    }
     let mut paths = serde_json::Map::new();
     for (method, path, summary, body, response) in OPERATIONS {
         let mut op = json!({
@@ -374,8 +475,21 @@ pub fn build() -> Value {
         if !params.is_empty() {
             op["parameters"] = Value::Array(params);
         }
-        if let Some(schema) = body {
-            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
+        if *response == "Empty" {
+            op["responses"]["2XX"] = json!({"description": "done (no body)"});
+        } else if *response == "Bytes" {
+            op["responses"]["2XX"]["content"] = json!({"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}});
+        }
+        match body {
+            Some("Bytes") => {
+                op["requestBody"] = json!({"required": true, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}});
+            }
+            Some(schema) => {
+                // Optional bodies: creating a token and moving a job or service take defaults.
+                let required = !matches!(*schema, "TokenBody" | "Move" | "Migrate");
+                op["requestBody"] = json!({"required": required, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
+            }
+            None => {}
         }
         let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
         entry[*method] = op;
@@ -387,7 +501,7 @@ pub fn build() -> Value {
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": schemas()
+            "schemas": schemas
         }
     })
 }
