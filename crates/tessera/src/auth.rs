@@ -177,6 +177,7 @@ mod tests {
                 name: "ana".into(),
                 role: Role::Member,
                 created_ms: 0,
+                uid: None,
             },
         );
         state.tokens.insert(

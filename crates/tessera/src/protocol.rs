@@ -153,6 +153,9 @@ pub struct Assignment {
     /// An elastic job's replica set now; the agent keeps it in the file the program watches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elastic: Option<ReplicaSet>,
+    /// The uid the admin mapped the job's owner to; the project's uid on the node otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 /// An elastic job's replicas as its programs see them (`$TESSERA_REPLICA_SET_FILE`).

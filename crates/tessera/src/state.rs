@@ -25,6 +25,11 @@ pub struct User {
     pub name: String,
     pub role: Role,
     pub created_ms: u64,
+    /// The user's own uid on the nodes, where the admin maps users to uids (as a site with a
+    /// shared directory of accounts does): their replicas run as it, and their files on a
+    /// shared file system are theirs. Without one a replica runs as its project's uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

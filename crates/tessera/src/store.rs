@@ -650,6 +650,7 @@ mod tests {
             name: name.into(),
             role: Role::Member,
             created_ms: 1,
+            uid: None,
         }
     }
 

@@ -3596,3 +3596,57 @@ fn a_restored_store_never_gives_a_job_id_twice_and_a_lost_store_is_not_bootstrap
         "nothing written"
     );
 }
+
+#[test]
+fn a_user_the_admin_mapped_to_a_uid_runs_as_it_and_others_as_their_projects_uid() {
+    use std::os::unix::fs::MetadataExt;
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let (s, v) = pool.post(
+        "/v1/users",
+        json!({"name": "bob", "role": "member", "uid": 0}),
+        &pool.admin,
+    );
+    assert_eq!((s, v["error"]["field"].as_str()), (400, Some("uid")), "{v}");
+    let (s, v) = pool.post(
+        "/v1/users",
+        json!({"name": "ana", "role": "member", "uid": 4242}),
+        &pool.admin,
+    );
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = pool.post(
+        "/v1/projects/default/members",
+        json!({"members": ["ana"]}),
+        &pool.admin,
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = pool.post("/v1/tokens", json!({"user": "ana"}), &pool.admin);
+    assert_eq!(s, 201, "{v}");
+    let ana = v["token"].as_str().unwrap().to_string();
+    let run_as = |token: &str, name: &str| {
+        let out = pool.shared(name);
+        let (s, v) = pool.post(
+            "/v1/jobs",
+            json!({"metadata": {"name": "t", "project": "default"},
+                   "spec": {"resources": {"cpu": 0.5, "memory": "128MiB"},
+                            "command": ["sh", "-c", format!("id -u > {}", out.display())]}}),
+            token,
+        );
+        assert_eq!(s, 201, "{v}");
+        pool.wait_state(v["id"].as_u64().unwrap(), "succeeded");
+        let uid: u32 = std::fs::read_to_string(&out)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            std::fs::metadata(&out).unwrap().uid(),
+            uid,
+            "its file is its own"
+        );
+        uid
+    };
+    assert_eq!(run_as(&ana, "ana"), 4242);
+    let project_uid = run_as(&pool.admin, "admin");
+    assert!((200_000..=265_535).contains(&project_uid), "{project_uid}");
+}

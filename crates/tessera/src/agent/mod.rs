@@ -864,6 +864,19 @@ fn workload_uid(
              `--allow-unconfined` (then shown in `tessera nodes`)"
         ),
         confine::Mode::Unconfined { .. } => Ok(None),
+        confine::Mode::Confined(range)
+            if a.uid
+                .is_some_and(|u| (range.first..=range.last).contains(&u)) =>
+        {
+            bail!(
+                "the job's owner is mapped to uid {}, inside this node's --workload-uids {}-{} (the \
+             projects' uids); map users to uids outside it",
+                a.uid.unwrap_or_default(),
+                range.first,
+                range.last
+            )
+        }
+        confine::Mode::Confined(_) if a.uid.is_some() => Ok(a.uid),
         confine::Mode::Confined(_) => {
             let mut uids = shared.uids.lock().unwrap_or_else(|e| e.into_inner());
             let uids = uids.as_mut().context("the agent has no workload uids")?;

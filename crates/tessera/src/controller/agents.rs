@@ -211,6 +211,7 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
                     .and_then(|name| s.services.get(name))
                     .map(|svc| svc.def.port.unwrap_or(0)),
                 elastic: elastic.clone(),
+                uid: s.users.get(&job.owner).and_then(|u| u.uid),
             });
         }
     }

@@ -1361,7 +1361,13 @@ pub async fn set_members(
 pub struct UserBody {
     pub name: String,
     pub role: Role,
+    /// The user's uid on the nodes (their replicas run as it).
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
+
+/// The least uid a user may be mapped to: below are the system's accounts (root among them).
+pub const MIN_USER_UID: u32 = 1000;
 
 pub async fn list_users(AxState(ctl): S, caller: Caller) -> Result<Json<Vec<User>>, ApiError> {
     caller.admin()?;
@@ -1378,6 +1384,15 @@ pub async fn create_user(
     let admin = caller.admin()?.to_string();
     let b: UserBody = parse_body(&body)?;
     check_name("name", &b.name)?;
+    if let Some(uid) = b.uid
+        && !(MIN_USER_UID..u32::MAX - 1).contains(&uid)
+    {
+        return Err(ApiError::bad(format!(
+            "uid {uid}: give the user's own uid on the nodes, {MIN_USER_UID} or more (not a \
+             system account)"
+        ))
+        .with_field("uid"));
+    }
     let user = ctl
         .store
         .write(move |c, s| -> Result<User, ApiError> {
@@ -1388,6 +1403,7 @@ pub async fn create_user(
                 name: b.name,
                 role: b.role,
                 created_ms: now_ms(),
+                uid: b.uid,
             };
             store::put_user(c, &u)?;
             let what = format!("user {} as {:?}", u.name, u.role).to_lowercase();

@@ -344,6 +344,7 @@ pub async fn bootstrap(store: &Store) -> anyhow::Result<Option<String>> {
                 name: "admin".into(),
                 role: Role::Admin,
                 created_ms: now,
+                uid: None,
             };
             store::put_user(c, &admin)?;
             let default = Project {
