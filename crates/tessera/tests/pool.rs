@@ -3650,3 +3650,34 @@ fn a_user_the_admin_mapped_to_a_uid_runs_as_it_and_others_as_their_projects_uid(
     let project_uid = run_as(&pool.admin, "admin");
     assert!((200_000..=265_535).contains(&project_uid), "{project_uid}");
 }
+
+#[test]
+fn a_service_cannot_turn_the_gateway_onto_the_controllers_own_port() {
+    let mut pool = Pool::start();
+    // A node on the controller's own address, as under `tessera up`.
+    pool.add_agent("n1", "127.0.0.1", "1xH100-80GB");
+    let api_port: u16 = pool.listen.rsplit(':').next().unwrap().parse().unwrap();
+    let (s, v) = pool.post(
+        "/v1/services",
+        json!({"kind": "Service", "metadata": {"name": "pivot"},
+               "spec": {"resources": {"cpu": 0.2, "memory": "64MiB"},
+                        "command": ["sleep", "600"], "service": {"port": api_port}}}),
+        &pool.admin,
+    );
+    assert_eq!(s, 201, "{v}");
+    pool.wait_for("the replica to be refused its port", || {
+        pool.get("/v1/jobs", &pool.admin)
+            .1
+            .to_string()
+            .contains(&format!("port {api_port} is taken"))
+    });
+    // Through the gateway the service is not ready; the controller's API is never served.
+    let resp = reqwest::blocking::Client::new()
+        .get(format!("http://{}/pivot/v1/whoami", pool.gateway))
+        .bearer_auth(&pool.admin)
+        .send()
+        .unwrap();
+    let (status, text) = (resp.status().as_u16(), resp.text().unwrap());
+    assert_eq!(status, 503, "{text}");
+    assert!(!text.contains("\"role\""), "{text}");
+}
