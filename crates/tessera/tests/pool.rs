@@ -881,7 +881,8 @@ fn failed_jobs_restart_with_backoff_memory_hogs_are_oom_killed_and_the_cli_speak
             "--",
             "sh",
             "-c",
-            "exit 3",
+            "echo working; echo 'Traceback (most recent call last):' >&2; \
+             echo 'ValueError: the learning rate must be positive' >&2; exit 3",
         ],
     );
     let failed = pool.wait_state(id, "failed");
@@ -889,6 +890,11 @@ fn failed_jobs_restart_with_backoff_memory_hogs_are_oom_killed_and_the_cli_speak
     let reason = failed["reason"].as_str().unwrap();
     assert!(
         reason.contains("code 3") && reason.contains("no restarts left"),
+        "{reason}"
+    );
+    // The reason quotes what the program last said on stderr: why it failed.
+    assert!(
+        reason.contains("its last error output: ValueError: the learning rate must be positive"),
         "{reason}"
     );
 

@@ -220,6 +220,31 @@ pub fn truncate_over(dir: &Path, name: &str, limit: u64) -> io::Result<()> {
     fs::OpenOptions::new().write(true).open(&path)?.set_len(0)
 }
 
+/// The last line a stream wrote (at most `max` characters, from its last 4 KiB), if any: what a
+/// failed program last said on stderr is usually why it failed.
+pub fn last_line(dir: &Path, name: &str, max: usize) -> Option<String> {
+    let start = start_of(dir, name);
+    let len = fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+    // A read gives one file at a time: read on across a rotation.
+    let mut at = (start + len).saturating_sub(4096);
+    let mut data = Vec::new();
+    loop {
+        let chunk = read(dir, name, at, 4096).ok()?;
+        if chunk.data.is_empty() {
+            break;
+        }
+        at = chunk.from + chunk.data.len() as u64;
+        data.extend_from_slice(&chunk.data);
+    }
+    let text = String::from_utf8_lossy(&data);
+    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+    let mut out: String = line.chars().take(max).collect();
+    if line.chars().count() > max {
+        out.push('…');
+    }
+    Some(out)
+}
+
 /// Output read back from a stream.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Chunk {
@@ -295,6 +320,20 @@ mod tests {
         // A stream that never wrote reads empty.
         let c = read(dir.path(), "stderr.log", 0, 100).unwrap();
         assert_eq!((c.from, c.cut, c.data.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn the_last_line_of_a_stream_is_its_last_non_empty_one_shortened() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(last_line(dir.path(), "stderr.log", 10), None);
+        // Small files, so that the last line spans a rotation.
+        let mut w = Rotating::open(dir.path(), "stderr.log", 80).unwrap();
+        w.write_all(b"first\nTraceback\nValueError: a very long message\n\n")
+            .unwrap();
+        assert_eq!(
+            last_line(dir.path(), "stderr.log", 10).as_deref(),
+            Some("ValueError…")
+        );
     }
 
     #[test]

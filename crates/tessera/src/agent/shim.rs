@@ -412,7 +412,14 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     let message = match (why, oom) {
         (_, true) => format!("exited with code {code}: killed by its memory limit (OOM)"),
         (Some(w), _) => format!("{w} (code {code})"),
-        (None, _) => format!("exited with {}", crate::protocol::exit_words(code)),
+        (None, _) => {
+            let words = format!("exited with {}", crate::protocol::exit_words(code));
+            // A failed program's last word on stderr is usually why (a traceback's last line).
+            match super::logs::last_line(&home, "stderr.log", 300).filter(|_| code != 0) {
+                Some(line) => format!("{words}; its last error output: {line}"),
+                None => words,
+            }
+        }
     };
     write_exit(
         &args.run_dir,
