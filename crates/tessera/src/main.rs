@@ -204,6 +204,12 @@ enum Command {
         /// Keep streaming until the replica ends.
         #[arg(short, long)]
         follow: bool,
+        /// The output of an earlier attempt (a preempted, moved or restarted job's first run is 1).
+        #[arg(long, conflicts_with = "previous")]
+        attempt: Option<u32>,
+        /// The output of the attempt before the current one.
+        #[arg(long)]
+        previous: bool,
     },
     /// Cancel jobs (their process trees are killed).
     Cancel {
@@ -613,7 +619,16 @@ fn main() {
             replica,
             stderr,
             follow,
-        } => cli::Client::new(&conn).and_then(|c| cli::logs(&c, id, replica, stderr, follow)),
+            attempt,
+            previous,
+        } => cli::Client::new(&conn).and_then(|c| {
+            let attempt = match (attempt, previous) {
+                (Some(a), _) => Some(a),
+                (None, true) => Some(cli::previous_attempt(&c, id)?),
+                (None, false) => None,
+            };
+            cli::logs(&c, id, replica, stderr, follow, attempt)
+        }),
         Command::Cancel { conn, ids } => {
             cli::Client::new(&conn).and_then(|c| cli::cancel(&c, &ids))
         }

@@ -881,7 +881,7 @@ fn failed_jobs_restart_with_backoff_memory_hogs_are_oom_killed_and_the_cli_speak
             "--",
             "sh",
             "-c",
-            "echo working; echo 'Traceback (most recent call last):' >&2; \
+            "echo attempt $TESSERA_ATTEMPT; echo 'Traceback (most recent call last):' >&2; \
              echo 'ValueError: the learning rate must be positive' >&2; exit 3",
         ],
     );
@@ -896,6 +896,35 @@ fn failed_jobs_restart_with_backoff_memory_hogs_are_oom_killed_and_the_cli_speak
     assert!(
         reason.contains("its last error output: ValueError: the learning rate must be positive"),
         "{reason}"
+    );
+    // The last attempt's output, and the one before it.
+    let (ok, out, err) = cli(&pool, &["logs", &id.to_string()]);
+    assert!(ok && out == "attempt 2\n", "{out} {err}");
+    let (ok, out, err) = cli(&pool, &["logs", "--previous", &id.to_string()]);
+    assert!(ok && out == "attempt 1\n", "{out} {err}");
+    let (ok, out, err) = cli(
+        &pool,
+        &["logs", "--stderr", "--attempt", "1", &id.to_string()],
+    );
+    assert!(ok && out.ends_with("must be positive\n"), "{out} {err}");
+    // Following a job that has not started says so, with its reason, and waits.
+    let waiting = cli_submit(&pool, &["--cpu", "64", "--", "true"]);
+    let mut follow = Command::new(bin())
+        .args(["logs", "-f", "--url", &pool.url, "--token", &pool.admin])
+        .arg(waiting.to_string())
+        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(follow.try_wait().unwrap().is_none(), "it waits");
+    follow.kill().unwrap();
+    let err = follow.wait_with_output().unwrap().stderr;
+    let err = String::from_utf8_lossy(&err);
+    assert!(
+        err.contains(&format!("job {waiting} has not started (")),
+        "{err}"
     );
 
     // A memory hog is stopped by its memory limit, and the reason says so.

@@ -712,17 +712,45 @@ pub fn describe_job(c: &Client, id: u64) -> anyhow::Result<()> {
     })
 }
 
-pub fn logs(c: &Client, id: u64, replica: u32, stderr: bool, follow: bool) -> anyhow::Result<()> {
+/// The attempt before job `id`'s current one (`tessera logs --previous`).
+pub fn previous_attempt(c: &Client, id: u64) -> anyhow::Result<u32> {
+    let job = c.get(&format!("/v1/jobs/{id}"))?;
+    match job["attempt"].as_u64().unwrap_or(0) {
+        0 | 1 => anyhow::bail!(
+            "job {id} has no earlier attempt; `tessera describe job {id}` shows its history"
+        ),
+        a => Ok(a as u32 - 1),
+    }
+}
+
+pub fn logs(
+    c: &Client,
+    id: u64,
+    replica: u32,
+    stderr: bool,
+    follow: bool,
+    attempt: Option<u32>,
+) -> anyhow::Result<()> {
     let stream = if stderr { "stderr" } else { "stdout" };
+    let attempt = attempt.map_or(String::new(), |a| format!("&attempt={a}"));
     let mut offset = 0u64;
     let mut out = std::io::stdout();
+    let mut said_waiting = false;
     loop {
         let v = c.get(&format!(
-            "/v1/jobs/{id}/logs?replica={replica}&stream={stream}&offset={offset}"
+            "/v1/jobs/{id}/logs?replica={replica}&stream={stream}&offset={offset}{attempt}"
         ));
         let chunk: LogChunk = match v {
             Ok(v) => serde_json::from_value(v)?,
             Err(e) if follow && e.to_string().contains("has not started") => {
+                if !said_waiting {
+                    let job = c.get(&format!("/v1/jobs/{id}"))?;
+                    eprintln!(
+                        "[tessera: job {id} has not started ({}); waiting for its output]",
+                        printable(job["reason"].as_str().unwrap_or("pending"))
+                    );
+                    said_waiting = true;
+                }
                 std::thread::sleep(Duration::from_millis(300));
                 continue;
             }
