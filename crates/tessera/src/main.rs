@@ -210,6 +210,9 @@ enum Command {
         /// The output of the attempt before the current one.
         #[arg(long)]
         previous: bool,
+        /// Only the last N lines (then follow from there with -f).
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
     },
     /// Cancel jobs (their process trees are killed).
     Cancel {
@@ -621,13 +624,14 @@ fn main() {
             follow,
             attempt,
             previous,
+            tail,
         } => cli::Client::new(&conn).and_then(|c| {
             let attempt = match (attempt, previous) {
                 (Some(a), _) => Some(a),
                 (None, true) => Some(cli::previous_attempt(&c, id)?),
                 (None, false) => None,
             };
-            cli::logs(&c, id, replica, stderr, follow, attempt)
+            cli::logs(&c, id, replica, stderr, follow, attempt, tail)
         }),
         Command::Cancel { conn, ids } => {
             cli::Client::new(&conn).and_then(|c| cli::cancel(&c, &ids))

@@ -2965,6 +2965,12 @@ fn a_log_flood_is_capped_a_filling_disk_refuses_new_work_with_507_and_the_pool_r
     assert!(ok, "{err}");
     assert!(err.contains("bytes of earlier output were cut"), "{err}");
     assert!(out.len() as u64 <= MIB && out.contains("tessera-flood"));
+    // The last lines only, read back from the end across the rotated files.
+    let (ok, out, err) = cli(&pool, &["logs", "--tail", "3", &flood.to_string()]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out:?}");
+    assert_eq!(lines[..2], ["tessera-flood", "tessera-flood"], "{out:?}");
     // An offset past the end reads nothing from the end (it was a 502).
     let (s, v) = pool.get(
         &format!("/v1/jobs/{flood}/logs?offset={}", u64::MAX),

@@ -730,11 +730,28 @@ pub fn logs(
     stderr: bool,
     follow: bool,
     attempt: Option<u32>,
+    tail: Option<usize>,
 ) -> anyhow::Result<()> {
     let stream = if stderr { "stderr" } else { "stdout" };
     let attempt = attempt.map_or(String::new(), |a| format!("&attempt={a}"));
     let mut offset = 0u64;
     let mut out = std::io::stdout();
+    if let Some(lines) = tail {
+        let path = format!("/v1/jobs/{id}/logs?replica={replica}&stream={stream}{attempt}");
+        match last_lines(c, &path, lines) {
+            Ok((text, end)) => {
+                out.write_all(text.as_bytes())?;
+                out.flush()?;
+                if !follow {
+                    return Ok(());
+                }
+                offset = end;
+            }
+            // Not started yet: the loop below says so and waits.
+            Err(e) if follow && e.to_string().contains("has not started") => {}
+            Err(e) => return Err(e),
+        }
+    }
     let mut said_waiting = false;
     loop {
         let v = c.get(&format!(
@@ -773,6 +790,44 @@ pub fn logs(
         if chunk.data.is_empty() {
             std::thread::sleep(Duration::from_millis(300));
         }
+    }
+}
+
+/// The last `n` lines of a replica's stream, and where the stream ends: read backwards in growing
+/// windows from the end (a read past the end tells where it is).
+fn last_lines(c: &Client, path: &str, n: usize) -> anyhow::Result<(String, u64)> {
+    let chunk = |offset: u64| -> anyhow::Result<LogChunk> {
+        Ok(serde_json::from_value(
+            c.get(&format!("{path}&offset={offset}"))?,
+        )?)
+    };
+    let end = chunk(u64::MAX)?.offset;
+    let mut window = 64u64 << 10;
+    loop {
+        let from = end.saturating_sub(window);
+        let (mut text, mut at, mut oldest) = (String::new(), from, None);
+        while at < end {
+            let part = chunk(at)?;
+            if part.data.is_empty() {
+                break;
+            }
+            oldest.get_or_insert(part.offset);
+            text.push_str(&part.data);
+            at = part.next_offset;
+        }
+        let whole = from == 0 || oldest.is_some_and(|o| o > from) || window >= 16 << 20;
+        let starts: Vec<usize> = text.match_indices('\n').map(|(i, _)| i + 1).collect();
+        // Lines end with '\n': the last n start after the (n+1)-th newline from the end.
+        let ends_with_newline = text.ends_with('\n');
+        let needed = n + usize::from(ends_with_newline);
+        if starts.len() >= needed {
+            let cut = starts[starts.len() - needed];
+            return Ok((text[cut..].to_string(), end));
+        }
+        if whole {
+            return Ok((text, end));
+        }
+        window *= 4;
     }
 }
 
