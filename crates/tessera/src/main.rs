@@ -211,8 +211,11 @@ enum Command {
         #[arg(long)]
         previous: bool,
         /// Only the last N lines (then follow from there with -f).
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", conflicts_with = "all_replicas")]
         tail: Option<usize>,
+        /// Every replica's output, each line prefixed with `[REPLICA]`.
+        #[arg(long, conflicts_with = "replica")]
+        all_replicas: bool,
     },
     /// Cancel jobs (their process trees are killed).
     Cancel {
@@ -625,12 +628,16 @@ fn main() {
             attempt,
             previous,
             tail,
+            all_replicas,
         } => cli::Client::new(&conn).and_then(|c| {
             let attempt = match (attempt, previous) {
                 (Some(a), _) => Some(a),
                 (None, true) => Some(cli::previous_attempt(&c, id)?),
                 (None, false) => None,
             };
+            if all_replicas {
+                return cli::logs_of_every_replica(&c, id, stderr, follow, attempt);
+            }
             cli::logs(&c, id, replica, stderr, follow, attempt, tail)
         }),
         Command::Cancel { conn, ids } => {

@@ -371,7 +371,13 @@ fn a_job_runs_its_output_is_in_the_logs_and_gangs_span_nodes_or_wait_whole() {
     );
 
     // Four one-GPU replicas need both nodes.
-    let gang = pool.submit("default", 1.0, 4, 50, "sleep 1");
+    let gang = pool.submit(
+        "default",
+        1.0,
+        4,
+        50,
+        "echo rank $TESSERA_REPLICA; echo done $TESSERA_REPLICA; sleep 1",
+    );
     let running = pool.wait_state(gang, "running");
     let mut nodes: Vec<&str> = running["assignments"]
         .as_array()
@@ -382,6 +388,16 @@ fn a_job_runs_its_output_is_in_the_logs_and_gangs_span_nodes_or_wait_whole() {
     nodes.sort();
     nodes.dedup();
     assert_eq!(nodes, vec!["n1", "n2"]);
+    // Every replica's output, line by line with its replica.
+    pool.wait_state(gang, "succeeded");
+    let (ok, out, err) = cli(&pool, &["logs", "--all-replicas", &gang.to_string()]);
+    assert!(ok, "{err}");
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort();
+    let want: Vec<String> = (0..4)
+        .flat_map(|r| [format!("[{r}] done {r}"), format!("[{r}] rank {r}")])
+        .collect();
+    assert_eq!(lines, want, "{out}");
     // Five cannot fit at all: the gang waits whole, and says why.
     let big = pool.submit("default", 1.0, 5, 50, "true");
     pool.wait_state(gang, "succeeded");

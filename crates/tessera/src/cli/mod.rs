@@ -793,6 +793,60 @@ pub fn logs(
     }
 }
 
+/// Every replica's stream, each line prefixed with `[REPLICA]`; with `follow`, until all ended.
+pub fn logs_of_every_replica(
+    c: &Client,
+    id: u64,
+    stderr: bool,
+    follow: bool,
+    attempt: Option<u32>,
+) -> anyhow::Result<()> {
+    let stream = if stderr { "stderr" } else { "stdout" };
+    let attempt = attempt.map_or(String::new(), |a| format!("&attempt={a}"));
+    let job = c.get(&format!("/v1/jobs/{id}"))?;
+    let replicas = job["replicas"].as_u64().unwrap_or(1) as u32;
+    // (offset, a line not yet ended, done) per replica.
+    let mut state: Vec<(u64, String, bool)> = vec![(0, String::new(), false); replicas as usize];
+    let mut out = std::io::stdout();
+    loop {
+        let mut quiet = true;
+        for (r, (offset, partial, done)) in state.iter_mut().enumerate() {
+            if *done {
+                continue;
+            }
+            let v = c.get(&format!(
+                "/v1/jobs/{id}/logs?replica={r}&stream={stream}&offset={offset}{attempt}"
+            ));
+            let chunk: LogChunk = match v {
+                Ok(v) => serde_json::from_value(v)?,
+                Err(e) if follow && e.to_string().contains("has not started") => continue,
+                Err(e) => return Err(e),
+            };
+            quiet &= chunk.data.is_empty();
+            partial.push_str(&chunk.data);
+            while let Some(i) = partial.find('\n') {
+                writeln!(out, "[{r}] {}", &partial[..i])?;
+                partial.drain(..=i);
+            }
+            *offset = chunk.next_offset;
+            if chunk.done || (!follow && chunk.data.is_empty()) {
+                if !partial.is_empty() {
+                    writeln!(out, "[{r}] {partial}")?;
+                    partial.clear();
+                }
+                *done = true;
+            }
+        }
+        out.flush()?;
+        if state.iter().all(|s| s.2) {
+            return Ok(());
+        }
+        if quiet {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
 /// The last `n` lines of a replica's stream, and where the stream ends: read backwards in growing
 /// windows from the end (a read past the end tells where it is).
 fn last_lines(c: &Client, path: &str, n: usize) -> anyhow::Result<(String, u64)> {
