@@ -226,9 +226,7 @@ impl Pool {
                 .count()
                 >= 2
         });
-        let idx = self.agents.iter().position(|(n, _)| n == node).unwrap();
-        let (_, mut proc) = self.agents.remove(idx);
-        proc.0.kill().unwrap();
+        self.kill_agent(node);
     }
 
     fn agent_pid(&self, name: &str) -> i32 {
@@ -685,9 +683,7 @@ fn an_agent_killed_or_cut_off_never_leaves_a_replica_running_twice_and_its_work_
     let done = pool.submit("default", 1.0, 1, 50, "sleep 4; echo finished");
     let j = pool.wait_state(done, "running");
     let victim = j["assignments"][0]["node"].as_str().unwrap().to_string();
-    let idx = pool.agents.iter().position(|(n, _)| *n == victim).unwrap();
-    let (_, mut proc) = pool.agents.remove(idx);
-    proc.0.kill().unwrap();
+    pool.kill_agent(&victim);
     let j = pool.wait_state(done, "succeeded");
     assert_ne!(j["assignments"][0]["node"].as_str().unwrap(), victim);
     assert_eq!(j["attempt"], 2);
@@ -1806,14 +1802,18 @@ fn an_elastic_range_that_cannot_be_is_refused_by_field() {
 impl Pool {
     /// Kills the controller (SIGKILL) and starts it again on the same store.
     fn restart_controller(&mut self) {
+        self.kill_controller();
+        self.start_controller_again();
+    }
+
+    /// Kills the controller (SIGKILL) and leaves it down.
+    fn kill_controller(&mut self) {
         let mut c = self.controller.take().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.0.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
+        let _ = c.0.kill();
         let _ = c.0.wait();
-        std::mem::forget(c);
+    }
+
+    fn start_controller_again(&mut self) {
         assert!(self.start_controller().is_none());
         self.wait_for("the controller", || {
             self.http
@@ -1821,6 +1821,14 @@ impl Pool {
                 .send()
                 .is_ok()
         });
+    }
+
+    /// `kill -9` of the agent of `node` (its workloads' shims run on).
+    fn kill_agent(&mut self, node: &str) {
+        let idx = self.agents.iter().position(|(n, _)| n == node).unwrap();
+        let (_, mut proc) = self.agents.remove(idx);
+        proc.0.kill().unwrap();
+        let _ = proc.0.wait();
     }
 }
 
@@ -3455,10 +3463,7 @@ fn cgroups_of_fork_heavy_jobs_and_of_a_dead_shims_replicas_do_not_leak() {
         alive(workload),
         "the workload runs before its shim is killed"
     );
-    let idx = pool.agents.iter().position(|(n, _)| n == "n1").unwrap();
-    let (_, mut agent) = pool.agents.remove(idx);
-    agent.0.kill().unwrap();
-    let _ = agent.0.wait();
+    pool.kill_agent("n1");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(shim),
         nix::sys::signal::Signal::SIGKILL,
@@ -3552,25 +3557,6 @@ fn the_store_and_the_agents_files_are_private_and_hold_no_agent_secret() {
         .send()
         .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
-}
-
-impl Pool {
-    /// Kills the controller (SIGKILL) and leaves it down.
-    fn kill_controller(&mut self) {
-        let mut c = self.controller.take().unwrap();
-        let _ = c.0.kill();
-        let _ = c.0.wait();
-    }
-
-    fn start_controller_again(&mut self) {
-        assert!(self.start_controller().is_none());
-        self.wait_for("the controller", || {
-            self.http
-                .get(format!("{}/healthz", self.url))
-                .send()
-                .is_ok()
-        });
-    }
 }
 
 #[test]
