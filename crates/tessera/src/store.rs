@@ -308,6 +308,8 @@ pub struct WriterHealth {
     pub last_fault: Mutex<Option<String>>,
     /// Set when the writer thread has stopped (the controller is going down).
     pub stopped: std::sync::atomic::AtomicBool,
+    /// When the writer last committed a batch (Unix ms).
+    pub last_commit_ms: std::sync::atomic::AtomicU64,
 }
 
 impl WriterHealth {
@@ -383,6 +385,12 @@ impl Store {
                             Some(fault)
                         }
                     };
+                    if failed.is_none() {
+                        hl.last_commit_ms.store(
+                            crate::controller::now_ms(),
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                    }
                     let kick = std::mem::take(&mut state.kick);
                     let dirty = std::mem::take(&mut state.dirty_nodes);
                     drop(state);
