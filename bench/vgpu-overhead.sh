@@ -16,10 +16,12 @@ if [ -z "${TESSERA_BIN_DIR:-}" ]; then
 fi
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
-ln -s "$TESSERA_BIN_DIR/libcuda.so" "$T/libcuda.so.1"
+# A test build leaves the libraries under deps/ only; take the newest of the two places.
+newest() { ls -t "$TESSERA_BIN_DIR/$1" "$TESSERA_BIN_DIR/deps/$1" 2>/dev/null | head -1 || true; }
+ln -s "$(newest libcuda.so)" "$T/libcuda.so.1"
 export LD_LIBRARY_PATH=$T TESSERA_FAKECUDA_DIR=$T/devices TESSERA_FAKECUDA_MIN_KERNEL_NS=0
 PROBE=$TESSERA_BIN_DIR/tessera-vgpu-probe
-LIB=$TESSERA_BIN_DIR/libtessera_vgpu.so
+LIB=$(newest libtessera_vgpu.so)
 slice() {
   env LD_PRELOAD="$LIB" TESSERA_GPU_MEMORY_BYTES=1073741824 TESSERA_VGPU_SHM="$T/slice-$1" \
     TESSERA_VGPU_DEVICE_SHM="$T/gpu0" TESSERA_COMPUTE_SHARE="$2" TESSERA_COMPUTE_BURST="$3" "${@:4}"
