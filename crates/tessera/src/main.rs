@@ -14,6 +14,7 @@ mod sim;
 mod state;
 mod store;
 mod units;
+mod volumes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -81,6 +82,10 @@ struct ControllerArgs {
     /// it, requests get 503 with Retry-After. One request may send at most 64 MiB.
     #[arg(long, default_value = "256MiB")]
     gateway_body_budget: String,
+    /// Ports kept free for Tessera on every node, FIRST-LAST: each gang of replicas gets one on
+    /// its rank 0's node for its rendezvous (MASTER_PORT), unique on that node.
+    #[arg(long, default_value = "29500-30499")]
+    rendezvous_ports: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -290,6 +295,19 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
+/// `FIRST-LAST`, unprivileged ports (1024 and up), at least one.
+fn port_range(flag: &str, text: &str) -> anyhow::Result<std::ops::RangeInclusive<u16>> {
+    let parsed = text
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)));
+    match parsed {
+        Some((first, last)) if first >= 1024 && first <= last => Ok(first..=last),
+        _ => anyhow::bail!(
+            "{flag} {text}: write FIRST-LAST with 1024 <= FIRST <= LAST <= 65535, e.g. 29500-30499"
+        ),
+    }
+}
+
 fn controller_config(a: &ControllerArgs) -> anyhow::Result<controller::ControllerConfig> {
     let lease = units::parse_duration("--lease", &a.lease)?;
     if lease < Duration::from_millis(500) {
@@ -335,6 +353,7 @@ fn controller_config(a: &ControllerArgs) -> anyhow::Result<controller::Controlle
             0 => anyhow::bail!("--max-connections-per-address 0: allow at least one"),
             n => n,
         },
+        rendezvous_ports: port_range("--rendezvous-ports", &a.rendezvous_ports)?,
         rates,
         fair_share_half_life,
         data_dir: a.data_dir.clone(),

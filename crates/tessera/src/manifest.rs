@@ -57,6 +57,16 @@ pub struct ManifestSpec {
     /// The job can save and resume its progress (see [`CheckpointManifest`]).
     #[serde(default)]
     pub checkpoint: Option<CheckpointManifest>,
+    /// Where the program starts: a directory on one of the job's volumes (default: the
+    /// directory it was submitted from when that is on one, else its run dir).
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// The project's volumes it mounts, `PATH` or `PATH:ro` (default: all of them).
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// The directory `tessera submit` ran in (the CLI sets it).
+    #[serde(default)]
+    pub submit_dir: Option<String>,
     /// `kind: Service` only: port, readiness check and autoscaling.
     #[serde(default)]
     pub service: Option<crate::service::ServiceManifest>,
@@ -264,6 +274,24 @@ pub struct JobDef {
     /// Set for an elastic job; `spec.replicas` is then its minimum, the gang it starts with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elastic: Option<Elastic>,
+    /// The host paths it mounts, resolved against its project's volumes at submit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::volumes::Volume>,
+    /// Where it starts (its run dir's `work/` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// What the manifest asked for its volumes and working directory, until resolved.
+    #[serde(skip)]
+    pub asked: AskedMounts,
+}
+
+/// A manifest's `volumes`, `workdir` and `submitDir`, resolved at submit (see
+/// [`crate::volumes::resolve`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AskedMounts {
+    pub volumes: Vec<String>,
+    pub workdir: Option<String>,
+    pub submit_dir: Option<String>,
 }
 
 /// Defaults applied where a manifest is silent.
@@ -541,6 +569,13 @@ impl Manifest {
             checkpoint,
             elastic,
             interactive: spec.interactive.unwrap_or(false),
+            volumes: Vec::new(),
+            workdir: None,
+            asked: AskedMounts {
+                volumes: spec.volumes,
+                workdir: spec.workdir,
+                submit_dir: spec.submit_dir,
+            },
         })
     }
 }

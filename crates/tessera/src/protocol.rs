@@ -156,6 +156,39 @@ pub struct Assignment {
     /// The uid the admin mapped the job's owner to; the project's uid on the node otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    /// Where a gang's replicas meet (`torchrun`, DeepSpeed, MPI); absent for a lone replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rendezvous: Option<Rendezvous>,
+    /// Host paths it sees, read-only where marked (its project's volumes it mounts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::volumes::Volume>,
+    /// Other projects' volumes, hidden from it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden_volumes: Vec<String>,
+    /// Where the program starts (its run dir's `work/` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+}
+
+/// How the replicas of one job find each other: rank 0's host and a port the controller reserved
+/// there for this job (so that every replica agrees on it before any starts), and every replica in
+/// rank order (a replica's rank is its position here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rendezvous {
+    pub master_addr: String,
+    pub master_port: u16,
+    pub members: Vec<Peer>,
+}
+
+/// One replica of a gang as its peers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub index: u32,
+    pub node: String,
+    /// The node's address (the host its agent listens on).
+    pub host: String,
+    /// Its devices (a fraction counts as one): a hostfile's `slots`.
+    pub gpus: u32,
 }
 
 /// An elastic job's replicas as its programs see them (`$TESSERA_REPLICA_SET_FILE`).

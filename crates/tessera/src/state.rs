@@ -71,6 +71,9 @@ pub struct ProjectPolicy {
     /// ... after a warning this long before.
     #[serde(default)]
     pub idle_warning_ms: u64,
+    /// Host paths its jobs may mount (see [`crate::volumes`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::volumes::Volume>,
 }
 
 impl ProjectPolicy {
@@ -82,7 +85,7 @@ impl ProjectPolicy {
             .unwrap_or(Self::DEFAULT_IDLE_THRESHOLD_PCT)
     }
 
-    /// In a few words: "region=eu; models H100; <=4 GPU/job; idle 1800s<5%", or "-".
+    /// In a few words: "region=eu; models H100; <=4 GPU/job; idle 1800s<5%; volumes /d:ro", or "-".
     pub fn summary(&self) -> String {
         let mut parts = Vec::new();
         if !self.residency.is_empty() {
@@ -105,6 +108,10 @@ impl ProjectPolicy {
                 self.idle_after_ms / 1000,
                 self.idle_threshold()
             ));
+        }
+        if !self.volumes.is_empty() {
+            let list: Vec<String> = self.volumes.iter().map(|v| v.text()).collect();
+            parts.push(format!("volumes {}", list.join(",")));
         }
         if parts.is_empty() {
             "-".into()
@@ -371,6 +378,9 @@ pub struct Job {
     /// Bumped whenever an elastic job's replica set changes, so its replicas can tell.
     #[serde(default)]
     pub generation: u64,
+    /// A gang's rendezvous port on its rank 0's node (`MASTER_PORT`), reserved at placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rendezvous_port: Option<u16>,
 }
 
 impl Job {
@@ -397,6 +407,7 @@ impl Job {
             replaces: None,
             draining_since_ms: None,
             generation: 0,
+            rendezvous_port: None,
         }
     }
 

@@ -205,6 +205,9 @@ pub struct Confine {
     /// Bound on `/tmp`: the replica's own.
     #[arg(long, requires = "namespaces")]
     pub private_tmp: Option<PathBuf>,
+    /// Paths made read-only in the workload's mount namespace (read-only volumes).
+    #[arg(long, requires = "namespaces")]
+    pub read_only: Vec<PathBuf>,
 }
 
 /// Gives `path` to the workload's uid, mode 0700: its work dir, checkpoints, temp files.
@@ -308,8 +311,9 @@ impl Confine {
         if self.namespaces {
             self.mount_view()?;
         }
-        std::env::set_current_dir(work)?;
         drop_privileges(uid)?;
+        // As the workload: a directory it may not enter fails here, not in its program.
+        std::env::set_current_dir(work)?;
         if self.namespaces {
             become_init()?;
         }
@@ -379,6 +383,26 @@ impl Confine {
             mount(
                 None::<&str>,
                 at,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | hidden,
+                None::<&str>,
+            )
+            .map_err(io)?;
+        }
+        // Read-only volumes: a bind of each onto itself, remounted read-only (mounts below one
+        // keep their own mode).
+        for p in &self.read_only {
+            mount(
+                Some(p.as_path()),
+                p.as_path(),
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(io)?;
+            mount(
+                None::<&str>,
+                p.as_path(),
                 None::<&str>,
                 MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | hidden,
                 None::<&str>,

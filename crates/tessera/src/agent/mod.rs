@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod confine;
 pub mod criu;
 pub mod devices;
+pub mod distributed;
 pub mod gpu;
 pub mod logs;
 pub mod shim;
@@ -885,6 +886,44 @@ fn workload_uid(
     }
 }
 
+/// Refuses volumes this node cannot give as asked: one missing here, one inside what the agent
+/// hides (its data dir), or, for a confined replica without a mount namespace (`transparent`),
+/// any volume to keep read-only or to hide, which it could not enforce.
+fn check_volumes(config: &AgentConfig, a: &Assignment, transparent: bool) -> anyhow::Result<()> {
+    for v in &a.volumes {
+        let path = Path::new(&v.path);
+        if !path.is_dir() {
+            bail!(
+                "volume {} is not a directory on node {}; create it there, or take it out of                  project {}'s volumes",
+                v.path,
+                config.name,
+                a.project
+            );
+        }
+        let real = std::fs::canonicalize(path)?;
+        let secret = std::iter::once(&config.data_dir)
+            .chain(&config.hide)
+            .find(|h| {
+                real.starts_with(std::fs::canonicalize(h).unwrap_or_else(|_| h.to_path_buf()))
+            });
+        if let Some(h) = secret {
+            bail!(
+                "volume {} lies inside {}, which this node hides from every workload",
+                v.path,
+                h.display()
+            );
+        }
+    }
+    let enforced = a.volumes.iter().any(|v| v.read_only) || !a.hidden_volumes.is_empty();
+    if transparent && enforced {
+        bail!(
+            "a transparent checkpoint runs without a mount namespace, so this node could not keep              read-only volumes read-only or hide other projects' volumes ({}); use a cooperative              checkpoint",
+            a.hidden_volumes.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// The environment of one replica's allocation.
 pub fn allocation_env(a: &Assignment, node: &str) -> BTreeMap<String, String> {
     let mut env = a.env.clone();
@@ -1043,6 +1082,10 @@ fn start(
         }
     }
     let device_env = gpu::device_env(config, a)?;
+    check_volumes(config, a, uid.is_some() && transparent)?;
+    if let Some(dir) = &a.workdir {
+        cmd.arg("--workdir").arg(dir);
+    }
     if let Some(uid) = uid {
         cmd.arg("--uid").arg(uid.to_string());
         // CRIU would have to dump and restore the namespaces with their mounts.
@@ -1058,10 +1101,29 @@ fn start(
             for p in gpu::confined_paths(config, &device_env, uid)? {
                 cmd.arg("--expose").arg(p);
             }
+            for hidden in &a.hidden_volumes {
+                cmd.arg("--mask").arg(hidden);
+            }
+            for v in &a.volumes {
+                cmd.arg("--expose").arg(&v.path);
+                if v.read_only {
+                    cmd.arg("--read-only").arg(&v.path);
+                }
+            }
         }
     }
     cmd.arg("--").args(&a.command);
     cmd.envs(allocation_env(a, &config.name));
+    if let Some(r) = distributed::rendezvous_of(a, &config.name) {
+        if a.rendezvous.is_some() && distributed::place(&r, a.replica).is_some_and(|p| p.rank == 0)
+        {
+            distributed::check_port(&r)?;
+        }
+        cmd.envs(distributed::env(a, &r));
+        let hostfile = distributed::write_hostfile(dir, &r, uid)?;
+        let hostfile = std::fs::canonicalize(&hostfile).unwrap_or(hostfile);
+        cmd.env("TESSERA_HOSTFILE", hostfile);
+    }
     if let Some(set) = &a.elastic {
         write_replica_set(dir, set)?;
         shared

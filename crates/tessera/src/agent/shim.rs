@@ -97,6 +97,9 @@ pub struct ShimArgs {
     /// A verified checkpoint to restore instead of starting the command.
     #[arg(long, requires = "criu")]
     pub restore_from: Option<PathBuf>,
+    /// Where the program starts (default: `work/` in its run dir or home).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
     /// Most bytes of output kept (stdout and stderr together; older output rotates away).
     #[arg(long, default_value_t = super::logs::DEFAULT_LIMIT)]
     pub log_limit: u64,
@@ -219,11 +222,12 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     // A transparent replica's files live in its home (the same path on every node, as CRIU
     // restores them by path); the run directory links to its output.
     let home = args.home.clone().unwrap_or_else(|| args.run_dir.clone());
-    let work = home.join("work");
-    fs::create_dir_all(&work)?;
+    let own_work = home.join("work");
+    fs::create_dir_all(&own_work)?;
     if let Some(uid) = args.confine.uid {
-        super::confine::own(&work, uid)?;
+        super::confine::own(&own_work, uid)?;
     }
+    let work = args.workdir.clone().unwrap_or(own_work);
     if home != args.run_dir {
         for name in ["stdout.log", "stderr.log"] {
             let link = args.run_dir.join(name);
@@ -264,6 +268,13 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     let grace = Duration::from_millis(args.grace_ms);
     let mut pump = super::logs::Pump::default();
     let started = match (&criu, &args.restore_from) {
+        _ if !work.is_dir() => Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "its working directory {} is not a directory on this node",
+                work.display()
+            ),
+        )),
         (Some(c), Some(from)) => c
             .restore(from, &args.cgroup_procs, grace.max(Duration::from_secs(60)))
             .map_err(|e| {
@@ -291,6 +302,16 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
             let interrupted = out_of_space(&e);
             let message = if interrupted {
                 format!("the node could not start it: {e}")
+            } else if let Some(dir) = &args.workdir {
+                let who = args
+                    .confine
+                    .uid
+                    .map_or(String::new(), |u| format!(" as uid {u}"));
+                format!(
+                    "could not start {} in {}{who}: {e}",
+                    args.command[0],
+                    dir.display()
+                )
             } else {
                 format!("could not start {}: {e}", args.command[0])
             };

@@ -294,6 +294,18 @@ pub struct SubmitArgs {
     /// KEY=VALUE environment variables (repeatable).
     #[arg(long = "env")]
     pub env: Vec<String>,
+    /// Pass this shell's environment: all of it but names that look secret (TOKEN, SECRET,
+    /// PASSWORD, KEY, CREDENTIAL ...) and the shell's own (PWD, SHLVL ...), or exactly the
+    /// comma-separated NAMES given. --env wins over it.
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "NAMES")]
+    pub export_env: Option<String>,
+    /// Where the program starts, on one of the job's volumes (default: this directory when it
+    /// is on one of the project's volumes, else the job's run dir).
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// A volume of the project to mount, PATH or PATH:ro (repeatable; default: all of them).
+    #[arg(long = "volume")]
+    pub volumes: Vec<String>,
     /// The program and its arguments, after `--`.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -389,11 +401,29 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
             m["spec"]["checkpoint"][key] = json!(v);
         }
     }
+    if let Some(names) = &args.export_env {
+        for (k, v) in exported_env(names, std::env::vars_os())? {
+            m["spec"]["env"][k] = json!(v);
+        }
+    }
     for kv in &args.env {
         let Some((k, v)) = kv.split_once('=') else {
             bail!("--env {kv}: write KEY=VALUE");
         };
         m["spec"]["env"][k] = json!(v);
+    }
+    if let Some(w) = &args.workdir {
+        let dir = std::path::absolute(w).with_context(|| format!("--workdir {w}"))?;
+        m["spec"]["workdir"] = json!(dir.to_string_lossy());
+    }
+    if !args.volumes.is_empty() {
+        m["spec"]["volumes"] = json!(args.volumes);
+    }
+    if m["spec"]["submitDir"].is_null()
+        && let Ok(here) = std::env::current_dir()
+        && let Some(here) = here.to_str()
+    {
+        m["spec"]["submitDir"] = json!(here);
     }
     if !args.command.is_empty() {
         m["spec"]["command"] = json!(args.command);
@@ -404,6 +434,54 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
         );
     }
     Ok(m)
+}
+
+/// Parts of a name that mark a variable as a secret: not passed by a bare `--export-env`.
+const SECRET_MARKS: [&str; 9] = [
+    "TOKEN",
+    "SECRET",
+    "PASSWORD",
+    "PASSWD",
+    "KEY",
+    "CREDENTIAL",
+    "AUTH",
+    "COOKIE",
+    "PRIVATE",
+];
+
+/// The shell's own variables, which mean nothing on another machine.
+const SHELL_OWN: [&str; 6] = ["PWD", "OLDPWD", "SHLVL", "_", "PS1", "PROMPT_COMMAND"];
+
+/// The environment `--export-env[=NAMES]` passes: exactly NAMES when given (each must be set
+/// here), else every variable but secret-looking names, the shell's own and Tessera's
+/// connection settings; values that are not UTF-8 are left out.
+fn exported_env(
+    names: &str,
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let vars: Vec<(String, String)> = vars
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    if !names.trim().is_empty() {
+        let mut out = Vec::new();
+        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let Some((k, v)) = vars.iter().find(|(k, _)| k == name) else {
+                bail!("--export-env {names}: {name} is not set in this shell");
+            };
+            out.push((k.clone(), v.clone()));
+        }
+        return Ok(out);
+    }
+    Ok(vars
+        .into_iter()
+        .filter(|(k, _)| {
+            let upper = k.to_ascii_uppercase();
+            !SECRET_MARKS.iter().any(|m| upper.contains(m))
+                && !SHELL_OWN.contains(&k.as_str())
+                && !k.starts_with("TESSERA_")
+                && !k.starts_with("BASH_FUNC_")
+        })
+        .collect())
 }
 
 #[derive(Debug, Args)]
@@ -1170,6 +1248,10 @@ pub struct ProjectArgs {
     /// Warn this long before an idle job is stopped (default 5m).
     #[arg(long)]
     pub idle_warning: Option<String>,
+    /// A host path its jobs may mount at the same path, PATH or PATH:ro (repeatable; replaces
+    /// the list); `none` removes them all.
+    #[arg(long = "volume")]
+    pub volumes: Vec<String>,
 }
 
 pub fn projects(c: &Client, cmd: Option<ProjectsCmd>) -> anyhow::Result<()> {
@@ -1234,6 +1316,10 @@ pub fn projects(c: &Client, cmd: Option<ProjectsCmd>) -> anyhow::Result<()> {
         }
         if let Some(w) = &a.idle_warning {
             b["idle_warning"] = json!(w);
+        }
+        if !a.volumes.is_empty() {
+            let list: Vec<&String> = a.volumes.iter().filter(|v| *v != "none").collect();
+            b["volumes"] = json!(list);
         }
         if let Some(m) = &a.members {
             b["members"] = json!(

@@ -18,13 +18,14 @@ use super::{ApiError, AxState, Caller, Ctl, S, issue_token, now_ms};
 use crate::auth::Principal;
 use crate::manifest::check_name;
 use crate::protocol::{
-    Assignment, Member, RegisterRequest, RegisterResponse, ReplicaSet, ReplicaStatus, RunPhase,
-    SyncRequest, SyncResponse,
+    Assignment, Member, Peer, RegisterRequest, RegisterResponse, Rendezvous, ReplicaSet,
+    ReplicaStatus, RunPhase, SyncRequest, SyncResponse,
 };
 use crate::state::{
     EventKind, Job, Node, NodeHealth, ReplicaPhase, State, StopCause, TokenKind, parse_key,
 };
 use crate::store;
+use crate::volumes::Volume;
 
 pub async fn register(
     AxState(ctl): S,
@@ -172,6 +173,8 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
     }
     for job in s.jobs_on(name).filter(|j| j.stop.is_none()) {
         let elastic = job.def.elastic.map(|e| replica_set(s, job, e));
+        let rendezvous = rendezvous(s, job);
+        let (volumes, hidden_volumes, workdir) = mounts(s, job);
         for r in job.replicas.iter().filter(|r| {
             r.node == name
                 && !r.leaving
@@ -212,21 +215,89 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
                     .map(|svc| svc.def.port.unwrap_or(0)),
                 elastic: elastic.clone(),
                 uid: s.users.get(&job.owner).and_then(|u| u.uid),
+                rendezvous: rendezvous.clone(),
+                volumes: volumes.clone(),
+                hidden_volumes: hidden_volumes.clone(),
+                workdir: workdir.clone(),
             });
         }
     }
     (revision, out)
 }
 
+/// What a job mounts now: its volumes its project still offers (read-only where either says so),
+/// every other volume of the pool to hide, and its working directory while a volume holds it.
+fn mounts(s: &State, job: &Job) -> (Vec<Volume>, Vec<String>, Option<String>) {
+    let offered = s
+        .projects
+        .get(job.project())
+        .map(|p| p.policy.volumes.as_slice())
+        .unwrap_or_default();
+    let volumes: Vec<Volume> = job
+        .def
+        .volumes
+        .iter()
+        .filter_map(|v| {
+            let now = offered.iter().find(|o| o.path == v.path)?;
+            Some(Volume {
+                path: v.path.clone(),
+                read_only: v.read_only || now.read_only,
+            })
+        })
+        .collect();
+    let all = s.projects.values().flat_map(|p| &p.policy.volumes);
+    let hidden = crate::volumes::hidden(all, &volumes);
+    let workdir = job
+        .def
+        .workdir
+        .clone()
+        .filter(|w| volumes.iter().any(|v| crate::volumes::under(w, &v.path)));
+    (volumes, hidden, workdir)
+}
+
+/// The host a node's agent listens on: where its replicas are reached.
+pub(crate) fn node_host(s: &State, node: &str) -> String {
+    s.nodes
+        .get(node)
+        .and_then(|n| reqwest::Url::parse(&n.address).ok())
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Where a gang's replicas meet: rank 0's host and the port reserved there at placement, and its
+/// replicas (an elastic job's current members) in rank order.
+fn rendezvous(s: &State, job: &Job) -> Option<Rendezvous> {
+    let master_port = job.rendezvous_port?;
+    // A gang's ranks are its replicas' indices for its whole run (one that ended early keeps its
+    // place); an elastic job's are positions in its replica set now.
+    let members: Vec<Peer> = job
+        .replicas
+        .iter()
+        .filter(|r| {
+            if job.def.elastic.is_some() {
+                !r.leaving && !r.phase.is_done()
+            } else {
+                !r.leaving
+            }
+        })
+        .map(|r| Peer {
+            index: r.index,
+            node: r.node.clone(),
+            host: node_host(s, &r.node),
+            gpus: r.devices.len() as u32,
+        })
+        .collect();
+    let master_addr = members.first()?.host.clone();
+    Some(Rendezvous {
+        master_addr,
+        master_port,
+        members,
+    })
+}
+
 /// An elastic job's replica set as its programs see it.
 fn replica_set(s: &State, job: &Job, e: crate::manifest::Elastic) -> ReplicaSet {
-    let host = |node: &str| {
-        s.nodes
-            .get(node)
-            .and_then(|n| reqwest::Url::parse(&n.address).ok())
-            .and_then(|u| u.host_str().map(str::to_string))
-            .unwrap_or_default()
-    };
+    let host = |node: &str| node_host(s, node);
     ReplicaSet {
         generation: job.generation,
         min: e.min,

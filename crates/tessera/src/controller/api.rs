@@ -317,6 +317,8 @@ pub async fn submit(
         .write(move |c, s| -> Result<JobView, ApiError> {
             s.acting = Some(user.clone());
             may_use_project(s, &user, role, &project)?;
+            let mut def = def;
+            resolve_mounts(s, &mut def)?;
             let now = now_ms();
             let id = s
                 .take_job_id()
@@ -331,6 +333,28 @@ pub async fn submit(
         .await?;
     ctl.metrics.submitted.inc();
     Ok((axum::http::StatusCode::CREATED, Json(job)))
+}
+
+/// Resolves what the manifest asked to mount, and where to start, against the project's
+/// volumes now (see [`crate::volumes::resolve`]).
+pub fn resolve_mounts(s: &State, def: &mut crate::manifest::JobDef) -> Result<(), ApiError> {
+    let project = &def.spec.project;
+    let allowed = s
+        .projects
+        .get(project)
+        .map(|p| p.policy.volumes.as_slice())
+        .unwrap_or_default();
+    let asked = std::mem::take(&mut def.asked);
+    let r = crate::volumes::resolve(
+        project,
+        allowed,
+        &asked.volumes,
+        asked.workdir.as_deref(),
+        asked.submit_dir.as_deref(),
+    )?;
+    def.volumes = r.volumes;
+    def.workdir = r.workdir;
+    Ok(())
 }
 
 /// Refuses a job its project's policy does not allow, naming the field and the rule; the
@@ -1085,6 +1109,8 @@ pub struct ProjectBody {
     pub idle_threshold: Option<f64>,
     /// Warn this long before an idle job is stopped (default 5m, at most idle_after).
     pub idle_warning: Option<String>,
+    /// Host paths its jobs may mount, `PATH` or `PATH:ro`; [] removes them all.
+    pub volumes: Option<Vec<String>>,
 }
 
 mod double_option {
@@ -1217,6 +1243,27 @@ fn apply_policy(pol: &mut crate::state::ProjectPolicy, b: &ProjectBody) -> Resul
         if pol.idle_after_ms > 0 && b.idle_warning.is_none() && pol.idle_warning_ms == 0 {
             pol.idle_warning_ms = (5 * 60_000).min(pol.idle_after_ms / 2);
         }
+    }
+    if let Some(list) = &b.volumes {
+        if list.len() > crate::volumes::MAX_VOLUMES {
+            return Err(ApiError::bad(format!(
+                "volumes: {} given; a project may have at most {}",
+                list.len(),
+                crate::volumes::MAX_VOLUMES
+            )));
+        }
+        let mut volumes: Vec<crate::volumes::Volume> = Vec::new();
+        for (i, text) in list.iter().enumerate() {
+            let v = crate::volumes::Volume::parse(&format!("volumes[{i}]"), text)?;
+            if volumes.iter().any(|o| o.path == v.path) {
+                return Err(ApiError::bad(format!(
+                    "volumes[{i}] {text}: {} is given twice; name each path once",
+                    v.path
+                )));
+            }
+            volumes.push(v);
+        }
+        pol.volumes = volumes;
     }
     if let Some(w) = &b.idle_warning {
         pol.idle_warning_ms = crate::units::parse_duration("idle_warning", w)?.as_millis() as u64;

@@ -235,6 +235,9 @@ mod tests {
             checkpoint: None,
             elastic: None,
             interactive: false,
+            volumes: vec![],
+            workdir: None,
+            asked: Default::default(),
         };
         let placed = tessera_sched::Allocation {
             node: tessera_sched::NodeId(0),

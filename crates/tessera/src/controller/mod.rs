@@ -70,6 +70,9 @@ pub struct ControllerConfig {
     pub max_connections_per_address: usize,
     /// Bytes of request bodies the gateway holds at once (see [`gateway::Gateway::new`]).
     pub gateway_body_budget: usize,
+    /// Ports reserved for gangs' rendezvous (`MASTER_PORT`) on every node, as Slurm reserves
+    /// `MpiParams=ports`: each gang gets one on its rank 0's node, unique there.
+    pub rendezvous_ports: std::ops::RangeInclusive<u16>,
 }
 
 /// Shared by every request handler and the reconcile loop.

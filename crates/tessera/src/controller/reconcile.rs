@@ -5,7 +5,7 @@
 //! coalesce into one more round. Timers only cover what no event announces: a node's lease running
 //! out and a restart backoff ending.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use tessera_sched::cluster::GpuAffinity;
@@ -266,10 +266,13 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
         return Ok(next_backoff);
     }
     let metrics = ctl.metrics.clone();
+    let ports = ctl.config.rendezvous_ports.clone();
     ctl.store
         .write(move |c, s| -> Result<(), ApiError> {
             let now = now_ms();
             let mut changed = Vec::new();
+            // Rendezvous ports in use by node, built at the first gang placed.
+            let mut taken: Option<HashMap<String, BTreeSet<u16>>> = None;
             for (id, allocs) in &plan.placements {
                 let Some(job) = s.jobs.get(id) else { continue };
                 // The world may have moved since the snapshot: skip what no longer holds.
@@ -286,6 +289,20 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
                     continue;
                 }
                 let mut job = job.clone();
+                if job.def.spec.replicas > 1 || job.def.elastic.is_some() {
+                    let taken = taken.get_or_insert_with(|| rendezvous_ports_taken(s));
+                    let on = taken.entry(agents::node_host(s, names[0])).or_default();
+                    let Some(port) = ports.clone().find(|p| !on.contains(p)) else {
+                        tracing::warn!(
+                            "job {id} waits: every rendezvous port of --rendezvous-ports is in \
+                             use on {}",
+                            names[0]
+                        );
+                        continue;
+                    };
+                    on.insert(port);
+                    job.rendezvous_port = Some(port);
+                }
                 job.attempt += 1;
                 s.next_start_seq += 1;
                 job.started_seq = s.next_start_seq;
@@ -417,6 +434,19 @@ fn placed_line(attempt: u32, r: &Replica) -> String {
 }
 
 /// Replicas an elastic job has given back that it still remembers (older ones are in its events).
+/// The rendezvous ports active gangs hold, by the host of their rank 0's node (by host, not by
+/// node: several agents may share one host, as under `tessera up --nodes`).
+fn rendezvous_ports_taken(s: &State) -> HashMap<String, BTreeSet<u16>> {
+    let mut taken: HashMap<String, BTreeSet<u16>> = HashMap::new();
+    for job in s.jobs.values().filter(|j| j.state.is_active()) {
+        if let (Some(port), Some(first)) = (job.rendezvous_port, job.replicas.first()) {
+            let host = agents::node_host(s, &first.node);
+            taken.entry(host).or_default().insert(port);
+        }
+    }
+    taken
+}
+
 const DEPARTED_KEPT: usize = 16;
 
 /// Adds replicas to a running elastic job; `None` when the job no longer may grow.

@@ -144,13 +144,14 @@ pub async fn create(
     let role = caller.user()?.1;
     let m = parse_manifest(&body)?;
     let name = m.metadata.name.trim().to_string();
-    let (template, def) = m.into_service("default")?;
+    let (mut template, def) = m.into_service("default")?;
     super::disk::guard(&ctl, "services")?;
     let gw = ctl.gateway.clone();
     let v = ctl
         .store
         .write(move |c, s| -> Result<ServiceView, ApiError> {
             may_use_project(s, &user, role, &template.spec.project)?;
+            super::api::resolve_mounts(s, &mut template)?;
             if s.services.contains_key(&name) {
                 return Err(ApiError::conflict(format!(
                     "metadata.name {name}: a service of that name exists; pick another name or \

@@ -1,0 +1,426 @@
+//! The harness of the end-to-end tests: a real controller and real agents as separate processes
+//! on 127.0.0.x, simulated GPUs, real child processes, real SQLite. Nothing of Tessera's own is
+//! mocked. Each test binary uses its part of it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+pub fn port() -> u16 {
+    let base = 20000 + (std::process::id() % 20000) as u16;
+    base + NEXT_PORT.fetch_add(1, Ordering::SeqCst)
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tessera")
+}
+
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct Pool {
+    pub dir: tempfile::TempDir,
+    /// Where jobs and the test exchange files, as a cluster's shared file system would: outside
+    /// the pool's data dirs (which workloads cannot see) and open to every workload's uid.
+    pub shared_dir: tempfile::TempDir,
+    /// The controller's self-signed certificate when it serves HTTPS.
+    pub cert: Option<PathBuf>,
+    pub url: String,
+    pub admin: String,
+    pub listen: String,
+    /// The service gateway's base URL.
+    pub gateway: String,
+    pub controller: Option<Proc>,
+    pub agents: Vec<(String, Proc)>,
+    pub http: reqwest::blocking::Client,
+    /// Where the controller's and the agents' data dirs are made (the temp dir by default).
+    pub data_root: PathBuf,
+    /// More arguments for the controller.
+    pub controller_args: Vec<String>,
+}
+
+impl Pool {
+    pub fn start() -> Pool {
+        Pool::start_with(false)
+    }
+
+    /// With `tls`, the controller serves HTTPS with a fresh self-signed certificate for
+    /// 127.0.0.1, which the test's client, the agents and the CLI are given as their CA.
+    pub fn start_with(tls: bool) -> Pool {
+        Pool::start_in(tls, None, &[])
+    }
+
+    /// A pool whose data dirs are made under `data_root` (e.g. a small file system), with more
+    /// arguments for its controller.
+    pub fn start_in(tls: bool, data_root: Option<PathBuf>, controller_args: &[&str]) -> Pool {
+        let dir = tempfile::tempdir().unwrap();
+        let listen = format!("127.0.0.1:{}", port());
+        let mut http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30));
+        let cert = tls.then(|| {
+            let made = rcgen::generate_simple_self_signed(vec![
+                "127.0.0.1".to_string(),
+                "localhost".to_string(),
+            ])
+            .unwrap();
+            let cert = dir.path().join("cert.pem");
+            std::fs::write(&cert, made.cert.pem()).unwrap();
+            std::fs::write(dir.path().join("key.pem"), made.signing_key.serialize_pem()).unwrap();
+            http = std::mem::replace(&mut http, reqwest::blocking::Client::builder())
+                .add_root_certificate(
+                    reqwest::Certificate::from_pem(made.cert.pem().as_bytes()).unwrap(),
+                );
+            cert
+        });
+        let scheme = if tls { "https" } else { "http" };
+        let mut pool = Pool {
+            url: format!("{scheme}://{listen}"),
+            listen,
+            gateway: format!("127.0.0.1:{}", port()),
+            admin: String::new(),
+            controller: None,
+            agents: vec![],
+            http: http.build().unwrap(),
+            cert,
+            data_root: data_root.unwrap_or_else(|| dir.path().to_path_buf()),
+            controller_args: controller_args.iter().map(|a| a.to_string()).collect(),
+            dir,
+            shared_dir: shared_dir(),
+        };
+        pool.admin = pool
+            .start_controller()
+            .expect("a first start prints the admin token");
+        pool
+    }
+
+    /// Starts (or restarts) the controller; returns the admin token on a first start.
+    pub fn start_controller(&mut self) -> Option<String> {
+        let mut child = Command::new(bin())
+            .args(["controller", "--data-dir"])
+            .arg(self.data_root.join("controller"))
+            .args(["--listen", &self.listen, "--lease", "2s"])
+            .args(&self.controller_args)
+            .args(["--gateway-listen", &self.gateway])
+            .args(self.cert.iter().flat_map(|cert| {
+                [
+                    "--tls-cert".into(),
+                    cert.clone().into_os_string(),
+                    "--tls-key".into(),
+                    cert.with_file_name("key.pem").into_os_string(),
+                ]
+            }))
+            .env("TESSERA_CONFIG", self.dir.path().join("cli.yaml"))
+            .env("TESSERA_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let first = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(first.starts_with("Tessera API at"), "{first}");
+        // A first start prints the admin token on the next line; a restart prints nothing more.
+        let token = rx
+            .recv_timeout(Duration::from_secs(2))
+            .ok()
+            .and_then(|line| {
+                line.strip_prefix("First admin token (shown once): ")
+                    .map(str::to_string)
+            });
+        self.controller = Some(Proc(child));
+        token
+    }
+
+    pub fn join_token(&self) -> String {
+        self.post("/v1/tokens", json!({"kind": "join"}), &self.admin)
+            .1["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    pub fn add_agent(&mut self, name: &str, ip: &str, gpus: &str) {
+        self.add_agent_with(name, ip, gpus, &[]);
+    }
+
+    /// An agent that finds no CRIU, as on a host without it.
+    pub fn add_agent_without_criu(&mut self, name: &str, ip: &str, gpus: &str) {
+        self.add_agent_with(name, ip, gpus, &["--criu", "/nonexistent/criu"]);
+    }
+
+    pub fn add_agent_with(&mut self, name: &str, ip: &str, gpus: &str, extra: &[&str]) {
+        let join = self.join_token();
+        let child = Command::new(bin())
+            .args([
+                "agent",
+                "--join",
+                &self.url,
+                "--token",
+                &join,
+                "--node-name",
+                name,
+                "--simulate-gpus",
+                gpus,
+            ])
+            .args([
+                "--listen",
+                &format!("{ip}:0"),
+                "--grace",
+                "1s",
+                "--cpus",
+                "8",
+                "--memory",
+                "16GiB",
+                "--telemetry-interval",
+                "300ms",
+            ])
+            .arg("--data-dir")
+            .arg(self.data_root.join(name))
+            // One host: its agents share the root, as nodes share the path.
+            .arg("--transparent-root")
+            .arg(self.dir.path().join("transparent"))
+            .args(extra)
+            .args(
+                self.cert
+                    .iter()
+                    .flat_map(|c| ["--ca-cert".into(), c.clone().into_os_string()]),
+            )
+            .env("TESSERA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.agents.push((name.to_string(), Proc(child)));
+        self.wait_for(&format!("node {name} ready"), || {
+            self.get("/v1/nodes", &self.admin)
+                .1
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == name && n["health"] == "ready")
+        });
+    }
+
+    /// `kill -9` of the agent of `node` once job `id` has sent two checkpoints.
+    pub fn kill_agent_after_two_checkpoints(&mut self, id: u64, node: &str) {
+        self.wait_for("two checkpoints", || {
+            events(self, id)
+                .iter()
+                .filter(|e| e["kind"] == "Checkpoint")
+                .count()
+                >= 2
+        });
+        self.kill_agent(node);
+    }
+
+    pub fn agent_pid(&self, name: &str) -> i32 {
+        self.agents
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+            .0
+            .id() as i32
+    }
+
+    pub fn req(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        token: &str,
+    ) -> (u16, Value) {
+        let mut r = self.http.request(method, format!("{}{path}", self.url));
+        if !token.is_empty() {
+            r = r.bearer_auth(token);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub fn get(&self, path: &str, token: &str) -> (u16, Value) {
+        self.req(reqwest::Method::GET, path, None, token)
+    }
+
+    pub fn post(&self, path: &str, body: Value, token: &str) -> (u16, Value) {
+        self.req(reqwest::Method::POST, path, Some(body), token)
+    }
+
+    pub fn submit(
+        &self,
+        project: &str,
+        gpu: f64,
+        replicas: u32,
+        priority: i64,
+        command: &str,
+    ) -> u64 {
+        let (status, v) = self.post(
+            "/v1/jobs",
+            json!({"metadata": {"name": "t", "project": project},
+                   "spec": {"replicas": replicas, "priority": priority,
+                            "resources": {"gpu": gpu, "cpu": 0.5, "memory": "128MiB"},
+                            "command": ["sh", "-c", command]}}),
+            &self.admin,
+        );
+        assert_eq!(status, 201, "{v}");
+        v["id"].as_u64().unwrap()
+    }
+
+    pub fn job(&self, id: u64) -> Value {
+        self.get(&format!("/v1/jobs/{id}"), &self.admin).1
+    }
+
+    pub fn wait_for(&self, what: &str, mut ok: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !ok() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "timed out waiting for {what}: {}",
+                self.get("/v1/jobs", &self.admin).1
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn wait_state(&self, id: u64, state: &str) -> Value {
+        let mut last = Value::Null;
+        self.wait_for(&format!("job {id} to be {state}"), || {
+            last = self.job(id);
+            last["state"] == state
+        });
+        last
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.data_root.join(name)
+    }
+
+    /// A file jobs can read and write (see `shared_dir`).
+    pub fn shared(&self, name: &str) -> PathBuf {
+        self.shared_dir.path().join(name)
+    }
+}
+
+/// A directory every workload may use, outside `/tmp` (each workload has its own) and outside
+/// directories others cannot enter, mode 1777 like a shared scratch file system.
+pub fn shared_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("shared-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    dir
+}
+
+pub fn logs(pool: &Pool, id: u64) -> String {
+    let (status, v) = pool.get(&format!("/v1/jobs/{id}/logs?replica=0"), &pool.admin);
+    assert_eq!(status, 200, "{v}");
+    v["data"].as_str().unwrap().to_string()
+}
+
+/// Runs the CLI against the pool; returns (success, stdout, stderr).
+pub fn cli(pool: &Pool, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .arg(args[0])
+        .args(["--url", &pool.url, "--token", &pool.admin])
+        .args(&args[1..])
+        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .env_remove("TESSERA_URL")
+        .env_remove("TESSERA_TOKEN")
+        .env_remove("TESSERA_CA_CERT")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn events(pool: &Pool, id: u64) -> Vec<Value> {
+    pool.get(&format!("/v1/jobs/{id}/events"), &pool.admin)
+        .1
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// `tessera submit ARGS -o json` through the CLI; returns the new job's id.
+pub fn cli_submit(pool: &Pool, args: &[&str]) -> u64 {
+    let mut all = vec!["submit", "-o", "json"];
+    all.extend_from_slice(args);
+    let (ok, out, err) = cli(pool, &all);
+    assert!(ok, "{err}");
+    serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_u64()
+        .unwrap()
+}
+
+impl Pool {
+    /// Kills the controller (SIGKILL) and starts it again on the same store.
+    pub fn restart_controller(&mut self) {
+        self.kill_controller();
+        self.start_controller_again();
+    }
+
+    /// Kills the controller (SIGKILL) and leaves it down.
+    pub fn kill_controller(&mut self) {
+        let mut c = self.controller.take().unwrap();
+        let _ = c.0.kill();
+        let _ = c.0.wait();
+    }
+
+    pub fn start_controller_again(&mut self) {
+        assert!(self.start_controller().is_none());
+        self.wait_for("the controller", || {
+            self.http
+                .get(format!("{}/healthz", self.url))
+                .send()
+                .is_ok()
+        });
+    }
+
+    /// `kill -9` of the agent of `node` (its workloads' shims run on).
+    pub fn kill_agent(&mut self, node: &str) {
+        let idx = self.agents.iter().position(|(n, _)| n == node).unwrap();
+        let (_, mut proc) = self.agents.remove(idx);
+        proc.0.kill().unwrap();
+        let _ = proc.0.wait();
+    }
+}
+
+/// The output of replica `replica` of job `id`.
+pub fn replica_logs(pool: &Pool, id: u64, replica: u32) -> String {
+    let (status, v) = pool.get(
+        &format!("/v1/jobs/{id}/logs?replica={replica}"),
+        &pool.admin,
+    );
+    assert_eq!(status, 200, "{v}");
+    v["data"].as_str().unwrap().to_string()
+}
