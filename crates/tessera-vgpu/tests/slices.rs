@@ -242,17 +242,19 @@ fn a_lone_slice_that_may_burst_uses_the_idle_device_and_one_that_may_not_keeps_t
         &results(m.probe(None, &["launch", "--seconds", "1"])),
         "kernels_per_s",
     ) * kernel_s;
+    // What an unsliced loop holds depends on how busy the host's CPUs are (the simulated
+    // device runs on them): the slices are measured against it, not against 1.
     assert!(
-        whole > 0.9,
-        "an unsliced loop keeps the device {whole:.2} busy"
+        whole > 0.5,
+        "an unsliced loop keeps the device only {whole:.2} busy"
     );
     let burst = num(
         &results(m.probe(Some(("burst", 0.3, GIB)), &["launch", "--seconds", "2"])),
         "kernels_per_s",
     ) * kernel_s;
     assert!(
-        burst > 0.85,
-        "bursting: the slice held {burst:.2} of the device"
+        burst > 0.9 * whole,
+        "bursting: the slice held {burst:.2} of the device, unsliced {whole:.2}"
     );
     let mut capped = m.probe(Some(("capped", 0.3, GIB)), &["launch", "--seconds", "3"]);
     capped.env("TESSERA_COMPUTE_BURST", "0");

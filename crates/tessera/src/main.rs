@@ -204,8 +204,18 @@ enum Command {
         id: u64,
         #[arg(long, default_value_t = 0)]
         replica: u32,
+        /// Only standard output (default: both streams, interleaved as they came).
+        #[arg(long, conflicts_with = "stderr")]
+        stdout: bool,
+        /// Only standard error.
         #[arg(long)]
         stderr: bool,
+        /// Only lines from this time on: a duration back (10m, 2h) or Unix milliseconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// Start each line with the time it was written (RFC 3339, UTC).
+        #[arg(long)]
+        timestamps: bool,
         /// Keep streaming until the replica ends.
         #[arg(short, long)]
         follow: bool,
@@ -642,7 +652,10 @@ fn main() {
             conn,
             id,
             replica,
+            stdout,
             stderr,
+            since,
+            timestamps,
             follow,
             attempt,
             previous,
@@ -654,10 +667,20 @@ fn main() {
                 (None, true) => Some(cli::previous_attempt(&c, id)?),
                 (None, false) => None,
             };
+            let opts = cli::LogOptions {
+                stream: match (stdout, stderr) {
+                    (true, _) => "stdout",
+                    (_, true) => "stderr",
+                    _ => "all",
+                },
+                since,
+                timestamps,
+                attempt,
+            };
             if all_replicas {
-                return cli::logs_of_every_replica(&c, id, stderr, follow, attempt);
+                return cli::logs_of_every_replica(&c, id, &opts, follow);
             }
-            cli::logs(&c, id, replica, stderr, follow, attempt, tail)
+            cli::logs(&c, id, replica, &opts, follow, tail)
         }),
         Command::Cancel { conn, ids } => {
             cli::Client::new(&conn).and_then(|c| cli::cancel(&c, &ids))

@@ -549,8 +549,10 @@ fn failed_jobs_restart_with_backoff_memory_hogs_are_oom_killed_and_the_cli_speak
     );
     // The last attempt's output, and the one before it.
     let (ok, out, err) = cli(&pool, &["logs", &id.to_string()]);
-    assert!(ok && out == "attempt 2\n", "{out} {err}");
-    let (ok, out, err) = cli(&pool, &["logs", "--previous", &id.to_string()]);
+    let both = "attempt 2\nTraceback (most recent call last):\n\
+                ValueError: the learning rate must be positive\n";
+    assert!(ok && out == both, "{out} {err}");
+    let (ok, out, err) = cli(&pool, &["logs", "--stdout", "--previous", &id.to_string()]);
     assert!(ok && out == "attempt 1\n", "{out} {err}");
     let (ok, out, err) = cli(
         &pool,
@@ -2190,7 +2192,7 @@ echo pid1=$(cat /proc/1/comm)
 try read_credential 'cat {cred}'
 try read_store 'head -c 16 {store}'
 try write_store 'echo x >> {store}'
-try read_victim_log 'grep hunter2 {vdir}/stdout.log'
+try read_victim_log 'grep hunter2 {vdir}/output.log'
 try read_victim_work 'cat {vwork}/secret.txt'
 try list_victim_run 'ls -a {runs} | grep -qx {vkey}'
 try see_victim_process 'test -e /proc/{vpid}'
@@ -2550,7 +2552,7 @@ fn a_log_flood_is_capped_a_filling_disk_refuses_new_work_with_507_and_the_pool_r
     // 200 MiB to stdout on a 64 MiB disk: only the newest 1 MiB (the pool's cap) is kept.
     let (s, v) = submit_as_admin(
         &pool,
-        "yes tessera-flood | head -c 200000000; exec sleep 600",
+        "yes tessera-flood | head -c 200000000; echo; echo flood-done; exec sleep 600",
     );
     assert_eq!(s, 201, "{v}");
     let flood = v["id"].as_u64().unwrap();
@@ -2558,7 +2560,7 @@ fn a_log_flood_is_capped_a_filling_disk_refuses_new_work_with_507_and_the_pool_r
     pool.wait_state(flood, "running");
     let runs = run_dir(&pool, "n1", flood);
     let kept = || -> u64 {
-        ["stdout.log", "stdout.log.1"]
+        ["output.log", "output.log.1"]
             .iter()
             .filter_map(|n| std::fs::metadata(runs.join(n)).ok())
             .map(|m| m.len())
@@ -2566,7 +2568,16 @@ fn a_log_flood_is_capped_a_filling_disk_refuses_new_work_with_507_and_the_pool_r
     };
     pool.wait_for("the flood to be written", || {
         let (_, v) = pool.get(&format!("/v1/jobs/{flood}/logs?offset=0"), &pool.admin);
-        v["cut"].as_u64().unwrap_or(0) + kept() >= 200_000_000
+        let cut = v["cut"].as_u64().unwrap_or(0);
+        let end = cut + kept();
+        let (_, last) = pool.get(
+            &format!("/v1/jobs/{flood}/logs?offset={}", end.saturating_sub(64)),
+            &pool.admin,
+        );
+        cut >= 200_000_000
+            && last["data"]
+                .as_str()
+                .is_some_and(|d| d.ends_with("flood-done\n"))
     });
     assert!(kept() <= MIB, "kept {} bytes of output", kept());
     let (s, chunk) = pool.get(&format!("/v1/jobs/{flood}/logs?offset=0"), &pool.admin);
@@ -2590,7 +2601,7 @@ fn a_log_flood_is_capped_a_filling_disk_refuses_new_work_with_507_and_the_pool_r
     assert!(ok, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out:?}");
-    assert_eq!(lines[..2], ["tessera-flood", "tessera-flood"], "{out:?}");
+    assert_eq!(lines, ["tessera-flood", "tess", "flood-done"], "{out:?}");
     // An offset past the end reads nothing from the end (it was a 502).
     let (s, v) = pool.get(
         &format!("/v1/jobs/{flood}/logs?offset={}", u64::MAX),

@@ -403,3 +403,89 @@ fn the_submitting_shells_environment_goes_along_without_its_secrets_unless_named
     );
     assert!(!ok && err.contains("NOT_SET is not set"), "{err}");
 }
+
+#[test]
+fn logs_interleave_both_streams_in_order_and_pick_one_a_time_or_timestamps() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let here = pool.shared("");
+    // Spaced out, as a program's lines are: the order the lines came is the order they show.
+    let id = submit_in(
+        &pool,
+        &here,
+        &[],
+        &[
+            "--cpu",
+            "0.5",
+            "--memory",
+            "128MiB",
+            "--",
+            "sh",
+            "-c",
+            "echo out 1; sleep 0.3; echo err 1 >&2; sleep 0.3; echo out 2; sleep 1.2; echo err 2 >&2",
+        ],
+    );
+    pool.wait_state(id, "succeeded");
+    let logs = |args: &[&str]| {
+        let mut all = vec!["logs", "--replica", "0"];
+        all.extend_from_slice(args);
+        let id = id.to_string();
+        all.push(&id);
+        let (ok, out, err) = cli_in(&pool, &here, &[], &all);
+        assert!(ok, "{err}");
+        out
+    };
+    assert_eq!(logs(&[]), "out 1\nerr 1\nout 2\nerr 2\n");
+    assert_eq!(logs(&["--stdout"]), "out 1\nout 2\n");
+    assert_eq!(logs(&["--stderr"]), "err 1\nerr 2\n");
+    assert_eq!(logs(&["--tail", "2"]), "out 2\nerr 2\n");
+    // Each line tagged with its stream and time for scripts.
+    let lines: Vec<Value> = logs(&["-o", "json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let tagged: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| (l["stream"].as_str().unwrap(), l["text"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        tagged,
+        [
+            ("stdout", "out 1"),
+            ("stderr", "err 1"),
+            ("stdout", "out 2"),
+            ("stderr", "err 2")
+        ]
+    );
+    let ts: Vec<u64> = lines.iter().map(|l| l["ts_ms"].as_u64().unwrap()).collect();
+    assert!(
+        ts.windows(2).all(|w| w[0] <= w[1]) && ts[3] - ts[2] >= 1000,
+        "{ts:?}"
+    );
+    // From a time on: only what came then.
+    assert_eq!(logs(&["--since", &ts[2].to_string()]), "out 2\nerr 2\n");
+    assert_eq!(
+        logs(&["--since", &ts[3].to_string(), "--stderr"]),
+        "err 2\n"
+    );
+    // With times: RFC 3339 in UTC, the same instants.
+    let stamped = logs(&["--timestamps", "--stdout"]);
+    let first = stamped.lines().next().unwrap();
+    let (time, text) = first.split_once(' ').unwrap();
+    assert_eq!(text, "out 1");
+    assert_eq!(time, lines[0]["time"].as_str().unwrap(), "{stamped}");
+    assert!(
+        time.ends_with('Z') && time.len() == "2026-11-29T08:00:00.000Z".len(),
+        "{time}"
+    );
+    // A bad stream or time is refused with what to write.
+    let (ok, _, err) = cli_in(
+        &pool,
+        &here,
+        &[],
+        &["logs", "--since", "yesterday", &id.to_string()],
+    );
+    assert!(!ok && err.contains("since yesterday"), "{err}");
+    let (status, v) = pool.get(&format!("/v1/jobs/{id}/logs?stream=both"), &pool.admin);
+    assert_eq!(status, 400, "{v}");
+}

@@ -927,6 +927,10 @@ fn check_volumes(config: &AgentConfig, a: &Assignment, transparent: bool) -> any
 /// The environment of one replica's allocation.
 pub fn allocation_env(a: &Assignment, node: &str) -> BTreeMap<String, String> {
     let mut env = a.env.clone();
+    // Python's output reaches the logs as it is written, in order with stderr (a pipe would
+    // make it block-buffered); the job may say otherwise.
+    env.entry("PYTHONUNBUFFERED".into())
+        .or_insert_with(|| "1".into());
     let devices: Vec<String> = a.devices.iter().map(|d| d.device.to_string()).collect();
     env.insert("CUDA_VISIBLE_DEVICES".into(), devices.join(","));
     env.insert("TESSERA_JOB_ID".into(), a.job_id.to_string());
@@ -1208,17 +1212,15 @@ fn start(
 
 #[derive(Deserialize)]
 struct LogQuery {
+    /// `stdout`, `stderr`, or both (absent or `all`).
     stream: Option<String>,
     offset: Option<u64>,
+    /// Only lines read at or after this time (Unix ms).
+    since_ms: Option<u64>,
 }
 
-/// Most bytes returned by one log read.
+/// Most bytes of output read for one answer.
 const LOG_CHUNK: u64 = 1 << 20;
-
-/// Response headers of a log read: where the data starts in the stream, and how many bytes
-/// before it (from the offset asked for) were rotated away.
-pub const LOG_FROM: &str = "x-tessera-log-from";
-pub const LOG_CUT: &str = "x-tessera-log-cut";
 
 async fn serve_logs(
     AxState(shared): AxState<Arc<Shared>>,
@@ -1248,10 +1250,16 @@ async fn serve_logs(
     if crate::state::parse_key(&key).is_none() {
         return answer(StatusCode::BAD_REQUEST, "not a replica key");
     }
-    let name = match q.stream.as_deref() {
-        None | Some("stdout") => "stdout.log",
-        Some("stderr") => "stderr.log",
-        Some(_) => return answer(StatusCode::BAD_REQUEST, "stream must be stdout or stderr"),
+    let stream = match q.stream.as_deref() {
+        None | Some("all") => None,
+        Some("stdout") => Some(logs::Stream::Stdout),
+        Some("stderr") => Some(logs::Stream::Stderr),
+        Some(_) => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                "stream must be stdout, stderr or all",
+            );
+        }
     };
     let dir = shared.runs_dir.join(&key);
     if !dir.exists() {
@@ -1261,18 +1269,13 @@ async fn serve_logs(
              after the node's --keep-runs)",
         );
     }
-    let offset = q.offset.unwrap_or(0);
-    let read = tokio::task::spawn_blocking(move || logs::read(&dir, name, offset, LOG_CHUNK)).await;
+    let (offset, since) = (q.offset.unwrap_or(0), q.since_ms.unwrap_or(0));
+    let read = tokio::task::spawn_blocking(move || {
+        logs::read_page(&dir, stream, since, offset, LOG_CHUNK)
+    })
+    .await;
     match read {
-        Ok(Ok(chunk)) => (
-            StatusCode::OK,
-            [
-                (LOG_FROM, chunk.from.to_string()),
-                (LOG_CUT, chunk.cut.to_string()),
-            ],
-            chunk.data,
-        )
-            .into_response(),
+        Ok(Ok(page)) => axum::Json(page).into_response(),
         Ok(Err(e)) => answer(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("reading the log failed: {e}"),

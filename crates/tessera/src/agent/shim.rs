@@ -282,17 +282,13 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
             }),
         _ if direct => (|| spawn(&args, &work, log("stdout.log")?, log("stderr.log")?))(),
         _ => (|| {
+            use super::logs::{OUTPUT, Rotating, Stream};
             let (out_r, out_w) = super::logs::pipe()?;
             let (err_r, err_w) = super::logs::pipe()?;
-            let streams = [("stdout.log", out_r), ("stderr.log", err_r)];
-            let writers = streams
-                .into_iter()
-                .map(|(name, r)| Ok((super::logs::Rotating::open(&home, name, per_stream)?, r)))
-                .collect::<std::io::Result<Vec<_>>>()?;
+            pump = super::logs::Pump::into(Rotating::open(&home, OUTPUT, args.log_limit)?);
             let pid = spawn(&args, &work, out_w, err_w)?;
-            for (w, r) in writers {
-                pump.add(r, w)?;
-            }
+            pump.add(out_r, Stream::Stdout)?;
+            pump.add(err_r, Stream::Stderr)?;
             Ok::<_, std::io::Error>(pid)
         })(),
     };
@@ -436,7 +432,7 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
         (None, _) => {
             let words = format!("exited with {}", crate::protocol::exit_words(code));
             // A failed program's last word on stderr is usually why (a traceback's last line).
-            match super::logs::last_line(&home, "stderr.log", 300).filter(|_| code != 0) {
+            match super::logs::last_error_line(&home, 300).filter(|_| code != 0) {
                 Some(line) => format!("{words}; its last error output: {line}"),
                 None => words,
             }

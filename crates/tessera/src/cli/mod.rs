@@ -801,24 +801,100 @@ pub fn previous_attempt(c: &Client, id: u64) -> anyhow::Result<u32> {
     }
 }
 
+/// What `tessera logs` reads and how it shows it.
+#[derive(Debug, Clone, Default)]
+pub struct LogOptions {
+    /// `all` (both streams, interleaved), `stdout` or `stderr`.
+    pub stream: &'static str,
+    /// Only lines from this time: 10m back, or Unix ms.
+    pub since: Option<String>,
+    /// Each line starts with its RFC 3339 time.
+    pub timestamps: bool,
+    pub attempt: Option<u32>,
+}
+
+impl LogOptions {
+    /// The query of a read of replica `replica` from `offset`.
+    fn query(&self, replica: u32, offset: u64, lines: bool) -> String {
+        let mut q = format!(
+            "replica={replica}&stream={}&offset={offset}",
+            if self.stream.is_empty() {
+                "all"
+            } else {
+                self.stream
+            }
+        );
+        if let Some(a) = self.attempt {
+            q.push_str(&format!("&attempt={a}"));
+        }
+        if let Some(since) = &self.since {
+            q.push_str(&format!("&since={}", urlencoding(since)));
+        }
+        if self.timestamps {
+            q.push_str("&timestamps=true");
+        }
+        if lines {
+            q.push_str("&lines=true");
+        }
+        q
+    }
+}
+
+/// Percent-encodes what a query value may not hold as is.
+fn urlencoding(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Writes a page: its text, or with `-o json` one JSON object per line (with its replica, stream
+/// and time) so that a script can follow it as it comes.
+fn write_page(
+    c: &Client,
+    out: &mut impl Write,
+    chunk: &LogChunk,
+    replica: Option<u32>,
+) -> anyhow::Result<()> {
+    if c.output == Output::Json {
+        for l in chunk.lines.iter().flatten() {
+            let mut v = json!({"stream": l.stream, "ts_ms": l.ts_ms, "text": l.text});
+            if l.ts_ms > 0 {
+                v["time"] = json!(crate::controller::api::rfc3339(l.ts_ms));
+            }
+            if l.partial {
+                v["partial"] = json!(true);
+            }
+            if let Some(r) = replica {
+                v["replica"] = json!(r);
+            }
+            writeln!(out, "{v}")?;
+        }
+        return Ok(());
+    }
+    out.write_all(chunk.data.as_bytes())?;
+    Ok(())
+}
+
 pub fn logs(
     c: &Client,
     id: u64,
     replica: u32,
-    stderr: bool,
+    opts: &LogOptions,
     follow: bool,
-    attempt: Option<u32>,
     tail: Option<usize>,
 ) -> anyhow::Result<()> {
-    let stream = if stderr { "stderr" } else { "stdout" };
-    let attempt = attempt.map_or(String::new(), |a| format!("&attempt={a}"));
+    let json = c.output == Output::Json;
     let mut offset = 0u64;
     let mut out = std::io::stdout();
     if let Some(lines) = tail {
-        let path = format!("/v1/jobs/{id}/logs?replica={replica}&stream={stream}{attempt}");
-        match last_lines(c, &path, lines) {
-            Ok((text, end)) => {
-                out.write_all(text.as_bytes())?;
+        match last_lines(c, id, replica, opts, lines) {
+            Ok((page, end)) => {
+                write_page(c, &mut out, &page, None)?;
                 out.flush()?;
                 if !follow {
                     return Ok(());
@@ -833,7 +909,8 @@ pub fn logs(
     let mut said_waiting = false;
     loop {
         let v = c.get(&format!(
-            "/v1/jobs/{id}/logs?replica={replica}&stream={stream}&offset={offset}{attempt}"
+            "/v1/jobs/{id}/logs?{}",
+            opts.query(replica, offset, json)
         ));
         let chunk: LogChunk = match v {
             Ok(v) => serde_json::from_value(v)?,
@@ -859,28 +936,27 @@ pub fn logs(
                 chunk.cut
             );
         }
-        out.write_all(chunk.data.as_bytes())?;
+        write_page(c, &mut out, &chunk, None)?;
         out.flush()?;
+        let moved = chunk.next_offset > offset;
         offset = chunk.next_offset;
-        if chunk.done || (!follow && chunk.data.is_empty()) {
+        if chunk.done || (!follow && !moved) {
             return Ok(());
         }
-        if chunk.data.is_empty() {
+        if !moved {
             std::thread::sleep(Duration::from_millis(300));
         }
     }
 }
 
-/// Every replica's stream, each line prefixed with `[REPLICA]`; with `follow`, until all ended.
+/// Every replica's output, each line prefixed with `[REPLICA]`; with `follow`, until all ended.
 pub fn logs_of_every_replica(
     c: &Client,
     id: u64,
-    stderr: bool,
+    opts: &LogOptions,
     follow: bool,
-    attempt: Option<u32>,
 ) -> anyhow::Result<()> {
-    let stream = if stderr { "stderr" } else { "stdout" };
-    let attempt = attempt.map_or(String::new(), |a| format!("&attempt={a}"));
+    let json = c.output == Output::Json;
     let job = c.get(&format!("/v1/jobs/{id}"))?;
     let replicas = job["replicas"].as_u64().unwrap_or(1) as u32;
     // (offset, a line not yet ended, done) per replica.
@@ -893,21 +969,27 @@ pub fn logs_of_every_replica(
                 continue;
             }
             let v = c.get(&format!(
-                "/v1/jobs/{id}/logs?replica={r}&stream={stream}&offset={offset}{attempt}"
+                "/v1/jobs/{id}/logs?{}",
+                opts.query(r as u32, *offset, json)
             ));
             let chunk: LogChunk = match v {
                 Ok(v) => serde_json::from_value(v)?,
                 Err(e) if follow && e.to_string().contains("has not started") => continue,
                 Err(e) => return Err(e),
             };
-            quiet &= chunk.data.is_empty();
-            partial.push_str(&chunk.data);
-            while let Some(i) = partial.find('\n') {
-                writeln!(out, "[{r}] {}", &partial[..i])?;
-                partial.drain(..=i);
+            let moved = chunk.next_offset > *offset;
+            quiet &= !moved;
+            if json {
+                write_page(c, &mut out, &chunk, Some(r as u32))?;
+            } else {
+                partial.push_str(&chunk.data);
+                while let Some(i) = partial.find('\n') {
+                    writeln!(out, "[{r}] {}", &partial[..i])?;
+                    partial.drain(..=i);
+                }
             }
             *offset = chunk.next_offset;
-            if chunk.done || (!follow && chunk.data.is_empty()) {
+            if chunk.done || (!follow && !moved) {
                 if !partial.is_empty() {
                     writeln!(out, "[{r}] {partial}")?;
                     partial.clear();
@@ -925,39 +1007,59 @@ pub fn logs_of_every_replica(
     }
 }
 
-/// The last `n` lines of a replica's stream, and where the stream ends: read backwards in growing
-/// windows from the end (a read past the end tells where it is).
-fn last_lines(c: &Client, path: &str, n: usize) -> anyhow::Result<(String, u64)> {
+/// The last `n` lines of a replica's output (as one page) and the offset its output ends at:
+/// reads back from the end in growing windows until it has `n` lines or the whole output.
+fn last_lines(
+    c: &Client,
+    id: u64,
+    replica: u32,
+    opts: &LogOptions,
+    n: usize,
+) -> anyhow::Result<(LogChunk, u64)> {
     let chunk = |offset: u64| -> anyhow::Result<LogChunk> {
+        let q = opts.query(replica, offset, true);
         Ok(serde_json::from_value(
-            c.get(&format!("{path}&offset={offset}"))?,
+            c.get(&format!("/v1/jobs/{id}/logs?{q}"))?,
         )?)
     };
     let end = chunk(u64::MAX)?.offset;
     let mut window = 64u64 << 10;
     loop {
         let from = end.saturating_sub(window);
-        let (mut text, mut at, mut oldest) = (String::new(), from, None);
+        let (mut lines, mut at, mut oldest) = (Vec::new(), from, None);
         while at < end {
             let part = chunk(at)?;
-            if part.data.is_empty() {
+            if part.next_offset <= at {
                 break;
             }
             oldest.get_or_insert(part.offset);
-            text.push_str(&part.data);
+            lines.extend(part.lines.unwrap_or_default());
             at = part.next_offset;
         }
         let whole = from == 0 || oldest.is_some_and(|o| o > from) || window >= 16 << 20;
-        let starts: Vec<usize> = text.match_indices('\n').map(|(i, _)| i + 1).collect();
-        // Lines end with '\n': the last n start after the (n+1)-th newline from the end.
-        let ends_with_newline = text.ends_with('\n');
-        let needed = n + usize::from(ends_with_newline);
-        if starts.len() >= needed {
-            let cut = starts[starts.len() - needed];
-            return Ok((text[cut..].to_string(), end));
-        }
-        if whole {
-            return Ok((text, end));
+        // Lines that end (full records, or a partial one at the very end).
+        let ends: Vec<usize> = lines
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| !l.partial || *i + 1 == lines.len())
+            .map(|(i, _)| i)
+            .collect();
+        if ends.len() > n || whole {
+            // The first record of the last n lines follows the end of the line before them.
+            let first = match ends.len().checked_sub(n + 1) {
+                Some(k) => ends[k] + 1,
+                None => 0,
+            };
+            let lines = lines.split_off(first);
+            let page = LogChunk {
+                data: crate::controller::api::log_text(&lines, opts.timestamps, true),
+                offset: from,
+                cut: 0,
+                next_offset: end,
+                done: false,
+                lines: Some(lines),
+            };
+            return Ok((page, end));
         }
         window *= 4;
     }

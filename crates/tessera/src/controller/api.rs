@@ -636,9 +636,16 @@ pub async fn migrate_job(
 #[serde(deny_unknown_fields)]
 pub struct LogQuery {
     pub replica: Option<u32>,
+    /// `all` (default: both interleaved as they came), `stdout` or `stderr`.
     pub stream: Option<String>,
     pub offset: Option<u64>,
     pub attempt: Option<u32>,
+    /// Only lines from this time: a duration back from now (10m) or Unix milliseconds.
+    pub since: Option<String>,
+    /// Each line of `data` starts with the RFC 3339 time it was written.
+    pub timestamps: Option<bool>,
+    /// Also answer the lines one by one, each with its stream and time (`lines`).
+    pub lines: Option<bool>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -655,6 +662,37 @@ pub struct LogChunk {
     pub next_offset: u64,
     /// No more output will come (the replica has ended).
     pub done: bool,
+    /// With `lines=true`: each line with its stream and time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lines: Option<Vec<crate::agent::logs::Line>>,
+}
+
+/// `ts_ms` as RFC 3339 with milliseconds (UTC).
+pub fn rfc3339(ts_ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ts_ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The text of `lines`: a full line ends with a newline, a partial one goes on in the next;
+/// with `timestamps`, each line that starts begins with its time.
+pub fn log_text(
+    lines: &[crate::agent::logs::Line],
+    timestamps: bool,
+    mut at_start: bool,
+) -> String {
+    let mut out = String::new();
+    for l in lines {
+        if timestamps && at_start {
+            out.push_str(&rfc3339(l.ts_ms));
+            out.push(' ');
+        }
+        out.push_str(&l.text);
+        if !l.partial {
+            out.push('\n');
+        }
+        at_start = !l.partial;
+    }
+    out
 }
 
 pub async fn job_logs(
@@ -663,12 +701,20 @@ pub async fn job_logs(
     Path(id): Path<u64>,
     Query(q): Query<LogQuery>,
 ) -> Result<Json<LogChunk>, ApiError> {
-    let stream = q.stream.unwrap_or_else(|| "stdout".into());
-    if stream != "stdout" && stream != "stderr" {
+    let stream = q.stream.clone().unwrap_or_else(|| "all".into());
+    if !matches!(stream.as_str(), "all" | "stdout" | "stderr") {
         return Err(ApiError::bad(format!(
-            "stream {stream}: use stdout or stderr"
+            "stream {stream}: use all (both, interleaved), stdout or stderr"
         )));
     }
+    let since_ms = match q.since.as_deref() {
+        None => 0,
+        Some(t) => {
+            crate::metering::Window::parse(Some(t), None, now_ms())
+                .map_err(ApiError::bad)?
+                .since_ms
+        }
+    };
     let replica = q.replica.unwrap_or(0);
     let offset = q.offset.unwrap_or(0);
     let (key, address, secret, replica_done) = ctl.store.read(|s| {
@@ -709,7 +755,8 @@ pub async fn job_logs(
             done || job.state.is_final(),
         ))
     })?;
-    let url = format!("{address}/v1/logs/{key}?stream={stream}&offset={offset}");
+    let url =
+        format!("{address}/v1/logs/{key}?stream={stream}&offset={offset}&since_ms={since_ms}");
     let resp = ctl
         .http
         .get(&url)
@@ -734,26 +781,22 @@ pub async fn job_logs(
             format!("the node's agent answered {status} for logs: {text}"),
         ));
     }
-    let header = |name: &str| {
-        resp.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    let from = header(crate::agent::LOG_FROM).unwrap_or(offset);
-    let cut = header(crate::agent::LOG_CUT).unwrap_or(0);
-    let bytes = resp.bytes().await.map_err(|e| {
+    let page: crate::agent::logs::Page = resp.json().await.map_err(|e| {
         ApiError::new(
             axum::http::StatusCode::BAD_GATEWAY,
-            format!("reading logs: {e}"),
+            format!("reading logs from the node: {e}"),
         )
     })?;
+    let timestamps = q.timestamps.unwrap_or(false);
     Ok(Json(LogChunk {
-        offset: from,
-        cut,
-        next_offset: from.saturating_add(bytes.len() as u64),
-        data: String::from_utf8_lossy(&bytes).into_owned(),
-        done: replica_done && bytes.is_empty(),
+        offset: page.from,
+        cut: page.cut,
+        next_offset: page.next,
+        // A page starts at a record: each page's text starts a line, unless the one before
+        // ended partway (the CLI keeps that across pages).
+        data: log_text(&page.lines, timestamps, true),
+        done: replica_done && page.next == page.from,
+        lines: q.lines.unwrap_or(false).then_some(page.lines),
     }))
 }
 

@@ -51,7 +51,7 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
     (
         "get",
         "/v1/jobs/{id}/logs",
-        "Output of one replica; query: replica, stream (stdout|stderr), offset, attempt",
+        "Output of one replica; query: replica, stream (all|stdout|stderr; all interleaves both), offset, attempt, since (10m or epoch ms), timestamps, lines (each line with its stream and time)",
         None,
         "LogChunk",
     ),
@@ -340,7 +340,8 @@ fn schemas() -> Value {
         "JobList": list("Job"),
         "Event": obj(json!({"job": {"type": "integer"}, "ts_ms": {"type": "integer"}, "kind": {"type": "string"}, "message": {"type": "string"}})),
         "EventList": list("Event"),
-        "LogChunk": obj(json!({"data": {"type": "string"}, "offset": {"type": "integer"}, "cut": {"type": "integer"}, "next_offset": {"type": "integer"}, "done": {"type": "boolean"}})),
+        "LogChunk": obj(json!({"data": {"type": "string"}, "offset": {"type": "integer"}, "cut": {"type": "integer"}, "next_offset": {"type": "integer"}, "done": {"type": "boolean"},
+            "lines": {"type": "array", "items": obj(json!({"ts_ms": {"type": "integer"}, "stream": {"enum": ["stdout", "stderr"]}, "text": {"type": "string"}, "partial": {"type": "boolean"}}))}})),
         "Node": obj(json!({"name": {"type": "string"}, "health": {"enum": ["ready", "lost"]}, "cordoned": {"type": "boolean"},
             "simulated": {"type": "boolean"}, "cpu_milli": {"type": "integer"}, "memory_bytes": {"type": "integer"},
             "devices": {"type": "array"}, "gpu_allocated_milli": {"type": "integer"}})),
