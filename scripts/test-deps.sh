@@ -2,8 +2,10 @@
 # What the test suite needs beyond the Rust toolchain, on Debian 12 as root: CRIU 4.x (built from
 # source, see install-criu.sh), Prometheus (the suite scrapes the controller with a real one),
 # Chromium with ChromeDriver (the dashboard's end-to-end test drives it headless), and Slurm with
-# munge (the smoke run of bench/slurm-vs-tessera.sh puts a few jobs through both), and
-# Schemathesis from PyPI (it checks the API document against a live controller).
+# munge (the smoke run of bench/slurm-vs-tessera.sh puts a few jobs through both),
+# Schemathesis from PyPI (it checks the API document against a live controller), and for
+# container images a real registry (docker-registry), umoci and skopeo to build and push test
+# images, busybox-static for their shell, and runc to run them.
 # Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,6 +16,11 @@ command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v slurmctld >/dev/null || missing+=(slurm-wlm slurmctld slurmd slurm-client)
 command -v munged >/dev/null || missing+=(munge)
+command -v docker-registry >/dev/null || missing+=(docker-registry)
+command -v umoci >/dev/null || missing+=(umoci)
+command -v skopeo >/dev/null || missing+=(skopeo)
+command -v runc >/dev/null || missing+=(runc)
+dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     apt-get update -q >/dev/null

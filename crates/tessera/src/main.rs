@@ -16,6 +16,11 @@ mod store;
 mod units;
 mod volumes;
 
+/// A real OCI registry and test images, shared with the end-to-end tests.
+#[cfg(test)]
+#[path = "../tests/common/registry.rs"]
+mod test_registry;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -11,6 +11,7 @@ pub mod criu;
 pub mod devices;
 pub mod distributed;
 pub mod gpu;
+pub mod image;
 pub mod logs;
 pub mod shim;
 pub mod telemetry;

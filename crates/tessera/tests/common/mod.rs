@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+pub mod registry;
+
 pub static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
 pub fn port() -> u16 {
