@@ -656,6 +656,7 @@ async fn protocol_agent(
                     resume_failed: None,
                     port: None,
                     usage: None,
+                    image: None,
                 })
                 .collect(),
             wait_ms: lease_ms / 3,

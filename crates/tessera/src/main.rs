@@ -143,6 +143,17 @@ struct NodeArgs {
     /// `tessera logs` reads it until then.
     #[arg(long, default_value = "3d")]
     keep_runs: String,
+    /// Most disk the image cache keeps (unpacked layers); least recently used layers not in
+    /// use go past it.
+    #[arg(long, default_value = "50GiB")]
+    image_cache: String,
+    /// A registry (HOST:PORT) reached over plain HTTP (repeatable); registries on a loopback
+    /// address are always allowed to, as with Docker.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// The OCI runtime that runs images.
+    #[arg(long, default_value = "runc")]
+    runc: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -503,6 +514,18 @@ fn agent_config(
             n => n,
         },
         keep_runs: units::parse_duration("--keep-runs", &node.keep_runs)?,
+        image_cache: match units::parse_bytes(
+            "--image-cache",
+            &units::Quantity::Text(node.image_cache.clone()),
+        )? {
+            n if n < 64 << 20 => anyhow::bail!(
+                "--image-cache {}: keep at least 64MiB for images",
+                node.image_cache
+            ),
+            n => n,
+        },
+        insecure_registries: node.insecure_registries.clone(),
+        runc: node.runc.clone(),
         transparent,
     })
 }

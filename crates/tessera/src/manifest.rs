@@ -44,6 +44,13 @@ pub struct ManifestSpec {
     pub priority: Option<Priority>,
     #[serde(default)]
     pub resources: Resources,
+    /// A container image to run it in (`registry/repository:tag` or `@sha256:…`); its
+    /// entrypoint runs with `command` as its arguments (Docker's `run IMAGE CMD`).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The program and its arguments; with an image, what replaces the image's `CMD` (empty:
+    /// the image's own).
+    #[serde(default)]
     pub command: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -261,6 +268,9 @@ pub enum RestartPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobDef {
     pub spec: JobSpec,
+    /// The container image it runs in, when it runs in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub restart: RestartPolicy,
@@ -439,12 +449,14 @@ impl Manifest {
                 e
             })?,
         };
-        if spec.command.is_empty() || spec.command[0].trim().is_empty() {
+        let image = spec.image.as_deref().map(check_image).transpose()?;
+        if image.is_none() && (spec.command.is_empty() || spec.command[0].trim().is_empty()) {
             return Err(ValidationError::new(
                 "spec.command",
                 "[]",
                 "a job needs a program to run",
-                "give the command as a list, e.g. command: [python, train.py]",
+                "give the command as a list, e.g. command: [python, train.py], or an image \
+                 whose entrypoint runs (image: registry/team/train:1.0)",
             ));
         }
         let size: usize = spec.command.iter().map(String::len).sum::<usize>()
@@ -559,8 +571,18 @@ impl Manifest {
             .as_ref()
             .map(CheckpointManifest::check)
             .transpose()?;
+        if image.is_some() && checkpoint.as_ref().is_some_and(|c| c.transparent) {
+            return Err(ValidationError::new(
+                "spec.checkpoint.mode",
+                "transparent",
+                "transparent checkpoints of image jobs are not supported yet",
+                "use a cooperative checkpoint (the program saves on a signal), or run it \
+                 without an image",
+            ));
+        }
         Ok(JobDef {
             spec: job,
+            image,
             command: spec.command,
             env: spec.env,
             restart,
@@ -578,6 +600,26 @@ impl Manifest {
             },
         })
     }
+}
+
+/// An image reference as the registry protocol reads it (`[registry/]repository[:tag][@digest]`),
+/// trimmed; refused with the form to write otherwise.
+pub fn check_image(text: &str) -> Result<String, ValidationError> {
+    let image = text.trim();
+    let well_formed = !image.is_empty()
+        && image.len() <= 512
+        && !image.chars().any(|c| c.is_whitespace() || c.is_control())
+        && image.parse::<oci_client::Reference>().is_ok();
+    if !well_formed {
+        return Err(ValidationError::new(
+            "spec.image",
+            text,
+            "not an image reference",
+            "write registry.example.com/team/train:1.0, or pin a digest with \
+             @sha256:<64 hex digits>",
+        ));
+    }
+    Ok(image.to_string())
 }
 
 /// Names of jobs, projects, users and nodes: what fits in a path, a label and a table cell.

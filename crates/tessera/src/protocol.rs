@@ -46,6 +46,8 @@ pub struct RegisterResponse {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunPhase {
+    /// Not started yet: its image is being pulled (or its checkpoint fetched).
+    Preparing,
     Running,
     Exited,
 }
@@ -71,6 +73,9 @@ pub struct ReplicaStatus {
     /// What it uses now, from the agent's latest sample.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<ReplicaUsage>,
+    /// The image it runs, as pulled: `REF as REPO@sha256:… (pulled in N s)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// One replica's use of what it holds, sampled by its agent.
@@ -168,6 +173,18 @@ pub struct Assignment {
     /// Where the program starts (its run dir's `work/` when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
+    /// The container image it runs in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRun>,
+}
+
+/// A replica's image and what its agent needs to pull it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRun {
+    pub reference: String,
+    /// The project's login for the image's registry, when the admin stored one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<crate::agent::image::Credentials>,
 }
 
 /// How the replicas of one job find each other: rank 0's host and a port the controller reserved

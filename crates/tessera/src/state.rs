@@ -758,6 +758,8 @@ pub struct State {
     pub replica_idle: HashMap<String, IdleCount>,
     /// The latest complete checkpoint of each (job, replica).
     pub checkpoints: HashMap<(u64, u32), CheckpointManifest>,
+    /// Projects' registry logins, by (project, registry) (see `controller::registries`).
+    pub registry_logins: BTreeMap<(String, String), crate::controller::registries::RegistryLogin>,
     /// Active jobs with a replica on each node (derived, kept by [`State::insert_job`]), so that
     /// a heartbeat or a node view costs the node's jobs, not the pool's.
     jobs_by_node: HashMap<String, BTreeSet<u64>>,

@@ -54,6 +54,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX audit_job ON audit(job);",
     // Agents' callback secrets are derived from the controller's key, no longer stored.
     "UPDATE nodes SET doc = json_remove(doc, '$.callback_secret');",
+    // Projects' registry logins (see `controller::registries`).
+    "CREATE TABLE registry_logins (project TEXT NOT NULL, registry TEXT NOT NULL,
+                                   doc TEXT NOT NULL, PRIMARY KEY (project, registry));",
 ];
 
 /// Opens (creating if needed) and migrates the store.
@@ -126,6 +129,11 @@ pub fn load(conn: &Connection, now_ms: u64) -> anyhow::Result<State> {
     }
     for t in load_docs::<TokenRecord>(conn, "tokens")? {
         state.tokens.insert(t.id.clone(), t);
+    }
+    for l in load_docs::<crate::controller::registries::RegistryLogin>(conn, "registry_logins")? {
+        state
+            .registry_logins
+            .insert((l.project.clone(), l.registry.clone()), l);
     }
     for j in load_docs::<Job>(conn, "jobs")? {
         state.next_job_id = state.next_job_id.max(j.id);
@@ -207,6 +215,29 @@ pub fn put_service(c: &Connection, svc: &crate::state::Service) -> rusqlite::Res
 pub fn delete_service(c: &Connection, name: &str) -> rusqlite::Result<()> {
     c.prepare_cached("DELETE FROM services WHERE name = ?1")?
         .execute([name])?;
+    Ok(())
+}
+
+pub fn put_registry_login(
+    c: &Connection,
+    l: &crate::controller::registries::RegistryLogin,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT OR REPLACE INTO registry_logins (project, registry, doc) VALUES (?1, ?2, ?3)",
+        params![l.project, l.registry, doc(l)?],
+    )?;
+    Ok(())
+}
+
+pub fn delete_registry_login(
+    c: &Connection,
+    project: &str,
+    registry: &str,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "DELETE FROM registry_logins WHERE project = ?1 AND registry = ?2",
+        params![project, registry],
+    )?;
     Ok(())
 }
 

@@ -489,3 +489,292 @@ fn logs_interleave_both_streams_in_order_and_pick_one_a_time_or_timestamps() {
     let (status, v) = pool.get(&format!("/v1/jobs/{id}/logs?stream=both"), &pool.admin);
     assert_eq!(status, 400, "{v}");
 }
+
+/// A busybox image with one file of its own.
+fn hello_image() -> registry::Image {
+    registry::Image {
+        layers: vec![registry::Layer {
+            busybox: true,
+            files: vec![("/hello.txt".into(), b"hello from the image\n".to_vec())],
+            ..registry::Layer::default()
+        }],
+        cmd: vec!["sh".into(), "-c".into(), "cat /hello.txt".into()],
+        env: vec!["PATH=/bin".into()],
+        ..registry::Image::default()
+    }
+}
+
+#[test]
+fn an_image_job_sees_the_images_files_as_an_unprivileged_root_and_says_how_its_pull_went() {
+    let reg = registry::Registry::start(None);
+    let image = reg.push("demo/hello:1", &hello_image());
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let here = pool.shared("");
+    let small = ["--cpu", "0.5", "--memory", "128MiB"];
+
+    // The image's own command.
+    let mut args = small.to_vec();
+    args.extend(["--image", &image]);
+    let id = submit_in(&pool, &here, &[], &args);
+    let job = pool.wait_state(id, "succeeded");
+    let (ok, out, err) = cli_in(&pool, &here, &[], &["logs", "--stdout", &id.to_string()]);
+    assert!(ok && out == "hello from the image\n", "{out} {err} {job}");
+    // Its pull is in its log and in its events.
+    let (_, all, _) = cli_in(&pool, &here, &[], &["logs", &id.to_string()]);
+    assert!(
+        all.contains(&format!("[tessera] pulling image {image}")),
+        "{all}"
+    );
+    assert!(
+        all.contains("[tessera] pulled ") && all.contains("@sha256:"),
+        "{all}"
+    );
+    let started = events(&pool, id)
+        .iter()
+        .filter_map(|e| e["message"].as_str().map(str::to_string))
+        .find(|m| m.contains("started on n1 from"))
+        .unwrap_or_default();
+    assert!(
+        started.contains(&image) && started.contains("@sha256:"),
+        "{started}"
+    );
+
+    // A command of the job's own: the image's files, not the host's; root inside is an
+    // unprivileged uid outside; of the agent's data dir only the way to its run dir is there
+    // (not its credential); /tmp is writable.
+    let data_dir = pool.path("n1");
+    let script = format!(
+        "id -u; cat /proc/self/uid_map; test -e /usr/bin/python3 && echo host-python || echo \
+         no-host-python; cat {}/agent/credential.json 2>/dev/null && echo sees-credential || \
+         echo no-credential; echo x > /tmp/t && echo tmp-ok; cat /hello.txt",
+        data_dir.display()
+    );
+    let mut args = small.to_vec();
+    args.extend(["--image", &image, "--", "sh", "-c", &script]);
+    let id = submit_in(&pool, &here, &[], &args);
+    pool.wait_state(id, "succeeded");
+    let (_, out, _) = cli_in(&pool, &here, &[], &["logs", "--stdout", &id.to_string()]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "0", "{out}");
+    let map: Vec<u64> = lines[1]
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(map[0], 0, "{out}");
+    assert!(
+        map[1] >= 200_000 && map[2] == 1,
+        "root inside is uid {} outside: {out}",
+        map[1]
+    );
+    assert_eq!(
+        lines[2..],
+        [
+            "no-host-python",
+            "no-credential",
+            "tmp-ok",
+            "hello from the image"
+        ],
+        "{out}"
+    );
+
+    // An image that cannot be pulled fails with the registry's reason.
+    let mut args = small.to_vec();
+    let missing = format!("{}/demo/hello:nope", reg.addr);
+    args.extend(["--image", &missing]);
+    let id = submit_in(&pool, &here, &[], &args);
+    let failed = pool.wait_state(id, "failed");
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("could not pull image {missing}"))
+            && reason.to_lowercase().contains("manifest unknown"),
+        "{reason}"
+    );
+    // A reference that is not one is refused at submit, by field.
+    let (ok, _, err) = cli_in(&pool, &here, &[], &["submit", "--image", "Not An Image!"]);
+    assert!(!ok && err.contains("spec.image"), "{err}");
+}
+
+/// Every file under `dir` (but the store's own) that holds `secret`.
+fn files_holding(dir: &std::path::Path, secret: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = vec![];
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            found.extend(files_holding(&path, secret));
+        } else if meta.is_file()
+            && !e.file_name().to_string_lossy().starts_with("tessera.db")
+            && std::fs::read(&path).is_ok_and(|b| b.windows(secret.len()).any(|w| w == secret))
+        {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_private_image_is_pulled_with_the_projects_login_which_is_never_shown_back() {
+    const PASSWORD: &str = "pw-Zq8-never-shown";
+    let reg = registry::Registry::start(Some(&format!("puller:{PASSWORD}")));
+    let image = reg.push("private/hello:1", &hello_image());
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let here = pool.shared("");
+    let (ok, _, err) = cli_in(&pool, &here, &[], &["projects", "create", "vision"]);
+    assert!(ok, "{err}");
+    let submit = || {
+        submit_in(
+            &pool,
+            &here,
+            &[],
+            &[
+                "--project",
+                "vision",
+                "--cpu",
+                "0.5",
+                "--memory",
+                "128MiB",
+                "--image",
+                &image,
+            ],
+        )
+    };
+
+    // Without a login the registry refuses, and the job says so.
+    let id = submit();
+    let failed = pool.wait_state(id, "failed");
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("could not pull image") && reason.contains("Not authorized"),
+        "{reason}"
+    );
+
+    // The admin stores the project's login; the same job now runs.
+    let (status, v) = pool.req(
+        reqwest::Method::PUT,
+        &format!("/v1/projects/vision/registries/{}", reg.addr),
+        Some(serde_json::json!({"username": "puller", "password": PASSWORD})),
+        &pool.admin,
+    );
+    assert_eq!(status, 200, "{v}");
+    let id = submit();
+    pool.wait_state(id, "succeeded");
+    let (_, out, _) = cli_in(&pool, &here, &[], &["logs", "--stdout", &id.to_string()]);
+    assert_eq!(out, "hello from the image\n");
+    let (ok, out, err) = cli_in(&pool, &here, &[], &["projects", "logins", "vision"]);
+    assert!(
+        ok && out.contains("puller") && out.contains(&reg.addr),
+        "{out} {err}"
+    );
+
+    // Never shown back: not in any answer, event, log or audit entry, nor in any file of the
+    // controller or the node but the store itself.
+    let mut answers = String::new();
+    for path in [
+        "/v1/projects/vision/registries".to_string(),
+        "/v1/projects".into(),
+        "/v1/jobs".into(),
+        format!("/v1/jobs/{id}/events"),
+        format!("/v1/jobs/{id}/logs"),
+        "/v1/audit?since=1h".into(),
+    ] {
+        answers.push_str(&pool.get(&path, &pool.admin).1.to_string());
+    }
+    assert!(
+        answers.contains("registry-login"),
+        "the login is audited: {answers}"
+    );
+    assert!(!answers.contains(PASSWORD), "{answers}");
+    for root in ["controller", "n1"] {
+        let found = files_holding(&pool.path(root), PASSWORD.as_bytes());
+        assert!(found.is_empty(), "the password is in {found:?}");
+    }
+    // A bad registry name is refused; removing the login makes pulls fail again.
+    let (status, _) = pool.req(
+        reqwest::Method::PUT,
+        "/v1/projects/vision/registries/not%20a%20host",
+        Some(serde_json::json!({"username": "u", "password": "p"})),
+        &pool.admin,
+    );
+    assert_eq!(status, 400);
+    let (ok, _, err) = cli_in(
+        &pool,
+        &here,
+        &[],
+        &["projects", "logout", "vision", &reg.addr],
+    );
+    assert!(ok, "{err}");
+    let id = submit();
+    pool.wait_state(id, "failed");
+}
+
+#[test]
+fn a_half_gpu_image_job_on_a_simulated_node_sees_its_slice_through_the_injected_driver() {
+    // The probe (an unmodified CUDA program) in an image, with the C library it links to; the
+    // node injects the simulated driver and the slice library, as it would a real driver's.
+    let probe = std::path::Path::new(bin()).with_file_name("tessera-vgpu-probe");
+    assert!(
+        probe.exists(),
+        "{} is missing: build the workspace",
+        probe.display()
+    );
+    let mut programs = vec![("/usr/bin/probe".to_string(), std::fs::read(&probe).unwrap())];
+    for lib in [
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+        "/lib64/ld-linux-x86-64.so.2",
+    ] {
+        programs.push((lib.to_string(), std::fs::read(lib).unwrap()));
+    }
+    let image = registry::Image {
+        layers: vec![registry::Layer {
+            busybox: true,
+            programs,
+            ..registry::Layer::default()
+        }],
+        env: vec!["PATH=/bin:/usr/bin".into()],
+        ..registry::Image::default()
+    };
+    let reg = registry::Registry::start(None);
+    let image = reg.push("demo/probe:1", &image);
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
+    let here = pool.shared("");
+    let id = submit_in(
+        &pool,
+        &here,
+        &[],
+        &[
+            "--gpu",
+            "0.5",
+            "--gpu-memory",
+            "1GiB",
+            "--cpu",
+            "0.5",
+            "--memory",
+            "256MiB",
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "probe meminfo && probe oom",
+        ],
+    );
+    pool.wait_state(id, "succeeded");
+    let (_, out, _) = cli_in(&pool, &here, &[], &["logs", "--stdout", &id.to_string()]);
+    assert!(
+        out.contains("free_bytes=1073741824 total_bytes=1073741824"),
+        "{out}"
+    );
+    assert!(
+        out.contains("allocated_bytes=1073741824 result=CUDA_ERROR_OUT_OF_MEMORY"),
+        "{out}"
+    );
+}

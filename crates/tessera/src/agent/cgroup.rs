@@ -151,6 +151,27 @@ impl Backend {
         }
     }
 
+    /// The workload's cgroup as an OCI runtime names it (`linux.cgroupsPath`): its path below
+    /// each hierarchy's root, when that is one path for all (v1 hierarchies of one host under
+    /// /sys/fs/cgroup usually agree); `None` otherwise.
+    pub fn relative_path(&self, name: &str) -> Option<String> {
+        let root = Path::new("/sys/fs/cgroup");
+        let rel = |mount: &str, dir: &Path| {
+            dir.join(name)
+                .strip_prefix(root.join(mount))
+                .ok()
+                .map(|r| format!("/{}", r.display()))
+        };
+        match self {
+            Backend::V2 { base } => rel("", base),
+            Backend::V1 { memory, cpu, pids } => {
+                let m = rel("memory", memory)?;
+                (rel("cpu", cpu)? == m && rel("pids", pids)? == m).then_some(m)
+            }
+            Backend::None { .. } => None,
+        }
+    }
+
     /// Directories of the workload's cgroup(s).
     pub fn dirs(&self, name: &str) -> Vec<PathBuf> {
         match self {

@@ -123,6 +123,32 @@ pub fn device_env(
     Ok(env)
 }
 
+/// The library files a replica's GPU environment loads (the slice library it preloads, the
+/// simulated driver behind the links of the agent's library dir): an image's container has them
+/// bound in at the same path, as the NVIDIA container toolkit binds the driver's libraries.
+pub fn library_files(config: &AgentConfig, env: &BTreeMap<String, String>) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = env
+        .get("LD_PRELOAD")
+        .into_iter()
+        .flat_map(|p| p.split(':'))
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute() && p.is_file())
+        .collect();
+    if env.contains_key("TESSERA_FAKECUDA_DIR")
+        && let Ok(entries) = std::fs::read_dir(gpu_dir(config).join("lib"))
+    {
+        out.extend(
+            entries
+                .flatten()
+                .filter_map(|e| std::fs::canonicalize(e.path()).ok())
+                .filter(|p| p.is_file()),
+        );
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// What a confined replica must reach of the agent's GPU state (bound into its view of the data
 /// dir), made usable by its uid: the simulated driver's links and devices, its slice region and
 /// its device's schedule. The shared files are created here, before the replica runs, since its

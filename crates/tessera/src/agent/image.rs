@@ -17,9 +17,6 @@
 //! `trusted.overlay.*` one would steer the overlay), and a layer may not unpack to more than the
 //! cache's limit.
 
-// The agent starts running images in the next step; until then only the tests use the store.
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
@@ -65,6 +62,9 @@ pub struct Pulled {
     pub env: Vec<String>,
     #[serde(default)]
     pub working_dir: Option<String>,
+    /// For people: what was asked, what it resolved to and how long it took.
+    #[serde(default)]
+    pub note: String,
 }
 
 /// Progress of a pull, for the replica's status and its log.
@@ -256,6 +256,7 @@ impl ImageStore {
             cmd: body.cmd().clone().unwrap_or_default(),
             env: body.env().clone().unwrap_or_default(),
             working_dir: body.working_dir().clone().filter(|w| !w.is_empty()),
+            note: String::new(),
         };
         let record = self
             .root

@@ -118,6 +118,8 @@ pub fn pipe() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
 pub enum Stream {
     Stdout,
     Stderr,
+    /// What the node said about the replica (an image pull's progress), not the program.
+    Tessera,
 }
 
 impl Stream {
@@ -125,6 +127,7 @@ impl Stream {
         match self {
             Stream::Stdout => "stdout",
             Stream::Stderr => "stderr",
+            Stream::Tessera => "tessera",
         }
     }
 }
@@ -176,6 +179,7 @@ fn parse(data: &[u8]) -> (Vec<Line>, usize) {
         let stream = match stream {
             b"stdout" => Stream::Stdout,
             b"stderr" => Stream::Stderr,
+            b"tessera" => Stream::Tessera,
             _ => continue,
         };
         let partial = match kind {
@@ -191,6 +195,19 @@ fn parse(data: &[u8]) -> (Vec<Line>, usize) {
         });
     }
     (lines, used)
+}
+
+/// Appends a line of the node's own to a replica's output (before its shim starts: the shim
+/// then appends after it), at most `DEFAULT_LIMIT` kept.
+pub fn note(dir: &Path, text: &str) -> io::Result<()> {
+    let mut out = Rotating::open(dir, OUTPUT, DEFAULT_LIMIT)?;
+    let line = format!("[tessera] {text}");
+    out.write_record(&record(
+        super::now_ms(),
+        Stream::Tessera,
+        false,
+        line.as_bytes(),
+    ))
 }
 
 /// The workload's output pipes, copied as records into one capped file by the shim's own loop:

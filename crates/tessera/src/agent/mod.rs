@@ -7,6 +7,7 @@
 pub mod cgroup;
 pub mod checkpoint;
 pub mod confine;
+pub mod container;
 pub mod criu;
 pub mod devices;
 pub mod distributed;
@@ -67,6 +68,12 @@ pub struct AgentConfig {
     pub pids_max: u64,
     /// How long an ended replica's run dir is kept after the controller recorded its end.
     pub keep_runs: Duration,
+    /// Most bytes of unpacked image layers kept (see [`image`]).
+    pub image_cache: u64,
+    /// Registries reached over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
+    /// The OCI runtime that runs images (see [`container`]).
+    pub runc: PathBuf,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -105,6 +112,8 @@ struct Shared {
     uids: Mutex<Option<confine::Uids>>,
     /// Most output kept per replica, as the controller last said.
     log_limit: std::sync::atomic::AtomicU64,
+    /// The node's images.
+    images: Arc<image::ImageStore>,
 }
 
 fn read_exit(dir: &Path) -> Option<shim::ExitRecord> {
@@ -181,6 +190,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             _ => None,
         }),
         log_limit: std::sync::atomic::AtomicU64::new(logs::DEFAULT_LIMIT),
+        images: Arc::new(image::ImageStore::open(
+            &config.data_dir.join("images"),
+            config.image_cache,
+            config.insecure_registries.clone(),
+        )?),
     });
     spawn_sampler(shared.clone(), config.clone(), backend.clone());
 
@@ -390,6 +404,7 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                     resume_failed: None,
                     port: None,
                     usage: None,
+                    image: None,
                 },
                 shim_pid: None,
             },
@@ -413,6 +428,7 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                                     .ok()
                                     .and_then(|p| p.trim().parse().ok()),
                                 usage: None,
+                                image: None,
                             },
                             shim_pid: Some(pid),
                         }
@@ -427,6 +443,7 @@ fn adopt(shared: &Arc<Shared>, runs_dir: &Path) {
                             resume_failed: None,
                             port: None,
                             usage: None,
+                            image: None,
                         },
                         shim_pid: None,
                     },
@@ -576,6 +593,7 @@ fn statuses_with_usage(
         .map(|r| {
             let mut st = r.status.clone();
             st.usage = match st.phase {
+                RunPhase::Preparing => None,
                 RunPhase::Running => latest
                     .as_ref()
                     .and_then(|s| s.replicas.get(&st.key))
@@ -608,6 +626,12 @@ fn converge(
         {
             runs.remove(key);
             let _ = std::fs::write(shared.runs_dir.join(key).join("acked"), "");
+            let bundle = container::bundle_dir(&config.data_dir, key);
+            if bundle.exists() {
+                let state = config.data_dir.join("agent").join("runc");
+                let id = format!("tessera-{}", cgroup_name(config, key));
+                container::remove(&config.runc, &state, &bundle, &id);
+            }
             if !backend.remove(&cgroup_name(config, key)) {
                 tracing::warn!("{key}: its cgroup could not be removed yet; retried later");
             }
@@ -675,6 +699,82 @@ fn converge(
             shared.exited.notify_one();
             continue;
         }
+        if let Some(img) = &a.image {
+            // A pull can take minutes: it runs beside the sync loop, which must keep renewing
+            // the lease meanwhile; the replica says how far it got.
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                tracing::warn!("{}: {e}", a.key);
+                continue;
+            }
+            runs.insert(
+                a.key.clone(),
+                without_shim(
+                    &a.key,
+                    RunPhase::Preparing,
+                    &format!("pulling image {}", img.reference),
+                ),
+            );
+            let (shared, config, backend) = (shared.clone(), config.clone(), backend.clone());
+            let (lease_file, a) = (lease_file.to_path_buf(), a.clone());
+            tokio::spawn(async move {
+                let run = match prepare_image(&shared, &a, &dir).await {
+                    Err(e) => {
+                        let mut run = without_shim(
+                            &a.key,
+                            RunPhase::Exited,
+                            &format!(
+                                "could not pull image {}: {e:#}",
+                                a.image.as_ref().map_or("", |i| i.reference.as_str())
+                            ),
+                        );
+                        run.status.exit_code = Some(127);
+                        let _ = logs::note(&dir, &run.status.message);
+                        run
+                    }
+                    Ok(pulled) => {
+                        let restored = match (&a.resume, shared.remote.get()) {
+                            (Some(id), Some(remote)) if a.checkpoint.is_some() => {
+                                fetch_checkpoint(remote, &a, id, &dir).await
+                            }
+                            _ => Restored::None,
+                        };
+                        let wanted = shared
+                            .wanted
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .contains(&a.key);
+                        if wanted {
+                            let mut run = started(
+                                &a.key,
+                                start(
+                                    &shared,
+                                    &config,
+                                    &backend,
+                                    &lease_file,
+                                    &a,
+                                    &dir,
+                                    Prepared {
+                                        restored,
+                                        image: Some(&pulled),
+                                    },
+                                ),
+                            );
+                            run.status.image = Some(pulled.note.clone());
+                            run
+                        } else {
+                            without_shim(&a.key, RunPhase::Exited, "stopped before it started")
+                        }
+                    }
+                };
+                shared
+                    .runs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(a.key.clone(), run);
+                shared.exited.notify_one();
+            });
+            continue;
+        }
         if let (Some(_), Some(id), Some(remote)) = (&a.checkpoint, &a.resume, shared.remote.get()) {
             // Fetching a checkpoint can take seconds: it runs beside the sync loop, which must
             // keep renewing the lease meanwhile.
@@ -694,15 +794,7 @@ fn converge(
                 id.clone(),
             );
             tokio::spawn(async move {
-                let into = dir.join("resume");
-                let restored = match checkpoint::restore(&remote, &id, &into).await {
-                    Ok(()) => Restored::From(into),
-                    Err(e) => {
-                        tracing::warn!("{}: checkpoint {id} not restored: {e:#}", a.key);
-                        let _ = std::fs::remove_dir_all(&into);
-                        Restored::Failed(id)
-                    }
-                };
+                let restored = fetch_checkpoint(&remote, &a, &id, &dir).await;
                 let wanted = shared
                     .wanted
                     .lock()
@@ -711,7 +803,18 @@ fn converge(
                 let run = if wanted {
                     started(
                         &a.key,
-                        start(&shared, &config, &backend, &lease_file, &a, &dir, restored),
+                        start(
+                            &shared,
+                            &config,
+                            &backend,
+                            &lease_file,
+                            &a,
+                            &dir,
+                            Prepared {
+                                restored,
+                                image: None,
+                            },
+                        ),
                     )
                 } else {
                     without_shim(&a.key, RunPhase::Exited, "stopped before it started")
@@ -727,10 +830,125 @@ fn converge(
         }
         let run = started(
             &a.key,
-            start(shared, config, backend, lease_file, a, &dir, Restored::None),
+            start(
+                shared,
+                config,
+                backend,
+                lease_file,
+                a,
+                &dir,
+                Prepared {
+                    restored: Restored::None,
+                    image: None,
+                },
+            ),
         );
         runs.insert(a.key.clone(), run);
     }
+}
+
+/// Fetches the checkpoint `id` a replica resumes from into its run dir.
+async fn fetch_checkpoint(
+    remote: &checkpoint::Remote,
+    a: &Assignment,
+    id: &str,
+    dir: &Path,
+) -> Restored {
+    let into = dir.join("resume");
+    match checkpoint::restore(remote, id, &into).await {
+        Ok(()) => Restored::From(into),
+        Err(e) => {
+            tracing::warn!("{}: checkpoint {id} not restored: {e:#}", a.key);
+            let _ = std::fs::remove_dir_all(&into);
+            Restored::Failed(id.to_string())
+        }
+    }
+}
+
+/// The file in a run dir that names the image a replica runs (its layers stay in use).
+const IMAGE_FILE: &str = "image.json";
+
+/// Pulls a replica's image, saying how far it got in its status and its log, then collects
+/// layers no replica here uses past the cache's limit.
+async fn prepare_image(
+    shared: &Arc<Shared>,
+    a: &Assignment,
+    dir: &Path,
+) -> anyhow::Result<image::Pulled> {
+    let img = a.image.as_ref().context("no image")?;
+    let began = std::time::Instant::now();
+    let (key, reference) = (a.key.clone(), img.reference.clone());
+    let _ = logs::note(dir, &format!("pulling image {reference}"));
+    let said = Mutex::new(std::time::Instant::now());
+    let progress = {
+        let (shared, dir) = (shared.clone(), dir.to_path_buf());
+        move |p: image::Progress| {
+            let mut last = said.lock().unwrap_or_else(|e| e.into_inner());
+            if last.elapsed() < Duration::from_millis(500) && p.done_bytes < p.total_bytes {
+                return;
+            }
+            *last = std::time::Instant::now();
+            let mib = |b: u64| b as f64 / (1 << 20) as f64;
+            let text = format!(
+                "pulling image {reference} ({:.1} of {:.1} MiB, {} layer(s) left)",
+                mib(p.done_bytes),
+                mib(p.total_bytes),
+                p.layers_left
+            );
+            if let Some(run) = shared
+                .runs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&key)
+                .filter(|r| r.status.phase == RunPhase::Preparing)
+            {
+                run.status.message = text.clone();
+            }
+            let _ = logs::note(&dir, &text);
+        }
+    };
+    let mut pulled = shared
+        .images
+        .pull(&img.reference, img.credentials.as_ref(), progress)
+        .await?;
+    pulled.note = format!(
+        "{} as {} (ready in {:.1} s)",
+        img.reference,
+        pulled.resolved,
+        began.elapsed().as_secs_f64()
+    );
+    let _ = logs::note(dir, &format!("pulled {}", pulled.note));
+    crate::controller::write_file(
+        &dir.join(IMAGE_FILE),
+        &serde_json::to_string(&pulled)?,
+        false,
+    )?;
+    let in_use = images_in_use(shared);
+    let images = shared.images.clone();
+    let removed = tokio::task::spawn_blocking(move || images.collect(&in_use, now_ms())).await?;
+    if !removed.is_empty() {
+        tracing::info!(
+            "image cache: removed {} layer(s) past its limit",
+            removed.len()
+        );
+    }
+    Ok(pulled)
+}
+
+/// The layers of the images of every replica this agent has not finished with.
+fn images_in_use(shared: &Shared) -> BTreeSet<String> {
+    let keys: Vec<String> = shared
+        .runs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .keys()
+        .cloned()
+        .collect();
+    keys.iter()
+        .filter_map(|k| std::fs::read(shared.runs_dir.join(k).join(IMAGE_FILE)).ok())
+        .filter_map(|b| serde_json::from_slice::<image::Pulled>(&b).ok())
+        .flat_map(|p| p.layers)
+        .collect()
 }
 
 /// The run record of a replica that has no shim (yet, or at all).
@@ -745,6 +963,7 @@ fn without_shim(key: &str, phase: RunPhase, message: &str) -> Run {
             resume_failed: None,
             port: None,
             usage: None,
+            image: None,
         },
         shim_pid: None,
     }
@@ -767,6 +986,7 @@ fn started(key: &str, result: anyhow::Result<Started>) -> Run {
                 resume_failed,
                 port,
                 usage: None,
+                image: None,
             },
             shim_pid: Some(pid),
         },
@@ -787,6 +1007,7 @@ fn started(key: &str, result: anyhow::Result<Started>) -> Run {
                     resume_failed: None,
                     port: None,
                     usage: None,
+                    image: None,
                 },
                 shim_pid: None,
             }
@@ -819,6 +1040,13 @@ fn service_port(ip: std::net::IpAddr, wanted: u16) -> anyhow::Result<u16> {
 }
 
 /// What became of a replica's checkpoint before it started.
+/// What was made ready for a replica before its start.
+struct Prepared<'a> {
+    restored: Restored,
+    /// The image it runs in, pulled.
+    image: Option<&'a image::Pulled>,
+}
+
 enum Restored {
     /// None to restore.
     None,
@@ -925,6 +1153,11 @@ fn check_volumes(config: &AgentConfig, a: &Assignment, transparent: bool) -> any
     Ok(())
 }
 
+/// A path as an environment variable's value.
+fn path_text(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
 /// The environment of one replica's allocation.
 pub fn allocation_env(a: &Assignment, node: &str) -> BTreeMap<String, String> {
     let mut env = a.env.clone();
@@ -971,14 +1204,20 @@ fn start(
     lease_file: &Path,
     a: &Assignment,
     dir: &Path,
-    restored: Restored,
+    prepared: Prepared,
 ) -> anyhow::Result<Started> {
+    let Prepared { restored, image } = prepared;
     // The workload passes through its run dir to its work, checkpoint and temp dirs (its own);
     // it cannot list it, and the agent's files in it are 0600.
     crate::controller::restrict(dir, 0o711)?;
+    // Kept for re-adoption and people; a registry password is not written down.
+    let mut kept = a.clone();
+    if let Some(img) = kept.image.as_mut() {
+        img.credentials = None;
+    }
     crate::controller::write_file(
         &dir.join("assignment.json"),
-        &serde_json::to_string(a)?,
+        &serde_json::to_string(&kept)?,
         false,
     )?;
     let transparent = a.checkpoint.as_ref().is_some_and(|c| c.transparent);
@@ -1038,6 +1277,8 @@ fn start(
     if let Some(f) = oom_file {
         cmd.arg("--oom-file").arg(f);
     }
+    // The workload's environment, beside the shim's options.
+    let mut wenv: BTreeMap<String, String> = BTreeMap::new();
     let mut resume_failed = None;
     let mut resume_from = None;
     match restored {
@@ -1077,21 +1318,25 @@ fn start(
             }
         } else {
             if let Some(from) = &resume_from {
-                cmd.env("TESSERA_RESUME_FROM", from);
+                wenv.insert("TESSERA_RESUME_FROM".into(), path_text(from));
             }
-            cmd.env("TESSERA_CHECKPOINT_DIR", &ckpt);
-            cmd.env("TESSERA_CHECKPOINT_SIGNAL", &c.signal_name);
+            wenv.insert("TESSERA_CHECKPOINT_DIR".into(), path_text(&ckpt));
+            wenv.insert("TESSERA_CHECKPOINT_SIGNAL".into(), c.signal_name.clone());
             if let Some(i) = c.interval_ms {
-                cmd.env("TESSERA_CHECKPOINT_INTERVAL", (i / 1000).max(1).to_string());
+                wenv.insert(
+                    "TESSERA_CHECKPOINT_INTERVAL".into(),
+                    (i / 1000).max(1).to_string(),
+                );
             }
         }
     }
     let device_env = gpu::device_env(config, a)?;
     check_volumes(config, a, uid.is_some() && transparent)?;
-    if let Some(dir) = &a.workdir {
+    if let (Some(dir), None) = (&a.workdir, image) {
         cmd.arg("--workdir").arg(dir);
     }
-    if let Some(uid) = uid {
+    // An image's container is confined by the runtime (below), not by the shim.
+    if let (Some(uid), None) = (uid, image) {
         cmd.arg("--uid").arg(uid.to_string());
         // CRIU would have to dump and restore the namespaces with their mounts.
         if !transparent {
@@ -1117,17 +1362,16 @@ fn start(
             }
         }
     }
-    cmd.arg("--").args(&a.command);
-    cmd.envs(allocation_env(a, &config.name));
+    wenv.extend(allocation_env(a, &config.name));
     if let Some(r) = distributed::rendezvous_of(a, &config.name) {
         if a.rendezvous.is_some() && distributed::place(&r, a.replica).is_some_and(|p| p.rank == 0)
         {
             distributed::check_port(&r)?;
         }
-        cmd.envs(distributed::env(a, &r));
+        wenv.extend(distributed::env(a, &r));
         let hostfile = distributed::write_hostfile(dir, &r, uid)?;
         let hostfile = std::fs::canonicalize(&hostfile).unwrap_or(hostfile);
-        cmd.env("TESSERA_HOSTFILE", hostfile);
+        wenv.insert("TESSERA_HOSTFILE".into(), path_text(&hostfile));
     }
     if let Some(set) = &a.elastic {
         write_replica_set(dir, set)?;
@@ -1137,22 +1381,83 @@ fn start(
             .unwrap_or_else(|e| e.into_inner())
             .insert(a.key.clone(), set.generation);
         let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-        cmd.env("TESSERA_REPLICA_SET_FILE", dir.join(REPLICA_SET_FILE))
-            .env("TESSERA_REPLICAS_MIN", set.min.to_string())
-            .env("TESSERA_REPLICAS_MAX", set.max.to_string());
+        wenv.insert(
+            "TESSERA_REPLICA_SET_FILE".into(),
+            path_text(&dir.join(REPLICA_SET_FILE)),
+        );
+        wenv.insert("TESSERA_REPLICAS_MIN".into(), set.min.to_string());
+        wenv.insert("TESSERA_REPLICAS_MAX".into(), set.max.to_string());
     }
     let port = match a.port {
         Some(wanted) => {
             let port = service_port(config.listen.ip(), wanted)?;
             std::fs::write(dir.join("port"), port.to_string())?;
-            cmd.env("PORT", port.to_string())
-                .env("TESSERA_PORT", port.to_string())
-                .env("TESSERA_HOST", config.listen.ip().to_string());
+            wenv.insert("PORT".into(), port.to_string());
+            wenv.insert("TESSERA_PORT".into(), port.to_string());
+            wenv.insert("TESSERA_HOST".into(), config.listen.ip().to_string());
             Some(port)
         }
         None => None,
     };
-    cmd.envs(device_env);
+    let binds: Vec<container::Bind> = match (image, uid) {
+        (Some(_), _) => gpu::confined_paths(config, &device_env, uid.unwrap_or(0))?
+            .into_iter()
+            .map(|path| container::Bind {
+                path,
+                read_only: false,
+            })
+            .chain(
+                gpu::library_files(config, &device_env)
+                    .into_iter()
+                    .map(|path| container::Bind {
+                        path,
+                        read_only: true,
+                    }),
+            )
+            .chain(a.volumes.iter().map(|v| container::Bind {
+                path: PathBuf::from(&v.path),
+                read_only: v.read_only,
+            }))
+            .collect(),
+        (None, _) => vec![],
+    };
+    wenv.extend(device_env);
+    match image {
+        None => {
+            cmd.arg("--").args(&a.command);
+            cmd.envs(&wenv);
+        }
+        Some(pulled) => {
+            let tmp = dir.join("tmp");
+            std::fs::create_dir_all(&tmp)?;
+            if let Some(uid) = uid {
+                confine::own(&tmp, uid)?;
+            }
+            let id = format!("tessera-{cg}");
+            let plan = container::Plan {
+                bundle: container::bundle_dir(&config.data_dir, &a.key),
+                id: id.clone(),
+                run_dir: dir,
+                layers: pulled
+                    .layers
+                    .iter()
+                    .map(|l| shared.images.layer_dir(l))
+                    .collect(),
+                image: pulled,
+                command: &a.command,
+                env: &wenv,
+                workdir: a.workdir.as_deref(),
+                uid,
+                binds,
+                tmp,
+                cgroups_path: backend.relative_path(&cg),
+            };
+            let bundle = container::prepare(&plan)?;
+            let state = config.data_dir.join("agent").join("runc");
+            cmd.arg("--")
+                .args(container::command(&config.runc, &state, &bundle, &id));
+        }
+    }
     let log = std::fs::File::create(dir.join("shim.log"))?;
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)

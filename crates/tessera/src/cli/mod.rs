@@ -294,6 +294,10 @@ pub struct SubmitArgs {
     /// KEY=VALUE environment variables (repeatable).
     #[arg(long = "env")]
     pub env: Vec<String>,
+    /// A container image to run in, e.g. registry.example.com/team/train:1.0; the command after
+    /// `--` replaces its CMD (none: the image's own).
+    #[arg(long)]
+    pub image: Option<String>,
     /// Pass this shell's environment: all of it but names that look secret (TOKEN, SECRET,
     /// PASSWORD, KEY, CREDENTIAL ...) and the shell's own (PWD, SHLVL ...), or exactly the
     /// comma-separated NAMES given. --env wins over it.
@@ -425,12 +429,15 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
     {
         m["spec"]["submitDir"] = json!(here);
     }
+    if let Some(image) = &args.image {
+        m["spec"]["image"] = json!(image);
+    }
     if !args.command.is_empty() {
         m["spec"]["command"] = json!(args.command);
     }
-    if m["spec"]["command"].is_null() {
+    if m["spec"]["command"].is_null() && m["spec"]["image"].is_null() {
         bail!(
-            "no command: give it after `--` (tessera submit --gpu 1 -- python train.py) or in the manifest's spec.command"
+            "no command: give it after `--` (tessera submit --gpu 1 -- python train.py), in the manifest's spec.command, or run an image's own (--image REF)"
         );
     }
     Ok(m)
@@ -1311,6 +1318,24 @@ pub enum ProjectsCmd {
     Create(ProjectArgs),
     /// Change a project's quota, parent or members.
     Set(ProjectArgs),
+    /// Store the project's login to a registry; its image jobs pull with it. The password (or
+    /// token) is read from standard input and never shown back.
+    Login {
+        name: String,
+        /// The registry, as images name it: registry.example.com:5000, docker.io.
+        registry: String,
+        #[arg(long)]
+        username: String,
+    },
+    /// Remove the project's login to a registry.
+    Logout {
+        name: String,
+        registry: String,
+    },
+    /// The project's registry logins (without passwords).
+    Logins {
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -1434,6 +1459,60 @@ pub fn projects(c: &Client, cmd: Option<ProjectsCmd>) -> anyhow::Result<()> {
         Ok(b)
     };
     let v = match cmd.unwrap_or(ProjectsCmd::List) {
+        ProjectsCmd::Login {
+            name,
+            registry,
+            username,
+        } => {
+            let mut password = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut password)?;
+            let password = password.trim_end_matches(['\n', '\r']).to_string();
+            if password.is_empty() {
+                bail!(
+                    "no password: give it on standard input, e.g. `echo $TOKEN | tessera projects login {name} {registry} --username {username}`"
+                );
+            }
+            let v = c.call(
+                reqwest::Method::PUT,
+                &format!("/v1/projects/{name}/registries/{registry}"),
+                Some(json!({"username": username, "password": password}).to_string()),
+            )?;
+            return c.print(&v, |v| {
+                println!(
+                    "project {name} pulls from {} as {}",
+                    v["registry"].as_str().unwrap_or(""),
+                    v["username"].as_str().unwrap_or("")
+                );
+                Ok(())
+            });
+        }
+        ProjectsCmd::Logout { name, registry } => {
+            c.call(
+                reqwest::Method::DELETE,
+                &format!("/v1/projects/{name}/registries/{registry}"),
+                None,
+            )?;
+            println!("project {name} no longer has a login to {registry}");
+            return Ok(());
+        }
+        ProjectsCmd::Logins { name } => {
+            let v = c.get(&format!("/v1/projects/{name}/registries"))?;
+            return c.print(&v, |v| {
+                let rows = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|l| {
+                        vec![
+                            l["registry"].as_str().unwrap_or("").to_string(),
+                            l["username"].as_str().unwrap_or("").to_string(),
+                        ]
+                    })
+                    .collect();
+                table(&["REGISTRY", "USERNAME"], rows);
+                Ok(())
+            });
+        }
         ProjectsCmd::List => c.get("/v1/projects")?,
         ProjectsCmd::Create(a) => Value::Array(vec![c.post("/v1/projects", body(&a, true)?)?]),
         ProjectsCmd::Set(a) => Value::Array(vec![c.call(

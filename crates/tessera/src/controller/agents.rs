@@ -18,7 +18,7 @@ use super::{ApiError, AxState, Caller, Ctl, S, issue_token, now_ms};
 use crate::auth::Principal;
 use crate::manifest::check_name;
 use crate::protocol::{
-    Assignment, Member, Peer, RegisterRequest, RegisterResponse, Rendezvous, ReplicaSet,
+    Assignment, ImageRun, Member, Peer, RegisterRequest, RegisterResponse, Rendezvous, ReplicaSet,
     ReplicaStatus, RunPhase, SyncRequest, SyncResponse,
 };
 use crate::state::{
@@ -219,6 +219,10 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
                 volumes: volumes.clone(),
                 hidden_volumes: hidden_volumes.clone(),
                 workdir: workdir.clone(),
+                image: job.def.image.clone().map(|reference| ImageRun {
+                    credentials: super::registries::login_for(s, job.project(), &reference),
+                    reference,
+                }),
             });
         }
     }
@@ -532,6 +536,8 @@ fn report(
     // Jobs touched by this report, with their events; only those that changed are written, so a
     // heartbeat about steadily running work costs no store write.
     let mut changed: BTreeMap<u64, (Job, Vec<Note>)> = BTreeMap::new();
+    // Jobs whose reason changed without an event (an image pull's progress).
+    let mut progressed: std::collections::BTreeSet<u64> = Default::default();
     record_use(s, statuses, now);
     if !came_back {
         for st in statuses {
@@ -568,10 +574,31 @@ fn report(
             if let Some(text) = corrupt {
                 notes.push((EventKind::CheckpointCorrupt, text));
             }
+            if st.phase == RunPhase::Preparing {
+                // Pull progress: the job's reason says it as it goes, an event says it began.
+                let assigned = job
+                    .replicas
+                    .iter()
+                    .any(|r| r.index == index && r.phase == ReplicaPhase::Assigned);
+                let reason = format!("replica {index} on {name}: {}", st.message);
+                if assigned && job.reason != reason {
+                    // Progress says "(12 of 340 MiB …)" after its step: a new step is an event.
+                    let step = |text: &str| text.split(" (").next().unwrap_or("").to_string();
+                    if step(&job.reason) != step(&reason) {
+                        notes.push((EventKind::Replica, reason.clone()));
+                    }
+                    job.reason = reason;
+                    progressed.insert(job_id);
+                }
+                continue;
+            }
             if apply_status(job, index, st, now) {
-                let what = match st.phase {
-                    RunPhase::Running => format!("replica {index} started on {name}"),
-                    RunPhase::Exited => format!("replica {index} on {name}: {}", st.message),
+                let what = match (st.phase, &st.image) {
+                    (RunPhase::Running, None) => format!("replica {index} started on {name}"),
+                    (RunPhase::Running, Some(image)) => {
+                        format!("replica {index} started on {name} from {image}")
+                    }
+                    (_, _) => format!("replica {index} on {name}: {}", st.message),
                 };
                 notes.push((EventKind::Replica, what));
             }
@@ -626,7 +653,10 @@ fn report(
         node.health = NodeHealth::Ready;
         store::put_node(c, &node)?;
     }
-    for (job, notes) in changed.into_values().filter(|(_, notes)| !notes.is_empty()) {
+    for (job, notes) in changed
+        .into_values()
+        .filter(|(job, notes)| !notes.is_empty() || progressed.contains(&job.id))
+    {
         save_job(c, s, job, notes, now)?;
     }
     node.last_seen_ms = now;

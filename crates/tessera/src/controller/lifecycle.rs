@@ -227,6 +227,7 @@ mod tests {
                 replicas,
                 ..JobSpec::single("j", ResourceRequest::default())
             },
+            image: None,
             command: vec!["true".into()],
             env: BTreeMap::new(),
             restart,
@@ -268,6 +269,7 @@ mod tests {
             resume_failed: None,
             port: None,
             usage: None,
+            image: None,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod reconcile;
+pub mod registries;
 pub mod services;
 pub mod telemetry;
 pub mod ui;
@@ -687,6 +688,11 @@ pub fn router(ctl: Ctl) -> Router {
             get(api::get_project).patch(api::update_project),
         )
         .route("/v1/projects/{name}/members", post(api::set_members))
+        .route("/v1/projects/{name}/registries", get(registries::list))
+        .route(
+            "/v1/projects/{name}/registries/{registry}",
+            axum::routing::put(registries::put).delete(registries::delete),
+        )
         .route("/v1/users", get(api::list_users).post(api::create_user))
         .route("/v1/tokens", get(api::list_tokens).post(api::create_token))
         .route("/v1/tokens/{id}", delete(api::revoke_token))

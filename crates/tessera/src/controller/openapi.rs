@@ -189,6 +189,27 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
         Some("Members"),
         "Project",
     ),
+    (
+        "get",
+        "/v1/projects/{name}/registries",
+        "A project's registry logins, without their passwords (admin)",
+        None,
+        "LoginList",
+    ),
+    (
+        "put",
+        "/v1/projects/{name}/registries/{registry}",
+        "Store a project's login to a registry (host[:port]); its image jobs pull with it (admin)",
+        Some("LoginBody"),
+        "Login",
+    ),
+    (
+        "delete",
+        "/v1/projects/{name}/registries/{registry}",
+        "Remove a project's login to a registry (admin)",
+        None,
+        "Empty",
+    ),
     ("get", "/v1/users", "List users (admin)", None, "UserList"),
     (
         "post",
@@ -294,7 +315,7 @@ fn schemas() -> Value {
                 "kind": {"enum": ["Job", "Service"]},
                 "metadata": {"type": "object", "required": ["name"], "additionalProperties": false,
                     "properties": {"name": {"type": "string"}, "project": {"type": "string"}}},
-                "spec": {"type": "object", "required": ["command"], "additionalProperties": false,
+                "spec": {"type": "object", "additionalProperties": false,
                     "properties": {
                         "replicas": {"description": "a gang of N, or an elastic range {min, max}", "oneOf": [
                             {"type": "integer", "minimum": 1},
@@ -308,7 +329,8 @@ fn schemas() -> Value {
                             "memory": {"description": "e.g. 8GiB", "oneOf": [{"type": "integer"}, {"type": "string"}]},
                             "deviceModels": {"type": "array", "items": {"type": "string"}},
                             "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}}}},
-                        "command": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                        "image": {"type": "string", "description": "a container image, registry/repository:tag or @sha256:digest"},
+                        "command": {"type": "array", "items": {"type": "string"}, "description": "the program and its arguments (with an image: what replaces its CMD)"},
                         "env": {"type": "object", "additionalProperties": {"type": "string"}},
                         "restart": {"type": "object", "additionalProperties": false, "required": ["policy"], "properties": {
                             "policy": {"enum": ["never", "on-failure"]}, "maxRestarts": {"type": "integer"}}},
@@ -341,7 +363,7 @@ fn schemas() -> Value {
         "Event": obj(json!({"job": {"type": "integer"}, "ts_ms": {"type": "integer"}, "kind": {"type": "string"}, "message": {"type": "string"}})),
         "EventList": list("Event"),
         "LogChunk": obj(json!({"data": {"type": "string"}, "offset": {"type": "integer"}, "cut": {"type": "integer"}, "next_offset": {"type": "integer"}, "done": {"type": "boolean"},
-            "lines": {"type": "array", "items": obj(json!({"ts_ms": {"type": "integer"}, "stream": {"enum": ["stdout", "stderr"]}, "text": {"type": "string"}, "partial": {"type": "boolean"}}))}})),
+            "lines": {"type": "array", "items": obj(json!({"ts_ms": {"type": "integer"}, "stream": {"enum": ["stdout", "stderr", "tessera"]}, "text": {"type": "string"}, "partial": {"type": "boolean"}}))}})),
         "Node": obj(json!({"name": {"type": "string"}, "health": {"enum": ["ready", "lost"]}, "cordoned": {"type": "boolean"},
             "simulated": {"type": "boolean"}, "cpu_milli": {"type": "integer"}, "memory_bytes": {"type": "integer"},
             "devices": {"type": "array"}, "gpu_allocated_milli": {"type": "integer"}})),
@@ -377,6 +399,10 @@ fn schemas() -> Value {
             "action": {"type": "string"}, "project": {"type": ["string", "null"]}, "job": {"type": ["integer", "null"]},
             "detail": {"type": "string"}})),
         "AuditList": list("AuditEntry"),
+        "LoginBody": {"type": "object", "required": ["username", "password"], "additionalProperties": false, "properties": {
+            "username": {"type": "string"}, "password": {"type": "string", "description": "never shown back"}}},
+        "Login": obj(json!({"registry": {"type": "string"}, "username": {"type": "string"}, "updated_ms": {"type": "integer"}})),
+        "LoginList": list("Login"),
         "Members": {"type": "object", "required": ["members"], "additionalProperties": false, "properties": {"members": {"type": "array", "items": {"type": "string"}}}},
         "UserBody": {"type": "object", "required": ["name", "role"], "additionalProperties": false, "properties": {"name": {"type": "string"}, "role": {"enum": ["admin", "member", "viewer"]},
             "uid": {"type": "integer", "minimum": 1000, "maximum": 4294967293u64, "description": "the user's own uid on the nodes; their replicas run as it"}}},

@@ -207,6 +207,8 @@ impl Registry {
 pub struct Layer {
     /// Files written (path in the image, contents).
     pub files: Vec<(String, Vec<u8>)>,
+    /// Executable files written (path in the image, contents), mode 0755.
+    pub programs: Vec<(String, Vec<u8>)>,
     /// Paths removed (become whiteouts).
     pub remove: Vec<String>,
     /// Put busybox-static in /bin with the applets a test needs.
@@ -230,6 +232,13 @@ impl Layer {
             let p = rootfs.join(path.trim_start_matches('/'));
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, contents).unwrap();
+        }
+        for (path, contents) in &self.programs {
+            use std::os::unix::fs::PermissionsExt;
+            let p = rootfs.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, contents).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         for path in &self.remove {
             let p = rootfs.join(path.trim_start_matches('/'));
