@@ -5,7 +5,8 @@
 # munge (the smoke run of bench/slurm-vs-tessera.sh puts a few jobs through both),
 # Schemathesis from PyPI (it checks the API document against a live controller), and for
 # container images a real registry (docker-registry), umoci and skopeo to build and push test
-# images, busybox-static for their shell, and runc to run them.
+# images, busybox-static for their shell, runc to run them, and containerd (the image
+# benchmark's smoke run pulls beside it).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,6 +21,7 @@ command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v umoci >/dev/null || missing+=(umoci)
 command -v skopeo >/dev/null || missing+=(skopeo)
 command -v runc >/dev/null || missing+=(runc)
+command -v containerd >/dev/null || missing+=(containerd)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2

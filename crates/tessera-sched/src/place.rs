@@ -46,6 +46,8 @@ pub struct Placer {
     policy: Box<dyn PlacementPolicy>,
     rng: ChaCha8Rng,
     cache: HashMap<ResourceRequest, Vec<CacheEntry>>,
+    /// Nodes preferred among those that score the same (see [`Placer::place_job_preferring`]).
+    prefer: Vec<crate::cluster::NodeId>,
 }
 
 impl Placer {
@@ -56,6 +58,7 @@ impl Placer {
             policy,
             rng: ChaCha8Rng::seed_from_u64(seed),
             cache: HashMap::new(),
+            prefer: Vec::new(),
         }
     }
 
@@ -65,6 +68,20 @@ impl Placer {
 
     pub fn policy_name(&self) -> &'static str {
         self.policy.name()
+    }
+
+    /// As [`Placer::place_job`], preferring `prefer` among nodes that score the same (nodes that
+    /// already hold what the job needs, e.g. its container image): a tie-break only, the
+    /// policy's score still decides.
+    pub fn place_job_preferring(
+        &mut self,
+        job: &JobSpec,
+        prefer: &[crate::cluster::NodeId],
+    ) -> Result<Vec<Allocation>, PlacementError> {
+        self.prefer = prefer.to_vec();
+        let placed = self.place_job(job);
+        self.prefer.clear();
+        placed
     }
 
     /// Places every replica of `job` or none of them.
@@ -161,7 +178,10 @@ impl Placer {
         };
         let policy = self.policy.as_ref();
         let rng = &mut self.rng;
-        let mut best: Option<(i64, u32, u32, DevicePick)> = None;
+        let prefer = &self.prefer;
+        // (score, preferred, tie rank, node, pick): the highest score, then a preferred node,
+        // then the earlier node.
+        let mut best: Option<(i64, bool, u32, u32, DevicePick)> = None;
         let mut consider = |i: u32, entries: &mut Option<&mut [CacheEntry]>| {
             if !quick_fit(cluster, i, &resolved) {
                 return;
@@ -182,12 +202,16 @@ impl Placer {
             };
             if let Some(s) = scored {
                 let rank = cluster.tie_rank(node.id);
+                let warm = prefer.contains(&node.id);
                 let better = match best {
                     None => true,
-                    Some((bs, br, _, _)) => s.score > bs || (s.score == bs && rank < br),
+                    Some((bs, bw, br, _, _)) => {
+                        s.score > bs
+                            || (s.score == bs && (warm && !bw || (warm == bw && rank < br)))
+                    }
                 };
                 if better {
-                    best = Some((s.score, rank, i, s.pick));
+                    best = Some((s.score, warm, rank, i, s.pick));
                 }
             }
         };
@@ -199,13 +223,22 @@ impl Placer {
                 if let Some(&(_, i)) = class.first() {
                     consider(i, &mut entries);
                 }
+                // Identical untouched nodes score the same: a preferred one among them must be
+                // looked at for the tie-break to see it.
+                if !self.prefer.is_empty() {
+                    for &(_, i) in class.iter().skip(1) {
+                        if self.prefer.contains(&crate::cluster::NodeId(i)) {
+                            consider(i, &mut entries);
+                        }
+                    }
+                }
             } else {
                 for &(_, i) in class {
                     consider(i, &mut entries);
                 }
             }
         }
-        best.map(|(_, _, i, pick)| (crate::cluster::NodeId(i), pick))
+        best.map(|(_, _, _, i, pick)| (crate::cluster::NodeId(i), pick))
     }
 
     /// Why `request` fits nowhere: each node counted once, under the first check it fails.

@@ -83,6 +83,9 @@ pub struct Snapshot {
     pub rules: BTreeMap<String, crate::rules::PlacementRules>,
     /// Each project's past use: average milli-GPU, decayed with the pool's half-life.
     pub history: BTreeMap<String, u64>,
+    /// Nodes that already hold a pending job's container image, by job id: preferred among
+    /// nodes that score the same (a tie-break only: packing still decides).
+    pub warm: BTreeMap<u64, Vec<NodeId>>,
 }
 
 /// How to schedule.
@@ -438,7 +441,8 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
             plan.waiting.push((job.id, reason.clone()));
             continue;
         }
-        match placer.place_job(spec) {
+        let warm = snapshot.warm.get(&job.id).map_or(&[][..], Vec::as_slice);
+        match placer.place_job_preferring(spec, warm) {
             Ok(allocs) => {
                 quotas.charge(project, milli);
                 plan.placements.push((job.id, allocs));
@@ -1121,6 +1125,75 @@ mod tests {
             request: None,
             elastic: None,
         }
+    }
+
+    #[test]
+    fn a_node_holding_the_jobs_image_wins_a_tie_but_never_a_better_packing() {
+        let gpu = DeviceSpec {
+            model: "H100".into(),
+            memory_bytes: 80 * GIB,
+        };
+        let nodes: Vec<NodeSpec> = (0..3)
+            .map(|i| NodeSpec::with_devices(format!("n{i}"), 32_000, 64 * GIB, 2, gpu.clone()))
+            .collect();
+        let job = |id| PendingJob {
+            id,
+            spec: whole("train", 50, 1, 1),
+        };
+        for policy in [PolicyKind::Tessera, PolicyKind::BestFit] {
+            let config = Config {
+                policy,
+                seed: 1,
+                shapes: ShapeDistribution::default(),
+            };
+            let placed_on = |snapshot: &Snapshot| plan_node(&schedule(snapshot, &config).unwrap());
+            // Three empty, identical nodes: the first, unless another holds the image.
+            let mut snapshot = Snapshot {
+                nodes: nodes.clone(),
+                pending: vec![job(1)],
+                ..Default::default()
+            };
+            assert_eq!(placed_on(&snapshot), NodeId(0), "{policy:?}");
+            snapshot.warm.insert(1, vec![NodeId(2)]);
+            assert_eq!(placed_on(&snapshot), NodeId(2), "{policy:?}");
+        }
+        // Node 1 half full: best fit packs the job there, and an empty node that holds the
+        // image does not change that.
+        let config = Config {
+            policy: PolicyKind::BestFit,
+            seed: 1,
+            shapes: ShapeDistribution::default(),
+        };
+        let busy = Allocation {
+            node: NodeId(1),
+            cpu_milli: 1000,
+            memory_bytes: GIB,
+            devices: vec![DeviceShare {
+                device: 0,
+                milli: 1000,
+                memory_bytes: 80 * GIB,
+            }],
+            affinity: None,
+        };
+        let mut snapshot = Snapshot {
+            nodes,
+            pending: vec![job(1)],
+            running: vec![run(9, "p", 50, 9, vec![busy])],
+            ..Default::default()
+        };
+        assert_eq!(plan_node(&schedule(&snapshot, &config).unwrap()), NodeId(1));
+        snapshot.warm.insert(1, vec![NodeId(2)]);
+        assert_eq!(
+            plan_node(&schedule(&snapshot, &config).unwrap()),
+            NodeId(1),
+            "the image does not outweigh packing"
+        );
+    }
+
+    /// The node of the plan's only placement.
+    fn plan_node(plan: &Plan) -> NodeId {
+        assert_eq!(plan.placements.len(), 1, "{plan:?}");
+        plan.placements[0].1[0].node
     }
 
     #[test]

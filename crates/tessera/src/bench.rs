@@ -661,6 +661,7 @@ async fn protocol_agent(
                 .collect(),
             wait_ms: lease_ms / 3,
             sample: None,
+            images: vec![],
         };
         match pool
             .post("/v1/agent/sync", &token, serde_json::to_string(&req)?)
@@ -845,6 +846,7 @@ async fn checkpoints(common: &Common, size: &str) -> anyhow::Result<Value> {
             statuses: vec![],
             wait_ms: 0,
             sample: None,
+            images: vec![],
         };
         let s: SyncResponse = serde_json::from_value(
             pool.post("/v1/agent/sync", &token, serde_json::to_string(&req)?)

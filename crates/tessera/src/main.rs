@@ -191,6 +191,11 @@ enum Command {
     },
     #[command(hide = true)]
     Shim(agent::shim::ShimArgs),
+    /// A node's image cache: pull an image ahead of its jobs (as `crictl pull`), list layers.
+    Images {
+        #[command(subcommand)]
+        cmd: agent::image::ImagesCmd,
+    },
     /// Submit a job from flags or a manifest (-f job.yaml).
     Submit {
         #[command(flatten)]
@@ -643,6 +648,7 @@ fn main() {
     }
     let result = match cli.command {
         Command::Sim(cmd) => sim::run(cmd),
+        Command::Images { cmd } => runtime().and_then(|rt| rt.block_on(agent::image::command(cmd))),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Up { controller, node } => serve(controller, Some(node)),
         Command::Controller { controller } => serve(controller, None),

@@ -127,6 +127,9 @@ pub struct SyncRequest {
     /// The node's newest device readings, when they are new.
     #[serde(default)]
     pub sample: Option<NodeSample>,
+    /// The images whose every layer the node's cache holds, as jobs name them (at most 512).
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 /// One replica the node should run.

@@ -758,6 +758,9 @@ pub struct State {
     pub replica_idle: HashMap<String, IdleCount>,
     /// The latest complete checkpoint of each (job, replica).
     pub checkpoints: HashMap<(u64, u32), CheckpointManifest>,
+    /// The container images each node holds in its cache, as its agent last reported them
+    /// (derived, not stored): the scheduler prefers them among equal placements.
+    pub node_images: HashMap<String, BTreeSet<String>>,
     /// Projects' registry logins, by (project, registry) (see `controller::registries`).
     pub registry_logins: BTreeMap<(String, String), crate::controller::registries::RegistryLogin>,
     /// Active jobs with a replica on each node (derived, kept by [`State::insert_job`]), so that

@@ -56,6 +56,18 @@ fn vgpu_overhead_measures_launches_with_and_without_the_slice_library() {
 }
 
 #[test]
+fn image_pull_puts_one_image_through_containerd_and_tessera_and_starts_it_warm() {
+    let out = run("bench/image-pull.sh", &["8", "1", "2"]);
+    assert!(out.contains("containerd run 1: cold"), "{out}");
+    assert!(out.contains("tessera    run 1: cold"), "{out}");
+    assert!(out.contains("tessera image job, submit -> exited"), "{out}");
+    assert!(
+        !out.lines().any(|l| l.trim_end().ends_with(" -1")),
+        "every job reported its start and end: {out}"
+    );
+}
+
+#[test]
 fn service_move_measures_a_move_under_load_without_a_failed_request() {
     let out = run(
         "python3",
@@ -103,6 +115,7 @@ fn gpu_scripts_parse_and_every_bench_script_is_covered_here() {
     }
     // A new script must be added to a test above (run, or parsed when it needs a GPU).
     let covered = [
+        "bench/image-pull.sh",
         "bench/slurm-vs-tessera.sh",
         "bench/vgpu-overhead.sh",
         "bench/service-move.py",

@@ -1690,7 +1690,7 @@ fn devices_and_workloads_are_sampled_metered_for_energy_and_scraped_by_a_real_pr
     // Energy: metered per job when the runs end; the busy job drew more than the idle half.
     for id in [busy, idle] {
         let (s, v) = pool.post(&format!("/v1/jobs/{id}/cancel"), json!({}), &pool.admin);
-        assert_eq!(s, 200, "{v}");
+        assert_eq!(s, 200, "{v}: {} {:?}", pool.job(id), events(&pool, id));
         pool.wait_state(id, "cancelled");
     }
     let report = pool.get("/v1/usage?since=1h&by=job", &pool.admin).1;

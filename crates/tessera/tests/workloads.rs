@@ -778,3 +778,107 @@ fn a_half_gpu_image_job_on_a_simulated_node_sees_its_slice_through_the_injected_
         "{out}"
     );
 }
+
+#[test]
+fn a_checkpointing_image_job_moves_to_another_node_and_resumes_there() {
+    let reg = registry::Registry::start(None);
+    let image = reg.push("demo/count:1", &hello_image());
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let here = pool.shared("");
+    // Counts to 60, saving its count on USR1 into its checkpoint dir (bound into the container).
+    let script = r#"n=0
+if [ -n "${TESSERA_RESUME_FROM:-}" ]; then n=$(cat "$TESSERA_RESUME_FROM/count"); echo "resumed from $n"; else echo "fresh start"; fi
+trap 'echo $n > "$TESSERA_CHECKPOINT_DIR/count"; : > "$TESSERA_CHECKPOINT_DIR/COMPLETE"; exit 0' USR1
+while [ $n -lt 60 ]; do n=$((n+1)); echo $n; sleep 0.1; done
+echo "done $n""#;
+    let id = submit_in(
+        &pool,
+        &here,
+        &[],
+        &[
+            "--gpu",
+            "1",
+            "--cpu",
+            "0.5",
+            "--memory",
+            "128MiB",
+            "--checkpoint-signal",
+            "USR1",
+            "--checkpoint-grace",
+            "10s",
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    pool.wait_state(id, "running");
+    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
+    pool.wait_for("some progress", || {
+        replica_logs(&pool, id, 0).contains("\n8\n")
+    });
+    let (ok, _, err) = cli_in(
+        &pool,
+        &here,
+        &[],
+        &["migrate", &id.to_string(), "--to", "n2"],
+    );
+    assert!(ok, "{err}");
+    let done = pool.wait_state(id, "succeeded");
+    assert_eq!(done["assignments"][0]["node"], "n2", "{done}");
+    assert_eq!(done["attempt"], 2, "{done}");
+    let (_, out, _) = cli_in(&pool, &here, &[], &["logs", "--stdout", &id.to_string()]);
+    let first = out.lines().next().unwrap_or_default();
+    let from: u32 = first
+        .strip_prefix("resumed from ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(from >= 8, "{out}");
+    assert!(out.ends_with("done 60\n"), "{out}");
+    let (_, before, _) = cli_in(
+        &pool,
+        &here,
+        &[],
+        &["logs", "--stdout", "--previous", &id.to_string()],
+    );
+    assert!(before.starts_with("fresh start\n"), "{before}");
+}
+
+#[test]
+fn among_equal_nodes_an_image_job_goes_where_its_image_is_already_cached() {
+    let reg = registry::Registry::start(None);
+    let image = reg.push("demo/warm:1", &hello_image());
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
+    let here = pool.shared("");
+    // Pulled ahead into n2's cache, as an admin would before a big run.
+    let out = std::process::Command::new(bin())
+        .args(["images", "pull", &image, "--data-dir"])
+        .arg(pool.path("n2"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pulled"));
+    // Give n2's agent a sync to report what it holds.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let small = ["--cpu", "0.5", "--memory", "128MiB"];
+    let mut args = small.to_vec();
+    args.extend(["--image", &image]);
+    let id = submit_in(&pool, &here, &[], &args);
+    let job = pool.wait_state(id, "succeeded");
+    assert_eq!(job["assignments"][0]["node"], "n2", "{job}");
+    // The same job without an image goes to the first of the equal nodes.
+    let mut args = small.to_vec();
+    args.extend(["--", "true"]);
+    let plain = submit_in(&pool, &here, &[], &args);
+    let job = pool.wait_state(plain, "succeeded");
+    assert_eq!(job["assignments"][0]["node"], "n1", "{job}");
+}

@@ -84,6 +84,9 @@ fn args(image: &Pulled, command: &[String]) -> anyhow::Result<Vec<String>> {
 /// Makes the bundle: mounts the overlay root and writes `config.json`. Returns the bundle's dir.
 pub fn prepare(plan: &Plan) -> anyhow::Result<PathBuf> {
     let bundle = plan.bundle.clone();
+    if plan.uid.is_some() {
+        passable(&bundle)?;
+    }
     if let Some(parent) = bundle.parent() {
         std::fs::create_dir_all(parent)?;
         crate::controller::restrict(parent, 0o711)?;
@@ -161,6 +164,27 @@ pub fn prepare(plan: &Plan) -> anyhow::Result<PathBuf> {
     }
     spec(plan)?.save(bundle.join("config.json"))?;
     Ok(bundle)
+}
+
+/// The runtime sets up the root inside the user namespace, as the container's root, which is an
+/// unprivileged uid on the host: every directory above the bundle must let others pass.
+fn passable(bundle: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in bundle.ancestors().skip(1) {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o001 == 0 {
+            bail!(
+                "image jobs run as an unprivileged uid that must pass through {} (mode {:o}) \
+                 to reach the image's root; let others pass (chmod o+x), or give the agent a \
+                 --data-dir under directories they may pass (e.g. /var/lib/tessera)",
+                dir.display(),
+                meta.permissions().mode() & 0o7777
+            );
+        }
+    }
+    Ok(())
 }
 
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
@@ -367,6 +391,7 @@ mod tests {
 
     fn image(entrypoint: &[&str], cmd: &[&str]) -> Pulled {
         Pulled {
+            reference: "r/x:1".into(),
             resolved: "r/x@sha256:0".into(),
             layers: vec![],
             entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),

@@ -51,6 +51,9 @@ impl std::fmt::Debug for Credentials {
 /// What a replica runs from an image: its configuration and its layers, bottom first.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Pulled {
+    /// As the job named it.
+    #[serde(default)]
+    pub reference: String,
     /// `registry/repository@sha256:…`: what ran, whatever the tag points to later.
     pub resolved: String,
     pub layers: Vec<String>,
@@ -250,6 +253,7 @@ impl ImageStore {
         let body = config.config().clone().unwrap_or_default();
         let repository = format!("{registry}/{}", reference.repository());
         let pulled = Pulled {
+            reference: image.to_string(),
             resolved: format!("{repository}@{digest}"),
             layers: ids,
             entrypoint: body.entrypoint().clone().unwrap_or_default(),
@@ -378,6 +382,28 @@ impl ImageStore {
         }
     }
 
+    /// The images (as jobs named them) whose every layer is in the cache, newest first, at most
+    /// `max`.
+    pub fn held(&self, max: usize) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.root.join("images")) else {
+            return vec![];
+        };
+        let mut found: Vec<(std::time::SystemTime, String)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let modified = e.metadata().ok()?.modified().ok()?;
+                let p: Pulled = serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+                let whole = p.layers.iter().all(|l| self.layer_dir(l).is_dir());
+                (whole && !p.reference.is_empty()).then_some((modified, p.reference))
+            })
+            .collect();
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        let mut out: Vec<String> = found.into_iter().map(|(_, r)| r).collect();
+        out.dedup();
+        out.truncate(max);
+        out
+    }
+
     /// Layers this node holds, with their unpacked bytes.
     pub fn layers(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
@@ -433,6 +459,122 @@ impl ImageStore {
             }
         }
         removed
+    }
+}
+
+/// `tessera images …`: the node's cache from the command line.
+#[derive(Debug, clap::Subcommand)]
+pub enum ImagesCmd {
+    /// Pull an image into the cache of the agent whose data dir is given (the agent shares it).
+    Pull {
+        reference: String,
+        /// The agent's data dir.
+        #[arg(long, default_value = "tessera-agent")]
+        data_dir: PathBuf,
+        /// Most disk the cache keeps (as the agent's --image-cache).
+        #[arg(long, default_value = "50GiB")]
+        image_cache: String,
+        /// A registry (HOST:PORT) reached over plain HTTP (loopback ones always are).
+        #[arg(long = "insecure-registry")]
+        insecure_registries: Vec<String>,
+        /// A user name for the registry; the password is read from standard input.
+        #[arg(long)]
+        username: Option<String>,
+        /// Print one JSON object instead of words.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The layers the cache holds, with their sizes.
+    List {
+        #[arg(long, default_value = "tessera-agent")]
+        data_dir: PathBuf,
+    },
+}
+
+/// Runs `tessera images …`.
+pub async fn command(cmd: ImagesCmd) -> anyhow::Result<()> {
+    match cmd {
+        ImagesCmd::Pull {
+            reference,
+            data_dir,
+            image_cache,
+            insecure_registries,
+            username,
+            json,
+        } => {
+            let limit = crate::units::parse_bytes(
+                "--image-cache",
+                &crate::units::Quantity::Text(image_cache),
+            )?;
+            let credentials = match username {
+                Some(username) => {
+                    let mut password = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut password)?;
+                    Some(Credentials {
+                        username,
+                        password: password.trim_end_matches(['\n', '\r']).to_string(),
+                    })
+                }
+                None => None,
+            };
+            let store = Arc::new(ImageStore::open(
+                &data_dir.join("images"),
+                limit,
+                insecure_registries,
+            )?);
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "pulling {msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_message(reference.clone());
+            let began = std::time::Instant::now();
+            let shown = bar.clone();
+            let total = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let seen = total.clone();
+            let pulled = store
+                .pull(&reference, credentials.as_ref(), move |p| {
+                    seen.store(p.total_bytes, std::sync::atomic::Ordering::Relaxed);
+                    shown.set_length(p.total_bytes);
+                    shown.set_position(p.done_bytes);
+                })
+                .await?;
+            bar.finish_and_clear();
+            let secs = began.elapsed().as_secs_f64();
+            let downloaded = total.load(std::sync::atomic::Ordering::Relaxed);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"reference": reference, "resolved": pulled.resolved,
+                        "layers": pulled.layers.len(), "downloaded_bytes": downloaded,
+                        "seconds": secs})
+                );
+            } else {
+                println!(
+                    "pulled {reference} as {} ({} layers, {:.1} MiB downloaded) in {secs:.2} s",
+                    pulled.resolved,
+                    pulled.layers.len(),
+                    downloaded as f64 / (1 << 20) as f64
+                );
+            }
+            Ok(())
+        }
+        ImagesCmd::List { data_dir } => {
+            let store = ImageStore::open(&data_dir.join("images"), u64::MAX, vec![])?;
+            let layers = store.layers();
+            for (id, bytes) in &layers {
+                println!("{id}  {:.1} MiB", *bytes as f64 / (1 << 20) as f64);
+            }
+            let total: u64 = layers.values().sum();
+            println!(
+                "{} layers, {:.1} MiB",
+                layers.len(),
+                total as f64 / (1 << 20) as f64
+            );
+            Ok(())
+        }
     }
 }
 

@@ -324,6 +324,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             statuses,
             wait_ms: lease_ms / 3,
             sample,
+            images: shared.images.held(512),
         };
         let sent = now_ms();
         let call = post::<SyncResponse>(&http, &config.controller, "/v1/agent/sync", &token, &req);

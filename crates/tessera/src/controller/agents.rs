@@ -467,9 +467,24 @@ pub async fn sync(
             }
         }
     }
+    // What images the node holds (for the scheduler's tie-break), bounded as agents are told.
+    let images: std::collections::BTreeSet<String> = req
+        .images
+        .iter()
+        .take(512)
+        .filter(|i| i.len() <= 512)
+        .cloned()
+        .collect();
     let acked = ctl
         .store
-        .write(move |c, s| -> Result<Vec<String>, ApiError> { report(c, s, &name, seq, &statuses) })
+        .write(move |c, s| -> Result<Vec<String>, ApiError> {
+            let acked = report(c, s, &name, seq, &statuses)?;
+            if s.node_images.get(&name) != Some(&images) {
+                s.node_images.insert(name.clone(), images);
+                s.kick = true;
+            }
+            Ok(acked)
+        })
         .await?;
     let wait = Duration::from_millis(req.wait_ms.min(ctl.config.lease.as_millis() as u64 / 3));
     let mut watch = ctl.store.notifier.watch_node(&node);

@@ -57,6 +57,8 @@ struct Built {
 pub const NODE_LABEL: &str = "tessera.io/node";
 
 fn build(s: &State, now: u64) -> Built {
+    // Nodes that hold a pending job's image, by job: the scheduler's tie-break.
+    let mut warm: std::collections::BTreeMap<u64, Vec<NodeId>> = Default::default();
     let mut node_names = Vec::new();
     let mut index: HashMap<&str, u32> = HashMap::new();
     let mut nodes = Vec::new();
@@ -160,6 +162,17 @@ fn build(s: &State, now: u64) -> Built {
                     sel.insert(CUDA_LABEL.to_string(), "true".into());
                 }
             }
+            if let Some(image) = &job.def.image {
+                let holding: Vec<NodeId> = s
+                    .node_images
+                    .iter()
+                    .filter(|(_, held)| held.contains(image))
+                    .filter_map(|(node, _)| index.get(node.as_str()).map(|&i| NodeId(i)))
+                    .collect();
+                if !holding.is_empty() {
+                    warm.insert(job.id, holding);
+                }
+            }
             pending.push(PendingJob { id: job.id, spec });
         }
     }
@@ -192,6 +205,7 @@ fn build(s: &State, now: u64) -> Built {
                 .iter()
                 .map(|(p, milli)| (p.clone(), milli.round() as u64))
                 .collect(),
+            warm,
         },
         node_names,
         next_backoff,

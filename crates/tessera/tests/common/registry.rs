@@ -223,7 +223,7 @@ impl Layer {
             std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static");
             for applet in [
                 "sh", "cat", "ls", "id", "echo", "pwd", "env", "sleep", "touch", "head", "grep",
-                "test", "stat", "mkdir", "rm", "wc", "true", "false",
+                "test", "[", "stat", "mkdir", "rm", "wc", "true", "false",
             ] {
                 std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
             }
