@@ -882,3 +882,24 @@ fn among_equal_nodes_an_image_job_goes_where_its_image_is_already_cached() {
     let job = pool.wait_state(plain, "succeeded");
     assert_eq!(job["assignments"][0]["node"], "n1", "{job}");
 }
+
+#[test]
+fn a_replica_its_lease_killed_is_queued_again_not_failed() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let id = pool.submit("default", 1.0, 1, 50, "sleep 60");
+    pool.wait_state(id, "running");
+    // The agent stops past its lease (2 s): its shim kills the workload, as it must, and the
+    // agent reports that when it comes back. That is the node's loss, not the job's failure.
+    let pid = nix::unistd::Pid::from_raw(pool.agent_pid("n1"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2600));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    pool.wait_for("the job to run again", || {
+        let j = pool.job(id);
+        assert_ne!(j["state"], "failed", "{j}");
+        j["state"] == "running" && j["attempt"] == 2
+    });
+    let j = pool.job(id);
+    assert_eq!(j["restarts"], 0, "no restart was used: {j}");
+}

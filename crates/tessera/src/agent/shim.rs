@@ -339,6 +339,7 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     let mut next_dump = interval.map(|i| Instant::now() + i);
     let mut stop_deadline: Option<Instant> = None;
     let mut why: Option<String> = None;
+    let mut lease_lost = false;
     let status = loop {
         if let Some(status) = reap(pgid)? {
             break status;
@@ -380,6 +381,8 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
                     "killed: the agent lost contact with the controller and its lease ran out"
                         .into(),
                 );
+                // The node's loss, not the workload's failure: it is queued again.
+                lease_lost = true;
                 kill_group(pgid, Signal::SIGKILL, &args.cgroup_procs);
             }
         }
@@ -443,7 +446,7 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
         &ExitRecord {
             code,
             message,
-            interrupted: false,
+            interrupted: lease_lost,
         },
     )?;
     Ok(())

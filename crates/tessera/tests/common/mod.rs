@@ -15,9 +15,16 @@ pub mod registry;
 
 pub static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
+/// A port for a controller or a gateway: below the kernel's ephemeral range (32768 and up, where
+/// every client connection takes its own), spread by process id, and free when asked.
 pub fn port() -> u16 {
-    let base = 20000 + (std::process::id() % 20000) as u16;
-    base + NEXT_PORT.fetch_add(1, Ordering::SeqCst)
+    let base = 20000 + (std::process::id() % 10000) as u16;
+    loop {
+        let p = base + NEXT_PORT.fetch_add(1, Ordering::SeqCst) % 2700;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 pub fn bin() -> &'static str {
@@ -126,7 +133,7 @@ impl Pool {
             .env("TESSERA_CONFIG", self.dir.path().join("cli.yaml"))
             .env("TESSERA_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("controller.err")).unwrap())
             .spawn()
             .unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -136,7 +143,15 @@ impl Pool {
                 let _ = tx.send(line);
             }
         });
-        let first = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        let first = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| {
+                let err = std::fs::read_to_string(self.dir.path().join("controller.err"));
+                panic!(
+                    "the controller did not start ({e}): {}",
+                    err.unwrap_or_default()
+                )
+            });
         assert!(first.starts_with("Tessera API at"), "{first}");
         // A first start prints the admin token on the next line; a restart prints nothing more.
         let token = rx
