@@ -155,11 +155,7 @@ pub fn prepare(plan: &Plan) -> anyhow::Result<PathBuf> {
         if dir {
             make_dirs(&rootfs, &inside)?;
         } else {
-            make_dirs(&rootfs, inside.parent().unwrap_or(&rootfs))?;
-            if std::fs::symlink_metadata(&inside).is_err() {
-                std::fs::write(&inside, "")?;
-                set_mode(&inside, 0o644)?;
-            }
+            make_file(&rootfs, &inside)?;
         }
     }
     spec(plan)?.save(bundle.join("config.json"))?;
@@ -193,17 +189,50 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 }
 
 /// Creates the directories from `root` down to `dir` that are missing, 0755 (the agent's umask
-/// would make them its own, and the container's root could not pass).
-fn make_dirs(root: &Path, dir: &Path) -> std::io::Result<()> {
+/// would make them its own, and the container's root could not pass). The image is untrusted and
+/// this runs as the host's root: a link on the way (`/var -> /etc`) would lead outside the
+/// container's root, so none is followed.
+fn make_dirs(root: &Path, dir: &Path) -> anyhow::Result<()> {
     let mut at = root.to_path_buf();
     for c in dir.strip_prefix(root).unwrap_or(dir).components() {
         at.push(c);
-        if std::fs::symlink_metadata(&at).is_err() {
-            std::fs::create_dir(&at)?;
-            set_mode(&at, 0o755)?;
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => bail!(no_links(root, &at)),
+            Ok(_) => {}
+            Err(_) => {
+                std::fs::create_dir(&at)?;
+                set_mode(&at, 0o755)?;
+            }
         }
     }
     Ok(())
+}
+
+/// Creates an empty file at `path` (its directories made by [`make_dirs`]) unless one is there;
+/// a link there is refused, and the file is never created through one.
+fn make_file(root: &Path, path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    make_dirs(root, path.parent().unwrap_or(root))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => bail!(no_links(root, path)),
+        Ok(_) => Ok(()),
+        Err(_) => {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)?;
+            Ok(set_mode(path, 0o644)?)
+        }
+    }
+}
+
+fn no_links(root: &Path, at: &Path) -> String {
+    format!(
+        "the image has a link at /{} where Tessera binds a path of the node; an image may not \
+         put links there",
+        at.strip_prefix(root).unwrap_or(at).display()
+    )
 }
 
 /// Whether a mount sits at `path` (its device differs from its parent's).
@@ -400,6 +429,29 @@ mod tests {
             working_dir: Some("/srv".into()),
             note: String::new(),
         }
+    }
+
+    #[test]
+    fn mount_points_are_never_made_through_a_link_of_the_image() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        // The image's /var leads to a directory of the host.
+        std::os::unix::fs::symlink(outside.path(), root.path().join("var")).unwrap();
+        let e = make_dirs(root.path(), &root.path().join("var/lib/tessera")).unwrap_err();
+        assert!(e.to_string().contains("a link at /var"), "{e}");
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("hosts"), root.path().join("etc/hosts"))
+            .unwrap();
+        let e = make_file(root.path(), &root.path().join("etc/hosts")).unwrap_err();
+        assert!(e.to_string().contains("a link at /etc/hosts"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(outside.path()).unwrap().count(),
+            0,
+            "nothing made outside"
+        );
+        // Plain paths are made, 0755 and 0644.
+        make_file(root.path(), &root.path().join("srv/a/b")).unwrap();
+        assert!(root.path().join("srv/a/b").is_file());
     }
 
     #[test]

@@ -643,9 +643,16 @@ fn unpack_layer(
                 set_opaque(&dir)?;
             }
             Some(n) if n.starts_with(".wh.") => {
+                let hidden = &n[4..];
+                if hidden.is_empty() || hidden == "." || hidden == ".." || hidden.contains('/') {
+                    bail!(
+                        "the layer has a whiteout that names no file: {}",
+                        path.display()
+                    );
+                }
                 let parent = inside(into, path.parent().unwrap_or(Path::new("")))?;
                 std::fs::create_dir_all(&parent)?;
-                whiteout(&parent.join(&n[4..]))?;
+                whiteout(&parent.join(hidden))?;
             }
             _ => {
                 entry
