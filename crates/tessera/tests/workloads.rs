@@ -829,7 +829,7 @@ echo "done $n""#;
     assert!(ok, "{err}");
     let done = pool.wait_state(id, "succeeded");
     assert_eq!(done["assignments"][0]["node"], "n2", "{done}");
-    assert_eq!(done["attempt"], 2, "{done}");
+    assert_eq!(done["attempt"], 2, "{done} {:?}", events(&pool, id));
     let (_, out, _) = cli_in(&pool, &here, &[], &["logs", "--stdout", &id.to_string()]);
     let first = out.lines().next().unwrap_or_default();
     let from: u32 = first

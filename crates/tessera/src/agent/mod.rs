@@ -700,126 +700,28 @@ fn converge(
             shared.exited.notify_one();
             continue;
         }
-        if let Some(img) = &a.image {
-            // A pull can take minutes: it runs beside the sync loop, which must keep renewing
-            // the lease meanwhile; the replica says how far it got.
+        let fetch = a.checkpoint.is_some() && a.resume.is_some() && shared.remote.get().is_some();
+        if a.image.is_some() || fetch {
+            // A pull or a checkpoint's fetch can take minutes: it runs beside the sync loop,
+            // which must keep renewing the lease meanwhile; the replica says what it waits for.
             if let Err(e) = std::fs::create_dir_all(&dir) {
                 tracing::warn!("{}: {e}", a.key);
                 continue;
             }
-            runs.insert(
-                a.key.clone(),
-                without_shim(
+            let waiting = match &a.image {
+                Some(img) => without_shim(
                     &a.key,
                     RunPhase::Preparing,
                     &format!("pulling image {}", img.reference),
                 ),
-            );
+                None => without_shim(&a.key, RunPhase::Running, "restoring its checkpoint"),
+            };
+            runs.insert(a.key.clone(), waiting);
             let (shared, config, backend) = (shared.clone(), config.clone(), backend.clone());
             let (lease_file, a) = (lease_file.to_path_buf(), a.clone());
             tokio::spawn(async move {
-                let run = match prepare_image(&shared, &a, &dir).await {
-                    Err(e) => {
-                        let mut run = without_shim(
-                            &a.key,
-                            RunPhase::Exited,
-                            &format!(
-                                "could not pull image {}: {e:#}",
-                                a.image.as_ref().map_or("", |i| i.reference.as_str())
-                            ),
-                        );
-                        run.status.exit_code = Some(127);
-                        let _ = logs::note(&dir, &run.status.message);
-                        run
-                    }
-                    Ok(pulled) => {
-                        let restored = match (&a.resume, shared.remote.get()) {
-                            (Some(id), Some(remote)) if a.checkpoint.is_some() => {
-                                fetch_checkpoint(remote, &a, id, &dir).await
-                            }
-                            _ => Restored::None,
-                        };
-                        let wanted = shared
-                            .wanted
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .contains(&a.key);
-                        if wanted {
-                            let mut run = started(
-                                &a.key,
-                                start(
-                                    &shared,
-                                    &config,
-                                    &backend,
-                                    &lease_file,
-                                    &a,
-                                    &dir,
-                                    Prepared {
-                                        restored,
-                                        image: Some(&pulled),
-                                    },
-                                ),
-                            );
-                            run.status.image = Some(pulled.note.clone());
-                            run
-                        } else {
-                            without_shim(&a.key, RunPhase::Exited, "stopped before it started")
-                        }
-                    }
-                };
-                shared
-                    .runs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(a.key.clone(), run);
-                shared.exited.notify_one();
-            });
-            continue;
-        }
-        if let (Some(_), Some(id), Some(remote)) = (&a.checkpoint, &a.resume, shared.remote.get()) {
-            // Fetching a checkpoint can take seconds: it runs beside the sync loop, which must
-            // keep renewing the lease meanwhile.
-            if let Err(e) = std::fs::create_dir_all(&dir) {
-                tracing::warn!("{}: {e}", a.key);
-                continue;
-            }
-            runs.insert(
-                a.key.clone(),
-                without_shim(&a.key, RunPhase::Running, "restoring its checkpoint"),
-            );
-            let (shared, config, backend) = (shared.clone(), config.clone(), backend.clone());
-            let (lease_file, a, remote, id) = (
-                lease_file.to_path_buf(),
-                a.clone(),
-                remote.clone(),
-                id.clone(),
-            );
-            tokio::spawn(async move {
-                let restored = fetch_checkpoint(&remote, &a, &id, &dir).await;
-                let wanted = shared
-                    .wanted
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains(&a.key);
-                let run = if wanted {
-                    started(
-                        &a.key,
-                        start(
-                            &shared,
-                            &config,
-                            &backend,
-                            &lease_file,
-                            &a,
-                            &dir,
-                            Prepared {
-                                restored,
-                                image: None,
-                            },
-                        ),
-                    )
-                } else {
-                    without_shim(&a.key, RunPhase::Exited, "stopped before it started")
-                };
+                let run =
+                    prepare_and_start(&shared, &config, &backend, &lease_file, &a, &dir).await;
                 shared
                     .runs
                     .lock()
@@ -846,6 +748,53 @@ fn converge(
         );
         runs.insert(a.key.clone(), run);
     }
+}
+
+/// Pulls a replica's image and fetches its checkpoint, as it has them, then starts it unless it
+/// was stopped meanwhile; the run record to keep.
+async fn prepare_and_start(
+    shared: &Arc<Shared>,
+    config: &AgentConfig,
+    backend: &Backend,
+    lease_file: &Path,
+    a: &Assignment,
+    dir: &Path,
+) -> Run {
+    let pulled = match &a.image {
+        None => None,
+        Some(img) => match prepare_image(shared, a, dir).await {
+            Ok(pulled) => Some(pulled),
+            Err(e) => {
+                let message = format!("could not pull image {}: {e:#}", img.reference);
+                let mut run = without_shim(&a.key, RunPhase::Exited, &message);
+                run.status.exit_code = Some(127);
+                let _ = logs::note(dir, &message);
+                return run;
+            }
+        },
+    };
+    let restored = match (&a.checkpoint, &a.resume, shared.remote.get()) {
+        (Some(_), Some(id), Some(remote)) => fetch_checkpoint(remote, a, id, dir).await,
+        _ => Restored::None,
+    };
+    let wanted = shared
+        .wanted
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&a.key);
+    if !wanted {
+        return without_shim(&a.key, RunPhase::Exited, "stopped before it started");
+    }
+    let prepared = Prepared {
+        restored,
+        image: pulled.as_ref(),
+    };
+    let mut run = started(
+        &a.key,
+        start(shared, config, backend, lease_file, a, dir, prepared),
+    );
+    run.status.image = pulled.map(|p| p.note);
+    run
 }
 
 /// Fetches the checkpoint `id` a replica resumes from into its run dir.
