@@ -98,40 +98,7 @@ impl Registry {
 
     /// Builds `image` and pushes it as `name:tag`; returns the reference.
     pub fn push(&self, name_tag: &str, image: &Image) -> String {
-        let work = tempfile::tempdir().unwrap();
-        let layout = work.path().join("layout");
-        let bundle = work.path().join("bundle");
-        let img = format!("{}:t", layout.display());
-        run(Command::new("umoci")
-            .arg("init")
-            .arg("--layout")
-            .arg(&layout));
-        run(Command::new("umoci").args(["new", "--image", &img]));
-        run(Command::new("umoci")
-            .args(["unpack", "--image", &img])
-            .arg(&bundle));
-        let rootfs = bundle.join("rootfs");
-        for layer in &image.layers {
-            layer.apply(&rootfs);
-            run(Command::new("umoci")
-                .args(["repack", "--refresh-bundle", "--image", &img])
-                .arg(&bundle));
-        }
-        let mut config = vec!["config".to_string(), "--image".into(), img.clone()];
-        for e in &image.entrypoint {
-            config.push(format!("--config.entrypoint={e}"));
-        }
-        for c in &image.cmd {
-            config.push(format!("--config.cmd={c}"));
-        }
-        for e in &image.env {
-            config.push(format!("--config.env={e}"));
-        }
-        if let Some(w) = &image.workdir {
-            config.push(format!("--config.workingdir={w}"));
-        }
-        run(Command::new("umoci").args(&config));
-        self.copy(&img, name_tag, image.zstd)
+        self.push_family(name_tag, image, &[]).remove(0)
     }
 
     /// Pushes `base` as `name_tag` and, for each of `tops`, an image of `base` with one more
@@ -156,6 +123,20 @@ impl Registry {
                 .args(["repack", "--refresh-bundle", "--image", &img])
                 .arg(&bundle));
         }
+        let mut config = vec!["config".to_string(), "--image".into(), img.clone()];
+        for e in &base.entrypoint {
+            config.push(format!("--config.entrypoint={e}"));
+        }
+        for c in &base.cmd {
+            config.push(format!("--config.cmd={c}"));
+        }
+        for e in &base.env {
+            config.push(format!("--config.env={e}"));
+        }
+        if let Some(w) = &base.workdir {
+            config.push(format!("--config.workingdir={w}"));
+        }
+        run(Command::new("umoci").args(&config));
         let mut refs = vec![self.copy(&img, name_tag, base.zstd)];
         for (i, (top_name, layer)) in tops.iter().enumerate() {
             let top = format!("{}:top{i}", layout.display());
