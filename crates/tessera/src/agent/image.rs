@@ -109,6 +109,49 @@ fn layer_id(digest: &str) -> anyhow::Result<String> {
     }
 }
 
+/// What a registry's error may tell the job's owner. Image references are the member's choice,
+/// so the server answering may be any service on the node's loopback (or whatever a hostile
+/// registry's auth realm points at): bodies that are not a registry's structured errors are
+/// never echoed, and what is echoed is clipped to one short line.
+fn registry_reason(e: oci_client::errors::OciDistributionError) -> String {
+    use oci_client::errors::OciDistributionError as E;
+    match e {
+        E::ServerError { code, url, .. } => format!(
+            "{} answered HTTP {code}, not a registry's answer (is the image reference right?)",
+            clip(&url)
+        ),
+        E::AuthenticationFailure(_) => {
+            "the registry's token service refused the credentials (ask the admin to check the \
+             project's login with `tessera projects logins`)"
+                .to_string()
+        }
+        E::RegistryError { envelope, url } => {
+            let errors: Vec<String> = envelope
+                .errors
+                .iter()
+                .take(3)
+                .map(|x| clip(&format!("{:?}: {}", x.code, x.message)))
+                .collect();
+            format!("{} answered: {}", clip(&url), errors.join("; "))
+        }
+        other => clip(&other.to_string()),
+    }
+}
+
+/// One printable line of at most 200 characters.
+fn clip(text: &str) -> String {
+    let line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+    if text.chars().count() > 200 {
+        format!("{line}…")
+    } else {
+        line
+    }
+}
+
 /// Whether `registry` (host[:port]) is on this host: plain HTTP is allowed there, as Docker does.
 fn is_loopback(registry: &str) -> bool {
     let host = match registry.rsplit_once(':') {
@@ -183,11 +226,12 @@ impl ImageStore {
         };
         let client = Arc::new(self.client(&reference));
         let registry = reference.resolve_registry().to_string();
-        let (manifest, digest, config) =
-            client
-                .pull_manifest_and_config(&reference, &auth)
-                .await
-                .map_err(|e| anyhow::anyhow!("pulling {image} from {registry}: {e}"))?;
+        let (manifest, digest, config) = client
+            .pull_manifest_and_config(&reference, &auth)
+            .await
+            .map_err(|e| {
+            anyhow::anyhow!("pulling {image} from {registry}: {}", registry_reason(e))
+        })?;
         let config: oci_spec::image::ImageConfiguration = serde_json::from_str(&config)
             .with_context(|| format!("{image}: its configuration is not an OCI image config"))?;
         let mut ids = Vec::new();
@@ -209,9 +253,15 @@ impl ImageStore {
             total_bytes: total,
             layers_left: wanted.len(),
         });
+        // All layers of the image together may not unpack to more than the cache holds.
+        let unpacked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // Set when one layer fails: the others stop downloading, and each removes its partial
+        // unpack before the pull returns.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         for layer in wanted {
             let (store, client, reference) = (self.clone(), client.clone(), reference.clone());
+            let (unpacked, stopped) = (unpacked.clone(), stopped.clone());
             let (done, left, progress) = (done.clone(), left.clone(), progress.clone());
             tasks.spawn(async move {
                 let report = {
@@ -225,7 +275,9 @@ impl ImageStore {
                         });
                     }
                 };
-                let r = store.fetch_layer(&client, &reference, &layer, report).await;
+                let r = store
+                    .fetch_layer(&client, &reference, &layer, &unpacked, stopped, report)
+                    .await;
                 left.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 r
             });
@@ -238,7 +290,7 @@ impl ImageStore {
             if let Err(e) = r {
                 if first_error.is_none() {
                     // The others stop with it: a failed image needs none of its layers now.
-                    tasks.abort_all();
+                    let _ = stop.send(true);
                     first_error = Some(e);
                 }
             }
@@ -277,6 +329,8 @@ impl ImageStore {
         client: &Client,
         reference: &Reference,
         layer: &OciDescriptor,
+        image_bytes: &Arc<std::sync::atomic::AtomicU64>,
+        mut stopped: tokio::sync::watch::Receiver<bool>,
         report: impl Fn(u64) + Send + 'static,
     ) -> anyhow::Result<()> {
         let id = layer_id(&layer.digest)?;
@@ -284,35 +338,46 @@ impl ImageStore {
             let mut all = self.unpacking.lock().unwrap_or_else(|e| e.into_inner());
             all.entry(id.clone()).or_default().clone()
         };
-        let _one = lock.lock().await;
+        // Held by the unpacker until it has moved the layer into place or removed it, even if
+        // this pull is dropped halfway: the next pull of the layer starts from a clean slate.
+        let one = lock.lock_owned().await;
         if self.layer_dir(&id).exists() {
             return Ok(());
         }
         let mut stream = client
             .pull_blob_stream(reference, layer)
             .await
-            .map_err(|e| anyhow::anyhow!("layer {}: {e}", layer.digest))?
+            .map_err(|e| anyhow::anyhow!("layer {}: {}", layer.digest, registry_reason(e)))?
             .stream;
         let partial = self
             .root
             .join("layers")
             .join(format!(".partial-{id}-{}", std::process::id()));
+        if *stopped.borrow() {
+            bail!("stopped: another layer of the image failed");
+        }
         // Chunks go to a blocking unpacker through a bounded channel: download and inflate
         // overlap, and a slow disk slows the download instead of filling memory. The unpacker
         // also checks the layer and moves it into place, or removes it: even a pull cancelled
         // halfway leaves nothing behind.
         let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
         let store = self.clone();
-        let (layer_copy, into) = (layer.clone(), partial.clone());
+        let (layer_copy, into, image_bytes) = (layer.clone(), partial.clone(), image_bytes.clone());
         let unpacker = tokio::task::spawn_blocking(move || {
-            let result = store.unpack_checked(rx, &layer_copy, &into);
+            let result = store.unpack_checked(rx, &layer_copy, &into, &image_bytes);
             if result.is_err() {
                 let _ = remove_tree(&into);
             }
+            drop(one);
             result
         });
         let sent = async {
-            while let Some(chunk) = stream.next().await {
+            loop {
+                let chunk = tokio::select! {
+                    chunk = stream.next() => chunk,
+                    _ = stopped.wait_for(|s| *s) => bail!("stopped: another layer of the image failed"),
+                };
+                let Some(chunk) = chunk else { break };
                 let chunk = chunk.map_err(|e| anyhow::anyhow!("downloading: {e}"))?;
                 report(chunk.len() as u64);
                 if tx.send(chunk).await.is_err() {
@@ -343,10 +408,15 @@ impl ImageStore {
         rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
         layer: &OciDescriptor,
         into: &Path,
+        image_bytes: &std::sync::atomic::AtomicU64,
     ) -> anyhow::Result<()> {
         let id = layer_id(&layer.digest)?;
         let mut source = Verified::new(ChannelReader::new(rx));
-        let bytes = unpack_layer(&mut source, &layer.media_type, into, self.limit)?;
+        let room = Room {
+            image_bytes,
+            limit: self.limit,
+        };
+        let bytes = unpack_layer(&mut source, &layer.media_type, into, &room)?;
         // Whatever the tar did not read still counts toward the digest.
         std::io::copy(&mut source, &mut std::io::sink())?;
         let (digest, size) = source.finish();
@@ -607,13 +677,74 @@ enum Compression {
     None,
 }
 
-/// Unpacks a layer's tar stream into `into` in overlay form; the file bytes it holds. Fails past
-/// `limit` bytes (a decompression bomb).
+/// Share of the image disk's space an unpack leaves free for the node's other users (run dirs,
+/// logs, checkpoints): kubelet's default eviction threshold for a node's filesystem.
+const RESERVE_SPACE_PERCENT: u64 = 10;
+/// Share of the image disk's inodes an unpack leaves free (kubelet's `nodefs.inodesFree`).
+const RESERVE_INODES_PERCENT: u64 = 5;
+
+/// What an unpack may take: the image's layers together stay under the cache's limit (a
+/// decompression bomb, or an image bigger than the cache), and every entry leaves the disk's
+/// reserve of space and inodes free, however many pulls run at once (a hostile image of tiny
+/// files would otherwise exhaust the inodes of the disk that holds everyone's logs).
+struct Room<'a> {
+    image_bytes: &'a std::sync::atomic::AtomicU64,
+    limit: u64,
+}
+
+impl Room<'_> {
+    /// Takes `bytes` more for one entry written under `dir`, or says why it does not fit.
+    fn take(&self, dir: &Path, bytes: u64) -> anyhow::Result<()> {
+        let all = self
+            .image_bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed)
+            + bytes;
+        if all > self.limit {
+            bail!(
+                "the image unpacks to more than the node's image cache limit ({} bytes); ask \
+                 the admin for a larger --image-cache or use a smaller image",
+                self.limit
+            );
+        }
+        let disk = nix::sys::statvfs::statvfs(dir)
+            .with_context(|| format!("measuring the free space of {}", dir.display()))?;
+        let block = disk.fragment_size().max(1) as u64;
+        let total = disk.blocks() as u64 * block;
+        let free = disk.blocks_available() as u64 * block;
+        // The entry's own inode and its data rounded up to whole blocks.
+        let need = bytes.div_ceil(block) * block;
+        if free.saturating_sub(need) < total / 100 * RESERVE_SPACE_PERCENT {
+            bail!(
+                "the node's image disk is nearly full ({} MiB of {} MiB free; an unpack leaves \
+                 {RESERVE_SPACE_PERCENT}% free for other work): try again once the cache is \
+                 collected, or ask the admin for a smaller --image-cache",
+                free >> 20,
+                total >> 20
+            );
+        }
+        let inodes = disk.files() as u64;
+        if inodes > 0
+            && (disk.files_available() as u64).saturating_sub(1)
+                < inodes / 100 * RESERVE_INODES_PERCENT
+        {
+            bail!(
+                "the node's image disk is nearly out of inodes ({} of {} free; an unpack leaves \
+                 {RESERVE_INODES_PERCENT}% free): the image has too many files for this node",
+                disk.files_available(),
+                inodes
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Unpacks a layer's tar stream into `into` in overlay form; the file bytes it holds. Each entry
+/// must fit `room`.
 fn unpack_layer(
     source: &mut impl Read,
     media_type: &str,
     into: &Path,
-    limit: u64,
+    room: &Room,
 ) -> anyhow::Result<u64> {
     std::fs::create_dir_all(into)?;
     let reader: Box<dyn Read + '_> = match decompressor_for(media_type)? {
@@ -630,10 +761,9 @@ fn unpack_layer(
     let mut bytes = 0u64;
     for entry in archive.entries().context("reading the layer's tar")? {
         let mut entry = entry.context("reading the layer's tar")?;
-        bytes += entry.header().size().unwrap_or(0);
-        if bytes > limit {
-            bail!("the layer unpacks to more than the node's image cache limit ({limit} bytes)");
-        }
+        let size = entry.header().size().unwrap_or(0);
+        bytes += size;
+        room.take(into, size)?;
         let path = entry.path()?.into_owned();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
         match name.as_deref() {
@@ -1056,6 +1186,177 @@ mod tests {
             .to_string_lossy()
             .into_owned();
         assert!(!layers.contains(&format!("sha256-{hex}")), "{layers:?}");
+    }
+
+    /// A node-local HTTP service that is not a registry: it answers every request with `status`
+    /// and a secret body; with `realm`, it first sends `/v2/` requests to its token "realm".
+    fn local_service(status: u16, realm: bool) -> std::net::SocketAddr {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut first = String::new();
+                let _ = reader.read_line(&mut first);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let body = "SECRET-admin-password-hunter2";
+                let head = if realm && first.contains("/v2/") && !first.contains("/realm") {
+                    format!(
+                        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer \
+                         realm=\"http://{addr}/realm\",service=\"x\"\r\n"
+                    )
+                } else {
+                    format!("HTTP/1.1 {status} Whatever\r\n")
+                };
+                let mut conn = conn;
+                let _ = write!(
+                    conn,
+                    "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_reference_naming_a_local_service_learns_nothing_of_its_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = store(dir.path(), 1 << 30);
+        let rt = runtime();
+        let login = Credentials {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        for (status, realm) in [(403, false), (404, false), (500, false), (403, true)] {
+            let addr = local_service(status, realm);
+            let creds = realm.then_some(&login);
+            let e = rt
+                .block_on(images.pull(&format!("{addr}/admin/keys:1"), creds, |_| {}))
+                .map(|_| ())
+                .unwrap_err();
+            let e = format!("{e:#}");
+            assert!(
+                !e.contains("SECRET"),
+                "a local service's body was echoed: {e}"
+            );
+            assert!(e.contains(&addr.to_string()), "{e}");
+        }
+        assert_eq!(contents(dir.path()), (vec![], vec![]));
+    }
+
+    /// A tmpfs of `size` with `inodes` inodes at a fresh directory, unmounted when dropped.
+    struct SmallDisk(tempfile::TempDir);
+
+    impl SmallDisk {
+        fn mount(options: &str) -> SmallDisk {
+            let dir = tempfile::tempdir().unwrap();
+            nix::mount::mount(
+                Some("tmpfs"),
+                dir.path(),
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some(options),
+            )
+            .expect("mounting a tmpfs (the tests run as root)");
+            SmallDisk(dir)
+        }
+
+        fn free(&self) -> (u64, u64) {
+            let st = nix::sys::statvfs::statvfs(self.0.path()).unwrap();
+            (
+                st.blocks_available() as u64 * st.fragment_size() as u64,
+                st.files_available() as u64,
+            )
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(self.0.path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// `n` bytes no compressor can shrink.
+    fn noise(n: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pulls_leave_the_disks_reserve_of_space_and_inodes_free_and_fit_the_cache() {
+        let reg = Registry::start(None);
+        let one_layer = |files: Vec<(String, Vec<u8>)>| Image {
+            layers: vec![Layer {
+                files,
+                ..Layer::default()
+            }],
+            ..Image::default()
+        };
+        let tiny_files = reg.push(
+            "tiny:1",
+            &one_layer((0..2500).map(|i| (format!("/f/{i}"), vec![b'x'])).collect()),
+        );
+        let big_file = reg.push("big:1", &one_layer(vec![("/blob".into(), noise(30 << 20))]));
+        let disk = SmallDisk::mount("size=32m,nr_inodes=2000");
+        let images = store(disk.0.path(), 1 << 40);
+        let before = disk.free();
+        let rt = runtime();
+        let pull = |image: &str| {
+            rt.block_on(images.pull(image, None, |_| {}))
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}"))
+        };
+        let e = pull(&tiny_files).unwrap_err();
+        assert!(e.contains("nearly out of inodes"), "{e}");
+        let e = pull(&big_file).unwrap_err();
+        assert!(
+            e.contains("nearly full") && e.contains("of 32 MiB free"),
+            "{e}"
+        );
+        assert_eq!(contents(disk.0.path()), (vec![], vec![]));
+        let after = disk.free();
+        assert!(
+            after.0 + (64 << 10) >= before.0 && after.1 + 8 >= before.1,
+            "failed pulls gave their room back: {before:?} → {after:?}"
+        );
+        // A sound image still fits.
+        pull(&reg.push("sound:1", &two_layers())).unwrap();
+
+        // Layers that fit one by one but not together do not fit the cache.
+        let two_halves = Image {
+            layers: vec![
+                Layer {
+                    files: vec![("/a".into(), noise(600 << 10))],
+                    ..Layer::default()
+                },
+                Layer {
+                    files: vec![("/b".into(), noise(600 << 10))],
+                    ..Layer::default()
+                },
+            ],
+            ..Image::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let small_cache = store(dir.path(), 1 << 20);
+        let e = rt
+            .block_on(small_cache.pull(&reg.push("halves:1", &two_halves), None, |_| {}))
+            .map(|_| ())
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("image cache limit (1048576 bytes)"), "{e}");
+        assert_eq!(contents(dir.path()).1, Vec::<String>::new());
     }
 
     #[test]
