@@ -35,7 +35,7 @@ pub struct NewToken {
     pub hash: String,
 }
 
-fn random_hex(bytes: usize) -> String {
+pub fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     getrandom::fill(&mut buf).expect("the operating system's random source");
     hex::encode(buf)

@@ -466,6 +466,9 @@ fn agent_config(
             None
         }
     };
+    // The runtime checkpoints image jobs with the same CRIU, confined (their root is the
+    // container's), so they need no more than a working CRIU and the runtime.
+    let image_criu = transparent.as_ref().map(|t| t.criu.clone());
     // CRIU reads a process's limits, which needs CAP_SYS_RESOURCE for another uid's.
     let confined = matches!(confinement, agent::confine::Mode::Confined(_));
     let transparent_unconfined =
@@ -531,6 +534,7 @@ fn agent_config(
         },
         insecure_registries: node.insecure_registries.clone(),
         runc: node.runc.clone(),
+        image_criu,
         transparent,
     })
 }

@@ -571,11 +571,15 @@ impl Manifest {
             .as_ref()
             .map(CheckpointManifest::check)
             .transpose()?;
-        if image.is_some() && checkpoint.as_ref().is_some_and(|c| c.transparent) {
+        if image.is_some()
+            && checkpoint.as_ref().is_some_and(|c| c.transparent)
+            && job.request.gpu != GpuRequest::None
+        {
             return Err(ValidationError::new(
                 "spec.checkpoint.mode",
                 "transparent",
-                "transparent checkpoints of image jobs are not supported yet",
+                "transparent checkpoints of image jobs with GPUs are not supported yet (the \
+                 device's state would have to be saved inside the container)",
                 "use a cooperative checkpoint (the program saves on a signal), or run it \
                  without an image",
             ));
@@ -690,6 +694,32 @@ spec:
         assert_eq!(err.field, "spec.checkpoint.signal");
         let err = with("{mode: freeze}").unwrap_err();
         assert_eq!(err.field, "spec.checkpoint.mode");
+        // An image job's container is saved by the runtime, without its GPU's state.
+        let image = |resources: &str| {
+            Manifest::parse(
+                &GOOD
+                    .replace(
+                        "  restart:",
+                        "  image: r.example/t:1\n  checkpoint: {mode: transparent}\n  restart:",
+                    )
+                    .replace(
+                        "{gpu: 0.5, gpuMemory: 20GiB, cpu: 2, memory: 8GiB}",
+                        resources,
+                    ),
+            )
+            .unwrap()
+            .into_def("d")
+        };
+        assert!(
+            image("{cpu: 2, memory: 8GiB}")
+                .unwrap()
+                .checkpoint
+                .unwrap()
+                .transparent
+        );
+        let err = image("{gpu: 1, cpu: 2}").unwrap_err();
+        assert_eq!(err.field, "spec.checkpoint.mode");
+        assert!(err.to_string().contains("with GPUs"), "{err}");
     }
 
     #[test]

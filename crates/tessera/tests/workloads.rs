@@ -847,6 +847,126 @@ echo "done $n""#;
     assert!(before.starts_with("fresh start\n"), "{before}");
 }
 
+/// Transparent checkpoints need CRIU 4.x (CI builds it with scripts/install-criu.sh).
+fn require_criu() {
+    let out = std::process::Command::new("/usr/local/sbin/criu")
+        .arg("--version")
+        .output();
+    assert!(
+        out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Version: 4.")),
+        "CRIU 4.x is missing: run scripts/install-criu.sh (as root) before the tests"
+    );
+}
+
+#[test]
+fn a_transparent_image_job_moves_with_its_memory_and_files_and_stays_confined() {
+    require_criu();
+    let reg = registry::Registry::start(None);
+    let image = reg.push("demo/transparent:1", &hello_image());
+    let mut pool = Pool::start();
+    // Confined nodes (no --allow-unconfined): the runtime checkpoints the container as it is.
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let (ok, out, err) = cli(&pool, &["nodes"]);
+    assert!(ok && out.contains("criu-images"), "{out}{err}");
+    let here = pool.shared("");
+    // Knows nothing of Tessera: its count lives in the shell's memory, and it writes files at
+    // the top of its root and in its /tmp.
+    let script = r#"echo "start as $(tr -s ' ' < /proc/self/uid_map)"
+n=0
+while [ $n -lt 60 ]; do n=$((n+1)); echo $n; echo $n > /top.txt; echo $n > /tmp/tmp.txt; [ $n = 3 ] && echo early > /early.txt; sleep 0.1; done
+echo "done $n top=$(cat /top.txt) tmp=$(cat /tmp/tmp.txt) early=$(cat /early.txt) dir=$TESSERA_HOSTFILE""#;
+    let id = submit_in(
+        &pool,
+        &here,
+        &[],
+        &[
+            "--cpu",
+            "0.5",
+            "--memory",
+            "128MiB",
+            "--checkpoint-mode",
+            "transparent",
+            "--checkpoint-grace",
+            "30s",
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    pool.wait_state(id, "running");
+    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
+    pool.wait_for("some progress", || {
+        replica_logs(&pool, id, 0).contains("\n8\n")
+    });
+    let (ok, _, err) = cli_in(
+        &pool,
+        &here,
+        &[],
+        &["migrate", &id.to_string(), "--to", "n2"],
+    );
+    assert!(ok, "{err}");
+    // Its memory's images are readable to the restore only until it runs again.
+    let bundles = pool.path("n2").join("bundles");
+    pool.wait_for("the restored job to run with its images gone", || {
+        let left = std::fs::read_dir(&bundles)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|b| std::fs::read_dir(b.path()).into_iter().flatten().flatten())
+            .any(|f| {
+                f.file_name()
+                    .to_string_lossy()
+                    .starts_with("restore-images")
+            });
+        let (status, v) = pool.get(&format!("/v1/jobs/{id}/logs?replica=0"), &pool.admin);
+        let out = v["data"].as_str().unwrap_or_default();
+        status == 200 && !left && !out.contains("start as") && out.lines().count() > 1
+    });
+    let done = pool.wait_state(id, "succeeded");
+    assert_eq!(done["assignments"][0]["node"], "n2", "{done}");
+    assert_eq!(done["attempt"], 2, "{done} {:?}", events(&pool, id));
+    let (_, before, _) = cli_in(
+        &pool,
+        &here,
+        &[],
+        &["logs", "--stdout", "--previous", &id.to_string()],
+    );
+    let first = before.lines().next().unwrap_or_default();
+    let map: Vec<&str> = first
+        .strip_prefix("start as ")
+        .unwrap_or_else(|| panic!("{before}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(map[0], "0", "{first}");
+    assert_ne!(map[1], "0", "its root is not the host's: {first}");
+    let last_before: u32 = before
+        .lines()
+        .last()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("{before}"));
+    // Restored, not restarted: no new start, the count goes on where it was saved, and the files
+    // it wrote before the move are there.
+    let (_, out, _) = cli_in(&pool, &here, &[], &["logs", "--stdout", &id.to_string()]);
+    assert!(!out.contains("start as"), "{out}");
+    let resumed: u32 = out
+        .lines()
+        .next()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        resumed >= 8 && resumed <= last_before + 1,
+        "{before}\n---\n{out}"
+    );
+    let last = out.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("done 60 top=60 tmp=60 early=early dir="),
+        "{out}"
+    );
+}
+
 #[test]
 fn among_equal_nodes_an_image_job_goes_where_its_image_is_already_cached() {
     let reg = registry::Registry::start(None);

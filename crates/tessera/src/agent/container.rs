@@ -25,6 +25,20 @@ use oci_spec::runtime::{
 
 use super::image::Pulled;
 
+/// Where a transparently checkpointed container sees its run dir: the same path on every node and
+/// attempt, since CRIU restores mounts (and the open files and environment that name them) by
+/// their path in the container.
+pub const RUN_DIR_AT: &str = "/.tessera";
+
+/// A container saved and restored whole by the runtime's CRIU support (`runc checkpoint`).
+pub struct Checkpointing {
+    /// Where dumps go (in the run dir): CRIU's images, then the files the job wrote at the top of
+    /// its root (`root.tar`) and in its `/tmp` (`tmp.tar`), packed while it is still frozen.
+    pub dir: PathBuf,
+    /// A verified checkpoint to restore: its files are put back before the root is mounted.
+    pub restore_from: Option<PathBuf>,
+}
+
 /// A path bound into the container at the same path.
 #[derive(Debug, Clone)]
 pub struct Bind {
@@ -56,6 +70,8 @@ pub struct Plan<'a> {
     pub tmp: PathBuf,
     /// The replica's cgroup, relative to the hierarchy's root (the runtime joins it).
     pub cgroups_path: Option<String>,
+    /// Transparent checkpoints through the runtime.
+    pub checkpointing: Option<Checkpointing>,
 }
 
 /// The bundle directory of a replica's container: under the data dir, which the container's
@@ -82,8 +98,11 @@ fn args(image: &Pulled, command: &[String]) -> anyhow::Result<Vec<String>> {
 }
 
 /// Makes the bundle: mounts the overlay root and writes `config.json`. Returns the bundle's dir.
-pub fn prepare(plan: &Plan) -> anyhow::Result<PathBuf> {
+/// With a checkpoint to restore, also the directory its images are in (see
+/// [`restore_command`]).
+pub fn prepare(plan: &Plan) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
     let bundle = plan.bundle.clone();
+    let mut restore_images = None;
     if plan.uid.is_some() {
         passable(&bundle)?;
     }
@@ -103,6 +122,44 @@ pub fn prepare(plan: &Plan) -> anyhow::Result<PathBuf> {
     if let Some(uid) = plan.uid {
         // Its root directory is its own: it may create what it likes at the top.
         std::os::unix::fs::chown(&upper, Some(uid), Some(uid))?;
+    }
+    if let Some(c) = &plan.checkpointing {
+        if let Some(from) = &c.restore_from {
+            let owner = std::fs::read_to_string(from.join(OWNER_FILE))
+                .ok()
+                .and_then(|t| t.trim().parse().ok());
+            unpack_saved(&from.join(ROOT_TAR), &upper, owner, plan.uid)?;
+            unpack_saved(&from.join(TMP_TAR), &plan.tmp, owner, plan.uid)?;
+            // CRIU reads the images partly from inside the user namespace, before and after
+            // its ids are mapped (as nobody, then as the container's root): they move where
+            // others may pass (the bundle) under a name nobody can guess or list, readable
+            // there, and go as soon as the container runs again (the shim removes them). The job
+            // itself never sees them (they are not in its mount namespace).
+            let images = bundle.join(format!("{RESTORE_IMAGES}-{}", crate::auth::random_hex(16)));
+            std::fs::rename(from.join("images"), &images)
+                .context("moving the checkpoint's images into the bundle")?;
+            readable_by_name(&images)?;
+            restore_images = Some(images);
+        }
+        write_post_dump(plan, &bundle, &upper, &c.dir)?;
+        // CRIU's restore opens the sources of bind mounts from inside the user namespace, where
+        // the agent's private directories cannot be passed: the run dir and /tmp are bound in
+        // from the bundle, which can.
+        for (name, source) in [("run", plan.run_dir), ("tmp", plan.tmp.as_path())] {
+            let at = bundle.join(MOUNTS).join(name);
+            std::fs::create_dir_all(&at)?;
+            crate::controller::restrict(&bundle.join(MOUNTS), 0o711)?;
+            if !has_mount_under(&at) {
+                nix::mount::mount(
+                    Some(source),
+                    &at,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None::<&str>,
+                )
+                .with_context(|| format!("binding {} at {}", source.display(), at.display()))?;
+            }
+        }
     }
     let empty = bundle.join("empty");
     let mut lower: Vec<String> = plan
@@ -128,7 +185,7 @@ pub fn prepare(plan: &Plan) -> anyhow::Result<PathBuf> {
             plan.layers.len()
         );
     }
-    if !is_mounted(&rootfs) {
+    if !has_mount_under(&rootfs) {
         nix::mount::mount(
             Some("overlay"),
             &rootfs,
@@ -145,7 +202,11 @@ pub fn prepare(plan: &Plan) -> anyhow::Result<PathBuf> {
         .iter()
         .map(|b| (b.path.as_path(), b.path.is_dir()))
         .collect();
-    targets.push((plan.run_dir, true));
+    let run_dir_at = match plan.checkpointing {
+        Some(_) => Path::new(RUN_DIR_AT),
+        None => plan.run_dir,
+    };
+    targets.push((run_dir_at, true));
     for host in ["/etc/hosts", "/etc/resolv.conf"] {
         targets.push((Path::new(host), false));
     }
@@ -159,7 +220,22 @@ pub fn prepare(plan: &Plan) -> anyhow::Result<PathBuf> {
         }
     }
     spec(plan)?.save(bundle.join("config.json"))?;
-    Ok(bundle)
+    Ok((bundle, restore_images))
+}
+
+/// Files 0644 and directories 0711 under `dir` (and it): readable by whoever knows their names.
+fn readable_by_name(dir: &Path) -> anyhow::Result<()> {
+    set_mode(dir, 0o711)?;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let t = e.file_type()?;
+        if t.is_dir() {
+            readable_by_name(&e.path())?;
+        } else if t.is_file() {
+            set_mode(&e.path(), 0o644)?;
+        }
+    }
+    Ok(())
 }
 
 /// The runtime sets up the root inside the user namespace, as the container's root, which is an
@@ -235,16 +311,26 @@ fn no_links(root: &Path, at: &Path) -> String {
     )
 }
 
-/// Whether a mount sits at `path` (its device differs from its parent's).
-fn is_mounted(path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let (Ok(me), Some(Ok(parent))) = (
-        std::fs::metadata(path),
-        path.parent().map(std::fs::metadata),
-    ) else {
+/// Whether anything is mounted at `path` or below it, from the kernel's own table (a bind mount
+/// from the same file system has its parent's device, so devices cannot tell).
+fn has_mount_under(path: &Path) -> bool {
+    let Ok(path) = std::fs::canonicalize(path) else {
         return false;
     };
-    me.dev() != parent.dev()
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return true; // unknown: assume the worst
+    };
+    table.lines().any(|line| {
+        line.split(' ').nth(4).is_some_and(|at| {
+            // Spaces and the like are octal escapes in the table.
+            let at = at
+                .replace("\\040", " ")
+                .replace("\\011", "\t")
+                .replace("\\012", "\n")
+                .replace("\\134", "\\");
+            Path::new(&at).starts_with(&path)
+        })
+    })
 }
 
 fn bind(path: &Path, read_only: bool) -> anyhow::Result<oci_spec::runtime::Mount> {
@@ -271,7 +357,23 @@ fn spec(plan: &Plan) -> anyhow::Result<Spec> {
         .collect();
     env.entry("PATH".into())
         .or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-    env.extend(plan.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    // Paths in the run dir, as the container sees it.
+    let seen_at = |v: &str| -> String {
+        if plan.checkpointing.is_none() {
+            return v.to_string();
+        }
+        let canonical = std::fs::canonicalize(plan.run_dir).unwrap_or(plan.run_dir.to_path_buf());
+        for base in [plan.run_dir, canonical.as_path()] {
+            if let Ok(rest) = Path::new(v).strip_prefix(base) {
+                return Path::new(RUN_DIR_AT)
+                    .join(rest)
+                    .to_string_lossy()
+                    .into_owned();
+            }
+        }
+        v.to_string()
+    };
+    env.extend(plan.env.iter().map(|(k, v)| (k.clone(), seen_at(v))));
     let cwd = plan
         .workdir
         .map(str::to_string)
@@ -356,13 +458,26 @@ fn spec(plan: &Plan) -> anyhow::Result<Spec> {
             }
         }
     }
-    mounts.push(bind(Path::new("/sys"), true)?);
+    // CRIU cannot restore the host's /sys bound recursively into a user namespace (its submounts
+    // are locked there), and a sysfs of its own needs a network namespace: a transparently
+    // checkpointed container goes without /sys.
+    if plan.checkpointing.is_none() {
+        mounts.push(bind(Path::new("/sys"), true)?);
+    }
     mounts.push(bind(Path::new("/etc/hosts"), true)?);
     mounts.push(bind(Path::new("/etc/resolv.conf"), true)?);
-    let mut tmp = bind(&plan.tmp, false)?;
+    let from_bundle = |name: &str, own: &Path| match plan.checkpointing {
+        Some(_) => plan.bundle.join(MOUNTS).join(name),
+        None => own.to_path_buf(),
+    };
+    let mut tmp = bind(&from_bundle("tmp", &plan.tmp), false)?;
     tmp.set_destination(PathBuf::from("/tmp"));
     mounts.push(tmp);
-    mounts.push(bind(plan.run_dir, false)?);
+    let mut run = bind(&from_bundle("run", plan.run_dir), false)?;
+    if plan.checkpointing.is_some() {
+        run.set_destination(PathBuf::from(RUN_DIR_AT));
+    }
+    mounts.push(run);
     for b in &plan.binds {
         mounts.push(bind(&b.path, b.read_only)?);
     }
@@ -378,7 +493,215 @@ fn spec(plan: &Plan) -> anyhow::Result<Spec> {
         .set_hostname(Some(plan.id.clone()))
         .set_mounts(Some(mounts))
         .set_linux(Some(linux));
+    if plan.checkpointing.is_some() {
+        // runc hands CRIU this configuration file on checkpoint and restore.
+        spec.set_annotations(Some(std::collections::HashMap::from([(
+            "org.criu.config".to_string(),
+            plan.bundle.join(CRIU_CONF).to_string_lossy().into_owned(),
+        )])));
+    }
     Ok(spec)
+}
+
+/// In a transparent checkpoint: the files the job wrote at the top of its root, in `/tmp`, and
+/// the host uid that owned them.
+const ROOT_TAR: &str = "root.tar";
+const TMP_TAR: &str = "tmp.tar";
+const OWNER_FILE: &str = "owner";
+const CRIU_CONF: &str = "criu.conf";
+/// Where a transparently checkpointed container's run dir and /tmp are bound, in the bundle.
+const MOUNTS: &str = "mnt";
+/// Where a restore's images are, in the bundle.
+const RESTORE_IMAGES: &str = "restore-images";
+
+/// CRIU's configuration for the container (its post-dump action) and the action itself: while
+/// the container is still frozen, the files it wrote at the top of its root and in its `/tmp` are
+/// packed beside the images, so that files and memory agree (as the process mode copies its
+/// home).
+fn write_post_dump(plan: &Plan, bundle: &Path, upper: &Path, dir: &Path) -> anyhow::Result<()> {
+    let q = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
+    let script = bundle.join("post-dump.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] || exit 0\n\
+             tar --xattrs --xattrs-include=trusted.overlay.opaque --numeric-owner -C {upper} \
+             -cf {root} . && tar --numeric-owner -C {tmp} -cf {tmp_tar} . && \
+             echo {owner} > {owner_file}\n",
+            upper = q(upper),
+            root = q(&dir.join(ROOT_TAR)),
+            tmp = q(&plan.tmp),
+            tmp_tar = q(&dir.join(TMP_TAR)),
+            owner = plan.uid.unwrap_or(0),
+            owner_file = q(&dir.join(OWNER_FILE)),
+        ),
+    )?;
+    set_mode(&script, 0o700)?;
+    std::fs::write(
+        bundle.join(CRIU_CONF),
+        format!("action-script {}\n", script.display()),
+    )?;
+    Ok(())
+}
+
+/// Puts back files a checkpoint saved (`tar`) into `into`: plain files, directories, links and
+/// overlay whiteouts only, nothing outside `into`, and what the job's old uid owned now owned by
+/// its uid on this node.
+fn unpack_saved(
+    tar_path: &Path,
+    into: &Path,
+    old: Option<u32>,
+    new: Option<u32>,
+) -> anyhow::Result<()> {
+    use tar::EntryType;
+    let file = std::fs::File::open(tar_path)
+        .with_context(|| format!("the checkpoint lacks {}", tar_path.display()))?;
+    let mut archive = tar::Archive::new(file);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_unpack_xattrs(false);
+    archive.set_overwrite(true);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let kind = entry.header().entry_type();
+        let whiteout = kind == EntryType::Char
+            && matches!(entry.header().device_major(), Ok(Some(0)))
+            && matches!(entry.header().device_minor(), Ok(Some(0)));
+        if !(whiteout
+            || matches!(
+                kind,
+                EntryType::Regular | EntryType::Directory | EntryType::Symlink | EntryType::Link
+            ))
+        {
+            bail!(
+                "the checkpoint holds {}, which is not a file, a directory or a link",
+                entry.path()?.display()
+            );
+        }
+        let opaque = entry.pax_extensions()?.is_some_and(|mut pax| {
+            pax.any(|x| x.is_ok_and(|x| x.key() == Ok("SCHILY.xattr.trusted.overlay.opaque")))
+        });
+        let path = entry.path()?.into_owned();
+        if !entry.unpack_in(into)? {
+            bail!(
+                "the checkpoint names a path outside its root: {}",
+                path.display()
+            );
+        }
+        if opaque && kind == EntryType::Directory {
+            super::image::set_opaque(&into.join(&path))?;
+        }
+    }
+    if let (Some(old), Some(new)) = (old, new)
+        && old != new
+    {
+        reown(into, old, new)?;
+    }
+    Ok(())
+}
+
+/// What `old` owns under `dir` (links themselves, not what they name) becomes `new`'s.
+fn reown(dir: &Path, old: u32, new: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    let uid = (meta.uid() == old).then_some(new);
+    let gid = (meta.gid() == old).then_some(new);
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::lchown(dir, uid, gid)?;
+    }
+    if meta.is_dir() {
+        for e in std::fs::read_dir(dir)? {
+            reown(&e?.path(), old, new)?;
+        }
+    }
+    Ok(())
+}
+
+/// The runtime's checkpoint of a running container (the shim's side).
+#[derive(Debug, Clone)]
+pub struct RuntimeCheckpoint {
+    pub runc: PathBuf,
+    pub state: PathBuf,
+    pub id: String,
+    pub criu: PathBuf,
+}
+
+impl RuntimeCheckpoint {
+    /// Whether the runtime has the container running (a restore has finished).
+    pub fn running(&self) -> bool {
+        std::process::Command::new(&self.runc)
+            .arg("--root")
+            .arg(&self.state)
+            .arg("state")
+            .arg(&self.id)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .is_some_and(|s| s["status"] == "running")
+    }
+
+    /// Dumps the container into `dir` (CRIU's images in `images/`; the post-dump action packs
+    /// its files beside them), then `COMPLETE`. Without `leave_running` the container ends.
+    pub fn dump(
+        &self,
+        dir: &Path,
+        leave_running: bool,
+        limit: std::time::Duration,
+    ) -> anyhow::Result<()> {
+        let marker = dir.join(super::checkpoint::MARKER);
+        let _ = std::fs::remove_file(&marker);
+        let images = dir.join("images");
+        if images.exists() {
+            std::fs::remove_dir_all(&images)?;
+        }
+        std::fs::create_dir_all(&images)?;
+        let work = dir.with_file_name("criu-work");
+        std::fs::create_dir_all(&work)?;
+        let mut cmd = std::process::Command::new(&self.runc);
+        cmd.arg("--root")
+            .arg(&self.state)
+            .arg("--criu")
+            .arg(&self.criu)
+            .arg("checkpoint")
+            .arg("--image-path")
+            .arg(&images)
+            .arg("--work-path")
+            .arg(&work);
+        if leave_running {
+            cmd.arg("--leave-running");
+        }
+        cmd.arg(&self.id);
+        super::criu::run_bounded(cmd, limit, &work.join("dump.log"), "runc checkpoint")?;
+        std::fs::write(&marker, b"")?;
+        Ok(())
+    }
+}
+
+/// The shim's command to restore a container from the checkpoint images [`prepare`] put in its
+/// bundle (the runtime stays in the foreground, as with [`command`]).
+pub fn restore_command(
+    runtime: &RuntimeCheckpoint,
+    bundle: &Path,
+    images: &Path,
+    work: &Path,
+) -> Vec<OsString> {
+    vec![
+        runtime.runc.clone().into(),
+        "--root".into(),
+        runtime.state.clone().into(),
+        "--criu".into(),
+        runtime.criu.clone().into(),
+        "restore".into(),
+        "--bundle".into(),
+        bundle.into(),
+        "--image-path".into(),
+        images.into(),
+        "--work-path".into(),
+        work.into(),
+        runtime.id.clone().into(),
+    ]
 }
 
 /// The shim's command: the runtime runs the container in the foreground, its stdio the pipes the
@@ -406,10 +729,16 @@ pub fn remove(runc: &Path, state: &Path, bundle: &Path, id: &str) {
         .stderr(std::process::Stdio::null())
         .status();
     let rootfs = bundle.join("rootfs");
-    if is_mounted(&rootfs) {
-        let _ = nix::mount::umount2(&rootfs, MntFlags::MNT_DETACH);
+    for m in ["run", "tmp"]
+        .map(|n| bundle.join(MOUNTS).join(n))
+        .iter()
+        .chain([&rootfs])
+    {
+        // (A path that is no mount point answers EINVAL.)
+        let _ = nix::mount::umount2(m, MntFlags::MNT_DETACH);
     }
-    if !is_mounted(&rootfs) {
+    // Never through a mount still there: the run dir bound in would go with it.
+    if !has_mount_under(bundle) {
         let _ = std::fs::remove_dir_all(bundle);
     }
 }
@@ -455,6 +784,100 @@ mod tests {
     }
 
     #[test]
+    fn removing_a_bundle_never_reaches_through_what_is_bound_in() {
+        let run = tempfile::tempdir().unwrap();
+        std::fs::write(run.path().join("output.log"), "keep me").unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let bundle = data.path().join("bundle");
+        let at = bundle.join(MOUNTS).join("run");
+        std::fs::create_dir_all(&at).unwrap();
+        // A bind mount from the same file system: its device is its parent's.
+        nix::mount::mount(
+            Some(run.path()),
+            &at,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("bind mounts (the tests run as root)");
+        assert!(has_mount_under(&bundle) && has_mount_under(&at));
+        remove(Path::new("/nonexistent/runc"), data.path(), &bundle, "t-1");
+        assert!(!has_mount_under(&bundle));
+        assert!(!bundle.exists(), "the bundle goes");
+        assert_eq!(
+            std::fs::read_to_string(run.path().join("output.log")).unwrap(),
+            "keep me",
+            "what was bound in stays"
+        );
+    }
+
+    #[test]
+    fn saved_files_come_back_as_the_new_uids_and_nothing_but_files_links_and_whiteouts() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let archive = |entries: &[(&str, tar::EntryType, u32)]| {
+            let path = dir.path().join("saved.tar");
+            let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+            for (name, kind, uid) in entries {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(*kind);
+                h.set_uid((*uid).into());
+                h.set_gid((*uid).into());
+                h.set_mode(0o644);
+                h.set_size(if *kind == tar::EntryType::Regular {
+                    3
+                } else {
+                    0
+                });
+                if matches!(kind, tar::EntryType::Block | tar::EntryType::Char) {
+                    let major = if *kind == tar::EntryType::Block { 8 } else { 0 };
+                    h.set_device_major(major).unwrap();
+                    h.set_device_minor(0).unwrap();
+                }
+                let n = h.size().unwrap() as usize;
+                // Written raw: the builder itself refuses names with `..`.
+                h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+                h.set_cksum();
+                b.append(&h, &b"abc"[..n]).unwrap();
+            }
+            b.finish().unwrap();
+            path
+        };
+        let into = dir.path().join("upper");
+        std::fs::create_dir(&into).unwrap();
+        let saved = archive(&[
+            ("mine.txt", tar::EntryType::Regular, 200_001),
+            ("copied-up.txt", tar::EntryType::Regular, 0),
+            ("gone.txt", tar::EntryType::Char, 0),
+        ]);
+        unpack_saved(&saved, &into, Some(200_001), Some(200_007)).unwrap();
+        let meta = |n: &str| std::fs::symlink_metadata(into.join(n)).unwrap();
+        assert_eq!(
+            meta("mine.txt").uid(),
+            200_007,
+            "the job's files are its uid here"
+        );
+        assert_eq!(
+            meta("copied-up.txt").uid(),
+            0,
+            "the image's stay the host's root's"
+        );
+        assert_eq!(meta("gone.txt").rdev(), 0, "a whiteout");
+        for bad in [
+            archive(&[("disk", tar::EntryType::Block, 0)]),
+            archive(&[("../escape.txt", tar::EntryType::Regular, 0)]),
+        ] {
+            let e = unpack_saved(&bad, &into, None, None).unwrap_err();
+            assert!(
+                e.to_string().contains("not a file") || e.to_string().contains("outside"),
+                "{e:#}"
+            );
+        }
+        assert!(!dir.path().join("escape.txt").exists());
+        assert!(!into.join("disk").exists());
+    }
+
+    #[test]
     fn the_jobs_command_replaces_the_images_cmd_after_its_entrypoint() {
         let img = image(&["/entry.sh"], &["serve"]);
         assert_eq!(args(&img, &[]).unwrap(), ["/entry.sh", "serve"]);
@@ -492,6 +915,7 @@ mod tests {
             }],
             tmp: dir.path().join("tmp"),
             cgroups_path: Some("/tessera/x".into()),
+            checkpointing: None,
         };
         let v = serde_json::to_value(spec(&plan).unwrap()).unwrap();
         let linux = &v["linux"];

@@ -26,6 +26,9 @@ use anyhow::{Context, bail};
 pub const CRIU_LABEL: &str = "tessera.io/criu";
 /// The CRIU version on the node, for `tessera nodes`.
 pub const CRIU_VERSION_LABEL: &str = "tessera.io/criu-version";
+/// Nodes whose OCI runtime can checkpoint image jobs with CRIU (`runc checkpoint`): confined
+/// as every image job is, which needs no capability beyond root's usual ones.
+pub const IMAGES_LABEL: &str = "tessera.io/criu-images";
 /// GPU nodes whose device state CRIU can save too (NVIDIA's `cuda-checkpoint`).
 pub const CUDA_LABEL: &str = "tessera.io/cuda-checkpoint";
 
@@ -153,7 +156,12 @@ pub struct Criu {
 }
 
 /// Runs `cmd`, killing it past `limit`; its log is `log`.
-fn run_bounded(mut cmd: Command, limit: Duration, log: &Path, what: &str) -> anyhow::Result<()> {
+pub(super) fn run_bounded(
+    mut cmd: Command,
+    limit: Duration,
+    log: &Path,
+    what: &str,
+) -> anyhow::Result<()> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -827,7 +827,7 @@ fn whiteout(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Overlayfs's opaque directory: the lower directories of its name are hidden.
-fn set_opaque(dir: &Path) -> anyhow::Result<()> {
+pub(super) fn set_opaque(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
     // SAFETY: both strings are NUL-terminated and live across the call; the value is 1 byte.

@@ -74,6 +74,8 @@ pub struct AgentConfig {
     pub insecure_registries: Vec<String>,
     /// The OCI runtime that runs images (see [`container`]).
     pub runc: PathBuf,
+    /// The CRIU the runtime checkpoints image jobs with, where this node has a working one.
+    pub image_criu: Option<PathBuf>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -220,6 +222,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         labels: {
             let mut labels = config.labels.clone();
             labels.extend(config.transparent.iter().flat_map(|t| t.labels()));
+            if config.image_criu.is_some() {
+                labels.insert(criu::IMAGES_LABEL.into(), "true".into());
+            }
             labels
         },
         devices: config.devices.devices.clone(),
@@ -1171,7 +1176,8 @@ fn start(
         false,
     )?;
     let transparent = a.checkpoint.as_ref().is_some_and(|c| c.transparent);
-    let uid = if transparent && config.transparent_unconfined {
+    // An image's container is checkpointed by the runtime, confined like any other.
+    let uid = if transparent && config.transparent_unconfined && image.is_none() {
         None
     } else {
         workload_uid(shared, config, a)?
@@ -1236,7 +1242,8 @@ fn start(
         Restored::From(into) => resume_from = Some(into),
         Restored::Failed(id) => resume_failed = Some(id),
     }
-    if let (Some(uid), Some(from)) = (uid, &resume_from) {
+    // A cooperative job reads its checkpoint itself; a container's stays the runtime's (root's).
+    if let (Some(uid), Some(from), false) = (uid, &resume_from, transparent && image.is_some()) {
         confine::own_tree(from, uid)?;
     }
     if let Some(c) = &a.checkpoint {
@@ -1246,7 +1253,9 @@ fn start(
         if let (Some(uid), false) = (uid, c.transparent) {
             confine::own(&ckpt, uid)?;
         }
-        if c.transparent {
+        if c.transparent && image.is_some() {
+            // The runtime saves and restores the container (below); the program is told nothing.
+        } else if c.transparent {
             // The shim saves and restores the whole tree; the program is told nothing.
             let t = config.transparent.as_ref().context(
                 "this node cannot checkpoint transparently (no working CRIU 4.x; see the agent's log)",
@@ -1281,7 +1290,7 @@ fn start(
         }
     }
     let device_env = gpu::device_env(config, a)?;
-    check_volumes(config, a, uid.is_some() && transparent)?;
+    check_volumes(config, a, uid.is_some() && transparent && image.is_none())?;
     if let (Some(dir), None) = (&a.workdir, image) {
         cmd.arg("--workdir").arg(dir);
     }
@@ -1384,6 +1393,46 @@ fn start(
                 confine::own(&tmp, uid)?;
             }
             let id = format!("tessera-{cg}");
+            let state = config.data_dir.join("agent").join("runc");
+            let runtime = match &a.checkpoint {
+                Some(c) if c.transparent => {
+                    let criu = config.image_criu.clone().context(
+                        "this node cannot checkpoint image jobs transparently (no working CRIU \
+                         4.x; see the agent's log)",
+                    )?;
+                    let ckpt = dir.join("checkpoint");
+                    cmd.arg("--container-id")
+                        .arg(&id)
+                        .arg("--runc")
+                        .arg(&config.runc)
+                        .arg("--runc-root")
+                        .arg(&state)
+                        .arg("--container-criu")
+                        .arg(&criu)
+                        .arg("--checkpoint-dir")
+                        .arg(&ckpt);
+                    if let Some(i) = c.interval_ms {
+                        cmd.arg("--checkpoint-interval-ms").arg(i.to_string());
+                    }
+                    Some((
+                        container::RuntimeCheckpoint {
+                            runc: config.runc.clone(),
+                            state: state.clone(),
+                            id: id.clone(),
+                            criu,
+                        },
+                        container::Checkpointing {
+                            dir: ckpt,
+                            restore_from: resume_from.clone(),
+                        },
+                    ))
+                }
+                _ => None,
+            };
+            let (runtime, checkpointing) = match runtime {
+                Some((r, c)) => (Some(r), Some(c)),
+                None => (None, None),
+            };
             let plan = container::Plan {
                 bundle: container::bundle_dir(&config.data_dir, &a.key),
                 id: id.clone(),
@@ -1401,11 +1450,23 @@ fn start(
                 binds,
                 tmp,
                 cgroups_path: backend.relative_path(&cg),
+                checkpointing,
             };
-            let bundle = container::prepare(&plan)?;
-            let state = config.data_dir.join("agent").join("runc");
-            cmd.arg("--")
-                .args(container::command(&config.runc, &state, &bundle, &id));
+            let (bundle, restore_images) = container::prepare(&plan)?;
+            match (&runtime, &restore_images) {
+                (Some(r), Some(images)) => {
+                    cmd.arg("--restore-images").arg(images).arg("--");
+                    cmd.args(container::restore_command(
+                        r,
+                        &bundle,
+                        images,
+                        &dir.join("criu-work"),
+                    ))
+                }
+                _ => cmd
+                    .arg("--")
+                    .args(container::command(&config.runc, &state, &bundle, &id)),
+            };
         }
     }
     let log = std::fs::File::create(dir.join("shim.log"))?;

@@ -88,12 +88,28 @@ pub struct ShimArgs {
     /// The replica's home, the same path on every node (work/ and the output files).
     #[arg(long, requires = "criu")]
     pub home: Option<PathBuf>,
-    /// Where dumps are written for the agent to send.
-    #[arg(long, requires = "criu")]
+    /// Where dumps are written for the agent to send (with `--criu` or `--container-id`).
+    #[arg(long)]
     pub checkpoint_dir: Option<PathBuf>,
     /// Periodic dumps while the workload runs.
-    #[arg(long, requires = "criu")]
+    #[arg(long, requires = "checkpoint_dir")]
     pub checkpoint_interval_ms: Option<u64>,
+    /// Transparent checkpoints of an image's container through the runtime (`runc checkpoint`):
+    /// its id; the command after `--` runs or restores it.
+    #[arg(long, requires_all = ["runc", "runc_root", "container_criu", "checkpoint_dir"], conflicts_with = "criu")]
+    pub container_id: Option<String>,
+    /// The OCI runtime (with `--container-id`).
+    #[arg(long)]
+    pub runc: Option<PathBuf>,
+    /// The runtime's state directory (with `--container-id`).
+    #[arg(long)]
+    pub runc_root: Option<PathBuf>,
+    /// The CRIU the runtime runs (with `--container-id`).
+    #[arg(long)]
+    pub container_criu: Option<PathBuf>,
+    /// The checkpoint images a container is restored from: removed once it runs again.
+    #[arg(long, requires = "container_id")]
+    pub restore_images: Option<PathBuf>,
     /// A verified checkpoint to restore instead of starting the command.
     #[arg(long, requires = "criu")]
     pub restore_from: Option<PathBuf>,
@@ -219,6 +235,22 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
         plugins: args.criu_plugins.clone(),
         home: args.home.clone().unwrap_or_default(),
     });
+    let runtime = match (
+        &args.container_id,
+        &args.runc,
+        &args.runc_root,
+        &args.container_criu,
+    ) {
+        (Some(id), Some(runc), Some(state), Some(criu)) => {
+            Some(super::container::RuntimeCheckpoint {
+                runc: runc.clone(),
+                state: state.clone(),
+                id: id.clone(),
+                criu: criu.clone(),
+            })
+        }
+        _ => None,
+    };
     // A transparent replica's files live in its home (the same path on every node, as CRIU
     // restores them by path); the run directory links to its output.
     let home = args.home.clone().unwrap_or_else(|| args.run_dir.clone());
@@ -340,14 +372,22 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     let mut stop_deadline: Option<Instant> = None;
     let mut why: Option<String> = None;
     let mut lease_lost = false;
+    let mut restore_images = args.restore_images.clone();
     let status = loop {
         if let Some(status) = reap(pgid)? {
             break status;
         }
+        if let (Some(images), Some(r)) = (&restore_images, &runtime)
+            && r.running()
+        {
+            let _ = fs::remove_dir_all(images);
+            restore_images = None;
+        }
         if why.is_none() {
             if TERM.load(Ordering::SeqCst) {
-                let dumped = match (&criu, &args.checkpoint_dir) {
-                    (Some(c), Some(dir)) => Some(c.dump(pgid, dir, false, grace)),
+                let dumped = match (&criu, &runtime, &args.checkpoint_dir) {
+                    (Some(c), _, Some(dir)) => Some(c.dump(pgid, dir, false, grace)),
+                    (_, Some(r), Some(dir)) => Some(r.dump(dir, false, grace)),
                     _ => None,
                 };
                 match dumped {
@@ -369,10 +409,16 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
                     }
                 }
                 continue;
-            } else if let (Some(c), Some(dir), Some(at)) = (&criu, &args.checkpoint_dir, next_dump)
+            } else if let (Some(dir), Some(at)) = (&args.checkpoint_dir, next_dump)
                 && Instant::now() >= at
+                && (criu.is_some() || runtime.is_some())
             {
-                if let Err(e) = c.dump(pgid, dir, true, grace) {
+                let dumped = match (&criu, &runtime) {
+                    (Some(c), _) => c.dump(pgid, dir, true, grace),
+                    (_, Some(r)) => r.dump(dir, true, grace),
+                    _ => Ok(()),
+                };
+                if let Err(e) = dumped {
                     eprintln!("periodic transparent checkpoint failed: {e:#}");
                 }
                 next_dump = interval.map(|i| Instant::now() + i);

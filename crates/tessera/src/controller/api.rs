@@ -848,7 +848,7 @@ pub struct NodeView {
 
 /// What a node's labels say about its checkpoints (its agent sets them).
 fn checkpoint_kinds(labels: &BTreeMap<String, String>) -> Vec<String> {
-    use crate::agent::criu::{CRIU_LABEL, CRIU_VERSION_LABEL, CUDA_LABEL};
+    use crate::agent::criu::{CRIU_LABEL, CRIU_VERSION_LABEL, CUDA_LABEL, IMAGES_LABEL};
     let mut kinds = vec!["cooperative".to_string()];
     if labels.get(CRIU_LABEL).is_some_and(|v| v == "true") {
         let version = labels.get(CRIU_VERSION_LABEL).map_or("", String::as_str);
@@ -856,6 +856,10 @@ fn checkpoint_kinds(labels: &BTreeMap<String, String>) -> Vec<String> {
         if labels.get(CUDA_LABEL).is_some_and(|v| v == "true") {
             kinds.push("cuda".into());
         }
+    }
+    // Image jobs checkpointed by the runtime (confined, even where processes could not be).
+    if labels.get(IMAGES_LABEL).is_some_and(|v| v == "true") {
+        kinds.push("criu-images".into());
     }
     kinds
 }

@@ -154,10 +154,15 @@ fn build(s: &State, now: u64) -> Built {
                     .insert(NODE_LABEL.to_string(), node.clone());
             }
             // A transparent checkpoint needs CRIU on the node (and cuda-checkpoint for GPUs).
+            // An image job's is taken by the node's runtime.
             if job.def.checkpoint.as_ref().is_some_and(|c| c.transparent) {
-                use crate::agent::criu::{CRIU_LABEL, CUDA_LABEL};
+                use crate::agent::criu::{CRIU_LABEL, CUDA_LABEL, IMAGES_LABEL};
                 let sel = &mut spec.request.node_selector;
-                sel.insert(CRIU_LABEL.to_string(), "true".into());
+                let needs = match job.def.image {
+                    Some(_) => IMAGES_LABEL,
+                    None => CRIU_LABEL,
+                };
+                sel.insert(needs.to_string(), "true".into());
                 if spec.request.gpu != tessera_sched::GpuRequest::None {
                     sel.insert(CUDA_LABEL.to_string(), "true".into());
                 }

@@ -75,7 +75,11 @@ impl Pool {
     /// A pool whose data dirs are made under `data_root` (e.g. a small file system), with more
     /// arguments for its controller.
     pub fn start_in(tls: bool, data_root: Option<PathBuf>, controller_args: &[&str]) -> Pool {
-        let dir = tempfile::tempdir().unwrap();
+        let mut dir = tempfile::tempdir().unwrap();
+        if std::env::var_os("TESSERA_TEST_KEEP").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("keeping {}", dir.path().display());
+        }
         let listen = format!("127.0.0.1:{}", port());
         let mut http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30));
         let cert = tls.then(|| {
