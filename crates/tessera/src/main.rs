@@ -466,6 +466,22 @@ fn agent_config(
             None
         }
     };
+    // Image jobs on real GPUs get the driver as the NVIDIA container toolkit would give it.
+    let gpu_driver = (!devices_simulated).then(|| {
+        agent::cdi::discover(std::path::Path::new("/"), devices.devices.len())
+            .and_then(|spec| {
+                let path = agent::cdi::write(&spec, &data_dir)?;
+                tracing::info!(
+                    "the GPU driver for containers is described in {}",
+                    path.display()
+                );
+                Ok(spec)
+            })
+            .map_err(|e| {
+                tracing::warn!("no GPU image jobs on this node: {e:#}");
+                format!("{e:#}")
+            })
+    });
     // The runtime checkpoints image jobs with the same CRIU, confined (their root is the
     // container's), so they need no more than a working CRIU and the runtime.
     let image_criu = transparent.as_ref().map(|t| t.criu.clone());
@@ -535,6 +551,7 @@ fn agent_config(
         insecure_registries: node.insecure_registries.clone(),
         runc: node.runc.clone(),
         image_criu,
+        gpu_driver,
         transparent,
     })
 }

@@ -72,6 +72,8 @@ pub struct Plan<'a> {
     pub cgroups_path: Option<String>,
     /// Transparent checkpoints through the runtime.
     pub checkpointing: Option<Checkpointing>,
+    /// Real GPUs: the driver's device nodes and libraries (see [`super::cdi`]).
+    pub gpu: Option<super::cdi::Edits>,
 }
 
 /// The bundle directory of a replica's container: under the data dir, which the container's
@@ -211,6 +213,13 @@ pub fn prepare(plan: &Plan) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
         targets.push((Path::new(host), false));
     }
     targets.push((Path::new("/tmp"), true));
+    if let Some(gpu) = &plan.gpu {
+        targets.extend(
+            gpu.mounts
+                .iter()
+                .map(|m| (Path::new(m.container_path.as_str()), false)),
+        );
+    }
     for (path, dir) in targets {
         let inside = rootfs.join(path.strip_prefix("/").unwrap_or(path));
         if dir {
@@ -493,6 +502,9 @@ fn spec(plan: &Plan) -> anyhow::Result<Spec> {
         .set_hostname(Some(plan.id.clone()))
         .set_mounts(Some(mounts))
         .set_linux(Some(linux));
+    if let Some(gpu) = &plan.gpu {
+        super::cdi::apply(gpu, &mut spec)?;
+    }
     if plan.checkpointing.is_some() {
         // runc hands CRIU this configuration file on checkpoint and restore.
         spec.set_annotations(Some(std::collections::HashMap::from([(
@@ -916,6 +928,7 @@ mod tests {
             tmp: dir.path().join("tmp"),
             cgroups_path: Some("/tessera/x".into()),
             checkpointing: None,
+            gpu: None,
         };
         let v = serde_json::to_value(spec(&plan).unwrap()).unwrap();
         let linux = &v["linux"];

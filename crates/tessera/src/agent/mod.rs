@@ -4,6 +4,7 @@
 //! survive an agent restart and are re-adopted from their run directories: no orphan, no double
 //! start. The agent keeps its credential and its workloads' records in its data dir.
 
+pub mod cdi;
 pub mod cgroup;
 pub mod checkpoint;
 pub mod confine;
@@ -76,6 +77,8 @@ pub struct AgentConfig {
     pub runc: PathBuf,
     /// The CRIU the runtime checkpoints image jobs with, where this node has a working one.
     pub image_criu: Option<PathBuf>,
+    /// On real GPUs: the driver described for containers (CDI), or why it could not be.
+    pub gpu_driver: Option<Result<cdi::Spec, String>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1433,6 +1436,19 @@ fn start(
                 Some((r, c)) => (Some(r), Some(c)),
                 None => (None, None),
             };
+            // Real GPUs: their nodes and the driver's libraries, as the NVIDIA toolkit would.
+            let gpu = match (&config.gpu_driver, a.devices.is_empty()) {
+                (_, true) => None,
+                (Some(Ok(spec)), false) => {
+                    let indices: Vec<u32> = a.devices.iter().map(|d| d.device).collect();
+                    Some(cdi::edits_for(spec, &indices)?)
+                }
+                (Some(Err(why)), false) => bail!(
+                    "this node could not describe its GPU driver for containers, so it runs no \
+                     GPU image job: {why}"
+                ),
+                (None, false) => None,
+            };
             let plan = container::Plan {
                 bundle: container::bundle_dir(&config.data_dir, &a.key),
                 id: id.clone(),
@@ -1451,6 +1467,7 @@ fn start(
                 tmp,
                 cgroups_path: backend.relative_path(&cg),
                 checkpointing,
+                gpu,
             };
             let (bundle, restore_images) = container::prepare(&plan)?;
             match (&runtime, &restore_images) {
