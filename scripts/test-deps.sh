@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # What the test suite needs beyond the Rust toolchain, on Debian 12 as root: CRIU 4.x (built from
 # source, see install-criu.sh), Prometheus (the suite scrapes the controller with a real one),
-# Chromium with ChromeDriver (the dashboard's end-to-end test drives it headless), and Slurm with
-# munge (the smoke run of bench/slurm-vs-tessera.sh puts a few jobs through both),
-# Schemathesis from PyPI (it checks the API document against a live controller), and for
-# container images a real registry (docker-registry), umoci and skopeo to build and push test
+# PyTorch in /opt/tessera-torch (torchrun tests), Chromium with ChromeDriver (the dashboard's
+# end-to-end test drives it headless), Slurm with munge (the smoke run of
+# bench/slurm-vs-tessera.sh puts a few jobs through both), Schemathesis from PyPI (it checks the
+# API document against a live controller), and for container images a real registry (docker-registry), umoci and skopeo to build and push test
 # images, busybox-static for their shell, runc to run them, and containerd (the image
 # benchmark's smoke run pulls beside it).
 # Idempotent: installs only what is missing.
@@ -36,6 +36,23 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         "${missing[@]}" >/dev/null
     [ -z "$ours" ] || rm -f /usr/sbin/policy-rc.d
+fi
+# PyTorch for the torchrun tests (a gang's gloo all-reduce, an elastic job's re-rendezvous): PyPI's
+# default wheel with its CUDA libraries (the CPU-only index is not reachable from these machines),
+# about 5 GiB in its own virtual environment; its CPU paths need no GPU.
+TORCH_VENV=/opt/tessera-torch
+if [ "$(readlink -f "$TORCH_VENV/bin/python3")" != "$(readlink -f /usr/bin/python3)" ] ||
+    ! "$TORCH_VENV/bin/python" -c 'import torch.distributed' >/dev/null 2>&1; then
+    echo "installing PyTorch into $TORCH_VENV" >&2
+    rm -rf "$TORCH_VENV"
+    # The system Python, which workloads (running as other uids) can reach.
+    if ! /usr/bin/python3 -m venv "$TORCH_VENV" >/dev/null 2>&1; then
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv >/dev/null
+        /usr/bin/python3 -m venv "$TORCH_VENV"
+    fi
+    "$TORCH_VENV/bin/pip" install -q --no-cache-dir 'torch==2.15.0' numpy
+    chmod -R a+rX "$TORCH_VENV"
 fi
 if ! command -v st >/dev/null; then
     command -v pip3 >/dev/null || {

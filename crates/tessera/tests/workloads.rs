@@ -124,6 +124,69 @@ fn a_gangs_ranks_find_each_other_at_the_rendezvous_the_controller_reserved() {
     assert_eq!(replica_logs(&pool, lone, 0), "1 0 127.0.0.1 4242\n");
 }
 
+/// PyTorch's torchrun, which scripts/test-deps.sh installs.
+fn require_torchrun() -> &'static str {
+    const TORCHRUN: &str = "/opt/tessera-torch/bin/torchrun";
+    assert!(
+        std::path::Path::new(TORCHRUN).is_file(),
+        "PyTorch is missing: run scripts/test-deps.sh (as root) before the tests"
+    );
+    TORCHRUN
+}
+
+/// A torch.distributed program: a gloo all-reduce of every rank's number, and what it saw.
+const ALL_REDUCE: &str = r#"
+import os, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+print(f"rank {dist.get_rank()} of {dist.get_world_size()} sum {t.item():g} node {os.environ['GROUP_RANK']}", flush=True)
+dist.destroy_process_group()
+"#;
+
+#[test]
+fn a_bare_torchrun_gang_of_two_nodes_all_reduces_with_gloo() {
+    let torchrun = require_torchrun();
+    let mut pool = Pool::start();
+    // Nodes of 8 CPUs, replicas of 5: one replica per node.
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
+    let script = pool.shared("all_reduce.py");
+    std::fs::write(&script, ALL_REDUCE).unwrap();
+    // No option to torchrun: it reads its nodes, rank and rendezvous from the PET_* variables
+    // the agent sets.
+    let id = cli_submit(
+        &pool,
+        &[
+            "--replicas",
+            "2",
+            "--cpu",
+            "5",
+            "--memory",
+            "3GiB",
+            "--",
+            torchrun,
+            script.to_str().unwrap(),
+        ],
+    );
+    let done = pool.wait_state(id, "succeeded");
+    let nodes: Vec<&str> = done["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["node"].as_str().unwrap())
+        .collect();
+    assert_ne!(nodes[0], nodes[1], "{done}");
+    for r in 0..2u32 {
+        let out = replica_logs(&pool, id, r);
+        // 1 + 2 from the two ranks, each torchrun one node of the gang.
+        assert!(
+            out.contains(&format!("rank {r} of 2 sum 3 node {r}")),
+            "replica {r}: {out}"
+        );
+    }
+}
+
 /// `tessera ARGS` run from `dir` with `env` added; returns (success, stdout, stderr).
 fn cli_in(pool: &Pool, dir: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> Output3 {
     let out = std::process::Command::new(bin())
