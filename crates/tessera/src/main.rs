@@ -552,6 +552,7 @@ fn agent_config(
         runc: node.runc.clone(),
         image_criu,
         gpu_driver,
+        python_dir: agent::distributed::python_dir(),
         transparent,
     })
 }

@@ -94,7 +94,8 @@ fn a_gangs_ranks_find_each_other_at_the_rendezvous_the_controller_reserved() {
         assert_eq!(env(r, "NODE_RANK"), node_rank.to_string());
     }
     let port: u16 = env(0, "MASTER_PORT").parse().unwrap();
-    assert!((29500..=30499).contains(&port), "{port}");
+    let (first, last) = pool.rendezvous_ports;
+    assert!((first..=last).contains(&port), "{port} of {first}-{last}");
 
     // Two gangs at once, each of two CPU-only ranks: both meet, and where their rank 0 share a
     // host their ports differ.
@@ -185,6 +186,92 @@ fn a_bare_torchrun_gang_of_two_nodes_all_reduces_with_gloo() {
             "replica {r}: {out}"
         );
     }
+}
+
+/// A torch.distributed program that all-reduces until any rank sees `argv[1]`, and says what group
+/// it is in each time its workers (re)start.
+const ELASTIC_LOOP: &str = r#"
+import sys, time, torch, torch.distributed as dist
+from pathlib import Path
+dist.init_process_group("gloo")
+w = dist.get_world_size()
+print(f"start world {w} rank {dist.get_rank()}", flush=True)
+stop = Path(sys.argv[1])
+while True:
+    t = torch.tensor([1.0, float(stop.exists())])
+    dist.all_reduce(t)
+    assert t[0].item() == w
+    if t[1].item() > 0:
+        break
+    time.sleep(0.05)
+print(f"done world {w}", flush=True)
+dist.destroy_process_group()
+"#;
+
+#[test]
+fn an_elastic_torchrun_job_forms_its_group_again_as_replicas_join_and_are_given_back() {
+    let torchrun = require_torchrun();
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
+    let script = pool.shared("elastic_loop.py");
+    std::fs::write(&script, ELASTIC_LOOP).unwrap();
+    let stop = pool.shared("stop");
+    // A bare torchrun: the agent makes it follow the replica set (PET_RDZV_BACKEND=tessera).
+    let id = cli_submit(
+        &pool,
+        &[
+            "--gpu",
+            "1",
+            "--cpu",
+            "1",
+            "--memory",
+            "3GiB",
+            "--replicas",
+            "1-2",
+            "--",
+            torchrun,
+            script.to_str().unwrap(),
+            stop.to_str().unwrap(),
+        ],
+    );
+    // It grows into the second node's GPU, and replica 0's torchrun forms a group of two.
+    pool.wait_for("a group of two", || {
+        replica_logs(&pool, id, 0).contains("start world 2 rank 0")
+    });
+    let second = pool.job(id)["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["index"].as_u64().unwrap() as u32)
+        .find(|i| *i != 0)
+        .unwrap();
+    assert!(replica_logs(&pool, id, second).contains("start world 2 rank 1"));
+    // A job that needs a GPU takes the second replica's: the group forms again, of one.
+    let blocker = pool.submit("default", 1.0, 1, 50, "sleep 2");
+    pool.wait_state(blocker, "running");
+    pool.wait_for("a group of one again", || {
+        let out = replica_logs(&pool, id, 0);
+        out.find("start world 2")
+            .is_some_and(|at| out[at..].contains("start world 1 rank 0"))
+    });
+    assert_eq!(
+        pool.job(id)["state"],
+        "running",
+        "giving back is not failing"
+    );
+    // And once the GPU is free, of two again.
+    pool.wait_state(blocker, "succeeded");
+    pool.wait_for("a group of two again", || {
+        replica_logs(&pool, id, 0)
+            .matches("start world 2 rank 0")
+            .count()
+            == 2
+    });
+    std::fs::write(&stop, "").unwrap();
+    pool.wait_for("the job to end", || {
+        replica_logs(&pool, id, 0).contains("done world 2")
+    });
 }
 
 /// `tessera ARGS` run from `dir` with `env` added; returns (success, stdout, stderr).

@@ -8,6 +8,11 @@
 //! `PET_*` variables, so `PET_NNODES`, `PET_NODE_RANK`, `PET_NPROC_PER_NODE`, `PET_MASTER_ADDR`
 //! and `PET_MASTER_PORT` make a bare `torchrun train.py` join the gang. The job's own environment
 //! wins over all of these.
+//!
+//! An elastic job's replicas change while they run, so its torchrun forms its group from the
+//! replica-set file instead (`PET_RDZV_BACKEND=tessera`, python/tessera_torchrun.py, put on the
+//! replica's `PYTHONPATH`): `PET_NNODES=MIN:MAX`, and every change of the set makes torchrun form
+//! the group again at the new size.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -74,12 +79,41 @@ pub fn rendezvous_of(a: &Assignment, node: &str) -> Option<Rendezvous> {
 
 /// The distributed variables of `a` meeting its peers at `r`. Names the job sets itself are left
 /// out: its own values win.
-pub fn env(a: &Assignment, r: &Rendezvous) -> BTreeMap<String, String> {
+/// `python`: where Tessera's Python helpers are on this node; an elastic replica's torchrun
+/// follows its replica set through them (without them it is a group of the set it started in).
+pub fn env(a: &Assignment, r: &Rendezvous, python: Option<&Path>) -> BTreeMap<String, String> {
     let Some(place) = place(r, a.replica) else {
         return BTreeMap::new();
     };
     let (addr, port) = (r.master_addr.clone(), r.master_port);
     let gpus = a.devices.len().max(1);
+    if let (Some(set), Some(python)) = (&a.elastic, python) {
+        let pythonpath = match a.env.get("PYTHONPATH") {
+            Some(own) => format!("{own}:{}", python.display()),
+            None => python.display().to_string(),
+        };
+        let mut vars: BTreeMap<String, String> = [
+            ("MASTER_ADDR", addr),
+            ("MASTER_PORT", port.to_string()),
+            ("WORLD_SIZE", place.world.to_string()),
+            ("RANK", place.rank.to_string()),
+            ("LOCAL_RANK", place.local_rank.to_string()),
+            ("LOCAL_WORLD_SIZE", place.local_world.to_string()),
+            ("NODE_RANK", place.node_rank.to_string()),
+            ("GROUP_RANK", place.node_rank.to_string()),
+            ("PET_NNODES", format!("{}:{}", set.min, set.max)),
+            ("PET_NPROC_PER_NODE", gpus.to_string()),
+            ("PET_RDZV_BACKEND", "tessera".to_string()),
+            // A replica given back may end its peers' step before they see the new set.
+            ("PET_MAX_RESTARTS", "3".to_string()),
+        ]
+        .into_iter()
+        .filter(|(k, _)| !a.env.contains_key(*k))
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        vars.insert("PYTHONPATH".into(), pythonpath);
+        return vars;
+    }
     let vars = [
         ("MASTER_ADDR", addr.clone()),
         ("MASTER_PORT", port.to_string()),
@@ -99,6 +133,21 @@ pub fn env(a: &Assignment, r: &Rendezvous) -> BTreeMap<String, String> {
         .filter(|(k, _)| !a.env.contains_key(*k))
         .map(|(k, v)| (k.to_string(), v))
         .collect()
+}
+
+/// Where Tessera's Python helpers are on this node: `$TESSERA_PYTHON_DIR`, else the source
+/// tree's `python/` above the binary (a cargo build), else `/usr/lib/tessera/python`.
+pub fn python_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TESSERA_PYTHON_DIR") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors()
+        .skip(1)
+        .take(4)
+        .map(|d| d.join("python"))
+        .chain([PathBuf::from("/usr/lib/tessera/python")])
+        .find(|d| d.join("tessera_torchrun.py").is_file())
 }
 
 /// A port nothing listens on now, for a lone replica's own rendezvous.
@@ -206,7 +255,7 @@ mod tests {
         }))
         .unwrap();
         a.rendezvous = Some(g.clone());
-        let vars = env(&a, &rendezvous_of(&a, "b").unwrap());
+        let vars = env(&a, &rendezvous_of(&a, "b").unwrap(), None);
         assert_eq!(
             vars.get("MASTER_PORT"),
             None,
@@ -225,10 +274,38 @@ mod tests {
         a.rendezvous = None;
         a.env.clear();
         let lone = rendezvous_of(&a, "b").unwrap();
-        let vars = env(&a, &lone);
+        let vars = env(&a, &lone, None);
         assert_eq!(vars["WORLD_SIZE"], "1");
         assert_eq!(vars["RANK"], "0");
         assert_eq!(vars["MASTER_ADDR"], "127.0.0.1");
         assert_ne!(vars["MASTER_PORT"], "0");
+    }
+
+    #[test]
+    fn an_elastic_replicas_torchrun_follows_its_set_where_the_helpers_are() {
+        let mut a: Assignment = serde_json::from_value(serde_json::json!({
+            "key": "1.1.4", "job_id": 1, "job_name": "t", "project": "p", "replica": 4,
+            "replicas": 2, "attempt": 1, "command": ["torchrun", "t.py"],
+            "env": {"PYTHONPATH": "/srv/mine"},
+            "cpu_milli": 1000, "memory_bytes": 1, "devices": [], "device_memory": [],
+        }))
+        .unwrap();
+        a.rendezvous = Some(gang(&["a", "b"]));
+        a.elastic = Some(crate::protocol::ReplicaSet {
+            generation: 3,
+            min: 1,
+            max: 4,
+            replicas: vec![],
+        });
+        let r = rendezvous_of(&a, "b").unwrap();
+        let vars = env(&a, &r, Some(Path::new("/usr/lib/tessera/python")));
+        assert_eq!(vars["PET_RDZV_BACKEND"], "tessera");
+        assert_eq!(vars["PET_NNODES"], "1:4");
+        assert_eq!(vars["PYTHONPATH"], "/srv/mine:/usr/lib/tessera/python");
+        assert!(!vars.contains_key("PET_NODE_RANK") && !vars.contains_key("PET_MASTER_ADDR"));
+        // Without the helpers its torchrun is a group of the set it started in.
+        let vars = env(&a, &r, None);
+        assert_eq!(vars["PET_NNODES"], "2");
+        assert!(!vars.contains_key("PET_RDZV_BACKEND"));
     }
 }

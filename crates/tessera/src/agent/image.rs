@@ -678,8 +678,10 @@ enum Compression {
 }
 
 /// Share of the image disk's space an unpack leaves free for the node's other users (run dirs,
-/// logs, checkpoints): kubelet's default eviction threshold for a node's filesystem.
-const RESERVE_SPACE_PERCENT: u64 = 10;
+/// logs, checkpoints), but never more than [`RESERVE_SPACE_MAX`]: a fixed share of a big disk
+/// shared with other things would refuse every pull long before anyone lacked room.
+const RESERVE_SPACE_PERCENT: u64 = 5;
+const RESERVE_SPACE_MAX: u64 = 4 << 30;
 /// Share of the image disk's inodes an unpack leaves free (kubelet's `nodefs.inodesFree`).
 const RESERVE_INODES_PERCENT: u64 = 5;
 
@@ -713,13 +715,15 @@ impl Room<'_> {
         let free = disk.blocks_available() as u64 * block;
         // The entry's own inode and its data rounded up to whole blocks.
         let need = bytes.div_ceil(block) * block;
-        if free.saturating_sub(need) < total / 100 * RESERVE_SPACE_PERCENT {
+        let reserve = (total / 100 * RESERVE_SPACE_PERCENT).min(RESERVE_SPACE_MAX);
+        if free.saturating_sub(need) < reserve {
             bail!(
                 "the node's image disk is nearly full ({} MiB of {} MiB free; an unpack leaves \
-                 {RESERVE_SPACE_PERCENT}% free for other work): try again once the cache is \
-                 collected, or ask the admin for a smaller --image-cache",
+                 {} MiB free for other work): try again once the cache is collected, or ask the \
+                 admin for a smaller --image-cache",
                 free >> 20,
-                total >> 20
+                total >> 20,
+                reserve >> 20
             );
         }
         let inodes = disk.files() as u64;
@@ -1308,7 +1312,7 @@ mod tests {
             "tiny:1",
             &one_layer((0..2500).map(|i| (format!("/f/{i}"), vec![b'x'])).collect()),
         );
-        let big_file = reg.push("big:1", &one_layer(vec![("/blob".into(), noise(30 << 20))]));
+        let big_file = reg.push("big:1", &one_layer(vec![("/blob".into(), noise(31 << 20))]));
         let disk = SmallDisk::mount("size=32m,nr_inodes=2000");
         let images = store(disk.0.path(), 1 << 40);
         let before = disk.free();

@@ -79,6 +79,8 @@ pub struct AgentConfig {
     pub image_criu: Option<PathBuf>,
     /// On real GPUs: the driver described for containers (CDI), or why it could not be.
     pub gpu_driver: Option<Result<cdi::Spec, String>>,
+    /// Tessera's Python helpers on this node (see [`distributed::python_dir`]).
+    pub python_dir: Option<PathBuf>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1330,7 +1332,7 @@ fn start(
         {
             distributed::check_port(&r)?;
         }
-        wenv.extend(distributed::env(a, &r));
+        wenv.extend(distributed::env(a, &r, config.python_dir.as_deref()));
         let hostfile = distributed::write_hostfile(dir, &r, uid)?;
         let hostfile = std::fs::canonicalize(&hostfile).unwrap_or(hostfile);
         wenv.insert("TESSERA_HOSTFILE".into(), path_text(&hostfile));
@@ -1380,6 +1382,16 @@ fn start(
                 path: PathBuf::from(&v.path),
                 read_only: v.read_only,
             }))
+            // An elastic replica's torchrun follows its set through Tessera's Python helpers.
+            .chain(
+                a.elastic
+                    .as_ref()
+                    .and(config.python_dir.clone())
+                    .map(|path| container::Bind {
+                        path,
+                        read_only: true,
+                    }),
+            )
             .collect(),
         (None, _) => vec![],
     };

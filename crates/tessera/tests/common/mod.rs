@@ -27,6 +27,18 @@ pub fn port() -> u16 {
     }
 }
 
+/// `n` consecutive ports, free when asked and given to no other caller of [`port`] or this in
+/// the process.
+pub fn port_block(n: u16) -> u16 {
+    let base = 20000 + (std::process::id() % 10000) as u16;
+    loop {
+        let p = base + NEXT_PORT.fetch_add(n, Ordering::SeqCst) % 2700;
+        if (p..p + n).all(|q| std::net::TcpListener::bind(("0.0.0.0", q)).is_ok()) {
+            return p;
+        }
+    }
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tessera")
 }
@@ -59,6 +71,8 @@ pub struct Pool {
     pub data_root: PathBuf,
     /// More arguments for the controller.
     pub controller_args: Vec<String>,
+    /// The controller's `--rendezvous-ports` (unless its arguments name others).
+    pub rendezvous_ports: (u16, u16),
 }
 
 impl Pool {
@@ -109,6 +123,12 @@ impl Pool {
             cert,
             data_root: data_root.unwrap_or_else(|| dir.path().to_path_buf()),
             controller_args: controller_args.iter().map(|a| a.to_string()).collect(),
+            rendezvous_ports: {
+                // Each pool its own: the pools of a test run share one host, and a gang's rank 0
+                // (torch's store) listens on every address of it.
+                let first = port_block(8);
+                (first, first + 7)
+            },
             dir,
             shared_dir: shared_dir(),
         };
@@ -125,6 +145,18 @@ impl Pool {
             .arg(self.data_root.join("controller"))
             .args(["--listen", &self.listen, "--lease", "2s"])
             .args(&self.controller_args)
+            .args(
+                (!self
+                    .controller_args
+                    .iter()
+                    .any(|a| a == "--rendezvous-ports"))
+                .then(|| {
+                    let (first, last) = self.rendezvous_ports;
+                    ["--rendezvous-ports".to_string(), format!("{first}-{last}")]
+                })
+                .into_iter()
+                .flatten(),
+            )
             .args(["--gateway-listen", &self.gateway])
             .args(self.cert.iter().flat_map(|cert| {
                 [
