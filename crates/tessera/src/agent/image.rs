@@ -559,6 +559,13 @@ pub enum ImagesCmd {
         #[arg(long, default_value = "tessera-agent")]
         data_dir: PathBuf,
     },
+    /// This node's GPU driver as the CDI spec its GPU image jobs get (what the agent writes to
+    /// <data dir>/cdi at start), for a check on a GPU host or another runtime.
+    Cdi {
+        /// Where the driver's files are (as the NVIDIA toolkit's --driver-root).
+        #[arg(long, default_value = "/")]
+        driver_root: PathBuf,
+    },
 }
 
 /// Runs `tessera images …`.
@@ -629,6 +636,14 @@ pub async fn command(cmd: ImagesCmd) -> anyhow::Result<()> {
                     downloaded as f64 / (1 << 20) as f64
                 );
             }
+            Ok(())
+        }
+        ImagesCmd::Cdi { driver_root } => {
+            let Some(inventory) = super::devices::nvml_inventory()? else {
+                bail!("no NVIDIA management library on this host, so no GPUs to describe");
+            };
+            let spec = super::cdi::discover(&driver_root, inventory.devices.len())?;
+            println!("{}", serde_json::to_string_pretty(&spec)?);
             Ok(())
         }
         ImagesCmd::List { data_dir } => {
