@@ -10,6 +10,7 @@
 //! [`schedule`] (ordering and the plan).
 
 pub mod cluster;
+pub mod fit;
 pub mod frag;
 pub mod model;
 pub mod place;

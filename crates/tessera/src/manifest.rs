@@ -61,6 +61,9 @@ pub struct ManifestSpec {
     /// A person works in it (a notebook, a shell): its project's idle policy may stop it.
     #[serde(default)]
     pub interactive: Option<bool>,
+    /// Accept it even though no node of the pool could hold it today (nodes may join).
+    #[serde(default)]
+    pub wait_for_capacity: Option<bool>,
     /// The job can save and resume its progress (see [`CheckpointManifest`]).
     #[serde(default)]
     pub checkpoint: Option<CheckpointManifest>,
@@ -281,6 +284,9 @@ pub struct JobDef {
     /// A person works in it; its project's idle policy applies.
     #[serde(default)]
     pub interactive: bool,
+    /// Accepted although no node could hold it when it was submitted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wait_for_capacity: bool,
     /// Set for an elastic job; `spec.replicas` is then its minimum, the gang it starts with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elastic: Option<Elastic>,
@@ -595,6 +601,7 @@ impl Manifest {
             checkpoint,
             elastic,
             interactive: spec.interactive.unwrap_or(false),
+            wait_for_capacity: spec.wait_for_capacity.unwrap_or(false),
             volumes: Vec::new(),
             workdir: None,
             asked: AskedMounts {

@@ -560,7 +560,7 @@ fn failed_jobs_restart_with_backoff_memory_hogs_are_oom_killed_and_the_cli_speak
     );
     assert!(ok && out.ends_with("must be positive\n"), "{out} {err}");
     // Following a job that has not started says so, with its reason, and waits.
-    let waiting = cli_submit(&pool, &["--cpu", "64", "--", "true"]);
+    let waiting = cli_submit(&pool, &["--cpu", "64", "--queue-anyway", "--", "true"]);
     let mut follow = Command::new(bin())
         .args(["logs", "-f", "--url", &pool.url, "--token", &pool.admin])
         .arg(waiting.to_string())
@@ -1428,6 +1428,101 @@ fn an_elastic_range_that_cannot_be_is_refused_by_field() {
     assert_eq!(pool.get("/v1/jobs", &pool.admin).1, json!([]));
     let (ok, _, err) = cli(&pool, &["submit", "--replicas", "2-", "--", "true"]);
     assert!(!ok && err.contains("MIN-MAX"), "{err}");
+}
+
+#[test]
+fn a_job_no_node_could_ever_hold_is_refused_by_resource_unless_it_waits_for_capacity() {
+    let mut pool = Pool::start();
+    // An empty pool refuses nothing: its nodes may not have joined yet.
+    let early = cli_submit(&pool, &["--gpu", "4", "--", "true"]);
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let refused = |args: &[&str], field: &str, words: &str| {
+        let mut all = vec!["submit"];
+        all.extend_from_slice(args);
+        all.extend(["--", "true"]);
+        let (ok, _, err) = cli(&pool, &all);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(
+            err.contains(field) && err.contains(words) && err.contains("--queue-anyway"),
+            "{args:?}: {err}"
+        );
+    };
+    refused(
+        &["--gpu", "2"],
+        "spec.resources.gpu",
+        "the most any node has is 1 (n1)",
+    );
+    refused(
+        &["--cpu", "32"],
+        "spec.resources.cpu",
+        "the largest node has 8 (n1)",
+    );
+    refused(
+        &["--memory", "64GiB"],
+        "spec.resources.memory",
+        "the largest node has 16.0 GiB (n1)",
+    );
+    refused(
+        &["--gpu", "0.5", "--gpu-memory", "100GiB"],
+        "spec.resources.gpuMemory",
+        "the largest device has 80.0 GiB (n1)",
+    );
+    let (status, v) = pool.post(
+        "/v1/jobs",
+        json!({"metadata": {"name": "t4"},
+               "spec": {"resources": {"gpu": 1, "deviceModels": ["T4-16GB"]}, "command": ["true"]}}),
+        &pool.admin,
+    );
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(v["error"]["field"], "spec.resources.deviceModels", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("they carry H100-80GB"),
+        "{v}"
+    );
+    // A project whose hard limit is below what the gang needs at once: no node changes that.
+    let (ok, _, err) = cli(&pool, &["projects", "create", "capped", "--limit", "1"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(
+        &pool,
+        &[
+            "submit",
+            "--project",
+            "capped",
+            "--replicas",
+            "2",
+            "--gpu",
+            "1",
+            "--cpu",
+            "0.5",
+            "--",
+            "true",
+        ],
+    );
+    assert!(
+        !ok && err.contains("needs 2 GPU at once and project capped's hard limit is 1 GPU"),
+        "{err}"
+    );
+    let listed = pool.get("/v1/jobs", &pool.admin).1;
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "nothing refused was kept: {listed}"
+    );
+
+    // Asked to wait, it waits, and says why; a node that can hold it joins, and it runs.
+    let waiting = cli_submit(&pool, &["--gpu", "2", "--queue-anyway", "--", "true"]);
+    pool.wait_for("its reason", || {
+        pool.job(waiting)["reason"].as_str().is_some_and(|r| {
+            r.contains("cannot fit any node of the pool today")
+                && r.contains("the most any node has is 1 (n1)")
+        })
+    });
+    pool.add_agent("n2", "127.0.0.3", "4xH100-80GB");
+    pool.wait_state(waiting, "succeeded");
+    pool.wait_state(early, "succeeded");
 }
 
 /// The row of `key` in a usage report.
@@ -2373,9 +2468,9 @@ fn concurrent_conflicting_writes_on_every_resource_never_wedge_the_controller() 
     let join = pool.join_token();
     assert_eq!(register_as(&pool, "n1", &join).0, 200);
     // Jobs and services ask for more CPU than any node has, so that they stay where the
-    // requests leave them (nothing runs, nothing ends on its own).
+    // requests leave them (nothing runs, nothing ends on its own); the jobs wait for capacity.
     let job = json!({"metadata": {"name": "t", "project": "default"},
-                     "spec": {"resources": {"cpu": 64}, "command": ["true"]}});
+                     "spec": {"resources": {"cpu": 64}, "command": ["true"], "waitForCapacity": true}});
     let svc = |name: &str| {
         json!({"kind": "Service", "metadata": {"name": name},
                "spec": {"resources": {"cpu": 64}, "command": ["true"],

@@ -288,6 +288,10 @@ pub struct SubmitArgs {
     /// A person works in it (a notebook, a shell): its project's idle policy may stop it.
     #[arg(long)]
     pub interactive: bool,
+    /// Keep it waiting even if no node of the pool could hold it today (for nodes that may join);
+    /// without it such a job is refused, naming what no node has enough of.
+    #[arg(long)]
+    pub queue_anyway: bool,
     /// Device models allowed (repeatable).
     #[arg(long = "model")]
     pub models: Vec<String>,
@@ -379,6 +383,9 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
     }
     if let Some(r) = &args.replicas {
         m["spec"]["replicas"] = replicas_flag(r)?;
+    }
+    if args.queue_anyway {
+        m["spec"]["waitForCapacity"] = json!(true);
     }
     if args.interactive {
         m["spec"]["interactive"] = json!(true);

@@ -119,6 +119,17 @@ pub fn view(job: &Job, state: &State) -> JobView {
         } else if let Some(w) = state.wait_reasons.get(&job.id) {
             reason = w.clone();
         }
+        // (Judged only for the few jobs that asked to wait for capacity.)
+        if job.def.wait_for_capacity {
+            let nodes: Vec<tessera_sched::NodeSpec> =
+                state.nodes.values().map(|n| n.spec.clone()).collect();
+            if let Some(m) = tessera_sched::fit::never_fits(&s.request, &nodes) {
+                reason = format!(
+                    "cannot fit any node of the pool today: it {}; waiting for nodes that may join",
+                    m.why
+                );
+            }
+        }
     }
     JobView {
         id: job.id,
@@ -319,6 +330,7 @@ pub async fn submit(
             may_use_project(s, &user, role, &project)?;
             let mut def = def;
             resolve_mounts(s, &mut def)?;
+            refuse_never_fitting(s, &def)?;
             let now = now_ms();
             let id = s
                 .take_job_id()
@@ -333,6 +345,48 @@ pub async fn submit(
         .await?;
     ctl.metrics.submitted.inc();
     Ok((axum::http::StatusCode::CREATED, Json(job)))
+}
+
+/// Refuses a job no node of the pool could ever hold, naming the resource and the largest node,
+/// unless it asked to wait for capacity (nodes may join).
+fn refuse_never_fitting(s: &State, def: &crate::manifest::JobDef) -> Result<(), ApiError> {
+    if def.wait_for_capacity {
+        return Ok(());
+    }
+    // A project's hard limit (or an ancestor's) below what the job needs at once.
+    let total = def.spec.request.gpu.total_milli() * u64::from(def.spec.replicas);
+    let mut at = Some(def.spec.project.as_str());
+    while let Some(name) = at {
+        let Some(p) = s.projects.get(name) else { break };
+        if let Some(limit) = p.limit_milli.filter(|l| total > *l) {
+            return Err(ApiError::new(
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "spec.resources.gpu: it could never start: it needs {} GPU at once and \
+                     project {name}'s hard limit is {} GPU. Ask for less, or ask an admin to \
+                     raise the limit (`tessera projects set {name} --limit N`)",
+                    total as f64 / 1000.0,
+                    limit as f64 / 1000.0
+                ),
+            )
+            .with_field("spec.resources.gpu"));
+        }
+        at = p.parent.as_deref();
+    }
+    let nodes: Vec<tessera_sched::NodeSpec> = s.nodes.values().map(|n| n.spec.clone()).collect();
+    match tessera_sched::fit::never_fits(&def.spec.request, &nodes) {
+        None => Ok(()),
+        Some(m) => Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "{}: no node of the pool could ever hold one replica: it {}. Change the request, \
+                 or submit it with --queue-anyway (manifest waitForCapacity: true) to wait for \
+                 nodes that may join",
+                m.field, m.why
+            ),
+        )
+        .with_field(m.field)),
+    }
 }
 
 /// Resolves what the manifest asked to mount, and where to start, against the project's

@@ -236,6 +236,7 @@ mod tests {
             checkpoint: None,
             elastic: None,
             interactive: false,
+            wait_for_capacity: false,
             volumes: vec![],
             workdir: None,
             asked: Default::default(),

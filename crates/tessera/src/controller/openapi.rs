@@ -336,6 +336,7 @@ fn schemas() -> Value {
                             "policy": {"enum": ["never", "on-failure"]}, "maxRestarts": {"type": "integer"}}},
                         "preemptible": {"type": "boolean"},
                         "interactive": {"type": "boolean", "description": "its project's idle policy may stop it"},
+                        "waitForCapacity": {"type": "boolean", "description": "accept it although no node of the pool could hold it today"},
                         "workdir": {"type": "string", "description": "where it starts, on one of its volumes"},
                         "volumes": {"type": "array", "items": {"type": "string"}, "description": "its project's volumes it mounts, PATH or PATH:ro (default: all)"},
                         "submitDir": {"type": "string", "description": "where it was submitted from (the CLI sets it); its workdir when on a volume"},
