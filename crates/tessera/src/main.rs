@@ -53,6 +53,10 @@ struct ControllerArgs {
     tls_key: Option<PathBuf>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// The placement policy of the live pool: tessera (the default), fgd, bestfit, packing,
+    /// clustering, dotprod or random (the simulator's names, case-insensitive).
+    #[arg(long, default_value = "tessera")]
+    policy: String,
     /// Where the service gateway listens (`http://ADDR/SERVICE/...`), or `off`.
     #[arg(long, default_value = "127.0.0.1:7481")]
     gateway_listen: String,
@@ -392,6 +396,17 @@ fn controller_config(a: &ControllerArgs) -> anyhow::Result<controller::Controlle
         lease,
         tls: a.tls_cert.clone().zip(a.tls_key.clone()),
         seed: a.seed,
+        policy: tessera_sched::PolicyKind::from_name(&a.policy).ok_or_else(|| {
+            let names: Vec<&str> = tessera_sched::PolicyKind::ALL
+                .iter()
+                .map(|k| k.name())
+                .collect();
+            anyhow::anyhow!(
+                "--policy {}: not a placement policy; use one of {}",
+                a.policy,
+                names.join(", ")
+            )
+        })?,
         gateway: match a.gateway_listen.as_str() {
             "off" => None,
             addr => Some(addr.parse().map_err(|_| {

@@ -1525,6 +1525,37 @@ fn a_job_no_node_could_ever_hold_is_refused_by_resource_unless_it_waits_for_capa
     pool.wait_state(early, "succeeded");
 }
 
+#[test]
+fn the_live_pool_runs_the_policy_it_is_given_and_says_which() {
+    let mut pool = Pool::start_in(false, None, &["--policy", "fgd"]);
+    pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
+    let (ok, out, err) = cli(&pool, &["nodes"]);
+    assert!(ok && out.contains("placement policy: FGD"), "{out}{err}");
+    let (status, v) = pool.get("/v1/pool", &pool.admin);
+    assert_eq!(
+        (status, v["policy"].as_str(), v["nodes"].as_u64()),
+        (200, Some("FGD"), Some(1))
+    );
+    // It places work.
+    let id = pool.submit("default", 0.5, 1, 50, "true");
+    pool.wait_state(id, "succeeded");
+    // The default is Tessera's; a name that is no policy is refused with the names that are.
+    let plain = Pool::start();
+    let (ok, out, _) = cli(&plain, &["nodes"]);
+    assert!(ok && out.contains("placement policy: Tessera"), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args(["controller", "--policy", "nope", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--policy nope") && err.contains("FGD, Tessera"),
+        "{err}"
+    );
+}
+
 /// The row of `key` in a usage report.
 fn usage_row(report: &Value, key: &str) -> Value {
     report["rows"]

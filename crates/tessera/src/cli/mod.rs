@@ -1211,6 +1211,13 @@ pub fn nodes(c: &Client, cmd: Option<NodesCmd>) -> anyhow::Result<()> {
                 })
                 .collect(),
         );
+        // (A controller older than this CLI has no /v1/pool: then nothing more is said.)
+        if let Ok(pool) = c.get("/v1/pool") {
+            println!(
+                "placement policy: {}",
+                pool["policy"].as_str().unwrap_or("unknown")
+            );
+        }
         Ok(())
     })
 }

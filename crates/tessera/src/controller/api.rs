@@ -1746,6 +1746,23 @@ pub struct WhoAmI {
     pub projects: Option<BTreeSet<String>>,
 }
 
+/// How the pool is run, for `tessera nodes` and dashboards.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PoolView {
+    /// The placement policy (`tessera controller --policy`).
+    pub policy: String,
+    pub nodes: usize,
+}
+
+pub async fn pool(AxState(ctl): S, caller: Caller) -> Result<Json<PoolView>, ApiError> {
+    caller.user()?;
+    let nodes = ctl.store.read(|s| s.nodes.len());
+    Ok(Json(PoolView {
+        policy: ctl.config.policy.name().to_string(),
+        nodes,
+    }))
+}
+
 pub async fn whoami(AxState(ctl): S, caller: Caller) -> Result<Json<WhoAmI>, ApiError> {
     let (user, role) = caller.user()?;
     Ok(Json(WhoAmI {

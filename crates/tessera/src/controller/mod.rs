@@ -55,6 +55,8 @@ pub struct ControllerConfig {
     pub lease: Duration,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub seed: u64,
+    /// How the live pool places work (`--policy`).
+    pub policy: tessera_sched::PolicyKind,
     /// Where the service gateway listens (plain HTTP), if anywhere.
     pub gateway: Option<SocketAddr>,
     /// Chargeback rates and the carbon factor for usage reports.
@@ -697,6 +699,7 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/v1/tokens", get(api::list_tokens).post(api::create_token))
         .route("/v1/tokens/{id}", delete(api::revoke_token))
         .route("/v1/whoami", get(api::whoami))
+        .route("/v1/pool", get(api::pool))
         .route("/v1/agent/register", post(agents::register))
         .route("/v1/agent/sync", post(agents::sync))
         .route("/v1/agent/chunks/missing", post(checkpoints::missing))

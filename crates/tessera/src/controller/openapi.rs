@@ -241,6 +241,13 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
         "WhoAmI",
     ),
     (
+        "get",
+        "/v1/pool",
+        "How the pool is run: its placement policy and its number of nodes",
+        None,
+        "Pool",
+    ),
+    (
         "post",
         "/v1/agent/register",
         "An agent joins (join token) or re-registers (its credential)",
@@ -433,6 +440,7 @@ fn agent_schemas() -> Value {
                     "model": {"type": "string"}, "memory_bytes": {"type": "integer", "minimum": 0}}}},
                 "simulated": {"type": "boolean"}, "address": {"type": "string"},
                 "callback_secret": {"type": "string", "description": "not used"}, "confinement": {"type": "string"}}},
+        "Pool": obj(json!({"policy": {"type": "string"}, "nodes": {"type": "integer"}})),
         "Registered": obj(json!({"token": {}, "lease_ms": {"type": "integer"}, "callback_secret": {"type": "string"}})),
         "Sync": {"type": "object", "additionalProperties": false, "required": ["seq", "revision", "statuses", "wait_ms"],
             "properties": {"seq": {"type": "integer", "minimum": 0}, "revision": {"type": "integer", "minimum": 0}, "statuses": {"type": "array"},

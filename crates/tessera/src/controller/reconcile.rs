@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tessera_sched::cluster::GpuAffinity;
 use tessera_sched::quota::ProjectQuota;
 use tessera_sched::schedule::{Config, ElasticRunning, PendingJob, RunningJob, Snapshot, schedule};
-use tessera_sched::{Allocation, NodeId, PolicyKind, ShapeDistribution};
+use tessera_sched::{Allocation, NodeId, ShapeDistribution};
 
 use super::api::save_job;
 use super::lifecycle::Note;
@@ -242,7 +242,7 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
         return Ok(next_backoff);
     }
     let config = Config {
-        policy: PolicyKind::Tessera,
+        policy: ctl.config.policy,
         seed: ctl.config.seed ^ round,
         shapes,
     };
