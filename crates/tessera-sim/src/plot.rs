@@ -19,16 +19,23 @@ pub struct PlotError {
     pub message: String,
 }
 
+/// Each policy's colour, by name; a policy not listed gets a neutral one (adding a policy needs
+/// nothing here).
+const COLORS: [(&str, RGBColor); 7] = [
+    ("Random", RGBColor(150, 150, 150)),
+    ("DotProd", RGBColor(148, 103, 189)),
+    ("GpuClustering", RGBColor(140, 86, 75)),
+    ("GpuPacking", RGBColor(227, 119, 194)),
+    ("BestFit", RGBColor(44, 160, 44)),
+    ("FGD", RGBColor(31, 119, 180)),
+    ("Tessera", RGBColor(214, 39, 40)),
+];
+
 fn color(policy: PolicyKind) -> RGBColor {
-    match policy {
-        PolicyKind::Random => RGBColor(150, 150, 150),
-        PolicyKind::DotProd => RGBColor(148, 103, 189),
-        PolicyKind::GpuClustering => RGBColor(140, 86, 75),
-        PolicyKind::GpuPacking => RGBColor(227, 119, 194),
-        PolicyKind::BestFit => RGBColor(44, 160, 44),
-        PolicyKind::Fgd => RGBColor(31, 119, 180),
-        PolicyKind::Tessera => RGBColor(214, 39, 40),
-    }
+    COLORS
+        .iter()
+        .find(|(name, _)| *name == policy.name())
+        .map_or(RGBColor(90, 90, 90), |(_, c)| *c)
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {

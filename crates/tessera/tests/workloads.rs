@@ -235,17 +235,6 @@ fn an_elastic_torchrun_job_forms_its_group_again_as_replicas_join_and_are_given_
             stop.to_str().unwrap(),
         ],
     );
-    // It grows into the second node's GPU, and replica 0's torchrun forms a group of two.
-    pool.wait_for("a group of two", || {
-        replica_logs(&pool, id, 0).contains("start world 2 rank 0")
-    });
-    let second = pool.job(id)["assignments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["index"].as_u64().unwrap() as u32)
-        .find(|i| *i != 0)
-        .unwrap();
     // (Read without asserting: a replica's output is gone once its run has ended and been
     // cleaned up, which a busy machine may reach between two polls.)
     let logs = |r: u32| {
@@ -256,6 +245,17 @@ fn an_elastic_torchrun_job_forms_its_group_again_as_replicas_join_and_are_given_
             String::new()
         }
     };
+    // It grows into the second node's GPU, and replica 0's torchrun forms a group of two.
+    pool.wait_for("a group of two", || {
+        logs(0).contains("start world 2 rank 0")
+    });
+    let second = pool.job(id)["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["index"].as_u64().unwrap() as u32)
+        .find(|i| *i != 0)
+        .unwrap();
     pool.wait_for("the second replica in the group of two", || {
         logs(second).contains("start world 2 rank 1")
     });
@@ -263,7 +263,7 @@ fn an_elastic_torchrun_job_forms_its_group_again_as_replicas_join_and_are_given_
     let blocker = pool.submit("default", 1.0, 1, 50, "sleep 2");
     pool.wait_state(blocker, "running");
     pool.wait_for("a group of one again", || {
-        let out = replica_logs(&pool, id, 0);
+        let out = logs(0);
         out.find("start world 2")
             .is_some_and(|at| out[at..].contains("start world 1 rank 0"))
     });
@@ -275,15 +275,10 @@ fn an_elastic_torchrun_job_forms_its_group_again_as_replicas_join_and_are_given_
     // And once the GPU is free, of two again.
     pool.wait_state(blocker, "succeeded");
     pool.wait_for("a group of two again", || {
-        replica_logs(&pool, id, 0)
-            .matches("start world 2 rank 0")
-            .count()
-            == 2
+        logs(0).matches("start world 2 rank 0").count() == 2
     });
     std::fs::write(&stop, "").unwrap();
-    pool.wait_for("the job to end", || {
-        replica_logs(&pool, id, 0).contains("done world 2")
-    });
+    pool.wait_for("the job to end", || logs(0).contains("done world 2"));
 }
 
 /// `tessera ARGS` run from `dir` with `env` added; returns (success, stdout, stderr).

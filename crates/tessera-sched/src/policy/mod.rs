@@ -149,6 +149,72 @@ pub enum PolicyKind {
     Tessera,
 }
 
+/// One row per policy: everything about it outside its own file (a new policy is a file, a
+/// variant and a row here; the simulator, its plots and the live pool read this table).
+pub struct PolicyEntry {
+    pub kind: PolicyKind,
+    /// Its name on the command line and in reports (the FGD paper's names).
+    pub name: &'static str,
+    /// Other names it answers to (lower case, without `-` or `_`).
+    pub aliases: &'static [&'static str],
+    /// The FGD paper's results label it `NN-Name`.
+    pub published_label: Option<&'static str>,
+    /// Builds it for one pool; `shapes` is the pool's task-shape history.
+    pub build: fn(&ShapeDistribution, &Cluster) -> Box<dyn PlacementPolicy>,
+}
+
+pub const POLICIES: [PolicyEntry; 7] = [
+    PolicyEntry {
+        kind: PolicyKind::Random,
+        name: "Random",
+        aliases: &[],
+        published_label: Some("01-Random"),
+        build: |_, _| Box::new(Random),
+    },
+    PolicyEntry {
+        kind: PolicyKind::DotProd,
+        name: "DotProd",
+        aliases: &["dotproduct"],
+        published_label: Some("02-DotProd"),
+        build: |_, _| Box::new(DotProduct),
+    },
+    PolicyEntry {
+        kind: PolicyKind::GpuClustering,
+        name: "GpuClustering",
+        aliases: &["clustering"],
+        published_label: Some("03-GpuClustering"),
+        build: |_, _| Box::new(GpuClustering),
+    },
+    PolicyEntry {
+        kind: PolicyKind::GpuPacking,
+        name: "GpuPacking",
+        aliases: &["packing"],
+        published_label: Some("04-GpuPacking"),
+        build: |_, _| Box::new(GpuPacking),
+    },
+    PolicyEntry {
+        kind: PolicyKind::BestFit,
+        name: "BestFit",
+        aliases: &[],
+        published_label: Some("05-BestFit"),
+        build: |_, _| Box::new(BestFit),
+    },
+    PolicyEntry {
+        kind: PolicyKind::Fgd,
+        name: "FGD",
+        aliases: &[],
+        published_label: Some("06-FGD"),
+        build: |shapes, cluster| Box::new(Fgd::new(resolve_shapes(shapes, cluster))),
+    },
+    PolicyEntry {
+        kind: PolicyKind::Tessera,
+        name: "Tessera",
+        aliases: &["default"],
+        published_label: None,
+        build: |shapes, cluster| Box::new(Tessera::new(shapes, cluster)),
+    },
+];
+
 impl PolicyKind {
     pub const ALL: [PolicyKind; 7] = [
         PolicyKind::Random,
@@ -160,55 +226,36 @@ impl PolicyKind {
         PolicyKind::Tessera,
     ];
 
+    /// Its row of [`POLICIES`].
+    pub fn entry(self) -> &'static PolicyEntry {
+        POLICIES
+            .iter()
+            .find(|e| e.kind == self)
+            .expect("every policy has its row in POLICIES")
+    }
+
     /// The name used on the command line and in reports (the FGD paper's names).
     pub fn name(self) -> &'static str {
-        match self {
-            PolicyKind::Random => "Random",
-            PolicyKind::DotProd => "DotProd",
-            PolicyKind::GpuClustering => "GpuClustering",
-            PolicyKind::GpuPacking => "GpuPacking",
-            PolicyKind::BestFit => "BestFit",
-            PolicyKind::Fgd => "FGD",
-            PolicyKind::Tessera => "Tessera",
-        }
+        self.entry().name
     }
 
     /// The FGD paper's results label this policy `NN-Name`.
     pub fn published_label(self) -> Option<&'static str> {
-        match self {
-            PolicyKind::Random => Some("01-Random"),
-            PolicyKind::DotProd => Some("02-DotProd"),
-            PolicyKind::GpuClustering => Some("03-GpuClustering"),
-            PolicyKind::GpuPacking => Some("04-GpuPacking"),
-            PolicyKind::BestFit => Some("05-BestFit"),
-            PolicyKind::Fgd => Some("06-FGD"),
-            PolicyKind::Tessera => None,
-        }
+        self.entry().published_label
     }
 
-    /// Reads a policy name, case-insensitively.
+    /// Reads a policy name or alias, case-insensitively.
     pub fn from_name(name: &str) -> Option<Self> {
         let wanted = name.to_ascii_lowercase().replace(['-', '_'], "");
-        PolicyKind::ALL.into_iter().find(|k| {
-            k.name().to_ascii_lowercase() == wanted
-                || (wanted == "default" && *k == PolicyKind::Tessera)
-                || (wanted == "dotproduct" && *k == PolicyKind::DotProd)
-                || (wanted == "clustering" && *k == PolicyKind::GpuClustering)
-                || (wanted == "packing" && *k == PolicyKind::GpuPacking)
-        })
+        POLICIES
+            .iter()
+            .find(|e| e.name.to_ascii_lowercase() == wanted || e.aliases.contains(&wanted.as_str()))
+            .map(|e| e.kind)
     }
 
     /// Builds the policy for one pool; `shapes` is the pool's task-shape history.
     pub fn build(self, shapes: &ShapeDistribution, cluster: &Cluster) -> Box<dyn PlacementPolicy> {
-        match self {
-            PolicyKind::Random => Box::new(Random),
-            PolicyKind::DotProd => Box::new(DotProduct),
-            PolicyKind::GpuClustering => Box::new(GpuClustering),
-            PolicyKind::GpuPacking => Box::new(GpuPacking),
-            PolicyKind::BestFit => Box::new(BestFit),
-            PolicyKind::Fgd => Box::new(Fgd::new(resolve_shapes(shapes, cluster))),
-            PolicyKind::Tessera => Box::new(Tessera::new(shapes, cluster)),
-        }
+        (self.entry().build)(shapes, cluster)
     }
 }
 
@@ -228,4 +275,35 @@ pub fn resolve_shapes(shapes: &ShapeDistribution, cluster: &Cluster) -> Vec<Reso
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_policy_has_one_row_and_answers_to_its_names() {
+        for kind in PolicyKind::ALL {
+            assert_eq!(
+                POLICIES.iter().filter(|e| e.kind == kind).count(),
+                1,
+                "{kind:?}"
+            );
+            assert_eq!(PolicyKind::from_name(kind.name()), Some(kind));
+            assert_eq!(
+                PolicyKind::from_name(&kind.name().to_uppercase()),
+                Some(kind)
+            );
+            for alias in kind.entry().aliases {
+                assert_eq!(PolicyKind::from_name(alias), Some(kind), "{alias}");
+            }
+        }
+        assert_eq!(POLICIES.len(), PolicyKind::ALL.len());
+        assert_eq!(
+            PolicyKind::from_name("gpu-packing"),
+            Some(PolicyKind::GpuPacking)
+        );
+        assert_eq!(PolicyKind::from_name("default"), Some(PolicyKind::Tessera));
+        assert_eq!(PolicyKind::from_name("nope"), None);
+    }
 }

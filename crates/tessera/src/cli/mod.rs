@@ -1149,6 +1149,13 @@ pub fn nodes(c: &Client, cmd: Option<NodesCmd>) -> anyhow::Result<()> {
             c.post(&format!("/v1/nodes/{name}/replace"), json!({}))?,
         ]),
     };
+    // Asked before anything is printed: a reader that stops at the first lines (`| grep -q`)
+    // must not find the command still waiting on the network. (A controller older than this CLI
+    // has no /v1/pool: then nothing more is said.)
+    let policy = c
+        .get("/v1/pool")
+        .ok()
+        .and_then(|p| p["policy"].as_str().map(str::to_string));
     c.print(&v, |v| {
         let nodes: Vec<NodeView> = serde_json::from_value(v.clone())?;
         table(
@@ -1211,12 +1218,8 @@ pub fn nodes(c: &Client, cmd: Option<NodesCmd>) -> anyhow::Result<()> {
                 })
                 .collect(),
         );
-        // (A controller older than this CLI has no /v1/pool: then nothing more is said.)
-        if let Ok(pool) = c.get("/v1/pool") {
-            println!(
-                "placement policy: {}",
-                pool["policy"].as_str().unwrap_or("unknown")
-            );
+        if let Some(policy) = &policy {
+            println!("placement policy: {policy}");
         }
         Ok(())
     })
