@@ -670,12 +670,13 @@ fn a_fractional_job_runs_with_its_slice_enforced_on_simulated_gpus() {
 }
 
 /// A counting "training" job that checkpoints its count when asked (USR1) and resumes from it.
-fn counting_job(pool: &Pool, worklog: &Path) -> u64 {
+/// A job that counts to `to` (20 a second) into `worklog`, saving its count on USR1.
+fn counting_job(pool: &Pool, worklog: &Path, to: u32) -> u64 {
     let script = format!(
         r#"n=0
 if [ -n "${{TESSERA_RESUME_FROM:-}}" ]; then n=$(cat "$TESSERA_RESUME_FROM/count"); echo "resumed from $n"; else echo "fresh start"; fi
 trap 'echo $n > "$TESSERA_CHECKPOINT_DIR/count"; : > "$TESSERA_CHECKPOINT_DIR/COMPLETE"; exit 0' USR1
-while [ $n -lt 60 ]; do n=$((n+1)); echo $n >> {log}; sleep 0.05; done
+while [ $n -lt {to} ]; do n=$((n+1)); echo $n >> {log}; sleep 0.05; done
 echo "done $n""#,
         log = worklog.display()
     );
@@ -706,7 +707,7 @@ fn a_preempted_job_resumes_from_its_checkpoint_and_a_corrupt_checkpoint_means_a_
     pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
     for corrupt in [false, true] {
         let worklog = pool.shared(if corrupt { "work-b" } else { "work-a" });
-        let low = counting_job(&pool, &worklog);
+        let low = counting_job(&pool, &worklog, 60);
         pool.wait_state(low, "running");
         pool.wait_for("some progress", || worklog_lines(&worklog).len() >= 15);
         // A high-priority job of the same project takes the only GPU.
@@ -864,7 +865,8 @@ fn a_migrated_job_checkpoints_and_resumes_on_the_node_it_was_sent_to() {
     let mut pool = Pool::start();
     pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
     let worklog = pool.shared("work");
-    let id = counting_job(&pool, &worklog);
+    // Long enough that it is still running when the second node has joined on a busy machine.
+    let id = counting_job(&pool, &worklog, 200);
     pool.wait_state(id, "running");
     pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
     pool.wait_for("some progress", || worklog_lines(&worklog).len() >= 10);
