@@ -1484,6 +1484,19 @@ fn a_job_no_node_could_ever_hold_is_refused_by_resource_unless_it_waits_for_capa
             .contains("they carry H100-80GB"),
         "{v}"
     );
+    // A service's replicas are jobs: the same refusal.
+    let (status, v) = pool.post(
+        "/v1/services",
+        json!({"kind": "Service", "metadata": {"name": "huge"},
+               "spec": {"resources": {"cpu": 32}, "command": ["true"], "service": {}}}),
+        &pool.admin,
+    );
+    assert_eq!(
+        (status, v["error"]["field"].as_str()),
+        (422, Some("spec.resources.cpu")),
+        "{v}"
+    );
+    assert_eq!(pool.get("/v1/services", &pool.admin).1, json!([]));
     // A project whose hard limit is below what the gang needs at once: no node changes that.
     let (ok, _, err) = cli(&pool, &["projects", "create", "capped", "--limit", "1"]);
     assert!(ok, "{err}");
@@ -2507,7 +2520,7 @@ fn concurrent_conflicting_writes_on_every_resource_never_wedge_the_controller() 
     let svc = |name: &str| {
         json!({"kind": "Service", "metadata": {"name": name},
                "spec": {"resources": {"cpu": 64}, "command": ["true"],
-                        "service": {}}})
+                        "service": {}, "waitForCapacity": true}})
     };
     let mut statuses: Vec<(String, u16, Value)> = vec![];
     for round in 0..12 {
@@ -2886,7 +2899,8 @@ fn idle_slow_and_crowding_clients_are_cut_off_and_the_gateway_holds_a_bounded_bo
     let (s, v) = pool.post(
         "/v1/services",
         json!({"kind": "Service", "metadata": {"name": "up"},
-               "spec": {"resources": {"cpu": 64}, "command": ["true"], "service": {}}}),
+               "spec": {"resources": {"cpu": 64}, "command": ["true"], "service": {},
+                        "waitForCapacity": true}}),
         &pool.admin,
     );
     assert_eq!(s, 201, "{v}");

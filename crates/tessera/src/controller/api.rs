@@ -349,7 +349,10 @@ pub async fn submit(
 
 /// Refuses a job no node of the pool could ever hold, naming the resource and the largest node,
 /// unless it asked to wait for capacity (nodes may join).
-fn refuse_never_fitting(s: &State, def: &crate::manifest::JobDef) -> Result<(), ApiError> {
+pub(super) fn refuse_never_fitting(
+    s: &State,
+    def: &crate::manifest::JobDef,
+) -> Result<(), ApiError> {
     if def.wait_for_capacity {
         return Ok(());
     }

@@ -152,6 +152,8 @@ pub async fn create(
         .write(move |c, s| -> Result<ServiceView, ApiError> {
             may_use_project(s, &user, role, &template.spec.project)?;
             super::api::resolve_mounts(s, &mut template)?;
+            // Each replica is a job: one no node could hold is refused as a job would be.
+            super::api::refuse_never_fitting(s, &template)?;
             if s.services.contains_key(&name) {
                 return Err(ApiError::conflict(format!(
                     "metadata.name {name}: a service of that name exists; pick another name or \
