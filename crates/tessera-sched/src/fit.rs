@@ -51,13 +51,14 @@ pub fn holds(r: &ResourceRequest, n: &NodeSpec) -> bool {
 /// `None` when some node of `nodes` could hold one replica of `r`, or when there are no nodes
 /// yet (they may still join); otherwise what no node has enough of, checked one resource at a
 /// time so that the answer names the one to change.
-pub fn never_fits(r: &ResourceRequest, nodes: &[NodeSpec]) -> Option<Misfit> {
+pub fn never_fits(r: &ResourceRequest, nodes: &[&NodeSpec]) -> Option<Misfit> {
     if nodes.is_empty() || nodes.iter().any(|n| holds(r, n)) {
         return None;
     }
     let largest = |key: &dyn Fn(&NodeSpec) -> u64| {
         nodes
             .iter()
+            .copied()
             .max_by_key(|n| (key(n), std::cmp::Reverse(n.name.clone())))
             .map(|n| (key(n), n.name.clone()))
             .unwrap_or_default()
@@ -219,6 +220,10 @@ mod tests {
         ]
     }
 
+    fn refs(nodes: &[NodeSpec]) -> Vec<&NodeSpec> {
+        nodes.iter().collect()
+    }
+
     fn ask(
         gpu: GpuRequest,
         gpu_gib: u64,
@@ -239,13 +244,16 @@ mod tests {
     #[test]
     fn what_some_node_holds_fits_and_an_empty_pool_refuses_nothing() {
         let whole = |n| GpuRequest::Whole { devices: n };
-        assert_eq!(never_fits(&ask(whole(8), 0, 64, 512, &[]), &pool()), None);
         assert_eq!(
-            never_fits(&ask(whole(4), 16, 16, 64, &["T4"]), &pool()),
+            never_fits(&ask(whole(8), 0, 64, 512, &[]), &refs(&pool())),
             None
         );
         assert_eq!(
-            never_fits(&ask(GpuRequest::None, 0, 128, 1024, &[]), &pool()),
+            never_fits(&ask(whole(4), 16, 16, 64, &["T4"]), &refs(&pool())),
+            None
+        );
+        assert_eq!(
+            never_fits(&ask(GpuRequest::None, 0, 128, 1024, &[]), &refs(&pool())),
             None
         );
         assert_eq!(never_fits(&ask(whole(64), 0, 1, 1, &[]), &[]), None);
@@ -294,7 +302,7 @@ mod tests {
             ),
         ];
         for (r, field, words) in cases {
-            let m = never_fits(&r, &pool()).unwrap_or_else(|| panic!("{r:?} fits"));
+            let m = never_fits(&r, &refs(&pool())).unwrap_or_else(|| panic!("{r:?} fits"));
             assert_eq!(m.field, field, "{m:?}");
             assert!(m.why.contains(words), "{m:?}");
         }

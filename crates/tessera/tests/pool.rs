@@ -928,18 +928,6 @@ fn consolidation_moves_a_small_job_so_that_a_waiting_whole_node_job_runs() {
     assert!(events(&pool, big).iter().any(|e| e["kind"] == "Scheduled"),);
 }
 
-/// Nodes that can checkpoint transparently need CRIU 4.x (CI builds it with
-/// scripts/install-criu.sh, as the README's test command does).
-fn require_criu() {
-    let out = Command::new("/usr/local/sbin/criu")
-        .arg("--version")
-        .output();
-    assert!(
-        out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Version: 4.")),
-        "CRIU 4.x is missing: run scripts/install-criu.sh (as root) before the tests"
-    );
-}
-
 #[test]
 fn a_transparent_job_keeps_its_memory_across_a_move_and_only_capable_nodes_take_it() {
     require_criu();

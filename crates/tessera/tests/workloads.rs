@@ -1004,17 +1004,6 @@ echo "done $n""#;
     assert!(before.starts_with("fresh start\n"), "{before}");
 }
 
-/// Transparent checkpoints need CRIU 4.x (CI builds it with scripts/install-criu.sh).
-fn require_criu() {
-    let out = std::process::Command::new("/usr/local/sbin/criu")
-        .arg("--version")
-        .output();
-    assert!(
-        out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Version: 4.")),
-        "CRIU 4.x is missing: run scripts/install-criu.sh (as root) before the tests"
-    );
-}
-
 #[test]
 fn a_transparent_image_job_moves_with_its_memory_and_files_and_stays_confined() {
     require_criu();

@@ -86,35 +86,8 @@ pub fn env(a: &Assignment, r: &Rendezvous, python: Option<&Path>) -> BTreeMap<St
         return BTreeMap::new();
     };
     let (addr, port) = (r.master_addr.clone(), r.master_port);
-    let gpus = a.devices.len().max(1);
-    if let (Some(set), Some(python)) = (&a.elastic, python) {
-        let pythonpath = match a.env.get("PYTHONPATH") {
-            Some(own) => format!("{own}:{}", python.display()),
-            None => python.display().to_string(),
-        };
-        let mut vars: BTreeMap<String, String> = [
-            ("MASTER_ADDR", addr),
-            ("MASTER_PORT", port.to_string()),
-            ("WORLD_SIZE", place.world.to_string()),
-            ("RANK", place.rank.to_string()),
-            ("LOCAL_RANK", place.local_rank.to_string()),
-            ("LOCAL_WORLD_SIZE", place.local_world.to_string()),
-            ("NODE_RANK", place.node_rank.to_string()),
-            ("GROUP_RANK", place.node_rank.to_string()),
-            ("PET_NNODES", format!("{}:{}", set.min, set.max)),
-            ("PET_NPROC_PER_NODE", gpus.to_string()),
-            ("PET_RDZV_BACKEND", "tessera".to_string()),
-            // A replica given back may end its peers' step before they see the new set.
-            ("PET_MAX_RESTARTS", "3".to_string()),
-        ]
-        .into_iter()
-        .filter(|(k, _)| !a.env.contains_key(*k))
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        vars.insert("PYTHONPATH".into(), pythonpath);
-        return vars;
-    }
-    let vars = [
+    let gpus = a.devices.len().max(1).to_string();
+    let mut vars = vec![
         ("MASTER_ADDR", addr.clone()),
         ("MASTER_PORT", port.to_string()),
         ("WORLD_SIZE", place.world.to_string()),
@@ -123,16 +96,36 @@ pub fn env(a: &Assignment, r: &Rendezvous, python: Option<&Path>) -> BTreeMap<St
         ("LOCAL_WORLD_SIZE", place.local_world.to_string()),
         ("NODE_RANK", place.node_rank.to_string()),
         ("GROUP_RANK", place.node_rank.to_string()),
-        ("PET_NNODES", place.world.to_string()),
-        ("PET_NODE_RANK", place.rank.to_string()),
-        ("PET_NPROC_PER_NODE", gpus.to_string()),
-        ("PET_MASTER_ADDR", addr),
-        ("PET_MASTER_PORT", port.to_string()),
+        ("PET_NPROC_PER_NODE", gpus),
     ];
-    vars.into_iter()
+    let follows_set = a.elastic.as_ref().zip(python);
+    match follows_set {
+        Some((set, _)) => vars.extend([
+            ("PET_NNODES", format!("{}:{}", set.min, set.max)),
+            ("PET_RDZV_BACKEND", "tessera".to_string()),
+            // A replica given back may end its peers' step before they see the new set.
+            ("PET_MAX_RESTARTS", "3".to_string()),
+        ]),
+        None => vars.extend([
+            ("PET_NNODES", place.world.to_string()),
+            ("PET_NODE_RANK", place.rank.to_string()),
+            ("PET_MASTER_ADDR", addr),
+            ("PET_MASTER_PORT", port.to_string()),
+        ]),
+    }
+    let mut out: BTreeMap<String, String> = vars
+        .into_iter()
         .filter(|(k, _)| !a.env.contains_key(*k))
         .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        .collect();
+    if let Some((_, python)) = follows_set {
+        let pythonpath = match a.env.get("PYTHONPATH") {
+            Some(own) => format!("{own}:{}", python.display()),
+            None => python.display().to_string(),
+        };
+        out.insert("PYTHONPATH".into(), pythonpath);
+    }
+    out
 }
 
 /// Where Tessera's Python helpers are on this node: `$TESSERA_PYTHON_DIR`, else the source

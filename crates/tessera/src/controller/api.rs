@@ -119,17 +119,6 @@ pub fn view(job: &Job, state: &State) -> JobView {
         } else if let Some(w) = state.wait_reasons.get(&job.id) {
             reason = w.clone();
         }
-        // (Judged only for the few jobs that asked to wait for capacity.)
-        if job.def.wait_for_capacity {
-            let nodes: Vec<tessera_sched::NodeSpec> =
-                state.nodes.values().map(|n| n.spec.clone()).collect();
-            if let Some(m) = tessera_sched::fit::never_fits(&s.request, &nodes) {
-                reason = format!(
-                    "cannot fit any node of the pool today: it {}; waiting for nodes that may join",
-                    m.why
-                );
-            }
-        }
     }
     JobView {
         id: job.id,
@@ -376,8 +365,7 @@ pub(super) fn refuse_never_fitting(
         }
         at = p.parent.as_deref();
     }
-    let nodes: Vec<tessera_sched::NodeSpec> = s.nodes.values().map(|n| n.spec.clone()).collect();
-    match tessera_sched::fit::never_fits(&def.spec.request, &nodes) {
+    match pool_never_fits(s, &def.spec.request) {
         None => Ok(()),
         Some(m) => Err(ApiError::new(
             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
@@ -390,6 +378,22 @@ pub(super) fn refuse_never_fitting(
         )
         .with_field(m.field)),
     }
+}
+
+/// Why no node of the pool could ever hold one replica of `r`, if none could. Cheap when one can
+/// (submissions go through it): the first node that holds it ends the search.
+pub(super) fn pool_never_fits(
+    s: &State,
+    r: &tessera_sched::ResourceRequest,
+) -> Option<tessera_sched::fit::Misfit> {
+    if s.nodes
+        .values()
+        .any(|n| tessera_sched::fit::holds(r, &n.spec))
+    {
+        return None;
+    }
+    let nodes: Vec<&tessera_sched::NodeSpec> = s.nodes.values().map(|n| &n.spec).collect();
+    tessera_sched::fit::never_fits(r, &nodes)
 }
 
 /// Resolves what the manifest asked to mount, and where to start, against the project's

@@ -281,6 +281,8 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
     {
         // Nothing to write: only the reasons change, and they live in memory.
         let mut state = ctl.store.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waits = waits;
+        capacity_reasons(&state, &mut waits);
         state.wait_reasons = waits;
         return Ok(next_backoff);
     }
@@ -424,6 +426,8 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
             for (job, notes) in changed {
                 save_job(c, s, job, notes, now)?;
             }
+            let mut waits = waits;
+            capacity_reasons(s, &mut waits);
             s.wait_reasons = waits;
             Ok(())
         })
@@ -453,6 +457,22 @@ fn placed_line(attempt: u32, r: &Replica) -> String {
 }
 
 /// Replicas an elastic job has given back that it still remembers (older ones are in its events).
+/// A waiting job that asked to wait for capacity (`waitForCapacity`) and that no node of the pool
+/// could hold says so, rather than which nodes are busy. Once per round, for those jobs only.
+fn capacity_reasons(s: &State, waits: &mut HashMap<u64, String>) {
+    for (id, reason) in waits.iter_mut() {
+        let Some(job) = s.jobs.get(id).filter(|j| j.def.wait_for_capacity) else {
+            continue;
+        };
+        if let Some(m) = super::api::pool_never_fits(s, &job.def.spec.request) {
+            *reason = format!(
+                "cannot fit any node of the pool today: it {}; waiting for nodes that may join",
+                m.why
+            );
+        }
+    }
+}
+
 /// The rendezvous ports active gangs hold, by the host of their rank 0's node (by host, not by
 /// node: several agents may share one host, as under `tessera up --nodes`).
 fn rendezvous_ports_taken(s: &State) -> HashMap<String, BTreeSet<u16>> {

@@ -39,6 +39,18 @@ pub fn port_block(n: u16) -> u16 {
     }
 }
 
+/// Transparent checkpoints need CRIU 4.x (CI builds it with scripts/install-criu.sh, as the
+/// README's test command does).
+pub fn require_criu() {
+    let out = Command::new("/usr/local/sbin/criu")
+        .arg("--version")
+        .output();
+    assert!(
+        out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Version: 4.")),
+        "CRIU 4.x is missing: run scripts/install-criu.sh (as root) before the tests"
+    );
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tessera")
 }
