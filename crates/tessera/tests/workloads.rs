@@ -936,6 +936,18 @@ fn a_half_gpu_image_job_on_a_simulated_node_sees_its_slice_through_the_injected_
     );
 }
 
+/// Once job `id` (counting a line at a time on n1) has printed 8, a second node joins and the job
+/// is sent there.
+fn move_once_it_counts(pool: &mut Pool, id: u64, here: &std::path::Path) {
+    pool.wait_state(id, "running");
+    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
+    pool.wait_for("some progress", || {
+        replica_logs(pool, id, 0).contains("\n8\n")
+    });
+    let (ok, _, err) = cli_in(pool, here, &[], &["migrate", &id.to_string(), "--to", "n2"]);
+    assert!(ok, "{err}");
+}
+
 #[test]
 fn a_checkpointing_image_job_moves_to_another_node_and_resumes_there() {
     let reg = registry::Registry::start(None);
@@ -972,18 +984,7 @@ echo "done $n""#;
             script,
         ],
     );
-    pool.wait_state(id, "running");
-    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
-    pool.wait_for("some progress", || {
-        replica_logs(&pool, id, 0).contains("\n8\n")
-    });
-    let (ok, _, err) = cli_in(
-        &pool,
-        &here,
-        &[],
-        &["migrate", &id.to_string(), "--to", "n2"],
-    );
-    assert!(ok, "{err}");
+    move_once_it_counts(&mut pool, id, &here);
     let done = pool.wait_state(id, "succeeded");
     assert_eq!(done["assignments"][0]["node"], "n2", "{done}");
     assert_eq!(done["attempt"], 2, "{done} {:?}", events(&pool, id));
@@ -1042,18 +1043,7 @@ echo "done $n top=$(cat /top.txt) tmp=$(cat /tmp/tmp.txt) early=$(cat /early.txt
             script,
         ],
     );
-    pool.wait_state(id, "running");
-    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
-    pool.wait_for("some progress", || {
-        replica_logs(&pool, id, 0).contains("\n8\n")
-    });
-    let (ok, _, err) = cli_in(
-        &pool,
-        &here,
-        &[],
-        &["migrate", &id.to_string(), "--to", "n2"],
-    );
-    assert!(ok, "{err}");
+    move_once_it_counts(&mut pool, id, &here);
     // Its memory's images are readable to the restore only until it runs again.
     let bundles = pool.path("n2").join("bundles");
     pool.wait_for("the restored job to run with its images gone", || {
