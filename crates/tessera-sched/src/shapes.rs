@@ -41,6 +41,10 @@ impl TaskShape {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ShapeDistribution {
     pub shapes: Vec<(TaskShape, f64)>,
+    /// Each allowed-model set (joined by `|`) with its share of all GPU demand in milli-GPU, over
+    /// the whole history: pins spread over many small shapes, those of small models most of all,
+    /// and the typical-shape cut would drop them and understate the models' demand.
+    pub pinned_demand: Vec<(String, f64)>,
 }
 
 impl ShapeDistribution {
@@ -55,10 +59,22 @@ impl ShapeDistribution {
     ) -> Self {
         let mut counts: HashMap<TaskShape, u64> = HashMap::new();
         let mut total = 0u64;
+        let mut pinned: HashMap<String, u64> = HashMap::new();
+        let mut gpu_demand = 0u64;
         for r in requests {
-            *counts.entry(TaskShape::of(r)).or_default() += 1;
+            let shape = TaskShape::of(r);
+            gpu_demand += r.gpu.total_milli();
+            if !shape.device_models.is_empty() && r.gpu.total_milli() > 0 {
+                *pinned.entry(shape.device_models.clone()).or_default() += r.gpu.total_milli();
+            }
+            *counts.entry(shape).or_default() += 1;
             total += 1;
         }
+        let mut pinned_demand: Vec<(String, f64)> = pinned
+            .into_iter()
+            .map(|(set, milli)| (set, milli as f64 / gpu_demand as f64))
+            .collect();
+        pinned_demand.sort_by(|a, b| a.0.cmp(&b.0));
         if total == 0 {
             return ShapeDistribution::default();
         }
@@ -89,6 +105,7 @@ impl ShapeDistribution {
         let sum = cumulative as f64;
         ShapeDistribution {
             shapes: kept.into_iter().map(|(s, c)| (s, c as f64 / sum)).collect(),
+            pinned_demand,
         }
     }
 
@@ -129,6 +146,32 @@ mod tests {
         assert!((d.shapes[0].1 - 60.0 / 96.0).abs() < 1e-12);
         let all = ShapeDistribution::typical(&reqs, 1.0);
         assert_eq!(all.len(), 4);
+        assert!(all.pinned_demand.is_empty(), "nothing names a model");
+    }
+
+    #[test]
+    fn pinned_demand_counts_every_pinned_task_even_those_the_cut_drops() {
+        let mut reqs: Vec<ResourceRequest> = (0..97)
+            .map(|_| req(4000, GpuRequest::Whole { devices: 1 }))
+            .collect();
+        let mut rare = req(8000, GpuRequest::Whole { devices: 2 });
+        rare.device_models = vec!["T4".into()];
+        reqs.push(rare.clone());
+        rare.gpu = GpuRequest::Share { milli: 500 };
+        rare.device_models = vec!["V100M16".into(), "V100M32".into()];
+        reqs.push(rare);
+        reqs.push(req(2000, GpuRequest::None));
+        let d = ShapeDistribution::typical(&reqs, 0.95);
+        assert_eq!(d.len(), 1, "the cut keeps only the common shape");
+        // GPU demand: 97,000 + 2,000 + 500 milli.
+        let total = 99_500.0;
+        assert_eq!(
+            d.pinned_demand,
+            vec![
+                ("T4".to_owned(), 2000.0 / total),
+                ("V100M16|V100M32".to_owned(), 500.0 / total)
+            ]
+        );
     }
 
     #[test]

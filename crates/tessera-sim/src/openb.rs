@@ -318,3 +318,29 @@ pub fn load_tasks(path: &Path) -> Result<Trace, TraceError> {
         .map_or_else(|| "trace".into(), |s| s.to_string_lossy().into_owned());
     Ok(Trace { name, tasks })
 }
+
+/// Writes a pod list in openb's format (`name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec`),
+/// so that a generated variant replays like any published trace.
+pub fn write_tasks(trace: &Trace, out: impl std::io::Write) -> std::io::Result<()> {
+    let mut writer = csv::Writer::from_writer(out);
+    writer.write_record([
+        "name",
+        "cpu_milli",
+        "memory_mib",
+        "num_gpu",
+        "gpu_milli",
+        "gpu_spec",
+    ])?;
+    for task in &trace.tasks {
+        let r = &task.request;
+        writer.write_record([
+            task.name.clone(),
+            r.cpu_milli.to_string(),
+            (r.memory_bytes / MIB).to_string(),
+            r.gpu.device_count().to_string(),
+            r.gpu.per_device_milli().to_string(),
+            r.device_models.join("|"),
+        ])?;
+    }
+    writer.flush()
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use tessera_sched::request::GpuRequest;
-use tessera_sim::openb::{load_nodes, load_tasks};
+use tessera_sim::openb::{load_nodes, load_tasks, write_tasks};
 
 struct Temp(PathBuf);
 
@@ -109,4 +109,19 @@ fn node_lists_need_models_for_gpus_and_accept_cpu_only_nodes() {
     assert_eq!((err.line, err.column.as_deref()), (2, Some("model")));
     let f = Temp::new("nodes_empty.csv", "sn,cpu_milli,memory_mib,gpu,model\n");
     assert!(load_nodes(&f.0).unwrap_err().message.contains("no nodes"));
+}
+
+#[test]
+fn a_written_pod_list_reads_back_the_same_tasks() {
+    let f = Temp::new(
+        "roundtrip.csv",
+        &format!(
+            "{POD_HEADER}p0,1000,1024,1,460,\np1,8000,2048,1,1000,T4\np2,64000,4096,8,1000,V100M16|V100M32\np3,2000,512,0,0,\n"
+        ),
+    );
+    let trace = load_tasks(&f.0).unwrap();
+    let mut written = Vec::new();
+    write_tasks(&trace, &mut written).unwrap();
+    let again = Temp::new("roundtrip2.csv", std::str::from_utf8(&written).unwrap());
+    assert_eq!(load_tasks(&again.0).unwrap().tasks, trace.tasks);
 }

@@ -9,8 +9,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use tessera_sched::policy::PolicyKind;
+use tessera_sim::constrain::{ConstrainSpec, SetChoice, constrain};
 use tessera_sim::grid::run_grid;
-use tessera_sim::openb::{Trace, load_nodes, load_tasks};
+use tessera_sim::openb::{Trace, load_nodes, load_tasks, write_tasks};
 use tessera_sim::plot::plot_trace;
 use tessera_sim::published::Published;
 use tessera_sim::report::{summarize, table, write_curves_csv};
@@ -20,6 +21,32 @@ pub enum SimCommand {
     /// Replay openb pod lists on an openb node list (FGD paper protocol: shuffle, tune to 130%
     /// of GPU capacity, one-shot placement, no departures).
     Openb(OpenbArgs),
+    /// Write a constrained variant of a pod list: a share of its GPU tasks name the device models
+    /// they accept (openb's gpu_spec column), drawn from the models of a node list.
+    Constrain(ConstrainArgs),
+}
+
+#[derive(Args)]
+pub struct ConstrainArgs {
+    /// Node list whose models the pinned tasks choose from.
+    #[arg(long, value_name = "FILE")]
+    nodes: PathBuf,
+    /// The pod list to constrain.
+    #[arg(long, value_name = "FILE")]
+    pods: PathBuf,
+    /// Share of GPU tasks that pin models, 0 to 1.
+    #[arg(long)]
+    share: f64,
+    /// How a pinned task's models are drawn: plentiful (one model, in proportion to its GPUs),
+    /// scarce (one model other than the most common), family (two or three models).
+    #[arg(long)]
+    sets: SetChoice,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write the variant; by default `<pods stem>_spec<NN>_<sets>.csv` in the current
+    /// directory.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -58,7 +85,49 @@ pub struct OpenbArgs {
 pub fn run(cmd: SimCommand) -> Result<()> {
     match cmd {
         SimCommand::Openb(args) => openb(args),
+        SimCommand::Constrain(args) => constrain_trace(args),
     }
+}
+
+fn constrain_trace(args: ConstrainArgs) -> Result<()> {
+    let nodes = load_nodes(&args.nodes)?;
+    let trace = load_tasks(&args.pods)?;
+    let spec = ConstrainSpec {
+        share: args.share,
+        sets: args.sets,
+        seed: args.seed,
+    };
+    let (variant, report) =
+        constrain(&trace, &nodes, &spec).map_err(|e| anyhow::anyhow!("--{e}"))?;
+    let out = args
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("{}.csv", variant.name)));
+    let file = fs::File::create(&out).with_context(|| format!("writing {}", out.display()))?;
+    write_tasks(&variant, std::io::BufWriter::new(file))
+        .with_context(|| format!("writing {}", out.display()))?;
+    let mut sets: Vec<(&String, &usize)> = report.sets.iter().collect();
+    sets.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    let top: Vec<String> = sets
+        .iter()
+        .take(6)
+        .map(|(s, n)| format!("{s} {n}"))
+        .collect();
+    println!(
+        "wrote {}: {} of {} GPU tasks pin models ({}){}",
+        out.display(),
+        report.pinned,
+        report.gpu_tasks,
+        top.join(", "),
+        if report.unplaceable > 0 {
+            format!(
+                "; {} fit no node of any model and stay unpinned",
+                report.unplaceable
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
 }
 
 /// Reads `42..51`, `42..=51`, `42,43,50` or `42`.

@@ -4,7 +4,7 @@
 use rand_chacha::ChaCha8Rng;
 
 use super::{DevicePick, Fit, PlacementPolicy, Resolved, Scored};
-use crate::cluster::NodeState;
+use crate::cluster::{ModelId, NodeState};
 use crate::frag::{DeviceFree, ResolvedShape, node_fragmentation};
 
 pub struct Fgd {
@@ -29,9 +29,13 @@ impl PlacementPolicy for Fgd {
     }
 
     fn score(&self, node: &NodeState, req: &Resolved, fit: &Fit, _rng: &mut ChaCha8Rng) -> Scored {
-        score_by_potential(node, req, fit, |cpu, devices| {
-            node_fragmentation(cpu, devices, &self.shapes)
-        })
+        score_by_potential(
+            node,
+            req,
+            fit,
+            |cpu, devices| node_fragmentation(cpu, devices, &self.shapes),
+            |_| 0.0,
+        )
     }
 }
 
@@ -43,6 +47,7 @@ pub(crate) fn score_by_potential(
     req: &Resolved,
     fit: &Fit,
     potential: impl Fn(u64, &DeviceFree) -> f64,
+    cost_per_milli: impl Fn(ModelId) -> f64,
 ) -> Scored {
     let devices = DeviceFree::of(node);
     let before = potential(node.cpu_free, &devices);
@@ -55,7 +60,8 @@ pub(crate) fn score_by_potential(
         for &d in fit.as_slice() {
             let mut after = devices;
             after.free[d as usize] -= req.milli;
-            let s = sigmoid_score(before, potential(cpu_after, &after));
+            let cost = f64::from(req.milli) * cost_per_milli(devices.model[d as usize]);
+            let s = sigmoid_score(before, potential(cpu_after, &after) + cost);
             if s > best.score {
                 best = Scored {
                     score: s,
@@ -66,10 +72,12 @@ pub(crate) fn score_by_potential(
         best
     } else {
         let mut after = devices;
+        let mut cost = 0.0;
         for &d in &fit.as_slice()[..req.count as usize] {
             after.free[d as usize] -= req.milli;
+            cost += f64::from(req.milli) * cost_per_milli(devices.model[d as usize]);
         }
-        let s = sigmoid_score(before, potential(cpu_after, &after));
+        let s = sigmoid_score(before, potential(cpu_after, &after) + cost);
         Scored::with_default_pick(s, node, req, fit)
     }
 }

@@ -21,13 +21,33 @@
 //! Scores are then FGD's integer `sigmoid(Δ/1000) × 100` of the combined potential, with ties to
 //! the pool's node order, which keeps FGD's consolidation effect.
 //!
+//! **Pinned models.** Where tasks name the models they accept, a second effect decides: a task
+//! that could run on any model, placed on a model that pinned tasks need, takes capacity that
+//! those tasks cannot find anywhere else. Tessera learns each model's *pin pressure* from the
+//! history, the share of all GPU demand that names it (a set's demand split over its models by
+//! capacity) divided by the model's share of the pool's GPUs, capped at 1:
+//!
+//! ```text
+//! pressure(M) = min(1, pinned_demand(M) / capacity_share(M))
+//! ```
+//!
+//! and charges a placement on model M, per milli-GPU taken, what it costs beyond the least
+//! pressured model the task could have used: `pressure(M) − min over allowed m of pressure(m)`.
+//! A task pinned to one model pays nothing (it has no alternative); with no pins, or pins in
+//! proportion to the fleet, every model's pressure is equal and nothing changes. The cost is in
+//! the potential's unit (milli-GPU expected to go unallocated), so it too has no knob. The
+//! stranded-GPU term alone loses to FGD when pins oversubscribe the small models: it draws
+//! low-CPU tasks to the CPU-poor nodes (here P100, V100M16), which are exactly the models pinned
+//! work then finds full.
+//!
 //! With no history (empty distribution), every score ties and placement is first fit in node order.
 
 use rand_chacha::ChaCha8Rng;
 
 use super::{Fit, PlacementPolicy, Resolved, Scored, resolve_shapes};
-use crate::cluster::{Cluster, NodeState};
+use crate::cluster::{Cluster, ModelId, NodeState};
 use crate::frag::{DeviceFree, ResolvedShape, node_fragmentation};
+use crate::model::MAX_DEVICE_MODELS;
 use crate::policy::fgd::score_by_potential;
 use crate::shapes::ShapeDistribution;
 
@@ -35,20 +55,44 @@ pub struct Tessera {
     shapes: Vec<ResolvedShape>,
     /// CPU milli that GPU work asks per milli-GPU; 0 when the history has no GPU work.
     cpu_per_gpu_milli: f64,
+    /// Pin pressure of each model (index: model id), 0..=1.
+    pressure: [f64; MAX_DEVICE_MODELS],
+    /// Models the pool has devices of.
+    present: u64,
 }
 
 impl Tessera {
-    pub fn new(shapes: &ShapeDistribution, cluster: &Cluster) -> Self {
-        let shapes = resolve_shapes(shapes, cluster);
+    pub fn new(history: &ShapeDistribution, cluster: &Cluster) -> Self {
+        let shapes = resolve_shapes(history, cluster);
         let (mut cpu, mut gpu) = (0.0, 0.0);
         for s in shapes.iter().filter(|s| s.milli > 0) {
             cpu += s.weight * s.cpu_milli as f64;
             gpu += s.weight * f64::from(s.milli) * f64::from(s.devices);
         }
+        let (pressure, present) = pin_pressure(&history.pinned_demand, cluster);
         Tessera {
             shapes,
             cpu_per_gpu_milli: if gpu > 0.0 { cpu / gpu } else { 0.0 },
+            pressure,
+            present,
         }
+    }
+
+    /// The least pin pressure among the models a task allowed `models` could use.
+    fn least_pressure(&self, models: Option<u64>) -> f64 {
+        let mut allowed = models.unwrap_or(u64::MAX) & self.present;
+        let mut least = f64::INFINITY;
+        while allowed != 0 {
+            least = least.min(self.pressure[allowed.trailing_zeros() as usize]);
+            allowed &= allowed - 1;
+        }
+        least
+    }
+
+    /// Cost per milli-GPU of taking a device of `model` for a task whose least pressured allowed
+    /// model has pressure `least`: the pressure it adds beyond that.
+    fn displacement(&self, model: ModelId, least: f64) -> f64 {
+        (self.pressure[usize::from(model)] - least).max(0.0)
     }
 
     /// Free milli-GPU that `cpu_free` cannot feed at the usual CPU-per-GPU ratio.
@@ -72,8 +116,48 @@ impl PlacementPolicy for Tessera {
     }
 
     fn score(&self, node: &NodeState, req: &Resolved, fit: &Fit, _rng: &mut ChaCha8Rng) -> Scored {
-        score_by_potential(node, req, fit, |cpu, devices| self.potential(cpu, devices))
+        let least = self.least_pressure(req.models);
+        score_by_potential(
+            node,
+            req,
+            fit,
+            |cpu, devices| self.potential(cpu, devices),
+            |model| self.displacement(model, least),
+        )
     }
+}
+
+/// Each model's pin pressure (see the module doc) and the mask of models the pool has.
+fn pin_pressure(pins: &[(String, f64)], cluster: &Cluster) -> ([f64; MAX_DEVICE_MODELS], u64) {
+    let mut capacity = [0.0f64; MAX_DEVICE_MODELS];
+    for node in cluster.nodes() {
+        for d in &node.devices {
+            capacity[usize::from(d.model)] += 1.0;
+        }
+    }
+    let total: f64 = capacity.iter().sum();
+    let present = (0..MAX_DEVICE_MODELS)
+        .filter(|&m| capacity[m] > 0.0)
+        .fold(0u64, |mask, m| mask | (1u64 << m));
+    let mut pinned = [0.0f64; MAX_DEVICE_MODELS];
+    for (set, share) in pins {
+        let names: Vec<String> = set.split('|').map(str::to_owned).collect();
+        let mask = cluster.model_mask(&names) & present;
+        let set_capacity: f64 = (0..MAX_DEVICE_MODELS)
+            .filter(|&m| mask & (1u64 << m) != 0)
+            .map(|m| capacity[m])
+            .sum();
+        for m in (0..MAX_DEVICE_MODELS).filter(|&m| mask & (1u64 << m) != 0) {
+            pinned[m] += share * capacity[m] / set_capacity;
+        }
+    }
+    let mut pressure = [0.0f64; MAX_DEVICE_MODELS];
+    for m in 0..MAX_DEVICE_MODELS {
+        if capacity[m] > 0.0 {
+            pressure[m] = (pinned[m] / (capacity[m] / total)).min(1.0);
+        }
+    }
+    (pressure, present)
 }
 
 #[cfg(test)]
@@ -114,5 +198,86 @@ mod tests {
         // 64 CPUs feed all 8 devices at 8 CPUs each; 16 CPUs feed only 2 of the 8.
         assert_eq!(policy.stranded(64_000, &devices), 0.0);
         assert_eq!(policy.stranded(16_000, &devices), 6000.0);
+    }
+
+    fn gpu_node(name: &str, model: &str) -> NodeSpec {
+        NodeSpec::with_devices(
+            name,
+            64_000,
+            64 * GIB,
+            4,
+            DeviceSpec {
+                model: model.into(),
+                memory_bytes: 0,
+            },
+        )
+    }
+
+    fn one_gpu(models: &[&str]) -> ResourceRequest {
+        ResourceRequest {
+            cpu_milli: 8000,
+            memory_bytes: GIB,
+            gpu: GpuRequest::Whole { devices: 1 },
+            device_models: models.iter().map(|m| (*m).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_task_free_to_go_anywhere_leaves_the_models_that_pinned_work_needs() {
+        // Three big-model nodes and one small-model node; half of all GPU demand pins the small
+        // model, which has a quarter of the GPUs: its pressure is 1 (capped), the big model's 0.
+        let cluster = Cluster::new(vec![
+            gpu_node("big0", "G2"),
+            gpu_node("big1", "G2"),
+            gpu_node("big2", "G2"),
+            gpu_node("small", "T4"),
+        ])
+        .unwrap();
+        let mut reqs: Vec<ResourceRequest> = (0..5).map(|_| one_gpu(&[])).collect();
+        reqs.extend((0..5).map(|_| one_gpu(&["T4"])));
+        let history = ShapeDistribution::typical(&reqs, 1.0);
+        let policy = Tessera::new(&history, &cluster);
+        let (g2, t4) = (0, 1);
+        assert_eq!(cluster.models()[g2], "G2");
+        assert_eq!(policy.pressure[g2], 0.0);
+        assert_eq!(policy.pressure[t4], 1.0);
+        let mut rng = rand::SeedableRng::seed_from_u64(1);
+        let score = |req: &ResourceRequest, node: usize, rng: &mut ChaCha8Rng| {
+            let resolved = Resolved::new(req, &cluster);
+            let mut fit = crate::policy::Fit::empty();
+            fit.len = 4;
+            fit.devices[..4].copy_from_slice(&[0, 1, 2, 3]);
+            policy
+                .score(&cluster.nodes()[node], &resolved, &fit, rng)
+                .score
+        };
+        // Unpinned: the T4 node scores below an identical G2 node.
+        let free = one_gpu(&[]);
+        assert!(score(&free, 3, &mut rng) < score(&free, 0, &mut rng));
+        // Pinned to T4: it has no alternative and pays nothing for taking one; unpinned, a T4
+        // costs its whole pressure per milli-GPU.
+        let t4_only = Resolved::new(&one_gpu(&["T4"]), &cluster).models;
+        assert_eq!(policy.displacement(1, policy.least_pressure(t4_only)), 0.0);
+        assert_eq!(policy.displacement(1, policy.least_pressure(None)), 1.0);
+        // Allowed both: the same as unpinned.
+        let either = one_gpu(&["G2", "T4"]);
+        assert_eq!(score(&either, 3, &mut rng), score(&free, 3, &mut rng));
+    }
+
+    #[test]
+    fn without_pins_or_with_pins_in_proportion_to_the_fleet_nothing_is_charged() {
+        let cluster = Cluster::new(vec![gpu_node("a", "G2"), gpu_node("b", "T4")]).unwrap();
+        let plain = Tessera::new(&ShapeDistribution::typical(&[one_gpu(&[])], 1.0), &cluster);
+        assert_eq!(plain.pressure[..2], [0.0, 0.0]);
+        let even = [
+            one_gpu(&["G2"]),
+            one_gpu(&["T4"]),
+            one_gpu(&[]),
+            one_gpu(&[]),
+        ];
+        let policy = Tessera::new(&ShapeDistribution::typical(&even, 1.0), &cluster);
+        assert_eq!(policy.pressure[..2], [0.5, 0.5]);
+        assert_eq!(policy.displacement(1, policy.least_pressure(None)), 0.0);
     }
 }
