@@ -241,28 +241,137 @@ impl Placer {
         best.map(|(_, _, _, i, pick)| (crate::cluster::NodeId(i), pick))
     }
 
-    /// Why `request` fits nowhere: each node counted once, under the first check it fails.
+    /// Why `request` fits nowhere: every node's shortages, and which one binds.
     pub fn explain(&self, request: &ResourceRequest) -> FilterReport {
         let resolved = Resolved::new(request, &self.cluster);
         let mut report = FilterReport::default();
+        // Per binding resource: nodes it alone keeps out, and the most of it free on one of them.
+        let mut only = [(0u32, 0u64); Lack::ALL.len()];
         for node in self.cluster.nodes() {
             report.nodes += 1;
-            match check_node(node, &resolved) {
-                Ok(_) => report.feasible += 1,
-                Err(reason) => match reason {
-                    Reject::Labels => report.wrong_labels += 1,
-                    Reject::Model => report.no_allowed_model += 1,
-                    Reject::Cpu => report.lacking_cpu += 1,
-                    Reject::Memory => report.lacking_memory += 1,
-                    Reject::Gpu => report.lacking_gpu += 1,
-                },
+            let lacks = shortages(node, &resolved);
+            if lacks.labels {
+                report.wrong_labels += 1;
+                continue;
             }
+            let mut missing = Vec::new();
+            for (i, lack) in Lack::ALL.iter().enumerate() {
+                if lacks.has(*lack) {
+                    missing.push(i);
+                    match lack {
+                        Lack::Model => report.no_allowed_model += 1,
+                        Lack::Cpu => report.lacking_cpu += 1,
+                        Lack::Memory => report.lacking_memory += 1,
+                        Lack::Gpu => report.lacking_gpu += 1,
+                        Lack::GpuMemory => report.lacking_gpu_memory += 1,
+                    }
+                }
+            }
+            if missing.is_empty() {
+                report.feasible += 1;
+            } else if let [i] = missing[..] {
+                only[i].0 += 1;
+                only[i].1 = only[i].1.max(lacks.most(Lack::ALL[i]));
+            }
+            if lacks.usable_milli > 0 {
+                report.usable.nodes += 1;
+                report.usable.milli += lacks.usable_milli;
+                report.usable.cpu_milli += node.cpu_free;
+            }
+        }
+        report.binding = Lack::ALL
+            .iter()
+            .zip(only)
+            .filter(|(_, (n, _))| *n > 0)
+            .max_by_key(|(lack, (n, _))| (*n, lack.tie_rank()))
+            .map(|(lack, (nodes, most_free))| Binding {
+                resource: *lack,
+                nodes,
+                most_free,
+            });
+        report
+    }
+
+    /// Why replica `placed + 1` of a gang fits nowhere once its first `placed` replicas are in
+    /// place: they are placed for the look and taken back, leaving the pool as it was.
+    pub fn explain_gang(&mut self, request: &ResourceRequest, placed: u32) -> FilterReport {
+        let mut trial = Vec::new();
+        for _ in 0..placed {
+            match self.place_replica(request) {
+                Some(alloc) => trial.push(alloc),
+                None => break,
+            }
+        }
+        let report = self.explain(request);
+        for alloc in trial.iter().rev() {
+            // Undoing an allocation this engine made a moment ago cannot fail.
+            let undone = self.cluster.release(alloc);
+            debug_assert!(undone.is_ok(), "{undone:?}");
         }
         report
     }
 }
 
-/// How many nodes failed which check for a request.
+/// A resource a node can be short of for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lack {
+    /// Free GPU capacity on devices of an allowed model (whole devices, or room for a share).
+    Gpu,
+    /// Device memory: the devices have the GPU free but not the memory the request asks.
+    GpuMemory,
+    Cpu,
+    Memory,
+    /// The node carries no device of a model the request allows.
+    Model,
+}
+
+impl Lack {
+    const ALL: [Lack; 5] = [
+        Lack::Gpu,
+        Lack::GpuMemory,
+        Lack::Cpu,
+        Lack::Memory,
+        Lack::Model,
+    ];
+
+    /// On a tie, the less expected shortage is the one named: a model or device memory the user
+    /// chose tells them more than "no GPU free", which they can see for themselves.
+    fn tie_rank(self) -> u8 {
+        match self {
+            Lack::Model => 4,
+            Lack::GpuMemory => 3,
+            Lack::Cpu => 2,
+            Lack::Memory => 1,
+            Lack::Gpu => 0,
+        }
+    }
+}
+
+/// The resource that alone keeps the most nodes from taking the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Binding {
+    pub resource: Lack,
+    /// Nodes that lack only this.
+    pub nodes: u32,
+    /// The most of it free on one of those nodes (milli-GPU, device memory bytes, milli-CPU or
+    /// bytes; 0 for a model).
+    pub most_free: u64,
+}
+
+/// What the request could still use, summed over the nodes with GPU room for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usable {
+    /// Nodes with at least one device (of an allowed model, matching labels) that could take a
+    /// replica's GPU, whatever their CPU and memory.
+    pub nodes: u32,
+    /// Milli-GPU on those devices that replicas of this request could take.
+    pub milli: u64,
+    /// Free CPU on those nodes.
+    pub cpu_milli: u64,
+}
+
+/// How many nodes lack what for a request; a node counts under every resource it lacks.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct FilterReport {
     pub nodes: u32,
@@ -272,6 +381,75 @@ pub struct FilterReport {
     pub lacking_cpu: u32,
     pub lacking_memory: u32,
     pub lacking_gpu: u32,
+    pub lacking_gpu_memory: u32,
+    /// The resource that binds, when some node lacks only one.
+    pub binding: Option<Binding>,
+    pub usable: Usable,
+}
+
+impl FilterReport {
+    /// The binding resource in words: "CPU binds: 3 nodes have everything else, at most 2 CPU
+    /// free on one (it needs 4)".
+    pub fn binding_text(&self, request: &ResourceRequest) -> Option<String> {
+        let b = self.binding?;
+        let nodes = plural(b.nodes, "node");
+        let have = if b.nodes == 1 { "has" } else { "have" };
+        Some(match b.resource {
+            Lack::Cpu => format!(
+                "CPU binds: {nodes} {have} everything else but at most {} CPU free (it needs {})",
+                cpus(b.most_free),
+                cpus(request.cpu_milli)
+            ),
+            Lack::Memory => format!(
+                "memory binds: {nodes} {have} everything else but at most {} of memory free \
+                 (it needs {})",
+                crate::model::human_bytes(b.most_free),
+                crate::model::human_bytes(request.memory_bytes)
+            ),
+            Lack::Gpu => match request.gpu {
+                GpuRequest::Share { milli } => format!(
+                    "GPU binds: {nodes} {have} the CPU and memory but no device with {} GPU \
+                     free (the most free on one device there: {})",
+                    cpus(u64::from(milli)),
+                    cpus(b.most_free)
+                ),
+                GpuRequest::Whole { devices } => format!(
+                    "GPU binds: {nodes} {have} the CPU and memory but not {} free \
+                     (the most there: {})",
+                    plural(devices, "whole GPU"),
+                    plural(
+                        (b.most_free / u64::from(MILLI_PER_DEVICE)) as u32,
+                        "whole GPU"
+                    )
+                ),
+                GpuRequest::None => "GPU binds".into(),
+            },
+            Lack::GpuMemory => format!(
+                "GPU memory binds: {nodes} {have} the GPU free but no device with {} of device \
+                 memory free (the most on one: {})",
+                crate::model::human_bytes(request.gpu_memory_bytes),
+                crate::model::human_bytes(b.most_free)
+            ),
+            Lack::Model => format!(
+                "the model constraint binds: {nodes} would fit but carry only other models than \
+                 {}",
+                request.device_models.join(" or ")
+            ),
+        })
+    }
+}
+
+fn plural(n: u32, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// Milli-units (CPU, GPU) for people: `2`, `0.5`.
+fn cpus(milli: u64) -> String {
+    if milli % 1000 == 0 {
+        (milli / 1000).to_string()
+    } else {
+        format!("{}", milli as f64 / 1000.0)
+    }
 }
 
 impl fmt::Display for FilterReport {
@@ -285,6 +463,7 @@ impl fmt::Display for FilterReport {
             (self.lacking_cpu, "lack CPU"),
             (self.lacking_memory, "lack memory"),
             (self.lacking_gpu, "lack free GPU capacity"),
+            (self.lacking_gpu_memory, "lack free device memory"),
         ]
         .iter()
         .filter(|(n, _)| *n > 0)
@@ -292,6 +471,108 @@ impl fmt::Display for FilterReport {
         .collect();
         write!(f, "no node of {} fits: {}", self.nodes, parts.join(", "))
     }
+}
+
+/// Everything one node lacks for a request (not just the first check it fails).
+#[derive(Default)]
+struct Shortages {
+    labels: bool,
+    model: bool,
+    cpu: bool,
+    memory: bool,
+    gpu: bool,
+    gpu_memory: bool,
+    cpu_free: u64,
+    memory_free: u64,
+    /// Milli-GPU replicas of this request could take here (allowed devices with room).
+    usable_milli: u64,
+    /// The most free GPU (milli on one device for a share; whole devices × 1000 otherwise).
+    gpu_free: u64,
+    /// The most free device memory on one allowed device with the GPU room.
+    device_memory_free: u64,
+}
+
+impl Shortages {
+    fn has(&self, lack: Lack) -> bool {
+        match lack {
+            Lack::Gpu => self.gpu,
+            Lack::GpuMemory => self.gpu_memory,
+            Lack::Cpu => self.cpu,
+            Lack::Memory => self.memory,
+            Lack::Model => self.model,
+        }
+    }
+
+    fn most(&self, lack: Lack) -> u64 {
+        match lack {
+            Lack::Gpu => self.gpu_free,
+            Lack::GpuMemory => self.device_memory_free,
+            Lack::Cpu => self.cpu_free,
+            Lack::Memory => self.memory_free,
+            Lack::Model => 0,
+        }
+    }
+}
+
+fn shortages(node: &NodeState, req: &Resolved) -> Shortages {
+    let request = req.request;
+    let mut out = Shortages {
+        labels: request
+            .node_selector
+            .iter()
+            .any(|(k, v)| node.spec.labels.get(k) != Some(v)),
+        model: req.models.is_some_and(|mask| node.model_mask & mask == 0),
+        cpu: node.cpu_free < request.cpu_milli,
+        memory: node.memory_free < request.memory_bytes,
+        cpu_free: node.cpu_free,
+        memory_free: node.memory_free,
+        ..Default::default()
+    };
+    if req.count == 0 || out.model {
+        return out;
+    }
+    let (mut room, mut fitting, mut whole_free, mut share_room) = (0u32, 0u32, 0u32, 0u64);
+    for (i, d) in node.devices.iter().enumerate() {
+        if req.models.is_some_and(|mask| mask & (1u64 << d.model) == 0) {
+            continue;
+        }
+        let has_room = match request.gpu {
+            GpuRequest::None => false,
+            GpuRequest::Share { milli } => d.milli_free >= milli,
+            GpuRequest::Whole { .. } => d.is_free(),
+        };
+        out.gpu_free = out.gpu_free.max(u64::from(d.milli_free));
+        if d.is_free() {
+            whole_free += 1;
+        }
+        if !has_room {
+            continue;
+        }
+        room += 1;
+        // The same test as the exact check: a whole device by its size, a share by what is free.
+        let (free_memory, needed) = match request.gpu {
+            GpuRequest::Whole { .. } => (d.memory_bytes, request.gpu_memory_bytes),
+            _ => (d.memory_free, device_memory(node, i, request)),
+        };
+        out.device_memory_free = out.device_memory_free.max(free_memory);
+        if free_memory >= needed {
+            fitting += 1;
+            if let GpuRequest::Share { milli } = request.gpu {
+                share_room += u64::from(d.milli_free / milli * milli);
+            }
+        }
+    }
+    // What replicas of this request could take here: whole devices in groups of its count.
+    out.usable_milli = match request.gpu {
+        GpuRequest::Share { .. } => share_room,
+        _ => u64::from(fitting / req.count * req.count) * u64::from(MILLI_PER_DEVICE),
+    };
+    if matches!(request.gpu, GpuRequest::Whole { .. }) {
+        out.gpu_free = u64::from(whole_free) * u64::from(MILLI_PER_DEVICE);
+    }
+    out.gpu = room < req.count;
+    out.gpu_memory = !out.gpu && fitting < req.count;
+    out
 }
 
 enum Reject {
@@ -423,5 +704,109 @@ fn build_allocation(
             GpuRequest::Share { .. } => Some(GpuAffinity::Share),
             GpuRequest::Whole { devices } => Some(GpuAffinity::Whole(devices)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DeviceSpec, GIB, NodeSpec};
+    use crate::policy::PolicyKind;
+    use crate::shapes::ShapeDistribution;
+
+    fn node(name: &str, cpus: u64, model: &str, devices: usize) -> NodeSpec {
+        NodeSpec::with_devices(
+            name,
+            cpus * 1000,
+            64 * GIB,
+            devices,
+            DeviceSpec {
+                model: model.into(),
+                memory_bytes: 40 * GIB,
+            },
+        )
+    }
+
+    fn placer(nodes: Vec<NodeSpec>) -> Placer {
+        let cluster = Cluster::new(nodes).unwrap();
+        let policy = PolicyKind::Tessera.build(&ShapeDistribution::default(), &cluster);
+        Placer::new(cluster, policy, 1)
+    }
+
+    fn ask(gpu: GpuRequest, cpus: u64) -> ResourceRequest {
+        ResourceRequest {
+            gpu,
+            cpu_milli: cpus * 1000,
+            memory_bytes: GIB,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cpu_binds_when_the_free_gpus_sit_on_nodes_without_the_cpu() {
+        let mut p = placer(vec![node("a", 8, "H100", 2), node("b", 8, "H100", 2)]);
+        // Each node keeps its GPUs free but gives 6 of its 8 CPUs to CPU-only work.
+        for _ in 0..2 {
+            p.place_replica(&ask(GpuRequest::None, 6)).unwrap();
+        }
+        let want = ask(GpuRequest::Whole { devices: 1 }, 4);
+        let report = p.explain(&want);
+        assert_eq!(report.feasible, 0);
+        let text = report.binding_text(&want).unwrap();
+        assert_eq!(
+            text,
+            "CPU binds: 2 nodes have everything else but at most 2 CPU free (it needs 4)"
+        );
+        assert_eq!(report.usable.milli, 4000, "four whole GPUs it could take");
+        assert_eq!(report.usable.cpu_milli, 4000);
+    }
+
+    #[test]
+    fn gpu_memory_binds_when_the_share_is_free_but_not_the_device_memory() {
+        let mut p = placer(vec![node("a", 64, "H100", 1)]);
+        let mut small = ask(GpuRequest::Share { milli: 300 }, 1);
+        small.gpu_memory_bytes = 30 * GIB;
+        p.place_replica(&small).unwrap();
+        let mut want = ask(GpuRequest::Share { milli: 500 }, 1);
+        want.gpu_memory_bytes = 20 * GIB;
+        let report = p.explain(&want);
+        assert_eq!(report.feasible, 0);
+        assert_eq!(report.lacking_gpu_memory, 1);
+        assert_eq!(report.lacking_gpu, 0);
+        assert_eq!(
+            report.binding_text(&want).unwrap(),
+            "GPU memory binds: 1 node has the GPU free but no device with 20.0 GiB of device \
+             memory free (the most on one: 10.0 GiB)"
+        );
+    }
+
+    #[test]
+    fn the_model_constraint_binds_when_only_other_models_are_free() {
+        let mut p = placer(vec![node("h", 64, "H100", 1), node("t", 64, "T4", 2)]);
+        let mut h100 = ask(GpuRequest::Whole { devices: 1 }, 1);
+        h100.device_models = vec!["H100".into()];
+        p.place_replica(&h100).unwrap();
+        let report = p.explain(&h100);
+        assert_eq!((report.lacking_gpu, report.no_allowed_model), (1, 1));
+        assert_eq!(
+            report.binding_text(&h100).unwrap(),
+            "the model constraint binds: 1 node would fit but carry only other models than H100"
+        );
+    }
+
+    #[test]
+    fn a_gang_is_explained_for_the_replica_that_does_not_fit_and_the_pool_is_left_as_it_was() {
+        let mut p = placer(vec![node("a", 8, "H100", 2), node("b", 2, "H100", 2)]);
+        let want = ask(GpuRequest::Whole { devices: 1 }, 4);
+        // Replicas 1 and 2 fit on a (8 CPUs); the third finds b's GPUs but not its CPU.
+        let before: Vec<u64> = p.cluster().nodes().iter().map(|n| n.cpu_free).collect();
+        let report = p.explain_gang(&want, 2);
+        let after: Vec<u64> = p.cluster().nodes().iter().map(|n| n.cpu_free).collect();
+        assert_eq!(before, after);
+        assert_eq!(p.cluster().gpu_used_milli(), 0);
+        let b = report.binding.unwrap();
+        assert_eq!((b.resource, b.nodes, b.most_free), (Lack::Cpu, 1, 2000));
+        // Node a lacks both: nothing is free there any more.
+        assert_eq!((report.lacking_cpu, report.lacking_gpu), (2, 1));
     }
 }

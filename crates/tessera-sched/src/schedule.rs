@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::cluster::{Allocation, CapacityError, Cluster, DeviceShare, NodeId};
 use crate::model::NodeSpec;
-use crate::place::{FilterReport, PlacementError, Placer};
+use crate::place::{FilterReport, PlacementError, Placer, Usable};
 use crate::policy::PolicyKind;
 use crate::quota::{LimitHit, ProjectQuota, Quotas};
 use crate::request::{GpuRequest, JobSpec, ResourceRequest};
@@ -113,7 +113,10 @@ pub enum WaitReason {
     NoFit {
         replica: u32,
         replicas: u32,
+        /// Why replica `replica` fits nowhere, with the replicas before it in place.
         report: FilterReport,
+        /// What the request could use in the pool as it is (before any of its replicas).
+        free_for_it: Usable,
         largest_free: Option<FreeBlock>,
         /// The node labels its project's residency allows (`key=value`), when it has any: they
         /// narrow where the job may fit.
@@ -150,6 +153,7 @@ impl WaitReason {
                 replica,
                 replicas,
                 report,
+                free_for_it,
                 largest_free,
                 residency,
             } => {
@@ -159,6 +163,25 @@ impl WaitReason {
                         "; only {replica} of its {replicas} replicas fit at once, and a gang \
                          starts whole or not at all"
                     ));
+                    if job.request.gpu != GpuRequest::None {
+                        text.push_str(&format!(
+                            "; the pool has {} GPU free for it, on {} with {} CPU free there",
+                            gpus(free_for_it.milli),
+                            plural(free_for_it.nodes, "node"),
+                            gpus(free_for_it.cpu_milli)
+                        ));
+                    }
+                }
+                if let Some(binding) = report.binding_text(&job.request) {
+                    if *replica > 0 {
+                        text.push_str(&format!(
+                            "; with {} in place, ",
+                            plural(*replica, "replica")
+                        ));
+                    } else {
+                        text.push_str("; ");
+                    }
+                    text.push_str(&binding);
                 }
                 text.push_str(&format!("; {report}"));
                 if job.request.gpu != GpuRequest::None {
@@ -235,6 +258,10 @@ impl WaitReason {
             ),
         }
     }
+}
+
+fn plural(n: u32, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 fn gpus(milli: u64) -> String {
@@ -529,7 +556,7 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
                             }
                             None => {
                                 let rules = snapshot.rules.get(project);
-                                let reason = no_fit(&placer, spec, rules, replica, replicas);
+                                let reason = no_fit(&mut placer, spec, rules, replica, replicas);
                                 no_room.insert(shape, reason.clone());
                                 plan.waiting.push((job.id, reason));
                             }
@@ -718,13 +745,14 @@ fn next_project<'a>(
 }
 
 fn no_fit(
-    placer: &Placer,
+    placer: &mut Placer,
     spec: &JobSpec,
     rules: Option<&crate::rules::PlacementRules>,
     replica: u32,
     replicas: u32,
 ) -> WaitReason {
-    let report = placer.explain(&spec.request);
+    let free_for_it = placer.explain(&spec.request).usable;
+    let report = placer.explain_gang(&spec.request, replica);
     let largest_free = placer
         .cluster()
         .nodes()
@@ -746,6 +774,7 @@ fn no_fit(
         replica,
         replicas,
         report,
+        free_for_it,
         largest_free,
         residency: rules
             .into_iter()
@@ -1920,7 +1949,10 @@ mod quota_tests {
             text,
             "needs 2 replicas, each 2 whole GPUs of model H100 on one node, 1 CPU and 1.0 GiB \
              memory; only 1 of its 2 replicas fit at once, and a gang starts whole or not at all; \
-             1 of 2 nodes fit; the largest free block is 2 whole GPUs on n1"
+             the pool has 2 GPU free for it, on 1 node with 64 CPU free there; with 1 replica in \
+             place, GPU binds: 2 nodes have the CPU and memory but not 2 whole GPUs free (the \
+             most there: 1 whole GPU); no node of 2 fits: 2 lack free GPU capacity; the largest \
+             free block is 2 whole GPUs on n1"
         );
     }
 }

@@ -207,6 +207,7 @@ fn run(
         match op {
             Op::Submit(request, replicas) => {
                 let before = state(placer.cluster());
+                let report = placer.explain(request);
                 let job = JobSpec {
                     name: format!("j{i}"),
                     project: "p".into(),
@@ -216,6 +217,10 @@ fn run(
                 };
                 match placer.place_job(&job) {
                     Ok(allocs) => {
+                        assert!(
+                            report.feasible > 0,
+                            "placed where explain saw no fit: {report}"
+                        );
                         assert_eq!(allocs.len() as u32, *replicas, "a partial gang");
                         for a in &allocs {
                             check_constraints(placer.cluster(), request, a);
@@ -223,8 +228,22 @@ fn run(
                         }
                         decisions.push(Some(allocs));
                     }
-                    Err(_) => {
+                    Err(err) => {
                         assert_eq!(state(placer.cluster()), before, "a failed gang left traces");
+                        if let tessera_sched::PlacementError::NoFit { replica, .. } = err {
+                            // The reason is about the replica that failed: none fits it now.
+                            assert_eq!(replica == 0, report.feasible == 0, "{report}");
+                            let gang = placer.explain_gang(request, replica);
+                            // (Random may place the trial replicas elsewhere and leave room.)
+                            if policy != PolicyKind::Random {
+                                assert_eq!(gang.feasible, 0, "{gang}");
+                            }
+                            assert_eq!(state(placer.cluster()), before, "explaining left traces");
+                            if let Some(b) = gang.binding {
+                                // A node short of only the binding resource exists.
+                                assert!(b.nodes > 0);
+                            }
+                        }
                         decisions.push(None);
                     }
                 }

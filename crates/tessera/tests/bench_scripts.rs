@@ -91,6 +91,27 @@ fn service_move_measures_a_move_under_load_without_a_failed_request() {
 }
 
 #[test]
+fn constrained_variants_are_made_and_replayed() {
+    let out = run(
+        "bench/openb-constrained.sh",
+        &[
+            "testdata/openb",
+            "42",
+            "default",
+            "0.25",
+            "scarce",
+            "FGD,Tessera",
+        ],
+    );
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("openb_pod_list_default_spec25_scarce"))
+        .collect();
+    assert_eq!(rows.len(), 2, "one row per policy:\n{out}");
+    assert!(rows.iter().any(|r| r.contains("FGD")) && rows.iter().any(|r| r.contains("Tessera")));
+}
+
+#[test]
 fn gpu_scripts_parse_and_every_bench_script_is_covered_here() {
     let gpu_only = [
         "bench/gpu-smoke.sh",
@@ -117,6 +138,7 @@ fn gpu_scripts_parse_and_every_bench_script_is_covered_here() {
     // A new script must be added to a test above (run, or parsed when it needs a GPU).
     let covered = [
         "bench/image-pull.sh",
+        "bench/openb-constrained.sh",
         "bench/slurm-vs-tessera.sh",
         "bench/vgpu-overhead.sh",
         "bench/service-move.py",

@@ -88,6 +88,18 @@ fn a_job_runs_its_output_is_in_the_logs_and_gangs_span_nodes_or_wait_whole() {
         reason.contains("a gang starts whole or not at all"),
         "{reason}"
     );
+    // True at the gang level: what the pool has for it, and what binds the fifth replica.
+    assert!(
+        reason.contains("the pool has 4 GPU free for it, on 2 nodes"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("with 4 replicas in place, GPU binds: 2 nodes have the CPU and memory but not 1 whole GPU free"),
+        "{reason}"
+    );
+    let (ok, out, err) = cli(&pool, &["describe", "job", &big.to_string()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("GPU binds"), "{out}");
 }
 
 #[test]
