@@ -1294,10 +1294,14 @@ mod tests {
                 report,
                 ..
             } => {
-                // The first replica found the last free device; the second had none left.
-                // The report looks at one replica alone, so the node counts as feasible.
+                // The first replica found the last free device; the second had none left. The
+                // report judges the second with the first in place: no node fits, GPU binds.
                 assert_eq!((*replica, *replicas), (1, 2));
-                assert_eq!((report.feasible, report.lacking_gpu), (1, 0));
+                assert_eq!((report.feasible, report.lacking_gpu), (0, 1));
+                assert_eq!(
+                    report.binding.map(|b| b.resource),
+                    Some(crate::place::Lack::Gpu)
+                );
             }
             other => panic!("unexpected reason {other:?}"),
         }
