@@ -6,6 +6,11 @@
 //! 13% CPU-only, 38% a share (openb's common sizes), 42% one whole GPU, 4% 2 or 4 GPUs, 2% one
 //! 8-GPU node, 1% a gang of 2–4 replicas × 8 GPUs. The pool is full when 500 jobs in a row fail.
 //! One decision = one job (a whole gang), successful or not.
+//!
+//! The pinned mix (`pinned 30%`) runs the same stream on a heterogeneous pool (60% H100, 25%
+//! A100, 15% L4 nodes) where 30% of GPU jobs name the models they accept (one model, or two
+//! neighbouring ones). `TESSERA_BENCH_NODES=1000,10000` picks sizes; `TESSERA_BENCH_MAX_DECISIONS`
+//! stops a fill early (for 100,000 nodes, whose full fill takes over a million decisions).
 
 use std::time::Instant;
 
@@ -21,7 +26,17 @@ use tessera_sched::shapes::ShapeDistribution;
 const SHARES: [u32; 10] = [50, 100, 200, 250, 300, 460, 470, 500, 600, 810];
 const CPUS: [u64; 6] = [1000, 2000, 4000, 6000, 8000, 12000];
 
-fn job(rng: &mut ChaCha8Rng, i: usize) -> JobSpec {
+const MODELS: [&str; 3] = ["H100-80GB", "A100-40GB", "L4"];
+/// Allowed sets of a pinned job, drawn uniformly.
+const PINS: [&[&str]; 5] = [
+    &["H100-80GB"],
+    &["A100-40GB"],
+    &["L4"],
+    &["H100-80GB", "A100-40GB"],
+    &["A100-40GB", "L4"],
+];
+
+fn job(rng: &mut ChaCha8Rng, i: usize, pinned: f64) -> JobSpec {
     let roll = rng.random_range(0..100);
     let (gpu, replicas) = match roll {
         0..13 => (GpuRequest::None, 1),
@@ -42,6 +57,14 @@ fn job(rng: &mut ChaCha8Rng, i: usize) -> JobSpec {
         _ => (GpuRequest::Whole { devices: 8 }, rng.random_range(2..=4)),
     };
     let cpu = CPUS[rng.random_range(0..CPUS.len())] * u64::from(gpu.device_count().max(1));
+    let device_models = if gpu != GpuRequest::None && rng.random_bool(pinned) {
+        PINS[rng.random_range(0..PINS.len())]
+            .iter()
+            .map(|m| (*m).to_owned())
+            .collect()
+    } else {
+        Vec::new()
+    };
     JobSpec {
         name: format!("j{i}"),
         project: "bench".into(),
@@ -51,22 +74,30 @@ fn job(rng: &mut ChaCha8Rng, i: usize) -> JobSpec {
             gpu,
             cpu_milli: cpu.min(96_000),
             memory_bytes: rng.random_range(4..=64) * GIB,
+            device_models,
             ..Default::default()
         },
     }
 }
 
-fn pool(n: usize) -> Vec<NodeSpec> {
+/// `mixed`: 60% H100, 25% A100, 15% L4 nodes; otherwise all H100.
+fn pool(n: usize, mixed: bool) -> Vec<NodeSpec> {
     (0..n)
         .map(|i| {
+            let (model, gib) = match i % 20 {
+                _ if !mixed => (MODELS[0], 80),
+                0..12 => (MODELS[0], 80),
+                12..17 => (MODELS[1], 40),
+                _ => (MODELS[2], 24),
+            };
             NodeSpec::with_devices(
-                format!("node-{i:05}"),
+                format!("node-{i:06}"),
                 96_000,
                 768 * GIB,
                 8,
                 DeviceSpec {
-                    model: "H100-80GB".into(),
-                    memory_bytes: 80 * GIB,
+                    model: model.into(),
+                    memory_bytes: gib * GIB,
                 },
             )
         })
@@ -82,12 +113,13 @@ struct Outcome {
     gpu_used_pct: f64,
 }
 
-fn fill(nodes: usize, policy: PolicyKind, seed: u64) -> Outcome {
-    let specs = pool(nodes);
+fn fill(nodes: usize, policy: PolicyKind, seed: u64, pinned: f64, cap: usize) -> Outcome {
+    let specs = pool(nodes, pinned > 0.0);
     // The pool's history: the shape distribution of a sample of the same mix.
     let mut hist_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
-    let history: Vec<ResourceRequest> =
-        (0..20_000).map(|i| job(&mut hist_rng, i).request).collect();
+    let history: Vec<ResourceRequest> = (0..20_000)
+        .map(|i| job(&mut hist_rng, i, pinned).request)
+        .collect();
     let shapes = ShapeDistribution::typical(&history, 0.95);
     let mut cluster = Cluster::new(specs).unwrap();
     let mut order: Vec<NodeId> = (0..nodes as u32).map(NodeId).collect();
@@ -99,8 +131,8 @@ fn fill(nodes: usize, policy: PolicyKind, seed: u64) -> Outcome {
     let mut latencies_ns: Vec<u64> = Vec::new();
     let (mut placed, mut streak, mut i) = (0usize, 0usize, 0usize);
     let start = Instant::now();
-    while streak < 500 {
-        let j = job(&mut rng, i);
+    while streak < 500 && i < cap {
+        let j = job(&mut rng, i, pinned);
         i += 1;
         let t = Instant::now();
         let ok = placer.place_job(&j).is_ok();
@@ -141,23 +173,29 @@ fn main() {
     } else {
         &[200]
     };
+    let cap: usize = std::env::var("TESSERA_BENCH_MAX_DECISIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(usize::MAX);
     println!(
-        "| nodes × 8 GPUs | policy | decisions | placed | decisions/s | p50 µs | p99 µs | GPU allocated |"
+        "| nodes × 8 GPUs | mix | policy | decisions | placed | decisions/s | p50 µs | p99 µs | GPU allocated |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &n in sizes {
-        for policy in [PolicyKind::Fgd, PolicyKind::Tessera] {
-            let o = fill(n, policy, 42);
-            println!(
-                "| {n} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.2}% |",
-                policy.name(),
-                o.decisions,
-                o.placed,
-                o.decisions as f64 / o.seconds,
-                o.p50_us,
-                o.p99_us,
-                o.gpu_used_pct
-            );
+        for (mix, pinned) in [("unpinned", 0.0), ("pinned 30%", 0.3)] {
+            for policy in [PolicyKind::Fgd, PolicyKind::Tessera] {
+                let o = fill(n, policy, 42, pinned, cap);
+                println!(
+                    "| {n} | {mix} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.2}% |",
+                    policy.name(),
+                    o.decisions,
+                    o.placed,
+                    o.decisions as f64 / o.seconds,
+                    o.p50_us,
+                    o.p99_us,
+                    o.gpu_used_pct
+                );
+            }
         }
     }
 }

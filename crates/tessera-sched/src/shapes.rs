@@ -41,10 +41,22 @@ impl TaskShape {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ShapeDistribution {
     pub shapes: Vec<(TaskShape, f64)>,
-    /// Each allowed-model set (joined by `|`) with its share of all GPU demand in milli-GPU, over
-    /// the whole history: pins spread over many small shapes, those of small models most of all,
-    /// and the typical-shape cut would drop them and understate the models' demand.
-    pub pinned_demand: Vec<(String, f64)>,
+    /// Pinned GPU demand over the whole history: pins spread over many small shapes, those of
+    /// small models most of all, and the typical-shape cut would drop them and understate the
+    /// models' demand.
+    pub pinned_demand: Vec<PinnedDemand>,
+}
+
+/// The GPU demand of tasks that name one allowed-model set and one device count per replica.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PinnedDemand {
+    /// Allowed models joined by `|`.
+    pub models: String,
+    /// Devices per replica (1 for a share): a model only takes this demand if one of its nodes
+    /// has that many.
+    pub devices: u32,
+    /// Share of all GPU demand (milli-GPU) in the history.
+    pub share: f64,
 }
 
 impl ShapeDistribution {
@@ -59,22 +71,27 @@ impl ShapeDistribution {
     ) -> Self {
         let mut counts: HashMap<TaskShape, u64> = HashMap::new();
         let mut total = 0u64;
-        let mut pinned: HashMap<String, u64> = HashMap::new();
+        let mut pinned: HashMap<(String, u32), u64> = HashMap::new();
         let mut gpu_demand = 0u64;
         for r in requests {
             let shape = TaskShape::of(r);
             gpu_demand += r.gpu.total_milli();
             if !shape.device_models.is_empty() && r.gpu.total_milli() > 0 {
-                *pinned.entry(shape.device_models.clone()).or_default() += r.gpu.total_milli();
+                let key = (shape.device_models.clone(), r.gpu.device_count());
+                *pinned.entry(key).or_default() += r.gpu.total_milli();
             }
             *counts.entry(shape).or_default() += 1;
             total += 1;
         }
-        let mut pinned_demand: Vec<(String, f64)> = pinned
+        let mut pinned_demand: Vec<PinnedDemand> = pinned
             .into_iter()
-            .map(|(set, milli)| (set, milli as f64 / gpu_demand as f64))
+            .map(|((models, devices), milli)| PinnedDemand {
+                models,
+                devices,
+                share: milli as f64 / gpu_demand as f64,
+            })
             .collect();
-        pinned_demand.sort_by(|a, b| a.0.cmp(&b.0));
+        pinned_demand.sort_by(|a, b| (&a.models, a.devices).cmp(&(&b.models, b.devices)));
         if total == 0 {
             return ShapeDistribution::default();
         }
@@ -168,8 +185,16 @@ mod tests {
         assert_eq!(
             d.pinned_demand,
             vec![
-                ("T4".to_owned(), 2000.0 / total),
-                ("V100M16|V100M32".to_owned(), 500.0 / total)
+                PinnedDemand {
+                    models: "T4".to_owned(),
+                    devices: 2,
+                    share: 2000.0 / total
+                },
+                PinnedDemand {
+                    models: "V100M16|V100M32".to_owned(),
+                    devices: 1,
+                    share: 500.0 / total
+                }
             ]
         );
     }

@@ -49,7 +49,7 @@ use crate::cluster::{Cluster, ModelId, NodeState};
 use crate::frag::{DeviceFree, ResolvedShape, node_fragmentation};
 use crate::model::MAX_DEVICE_MODELS;
 use crate::policy::fgd::score_by_potential;
-use crate::shapes::ShapeDistribution;
+use crate::shapes::{PinnedDemand, ShapeDistribution};
 
 pub struct Tessera {
     shapes: Vec<ResolvedShape>,
@@ -57,8 +57,8 @@ pub struct Tessera {
     cpu_per_gpu_milli: f64,
     /// Pin pressure of each model (index: model id), 0..=1.
     pressure: [f64; MAX_DEVICE_MODELS],
-    /// Models the pool has devices of.
-    present: u64,
+    /// Per model: the most devices of it on one node.
+    most_per_node: [u32; MAX_DEVICE_MODELS],
 }
 
 impl Tessera {
@@ -69,18 +69,20 @@ impl Tessera {
             cpu += s.weight * s.cpu_milli as f64;
             gpu += s.weight * f64::from(s.milli) * f64::from(s.devices);
         }
-        let (pressure, present) = pin_pressure(&history.pinned_demand, cluster);
+        let most_per_node = most_per_node(cluster);
+        let pressure = pin_pressure(&history.pinned_demand, cluster, &most_per_node);
         Tessera {
             shapes,
             cpu_per_gpu_milli: if gpu > 0.0 { cpu / gpu } else { 0.0 },
             pressure,
-            present,
+            most_per_node,
         }
     }
 
-    /// The least pin pressure among the models a task allowed `models` could use.
-    fn least_pressure(&self, models: Option<u64>) -> f64 {
-        let mut allowed = models.unwrap_or(u64::MAX) & self.present;
+    /// The least pin pressure among the models a task allowed `models`, `devices` per replica,
+    /// could use.
+    fn least_pressure(&self, models: Option<u64>, devices: u32) -> f64 {
+        let mut allowed = models.unwrap_or(u64::MAX) & holding(&self.most_per_node, devices);
         let mut least = f64::INFINITY;
         while allowed != 0 {
             least = least.min(self.pressure[allowed.trailing_zeros() as usize]);
@@ -116,7 +118,7 @@ impl PlacementPolicy for Tessera {
     }
 
     fn score(&self, node: &NodeState, req: &Resolved, fit: &Fit, _rng: &mut ChaCha8Rng) -> Scored {
-        let least = self.least_pressure(req.models);
+        let least = self.least_pressure(req.models, req.count.max(1));
         score_by_potential(
             node,
             req,
@@ -127,8 +129,35 @@ impl PlacementPolicy for Tessera {
     }
 }
 
-/// Each model's pin pressure (see the module doc) and the mask of models the pool has.
-fn pin_pressure(pins: &[(String, f64)], cluster: &Cluster) -> ([f64; MAX_DEVICE_MODELS], u64) {
+/// Per model: the most devices of it on one node of the pool.
+fn most_per_node(cluster: &Cluster) -> [u32; MAX_DEVICE_MODELS] {
+    let mut most = [0u32; MAX_DEVICE_MODELS];
+    for node in cluster.nodes() {
+        let mut here = [0u32; MAX_DEVICE_MODELS];
+        for d in &node.devices {
+            here[usize::from(d.model)] += 1;
+        }
+        for m in 0..MAX_DEVICE_MODELS {
+            most[m] = most[m].max(here[m]);
+        }
+    }
+    most
+}
+
+/// The models with a node that has `devices` of them.
+fn holding(most_per_node: &[u32; MAX_DEVICE_MODELS], devices: u32) -> u64 {
+    (0..MAX_DEVICE_MODELS)
+        .filter(|&m| most_per_node[m] > 0 && most_per_node[m] >= devices)
+        .fold(0u64, |mask, m| mask | (1u64 << m))
+}
+
+/// Each model's pin pressure (see the module doc). A set's demand goes to the models in it that
+/// can hold its replicas, in proportion to their GPUs.
+fn pin_pressure(
+    pins: &[PinnedDemand],
+    cluster: &Cluster,
+    most_per_node: &[u32; MAX_DEVICE_MODELS],
+) -> [f64; MAX_DEVICE_MODELS] {
     let mut capacity = [0.0f64; MAX_DEVICE_MODELS];
     for node in cluster.nodes() {
         for d in &node.devices {
@@ -136,19 +165,16 @@ fn pin_pressure(pins: &[(String, f64)], cluster: &Cluster) -> ([f64; MAX_DEVICE_
         }
     }
     let total: f64 = capacity.iter().sum();
-    let present = (0..MAX_DEVICE_MODELS)
-        .filter(|&m| capacity[m] > 0.0)
-        .fold(0u64, |mask, m| mask | (1u64 << m));
     let mut pinned = [0.0f64; MAX_DEVICE_MODELS];
-    for (set, share) in pins {
-        let names: Vec<String> = set.split('|').map(str::to_owned).collect();
-        let mask = cluster.model_mask(&names) & present;
+    for pin in pins {
+        let names: Vec<String> = pin.models.split('|').map(str::to_owned).collect();
+        let mask = cluster.model_mask(&names) & holding(most_per_node, pin.devices.max(1));
         let set_capacity: f64 = (0..MAX_DEVICE_MODELS)
             .filter(|&m| mask & (1u64 << m) != 0)
             .map(|m| capacity[m])
             .sum();
         for m in (0..MAX_DEVICE_MODELS).filter(|&m| mask & (1u64 << m) != 0) {
-            pinned[m] += share * capacity[m] / set_capacity;
+            pinned[m] += pin.share * capacity[m] / set_capacity;
         }
     }
     let mut pressure = [0.0f64; MAX_DEVICE_MODELS];
@@ -157,7 +183,7 @@ fn pin_pressure(pins: &[(String, f64)], cluster: &Cluster) -> ([f64; MAX_DEVICE_
             pressure[m] = (pinned[m] / (capacity[m] / total)).min(1.0);
         }
     }
-    (pressure, present)
+    pressure
 }
 
 #[cfg(test)]
@@ -258,8 +284,11 @@ mod tests {
         // Pinned to T4: it has no alternative and pays nothing for taking one; unpinned, a T4
         // costs its whole pressure per milli-GPU.
         let t4_only = Resolved::new(&one_gpu(&["T4"]), &cluster).models;
-        assert_eq!(policy.displacement(1, policy.least_pressure(t4_only)), 0.0);
-        assert_eq!(policy.displacement(1, policy.least_pressure(None)), 1.0);
+        assert_eq!(
+            policy.displacement(1, policy.least_pressure(t4_only, 1)),
+            0.0
+        );
+        assert_eq!(policy.displacement(1, policy.least_pressure(None, 1)), 1.0);
         // Allowed both: the same as unpinned.
         let either = one_gpu(&["G2", "T4"]);
         assert_eq!(score(&either, 3, &mut rng), score(&free, 3, &mut rng));
@@ -278,6 +307,6 @@ mod tests {
         ];
         let policy = Tessera::new(&ShapeDistribution::typical(&even, 1.0), &cluster);
         assert_eq!(policy.pressure[..2], [0.5, 0.5]);
-        assert_eq!(policy.displacement(1, policy.least_pressure(None)), 0.0);
+        assert_eq!(policy.displacement(1, policy.least_pressure(None, 1)), 0.0);
     }
 }
