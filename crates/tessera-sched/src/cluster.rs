@@ -412,9 +412,10 @@ impl Cluster {
             self.gpu_used_milli += u64::from(share.milli);
         }
         if let Some(a) = alloc.affinity {
-            match node.affinities.iter_mut().find(|(k, _)| *k == a) {
-                Some((_, count)) => *count += 1,
-                None => node.affinities.push((a, 1)),
+            // Kept sorted, so that the same replicas give the same list whatever their order.
+            match node.affinities.binary_search_by_key(&a, |(k, _)| *k) {
+                Ok(pos) => node.affinities[pos].1 += 1,
+                Err(pos) => node.affinities.insert(pos, (a, 1)),
             }
         }
         node.replicas += 1;
@@ -484,7 +485,7 @@ impl Cluster {
         {
             node.affinities[pos].1 -= 1;
             if node.affinities[pos].1 == 0 {
-                node.affinities.swap_remove(pos);
+                node.affinities.remove(pos);
             }
         }
         node.replicas -= 1;

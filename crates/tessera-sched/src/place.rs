@@ -48,6 +48,24 @@ pub struct Placer {
     cache: HashMap<ResourceRequest, Vec<CacheEntry>>,
     /// Nodes preferred among those that score the same (see [`Placer::place_job_preferring`]).
     prefer: Vec<crate::cluster::NodeId>,
+    /// Changes since the oldest open checkpoint, for [`Placer::rollback`].
+    journal: Vec<Change>,
+    /// Checkpoints taken and not yet rolled back or committed.
+    open: usize,
+}
+
+/// One change to the pool, as the journal keeps it.
+enum Change {
+    Allocated(Allocation),
+    Released(Allocation),
+}
+
+/// A point the pool can be rolled back to: trial moves (KAI's Statement) are taken after a
+/// checkpoint and either kept ([`Placer::commit`]) or undone whole ([`Placer::rollback`]).
+#[must_use = "a checkpoint must be committed or rolled back"]
+#[derive(Debug)]
+pub struct Checkpoint {
+    at: usize,
 }
 
 impl Placer {
@@ -59,6 +77,8 @@ impl Placer {
             rng: ChaCha8Rng::seed_from_u64(seed),
             cache: HashMap::new(),
             prefer: Vec::new(),
+            journal: Vec::new(),
+            open: 0,
         }
     }
 
@@ -87,16 +107,13 @@ impl Placer {
     /// Places every replica of `job` or none of them.
     pub fn place_job(&mut self, job: &JobSpec) -> Result<Vec<Allocation>, PlacementError> {
         validate_job(job)?;
+        let checkpoint = self.checkpoint();
         let mut placed: Vec<Allocation> = Vec::with_capacity(job.replicas as usize);
         for replica in 0..job.replicas {
             match self.place_replica(&job.request) {
                 Some(alloc) => placed.push(alloc),
                 None => {
-                    for alloc in placed.iter().rev() {
-                        // Undoing an allocation this engine made a moment ago cannot fail.
-                        let undone = self.cluster.release(alloc);
-                        debug_assert!(undone.is_ok(), "{undone:?}");
-                    }
+                    self.rollback(checkpoint);
                     return Err(PlacementError::NoFit {
                         replica,
                         replicas: job.replicas,
@@ -104,18 +121,73 @@ impl Placer {
                 }
             }
         }
+        self.commit(checkpoint);
         Ok(placed)
     }
 
     /// Returns a finished replica's resources.
     pub fn release(&mut self, alloc: &Allocation) -> Result<(), CapacityError> {
-        self.cluster.release(alloc)
+        self.cluster.release(alloc)?;
+        self.record(|| Change::Released(alloc.clone()));
+        Ok(())
     }
 
     /// Applies an allocation decided elsewhere (e.g. a replica already running when the engine
     /// starts).
     pub fn adopt(&mut self, alloc: &Allocation) -> Result<(), CapacityError> {
-        self.cluster.allocate(alloc)
+        self.cluster.allocate(alloc)?;
+        self.record(|| Change::Allocated(alloc.clone()));
+        Ok(())
+    }
+
+    /// Starts a trial: every placement, release and adoption from here on can be undone whole
+    /// with [`Placer::rollback`], or kept with [`Placer::commit`]. Checkpoints nest; each must be
+    /// closed, innermost first.
+    pub fn checkpoint(&mut self) -> Checkpoint {
+        self.open += 1;
+        Checkpoint {
+            at: self.journal.len(),
+        }
+    }
+
+    /// Keeps the changes made since `checkpoint` (they become part of any outer trial).
+    pub fn commit(&mut self, checkpoint: Checkpoint) {
+        self.close(checkpoint);
+    }
+
+    /// Undoes every change made since `checkpoint`, newest first: the pool's free CPU, memory,
+    /// device shares, affinities and replica counts are as they were when it was taken. (Node
+    /// versions move on, so that no score cached during the trial is ever reused.)
+    pub fn rollback(&mut self, checkpoint: Checkpoint) {
+        while self.journal.len() > checkpoint.at {
+            let Some(change) = self.journal.pop() else {
+                break;
+            };
+            // Undoing the newest change returns the pool to the state right before it, in which
+            // the opposite operation was just valid: neither can fail.
+            let undone = match &change {
+                Change::Allocated(alloc) => self.cluster.release(alloc),
+                Change::Released(alloc) => self.cluster.allocate(alloc),
+            };
+            debug_assert!(undone.is_ok(), "{undone:?}");
+        }
+        self.close(checkpoint);
+    }
+
+    fn close(&mut self, checkpoint: Checkpoint) {
+        debug_assert!(self.open > 0, "a checkpoint closed twice");
+        debug_assert!(checkpoint.at <= self.journal.len(), "closed out of order");
+        self.open = self.open.saturating_sub(1);
+        if self.open == 0 {
+            self.journal.clear();
+        }
+    }
+
+    /// Journals a change while a trial is open (and only then: outside trials nothing is kept).
+    fn record(&mut self, change: impl FnOnce() -> Change) {
+        if self.open > 0 {
+            self.journal.push(change());
+        }
     }
 
     /// Places one replica (the request must be valid) and commits it; `None` when nothing fits.
@@ -126,7 +198,10 @@ impl Placer {
         let alloc = build_allocation(node, request, pick, &fit);
         // The choice came from an exact feasibility check on the current state.
         match self.cluster.allocate(&alloc) {
-            Ok(()) => Some(alloc),
+            Ok(()) => {
+                self.record(|| Change::Allocated(alloc.clone()));
+                Some(alloc)
+            }
             Err(err) => {
                 debug_assert!(false, "engine chose an infeasible placement: {err}");
                 None
@@ -295,19 +370,14 @@ impl Placer {
     /// Why replica `placed + 1` of a gang fits nowhere once its first `placed` replicas are in
     /// place: they are placed for the look and taken back, leaving the pool as it was.
     pub fn explain_gang(&mut self, request: &ResourceRequest, placed: u32) -> FilterReport {
-        let mut trial = Vec::new();
+        let checkpoint = self.checkpoint();
         for _ in 0..placed {
-            match self.place_replica(request) {
-                Some(alloc) => trial.push(alloc),
-                None => break,
+            if self.place_replica(request).is_none() {
+                break;
             }
         }
         let report = self.explain(request);
-        for alloc in trial.iter().rev() {
-            // Undoing an allocation this engine made a moment ago cannot fail.
-            let undone = self.cluster.release(alloc);
-            debug_assert!(undone.is_ok(), "{undone:?}");
-        }
+        self.rollback(checkpoint);
         report
     }
 }

@@ -786,17 +786,10 @@ fn no_fit(
 
 /// Whether `spec` fits now, leaving the pool as it was.
 fn fits(placer: &mut Placer, spec: &JobSpec) -> bool {
-    match placer.place_job(spec) {
-        Ok(allocs) => {
-            for alloc in &allocs {
-                // Undoing a placement made a moment ago cannot fail.
-                let undone = placer.release(alloc);
-                debug_assert!(undone.is_ok(), "{undone:?}");
-            }
-            true
-        }
-        Err(_) => false,
-    }
+    let checkpoint = placer.checkpoint();
+    let placed = placer.place_job(spec).is_ok();
+    placer.rollback(checkpoint);
+    placed
 }
 
 /// Holds, for the rest of this round, the free capacity that `spec` will use once the `leaving`
@@ -805,19 +798,14 @@ fn fits(placer: &mut Placer, spec: &JobSpec) -> bool {
 /// starts over: a preemption loop. Only the part of the future placement that is free now is
 /// held; the leaving part is theirs until they stop.
 fn hold_for_reclaimer(placer: &mut Placer, spec: &JobSpec, leaving: &[&Allocation]) {
+    // Where it will go once they have left: a trial, undone whole.
+    let checkpoint = placer.checkpoint();
     for alloc in leaving {
         let undone = placer.release(alloc);
         debug_assert!(undone.is_ok(), "{undone:?}");
     }
     let future = placer.place_job(spec).unwrap_or_default();
-    for alloc in &future {
-        let undone = placer.release(alloc);
-        debug_assert!(undone.is_ok(), "{undone:?}");
-    }
-    for alloc in leaving {
-        let redone = placer.adopt(alloc);
-        debug_assert!(redone.is_ok(), "{redone:?}");
-    }
+    placer.rollback(checkpoint);
     for alloc in &future {
         let theirs: Vec<&Allocation> = leaving
             .iter()

@@ -360,3 +360,84 @@ fn an_invalid_job_is_refused_before_anything_is_placed() {
         "{report}"
     );
 }
+
+/// Everything of the pool's state but the node versions (which move on by design).
+fn full_state(cluster: &Cluster) -> Vec<String> {
+    cluster
+        .nodes()
+        .iter()
+        .map(|n| {
+            format!(
+                "{} {} {:?} {:?} {} {:?}",
+                n.cpu_free,
+                n.memory_free,
+                n.devices,
+                n.affinities,
+                n.replicas,
+                cluster.summary(n.id)
+            )
+        })
+        .chain(std::iter::once(format!(
+            "used {}",
+            cluster.gpu_used_milli()
+        )))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// A trial of placements, releases and re-adoptions, rolled back, leaves the pool exactly as
+    /// it was, for every policy, whatever was placed before it.
+    #[test]
+    fn a_rolled_back_trial_leaves_the_pool_as_it_was(
+        mut nodes in prop::collection::vec(node_strategy(), 1..6),
+        before in prop::collection::vec((request_strategy(), 1u32..=3), 0..20),
+        trial in prop::collection::vec(op_strategy(), 1..30),
+        policy in prop::sample::select(PolicyKind::ALL.to_vec()),
+        seed in any::<u64>(),
+    ) {
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.name = format!("n{i}");
+        }
+        let cluster = Cluster::new(nodes).unwrap();
+        let built = policy.build(&ShapeDistribution::default(), &cluster);
+        let mut placer = Placer::new(cluster, built, seed);
+        let mut live: Vec<Allocation> = Vec::new();
+        for (i, (request, replicas)) in before.into_iter().enumerate() {
+            let job = JobSpec { name: format!("b{i}"), project: "p".into(), priority: 50, replicas, request };
+            if let Ok(allocs) = placer.place_job(&job) {
+                live.extend(allocs);
+            }
+        }
+        let state = full_state(placer.cluster());
+        let checkpoint = placer.checkpoint();
+        let mut released = Vec::new();
+        for (i, op) in trial.iter().enumerate() {
+            match op {
+                Op::Submit(request, replicas) => {
+                    let job = JobSpec { name: format!("t{i}"), project: "p".into(), priority: 50, replicas: *replicas, request: request.clone() };
+                    let _ = placer.place_job(&job);
+                }
+                Op::Release(k) if !live.is_empty() => {
+                    let alloc = live.swap_remove(k % live.len());
+                    placer.release(&alloc).unwrap();
+                    released.push(alloc);
+                }
+                Op::Release(k) if !released.is_empty() => {
+                    // Take back something released during the trial, if its room is still free
+                    // (a failed adoption changes nothing).
+                    let alloc = released.swap_remove(k % released.len());
+                    if placer.adopt(&alloc).is_ok() {
+                        live.push(alloc);
+                    } else {
+                        released.push(alloc);
+                    }
+                }
+                Op::Release(_) => {}
+            }
+        }
+        placer.rollback(checkpoint);
+        prop_assert_eq!(full_state(placer.cluster()), state);
+    }
+}
