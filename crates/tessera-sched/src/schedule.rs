@@ -692,38 +692,17 @@ fn shrink_elastic<'a>(
     candidates.sort_by_key(|(leaving, priority, newest, r, index, _)| {
         (!*leaving, *priority, *newest, r.id, *index)
     });
-    let mut removed = Vec::new();
-    let mut found = false;
-    for (_, _, _, r, index, alloc) in candidates {
-        let undone = placer.release(alloc);
-        debug_assert!(undone.is_ok(), "{undone:?}");
-        removed.push((r, index, alloc));
-        if fits(placer, &job.spec) {
-            found = true;
-            break;
-        }
-    }
-    let mut needed = Vec::new();
-    // Never more than needed: give back, last choice first, every replica the job can do without.
-    for (r, index, alloc) in removed.into_iter().rev() {
-        let redone = placer.adopt(alloc);
-        debug_assert!(redone.is_ok(), "{redone:?}");
-        if found && !fits(placer, &job.spec) {
-            let undone = placer.release(alloc);
-            debug_assert!(undone.is_ok(), "{undone:?}");
-            needed.push((r, index, alloc));
-        }
-    }
-    if !found {
-        return None;
-    }
+    let chosen = fewest_to_release(
+        placer,
+        &job.spec,
+        candidates
+            .into_iter()
+            .map(|(_, _, _, r, index, alloc)| (r, index, alloc)),
+        |(_, _, alloc)| std::slice::from_ref(*alloc),
+        |_, _| true,
+    )?;
     // They run until they stop: the pool keeps them this round, and the caller holds the room.
-    for (_, _, alloc) in &needed {
-        let redone = placer.adopt(alloc);
-        debug_assert!(redone.is_ok(), "{redone:?}");
-    }
-    needed.reverse();
-    Some(needed)
+    Some(chosen)
 }
 
 /// The project whose head job goes next: lowest fair-share key, then priority, then age.
@@ -851,6 +830,79 @@ fn hold_for_reclaimer(placer: &mut Placer, spec: &JobSpec, leaving: &[&Allocatio
 }
 
 /// All the allocations of these jobs, for [`hold_for_reclaimer`].
+/// A turn of [`fewest_to_release`] for the caller's own accounting (e.g. quotas).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// May this candidate be released? (`false` passes over it.) Asked in order, with the ones
+    /// before it released.
+    Take,
+    /// The job fits without this candidate: may it be given back? (`false` keeps it chosen.)
+    MayReturn,
+    /// This candidate was given back (or, when nothing was enough, restored).
+    Returned,
+}
+
+/// The fewest `candidates`, taken in order, whose release lets `spec` fit, shared by shrinking
+/// elastic jobs, reclaim and consolidation: releases them one by one until `spec` fits, then gives
+/// back, last taken first, every one it can do without. Returns them in the order taken, or `None`
+/// when even all of them are not enough; either way the pool is left as it was.
+fn fewest_to_release<'a, T: Copy>(
+    placer: &mut Placer,
+    spec: &JobSpec,
+    candidates: impl IntoIterator<Item = T>,
+    allocations: impl Fn(&T) -> &'a [Allocation],
+    mut turn: impl FnMut(Turn, T) -> bool,
+) -> Option<Vec<T>> {
+    let release = |placer: &mut Placer, c: &T| {
+        for alloc in allocations(c) {
+            let undone = placer.release(alloc);
+            debug_assert!(undone.is_ok(), "{undone:?}");
+        }
+    };
+    let adopt = |placer: &mut Placer, c: &T| {
+        for alloc in allocations(c) {
+            let redone = placer.adopt(alloc);
+            debug_assert!(redone.is_ok(), "{redone:?}");
+        }
+    };
+    let mut taken: Vec<T> = Vec::new();
+    let mut found = false;
+    for c in candidates {
+        if !turn(Turn::Take, c) {
+            continue;
+        }
+        release(placer, &c);
+        taken.push(c);
+        if fits(placer, spec) {
+            found = true;
+            break;
+        }
+    }
+    if !found {
+        for c in taken.iter().rev() {
+            adopt(placer, c);
+            turn(Turn::Returned, *c);
+        }
+        return None;
+    }
+    // Never more than needed: give back, last taken first, every one the job can do without.
+    let mut needed = Vec::new();
+    for c in taken.into_iter().rev() {
+        adopt(placer, &c);
+        if fits(placer, spec) && turn(Turn::MayReturn, c) {
+            turn(Turn::Returned, c);
+            continue;
+        }
+        release(placer, &c);
+        needed.push(c);
+    }
+    for c in &needed {
+        adopt(placer, c);
+    }
+    needed.reverse();
+    Some(needed)
+}
+
 fn allocations_of<'a>(jobs: &[&'a RunningJob]) -> Vec<&'a Allocation> {
     jobs.iter().flat_map(|j| &j.allocations).collect()
 }
@@ -922,46 +974,31 @@ fn try_consolidation<'a>(
     nodes: &[NodeId],
     spec: &JobSpec,
 ) -> Option<Vec<(&'a RunningJob, NodeId)>> {
-    let release = |placer: &mut Placer, r: &RunningJob| {
-        let undone = placer.release(&r.allocations[0]);
-        debug_assert!(undone.is_ok(), "{undone:?}");
-    };
-    let adopt = |placer: &mut Placer, a: &Allocation| {
-        let redone = placer.adopt(a);
-        debug_assert!(redone.is_ok(), "{redone:?}");
-    };
-    let mut off: Vec<&RunningJob> = Vec::new();
-    let mut fit = false;
-    'clear: for &node in nodes {
+    // Candidates node by node, smallest first on each.
+    let mut candidates: Vec<&RunningJob> = Vec::new();
+    for &node in nodes {
         let mut on_node: Vec<&RunningJob> = movable
             .iter()
             .copied()
             .filter(|r| r.allocations[0].node == node)
             .collect();
         on_node.sort_by_key(|r| (r.gpu_milli, r.id));
-        for r in on_node {
-            release(placer, r);
-            off.push(r);
-            if fits(placer, spec) {
-                fit = true;
-                break 'clear;
-            }
-        }
+        candidates.extend(on_node);
     }
-    if !fit {
-        for r in &off {
-            adopt(placer, &r.allocations[0]);
-        }
-        return None;
-    }
-    // Never more moves than needed: put back, last taken first, every job it can do without.
-    let mut moving: Vec<&RunningJob> = Vec::new();
-    for r in off.into_iter().rev() {
-        adopt(placer, &r.allocations[0]);
-        if !fits(placer, spec) {
-            release(placer, r);
-            moving.push(r);
-        }
+    let mut moving = fewest_to_release(
+        placer,
+        spec,
+        candidates,
+        |r| r.allocations.as_slice(),
+        |_, _| true,
+    )?;
+    // The last taken is placed elsewhere first.
+    moving.reverse();
+    // The trial: the job and every moved job placed with the moved ones gone, then undone whole.
+    let checkpoint = placer.checkpoint();
+    for r in &moving {
+        let undone = placer.release(&r.allocations[0]);
+        debug_assert!(undone.is_ok(), "{undone:?}");
     }
     let placed = placer.place_job(spec).unwrap_or_default();
     let mut moves: Vec<(&RunningJob, Allocation)> = Vec::new();
@@ -971,37 +1008,22 @@ fn try_consolidation<'a>(
             match placer.place_replica(&requests[&r.id]) {
                 // Moving onto the node it is on gains nothing.
                 Some(a) if a.node != r.allocations[0].node => moves.push((r, a)),
-                Some(a) => {
-                    let undone = placer.release(&a);
-                    debug_assert!(undone.is_ok(), "{undone:?}");
-                    ok = false;
-                    break;
-                }
-                None => {
+                _ => {
                     ok = false;
                     break;
                 }
             }
         }
     }
-    // Undo the trial whatever it found: the running jobs keep their places this round.
-    for (_, a) in &moves {
-        let undone = placer.release(a);
-        debug_assert!(undone.is_ok(), "{undone:?}");
-    }
-    for a in &placed {
-        let undone = placer.release(a);
-        debug_assert!(undone.is_ok(), "{undone:?}");
-    }
-    for r in &moving {
-        adopt(placer, &r.allocations[0]);
-    }
+    // Whatever it found, the running jobs keep their places this round.
+    placer.rollback(checkpoint);
     if !ok {
         return None;
     }
     // Hold what the moved jobs will take, then what the job will.
     for (_, a) in &moves {
-        adopt(placer, a);
+        let redone = placer.adopt(a);
+        debug_assert!(redone.is_ok(), "{redone:?}");
     }
     hold_for_reclaimer(placer, spec, &allocations_of(&moving));
     Some(moves.into_iter().map(|(r, a)| (r, a.node)).collect())
@@ -1043,61 +1065,34 @@ fn reclaim<'a>(
             .then(b.id.cmp(&a.id))
     });
 
-    let release = |placer: &mut Placer, r: &RunningJob| {
-        for alloc in &r.allocations {
-            let undone = placer.release(alloc);
-            debug_assert!(undone.is_ok(), "{undone:?}");
-        }
-    };
-    let adopt = |placer: &mut Placer, r: &RunningJob| {
-        for alloc in &r.allocations {
-            let redone = placer.adopt(alloc);
-            debug_assert!(redone.is_ok(), "{redone:?}");
-        }
-    };
-
-    let mut removed: Vec<(&RunningJob, PreemptReason)> = Vec::new();
-    let mut found = false;
-    for (victim, reason) in candidates {
-        // Another project's work is reclaimable only down to that project's guarantee.
-        if reason == PreemptReason::QuotaReclaim
-            && !victim.stopping
-            && quotas.over_guarantee(&victim.project) < victim.gpu_milli
-        {
-            continue;
-        }
-        release(placer, victim);
-        quotas.uncharge(&victim.project, victim.gpu_milli);
-        removed.push((victim, reason));
-        if fits(placer, spec) {
-            found = true;
-            break;
-        }
-    }
-    if !found {
-        for (victim, _) in removed.iter().rev() {
-            adopt(placer, victim);
-            quotas.charge(&victim.project, victim.gpu_milli);
-        }
-        return None;
-    }
-    // Never more than needed: give back, newest choice first, every victim the job can do without.
-    let mut needed = Vec::new();
-    for (victim, reason) in removed.into_iter().rev() {
-        adopt(placer, victim);
-        if fits(placer, spec) && !victim.stopping {
-            quotas.charge(&victim.project, victim.gpu_milli);
-            continue;
-        }
-        release(placer, victim);
-        needed.push((victim, reason));
-    }
+    let needed = fewest_to_release(
+        placer,
+        spec,
+        candidates,
+        |(victim, _)| victim.allocations.as_slice(),
+        |turn, (victim, reason)| match turn {
+            // Another project's work is reclaimable only down to that project's guarantee.
+            Turn::Take => {
+                let allowed = reason != PreemptReason::QuotaReclaim
+                    || victim.stopping
+                    || quotas.over_guarantee(&victim.project) >= victim.gpu_milli;
+                if allowed {
+                    quotas.uncharge(&victim.project, victim.gpu_milli);
+                }
+                allowed
+            }
+            // A job already stopping stays counted: it leaves anyway.
+            Turn::MayReturn => !victim.stopping,
+            Turn::Returned => {
+                quotas.charge(&victim.project, victim.gpu_milli);
+                true
+            }
+        },
+    )?;
     // The victims still run until they stop; this round, the pool keeps them.
     for (victim, _) in &needed {
-        adopt(placer, victim);
         quotas.charge(&victim.project, victim.gpu_milli);
     }
-    needed.reverse();
     Some(needed)
 }
 
