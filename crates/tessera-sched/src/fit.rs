@@ -192,25 +192,7 @@ fn models_words(r: &ResourceRequest) -> String {
 mod tests {
     use super::*;
 
-    fn node(
-        name: &str,
-        cpus: u64,
-        mem_gib: u64,
-        gpus: usize,
-        model: &str,
-        gpu_gib: u64,
-    ) -> NodeSpec {
-        NodeSpec::with_devices(
-            name,
-            cpus * 1000,
-            mem_gib << 30,
-            gpus,
-            DeviceSpec {
-                model: model.into(),
-                memory_bytes: gpu_gib << 30,
-            },
-        )
-    }
+    use crate::testkit::node;
 
     fn pool() -> Vec<NodeSpec> {
         vec![

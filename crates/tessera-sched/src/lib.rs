@@ -20,6 +20,8 @@ pub mod request;
 pub mod rules;
 pub mod schedule;
 pub mod shapes;
+#[cfg(test)]
+mod testkit;
 pub mod validate;
 
 pub use cluster::{Allocation, Cluster, DeviceShare, NodeId};

@@ -780,36 +780,19 @@ fn build_allocation(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DeviceSpec, GIB, NodeSpec};
+    use crate::model::{GIB, NodeSpec};
     use crate::policy::PolicyKind;
     use crate::shapes::ShapeDistribution;
+    use crate::testkit::{self, request as ask};
 
     fn node(name: &str, cpus: u64, model: &str, devices: usize) -> NodeSpec {
-        NodeSpec::with_devices(
-            name,
-            cpus * 1000,
-            64 * GIB,
-            devices,
-            DeviceSpec {
-                model: model.into(),
-                memory_bytes: 40 * GIB,
-            },
-        )
+        testkit::node(name, cpus, 64, devices, model, 40)
     }
 
     fn placer(nodes: Vec<NodeSpec>) -> Placer {
         let cluster = Cluster::new(nodes).unwrap();
         let policy = PolicyKind::Tessera.build(&ShapeDistribution::default(), &cluster);
         Placer::new(cluster, policy, 1)
-    }
-
-    fn ask(gpu: GpuRequest, cpus: u64) -> ResourceRequest {
-        ResourceRequest {
-            gpu,
-            cpu_milli: cpus * 1000,
-            memory_bytes: GIB,
-            ..Default::default()
-        }
     }
 
     #[test]

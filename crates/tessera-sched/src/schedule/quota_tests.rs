@@ -1,62 +1,24 @@
 use super::*;
-use crate::cluster::{DeviceShare, NodeId};
-use crate::model::{DeviceSpec, GIB};
+use crate::cluster::NodeId;
 use crate::request::ResourceRequest;
-
-fn node(name: &str, devices: usize) -> NodeSpec {
-    NodeSpec::with_devices(
-        name,
-        64_000,
-        256 * GIB,
-        devices,
-        DeviceSpec {
-            model: "H100".into(),
-            memory_bytes: 80 * GIB,
-        },
-    )
-}
+use crate::testkit::{h100_node as node, one_gpu_on, quota, running, whole};
 
 fn job(project: &str, priority: i32, devices: u32, replicas: u32) -> JobSpec {
     JobSpec {
         project: project.into(),
-        ..super::tests::whole("j", priority, devices, replicas)
+        ..whole("j", priority, devices, replicas)
     }
 }
 
 /// A one-GPU job running on device `device` of node `node`.
 fn on(id: u64, project: &str, priority: i32, started: u64, node: u32, device: u32) -> RunningJob {
-    RunningJob {
+    running(
         id,
-        project: project.into(),
+        project,
         priority,
         started,
-        gpu_milli: 1000,
-        allocations: vec![Allocation {
-            node: NodeId(node),
-            cpu_milli: 1000,
-            memory_bytes: GIB,
-            devices: vec![DeviceShare {
-                device,
-                milli: 1000,
-                memory_bytes: 80 * GIB,
-            }],
-            affinity: None,
-        }],
-        stopping: false,
-        preemptible: true,
-        request: None,
-        elastic: None,
-    }
-}
-
-fn quota(name: &str, guaranteed: u64, limit: Option<u64>) -> ProjectQuota {
-    ProjectQuota {
-        name: name.into(),
-        parent: None,
-        guaranteed_milli: guaranteed,
-        limit_milli: limit,
-        over_quota_weight: 1,
-    }
+        vec![one_gpu_on(node, device)],
+    )
 }
 
 fn config() -> Config {

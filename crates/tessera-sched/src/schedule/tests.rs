@@ -1,37 +1,7 @@
 use super::*;
 use crate::cluster::{DeviceShare, NodeId};
 use crate::model::{DeviceSpec, GIB};
-use crate::request::{GpuRequest, ResourceRequest};
-
-pub(super) fn whole(name: &str, priority: i32, devices: u32, replicas: u32) -> JobSpec {
-    JobSpec {
-        name: name.into(),
-        project: "p".into(),
-        priority,
-        replicas,
-        request: ResourceRequest {
-            gpu: GpuRequest::Whole { devices },
-            cpu_milli: 1000,
-            memory_bytes: GIB,
-            ..Default::default()
-        },
-    }
-}
-
-fn run(id: u64, project: &str, priority: i32, started: u64, allocs: Vec<Allocation>) -> RunningJob {
-    RunningJob {
-        id,
-        project: project.into(),
-        priority,
-        started,
-        gpu_milli: allocs.iter().map(|a| a.gpu_milli()).sum(),
-        allocations: allocs,
-        stopping: false,
-        preemptible: true,
-        request: None,
-        elastic: None,
-    }
-}
+use crate::testkit::{running as run, whole};
 
 #[test]
 fn a_node_holding_the_jobs_image_wins_a_tie_but_never_a_better_packing() {
