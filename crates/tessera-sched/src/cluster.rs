@@ -169,6 +169,8 @@ pub struct Cluster {
     touched_pos: Vec<u32>,
     gpu_capacity_milli: u64,
     gpu_used_milli: u64,
+    /// Free milli-GPU of each model (index: model id).
+    free_by_model: Vec<u64>,
 }
 
 const NOT_TOUCHED: u32 = u32::MAX;
@@ -241,7 +243,12 @@ impl Cluster {
             });
         }
         let n = nodes.len();
+        let mut free_by_model = vec![0u64; models.len()];
+        for d in nodes.iter().flat_map(|n| &n.devices) {
+            free_by_model[usize::from(d.model)] += u64::from(MILLI_PER_DEVICE);
+        }
         let mut cluster = Cluster {
+            free_by_model,
             summaries: vec![NodeSummary::default(); n],
             gpu_capacity_milli: nodes.iter().map(|s| s.milli_capacity()).sum(),
             classes: vec![HardwareClass::default(); class_index.len()],
@@ -338,6 +345,11 @@ impl Cluster {
             .fold(0u64, |mask, id| mask | (1u64 << id))
     }
 
+    /// Free milli-GPU of each model, indexed by model id (see [`Cluster::models`]).
+    pub fn free_milli_by_model(&self) -> &[u64] {
+        &self.free_by_model
+    }
+
     pub fn gpu_capacity_milli(&self) -> u64 {
         self.gpu_capacity_milli
     }
@@ -410,6 +422,7 @@ impl Cluster {
             d.milli_free -= share.milli;
             d.memory_free -= share.memory_bytes;
             self.gpu_used_milli += u64::from(share.milli);
+            self.free_by_model[usize::from(d.model)] -= u64::from(share.milli);
         }
         if let Some(a) = alloc.affinity {
             // Kept sorted, so that the same replicas give the same list whatever their order.
@@ -479,6 +492,7 @@ impl Cluster {
             d.milli_free += share.milli;
             d.memory_free += share.memory_bytes;
             self.gpu_used_milli -= u64::from(share.milli);
+            self.free_by_model[usize::from(d.model)] += u64::from(share.milli);
         }
         if let Some(a) = alloc.affinity
             && let Some(pos) = node.affinities.iter().position(|(k, _)| *k == a)

@@ -214,6 +214,9 @@ impl Placer {
         &mut self,
         request: &ResourceRequest,
     ) -> Option<(crate::cluster::NodeId, DevicePick)> {
+        if self.policy.observe(&self.cluster) {
+            self.cache.clear();
+        }
         let cluster = &self.cluster;
         let resolved = Resolved::new(request, cluster);
         if resolved.models == Some(0) {

@@ -135,6 +135,13 @@ pub trait PlacementPolicy: Send + Sync {
     fn node_local(&self) -> bool {
         true
     }
+
+    /// Called before each decision with the pool as it is. A policy that also reads a pool-wide
+    /// quantity (Tessera: each model's free share) updates it here and returns true when it
+    /// changed, so that the engine drops the scores it cached per node version.
+    fn observe(&mut self, _cluster: &Cluster) -> bool {
+        false
+    }
 }
 
 /// The policies Tessera ships.

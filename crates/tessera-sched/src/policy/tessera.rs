@@ -23,22 +23,29 @@
 //!
 //! **Pinned models.** Where tasks name the models they accept, a second effect decides: a task
 //! that could run on any model, placed on a model that pinned tasks need, takes capacity that
-//! those tasks cannot find anywhere else. Tessera learns each model's *pin pressure* from the
-//! history, the share of all GPU demand that names it (a set's demand split over its models by
-//! capacity) divided by the model's share of the pool's GPUs, capped at 1:
+//! those tasks cannot find anywhere else. Tessera learns from the history each model's pinned
+//! share of all GPU demand (a set's demand split over the models in it that can hold its
+//! replicas, by capacity), and keeps each model's *pin pressure* with the pool as it is: the
+//! pinned work still to come, if arrivals keep the history's mix until the pool is full, over
+//! what the model has free, capped at 1:
 //!
 //! ```text
-//! pressure(M) = min(1, pinned_demand(M) / capacity_share(M))
+//! pressure(M) = min(1, pinned_share(M) × free(pool) / free(M))
 //! ```
 //!
-//! and charges a placement on model M, per milli-GPU taken, what it costs beyond the least
-//! pressured model the task could have used: `pressure(M) − min over allowed m of pressure(m)`.
-//! A task pinned to one model pays nothing (it has no alternative); with no pins, or pins in
-//! proportion to the fleet, every model's pressure is equal and nothing changes. The cost is in
-//! the potential's unit (milli-GPU expected to go unallocated), so it too has no knob. The
-//! stranded-GPU term alone loses to FGD when pins oversubscribe the small models: it draws
-//! low-CPU tasks to the CPU-poor nodes (here P100, V100M16), which are exactly the models pinned
-//! work then finds full.
+//! On an empty pool that is the pinned share over the model's share of GPUs; as a model fills
+//! faster than the pool (unpinned work likes its nodes: the CPU-rich T4 nodes of openb, say), its
+//! pressure rises. A placement on model M pays, per milli-GPU taken, its pressure beyond that of
+//! the least pressured model the task could have used (`pressure(M) − min over allowed m`). A
+//! task pinned to one model pays nothing (it has no alternative); with no pins, nothing changes.
+//! The cost is in the potential's unit (milli-GPU expected to go unallocated), so it has no knob.
+//! Pressure moves in steps of [`PRESSURE_STEP`] so that scores cached per node stay valid between
+//! steps ([`PlacementPolicy::observe`] tells the engine when to drop them).
+//!
+//! Why: the stranded-GPU term alone loses to FGD when pins oversubscribe the small models (it
+//! draws low-CPU tasks to the CPU-poor P100 and V100M16 nodes, which pinned work then finds full),
+//! and both lose to plain packing when pins follow the fleet but unpinned work crowds the
+//! CPU-rich models first.
 //!
 //! With no history (empty distribution), every score ties and placement is first fit in node order.
 
@@ -55,7 +62,9 @@ pub struct Tessera {
     shapes: Vec<ResolvedShape>,
     /// CPU milli that GPU work asks per milli-GPU; 0 when the history has no GPU work.
     cpu_per_gpu_milli: f64,
-    /// Pin pressure of each model (index: model id), 0..=1.
+    /// Share of all GPU demand pinned to each model (index: model id), from the history.
+    pinned: [f64; MAX_DEVICE_MODELS],
+    /// Pin pressure of each model now, 0..=1, in steps of [`PRESSURE_STEP`].
     pressure: [f64; MAX_DEVICE_MODELS],
     /// Per model: the most devices of it on one node.
     most_per_node: [u32; MAX_DEVICE_MODELS],
@@ -70,11 +79,12 @@ impl Tessera {
             gpu += s.weight * f64::from(s.milli) * f64::from(s.devices);
         }
         let most_per_node = most_per_node(cluster);
-        let pressure = pin_pressure(&history.pinned_demand, cluster, &most_per_node);
+        let pinned = pinned_share(&history.pinned_demand, cluster, &most_per_node);
         Tessera {
             shapes,
             cpu_per_gpu_milli: if gpu > 0.0 { cpu / gpu } else { 0.0 },
-            pressure,
+            pressure: pressure_now(&pinned, cluster),
+            pinned,
             most_per_node,
         }
     }
@@ -117,6 +127,16 @@ impl PlacementPolicy for Tessera {
         "Tessera"
     }
 
+    fn observe(&mut self, cluster: &Cluster) -> bool {
+        if self.pinned.iter().all(|&p| p == 0.0) {
+            return false;
+        }
+        let now = pressure_now(&self.pinned, cluster);
+        let changed = now != self.pressure;
+        self.pressure = now;
+        changed
+    }
+
     fn score(&self, node: &NodeState, req: &Resolved, fit: &Fit, _rng: &mut ChaCha8Rng) -> Scored {
         let least = self.least_pressure(req.models, req.count.max(1));
         score_by_potential(
@@ -151,37 +171,52 @@ fn holding(most_per_node: &[u32; MAX_DEVICE_MODELS], devices: u32) -> u64 {
         .fold(0u64, |mask, m| mask | (1u64 << m))
 }
 
-/// Each model's pin pressure (see the module doc). A set's demand goes to the models in it that
+/// Pressure is kept in steps of this size, so that scores cached per node stay valid until a
+/// model's pressure moves by a step (a fill of the pool crosses each step once per model).
+pub const PRESSURE_STEP: f64 = 0.05;
+
+/// Each model's share of all GPU demand pinned to it. A set's demand goes to the models in it that
 /// can hold its replicas, in proportion to their GPUs.
-fn pin_pressure(
+fn pinned_share(
     pins: &[PinnedDemand],
     cluster: &Cluster,
     most_per_node: &[u32; MAX_DEVICE_MODELS],
 ) -> [f64; MAX_DEVICE_MODELS] {
-    let mut capacity = [0.0f64; MAX_DEVICE_MODELS];
-    for node in cluster.nodes() {
-        for d in &node.devices {
-            capacity[usize::from(d.model)] += 1.0;
-        }
+    let mut capacity = vec![0u64; cluster.models().len()];
+    for d in cluster.nodes().iter().flat_map(|n| &n.devices) {
+        capacity[usize::from(d.model)] += 1;
     }
-    let total: f64 = capacity.iter().sum();
     let mut pinned = [0.0f64; MAX_DEVICE_MODELS];
     for pin in pins {
         let names: Vec<String> = pin.models.split('|').map(str::to_owned).collect();
         let mask = cluster.model_mask(&names) & holding(most_per_node, pin.devices.max(1));
-        let set_capacity: f64 = (0..MAX_DEVICE_MODELS)
-            .filter(|&m| mask & (1u64 << m) != 0)
-            .map(|m| capacity[m])
-            .sum();
-        for m in (0..MAX_DEVICE_MODELS).filter(|&m| mask & (1u64 << m) != 0) {
-            pinned[m] += pin.share * capacity[m] / set_capacity;
+        let members = || (0..capacity.len()).filter(move |&m| mask & (1u64 << m) != 0);
+        let set_capacity: u64 = members().map(|m| capacity[m]).sum();
+        for m in members() {
+            pinned[m] += pin.share * capacity[m] as f64 / set_capacity as f64;
         }
     }
+    pinned
+}
+
+/// Each model's pin pressure with the pool as it is: the pinned work still to come, if arrivals
+/// keep the history's mix until the pool is full, over what the model has free, capped at 1.
+/// On an empty pool it is the pinned share of demand over the model's share of GPUs; as a model
+/// fills faster than the pool (unpinned work likes its nodes), its pressure rises.
+fn pressure_now(pinned: &[f64; MAX_DEVICE_MODELS], cluster: &Cluster) -> [f64; MAX_DEVICE_MODELS] {
+    let free = cluster.free_milli_by_model();
+    let total: u64 = free.iter().sum();
     let mut pressure = [0.0f64; MAX_DEVICE_MODELS];
-    for m in 0..MAX_DEVICE_MODELS {
-        if capacity[m] > 0.0 {
-            pressure[m] = (pinned[m] / (capacity[m] / total)).min(1.0);
+    for (m, &free_m) in free.iter().enumerate() {
+        if pinned[m] == 0.0 {
+            continue;
         }
+        let p = if free_m == 0 {
+            1.0
+        } else {
+            (pinned[m] * total as f64 / free_m as f64).min(1.0)
+        };
+        pressure[m] = (p / PRESSURE_STEP).round() * PRESSURE_STEP;
     }
     pressure
 }
@@ -308,5 +343,46 @@ mod tests {
         let policy = Tessera::new(&ShapeDistribution::typical(&even, 1.0), &cluster);
         assert_eq!(policy.pressure[..2], [0.5, 0.5]);
         assert_eq!(policy.displacement(1, policy.least_pressure(None, 1)), 0.0);
+    }
+
+    #[test]
+    fn a_model_that_fills_faster_than_the_pool_grows_pressure_and_unpinned_work_moves_away() {
+        // Pins in proportion to the fleet: equal pressure on an empty pool.
+        let cluster = Cluster::new(vec![gpu_node("a", "G2"), gpu_node("b", "T4")]).unwrap();
+        let even = [
+            one_gpu(&["G2"]),
+            one_gpu(&["T4"]),
+            one_gpu(&[]),
+            one_gpu(&[]),
+        ];
+        let mut policy = Tessera::new(&ShapeDistribution::typical(&even, 1.0), &cluster);
+        assert!(!policy.observe(&cluster), "nothing changed yet");
+        assert_eq!(policy.pressure[..2], [0.5, 0.5]);
+        // Unpinned work takes three of the T4 node's four GPUs.
+        let mut placer_cluster = cluster.clone();
+        for device in 0..3 {
+            let alloc = crate::cluster::Allocation {
+                node: crate::cluster::NodeId(1),
+                cpu_milli: 1000,
+                memory_bytes: GIB,
+                devices: vec![crate::cluster::DeviceShare {
+                    device,
+                    milli: 1000,
+                    memory_bytes: 0,
+                }],
+                affinity: None,
+            };
+            placer_cluster.allocate(&alloc).unwrap();
+        }
+        assert!(policy.observe(&placer_cluster), "the T4's pressure moved");
+        // Five of eight GPUs free, one of them a T4: T4 pinned work (a quarter of demand) would
+        // need 1.25 of it (capped at 1); G2's quarter needs 1.25 of 4 (0.3125, kept as 0.30).
+        assert_eq!(policy.pressure[1], 1.0);
+        assert!(
+            (policy.pressure[0] - 0.3).abs() < 1e-9,
+            "{}",
+            policy.pressure[0]
+        );
+        assert!(policy.displacement(1, policy.least_pressure(None, 1)) > 0.6);
     }
 }
