@@ -358,6 +358,16 @@ impl Cluster {
         self.gpu_used_milli
     }
 
+    /// Marks every node with a device of a model in `mask` as changed, so that scores cached for
+    /// it are not reused (a policy's view of those models moved; see `PlacementPolicy::observe`).
+    pub(crate) fn invalidate_models(&mut self, mask: u64) {
+        for node in &mut self.nodes {
+            if node.model_mask & mask != 0 {
+                node.version = node.version.wrapping_add(1);
+            }
+        }
+    }
+
     /// Nodes with something running on them.
     pub(crate) fn touched(&self) -> &[u32] {
         &self.touched

@@ -20,8 +20,14 @@ use crate::policy::{DevicePick, Fit, PlacementPolicy, Resolved, Scored};
 use crate::request::{GpuRequest, JobSpec, ResourceRequest};
 use crate::validate::{ValidationError, validate_job};
 
-/// Most distinct request shapes whose scores are cached at once.
-const MAX_CACHED_SHAPES: usize = 256;
+/// Memory the score cache may take: shapes × nodes × an entry. A pool with many distinct
+/// request shapes (model pins multiply them) keeps more of them on a small pool than a large one.
+const SCORE_CACHE_BYTES: usize = 256 << 20;
+
+/// Most distinct request shapes whose scores are cached at once, for a pool of `nodes`.
+fn max_cached_shapes(nodes: usize) -> usize {
+    (SCORE_CACHE_BYTES / (nodes.max(1) * std::mem::size_of::<CacheEntry>())).clamp(64, 4096)
+}
 
 /// Why a job could not be placed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -214,8 +220,9 @@ impl Placer {
         &mut self,
         request: &ResourceRequest,
     ) -> Option<(crate::cluster::NodeId, DevicePick)> {
-        if self.policy.observe(&self.cluster) {
-            self.cache.clear();
+        let moved = self.policy.observe(&self.cluster);
+        if moved != 0 {
+            self.cluster.invalidate_models(moved);
         }
         let cluster = &self.cluster;
         let resolved = Resolved::new(request, cluster);
@@ -230,7 +237,7 @@ impl Placer {
         };
         let node_local = self.policy.node_local();
         if node_local && !self.cache.contains_key(&key) {
-            if self.cache.len() >= MAX_CACHED_SHAPES {
+            if self.cache.len() >= max_cached_shapes(cluster.len()) {
                 self.cache.clear();
             }
             self.cache.insert(

@@ -136,11 +136,13 @@ pub trait PlacementPolicy: Send + Sync {
         true
     }
 
-    /// Called before each decision with the pool as it is. A policy that also reads a pool-wide
-    /// quantity (Tessera: each model's free share) updates it here and returns true when it
-    /// changed, so that the engine drops the scores it cached per node version.
-    fn observe(&mut self, _cluster: &Cluster) -> bool {
-        false
+    /// Called before each decision with the pool as it is. A policy whose score of a node also
+    /// reads a pool-wide quantity per device model (Tessera: each model's pin pressure) updates it
+    /// here and returns the mask of models whose quantity moved, so that the engine stops reusing
+    /// scores it cached for nodes of those models. The score of a node may depend on the
+    /// quantities of its own models only.
+    fn observe(&mut self, _cluster: &Cluster) -> u64 {
+        0
     }
 }
 

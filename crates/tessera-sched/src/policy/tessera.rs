@@ -35,12 +35,14 @@
 //!
 //! On an empty pool that is the pinned share over the model's share of GPUs; as a model fills
 //! faster than the pool (unpinned work likes its nodes: the CPU-rich T4 nodes of openb, say), its
-//! pressure rises. A placement on model M pays, per milli-GPU taken, its pressure beyond that of
-//! the least pressured model the task could have used (`pressure(M) − min over allowed m`). A
-//! task pinned to one model pays nothing (it has no alternative); with no pins, nothing changes.
-//! The cost is in the potential's unit (milli-GPU expected to go unallocated), so it has no knob.
-//! Pressure moves in steps of [`PRESSURE_STEP`] so that scores cached per node stay valid between
-//! steps ([`PlacementPolicy::observe`] tells the engine when to drop them).
+//! pressure rises. A placement on model M pays, per milli-GPU taken, `pressure(M)` (in the
+//! potential's unit, milli-GPU expected to go unallocated, so there is no knob). A task pinned to
+//! one model pays the same on every node it may use, so its choice is unchanged; a task free to go
+//! anywhere pays most where pinned work will need the room; with no pins, nothing changes. (A
+//! first cut charged only the excess over the task's least pressured alternative: the same
+//! choices within 0.05 points on every variant, but a node's score then hung on other models'
+//! pressure.) Pressure moves in whole steps of [`PRESSURE_STEP`]; [`PlacementPolicy::observe`]
+//! tells the engine which models moved, and only their nodes are scored again.
 //!
 //! Why: the stranded-GPU term alone loses to FGD when pins oversubscribe the small models (it
 //! draws low-CPU tasks to the CPU-poor P100 and V100M16 nodes, which pinned work then finds full),
@@ -52,7 +54,7 @@
 use rand_chacha::ChaCha8Rng;
 
 use super::{Fit, PlacementPolicy, Resolved, Scored, resolve_shapes};
-use crate::cluster::{Cluster, ModelId, NodeState};
+use crate::cluster::{Cluster, NodeState};
 use crate::frag::{DeviceFree, ResolvedShape, node_fragmentation};
 use crate::model::MAX_DEVICE_MODELS;
 use crate::policy::fgd::score_by_potential;
@@ -66,8 +68,6 @@ pub struct Tessera {
     pinned: [f64; MAX_DEVICE_MODELS],
     /// Pin pressure of each model now, 0..=1, in steps of [`PRESSURE_STEP`].
     pressure: [f64; MAX_DEVICE_MODELS],
-    /// Per model: the most devices of it on one node.
-    most_per_node: [u32; MAX_DEVICE_MODELS],
 }
 
 impl Tessera {
@@ -85,26 +85,7 @@ impl Tessera {
             cpu_per_gpu_milli: if gpu > 0.0 { cpu / gpu } else { 0.0 },
             pressure: pressure_now(&pinned, cluster),
             pinned,
-            most_per_node,
         }
-    }
-
-    /// The least pin pressure among the models a task allowed `models`, `devices` per replica,
-    /// could use.
-    fn least_pressure(&self, models: Option<u64>, devices: u32) -> f64 {
-        let mut allowed = models.unwrap_or(u64::MAX) & holding(&self.most_per_node, devices);
-        let mut least = f64::INFINITY;
-        while allowed != 0 {
-            least = least.min(self.pressure[allowed.trailing_zeros() as usize]);
-            allowed &= allowed - 1;
-        }
-        least
-    }
-
-    /// Cost per milli-GPU of taking a device of `model` for a task whose least pressured allowed
-    /// model has pressure `least`: the pressure it adds beyond that.
-    fn displacement(&self, model: ModelId, least: f64) -> f64 {
-        (self.pressure[usize::from(model)] - least).max(0.0)
     }
 
     /// Free milli-GPU that `cpu_free` cannot feed at the usual CPU-per-GPU ratio.
@@ -127,24 +108,30 @@ impl PlacementPolicy for Tessera {
         "Tessera"
     }
 
-    fn observe(&mut self, cluster: &Cluster) -> bool {
+    fn observe(&mut self, cluster: &Cluster) -> u64 {
         if self.pinned.iter().all(|&p| p == 0.0) {
-            return false;
+            return 0;
         }
+        // A model's pressure moves only when it is a whole step away from the kept value, so that
+        // a value near a step's edge does not flip back and forth (each move re-scores its nodes).
         let now = pressure_now(&self.pinned, cluster);
-        let changed = now != self.pressure;
-        self.pressure = now;
-        changed
+        let mut moved = 0u64;
+        for (m, (kept, now)) in self.pressure.iter_mut().zip(now).enumerate() {
+            if (now - *kept).abs() >= PRESSURE_STEP - 1e-9 {
+                *kept = now;
+                moved |= 1u64 << m;
+            }
+        }
+        moved
     }
 
     fn score(&self, node: &NodeState, req: &Resolved, fit: &Fit, _rng: &mut ChaCha8Rng) -> Scored {
-        let least = self.least_pressure(req.models, req.count.max(1));
         score_by_potential(
             node,
             req,
             fit,
             |cpu, devices| self.potential(cpu, devices),
-            |model| self.displacement(model, least),
+            |model| self.pressure[usize::from(model)],
         )
     }
 }
@@ -316,14 +303,10 @@ mod tests {
         // Unpinned: the T4 node scores below an identical G2 node.
         let free = one_gpu(&[]);
         assert!(score(&free, 3, &mut rng) < score(&free, 0, &mut rng));
-        // Pinned to T4: it has no alternative and pays nothing for taking one; unpinned, a T4
-        // costs its whole pressure per milli-GPU.
-        let t4_only = Resolved::new(&one_gpu(&["T4"]), &cluster).models;
-        assert_eq!(
-            policy.displacement(1, policy.least_pressure(t4_only, 1)),
-            0.0
-        );
-        assert_eq!(policy.displacement(1, policy.least_pressure(None, 1)), 1.0);
+        // Pinned to T4: it pays the same on every node it may use (the T4 ones), so the charge
+        // does not change which it takes; it is the FGD score shifted down.
+        let pinned = one_gpu(&["T4"]);
+        assert!(score(&pinned, 3, &mut rng) < score(&free, 0, &mut rng));
         // Allowed both: the same as unpinned.
         let either = one_gpu(&["G2", "T4"]);
         assert_eq!(score(&either, 3, &mut rng), score(&free, 3, &mut rng));
@@ -341,8 +324,8 @@ mod tests {
             one_gpu(&[]),
         ];
         let policy = Tessera::new(&ShapeDistribution::typical(&even, 1.0), &cluster);
+        // Equal pressure: both models charge the same, so nothing changes between them.
         assert_eq!(policy.pressure[..2], [0.5, 0.5]);
-        assert_eq!(policy.displacement(1, policy.least_pressure(None, 1)), 0.0);
     }
 
     #[test]
@@ -356,7 +339,7 @@ mod tests {
             one_gpu(&[]),
         ];
         let mut policy = Tessera::new(&ShapeDistribution::typical(&even, 1.0), &cluster);
-        assert!(!policy.observe(&cluster), "nothing changed yet");
+        assert_eq!(policy.observe(&cluster), 0, "nothing changed yet");
         assert_eq!(policy.pressure[..2], [0.5, 0.5]);
         // Unpinned work takes three of the T4 node's four GPUs.
         let mut placer_cluster = cluster.clone();
@@ -374,7 +357,11 @@ mod tests {
             };
             placer_cluster.allocate(&alloc).unwrap();
         }
-        assert!(policy.observe(&placer_cluster), "the T4's pressure moved");
+        assert_eq!(
+            policy.observe(&placer_cluster),
+            0b11,
+            "both models' pressure moved"
+        );
         // Five of eight GPUs free, one of them a T4: T4 pinned work (a quarter of demand) would
         // need 1.25 of it (capped at 1); G2's quarter needs 1.25 of 4 (0.3125, kept as 0.30).
         assert_eq!(policy.pressure[1], 1.0);
@@ -383,6 +370,5 @@ mod tests {
             "{}",
             policy.pressure[0]
         );
-        assert!(policy.displacement(1, policy.least_pressure(None, 1)) > 0.6);
     }
 }
