@@ -3473,3 +3473,64 @@ fn a_service_cannot_turn_the_gateway_onto_the_controllers_own_port() {
     assert_eq!(status, 503, "{text}");
     assert!(!text.contains("\"role\""), "{text}");
 }
+
+#[test]
+fn a_waiting_jobs_reason_names_the_resource_that_binds() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
+    pool.add_agent("n2", "127.0.0.3", "2xA100-40GB");
+    let submit = |resources: Value| {
+        let (status, v) = pool.post(
+            "/v1/jobs",
+            json!({"metadata": {"name": "b"},
+                   "spec": {"resources": resources, "command": ["sleep", "60"]}}),
+            &pool.admin,
+        );
+        assert_eq!(status, 201, "{v}");
+        v["id"].as_u64().unwrap()
+    };
+    let reason_of = |id: u64| -> String {
+        let mut reason = String::new();
+        pool.wait_for("a waiting reason", || {
+            let job = pool.job(id);
+            reason = job["reason"].as_str().unwrap_or_default().to_owned();
+            job["state"] == "pending" && reason.contains("binds")
+        });
+        reason
+    };
+    // Six of each node's eight CPUs go to CPU-only work; the GPUs stay free.
+    let hogs = [
+        submit(json!({"cpu": 6, "memory": "64MiB"})),
+        submit(json!({"cpu": 6, "memory": "64MiB"})),
+    ];
+    for hog in hogs {
+        pool.wait_state(hog, "running");
+    }
+    let gpu_job = submit(json!({"gpu": 1, "cpu": 4, "memory": "64MiB"}));
+    let reason = reason_of(gpu_job);
+    assert!(
+        reason.contains(
+            "CPU binds: 2 nodes have everything else but at most 2 CPU free (it needs 4)"
+        ),
+        "{reason}"
+    );
+    let (ok, out, err) = cli(&pool, &["describe", "job", &gpu_job.to_string()]);
+    assert!(ok && out.contains("CPU binds"), "{out} {err}");
+    for id in hogs.into_iter().chain([gpu_job]) {
+        let (s, v) = pool.post(&format!("/v1/jobs/{id}/cancel"), json!({}), &pool.admin);
+        assert!((200..300).contains(&s), "{v}");
+    }
+    // Both H100s busy, the A100s free: an H100-only job waits on its model constraint.
+    let h100s =
+        submit(json!({"gpu": 2, "cpu": 0.5, "memory": "64MiB", "deviceModels": ["H100-80GB"]}));
+    pool.wait_state(h100s, "running");
+    let pinned =
+        submit(json!({"gpu": 1, "cpu": 0.5, "memory": "64MiB", "deviceModels": ["H100-80GB"]}));
+    let reason = reason_of(pinned);
+    assert!(
+        reason.contains(
+            "the model constraint binds: 1 node would fit but carry only other models than H100-80GB"
+        ),
+        "{reason}"
+    );
+}
