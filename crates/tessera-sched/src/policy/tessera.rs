@@ -83,7 +83,7 @@ impl Tessera {
         Tessera {
             shapes,
             cpu_per_gpu_milli: if gpu > 0.0 { cpu / gpu } else { 0.0 },
-            pressure: pressure_now(&pinned, cluster),
+            pressure: pressure_now(&pinned, cluster).map(in_steps),
             pinned,
         }
     }
@@ -112,13 +112,14 @@ impl PlacementPolicy for Tessera {
         if self.pinned.iter().all(|&p| p == 0.0) {
             return 0;
         }
-        // A model's pressure moves only when it is a whole step away from the kept value, so that
-        // a value near a step's edge does not flip back and forth (each move re-scores its nodes).
-        let now = pressure_now(&self.pinned, cluster);
+        // A model's pressure moves only when the exact value is a whole step away from the kept
+        // one, so that a value near a step's edge does not flip back and forth (each move
+        // re-scores that model's nodes).
+        let exact = pressure_now(&self.pinned, cluster);
         let mut moved = 0u64;
-        for (m, (kept, now)) in self.pressure.iter_mut().zip(now).enumerate() {
-            if (now - *kept).abs() >= PRESSURE_STEP - 1e-9 {
-                *kept = now;
+        for (m, (kept, exact)) in self.pressure.iter_mut().zip(exact).enumerate() {
+            if (exact - *kept).abs() >= PRESSURE_STEP {
+                *kept = in_steps(exact);
                 moved |= 1u64 << m;
             }
         }
@@ -186,7 +187,7 @@ fn pinned_share(
     pinned
 }
 
-/// Each model's pin pressure with the pool as it is: the pinned work still to come, if arrivals
+/// Each model's exact pin pressure with the pool as it is: the pinned work still to come, if arrivals
 /// keep the history's mix until the pool is full, over what the model has free, capped at 1.
 /// On an empty pool it is the pinned share of demand over the model's share of GPUs; as a model
 /// fills faster than the pool (unpinned work likes its nodes), its pressure rises.
@@ -203,9 +204,14 @@ fn pressure_now(pinned: &[f64; MAX_DEVICE_MODELS], cluster: &Cluster) -> [f64; M
         } else {
             (pinned[m] * total as f64 / free_m as f64).min(1.0)
         };
-        pressure[m] = (p / PRESSURE_STEP).round() * PRESSURE_STEP;
+        pressure[m] = p;
     }
     pressure
+}
+
+/// A pressure rounded to whole steps of [`PRESSURE_STEP`].
+fn in_steps(pressure: f64) -> f64 {
+    (pressure / PRESSURE_STEP).round() * PRESSURE_STEP
 }
 
 #[cfg(test)]
