@@ -62,6 +62,20 @@ impl NodeSpec {
     }
 }
 
+/// Formats milli-units (CPU, GPU) for people: `2`, `0.5`.
+pub fn human_milli(milli: u64) -> String {
+    if milli % 1000 == 0 {
+        (milli / 1000).to_string()
+    } else {
+        format!("{}", milli as f64 / 1000.0)
+    }
+}
+
+/// `1 node`, `2 nodes`.
+pub fn plural(n: u32, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
 /// Formats bytes for people: `20.0 GiB`, `512.0 MiB`.
 pub fn human_bytes(bytes: u64) -> String {
     if bytes >= GIB {

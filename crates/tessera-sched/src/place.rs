@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::cluster::{Allocation, CapacityError, Cluster, DeviceShare, GpuAffinity, NodeState};
-use crate::model::MILLI_PER_DEVICE;
+use crate::model::{MILLI_PER_DEVICE, human_milli, plural};
 use crate::policy::{DevicePick, Fit, PlacementPolicy, Resolved, Scored};
 use crate::request::{GpuRequest, JobSpec, ResourceRequest};
 use crate::validate::{ValidationError, validate_job};
@@ -477,8 +477,8 @@ impl FilterReport {
         Some(match b.resource {
             Lack::Cpu => format!(
                 "CPU binds: {nodes} {have} everything else but at most {} CPU free (it needs {})",
-                cpus(b.most_free),
-                cpus(request.cpu_milli)
+                human_milli(b.most_free),
+                human_milli(request.cpu_milli)
             ),
             Lack::Memory => format!(
                 "memory binds: {nodes} {have} everything else but at most {} of memory free \
@@ -490,8 +490,8 @@ impl FilterReport {
                 GpuRequest::Share { milli } => format!(
                     "GPU binds: {nodes} {have} the CPU and memory but no device with {} GPU \
                      free (the most free on one device there: {})",
-                    cpus(u64::from(milli)),
-                    cpus(b.most_free)
+                    human_milli(u64::from(milli)),
+                    human_milli(b.most_free)
                 ),
                 GpuRequest::Whole { devices } => format!(
                     "GPU binds: {nodes} {have} the CPU and memory but not {} free \
@@ -516,19 +516,6 @@ impl FilterReport {
                 request.device_models.join(" or ")
             ),
         })
-    }
-}
-
-fn plural(n: u32, what: &str) -> String {
-    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
-}
-
-/// Milli-units (CPU, GPU) for people: `2`, `0.5`.
-fn cpus(milli: u64) -> String {
-    if milli % 1000 == 0 {
-        (milli / 1000).to_string()
-    } else {
-        format!("{}", milli as f64 / 1000.0)
     }
 }
 

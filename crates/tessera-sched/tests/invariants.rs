@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use tessera_sched::cluster::{Allocation, Cluster};
 use tessera_sched::model::{DeviceSpec, GIB, NodeSpec};
-use tessera_sched::place::Placer;
+use tessera_sched::place::{Lack, Placer};
 use tessera_sched::policy::PolicyKind;
 use tessera_sched::request::{GpuRequest, JobSpec, ResourceRequest};
 use tessera_sched::shapes::ShapeDistribution;
@@ -240,8 +240,16 @@ fn run(
                             }
                             assert_eq!(state(placer.cluster()), before, "explaining left traces");
                             if let Some(b) = gang.binding {
-                                // A node short of only the binding resource exists.
-                                assert!(b.nodes > 0);
+                                // The nodes short of only the binding resource are among those
+                                // counted short of it.
+                                let short = match b.resource {
+                                    Lack::Gpu => gang.lacking_gpu,
+                                    Lack::GpuMemory => gang.lacking_gpu_memory,
+                                    Lack::Cpu => gang.lacking_cpu,
+                                    Lack::Memory => gang.lacking_memory,
+                                    Lack::Model => gang.no_allowed_model,
+                                };
+                                assert!(short >= b.nodes, "{b:?} {gang}");
                             }
                         }
                         decisions.push(None);

@@ -66,6 +66,8 @@ pub struct Tessera {
     cpu_per_gpu_milli: f64,
     /// Share of all GPU demand pinned to each model (index: model id), from the history.
     pinned: [f64; MAX_DEVICE_MODELS],
+    /// Whether the history pins any model (otherwise there is nothing to observe).
+    pinned_any: bool,
     /// Pin pressure of each model now, 0..=1, in steps of [`PRESSURE_STEP`].
     pressure: [f64; MAX_DEVICE_MODELS],
 }
@@ -84,6 +86,7 @@ impl Tessera {
             shapes,
             cpu_per_gpu_milli: if gpu > 0.0 { cpu / gpu } else { 0.0 },
             pressure: pressure_now(&pinned, cluster).map(in_steps),
+            pinned_any: pinned.iter().any(|&p| p > 0.0),
             pinned,
         }
     }
@@ -109,7 +112,7 @@ impl PlacementPolicy for Tessera {
     }
 
     fn observe(&mut self, cluster: &Cluster) -> u64 {
-        if self.pinned.iter().all(|&p| p == 0.0) {
+        if !self.pinned_any {
             return 0;
         }
         // A model's pressure moves only when the exact value is a whole step away from the kept

@@ -1,6 +1,7 @@
 //! Why a job waits, in words a user can act on.
 
 use super::*;
+use crate::model::{human_milli, plural};
 
 /// The largest free capacity on one node, for telling a user what is there instead.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -71,9 +72,9 @@ impl WaitReason {
                     if job.request.gpu != GpuRequest::None {
                         text.push_str(&format!(
                             "; the pool has {} GPU free for it, on {} with {} CPU free there",
-                            gpus(free_for_it.milli),
+                            human_milli(free_for_it.milli),
                             plural(free_for_it.nodes, "node"),
-                            gpus(free_for_it.cpu_milli)
+                            human_milli(free_for_it.cpu_milli)
                         ));
                     }
                 }
@@ -99,7 +100,7 @@ impl WaitReason {
                         )),
                         Some(b) if b.largest_share_milli > 0 => text.push_str(&format!(
                             "; the largest free share is {} GPU on {}",
-                            gpus(u64::from(b.largest_share_milli)),
+                            human_milli(u64::from(b.largest_share_milli)),
                             b.node
                         )),
                         _ => text.push_str("; no GPU is free anywhere"),
@@ -119,10 +120,10 @@ impl WaitReason {
                 requested_milli,
             } => format!(
                 "needs {} GPU in all; project {} is at {} of its limit of {} GPU",
-                gpus(*requested_milli),
+                human_milli(*requested_milli),
                 hit.project,
-                gpus(hit.used_milli),
-                gpus(hit.limit_milli)
+                human_milli(hit.used_milli),
+                human_milli(hit.limit_milli)
             ),
             WaitReason::Consolidating { moved } => format!(
                 "free capacity is scattered; moving job{} {} to gather it for this one",
@@ -165,26 +166,12 @@ impl WaitReason {
     }
 }
 
-pub(super) fn plural(n: u32, what: &str) -> String {
-    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
-}
-
-pub(super) fn gpus(milli: u64) -> String {
-    let whole = milli / 1000;
-    let frac = milli % 1000;
-    if frac == 0 {
-        whole.to_string()
-    } else {
-        format!("{}", milli as f64 / 1000.0)
-    }
-}
-
 /// "2 whole GPUs of model H100 on one node", "4 replicas of 0.5 GPU each", ...
 pub(super) fn describe_needs(job: &JobSpec) -> String {
     let r = &job.request;
     let mut each = match r.gpu {
         GpuRequest::None => "no GPU".to_string(),
-        GpuRequest::Share { milli } => format!("{} of a GPU", gpus(u64::from(milli))),
+        GpuRequest::Share { milli } => format!("{} of a GPU", human_milli(u64::from(milli))),
         GpuRequest::Whole { devices: 1 } => "1 whole GPU".to_string(),
         GpuRequest::Whole { devices } => format!("{devices} whole GPUs"),
     };
@@ -196,7 +183,7 @@ pub(super) fn describe_needs(job: &JobSpec) -> String {
     }
     each.push_str(&format!(
         ", {} CPU and {} memory",
-        gpus(r.cpu_milli),
+        human_milli(r.cpu_milli),
         crate::model::human_bytes(r.memory_bytes)
     ));
     if !r.node_selector.is_empty() {
@@ -221,8 +208,13 @@ pub(super) fn no_fit(
     replica: u32,
     replicas: u32,
 ) -> WaitReason {
-    let free_for_it = placer.explain(&spec.request).usable;
-    let report = placer.explain_gang(&spec.request, replica);
+    let alone = placer.explain(&spec.request);
+    let free_for_it = alone.usable;
+    let report = if replica == 0 {
+        alone
+    } else {
+        placer.explain_gang(&spec.request, replica)
+    };
     let largest_free = placer
         .cluster()
         .nodes()

@@ -1,7 +1,7 @@
 use super::*;
-use crate::cluster::{DeviceShare, NodeId};
+use crate::cluster::NodeId;
 use crate::model::{DeviceSpec, GIB};
-use crate::testkit::{running as run, whole};
+use crate::testkit::{one_gpu_on, running as run, whole};
 
 #[test]
 fn a_node_holding_the_jobs_image_wins_a_tie_but_never_a_better_packing() {
@@ -40,17 +40,7 @@ fn a_node_holding_the_jobs_image_wins_a_tie_but_never_a_better_packing() {
         seed: 1,
         shapes: ShapeDistribution::default(),
     };
-    let busy = Allocation {
-        node: NodeId(1),
-        cpu_milli: 1000,
-        memory_bytes: GIB,
-        devices: vec![DeviceShare {
-            device: 0,
-            milli: 1000,
-            memory_bytes: 80 * GIB,
-        }],
-        affinity: None,
-    };
+    let busy = one_gpu_on(1, 0);
     let mut snapshot = Snapshot {
         nodes,
         pending: vec![job(1)],
@@ -85,17 +75,7 @@ fn higher_priority_goes_first_and_a_gang_that_cannot_fit_waits_with_its_reason()
         },
     );
     // One device already runs something.
-    let running = Allocation {
-        node: NodeId(0),
-        cpu_milli: 1000,
-        memory_bytes: GIB,
-        devices: vec![DeviceShare {
-            device: 0,
-            milli: 1000,
-            memory_bytes: 80 * GIB,
-        }],
-        affinity: None,
-    };
+    let running = one_gpu_on(0, 0);
     let snapshot = Snapshot {
         nodes: vec![node],
         running: vec![run(9, "p", 50, 9, vec![running])],
