@@ -456,7 +456,6 @@ fn placed_line(attempt: u32, r: &Replica) -> String {
     )
 }
 
-/// Replicas an elastic job has given back that it still remembers (older ones are in its events).
 /// A waiting job that asked to wait for capacity (`waitForCapacity`) and that no node of the pool
 /// could hold says so, rather than which nodes are busy. Once per round, for those jobs only.
 fn capacity_reasons(s: &State, waits: &mut HashMap<u64, String>) {
