@@ -231,10 +231,15 @@ impl Placer {
         }
         // No policy scores on node memory, and the dense summary checks it exactly, so scores are
         // cached per request shape *without* memory: tasks that differ only in memory share them.
+        // Nor on the allowed models: on a node whose every model is allowed, a pinned request
+        // fits and scores as the same request unpinned (nodes with none allowed are filtered
+        // out, nodes with some are scored afresh), so pins do not multiply the cached shapes.
         let key = ResourceRequest {
             memory_bytes: 0,
+            device_models: Vec::new(),
             ..request.clone()
         };
+        let allowed = resolved.models;
         let node_local = self.policy.node_local();
         if node_local && !self.cache.contains_key(&key) {
             if self.cache.len() >= max_cached_shapes(cluster.len()) {
@@ -272,7 +277,9 @@ impl Placer {
                 return;
             }
             let node = &cluster.nodes()[i as usize];
+            let partly_allowed = allowed.is_some_and(|mask| node.model_mask & !mask != 0);
             let scored = match entries {
+                Some(_) if partly_allowed => evaluate(policy, node, &resolved, rng),
                 Some(cache) => {
                     let entry = &mut cache[i as usize];
                     if entry.version != node.version.wrapping_add(1) {
