@@ -171,9 +171,29 @@ pub struct Cluster {
     gpu_used_milli: u64,
     /// Free milli-GPU of each model (index: model id).
     free_by_model: Vec<u64>,
+    /// Nodes grouped by the set of models they carry (see [`ModelGroup`]).
+    groups: Vec<ModelGroup>,
+    /// Each node's group and its position there.
+    group_of: Vec<(u32, u32)>,
+    /// Nodes whose version moved, oldest first (see [`Cluster::changes_since`]).
+    changes: Vec<u32>,
+    /// Position of `changes[0]` in the whole history of changes.
+    changes_base: u64,
+}
+
+/// Nodes that carry the same set of device models. A request that allows every model of a group
+/// fits and scores there as it would unpinned, so cached scores can be kept per group.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelGroup {
+    pub model_mask: u64,
+    pub nodes: Vec<u32>,
 }
 
 const NOT_TOUCHED: u32 = u32::MAX;
+
+/// The change log keeps at least this many changes (few in unit tests, so that they also take
+/// the path of a reader the log no longer reaches).
+const MIN_KEPT_CHANGES: usize = if cfg!(test) { 16 } else { 1024 };
 
 impl Cluster {
     /// Builds a pool from node inventories; ties between equal scores go to the earlier node.
@@ -247,7 +267,27 @@ impl Cluster {
         for d in nodes.iter().flat_map(|n| &n.devices) {
             free_by_model[usize::from(d.model)] += u64::from(MILLI_PER_DEVICE);
         }
+        let mut groups: Vec<ModelGroup> = Vec::new();
+        let mut group_of = Vec::with_capacity(n);
+        for (i, node) in nodes.iter().enumerate() {
+            let g = match groups.iter().position(|g| g.model_mask == node.model_mask) {
+                Some(g) => g,
+                None => {
+                    groups.push(ModelGroup {
+                        model_mask: node.model_mask,
+                        nodes: Vec::new(),
+                    });
+                    groups.len() - 1
+                }
+            };
+            group_of.push((g as u32, groups[g].nodes.len() as u32));
+            groups[g].nodes.push(i as u32);
+        }
         let mut cluster = Cluster {
+            groups,
+            group_of,
+            changes: Vec::new(),
+            changes_base: 0,
             free_by_model,
             summaries: vec![NodeSummary::default(); n],
             gpu_capacity_milli: nodes.iter().map(|s| s.milli_capacity()).sum(),
@@ -361,11 +401,52 @@ impl Cluster {
     /// Marks every node with a device of a model in `mask` as changed, so that scores cached for
     /// it are not reused (a policy's view of those models moved; see `PlacementPolicy::observe`).
     pub(crate) fn invalidate_models(&mut self, mask: u64) {
-        for node in &mut self.nodes {
-            if node.model_mask & mask != 0 {
-                node.version = node.version.wrapping_add(1);
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].model_mask & mask != 0 {
+                self.changed(i);
             }
         }
+    }
+
+    /// Bumps a node's version and logs the change.
+    fn changed(&mut self, i: usize) {
+        self.nodes[i].version = self.nodes[i].version.wrapping_add(1);
+        // The log keeps the last `n` changes at least and twice that at most: a reader further
+        // behind starts afresh, which costs what reading that many changes would.
+        let keep = self.nodes.len().max(MIN_KEPT_CHANGES);
+        if self.changes.len() >= 2 * keep {
+            let cut = self.changes.len() - keep;
+            self.changes.drain(..cut);
+            self.changes_base += cut as u64;
+        }
+        self.changes.push(i as u32);
+    }
+
+    /// Position after the newest change, for [`Cluster::changes_since`].
+    pub(crate) fn change_head(&self) -> u64 {
+        self.changes_base + self.changes.len() as u64
+    }
+
+    /// Nodes changed since `position` (a value of [`Cluster::change_head`]), oldest first, a node
+    /// once per change; `None` when the log no longer reaches back that far.
+    pub(crate) fn changes_since(&self, position: u64) -> Option<&[u32]> {
+        let from = position.checked_sub(self.changes_base)?;
+        self.changes.get(usize::try_from(from).ok()?..)
+    }
+
+    /// Nodes grouped by the models they carry.
+    pub(crate) fn model_groups(&self) -> &[ModelGroup] {
+        &self.groups
+    }
+
+    /// A node's model group and its position in it.
+    pub(crate) fn group_of(&self, i: u32) -> (u32, u32) {
+        self.group_of[i as usize]
+    }
+
+    /// Whether something runs on node `i` (it is in [`Cluster::touched`]).
+    pub(crate) fn is_touched(&self, i: u32) -> bool {
+        self.touched_pos[i as usize] != NOT_TOUCHED
     }
 
     /// Nodes with something running on them.
@@ -442,7 +523,7 @@ impl Cluster {
             }
         }
         node.replicas += 1;
-        node.version = node.version.wrapping_add(1);
+        self.changed(i);
         self.refresh(i);
         Ok(())
     }
@@ -513,7 +594,7 @@ impl Cluster {
             }
         }
         node.replicas -= 1;
-        node.version = node.version.wrapping_add(1);
+        self.changed(i);
         self.refresh(i);
         Ok(())
     }

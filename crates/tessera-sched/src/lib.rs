@@ -19,6 +19,7 @@ pub mod quota;
 pub mod request;
 pub mod rules;
 pub mod schedule;
+mod score_cache;
 pub mod shapes;
 #[cfg(test)]
 mod testkit;

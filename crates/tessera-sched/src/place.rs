@@ -4,8 +4,9 @@
 //! Feasibility is exact and policy-independent (CPU, memory, node labels, device models, and a
 //! device-level fit of the GPU request). The policy scores the feasible nodes; the highest score
 //! wins and ties go to the node first in the pool's tie order. Scores of node-local policies are
-//! cached per (request shape, node version), so a decision on a large pool costs a scan of dense
-//! summaries plus scoring the few nodes that changed since that shape was last placed.
+//! cached per (request shape, node version) with the best busy node of each model group at hand
+//! (`score_cache.rs`), so a decision on a large pool costs scoring the few nodes that
+//! changed since that shape was last placed, not a scan of the pool.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,15 +19,16 @@ use crate::cluster::{Allocation, CapacityError, Cluster, DeviceShare, GpuAffinit
 use crate::model::{MILLI_PER_DEVICE, human_milli, plural};
 use crate::policy::{DevicePick, Fit, PlacementPolicy, Resolved, Scored};
 use crate::request::{GpuRequest, JobSpec, ResourceRequest};
+use crate::score_cache::{Scorer, ShapeScores};
 use crate::validate::{ValidationError, validate_job};
 
 /// Memory the score cache may take: shapes × nodes × an entry. A pool with many distinct
 /// request shapes (model pins multiply them) keeps more of them on a small pool than a large one.
-const SCORE_CACHE_BYTES: usize = 256 << 20;
+const SCORE_CACHE_BYTES: usize = 384 << 20;
 
 /// Most distinct request shapes whose scores are cached at once, for a pool of `nodes`.
 fn max_cached_shapes(nodes: usize) -> usize {
-    (SCORE_CACHE_BYTES / (nodes.max(1) * std::mem::size_of::<CacheEntry>())).clamp(64, 4096)
+    (SCORE_CACHE_BYTES / (nodes.max(1) * crate::score_cache::BYTES_PER_NODE)).clamp(64, 4096)
 }
 
 /// Why a job could not be placed.
@@ -38,20 +40,15 @@ pub enum PlacementError {
     NoFit { replica: u32, replicas: u32 },
 }
 
-#[derive(Clone, Copy)]
-struct CacheEntry {
-    /// Node version + 1; 0 marks an empty entry.
-    version: u32,
-    scored: Option<Scored>,
-}
-
 /// Places replicas on one pool with one policy. Owns the pool so that cached scores can never
 /// outlive the state they were computed from.
 pub struct Placer {
     cluster: Cluster,
     policy: Box<dyn PlacementPolicy>,
     rng: ChaCha8Rng,
-    cache: HashMap<ResourceRequest, Vec<CacheEntry>>,
+    cache: HashMap<ResourceRequest, ShapeScores>,
+    /// Decisions taken, to find the least recently used shape in `cache`.
+    clock: u64,
     /// Nodes preferred among those that score the same (see [`Placer::place_job_preferring`]).
     prefer: Vec<crate::cluster::NodeId>,
     /// Changes since the oldest open checkpoint, for [`Placer::rollback`].
@@ -82,6 +79,7 @@ impl Placer {
             policy,
             rng: ChaCha8Rng::seed_from_u64(seed),
             cache: HashMap::new(),
+            clock: 0,
             prefer: Vec::new(),
             journal: Vec::new(),
             open: 0,
@@ -229,6 +227,9 @@ impl Placer {
         if resolved.models == Some(0) {
             return None;
         }
+        if !self.policy.node_local() {
+            return self.choose_scanning(&resolved);
+        }
         // No policy scores on node memory, and the dense summary checks it exactly, so scores are
         // cached per request shape *without* memory: tasks that differ only in memory share them.
         // Nor on the allowed models: on a node whose every model is allowed, a pinned request
@@ -239,95 +240,122 @@ impl Placer {
             device_models: Vec::new(),
             ..request.clone()
         };
-        let allowed = resolved.models;
-        let node_local = self.policy.node_local();
-        if node_local && !self.cache.contains_key(&key) {
+        self.clock += 1;
+        if !self.cache.contains_key(&key) {
             if self.cache.len() >= max_cached_shapes(cluster.len()) {
-                self.cache.clear();
+                let oldest = self
+                    .cache
+                    .iter()
+                    .min_by_key(|(_, s)| s.last_used)
+                    .map(|(k, _)| k.clone());
+                if let Some(oldest) = oldest {
+                    self.cache.remove(&oldest);
+                }
             }
-            self.cache.insert(
-                key.clone(),
-                vec![
-                    CacheEntry {
-                        version: 0,
-                        scored: None
-                    };
-                    cluster.len()
-                ],
-            );
+            self.cache.insert(key.clone(), ShapeScores::new(cluster));
         }
-        let mut entries = if node_local {
-            self.cache.get_mut(&key).map(|v| v.as_mut_slice())
-        } else {
-            None
+        let scores = self.cache.get_mut(&key)?;
+        scores.last_used = self.clock;
+        let shape = Resolved::new(&key, cluster);
+        let mut scorer = Scorer {
+            policy: self.policy.as_ref(),
+            shape: &shape,
+            rng: &mut self.rng,
         };
-        let scored_as = if node_local {
-            Resolved::new(&key, cluster)
-        } else {
-            resolved
-        };
-        let policy = self.policy.as_ref();
-        let rng = &mut self.rng;
-        let prefer = &self.prefer;
+        scores.sync(cluster, &mut scorer);
+
+        // Candidates: the best busy node of each group the request may use, every busy node of a
+        // group it may use in part (mixed-model nodes, scored afresh), the first idle node of
+        // each hardware class, and the preferred nodes (a tie-break needs them all).
+        let allowed = resolved.models;
+        let mut candidates: Vec<u32> = Vec::new();
+        for (g, group) in cluster.model_groups().iter().enumerate() {
+            match allowed {
+                Some(mask) if group.model_mask & mask == 0 => continue,
+                Some(mask) if group.model_mask & !mask != 0 => {
+                    candidates.extend(group.nodes.iter().filter(|&&i| cluster.is_touched(i)));
+                }
+                _ => {
+                    candidates.extend(scores.best(cluster, g, |i| quick_fit(cluster, i, &resolved)))
+                }
+            }
+        }
+        for class in cluster.pristine_classes() {
+            candidates.extend(class.first().map(|&(_, i)| i));
+        }
+        candidates.extend(self.prefer.iter().map(|id| id.0));
+
         // (score, preferred, tie rank, node, pick): the highest score, then a preferred node,
         // then the earlier node.
         let mut best: Option<(i64, bool, u32, u32, DevicePick)> = None;
-        let mut consider = |i: u32, entries: &mut Option<&mut [CacheEntry]>| {
+        for i in candidates {
             if !quick_fit(cluster, i, &resolved) {
-                return;
+                continue;
             }
             let node = &cluster.nodes()[i as usize];
             let partly_allowed = allowed.is_some_and(|mask| node.model_mask & !mask != 0);
-            let scored = match entries {
-                Some(_) if partly_allowed => evaluate(policy, node, &resolved, rng),
-                Some(cache) => {
-                    let entry = &mut cache[i as usize];
-                    if entry.version != node.version.wrapping_add(1) {
-                        *entry = CacheEntry {
-                            version: node.version.wrapping_add(1),
-                            scored: evaluate(policy, node, &scored_as, rng),
-                        };
-                    }
-                    entry.scored
-                }
-                None => evaluate(policy, node, &scored_as, rng),
-            };
-            if let Some(s) = scored {
-                let rank = cluster.tie_rank(node.id);
-                let warm = prefer.contains(&node.id);
-                let better = match best {
-                    None => true,
-                    Some((bs, bw, br, _, _)) => {
-                        s.score > bs
-                            || (s.score == bs && (warm && !bw || (warm == bw && rank < br)))
-                    }
-                };
-                if better {
-                    best = Some((s.score, warm, rank, i, s.pick));
-                }
-            }
-        };
-        for &i in cluster.touched() {
-            consider(i, &mut entries);
-        }
-        for class in cluster.pristine_classes() {
-            if node_local {
-                if let Some(&(_, i)) = class.first() {
-                    consider(i, &mut entries);
-                }
-                // Identical untouched nodes score the same: a preferred one among them must be
-                // looked at for the tie-break to see it.
-                if !self.prefer.is_empty() {
-                    for &(_, i) in class.iter().skip(1) {
-                        if self.prefer.contains(&crate::cluster::NodeId(i)) {
-                            consider(i, &mut entries);
-                        }
-                    }
-                }
+            let scored = if partly_allowed {
+                evaluate(scorer.policy, node, &resolved, scorer.rng)
             } else {
-                for &(_, i) in class {
-                    consider(i, &mut entries);
+                scores.scored(cluster, i, &mut scorer)
+            };
+            let Some(s) = scored else { continue };
+            let rank = cluster.tie_rank(node.id);
+            let warm = self.prefer.contains(&node.id);
+            let better = match best {
+                None => true,
+                Some((bs, bw, br, _, _)) => {
+                    s.score > bs || (s.score == bs && (warm && !bw || (warm == bw && rank < br)))
                 }
+            };
+            if better {
+                best = Some((s.score, warm, rank, i, s.pick));
+            }
+        }
+        best.map(|(_, _, _, i, pick)| (crate::cluster::NodeId(i), pick))
+    }
+
+    /// The pool, the policy and its randomness, for tests that score nodes themselves.
+    #[cfg(test)]
+    pub(crate) fn parts(&mut self) -> (&Cluster, &dyn PlacementPolicy, &mut ChaCha8Rng) {
+        (&self.cluster, self.policy.as_ref(), &mut self.rng)
+    }
+
+    /// The node [`Placer::choose`] picks, for tests.
+    #[cfg(test)]
+    pub(crate) fn choose_for_test(&mut self, request: &ResourceRequest) -> Option<u32> {
+        self.choose(request).map(|(id, _)| id.0)
+    }
+
+    /// The best node for a policy whose scores cannot be cached (they depend on more than the
+    /// node): every busy node and every idle one is scored.
+    fn choose_scanning(
+        &mut self,
+        resolved: &Resolved,
+    ) -> Option<(crate::cluster::NodeId, DevicePick)> {
+        let cluster = &self.cluster;
+        let mut best: Option<(i64, bool, u32, u32, DevicePick)> = None;
+        let idle = cluster
+            .pristine_classes()
+            .flat_map(|c| c.iter().map(|&(_, i)| i));
+        for i in cluster.touched().iter().copied().chain(idle) {
+            if !quick_fit(cluster, i, resolved) {
+                continue;
+            }
+            let node = &cluster.nodes()[i as usize];
+            let Some(s) = evaluate(self.policy.as_ref(), node, resolved, &mut self.rng) else {
+                continue;
+            };
+            let rank = cluster.tie_rank(node.id);
+            let warm = self.prefer.contains(&node.id);
+            let better = match best {
+                None => true,
+                Some((bs, bw, br, _, _)) => {
+                    s.score > bs || (s.score == bs && (warm && !bw || (warm == bw && rank < br)))
+                }
+            };
+            if better {
+                best = Some((s.score, warm, rank, i, s.pick));
             }
         }
         best.map(|(_, _, _, i, pick)| (crate::cluster::NodeId(i), pick))
@@ -659,7 +687,7 @@ enum Reject {
 
 /// Cheap necessary conditions from the dense summaries.
 #[inline]
-fn quick_fit(cluster: &Cluster, i: u32, req: &Resolved) -> bool {
+pub(crate) fn quick_fit(cluster: &Cluster, i: u32, req: &Resolved) -> bool {
     let s = cluster.summary(crate::cluster::NodeId(i));
     if s.cpu_free < req.request.cpu_milli || s.memory_free < req.request.memory_bytes {
         return false;
@@ -676,7 +704,7 @@ fn quick_fit(cluster: &Cluster, i: u32, req: &Resolved) -> bool {
     }
 }
 
-fn evaluate(
+pub(crate) fn evaluate(
     policy: &dyn PlacementPolicy,
     node: &NodeState,
     req: &Resolved,
