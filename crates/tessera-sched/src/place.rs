@@ -275,9 +275,9 @@ impl Placer {
                 Some(mask) if group.model_mask & !mask != 0 => {
                     candidates.extend(group.nodes.iter().filter(|&&i| cluster.is_touched(i)));
                 }
-                _ => {
-                    candidates.extend(scores.best(cluster, g, |i| quick_fit(cluster, i, &resolved)))
-                }
+                _ => candidates.extend(scores.best(cluster, g, request.memory_bytes, |i| {
+                    quick_fit(cluster, i, &resolved)
+                })),
             }
         }
         for class in cluster.pristine_classes() {

@@ -34,6 +34,8 @@ struct Entry {
     pick: Option<DevicePick>,
 }
 
+const _: () = assert!(std::mem::size_of::<Entry>() == 16);
+
 impl Entry {
     fn scored(&self) -> Option<Scored> {
         self.pick.map(|pick| Scored {
@@ -43,18 +45,30 @@ impl Entry {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<Entry>() == 16);
+/// One slot of a tree: the best node below it, and the most free memory of any node below it
+/// (in whole MiB, rounded down), so that a search for a request's memory skips whole subtrees.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    node: u32,
+    memory_mib: u32,
+}
 
-/// Memory one cached shape takes per node of the pool: its entry and its tree slots (two per
-/// node, up to twice that where a group's size is rounded up to a power of two).
-pub(crate) const BYTES_PER_NODE: usize = std::mem::size_of::<Entry>() + 3 * 4;
+const EMPTY: Slot = Slot {
+    node: NONE,
+    memory_mib: 0,
+};
+
+/// Memory one cached shape takes per node of the pool: its entry and its two tree slots.
+pub(crate) const BYTES_PER_NODE: usize =
+    std::mem::size_of::<Entry>() + 2 * std::mem::size_of::<Slot>();
 
 /// One request shape's scores.
 pub(crate) struct ShapeScores {
     entries: Vec<Entry>,
-    /// Per model group: a tournament tree over the group's positions (`tree[size + pos]` is the
-    /// node at `pos` or [`NONE`], `tree[k]` the better of `tree[2k]` and `tree[2k + 1]`).
-    trees: Vec<Vec<u32>>,
+    /// Per model group of `m` nodes: a tree of `2m` slots, `tree[m + pos]` the leaf of the
+    /// group's node at `pos`, `tree[k]` (k < m) the better of `tree[2k]` and `tree[2k + 1]`, so
+    /// `tree[1]` covers the group.
+    trees: Vec<Vec<Slot>>,
     /// Change-log position absorbed so far; `None` before the first build.
     synced: Option<u64>,
     /// When this shape was last used, for evicting the least recently used one.
@@ -82,7 +96,7 @@ impl ShapeScores {
             trees: cluster
                 .model_groups()
                 .iter()
-                .map(|g| vec![NONE; 2 * g.nodes.len().next_power_of_two()])
+                .map(|g| vec![EMPTY; 2 * g.nodes.len()])
                 .collect(),
             synced: None,
             last_used: 0,
@@ -126,7 +140,7 @@ impl ShapeScores {
     /// Fills every tree afresh from the busy nodes (idle ones are never in a tree).
     fn rebuild(&mut self, cluster: &Cluster, scorer: &mut Scorer) {
         for tree in &mut self.trees {
-            tree.fill(NONE);
+            tree.fill(EMPTY);
         }
         for &i in cluster.touched() {
             let leaf = self.leaf(cluster, i, scorer);
@@ -143,30 +157,41 @@ impl ShapeScores {
         }
     }
 
-    /// The best node of group `g` that `accept` takes, by score and then tie order.
-    pub fn best(&self, cluster: &Cluster, g: usize, accept: impl Fn(u32) -> bool) -> Option<u32> {
+    /// The best node of group `g` with `memory` bytes free that `accept` takes, by score and
+    /// then tie order.
+    pub fn best(
+        &self,
+        cluster: &Cluster,
+        g: usize,
+        memory: u64,
+        accept: impl Fn(u32) -> bool,
+    ) -> Option<u32> {
         let tree = &self.trees[g];
         let size = tree.len() / 2;
+        // A node with `memory` free has at least this many whole MiB free.
+        let need = mib(memory);
         let root = *tree.get(1)?;
-        if root == NONE {
+        if root.node == NONE || root.memory_mib < need {
             return None;
         }
-        if accept(root) {
-            return Some(root);
+        if accept(root.node) {
+            return Some(root.node);
         }
-        // Subtrees in order of their best node; a subtree whose best is refused is split.
+        // Subtrees in order of their best node; a subtree whose best is refused is split, and
+        // one without the memory is never entered.
         let key = |i: u32| (self.score(i), Reverse(cluster.tie_rank(NodeId(i))));
         let mut heap = BinaryHeap::new();
-        heap.push((key(root), 1usize));
+        heap.push((key(root.node), 1usize));
         while let Some((_, k)) = heap.pop() {
-            let i = tree[k];
+            let i = tree[k].node;
             if k != 1 && accept(i) {
                 return Some(i);
             }
             if k < size {
                 for child in [2 * k, 2 * k + 1] {
-                    if tree[child] != NONE {
-                        heap.push((key(tree[child]), child));
+                    let slot = tree[child];
+                    if slot.node != NONE && slot.memory_mib >= need {
+                        heap.push((key(slot.node), child));
                     }
                 }
             }
@@ -174,19 +199,22 @@ impl ShapeScores {
         None
     }
 
-    /// The tree leaf for node `i`: the node when it is busy and the shape fits it, else [`NONE`].
-    fn leaf(&mut self, cluster: &Cluster, i: u32, scorer: &mut Scorer) -> u32 {
+    /// The tree leaf for node `i`: the node when it is busy and the shape fits it, else empty.
+    fn leaf(&mut self, cluster: &Cluster, i: u32, scorer: &mut Scorer) -> Slot {
         if !cluster.is_touched(i) || !crate::place::quick_fit(cluster, i, scorer.shape) {
-            return NONE;
+            return EMPTY;
         }
         match self.scored(cluster, i, scorer) {
-            Some(_) => i,
-            None => NONE,
+            Some(_) => Slot {
+                node: i,
+                memory_mib: mib(cluster.summary(NodeId(i)).memory_free),
+            },
+            None => EMPTY,
         }
     }
 
     /// Sets one leaf and fixes its path to the root.
-    fn set(&mut self, cluster: &Cluster, g: usize, pos: usize, leaf: u32) {
+    fn set(&mut self, cluster: &Cluster, g: usize, pos: usize, leaf: Slot) {
         let size = self.trees[g].len() / 2;
         let mut k = size + pos;
         self.trees[g][k] = leaf;
@@ -197,27 +225,36 @@ impl ShapeScores {
         }
     }
 
-    /// The better node of two tree slots: higher score, then earlier in tie order.
-    fn better(&self, cluster: &Cluster, g: usize, a: usize, b: usize) -> u32 {
+    /// Two slots combined: the better node (higher score, then earlier in tie order) and the
+    /// more memory.
+    fn better(&self, cluster: &Cluster, g: usize, a: usize, b: usize) -> Slot {
         let (a, b) = (self.trees[g][a], self.trees[g][b]);
-        if a == NONE {
-            return b;
-        }
-        if b == NONE {
-            return a;
-        }
-        let (sa, sb) = (self.score(a), self.score(b));
-        if sa > sb || (sa == sb && cluster.tie_rank(NodeId(a)) < cluster.tie_rank(NodeId(b))) {
-            a
+        let memory_mib = a.memory_mib.max(b.memory_mib);
+        let node = if a.node == NONE {
+            b.node
+        } else if b.node == NONE {
+            a.node
         } else {
-            b
-        }
+            let (sa, sb) = (self.score(a.node), self.score(b.node));
+            let earlier = cluster.tie_rank(NodeId(a.node)) < cluster.tie_rank(NodeId(b.node));
+            if sa > sb || (sa == sb && earlier) {
+                a.node
+            } else {
+                b.node
+            }
+        };
+        Slot { node, memory_mib }
     }
 
     /// The cached score of a node in a tree (every node in a tree has one).
     fn score(&self, i: u32) -> i64 {
         self.entries[i as usize].score
     }
+}
+
+/// Whole MiB in `bytes`, rounded down (and capped: 4 PiB is more than any node has).
+fn mib(bytes: u64) -> u32 {
+    u32::try_from(bytes >> 20).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
@@ -235,7 +272,7 @@ mod tests {
     fn node_strategy() -> impl Strategy<Value = NodeSpec> {
         (
             prop::sample::select(vec![4u64, 8, 16]),
-            prop::sample::select(vec![8u64, 32]),
+            prop::sample::select(vec![6u64, 8, 12, 32]),
             0usize..=4,
             0u8..3,
         )
@@ -265,7 +302,7 @@ mod tests {
                 (1u32..=2).prop_map(|devices| GpuRequest::Whole { devices }),
             ],
             1u64..=6,
-            prop::sample::select(vec![1u64, 6, 20]),
+            prop::sample::select(vec![1u64, 2, 6, 20]),
             prop::sample::select(vec![vec![], vec!["A"], vec!["B"], vec!["A", "B"]]),
         )
             .prop_map(|(gpu, cpus, mem, models)| ResourceRequest {
@@ -299,7 +336,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(128))]
+        #![proptest_config(ProptestConfig::with_cases(256))]
 
         /// Whatever was placed and released before, on pools of single- and mixed-model nodes,
         /// with pinned, memory-bound and CPU-only requests, the cached scores and their trees
