@@ -5,8 +5,9 @@
 # end-to-end test drives it headless), Slurm with munge (the smoke run of
 # bench/slurm-vs-tessera.sh puts a few jobs through both), Schemathesis from PyPI (it checks the
 # API document against a live controller), and for container images a real registry (docker-registry), umoci and skopeo to build and push test
-# images, busybox-static for their shell, runc to run them, and containerd (the image
-# benchmark's smoke run pulls beside it).
+# images, busybox-static for their shell, runc to run them, containerd (the image
+# benchmark's smoke run pulls beside it), and PostgreSQL (the store's tests start throwaway
+# clusters of their own; the system's cluster is never started).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,6 +24,7 @@ command -v skopeo >/dev/null || missing+=(skopeo)
 command -v runc >/dev/null || missing+=(runc)
 command -v containerd >/dev/null || missing+=(containerd)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     apt-get update -q >/dev/null

@@ -87,6 +87,9 @@ pub struct Common {
     /// Port for the benchmark's controller on 127.0.0.1.
     #[arg(long, default_value_t = 7590)]
     port: u16,
+    /// Keep the benchmark's store in this PostgreSQL database (an empty one) instead of SQLite.
+    #[arg(long)]
+    store: Option<String>,
     /// table or json
     #[arg(short, long, default_value = "table")]
     output: String,
@@ -197,6 +200,7 @@ impl Pool {
             // Every simulated agent long-polls from this one address.
             .args(["--max-connections", "60000"])
             .args(["--max-connections-per-address", "60000"])
+            .args(common.store.iter().flat_map(|url| ["--store", url]))
             .env("TESSERA_CONFIG", dir.join("cli.yaml"))
             .env("TESSERA_LOG", "warn")
             .stdout(Stdio::piped())
@@ -480,7 +484,7 @@ fn usage(common: &Common, runs: usize) -> anyhow::Result<Value> {
     };
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("tessera.db");
-    let mut conn = crate::store::open(&path)?;
+    let mut store = crate::store::sqlite::Sqlite::open(&path)?;
     let day = 86_400_000u64;
     let now = 40 * day;
     let models = ["H100-80GB", "A100-80GB", "L4-24GB", ""];
@@ -517,12 +521,10 @@ fn usage(common: &Common, runs: usize) -> anyhow::Result<Value> {
     let started = Instant::now();
     let mut seq = 0u64;
     for chunk_start in (0..runs).step_by(1024) {
-        let tx = conn.transaction()?;
         let batch: Vec<Segment> = (chunk_start..(chunk_start + 1024).min(runs))
             .map(|i| segment(i, next()))
             .collect();
-        seq = crate::controller::usage::record(&tx, seq, &batch)?;
-        tx.commit()?;
+        seq = store.in_transaction(|tx| crate::controller::usage::record(tx, seq, &batch))?;
         pb.inc(batch.len() as u64);
     }
     pb.finish_and_clear();
@@ -538,7 +540,7 @@ fn usage(common: &Common, runs: usize) -> anyhow::Result<Value> {
             until_ms: now,
         };
         let segments =
-            crate::controller::usage::read_closed(&crate::store::read_only(&path)?, seq, window)?;
+            crate::store::Ledger::usage(&crate::store::sqlite::read_only(&path)?, seq, window)?;
         let r = report(&segments, window, by, &rates);
         Ok((
             t.elapsed().as_secs_f64() * 1000.0,
@@ -551,7 +553,7 @@ fn usage(common: &Common, runs: usize) -> anyhow::Result<Value> {
     let (month_job_ms, _, month_jobs) = timed(30, GroupBy::Job)?;
     let bytes = std::fs::metadata(&path)?.len()
         + std::fs::metadata(dir.join("tessera.db-wal")).map_or(0, |m| m.len());
-    drop(conn);
+    drop(store);
     if remove_dir {
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -38,9 +38,13 @@ struct Cli {
 
 #[derive(clap::Args, Debug)]
 struct ControllerArgs {
-    /// Where the store (SQLite) and local state live.
+    /// Where the store (SQLite, unless --store names PostgreSQL) and local state live.
     #[arg(long, default_value = "tessera-data")]
     data_dir: PathBuf,
+    /// A PostgreSQL store, postgresql://USER:PASS@HOST:PORT/DB, for controllers that share one
+    /// database; SQLite in --data-dir when absent.
+    #[arg(long, env = "TESSERA_STORE")]
+    store: Option<String>,
     #[arg(long, default_value = "127.0.0.1:7480")]
     listen: SocketAddr,
     /// Agent lease, e.g. 10s: an agent unheard for longer is lost and its work moves.
@@ -392,6 +396,17 @@ fn controller_config(a: &ControllerArgs) -> anyhow::Result<controller::Controlle
         rates,
         fair_share_half_life,
         data_dir: a.data_dir.clone(),
+        store: match &a.store {
+            None => None,
+            Some(url) if url.starts_with("postgresql://") || url.starts_with("postgres://") => {
+                Some(url.clone())
+            }
+            Some(other) => anyhow::bail!(
+                "--store {}: give a PostgreSQL URL (postgresql://USER:PASS@HOST:PORT/DB), or \
+                 leave it out for SQLite in --data-dir",
+                crate::store::postgres::redact(other)
+            ),
+        },
         listen: a.listen,
         lease,
         tls: a.tls_cert.clone().zip(a.tls_key.clone()),

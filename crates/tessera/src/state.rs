@@ -745,9 +745,6 @@ pub struct State {
     pub wait_reasons: HashMap<u64, String>,
     /// The last usage segment committed (see `controller::usage`).
     pub usage_seq: u64,
-    /// The user whose request the current write serves (for the audit log); cleared by the
-    /// store before every write, so a write of the scheduler or the controller has none.
-    pub acting: Option<String>,
     /// Each running replica's latest use as its agent reported it, by replica key (derived, not
     /// stored: the agent reports cumulative counts again after a restart).
     pub replica_usage: HashMap<String, crate::protocol::ReplicaUsage>,

@@ -2296,7 +2296,7 @@ fn run_dir(pool: &Pool, node: &str, id: u64) -> PathBuf {
 
 #[test]
 fn a_members_workload_cannot_reach_the_store_the_agent_or_another_tenants_files_and_processes() {
-    let mut pool = Pool::start();
+    let mut pool = Pool::start_on_sqlite();
     pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
     for name in ["alpha", "beta"] {
         let (s, v) = pool.post("/v1/projects", json!({"name": name}), &pool.admin);
@@ -3228,7 +3228,7 @@ fn cgroups_of_fork_heavy_jobs_and_of_a_dead_shims_replicas_do_not_leak() {
 #[test]
 fn the_store_and_the_agents_files_are_private_and_hold_no_agent_secret() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let mut pool = Pool::start();
+    let mut pool = Pool::start_on_sqlite();
     pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
     let id = pool.submit("default", 0.5, 1, 50, "echo private");
     pool.wait_state(id, "succeeded");
@@ -3310,7 +3310,7 @@ fn the_store_and_the_agents_files_are_private_and_hold_no_agent_secret() {
 
 #[test]
 fn a_restored_store_never_gives_a_job_id_twice_and_a_lost_store_is_not_bootstrapped_over() {
-    let mut pool = Pool::start();
+    let mut pool = Pool::start_on_sqlite();
     pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
     let store = pool.path("controller");
     let files = ["tessera.db", "tessera.db-wal", "tessera.db-shm"];

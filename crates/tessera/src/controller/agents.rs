@@ -24,7 +24,6 @@ use crate::protocol::{
 use crate::state::{
     EventKind, Job, Node, NodeHealth, ReplicaPhase, State, StopCause, TokenKind, parse_key,
 };
-use crate::store;
 use crate::volumes::Volume;
 
 pub async fn register(
@@ -78,7 +77,7 @@ pub async fn register(
     let token = ctl
         .store
         .write(move |c, s| -> Result<Option<String>, ApiError> {
-            let now = now_ms();
+            let now = c.now_ms;
             let old = s.nodes.get(&req.name).cloned();
             if let Some(id) = &joining {
                 // A join spends one use of its token, checked again inside the write so that
@@ -102,7 +101,7 @@ pub async fn register(
                     )));
                 }
                 t.uses_left = t.uses_left.map(|u| u.saturating_sub(1));
-                store::put_token(c, &t)?;
+                c.put_token(&t)?;
                 s.tokens.insert(t.id.clone(), t);
             }
             let node = Node {
@@ -117,7 +116,7 @@ pub async fn register(
                 last_seq: old.as_ref().map_or(0, |o| o.last_seq),
                 heartbeats: 0,
             };
-            store::put_node(c, &node)?;
+            c.put_node(&node)?;
             let token = if let Some(fresh) = fresh {
                 // A node that joins again (e.g. after losing its data dir) gets a new credential;
                 // the old one stops working.
@@ -134,7 +133,7 @@ pub async fn register(
                         continue;
                     };
                     t.revoked = true;
-                    store::put_token(c, &t)?;
+                    c.put_token(&t)?;
                 }
                 let what = "agent credential";
                 let t = issue_token(c, s, TokenKind::Agent, &node.spec.name, what, fresh)?;
@@ -438,7 +437,7 @@ pub async fn sync(
                 );
                 super::audit::record(
                     c,
-                    now_ms(),
+                    c.now_ms,
                     &format!("agent:{n}"),
                     "forged-report",
                     None,
@@ -521,7 +520,7 @@ fn reportable(s: &State, node: &str, key: &str) -> bool {
 
 /// Records a heartbeat and the agent's report; returns the exits now durable.
 fn report(
-    c: &rusqlite::Connection,
+    c: &crate::store::Write,
     s: &mut State,
     name: &str,
     seq: u64,
@@ -566,7 +565,7 @@ fn report(
                     .is_some_and(|m| m.id == *bad)
             {
                 // Never again: the next start of this replica begins from the beginning too.
-                store::delete_checkpoint(c, job_id, index)?;
+                c.delete_checkpoint(job_id, index)?;
                 s.checkpoints.remove(&(job_id, index));
                 corrupt = Some(format!(
                     "checkpoint {} of replica {index} failed its integrity check; the replica \
@@ -666,7 +665,7 @@ fn report(
     }
     if came_back {
         node.health = NodeHealth::Ready;
-        store::put_node(c, &node)?;
+        c.put_node(&node)?;
     }
     for (job, notes) in changed
         .into_values()
@@ -746,7 +745,7 @@ pub async fn expire_leases(ctl: &Ctl) -> Option<u64> {
         let result = ctl
             .store
             .write(move |c, s| -> Result<(), ApiError> {
-                let now = now_ms();
+                let now = c.now_ms;
                 let Some(mut node) = s.nodes.get(&name).cloned() else {
                     return Ok(());
                 };
@@ -755,7 +754,7 @@ pub async fn expire_leases(ctl: &Ctl) -> Option<u64> {
                     return Ok(());
                 }
                 node.health = NodeHealth::Lost;
-                store::put_node(c, &node)?;
+                c.put_node(&node)?;
                 let mut changed = Vec::new();
                 for job in s.jobs_on(&name) {
                     if !job

@@ -16,7 +16,6 @@ use crate::state::{
     Event, Job, JobState, NodeHealth, Project, ReplicaPhase, Role, State, StopCause, TokenKind,
     User,
 };
-use crate::store;
 use crate::units::{Quantity, parse_gpu_milli};
 
 /// Parses a JSON body strictly, naming what is wrong.
@@ -163,14 +162,14 @@ pub fn view(job: &Job, state: &State) -> JobView {
 
 /// Installs a changed job: writes it and its events, then updates memory and indexes.
 pub fn save_job(
-    c: &rusqlite::Connection,
+    c: &crate::store::Write,
     s: &mut State,
     mut job: Job,
     notes: Vec<Note>,
     now: u64,
-) -> rusqlite::Result<()> {
+) -> crate::store::StoreResult<()> {
     job.updated_ms = now;
-    store::put_job(c, &job)?;
+    c.put_job(&job)?;
     let ended = super::usage::ended(s.jobs.get(&job.id), &job, s, now);
     let usage_seq = super::usage::record(c, s.usage_seq, &ended)?;
     let events: Vec<Event> = notes
@@ -183,8 +182,8 @@ pub fn save_job(
         })
         .collect();
     for e in &events {
-        store::add_event(c, e)?;
-        if let Some((actor, action)) = decision(s.acting.as_deref(), e.kind) {
+        c.add_event(e)?;
+        if let Some((actor, action)) = decision(c.actor, e.kind) {
             super::audit::record(
                 c,
                 now,
@@ -314,23 +313,25 @@ pub async fn submit(
     super::disk::guard(&ctl, "submissions")?;
     let job = ctl
         .store
-        .write(move |c, s| -> Result<JobView, ApiError> {
-            s.acting = Some(user.clone());
-            may_use_project(s, &user, role, &project)?;
-            let mut def = def;
-            resolve_mounts(s, &mut def)?;
-            refuse_never_fitting(s, &def)?;
-            let now = now_ms();
-            let id = s
-                .take_job_id()
-                .map_err(|e| ApiError::internal(format!("reserving a job id: {e}")))?;
-            let job = Job::new(id, &user, def, now);
-            let note = (EventKind::Submitted, format!("submitted by {user}"));
-            s.remember_request(&job.def.spec.request);
-            save_job(c, s, job, vec![note], now)?;
-            s.next_job_id = id;
-            job_view(s, id)
-        })
+        .write_as(
+            Some(user.clone()),
+            move |c, s| -> Result<JobView, ApiError> {
+                may_use_project(s, &user, role, &project)?;
+                let mut def = def;
+                resolve_mounts(s, &mut def)?;
+                refuse_never_fitting(s, &def)?;
+                let now = c.now_ms;
+                let id = s
+                    .take_job_id()
+                    .map_err(|e| ApiError::internal(format!("reserving a job id: {e}")))?;
+                let job = Job::new(id, &user, def, now);
+                let note = (EventKind::Submitted, format!("submitted by {user}"));
+                s.remember_request(&job.def.spec.request);
+                save_job(c, s, job, vec![note], now)?;
+                s.next_job_id = id;
+                job_view(s, id)
+            },
+        )
         .await?;
     ctl.metrics.submitted.inc();
     Ok((axum::http::StatusCode::CREATED, Json(job)))
@@ -533,24 +534,26 @@ pub async fn cancel_job(
         .read(|s| visible_job(s, &caller, id).map(|_| ()))?;
     let job = ctl
         .store
-        .write(move |c, s| -> Result<JobView, ApiError> {
-            let mut job = s
-                .jobs
-                .get(&id)
-                .cloned()
-                .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
-            if job.state.is_final() {
-                return Err(ApiError::conflict(format!(
-                    "job {id} has already ended ({}); nothing to cancel",
-                    job.state.name()
-                )));
-            }
-            let now = now_ms();
-            let notes = cancel(&mut job, &user, now);
-            s.acting = Some(user.clone());
-            save_job(c, s, job, notes, now)?;
-            job_view(s, id)
-        })
+        .write_as(
+            Some(user.clone()),
+            move |c, s| -> Result<JobView, ApiError> {
+                let mut job = s
+                    .jobs
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
+                if job.state.is_final() {
+                    return Err(ApiError::conflict(format!(
+                        "job {id} has already ended ({}); nothing to cancel",
+                        job.state.name()
+                    )));
+                }
+                let now = c.now_ms;
+                let notes = cancel(&mut job, &user, now);
+                save_job(c, s, job, notes, now)?;
+                job_view(s, id)
+            },
+        )
         .await?;
     Ok(Json(job))
 }
@@ -641,54 +644,56 @@ pub async fn migrate_job(
     }
     let job = ctl
         .store
-        .write(move |c, s| -> Result<JobView, ApiError> {
-            s.acting = Some(user.clone());
-            let mut job = s
-                .jobs
-                .get(&id)
-                .cloned()
-                .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
-            // A target that cannot take it is the request's fault, whatever the job's state.
-            if let Some(to) = &b.to {
-                move_target(s, to)?;
-            }
-            // A service replica moves make-before-break: a replacement starts first.
-            if let Some(name) = job.service.clone()
-                && s.services.contains_key(&name)
-            {
-                super::services::start_move(c, s, &name, Some(id), b.to.clone())?;
-                return job_view(s, id);
-            }
-            if !job.state.is_active() || job.stop.is_some() {
-                return Err(ApiError::conflict(format!(
-                    "job {id} is {} and not running; only a running job can be moved",
-                    if job.stop.is_some() {
-                        "stopping"
-                    } else {
-                        job.state.name()
-                    }
-                )));
-            }
-            if let Some(to) = &b.to {
-                if job.replicas.iter().all(|r| r.node == *to) {
-                    return Err(ApiError::conflict(format!("job {id} already runs on {to}")));
+        .write_as(
+            Some(user.clone()),
+            move |c, s| -> Result<JobView, ApiError> {
+                let mut job = s
+                    .jobs
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
+                // A target that cannot take it is the request's fault, whatever the job's state.
+                if let Some(to) = &b.to {
+                    move_target(s, to)?;
                 }
-            }
-            let now = now_ms();
-            let target = b.to.as_ref().map_or(String::new(), |n| format!(" to {n}"));
-            let mut notes = vec![(
-                EventKind::Migrating,
-                format!("{user} asked to move the job{target}; stopping its replicas"),
-            )];
-            job.reason = format!("moving{target} at the request of {user}; stopping it first");
-            job.stop = Some(StopCause::Migrate {
-                by: user.clone(),
-                to: b.to.clone(),
-            });
-            notes.extend(settle(&mut job, now));
-            save_job(c, s, job, notes, now)?;
-            job_view(s, id)
-        })
+                // A service replica moves make-before-break: a replacement starts first.
+                if let Some(name) = job.service.clone()
+                    && s.services.contains_key(&name)
+                {
+                    super::services::start_move(c, s, &name, Some(id), b.to.clone())?;
+                    return job_view(s, id);
+                }
+                if !job.state.is_active() || job.stop.is_some() {
+                    return Err(ApiError::conflict(format!(
+                        "job {id} is {} and not running; only a running job can be moved",
+                        if job.stop.is_some() {
+                            "stopping"
+                        } else {
+                            job.state.name()
+                        }
+                    )));
+                }
+                if let Some(to) = &b.to {
+                    if job.replicas.iter().all(|r| r.node == *to) {
+                        return Err(ApiError::conflict(format!("job {id} already runs on {to}")));
+                    }
+                }
+                let now = c.now_ms;
+                let target = b.to.as_ref().map_or(String::new(), |n| format!(" to {n}"));
+                let mut notes = vec![(
+                    EventKind::Migrating,
+                    format!("{user} asked to move the job{target}; stopping its replicas"),
+                )];
+                job.reason = format!("moving{target} at the request of {user}; stopping it first");
+                job.stop = Some(StopCause::Migrate {
+                    by: user.clone(),
+                    to: b.to.clone(),
+                });
+                notes.extend(settle(&mut job, now));
+                save_job(c, s, job, notes, now)?;
+                job_view(s, id)
+            },
+        )
         .await?;
     Ok(Json(job))
 }
@@ -1004,15 +1009,14 @@ async fn set_cordon(
     let admin = caller.admin()?.to_string();
     let n = name.clone();
     ctl.store
-        .write(move |c, s| -> Result<(), ApiError> {
+        .write_as(Some(admin.clone()), move |c, s| -> Result<(), ApiError> {
             let mut node =
                 s.nodes.get(&n).cloned().ok_or_else(|| {
                     ApiError::not_found(format!("no node {n}; see `tessera nodes`"))
                 })?;
             node.cordoned = cordon;
-            store::put_node(c, &node)?;
-            let now = now_ms();
-            s.acting = Some(admin.clone());
+            c.put_node(&node)?;
+            let now = c.now_ms;
             let action = match (cordon, drain) {
                 (_, true) => "drain",
                 (true, false) => "cordon",
@@ -1084,14 +1088,14 @@ pub async fn replace_node(
             for id in &ids {
                 if let Some(t) = s.tokens.get_mut(id) {
                     t.revoked = true;
-                    store::put_token(c, t)?;
+                    c.put_token(t)?;
                 }
             }
             let detail = format!(
                 "node {n}: {} agent credential(s) revoked for a replacement",
                 ids.len()
             );
-            super::audit::record(c, now_ms(), &admin, "node-replace", None, None, &detail)?;
+            super::audit::record(c, c.now_ms, &admin, "node-replace", None, None, &detail)?;
             Ok(())
         })
         .await?;
@@ -1412,15 +1416,15 @@ pub async fn create_project(
                 limit_milli: None,
                 over_quota_weight: 1,
                 members: BTreeSet::new(),
-                created_ms: now_ms(),
+                created_ms: c.now_ms,
                 min_runtime_ms: 0,
                 policy: Default::default(),
             };
             apply_project_body(&mut p, &b, s)?;
-            store::put_project(c, &p)?;
+            c.put_project(&p)?;
             super::audit::record(
                 c,
-                now_ms(),
+                c.now_ms,
                 &admin,
                 "project-create",
                 Some(&name),
@@ -1450,10 +1454,10 @@ async fn change_project(
                 ApiError::not_found(format!("no project {name}; see `tessera projects`"))
             })?;
             apply_project_body(&mut p, &b, s)?;
-            store::put_project(c, &p)?;
+            c.put_project(&p)?;
             super::audit::record(
                 c,
-                now_ms(),
+                c.now_ms,
                 &admin,
                 "project-update",
                 Some(&name),
@@ -1557,12 +1561,12 @@ pub async fn create_user(
             let u = User {
                 name: b.name,
                 role: b.role,
-                created_ms: now_ms(),
+                created_ms: c.now_ms,
                 uid: b.uid,
             };
-            store::put_user(c, &u)?;
+            c.put_user(&u)?;
             let what = format!("user {} as {:?}", u.name, u.role).to_lowercase();
-            super::audit::record(c, now_ms(), &admin, "user-create", None, None, &what)?;
+            super::audit::record(c, c.now_ms, &admin, "user-create", None, None, &what)?;
             s.users.insert(u.name.clone(), u.clone());
             Ok(u)
         })
@@ -1673,7 +1677,7 @@ pub async fn create_token(
                 super::limit_join_token(c, s, &t.id, uses, Some(expires_ms))?;
             }
             let what = format!("{kind:?} token {} for {subject}", t.id).to_lowercase();
-            super::audit::record(c, now_ms(), &creator, "token-create", None, None, &what)?;
+            super::audit::record(c, c.now_ms, &creator, "token-create", None, None, &what)?;
             let rec = s
                 .tokens
                 .get(&t.id)
@@ -1736,9 +1740,9 @@ pub async fn revoke_token(
                     ApiError::not_found(format!("no token {id} of yours; see `tessera token list`"))
                 })?;
             t.revoked = true;
-            store::put_token(c, &t)?;
+            c.put_token(&t)?;
             let what = format!("token {id} of {}", t.subject);
-            super::audit::record(c, now_ms(), &me, "token-revoke", None, None, &what)?;
+            super::audit::record(c, c.now_ms, &me, "token-revoke", None, None, &what)?;
             s.tokens.insert(id, t);
             Ok(())
         })

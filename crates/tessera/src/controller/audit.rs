@@ -4,7 +4,6 @@
 
 use axum::Json;
 use axum::extract::Query;
-use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AxState, Caller, S, now_ms};
@@ -26,19 +25,23 @@ pub struct Entry {
 
 /// Records one entry in the current transaction.
 pub fn record(
-    c: &Connection,
+    c: &crate::store::Write,
     ts_ms: u64,
     actor: &str,
     action: &str,
     project: Option<&str>,
     job: Option<u64>,
     detail: &str,
-) -> rusqlite::Result<()> {
-    c.execute(
-        "INSERT INTO audit (ts_ms, actor, action, project, job, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![ts_ms as i64, actor, action, project, job.map(|j| j as i64), detail],
-    )?;
-    Ok(())
+) -> crate::store::StoreResult<()> {
+    c.add_audit(&Entry {
+        seq: 0,
+        ts_ms,
+        actor: actor.to_string(),
+        action: action.to_string(),
+        project: project.map(str::to_string),
+        job,
+        detail: detail.to_string(),
+    })
 }
 
 /// Records a refusal in a write of its own: the refused request itself wrote nothing.
@@ -51,7 +54,7 @@ pub async fn record_refusal(
 ) -> Result<(), ApiError> {
     ctl.store
         .write(move |c, _| -> Result<(), ApiError> {
-            record(c, now_ms(), &actor, "deny", Some(&project), job, &detail)?;
+            record(c, c.now_ms, &actor, "deny", Some(&project), job, &detail)?;
             Ok(())
         })
         .await
@@ -93,52 +96,30 @@ pub async fn get_audit(
         )));
     }
     let limit = q.limit.unwrap_or(1000).min(MAX_ENTRIES);
-    let entries = super::read_store(&ctl, "audit log", move |c| {
-        let mut stmt = c.prepare(
-            "SELECT seq, ts_ms, actor, action, project, job, detail FROM audit
-             WHERE ts_ms >= ?1 AND ts_ms <= ?2
-               AND (?3 IS NULL OR project = ?3)
-               AND (?4 IS NULL OR job = ?4)
-               AND (?5 IS NULL OR action = ?5)
-             ORDER BY seq DESC",
-        )?;
-        let rows = stmt.query_map(
-            params![
-                window.since_ms as i64,
-                window.until_ms as i64,
-                q.project,
-                q.job.map(|j| j as i64),
-                q.action
-            ],
-            |r| {
-                Ok(Entry {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    ts_ms: r.get::<_, i64>(1)? as u64,
-                    actor: r.get(2)?,
-                    action: r.get(3)?,
-                    project: r.get(4)?,
-                    job: r.get::<_, Option<i64>>(5)?.map(|j| j as u64),
-                    detail: r.get(6)?,
-                })
-            },
-        )?;
-        let mut out = Vec::new();
-        for e in rows {
-            let e = e?;
-            // A member sees only entries of the projects they belong to.
-            if let Some(v) = &visible
-                && !e.project.as_ref().is_some_and(|p| v.contains(p))
-            {
-                continue;
-            }
-            out.push(e);
-            if out.len() >= limit {
-                break;
-            }
-        }
-        Ok(out)
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    let filter = crate::store::AuditFilter {
+        since_ms: window.since_ms,
+        until_ms: window.until_ms,
+        project: q.project,
+        job: q.job,
+        action: q.action,
+    };
+    let entries = ctl
+        .store
+        .read_ledger("audit log", move |l| {
+            let mut out = Vec::new();
+            l.audit(&filter, &mut |e| {
+                // A member sees only entries of the projects they belong to.
+                let shown = visible
+                    .as_ref()
+                    .is_none_or(|v| e.project.as_ref().is_some_and(|p| v.contains(p)));
+                if shown {
+                    out.push(e);
+                }
+                out.len() < limit
+            })?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     Ok(Json(entries))
 }

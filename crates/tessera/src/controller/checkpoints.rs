@@ -17,7 +17,6 @@ use sha2::{Digest, Sha256};
 use super::{ApiError, AxState, Caller, S, now_ms};
 use crate::auth::Principal;
 use crate::state::{CheckpointManifest, Event};
-use crate::store;
 
 fn agent(caller: &Caller) -> Result<&str, ApiError> {
     match &caller.0 {
@@ -178,7 +177,7 @@ pub async fn put_checkpoint(
                     m.replica, m.job, m.attempt
                 )));
             }
-            store::put_checkpoint(c, &m)?;
+            c.put_checkpoint(&m)?;
             let bytes: u64 = m.files.iter().map(|f| f.size).sum();
             let e = Event {
                 job: m.job,
@@ -192,7 +191,7 @@ pub async fn put_checkpoint(
                     bytes
                 ),
             };
-            store::add_event(c, &e)?;
+            c.add_event(&e)?;
             s.push_event(e);
             s.checkpoints.insert((m.job, m.replica), m);
             Ok(())

@@ -49,6 +49,8 @@ pub fn now_ms() -> u64 {
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL (`--store`); `None`: SQLite in the data dir.
+    pub store: Option<String>,
     pub listen: SocketAddr,
     /// How long an agent may go unheard before its node is lost; agents stop their workloads
     /// when their own copy of the lease runs out, before the controller moves the work.
@@ -181,8 +183,8 @@ impl From<StoreFault> for ApiError {
     }
 }
 
-impl From<rusqlite::Error> for ApiError {
-    fn from(e: rusqlite::Error) -> Self {
+impl From<store::StoreError> for ApiError {
+    fn from(e: store::StoreError) -> Self {
         ApiError::internal(format!("store: {e}"))
     }
 }
@@ -296,13 +298,13 @@ pub async fn hashed_token() -> Result<NewToken, ApiError> {
 
 /// Writes the record of token `t` (made by [`hashed_token`]) and returns it.
 pub fn issue_token(
-    c: &rusqlite::Connection,
+    c: &crate::store::Write,
     state: &mut crate::state::State,
     kind: TokenKind,
     subject: &str,
     description: &str,
     t: NewToken,
-) -> rusqlite::Result<NewToken> {
+) -> crate::store::StoreResult<NewToken> {
     let rec = TokenRecord {
         id: t.id.clone(),
         kind,
@@ -314,23 +316,23 @@ pub fn issue_token(
         uses_left: None,
         expires_ms: None,
     };
-    store::put_token(c, &rec)?;
+    c.put_token(&rec)?;
     state.tokens.insert(rec.id.clone(), rec);
     Ok(t)
 }
 
 /// Limits a join token just issued: it joins `uses` nodes and stops working at `expires_ms`.
 pub fn limit_join_token(
-    c: &rusqlite::Connection,
+    c: &crate::store::Write,
     state: &mut crate::state::State,
     id: &str,
     uses: u32,
     expires_ms: Option<u64>,
-) -> rusqlite::Result<()> {
+) -> crate::store::StoreResult<()> {
     if let Some(t) = state.tokens.get_mut(id) {
         t.uses_left = Some(uses);
         t.expires_ms = expires_ms;
-        store::put_token(c, t)?;
+        c.put_token(t)?;
     }
     Ok(())
 }
@@ -342,17 +344,17 @@ pub async fn bootstrap(store: &Store) -> anyhow::Result<Option<String>> {
         .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let token = store
         .write(move |c, s| -> Result<Option<String>, ApiError> {
-            if store::get_meta(c, "bootstrapped")?.is_some() {
+            if c.get_meta("bootstrapped")?.is_some() {
                 return Ok(None);
             }
-            let now = now_ms();
+            let now = c.now_ms;
             let admin = User {
                 name: "admin".into(),
                 role: Role::Admin,
                 created_ms: now,
                 uid: None,
             };
-            store::put_user(c, &admin)?;
+            c.put_user(&admin)?;
             let default = Project {
                 name: "default".into(),
                 parent: None,
@@ -364,8 +366,8 @@ pub async fn bootstrap(store: &Store) -> anyhow::Result<Option<String>> {
                 min_runtime_ms: 0,
                 policy: Default::default(),
             };
-            store::put_project(c, &default)?;
-            store::put_meta(c, "bootstrapped", &now.to_string())?;
+            c.put_project(&default)?;
+            c.put_meta("bootstrapped", &now.to_string())?;
             let t = issue_token(c, s, TokenKind::User, "admin", "first admin token", t)?;
             s.users.insert(admin.name.clone(), admin);
             s.projects.insert(default.name.clone(), default);
@@ -519,18 +521,29 @@ impl ControllerConfig {
     }
 }
 
-/// Runs `read` on a read-only connection to the store, off the async threads: for the tables the
-/// state does not keep in memory (usage ledger, telemetry, audit log). `what` names it in errors.
-pub async fn read_store<T: Send + 'static>(
-    ctl: &Ctl,
-    what: &'static str,
-    read: impl FnOnce(&rusqlite::Connection) -> anyhow::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    let path = ctl.config.store_path();
-    tokio::task::spawn_blocking(move || read(&store::read_only(&path)?))
-        .await
-        .map_err(|_| anyhow::anyhow!("the {what} reader failed"))?
-        .with_context(|| format!("reading the {what}"))
+/// Opens the store the configuration names and reads the state back.
+async fn open_store(
+    config: &ControllerConfig,
+) -> anyhow::Result<(Box<dyn store::Backend>, crate::state::State)> {
+    match &config.store {
+        None => {
+            refuse_a_lost_store(&config.data_dir, &config.store_path())?;
+            let backend = store::sqlite::Sqlite::open(&config.store_path())?;
+            let state = store::Backend::load(&backend, now_ms())?;
+            Ok((Box::new(backend), state))
+        }
+        Some(url) => {
+            // Opening waits on the database: not on an async thread.
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || {
+                let backend = store::postgres::Postgres::open(&url)?;
+                let state = store::Backend::load(&backend, now_ms())?;
+                Ok((Box::new(backend) as Box<dyn store::Backend>, state))
+            })
+            .await
+            .context("opening the PostgreSQL store")?
+        }
+    }
 }
 
 /// Opens the store, bootstraps it, starts the reconcile loop and the HTTP server.
@@ -545,16 +558,15 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
     // pass through to the simulated driver.
     restrict(&config.data_dir, 0o700)?;
     restrict_existing(&config.data_dir)?;
-    refuse_a_lost_store(&config.data_dir, &config.store_path())?;
-    let db_path = config.store_path();
-    let conn = store::open(&db_path)?;
+    // Opened first: a lost SQLite store is told apart from a new pool by what else the data dir
+    // holds, the controller's key among it.
+    let (backend, mut state) = open_store(&config).await?;
     let callback_key = load_or_make_key(&config.data_dir.join("callback.key"))?;
-    let mut state = store::load(&conn, now_ms())?;
     state.id_ceiling = Some(
         crate::state::IdCeiling::load(&config.data_dir.join("job-ids"))
             .context("reading the highest job id given")?,
     );
-    let store = Store::start(conn, state);
+    let store = Store::start(backend, state);
     let first_admin_token = bootstrap(&store).await?;
     let ctl = Arc::new(Controller {
         store,

@@ -290,7 +290,7 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
     let ports = ctl.config.rendezvous_ports.clone();
     ctl.store
         .write(move |c, s| -> Result<(), ApiError> {
-            let now = now_ms();
+            let now = c.now_ms;
             let mut changed = Vec::new();
             // Rendezvous ports in use by node, built at the first gang placed.
             let mut taken: Option<HashMap<String, BTreeSet<u16>>> = None;

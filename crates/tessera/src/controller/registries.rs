@@ -9,10 +9,9 @@ use axum::extract::{Path, State as AxState};
 use serde::{Deserialize, Serialize};
 
 use super::api::parse_body;
-use super::{ApiError, Caller, S, audit, now_ms};
+use super::{ApiError, Caller, S, audit};
 use crate::agent::image::Credentials;
 use crate::state::State;
-use crate::store;
 
 /// One project's login to one registry, as stored.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -144,7 +143,7 @@ pub async fn put(
             if !s.projects.contains_key(&project) {
                 return Err(ApiError::not_found(format!("no project {project}")));
             }
-            let now = now_ms();
+            let now = c.now_ms;
             let login = RegistryLogin {
                 project: project.clone(),
                 registry: registry.clone(),
@@ -152,7 +151,7 @@ pub async fn put(
                 password: b.password,
                 updated_ms: now,
             };
-            store::put_registry_login(c, &login)?;
+            c.put_registry_login(&login)?;
             let what = format!("login to {registry} as {}", login.username);
             audit::record(
                 c,
@@ -191,11 +190,11 @@ pub async fn delete(
                     "project {project} has no login to {registry}"
                 )));
             }
-            store::delete_registry_login(c, &project, &registry)?;
+            c.delete_registry_login(&project, &registry)?;
             let what = format!("login to {registry} removed");
             audit::record(
                 c,
-                now_ms(),
+                c.now_ms,
                 &admin,
                 "registry-logout",
                 Some(&project),

@@ -21,7 +21,6 @@ use super::lifecycle::Note;
 use super::{ApiError, Caller, Ctl, now_ms};
 use crate::service::{ScaleMemory, ScaleMetric, desired_replicas};
 use crate::state::{EventKind, Job, JobState, ReplicaPhase, Service, State};
-use crate::store;
 
 type S = AxState<Ctl>;
 
@@ -111,7 +110,7 @@ fn by_service(s: &State) -> HashMap<&str, Vec<&Job>> {
 
 /// A new replica job of `svc`, pinned to `to` when given.
 fn add_replica(
-    c: &rusqlite::Connection,
+    c: &crate::store::Write,
     s: &mut State,
     svc: &Service,
     replaces: Option<u64>,
@@ -149,36 +148,38 @@ pub async fn create(
     let gw = ctl.gateway.clone();
     let v = ctl
         .store
-        .write(move |c, s| -> Result<ServiceView, ApiError> {
-            may_use_project(s, &user, role, &template.spec.project)?;
-            super::api::resolve_mounts(s, &mut template)?;
-            // Each replica is a job: one no node could hold is refused as a job would be.
-            super::api::refuse_never_fitting(s, &template)?;
-            if s.services.contains_key(&name) {
-                return Err(ApiError::conflict(format!(
-                    "metadata.name {name}: a service of that name exists; pick another name or \
+        .write_as(
+            Some(user.clone()),
+            move |c, s| -> Result<ServiceView, ApiError> {
+                may_use_project(s, &user, role, &template.spec.project)?;
+                super::api::resolve_mounts(s, &mut template)?;
+                // Each replica is a job: one no node could hold is refused as a job would be.
+                super::api::refuse_never_fitting(s, &template)?;
+                if s.services.contains_key(&name) {
+                    return Err(ApiError::conflict(format!(
+                        "metadata.name {name}: a service of that name exists; pick another name or \
                      `tessera services delete {name}` first"
-                )));
-            }
-            let now = now_ms();
-            let svc = Service {
-                name: name.clone(),
-                owner: user.clone(),
-                template,
-                def,
-                created_ms: now,
-            };
-            store::put_service(c, &svc)?;
-            s.acting = Some(user.clone());
-            let project = svc.template.spec.project.clone();
-            let what = format!("service {name} with {} replica(s)", svc.def.replicas);
-            audit::record(c, now, &user, "service-create", Some(&project), None, &what)?;
-            for _ in 0..svc.def.replicas {
-                add_replica(c, s, &svc, None, None, now)?;
-            }
-            s.services.insert(name.clone(), svc);
-            Ok(view(service(s, &name)?, s, &gw))
-        })
+                    )));
+                }
+                let now = c.now_ms;
+                let svc = Service {
+                    name: name.clone(),
+                    owner: user.clone(),
+                    template,
+                    def,
+                    created_ms: now,
+                };
+                c.put_service(&svc)?;
+                let project = svc.template.spec.project.clone();
+                let what = format!("service {name} with {} replica(s)", svc.def.replicas);
+                audit::record(c, now, &user, "service-create", Some(&project), None, &what)?;
+                for _ in 0..svc.def.replicas {
+                    add_replica(c, s, &svc, None, None, now)?;
+                }
+                s.services.insert(name.clone(), svc);
+                Ok(view(service(s, &name)?, s, &gw))
+            },
+        )
         .await?;
     Ok((axum::http::StatusCode::CREATED, Json(v)))
 }
@@ -276,12 +277,12 @@ pub async fn scale(
             }
             tracing::info!("{user} scales service {name} to {}", b.replicas);
             svc.def.replicas = b.replicas;
-            store::put_service(c, &svc)?;
+            c.put_service(&svc)?;
             let what = format!("service {name} to {} replica(s)", b.replicas);
             let project = svc.template.spec.project.clone();
             audit::record(
                 c,
-                now_ms(),
+                c.now_ms,
                 &user,
                 "service-scale",
                 Some(&project),
@@ -306,7 +307,7 @@ pub struct MoveBody {
 
 /// Starts a make-before-break move of one replica of a service; returns the new replica's id.
 pub fn start_move(
-    c: &rusqlite::Connection,
+    c: &crate::store::Write,
     s: &mut State,
     name: &str,
     job: Option<u64>,
@@ -355,26 +356,28 @@ pub async fn move_replica(
     let gw = ctl.gateway.clone();
     let v = ctl
         .store
-        .write(move |c, s| -> Result<ServiceView, ApiError> {
-            let what = format!(
-                "service {name}: replica {} to {}",
-                b.job.map_or("any".into(), |j| j.to_string()),
-                b.to.clone().unwrap_or_else(|| "anywhere".into())
-            );
-            let project = service(s, &name)?.template.spec.project.clone();
-            audit::record(
-                c,
-                now_ms(),
-                &user,
-                "service-move",
-                Some(&project),
-                b.job,
-                &what,
-            )?;
-            s.acting = Some(user.clone());
-            start_move(c, s, &name, b.job, b.to)?;
-            Ok(view(service(s, &name)?, s, &gw))
-        })
+        .write_as(
+            Some(user.clone()),
+            move |c, s| -> Result<ServiceView, ApiError> {
+                let what = format!(
+                    "service {name}: replica {} to {}",
+                    b.job.map_or("any".into(), |j| j.to_string()),
+                    b.to.clone().unwrap_or_else(|| "anywhere".into())
+                );
+                let project = service(s, &name)?.template.spec.project.clone();
+                audit::record(
+                    c,
+                    c.now_ms,
+                    &user,
+                    "service-move",
+                    Some(&project),
+                    b.job,
+                    &what,
+                )?;
+                start_move(c, s, &name, b.job, b.to)?;
+                Ok(view(service(s, &name)?, s, &gw))
+            },
+        )
         .await?;
     Ok(Json(v))
 }
@@ -389,25 +392,27 @@ pub async fn delete(
     let gw = ctl.gateway.clone();
     let v = ctl
         .store
-        .write(move |c, s| -> Result<ServiceView, ApiError> {
-            let v = view(service(s, &name)?, s, &gw);
-            let now = now_ms();
-            s.acting = Some(user.clone());
-            let project = service(s, &name)?.template.spec.project.clone();
-            let what = format!("service {name}");
-            audit::record(c, now, &user, "service-delete", Some(&project), None, &what)?;
-            let ids: Vec<u64> = children(s, &name).map(|j| j.id).collect();
-            for id in ids {
-                let Some(mut job) = s.jobs.get(&id).cloned() else {
-                    continue;
-                };
-                let notes = cancel(&mut job, &user, now);
-                save_job(c, s, job, notes, now)?;
-            }
-            store::delete_service(c, &name)?;
-            s.services.remove(&name);
-            Ok(v)
-        })
+        .write_as(
+            Some(user.clone()),
+            move |c, s| -> Result<ServiceView, ApiError> {
+                let v = view(service(s, &name)?, s, &gw);
+                let now = c.now_ms;
+                let project = service(s, &name)?.template.spec.project.clone();
+                let what = format!("service {name}");
+                audit::record(c, now, &user, "service-delete", Some(&project), None, &what)?;
+                let ids: Vec<u64> = children(s, &name).map(|j| j.id).collect();
+                for id in ids {
+                    let Some(mut job) = s.jobs.get(&id).cloned() else {
+                        continue;
+                    };
+                    let notes = cancel(&mut job, &user, now);
+                    save_job(c, s, job, notes, now)?;
+                }
+                c.delete_service(&name)?;
+                s.services.remove(&name);
+                Ok(v)
+            },
+        )
         .await?;
     Ok(Json(v))
 }
@@ -528,8 +533,8 @@ fn plan(s: &State, gw: &Gateway, now: u64) -> Plan {
     p
 }
 
-fn apply(c: &rusqlite::Connection, s: &mut State, p: Plan, now: u64) -> Result<(), ApiError> {
-    let drain = |c: &rusqlite::Connection, s: &mut State, id: u64, why: String| {
+fn apply(c: &crate::store::Write, s: &mut State, p: Plan, now: u64) -> Result<(), ApiError> {
+    let drain = |c: &crate::store::Write, s: &mut State, id: u64, why: String| {
         let Some(mut job) = s.jobs.get(&id).cloned() else {
             return Ok(());
         };
@@ -591,7 +596,7 @@ fn apply(c: &rusqlite::Connection, s: &mut State, p: Plan, now: u64) -> Result<(
                 svc.def.replicas
             );
             svc.def.replicas = replicas;
-            store::put_service(c, &svc)?;
+            c.put_service(&svc)?;
             s.services.insert(name, svc);
         }
     }
@@ -684,7 +689,7 @@ pub async fn run(ctl: Ctl) {
         }
         let r = ctl
             .store
-            .write(move |c, s| -> Result<(), ApiError> { apply(c, s, p, now_ms()) })
+            .write(move |c, s| -> Result<(), ApiError> { apply(c, s, p, c.now_ms) })
             .await;
         if let Err(e) = r {
             tracing::warn!("services: {e:?}");

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::Query;
-use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AxState, Caller, Ctl, S, now_ms};
@@ -164,17 +163,9 @@ pub async fn run(ctl: Ctl, every: Duration) {
             .store
             .write(move |c, _| -> Result<(), ApiError> {
                 for (series, p) in &points {
-                    let doc =
-                        serde_json::to_string(p).map_err(|e| ApiError::internal(e.to_string()))?;
-                    c.execute(
-                        "INSERT OR REPLACE INTO samples (series, ts_ms, doc) VALUES (?1, ?2, ?3)",
-                        params![series, p.ts_ms as i64, doc],
-                    )?;
+                    c.put_sample(series, p)?;
                 }
-                c.execute(
-                    "DELETE FROM samples WHERE ts_ms < ?1",
-                    params![now.saturating_sub(RETENTION_MS) as i64],
-                )?;
+                c.delete_samples_before(now.saturating_sub(RETENTION_MS))?;
                 Ok(())
             })
             .await;
@@ -242,11 +233,12 @@ pub async fn get_series(
     let exact = q.name != "pool";
     let stored = {
         let prefix = prefix.clone();
-        super::read_store(&ctl, "telemetry", move |c| {
-            read_stored(c, &prefix, exact, window.since_ms)
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("{e:#}")))?
+        ctl.store
+            .read_ledger("telemetry", move |l| {
+                l.samples(&prefix, exact, window.since_ms)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("{e:#}")))?
     };
     let stored_until = stored
         .iter()
@@ -313,31 +305,6 @@ pub fn pool_points(rows: &[(String, Point)]) -> Vec<Point> {
             }
         })
         .collect()
-}
-
-fn read_stored(
-    c: &rusqlite::Connection,
-    prefix: &str,
-    exact: bool,
-    since_ms: u64,
-) -> anyhow::Result<Vec<(String, Point)>> {
-    let pattern = if exact {
-        prefix.to_string()
-    } else {
-        format!("{prefix}%")
-    };
-    let mut stmt = c.prepare(
-        "SELECT series, doc FROM samples WHERE series LIKE ?1 AND ts_ms >= ?2 ORDER BY ts_ms",
-    )?;
-    let rows = stmt.query_map(params![pattern, since_ms as i64], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (series, doc) = row?;
-        out.push((series, serde_json::from_str(&doc)?));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

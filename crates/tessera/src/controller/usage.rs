@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use axum::Json;
 use axum::extract::Query;
-use rusqlite::{Connection, params};
 use serde::Deserialize;
 
 use super::{ApiError, AxState, Caller, S, now_ms};
@@ -91,15 +90,14 @@ pub fn ended(old: Option<&Job>, new: &Job, s: &State, now: u64) -> Vec<Segment> 
 }
 
 /// Writes ended runs to the ledger; returns the last sequence number used.
-pub fn record(c: &Connection, mut seq: u64, segments: &[Segment]) -> rusqlite::Result<u64> {
+pub fn record(
+    c: &crate::store::Write,
+    mut seq: u64,
+    segments: &[Segment],
+) -> crate::store::StoreResult<u64> {
     for s in segments {
         seq += 1;
-        let doc = serde_json::to_string(s)
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        c.execute(
-            "INSERT INTO usage (seq, job, project, start_ms, end_ms, doc) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![seq as i64, s.job as i64, s.project, s.start_ms as i64, s.end_ms as i64, doc],
-        )?;
+        c.add_usage(seq, s)?;
     }
     Ok(seq)
 }
@@ -160,7 +158,9 @@ pub async fn get_usage(
         (Some(p), _) => Some([p.clone()].into()),
         (None, v) => v,
     };
-    let closed = super::read_store(&ctl, "usage ledger", move |c| read_closed(c, seq, window))
+    let closed = ctl
+        .store
+        .read_ledger("usage ledger", move |l| l.usage(seq, window))
         .await
         .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     segments.extend(closed);
@@ -183,7 +183,10 @@ pub async fn history_loop(
             since_ms: now.saturating_sub(10 * half_life_ms),
             until_ms: now,
         };
-        match super::read_store(&ctl, "usage ledger", move |c| read_closed(c, seq, window)).await {
+        let closed = ctl
+            .store
+            .read_ledger("usage ledger", move |l| l.usage(seq, window));
+        match closed.await {
             Ok(mut segments) => {
                 segments.extend(open);
                 let history =
@@ -198,19 +201,4 @@ pub async fn history_loop(
         }
         tokio::time::sleep(every).await;
     }
-}
-
-/// Ended runs up to `seq` that overlap the window.
-pub fn read_closed(c: &Connection, seq: u64, w: Window) -> anyhow::Result<Vec<Segment>> {
-    let mut stmt =
-        c.prepare("SELECT doc FROM usage WHERE seq <= ?1 AND end_ms > ?2 AND start_ms < ?3")?;
-    let rows = stmt.query_map(
-        params![seq as i64, w.since_ms as i64, w.until_ms as i64],
-        |r| r.get::<_, String>(0),
-    )?;
-    let mut out = Vec::new();
-    for doc in rows {
-        out.push(serde_json::from_str(&doc?)?);
-    }
-    Ok(out)
 }

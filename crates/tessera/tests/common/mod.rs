@@ -1,6 +1,7 @@
 //! The harness of the end-to-end tests: a real controller and real agents as separate processes
-//! on 127.0.0.x, simulated GPUs, real child processes, real SQLite. Nothing of Tessera's own is
-//! mocked. Each test binary uses its part of it.
+//! on 127.0.0.x, simulated GPUs, real child processes, real SQLite (or a throwaway PostgreSQL
+//! cluster: [`Pool::start_on_postgresql`], or every pool with `TESSERA_TEST_STORE=postgresql`).
+//! Nothing of Tessera's own is mocked. Each test binary uses its part of it.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -12,6 +13,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 pub mod registry;
+#[path = "../../src/store/testdb.rs"]
+mod testdb;
+pub use testdb::PgCluster;
 
 pub static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
@@ -85,6 +89,8 @@ pub struct Pool {
     pub controller_args: Vec<String>,
     /// The controller's `--rendezvous-ports` (unless its arguments name others).
     pub rendezvous_ports: (u16, u16),
+    /// The PostgreSQL cluster of the store, when the pool keeps it there (stopped last).
+    pub postgresql: Option<PgCluster>,
 }
 
 impl Pool {
@@ -101,6 +107,32 @@ impl Pool {
     /// A pool whose data dirs are made under `data_root` (e.g. a small file system), with more
     /// arguments for its controller.
     pub fn start_in(tls: bool, data_root: Option<PathBuf>, controller_args: &[&str]) -> Pool {
+        let postgresql = (std::env::var("TESSERA_TEST_STORE").as_deref() == Ok("postgresql"))
+            .then(PgCluster::start);
+        Pool::start_full(tls, data_root, controller_args, postgresql)
+    }
+
+    /// A pool on SQLite whatever `TESSERA_TEST_STORE` says, for tests of the store's file.
+    pub fn start_on_sqlite() -> Pool {
+        Pool::start_full(false, None, &[], None)
+    }
+
+    /// A pool whose store is a fresh PostgreSQL cluster of its own.
+    pub fn start_on_postgresql(controller_args: &[&str]) -> Pool {
+        Pool::start_full(false, None, controller_args, Some(PgCluster::start()))
+    }
+
+    fn start_full(
+        tls: bool,
+        data_root: Option<PathBuf>,
+        controller_args: &[&str],
+        postgresql: Option<PgCluster>,
+    ) -> Pool {
+        let mut controller_args: Vec<String> =
+            controller_args.iter().map(|a| a.to_string()).collect();
+        if let Some(pg) = &postgresql {
+            controller_args.extend(["--store".to_string(), pg.url()]);
+        }
         let mut dir = tempfile::tempdir().unwrap();
         if std::env::var_os("TESSERA_TEST_KEEP").is_some() {
             dir.disable_cleanup(true);
@@ -134,7 +166,7 @@ impl Pool {
             http: http.build().unwrap(),
             cert,
             data_root: data_root.unwrap_or_else(|| dir.path().to_path_buf()),
-            controller_args: controller_args.iter().map(|a| a.to_string()).collect(),
+            controller_args,
             rendezvous_ports: {
                 // Each pool its own: the pools of a test run share one host, and a gang's rank 0
                 // (torch's store) listens on every address of it.
@@ -143,6 +175,7 @@ impl Pool {
             },
             dir,
             shared_dir: shared_dir(),
+            postgresql,
         };
         pool.admin = pool
             .start_controller()

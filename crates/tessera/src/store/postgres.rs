@@ -1,0 +1,630 @@
+//! The PostgreSQL backend: the same tables as SQLite, reached with tokio-postgres. The
+//! connections run on a small runtime of their own: the writer holds the state's lock while it
+//! waits on the database, and handlers waiting for that lock may occupy every worker of the
+//! controller's runtime. Readers of the ledger share a second connection.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tokio::runtime::Handle;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use super::{AuditFilter, Backend, Ledger, LedgerOpener, StoreError, StoreResult, Tx, doc, schema};
+use crate::controller::audit::Entry;
+use crate::controller::registries::RegistryLogin;
+use crate::controller::telemetry::Point;
+use crate::metering::{Segment, Window};
+use crate::state::{
+    CheckpointManifest, Event, Job, Node, Project, Service, State, TokenRecord, User,
+};
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let disk_full = e
+            .code()
+            .is_some_and(|c| *c == tokio_postgres::error::SqlState::DISK_FULL);
+        // The server's own words (e.g. a constraint's) are in the source error.
+        let message = match e.as_db_error() {
+            Some(db) => format!("postgresql: {}", db.message()),
+            None => format!("postgresql: {e}"),
+        };
+        StoreError { message, disk_full }
+    }
+}
+
+/// Connects, and drives the connection on `rt` until it closes.
+fn connect(rt: &Handle, url: &str) -> StoreResult<Client> {
+    let (client, connection) = rt.block_on(tokio_postgres::connect(url, NoTls))?;
+    rt.spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!("postgresql connection ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// The writer's connection to one PostgreSQL database.
+pub struct Postgres {
+    url: String,
+    rt: Handle,
+    _runtime: Arc<OwnRuntime>,
+    /// `None` after the connection was lost, until the next batch reconnects.
+    conn: Option<PgConn>,
+    readers: Arc<Mutex<Option<Arc<Client>>>>,
+}
+
+/// A connection and the runtime that drives it: what [`Tx`] and [`Ledger`] run on.
+pub struct PgConn {
+    client: Client,
+    rt: Handle,
+    /// Statements prepared on this connection, by their text (a write is one round trip).
+    prepared: Mutex<HashMap<String, Statement>>,
+}
+
+impl PgConn {
+    fn new(client: Client, rt: Handle) -> Self {
+        PgConn {
+            client,
+            rt,
+            prepared: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sql)
+        {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await?;
+        self.prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sql.to_string(), s.clone());
+        Ok(s)
+    }
+
+    fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> StoreResult<u64> {
+        Ok(self.rt.block_on(async {
+            let stmt = self.statement(sql).await?;
+            self.client.execute(&stmt, params).await
+        })?)
+    }
+
+    fn batch(&self, sql: &str) -> StoreResult<()> {
+        Ok(self.rt.block_on(self.client.batch_execute(sql))?)
+    }
+
+    fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> StoreResult<Vec<tokio_postgres::Row>> {
+        Ok(self.rt.block_on(async {
+            let stmt = self.statement(sql).await?;
+            self.client.query(&stmt, params).await
+        })?)
+    }
+}
+
+impl Postgres {
+    /// Connects to `url` (`postgresql://USER:PASS@HOST:PORT/DB`) and migrates the schema. Call
+    /// from a thread that is not running async code (the writer blocks on the connection).
+    pub fn open(url: &str) -> anyhow::Result<Postgres> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tessera-postgresql")
+            .enable_all()
+            .build()
+            .context("starting the PostgreSQL client's runtime")?;
+        let rt = runtime.handle().clone();
+        let runtime = Arc::new(OwnRuntime(Some(runtime)));
+        let client = connect(&rt, url).with_context(|| format!("connecting to {}", redact(url)))?;
+        let conn = PgConn::new(client, rt.clone());
+        migrate(&conn)?;
+        Ok(Postgres {
+            url: url.to_string(),
+            rt,
+            _runtime: runtime,
+            conn: Some(conn),
+            readers: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    fn conn(&mut self) -> StoreResult<&PgConn> {
+        if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            self.conn = None;
+            let client = connect(&self.rt, &self.url)?;
+            self.conn = Some(PgConn::new(client, self.rt.clone()));
+        }
+        Ok(self.conn.as_ref().expect("connected just above"))
+    }
+}
+
+/// The client's runtime, shut down without waiting when the backend goes (which may happen on
+/// an async thread, where a runtime may not block).
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Applies the schema migrations this database has not run, each in its own transaction.
+fn migrate(conn: &PgConn) -> anyhow::Result<()> {
+    conn.batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    // One controller migrates at a time (several may start together).
+    conn.batch("BEGIN; LOCK TABLE schema_version IN EXCLUSIVE MODE")?;
+    let done = (|| -> anyhow::Result<()> {
+        let rows = conn.rows("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])?;
+        let version = rows.first().map_or(0, |r| r.get::<_, i32>(0)) as usize;
+        if version > schema::MIGRATIONS.len() {
+            anyhow::bail!(
+                "the database has schema version {version}, newer than this tessera ({}); run a \
+                 newer tessera",
+                schema::MIGRATIONS.len()
+            );
+        }
+        for (i, m) in schema::MIGRATIONS.iter().enumerate().skip(version) {
+            conn.batch(m.postgres)
+                .with_context(|| format!("schema migration {}", i + 1))?;
+            conn.exec(
+                "INSERT INTO schema_version (version) VALUES ($1)",
+                &[&((i + 1) as i32)],
+            )?;
+        }
+        Ok(())
+    })();
+    match done {
+        Ok(()) => conn.batch("COMMIT")?,
+        Err(e) => {
+            let _ = conn.batch("ROLLBACK");
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+impl Backend for Postgres {
+    fn begin(&mut self) -> StoreResult<()> {
+        self.conn()?.batch("BEGIN")
+    }
+
+    fn savepoint(&mut self) -> StoreResult<()> {
+        self.conn()?.batch("SAVEPOINT op")
+    }
+
+    fn release(&mut self) -> StoreResult<()> {
+        self.conn()?.batch("RELEASE SAVEPOINT op")
+    }
+
+    fn rollback_to_savepoint(&mut self) -> StoreResult<()> {
+        self.conn()?
+            .batch("ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op")
+    }
+
+    fn commit(&mut self) -> StoreResult<()> {
+        self.conn()?.batch("COMMIT")
+    }
+
+    fn rollback(&mut self) {
+        if let Some(c) = &self.conn
+            && c.batch("ROLLBACK").is_err()
+        {
+            // A connection that cannot even roll back is dropped; the next batch reconnects.
+            self.conn = None;
+        }
+    }
+
+    fn tx(&self) -> &dyn Tx {
+        match &self.conn {
+            Some(c) => c,
+            None => &Disconnected,
+        }
+    }
+
+    fn load(&self, now_ms: u64) -> anyhow::Result<State> {
+        let conn = self
+            .conn
+            .as_ref()
+            .context("the database connection was lost")?;
+        super::load_state(conn, now_ms)
+    }
+
+    fn ledger(&self) -> LedgerOpener {
+        let (url, rt, readers) = (self.url.clone(), self.rt.clone(), self.readers.clone());
+        let runtime = self._runtime.clone();
+        Box::new(move || {
+            let _alive = &runtime;
+            let mut shared = readers.lock().unwrap_or_else(|e| e.into_inner());
+            let client = match shared.as_ref().filter(|c| !c.is_closed()) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Arc::new(connect(&rt, &url)?);
+                    *shared = Some(c.clone());
+                    c
+                }
+            };
+            Ok(Box::new(PgReader {
+                client,
+                rt: rt.clone(),
+            }) as Box<dyn Ledger>)
+        })
+    }
+}
+
+/// What a write sees while the database is unreachable: every change fails.
+struct Disconnected;
+
+fn unreachable_db<T>() -> StoreResult<T> {
+    Err(StoreError::new(
+        "the database is unreachable; the write was not made",
+    ))
+}
+
+impl Tx for Disconnected {
+    fn put_user(&self, _: &User) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn put_project(&self, _: &Project) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn put_job(&self, _: &Job) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn put_node(&self, _: &Node) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn put_service(&self, _: &Service) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn delete_service(&self, _: &str) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn put_registry_login(&self, _: &RegistryLogin) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn delete_registry_login(&self, _: &str, _: &str) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn put_token(&self, _: &TokenRecord) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn put_checkpoint(&self, _: &CheckpointManifest) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn delete_checkpoint(&self, _: u64, _: u32) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn add_event(&self, _: &Event) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn get_meta(&self, _: &str) -> StoreResult<Option<String>> {
+        unreachable_db()
+    }
+    fn put_meta(&self, _: &str, _: &str) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn add_usage(&self, _: u64, _: &Segment) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn add_audit(&self, _: &Entry) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn put_sample(&self, _: &str, _: &Point) -> StoreResult<()> {
+        unreachable_db()
+    }
+    fn delete_samples_before(&self, _: u64) -> StoreResult<()> {
+        unreachable_db()
+    }
+}
+
+impl super::Records for PgConn {
+    fn docs(&self, table: &str) -> anyhow::Result<Vec<String>> {
+        let rows = self.rows(&format!("SELECT doc FROM {table}"), &[])?;
+        Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+    }
+
+    fn usage_seq(&self) -> anyhow::Result<u64> {
+        let rows = self.rows("SELECT COALESCE(MAX(seq), 0) FROM usage", &[])?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)) as u64)
+    }
+
+    fn recent_events(&self, limit: u64) -> anyhow::Result<Vec<(u64, u64, String, String)>> {
+        let rows = self.rows(
+            "SELECT job, ts_ms, kind, message FROM events WHERE seq > \
+             (SELECT COALESCE(MAX(seq), 0) FROM events) - $1 ORDER BY seq",
+            &[&(limit as i64)],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<_, i64>(0) as u64,
+                    r.get::<_, i64>(1) as u64,
+                    r.get(2),
+                    r.get(3),
+                )
+            })
+            .collect())
+    }
+}
+
+/// Inserts or replaces a document keyed by `key` columns.
+fn upsert(conn: &PgConn, sql: &str, params: &[&(dyn ToSql + Sync)]) -> StoreResult<()> {
+    conn.exec(sql, params).map(|_| ())
+}
+
+impl Tx for PgConn {
+    fn put_user(&self, u: &User) -> StoreResult<()> {
+        upsert(
+            self,
+            "INSERT INTO users (name, doc) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc",
+            &[&u.name, &doc(u)?],
+        )
+    }
+
+    fn put_project(&self, p: &Project) -> StoreResult<()> {
+        upsert(
+            self,
+            "INSERT INTO projects (name, doc) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc",
+            &[&p.name, &doc(p)?],
+        )
+    }
+
+    fn put_job(&self, j: &Job) -> StoreResult<()> {
+        upsert(
+            self,
+            "INSERT INTO jobs (id, project, state, doc) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO UPDATE SET project = EXCLUDED.project, \
+             state = EXCLUDED.state, doc = EXCLUDED.doc",
+            &[&(j.id as i64), &j.project(), &j.state.name(), &doc(j)?],
+        )
+    }
+
+    fn put_node(&self, n: &Node) -> StoreResult<()> {
+        upsert(
+            self,
+            "INSERT INTO nodes (name, doc) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc",
+            &[&n.spec.name, &doc(n)?],
+        )
+    }
+
+    fn put_service(&self, svc: &Service) -> StoreResult<()> {
+        upsert(
+            self,
+            "INSERT INTO services (name, doc) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc",
+            &[&svc.name, &doc(svc)?],
+        )
+    }
+
+    fn delete_service(&self, name: &str) -> StoreResult<()> {
+        self.exec("DELETE FROM services WHERE name = $1", &[&name])
+            .map(|_| ())
+    }
+
+    fn put_registry_login(&self, l: &RegistryLogin) -> StoreResult<()> {
+        upsert(
+            self,
+            "INSERT INTO registry_logins (project, registry, doc) VALUES ($1, $2, $3) \
+             ON CONFLICT (project, registry) DO UPDATE SET doc = EXCLUDED.doc",
+            &[&l.project, &l.registry, &doc(l)?],
+        )
+    }
+
+    fn delete_registry_login(&self, project: &str, registry: &str) -> StoreResult<()> {
+        self.exec(
+            "DELETE FROM registry_logins WHERE project = $1 AND registry = $2",
+            &[&project, &registry],
+        )
+        .map(|_| ())
+    }
+
+    fn put_token(&self, t: &TokenRecord) -> StoreResult<()> {
+        upsert(
+            self,
+            "INSERT INTO tokens (id, doc) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc",
+            &[&t.id, &doc(t)?],
+        )
+    }
+
+    fn put_checkpoint(&self, m: &CheckpointManifest) -> StoreResult<()> {
+        upsert(
+            self,
+            "INSERT INTO checkpoints (job, replica, id, doc) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (job, replica) DO UPDATE SET id = EXCLUDED.id, doc = EXCLUDED.doc",
+            &[&(m.job as i64), &(m.replica as i32), &m.id, &doc(m)?],
+        )
+    }
+
+    fn delete_checkpoint(&self, job: u64, replica: u32) -> StoreResult<()> {
+        self.exec(
+            "DELETE FROM checkpoints WHERE job = $1 AND replica = $2",
+            &[&(job as i64), &(replica as i32)],
+        )
+        .map(|_| ())
+    }
+
+    fn add_event(&self, e: &Event) -> StoreResult<()> {
+        self.exec(
+            "INSERT INTO events (job, ts_ms, kind, message) VALUES ($1, $2, $3, $4)",
+            &[
+                &(e.job as i64),
+                &(e.ts_ms as i64),
+                &e.kind.as_str(),
+                &e.message,
+            ],
+        )
+        .map(|_| ())
+    }
+
+    fn get_meta(&self, key: &str) -> StoreResult<Option<String>> {
+        let rows = self.rows("SELECT value FROM meta WHERE key = $1", &[&key])?;
+        Ok(rows.first().map(|r| r.get(0)))
+    }
+
+    fn put_meta(&self, key: &str, value: &str) -> StoreResult<()> {
+        upsert(
+            self,
+            "INSERT INTO meta (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[&key, &value],
+        )
+    }
+
+    fn add_usage(&self, seq: u64, s: &Segment) -> StoreResult<()> {
+        self.exec(
+            "INSERT INTO usage (seq, job, project, start_ms, end_ms, doc) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &(seq as i64),
+                &(s.job as i64),
+                &s.project,
+                &(s.start_ms as i64),
+                &(s.end_ms as i64),
+                &doc(s)?,
+            ],
+        )
+        .map(|_| ())
+    }
+
+    fn add_audit(&self, e: &Entry) -> StoreResult<()> {
+        self.exec(
+            "INSERT INTO audit (ts_ms, actor, action, project, job, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &(e.ts_ms as i64),
+                &e.actor,
+                &e.action,
+                &e.project,
+                &e.job.map(|j| j as i64),
+                &e.detail,
+            ],
+        )
+        .map(|_| ())
+    }
+
+    fn put_sample(&self, series: &str, p: &Point) -> StoreResult<()> {
+        upsert(
+            self,
+            "INSERT INTO samples (series, ts_ms, doc) VALUES ($1, $2, $3) \
+             ON CONFLICT (series, ts_ms) DO UPDATE SET doc = EXCLUDED.doc",
+            &[&series, &(p.ts_ms as i64), &doc(p)?],
+        )
+    }
+
+    fn delete_samples_before(&self, ts_ms: u64) -> StoreResult<()> {
+        self.exec("DELETE FROM samples WHERE ts_ms < $1", &[&(ts_ms as i64)])
+            .map(|_| ())
+    }
+}
+
+/// A reader of the ledger tables on the shared reader connection.
+struct PgReader {
+    client: Arc<Client>,
+    rt: Handle,
+}
+
+impl PgReader {
+    fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> StoreResult<Vec<tokio_postgres::Row>> {
+        Ok(self.rt.block_on(self.client.query(sql, params))?)
+    }
+}
+
+impl Ledger for PgReader {
+    fn usage(&self, seq: u64, w: Window) -> StoreResult<Vec<Segment>> {
+        let rows = self.rows(
+            "SELECT doc FROM usage WHERE seq <= $1 AND end_ms > $2 AND start_ms < $3",
+            &[&(seq as i64), &(w.since_ms as i64), &(w.until_ms as i64)],
+        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(serde_json::from_str(r.get::<_, &str>(0))?);
+        }
+        Ok(out)
+    }
+
+    fn audit(&self, f: &AuditFilter, each: &mut dyn FnMut(Entry) -> bool) -> StoreResult<()> {
+        let rows = self.rows(
+            "SELECT seq, ts_ms, actor, action, project, job, detail FROM audit
+             WHERE ts_ms >= $1 AND ts_ms <= $2
+               AND ($3::TEXT IS NULL OR project = $3)
+               AND ($4::BIGINT IS NULL OR job = $4)
+               AND ($5::TEXT IS NULL OR action = $5)
+             ORDER BY seq DESC",
+            &[
+                &(f.since_ms as i64),
+                &(f.until_ms as i64),
+                &f.project,
+                &f.job.map(|j| j as i64),
+                &f.action,
+            ],
+        )?;
+        for r in rows {
+            let e = Entry {
+                seq: r.get::<_, i64>(0) as u64,
+                ts_ms: r.get::<_, i64>(1) as u64,
+                actor: r.get(2),
+                action: r.get(3),
+                project: r.get(4),
+                job: r.get::<_, Option<i64>>(5).map(|j| j as u64),
+                detail: r.get(6),
+            };
+            if !each(e) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn samples(
+        &self,
+        prefix: &str,
+        exact: bool,
+        since_ms: u64,
+    ) -> StoreResult<Vec<(String, Point)>> {
+        let pattern = if exact {
+            prefix.to_string()
+        } else {
+            format!("{prefix}%")
+        };
+        let rows = self.rows(
+            "SELECT series, doc FROM samples WHERE series LIKE $1 AND ts_ms >= $2 ORDER BY ts_ms",
+            &[&pattern, &(since_ms as i64)],
+        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push((r.get(0), serde_json::from_str(r.get::<_, &str>(1))?));
+        }
+        Ok(out)
+    }
+}

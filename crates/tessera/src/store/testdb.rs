@@ -1,0 +1,117 @@
+//! A throwaway PostgreSQL cluster for tests: `initdb` into a temp dir, the server on a free port
+//! of 127.0.0.1, stopped and removed on drop. As PostgreSQL's docs ask, the server runs as the
+//! `postgres` user when the tests run as root. Tests that need it fail when PostgreSQL is not
+//! installed (`scripts/test-deps.sh` installs it): a store test is never skipped.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl PgCluster {
+    pub fn start() -> PgCluster {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|versions| {
+                versions
+                    .filter_map(|v| v.ok().map(|v| v.path().join("bin")))
+                    .filter(|b| b.join("initdb").exists())
+                    .max()
+            })
+            .expect("PostgreSQL is not installed: run scripts/test-deps.sh");
+        let dir = tempfile::Builder::new()
+            .prefix("tessera-pg-")
+            .tempdir()
+            .unwrap();
+        let data = dir.path().join("data");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cluster = PgCluster { dir, bin, port };
+        cluster.chown_to_server();
+        cluster.run(
+            "initdb",
+            &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "tessera"],
+        );
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
+            cluster.dir.path().display()
+        );
+        cluster.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-o",
+                &options,
+                "-l",
+                cluster.dir.path().join("log").to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+        cluster
+    }
+
+    /// The database's URL.
+    pub fn url(&self) -> String {
+        format!("postgresql://tessera@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn as_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    fn chown_to_server(&self) {
+        if Self::as_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(self.dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown to the postgres user");
+        }
+    }
+
+    /// A PostgreSQL tool, run as the `postgres` user when the tests run as root.
+    fn tool(&self, tool: &str, args: &[&str]) -> Command {
+        let exe = self.bin.join(tool);
+        let mut cmd = if Self::as_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        };
+        cmd.args(args);
+        cmd
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self.tool(tool, args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let data = data.to_str().unwrap_or("");
+        let _ = self
+            .tool("pg_ctl", &["-D", data, "-m", "immediate", "stop"])
+            .output();
+    }
+}
