@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use tokio::runtime::Handle;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::{AuditFilter, Backend, Ledger, LedgerOpener, StoreError, StoreResult, Tx, doc, schema};
@@ -32,6 +32,10 @@ impl From<tokio_postgres::Error> for StoreError {
         };
         StoreError { message, disk_full }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Connects, and drives the connection on `rt` until it closes.
@@ -59,8 +63,43 @@ pub struct Postgres {
 pub struct PgConn {
     client: Client,
     rt: Handle,
-    /// Statements prepared on this connection, by their text (a write is one round trip).
+    /// Statements prepared on this connection, by their text.
     prepared: Mutex<HashMap<String, Statement>>,
+    /// Changes of the open transaction not yet sent: they go together, pipelined, before the
+    /// commit (or a read), so that a batch of writes costs a few round trips, not one each.
+    pending: Mutex<Vec<(Statement, Vec<Encoded>)>>,
+    /// Where the current write's changes begin in `pending` (its savepoint).
+    mark: Mutex<usize>,
+}
+
+/// The mark of a write some of whose changes were already sent.
+const SENT: usize = usize::MAX;
+
+/// A parameter already in PostgreSQL's binary form (`None`: NULL), so that a change can wait in
+/// `pending` without borrowing from the write that made it.
+#[derive(Debug)]
+struct Encoded(Option<Vec<u8>>);
+
+impl ToSql for Encoded {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.0 {
+            Some(b) => {
+                out.extend_from_slice(b);
+                Ok(IsNull::No)
+            }
+            None => Ok(IsNull::Yes),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
 }
 
 impl PgConn {
@@ -69,6 +108,8 @@ impl PgConn {
             client,
             rt,
             prepared: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Vec::new()),
+            mark: Mutex::new(0),
         }
     }
 
@@ -89,22 +130,55 @@ impl PgConn {
         Ok(s)
     }
 
-    fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> StoreResult<u64> {
-        Ok(self.rt.block_on(async {
-            let stmt = self.statement(sql).await?;
-            self.client.execute(&stmt, params).await
-        })?)
+    /// Queues a change of the open transaction (sent by [`PgConn::flush`]).
+    fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> StoreResult<()> {
+        let stmt = self.rt.block_on(self.statement(sql))?;
+        let mut encoded = Vec::with_capacity(params.len());
+        for (p, ty) in params.iter().zip(stmt.params()) {
+            let mut buf = bytes::BytesMut::new();
+            let value = match p.to_sql_checked(ty, &mut buf) {
+                Ok(IsNull::No) => Some(buf.to_vec()),
+                Ok(IsNull::Yes) => None,
+                Err(e) => return Err(StoreError::new(format!("a value for {sql:?}: {e}"))),
+            };
+            encoded.push(Encoded(value));
+        }
+        lock(&self.pending).push((stmt, encoded));
+        Ok(())
+    }
+
+    /// Sends every queued change, pipelined; the first failure fails them all (the transaction
+    /// is then rolled back by the writer).
+    fn flush(&self) -> StoreResult<()> {
+        let work = std::mem::take(&mut *lock(&self.pending));
+        let mut mark = lock(&self.mark);
+        // Changes of the current write went out: it can no longer be rolled back alone.
+        *mark = if work.len() > *mark { SENT } else { 0 };
+        drop(mark);
+        if work.is_empty() {
+            return Ok(());
+        }
+        self.rt
+            .block_on(futures_util::future::try_join_all(work.iter().map(
+                |(stmt, params)| {
+                    self.client
+                        .execute_raw(stmt, params.iter().map(|p| p as &(dyn ToSql + Sync)))
+                },
+            )))?;
+        Ok(())
     }
 
     fn batch(&self, sql: &str) -> StoreResult<()> {
         Ok(self.rt.block_on(self.client.batch_execute(sql))?)
     }
 
+    /// Reads, after the changes queued so far (a read sees the transaction's own changes).
     fn rows(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> StoreResult<Vec<tokio_postgres::Row>> {
+        self.flush()?;
         Ok(self.rt.block_on(async {
             let stmt = self.statement(sql).await?;
             self.client.query(&stmt, params).await
@@ -196,7 +270,10 @@ fn migrate(conn: &PgConn) -> anyhow::Result<()> {
         Ok(())
     })();
     match done {
-        Ok(()) => conn.batch("COMMIT")?,
+        Ok(()) => {
+            conn.flush()?;
+            conn.batch("COMMIT")?
+        }
         Err(e) => {
             let _ = conn.batch("ROLLBACK");
             return Err(e);
@@ -207,27 +284,50 @@ fn migrate(conn: &PgConn) -> anyhow::Result<()> {
 
 impl Backend for Postgres {
     fn begin(&mut self) -> StoreResult<()> {
-        self.conn()?.batch("BEGIN")
+        let conn = self.conn()?;
+        lock(&conn.pending).clear();
+        conn.batch("BEGIN")
     }
 
+    // A write's changes wait in `pending` until the commit: its savepoint is where they begin
+    // there, and rolling back to it drops them before they were ever sent. (A write that reads
+    // sends what came before it first; its own reads then see the database, as in SQLite.)
     fn savepoint(&mut self) -> StoreResult<()> {
-        self.conn()?.batch("SAVEPOINT op")
+        let conn = self.conn()?;
+        *lock(&conn.mark) = lock(&conn.pending).len();
+        Ok(())
     }
 
     fn release(&mut self) -> StoreResult<()> {
-        self.conn()?.batch("RELEASE SAVEPOINT op")
+        Ok(())
     }
 
     fn rollback_to_savepoint(&mut self) -> StoreResult<()> {
-        self.conn()?
-            .batch("ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op")
+        let conn = self.conn()?;
+        let mark = *lock(&conn.mark);
+        let mut pending = lock(&conn.pending);
+        if mark != SENT {
+            pending.truncate(mark);
+            Ok(())
+        } else {
+            // The write read the database, which sent its earlier changes: they cannot be
+            // taken back alone, so the batch fails and memory is reloaded.
+            Err(StoreError::new(
+                "a write that read the store cannot be rolled back alone",
+            ))
+        }
     }
 
     fn commit(&mut self) -> StoreResult<()> {
-        self.conn()?.batch("COMMIT")
+        let conn = self.conn()?;
+        conn.flush()?;
+        conn.batch("COMMIT")
     }
 
     fn rollback(&mut self) {
+        if let Some(c) = &self.conn {
+            lock(&c.pending).clear();
+        }
         if let Some(c) = &self.conn
             && c.batch("ROLLBACK").is_err()
         {
@@ -372,7 +472,7 @@ impl super::Records for PgConn {
 
 /// Inserts or replaces a document keyed by `key` columns.
 fn upsert(conn: &PgConn, sql: &str, params: &[&(dyn ToSql + Sync)]) -> StoreResult<()> {
-    conn.exec(sql, params).map(|_| ())
+    conn.exec(sql, params)
 }
 
 impl Tx for PgConn {
@@ -424,7 +524,6 @@ impl Tx for PgConn {
 
     fn delete_service(&self, name: &str) -> StoreResult<()> {
         self.exec("DELETE FROM services WHERE name = $1", &[&name])
-            .map(|_| ())
     }
 
     fn put_registry_login(&self, l: &RegistryLogin) -> StoreResult<()> {
@@ -441,7 +540,6 @@ impl Tx for PgConn {
             "DELETE FROM registry_logins WHERE project = $1 AND registry = $2",
             &[&project, &registry],
         )
-        .map(|_| ())
     }
 
     fn put_token(&self, t: &TokenRecord) -> StoreResult<()> {
@@ -467,7 +565,6 @@ impl Tx for PgConn {
             "DELETE FROM checkpoints WHERE job = $1 AND replica = $2",
             &[&(job as i64), &(replica as i32)],
         )
-        .map(|_| ())
     }
 
     fn add_event(&self, e: &Event) -> StoreResult<()> {
@@ -480,7 +577,6 @@ impl Tx for PgConn {
                 &e.message,
             ],
         )
-        .map(|_| ())
     }
 
     fn get_meta(&self, key: &str) -> StoreResult<Option<String>> {
@@ -510,7 +606,6 @@ impl Tx for PgConn {
                 &doc(s)?,
             ],
         )
-        .map(|_| ())
     }
 
     fn add_audit(&self, e: &Entry) -> StoreResult<()> {
@@ -526,7 +621,6 @@ impl Tx for PgConn {
                 &e.detail,
             ],
         )
-        .map(|_| ())
     }
 
     fn put_sample(&self, series: &str, p: &Point) -> StoreResult<()> {
@@ -540,7 +634,6 @@ impl Tx for PgConn {
 
     fn delete_samples_before(&self, ts_ms: u64) -> StoreResult<()> {
         self.exec("DELETE FROM samples WHERE ts_ms < $1", &[&(ts_ms as i64)])
-            .map(|_| ())
     }
 }
 
