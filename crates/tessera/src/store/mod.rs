@@ -1,11 +1,12 @@
-//! The store: a backend (SQLite, in `sqlite.rs`) behind the [`Tx`] and [`Ledger`] traits, and a
-//! writer thread with group commit. No SQL lives outside this folder.
+//! The store: a backend (SQLite in `sqlite.rs`, PostgreSQL in `postgres.rs`) behind the [`Tx`]
+//! and [`Ledger`] traits, and a writer thread with group commit. No SQL lives outside this folder.
 //!
 //! Writes are closures that run on the writer thread inside one transaction per batch, each in its
-//! own savepoint, and see a [`Write`]: the transaction, who asked, and when. The thread holds the in-memory state's lock from the first change of a batch
-//! until the commit, and replies only after the commit: a reply means durable, and no reader ever
-//! sees a change the file does not hold. Batching many writes into one commit is what makes
-//! thousands of acknowledged submissions per second possible with an fsync per commit.
+//! own savepoint, and see a [`Write`]: the transaction, who asked, and when. The thread holds the
+//! in-memory state's lock from the first change of a batch until the commit, and replies only
+//! after the commit: a reply means durable, and no reader ever sees a change the store does not
+//! hold. Batching many writes into one commit is what makes thousands of acknowledged submissions
+//! per second possible with an fsync per commit.
 
 use std::sync::{Arc, Mutex};
 
