@@ -2315,6 +2315,8 @@ fn a_members_workload_cannot_reach_the_store_the_agent_or_another_tenants_files_
         logs(&pool, victim).contains("hunter2")
     });
     let victim_dir = run_dir(&pool, "n1", victim);
+    // The shim writes the pid file after the workload starts (which may print first).
+    pool.wait_for("the victim's pid file", || victim_dir.join("pid").exists());
     let victim_pid: i32 = std::fs::read_to_string(victim_dir.join("pid"))
         .unwrap()
         .trim()

@@ -983,6 +983,42 @@ mod tests {
         );
     }
 
+    /// A change the database refuses (a usage sequence number given twice) fails its write and
+    /// leaves nothing of it, in the store or in memory; later writes go on. (SQLite refuses the
+    /// statement at once; PostgreSQL, which receives a batch's changes together, at the commit.)
+    async fn a_change_the_database_refuses_changes_nothing(place: Place) {
+        let store = place.start().await;
+        let refused = store
+            .write(|w, s| -> Result<(), TestError> {
+                w.put_user(&user("half"))?;
+                let run = segment(1, "vision", 0, 10);
+                w.add_usage(1, &run)?;
+                w.add_usage(1, &run)?;
+                s.users.insert("half".into(), user("half"));
+                Ok(())
+            })
+            .await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert!(place.users().await.is_empty(), "nothing of it stored");
+        assert!(
+            store.read(|s| s.users.is_empty()),
+            "nothing of it in memory"
+        );
+        add_user(&store, "after", false).await.unwrap();
+        assert_eq!(place.users().await, ["after"]);
+        assert_eq!(place.open().await.1.usage_seq, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_the_database_refuses_changes_nothing_on_sqlite() {
+        a_change_the_database_refuses_changes_nothing(Place::new(false)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_the_database_refuses_changes_nothing_on_postgresql() {
+        a_change_the_database_refuses_changes_nothing(Place::new(true)).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_record_round_trips_on_sqlite() {
         every_record_round_trips(Place::new(false)).await;

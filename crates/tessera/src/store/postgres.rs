@@ -70,6 +70,8 @@ pub struct PgConn {
     pending: Mutex<Vec<(Statement, Vec<Encoded>)>>,
     /// Where the current write's changes begin in `pending` (its savepoint).
     mark: Mutex<usize>,
+    /// A transaction was begun and its BEGIN not sent yet: it goes with the first changes.
+    unsent_begin: Mutex<bool>,
 }
 
 /// The mark of a write some of whose changes were already sent.
@@ -110,6 +112,7 @@ impl PgConn {
             prepared: Mutex::new(HashMap::new()),
             pending: Mutex::new(Vec::new()),
             mark: Mutex::new(0),
+            unsent_begin: Mutex::new(false),
         }
     }
 
@@ -147,24 +150,44 @@ impl PgConn {
         Ok(())
     }
 
-    /// Sends every queued change, pipelined; the first failure fails them all (the transaction
-    /// is then rolled back by the writer).
-    fn flush(&self) -> StoreResult<()> {
+    /// Sends every queued change, behind the transaction's BEGIN if that is not sent yet and,
+    /// with `commit`, followed by COMMIT: all pipelined, so a batch costs one round trip. When a
+    /// change fails the server aborts the transaction (its COMMIT then rolls back) and the
+    /// change's error is returned.
+    fn flush(&self, commit: bool) -> StoreResult<()> {
         let work = std::mem::take(&mut *lock(&self.pending));
         let mut mark = lock(&self.mark);
         // Changes of the current write went out: it can no longer be rolled back alone.
         *mark = if work.len() > *mark { SENT } else { 0 };
         drop(mark);
-        if work.is_empty() {
+        let begin = std::mem::replace(&mut *lock(&self.unsent_begin), false);
+        if work.is_empty() && !begin && !commit {
             return Ok(());
         }
-        self.rt
-            .block_on(futures_util::future::try_join_all(work.iter().map(
-                |(stmt, params)| {
-                    self.client
-                        .execute_raw(stmt, params.iter().map(|p| p as &(dyn ToSql + Sync)))
-                },
-            )))?;
+        self.rt.block_on(async {
+            let begin = async {
+                match begin {
+                    true => self.client.batch_execute("BEGIN").await,
+                    false => Ok(()),
+                }
+            };
+            let changes = futures_util::future::try_join_all(work.iter().map(|(stmt, params)| {
+                self.client
+                    .execute_raw(stmt, params.iter().map(|p| p as &(dyn ToSql + Sync)))
+            }));
+            let end = async {
+                match commit {
+                    true => self.client.batch_execute("COMMIT").await,
+                    false => Ok(()),
+                }
+            };
+            // Polled in this order, the three are sent in this order.
+            let (begun, changed, committed) =
+                futures_util::future::join3(begin, changes, end).await;
+            begun?;
+            changed?;
+            committed
+        })?;
         Ok(())
     }
 
@@ -178,7 +201,7 @@ impl PgConn {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> StoreResult<Vec<tokio_postgres::Row>> {
-        self.flush()?;
+        self.flush(false)?;
         Ok(self.rt.block_on(async {
             let stmt = self.statement(sql).await?;
             self.client.query(&stmt, params).await
@@ -270,10 +293,7 @@ fn migrate(conn: &PgConn) -> anyhow::Result<()> {
         Ok(())
     })();
     match done {
-        Ok(()) => {
-            conn.flush()?;
-            conn.batch("COMMIT")?
-        }
+        Ok(()) => conn.flush(true)?,
         Err(e) => {
             let _ = conn.batch("ROLLBACK");
             return Err(e);
@@ -286,7 +306,8 @@ impl Backend for Postgres {
     fn begin(&mut self) -> StoreResult<()> {
         let conn = self.conn()?;
         lock(&conn.pending).clear();
-        conn.batch("BEGIN")
+        *lock(&conn.unsent_begin) = true;
+        Ok(())
     }
 
     // A write's changes wait in `pending` until the commit: its savepoint is where they begin
@@ -319,15 +340,15 @@ impl Backend for Postgres {
     }
 
     fn commit(&mut self) -> StoreResult<()> {
-        let conn = self.conn()?;
-        conn.flush()?;
-        conn.batch("COMMIT")
+        self.conn()?.flush(true)
     }
 
     fn rollback(&mut self) {
         if let Some(c) = &self.conn {
             lock(&c.pending).clear();
+            *lock(&c.unsent_begin) = false;
         }
+        // (Outside a transaction PostgreSQL only warns.)
         if let Some(c) = &self.conn
             && c.batch("ROLLBACK").is_err()
         {
