@@ -177,6 +177,7 @@ impl From<StoreFault> for ApiError {
     fn from(e: StoreFault) -> Self {
         let status = match e.kind {
             store::FaultKind::DiskFull => StatusCode::INSUFFICIENT_STORAGE,
+            store::FaultKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())

@@ -35,6 +35,8 @@ pub struct StoreError {
     pub message: String,
     /// The store's file system (or database server's disk) is full.
     pub disk_full: bool,
+    /// The store could not be reached (the database is down or the connection was cut).
+    pub unavailable: bool,
 }
 
 impl StoreError {
@@ -42,6 +44,7 @@ impl StoreError {
         StoreError {
             message: message.into(),
             disk_full: false,
+            unavailable: false,
         }
     }
 }
@@ -216,6 +219,10 @@ pub trait Backend: Send + 'static {
     fn commit(&mut self) -> StoreResult<()>;
     /// Ends the open transaction, if any, keeping nothing of it.
     fn rollback(&mut self);
+    /// Reconnects if the connection was lost (a database that went away and came back).
+    fn reconnect(&mut self) -> StoreResult<()> {
+        Ok(())
+    }
     fn tx(&self) -> &dyn Tx;
     /// The whole state as stored (inside an open transaction: with its changes).
     fn load(&self, now_ms: u64) -> anyhow::Result<State>;
@@ -253,7 +260,9 @@ impl Notifier {
 
 /// Answers a write once its batch is committed, or with the reason the commit failed.
 type Reply = Box<dyn FnOnce(Option<&StoreFault>) + Send>;
-type Op = Box<dyn FnOnce(&dyn Tx, &mut State) -> (Outcome, Reply) + Send>;
+/// A write: run with the transaction and the state, or, when the store cannot be reached,
+/// with `None` (it then only makes its reply, which the writer gives the fault).
+type Op = Box<dyn FnOnce(Option<(&dyn Tx, &mut State)>) -> (Outcome, Reply) + Send>;
 
 /// How one write ended: its savepoint is kept only when it is `Done`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,6 +328,7 @@ impl Store {
                     }
                 }
                 let _stopped = Stopped(stopped);
+                let mut stale = false;
                 while let Some(first) = rx.blocking_recv() {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
@@ -329,6 +339,30 @@ impl Store {
                     }
                     let mut state = st.lock().unwrap_or_else(|e| e.into_inner());
                     let mut replies = Vec::with_capacity(batch.len());
+                    // After a failure memory is what the store held; until the store can be read
+                    // again nothing is written (each write is refused, 503).
+                    if stale {
+                        match reload(backend.as_mut(), &mut state) {
+                            Ok(()) => {
+                                tracing::info!("the store can be read again; writes resume");
+                                stale = false;
+                            }
+                            Err(e) => {
+                                let fault = StoreFault::new(
+                                    FaultKind::Unavailable,
+                                    format!("the store cannot be read: {e:#}"),
+                                );
+                                for op in batch {
+                                    replies.push(op(None).1);
+                                }
+                                drop(state);
+                                for reply in replies {
+                                    reply(Some(&fault));
+                                }
+                                continue;
+                            }
+                        }
+                    }
                     let failed = match run_batch(backend.as_mut(), &mut state, batch, &mut replies)
                     {
                         Ok(()) => None,
@@ -342,13 +376,16 @@ impl Store {
                                 replies.len()
                             );
                             hl.record(&fault);
-                            if let Err(e) = reload(backend.as_ref(), &mut state) {
-                                // Memory would hold changes the file does not: stop rather than
-                                // acknowledge anything more. A restart reloads the file.
+                            if let Err(e) = reload(backend.as_mut(), &mut state) {
+                                // Memory may hold changes the store does not: acknowledge
+                                // nothing more until it can be read back (tried before each
+                                // batch), rather than stop the controller for a database that
+                                // is away for a moment.
                                 tracing::error!(
-                                    "reloading the state failed, stopping the controller: {e:#}"
+                                    "reloading the state failed; writes are refused until the \
+                                     store can be read: {e:#}"
                                 );
-                                std::process::exit(70);
+                                stale = true;
                             }
                             Some(fault)
                         }
@@ -418,7 +455,18 @@ impl Store {
     {
         let (tx, rx) = oneshot::channel();
         let health = self.health.clone();
-        let op: Op = Box::new(move |t, s| {
+        let op: Op = Box::new(move |run| {
+            let Some((t, s)) = run else {
+                return (
+                    Outcome::Refused,
+                    Box::new(move |failed: Option<&StoreFault>| {
+                        let fault = failed.cloned().unwrap_or_else(|| {
+                            StoreFault::new(FaultKind::Unavailable, "the store is away".into())
+                        });
+                        let _ = tx.send(Err(E::from(fault)));
+                    }) as Reply,
+                );
+            };
             let w = Write::new(t, actor.as_deref());
             // A bug in one write must not take the writer (and with it every other write) down:
             // the panic fails this write alone, and the batch rolls back what it changed.
@@ -493,6 +541,8 @@ pub enum FaultKind {
     Panic,
     /// The store's file system is full.
     DiskFull,
+    /// The store cannot be reached or read (the database is down or cut off).
+    Unavailable,
     Commit,
 }
 
@@ -508,6 +558,8 @@ impl StoreFault {
     fn commit(err: &StoreError) -> StoreFault {
         let kind = if err.disk_full {
             FaultKind::DiskFull
+        } else if err.unavailable {
+            FaultKind::Unavailable
         } else {
             FaultKind::Commit
         };
@@ -519,6 +571,11 @@ impl StoreFault {
             FaultKind::DiskFull => format!(
                 "the store's disk is full, so nothing was changed ({}); an admin must free space \
                  on the controller's disk",
+                self.id
+            ),
+            FaultKind::Unavailable => format!(
+                "the store cannot be reached, so nothing was changed ({}); retry in a few \
+                 seconds, and if it lasts an admin must bring the database back",
                 self.id
             ),
             _ => format!(
@@ -574,7 +631,13 @@ fn run_batch(
     batch: Vec<Op>,
     replies: &mut Vec<Reply>,
 ) -> StoreResult<()> {
-    backend.begin()?;
+    if let Err(e) = backend.begin() {
+        // Nothing ran: each write hears the fault.
+        for op in batch {
+            replies.push(op(None).1);
+        }
+        return Err(e);
+    }
     let ran = run_in_transaction(backend, state, batch, replies).and_then(|()| backend.commit());
     if ran.is_err() {
         backend.rollback();
@@ -590,7 +653,7 @@ fn run_in_transaction(
 ) -> StoreResult<()> {
     for op in batch {
         backend.savepoint()?;
-        let (outcome, reply) = op(backend.tx(), state);
+        let (outcome, reply) = op(Some((backend.tx(), state)));
         replies.push(reply);
         match outcome {
             Outcome::Done => backend.release()?,
@@ -611,7 +674,8 @@ fn run_in_transaction(
 
 /// Replaces the stored part of `state` with what `conn` holds, keeping the derived, memory-only
 /// part (leases, reported use, wait reasons), and wakes every agent and the scheduler.
-fn reload(backend: &dyn Backend, state: &mut State) -> anyhow::Result<()> {
+fn reload(backend: &mut dyn Backend, state: &mut State) -> anyhow::Result<()> {
+    backend.reconnect()?;
     let mut fresh = backend.load(crate::controller::now_ms())?;
     for (name, node) in fresh.nodes.iter_mut() {
         if let Some(old) = state.nodes.get(name) {
@@ -1017,6 +1081,45 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_change_the_database_refuses_changes_nothing_on_postgresql() {
         a_change_the_database_refuses_changes_nothing(Place::new(true)).await;
+    }
+
+    /// PostgreSQL gone: every write is refused as unavailable (503), nothing is acknowledged,
+    /// the controller goes on; PostgreSQL back: writes resume by themselves, and what was
+    /// acknowledged before is all there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_wait_out_a_database_that_went_away_and_resume_when_it_is_back() {
+        let place = Place::new(true);
+        let Place::Postgres(pg) = &place else {
+            unreachable!()
+        };
+        let store = place.start().await;
+        add_user(&store, "before", false).await.unwrap();
+        pg.stop();
+        for name in ["during1", "during2", "during3"] {
+            match add_user(&store, name, false).await {
+                Err(TestError::Fault(id)) => assert!(id.starts_with("fault-"), "{id}"),
+                other => panic!("a write with the database away must fail, got {other:?}"),
+            }
+        }
+        assert!(!store.writer_ok(std::time::Duration::from_secs(2)).await);
+        pg.start_again();
+        let mut resumed = false;
+        for _ in 0..50 {
+            if add_user(&store, "after", false).await.is_ok() {
+                resumed = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        assert!(resumed, "writes did not resume when the database came back");
+        assert_eq!(place.users().await, ["after", "before"]);
+        let mut in_memory = store.read(|s| s.users.keys().cloned().collect::<Vec<_>>());
+        in_memory.sort();
+        assert_eq!(
+            in_memory,
+            ["after", "before"],
+            "memory holds nothing that was refused"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,13 @@ impl From<tokio_postgres::Error> for StoreError {
             Some(db) => format!("postgresql: {}", db.message()),
             None => format!("postgresql: {e}"),
         };
-        StoreError { message, disk_full }
+        // No SQLSTATE: the server did not answer (down, cut off, the connection closed).
+        let unavailable = e.code().is_none();
+        StoreError {
+            message,
+            disk_full,
+            unavailable,
+        }
     }
 }
 
@@ -357,6 +363,10 @@ impl Backend for Postgres {
         }
     }
 
+    fn reconnect(&mut self) -> StoreResult<()> {
+        self.conn().map(|_| ())
+    }
+
     fn tx(&self) -> &dyn Tx {
         match &self.conn {
             Some(c) => c,
@@ -398,9 +408,10 @@ impl Backend for Postgres {
 struct Disconnected;
 
 fn unreachable_db<T>() -> StoreResult<T> {
-    Err(StoreError::new(
-        "the database is unreachable; the write was not made",
-    ))
+    Err(StoreError {
+        unavailable: true,
+        ..StoreError::new("the database is unreachable; the write was not made")
+    })
 }
 
 impl Tx for Disconnected {

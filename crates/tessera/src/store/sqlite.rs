@@ -21,6 +21,7 @@ impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         StoreError {
             disk_full: matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull)),
+            unavailable: false,
             message: e.to_string(),
         }
     }

@@ -39,11 +39,19 @@ impl PgCluster {
             "initdb",
             &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "tessera"],
         );
+        cluster.start_again();
+        cluster
+    }
+
+    /// Starts the server (again, after [`PgCluster::stop`]).
+    pub fn start_again(&self) {
+        let data = self.dir.path().join("data");
         let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
-            cluster.dir.path().display()
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
+            self.port,
+            self.dir.path().display()
         );
-        cluster.run(
+        self.run(
             "pg_ctl",
             &[
                 "-D",
@@ -51,12 +59,27 @@ impl PgCluster {
                 "-o",
                 &options,
                 "-l",
-                cluster.dir.path().join("log").to_str().unwrap(),
+                self.dir.path().join("log").to_str().unwrap(),
                 "-w",
                 "start",
             ],
         );
-        cluster
+    }
+
+    /// Stops the server at once (as a crash would: `-m immediate`).
+    pub fn stop(&self) {
+        let data = self.dir.path().join("data");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
     }
 
     /// The database's URL.
