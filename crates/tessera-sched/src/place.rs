@@ -31,6 +31,29 @@ fn max_cached_shapes(nodes: usize) -> usize {
     (SCORE_CACHE_BYTES / (nodes.max(1) * crate::score_cache::BYTES_PER_NODE)).clamp(64, 4096)
 }
 
+/// The best node seen so far: the highest score, then a preferred node, then the earlier node.
+#[derive(Default)]
+struct Best(Option<(i64, bool, u32, u32, DevicePick)>);
+
+impl Best {
+    fn offer(&mut self, s: Scored, warm: bool, rank: u32, node: u32) {
+        let better = match self.0 {
+            None => true,
+            Some((bs, bw, br, _, _)) => {
+                s.score > bs || (s.score == bs && (warm && !bw || (warm == bw && rank < br)))
+            }
+        };
+        if better {
+            self.0 = Some((s.score, warm, rank, node, s.pick));
+        }
+    }
+
+    fn choice(self) -> Option<(crate::cluster::NodeId, DevicePick)> {
+        self.0
+            .map(|(_, _, _, i, pick)| (crate::cluster::NodeId(i), pick))
+    }
+}
+
 /// Why a job could not be placed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlacementError {
@@ -285,9 +308,7 @@ impl Placer {
         }
         candidates.extend(self.prefer.iter().map(|id| id.0));
 
-        // (score, preferred, tie rank, node, pick): the highest score, then a preferred node,
-        // then the earlier node.
-        let mut best: Option<(i64, bool, u32, u32, DevicePick)> = None;
+        let mut best = Best::default();
         for i in candidates {
             if !quick_fit(cluster, i, &resolved) {
                 continue;
@@ -300,19 +321,14 @@ impl Placer {
                 scores.scored(cluster, i, &mut scorer)
             };
             let Some(s) = scored else { continue };
-            let rank = cluster.tie_rank(node.id);
-            let warm = self.prefer.contains(&node.id);
-            let better = match best {
-                None => true,
-                Some((bs, bw, br, _, _)) => {
-                    s.score > bs || (s.score == bs && (warm && !bw || (warm == bw && rank < br)))
-                }
-            };
-            if better {
-                best = Some((s.score, warm, rank, i, s.pick));
-            }
+            best.offer(
+                s,
+                self.prefer.contains(&node.id),
+                cluster.tie_rank(node.id),
+                i,
+            );
         }
-        best.map(|(_, _, _, i, pick)| (crate::cluster::NodeId(i), pick))
+        best.choice()
     }
 
     /// The pool, the policy and its randomness, for tests that score nodes themselves.
@@ -334,7 +350,7 @@ impl Placer {
         resolved: &Resolved,
     ) -> Option<(crate::cluster::NodeId, DevicePick)> {
         let cluster = &self.cluster;
-        let mut best: Option<(i64, bool, u32, u32, DevicePick)> = None;
+        let mut best = Best::default();
         let idle = cluster
             .pristine_classes()
             .flat_map(|c| c.iter().map(|&(_, i)| i));
@@ -346,19 +362,14 @@ impl Placer {
             let Some(s) = evaluate(self.policy.as_ref(), node, resolved, &mut self.rng) else {
                 continue;
             };
-            let rank = cluster.tie_rank(node.id);
-            let warm = self.prefer.contains(&node.id);
-            let better = match best {
-                None => true,
-                Some((bs, bw, br, _, _)) => {
-                    s.score > bs || (s.score == bs && (warm && !bw || (warm == bw && rank < br)))
-                }
-            };
-            if better {
-                best = Some((s.score, warm, rank, i, s.pick));
-            }
+            best.offer(
+                s,
+                self.prefer.contains(&node.id),
+                cluster.tie_rank(node.id),
+                i,
+            );
         }
-        best.map(|(_, _, _, i, pick)| (crate::cluster::NodeId(i), pick))
+        best.choice()
     }
 
     /// Why `request` fits nowhere: every node's shortages, and which one binds.
