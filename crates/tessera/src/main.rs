@@ -155,6 +155,10 @@ struct NodeArgs {
     /// use go past it.
     #[arg(long, default_value = "50GiB")]
     image_cache: String,
+    /// Free space an image unpack leaves on the image cache's disk for the node's other work
+    /// (run dirs, logs, checkpoints); default 5% of that disk, at most 4GiB.
+    #[arg(long)]
+    image_reserve: Option<String>,
     /// A registry (HOST:PORT) reached over plain HTTP (repeatable); registries on a loopback
     /// address are always allowed to, as with Docker.
     #[arg(long = "insecure-registry")]
@@ -578,6 +582,11 @@ fn agent_config(
             ),
             n => n,
         },
+        image_reserve: node
+            .image_reserve
+            .as_ref()
+            .map(|r| units::parse_bytes("--image-reserve", &units::Quantity::Text(r.clone())))
+            .transpose()?,
         insecure_registries: node.insecure_registries.clone(),
         runc: node.runc.clone(),
         image_criu,

@@ -1113,7 +1113,14 @@ fn among_equal_nodes_an_image_job_goes_where_its_image_is_already_cached() {
     let here = pool.shared("");
     // Pulled ahead into n2's cache, as an admin would before a big run.
     let out = std::process::Command::new(bin())
-        .args(["images", "pull", &image, "--data-dir"])
+        .args([
+            "images",
+            "pull",
+            &image,
+            "--image-reserve",
+            "64MiB",
+            "--data-dir",
+        ])
         .arg(pool.path("n2"))
         .output()
         .unwrap();

@@ -91,6 +91,8 @@ pub struct ImageStore {
     root: PathBuf,
     /// Most bytes of unpacked layers kept; least recently used ones go past it.
     limit: u64,
+    /// Free space an unpack leaves on the disk (`--image-reserve`); `None` for the default share.
+    reserve: Option<u64>,
     /// Registries reached over plain HTTP besides loopback ones (`--insecure-registry`).
     insecure: Vec<String>,
     /// One unpack per layer at a time (two replicas pulling one image share the work).
@@ -167,7 +169,14 @@ fn is_loopback(registry: &str) -> bool {
 
 impl ImageStore {
     /// Opens the store at `root`, removing what a crash left half-unpacked.
-    pub fn open(root: &Path, limit: u64, insecure: Vec<String>) -> anyhow::Result<ImageStore> {
+    /// `reserve` is the free space an unpack leaves on the disk (`None`: 5% of it, at most
+    /// 4 GiB).
+    pub fn open(
+        root: &Path,
+        limit: u64,
+        reserve: Option<u64>,
+        insecure: Vec<String>,
+    ) -> anyhow::Result<ImageStore> {
         let layers = root.join("layers");
         std::fs::create_dir_all(&layers)
             .with_context(|| format!("creating the image store {}", layers.display()))?;
@@ -180,6 +189,7 @@ impl ImageStore {
         Ok(ImageStore {
             root: root.to_path_buf(),
             limit,
+            reserve,
             insecure,
             unpacking: Mutex::default(),
             collecting: Mutex::default(),
@@ -415,6 +425,7 @@ impl ImageStore {
         let room = Room {
             image_bytes,
             limit: self.limit,
+            reserve: self.reserve,
         };
         let bytes = unpack_layer(&mut source, &layer.media_type, into, &room)?;
         // Whatever the tar did not read still counts toward the digest.
@@ -544,6 +555,9 @@ pub enum ImagesCmd {
         /// Most disk the cache keeps (as the agent's --image-cache).
         #[arg(long, default_value = "50GiB")]
         image_cache: String,
+        /// Free space the unpack leaves on the disk (as the agent's --image-reserve).
+        #[arg(long)]
+        image_reserve: Option<String>,
         /// A registry (HOST:PORT) reached over plain HTTP (loopback ones always are).
         #[arg(long = "insecure-registry")]
         insecure_registries: Vec<String>,
@@ -575,6 +589,7 @@ pub async fn command(cmd: ImagesCmd) -> anyhow::Result<()> {
             reference,
             data_dir,
             image_cache,
+            image_reserve,
             insecure_registries,
             username,
             json,
@@ -583,6 +598,11 @@ pub async fn command(cmd: ImagesCmd) -> anyhow::Result<()> {
                 "--image-cache",
                 &crate::units::Quantity::Text(image_cache),
             )?;
+            let reserve = image_reserve
+                .map(|r| {
+                    crate::units::parse_bytes("--image-reserve", &crate::units::Quantity::Text(r))
+                })
+                .transpose()?;
             let credentials = match username {
                 Some(username) => {
                     let mut password = String::new();
@@ -597,6 +617,7 @@ pub async fn command(cmd: ImagesCmd) -> anyhow::Result<()> {
             let store = Arc::new(ImageStore::open(
                 &data_dir.join("images"),
                 limit,
+                reserve,
                 insecure_registries,
             )?);
             let bar = indicatif::ProgressBar::new(0);
@@ -647,7 +668,7 @@ pub async fn command(cmd: ImagesCmd) -> anyhow::Result<()> {
             Ok(())
         }
         ImagesCmd::List { data_dir } => {
-            let store = ImageStore::open(&data_dir.join("images"), u64::MAX, vec![])?;
+            let store = ImageStore::open(&data_dir.join("images"), u64::MAX, None, vec![])?;
             let layers = store.layers();
             for (id, bytes) in &layers {
                 println!("{id}  {:.1} MiB", *bytes as f64 / (1 << 20) as f64);
@@ -707,6 +728,7 @@ const RESERVE_INODES_PERCENT: u64 = 5;
 struct Room<'a> {
     image_bytes: &'a std::sync::atomic::AtomicU64,
     limit: u64,
+    reserve: Option<u64>,
 }
 
 impl Room<'_> {
@@ -730,12 +752,14 @@ impl Room<'_> {
         let free = disk.blocks_available() as u64 * block;
         // The entry's own inode and its data rounded up to whole blocks.
         let need = bytes.div_ceil(block) * block;
-        let reserve = (total / 100 * RESERVE_SPACE_PERCENT).min(RESERVE_SPACE_MAX);
+        let reserve = self
+            .reserve
+            .unwrap_or((total / 100 * RESERVE_SPACE_PERCENT).min(RESERVE_SPACE_MAX));
         if free.saturating_sub(need) < reserve {
             bail!(
                 "the node's image disk is nearly full ({} MiB of {} MiB free; an unpack leaves \
                  {} MiB free for other work): try again once the cache is collected, or ask the \
-                 admin for a smaller --image-cache",
+                 admin for a smaller --image-cache or --image-reserve",
                 free >> 20,
                 total >> 20,
                 reserve >> 20
@@ -987,8 +1011,15 @@ mod tests {
         }
     }
 
+    /// A store whose unpacks leave 1 MiB free, as an admin sets `--image-reserve` on a small
+    /// disk: the tests must not depend on how full the host's disk is.
     fn store(dir: &Path, limit: u64) -> Arc<ImageStore> {
-        Arc::new(ImageStore::open(dir, limit, vec![]).unwrap())
+        Arc::new(ImageStore::open(dir, limit, Some(1 << 20), vec![]).unwrap())
+    }
+
+    /// A store with the default reserve (a share of its disk).
+    fn store_with_default_reserve(dir: &Path, limit: u64) -> Arc<ImageStore> {
+        Arc::new(ImageStore::open(dir, limit, None, vec![]).unwrap())
     }
 
     fn runtime() -> tokio::runtime::Runtime {
@@ -1329,7 +1360,7 @@ mod tests {
         );
         let big_file = reg.push("big:1", &one_layer(vec![("/blob".into(), noise(31 << 20))]));
         let disk = SmallDisk::mount("size=32m,nr_inodes=2000");
-        let images = store(disk.0.path(), 1 << 40);
+        let images = store_with_default_reserve(disk.0.path(), 1 << 40);
         let before = disk.free();
         let rt = runtime();
         let pull = |image: &str| {
@@ -1350,8 +1381,21 @@ mod tests {
             after.0 + (64 << 10) >= before.0 && after.1 + 8 >= before.1,
             "failed pulls gave their room back: {before:?} → {after:?}"
         );
-        // A sound image still fits.
-        pull(&reg.push("sound:1", &two_layers())).unwrap();
+        // A sound image still fits, but not under an admin's larger reserve.
+        let sound = reg.push("sound:1", &two_layers());
+        let e = rt
+            .block_on(
+                Arc::new(ImageStore::open(disk.0.path(), 1 << 40, Some(32 << 20), vec![]).unwrap())
+                    .pull(&sound, None, |_| {}),
+            )
+            .map(|_| ())
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("leaves 32 MiB free") && e.contains("--image-reserve"),
+            "{e}"
+        );
+        pull(&sound).unwrap();
 
         // Layers that fit one by one but not together do not fit the cache.
         let two_halves = Image {

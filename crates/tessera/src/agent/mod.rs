@@ -71,6 +71,8 @@ pub struct AgentConfig {
     pub keep_runs: Duration,
     /// Most bytes of unpacked image layers kept (see [`image`]).
     pub image_cache: u64,
+    /// Free space an unpack leaves on the image disk; `None` for the default share.
+    pub image_reserve: Option<u64>,
     /// Registries reached over plain HTTP besides loopback ones.
     pub insecure_registries: Vec<String>,
     /// The OCI runtime that runs images (see [`container`]).
@@ -200,6 +202,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         images: Arc::new(image::ImageStore::open(
             &config.data_dir.join("images"),
             config.image_cache,
+            config.image_reserve,
             config.insecure_registries.clone(),
         )?),
     });

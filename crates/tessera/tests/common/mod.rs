@@ -288,6 +288,10 @@ impl Pool {
                 "16GiB",
                 "--telemetry-interval",
                 "300ms",
+                // Image pulls leave 64 MiB free whatever the host's disk size: the tests
+                // must not depend on how full the host's disk is.
+                "--image-reserve",
+                "64MiB",
             ])
             .arg("--data-dir")
             .arg(self.data_root.join(name))
