@@ -863,7 +863,10 @@ async fn checkpoints(common: &Common, size: &str) -> anyhow::Result<Value> {
     let key = key.context("the job was never placed on the benchmark's node")?;
     let remote = crate::agent::checkpoint::Remote {
         http: pool.http.clone(),
-        base: pool.url.clone(),
+        controllers: std::sync::Arc::new(crate::endpoints::Endpoints::parse(
+            "the pool's URL",
+            &pool.url,
+        )?),
         token,
     };
     let dir = pool.dir.join("checkpoint");

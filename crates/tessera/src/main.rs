@@ -6,6 +6,7 @@ mod auth;
 mod bench;
 mod cli;
 mod controller;
+mod endpoints;
 mod manifest;
 mod metering;
 mod protocol;
@@ -47,6 +48,16 @@ struct ControllerArgs {
     store: Option<String>,
     #[arg(long, default_value = "127.0.0.1:7480")]
     listen: SocketAddr,
+    /// The URL other controllers, agents and clients reach this controller's API at, e.g.
+    /// http://ctl-2.example:7480 (default: the --listen address's URL). With several
+    /// controllers on one --store, a standby sends requests on to the leader's.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// How long the leader's lease lasts unrenewed among controllers sharing a PostgreSQL
+    /// --store: a paused or cut-off leader is replaced after it (a killed one at once). It is
+    /// renewed every third of it.
+    #[arg(long, default_value = "5s")]
+    leader_lease: String,
     /// Agent lease, e.g. 10s: an agent unheard for longer is lost and its work moves.
     #[arg(long, default_value = "10s")]
     lease: String,
@@ -173,18 +184,20 @@ enum Command {
     /// A pool on this machine: controller and a local agent in one process.
     Up {
         #[command(flatten)]
-        controller: ControllerArgs,
+        controller: Box<ControllerArgs>,
         #[command(flatten)]
-        node: NodeArgs,
+        node: Box<NodeArgs>,
     },
-    /// The controller alone.
+    /// The controller alone. Several controllers given one PostgreSQL --store make one pool:
+    /// one leads, the others stand by and take over within seconds when it goes.
     Controller {
         #[command(flatten)]
-        controller: ControllerArgs,
+        controller: Box<ControllerArgs>,
     },
     /// A node agent that joins a controller.
     Agent {
-        /// The controller's URL.
+        /// The controller's URL, or several of one pool's controllers as URL1,URL2 (the agent
+        /// moves to the next when one cannot be reached).
         #[arg(long)]
         join: String,
         /// A join token (only needed the first time).
@@ -412,6 +425,22 @@ fn controller_config(a: &ControllerArgs) -> anyhow::Result<controller::Controlle
             ),
         },
         listen: a.listen,
+        advertise: match &a.advertise {
+            None => None,
+            Some(url) => Some(
+                endpoints::Endpoints::parse("--advertise", url)?
+                    .all()
+                    .first()
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+        },
+        leader_lease: match units::parse_duration("--leader-lease", &a.leader_lease)? {
+            d if d < Duration::from_secs(1) => {
+                anyhow::bail!("--leader-lease {}: use at least 1s", a.leader_lease)
+            }
+            d => d,
+        },
         lease,
         tls: a.tls_cert.clone().zip(a.tls_key.clone()),
         seed: a.seed,
@@ -605,7 +634,24 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn serve(controller: ControllerArgs, node: Option<NodeArgs>) -> anyhow::Result<()> {
     let config = controller_config(&controller)?;
     runtime()?.block_on(async move {
-        let running = controller::start(config.clone()).await?;
+        let mut told = false;
+        let running = controller::start_telling(config.clone(), &mut |leader| {
+            let leader = match leader {
+                Some(url) => format!("the leader is at {url}"),
+                None => "no controller leads yet".to_string(),
+            };
+            if !told {
+                println!(
+                    "Tessera API at {} as a standby ({leader}; requests are sent on to it, and \
+                     this controller takes over if it goes)",
+                    config.listen
+                );
+                told = true;
+            } else {
+                println!("Standby: {leader}");
+            }
+        })
+        .await?;
         let scheme = if config.tls.is_some() {
             "https"
         } else {
@@ -617,7 +663,11 @@ fn serve(controller: ControllerArgs, node: Option<NodeArgs>) -> anyhow::Result<(
             running.addr
         };
         let url = format!("{scheme}://{host}");
-        println!("Tessera API at {url} (OpenAPI: {url}/openapi.json)");
+        if told {
+            println!("Leading the pool from now on: Tessera API at {url}");
+        } else {
+            println!("Tessera API at {url} (OpenAPI: {url}/openapi.json)");
+        }
         if let Some(token) = &running.first_admin_token {
             println!("First admin token (shown once): {token}");
             let path = cli::config_path();
@@ -664,7 +714,15 @@ fn serve(controller: ControllerArgs, node: Option<NodeArgs>) -> anyhow::Result<(
                 }
             });
         }
-        running.server.await??;
+        let leadership = running.ctl.leadership.clone();
+        tokio::select! {
+            served = running.server => served??,
+            _ = leadership.lost() => anyhow::bail!(
+                "this controller lost the leader's lease (another controller took it, or it could \
+                 not be renewed in time) and stops so that it cannot act on a pool it no longer \
+                 leads; start it again to rejoin as a standby"
+            ),
+        }
         Ok(())
     })
 }
@@ -711,8 +769,8 @@ fn main() {
         Command::Sim(cmd) => sim::run(cmd),
         Command::Images { cmd } => runtime().and_then(|rt| rt.block_on(agent::image::command(cmd))),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Up { controller, node } => serve(controller, Some(node)),
-        Command::Controller { controller } => serve(controller, None),
+        Command::Up { controller, node } => serve(*controller, Some(*node)),
+        Command::Controller { controller } => serve(*controller, None),
         Command::Agent {
             join,
             token,

@@ -124,3 +124,133 @@ fn a_pool_on_postgresql_runs_jobs_keeps_every_acknowledged_one_across_kill_9_and
         "the password is not echoed: {err}"
     );
 }
+
+/// Jobs whose command is `sh -c CMD`, submitted to `url`; the acknowledged ids.
+fn submit_to(pool: &Pool, url: &str, cmd: &str) -> (u16, Value) {
+    let r = pool
+        .http
+        .post(format!("{url}/v1/jobs"))
+        .bearer_auth(&pool.admin)
+        .json(&json!({"metadata": {"name": "ha"},
+                      "spec": {"command": ["sh", "-c", cmd],
+                               "resources": {"cpu": "100m", "memory": "16MiB"}}}))
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn a_standby_takes_over_from_a_killed_leader_with_every_acknowledged_job_and_no_replica_twice() {
+    // Agents keep their workloads for 6 s without a word from a controller (10 s by default):
+    // the failover must fit well inside it.
+    let mut pool = Pool::start_on_postgresql(&["--leader-lease", "3s", "--lease", "6s"]);
+    let standby = pool.start_standby();
+    // A standby answers for the leader: its health says who leads; reads and writes sent to it
+    // are the leader's.
+    let health = pool
+        .http
+        .get(format!("{}/healthz", standby.url))
+        .send()
+        .unwrap();
+    assert_eq!(health.status().as_u16(), 503);
+    let health: Value = health.json().unwrap();
+    assert_eq!(health["status"], "standby", "{health}");
+    assert_eq!(
+        health["leader"].as_str(),
+        Some(pool.url.as_str()),
+        "{health}"
+    );
+    pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
+    let (s, via_standby) = submit_to(&pool, &standby.url, "echo through-the-standby");
+    assert_eq!(s, 201, "{via_standby}");
+    let via_standby = via_standby["id"].as_u64().unwrap();
+    pool.wait_state(via_standby, "succeeded");
+    assert_eq!(logs(&pool, via_standby), "through-the-standby\n");
+
+    // A long replica that counts its starts in a file: it must start once, whatever happens
+    // to the controllers.
+    let marks = pool.shared("starts");
+    let long = submit_to(
+        &pool,
+        &pool.url,
+        &format!("echo started >> {}; sleep 600", marks.display()),
+    )
+    .1["id"]
+        .as_u64()
+        .unwrap();
+    pool.wait_state(long, "running");
+
+    // kill -9 of the leader in the middle of a burst from three clients.
+    let clients = submit_until_refused(&pool);
+    std::thread::sleep(Duration::from_millis(1000));
+    let killed = std::time::Instant::now();
+    pool.kill_controller();
+    let acked: Vec<u64> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    assert!(acked.len() > 10, "only {} submissions", acked.len());
+    standby.wait_line("Leading the pool", Duration::from_secs(30));
+    let took_over = killed.elapsed();
+    // The new leader takes writes.
+    pool.url = standby.url.clone();
+    let after = pool.submit("default", 0.0, 1, 50, "echo after-the-failover");
+    eprintln!(
+        "the standby led {:.2} s after the kill; the first write after it took {:.2} s in all",
+        took_over.as_secs_f64(),
+        killed.elapsed().as_secs_f64()
+    );
+    // The agent follows the new leader: new work runs.
+    pool.wait_state(after, "succeeded");
+    assert_eq!(logs(&pool, after), "after-the-failover\n");
+
+    // Nothing acknowledged was lost, nothing is listed twice.
+    let jobs = pool.get("/v1/jobs?limit=100000", &pool.admin).1;
+    let stored: Vec<u64> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_u64().unwrap())
+        .collect();
+    let stored_once: HashSet<u64> = stored.iter().copied().collect();
+    assert_eq!(stored_once.len(), stored.len(), "a job is listed twice");
+    for id in acked.iter().chain([&via_standby, &long]) {
+        assert!(stored_once.contains(id), "acknowledged job {id} is gone");
+    }
+    // The long replica ran on through the failover: still its first attempt, started once.
+    std::thread::sleep(Duration::from_secs(3));
+    let j = pool.job(long);
+    assert_eq!(
+        (j["state"].as_str(), j["attempt"].as_u64()),
+        (Some("running"), Some(1)),
+        "{j}"
+    );
+    assert_eq!(std::fs::read_to_string(&marks).unwrap(), "started\n");
+    let last = *acked.iter().max().unwrap();
+    pool.wait_state(last, "succeeded");
+
+    // The old leader, started again, is a standby of the new one.
+    let data = pool.data_root.join("controller");
+    let again = std::process::Command::new(bin())
+        .args(["controller", "--data-dir"])
+        .arg(&data)
+        .args(["--listen", &pool.listen, "--leader-lease", "3s"])
+        .args(["--store", &pool.postgresql.as_ref().unwrap().url()])
+        .args(["--gateway-listen", &format!("127.0.0.1:{}", port())])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut again = Proc(again);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(again.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(
+        line.contains("standby") && line.contains(&standby.url),
+        "{line}"
+    );
+}

@@ -24,16 +24,21 @@ pub const MARKER: &str = "COMPLETE";
 #[derive(Clone)]
 pub struct Remote {
     pub http: reqwest::Client,
-    pub base: String,
+    pub controllers: std::sync::Arc<crate::endpoints::Endpoints>,
     pub token: String,
 }
 
 impl Remote {
+    /// The controller in use.
+    fn base(&self) -> &str {
+        self.controllers.current()
+    }
+
     /// An authenticated GET of `path` on the controller; an error status is an error.
     async fn get(&self, path: &str) -> anyhow::Result<reqwest::Response> {
         Ok(self
             .http
-            .get(format!("{}{path}", self.base))
+            .get(format!("{}{path}", self.base()))
             .bearer_auth(&self.token)
             .send()
             .await?
@@ -151,7 +156,7 @@ pub async fn upload(
     let unique: BTreeSet<&str> = chunks.iter().map(|(h, ..)| h.as_str()).collect();
     let missing: Hashes = remote
         .http
-        .post(format!("{}/v1/agent/chunks/missing", remote.base))
+        .post(format!("{}/v1/agent/chunks/missing", remote.base()))
         .bearer_auth(&remote.token)
         .json(&serde_json::json!({ "hashes": unique }))
         .send()
@@ -177,7 +182,7 @@ pub async fn upload(
         sent += bytes.len() as u64;
         remote
             .http
-            .put(format!("{}/v1/agent/chunks/{hash}", remote.base))
+            .put(format!("{}/v1/agent/chunks/{hash}", remote.base()))
             .bearer_auth(&remote.token)
             .body(bytes)
             .send()
@@ -194,7 +199,7 @@ pub async fn upload(
     };
     let saved: Saved = remote
         .http
-        .post(format!("{}/v1/agent/checkpoints", remote.base))
+        .post(format!("{}/v1/agent/checkpoints", remote.base()))
         .bearer_auth(&remote.token)
         .json(&manifest)
         .send()

@@ -177,11 +177,20 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
         b.build()?
     };
+    let controllers = Arc::new(crate::endpoints::Endpoints::parse(
+        "--join",
+        &config.controller,
+    )?);
     let cred_path = root.join("credential.json");
     let existing: Option<Credential> = std::fs::read(&cred_path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
-        .filter(|c: &Credential| c.node == config.name && c.controller == config.controller);
+        .filter(|c: &Credential| {
+            // The same pool: the credential names one of the controllers given now.
+            c.node == config.name
+                && crate::endpoints::Endpoints::parse("credential", &c.controller)
+                    .is_ok_and(|theirs| theirs.overlaps(&controllers))
+        });
     let shared = Arc::new(Shared {
         runs: Mutex::new(BTreeMap::new()),
         exited: Notify::new(),
@@ -250,29 +259,23 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     let (token, callback) = match existing {
         Some(c) => {
-            let resp = post::<RegisterResponse>(
-                &http,
-                &config.controller,
-                "/v1/agent/register",
-                &c.token,
-                &register,
-            )
-            .await
-            .map_err(|e| {
-                if e.to_string().contains("401") {
-                    e.context(format!(
-                        "the controller no longer accepts this node's credential (an admin \
+            let resp = register_anywhere(&http, &controllers, &c.token, &register)
+                .await
+                .map_err(|e| {
+                    if e.to_string().contains("401") {
+                        e.context(format!(
+                            "the controller no longer accepts this node's credential (an admin \
                          replaced node {} or revoked it). To join again, remove {} and start \
                          the agent with a new join token (`tessera token create --join`); under \
                          `tessera up`, also remove {}",
-                        config.name,
-                        cred_path.display(),
-                        config.data_dir.join("local-join-token").display()
-                    ))
-                } else {
-                    e
-                }
-            })?;
+                            config.name,
+                            cred_path.display(),
+                            config.data_dir.join("local-join-token").display()
+                        ))
+                    } else {
+                        e
+                    }
+                })?;
             (resp.token.unwrap_or(c.token), resp.callback_secret)
         }
         None => {
@@ -281,14 +284,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     "this agent has not joined yet: give it a join token with --token (create one with `tessera token create --join`)"
                 );
             };
-            let resp = post::<RegisterResponse>(
-                &http,
-                &config.controller,
-                "/v1/agent/register",
-                join,
-                &register,
-            )
-            .await?;
+            let resp = register_anywhere(&http, &controllers, join, &register).await?;
             let token = resp.token.context("the controller gave no credential")?;
             crate::controller::write_private(
                 &cred_path,
@@ -313,7 +309,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     tracing::info!("node {} registered with {}", config.name, config.controller);
     let _ = shared.remote.set(checkpoint::Remote {
         http: http.clone(),
-        base: config.controller.clone(),
+        controllers: controllers.clone(),
         token: token.clone(),
     });
 
@@ -340,7 +336,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             images: shared.images.held(512),
         };
         let sent = now_ms();
-        let call = post::<SyncResponse>(&http, &config.controller, "/v1/agent/sync", &token, &req);
+        let tried = controllers.current().to_string();
+        let call = post::<SyncResponse>(&http, &controllers, "/v1/agent/sync", &token, &req);
         let resp = tokio::select! {
             r = call => r,
             // A workload ended: report it at once rather than after the long poll.
@@ -350,7 +347,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!("sync with the controller failed: {e:#}");
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Another controller given is tried almost at once; the same one after a pause.
+                let pause = if controllers.current() == tried {
+                    300
+                } else {
+                    50
+                };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
                 continue;
             }
         };
@@ -374,26 +377,84 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
 }
 
-async fn post<T: serde::de::DeserializeOwned>(
+/// A call that failed: whether another controller of the pool may answer it.
+struct Failed {
+    elsewhere: bool,
+    error: anyhow::Error,
+}
+
+/// POSTs to the controller in use; when it cannot be reached or is between leaders (502, 503),
+/// the next call goes to the next controller given.
+async fn post_once<T: serde::de::DeserializeOwned>(
     http: &reqwest::Client,
-    base: &str,
+    controllers: &crate::endpoints::Endpoints,
     path: &str,
     token: &str,
     body: &impl Serialize,
-) -> anyhow::Result<T> {
+) -> Result<T, Failed> {
+    let base = controllers.current().to_string();
+    let away = |error: anyhow::Error| {
+        controllers.failed(&base);
+        Failed {
+            elsewhere: true,
+            error,
+        }
+    };
     let resp = http
         .post(format!("{base}{path}"))
         .bearer_auth(token)
         .json(body)
         .send()
         .await
-        .with_context(|| format!("calling {base}{path}"))?;
+        .map_err(|e| away(anyhow::Error::new(e).context(format!("calling {base}{path}"))))?;
     let status = resp.status();
     if !status.is_success() {
         let text = resp.text().await.unwrap_or_default();
-        bail!("{path}: {status}: {text}");
+        let error = anyhow::anyhow!("{base}{path}: {status}: {text}");
+        return Err(match status.as_u16() {
+            502..=504 => away(error),
+            _ => Failed {
+                elsewhere: false,
+                error,
+            },
+        });
     }
-    Ok(resp.json().await?)
+    resp.json().await.map_err(|e| Failed {
+        elsewhere: false,
+        error: e.into(),
+    })
+}
+
+async fn post<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    controllers: &crate::endpoints::Endpoints,
+    path: &str,
+    token: &str,
+    body: &impl Serialize,
+) -> anyhow::Result<T> {
+    post_once(http, controllers, path, token, body)
+        .await
+        .map_err(|f| f.error)
+}
+
+/// Registers with the first controller given that answers.
+async fn register_anywhere(
+    http: &reqwest::Client,
+    controllers: &crate::endpoints::Endpoints,
+    token: &str,
+    register: &RegisterRequest,
+) -> anyhow::Result<RegisterResponse> {
+    let mut last = None;
+    for _ in controllers.all() {
+        match post_once(http, controllers, "/v1/agent/register", token, register).await {
+            Ok(resp) => return Ok(resp),
+            Err(f) if f.elsewhere => last = Some(f.error),
+            Err(f) => return Err(f.error),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| anyhow::anyhow!("no controller given"))
+        .context("no controller of the pool answered"))
 }
 
 /// Re-adopts workloads from an earlier life of this agent.

@@ -24,7 +24,8 @@ pub enum Output {
 
 #[derive(Debug, Args, Clone)]
 pub struct Conn {
-    /// Controller URL (default: TESSERA_URL, then the config file).
+    /// Controller URL, or several of one pool's controllers as URL1,URL2 (default: TESSERA_URL,
+    /// then the config file).
     #[arg(long, global = true)]
     pub url: Option<String>,
     /// API token (default: TESSERA_TOKEN, then the config file).
@@ -55,7 +56,7 @@ pub fn config_path() -> PathBuf {
 }
 
 pub struct Client {
-    url: String,
+    controllers: crate::endpoints::Endpoints,
     token: String,
     http: reqwest::blocking::Client,
     pub output: Output,
@@ -66,12 +67,14 @@ impl Client {
         let file: Option<ConfigFile> = std::fs::read_to_string(config_path())
             .ok()
             .and_then(|t| serde_yaml::from_str(&t).ok());
-        let url = conn
+        let (from, url) = conn
             .url
             .clone()
-            .or_else(|| std::env::var("TESSERA_URL").ok())
-            .or_else(|| file.as_ref().map(|f| f.url.clone()))
+            .map(|u| ("--url", u))
+            .or_else(|| std::env::var("TESSERA_URL").ok().map(|u| ("TESSERA_URL", u)))
+            .or_else(|| file.as_ref().map(|f| ("the config file's url", f.url.clone())))
             .context("no controller URL: pass --url, set TESSERA_URL, or run `tessera up` (it writes the config file)")?;
+        let controllers = crate::endpoints::Endpoints::parse(from, &url)?;
         let token = conn
             .token
             .clone()
@@ -92,7 +95,7 @@ impl Client {
             b = b.add_root_certificate(cert);
         }
         Ok(Client {
-            url: url.trim_end_matches('/').to_string(),
+            controllers,
             token,
             http: b.build()?,
             output: conn.output,
@@ -105,18 +108,7 @@ impl Client {
         path: &str,
         body: Option<String>,
     ) -> anyhow::Result<Value> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.url))
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b);
-        }
-        let resp = req
-            .send()
-            .with_context(|| format!("calling the controller at {}", self.url))?;
-        let status = resp.status();
-        let text = resp.text()?;
+        let (status, text) = self.send(method, path, body)?;
         if !status.is_success() {
             let msg = serde_json::from_str::<Value>(&text)
                 .ok()
@@ -128,6 +120,57 @@ impl Client {
             return Ok(Value::Null);
         }
         Ok(serde_json::from_str(&text)?)
+    }
+
+    /// Sends a request to the pool's controllers: when one cannot be reached, or answers that
+    /// it is between leaders (503: nothing was done), the next one given is tried, for up to
+    /// 15 s (a failover takes a few seconds).
+    fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> anyhow::Result<(reqwest::StatusCode, String)> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let base = self.controllers.current().to_string();
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{base}{path}"))
+                .bearer_auth(&self.token);
+            if let Some(b) = &body {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(b.clone());
+            }
+            let more = self.controllers.all().len() > 1;
+            let failed = match req.send() {
+                Ok(resp) if resp.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE || !more => {
+                    let status = resp.status();
+                    return Ok((status, resp.text()?));
+                }
+                Ok(resp) => anyhow::anyhow!("{} answered 503: {}", base, resp.text()?),
+                // Not sent at all: safe to send elsewhere, whatever the method.
+                Err(e) if e.is_connect() && more => anyhow::Error::new(e),
+                Err(e) => {
+                    return Err(
+                        anyhow::Error::new(e).context(format!("calling the controller at {base}"))
+                    );
+                }
+            };
+            self.controllers.failed(&base);
+            if std::time::Instant::now() >= deadline {
+                return Err(failed.context(format!(
+                    "no controller of the pool answered (tried {}); check that one runs, or \
+                     change the URLs with --url, TESSERA_URL or the config file",
+                    self.controllers
+                )));
+            }
+            if self.controllers.current() == self.controllers.all()[0] {
+                // Every one was tried: wait a little before the next round.
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {

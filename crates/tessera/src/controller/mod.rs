@@ -15,6 +15,7 @@ pub mod openapi;
 pub mod reconcile;
 pub mod registries;
 pub mod services;
+pub mod standby;
 pub mod telemetry;
 pub mod ui;
 pub mod usage;
@@ -51,6 +52,11 @@ pub struct ControllerConfig {
     pub data_dir: PathBuf,
     /// A PostgreSQL URL (`--store`); `None`: SQLite in the data dir.
     pub store: Option<String>,
+    /// Where the other controllers, agents and clients reach this controller's API
+    /// (`--advertise`; default: the listen address's URL).
+    pub advertise: Option<String>,
+    /// How long the leader's lease lasts unrenewed among controllers on one PostgreSQL store.
+    pub leader_lease: Duration,
     pub listen: SocketAddr,
     /// How long an agent may go unheard before its node is lost; agents stop their workloads
     /// when their own copy of the lease runs out, before the controller moves the work.
@@ -92,9 +98,12 @@ pub struct Controller {
     pub telemetry: std::sync::Mutex<telemetry::Telemetry>,
     /// Open connections of the API and of the gateway (see [`limits`]).
     pub connections: [(&'static str, Arc<limits::Connections>); 2],
-    /// The key agents' callback secrets are derived from (see [`crate::auth::callback_secret`]);
-    /// kept in its own file, not in the store.
+    /// The key agents' callback secrets are derived from (see [`crate::auth::callback_secret`]):
+    /// in its own file beside a SQLite store; in the database, shared by every controller, on
+    /// PostgreSQL.
     pub callback_key: Vec<u8>,
+    /// Whether this controller may act as the leader (always, alone on SQLite).
+    pub leadership: Arc<store::lease::Leadership>,
 }
 
 pub type Ctl = Arc<Controller>;
@@ -522,33 +531,110 @@ impl ControllerConfig {
     }
 }
 
-/// Opens the store the configuration names and reads the state back.
-async fn open_store(
+/// Opens the SQLite store in the data dir and reads the state back.
+fn open_sqlite(
     config: &ControllerConfig,
 ) -> anyhow::Result<(Box<dyn store::Backend>, crate::state::State)> {
-    match &config.store {
-        None => {
-            refuse_a_lost_store(&config.data_dir, &config.store_path())?;
-            let backend = store::sqlite::Sqlite::open(&config.store_path())?;
-            let state = store::Backend::load(&backend, now_ms())?;
-            Ok((Box::new(backend), state))
-        }
-        Some(url) => {
-            // Opening waits on the database: not on an async thread.
-            let url = url.clone();
-            tokio::task::spawn_blocking(move || {
-                let backend = store::postgres::Postgres::open(&url)?;
-                let state = store::Backend::load(&backend, now_ms())?;
-                Ok((Box::new(backend) as Box<dyn store::Backend>, state))
-            })
-            .await
-            .context("opening the PostgreSQL store")?
-        }
-    }
+    refuse_a_lost_store(&config.data_dir, &config.store_path())?;
+    let backend = store::sqlite::Sqlite::open(&config.store_path())?;
+    let state = store::Backend::load(&backend, now_ms())?;
+    Ok((Box::new(backend), state))
 }
 
-/// Opens the store, bootstraps it, starts the reconcile loop and the HTTP server.
-pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
+/// How often a standby tries to take the lease (and reads who holds it).
+const CAMPAIGN_EVERY: Duration = Duration::from_millis(250);
+
+/// On PostgreSQL: serves the API as a standby (sending requests on to the leader) while it
+/// campaigns for the lease; once elected, reads the state back under the lease's fence.
+async fn elect_and_open(
+    config: &ControllerConfig,
+    url: &str,
+    switch: &Arc<standby::Switch>,
+    on_standby: &mut dyn FnMut(Option<&str>),
+) -> anyhow::Result<(
+    Box<dyn store::Backend>,
+    crate::state::State,
+    store::lease::Campaign,
+)> {
+    // Opening waits on the database (and migrates it): not on an async thread.
+    let opened = url.to_string();
+    let mut backend = tokio::task::spawn_blocking(move || store::postgres::Postgres::open(&opened))
+        .await
+        .context("opening the PostgreSQL store")??;
+    let id = format!("{}#{}", switch.me, &crate::auth::random_secret()[..8]);
+    let mut campaign = store::lease::Campaign::new(url, id, switch.me.clone(), config.leader_lease);
+    let mut told = None;
+    let token = campaign
+        .elect(CAMPAIGN_EVERY, |holder, err| {
+            *switch.holder.lock().unwrap_or_else(|e| e.into_inner()) = holder.cloned();
+            if let Some(e) = err {
+                tracing::warn!("campaigning for the leader's lease: {e:#}");
+            }
+            let leader = holder.map(|h| h.url.clone());
+            if told.as_ref() != Some(&leader) {
+                on_standby(leader.as_deref());
+                told = Some(leader);
+            }
+        })
+        .await;
+    *switch.holder.lock().unwrap_or_else(|e| e.into_inner()) = Some(store::lease::Holder {
+        id: String::new(),
+        url: switch.me.clone(),
+        token,
+    });
+    backend.fence_with(campaign.leadership.clone());
+    let (backend, state) = tokio::task::spawn_blocking(move || {
+        let state = store::Backend::load(&backend, now_ms())?;
+        anyhow::Ok((backend, state))
+    })
+    .await
+    .context("reading the PostgreSQL store")??;
+    tracing::info!("this controller leads the pool (lease token {token})");
+    Ok((Box::new(backend), state, campaign))
+}
+
+/// The key for derived secrets on PostgreSQL: in the database, made by the first leader, so
+/// that every controller derives the same agents' secrets.
+async fn shared_key(store: &Store) -> anyhow::Result<Vec<u8>> {
+    let key = store
+        .write(|c, _| -> Result<String, ApiError> {
+            if let Some(key) = c.get_meta("callback_key")? {
+                return Ok(key);
+            }
+            let key = crate::auth::random_secret();
+            c.put_meta("callback_key", &key)?;
+            Ok(key)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("storing the controller's key: {}", e.message))?;
+    Ok(key.into_bytes())
+}
+
+/// The URL the other controllers, agents and clients reach this one at.
+fn advertised(config: &ControllerConfig, addr: SocketAddr) -> String {
+    if let Some(url) = &config.advertise {
+        return url.trim_end_matches('/').to_string();
+    }
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let host = if addr.ip().is_unspecified() {
+        SocketAddr::new([127, 0, 0, 1].into(), addr.port())
+    } else {
+        addr
+    };
+    format!("{scheme}://{host}")
+}
+
+/// Opens the store, bootstraps it, starts the reconcile loop and the HTTP server. On
+/// PostgreSQL it first waits for the leader's lease, serving as a standby; `on_standby` is told
+/// who leads (or that none does) each time that changes meanwhile.
+pub async fn start_telling(
+    config: ControllerConfig,
+    on_standby: &mut dyn FnMut(Option<&str>),
+) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
     // The store and everything beside it are the controller's alone: files it creates are
@@ -559,16 +645,51 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
     // pass through to the simulated driver.
     restrict(&config.data_dir, 0o700)?;
     restrict_existing(&config.data_dir)?;
-    // Opened first: a lost SQLite store is told apart from a new pool by what else the data dir
-    // holds, the controller's key among it.
-    let (backend, mut state) = open_store(&config).await?;
-    let callback_key = load_or_make_key(&config.data_dir.join("callback.key"))?;
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("listening on {} (is it in use?)", config.listen))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let switch = standby::Switch::new(advertised(&config, addr))?;
+    let connections =
+        limits::Connections::new(config.max_connections, config.max_connections_per_address);
+    let (backend, mut state, campaign, server) = match &config.store {
+        // Opened first: a lost SQLite store is told apart from a new pool by what else the data
+        // dir holds, the controller's key among it.
+        None => {
+            let (backend, state) = open_sqlite(&config)?;
+            (backend, state, None, None)
+        }
+        // Several controllers may share the database: the API answers (as a standby) from the
+        // start, and this controller takes up the work once elected.
+        Some(url) => {
+            let server = serve(
+                standby::router(switch.clone()),
+                &config,
+                listener.try_clone()?,
+                connections.clone(),
+            )
+            .await?;
+            let (backend, state, campaign) =
+                elect_and_open(&config, url, &switch, on_standby).await?;
+            (backend, state, Some(campaign), Some(server))
+        }
+    };
     state.id_ceiling = Some(
         crate::state::IdCeiling::load(&config.data_dir.join("job-ids"))
             .context("reading the highest job id given")?,
     );
+    let leadership = campaign
+        .as_ref()
+        .map_or_else(store::lease::Leadership::sole, |c| c.leadership.clone());
     let store = Store::start(backend, state);
+    if let Some(campaign) = campaign {
+        tokio::spawn(campaign.keep());
+    }
     let first_admin_token = bootstrap(&store).await?;
+    let callback_key = match &config.store {
+        None => load_or_make_key(&config.data_dir.join("callback.key"))?,
+        Some(_) => shared_key(&store).await?,
+    };
     let ctl = Arc::new(Controller {
         store,
         tokens: TokenCache::default(),
@@ -581,13 +702,17 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
         gateway: Arc::new(gateway::Gateway::new(config.gateway_body_budget)),
         telemetry: Default::default(),
         callback_key,
-        connections: ["api", "gateway"].map(|name| {
-            let c = limits::Connections::new(
-                config.max_connections,
-                config.max_connections_per_address,
-            );
-            (name, c)
-        }),
+        connections: [
+            ("api", connections.clone()),
+            (
+                "gateway",
+                limits::Connections::new(
+                    config.max_connections,
+                    config.max_connections_per_address,
+                ),
+            ),
+        ],
+        leadership: leadership.clone(),
     });
     tokio::spawn(reconcile::run(ctl.clone()));
     tokio::spawn(telemetry::run(ctl.clone(), Duration::from_secs(20)));
@@ -614,8 +739,16 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
         }
         None => None,
     };
-    let app = router(ctl.clone());
-    let (addr, server) = serve(app, &config, ctl.connections[0].1.clone()).await?;
+    switch.lead(
+        router(ctl.clone()).layer(axum::middleware::from_fn_with_state(
+            leadership,
+            standby::while_leading,
+        )),
+    );
+    let server = match server {
+        Some(server) => server,
+        None => serve(standby::router(switch), &config, listener, connections).await?,
+    };
     Ok(Running {
         ctl,
         addr,
@@ -628,12 +761,9 @@ pub async fn start(config: ControllerConfig) -> anyhow::Result<Running> {
 async fn serve(
     app: Router,
     config: &ControllerConfig,
+    listener: std::net::TcpListener,
     connections: Arc<limits::Connections>,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let listener = std::net::TcpListener::bind(config.listen)
-        .with_context(|| format!("listening on {} (is it in use?)", config.listen))?;
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     let handle = match &config.tls {
         Some((cert, key)) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -658,7 +788,7 @@ async fn serve(
                 .context("serving HTTP")
         }),
     };
-    Ok((addr, handle))
+    Ok(handle)
 }
 
 pub fn router(ctl: Ctl) -> Router {

@@ -21,6 +21,7 @@ use crate::state::{
     CheckpointManifest, Event, Job, Node, Project, Service, State, TokenRecord, User,
 };
 
+pub mod lease;
 pub mod postgres;
 pub mod schema;
 pub mod sqlite;

@@ -30,8 +30,10 @@ impl From<tokio_postgres::Error> for StoreError {
             Some(db) => format!("postgresql: {}", db.message()),
             None => format!("postgresql: {e}"),
         };
-        // No SQLSTATE: the server did not answer (down, cut off, the connection closed).
-        let unavailable = e.code().is_none();
+        // No SQLSTATE: the server did not answer (down, cut off, the connection closed). A
+        // deposed leader's write is refused as the store being away: another controller
+        // answers it.
+        let unavailable = e.code().is_none() || message.contains(super::lease::FENCED);
         StoreError {
             message,
             disk_full,
@@ -63,6 +65,8 @@ pub struct Postgres {
     /// `None` after the connection was lost, until the next batch reconnects.
     conn: Option<PgConn>,
     readers: Arc<Mutex<Option<Arc<Client>>>>,
+    /// With several controllers: the lease every batch must still hold (see [`super::lease`]).
+    fence: Option<Arc<super::lease::Leadership>>,
 }
 
 /// A connection and the runtime that drives it: what [`Tx`] and [`Ledger`] run on.
@@ -236,7 +240,14 @@ impl Postgres {
             _runtime: runtime,
             conn: Some(conn),
             readers: Arc::new(Mutex::new(None)),
+            fence: None,
         })
+    }
+
+    /// From now on every batch begins with the fence of `leadership`'s token: it commits only
+    /// while that token holds an unexpired lease, and a refused one marks the leadership lost.
+    pub fn fence_with(&mut self, leadership: Arc<super::lease::Leadership>) {
+        self.fence = Some(leadership);
     }
 
     fn conn(&mut self) -> StoreResult<&PgConn> {
@@ -310,9 +321,14 @@ fn migrate(conn: &PgConn) -> anyhow::Result<()> {
 
 impl Backend for Postgres {
     fn begin(&mut self) -> StoreResult<()> {
+        let token = self.fence.as_ref().and_then(|f| f.token());
         let conn = self.conn()?;
         lock(&conn.pending).clear();
         *lock(&conn.unsent_begin) = true;
+        if let Some(token) = token {
+            // First in the transaction, so a deposed leader's batch aborts before any change.
+            conn.exec("SELECT tessera_fence($1)", &[&token])?;
+        }
         Ok(())
     }
 
@@ -346,7 +362,14 @@ impl Backend for Postgres {
     }
 
     fn commit(&mut self) -> StoreResult<()> {
-        self.conn()?.flush(true)
+        let done = self.conn()?.flush(true);
+        if let (Err(e), Some(fence)) = (&done, &self.fence)
+            && e.message.contains(super::lease::FENCED)
+        {
+            tracing::error!("a write batch was refused: {}", e.message);
+            fence.lose();
+        }
+        done
     }
 
     fn rollback(&mut self) {

@@ -91,4 +91,13 @@ pub const MIGRATIONS: &[Migration] = &[
         postgres: "CREATE TABLE registry_logins (project TEXT NOT NULL, registry TEXT NOT NULL,
                                    doc TEXT NOT NULL, PRIMARY KEY (project, registry));",
     },
+    // Leadership among several controllers on one PostgreSQL database (see `store::lease`):
+    // the lease row and the fence every write batch of the leader passes. SQLite has one
+    // controller; its table stays empty.
+    Migration {
+        sqlite: "CREATE TABLE leader (id INTEGER PRIMARY KEY CHECK (id = 1), holder TEXT NOT NULL,
+                     url TEXT NOT NULL, token INTEGER NOT NULL, pid INTEGER NOT NULL,
+                     expires TEXT NOT NULL);",
+        postgres: super::lease::POSTGRES_SCHEMA,
+    },
 ];

@@ -89,8 +89,37 @@ pub struct Pool {
     pub controller_args: Vec<String>,
     /// The controller's `--rendezvous-ports` (unless its arguments name others).
     pub rendezvous_ports: (u16, u16),
+    /// The URLs of more controllers on the same store (standbys), given to agents with the
+    /// leader's.
+    pub standby_urls: Vec<String>,
     /// The PostgreSQL cluster of the store, when the pool keeps it there (stopped last).
     pub postgresql: Option<PgCluster>,
+}
+
+/// Another controller of a pool on PostgreSQL: a standby until the leader goes.
+pub struct Standby {
+    pub url: String,
+    pub proc: Proc,
+    /// What it prints, line by line.
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Standby {
+    /// Waits for a printed line containing `text`; returns it.
+    pub fn wait_line(&self, text: &str, within: Duration) -> String {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => {}
+                Err(e) => panic!(
+                    "no line with {text:?} from the controller at {}: {e}",
+                    self.url
+                ),
+            }
+        }
+    }
 }
 
 impl Pool {
@@ -175,6 +204,7 @@ impl Pool {
             },
             dir,
             shared_dir: shared_dir(),
+            standby_urls: vec![],
             postgresql,
         };
         pool.admin = pool
@@ -188,7 +218,8 @@ impl Pool {
         let mut child = Command::new(bin())
             .args(["controller", "--data-dir"])
             .arg(self.data_root.join("controller"))
-            .args(["--listen", &self.listen, "--lease", "2s"])
+            .args(["--listen", &self.listen])
+            .args(self.default_lease())
             .args(&self.controller_args)
             .args(
                 (!self
@@ -246,6 +277,65 @@ impl Pool {
         token
     }
 
+    /// Starts another controller on the pool's PostgreSQL store (with the leader's arguments,
+    /// its own data dir and ports): a standby until the leader goes. Agents added afterwards
+    /// are given its URL too.
+    pub fn start_standby(&mut self) -> Standby {
+        let n = self.standby_urls.len() + 1;
+        let listen = format!("127.0.0.1:{}", port());
+        let mut child = Command::new(bin())
+            .args(["controller", "--data-dir"])
+            .arg(self.data_root.join(format!("controller-{n}")))
+            .args(["--listen", &listen])
+            .args(self.default_lease())
+            .args(&self.controller_args)
+            .args(["--gateway-listen", &format!("127.0.0.1:{}", port())])
+            .args(
+                (!self
+                    .controller_args
+                    .iter()
+                    .any(|a| a == "--rendezvous-ports"))
+                .then(|| {
+                    let (first, last) = self.rendezvous_ports;
+                    ["--rendezvous-ports".to_string(), format!("{first}-{last}")]
+                })
+                .into_iter()
+                .flatten(),
+            )
+            .env("TESSERA_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(
+                std::fs::File::create(self.dir.path().join(format!("controller-{n}.err"))).unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let url = format!("http://{listen}");
+        let standby = Standby {
+            url: url.clone(),
+            proc: Proc(child),
+            lines: rx,
+        };
+        let first = standby.wait_line("Tessera API at", Duration::from_secs(30));
+        assert!(first.contains("standby"), "{first}");
+        self.standby_urls.push(url);
+        standby
+    }
+
+    /// A 2 s agent lease unless the pool's controller arguments name one.
+    fn default_lease(&self) -> Vec<&'static str> {
+        match self.controller_args.iter().any(|a| a == "--lease") {
+            true => vec![],
+            false => vec!["--lease", "2s"],
+        }
+    }
+
     pub fn join_token(&self) -> String {
         self.post("/v1/tokens", json!({"kind": "join"}), &self.admin)
             .1["token"]
@@ -269,7 +359,10 @@ impl Pool {
             .args([
                 "agent",
                 "--join",
-                &self.url,
+                &std::iter::once(self.url.clone())
+                    .chain(self.standby_urls.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 "--token",
                 &join,
                 "--node-name",

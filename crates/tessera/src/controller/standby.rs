@@ -1,0 +1,192 @@
+//! Several controllers on one PostgreSQL store: which one answers what. The API is served by a
+//! [`Switch`]: until this controller is elected it is a standby, which answers its own health and
+//! sends every other request on to the leader (whose URL is in the lease row), so agents, the
+//! CLI and scripts may be pointed at any controller of the pool. Once elected, the switch hands
+//! every request to the leader's router, which refuses work the moment the lease is no longer
+//! surely held (a leader paused past its lease answers nothing it could get wrong).
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tower::ServiceExt;
+
+use crate::store::lease::{Holder, Leadership};
+
+/// The header a standby adds to what it sends on, naming itself: a request that arrives with it
+/// is not sent on again (two controllers that each think the other leads would loop).
+pub const FORWARDED_BY: &str = "x-tessera-forwarded-by";
+
+/// What answers the API: the leader's router once elected, the standby's forwarding until then.
+pub struct Switch {
+    leader: OnceLock<Router>,
+    /// Who leads, as last read from the lease row.
+    pub holder: Mutex<Option<Holder>>,
+    http: reqwest::Client,
+    /// This controller's URL (`--advertise`).
+    pub me: String,
+}
+
+impl Switch {
+    pub fn new(me: String) -> anyhow::Result<Arc<Switch>> {
+        Ok(Arc::new(Switch {
+            leader: OnceLock::new(),
+            holder: Mutex::new(None),
+            // No overall timeout: agents' long polls and log streams go through.
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?,
+            me,
+        }))
+    }
+
+    /// From now on every request goes to `router` (this controller leads).
+    pub fn lead(&self, router: Router) {
+        let _ = self.leader.set(router);
+    }
+
+    fn holder(&self) -> Option<Holder> {
+        self.holder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The API's router over a switch.
+pub fn router(switch: Arc<Switch>) -> Router {
+    Router::new().fallback(dispatch).with_state(switch)
+}
+
+async fn dispatch(State(sw): State<Arc<Switch>>, req: Request) -> Response {
+    if let Some(router) = sw.leader.get() {
+        return match router.clone().oneshot(req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        };
+    }
+    if req.uri().path() == "/healthz" {
+        let leader = sw.holder().map(|h| h.url);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({
+                "status": "standby",
+                "role": "standby",
+                "leader": leader,
+            })),
+        )
+            .into_response();
+    }
+    forward(&sw, req).await
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    let mut resp = (
+        status,
+        axum::Json(serde_json::json!({"error": {"message": message}})),
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+    resp
+}
+
+/// Headers that belong to one connection, not to the request.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// Sends a request on to the leader and streams its answer back.
+async fn forward(sw: &Switch, req: Request) -> Response {
+    let Some(holder) = sw.holder() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no controller of this pool holds the leader's lease yet (an election is under \
+             way); retry in a second"
+                .into(),
+        );
+    };
+    if holder.url == sw.me {
+        // The lease names this controller, which has not taken up the work yet.
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this controller is taking over as the leader; retry in a second".into(),
+        );
+    }
+    if let Some(by) = req.headers().get(FORWARDED_BY) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "this controller is a standby, and so is {} that sent the request on; the \
+                 leadership is changing, retry in a second",
+                by.to_str().unwrap_or("?")
+            ),
+        );
+    }
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = sw
+        .http
+        .request(parts.method.clone(), format!("{}{path}", holder.url))
+        .header(FORWARDED_BY, &sw.me)
+        .body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    for (name, value) in &parts.headers {
+        if !hop_by_hop(name.as_str()) {
+            out = out.header(name, value);
+        }
+    }
+    match out.send().await {
+        Ok(resp) => {
+            let status = resp.status();
+            let mut headers = HeaderMap::new();
+            for (name, value) in resp.headers() {
+                if !hop_by_hop(name.as_str()) {
+                    headers.append(name, value.clone());
+                }
+            }
+            (status, headers, Body::from_stream(resp.bytes_stream())).into_response()
+        }
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the leader at {} cannot be reached ({e}); a standby takes over within seconds, \
+                 retry",
+                holder.url
+            ),
+        ),
+    }
+}
+
+/// A layer of the leader's router: once the lease is not surely held, nothing more is answered
+/// (an agent told of replicas by a leader that was already replaced could run one twice).
+pub async fn while_leading(
+    State(leadership): State<Arc<Leadership>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if leadership.holds() {
+        return next.run(req).await;
+    }
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "this controller lost the leader's lease and is stopping; retry (another controller of \
+         the pool answers)"
+            .into(),
+    )
+}
