@@ -254,3 +254,77 @@ fn a_standby_takes_over_from_a_killed_leader_with_every_acknowledged_job_and_no_
         "{line}"
     );
 }
+
+#[test]
+fn a_paused_leader_is_replaced_after_its_lease_and_stops_when_it_wakes_having_written_nothing() {
+    let mut pool = Pool::start_on_postgresql(&["--leader-lease", "2s", "--lease", "8s"]);
+    let standby = pool.start_standby();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let marks = pool.shared("starts");
+    let long = pool.submit(
+        "default",
+        0.0,
+        1,
+        50,
+        &format!("echo started >> {}; sleep 600", marks.display()),
+    );
+    pool.wait_state(long, "running");
+    let leader = pool.controller.as_ref().unwrap().0.id() as i32;
+    let pid = nix::unistd::Pid::from_raw(leader);
+
+    // SIGSTOP: the leader's session stays open, so only its lease's end frees the lease.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let paused = std::time::Instant::now();
+    standby.wait_line("Leading the pool", Duration::from_secs(30));
+    let took_over = paused.elapsed();
+    assert!(
+        took_over >= Duration::from_secs(2),
+        "a live session's lease holds to its end ({took_over:?})"
+    );
+    pool.url = standby.url.clone();
+    let after = pool.submit("default", 0.0, 1, 50, "echo while-the-old-leader-sleeps");
+    pool.wait_state(after, "succeeded");
+    let jobs_before_waking = pool.get("/v1/jobs?limit=1000", &pool.admin).1;
+
+    // Woken, the old leader finds its lease gone: it answers nothing and stops by itself.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let old = pool.controller.as_mut().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = old.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old leader still runs after waking"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let err = std::fs::read_to_string(pool.dir.path().join("controller.err")).unwrap();
+    assert!(err.contains("lost the leader's lease"), "{err}");
+    pool.controller = None;
+    eprintln!(
+        "a paused leader (lease 2 s) was replaced {:.2} s after SIGSTOP",
+        took_over.as_secs_f64()
+    );
+
+    // Nothing changed behind the new leader's back; the long replica ran on, started once.
+    std::thread::sleep(Duration::from_secs(2));
+    let jobs_after = pool.get("/v1/jobs?limit=1000", &pool.admin).1;
+    let ids = |v: &Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(ids(&jobs_before_waking), ids(&jobs_after));
+    let j = pool.job(long);
+    assert_eq!(
+        (j["state"].as_str(), j["attempt"].as_u64()),
+        (Some("running"), Some(1)),
+        "{j}"
+    );
+    assert_eq!(std::fs::read_to_string(&marks).unwrap(), "started\n");
+}

@@ -337,7 +337,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         };
         let sent = now_ms();
         let tried = controllers.current().to_string();
-        let call = post::<SyncResponse>(&http, &controllers, "/v1/agent/sync", &token, &req);
+        // The long poll answers within `wait_ms`: a controller silent for half as long again
+        // is stuck or paused, and another one given must be asked while the lease still holds.
+        let call = post_once::<SyncResponse>(
+            &http,
+            &controllers,
+            "/v1/agent/sync",
+            &token,
+            &req,
+            Some(Duration::from_millis(
+                req.wait_ms + (req.wait_ms / 2).max(1000),
+            )),
+        );
         let resp = tokio::select! {
             r = call => r,
             // A workload ended: report it at once rather than after the long poll.
@@ -346,7 +357,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         let resp = match resp {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!("sync with the controller failed: {e:#}");
+                tracing::warn!("sync with the controller failed: {:#}", e.error);
                 // Another controller given is tried almost at once; the same one after a pause.
                 let pause = if controllers.current() == tried {
                     300
@@ -377,32 +388,33 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
 }
 
-/// A call that failed: whether another controller of the pool may answer it.
+/// A call that failed: whether asking again (the same controller or the next) may help.
 struct Failed {
-    elsewhere: bool,
+    again: bool,
     error: anyhow::Error,
 }
 
-/// POSTs to the controller in use; when it cannot be reached or is between leaders (502, 503),
-/// the next call goes to the next controller given.
+/// POSTs to the controller in use; when it cannot be reached, or does not answer in time, the
+/// next call goes to the next controller given. One that answers 503 (between leaders, or its
+/// store away for a moment) is alive and is asked again.
 async fn post_once<T: serde::de::DeserializeOwned>(
     http: &reqwest::Client,
     controllers: &crate::endpoints::Endpoints,
     path: &str,
     token: &str,
     body: &impl Serialize,
+    timeout: Option<Duration>,
 ) -> Result<T, Failed> {
     let base = controllers.current().to_string();
     let away = |error: anyhow::Error| {
         controllers.failed(&base);
-        Failed {
-            elsewhere: true,
-            error,
-        }
+        Failed { again: true, error }
     };
-    let resp = http
-        .post(format!("{base}{path}"))
-        .bearer_auth(token)
+    let mut request = http.post(format!("{base}{path}")).bearer_auth(token);
+    if let Some(t) = timeout {
+        request = request.timeout(t);
+    }
+    let resp = request
         .json(body)
         .send()
         .await
@@ -412,49 +424,61 @@ async fn post_once<T: serde::de::DeserializeOwned>(
         let text = resp.text().await.unwrap_or_default();
         let error = anyhow::anyhow!("{base}{path}: {status}: {text}");
         return Err(match status.as_u16() {
-            502..=504 => away(error),
+            502 | 504 => away(error),
+            503 => Failed { again: true, error },
             _ => Failed {
-                elsewhere: false,
+                again: false,
                 error,
             },
         });
     }
     resp.json().await.map_err(|e| Failed {
-        elsewhere: false,
+        again: false,
         error: e.into(),
     })
 }
 
-async fn post<T: serde::de::DeserializeOwned>(
-    http: &reqwest::Client,
-    controllers: &crate::endpoints::Endpoints,
-    path: &str,
-    token: &str,
-    body: &impl Serialize,
-) -> anyhow::Result<T> {
-    post_once(http, controllers, path, token, body)
-        .await
-        .map_err(|f| f.error)
-}
-
-/// Registers with the first controller given that answers.
+/// Registers with the first controller given that answers; one between leaders (503) is
+/// asked again for up to half a minute.
 async fn register_anywhere(
     http: &reqwest::Client,
     controllers: &crate::endpoints::Endpoints,
     token: &str,
     register: &RegisterRequest,
 ) -> anyhow::Result<RegisterResponse> {
-    let mut last = None;
-    for _ in controllers.all() {
-        match post_once(http, controllers, "/v1/agent/register", token, register).await {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut unreachable = 0;
+    loop {
+        let base = controllers.current().to_string();
+        let error = match post_once(
+            http,
+            controllers,
+            "/v1/agent/register",
+            token,
+            register,
+            None,
+        )
+        .await
+        {
             Ok(resp) => return Ok(resp),
-            Err(f) if f.elsewhere => last = Some(f.error),
-            Err(f) => return Err(f.error),
+            Err(f) if !f.again => return Err(f.error),
+            Err(f) => f.error,
+        };
+        // Every controller given unreachable in turn: none runs.
+        unreachable = if controllers.current() != base {
+            unreachable + 1
+        } else {
+            0
+        };
+        if unreachable >= controllers.all().len() || std::time::Instant::now() >= deadline {
+            return Err(error.context(format!(
+                "no controller of the pool answered (tried {controllers})"
+            )));
+        }
+        if controllers.current() == base {
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
-    Err(last
-        .unwrap_or_else(|| anyhow::anyhow!("no controller given"))
-        .context("no controller of the pool answered"))
 }
 
 /// Re-adopts workloads from an earlier life of this agent.

@@ -582,8 +582,12 @@ async fn elect_and_open(
         url: switch.me.clone(),
         token,
     });
-    backend.fence_with(campaign.leadership.clone());
+    let (leadership, lease) = (campaign.leadership.clone(), config.leader_lease);
+    // The backend blocks on its own runtime: not on an async thread.
     let (backend, state) = tokio::task::spawn_blocking(move || {
+        backend
+            .fence_with(leadership, lease)
+            .map_err(|e| anyhow::anyhow!("setting up the leader's connection: {e}"))?;
         let state = store::Backend::load(&backend, now_ms())?;
         anyhow::Ok((backend, state))
     })

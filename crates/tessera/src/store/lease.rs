@@ -320,7 +320,7 @@ mod tests {
         );
         let holder = rt.block_on(b.holder()).unwrap().unwrap();
         assert_eq!((holder.url.as_str(), holder.token), ("http://a", first));
-        old.fence_with(a.leadership.clone());
+        old.fence_with(a.leadership.clone(), lease).unwrap();
         write(&mut old, "k", "from a").unwrap();
         assert!(rt.block_on(a.renew()).unwrap());
 
@@ -332,7 +332,7 @@ mod tests {
             .unwrap()
             .expect("an expired lease is taken");
         assert_eq!(second, first + 1);
-        new.fence_with(b.leadership.clone());
+        new.fence_with(b.leadership.clone(), lease).unwrap();
         write(&mut new, "k", "from b").unwrap();
 
         // a wakes up and tries to write with its old token: refused, nothing of it stored.
@@ -343,6 +343,43 @@ mod tests {
         assert!(!rt.block_on(a.renew()).unwrap(), "nor can it renew");
         write(&mut new, "k2", "b goes on").unwrap();
         assert!(b.leadership.holds());
+    }
+
+    #[test]
+    fn a_leader_paused_inside_a_batch_does_not_hold_off_the_next_one() {
+        let pg = PgCluster::start();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut old = Postgres::open(&pg.url()).unwrap();
+        let lease = Duration::from_millis(1500);
+        let mut a = Campaign::new(&pg.url(), "a".into(), "http://a".into(), lease);
+        let mut b = Campaign::new(&pg.url(), "b".into(), "http://b".into(), lease);
+        rt.block_on(a.try_take()).unwrap().unwrap();
+        old.fence_with(a.leadership.clone(), lease).unwrap();
+        // A write that reads sends its BEGIN and fence (which locks the lease row) at once;
+        // then its controller stops before the commit.
+        old.begin().unwrap();
+        old.savepoint().unwrap();
+        old.tx().put_meta("k", "half").unwrap();
+        assert_eq!(meta(&old, "k").as_deref(), Some("half"));
+        let began = Instant::now();
+        let taken = loop {
+            if let Some(t) = rt.block_on(b.try_take()).unwrap() {
+                break t;
+            }
+            assert!(
+                began.elapsed() < Duration::from_secs(30),
+                "the lease was never free"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(taken, 2);
+        // The server ended the paused transaction: nothing of it is stored.
+        assert!(old.commit().is_err());
+        old.rollback();
+        let mut new = Postgres::open(&pg.url()).unwrap();
+        new.fence_with(b.leadership.clone(), lease).unwrap();
+        assert_eq!(meta(&new, "k"), None);
+        write(&mut new, "k", "from b").unwrap();
     }
 
     #[test]

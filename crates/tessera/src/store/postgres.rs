@@ -65,8 +65,12 @@ pub struct Postgres {
     /// `None` after the connection was lost, until the next batch reconnects.
     conn: Option<PgConn>,
     readers: Arc<Mutex<Option<Arc<Client>>>>,
-    /// With several controllers: the lease every batch must still hold (see [`super::lease`]).
-    fence: Option<Arc<super::lease::Leadership>>,
+    /// With several controllers: the lease every batch must still hold (see [`super::lease`]),
+    /// and its length.
+    fence: Option<(Arc<super::lease::Leadership>, std::time::Duration)>,
+    /// A batch's transaction is open: a connection lost now lost the batch with it, and must
+    /// not be replaced by a fresh one whose COMMIT would report nothing wrong.
+    in_batch: bool,
 }
 
 /// A connection and the runtime that drives it: what [`Tx`] and [`Ledger`] run on.
@@ -241,23 +245,56 @@ impl Postgres {
             conn: Some(conn),
             readers: Arc::new(Mutex::new(None)),
             fence: None,
+            in_batch: false,
         })
     }
 
     /// From now on every batch begins with the fence of `leadership`'s token: it commits only
     /// while that token holds an unexpired lease, and a refused one marks the leadership lost.
-    pub fn fence_with(&mut self, leadership: Arc<super::lease::Leadership>) {
-        self.fence = Some(leadership);
+    /// A transaction left open longer than `lease` (its controller paused between two round
+    /// trips of a batch) is ended by the server, so that its lock on the lease row cannot hold
+    /// off the next leader.
+    pub fn fence_with(
+        &mut self,
+        leadership: Arc<super::lease::Leadership>,
+        lease: std::time::Duration,
+    ) -> StoreResult<()> {
+        self.fence = Some((leadership, lease));
+        if let Some(conn) = &self.conn {
+            conn.batch(&idle_limit(lease))?;
+        }
+        Ok(())
     }
 
     fn conn(&mut self) -> StoreResult<&PgConn> {
         if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            if self.in_batch {
+                return Err(StoreError {
+                    message: "postgresql: the connection was lost during the batch; none of it \
+                              was stored"
+                        .into(),
+                    disk_full: false,
+                    unavailable: true,
+                });
+            }
             self.conn = None;
             let client = connect(&self.rt, &self.url)?;
-            self.conn = Some(PgConn::new(client, self.rt.clone()));
+            let conn = PgConn::new(client, self.rt.clone());
+            if let Some((_, lease)) = &self.fence {
+                conn.batch(&idle_limit(*lease))?;
+            }
+            self.conn = Some(conn);
         }
         Ok(self.conn.as_ref().expect("connected just above"))
     }
+}
+
+/// The setting that ends a session left idle inside a transaction for longer than `lease`.
+fn idle_limit(lease: std::time::Duration) -> String {
+    format!(
+        "SET idle_in_transaction_session_timeout = {}",
+        lease.as_millis().max(1000)
+    )
 }
 
 /// The client's runtime, shut down without waiting when the backend goes (which may happen on
@@ -321,7 +358,10 @@ fn migrate(conn: &PgConn) -> anyhow::Result<()> {
 
 impl Backend for Postgres {
     fn begin(&mut self) -> StoreResult<()> {
-        let token = self.fence.as_ref().and_then(|f| f.token());
+        let token = self.fence.as_ref().and_then(|(f, _)| f.token());
+        self.in_batch = false;
+        self.conn()?;
+        self.in_batch = true;
         let conn = self.conn()?;
         lock(&conn.pending).clear();
         *lock(&conn.unsent_begin) = true;
@@ -362,8 +402,9 @@ impl Backend for Postgres {
     }
 
     fn commit(&mut self) -> StoreResult<()> {
-        let done = self.conn()?.flush(true);
-        if let (Err(e), Some(fence)) = (&done, &self.fence)
+        let done = self.conn().and_then(|c| c.flush(true));
+        self.in_batch = false;
+        if let (Err(e), Some((fence, _))) = (&done, &self.fence)
             && e.message.contains(super::lease::FENCED)
         {
             tracing::error!("a write batch was refused: {}", e.message);
@@ -373,6 +414,7 @@ impl Backend for Postgres {
     }
 
     fn rollback(&mut self) {
+        self.in_batch = false;
         if let Some(c) = &self.conn {
             lock(&c.pending).clear();
             *lock(&c.unsent_begin) = false;
