@@ -66,6 +66,19 @@ pub enum BenchCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Failover: two controllers on one PostgreSQL --store (an empty database), a real agent
+    /// with a running replica, clients submitting without pause, and the leader killed with
+    /// SIGKILL again and again: how long writes stop, and whether anything acknowledged is lost
+    /// or a replica started twice.
+    Failover {
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        /// The controllers' --leader-lease.
+        #[arg(long, default_value = "5s")]
+        leader_lease: String,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Controller memory with many simulated nodes (protocol-level agents) and many jobs.
     Scale {
         #[arg(long, default_value_t = 10_000)]
@@ -122,6 +135,26 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Usage { runs, common } => {
             let r = usage(&common, runs);
+            (common, r)
+        }
+        BenchCommand::Failover {
+            kills,
+            leader_lease,
+            common,
+        } => {
+            let r = match &common.store {
+                None => Err(anyhow::anyhow!(
+                    "bench failover needs --store postgresql://USER:PASS@HOST:PORT/DB (an empty \
+                     database): failover is among controllers sharing one"
+                )),
+                Some(store) => crate::bench_failover::run(
+                    store,
+                    common.data_dir.clone(),
+                    common.port,
+                    kills,
+                    &leader_lease,
+                ),
+            };
             (common, r)
         }
         BenchCommand::Scale {
@@ -374,7 +407,7 @@ fn manifest(name: &str, gpu: f64, command: &[&str]) -> String {
     .to_string()
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -382,7 +415,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-fn round2(x: f64) -> f64 {
+pub fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 

@@ -4,6 +4,7 @@
 mod agent;
 mod auth;
 mod bench;
+mod bench_failover;
 mod cli;
 mod controller;
 mod endpoints;

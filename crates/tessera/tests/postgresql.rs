@@ -328,3 +328,73 @@ fn a_paused_leader_is_replaced_after_its_lease_and_stops_when_it_wakes_having_wr
     );
     assert_eq!(std::fs::read_to_string(&marks).unwrap(), "started\n");
 }
+
+#[test]
+fn checkpoints_stored_under_one_leader_restore_under_the_next() {
+    let mut pool = Pool::start_on_postgresql(&["--leader-lease", "3s", "--lease", "6s"]);
+    let standby = pool.start_standby();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    pool.add_agent("n2", "127.0.0.3", "1xH100-80GB");
+    let helper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
+    // A training loop with the Python helper: a step every 50 ms, a checkpoint every second.
+    let script = format!(
+        r#"import sys, time
+sys.path.insert(0, {helper:?})
+from tessera_checkpoint import Checkpointer
+ckpt = Checkpointer()
+state = ckpt.load_json() or {{"step": 0}}
+print("start", state["step"], flush=True)
+while state["step"] < 400:
+    time.sleep(0.05)
+    state["step"] += 1
+    if ckpt.due():
+        ckpt.save_json(state)
+print("done", state["step"], flush=True)
+"#,
+        helper = helper.display().to_string(),
+    );
+    let (status, v) = pool.post(
+        "/v1/jobs",
+        json!({"metadata": {"name": "train"},
+               "spec": {"resources": {"gpu": 1, "cpu": 0.5, "memory": "256MiB"},
+                        "checkpoint": {"interval": "1s", "grace": "5s"},
+                        "command": ["python3", "-c", script]}}),
+        &pool.admin,
+    );
+    assert_eq!(status, 201, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    let running = pool.wait_state(id, "running");
+    let node = running["assignments"][0]["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    pool.wait_for("two checkpoints", || {
+        events(&pool, id)
+            .iter()
+            .filter(|e| e["kind"] == "Checkpoint")
+            .count()
+            >= 2
+    });
+    // The leader that stored the checkpoint's chunks goes; the next one must serve them.
+    pool.kill_controller();
+    standby.wait_line("Leading the pool", Duration::from_secs(30));
+    pool.url = standby.url.clone();
+    pool.kill_agent(&node);
+    let done = pool.wait_state(id, "succeeded");
+    assert_ne!(done["assignments"][0]["node"].as_str().unwrap(), node);
+    let out = logs(&pool, id);
+    let resumed: u32 = out
+        .strip_prefix("start ")
+        .and_then(|r| r.lines().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(resumed >= 20, "resumed from {resumed}: {out}");
+    assert!(out.ends_with("done 400\n"), "{out}");
+    // The chunks are in the database, not in either controller's data dir.
+    for dir in ["controller", "controller-1"] {
+        assert!(
+            !pool.data_root.join(dir).join("blobs").exists(),
+            "chunks in {dir}'s data dir"
+        );
+    }
+}

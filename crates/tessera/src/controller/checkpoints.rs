@@ -2,11 +2,9 @@
 //! the controller lacks travel) and a manifest of its files; a restarted replica is told the
 //! latest complete one, and its agent fetches and verifies it.
 //!
-//! Chunks live in a blob area beside the store (`blobs/ab/cdef…`, named by their SHA-256, written
-//! to a temporary file, synced, then renamed), so a chunk on disk is always whole. Manifests are
-//! in the store; one is accepted only when every chunk it names is present.
-
-use std::path::{Path, PathBuf};
+//! Chunks are content-addressed blobs named by their SHA-256 (see [`crate::store::blobs`]: files
+//! beside a SQLite store, rows of the database on PostgreSQL). Manifests are in the store; one is
+//! accepted only when every chunk it names is present.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -31,12 +29,31 @@ fn valid_hash(h: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-fn chunk_path(blobs: &Path, hash: &str) -> PathBuf {
-    blobs.join(&hash[..2]).join(&hash[2..])
-}
-
-fn blobs(data_dir: &Path) -> PathBuf {
-    data_dir.join("blobs")
+/// Runs a call of the blob store off the async threads.
+async fn blobs<T: Send + 'static>(
+    ctl: &super::Ctl,
+    call: impl FnOnce(&dyn crate::store::blobs::Blobs) -> crate::store::StoreResult<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let blobs = ctl.blobs.clone();
+    match tokio::task::spawn_blocking(move || call(blobs.as_ref())).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) if e.disk_full => Err(ApiError::new(
+            axum::http::StatusCode::INSUFFICIENT_STORAGE,
+            format!("storing checkpoints: {}", e.message),
+        )),
+        Ok(Err(e)) if e.unavailable => Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the checkpoint store cannot be reached ({}); retry",
+                e.message
+            ),
+        )),
+        Ok(Err(e)) => Err(ApiError::internal(format!(
+            "checkpoint chunks: {}",
+            e.message
+        ))),
+        Err(_) => Err(ApiError::internal("the checkpoint chunk store failed")),
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -57,12 +74,7 @@ pub async fn missing(
             "hashes: {bad} is not a SHA-256 in lower-case hex"
         )));
     }
-    let dir = blobs(&ctl.config.data_dir);
-    let missing = req
-        .hashes
-        .into_iter()
-        .filter(|h| !chunk_path(&dir, h).exists())
-        .collect();
+    let missing = blobs(&ctl, move |b| b.missing(req.hashes)).await?;
     Ok(Json(Hashes { hashes: missing }))
 }
 
@@ -84,25 +96,7 @@ pub async fn put_chunk(
             "chunk {hash}: the body's SHA-256 differs (damaged in transit); send it again"
         )));
     }
-    let path = chunk_path(&blobs(&ctl.config.data_dir), &hash);
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        if path.exists() {
-            return Ok(());
-        }
-        let dir = path.parent().expect("a chunk path has a parent");
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".{}.tmp", &hash[2..]));
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)
-    })
-    .await
-    .map_err(|_| ApiError::internal("storing a chunk failed"))?
-    .map_err(|e| ApiError::internal(format!("storing a chunk: {e}")))?;
+    blobs(&ctl, move |b| b.put(&hash, &body)).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
@@ -117,10 +111,10 @@ pub async fn get_chunk(
             "{hash} is not a SHA-256 in lower-case hex"
         )));
     }
-    let path = chunk_path(&blobs(&ctl.config.data_dir), &hash);
-    match tokio::fs::read(&path).await {
-        Ok(b) => Ok(Bytes::from(b)),
-        Err(_) => Err(ApiError::not_found(format!("no chunk {hash}"))),
+    let wanted = hash.clone();
+    match blobs(&ctl, move |b| b.get(&wanted)).await? {
+        Some(b) => Ok(Bytes::from(b)),
+        None => Err(ApiError::not_found(format!("no chunk {hash}"))),
     }
 }
 
@@ -139,7 +133,6 @@ pub async fn put_checkpoint(
     let node = agent(&caller)?.to_string();
     let mut m: CheckpointManifest =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("manifest: {e}")))?;
-    let dir = blobs(&ctl.config.data_dir);
     for f in &m.files {
         if f.path.is_empty() || f.path.starts_with('/') || f.path.split('/').any(|p| p == "..") {
             return Err(ApiError::bad(format!(
@@ -147,16 +140,30 @@ pub async fn put_checkpoint(
                 f.path
             )));
         }
-        if let Some(h) = f
-            .chunks
-            .iter()
-            .find(|h| !valid_hash(h) || !chunk_path(&dir, h).exists())
-        {
+        if let Some(h) = f.chunks.iter().find(|h| !valid_hash(h)) {
             return Err(ApiError::bad(format!(
-                "files.chunks: chunk {h} of {} is not stored; upload it first",
+                "files.chunks: {h} of {} is not a SHA-256 in lower-case hex",
                 f.path
             )));
         }
+    }
+    let named: Vec<String> = m
+        .files
+        .iter()
+        .flat_map(|f| f.chunks.iter().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let missing = blobs(&ctl, move |b| b.missing(named)).await?;
+    if let Some(h) = missing.first() {
+        let path = m
+            .files
+            .iter()
+            .find(|f| f.chunks.contains(h))
+            .map_or("?", |f| f.path.as_str());
+        return Err(ApiError::bad(format!(
+            "files.chunks: chunk {h} of {path} is not stored; upload it first"
+        )));
     }
     let files = serde_json::to_vec(&m.files).map_err(|e| ApiError::internal(e.to_string()))?;
     m.id = hex::encode(Sha256::digest(&files));

@@ -102,6 +102,8 @@ pub struct Controller {
     /// in its own file beside a SQLite store; in the database, shared by every controller, on
     /// PostgreSQL.
     pub callback_key: Vec<u8>,
+    /// Checkpoint chunks: files in the data dir beside SQLite, the database on PostgreSQL.
+    pub blobs: Arc<dyn store::blobs::Blobs>,
     /// Whether this controller may act as the leader (always, alone on SQLite).
     pub leadership: Arc<store::lease::Leadership>,
 }
@@ -685,6 +687,8 @@ pub async fn start_telling(
     let leadership = campaign
         .as_ref()
         .map_or_else(store::lease::Leadership::sole, |c| c.leadership.clone());
+    let blobs = store::Backend::blobs(backend.as_ref())
+        .unwrap_or_else(|| Arc::new(store::blobs::Dir(config.data_dir.join("blobs"))));
     let store = Store::start(backend, state);
     if let Some(campaign) = campaign {
         tokio::spawn(campaign.keep());
@@ -717,6 +721,7 @@ pub async fn start_telling(
             ),
         ],
         leadership: leadership.clone(),
+        blobs,
     });
     tokio::spawn(reconcile::run(ctl.clone()));
     tokio::spawn(telemetry::run(ctl.clone(), Duration::from_secs(20)));

@@ -21,6 +21,7 @@ use crate::state::{
     CheckpointManifest, Event, Job, Node, Project, Service, State, TokenRecord, User,
 };
 
+pub mod blobs;
 pub mod lease;
 pub mod postgres;
 pub mod schema;
@@ -229,6 +230,11 @@ pub trait Backend: Send + 'static {
     fn load(&self, now_ms: u64) -> anyhow::Result<State>;
     /// Opens readers of the ledger tables, one per call.
     fn ledger(&self) -> LedgerOpener;
+    /// Where checkpoint chunks live when the database keeps them (shared by every controller);
+    /// `None`: in files beside the store.
+    fn blobs(&self) -> Option<Arc<dyn blobs::Blobs>> {
+        None
+    }
 }
 
 /// Opens a reader of the ledger tables.

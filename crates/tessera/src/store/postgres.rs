@@ -447,6 +447,15 @@ impl Backend for Postgres {
         super::load_state(conn, now_ms)
     }
 
+    fn blobs(&self) -> Option<Arc<dyn super::blobs::Blobs>> {
+        Some(Arc::new(PgBlobs {
+            url: self.url.clone(),
+            rt: self.rt.clone(),
+            _runtime: self._runtime.clone(),
+            client: Mutex::new(None),
+        }))
+    }
+
     fn ledger(&self) -> LedgerOpener {
         let (url, rt, readers) = (self.url.clone(), self.rt.clone(), self.readers.clone());
         let runtime = self._runtime.clone();
@@ -466,6 +475,59 @@ impl Backend for Postgres {
                 rt: rt.clone(),
             }) as Box<dyn Ledger>)
         })
+    }
+}
+
+/// Checkpoint chunks in the `blobs` table, on a connection of their own (reconnected when
+/// lost), so that uploads never wait behind the writer.
+struct PgBlobs {
+    url: String,
+    rt: Handle,
+    _runtime: Arc<OwnRuntime>,
+    client: Mutex<Option<Arc<Client>>>,
+}
+
+impl PgBlobs {
+    fn client(&self) -> StoreResult<Arc<Client>> {
+        let mut shared = lock(&self.client);
+        if let Some(c) = shared.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(connect(&self.rt, &self.url)?);
+        *shared = Some(c.clone());
+        Ok(c)
+    }
+}
+
+impl super::blobs::Blobs for PgBlobs {
+    fn missing(&self, hashes: Vec<String>) -> StoreResult<Vec<String>> {
+        let c = self.client()?;
+        let rows = self
+            .rt
+            .block_on(c.query("SELECT hash FROM blobs WHERE hash = ANY($1)", &[&hashes]))?;
+        let present: std::collections::HashSet<String> =
+            rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        Ok(hashes
+            .into_iter()
+            .filter(|h| !present.contains(h))
+            .collect())
+    }
+
+    fn put(&self, hash: &str, bytes: &[u8]) -> StoreResult<()> {
+        let c = self.client()?;
+        self.rt.block_on(c.execute(
+            "INSERT INTO blobs (hash, data) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING",
+            &[&hash, &bytes],
+        ))?;
+        Ok(())
+    }
+
+    fn get(&self, hash: &str) -> StoreResult<Option<Vec<u8>>> {
+        let c = self.client()?;
+        let row = self
+            .rt
+            .block_on(c.query_opt("SELECT data FROM blobs WHERE hash = $1", &[&hash]))?;
+        Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
     }
 }
 

@@ -100,4 +100,10 @@ pub const MIGRATIONS: &[Migration] = &[
                      expires TEXT NOT NULL);",
         postgres: super::lease::POSTGRES_SCHEMA,
     },
+    // Checkpoint chunks (see `store::blobs`): in the database on PostgreSQL, so that every
+    // controller reads them; SQLite keeps them as files beside the store and this table empty.
+    Migration {
+        sqlite: "CREATE TABLE blobs (hash TEXT PRIMARY KEY, data BLOB NOT NULL);",
+        postgres: "CREATE TABLE blobs (hash TEXT PRIMARY KEY, data BYTEA NOT NULL);",
+    },
 ];
