@@ -552,6 +552,7 @@ async fn elect_and_open(
     config: &ControllerConfig,
     url: &str,
     switch: &Arc<standby::Switch>,
+    gateway: Option<&Arc<standby::Switch>>,
     on_standby: &mut dyn FnMut(Option<&str>),
 ) -> anyhow::Result<(
     Box<dyn store::Backend>,
@@ -564,7 +565,14 @@ async fn elect_and_open(
         .await
         .context("opening the PostgreSQL store")??;
     let id = format!("{}#{}", switch.me, &crate::auth::random_secret()[..8]);
-    let mut campaign = store::lease::Campaign::new(url, id, switch.me.clone(), config.leader_lease);
+    let gateway = gateway.map(|g| g.me.clone()).unwrap_or_default();
+    let mut campaign = store::lease::Campaign::new(
+        url,
+        id,
+        switch.me.clone(),
+        gateway.clone(),
+        config.leader_lease,
+    );
     let mut told = None;
     let token = campaign
         .elect(CAMPAIGN_EVERY, |holder, err| {
@@ -582,6 +590,7 @@ async fn elect_and_open(
     *switch.holder.lock().unwrap_or_else(|e| e.into_inner()) = Some(store::lease::Holder {
         id: String::new(),
         url: switch.me.clone(),
+        gateway,
         token,
     });
     let (leadership, lease) = (campaign.leadership.clone(), config.leader_lease);
@@ -634,6 +643,24 @@ fn advertised(config: &ControllerConfig, addr: SocketAddr) -> String {
     format!("{scheme}://{host}")
 }
 
+/// The URL the other controllers reach this one's service gateway at: its listen address, or,
+/// where that is every address, the host the API is advertised at.
+fn gateway_advertised(api: &str, addr: SocketAddr) -> String {
+    if !addr.ip().is_unspecified() {
+        return format!("http://{addr}");
+    }
+    let host = api
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .map(|authority| match authority.rsplit_once(':') {
+            Some((host, _)) => host.to_string(),
+            None => authority.to_string(),
+        })
+        .unwrap_or_else(|| "127.0.0.1".into());
+    format!("http://{host}:{}", addr.port())
+}
+
 /// Opens the store, bootstraps it, starts the reconcile loop and the HTTP server. On
 /// PostgreSQL it first waits for the leader's lease, serving as a standby; `on_standby` is told
 /// who leads (or that none does) each time that changes meanwhile.
@@ -656,6 +683,29 @@ pub async fn start_telling(
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let switch = standby::Switch::new(advertised(&config, addr))?;
+    // The service gateway: on a standby it sends requests on to the leader's.
+    let gateway = match config.gateway {
+        Some(at) => {
+            let listener = std::net::TcpListener::bind(at)
+                .with_context(|| format!("gateway listening on {at} (is it in use?)"))?;
+            listener.set_nonblocking(true)?;
+            let local = listener.local_addr()?;
+            let gw = standby::Switch::gateway(&switch, gateway_advertised(&switch.me, local))?;
+            Some((listener, local, gw))
+        }
+        None => None,
+    };
+    let gateway_connections =
+        limits::Connections::new(config.max_connections, config.max_connections_per_address);
+    if let Some((listener, _, gw)) = &gateway {
+        let (listener, app) = (listener.try_clone()?, standby::router(gw.clone()));
+        let connections = gateway_connections.clone();
+        tokio::spawn(async move {
+            if let Err(e) = limits::serve(listener, None, app, connections).await {
+                tracing::error!("the gateway stopped: {e}");
+            }
+        });
+    }
     let connections =
         limits::Connections::new(config.max_connections, config.max_connections_per_address);
     let (backend, mut state, campaign, server) = match &config.store {
@@ -675,8 +725,14 @@ pub async fn start_telling(
                 connections.clone(),
             )
             .await?;
-            let (backend, state, campaign) =
-                elect_and_open(&config, url, &switch, on_standby).await?;
+            let (backend, state, campaign) = elect_and_open(
+                &config,
+                url,
+                &switch,
+                gateway.as_ref().map(|(_, _, gw)| gw),
+                on_standby,
+            )
+            .await?;
             (backend, state, Some(campaign), Some(server))
         }
     };
@@ -712,13 +768,7 @@ pub async fn start_telling(
         callback_key,
         connections: [
             ("api", connections.clone()),
-            (
-                "gateway",
-                limits::Connections::new(
-                    config.max_connections,
-                    config.max_connections_per_address,
-                ),
-            ),
+            ("gateway", gateway_connections),
         ],
         leadership: leadership.clone(),
         blobs,
@@ -730,24 +780,10 @@ pub async fn start_telling(
         tokio::spawn(usage::history_loop(ctl.clone(), h, Duration::from_secs(30)));
     }
     tokio::spawn(services::run(ctl.clone()));
-    let gateway_addr = match config.gateway {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("gateway listening on {addr} (is it in use?)"))?;
-            let local = listener.local_addr()?;
-            let app = gateway::router(ctl.gateway.clone());
-            let connections = ctl.connections[1].1.clone();
-            let listener = listener.into_std()?;
-            tokio::spawn(async move {
-                if let Err(e) = limits::serve(listener, None, app, connections).await {
-                    tracing::error!("the gateway stopped: {e}");
-                }
-            });
-            Some(local)
-        }
-        None => None,
-    };
+    let gateway_addr = gateway.map(|(_, local, gw)| {
+        gw.lead(gateway::router(ctl.gateway.clone()));
+        local
+    });
     switch.lead(
         router(ctl.clone()).layer(axum::middleware::from_fn_with_state(
             leadership,

@@ -1,7 +1,8 @@
 //! Several controllers on one PostgreSQL store: which one answers what. The API is served by a
 //! [`Switch`]: until this controller is elected it is a standby, which answers its own health and
 //! sends every other request on to the leader (whose URL is in the lease row), so agents, the
-//! CLI and scripts may be pointed at any controller of the pool. Once elected, the switch hands
+//! CLI and scripts may be pointed at any controller of the pool. The service gateway is served
+//! the same way, sending requests on to the leader's gateway. Once elected, the switch hands
 //! every request to the leader's router, which refuses work the moment the lease is no longer
 //! surely held (a leader paused past its lease answers nothing it could get wrong).
 
@@ -21,27 +22,50 @@ use crate::store::lease::{Holder, Leadership};
 /// is not sent on again (two controllers that each think the other leads would loop).
 pub const FORWARDED_BY: &str = "x-tessera-forwarded-by";
 
-/// What answers the API: the leader's router once elected, the standby's forwarding until then.
+/// What a switch serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serves {
+    Api,
+    Gateway,
+}
+
+/// What answers the API (or the gateway): the leader's router once elected, the standby's
+/// forwarding until then.
 pub struct Switch {
     leader: OnceLock<Router>,
-    /// Who leads, as last read from the lease row.
-    pub holder: Mutex<Option<Holder>>,
+    /// Who leads, as last read from the lease row (shared by the API's and the gateway's).
+    pub holder: Arc<Mutex<Option<Holder>>>,
     http: reqwest::Client,
-    /// This controller's URL (`--advertise`).
+    /// This controller's URL (`--advertise`), or its gateway's.
     pub me: String,
+    serves: Serves,
 }
 
 impl Switch {
     pub fn new(me: String) -> anyhow::Result<Arc<Switch>> {
+        Switch::serving(me, Serves::Api, Arc::default())
+    }
+
+    /// The gateway's switch, beside the API's `api`.
+    pub fn gateway(api: &Switch, me: String) -> anyhow::Result<Arc<Switch>> {
+        Switch::serving(me, Serves::Gateway, api.holder.clone())
+    }
+
+    fn serving(
+        me: String,
+        serves: Serves,
+        holder: Arc<Mutex<Option<Holder>>>,
+    ) -> anyhow::Result<Arc<Switch>> {
         Ok(Arc::new(Switch {
             leader: OnceLock::new(),
-            holder: Mutex::new(None),
+            holder,
             // No overall timeout: agents' long polls and log streams go through.
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(2))
                 .redirect(reqwest::redirect::Policy::none())
                 .build()?,
             me,
+            serves,
         }))
     }
 
@@ -70,7 +94,7 @@ async fn dispatch(State(sw): State<Arc<Switch>>, req: Request) -> Response {
             Err(never) => match never {},
         };
     }
-    if req.uri().path() == "/healthz" {
+    if sw.serves == Serves::Api && req.uri().path() == "/healthz" {
         let leader = sw.holder().map(|h| h.url);
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -122,7 +146,17 @@ async fn forward(sw: &Switch, req: Request) -> Response {
                 .into(),
         );
     };
-    if holder.url == sw.me {
+    let target = match sw.serves {
+        Serves::Api => holder.url.clone(),
+        Serves::Gateway => holder.gateway.clone(),
+    };
+    if target.is_empty() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the leader at {} runs no service gateway", holder.url),
+        );
+    }
+    if target == sw.me {
         // The lease names this controller, which has not taken up the work yet.
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -143,7 +177,7 @@ async fn forward(sw: &Switch, req: Request) -> Response {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut out = sw
         .http
-        .request(parts.method.clone(), format!("{}{path}", holder.url))
+        .request(parts.method.clone(), format!("{target}{path}"))
         .header(FORWARDED_BY, &sw.me)
         .body(reqwest::Body::wrap_stream(body.into_data_stream()));
     for (name, value) in &parts.headers {
@@ -165,23 +199,28 @@ async fn forward(sw: &Switch, req: Request) -> Response {
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "the leader at {} cannot be reached ({e}); a standby takes over within seconds, \
-                 retry",
-                holder.url
+                "the leader at {target} cannot be reached ({e}); a standby takes over within \
+                 seconds, retry"
             ),
         ),
     }
 }
 
-/// A layer of the leader's router: once the lease is not surely held, nothing more is answered
-/// (an agent told of replicas by a leader that was already replaced could run one twice).
+/// A layer of the leader's router: once the lease is not surely held, nothing more is answered,
+/// checked when a request arrives and again when its answer is ready (an agent told of replicas
+/// by a leader that was already replaced could run one twice).
 pub async fn while_leading(
     State(leadership): State<Arc<Leadership>>,
     req: Request,
     next: axum::middleware::Next,
 ) -> Response {
     if leadership.holds() {
-        return next.run(req).await;
+        let answer = next.run(req).await;
+        // An agent's long poll may have waited past the lease's end: its answer would tell of
+        // replicas that the next leader may already have moved.
+        if leadership.holds() {
+            return answer;
+        }
     }
     error(
         StatusCode::SERVICE_UNAVAILABLE,

@@ -46,7 +46,8 @@ impl Leadership {
     }
 
     /// Whether this controller may act as the leader now: elected (or sole) and its lease not
-    /// past its end.
+    /// past its end. (A lease that ran out unrenewed, the database away, may be taken back if
+    /// nobody else took it meanwhile: see [`Campaign::keep`].)
     pub fn holds(&self) -> bool {
         if self.lost.load(Ordering::SeqCst) {
             return false;
@@ -55,13 +56,7 @@ impl Leadership {
             return true;
         }
         let until = *self.until.lock().unwrap_or_else(|e| e.into_inner());
-        match until {
-            Some(u) if Instant::now() < u => true,
-            _ => {
-                self.lose();
-                false
-            }
-        }
+        until.is_some_and(|u| Instant::now() < u)
     }
 
     /// Marks the lease lost, for good.
@@ -91,8 +86,10 @@ impl Leadership {
     }
 }
 
-/// The marker in the error a fenced write gets.
+/// The marker in the error a write gets once another controller took the lease.
 pub const FENCED: &str = "no longer holds the leader's lease";
+/// The marker in the error a write gets while the lease ran out unrenewed (nobody took it yet).
+pub const LAPSED: &str = "the leader's lease ran out";
 
 /// Who holds the lease now, as the database says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +97,8 @@ pub struct Holder {
     pub id: String,
     /// Where the leader's API answers.
     pub url: String,
+    /// Where the leader's service gateway answers (empty: it runs none).
+    pub gateway: String,
     pub token: i64,
 }
 
@@ -108,6 +107,7 @@ pub struct Campaign {
     url: String,
     id: String,
     advertise: String,
+    gateway: String,
     ttl: Duration,
     client: Option<Client>,
     pub leadership: Arc<Leadership>,
@@ -126,13 +126,21 @@ async fn connect(url: &str) -> anyhow::Result<Client> {
 }
 
 impl Campaign {
-    /// A campaign for the controller `id` whose API answers at `advertise`, with leases of
-    /// `ttl`. The schema must already be migrated (see [`super::postgres::Postgres::open`]).
-    pub fn new(url: &str, id: String, advertise: String, ttl: Duration) -> Campaign {
+    /// A campaign for the controller `id` whose API answers at `advertise` (and its service
+    /// gateway at `gateway`, or nowhere when empty), with leases of `ttl`. The schema must
+    /// already be migrated (see [`super::postgres::Postgres::open`]).
+    pub fn new(
+        url: &str,
+        id: String,
+        advertise: String,
+        gateway: String,
+        ttl: Duration,
+    ) -> Campaign {
         Campaign {
             url: url.to_string(),
             id,
             advertise,
+            gateway,
             ttl,
             client: None,
             leadership: Arc::new(Leadership::default()),
@@ -152,7 +160,7 @@ impl Campaign {
             .client()
             .await?
             .query_opt(
-                "SELECT holder, url, token FROM leader WHERE id = 1 AND holder <> '' \
+                "SELECT holder, url, gateway, token FROM leader WHERE id = 1 AND holder <> '' \
                  AND expires > clock_timestamp()",
                 &[],
             )
@@ -160,7 +168,8 @@ impl Campaign {
         Ok(row.map(|r| Holder {
             id: r.get(0),
             url: r.get(1),
-            token: r.get(2),
+            gateway: r.get(2),
+            token: r.get(3),
         }))
     }
 
@@ -168,18 +177,22 @@ impl Campaign {
     /// gone. Returns the new fencing token.
     pub async fn try_take(&mut self) -> anyhow::Result<Option<i64>> {
         let ttl = self.ttl.as_secs_f64();
-        let (id, advertise) = (self.id.clone(), self.advertise.clone());
+        let (id, advertise, gateway) = (
+            self.id.clone(),
+            self.advertise.clone(),
+            self.gateway.clone(),
+        );
         let sent = Instant::now();
         let row = self
             .client()
             .await?
             .query_opt(
-                "UPDATE leader SET holder = $1, url = $2, token = token + 1, \
+                "UPDATE leader SET holder = $1, url = $2, gateway = $4, token = token + 1, \
                  pid = pg_backend_pid(), expires = clock_timestamp() + make_interval(secs => $3) \
                  WHERE id = 1 AND (holder = '' OR expires < clock_timestamp() \
                    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = leader.pid)) \
                  RETURNING token",
-                &[&id, &advertise, &ttl],
+                &[&id, &advertise, &ttl, &gateway],
             )
             .await?;
         Ok(row.map(|r| {
@@ -237,23 +250,43 @@ impl Campaign {
         }
     }
 
-    /// Renews the lease every third of its length until it is lost; then marks the leadership
-    /// lost and returns. Errors (the database away) are retried until the lease's end.
+    /// Renews the lease every third of its length until another controller holds it; then
+    /// marks the leadership lost and returns. While the database is away nothing can take the
+    /// lease, so renewing is retried; a lease that ran out meanwhile is taken back when the
+    /// next token is this one's successor (nobody led in between, so this controller's memory
+    /// is still the pool's), and lost otherwise.
     pub async fn keep(mut self) {
         let every = self.ttl / 3;
         loop {
             tokio::time::sleep(every).await;
-            if !self.leadership.holds() {
-                break;
+            if self.leadership.is_lost() {
+                return;
             }
-            match self.renew().await {
-                Ok(true) => {}
-                Ok(false) => {
+            let renewed = match self.renew().await {
+                Ok(renewed) => renewed,
+                Err(e) => {
+                    tracing::warn!("renewing the leader's lease failed (retrying): {e:#}");
+                    self.client = None;
+                    continue;
+                }
+            };
+            if renewed {
+                continue;
+            }
+            let before = self.leadership.token().unwrap_or(0);
+            match self.try_take().await {
+                Ok(Some(token)) if token == before + 1 => {
+                    tracing::warn!(
+                        "the leader's lease ran out unrenewed and nobody took it: taken back \
+                         (token {token})"
+                    );
+                }
+                Ok(_) => {
                     tracing::error!("another controller took the leader's lease");
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!("renewing the leader's lease failed (retrying): {e:#}");
+                    tracing::warn!("taking the lease back failed (retrying): {e:#}");
                     self.client = None;
                 }
             }
@@ -265,13 +298,16 @@ impl Campaign {
 /// The schema's part for leadership (one migration; see [`super::schema`]).
 pub const POSTGRES_SCHEMA: &str = "
 CREATE TABLE leader (id INTEGER PRIMARY KEY CHECK (id = 1), holder TEXT NOT NULL,
-                     url TEXT NOT NULL, token BIGINT NOT NULL, pid INTEGER NOT NULL,
-                     expires TIMESTAMPTZ NOT NULL);
-INSERT INTO leader VALUES (1, '', '', 0, 0, 'epoch');
+                     url TEXT NOT NULL, gateway TEXT NOT NULL, token BIGINT NOT NULL,
+                     pid INTEGER NOT NULL, expires TIMESTAMPTZ NOT NULL);
+INSERT INTO leader VALUES (1, '', '', '', 0, 0, 'epoch');
 CREATE FUNCTION tessera_fence(t BIGINT) RETURNS BIGINT LANGUAGE plpgsql AS $$
+DECLARE current BIGINT;
 BEGIN
-  PERFORM 1 FROM leader WHERE id = 1 AND token = t AND expires > clock_timestamp() FOR SHARE;
-  IF NOT FOUND THEN
+  SELECT token INTO current FROM leader WHERE id = 1 AND expires > clock_timestamp() FOR SHARE;
+  IF current IS NULL THEN
+    RAISE EXCEPTION 'the leader''s lease ran out (token %); retry once it is renewed', t;
+  ELSIF current <> t THEN
     RAISE EXCEPTION 'this controller no longer holds the leader''s lease (token %)', t;
   END IF;
   RETURN t;
@@ -307,8 +343,20 @@ mod tests {
         let mut old = Postgres::open(&pg.url()).unwrap();
         let mut new = Postgres::open(&pg.url()).unwrap();
         let lease = Duration::from_millis(1500);
-        let mut a = Campaign::new(&pg.url(), "a".into(), "http://a".into(), lease);
-        let mut b = Campaign::new(&pg.url(), "b".into(), "http://b".into(), lease);
+        let mut a = Campaign::new(
+            &pg.url(),
+            "a".into(),
+            "http://a".into(),
+            String::new(),
+            lease,
+        );
+        let mut b = Campaign::new(
+            &pg.url(),
+            "b".into(),
+            "http://b".into(),
+            String::new(),
+            lease,
+        );
         let first = rt
             .block_on(a.try_take())
             .unwrap()
@@ -351,8 +399,20 @@ mod tests {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let mut old = Postgres::open(&pg.url()).unwrap();
         let lease = Duration::from_millis(1500);
-        let mut a = Campaign::new(&pg.url(), "a".into(), "http://a".into(), lease);
-        let mut b = Campaign::new(&pg.url(), "b".into(), "http://b".into(), lease);
+        let mut a = Campaign::new(
+            &pg.url(),
+            "a".into(),
+            "http://a".into(),
+            String::new(),
+            lease,
+        );
+        let mut b = Campaign::new(
+            &pg.url(),
+            "b".into(),
+            "http://b".into(),
+            String::new(),
+            lease,
+        );
         rt.block_on(a.try_take()).unwrap().unwrap();
         old.fence_with(a.leadership.clone(), lease).unwrap();
         // A write that reads sends its BEGIN and fence (which locks the lease row) at once;
@@ -389,8 +449,20 @@ mod tests {
         let _migrated = Postgres::open(&pg.url()).unwrap();
         // A lease far longer than the test: only the session's end can free it.
         let lease = Duration::from_secs(600);
-        let mut a = Campaign::new(&pg.url(), "a".into(), "http://a".into(), lease);
-        let mut b = Campaign::new(&pg.url(), "b".into(), "http://b".into(), lease);
+        let mut a = Campaign::new(
+            &pg.url(),
+            "a".into(),
+            "http://a".into(),
+            String::new(),
+            lease,
+        );
+        let mut b = Campaign::new(
+            &pg.url(),
+            "b".into(),
+            "http://b".into(),
+            String::new(),
+            lease,
+        );
         rt.block_on(a.try_take()).unwrap().unwrap();
         assert_eq!(rt.block_on(b.try_take()).unwrap(), None);
         // The leader's process dies: its connection closes.

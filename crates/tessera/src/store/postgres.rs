@@ -33,7 +33,9 @@ impl From<tokio_postgres::Error> for StoreError {
         // No SQLSTATE: the server did not answer (down, cut off, the connection closed). A
         // deposed leader's write is refused as the store being away: another controller
         // answers it.
-        let unavailable = e.code().is_none() || message.contains(super::lease::FENCED);
+        let unavailable = e.code().is_none()
+            || message.contains(super::lease::FENCED)
+            || message.contains(super::lease::LAPSED);
         StoreError {
             message,
             disk_full,

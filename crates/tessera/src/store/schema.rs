@@ -96,8 +96,8 @@ pub const MIGRATIONS: &[Migration] = &[
     // controller; its table stays empty.
     Migration {
         sqlite: "CREATE TABLE leader (id INTEGER PRIMARY KEY CHECK (id = 1), holder TEXT NOT NULL,
-                     url TEXT NOT NULL, token INTEGER NOT NULL, pid INTEGER NOT NULL,
-                     expires TEXT NOT NULL);",
+                     url TEXT NOT NULL, gateway TEXT NOT NULL, token INTEGER NOT NULL,
+                     pid INTEGER NOT NULL, expires TEXT NOT NULL);",
         postgres: super::lease::POSTGRES_SCHEMA,
     },
     // Checkpoint chunks (see `store::blobs`): in the database on PostgreSQL, so that every

@@ -99,6 +99,8 @@ pub struct Pool {
 /// Another controller of a pool on PostgreSQL: a standby until the leader goes.
 pub struct Standby {
     pub url: String,
+    /// Its service gateway (HOST:PORT).
+    pub gateway: String,
     pub proc: Proc,
     /// What it prints, line by line.
     pub lines: std::sync::mpsc::Receiver<String>,
@@ -283,13 +285,14 @@ impl Pool {
     pub fn start_standby(&mut self) -> Standby {
         let n = self.standby_urls.len() + 1;
         let listen = format!("127.0.0.1:{}", port());
+        let gateway = format!("127.0.0.1:{}", port());
         let mut child = Command::new(bin())
             .args(["controller", "--data-dir"])
             .arg(self.data_root.join(format!("controller-{n}")))
             .args(["--listen", &listen])
             .args(self.default_lease())
             .args(&self.controller_args)
-            .args(["--gateway-listen", &format!("127.0.0.1:{}", port())])
+            .args(["--gateway-listen", &gateway])
             .args(
                 (!self
                     .controller_args
@@ -319,6 +322,7 @@ impl Pool {
         let url = format!("http://{listen}");
         let standby = Standby {
             url: url.clone(),
+            gateway,
             proc: Proc(child),
             lines: rx,
         };
