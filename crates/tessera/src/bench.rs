@@ -76,6 +76,10 @@ pub enum BenchCommand {
         /// The controllers' --leader-lease.
         #[arg(long, default_value = "5s")]
         leader_lease: String,
+        /// Jobs queued first that no node can hold (they wait), so that every takeover reads a
+        /// pool of that many jobs.
+        #[arg(long, default_value_t = 0)]
+        waiting: usize,
         #[command(flatten)]
         common: Common,
     },
@@ -140,6 +144,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Failover {
             kills,
             leader_lease,
+            waiting,
             common,
         } => {
             let r = match &common.store {
@@ -153,6 +158,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                     common.port,
                     kills,
                     &leader_lease,
+                    waiting,
                 ),
             };
             (common, r)

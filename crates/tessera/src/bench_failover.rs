@@ -71,18 +71,69 @@ impl Controller {
     }
 }
 
+/// Submits `count` jobs that wait for capacity, 16 at a time.
+fn queue_waiting(url: &str, admin: &str, count: usize) -> anyhow::Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(count as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("queueing {bar:40} {pos}/{len} {per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (next, url, admin, bar) = (
+                next.clone(),
+                url.to_string(),
+                admin.to_string(),
+                bar.clone(),
+            );
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let http = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(60))
+                    .build()?;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        return Ok(());
+                    }
+                    http.post(format!("{url}/v1/jobs"))
+                        .bearer_auth(&admin)
+                        .json(&json!({"metadata": {"name": format!("w{i}")},
+                                      "spec": {"command": ["true"], "waitForCapacity": true,
+                                               "resources": {"gpu": 8, "cpu": "100m",
+                                                             "memory": "16MiB"}}}))
+                        .send()?
+                        .error_for_status()?;
+                    bar.inc(1);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join()
+            .map_err(|_| anyhow::anyhow!("a queueing thread failed"))??;
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
 fn submission(i: usize) -> Value {
     json!({"metadata": {"name": format!("f{i}")},
            "spec": {"command": ["true"], "resources": {"cpu": "100m", "memory": "16MiB"}}})
 }
 
-/// Runs the benchmark; `store` must name an empty PostgreSQL database.
+/// Runs the benchmark; `store` must name an empty PostgreSQL database. `waiting` jobs that no
+/// node can hold are queued first, so that each takeover reads a pool of that size.
 pub fn run(
     store: &str,
     data_dir: Option<PathBuf>,
     port: u16,
     kills: usize,
     leader_lease: &str,
+    waiting: usize,
 ) -> anyhow::Result<Value> {
     let (dir, temporary) = match data_dir {
         Some(d) => (d, false),
@@ -92,7 +143,7 @@ pub fn run(
         ),
     };
     std::fs::create_dir_all(&dir)?;
-    let result = measure(store, &dir, port, kills, leader_lease);
+    let result = measure(store, &dir, port, kills, leader_lease, waiting);
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -105,6 +156,7 @@ fn measure(
     port: u16,
     kills: usize,
     leader_lease: &str,
+    waiting: usize,
 ) -> anyhow::Result<Value> {
     let ports = [port, port + 1];
     let mut controllers: Vec<Option<Controller>> = vec![None, None];
@@ -183,6 +235,11 @@ fn measure(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // A queue of jobs that wait for 8 GPUs (the node has one), for the takeovers to read.
+    let queued = Instant::now();
+    queue_waiting(&urls[0], &admin, waiting)?;
+    let queued_s = queued.elapsed().as_secs_f64();
 
     // Clients that submit without pause, to whichever controller answers.
     let stop = Arc::new(AtomicBool::new(false));
@@ -324,6 +381,8 @@ fn measure(
     };
     Ok(json!({
         "kills": kills,
+        "waiting_jobs": waiting,
+        "waiting_queued_s": crate::bench::round2(queued_s),
         "leader_lease": leader_lease,
         "takeover_s": summary(takeovers),
         "write_outage_s": summary(outages),

@@ -539,3 +539,58 @@ fn a_postgresql_restart_mid_burst_loses_nothing_and_the_controller_leads_on() {
         "{j}"
     );
 }
+
+#[test]
+fn of_three_controllers_exactly_one_standby_takes_over_and_the_other_follows_it() {
+    let mut pool = Pool::start_on_postgresql(&["--leader-lease", "3s", "--lease", "6s"]);
+    let standbys = [pool.start_standby(), pool.start_standby()];
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let first = pool.submit("default", 0.0, 1, 50, "echo before");
+    pool.wait_state(first, "succeeded");
+    pool.kill_controller();
+    // One of the two leads; the other stays a standby and names it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (leader, other) = loop {
+        let mut led = None;
+        for (i, s) in standbys.iter().enumerate() {
+            while let Ok(line) = s.lines.try_recv() {
+                if line.contains("Leading the pool") {
+                    assert!(led.is_none(), "two controllers lead");
+                    led = Some(i);
+                }
+            }
+        }
+        if let Some(i) = led {
+            break (&standbys[i], &standbys[1 - i]);
+        }
+        assert!(std::time::Instant::now() < deadline, "no standby took over");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let health: Value = pool
+        .http
+        .get(format!("{}/healthz", other.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(health["status"], "standby", "{health}");
+    assert_eq!(
+        health["leader"].as_str(),
+        Some(leader.url.as_str()),
+        "{health}"
+    );
+    // Writes through the remaining standby reach the new leader; the agent runs them.
+    pool.url = other.url.clone();
+    let after = pool.submit("default", 0.0, 1, 50, "echo after");
+    pool.wait_state(after, "succeeded");
+    assert_eq!(logs(&pool, after), "after\n");
+    // Nobody else claims to lead a second later.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !other
+            .lines
+            .try_iter()
+            .any(|l| l.contains("Leading the pool")),
+        "the other standby led too"
+    );
+}
