@@ -82,6 +82,16 @@ impl PgCluster {
         );
     }
 
+    /// Runs one SQL statement with psql (as an operator or an attacker with the database would).
+    #[allow(dead_code)] // Not every test target that includes this file uses it.
+    pub fn sql(&self, statement: &str) {
+        let url = self.url();
+        self.run(
+            "psql",
+            &[&url, "-q", "-v", "ON_ERROR_STOP=1", "-c", statement],
+        );
+    }
+
     /// The database's URL.
     pub fn url(&self) -> String {
         format!("postgresql://tessera@127.0.0.1:{}/postgres", self.port)
