@@ -11,7 +11,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::controller::api::{JobView, LogChunk, NodeView, ProjectView};
+use crate::controller::views::{JobView, LogChunk, NodeView, ProjectView};
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Output {

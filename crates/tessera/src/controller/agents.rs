@@ -12,8 +12,8 @@ use axum::body::Bytes;
 use tessera_sched::NodeSpec;
 use tessera_sched::validate::validate_node;
 
-use super::api::save_job;
 use super::lifecycle::{Note, apply_status, settle};
+use super::ops::save_job;
 use super::{ApiError, AxState, Caller, Ctl, S, issue_token, now_ms};
 use crate::auth::Principal;
 use crate::manifest::check_name;

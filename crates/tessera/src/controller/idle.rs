@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use super::lifecycle::settle;
-use super::{ApiError, Ctl, api::save_job, now_ms};
+use super::{ApiError, Ctl, now_ms, ops::save_job};
 use crate::state::{EventKind, ReplicaPhase, State, StopCause};
 
 /// A reading older than this says nothing about now.

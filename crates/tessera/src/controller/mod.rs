@@ -12,6 +12,7 @@ pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
+pub mod ops;
 pub mod reconcile;
 pub mod registries;
 pub mod services;
@@ -19,6 +20,7 @@ pub mod standby;
 pub mod telemetry;
 pub mod ui;
 pub mod usage;
+pub mod views;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

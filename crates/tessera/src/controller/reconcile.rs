@@ -13,9 +13,9 @@ use tessera_sched::quota::ProjectQuota;
 use tessera_sched::schedule::{Config, ElasticRunning, PendingJob, RunningJob, Snapshot, schedule};
 use tessera_sched::{Allocation, NodeId, ShapeDistribution};
 
-use super::api::save_job;
 use super::lifecycle::Note;
 use super::lifecycle::settle;
+use super::ops::save_job;
 use super::{ApiError, Ctl, agents, now_ms};
 use crate::state::{EventKind, Job, JobState, NodeHealth, Replica, State, StopCause};
 
@@ -463,7 +463,7 @@ fn capacity_reasons(s: &State, waits: &mut HashMap<u64, String>) {
         let Some(job) = s.jobs.get(id).filter(|j| j.def.wait_for_capacity) else {
             continue;
         };
-        if let Some(m) = super::api::pool_never_fits(s, &job.def.spec.request) {
+        if let Some(m) = super::ops::pool_never_fits(s, &job.def.spec.request) {
             *reason = format!(
                 "cannot fit any node of the pool today: it {}; waiting for nodes that may join",
                 m.why

@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State as AxState};
 use serde::{Deserialize, Serialize};
 
-use super::api::parse_body;
+use super::ops::parse_body;
 use super::{ApiError, Caller, S, audit};
 use crate::agent::image::Credentials;
 use crate::state::State;

@@ -11,13 +11,13 @@ use axum::body::Bytes;
 use axum::extract::{Path, State as AxState};
 use serde::{Deserialize, Serialize};
 
-use super::api::{
-    acting_user, cancel, may_use_project, move_target, parse_body, parse_body_or_default,
-    parse_manifest, save_job,
-};
 use super::audit;
 use super::gateway::{Gateway, Seen};
 use super::lifecycle::Note;
+use super::ops::{
+    acting_user, cancel, may_use_project, move_target, parse_body, parse_body_or_default,
+    parse_manifest, save_job,
+};
 use super::{ApiError, Caller, Ctl, now_ms};
 use crate::service::{ScaleMemory, ScaleMetric, desired_replicas};
 use crate::state::{EventKind, Job, JobState, ReplicaPhase, Service, State};
@@ -152,9 +152,9 @@ pub async fn create(
             Some(user.clone()),
             move |c, s| -> Result<ServiceView, ApiError> {
                 may_use_project(s, &user, role, &template.spec.project)?;
-                super::api::resolve_mounts(s, &mut template)?;
+                super::ops::resolve_mounts(s, &mut template)?;
                 // Each replica is a job: one no node could hold is refused as a job would be.
-                super::api::refuse_never_fitting(s, &template)?;
+                super::ops::refuse_never_fitting(s, &template)?;
                 if s.services.contains_key(&name) {
                     return Err(ApiError::conflict(format!(
                         "metadata.name {name}: a service of that name exists; pick another name or \

@@ -1,0 +1,371 @@
+//! Jobs: submit, list, get, events, cancel, migrate.
+
+use super::*;
+
+pub(super) fn gpu_count(g: GpuRequest) -> f64 {
+    match g {
+        GpuRequest::None => 0.0,
+        GpuRequest::Share { milli } => f64::from(milli) / 1000.0,
+        GpuRequest::Whole { devices } => f64::from(devices),
+    }
+}
+
+/// The view of job `id`, looked up inside the request's own read or write (never by `[]`: a
+/// concurrent request may have changed the map since).
+pub(super) fn job_view(s: &State, id: u64) -> Result<JobView, ApiError> {
+    s.jobs
+        .get(&id)
+        .map(|j| view(j, s))
+        .ok_or_else(|| ApiError::not_found(format!("no job {id}")))
+}
+
+pub fn view(job: &Job, state: &State) -> JobView {
+    let s = &job.def.spec;
+    let mut reason = job.reason.clone();
+    if job.state == JobState::Pending {
+        let now = now_ms();
+        if job.not_before_ms > now {
+            reason = format!(
+                "{reason} (restarting in {:.1} s)",
+                (job.not_before_ms - now) as f64 / 1000.0
+            );
+        } else if let Some(w) = state.wait_reasons.get(&job.id) {
+            reason = w.clone();
+        }
+    }
+    JobView {
+        id: job.id,
+        name: s.name.clone(),
+        project: s.project.clone(),
+        owner: job.owner.clone(),
+        state: job.state,
+        reason,
+        priority: s.priority,
+        replicas: match job.def.elastic {
+            Some(_) if job.state.is_active() => job.members().count() as u32,
+            _ => s.replicas,
+        },
+        elastic: job.def.elastic,
+        gpu: gpu_count(s.request.gpu),
+        gpu_memory_bytes: s.request.gpu_memory_bytes,
+        cpu_milli: s.request.cpu_milli,
+        memory_bytes: s.request.memory_bytes,
+        command: job.def.command.clone(),
+        restart: job.def.restart,
+        attempt: job.attempt,
+        restarts: job.restarts,
+        created_ms: job.created_ms,
+        updated_ms: job.updated_ms,
+        finished_ms: job.finished_ms,
+        assignments: job
+            .replicas
+            .iter()
+            .map(|r| ReplicaView {
+                index: r.index,
+                node: r.node.clone(),
+                phase: r.phase,
+                gpu_milli: r.gpu_milli(),
+                devices: r.devices.iter().map(|d| d.device).collect(),
+                exit_code: r.exit_code,
+                exit_message: r.exit_message.clone(),
+                leaving: r.leaving,
+            })
+            .collect(),
+    }
+}
+
+/// The job if the caller may see it; 404 otherwise (a job of another project does not exist for
+/// a member who cannot see it).
+pub(super) fn visible_job<'a>(s: &'a State, caller: &Caller, id: u64) -> Result<&'a Job, ApiError> {
+    let (name, role) = caller.user()?;
+    let job = s.jobs.get(&id);
+    match (job, s.visible_projects(name, role)) {
+        (Some(j), None) => Ok(j),
+        (Some(j), Some(p)) if p.contains(j.project()) => Ok(j),
+        _ => Err(ApiError::not_found(format!(
+            "no job {id} that you can see; list yours with `tessera jobs`"
+        ))),
+    }
+}
+
+pub async fn submit(
+    AxState(ctl): S,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(axum::http::StatusCode, Json<JobView>), ApiError> {
+    let user = acting_user(&caller, "submit jobs")?;
+    let role = caller.user()?.1;
+    let def = parse_manifest(&body)?.into_def("default")?;
+    let project = def.spec.project.clone();
+    check_policy(&ctl, &user, &def).await?;
+    crate::controller::disk::guard(&ctl, "submissions")?;
+    let job = ctl
+        .store
+        .write_as(
+            Some(user.clone()),
+            move |c, s| -> Result<JobView, ApiError> {
+                may_use_project(s, &user, role, &project)?;
+                let mut def = def;
+                resolve_mounts(s, &mut def)?;
+                refuse_never_fitting(s, &def)?;
+                let now = c.now_ms;
+                let id = s
+                    .take_job_id()
+                    .map_err(|e| ApiError::internal(format!("reserving a job id: {e}")))?;
+                let job = Job::new(id, &user, def, now);
+                let note = (EventKind::Submitted, format!("submitted by {user}"));
+                s.remember_request(&job.def.spec.request);
+                save_job(c, s, job, vec![note], now)?;
+                s.next_job_id = id;
+                job_view(s, id)
+            },
+        )
+        .await?;
+    ctl.metrics.submitted.inc();
+    Ok((axum::http::StatusCode::CREATED, Json(job)))
+}
+
+/// Refuses a job its project's policy does not allow, naming the field and the rule; the
+/// refusal is in the audit log.
+pub async fn check_policy(
+    ctl: &crate::controller::Ctl,
+    user: &str,
+    def: &crate::manifest::JobDef,
+) -> Result<(), ApiError> {
+    let project = def.spec.project.clone();
+    let Err(breach) = ctl
+        .store
+        .read(|s| s.placement_rules(&project).narrow_job(&def.spec))
+    else {
+        return Ok(());
+    };
+    use tessera_sched::rules::Rule;
+    let field = match breach.rule {
+        Rule::Residency => "spec.resources.nodeSelector",
+        Rule::DeviceModels => "spec.resources.deviceModels",
+        Rule::MaxJobGpu => "spec.resources.gpu",
+    };
+    let message = format!(
+        "{field}: the job {}; change the request, or ask an admin to change project {project}'s \
+         policy (`tessera projects`)",
+        breach.why
+    );
+    let (who, what) = (
+        user.to_string(),
+        format!("{}: {}", def.spec.name, breach.why),
+    );
+    crate::controller::audit::record_refusal(ctl, who, project, None, what).await?;
+    Err(ApiError::new(axum::http::StatusCode::UNPROCESSABLE_ENTITY, message).with_field(field))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFilter {
+    pub project: Option<String>,
+    pub state: Option<String>,
+    pub owner: Option<String>,
+    pub limit: Option<usize>,
+}
+
+pub async fn list_jobs(
+    AxState(ctl): S,
+    caller: Caller,
+    Query(f): Query<JobFilter>,
+) -> Result<Json<Vec<JobView>>, ApiError> {
+    let (user, role) = caller.user()?;
+    let states: Option<Vec<JobState>> = match &f.state {
+        None => None,
+        Some(text) => Some(
+            text.split(',')
+                .map(|t| {
+                    JobState::parse(t.trim()).ok_or_else(|| {
+                        ApiError::bad(format!(
+                            "state {t}: unknown; use pending, scheduled, running, succeeded, \
+                             failed or cancelled (comma-separated)"
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    let limit = f.limit.unwrap_or(1000).min(100_000);
+    Ok(Json(ctl.store.read(|s| {
+        let visible = s.visible_projects(user, role);
+        s.jobs
+            .values()
+            .rev()
+            .filter(|j| visible.as_ref().is_none_or(|v| v.contains(j.project())))
+            .filter(|j| f.project.as_ref().is_none_or(|p| p == j.project()))
+            .filter(|j| f.owner.as_ref().is_none_or(|o| *o == j.owner))
+            .filter(|j| states.as_ref().is_none_or(|st| st.contains(&j.state)))
+            .take(limit)
+            .map(|j| view(j, s))
+            .collect()
+    })))
+}
+
+pub async fn get_job(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Json<JobView>, ApiError> {
+    ctl.store
+        .read(|s| visible_job(s, &caller, id).map(|j| view(j, s)))
+        .map(Json)
+}
+
+pub async fn job_events(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Json<Vec<Event>>, ApiError> {
+    ctl.store.read(|s| {
+        visible_job(s, &caller, id)?;
+        Ok(Json(
+            s.events
+                .get(&id)
+                .map(|e| e.iter().cloned().collect())
+                .unwrap_or_default(),
+        ))
+    })
+}
+
+pub async fn cancel_job(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Json<JobView>, ApiError> {
+    let user = acting_user(&caller, "cancel jobs")?;
+    ctl.store
+        .read(|s| visible_job(s, &caller, id).map(|_| ()))?;
+    let job = ctl
+        .store
+        .write_as(
+            Some(user.clone()),
+            move |c, s| -> Result<JobView, ApiError> {
+                let mut job = s
+                    .jobs
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
+                if job.state.is_final() {
+                    return Err(ApiError::conflict(format!(
+                        "job {id} has already ended ({}); nothing to cancel",
+                        job.state.name()
+                    )));
+                }
+                let now = c.now_ms;
+                let notes = cancel(&mut job, &user, now);
+                save_job(c, s, job, notes, now)?;
+                job_view(s, id)
+            },
+        )
+        .await?;
+    Ok(Json(job))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateBody {
+    /// The node to move to; anywhere the scheduler likes when absent.
+    pub to: Option<String>,
+}
+
+/// Moves a running job: it is stopped the way preemption stops it (a checkpointing job saves
+/// first) and started again, on `to` when given.
+pub async fn migrate_job(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(id): Path<u64>,
+    body: Bytes,
+) -> Result<Json<JobView>, ApiError> {
+    let user = acting_user(&caller, "move jobs")?;
+    let b: MigrateBody = parse_body_or_default(&body)?;
+    ctl.store
+        .read(|s| visible_job(s, &caller, id).map(|_| ()))?;
+    // A move outside the project's residency is refused, and the refusal audited.
+    if let Some(to) = b.to.clone()
+        && let Some((project, why)) = ctl.store.read(|s| {
+            let job = s.jobs.get(&id)?;
+            let node = &s.nodes.get(&to)?.spec;
+            let rules = s.placement_rules(job.project());
+            let model = node.devices.first().map(|d| d.model.as_str());
+            (!rules.allows(&node.labels, model)).then(|| {
+                let policy = s
+                    .projects
+                    .get(job.project())
+                    .map_or("-".into(), |p| p.policy.summary());
+                (
+                    job.project().to_string(),
+                    format!(
+                        "node {to} is outside project {}'s policy ({policy})",
+                        job.project()
+                    ),
+                )
+            })
+        })
+    {
+        let what = format!("migrate job {id}: {why}");
+        crate::controller::audit::record_refusal(&ctl, user.clone(), project, Some(id), what)
+            .await?;
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            format!("to: {why}; pick a node it allows"),
+        )
+        .with_field("to"));
+    }
+    let job = ctl
+        .store
+        .write_as(
+            Some(user.clone()),
+            move |c, s| -> Result<JobView, ApiError> {
+                let mut job = s
+                    .jobs
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
+                // A target that cannot take it is the request's fault, whatever the job's state.
+                if let Some(to) = &b.to {
+                    move_target(s, to)?;
+                }
+                // A service replica moves make-before-break: a replacement starts first.
+                if let Some(name) = job.service.clone()
+                    && s.services.contains_key(&name)
+                {
+                    crate::controller::services::start_move(c, s, &name, Some(id), b.to.clone())?;
+                    return job_view(s, id);
+                }
+                if !job.state.is_active() || job.stop.is_some() {
+                    return Err(ApiError::conflict(format!(
+                        "job {id} is {} and not running; only a running job can be moved",
+                        if job.stop.is_some() {
+                            "stopping"
+                        } else {
+                            job.state.name()
+                        }
+                    )));
+                }
+                if let Some(to) = &b.to {
+                    if job.replicas.iter().all(|r| r.node == *to) {
+                        return Err(ApiError::conflict(format!("job {id} already runs on {to}")));
+                    }
+                }
+                let now = c.now_ms;
+                let target = b.to.as_ref().map_or(String::new(), |n| format!(" to {n}"));
+                let mut notes = vec![(
+                    EventKind::Migrating,
+                    format!("{user} asked to move the job{target}; stopping its replicas"),
+                )];
+                job.reason = format!("moving{target} at the request of {user}; stopping it first");
+                job.stop = Some(StopCause::Migrate {
+                    by: user.clone(),
+                    to: b.to.clone(),
+                });
+                notes.extend(settle(&mut job, now));
+                save_job(c, s, job, notes, now)?;
+                job_view(s, id)
+            },
+        )
+        .await?;
+    Ok(Json(job))
+}
