@@ -579,3 +579,189 @@ fn shrink(job: &Job, replicas: &[u32], for_job: u64) -> Option<(Job, Vec<Note>)>
     );
     Some((job, vec![(EventKind::Shrinking, text)]))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::JobDef;
+    use crate::state::{Node, Project};
+    use tessera_sched::{DeviceSpec, JobSpec, NodeSpec, ResourceRequest};
+
+    fn node(name: &str, health: NodeHealth, cordoned: bool) -> Node {
+        Node {
+            spec: NodeSpec::with_devices(
+                name,
+                8000,
+                64 << 30,
+                2,
+                DeviceSpec {
+                    model: "H100-80GB".into(),
+                    memory_bytes: 80 << 30,
+                },
+            ),
+            simulated: true,
+            address: String::new(),
+            cordoned,
+            health,
+            registered_ms: 0,
+            confinement: String::new(),
+            last_seen_ms: 0,
+            last_seq: 0,
+            heartbeats: 0,
+        }
+    }
+
+    fn job(id: u64, request: ResourceRequest) -> Job {
+        let def = JobDef {
+            spec: JobSpec::single("j", request),
+            image: None,
+            command: vec!["true".into()],
+            env: Default::default(),
+            restart: crate::manifest::RestartPolicy::Never,
+            max_restarts: 0,
+            preemptible: true,
+            checkpoint: None,
+            elastic: None,
+            interactive: false,
+            wait_for_capacity: false,
+            volumes: vec![],
+            workdir: None,
+            asked: Default::default(),
+        };
+        Job::new(id, "ana", def, 0)
+    }
+
+    fn state() -> State {
+        let mut s = State::default();
+        for (name, health, cordoned) in [
+            ("a", NodeHealth::Ready, false),
+            ("b", NodeHealth::Lost, false),
+            ("c", NodeHealth::Ready, true),
+            ("d", NodeHealth::Ready, false),
+        ] {
+            s.nodes.insert(name.into(), node(name, health, cordoned));
+        }
+        s.projects.insert(
+            "default".into(),
+            Project {
+                name: "default".into(),
+                parent: None,
+                guaranteed_milli: 1000,
+                limit_milli: None,
+                over_quota_weight: 1,
+                members: Default::default(),
+                created_ms: 0,
+                min_runtime_ms: 60_000,
+                policy: Default::default(),
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn only_ready_uncordoned_nodes_are_offered_each_labelled_with_its_name() {
+        let built = build(&state(), 0);
+        assert_eq!(built.node_names, ["a", "d"]);
+        let labels: Vec<_> = built
+            .snapshot
+            .nodes
+            .iter()
+            .map(|n| n.labels.get(NODE_LABEL).cloned())
+            .collect();
+        assert_eq!(labels, [Some("a".to_string()), Some("d".to_string())]);
+        assert_eq!(built.snapshot.projects.len(), 1);
+    }
+
+    #[test]
+    fn pending_jobs_wait_out_their_backoff_and_a_pinned_or_transparent_one_carries_its_needs() {
+        let mut s = state();
+        let mut backing_off = job(1, ResourceRequest::default());
+        backing_off.not_before_ms = 5_000;
+        s.insert_job(backing_off);
+        let mut pinned = job(2, ResourceRequest::default());
+        pinned.pin_node = Some("d".into());
+        s.insert_job(pinned);
+        let mut transparent = job(3, ResourceRequest::default());
+        transparent.def.spec.request.gpu = tessera_sched::GpuRequest::Whole { devices: 1 };
+        transparent.def.checkpoint = Some(crate::manifest::Checkpoint {
+            signal: 10,
+            signal_name: "USR1".into(),
+            grace_ms: 1000,
+            interval_ms: None,
+            transparent: true,
+        });
+        s.insert_job(transparent);
+
+        let built = build(&s, 1_000);
+        let ids: Vec<u64> = built.snapshot.pending.iter().map(|p| p.id).collect();
+        assert_eq!(ids, [2, 3], "the job in backoff is not offered yet");
+        assert_eq!(
+            built.next_backoff,
+            Some(5_000),
+            "the loop wakes when it ends"
+        );
+        let selector = |id: u64| {
+            built
+                .snapshot
+                .pending
+                .iter()
+                .find(|p| p.id == id)
+                .unwrap()
+                .spec
+                .request
+                .node_selector
+                .clone()
+        };
+        assert_eq!(selector(2).get(NODE_LABEL).map(String::as_str), Some("d"));
+        let needs = selector(3);
+        assert_eq!(
+            needs
+                .get(crate::agent::criu::CRIU_LABEL)
+                .map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(
+            needs
+                .get(crate::agent::criu::CUDA_LABEL)
+                .map(String::as_str),
+            Some("true"),
+            "a GPU job's transparent checkpoint needs cuda-checkpoint too"
+        );
+        // After the backoff it is offered.
+        let later = build(&s, 5_000);
+        assert_eq!(later.snapshot.pending.len(), 3);
+    }
+
+    #[test]
+    fn a_running_job_is_protected_from_preemption_for_its_projects_minimum_runtime() {
+        let mut s = state();
+        let mut running = job(7, ResourceRequest::default());
+        running.state = JobState::Running;
+        running.attempt = 1;
+        let placed = tessera_sched::Allocation {
+            node: tessera_sched::NodeId(0),
+            cpu_milli: 500,
+            memory_bytes: 1 << 30,
+            devices: vec![],
+            affinity: None,
+        };
+        let mut replica = crate::state::Replica::assigned(0, "a", &placed);
+        replica.started_ms = Some(10_000);
+        running.replicas = vec![replica];
+        s.insert_job(running);
+
+        let during = build(&s, 30_000);
+        let r = &during.snapshot.running[0];
+        assert!(!r.preemptible, "protected until 70 s");
+        assert_eq!(during.next_backoff, Some(70_000));
+        assert_eq!(r.allocations.len(), 1);
+        assert_eq!(r.allocations[0].node, tessera_sched::NodeId(0));
+        let after = build(&s, 70_000);
+        assert!(after.snapshot.running[0].preemptible);
+        assert_eq!(after.next_backoff, None);
+        // A replica on a node that is not offered (lost) holds no allocation in the snapshot.
+        s.nodes.get_mut("a").unwrap().health = NodeHealth::Lost;
+        let lost = build(&s, 70_000);
+        assert!(lost.snapshot.running[0].allocations.is_empty());
+    }
+}
