@@ -12,15 +12,6 @@ pub struct Endpoints {
     current: AtomicUsize,
 }
 
-impl Clone for Endpoints {
-    fn clone(&self) -> Self {
-        Endpoints {
-            urls: self.urls.clone(),
-            current: AtomicUsize::new(self.current.load(Ordering::Relaxed)),
-        }
-    }
-}
-
 impl Endpoints {
     /// Parses a comma-separated list of URLs; `what` names the flag or variable in errors.
     pub fn parse(what: &str, list: &str) -> anyhow::Result<Endpoints> {

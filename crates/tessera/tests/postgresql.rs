@@ -10,6 +10,22 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 
+/// Every job in `acked` is in the pool's list, and no job is listed twice.
+fn assert_every_one_listed_once(pool: &Pool, acked: &[u64]) {
+    let jobs = pool.get("/v1/jobs?limit=100000", &pool.admin).1;
+    let stored: Vec<u64> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_u64().unwrap())
+        .collect();
+    let stored_once: HashSet<u64> = stored.iter().copied().collect();
+    assert_eq!(stored_once.len(), stored.len(), "a job is listed twice");
+    for id in acked {
+        assert!(stored_once.contains(id), "acknowledged job {id} is gone");
+    }
+}
+
 /// Submissions from three clients at once until the controller dies; returns what each client
 /// was acknowledged.
 fn submit_until_refused(pool: &Pool) -> Vec<std::thread::JoinHandle<Vec<u64>>> {
@@ -70,21 +86,7 @@ fn a_pool_on_postgresql_runs_jobs_keeps_every_acknowledged_one_across_kill_9_and
     assert_eq!(unique.len(), acked.len(), "an id was given twice");
     pool.start_controller_again();
 
-    let jobs = pool.get("/v1/jobs?limit=100000", &pool.admin).1;
-    let stored: Vec<u64> = jobs
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["id"].as_u64().unwrap())
-        .collect();
-    let stored_once: HashSet<u64> = stored.iter().copied().collect();
-    assert_eq!(stored_once.len(), stored.len(), "a job is listed twice");
-    for id in &acked {
-        assert!(
-            stored_once.contains(id),
-            "acknowledged job {id} is gone after the restart"
-        );
-    }
+    assert_every_one_listed_once(&pool, &acked);
     let last = *acked.iter().max().unwrap();
     pool.wait_state(last, "succeeded");
 
@@ -242,18 +244,9 @@ HTTPServer((os.environ["TESSERA_HOST"], int(os.environ["PORT"])), H).serve_forev
     assert_eq!(logs(&pool, after), "after-the-failover\n");
 
     // Nothing acknowledged was lost, nothing is listed twice.
-    let jobs = pool.get("/v1/jobs?limit=100000", &pool.admin).1;
-    let stored: Vec<u64> = jobs
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["id"].as_u64().unwrap())
-        .collect();
-    let stored_once: HashSet<u64> = stored.iter().copied().collect();
-    assert_eq!(stored_once.len(), stored.len(), "a job is listed twice");
-    for id in acked.iter().chain([&via_standby, &long]) {
-        assert!(stored_once.contains(id), "acknowledged job {id} is gone");
-    }
+    let mut every = acked.clone();
+    every.extend([via_standby, long]);
+    assert_every_one_listed_once(&pool, &every);
     // The long replica ran on through the failover: still its first attempt, started once.
     std::thread::sleep(Duration::from_secs(3));
     let j = pool.job(long);
@@ -522,16 +515,7 @@ fn a_postgresql_restart_mid_burst_loses_nothing_and_the_controller_leads_on() {
             .unwrap()
             .is_none()
     );
-    let jobs = pool.get("/v1/jobs?limit=100000", &pool.admin).1;
-    let stored: HashSet<u64> = jobs
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["id"].as_u64().unwrap())
-        .collect();
-    for id in &acked {
-        assert!(stored.contains(id), "acknowledged job {id} is gone");
-    }
+    assert_every_one_listed_once(&pool, &acked);
     let j = pool.job(long);
     assert_eq!(
         (j["state"].as_str(), j["attempt"].as_u64()),

@@ -302,7 +302,7 @@ impl Drop for InFlight {
 }
 
 /// Headers that belong to one connection, not to the request.
-fn hop_by_hop(name: &str) -> bool {
+pub fn hop_by_hop(name: &str) -> bool {
     matches!(
         name,
         "connection"

@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tower::ServiceExt;
 
+use super::gateway::hop_by_hop;
 use crate::store::lease::{Holder, Leadership};
 
 /// The header a standby adds to what it sends on, naming itself: a request that arrives with it
@@ -118,22 +119,6 @@ fn error(status: StatusCode, message: String) -> Response {
     resp.headers_mut()
         .insert("retry-after", axum::http::HeaderValue::from_static("1"));
     resp
-}
-
-/// Headers that belong to one connection, not to the request.
-fn hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "host"
-            | "content-length"
-    )
 }
 
 /// Sends a request on to the leader and streams its answer back.

@@ -221,20 +221,8 @@ impl Pool {
             .args(["controller", "--data-dir"])
             .arg(self.data_root.join("controller"))
             .args(["--listen", &self.listen])
-            .args(self.default_lease())
+            .args(self.defaults())
             .args(&self.controller_args)
-            .args(
-                (!self
-                    .controller_args
-                    .iter()
-                    .any(|a| a == "--rendezvous-ports"))
-                .then(|| {
-                    let (first, last) = self.rendezvous_ports;
-                    ["--rendezvous-ports".to_string(), format!("{first}-{last}")]
-                })
-                .into_iter()
-                .flatten(),
-            )
             .args(["--gateway-listen", &self.gateway])
             .args(self.cert.iter().flat_map(|cert| {
                 [
@@ -290,21 +278,9 @@ impl Pool {
             .args(["controller", "--data-dir"])
             .arg(self.data_root.join(format!("controller-{n}")))
             .args(["--listen", &listen])
-            .args(self.default_lease())
+            .args(self.defaults())
             .args(&self.controller_args)
             .args(["--gateway-listen", &gateway])
-            .args(
-                (!self
-                    .controller_args
-                    .iter()
-                    .any(|a| a == "--rendezvous-ports"))
-                .then(|| {
-                    let (first, last) = self.rendezvous_ports;
-                    ["--rendezvous-ports".to_string(), format!("{first}-{last}")]
-                })
-                .into_iter()
-                .flatten(),
-            )
             .env("TESSERA_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(
@@ -332,12 +308,19 @@ impl Pool {
         standby
     }
 
-    /// A 2 s agent lease unless the pool's controller arguments name one.
-    fn default_lease(&self) -> Vec<&'static str> {
-        match self.controller_args.iter().any(|a| a == "--lease") {
-            true => vec![],
-            false => vec!["--lease", "2s"],
+    /// What every controller of the pool is given unless the pool's controller arguments name
+    /// it: a 2 s agent lease and the pool's own rendezvous ports.
+    fn defaults(&self) -> Vec<String> {
+        let given = |flag: &str| self.controller_args.iter().any(|a| a == flag);
+        let mut args = vec![];
+        if !given("--lease") {
+            args.extend(["--lease".to_string(), "2s".to_string()]);
         }
+        if !given("--rendezvous-ports") {
+            let (first, last) = self.rendezvous_ports;
+            args.extend(["--rendezvous-ports".to_string(), format!("{first}-{last}")]);
+        }
+        args
     }
 
     pub fn join_token(&self) -> String {
