@@ -1,12 +1,15 @@
-//! Bearer tokens: `tsr_<id>_<secret>`. The store keeps only an argon2 hash of the secret; a
-//! verified token is remembered (by its SHA-256) so that argon2's deliberate cost is paid once per
-//! token, not once per request.
+//! Bearer tokens: `tsr_<id>_<secret>`, the secret 256 random bits made here. The store keeps only
+//! a SHA-256 of the id and secret: a slow password hash (argon2) exists for secrets a person
+//! chooses, which can be guessed; a 256-bit random secret cannot, so one SHA-256 is as safe and
+//! lets 10,000 agents join in seconds instead of minutes (docs/security.md). Hashes written by
+//! earlier versions are argon2; they still verify (slowly, once per token: a verified token is
+//! remembered by its SHA-256).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use sha2::{Digest, Sha256};
 
 use crate::state::{Role, State, TokenKind};
@@ -61,19 +64,28 @@ pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Makes a new random token and its hash.
+/// The prefix of the hashes this version writes.
+const SHA256_PREFIX: &str = "sha256$";
+
+/// What the store keeps of token `id`'s `secret`. The id is hashed too, so a hash copied onto
+/// another token's record does not verify.
+fn secret_hash(id: &str, secret: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"tessera-token\0");
+    h.update(id.as_bytes());
+    h.update(b"\0");
+    h.update(secret.as_bytes());
+    format!("{SHA256_PREFIX}{}", hex::encode(h.finalize()))
+}
+
+/// Makes a new random token and its hash (microseconds: no blocking thread needed).
 pub fn new_token() -> NewToken {
     let id = random_hex(6);
     let secret = random_hex(32);
-    let salt = SaltString::encode_b64(&random_hex(16).into_bytes()[..16]).expect("16-byte salt");
-    let hash = Argon2::default()
-        .hash_password(secret.as_bytes(), &salt)
-        .expect("argon2 with default parameters")
-        .to_string();
     NewToken {
+        hash: secret_hash(&id, &secret),
         text: format!("tsr_{id}_{secret}"),
         id,
-        hash,
     }
 }
 
@@ -83,55 +95,76 @@ fn split(token: &str) -> Option<(&str, &str)> {
     (id.len() == 12 && secret.len() == 64).then_some((id, secret))
 }
 
-/// Verified tokens by the SHA-256 of their text.
+/// What checking a token without a slow hash found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Quick {
+    /// Decided: who it is, or `None` when it is unknown, malformed, wrong or revoked.
+    Known(Option<Principal>),
+    /// Its stored hash is an earlier version's argon2: use [`TokenCache::authenticate`] on a
+    /// blocking thread.
+    Slow,
+}
+
+/// Tokens whose argon2 hash (an earlier version's) was verified, by the SHA-256 of their text.
 #[derive(Default)]
 pub struct TokenCache {
     verified: Mutex<HashMap<[u8; 32], String>>,
 }
 
 impl TokenCache {
-    /// The principal behind `token` when it was verified before: no argon2, so callers need no
-    /// blocking thread. `None` means "not known to be valid" (use [`TokenCache::authenticate`]).
-    pub fn cached(&self, token: &str, state: &std::sync::Mutex<State>) -> Option<Principal> {
+    /// Checks `token` without argon2: every token this version made, and earlier tokens verified
+    /// before.
+    pub fn quick(&self, token: &str, state: &std::sync::Mutex<State>) -> Quick {
+        let Some((id, secret)) = split(token) else {
+            return Quick::Known(None);
+        };
+        let s = state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(rec) = s.tokens.get(id) else {
+            return Quick::Known(None);
+        };
+        if let Some(stored) = rec.hash.strip_prefix(SHA256_PREFIX) {
+            let given = secret_hash(id, secret);
+            let ok = same_secret(stored.as_bytes(), &given.as_bytes()[SHA256_PREFIX.len()..]);
+            return Quick::Known(if ok { principal(&s, id) } else { None });
+        }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let id = self
+        let known = self
             .verified
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&digest)
-            .cloned()?;
-        principal(&state.lock().unwrap_or_else(|e| e.into_inner()), &id)
+            .is_some_and(|v| v == id);
+        if known {
+            Quick::Known(principal(&s, id))
+        } else {
+            Quick::Slow
+        }
     }
 
-    /// The principal behind `token`, or `None` when it is unknown, malformed or revoked.
-    /// argon2 runs outside the state lock.
+    /// The principal behind `token`, or `None` when it is unknown, malformed, wrong or revoked.
+    /// An earlier version's argon2 hash is verified here, outside the state lock.
     pub fn authenticate(&self, token: &str, state: &std::sync::Mutex<State>) -> Option<Principal> {
+        if let Quick::Known(p) = self.quick(token, state) {
+            return p;
+        }
+        let (id, secret) = split(token)?;
+        let hash = {
+            let s = state.lock().unwrap_or_else(|e| e.into_inner());
+            let rec = s.tokens.get(id)?;
+            if !rec.usable(crate::controller::now_ms()) {
+                return None;
+            }
+            rec.hash.clone()
+        };
+        let parsed = PasswordHash::new(&hash).ok()?;
+        Argon2::default()
+            .verify_password(secret.as_bytes(), &parsed)
+            .ok()?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let cached = self
-            .verified
+        self.verified
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&digest)
-            .cloned();
-        let (id, secret) = split(token)?;
-        if cached.is_none() {
-            let hash = {
-                let s = state.lock().unwrap_or_else(|e| e.into_inner());
-                let rec = s.tokens.get(id)?;
-                if !rec.usable(crate::controller::now_ms()) {
-                    return None;
-                }
-                rec.hash.clone()
-            };
-            let parsed = PasswordHash::new(&hash).ok()?;
-            Argon2::default()
-                .verify_password(secret.as_bytes(), &parsed)
-                .ok()?;
-            self.verified
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(digest, id.to_string());
-        }
+            .insert(digest, id.to_string());
         principal(&state.lock().unwrap_or_else(|e| e.into_inner()), id)
     }
 }
@@ -165,11 +198,15 @@ mod tests {
     use super::*;
     use crate::state::{TokenRecord, User};
 
-    #[test]
-    fn a_token_verifies_only_with_its_secret_and_not_after_revocation() {
-        let t = new_token();
-        assert!(t.text.starts_with("tsr_"));
-        assert!(!t.hash.contains(&t.text[17..]), "the secret is not stored");
+    fn ana() -> Principal {
+        Principal::User {
+            name: "ana".into(),
+            role: Role::Member,
+        }
+    }
+
+    /// A state where user ana holds token `id` with stored hash `hash`.
+    fn holding(id: &str, hash: &str) -> Mutex<State> {
         let mut state = State::default();
         state.users.insert(
             "ana".into(),
@@ -181,34 +218,72 @@ mod tests {
             },
         );
         state.tokens.insert(
-            t.id.clone(),
+            id.to_string(),
             TokenRecord {
-                id: t.id.clone(),
+                id: id.to_string(),
                 kind: TokenKind::User,
                 subject: "ana".into(),
                 description: String::new(),
-                hash: t.hash.clone(),
+                hash: hash.to_string(),
                 created_ms: 0,
                 revoked: false,
                 uses_left: None,
                 expires_ms: None,
             },
         );
-        let state = Mutex::new(state);
+        Mutex::new(state)
+    }
+
+    #[test]
+    fn a_token_verifies_only_with_its_secret_and_not_after_revocation() {
+        let t = new_token();
+        assert!(t.text.starts_with("tsr_"));
+        assert!(!t.hash.contains(&t.text[17..]), "the secret is not stored");
+        let state = holding(&t.id, &t.hash);
         let cache = TokenCache::default();
-        assert_eq!(
-            cache.authenticate(&t.text, &state),
-            Some(Principal::User {
-                name: "ana".into(),
-                role: Role::Member
-            })
-        );
+        assert_eq!(cache.quick(&t.text, &state), Quick::Known(Some(ana())));
+        assert_eq!(cache.authenticate(&t.text, &state), Some(ana()));
         let mut forged = t.text.clone();
         forged.pop();
         forged.push(if t.text.ends_with('0') { '1' } else { '0' });
+        assert_eq!(cache.quick(&forged, &state), Quick::Known(None));
         assert_eq!(cache.authenticate(&forged, &state), None);
         assert_eq!(cache.authenticate("Bearer nonsense", &state), None);
         state.lock().unwrap().tokens.get_mut(&t.id).unwrap().revoked = true;
         assert_eq!(cache.authenticate(&t.text, &state), None);
+    }
+
+    #[test]
+    fn a_hash_copied_onto_another_tokens_record_does_not_verify() {
+        let mine = new_token();
+        let theirs = new_token();
+        // The record of `theirs` carries the hash of `mine`: neither token opens it.
+        let state = holding(&theirs.id, &mine.hash);
+        let cache = TokenCache::default();
+        assert_eq!(cache.authenticate(&theirs.text, &state), None);
+        let mine_under_their_id = format!("tsr_{}_{}", theirs.id, &mine.text[17..]);
+        assert_eq!(cache.authenticate(&mine_under_their_id, &state), None);
+    }
+
+    #[test]
+    fn an_earlier_versions_argon2_hash_still_verifies_once_slowly() {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let t = new_token();
+        let secret = &t.text[17..];
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        let old = Argon2::default()
+            .hash_password(secret.as_bytes(), &salt)
+            .unwrap()
+            .to_string();
+        let state = holding(&t.id, &old);
+        let cache = TokenCache::default();
+        assert_eq!(cache.quick(&t.text, &state), Quick::Slow);
+        let mut forged = t.text.clone();
+        forged.pop();
+        forged.push(if t.text.ends_with('0') { '1' } else { '0' });
+        assert_eq!(cache.authenticate(&forged, &state), None);
+        assert_eq!(cache.authenticate(&t.text, &state), Some(ana()));
+        assert_eq!(cache.quick(&t.text, &state), Quick::Known(Some(ana())));
+        assert_eq!(cache.quick(&forged, &state), Quick::Slow);
     }
 }

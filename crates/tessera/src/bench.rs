@@ -314,11 +314,16 @@ impl Pool {
     }
 
     async fn join_token(&self) -> anyhow::Result<String> {
+        self.join_token_for(1).await
+    }
+
+    /// A join token that joins `uses` nodes (at most 10,000, the API's limit).
+    async fn join_token_for(&self, uses: usize) -> anyhow::Result<String> {
         let v = self
             .post(
                 "/v1/tokens",
                 &self.admin,
-                json!({"kind": "join"}).to_string(),
+                json!({"kind": "join", "uses": uses}).to_string(),
             )
             .await?;
         Ok(v["token"].as_str().context("join token")?.to_string())
@@ -737,7 +742,11 @@ async fn scale(
 ) -> anyhow::Result<Value> {
     // A long lease: the point is memory, not heartbeat load; 10,000 long polls stay open.
     let pool = Arc::new(Pool::start(common, "60s")?);
-    let join = pool.join_token().await?;
+    const USES: usize = 10_000;
+    let mut joins = Vec::new();
+    for first in (0..nodes).step_by(USES) {
+        joins.push(pool.join_token_for(USES.min(nodes - first)).await?);
+    }
     let stats = Arc::new(AgentStats::default());
     let started = Instant::now();
     let pb = bar(nodes, "nodes");
@@ -748,7 +757,7 @@ async fn scale(
         handles.push(tokio::spawn(protocol_agent(
             pool.clone(),
             name,
-            join.clone(),
+            joins[i / USES].clone(),
             stats.clone(),
         )));
         // Registration is one store write per node; pace it so that it does not all queue up.

@@ -70,7 +70,7 @@ pub async fn register(
     };
     let lease_ms = ctl.config.lease.as_millis() as u64;
     let fresh = if joining.is_some() {
-        Some(super::hashed_token().await?)
+        Some(crate::auth::new_token())
     } else {
         None
     };

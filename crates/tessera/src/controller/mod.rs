@@ -37,7 +37,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use tessera_sched::ValidationError;
 
-use crate::auth::{NewToken, Principal, TokenCache, new_token};
+use crate::auth::{NewToken, Principal, Quick, TokenCache, new_token};
 use crate::state::{Project, Role, TokenKind, TokenRecord, User};
 use crate::store::{self, Store, StoreFault, StoreGone};
 
@@ -245,13 +245,13 @@ impl FromRequestParts<Ctl> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, ctl: &Ctl) -> Result<Self, ApiError> {
         let token = bearer(&parts.headers)?;
-        let principal = match ctl.tokens.cached(token, &ctl.store.state) {
-            Some(p) => Some(p),
-            None => {
+        let principal = match ctl.tokens.quick(token, &ctl.store.state) {
+            Quick::Known(p) => p,
+            Quick::Slow => {
                 let ctl = ctl.clone();
                 let token = token.to_string();
-                // argon2 takes milliseconds of CPU on a token's first use: keep it off the async
-                // workers.
+                // An earlier version's argon2 hash takes milliseconds of CPU on the token's first
+                // use: keep it off the async workers.
                 let _slot = argon2_slot().await?;
                 tokio::task::spawn_blocking(move || {
                     ctl.tokens.authenticate(&token, &ctl.store.state)
@@ -288,9 +288,9 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     })
 }
 
-/// A permit to run one argon2 hash or verification. Each takes ~19 MiB and milliseconds of CPU;
-/// a thousand agents joining at once (or a caller replaying a known token id with wrong
-/// secrets) must queue for the cores, not allocate gigabytes on the blocking pool.
+/// A permit to verify one argon2 hash (tokens of earlier versions). Each takes ~19 MiB and
+/// milliseconds of CPU; a caller replaying such a token's id with wrong secrets must queue for
+/// the cores, not allocate gigabytes on the blocking pool.
 async fn argon2_slot() -> Result<tokio::sync::SemaphorePermit<'static>, ApiError> {
     static SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
         tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
@@ -301,16 +301,7 @@ async fn argon2_slot() -> Result<tokio::sync::SemaphorePermit<'static>, ApiError
         .map_err(|_| ApiError::internal("token hashing is shut down"))
 }
 
-/// A new token, hashed on a blocking thread: argon2 costs milliseconds of CPU, which must not
-/// stall the async workers or the store's writer.
-pub async fn hashed_token() -> Result<NewToken, ApiError> {
-    let _slot = argon2_slot().await?;
-    tokio::task::spawn_blocking(new_token)
-        .await
-        .map_err(|_| ApiError::internal("token hashing failed"))
-}
-
-/// Writes the record of token `t` (made by [`hashed_token`]) and returns it.
+/// Writes the record of token `t` (made by [`new_token`]) and returns it.
 pub fn issue_token(
     c: &crate::store::Write,
     state: &mut crate::state::State,
@@ -353,9 +344,7 @@ pub fn limit_join_token(
 
 /// What a first start creates: the admin user, its token (returned once), the default project.
 pub async fn bootstrap(store: &Store) -> anyhow::Result<Option<String>> {
-    let t = hashed_token()
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let t = new_token();
     let token = store
         .write(move |c, s| -> Result<Option<String>, ApiError> {
             if c.get_meta("bootstrapped")?.is_some() {

@@ -138,7 +138,7 @@ pub async fn create_token(
         ));
     }
     let expires_ms = now_ms() + ttl.as_millis() as u64;
-    let t = crate::controller::hashed_token().await?;
+    let t = crate::auth::new_token();
     let creator = me.to_string();
     let view = ctl
         .store
