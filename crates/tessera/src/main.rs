@@ -15,6 +15,8 @@ mod service;
 mod sim;
 mod state;
 mod store;
+#[cfg(test)]
+mod testkit;
 mod units;
 mod volumes;
 

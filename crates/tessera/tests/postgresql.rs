@@ -550,19 +550,26 @@ fn of_three_controllers_exactly_one_standby_takes_over_and_the_other_follows_it(
         assert!(std::time::Instant::now() < deadline, "no standby took over");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let health: Value = pool
-        .http
-        .get(format!("{}/healthz", other.url))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    assert_eq!(health["status"], "standby", "{health}");
-    assert_eq!(
-        health["leader"].as_str(),
-        Some(leader.url.as_str()),
-        "{health}"
-    );
+    // The other reads who leads at its next campaign round (every 250 ms).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let health: Value = pool
+            .http
+            .get(format!("{}/healthz", other.url))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(health["status"], "standby", "{health}");
+        if health["leader"].as_str() == Some(leader.url.as_str()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other standby still names another leader: {health}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // Writes through the remaining standby reach the new leader; the agent runs them.
     pool.url = other.url.clone();
     let after = pool.submit("default", 0.0, 1, 50, "echo after");

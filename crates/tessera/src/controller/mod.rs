@@ -387,9 +387,7 @@ pub async fn local_join_token(store: &Store, data_dir: &Path) -> anyhow::Result<
     if let Ok(text) = std::fs::read_to_string(&path) {
         return Ok(text.trim().to_string());
     }
-    let t = hashed_token()
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let t = new_token();
     let text = store
         .write(move |c, s| -> Result<String, ApiError> {
             let what = "local agent of tessera up";
@@ -537,6 +535,9 @@ fn open_sqlite(
 /// How often a standby tries to take the lease (and reads who holds it).
 const CAMPAIGN_EVERY: Duration = Duration::from_millis(250);
 
+/// How often a standby reads the leader's changes from the change log.
+const FOLLOW_EVERY: Duration = Duration::from_millis(200);
+
 /// On PostgreSQL: serves the API as a standby (sending requests on to the leader) while it
 /// campaigns for the lease; once elected, reads the state back under the lease's fence.
 async fn elect_and_open(
@@ -555,6 +556,30 @@ async fn elect_and_open(
     let mut backend = tokio::task::spawn_blocking(move || store::postgres::Postgres::open(&opened))
         .await
         .context("opening the PostgreSQL store")??;
+    // Meanwhile the state is followed from the change log, so that taking over reads only what
+    // changed since the last poll.
+    let (stop_following, mut stopped) = tokio::sync::watch::channel(false);
+    let following = tokio::spawn({
+        let url = url.to_string();
+        async move {
+            let mut follower = store::follow::Follower::new(&url);
+            let mut failing = false;
+            loop {
+                match follower.catch_up(now_ms()).await {
+                    Ok(_) => failing = false,
+                    Err(e) if !failing => {
+                        tracing::warn!("following the leader's changes: {e:#}");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+                    _ = stopped.changed() => return follower,
+                }
+            }
+        }
+    });
     let id = format!("{}#{}", switch.me, &crate::auth::random_secret()[..8]);
     let gateway = gateway.map(|g| g.me.clone()).unwrap_or_default();
     let mut campaign = store::lease::Campaign::new(
@@ -585,12 +610,30 @@ async fn elect_and_open(
         token,
     });
     let (leadership, lease) = (campaign.leadership.clone(), config.leader_lease);
+    // Holding the lease, this controller sees every commit of the one before (whose batches
+    // cannot commit any more): what it followed, plus the rest of the log, is the state.
+    let _ = stop_following.send(true);
+    let mut follower = following.await.context("following the leader's changes")?;
+    let began = std::time::Instant::now();
+    let caught_up = follower.catch_up(now_ms()).await;
     // The backend blocks on its own runtime: not on an async thread.
     let (backend, state) = tokio::task::spawn_blocking(move || {
         backend
             .fence_with(leadership, lease)
             .map_err(|e| anyhow::anyhow!("setting up the leader's connection: {e}"))?;
-        let state = store::Backend::load(&backend, now_ms())?;
+        let state = match caught_up {
+            Ok(changes) => {
+                tracing::info!(
+                    "took over the followed state: {changes} changes caught up in {} ms",
+                    began.elapsed().as_millis()
+                );
+                follower.into_state(now_ms())
+            }
+            Err(e) => {
+                tracing::warn!("reading the store whole, the change log failed: {e:#}");
+                store::Backend::load(&backend, now_ms())?
+            }
+        };
         anyhow::Ok((backend, state))
     })
     .await

@@ -583,53 +583,9 @@ fn shrink(job: &Job, replicas: &[u32], for_job: u64) -> Option<(Job, Vec<Note>)>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::JobDef;
-    use crate::state::{Node, Project};
-    use tessera_sched::{DeviceSpec, JobSpec, NodeSpec, ResourceRequest};
-
-    fn node(name: &str, health: NodeHealth, cordoned: bool) -> Node {
-        Node {
-            spec: NodeSpec::with_devices(
-                name,
-                8000,
-                64 << 30,
-                2,
-                DeviceSpec {
-                    model: "H100-80GB".into(),
-                    memory_bytes: 80 << 30,
-                },
-            ),
-            simulated: true,
-            address: String::new(),
-            cordoned,
-            health,
-            registered_ms: 0,
-            confinement: String::new(),
-            last_seen_ms: 0,
-            last_seq: 0,
-            heartbeats: 0,
-        }
-    }
-
-    fn job(id: u64, request: ResourceRequest) -> Job {
-        let def = JobDef {
-            spec: JobSpec::single("j", request),
-            image: None,
-            command: vec!["true".into()],
-            env: Default::default(),
-            restart: crate::manifest::RestartPolicy::Never,
-            max_restarts: 0,
-            preemptible: true,
-            checkpoint: None,
-            elastic: None,
-            interactive: false,
-            wait_for_capacity: false,
-            volumes: vec![],
-            workdir: None,
-            asked: Default::default(),
-        };
-        Job::new(id, "ana", def, 0)
-    }
+    use crate::state::Project;
+    use crate::testkit::{job, node};
+    use tessera_sched::ResourceRequest;
 
     fn state() -> State {
         let mut s = State::default();

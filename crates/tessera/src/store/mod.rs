@@ -22,6 +22,7 @@ use crate::state::{
 };
 
 pub mod blobs;
+pub mod follow;
 pub mod lease;
 pub mod postgres;
 pub mod schema;
@@ -142,64 +143,131 @@ pub trait Records {
     fn recent_events(&self, limit: u64) -> anyhow::Result<Vec<(u64, u64, String, String)>>;
 }
 
-fn records<T: serde::de::DeserializeOwned>(
-    from: &dyn Records,
-    table: &str,
-) -> anyhow::Result<Vec<T>> {
-    from.docs(table)?
-        .iter()
-        .map(|d| {
-            serde_json::from_str(d).map_err(|e| anyhow::anyhow!("a record in table {table}: {e}"))
-        })
-        .collect()
+/// The tables whose records the state keeps in memory, in the order a full read applies them.
+pub const STATE_TABLES: [&str; 8] = [
+    "users",
+    "projects",
+    "nodes",
+    "checkpoints",
+    "services",
+    "tokens",
+    "registry_logins",
+    "jobs",
+];
+
+fn parse<T: serde::de::DeserializeOwned>(table: &str, doc: &str) -> anyhow::Result<T> {
+    serde_json::from_str(doc).map_err(|e| anyhow::anyhow!("a record in table {table}: {e}"))
+}
+
+/// Puts one stored record of `table` into the state, replacing the one with its key: how the
+/// state is read back, and how a standby follows the leader's changes. Nodes count as seen at
+/// `now_ms`.
+pub fn apply_doc(state: &mut State, table: &str, doc: &str, now_ms: u64) -> anyhow::Result<()> {
+    match table {
+        "users" => {
+            let u: User = parse(table, doc)?;
+            state.users.insert(u.name.clone(), u);
+        }
+        "projects" => {
+            let p: Project = parse(table, doc)?;
+            state.projects.insert(p.name.clone(), p);
+        }
+        "nodes" => {
+            let mut n: Node = parse(table, doc)?;
+            n.last_seen_ms = now_ms;
+            state.nodes.insert(n.spec.name.clone(), n);
+        }
+        "checkpoints" => {
+            let m: CheckpointManifest = parse(table, doc)?;
+            state.checkpoints.insert((m.job, m.replica), m);
+        }
+        "services" => {
+            let svc: Service = parse(table, doc)?;
+            state.services.insert(svc.name.clone(), svc);
+        }
+        "tokens" => {
+            let t: TokenRecord = parse(table, doc)?;
+            state.tokens.insert(t.id.clone(), t);
+        }
+        "registry_logins" => {
+            let l: RegistryLogin = parse(table, doc)?;
+            state
+                .registry_logins
+                .insert((l.project.clone(), l.registry.clone()), l);
+        }
+        "jobs" => {
+            let j: Job = parse(table, doc)?;
+            state.next_job_id = state.next_job_id.max(j.id);
+            state.next_start_seq = state.next_start_seq.max(j.started_seq);
+            if !state.jobs.contains_key(&j.id) {
+                state.remember_request(&j.def.spec.request);
+            }
+            state.insert_job(j);
+        }
+        other => anyhow::bail!("the state keeps no table {other}"),
+    }
+    Ok(())
+}
+
+/// Removes the record of `table` whose key is `key` (JSON, as the change log keeps it: a name,
+/// or `[project, registry]`, or `[job, replica]`).
+pub fn apply_deletion(state: &mut State, table: &str, key: &str) -> anyhow::Result<()> {
+    let bad = |e: serde_json::Error| anyhow::anyhow!("a deletion of table {table}: {e}");
+    match table {
+        "services" => {
+            let name: String = serde_json::from_str(key).map_err(bad)?;
+            state.services.remove(&name);
+        }
+        "registry_logins" => {
+            let k: (String, String) = serde_json::from_str(key).map_err(bad)?;
+            state.registry_logins.remove(&k);
+        }
+        "checkpoints" => {
+            let k: (u64, u32) = serde_json::from_str(key).map_err(bad)?;
+            state.checkpoints.remove(&k);
+        }
+        other => anyhow::bail!("records of table {other} are never removed"),
+    }
+    Ok(())
 }
 
 /// Reads the whole state back, the same way from every backend (at start-up, and to put memory
 /// back after a failed write). Nodes count as seen now.
 pub fn load_state(from: &dyn Records, now_ms: u64) -> anyhow::Result<State> {
     let mut state = State::default();
-    for u in records::<User>(from, "users")? {
-        state.users.insert(u.name.clone(), u);
-    }
-    for p in records::<Project>(from, "projects")? {
-        state.projects.insert(p.name.clone(), p);
-    }
-    for mut n in records::<Node>(from, "nodes")? {
-        n.last_seen_ms = now_ms;
-        state.nodes.insert(n.spec.name.clone(), n);
-    }
-    for m in records::<CheckpointManifest>(from, "checkpoints")? {
-        state.checkpoints.insert((m.job, m.replica), m);
-    }
-    for svc in records::<Service>(from, "services")? {
-        state.services.insert(svc.name.clone(), svc);
-    }
-    for t in records::<TokenRecord>(from, "tokens")? {
-        state.tokens.insert(t.id.clone(), t);
-    }
-    for l in records::<RegistryLogin>(from, "registry_logins")? {
-        state
-            .registry_logins
-            .insert((l.project.clone(), l.registry.clone()), l);
-    }
-    for j in records::<Job>(from, "jobs")? {
-        state.next_job_id = state.next_job_id.max(j.id);
-        state.next_start_seq = state.next_start_seq.max(j.started_seq);
-        state.remember_request(&j.def.spec.request);
-        state.insert_job(j);
+    for table in STATE_TABLES {
+        for doc in from.docs(table)? {
+            apply_doc(&mut state, table, &doc, now_ms)?;
+        }
     }
     state.usage_seq = from.usage_seq()?;
-    for (job, ts_ms, kind, message) in from.recent_events(200_000)? {
-        let kind = crate::state::EventKind::parse(&kind)
-            .ok_or_else(|| anyhow::anyhow!("job {job} has an event of unknown kind {kind:?}"))?;
-        state.push_event(Event {
-            job,
-            ts_ms,
-            kind,
-            message,
-        });
+    for (job, ts_ms, kind, message) in from.recent_events(RECENT_EVENTS)? {
+        apply_event(&mut state, job, ts_ms, &kind, message)?;
     }
     Ok(state)
+}
+
+/// How many of the newest events a full read takes (memory keeps at most
+/// [`crate::state::EVENTS_PER_JOB`] per job; the store keeps them all).
+pub const RECENT_EVENTS: u64 = 200_000;
+
+/// Puts one stored event into the state.
+pub fn apply_event(
+    state: &mut State,
+    job: u64,
+    ts_ms: u64,
+    kind: &str,
+    message: String,
+) -> anyhow::Result<()> {
+    let kind = crate::state::EventKind::parse(kind)
+        .ok_or_else(|| anyhow::anyhow!("job {job} has an event of unknown kind {kind:?}"))?;
+    state.push_event(Event {
+        job,
+        ts_ms,
+        kind,
+        message,
+    });
+    Ok(())
 }
 
 /// Which audit entries to read.

@@ -641,7 +641,7 @@ impl Tx for PgConn {
         upsert(
             self,
             "INSERT INTO users (name, doc) VALUES ($1, $2) \
-             ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc",
+             ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc, rev = EXCLUDED.rev",
             &[&u.name, &doc(u)?],
         )
     }
@@ -650,7 +650,7 @@ impl Tx for PgConn {
         upsert(
             self,
             "INSERT INTO projects (name, doc) VALUES ($1, $2) \
-             ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc",
+             ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc, rev = EXCLUDED.rev",
             &[&p.name, &doc(p)?],
         )
     }
@@ -660,7 +660,7 @@ impl Tx for PgConn {
             self,
             "INSERT INTO jobs (id, project, state, doc) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (id) DO UPDATE SET project = EXCLUDED.project, \
-             state = EXCLUDED.state, doc = EXCLUDED.doc",
+             state = EXCLUDED.state, doc = EXCLUDED.doc, rev = EXCLUDED.rev",
             &[&(j.id as i64), &j.project(), &j.state.name(), &doc(j)?],
         )
     }
@@ -669,7 +669,7 @@ impl Tx for PgConn {
         upsert(
             self,
             "INSERT INTO nodes (name, doc) VALUES ($1, $2) \
-             ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc",
+             ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc, rev = EXCLUDED.rev",
             &[&n.spec.name, &doc(n)?],
         )
     }
@@ -678,27 +678,35 @@ impl Tx for PgConn {
         upsert(
             self,
             "INSERT INTO services (name, doc) VALUES ($1, $2) \
-             ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc",
+             ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc, rev = EXCLUDED.rev",
             &[&svc.name, &doc(svc)?],
         )
     }
 
     fn delete_service(&self, name: &str) -> StoreResult<()> {
-        self.exec("DELETE FROM services WHERE name = $1", &[&name])
+        // The key stays in the change log for standbys (see `store::follow`).
+        self.exec(
+            "WITH gone AS (DELETE FROM services WHERE name = $1 RETURNING name) \
+             INSERT INTO deletions (tbl, key) SELECT 'services', to_json(name)::text FROM gone",
+            &[&name],
+        )
     }
 
     fn put_registry_login(&self, l: &RegistryLogin) -> StoreResult<()> {
         upsert(
             self,
             "INSERT INTO registry_logins (project, registry, doc) VALUES ($1, $2, $3) \
-             ON CONFLICT (project, registry) DO UPDATE SET doc = EXCLUDED.doc",
+             ON CONFLICT (project, registry) DO UPDATE SET doc = EXCLUDED.doc, \
+             rev = EXCLUDED.rev",
             &[&l.project, &l.registry, &doc(l)?],
         )
     }
 
     fn delete_registry_login(&self, project: &str, registry: &str) -> StoreResult<()> {
         self.exec(
-            "DELETE FROM registry_logins WHERE project = $1 AND registry = $2",
+            "WITH gone AS (DELETE FROM registry_logins WHERE project = $1 AND registry = $2 \
+             RETURNING project, registry) INSERT INTO deletions (tbl, key) \
+             SELECT 'registry_logins', json_build_array(project, registry)::text FROM gone",
             &[&project, &registry],
         )
     }
@@ -707,7 +715,7 @@ impl Tx for PgConn {
         upsert(
             self,
             "INSERT INTO tokens (id, doc) VALUES ($1, $2) \
-             ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc",
+             ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc, rev = EXCLUDED.rev",
             &[&t.id, &doc(t)?],
         )
     }
@@ -716,14 +724,17 @@ impl Tx for PgConn {
         upsert(
             self,
             "INSERT INTO checkpoints (job, replica, id, doc) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (job, replica) DO UPDATE SET id = EXCLUDED.id, doc = EXCLUDED.doc",
+             ON CONFLICT (job, replica) DO UPDATE SET id = EXCLUDED.id, doc = EXCLUDED.doc, \
+             rev = EXCLUDED.rev",
             &[&(m.job as i64), &(m.replica as i32), &m.id, &doc(m)?],
         )
     }
 
     fn delete_checkpoint(&self, job: u64, replica: u32) -> StoreResult<()> {
         self.exec(
-            "DELETE FROM checkpoints WHERE job = $1 AND replica = $2",
+            "WITH gone AS (DELETE FROM checkpoints WHERE job = $1 AND replica = $2 \
+             RETURNING job, replica) INSERT INTO deletions (tbl, key) \
+             SELECT 'checkpoints', json_build_array(job, replica)::text FROM gone",
             &[&(job as i64), &(replica as i32)],
         )
     }

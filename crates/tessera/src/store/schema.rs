@@ -106,4 +106,38 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: "CREATE TABLE blobs (hash TEXT PRIMARY KEY, data BLOB NOT NULL);",
         postgres: "CREATE TABLE blobs (hash TEXT PRIMARY KEY, data BYTEA NOT NULL);",
     },
+    // The change log standbys follow (see `store::follow`): every write of a record the state
+    // keeps takes the next value of one sequence as its `rev`, and a removed record leaves its
+    // key in `deletions` under its own rev. SQLite has one controller and nobody following it:
+    // its revs stay 0 and its deletions empty.
+    Migration {
+        sqlite: "ALTER TABLE users ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE projects ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE jobs ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE nodes ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE tokens ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE checkpoints ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE services ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE registry_logins ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE deletions (rev INTEGER PRIMARY KEY, tbl TEXT NOT NULL, key TEXT NOT NULL);",
+        postgres: "CREATE SEQUENCE changes;
+     ALTER TABLE users ADD COLUMN rev BIGINT NOT NULL DEFAULT nextval('changes');
+     ALTER TABLE projects ADD COLUMN rev BIGINT NOT NULL DEFAULT nextval('changes');
+     ALTER TABLE jobs ADD COLUMN rev BIGINT NOT NULL DEFAULT nextval('changes');
+     ALTER TABLE nodes ADD COLUMN rev BIGINT NOT NULL DEFAULT nextval('changes');
+     ALTER TABLE tokens ADD COLUMN rev BIGINT NOT NULL DEFAULT nextval('changes');
+     ALTER TABLE checkpoints ADD COLUMN rev BIGINT NOT NULL DEFAULT nextval('changes');
+     ALTER TABLE services ADD COLUMN rev BIGINT NOT NULL DEFAULT nextval('changes');
+     ALTER TABLE registry_logins ADD COLUMN rev BIGINT NOT NULL DEFAULT nextval('changes');
+     CREATE INDEX users_rev ON users(rev);
+     CREATE INDEX projects_rev ON projects(rev);
+     CREATE INDEX jobs_rev ON jobs(rev);
+     CREATE INDEX nodes_rev ON nodes(rev);
+     CREATE INDEX tokens_rev ON tokens(rev);
+     CREATE INDEX checkpoints_rev ON checkpoints(rev);
+     CREATE INDEX services_rev ON services(rev);
+     CREATE INDEX registry_logins_rev ON registry_logins(rev);
+     CREATE TABLE deletions (rev BIGINT PRIMARY KEY DEFAULT nextval('changes'),
+                             tbl TEXT NOT NULL, key TEXT NOT NULL);",
+    },
 ];

@@ -1,0 +1,363 @@
+//! A standby's warm copy of the state, kept by following the leader's commits in PostgreSQL, so
+//! that taking over reads what changed since the last poll instead of the whole pool.
+//!
+//! The change log: every write of a record the state keeps gives it the next `rev` of one
+//! sequence; a removed record leaves its key in `deletions` under a rev of its own; events and the
+//! usage ledger carry their own sequence numbers. Only the leader writes, one batch at a time,
+//! and a deposed leader's batch cannot commit once the next leader took the lease (see
+//! [`super::lease`]), so numbers become visible in the order they were given: a follower that
+//! read, in one snapshot, every change above its last number has missed none.
+
+use tokio_postgres::{Client, IsolationLevel, NoTls};
+
+use super::{RECENT_EVENTS, STATE_TABLES, apply_deletion, apply_doc, apply_event};
+use crate::state::State;
+
+/// One change read from the log, applied in rev order.
+enum Change {
+    Doc(&'static str, String),
+    Deleted(String, String),
+}
+
+pub struct Follower {
+    url: String,
+    /// `None` until connected, and after the connection failed (the next catch-up reconnects).
+    client: Option<Client>,
+    state: State,
+    /// The highest rev applied.
+    rev: i64,
+    /// The highest event sequence number applied (0: none yet; the first read takes the newest
+    /// [`RECENT_EVENTS`], as a full read does).
+    event_seq: i64,
+}
+
+impl Follower {
+    /// A follower of the database at `url` that has read nothing yet.
+    pub fn new(url: &str) -> Follower {
+        Follower {
+            url: url.to_string(),
+            client: None,
+            state: State::default(),
+            rev: 0,
+            event_seq: 0,
+        }
+    }
+
+    async fn client(&mut self) -> anyhow::Result<&mut Client> {
+        let open = match self.client.take() {
+            Some(c) if !c.is_closed() => c,
+            _ => {
+                let (client, connection) = tokio_postgres::connect(&self.url, NoTls).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!("the standby's change-log connection ended: {e}");
+                    }
+                });
+                client
+            }
+        };
+        Ok(self.client.insert(open))
+    }
+
+    /// Reads everything committed since the last call, in one snapshot, and applies it; returns
+    /// how many changes it applied. Nodes it reads count as seen at `now_ms`. On an error nothing
+    /// of this call is applied and the next call reads the same changes again.
+    pub async fn catch_up(&mut self, now_ms: u64) -> anyhow::Result<usize> {
+        let (rev, event_seq) = (self.rev, self.event_seq);
+        let client = self.client().await?;
+        let read = async {
+            let tx = client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
+            let mut changes: Vec<(i64, Change)> = Vec::new();
+            for table in STATE_TABLES {
+                let sql = format!("SELECT rev, doc FROM {table} WHERE rev > $1");
+                for row in tx.query(&sql, &[&rev]).await? {
+                    changes.push((row.get(0), Change::Doc(table, row.get(1))));
+                }
+            }
+            let sql = "SELECT rev, tbl, key FROM deletions WHERE rev > $1";
+            for row in tx.query(sql, &[&rev]).await? {
+                changes.push((row.get(0), Change::Deleted(row.get(1), row.get(2))));
+            }
+            let events = if event_seq == 0 {
+                tx.query(
+                    "SELECT seq, job, ts_ms, kind, message FROM events WHERE seq > \
+                     (SELECT COALESCE(MAX(seq), 0) FROM events) - $1 ORDER BY seq",
+                    &[&(RECENT_EVENTS as i64)],
+                )
+                .await?
+            } else {
+                tx.query(
+                    "SELECT seq, job, ts_ms, kind, message FROM events WHERE seq > $1 \
+                     ORDER BY seq",
+                    &[&event_seq],
+                )
+                .await?
+            };
+            let usage = tx
+                .query_one("SELECT COALESCE(MAX(seq), 0) FROM usage", &[])
+                .await?
+                .get::<_, i64>(0);
+            tx.commit().await?;
+            anyhow::Ok((changes, events, usage))
+        };
+        let (mut changes, events, usage) = match read.await {
+            Ok(read) => read,
+            Err(e) => {
+                self.client = None;
+                return Err(e);
+            }
+        };
+        changes.sort_by_key(|(rev, _)| *rev);
+        let applied = changes.len() + events.len();
+        // Applied to a copy only when something fails to parse is not worth the memory: a
+        // record this controller cannot read stops the takeover as it stops a full read.
+        for (rev, change) in changes {
+            match change {
+                Change::Doc(table, doc) => apply_doc(&mut self.state, table, &doc, now_ms)?,
+                Change::Deleted(table, key) => apply_deletion(&mut self.state, &table, &key)?,
+            }
+            self.rev = rev;
+        }
+        for row in events {
+            let (seq, job, ts_ms): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+            apply_event(
+                &mut self.state,
+                job as u64,
+                ts_ms as u64,
+                row.get(3),
+                row.get(4),
+            )?;
+            self.event_seq = seq;
+        }
+        self.state.usage_seq = self.state.usage_seq.max(usage as u64);
+        Ok(applied)
+    }
+
+    /// What has been followed so far.
+    #[cfg(test)]
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The followed state, for a controller taking over: its nodes count as seen at `now_ms`
+    /// (as a full read counts them), so that none is judged lost before its agent finds the
+    /// new leader.
+    pub fn into_state(self, now_ms: u64) -> State {
+        let mut state = self.state;
+        for node in state.nodes.values_mut() {
+            node.last_seen_ms = now_ms;
+        }
+        state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::registries::RegistryLogin;
+    use crate::service::ServiceDef;
+    use crate::state::{
+        CheckpointManifest, Event, EventKind, JobState, NodeHealth, Replica, Service, User,
+    };
+    use crate::store::postgres::Postgres;
+    use crate::store::testdb::PgCluster;
+    use crate::store::{Backend, StoreResult, Tx};
+    use crate::testkit::{job, node};
+    use tessera_sched::ResourceRequest;
+
+    /// Commits one batch of `f`'s changes, as the writer does.
+    fn batch(b: &mut Postgres, f: impl FnOnce(&dyn Tx) -> StoreResult<()>) {
+        b.begin().unwrap();
+        b.savepoint().unwrap();
+        f(b.tx()).unwrap();
+        b.release().unwrap();
+        b.commit().unwrap();
+    }
+
+    fn json<T: serde::Serialize>(v: &T) -> String {
+        serde_json::to_string(v).unwrap()
+    }
+
+    /// The parts of two states that come from the store are the same.
+    fn assert_same(followed: &State, read: &State) {
+        assert_eq!(json(&followed.users), json(&read.users));
+        assert_eq!(json(&followed.projects), json(&read.projects));
+        assert_eq!(json(&followed.nodes), json(&read.nodes));
+        assert_eq!(json(&followed.jobs), json(&read.jobs));
+        assert_eq!(json(&followed.services), json(&read.services));
+        assert_eq!(json(&followed.tokens), json(&read.tokens));
+        let logins = |s: &State| json(&s.registry_logins.values().collect::<Vec<_>>());
+        assert_eq!(logins(followed), logins(read));
+        let checkpoints = |s: &State| {
+            let mut all: Vec<_> = s.checkpoints.values().map(json).collect();
+            all.sort();
+            all
+        };
+        assert_eq!(checkpoints(followed), checkpoints(read));
+        let events = |s: &State| {
+            let mut all: Vec<_> = s
+                .events
+                .values()
+                .flatten()
+                .map(|e| (e.job, e.ts_ms, e.kind.as_str(), e.message.clone()))
+                .collect();
+            all.sort();
+            all
+        };
+        assert_eq!(events(followed), events(read));
+        for name in read.nodes.keys() {
+            let ids = |s: &State| s.jobs_on(name).map(|j| j.id).collect::<Vec<_>>();
+            assert_eq!(ids(followed), ids(read), "active jobs on node {name}");
+        }
+        assert_eq!(followed.next_job_id, read.next_job_id);
+        assert_eq!(followed.next_start_seq, read.next_start_seq);
+        assert_eq!(followed.usage_seq, read.usage_seq);
+        assert_eq!(
+            followed.recent_requests.len(),
+            read.recent_requests.len(),
+            "every job's request is remembered once"
+        );
+    }
+
+    fn login(project: &str) -> RegistryLogin {
+        RegistryLogin {
+            project: project.into(),
+            registry: "registry.example:5000".into(),
+            username: "u".into(),
+            password: "p".into(),
+            updated_ms: 1,
+        }
+    }
+
+    fn checkpoint(job: u64) -> CheckpointManifest {
+        CheckpointManifest {
+            id: format!("c{job}"),
+            job,
+            attempt: 1,
+            replica: 0,
+            files: vec![],
+            created_ms: 1,
+        }
+    }
+
+    fn service(name: &str) -> Service {
+        Service {
+            name: name.into(),
+            owner: "ana".into(),
+            template: job(0, ResourceRequest::default()).def,
+            def: ServiceDef {
+                replicas: 1,
+                port: None,
+                readiness_path: "/".into(),
+                readiness_period_ms: 1000,
+                drain_ms: 0,
+                autoscale: None,
+            },
+            created_ms: 1,
+        }
+    }
+
+    fn event(job: u64, message: &str) -> Event {
+        Event {
+            job,
+            ts_ms: job,
+            kind: EventKind::Submitted,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn a_follower_holds_what_a_full_read_gives_and_reads_only_what_changed_since() {
+        let pg = PgCluster::start();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut b = Postgres::open(&pg.url()).unwrap();
+        batch(&mut b, |tx| {
+            tx.put_user(&User {
+                name: "ana".into(),
+                role: crate::state::Role::Member,
+                created_ms: 1,
+                uid: None,
+            })?;
+            for name in ["a", "b"] {
+                tx.put_node(&node(name, NodeHealth::Ready, false))?;
+            }
+            for id in 1..=40 {
+                tx.put_job(&job(id, ResourceRequest::default()))?;
+                tx.add_event(&event(id, "submitted"))?;
+            }
+            tx.put_registry_login(&login("vision"))?;
+            tx.put_registry_login(&login("nlp"))?;
+            tx.put_checkpoint(&checkpoint(1))?;
+            tx.put_checkpoint(&checkpoint(2))?;
+            tx.put_service(&service("web"))?;
+            tx.put_service(&service("api"))?;
+            Ok(())
+        });
+        let mut f = Follower::new(&pg.url());
+        let first = rt.block_on(f.catch_up(7)).unwrap();
+        assert_eq!(first, 1 + 2 + 40 + 40 + 2 + 2 + 2, "every record and event");
+        assert_same(f.state(), &b.load(7).unwrap());
+
+        // The leader's next batches: a job starts on node a, another arrives, a node is
+        // cordoned, and one of each removable record goes (a service comes back under its name).
+        batch(&mut b, |tx| {
+            let mut running = job(3, ResourceRequest::default());
+            running.state = JobState::Running;
+            running.replicas = vec![Replica {
+                index: 0,
+                node: "a".into(),
+                cpu_milli: 1000,
+                memory_bytes: 1 << 30,
+                devices: vec![],
+                phase: crate::state::ReplicaPhase::Running,
+                exit_code: None,
+                exit_message: None,
+                started_ms: Some(5),
+                finished_ms: None,
+                port: None,
+                leaving: false,
+                resume_of: None,
+            }];
+            tx.put_job(&running)?;
+            tx.add_event(&event(3, "running on a"))?;
+            tx.put_job(&job(41, ResourceRequest::default()))?;
+            tx.put_node(&node("b", NodeHealth::Ready, true))?;
+            tx.delete_checkpoint(1, 0)?;
+            tx.delete_registry_login("nlp", "registry.example:5000")?;
+            tx.delete_service("web")?;
+            Ok(())
+        });
+        batch(&mut b, |tx| {
+            tx.delete_service("api")?;
+            tx.put_service(&service("web"))?;
+            Ok(())
+        });
+        let next = rt.block_on(f.catch_up(7)).unwrap();
+        assert_eq!(
+            next,
+            2 + 1 + 1 + 4 + 1,
+            "two jobs, an event, a node, four deletions and a service: nothing read twice"
+        );
+        let read = b.load(7).unwrap();
+        assert_same(f.state(), &read);
+        assert!(read.services.contains_key("web") && !read.services.contains_key("api"));
+        assert_eq!(
+            f.state().jobs_on("a").map(|j| j.id).collect::<Vec<_>>(),
+            [3]
+        );
+        assert_eq!(rt.block_on(f.catch_up(7)).unwrap(), 0, "nothing new");
+
+        // A follower that starts now reads the same state from scratch.
+        let mut late = Follower::new(&pg.url());
+        rt.block_on(late.catch_up(7)).unwrap();
+        assert_same(late.state(), &read);
+        // Taking over: every node counts as seen at the takeover.
+        let state = f.into_state(99);
+        assert!(state.nodes.values().all(|n| n.last_seen_ms == 99));
+    }
+}
