@@ -80,6 +80,11 @@ pub enum BenchCommand {
         /// pool of that many jobs.
         #[arg(long, default_value_t = 0)]
         waiting: usize,
+        /// Simulated nodes of 8 GPUs registered first (silent: no agent behind them, so the
+        /// controllers then judge nodes lost only after an hour), so that every takeover reads
+        /// a pool of that many nodes and the jobs placed on them.
+        #[arg(long, default_value_t = 0)]
+        nodes: usize,
         #[command(flatten)]
         common: Common,
     },
@@ -145,6 +150,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             kills,
             leader_lease,
             waiting,
+            nodes,
             common,
         } => {
             let r = match &common.store {
@@ -159,6 +165,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                     kills,
                     &leader_lease,
                     waiting,
+                    nodes,
                 ),
             };
             (common, r)
@@ -367,22 +374,7 @@ impl Pool {
         join: &str,
         gpus: usize,
     ) -> anyhow::Result<(String, u64)> {
-        let reg = RegisterRequest {
-            name: name.to_string(),
-            cpu_milli: 64_000,
-            memory_bytes: 512 << 30,
-            labels: BTreeMap::new(),
-            devices: (0..gpus)
-                .map(|_| DeviceSpec {
-                    model: "H100-80GB".into(),
-                    memory_bytes: 80 << 30,
-                })
-                .collect(),
-            simulated: true,
-            address: "http://127.0.0.1:9".into(),
-            callback_secret: "unused".into(),
-            confinement: "simulated by the benchmark".into(),
-        };
+        let reg = simulated_node(name, gpus);
         let resp: RegisterResponse = serde_json::from_value(
             self.post("/v1/agent/register", join, serde_json::to_string(&reg)?)
                 .await?,
@@ -391,17 +383,43 @@ impl Pool {
     }
 
     fn controller_memory(&self) -> anyhow::Result<(u64, u64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.controller.id()))?;
-        let field = |name: &str| -> u64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0)
-                * 1024
-        };
-        Ok((field("VmRSS:"), field("VmHWM:")))
+        process_memory(self.controller.id())
     }
+}
+
+/// What a node of `gpus` simulated H100s, 64 CPUs and 512 GiB with no process behind it
+/// registers as.
+pub fn simulated_node(name: &str, gpus: usize) -> RegisterRequest {
+    RegisterRequest {
+        name: name.to_string(),
+        cpu_milli: 64_000,
+        memory_bytes: 512 << 30,
+        labels: BTreeMap::new(),
+        devices: (0..gpus)
+            .map(|_| DeviceSpec {
+                model: "H100-80GB".into(),
+                memory_bytes: 80 << 30,
+            })
+            .collect(),
+        simulated: true,
+        address: "http://127.0.0.1:9".into(),
+        callback_secret: "unused".into(),
+        confinement: "simulated by the benchmark".into(),
+    }
+}
+
+/// A process's resident memory now and at its peak, in bytes.
+pub fn process_memory(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    Ok((field("VmRSS:"), field("VmHWM:")))
 }
 
 fn manifest(name: &str, gpu: f64, command: &[&str]) -> String {

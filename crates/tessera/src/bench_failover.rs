@@ -30,13 +30,14 @@ impl Drop for Controller {
 }
 
 impl Controller {
-    fn start(dir: &Path, port: u16, store: &str, leader_lease: &str) -> anyhow::Result<Controller> {
+    fn start(dir: &Path, port: u16, store: &str, leases: [&str; 2]) -> anyhow::Result<Controller> {
+        let [leader_lease, lease] = leases;
         let listen = format!("127.0.0.1:{port}");
         let mut child = Command::new(std::env::current_exe()?)
             .args(["controller", "--data-dir"])
             .arg(dir)
             .args(["--listen", &listen, "--store", store])
-            .args(["--leader-lease", leader_lease, "--lease", "10s"])
+            .args(["--leader-lease", leader_lease, "--lease", lease])
             .args(["--gateway-listen", "off"])
             .env("TESSERA_CONFIG", dir.join("cli.yaml"))
             .env("TESSERA_LOG", "error")
@@ -120,6 +121,58 @@ fn queue_waiting(url: &str, admin: &str, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Registers `count` silent simulated nodes of 8 GPUs, 16 at a time.
+fn register_nodes(url: &str, admin: &str, count: usize) -> anyhow::Result<()> {
+    const USES: usize = 10_000;
+    let http = reqwest::blocking::Client::new();
+    let mut joins = Vec::new();
+    for first in (0..count).step_by(USES) {
+        let token = http
+            .post(format!("{url}/v1/tokens"))
+            .bearer_auth(admin)
+            .json(&json!({"kind": "join", "uses": USES.min(count - first)}))
+            .send()?
+            .error_for_status()?
+            .json::<Value>()?["token"]
+            .as_str()
+            .context("a join token")?
+            .to_string();
+        joins.push(token);
+    }
+    let bar = indicatif::ProgressBar::new(count as u64);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let joins = Arc::new(joins);
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (next, url, joins, bar) =
+                (next.clone(), url.to_string(), joins.clone(), bar.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let http = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(60))
+                    .build()?;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        return Ok(());
+                    }
+                    http.post(format!("{url}/v1/agent/register"))
+                        .bearer_auth(&joins[i / USES])
+                        .json(&crate::bench::simulated_node(&format!("sim{i:06}"), 8))
+                        .send()?
+                        .error_for_status()?;
+                    bar.inc(1);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join()
+            .map_err(|_| anyhow::anyhow!("a registering thread failed"))??;
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
 fn submission(i: usize) -> Value {
     json!({"metadata": {"name": format!("f{i}")},
            "spec": {"command": ["true"], "resources": {"cpu": "100m", "memory": "16MiB"}}})
@@ -134,6 +187,7 @@ pub fn run(
     kills: usize,
     leader_lease: &str,
     waiting: usize,
+    nodes: usize,
 ) -> anyhow::Result<Value> {
     let (dir, temporary) = match data_dir {
         Some(d) => (d, false),
@@ -143,7 +197,7 @@ pub fn run(
         ),
     };
     std::fs::create_dir_all(&dir)?;
-    let result = measure(store, &dir, port, kills, leader_lease, waiting);
+    let result = measure(store, &dir, port, kills, leader_lease, waiting, nodes);
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -157,10 +211,13 @@ fn measure(
     kills: usize,
     leader_lease: &str,
     waiting: usize,
+    nodes: usize,
 ) -> anyhow::Result<Value> {
     let ports = [port, port + 1];
+    // Silent nodes must not be judged lost while the benchmark runs.
+    let leases = [leader_lease, if nodes > 0 { "1h" } else { "10s" }];
     let mut controllers: Vec<Option<Controller>> = vec![None, None];
-    let first = Controller::start(&dir.join("c0"), ports[0], store, leader_lease)?;
+    let first = Controller::start(&dir.join("c0"), ports[0], store, leases)?;
     first.wait_line("Tessera API at", Duration::from_secs(60))?;
     let admin = first
         .wait_line("First admin token", Duration::from_secs(10))
@@ -169,7 +226,7 @@ fn measure(
         .next()
         .unwrap_or_default()
         .to_string();
-    let second = Controller::start(&dir.join("c1"), ports[1], store, leader_lease)?;
+    let second = Controller::start(&dir.join("c1"), ports[1], store, leases)?;
     second.wait_line("as a standby", Duration::from_secs(60))?;
     let urls = [first.url.clone(), second.url.clone()];
     controllers[0] = Some(first);
@@ -236,10 +293,21 @@ fn measure(
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    // A queue of jobs that wait for 8 GPUs (the node has one), for the takeovers to read.
+    // Silent nodes, and a queue of jobs that wait for 8 GPUs (n1 has one; each silent node
+    // takes one of them), for the takeovers to read.
+    let registering = Instant::now();
+    register_nodes(&urls[0], &admin, nodes)?;
+    let registered_s = registering.elapsed().as_secs_f64();
     let queued = Instant::now();
     queue_waiting(&urls[0], &admin, waiting)?;
     let queued_s = queued.elapsed().as_secs_f64();
+    // Give the standby a few follow rounds, then weigh both.
+    std::thread::sleep(Duration::from_secs(3));
+    let rss = |c: &Option<Controller>| -> anyhow::Result<u64> {
+        let c = c.as_ref().context("a controller")?;
+        Ok(crate::bench::process_memory(c.child.id())?.0 >> 20)
+    };
+    let (leader_rss_mib, standby_rss_mib) = (rss(&controllers[0])?, rss(&controllers[1])?);
 
     // Clients that submit without pause, to whichever controller answers.
     let stop = Arc::new(AtomicBool::new(false));
@@ -325,7 +393,7 @@ fn measure(
             &dir.join(format!("c{leader}")),
             ports[leader],
             store,
-            leader_lease,
+            leases,
         )?;
         again.wait_line("as a standby", Duration::from_secs(60))?;
         controllers[leader] = Some(again);
@@ -381,8 +449,12 @@ fn measure(
     };
     Ok(json!({
         "kills": kills,
+        "nodes": nodes,
+        "nodes_registered_s": crate::bench::round2(registered_s),
         "waiting_jobs": waiting,
         "waiting_queued_s": crate::bench::round2(queued_s),
+        "leader_rss_mib": leader_rss_mib,
+        "standby_rss_mib": standby_rss_mib,
         "leader_lease": leader_lease,
         "takeover_s": summary(takeovers),
         "write_outage_s": summary(outages),

@@ -585,3 +585,115 @@ fn of_three_controllers_exactly_one_standby_takes_over_and_the_other_follows_it(
         "the other standby led too"
     );
 }
+
+/// A GET through `url` with the admin's token, within `timeout`: its status, whether a standby
+/// answered it itself, and its body.
+fn read_at(pool: &Pool, url: &str, path: &str, timeout: Duration) -> (u16, bool, Value) {
+    let resp = pool
+        .http
+        .get(format!("{url}{path}"))
+        .bearer_auth(&pool.admin)
+        .timeout(timeout)
+        .send()
+        .unwrap();
+    let by_standby = resp
+        .headers()
+        .get("x-tessera-read-from")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("standby {url}"));
+    (resp.status().as_u16(), by_standby, resp.json().unwrap())
+}
+
+#[test]
+fn a_standby_answers_reads_from_the_state_it_follows_and_its_clients_read_their_writes() {
+    // A lease longer than the test: the paused leader below is not replaced.
+    let mut pool = Pool::start_on_postgresql(&["--leader-lease", "60s", "--lease", "60s"]);
+    let standby = pool.start_standby();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let leader = pool.url.clone();
+    // Writes through the standby go to the leader; its next read (from its own copy) has them.
+    pool.url = standby.url.clone();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(pool.submit("default", 0.0, 1, 50, &format!("echo {i}")));
+        let (status, by_standby, jobs) = read_at(&pool, &standby.url, "/v1/jobs", SECOND);
+        assert_eq!(status, 200, "{jobs}");
+        assert!(by_standby, "the standby answers a job list itself");
+        let listed: HashSet<u64> = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|j| j["id"].as_u64())
+            .collect();
+        assert!(
+            ids.iter().all(|id| listed.contains(id)),
+            "read after write {i}: {ids:?} not all in {listed:?}"
+        );
+    }
+    let last = *ids.last().unwrap();
+    pool.wait_state(last, "succeeded");
+    // The leader's later changes (the jobs ran) reach the standby by themselves.
+    pool.wait_for("the standby to see the last job succeed", || {
+        let (_, _, jobs) = read_at(&pool, &standby.url, "/v1/jobs?state=succeeded", SECOND);
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["id"].as_u64() == Some(last))
+    });
+
+    // With the leader paused, the standby still answers what it follows; what only the leader
+    // knows (a job's own view, writes) is not answered.
+    let pid = nix::unistd::Pid::from_raw(pool.controller.as_ref().unwrap().0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let (status, by_standby, jobs) = read_at(&pool, &standby.url, "/v1/jobs", SECOND);
+    assert_eq!((status, by_standby), (200, true), "{jobs}");
+    assert_eq!(jobs.as_array().unwrap().len(), ids.len());
+    let (status, by_standby, nodes) = read_at(&pool, &standby.url, "/v1/nodes/n1", SECOND);
+    assert_eq!((status, by_standby), (200, true), "{nodes}");
+    assert_eq!(nodes["health"], "ready", "{nodes}");
+    let path = format!("/v1/jobs/{last}/events");
+    let (status, by_standby, events) = read_at(&pool, &standby.url, &path, SECOND);
+    assert_eq!((status, by_standby), (200, true), "{events}");
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"Submitted") && kinds.contains(&"Succeeded"),
+        "{kinds:?}"
+    );
+    let sent_on = pool
+        .http
+        .get(format!("{}/v1/jobs/{last}", standby.url))
+        .bearer_auth(&pool.admin)
+        .timeout(SECOND)
+        .send();
+    assert!(
+        sent_on.is_err(),
+        "a job's own view waits on the paused leader"
+    );
+    // The standby checks tokens as the leader does: an unknown one reads nothing.
+    let (status, _, _) = {
+        let resp = pool
+            .http
+            .get(format!("{}/v1/jobs", standby.url))
+            .bearer_auth(
+                "tsr_000000000000_0000000000000000000000000000000000000000000000000000000000000000",
+            )
+            .send()
+            .unwrap();
+        (resp.status().as_u16(), (), ())
+    };
+    assert_eq!(status, 401);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let (status, by_standby, _) = read_at(&pool, &leader, "/v1/jobs", 10 * SECOND);
+    assert_eq!(
+        (status, by_standby),
+        (200, false),
+        "the leader answers its own reads"
+    );
+}
+
+const SECOND: Duration = Duration::from_secs(1);

@@ -91,7 +91,7 @@ pub struct ControllerConfig {
 /// Shared by every request handler and the reconcile loop.
 pub struct Controller {
     pub store: Store,
-    pub tokens: TokenCache,
+    pub tokens: Arc<TokenCache>,
     pub config: ControllerConfig,
     pub metrics: metrics::Metrics,
     pub http: reqwest::Client,
@@ -111,6 +111,28 @@ pub struct Controller {
 }
 
 pub type Ctl = Arc<Controller>;
+
+/// What answers reads and authenticates callers: the leader's state, or a standby's copy
+/// followed from the store (see [`standby::Reads`]). Handlers that only read are generic over
+/// it, so that a standby answers them with the leader's code.
+pub trait Reader: Send + Sync + 'static {
+    fn state(&self) -> &Arc<std::sync::Mutex<crate::state::State>>;
+    fn tokens(&self) -> &Arc<TokenCache>;
+
+    fn read<T>(&self, f: impl FnOnce(&crate::state::State) -> T) -> T {
+        f(&self.state().lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Reader for Controller {
+    fn state(&self) -> &Arc<std::sync::Mutex<crate::state::State>> {
+        &self.store.state
+    }
+
+    fn tokens(&self) -> &Arc<TokenCache> {
+        &self.tokens
+    }
+}
 
 /// An API error: an HTTP status and a message that names the problem and its fix.
 #[derive(Debug)]
@@ -240,24 +262,22 @@ impl Caller {
     }
 }
 
-impl FromRequestParts<Ctl> for Caller {
+impl<R: Reader> FromRequestParts<Arc<R>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, ctl: &Ctl) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, reader: &Arc<R>) -> Result<Self, ApiError> {
         let token = bearer(&parts.headers)?;
-        let principal = match ctl.tokens.quick(token, &ctl.store.state) {
+        let principal = match reader.tokens().quick(token, reader.state()) {
             Quick::Known(p) => p,
             Quick::Slow => {
-                let ctl = ctl.clone();
+                let (tokens, state) = (reader.tokens().clone(), reader.state().clone());
                 let token = token.to_string();
                 // An earlier version's argon2 hash takes milliseconds of CPU on the token's first
                 // use: keep it off the async workers.
                 let _slot = argon2_slot().await?;
-                tokio::task::spawn_blocking(move || {
-                    ctl.tokens.authenticate(&token, &ctl.store.state)
-                })
-                .await
-                .map_err(|_| ApiError::internal("authentication task failed"))?
+                tokio::task::spawn_blocking(move || tokens.authenticate(&token, &state))
+                    .await
+                    .map_err(|_| ApiError::internal("authentication task failed"))?
             }
         };
         principal.map(Caller).ok_or_else(|| {
@@ -556,16 +576,17 @@ async fn elect_and_open(
     let mut backend = tokio::task::spawn_blocking(move || store::postgres::Postgres::open(&opened))
         .await
         .context("opening the PostgreSQL store")??;
-    // Meanwhile the state is followed from the change log, so that taking over reads only what
-    // changed since the last poll.
+    // Meanwhile the state is followed from the change log: the standby answers reads from it,
+    // and taking over reads only what changed since the last poll.
+    let reads = standby::Reads::new(store::follow::Follower::new(url));
+    switch.follow(reads.clone());
     let (stop_following, mut stopped) = tokio::sync::watch::channel(false);
     let following = tokio::spawn({
-        let url = url.to_string();
+        let reads = reads.clone();
         async move {
-            let mut follower = store::follow::Follower::new(&url);
             let mut failing = false;
             loop {
-                match follower.catch_up(now_ms()).await {
+                match reads.catch_up().await {
                     Ok(_) => failing = false,
                     Err(e) if !failing => {
                         tracing::warn!("following the leader's changes: {e:#}");
@@ -575,7 +596,7 @@ async fn elect_and_open(
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(FOLLOW_EVERY) => {}
-                    _ = stopped.changed() => return follower,
+                    _ = stopped.changed() => return,
                 }
             }
         }
@@ -613,9 +634,13 @@ async fn elect_and_open(
     // Holding the lease, this controller sees every commit of the one before (whose batches
     // cannot commit any more): what it followed, plus the rest of the log, is the state.
     let _ = stop_following.send(true);
-    let mut follower = following.await.context("following the leader's changes")?;
+    following.await.context("following the leader's changes")?;
+    reads.stop_serving();
     let began = std::time::Instant::now();
+    let mut follower = reads.follower.lock().await;
     let caught_up = follower.catch_up(now_ms()).await;
+    let followed = follower.take_state(now_ms());
+    drop(follower);
     // The backend blocks on its own runtime: not on an async thread.
     let (backend, state) = tokio::task::spawn_blocking(move || {
         backend
@@ -627,7 +652,7 @@ async fn elect_and_open(
                     "took over the followed state: {changes} changes caught up in {} ms",
                     began.elapsed().as_millis()
                 );
-                follower.into_state(now_ms())
+                followed
             }
             Err(e) => {
                 tracing::warn!("reading the store whole, the change log failed: {e:#}");
@@ -790,7 +815,7 @@ pub async fn start_telling(
     };
     let ctl = Arc::new(Controller {
         store,
-        tokens: TokenCache::default(),
+        tokens: Arc::default(),
         metrics: metrics::Metrics::new(),
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -881,11 +906,14 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics::scrape))
         .route("/healthz", get(healthz))
-        .route("/v1/jobs", post(api::submit).get(api::list_jobs))
-        .route("/v1/jobs/{id}", get(api::get_job))
+        .route(
+            "/v1/jobs",
+            post(api::submit).get(api::list_jobs::<Controller>),
+        )
+        .route("/v1/jobs/{id}", get(api::get_job::<Controller>))
         .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
         .route("/v1/jobs/{id}/migrate", post(api::migrate_job))
-        .route("/v1/jobs/{id}/events", get(api::job_events))
+        .route("/v1/jobs/{id}/events", get(api::job_events::<Controller>))
         .route("/v1/jobs/{id}/logs", get(api::job_logs))
         .route("/v1/services", post(services::create).get(services::list))
         .route(
@@ -897,8 +925,8 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/v1/usage", get(usage::get_usage))
         .route("/v1/audit", get(audit::get_audit))
         .route("/v1/telemetry", get(telemetry::get_series))
-        .route("/v1/nodes", get(api::list_nodes))
-        .route("/v1/nodes/{name}", get(api::get_node))
+        .route("/v1/nodes", get(api::list_nodes::<Controller>))
+        .route("/v1/nodes/{name}", get(api::get_node::<Controller>))
         .route("/v1/nodes/{name}/cordon", post(api::cordon_node))
         .route("/v1/nodes/{name}/uncordon", post(api::uncordon_node))
         .route("/v1/nodes/{name}/drain", post(api::drain_node))

@@ -2,10 +2,12 @@
 //! [`Switch`]: until this controller is elected it is a standby, which answers its own health and
 //! sends every other request on to the leader (whose URL is in the lease row), so agents, the
 //! CLI and scripts may be pointed at any controller of the pool. The service gateway is served
-//! the same way, sending requests on to the leader's gateway. Once elected, the switch hands
+//! the same way, sending requests on to the leader's gateway. A standby answers some reads itself
+//! from the state it follows from the store ([`Reads`]). Once elected, the switch hands
 //! every request to the leader's router, which refuses work the moment the lease is no longer
 //! surely held (a leader paused past its lease answers nothing it could get wrong).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -17,6 +19,10 @@ use axum::response::{IntoResponse, Response};
 use tower::ServiceExt;
 
 use super::gateway::hop_by_hop;
+use super::{Reader, api};
+use crate::auth::TokenCache;
+use crate::state::State as PoolState;
+use crate::store::follow::Follower;
 use crate::store::lease::{Holder, Leadership};
 
 /// The header a standby adds to what it sends on, naming itself: a request that arrives with it
@@ -40,6 +46,85 @@ pub struct Switch {
     /// This controller's URL (`--advertise`), or its gateway's.
     pub me: String,
     serves: Serves,
+    /// A standby's own answers to reads, once it follows the store.
+    reads: OnceLock<(Arc<Reads>, Router)>,
+}
+
+/// The header on an answer a standby made itself from the state it follows (at most a
+/// moment behind the leader's; see docs/ha.md).
+pub const READ_FROM: &str = "x-tessera-read-from";
+
+/// What a standby reads from: the state it follows from the store's change log.
+pub struct Reads {
+    /// Behind an async lock: the follow loop, a write sent on to the leader (which catches up
+    /// before answering, so that its client reads what it wrote) and the takeover take turns.
+    pub follower: tokio::sync::Mutex<Follower>,
+    state: Arc<Mutex<PoolState>>,
+    tokens: Arc<TokenCache>,
+    /// The follower has read the store and still holds the state (a takeover takes it).
+    serving: AtomicBool,
+}
+
+impl Reads {
+    pub fn new(follower: Follower) -> Arc<Reads> {
+        Arc::new(Reads {
+            state: follower.shared().clone(),
+            follower: tokio::sync::Mutex::new(follower),
+            tokens: Arc::default(),
+            serving: AtomicBool::new(false),
+        })
+    }
+
+    /// Reads what the leader committed since the last call.
+    pub async fn catch_up(&self) -> anyhow::Result<usize> {
+        let mut follower = self.follower.lock().await;
+        let changes = follower.catch_up(super::now_ms()).await?;
+        // Not once the takeover took the state.
+        if follower.warm() && !follower.taken() {
+            self.serving.store(true, Ordering::SeqCst);
+        }
+        Ok(changes)
+    }
+
+    /// From now on reads are sent on (this controller takes over the state).
+    pub fn stop_serving(&self) {
+        self.serving.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Reader for Reads {
+    fn state(&self) -> &Arc<Mutex<PoolState>> {
+        &self.state
+    }
+
+    fn tokens(&self) -> &Arc<TokenCache> {
+        &self.tokens
+    }
+}
+
+/// The reads a standby answers itself: those whose answers come whole from the store. A job's
+/// own view is sent on: a waiting job's reason there is the leader's last scheduling round,
+/// which is not stored.
+fn reads_router(reads: Arc<Reads>) -> Router {
+    use axum::routing::get;
+    Router::new()
+        .route("/v1/jobs", get(api::list_jobs::<Reads>))
+        .route("/v1/jobs/{id}/events", get(api::job_events::<Reads>))
+        .route("/v1/nodes", get(api::list_nodes::<Reads>))
+        .route("/v1/nodes/{name}", get(api::get_node::<Reads>))
+        .with_state(reads)
+}
+
+/// Whether a standby answers `GET path` itself.
+fn read_here(path: &str) -> bool {
+    let one_segment = |rest: &str| !rest.is_empty() && !rest.contains('/');
+    path == "/v1/jobs"
+        || path == "/v1/nodes"
+        || path.strip_prefix("/v1/nodes/").is_some_and(one_segment)
+        || path
+            .strip_prefix("/v1/jobs/")
+            .and_then(|rest| rest.strip_suffix("/events"))
+            .is_some_and(one_segment)
 }
 
 impl Switch {
@@ -67,7 +152,14 @@ impl Switch {
                 .build()?,
             me,
             serves,
+            reads: OnceLock::new(),
         }))
+    }
+
+    /// From now on this standby answers reads from `reads` while it serves.
+    pub fn follow(&self, reads: Arc<Reads>) {
+        let router = reads_router(reads.clone());
+        let _ = self.reads.set((reads, router));
     }
 
     /// From now on every request goes to `router` (this controller leads).
@@ -107,7 +199,36 @@ async fn dispatch(State(sw): State<Arc<Switch>>, req: Request) -> Response {
         )
             .into_response();
     }
-    forward(&sw, req).await
+    let reads = sw
+        .reads
+        .get()
+        .filter(|(r, _)| r.serving.load(Ordering::SeqCst));
+    if let Some((_, router)) = reads
+        && sw.serves == Serves::Api
+        && req.method() == axum::http::Method::GET
+        && read_here(req.uri().path())
+    {
+        let mut resp = match router.clone().oneshot(req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        };
+        if let Ok(me) = axum::http::HeaderValue::from_str(&format!("standby {}", sw.me)) {
+            resp.headers_mut().insert(READ_FROM, me);
+        }
+        return resp;
+    }
+    let write = req.method() != axum::http::Method::GET;
+    let resp = forward(&sw, req).await;
+    // The leader committed what it acknowledged: read it before answering, so that a client
+    // writing and reading through this standby reads its own writes.
+    if write
+        && resp.status().is_success()
+        && let Some((reads, _)) = sw.reads.get()
+        && let Err(e) = reads.catch_up().await
+    {
+        tracing::warn!("following the leader's changes after a write: {e:#}");
+    }
+    resp
 }
 
 fn error(status: StatusCode, message: String) -> Response {

@@ -8,6 +8,8 @@
 //! [`super::lease`]), so numbers become visible in the order they were given: a follower that
 //! read, in one snapshot, every change above its last number has missed none.
 
+use std::sync::{Arc, Mutex};
+
 use tokio_postgres::{Client, IsolationLevel, NoTls};
 
 use super::{RECENT_EVENTS, STATE_TABLES, apply_deletion, apply_doc, apply_event};
@@ -23,12 +25,16 @@ pub struct Follower {
     url: String,
     /// `None` until connected, and after the connection failed (the next catch-up reconnects).
     client: Option<Client>,
-    state: State,
+    /// Shared with the standby's readers (see `controller::standby::Reads`), who see each
+    /// catch-up whole: it is applied under one lock.
+    state: Arc<Mutex<State>>,
     /// The highest rev applied.
     rev: i64,
     /// The highest event sequence number applied (0: none yet; the first read takes the newest
     /// [`RECENT_EVENTS`], as a full read does).
     event_seq: i64,
+    /// A takeover took the state ([`Follower::take_state`]).
+    taken: bool,
 }
 
 impl Follower {
@@ -37,9 +43,10 @@ impl Follower {
         Follower {
             url: url.to_string(),
             client: None,
-            state: State::default(),
+            state: Arc::default(),
             rev: 0,
             event_seq: 0,
+            taken: false,
         }
     }
 
@@ -114,41 +121,45 @@ impl Follower {
         };
         changes.sort_by_key(|(rev, _)| *rev);
         let applied = changes.len() + events.len();
-        // Applied to a copy only when something fails to parse is not worth the memory: a
-        // record this controller cannot read stops the takeover as it stops a full read.
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // A record this controller cannot read stops the takeover, as it stops a full read.
         for (rev, change) in changes {
             match change {
-                Change::Doc(table, doc) => apply_doc(&mut self.state, table, &doc, now_ms)?,
-                Change::Deleted(table, key) => apply_deletion(&mut self.state, &table, &key)?,
+                Change::Doc(table, doc) => apply_doc(&mut state, table, &doc, now_ms)?,
+                Change::Deleted(table, key) => apply_deletion(&mut state, &table, &key)?,
             }
             self.rev = rev;
         }
         for row in events {
             let (seq, job, ts_ms): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-            apply_event(
-                &mut self.state,
-                job as u64,
-                ts_ms as u64,
-                row.get(3),
-                row.get(4),
-            )?;
+            apply_event(&mut state, job as u64, ts_ms as u64, row.get(3), row.get(4))?;
             self.event_seq = seq;
         }
-        self.state.usage_seq = self.state.usage_seq.max(usage as u64);
+        state.usage_seq = state.usage_seq.max(usage as u64);
         Ok(applied)
     }
 
-    /// What has been followed so far.
-    #[cfg(test)]
-    pub fn state(&self) -> &State {
+    /// What has been followed so far, as readers share it.
+    pub fn shared(&self) -> &Arc<Mutex<State>> {
         &self.state
     }
 
-    /// The followed state, for a controller taking over: its nodes count as seen at `now_ms`
-    /// (as a full read counts them), so that none is judged lost before its agent finds the
-    /// new leader.
-    pub fn into_state(self, now_ms: u64) -> State {
-        let mut state = self.state;
+    /// Whether a catch-up has read the store.
+    pub fn warm(&self) -> bool {
+        self.rev > 0 || self.event_seq > 0
+    }
+
+    /// Whether a takeover took the state.
+    pub fn taken(&self) -> bool {
+        self.taken
+    }
+
+    /// The followed state, for a controller taking over (readers of [`Follower::shared`] see an
+    /// empty one from now on): its nodes count as seen at `now_ms` (as a full read counts them),
+    /// so that none is judged lost before its agent finds the new leader.
+    pub fn take_state(&mut self, now_ms: u64) -> State {
+        self.taken = true;
+        let mut state = std::mem::take(&mut *self.state.lock().unwrap_or_else(|e| e.into_inner()));
         for node in state.nodes.values_mut() {
             node.last_seen_ms = now_ms;
         }
@@ -301,7 +312,7 @@ mod tests {
         let mut f = Follower::new(&pg.url());
         let first = rt.block_on(f.catch_up(7)).unwrap();
         assert_eq!(first, 1 + 2 + 40 + 40 + 2 + 2 + 2, "every record and event");
-        assert_same(f.state(), &b.load(7).unwrap());
+        assert_same(&f.shared().lock().unwrap(), &b.load(7).unwrap());
 
         // The leader's next batches: a job starts on node a, another arrives, a node is
         // cordoned, and one of each removable record goes (a service comes back under its name).
@@ -344,20 +355,24 @@ mod tests {
             "two jobs, an event, a node, four deletions and a service: nothing read twice"
         );
         let read = b.load(7).unwrap();
-        assert_same(f.state(), &read);
+        assert_same(&f.shared().lock().unwrap(), &read);
         assert!(read.services.contains_key("web") && !read.services.contains_key("api"));
-        assert_eq!(
-            f.state().jobs_on("a").map(|j| j.id).collect::<Vec<_>>(),
-            [3]
-        );
+        let on_a: Vec<u64> = f
+            .shared()
+            .lock()
+            .unwrap()
+            .jobs_on("a")
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(on_a, [3]);
         assert_eq!(rt.block_on(f.catch_up(7)).unwrap(), 0, "nothing new");
 
         // A follower that starts now reads the same state from scratch.
         let mut late = Follower::new(&pg.url());
         rt.block_on(late.catch_up(7)).unwrap();
-        assert_same(late.state(), &read);
+        assert_same(&late.shared().lock().unwrap(), &read);
         // Taking over: every node counts as seen at the takeover.
-        let state = f.into_state(99);
+        let state = f.take_state(99);
         assert!(state.nodes.values().all(|n| n.last_seen_ms == 99));
     }
 }

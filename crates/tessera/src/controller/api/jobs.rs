@@ -167,8 +167,8 @@ pub struct JobFilter {
     pub limit: Option<usize>,
 }
 
-pub async fn list_jobs(
-    AxState(ctl): S,
+pub async fn list_jobs<R: Reader>(
+    AxState(reader): AxState<Arc<R>>,
     caller: Caller,
     Query(f): Query<JobFilter>,
 ) -> Result<Json<Vec<JobView>>, ApiError> {
@@ -189,7 +189,7 @@ pub async fn list_jobs(
         ),
     };
     let limit = f.limit.unwrap_or(1000).min(100_000);
-    Ok(Json(ctl.store.read(|s| {
+    Ok(Json(reader.read(|s| {
         let visible = s.visible_projects(user, role);
         s.jobs
             .values()
@@ -204,22 +204,22 @@ pub async fn list_jobs(
     })))
 }
 
-pub async fn get_job(
-    AxState(ctl): S,
+pub async fn get_job<R: Reader>(
+    AxState(reader): AxState<Arc<R>>,
     caller: Caller,
     Path(id): Path<u64>,
 ) -> Result<Json<JobView>, ApiError> {
-    ctl.store
+    reader
         .read(|s| visible_job(s, &caller, id).map(|j| view(j, s)))
         .map(Json)
 }
 
-pub async fn job_events(
-    AxState(ctl): S,
+pub async fn job_events<R: Reader>(
+    AxState(reader): AxState<Arc<R>>,
     caller: Caller,
     Path(id): Path<u64>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    ctl.store.read(|s| {
+    reader.read(|s| {
         visible_job(s, &caller, id)?;
         Ok(Json(
             s.events

@@ -18,10 +18,11 @@ use super::ops::{
 use super::views::{
     DeviceView, JobView, LogChunk, NodeView, PoolView, ProjectView, ReplicaView, TokenView, WhoAmI,
 };
-use super::{ApiError, AxState, Caller, S, issue_token, now_ms};
+use super::{ApiError, AxState, Caller, Reader, S, issue_token, now_ms};
 use crate::manifest::check_name;
 use crate::state::{Event, Job, JobState, Project, Role, State, StopCause, TokenKind, User};
 use crate::units::{Quantity, parse_gpu_milli};
+use std::sync::Arc;
 
 mod jobs;
 mod logs;

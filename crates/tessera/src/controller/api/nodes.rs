@@ -70,20 +70,23 @@ pub(super) fn node_view(s: &State, name: &str) -> Option<NodeView> {
     })
 }
 
-pub async fn list_nodes(AxState(ctl): S, caller: Caller) -> Result<Json<Vec<NodeView>>, ApiError> {
+pub async fn list_nodes<R: Reader>(
+    AxState(reader): AxState<Arc<R>>,
+    caller: Caller,
+) -> Result<Json<Vec<NodeView>>, ApiError> {
     caller.user()?;
-    Ok(Json(ctl.store.read(|s| {
+    Ok(Json(reader.read(|s| {
         s.nodes.keys().filter_map(|n| node_view(s, n)).collect()
     })))
 }
 
-pub async fn get_node(
-    AxState(ctl): S,
+pub async fn get_node<R: Reader>(
+    AxState(reader): AxState<Arc<R>>,
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Json<NodeView>, ApiError> {
     caller.user()?;
-    ctl.store
+    reader
         .read(|s| node_view(s, &name))
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no node {name}; see `tessera nodes`")))
