@@ -697,3 +697,71 @@ fn a_standby_answers_reads_from_the_state_it_follows_and_its_clients_read_their_
 }
 
 const SECOND: Duration = Duration::from_secs(1);
+
+#[test]
+fn a_leader_cut_off_by_the_network_is_replaced_keeps_nothing_running_twice_and_steps_down() {
+    // The leader runs in a network namespace of its own; the standby, the agent, the clients
+    // and PostgreSQL on the host.
+    let ns = NetNs::new();
+    let mut pool = Pool::start_on_postgresql_in(&ns, &["--leader-lease", "2s", "--lease", "8s"]);
+    let standby = pool.start_standby();
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let marks = pool.shared("starts");
+    let long = pool.submit(
+        "default",
+        0.0,
+        1,
+        50,
+        &format!("echo started >> {}; sleep 600", marks.display()),
+    );
+    pool.wait_state(long, "running");
+
+    // The cut: the leader still runs, its database session stays open, but nothing passes.
+    ns.cut();
+    let cut = std::time::Instant::now();
+    standby.wait_line("Leading the pool", Duration::from_secs(30));
+    let took_over = cut.elapsed();
+    // Its session looks alive to PostgreSQL, so only the lease's end frees the lease: at least
+    // two thirds of it after the cut (the last renewal came at most a third before).
+    assert!(
+        took_over > Duration::from_millis(1300) && took_over < Duration::from_secs(6),
+        "a leader cut off (lease 2 s) was replaced {took_over:?} after the cut"
+    );
+    // Writes go on through the standby; the agent found it; the replica ran on.
+    pool.url = standby.url.clone();
+    let acked: Vec<u64> = (0..20)
+        .map(|i| pool.submit("default", 0.0, 1, 50, &format!("echo {i}")))
+        .collect();
+    pool.wait_state(*acked.last().unwrap(), "succeeded");
+    let j = pool.job(long);
+    assert_eq!(
+        (j["state"].as_str(), j["attempt"].as_u64()),
+        (Some("running"), Some(1)),
+        "{j}"
+    );
+
+    // The link back: the old leader learns that another leads, and stops without having
+    // written anything (its next batch would be fenced).
+    ns.heal();
+    let old = &mut pool.controller.as_mut().unwrap().0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = old.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cut-off leader still runs 30 s after the link came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "it exits saying it lost the lease");
+    let err = std::fs::read_to_string(pool.dir.path().join("controller.err")).unwrap();
+    assert!(err.contains("lost the leader's lease"), "{err}");
+    assert_every_one_listed_once(&pool, &acked);
+    assert_eq!(
+        std::fs::read_to_string(&marks).unwrap().lines().count(),
+        1,
+        "the replica started once"
+    );
+}

@@ -262,9 +262,18 @@ impl Campaign {
             if self.leadership.is_lost() {
                 return;
             }
-            let renewed = match self.renew().await {
-                Ok(renewed) => renewed,
-                Err(e) => {
+            // A database cut off by the network answers nothing, not even an error: each try
+            // gives up after a lease, and the next one connects afresh (a hung connection would
+            // otherwise keep this leader from learning, once the network is back, that another
+            // took over).
+            let renewed = match tokio::time::timeout(self.ttl, self.renew()).await {
+                Ok(Ok(renewed)) => renewed,
+                Err(_) => {
+                    tracing::warn!("renewing the leader's lease got no answer (retrying)");
+                    self.client = None;
+                    continue;
+                }
+                Ok(Err(e)) => {
                     tracing::warn!("renewing the leader's lease failed (retrying): {e:#}");
                     self.client = None;
                     continue;
@@ -274,7 +283,10 @@ impl Campaign {
                 continue;
             }
             let before = self.leadership.token().unwrap_or(0);
-            match self.try_take().await {
+            let taken = tokio::time::timeout(self.ttl, self.try_take())
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the database did not answer")));
+            match taken {
                 Ok(Some(token)) if token == before + 1 => {
                     tracing::warn!(
                         "the leader's lease ran out unrenewed and nobody took it: taken back \

@@ -10,10 +10,19 @@ pub struct PgCluster {
     dir: tempfile::TempDir,
     bin: PathBuf,
     pub port: u16,
+    /// The addresses the server listens on (127.0.0.1 and any given to
+    /// [`PgCluster::start_also_on`]).
+    listen: String,
 }
 
 impl PgCluster {
     pub fn start() -> PgCluster {
+        PgCluster::start_also_on(None)
+    }
+
+    /// A cluster that also listens on `also.0` and lets clients of `also.1` (an address or
+    /// CIDR) in, e.g. for a controller in a network namespace of its own.
+    pub fn start_also_on(also: Option<(&str, &str)>) -> PgCluster {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|versions| {
@@ -33,12 +42,34 @@ impl PgCluster {
             .local_addr()
             .unwrap()
             .port();
-        let cluster = PgCluster { dir, bin, port };
+        let listen = match also {
+            Some((addr, _)) => format!("127.0.0.1,{addr}"),
+            None => "127.0.0.1".into(),
+        };
+        let cluster = PgCluster {
+            dir,
+            bin,
+            port,
+            listen,
+        };
         cluster.chown_to_server();
         cluster.run(
             "initdb",
             &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "tessera"],
         );
+        if let Some((_, clients)) = also {
+            use std::io::Write;
+            let clients = if clients.contains('/') {
+                clients.to_string()
+            } else {
+                format!("{clients}/32")
+            };
+            let mut hba = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("pg_hba.conf"))
+                .unwrap();
+            writeln!(hba, "host all all {clients} trust").unwrap();
+        }
         cluster.start_again();
         cluster
     }
@@ -47,9 +78,10 @@ impl PgCluster {
     pub fn start_again(&self) {
         let data = self.dir.path().join("data");
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
+            "-p {} -k {} -c listen_addresses={} -c fsync=on",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.listen
         );
         self.run(
             "pg_ctl",
@@ -94,7 +126,12 @@ impl PgCluster {
 
     /// The database's URL.
     pub fn url(&self) -> String {
-        format!("postgresql://tessera@127.0.0.1:{}/postgres", self.port)
+        self.url_at("127.0.0.1")
+    }
+
+    /// The database's URL at another address it listens on.
+    pub fn url_at(&self, addr: &str) -> String {
+        format!("postgresql://tessera@{addr}:{}/postgres", self.port)
     }
 
     fn as_root() -> bool {

@@ -59,6 +59,97 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tessera")
 }
 
+/// A network namespace joined to the host by a veth pair, each end with an address of a /30 of
+/// its own: a second "machine" whose link the test can cut. Removed on drop.
+pub struct NetNs {
+    pub name: String,
+    host_if: String,
+    /// The host's end.
+    pub host_ip: String,
+    /// The namespace's end.
+    pub inner_ip: String,
+}
+
+impl NetNs {
+    pub fn new() -> NetNs {
+        let id = std::process::id() % 100_000;
+        let mut seed = [0u8; 2];
+        getrandom::fill(&mut seed).unwrap();
+        let (third, fourth) = (seed[0], (seed[1] % 64) * 4);
+        let ns = NetNs {
+            name: format!("tsr{id}"),
+            host_if: format!("th{id}"),
+            host_ip: format!("10.213.{third}.{}", fourth + 1),
+            inner_ip: format!("10.213.{third}.{}", fourth + 2),
+        };
+        let inner_if = format!("tn{id}");
+        ns.ip(&["netns", "add", &ns.name]);
+        ns.ip(&[
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &inner_if,
+        ]);
+        ns.ip(&["link", "set", &inner_if, "netns", &ns.name]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", ns.host_ip),
+            "dev",
+            &ns.host_if,
+        ]);
+        ns.ip(&["link", "set", &ns.host_if, "up"]);
+        let inside = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &ns.name, "ip"];
+            all.extend(args);
+            ns.ip(&all);
+        };
+        inside(&[
+            "addr",
+            "add",
+            &format!("{}/30", ns.inner_ip),
+            "dev",
+            &inner_if,
+        ]);
+        inside(&["link", "set", &inner_if, "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let out = Command::new("ip").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Cuts the link: nothing passes between the namespace and the host.
+    pub fn cut(&self) {
+        self.ip(&["link", "set", &self.host_if, "down"]);
+    }
+
+    /// Puts the link back.
+    pub fn heal(&self) {
+        self.ip(&["link", "set", &self.host_if, "up"]);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Removing the namespace removes the veth pair with it.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
 pub struct Proc(pub Child);
 
 impl Drop for Proc {
@@ -94,6 +185,9 @@ pub struct Pool {
     pub standby_urls: Vec<String>,
     /// The PostgreSQL cluster of the store, when the pool keeps it there (stopped last).
     pub postgresql: Option<PgCluster>,
+    /// Where the first controller runs when not on the host: a network namespace, the store's
+    /// URL as seen from there, and the namespace's address.
+    pub leader_in: Option<(String, String, String)>,
 }
 
 /// Another controller of a pool on PostgreSQL: a standby until the leader goes.
@@ -153,11 +247,30 @@ impl Pool {
         Pool::start_full(false, None, controller_args, Some(PgCluster::start()))
     }
 
+    /// A pool on PostgreSQL whose first controller runs in network namespace `ns` (listening on
+    /// its end of the link, reaching the database at the host's end), so that the test can cut
+    /// it off from the database, the agents and the clients at once.
+    pub fn start_on_postgresql_in(ns: &NetNs, controller_args: &[&str]) -> Pool {
+        let pg = PgCluster::start_also_on(Some((&ns.host_ip, &ns.inner_ip)));
+        let inside = (ns.name.clone(), pg.url_at(&ns.host_ip), ns.inner_ip.clone());
+        Pool::start_placed(false, None, controller_args, Some(pg), Some(inside))
+    }
+
     fn start_full(
         tls: bool,
         data_root: Option<PathBuf>,
         controller_args: &[&str],
         postgresql: Option<PgCluster>,
+    ) -> Pool {
+        Pool::start_placed(tls, data_root, controller_args, postgresql, None)
+    }
+
+    fn start_placed(
+        tls: bool,
+        data_root: Option<PathBuf>,
+        controller_args: &[&str],
+        postgresql: Option<PgCluster>,
+        leader_in: Option<(String, String, String)>,
     ) -> Pool {
         let mut controller_args: Vec<String> =
             controller_args.iter().map(|a| a.to_string()).collect();
@@ -169,7 +282,10 @@ impl Pool {
             dir.disable_cleanup(true);
             eprintln!("keeping {}", dir.path().display());
         }
-        let listen = format!("127.0.0.1:{}", port());
+        let host = leader_in
+            .as_ref()
+            .map_or("127.0.0.1", |(_, _, at)| at.as_str());
+        let listen = format!("{host}:{}", port());
         let mut http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30));
         let cert = tls.then(|| {
             let made = rcgen::generate_simple_self_signed(vec![
@@ -208,6 +324,7 @@ impl Pool {
             shared_dir: shared_dir(),
             standby_urls: vec![],
             postgresql,
+            leader_in,
         };
         pool.admin = pool
             .start_controller()
@@ -217,12 +334,20 @@ impl Pool {
 
     /// Starts (or restarts) the controller; returns the admin token on a first start.
     pub fn start_controller(&mut self) -> Option<String> {
-        let mut child = Command::new(bin())
+        let (mut command, mut args) = (Command::new(bin()), self.controller_args.clone());
+        if let Some((ns, store, _)) = &self.leader_in {
+            command = Command::new("ip");
+            command.args(["netns", "exec", ns]).arg(bin());
+            if let Some(at) = args.iter().position(|a| a == "--store") {
+                args[at + 1] = store.clone();
+            }
+        }
+        let mut child = command
             .args(["controller", "--data-dir"])
             .arg(self.data_root.join("controller"))
             .args(["--listen", &self.listen])
             .args(self.defaults())
-            .args(&self.controller_args)
+            .args(&args)
             .args(["--gateway-listen", &self.gateway])
             .args(self.cert.iter().flat_map(|cert| {
                 [
