@@ -291,141 +291,17 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
     ctl.store
         .write(move |c, s| -> Result<(), ApiError> {
             let now = c.now_ms;
-            let mut changed = Vec::new();
-            // Rendezvous ports in use by node, built at the first gang placed.
-            let mut taken: Option<HashMap<String, BTreeSet<u16>>> = None;
-            for (id, allocs) in &plan.placements {
-                let Some(job) = s.jobs.get(id) else { continue };
-                // The world may have moved since the snapshot: skip what no longer holds.
-                if job.state != JobState::Pending || job.not_before_ms > now {
-                    continue;
-                }
-                let names: Vec<&String> =
-                    allocs.iter().map(|a| &node_names[a.node.index()]).collect();
-                if names.iter().any(|n| {
-                    s.nodes
-                        .get(*n)
-                        .is_none_or(|node| node.health != NodeHealth::Ready || node.cordoned)
-                }) {
-                    continue;
-                }
-                let mut job = job.clone();
-                if job.def.spec.replicas > 1 || job.def.elastic.is_some() {
-                    let taken = taken.get_or_insert_with(|| rendezvous_ports_taken(s));
-                    let on = taken.entry(agents::node_host(s, names[0])).or_default();
-                    let Some(port) = ports.clone().find(|p| !on.contains(p)) else {
-                        tracing::warn!(
-                            "job {id} waits: every rendezvous port of --rendezvous-ports is in \
-                             use on {}",
-                            names[0]
-                        );
-                        continue;
-                    };
-                    on.insert(port);
-                    job.rendezvous_port = Some(port);
-                }
-                job.attempt += 1;
-                s.next_start_seq += 1;
-                job.started_seq = s.next_start_seq;
-                job.state = JobState::Scheduled;
-                job.pin_node = None;
-                job.generation += 1;
-                job.replicas = allocs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, a)| Replica::assigned(i as u32, &node_names[a.node.index()], a))
-                    .collect();
-                let placed: Vec<String> = job
-                    .replicas
-                    .iter()
-                    .map(|r| placed_line(job.attempt, r))
-                    .collect();
-                job.reason = format!("placed; waiting for the agent on {} to start it", names[0]);
-                metrics.observe_wait(now.saturating_sub(job.queued_ms));
-                changed.push((job, vec![(EventKind::Scheduled, placed.join("; "))]));
+            let applied = apply_plan(s, &plan, &node_names, ports, now);
+            for waited in applied.waited_ms {
+                metrics.observe_wait(waited);
             }
-            for p in &plan.preemptions {
-                let Some(job) = s.jobs.get(&p.job) else {
-                    continue;
-                };
-                if !job.state.is_active() || job.stop.is_some() {
-                    continue;
-                }
-                let mut job = job.clone();
-                let reason = match p.reason {
-                    tessera_sched::schedule::PreemptReason::QuotaReclaim => format!(
-                        "project {} is above its guaranteed quota and another project reclaims \
-                         its share",
-                        job.project()
-                    ),
-                    tessera_sched::schedule::PreemptReason::Priority => {
-                        "a higher-priority job of the same project needs the room".to_string()
-                    }
-                };
-                job.stop = Some(StopCause::Preempt {
-                    for_job: p.for_job,
-                    reason: reason.clone(),
-                });
-                let mut notes = vec![(
-                    EventKind::Preempting,
-                    format!("for job {}: {reason}", p.for_job),
-                )];
-                notes.extend(settle(&mut job, now));
+            for _ in 0..applied.preemptions {
                 metrics.preemptions.inc();
-                changed.push((job, notes));
             }
-            for m in &plan.moves {
-                let Some(job) = s.jobs.get(&m.job) else {
-                    continue;
-                };
-                if !job.state.is_active() || job.stop.is_some() {
-                    continue;
-                }
-                let mut job = job.clone();
-                let to = node_names[m.to.index()].clone();
-                job.stop = Some(StopCause::Migrate {
-                    by: format!("consolidation for job {}", m.for_job),
-                    to: Some(to.clone()),
-                });
-                let mut notes = vec![(
-                    EventKind::Migrating,
-                    format!(
-                        "moving to {to} to gather free capacity for job {}",
-                        m.for_job
-                    ),
-                )];
-                notes.extend(settle(&mut job, now));
-                changed.push((job, notes));
-            }
-            for g in &plan.grows {
-                let Some(job) = s.jobs.get(&g.job) else {
-                    continue;
-                };
-                let names: Vec<&String> = g
-                    .allocations
-                    .iter()
-                    .map(|a| &node_names[a.node.index()])
-                    .collect();
-                let ready = names.iter().all(|n| {
-                    s.nodes
-                        .get(*n)
-                        .is_some_and(|node| node.health == NodeHealth::Ready && !node.cordoned)
-                });
-                if let Some(grown) = grow(s, job, &g.allocations, &node_names).filter(|_| ready) {
-                    changed.push(grown);
-                }
-            }
-            for sh in &plan.shrinks {
-                let Some(job) = s.jobs.get(&sh.job) else {
-                    continue;
-                };
-                if let Some(shrunk) = shrink(job, &sh.replicas, sh.for_job) {
-                    changed.push(shrunk);
-                }
-            }
-            for (job, notes) in changed {
+            for (job, notes) in applied.changed {
                 save_job(c, s, job, notes, now)?;
             }
+            s.next_start_seq = applied.next_start_seq;
             let mut waits = waits;
             capacity_reasons(s, &mut waits);
             s.wait_reasons = waits;
@@ -433,6 +309,164 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
         })
         .await?;
     Ok(next_backoff)
+}
+
+/// What a plan changes in the pool, judged against the state at the time it is applied.
+#[derive(Debug, Default)]
+struct Applied {
+    /// Jobs to save, with the events that say why.
+    changed: Vec<(Job, Vec<Note>)>,
+    /// The start sequence after the placements (each start takes the next number).
+    next_start_seq: u64,
+    /// How long each placed job waited, for the wait-time metric.
+    waited_ms: Vec<u64>,
+    preemptions: u64,
+}
+
+/// Turns a plan into changed jobs (pure: the caller saves them). The world may have moved since
+/// the snapshot the plan was made from: what no longer holds (a job that is no longer pending,
+/// a node that is no longer ready, a job already stopping) is skipped and waits for the next
+/// round. A gang gets a rendezvous port that is free on its rank 0's host.
+fn apply_plan(
+    s: &State,
+    plan: &tessera_sched::schedule::Plan,
+    node_names: &[String],
+    ports: std::ops::RangeInclusive<u16>,
+    now: u64,
+) -> Applied {
+    let mut applied = Applied {
+        next_start_seq: s.next_start_seq,
+        ..Applied::default()
+    };
+    let changed = &mut applied.changed;
+    // Rendezvous ports in use by node, built at the first gang placed.
+    let mut taken: Option<HashMap<String, BTreeSet<u16>>> = None;
+    for (id, allocs) in &plan.placements {
+        let Some(job) = s.jobs.get(id) else { continue };
+        if job.state != JobState::Pending || job.not_before_ms > now {
+            continue;
+        }
+        let names: Vec<&String> = allocs.iter().map(|a| &node_names[a.node.index()]).collect();
+        if names.iter().any(|n| {
+            s.nodes
+                .get(*n)
+                .is_none_or(|node| node.health != NodeHealth::Ready || node.cordoned)
+        }) {
+            continue;
+        }
+        let mut job = job.clone();
+        if job.def.spec.replicas > 1 || job.def.elastic.is_some() {
+            let taken = taken.get_or_insert_with(|| rendezvous_ports_taken(s));
+            let on = taken.entry(agents::node_host(s, names[0])).or_default();
+            let Some(port) = ports.clone().find(|p| !on.contains(p)) else {
+                tracing::warn!(
+                    "job {id} waits: every rendezvous port of --rendezvous-ports is in use on {}",
+                    names[0]
+                );
+                continue;
+            };
+            on.insert(port);
+            job.rendezvous_port = Some(port);
+        }
+        job.attempt += 1;
+        applied.next_start_seq += 1;
+        job.started_seq = applied.next_start_seq;
+        job.state = JobState::Scheduled;
+        job.pin_node = None;
+        job.generation += 1;
+        job.replicas = allocs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Replica::assigned(i as u32, &node_names[a.node.index()], a))
+            .collect();
+        let placed: Vec<String> = job
+            .replicas
+            .iter()
+            .map(|r| placed_line(job.attempt, r))
+            .collect();
+        job.reason = format!("placed; waiting for the agent on {} to start it", names[0]);
+        applied.waited_ms.push(now.saturating_sub(job.queued_ms));
+        changed.push((job, vec![(EventKind::Scheduled, placed.join("; "))]));
+    }
+    for p in &plan.preemptions {
+        let Some(job) = s.jobs.get(&p.job) else {
+            continue;
+        };
+        if !job.state.is_active() || job.stop.is_some() {
+            continue;
+        }
+        let mut job = job.clone();
+        let reason = match p.reason {
+            tessera_sched::schedule::PreemptReason::QuotaReclaim => format!(
+                "project {} is above its guaranteed quota and another project reclaims its share",
+                job.project()
+            ),
+            tessera_sched::schedule::PreemptReason::Priority => {
+                "a higher-priority job of the same project needs the room".to_string()
+            }
+        };
+        job.stop = Some(StopCause::Preempt {
+            for_job: p.for_job,
+            reason: reason.clone(),
+        });
+        let mut notes = vec![(
+            EventKind::Preempting,
+            format!("for job {}: {reason}", p.for_job),
+        )];
+        notes.extend(settle(&mut job, now));
+        applied.preemptions += 1;
+        changed.push((job, notes));
+    }
+    for m in &plan.moves {
+        let Some(job) = s.jobs.get(&m.job) else {
+            continue;
+        };
+        if !job.state.is_active() || job.stop.is_some() {
+            continue;
+        }
+        let mut job = job.clone();
+        let to = node_names[m.to.index()].clone();
+        job.stop = Some(StopCause::Migrate {
+            by: format!("consolidation for job {}", m.for_job),
+            to: Some(to.clone()),
+        });
+        let mut notes = vec![(
+            EventKind::Migrating,
+            format!(
+                "moving to {to} to gather free capacity for job {}",
+                m.for_job
+            ),
+        )];
+        notes.extend(settle(&mut job, now));
+        changed.push((job, notes));
+    }
+    for g in &plan.grows {
+        let Some(job) = s.jobs.get(&g.job) else {
+            continue;
+        };
+        let names: Vec<&String> = g
+            .allocations
+            .iter()
+            .map(|a| &node_names[a.node.index()])
+            .collect();
+        let ready = names.iter().all(|n| {
+            s.nodes
+                .get(*n)
+                .is_some_and(|node| node.health == NodeHealth::Ready && !node.cordoned)
+        });
+        if let Some(grown) = grow(s, job, &g.allocations, node_names).filter(|_| ready) {
+            changed.push(grown);
+        }
+    }
+    for sh in &plan.shrinks {
+        let Some(job) = s.jobs.get(&sh.job) else {
+            continue;
+        };
+        if let Some(shrunk) = shrink(job, &sh.replicas, sh.for_job) {
+            changed.push(shrunk);
+        }
+    }
+    applied
 }
 
 /// "attempt 2: replica 0 on n1 gpu0,gpu1": the event line `tessera logs` finds nodes by.
@@ -719,5 +753,186 @@ mod tests {
         s.nodes.get_mut("a").unwrap().health = NodeHealth::Lost;
         let lost = build(&s, 70_000);
         assert!(lost.snapshot.running[0].allocations.is_empty());
+    }
+
+    fn alloc(node: u32) -> tessera_sched::Allocation {
+        tessera_sched::Allocation {
+            node: tessera_sched::NodeId(node),
+            cpu_milli: 1000,
+            memory_bytes: 1 << 30,
+            devices: vec![],
+            affinity: None,
+        }
+    }
+
+    /// The test state's nodes a (ready), b (lost), c (cordoned), d (ready), on two hosts.
+    fn names() -> Vec<String> {
+        ["a", "b", "c", "d"].map(String::from).to_vec()
+    }
+
+    fn placed_on(a: &Applied) -> Vec<(u64, Vec<String>)> {
+        a.changed
+            .iter()
+            .map(|(j, _)| (j.id, j.replicas.iter().map(|r| r.node.clone()).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn a_plan_places_pending_jobs_and_skips_what_changed_since_its_snapshot() {
+        let mut s = state();
+        s.next_start_seq = 10;
+        for id in 1..=5 {
+            let mut j = job(id, ResourceRequest::default());
+            j.queued_ms = 400;
+            s.insert_job(j);
+        }
+        let mut cancelled = job(6, ResourceRequest::default());
+        cancelled.state = JobState::Cancelled;
+        s.insert_job(cancelled);
+        let mut backing_off = job(7, ResourceRequest::default());
+        backing_off.not_before_ms = 5_000;
+        s.insert_job(backing_off);
+        let plan = tessera_sched::schedule::Plan {
+            placements: vec![
+                (1, vec![alloc(0)]),  // a: ready
+                (2, vec![alloc(1)]),  // b: lost since
+                (3, vec![alloc(2)]),  // c: cordoned since
+                (6, vec![alloc(0)]),  // cancelled since
+                (7, vec![alloc(0)]),  // backing off again
+                (99, vec![alloc(0)]), // gone
+                (4, vec![alloc(3)]),  // d: ready
+            ],
+            ..Default::default()
+        };
+        let applied = apply_plan(&s, &plan, &names(), 29500..=29599, 1_000);
+        assert_eq!(
+            placed_on(&applied),
+            [(1, vec!["a".to_string()]), (4, vec!["d".to_string()])]
+        );
+        let (first, notes) = &applied.changed[0];
+        assert_eq!(
+            (first.state, first.attempt, first.started_seq),
+            (JobState::Scheduled, 1, 11)
+        );
+        assert_eq!(
+            first.rendezvous_port, None,
+            "a single replica needs no rendezvous"
+        );
+        assert_eq!(notes[0].0, EventKind::Scheduled);
+        assert!(
+            notes[0].1.contains("attempt 1: replica 0 on a"),
+            "{}",
+            notes[0].1
+        );
+        assert_eq!(applied.changed[1].0.started_seq, 12);
+        assert_eq!(applied.next_start_seq, 12);
+        assert_eq!(applied.waited_ms, [600, 600]);
+        // Pure: the state is as it was.
+        assert_eq!(s.jobs[&1].state, JobState::Pending);
+        assert_eq!(s.next_start_seq, 10);
+    }
+
+    #[test]
+    fn gangs_get_a_rendezvous_port_free_on_their_rank_0s_host_or_wait() {
+        let mut s = state();
+        for (name, host) in [("a", "10.0.0.1"), ("d", "10.0.0.2")] {
+            s.nodes.get_mut(name).unwrap().address = format!("http://{host}:7481");
+        }
+        let gang = |id| {
+            let mut j = job(id, ResourceRequest::default());
+            j.def.spec.replicas = 2;
+            j
+        };
+        // A running gang already holds 29500 on a's host.
+        let mut running = gang(1);
+        running.state = JobState::Running;
+        running.rendezvous_port = Some(29500);
+        running.replicas = vec![Replica::assigned(0, "a", &alloc(0))];
+        s.insert_job(running);
+        for id in 2..=5 {
+            s.insert_job(gang(id));
+        }
+        let plan = tessera_sched::schedule::Plan {
+            placements: vec![
+                (2, vec![alloc(0), alloc(3)]), // rank 0 on a: 29501
+                (3, vec![alloc(3), alloc(0)]), // rank 0 on d: 29500 is free there
+                (4, vec![alloc(0), alloc(0)]), // a has no port left in 29500-29501
+                (5, vec![alloc(3), alloc(3)]), // d: 29501
+            ],
+            ..Default::default()
+        };
+        let applied = apply_plan(&s, &plan, &names(), 29500..=29501, 1_000);
+        let ports: Vec<(u64, Option<u16>)> = applied
+            .changed
+            .iter()
+            .map(|(j, _)| (j.id, j.rendezvous_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [(2, Some(29501)), (3, Some(29500)), (5, Some(29501))]
+        );
+    }
+
+    #[test]
+    fn preemptions_and_moves_stop_only_active_jobs_not_already_stopping() {
+        use tessera_sched::schedule::{Move, PreemptReason, Preemption};
+        let mut s = state();
+        let running = |id| {
+            let mut j = job(id, ResourceRequest::default());
+            j.state = JobState::Running;
+            j.replicas = vec![Replica::assigned(0, "a", &alloc(0))];
+            j
+        };
+        for id in [1, 2, 4] {
+            s.insert_job(running(id));
+        }
+        let mut stopping = running(3);
+        stopping.stop = Some(StopCause::Preempt {
+            for_job: 8,
+            reason: "earlier".into(),
+        });
+        s.insert_job(stopping);
+        let mut ended = running(5);
+        ended.state = JobState::Succeeded;
+        s.insert_job(ended);
+        let preempt = |job, reason| Preemption {
+            job,
+            for_job: 9,
+            reason,
+        };
+        let plan = tessera_sched::schedule::Plan {
+            preemptions: vec![
+                preempt(1, PreemptReason::QuotaReclaim),
+                preempt(2, PreemptReason::Priority),
+                preempt(3, PreemptReason::Priority),
+                preempt(5, PreemptReason::Priority),
+            ],
+            moves: vec![Move {
+                job: 4,
+                to: tessera_sched::NodeId(3),
+                for_job: 9,
+            }],
+            ..Default::default()
+        };
+        let applied = apply_plan(&s, &plan, &names(), 29500..=29599, 1_000);
+        assert_eq!(applied.preemptions, 2);
+        let stops: Vec<(u64, String)> = applied
+            .changed
+            .iter()
+            .map(|(j, notes)| (j.id, format!("{:?} / {}", j.stop, notes[0].1)))
+            .collect();
+        assert_eq!(stops.len(), 3, "{stops:?}");
+        assert!(
+            stops[0]
+                .1
+                .contains("project default is above its guaranteed quota"),
+            "{stops:?}"
+        );
+        assert!(stops[1].1.contains("a higher-priority job"), "{stops:?}");
+        assert_eq!(stops[2].0, 4);
+        assert!(
+            stops[2].1.contains("Migrate") && stops[2].1.contains("moving to d"),
+            "{stops:?}"
+        );
     }
 }
