@@ -1,29 +1,7 @@
 //! `tessera`: one binary for the pool: `up`, `controller`, `agent`, the user verbs, and the trace
 //! simulator (`sim`).
 
-mod agent;
-mod auth;
-mod bench;
-mod bench_failover;
-mod cli;
-mod controller;
-mod endpoints;
-mod manifest;
-mod metering;
-mod protocol;
-mod service;
-mod sim;
-mod state;
-mod store;
-#[cfg(test)]
-mod testkit;
-mod units;
-mod volumes;
-
-/// A real OCI registry and test images, shared with the end-to-end tests.
-#[cfg(test)]
-#[path = "../tests/common/registry.rs"]
-mod test_registry;
+use tessera::{agent, bench, cli, controller, endpoints, manifest, metering, sim, store, units};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -424,7 +402,7 @@ fn controller_config(a: &ControllerArgs) -> anyhow::Result<controller::Controlle
             Some(other) => anyhow::bail!(
                 "--store {}: give a PostgreSQL URL (postgresql://USER:PASS@HOST:PORT/DB), or \
                  leave it out for SQLite in --data-dir",
-                crate::store::postgres::redact(other)
+                store::postgres::redact(other)
             ),
         },
         listen: a.listen,
