@@ -802,3 +802,170 @@ pub async fn expire_leases(ctl: &Ctl) -> Option<u64> {
     }
     next
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{DeviceSample, NodeSample, ReplicaUsage};
+    use crate::state::{JobState, Replica, StopCause};
+    use crate::testkit::{job, node};
+    use tessera_sched::ResourceRequest;
+
+    fn alloc() -> tessera_sched::Allocation {
+        tessera_sched::Allocation {
+            node: tessera_sched::NodeId(0),
+            cpu_milli: 500,
+            memory_bytes: 1 << 30,
+            devices: vec![],
+            affinity: None,
+        }
+    }
+
+    /// Nodes a (ready) and b (lost); job 1 runs replica 0 on a and replica 1 on b, job 2 is
+    /// stopping on a, job 3 has a replica on a that is leaving.
+    fn pool() -> State {
+        let mut s = State::default();
+        s.nodes
+            .insert("a".into(), node("a", NodeHealth::Ready, false));
+        s.nodes
+            .insert("b".into(), node("b", NodeHealth::Lost, false));
+        let running = |id, nodes: &[&str]| {
+            let mut j = job(id, ResourceRequest::default());
+            j.state = JobState::Running;
+            j.attempt = 2;
+            j.def.spec.replicas = nodes.len() as u32;
+            j.replicas = nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Replica::assigned(i as u32, n, &alloc()))
+                .collect();
+            j
+        };
+        s.insert_job(running(1, &["a", "b"]));
+        let mut stopping = running(2, &["a"]);
+        stopping.stop = Some(StopCause::Preempt {
+            for_job: 9,
+            reason: "room".into(),
+        });
+        s.insert_job(stopping);
+        let mut leaving = running(3, &["a", "a"]);
+        leaving.replicas[1].leaving = true;
+        s.insert_job(leaving);
+        s.users.insert(
+            "ana".into(),
+            crate::state::User {
+                name: "ana".into(),
+                role: crate::state::Role::Member,
+                created_ms: 0,
+                uid: Some(4242),
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn a_node_is_told_only_its_own_replicas_of_jobs_that_are_not_stopping() {
+        let s = pool();
+        let (_, told) = desired(&s, "a");
+        let keys: Vec<String> = told.iter().map(|a| a.key.clone()).collect();
+        assert_eq!(keys, [s.jobs[&1].key(0), s.jobs[&3].key(0)]);
+        assert!(
+            told.iter().all(|a| a.uid == Some(4242)),
+            "the owner's mapped uid"
+        );
+        assert_eq!((told[0].replicas, told[0].attempt), (2, 2));
+        // A lost node is told nothing: its work is judged elsewhere.
+        assert!(desired(&s, "b").1.is_empty());
+        assert!(desired(&s, "nowhere").1.is_empty());
+    }
+
+    #[test]
+    fn an_agent_speaks_only_for_the_replicas_of_its_own_node() {
+        let s = pool();
+        let on_a = s.jobs[&1].key(0);
+        let on_b = s.jobs[&1].key(1);
+        assert!(reportable(&s, "a", &on_a));
+        assert!(
+            !reportable(&s, "a", &on_b),
+            "a's agent cannot report b's replica"
+        );
+        assert!(!reportable(&s, "b", &on_a));
+        // Keys of no current replica (an earlier attempt, an ended or unknown job) are not
+        // forgeries: the report is stale and judged as such.
+        let mut earlier = s.jobs[&1].clone();
+        earlier.attempt = 1;
+        assert!(reportable(&s, "b", &earlier.key(0)));
+        assert!(reportable(&s, "a", "not a key"));
+    }
+
+    fn sync(seq: u64) -> SyncRequest {
+        SyncRequest {
+            seq,
+            revision: 0,
+            statuses: vec![],
+            wait_ms: 1000,
+            sample: None,
+            images: vec![],
+        }
+    }
+
+    fn device(index: u32, util_pct: f64) -> DeviceSample {
+        DeviceSample {
+            index,
+            util_pct,
+            memory_used_bytes: 1,
+            memory_total_bytes: 2,
+            power_mw: 0,
+        }
+    }
+
+    #[test]
+    fn impossible_reports_are_refused_by_field() {
+        let now = 1_000_000;
+        let field = |r: &SyncRequest| check_sync(r, 2, now).err().and_then(|e| e.field);
+        assert_eq!(field(&sync(now * 1000)), None, "a sound report passes");
+        assert_eq!(field(&sync(u64::MAX)).as_deref(), Some("seq"));
+        let sampled = |devices| SyncRequest {
+            sample: Some(NodeSample {
+                at_ms: now,
+                simulated: true,
+                devices,
+            }),
+            ..sync(1)
+        };
+        let twice = sampled(vec![device(0, 5.0), device(0, 5.0)]);
+        assert_eq!(field(&twice).as_deref(), Some("sample.devices.index"));
+        let beyond = sampled(vec![device(2, 5.0)]);
+        assert_eq!(field(&beyond).as_deref(), Some("sample.devices.index"));
+        let busy = sampled(vec![device(1, 101.0)]);
+        assert_eq!(field(&busy).as_deref(), Some("sample.devices"));
+        assert_eq!(
+            field(&sampled(vec![device(0, 5.0), device(1, 100.0)])),
+            None
+        );
+        let usage = ReplicaUsage {
+            gpu_util_pct: f64::NAN,
+            gpu_memory_bytes: 0,
+            cpu_pct: 10.0,
+            memory_bytes: 0,
+            energy_mj: 0,
+            simulated: true,
+        };
+        let status = ReplicaStatus {
+            key: "k".into(),
+            phase: crate::protocol::RunPhase::Running,
+            exit_code: None,
+            interrupted: false,
+            message: String::new(),
+            resume_failed: None,
+            port: None,
+            usage: Some(usage),
+            image: None,
+        };
+        let nan = SyncRequest {
+            statuses: vec![status],
+            ..sync(1)
+        };
+        assert_eq!(field(&nan).as_deref(), Some("statuses.usage"));
+    }
+}
