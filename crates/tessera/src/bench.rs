@@ -408,6 +408,26 @@ pub fn simulated_node(name: &str, gpus: usize) -> RegisterRequest {
     }
 }
 
+/// A directory a benchmark and its workloads share, as a cluster file system would: outside
+/// `/tmp` (every workload has a private one) and writable by every workload's uid (1777).
+/// Removed on drop.
+pub struct SharedDir(pub PathBuf);
+
+impl SharedDir {
+    pub fn new(what: &str) -> anyhow::Result<SharedDir> {
+        let dir = PathBuf::from(format!("/var/tmp/tessera-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
+        Ok(SharedDir(dir))
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A process's resident memory now and at its peak, in bytes.
 pub fn process_memory(pid: u32) -> anyhow::Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -641,8 +661,8 @@ fn now_ns() -> u128 {
 async fn latency(common: &Common, jobs: usize) -> anyhow::Result<Value> {
     let mut pool = Pool::start(common, "10s")?;
     pool.add_agent("n1", "8xH100-80GB").await?;
-    let marks = pool.dir.join("marks");
-    std::fs::create_dir_all(&marks)?;
+    let shared = SharedDir::new("latency")?;
+    let marks = &shared.0;
     let script = format!("date +%s%N > {}/$TESSERA_JOB_ID", marks.display());
     let pb = bar(jobs, "jobs");
     let mut lat = Vec::with_capacity(jobs);
@@ -984,8 +1004,8 @@ async fn wait_state(pool: &Pool, id: u64, states: &[&str]) -> anyhow::Result<Val
 async fn preempt(common: &Common, rounds: usize) -> anyhow::Result<Value> {
     let mut pool = Pool::start(common, "10s")?;
     pool.add_agent("n1", "1xH100-80GB").await?;
-    let marks = pool.dir.join("marks");
-    std::fs::create_dir_all(&marks)?;
+    let shared = SharedDir::new("preempt")?;
+    let marks = &shared.0;
     let mark = format!("date +%s%N > {}/$TESSERA_JOB_ID", marks.display());
     let saver = "trap 'echo 1 > \"$TESSERA_CHECKPOINT_DIR/state\"; : > \"$TESSERA_CHECKPOINT_DIR/COMPLETE\"; exit 0' USR1; while true; do sleep 0.05; done";
     let mut out = serde_json::Map::new();

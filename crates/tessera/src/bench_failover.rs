@@ -257,13 +257,8 @@ fn measure(
         .stderr(Stdio::inherit())
         .spawn()?;
     // Where the replica (its project's own uid, with a /tmp of its own) may write.
-    let shared = PathBuf::from(format!("/var/tmp/tessera-failover-{}", std::process::id()));
-    std::fs::create_dir_all(&shared)?;
-    std::fs::set_permissions(
-        &shared,
-        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-    )?;
-    let starts = shared.join("starts");
+    let shared = crate::bench::SharedDir::new("failover")?;
+    let starts = shared.0.join("starts");
     let long = http
         .post(format!("{}/v1/jobs", urls[0]))
         .bearer_auth(&admin)
@@ -435,7 +430,6 @@ fn measure(
         .send()?
         .json()?;
     let long_starts = std::fs::read_to_string(&starts)?.lines().count();
-    let _ = std::fs::remove_dir_all(&shared);
     let _ = agent.kill();
     let _ = agent.wait();
     drop(controllers);

@@ -99,6 +99,7 @@ impl PgCluster {
     }
 
     /// Stops the server at once (as a crash would: `-m immediate`).
+    #[allow(dead_code)] // Not every test target that includes this file uses it.
     pub fn stop(&self) {
         let data = self.dir.path().join("data");
         self.run(
