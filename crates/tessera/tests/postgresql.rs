@@ -694,6 +694,14 @@ fn a_standby_answers_reads_from_the_state_it_follows_and_its_clients_read_their_
         (200, false),
         "the leader answers its own reads"
     );
+
+    // A standby that cannot follow the store (here: PostgreSQL stopped) stops answering from
+    // its aging copy and sends reads on; the leader answers them from memory.
+    pool.postgresql.as_ref().unwrap().stop();
+    std::thread::sleep(2 * SECOND);
+    let (status, by_standby, jobs) = read_at(&pool, &standby.url, "/v1/jobs", 10 * SECOND);
+    assert_eq!((status, by_standby), (200, false), "{jobs}");
+    assert_eq!(jobs.as_array().unwrap().len(), ids.len());
 }
 
 const SECOND: Duration = Duration::from_secs(1);

@@ -613,10 +613,13 @@ async fn elect_and_open(
     let mut told = None;
     let token = campaign
         .elect(CAMPAIGN_EVERY, |holder, err| {
-            *switch.holder.lock().unwrap_or_else(|e| e.into_inner()) = holder.cloned();
             if let Some(e) = err {
+                // Who led last is the best guess while the lease cannot be read: requests go on
+                // to it (a leader that lost its lease refuses them itself).
                 tracing::warn!("campaigning for the leader's lease: {e:#}");
+                return;
             }
+            *switch.holder.lock().unwrap_or_else(|e| e.into_inner()) = holder.cloned();
             let leader = holder.map(|h| h.url.clone());
             if told.as_ref() != Some(&leader) {
                 on_standby(leader.as_deref());

@@ -63,7 +63,16 @@ pub struct Reads {
     tokens: Arc<TokenCache>,
     /// The follower has read the store and still holds the state (a takeover takes it).
     serving: AtomicBool,
+    /// When a catch-up last succeeded: a copy older than [`STALE_AFTER`] is not read from.
+    caught_up_at: Mutex<Option<std::time::Instant>>,
 }
+
+/// A standby whose copy has not caught up with the store for this long (the database away or
+/// cut off) sends reads on to the leader instead of answering from an old copy.
+pub const STALE_AFTER: Duration = Duration::from_millis(1500);
+
+/// How long one catch-up may take before its connection is given up on.
+const CATCH_UP_WITHIN: Duration = Duration::from_secs(2);
 
 impl Reads {
     pub fn new(follower: Follower) -> Arc<Reads> {
@@ -72,18 +81,38 @@ impl Reads {
             follower: tokio::sync::Mutex::new(follower),
             tokens: Arc::default(),
             serving: AtomicBool::new(false),
+            caught_up_at: Mutex::new(None),
         })
     }
 
     /// Reads what the leader committed since the last call.
     pub async fn catch_up(&self) -> anyhow::Result<usize> {
         let mut follower = self.follower.lock().await;
-        let changes = follower.catch_up(super::now_ms()).await?;
+        let now = super::now_ms();
+        let changes = match tokio::time::timeout(CATCH_UP_WITHIN, follower.catch_up(now)).await {
+            Ok(changes) => changes?,
+            Err(_) => {
+                follower.disconnect();
+                anyhow::bail!("the database did not answer within {CATCH_UP_WITHIN:?}");
+            }
+        };
+        *self.caught_up_at.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(std::time::Instant::now());
         // Not once the takeover took the state.
         if follower.warm() && !follower.taken() {
             self.serving.store(true, Ordering::SeqCst);
         }
         Ok(changes)
+    }
+
+    /// Whether reads are answered from the copy: it holds the state and caught up lately.
+    fn fresh(&self) -> bool {
+        self.serving.load(Ordering::SeqCst)
+            && self
+                .caught_up_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|at| at.elapsed() < STALE_AFTER)
     }
 
     /// From now on reads are sent on (this controller takes over the state).
@@ -199,10 +228,7 @@ async fn dispatch(State(sw): State<Arc<Switch>>, req: Request) -> Response {
         )
             .into_response();
     }
-    let reads = sw
-        .reads
-        .get()
-        .filter(|(r, _)| r.serving.load(Ordering::SeqCst));
+    let reads = sw.reads.get().filter(|(r, _)| r.fresh());
     if let Some((_, router)) = reads
         && sw.serves == Serves::Api
         && req.method() == axum::http::Method::GET

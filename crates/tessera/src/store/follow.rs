@@ -139,6 +139,11 @@ impl Follower {
         Ok(applied)
     }
 
+    /// Drops the connection (one that stopped answering); the next catch-up connects afresh.
+    pub fn disconnect(&mut self) {
+        self.client = None;
+    }
+
     /// What has been followed so far, as readers share it.
     pub fn shared(&self) -> &Arc<Mutex<State>> {
         &self.state

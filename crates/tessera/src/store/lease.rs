@@ -235,10 +235,17 @@ impl Campaign {
         mut waiting: impl FnMut(Option<&Holder>, Option<&anyhow::Error>),
     ) -> i64 {
         loop {
-            match self.try_take().await {
+            // As in `keep`: a database that answers nothing is given up on after a lease, and
+            // the next try connects afresh (a try whose answer was lost took a lease on a session
+            // that then ends, so the next take succeeds all the same).
+            let taken = tokio::time::timeout(self.ttl, self.try_take())
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the database did not answer")));
+            match taken {
                 Ok(Some(token)) => return token,
                 Ok(None) => {
-                    let holder = self.holder().await.ok().flatten();
+                    let holder = tokio::time::timeout(self.ttl, self.holder()).await;
+                    let holder = holder.ok().and_then(|h| h.ok()).flatten();
                     waiting(holder.as_ref(), None);
                 }
                 Err(e) => {
