@@ -18,12 +18,17 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 /// Runs `tessera bench ARGS -o json` on a free port; its report.
 fn bench(args: &[&str]) -> Value {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    // Two free ports in a row: failover runs its second controller on the next one.
+    let port = loop {
+        let first = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if first < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", first + 1)).is_ok() {
+            break first.to_string();
+        }
+    };
     let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .arg("bench")
         .args(args)
