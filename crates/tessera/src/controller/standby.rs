@@ -63,7 +63,8 @@ pub struct Reads {
     tokens: Arc<TokenCache>,
     /// The follower has read the store and still holds the state (a takeover takes it).
     serving: AtomicBool,
-    /// When a catch-up last succeeded: a copy older than [`STALE_AFTER`] is not read from.
+    /// When the last successful catch-up began (its copy holds every commit before that): a
+    /// copy older than [`STALE_AFTER`] is not read from.
     caught_up_at: Mutex<Option<std::time::Instant>>,
 }
 
@@ -87,7 +88,21 @@ impl Reads {
 
     /// Reads what the leader committed since the last call.
     pub async fn catch_up(&self) -> anyhow::Result<usize> {
+        self.catch_up_after(None).await
+    }
+
+    /// Makes the copy hold every commit made before `after`: a catch-up that began since then
+    /// already read them, so a burst of writes sent on together costs one catch-up, not one
+    /// each.
+    async fn catch_up_after(&self, after: Option<std::time::Instant>) -> anyhow::Result<usize> {
         let mut follower = self.follower.lock().await;
+        let last = *self.caught_up_at.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(after), Some(last)) = (after, last)
+            && last >= after
+        {
+            return Ok(0);
+        }
+        let began = std::time::Instant::now();
         let now = super::now_ms();
         let changes = match tokio::time::timeout(CATCH_UP_WITHIN, follower.catch_up(now)).await {
             Ok(changes) => changes?,
@@ -96,8 +111,7 @@ impl Reads {
                 anyhow::bail!("the database did not answer within {CATCH_UP_WITHIN:?}");
             }
         };
-        *self.caught_up_at.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(std::time::Instant::now());
+        *self.caught_up_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
         // Not once the takeover took the state.
         if follower.warm() && !follower.taken() {
             self.serving.store(true, Ordering::SeqCst);
@@ -245,12 +259,13 @@ async fn dispatch(State(sw): State<Arc<Switch>>, req: Request) -> Response {
     }
     let write = req.method() != axum::http::Method::GET;
     let resp = forward(&sw, req).await;
+    let answered = std::time::Instant::now();
     // The leader committed what it acknowledged: read it before answering, so that a client
     // writing and reading through this standby reads its own writes.
     if write
         && resp.status().is_success()
         && let Some((reads, _)) = sw.reads.get()
-        && let Err(e) = reads.catch_up().await
+        && let Err(e) = reads.catch_up_after(Some(answered)).await
     {
         tracing::warn!("following the leader's changes after a write: {e:#}");
     }
