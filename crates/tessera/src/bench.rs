@@ -324,7 +324,7 @@ impl Pool {
         self.join_token_for(1).await
     }
 
-    /// A join token that joins `uses` nodes (at most 10,000, the API's limit).
+    /// A join token that joins `uses` nodes (at most [`JOIN_TOKEN_USES`]).
     async fn join_token_for(&self, uses: usize) -> anyhow::Result<String> {
         let v = self
             .post(
@@ -386,6 +386,9 @@ impl Pool {
         process_memory(self.controller.id())
     }
 }
+
+/// The most nodes one join token may join: benchmarks joining more make one token per this many.
+pub const JOIN_TOKEN_USES: usize = crate::controller::api::MAX_JOIN_USES as usize;
 
 /// What a node of `gpus` simulated H100s, 64 CPUs and 512 GiB with no process behind it
 /// registers as.
@@ -780,7 +783,7 @@ async fn scale(
 ) -> anyhow::Result<Value> {
     // A long lease: the point is memory, not heartbeat load; 10,000 long polls stay open.
     let pool = Arc::new(Pool::start(common, "60s")?);
-    const USES: usize = 10_000;
+    const USES: usize = JOIN_TOKEN_USES;
     let mut joins = Vec::new();
     for first in (0..nodes).step_by(USES) {
         joins.push(pool.join_token_for(USES.min(nodes - first)).await?);

@@ -72,25 +72,28 @@ impl Controller {
     }
 }
 
-/// Submits `count` jobs that wait for capacity, 16 at a time.
-fn queue_waiting(url: &str, admin: &str, count: usize) -> anyhow::Result<()> {
+/// Runs `one(http, i)` for every `i` below `count`, on 16 threads with a client each, behind a
+/// progress bar named `what`.
+fn sixteen_at_a_time(
+    what: &str,
+    count: usize,
+    one: impl Fn(&reqwest::blocking::Client, usize) -> anyhow::Result<()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
     if count == 0 {
         return Ok(());
     }
     let bar = indicatif::ProgressBar::new(count as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("queueing {bar:40} {pos}/{len} {per_sec}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let one = Arc::new(one);
     let workers: Vec<_> = (0..16)
         .map(|_| {
-            let (next, url, admin, bar) = (
-                next.clone(),
-                url.to_string(),
-                admin.to_string(),
-                bar.clone(),
-            );
+            let (next, bar, one) = (next.clone(), bar.clone(), one.clone());
             std::thread::spawn(move || -> anyhow::Result<()> {
                 let http = reqwest::blocking::Client::builder()
                     .timeout(Duration::from_secs(60))
@@ -100,14 +103,7 @@ fn queue_waiting(url: &str, admin: &str, count: usize) -> anyhow::Result<()> {
                     if i >= count {
                         return Ok(());
                     }
-                    http.post(format!("{url}/v1/jobs"))
-                        .bearer_auth(&admin)
-                        .json(&json!({"metadata": {"name": format!("w{i}")},
-                                      "spec": {"command": ["true"], "waitForCapacity": true,
-                                               "resources": {"gpu": 8, "cpu": "100m",
-                                                             "memory": "16MiB"}}}))
-                        .send()?
-                        .error_for_status()?;
+                    one(&http, i)?;
                     bar.inc(1);
                 }
             })
@@ -115,15 +111,30 @@ fn queue_waiting(url: &str, admin: &str, count: usize) -> anyhow::Result<()> {
         .collect();
     for w in workers {
         w.join()
-            .map_err(|_| anyhow::anyhow!("a queueing thread failed"))??;
+            .map_err(|_| anyhow::anyhow!("a {what} thread failed"))??;
     }
     bar.finish_and_clear();
     Ok(())
 }
 
-/// Registers `count` silent simulated nodes of 8 GPUs, 16 at a time.
+/// Submits `count` jobs that wait for capacity.
+fn queue_waiting(url: &str, admin: &str, count: usize) -> anyhow::Result<()> {
+    let (url, admin) = (url.to_string(), admin.to_string());
+    sixteen_at_a_time("queueing", count, move |http, i| {
+        http.post(format!("{url}/v1/jobs"))
+            .bearer_auth(&admin)
+            .json(&json!({"metadata": {"name": format!("w{i}")},
+                          "spec": {"command": ["true"], "waitForCapacity": true,
+                                   "resources": {"gpu": 8, "cpu": "100m", "memory": "16MiB"}}}))
+            .send()?
+            .error_for_status()?;
+        Ok(())
+    })
+}
+
+/// Registers `count` silent simulated nodes of 8 GPUs.
 fn register_nodes(url: &str, admin: &str, count: usize) -> anyhow::Result<()> {
-    const USES: usize = 10_000;
+    const USES: usize = crate::bench::JOIN_TOKEN_USES;
     let http = reqwest::blocking::Client::new();
     let mut joins = Vec::new();
     for first in (0..count).step_by(USES) {
@@ -139,38 +150,15 @@ fn register_nodes(url: &str, admin: &str, count: usize) -> anyhow::Result<()> {
             .to_string();
         joins.push(token);
     }
-    let bar = indicatif::ProgressBar::new(count as u64);
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let joins = Arc::new(joins);
-    let workers: Vec<_> = (0..16)
-        .map(|_| {
-            let (next, url, joins, bar) =
-                (next.clone(), url.to_string(), joins.clone(), bar.clone());
-            std::thread::spawn(move || -> anyhow::Result<()> {
-                let http = reqwest::blocking::Client::builder()
-                    .timeout(Duration::from_secs(60))
-                    .build()?;
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= count {
-                        return Ok(());
-                    }
-                    http.post(format!("{url}/v1/agent/register"))
-                        .bearer_auth(&joins[i / USES])
-                        .json(&crate::bench::simulated_node(&format!("sim{i:06}"), 8))
-                        .send()?
-                        .error_for_status()?;
-                    bar.inc(1);
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.join()
-            .map_err(|_| anyhow::anyhow!("a registering thread failed"))??;
-    }
-    bar.finish_and_clear();
-    Ok(())
+    let url = url.to_string();
+    sixteen_at_a_time("registering", count, move |http, i| {
+        http.post(format!("{url}/v1/agent/register"))
+            .bearer_auth(&joins[i / USES])
+            .json(&crate::bench::simulated_node(&format!("sim{i:06}"), 8))
+            .send()?
+            .error_for_status()?;
+        Ok(())
+    })
 }
 
 fn submission(i: usize) -> Value {

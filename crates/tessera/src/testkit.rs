@@ -49,3 +49,14 @@ pub fn job(id: u64, request: ResourceRequest) -> Job {
     };
     Job::new(id, "ana", def, 0)
 }
+
+/// One replica's allocation on node `node` (by its index in the snapshot): 1 CPU, 1 GiB.
+pub fn alloc(node: u32) -> tessera_sched::Allocation {
+    tessera_sched::Allocation {
+        node: tessera_sched::NodeId(node),
+        cpu_milli: 1000,
+        memory_bytes: 1 << 30,
+        devices: vec![],
+        affinity: None,
+    }
+}

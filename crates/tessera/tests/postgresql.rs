@@ -26,6 +26,42 @@ fn assert_every_one_listed_once(pool: &Pool, acked: &[u64]) {
     }
 }
 
+/// A replica that writes a line to a shared file each time it starts, then sleeps: whatever
+/// happens to the controllers, it must run on as its first attempt, started once.
+struct Long {
+    id: u64,
+    marks: std::path::PathBuf,
+}
+
+impl Long {
+    fn start(pool: &Pool) -> Long {
+        let marks = pool.shared("starts");
+        let id = pool.submit(
+            "default",
+            0.0,
+            1,
+            50,
+            &format!("echo started >> {}; sleep 600", marks.display()),
+        );
+        pool.wait_state(id, "running");
+        Long { id, marks }
+    }
+
+    fn ran_on_once(&self, pool: &Pool) {
+        let j = pool.job(self.id);
+        assert_eq!(
+            (j["state"].as_str(), j["attempt"].as_u64()),
+            (Some("running"), Some(1)),
+            "{j}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&self.marks).unwrap(),
+            "started\n",
+            "the replica started once"
+        );
+    }
+}
+
 /// Submissions from three clients at once until the controller dies; returns what each client
 /// was acknowledged.
 fn submit_until_refused(pool: &Pool) -> Vec<std::thread::JoinHandle<Vec<u64>>> {
@@ -202,18 +238,7 @@ HTTPServer((os.environ["TESSERA_HOST"], int(os.environ["PORT"])), H).serve_forev
     });
     assert_eq!(through(&standby.gateway).as_deref(), Some("served"));
 
-    // A long replica that counts its starts in a file: it must start once, whatever happens
-    // to the controllers.
-    let marks = pool.shared("starts");
-    let long = submit_to(
-        &pool,
-        &pool.url,
-        &format!("echo started >> {}; sleep 600", marks.display()),
-    )
-    .1["id"]
-        .as_u64()
-        .unwrap();
-    pool.wait_state(long, "running");
+    let long = Long::start(&pool);
 
     // kill -9 of the leader in the middle of a burst from three clients.
     let clients = submit_until_refused(&pool);
@@ -245,17 +270,11 @@ HTTPServer((os.environ["TESSERA_HOST"], int(os.environ["PORT"])), H).serve_forev
 
     // Nothing acknowledged was lost, nothing is listed twice.
     let mut every = acked.clone();
-    every.extend([via_standby, long]);
+    every.extend([via_standby, long.id]);
     assert_every_one_listed_once(&pool, &every);
     // The long replica ran on through the failover: still its first attempt, started once.
     std::thread::sleep(Duration::from_secs(3));
-    let j = pool.job(long);
-    assert_eq!(
-        (j["state"].as_str(), j["attempt"].as_u64()),
-        (Some("running"), Some(1)),
-        "{j}"
-    );
-    assert_eq!(std::fs::read_to_string(&marks).unwrap(), "started\n");
+    long.ran_on_once(&pool);
     let last = *acked.iter().max().unwrap();
     pool.wait_state(last, "succeeded");
 
@@ -289,15 +308,7 @@ fn a_paused_leader_is_replaced_after_its_lease_and_stops_when_it_wakes_having_wr
     let mut pool = Pool::start_on_postgresql(&["--leader-lease", "2s", "--lease", "8s"]);
     let standby = pool.start_standby();
     pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
-    let marks = pool.shared("starts");
-    let long = pool.submit(
-        "default",
-        0.0,
-        1,
-        50,
-        &format!("echo started >> {}; sleep 600", marks.display()),
-    );
-    pool.wait_state(long, "running");
+    let long = Long::start(&pool);
     let leader = pool.controller.as_ref().unwrap().0.id() as i32;
     let pid = nix::unistd::Pid::from_raw(leader);
 
@@ -351,13 +362,7 @@ fn a_paused_leader_is_replaced_after_its_lease_and_stops_when_it_wakes_having_wr
             .collect()
     };
     assert_eq!(ids(&jobs_before_waking), ids(&jobs_after));
-    let j = pool.job(long);
-    assert_eq!(
-        (j["state"].as_str(), j["attempt"].as_u64()),
-        (Some("running"), Some(1)),
-        "{j}"
-    );
-    assert_eq!(std::fs::read_to_string(&marks).unwrap(), "started\n");
+    long.ran_on_once(&pool);
 }
 
 #[test]
@@ -714,15 +719,7 @@ fn a_leader_cut_off_by_the_network_is_replaced_keeps_nothing_running_twice_and_s
     let mut pool = Pool::start_on_postgresql_in(&ns, &["--leader-lease", "2s", "--lease", "8s"]);
     let standby = pool.start_standby();
     pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
-    let marks = pool.shared("starts");
-    let long = pool.submit(
-        "default",
-        0.0,
-        1,
-        50,
-        &format!("echo started >> {}; sleep 600", marks.display()),
-    );
-    pool.wait_state(long, "running");
+    let long = Long::start(&pool);
 
     // The cut: the leader still runs, its database session stays open, but nothing passes.
     ns.cut();
@@ -741,12 +738,7 @@ fn a_leader_cut_off_by_the_network_is_replaced_keeps_nothing_running_twice_and_s
         .map(|i| pool.submit("default", 0.0, 1, 50, &format!("echo {i}")))
         .collect();
     pool.wait_state(*acked.last().unwrap(), "succeeded");
-    let j = pool.job(long);
-    assert_eq!(
-        (j["state"].as_str(), j["attempt"].as_u64()),
-        (Some("running"), Some(1)),
-        "{j}"
-    );
+    long.ran_on_once(&pool);
 
     // The link back: the old leader learns that another leads, and stops without having
     // written anything (its next batch would be fenced).
@@ -767,9 +759,5 @@ fn a_leader_cut_off_by_the_network_is_replaced_keeps_nothing_running_twice_and_s
     let err = std::fs::read_to_string(pool.dir.path().join("controller.err")).unwrap();
     assert!(err.contains("lost the leader's lease"), "{err}");
     assert_every_one_listed_once(&pool, &acked);
-    assert_eq!(
-        std::fs::read_to_string(&marks).unwrap().lines().count(),
-        1,
-        "the replica started once"
-    );
+    long.ran_on_once(&pool);
 }

@@ -808,18 +808,8 @@ mod tests {
     use super::*;
     use crate::protocol::{DeviceSample, NodeSample, ReplicaUsage};
     use crate::state::{JobState, Replica, StopCause};
-    use crate::testkit::{job, node};
+    use crate::testkit::{alloc, job, node};
     use tessera_sched::ResourceRequest;
-
-    fn alloc() -> tessera_sched::Allocation {
-        tessera_sched::Allocation {
-            node: tessera_sched::NodeId(0),
-            cpu_milli: 500,
-            memory_bytes: 1 << 30,
-            devices: vec![],
-            affinity: None,
-        }
-    }
 
     /// Nodes a (ready) and b (lost); job 1 runs replica 0 on a and replica 1 on b, job 2 is
     /// stopping on a, job 3 has a replica on a that is leaving.
@@ -837,7 +827,7 @@ mod tests {
             j.replicas = nodes
                 .iter()
                 .enumerate()
-                .map(|(i, n)| Replica::assigned(i as u32, n, &alloc()))
+                .map(|(i, n)| Replica::assigned(i as u32, n, &alloc(0)))
                 .collect();
             j
         };

@@ -216,38 +216,15 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::JobDef;
     use crate::state::Replica;
-    use std::collections::BTreeMap;
-    use tessera_sched::{JobSpec, ResourceRequest};
+    use tessera_sched::ResourceRequest;
 
     fn job(replicas: u32, restart: RestartPolicy) -> Job {
-        let def = JobDef {
-            spec: JobSpec {
-                replicas,
-                ..JobSpec::single("j", ResourceRequest::default())
-            },
-            image: None,
-            command: vec!["true".into()],
-            env: BTreeMap::new(),
-            restart,
-            max_restarts: 1,
-            preemptible: true,
-            checkpoint: None,
-            elastic: None,
-            interactive: false,
-            wait_for_capacity: false,
-            volumes: vec![],
-            workdir: None,
-            asked: Default::default(),
-        };
-        let placed = tessera_sched::Allocation {
-            node: tessera_sched::NodeId(0),
-            cpu_milli: 1000,
-            memory_bytes: 0,
-            devices: vec![],
-            affinity: None,
-        };
+        let mut job = crate::testkit::job(1, ResourceRequest::default());
+        job.def.spec.replicas = replicas;
+        job.def.restart = restart;
+        job.def.max_restarts = 1;
+        let placed = crate::testkit::alloc(0);
         Job {
             state: JobState::Scheduled,
             reason: String::new(),
@@ -256,7 +233,7 @@ mod tests {
             replicas: (0..replicas)
                 .map(|i| Replica::assigned(i, &format!("n{i}"), &placed))
                 .collect(),
-            ..Job::new(1, "ana", def, 0)
+            ..job
         }
     }
 

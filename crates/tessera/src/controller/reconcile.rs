@@ -618,7 +618,7 @@ fn shrink(job: &Job, replicas: &[u32], for_job: u64) -> Option<(Job, Vec<Note>)>
 mod tests {
     use super::*;
     use crate::state::Project;
-    use crate::testkit::{job, node};
+    use crate::testkit::{alloc, job, node};
     use tessera_sched::ResourceRequest;
 
     fn state() -> State {
@@ -753,16 +753,6 @@ mod tests {
         s.nodes.get_mut("a").unwrap().health = NodeHealth::Lost;
         let lost = build(&s, 70_000);
         assert!(lost.snapshot.running[0].allocations.is_empty());
-    }
-
-    fn alloc(node: u32) -> tessera_sched::Allocation {
-        tessera_sched::Allocation {
-            node: tessera_sched::NodeId(node),
-            cpu_milli: 1000,
-            memory_bytes: 1 << 30,
-            devices: vec![],
-            affinity: None,
-        }
     }
 
     /// The test state's nodes a (ready), b (lost), c (cordoned), d (ready), on two hosts.

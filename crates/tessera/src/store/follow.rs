@@ -324,21 +324,9 @@ mod tests {
         batch(&mut b, |tx| {
             let mut running = job(3, ResourceRequest::default());
             running.state = JobState::Running;
-            running.replicas = vec![Replica {
-                index: 0,
-                node: "a".into(),
-                cpu_milli: 1000,
-                memory_bytes: 1 << 30,
-                devices: vec![],
-                phase: crate::state::ReplicaPhase::Running,
-                exit_code: None,
-                exit_message: None,
-                started_ms: Some(5),
-                finished_ms: None,
-                port: None,
-                leaving: false,
-                resume_of: None,
-            }];
+            let mut replica = Replica::assigned(0, "a", &crate::testkit::alloc(0));
+            replica.phase = crate::state::ReplicaPhase::Running;
+            running.replicas = vec![replica];
             tx.put_job(&running)?;
             tx.add_event(&event(3, "running on a"))?;
             tx.put_job(&job(41, ResourceRequest::default()))?;

@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// The most nodes one join token may join.
+pub const MAX_JOIN_USES: u32 = 10_000;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserBody {
@@ -122,9 +125,9 @@ pub async fn create_token(
         ));
     }
     let uses = b.uses.unwrap_or(1);
-    if !(1..=10_000).contains(&uses) {
+    if !(1..=MAX_JOIN_USES).contains(&uses) {
         return Err(ApiError::bad(format!(
-            "uses {uses}: a join token joins 1 to 10000 nodes"
+            "uses {uses}: a join token joins 1 to {MAX_JOIN_USES} nodes"
         )));
     }
     let ttl = match &b.expires_in {
