@@ -742,7 +742,7 @@ pub struct State {
     pub dirty_nodes: BTreeSet<String>,
     pub recent_requests: VecDeque<ResourceRequest>,
     /// Reasons of waiting jobs from the last scheduling round (derived, not stored).
-    pub wait_reasons: HashMap<u64, String>,
+    pub wait_reasons: HashMap<u64, tessera_sched::schedule::WaitReason>,
     /// The last usage segment committed (see `controller::usage`).
     pub usage_seq: u64,
     /// Each running replica's latest use as its agent reported it, by replica key (derived, not

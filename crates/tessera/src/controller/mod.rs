@@ -971,8 +971,37 @@ pub fn router(ctl: Ctl) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             handler_panicked,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            ctl.store.gate.clone(),
+            after_commit,
+        ))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(ctl)
+}
+
+/// Answers built from reads leave only once what they read is durable (see `store::gate`): every
+/// read, and an agent's sync (whose answer is the work its node should run). Other writes need no
+/// wait, since each one's reply already waits for its own commit; withdrawing a committed write's
+/// answer would make its client retry what was done.
+async fn after_commit(
+    axum::extract::State(gate): axum::extract::State<Arc<store::gate::CommitGate>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let reads = req.method() == axum::http::Method::GET
+        || req.method() == axum::http::Method::HEAD
+        || req.uri().path() == "/v1/agent/sync";
+    if !reads {
+        return next.run(req).await;
+    }
+    let from = gate.first_unsettled();
+    let resp = next.run(req).await;
+    match gate.settled(from, gate.applied()).await {
+        Ok(()) => resp,
+        Err(tainted) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, tainted.to_string()).into_response()
+        }
+    }
 }
 
 /// Every error of the API is JSON (`{"error": {"status", "message"}}`), also those the HTTP layer

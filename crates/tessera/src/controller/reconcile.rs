@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use tessera_sched::cluster::GpuAffinity;
 use tessera_sched::quota::ProjectQuota;
-use tessera_sched::schedule::{Config, ElasticRunning, PendingJob, RunningJob, Snapshot, schedule};
+use tessera_sched::schedule::{
+    Config, ElasticRunning, PendingJob, RunningJob, Snapshot, WaitReason, schedule,
+};
 use tessera_sched::{Allocation, NodeId, ShapeDistribution};
 
 use super::lifecycle::Note;
@@ -27,6 +29,7 @@ pub async fn run(ctl: Ctl) {
     loop {
         let next_lease = agents::expire_leases(&ctl).await;
         round += 1;
+        let started = Instant::now();
         let next_backoff = match schedule_once(&ctl, round).await {
             Ok(next) => next,
             Err(e) => {
@@ -43,8 +46,19 @@ pub async fn run(ctl: Ctl) {
             .unwrap_or(IDLE_WAKE)
             .min(IDLE_WAKE);
         let _ = tokio::time::timeout(due, ctl.store.notifier.schedule.notified()).await;
+        // Rounds take at most half of the time: with thousands of jobs waiting a round costs
+        // tens of milliseconds, and back to back they starved the requests and the store's
+        // writer of the cores. Changes that arrive meanwhile are taken by the next round together.
+        let spent = started.elapsed();
+        if spent > MIN_PACED_ROUND {
+            tokio::time::sleep(spent).await;
+        }
     }
 }
+
+/// Rounds quicker than this are not paced: with few jobs waiting, a placement follows its
+/// submission at once.
+const MIN_PACED_ROUND: Duration = Duration::from_millis(2);
 
 /// Node names in snapshot order.
 struct Built {
@@ -147,26 +161,7 @@ fn build(s: &State, now: u64) -> Built {
                     Some(next_backoff.map_or(job.not_before_ms, |x| x.min(job.not_before_ms)));
                 continue;
             }
-            let mut spec = job.def.spec.clone();
-            if let Some(node) = &job.pin_node {
-                spec.request
-                    .node_selector
-                    .insert(NODE_LABEL.to_string(), node.clone());
-            }
-            // A transparent checkpoint needs CRIU on the node (and cuda-checkpoint for GPUs).
-            // An image job's is taken by the node's runtime.
-            if job.def.checkpoint.as_ref().is_some_and(|c| c.transparent) {
-                use crate::agent::criu::{CRIU_LABEL, CUDA_LABEL, IMAGES_LABEL};
-                let sel = &mut spec.request.node_selector;
-                let needs = match job.def.image {
-                    Some(_) => IMAGES_LABEL,
-                    None => CRIU_LABEL,
-                };
-                sel.insert(needs.to_string(), "true".into());
-                if spec.request.gpu != tessera_sched::GpuRequest::None {
-                    sel.insert(CUDA_LABEL.to_string(), "true".into());
-                }
-            }
+            let spec = scheduling_spec(job);
             if let Some(image) = &job.def.image {
                 let holding: Vec<NodeId> = s
                     .node_images
@@ -217,6 +212,33 @@ fn build(s: &State, now: u64) -> Built {
     }
 }
 
+/// What the scheduler places for a pending job: its spec, plus the node it is pinned to and the
+/// node features a transparent checkpoint needs. A waiting job's reason is described against
+/// the same spec.
+pub(crate) fn scheduling_spec(job: &Job) -> tessera_sched::JobSpec {
+    let mut spec = job.def.spec.clone();
+    if let Some(node) = &job.pin_node {
+        spec.request
+            .node_selector
+            .insert(NODE_LABEL.to_string(), node.clone());
+    }
+    // A transparent checkpoint needs CRIU on the node (and cuda-checkpoint for GPUs).
+    // An image job's is taken by the node's runtime.
+    if job.def.checkpoint.as_ref().is_some_and(|c| c.transparent) {
+        use crate::agent::criu::{CRIU_LABEL, CUDA_LABEL, IMAGES_LABEL};
+        let sel = &mut spec.request.node_selector;
+        let needs = match job.def.image {
+            Some(_) => IMAGES_LABEL,
+            None => CRIU_LABEL,
+        };
+        sel.insert(needs.to_string(), "true".into());
+        if spec.request.gpu != tessera_sched::GpuRequest::None {
+            sel.insert(CUDA_LABEL.to_string(), "true".into());
+        }
+    }
+    spec
+}
+
 fn affinity(gpu: &tessera_sched::GpuRequest) -> Option<GpuAffinity> {
     match *gpu {
         tessera_sched::GpuRequest::None => None,
@@ -252,27 +274,17 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
         node_names,
         ..
     } = built;
-    let (plan, snapshot) = tokio::task::spawn_blocking(move || {
-        let plan = schedule(&snapshot, &config);
-        (plan, snapshot)
-    })
-    .await
-    .map_err(|_| ApiError::internal("the scheduler task failed"))?;
-    let plan = plan.map_err(|e| ApiError::internal(format!("snapshot: {e}")))?;
+    let plan = tokio::task::spawn_blocking(move || schedule(&snapshot, &config))
+        .await
+        .map_err(|_| ApiError::internal("the scheduler task failed"))?;
+    let mut plan = plan.map_err(|e| ApiError::internal(format!("snapshot: {e}")))?;
     ctl.metrics
         .schedule_seconds
         .observe(started.elapsed().as_secs_f64());
 
-    let specs: HashMap<u64, tessera_sched::JobSpec> = snapshot
-        .pending
-        .iter()
-        .map(|p| (p.id, p.spec.clone()))
-        .collect();
-    let waits: HashMap<u64, String> = plan
-        .waiting
-        .iter()
-        .filter_map(|(id, why)| Some((*id, why.describe(specs.get(id)?))))
-        .collect();
+    // Reasons are kept as the scheduler gave them and put in words when a view asks: with
+    // thousands of jobs waiting, describing each one every round cost more than the round.
+    let waits: HashMap<u64, WaitReason> = std::mem::take(&mut plan.waiting).into_iter().collect();
     if plan.placements.is_empty()
         && plan.preemptions.is_empty()
         && plan.moves.is_empty()
@@ -281,8 +293,6 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
     {
         // Nothing to write: only the reasons change, and they live in memory.
         let mut state = ctl.store.state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut waits = waits;
-        capacity_reasons(&state, &mut waits);
         state.wait_reasons = waits;
         return Ok(next_backoff);
     }
@@ -302,8 +312,6 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
                 save_job(c, s, job, notes, now)?;
             }
             s.next_start_seq = applied.next_start_seq;
-            let mut waits = waits;
-            capacity_reasons(s, &mut waits);
             s.wait_reasons = waits;
             Ok(())
         })
@@ -490,20 +498,19 @@ fn placed_line(attempt: u32, r: &Replica) -> String {
     )
 }
 
-/// A waiting job that asked to wait for capacity (`waitForCapacity`) and that no node of the pool
-/// could hold says so, rather than which nodes are busy. Once per round, for those jobs only.
-fn capacity_reasons(s: &State, waits: &mut HashMap<u64, String>) {
-    for (id, reason) in waits.iter_mut() {
-        let Some(job) = s.jobs.get(id).filter(|j| j.def.wait_for_capacity) else {
-            continue;
-        };
-        if let Some(m) = super::ops::pool_never_fits(s, &job.def.spec.request) {
-            *reason = format!(
-                "cannot fit any node of the pool today: it {}; waiting for nodes that may join",
-                m.why
-            );
-        }
+/// Why a pending job waits, in words, from the reason the last round gave. A job that asked to
+/// wait for capacity (`waitForCapacity`) and that no node of the pool could hold says so,
+/// rather than which nodes are busy.
+pub fn describe_wait(s: &State, job: &Job, why: &WaitReason) -> String {
+    if job.def.wait_for_capacity
+        && let Some(m) = super::ops::pool_never_fits(s, &job.def.spec.request)
+    {
+        return format!(
+            "cannot fit any node of the pool today: it {}; waiting for nodes that may join",
+            m.why
+        );
     }
+    why.describe(&scheduling_spec(job))
 }
 
 /// The rendezvous ports active gangs hold, by the host of their rank 0's node (by host, not by

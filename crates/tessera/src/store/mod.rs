@@ -3,10 +3,11 @@
 //!
 //! Writes are closures that run on the writer thread inside one transaction per batch, each in its
 //! own savepoint, and see a [`Write`]: the transaction, who asked, and when. The thread holds the
-//! in-memory state's lock from the first change of a batch until the commit, and replies only
-//! after the commit: a reply means durable, and no reader ever sees a change the store does not
-//! hold. Batching many writes into one commit is what makes thousands of acknowledged submissions
-//! per second possible with an fsync per commit.
+//! in-memory state's lock while it applies a batch, releases it for the commit, and replies only
+//! after the commit: a reply means durable. A reader may see a batch while it commits; what it
+//! answers waits for that commit and is withdrawn if the commit failed ([`gate`]). Batching many
+//! writes into one commit is what makes thousands of acknowledged submissions per second
+//! possible with an fsync (or a database round trip) per commit.
 
 use std::sync::{Arc, Mutex};
 
@@ -23,6 +24,7 @@ use crate::state::{
 
 pub mod blobs;
 pub mod follow;
+pub mod gate;
 pub mod lease;
 pub mod postgres;
 pub mod schema;
@@ -377,6 +379,7 @@ pub struct Store {
     pub state: Arc<Mutex<State>>,
     pub notifier: Arc<Notifier>,
     pub health: Arc<WriterHealth>,
+    pub gate: Arc<gate::CommitGate>,
     ledger: Arc<LedgerOpener>,
 }
 
@@ -388,7 +391,13 @@ impl Store {
         let state = Arc::new(Mutex::new(state));
         let notifier = Arc::new(Notifier::default());
         let health = Arc::new(WriterHealth::default());
-        let (st, nt, hl) = (state.clone(), notifier.clone(), health.clone());
+        let gate = Arc::new(gate::CommitGate::default());
+        let (st, nt, hl, gt) = (
+            state.clone(),
+            notifier.clone(),
+            health.clone(),
+            gate.clone(),
+        );
         let stopped = health.clone();
         std::thread::Builder::new()
             .name("tessera-store".into())
@@ -404,6 +413,7 @@ impl Store {
                 }
                 let _stopped = Stopped(stopped);
                 let mut stale = false;
+                let mut seq = 0u64;
                 while let Some(first) = rx.blocking_recv() {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
@@ -438,12 +448,25 @@ impl Store {
                             }
                         }
                     }
-                    let failed = match run_batch(backend.as_mut(), &mut state, batch, &mut replies)
-                    {
+                    seq += 1;
+                    // Apply under the lock; commit without it (see `gate`), so that readers, the
+                    // scheduler and the requests queueing for the next batch go on meanwhile.
+                    let mut outcome =
+                        apply_batch(backend.as_mut(), &mut state, batch, &mut replies);
+                    gt.apply(seq);
+                    let mut kick = std::mem::take(&mut state.kick);
+                    let mut dirty = std::mem::take(&mut state.dirty_nodes);
+                    if outcome.is_ok() {
+                        drop(state);
+                        outcome = backend.commit();
+                        state = st.lock().unwrap_or_else(|e| e.into_inner());
+                    }
+                    let failed = match outcome {
                         Ok(()) => None,
                         Err(err) => {
-                            // Nothing of the batch is in the file (its transaction rolled back):
-                            // fail every write of it, and put memory back to what the file holds.
+                            backend.rollback();
+                            // Nothing of the batch is in the store (its transaction rolled back):
+                            // fail every write of it, and put memory back to what the store holds.
                             let fault = StoreFault::commit(&err);
                             tracing::error!(
                                 fault = %fault.id,
@@ -462,18 +485,19 @@ impl Store {
                                 );
                                 stale = true;
                             }
+                            kick |= std::mem::take(&mut state.kick);
+                            dirty.append(&mut std::mem::take(&mut state.dirty_nodes));
                             Some(fault)
                         }
                     };
+                    drop(state);
+                    gt.decide(seq, failed.is_none());
                     if failed.is_none() {
                         hl.last_commit_ms.store(
                             crate::controller::now_ms(),
                             std::sync::atomic::Ordering::Relaxed,
                         );
                     }
-                    let kick = std::mem::take(&mut state.kick);
-                    let dirty = std::mem::take(&mut state.dirty_nodes);
-                    drop(state);
                     for reply in replies {
                         reply(failed.as_ref());
                     }
@@ -491,6 +515,7 @@ impl Store {
             state,
             notifier,
             health,
+            gate,
             ledger,
         }
     }
@@ -700,7 +725,8 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// Runs a batch in one transaction, pushing each write's reply as it runs; on an error the
 /// transaction rolls back (writes not yet run are dropped, so their callers hear `StoreGone`).
-fn run_batch(
+/// Opens the batch's transaction and runs its writes, leaving it to commit.
+fn apply_batch(
     backend: &mut dyn Backend,
     state: &mut State,
     batch: Vec<Op>,
@@ -713,11 +739,7 @@ fn run_batch(
         }
         return Err(e);
     }
-    let ran = run_in_transaction(backend, state, batch, replies).and_then(|()| backend.commit());
-    if ran.is_err() {
-        backend.rollback();
-    }
-    ran
+    run_in_transaction(backend, state, batch, replies)
 }
 
 fn run_in_transaction(
@@ -1127,6 +1149,9 @@ mod tests {
     /// statement at once; PostgreSQL, which receives a batch's changes together, at the commit.)
     async fn a_change_the_database_refuses_changes_nothing(place: Place) {
         let store = place.start().await;
+        // A reader that began before the write may have seen it in memory: its answer is
+        // withdrawn (see `gate`).
+        let from = store.gate.first_unsettled();
         let refused = store
             .write(|w, s| -> Result<(), TestError> {
                 w.put_user(&user("half"))?;
@@ -1138,12 +1163,24 @@ mod tests {
             })
             .await;
         assert!(refused.is_err(), "{refused:?}");
+        // PostgreSQL refuses it at the commit, after memory changed; SQLite at the statement,
+        // before: nothing was ever in memory, and the batch of it committed (nothing).
+        let expected = match place {
+            Place::Postgres(_) => Err(gate::Tainted),
+            _ => Ok(()),
+        };
+        assert_eq!(
+            store.gate.settled(from, store.gate.applied()).await,
+            expected
+        );
         assert!(place.users().await.is_empty(), "nothing of it stored");
         assert!(
             store.read(|s| s.users.is_empty()),
             "nothing of it in memory"
         );
+        let from = store.gate.first_unsettled();
         add_user(&store, "after", false).await.unwrap();
+        assert_eq!(store.gate.settled(from, store.gate.applied()).await, Ok(()));
         assert_eq!(place.users().await, ["after"]);
         assert_eq!(place.open().await.1.usage_seq, 0);
     }

@@ -29,8 +29,8 @@ pub fn view(job: &Job, state: &State) -> JobView {
                 "{reason} (restarting in {:.1} s)",
                 (job.not_before_ms - now) as f64 / 1000.0
             );
-        } else if let Some(w) = state.wait_reasons.get(&job.id) {
-            reason = w.clone();
+        } else if let Some(why) = state.wait_reasons.get(&job.id) {
+            reason = crate::controller::reconcile::describe_wait(state, job, why);
         }
     }
     JobView {
