@@ -75,7 +75,11 @@ fn a_job_runs_its_output_is_in_the_logs_and_gangs_span_nodes_or_wait_whole() {
     // Five cannot fit at all: the gang waits whole, and says why.
     let big = pool.submit("default", 1.0, 5, 50, "true");
     pool.wait_state(gang, "succeeded");
-    std::thread::sleep(Duration::from_millis(500));
+    pool.wait_for("the gang's reason", || {
+        pool.job(big)["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("the pool has 4 GPU free for it"))
+    });
     let waiting = pool.job(big);
     assert_eq!(waiting["state"], "pending");
     assert!(waiting["assignments"].as_array().unwrap().is_empty());
@@ -3205,6 +3209,9 @@ fn cgroups_of_fork_heavy_jobs_and_of_a_dead_shims_replicas_do_not_leak() {
     pool.wait_state(sleeper, "running");
     let dirs = cgroups_of(&pool, "n1", sleeper);
     let run = run_dir(&pool, "n1", sleeper);
+    // The shim writes the workload's pid once it has started it, which may be just after the
+    // agent reported the replica running.
+    pool.wait_for("the workload's pid file", || run.join("pid").exists());
     let shim: i32 = std::fs::read_to_string(run.join("shim.pid"))
         .unwrap()
         .trim()

@@ -29,8 +29,8 @@ pub async fn run(ctl: Ctl) {
     loop {
         let next_lease = agents::expire_leases(&ctl).await;
         round += 1;
-        let started = Instant::now();
-        let next_backoff = match schedule_once(&ctl, round).await {
+        let mut computing = Duration::ZERO;
+        let next_backoff = match schedule_once(&ctl, round, &mut computing).await {
             Ok(next) => next,
             Err(e) => {
                 tracing::error!("scheduling round failed: {}", e.message);
@@ -46,12 +46,12 @@ pub async fn run(ctl: Ctl) {
             .unwrap_or(IDLE_WAKE)
             .min(IDLE_WAKE);
         let _ = tokio::time::timeout(due, ctl.store.notifier.schedule.notified()).await;
-        // Rounds take at most half of the time: with thousands of jobs waiting a round costs
-        // tens of milliseconds, and back to back they starved the requests and the store's
-        // writer of the cores. Changes that arrive meanwhile are taken by the next round together.
-        let spent = started.elapsed();
-        if spent > MIN_PACED_ROUND {
-            tokio::time::sleep(spent).await;
+        // Rounds compute at most half of the time: with thousands of jobs waiting a round costs
+        // tens of milliseconds of CPU, and back to back they starved the requests and the
+        // store's writer of the cores. Changes that arrive meanwhile go to the next round
+        // together. (Waiting for the round's own commit is not computing, and does not count.)
+        if computing > MIN_PACED_ROUND {
+            tokio::time::sleep(computing).await;
         }
     }
 }
@@ -247,8 +247,14 @@ fn affinity(gpu: &tessera_sched::GpuRequest) -> Option<GpuAffinity> {
     }
 }
 
-/// One round; returns when the earliest backoff ends.
-async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
+/// One round; returns when the earliest backoff ends, and sets `computing` to the time spent
+/// building the snapshot and scheduling it.
+async fn schedule_once(
+    ctl: &Ctl,
+    round: u64,
+    computing: &mut Duration,
+) -> Result<Option<u64>, ApiError> {
+    let building = Instant::now();
     let now = now_ms();
     let (built, shapes) = ctl.store.read(|s| {
         let shapes = ShapeDistribution::typical(s.recent_requests.iter(), 0.95);
@@ -260,6 +266,7 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
         .running
         .iter()
         .any(|r| r.elastic.as_ref().is_some_and(|e| e.may_grow > 0));
+    *computing = building.elapsed();
     if built.snapshot.pending.is_empty() && !may_grow {
         return Ok(next_backoff);
     }
@@ -281,6 +288,7 @@ async fn schedule_once(ctl: &Ctl, round: u64) -> Result<Option<u64>, ApiError> {
     ctl.metrics
         .schedule_seconds
         .observe(started.elapsed().as_secs_f64());
+    *computing += started.elapsed();
 
     // Reasons are kept as the scheduler gave them and put in words when a view asks: with
     // thousands of jobs waiting, describing each one every round cost more than the round.
