@@ -320,6 +320,27 @@ impl Pool {
         Ok(body)
     }
 
+    /// The controller's counters at `/metrics` (plain `name value` lines, labels left out).
+    async fn counters(&self) -> anyhow::Result<std::collections::HashMap<String, f64>> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .bearer_auth(&self.admin)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.contains('{'))
+            .filter_map(|l| {
+                let (name, value) = l.split_once(' ')?;
+                Some((name.to_string(), value.trim().parse().ok()?))
+            })
+            .collect())
+    }
+
     async fn join_token(&self) -> anyhow::Result<String> {
         self.join_token_for(1).await
     }
@@ -531,6 +552,7 @@ async fn api(common: &Common, jobs: usize, concurrency: usize) -> anyhow::Result
     let mut pool = Pool::start(common, "10s")?;
     pool.add_agent("n1", "8xH100-80GB").await?;
     let pool = Arc::new(pool);
+    let before = pool.counters().await?;
     let (lat, wall) = submit_many(
         &pool,
         jobs,
@@ -539,6 +561,10 @@ async fn api(common: &Common, jobs: usize, concurrency: usize) -> anyhow::Result
         "submit",
     )
     .await?;
+    // What group commit achieved meanwhile: writes per batch, and a commit's time.
+    let after = pool.counters().await?;
+    let grew = |name: &str| after.get(name).unwrap_or(&0.0) - before.get(name).unwrap_or(&0.0);
+    let batches = grew("tessera_store_batches_total").max(1.0);
     // Every acknowledged submission must be in the store.
     let listed = pool.get("/v1/jobs?limit=1000000").await?;
     let stored = listed.as_array().map_or(0, Vec::len);
@@ -553,6 +579,8 @@ async fn api(common: &Common, jobs: usize, concurrency: usize) -> anyhow::Result
         "request_p50_ms": round2(percentile(&lat, 50.0)),
         "request_p99_ms": round2(percentile(&lat, 99.0)),
         "jobs_listed_after": stored,
+        "store_writes_per_batch": round2(grew("tessera_store_batched_writes_total") / batches),
+        "store_commit_ms_mean": round2(grew("tessera_store_commit_seconds_total") * 1e3 / batches),
     }))
 }
 

@@ -101,6 +101,17 @@ pub async fn scrape(AxState(ctl): S) -> impl IntoResponse {
     if let Some(stripped) = out.strip_suffix("# EOF\n") {
         out = stripped.to_string();
     }
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let h = &ctl.store.health;
+        let _ = writeln!(
+            out,
+            "# HELP tessera_store_batches Batches the store's writer committed (group commit).\n# TYPE tessera_store_batches counter\ntessera_store_batches_total {}\n# HELP tessera_store_batched_writes Writes in those batches.\n# TYPE tessera_store_batched_writes counter\ntessera_store_batched_writes_total {}\n# HELP tessera_store_commit_seconds Time spent committing them.\n# TYPE tessera_store_commit_seconds counter\ntessera_store_commit_seconds_total {}",
+            h.batches.load(Relaxed),
+            h.batched_writes.load(Relaxed),
+            h.commit_micros.load(Relaxed) as f64 / 1e6
+        );
+    }
     let latest = super::telemetry::lock(&ctl.telemetry).latest.clone();
     let _ = writeln!(
         out,

@@ -361,6 +361,11 @@ pub struct WriterHealth {
     pub stopped: std::sync::atomic::AtomicBool,
     /// When the writer last committed a batch (Unix ms).
     pub last_commit_ms: std::sync::atomic::AtomicU64,
+    /// Batches committed, the writes in them, and the time their commits took (µs): what group
+    /// commit achieves (`/metrics`).
+    pub batches: std::sync::atomic::AtomicU64,
+    pub batched_writes: std::sync::atomic::AtomicU64,
+    pub commit_micros: std::sync::atomic::AtomicU64,
 }
 
 impl WriterHealth {
@@ -458,8 +463,16 @@ impl Store {
                     let mut dirty = std::mem::take(&mut state.dirty_nodes);
                     if outcome.is_ok() {
                         drop(state);
+                        let committing = std::time::Instant::now();
                         outcome = backend.commit();
+                        let took = committing.elapsed().as_micros() as u64;
                         state = st.lock().unwrap_or_else(|e| e.into_inner());
+                        if outcome.is_ok() {
+                            use std::sync::atomic::Ordering::Relaxed;
+                            hl.batches.fetch_add(1, Relaxed);
+                            hl.batched_writes.fetch_add(replies.len() as u64, Relaxed);
+                            hl.commit_micros.fetch_add(took, Relaxed);
+                        }
                     }
                     let failed = match outcome {
                         Ok(()) => None,
