@@ -249,6 +249,34 @@ fn bad_requests_are_refused_with_the_problem_named_and_change_nothing() {
     }
 }
 
+/// A list longer than one chunk of the streamed answer comes whole, newest first, once each, and
+/// its limit and filters hold across chunks.
+#[test]
+fn long_job_lists_stream_whole_newest_first_with_limits_and_filters() {
+    let pool = Pool::start();
+    // No agent: every job stays pending.
+    let ids: Vec<u64> = (0..300)
+        .map(|_| pool.submit("default", 0.0, 1, 50, "true"))
+        .collect();
+    let listed = |query: &str| -> Vec<u64> {
+        let (status, v) = pool.get(&format!("/v1/jobs{query}"), &pool.admin);
+        assert_eq!(status, 200, "{v}");
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_u64().unwrap())
+            .collect()
+    };
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(listed("?limit=1000"), newest_first);
+    assert_eq!(listed("?limit=7"), newest_first[..7]);
+    assert_eq!(listed("?limit=1000&state=pending"), newest_first);
+    assert!(listed("?state=running").is_empty());
+    assert_eq!(listed("?limit=1000&project=default").len(), 300);
+    assert!(listed("?project=nope").is_empty());
+}
+
 #[test]
 fn quota_reclaim_preempts_the_lowest_priority_newest_jobs_and_no_more() {
     let mut pool = Pool::start();

@@ -122,6 +122,12 @@ pub trait Reader: Send + Sync + 'static {
     fn read<T>(&self, f: impl FnOnce(&crate::state::State) -> T) -> T {
         f(&self.state().lock().unwrap_or_else(|e| e.into_inner()))
     }
+
+    /// The commit gate of a state that may show changes still committing (see `store::gate`);
+    /// `None` where everything read is already committed.
+    fn gate(&self) -> Option<&Arc<store::gate::CommitGate>> {
+        None
+    }
 }
 
 impl Reader for Controller {
@@ -131,6 +137,10 @@ impl Reader for Controller {
 
     fn tokens(&self) -> &Arc<TokenCache> {
         &self.tokens
+    }
+
+    fn gate(&self) -> Option<&Arc<store::gate::CommitGate>> {
+        Some(&self.store.gate)
     }
 }
 
