@@ -383,6 +383,12 @@ pub struct Job {
     pub rendezvous_port: Option<u16>,
 }
 
+impl From<Box<Job>> for Job {
+    fn from(job: Box<Job>) -> Job {
+        *job
+    }
+}
+
 impl Job {
     /// A job just submitted: pending, waiting for the scheduler.
     pub fn new(id: u64, owner: &str, def: JobDef, now: u64) -> Job {
@@ -728,7 +734,9 @@ pub struct State {
     pub users: BTreeMap<String, User>,
     pub projects: BTreeMap<String, Project>,
     pub services: BTreeMap<String, Service>,
-    pub jobs: BTreeMap<u64, Job>,
+    /// Boxed: a `Job` is several hundred bytes, and a map filled in ascending id order keeps its
+    /// nodes about half full, so that inline records waste half a kilobyte a job.
+    pub jobs: BTreeMap<u64, Box<Job>>,
     pub nodes: BTreeMap<String, Node>,
     pub tokens: BTreeMap<String, TokenRecord>,
     pub events: HashMap<u64, VecDeque<Event>>,
@@ -792,7 +800,8 @@ pub struct CheckpointManifest {
 
 impl State {
     /// Inserts or replaces a job, keeping the per-node index.
-    pub fn insert_job(&mut self, job: Job) {
+    pub fn insert_job(&mut self, job: impl Into<Box<Job>>) {
+        let job: Box<Job> = job.into();
         if let Some(old) = self.jobs.get(&job.id) {
             for r in &old.replicas {
                 if let Some(ids) = self.jobs_by_node.get_mut(&r.node) {
@@ -820,7 +829,7 @@ impl State {
             .get(node)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.jobs.get(id))
+            .filter_map(|id| self.jobs.get(id).map(|j| &**j))
     }
 
     pub fn touch_node(&mut self, node: &str) {

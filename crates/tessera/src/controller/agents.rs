@@ -584,7 +584,7 @@ fn report(
             };
             let (job, notes) = changed
                 .entry(job_id)
-                .or_insert_with(|| (job.clone(), Vec::new()));
+                .or_insert_with(|| ((**job).clone(), Vec::new()));
             if let Some(text) = corrupt {
                 notes.push((EventKind::CheckpointCorrupt, text));
             }

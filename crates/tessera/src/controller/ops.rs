@@ -41,13 +41,14 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
 pub fn save_job(
     c: &crate::store::Write,
     s: &mut State,
-    mut job: Job,
+    job: impl Into<Job>,
     notes: Vec<Note>,
     now: u64,
 ) -> crate::store::StoreResult<()> {
+    let mut job: Job = job.into();
     job.updated_ms = now;
     c.put_job(&job)?;
-    let ended = super::usage::ended(s.jobs.get(&job.id), &job, s, now);
+    let ended = super::usage::ended(s.jobs.get(&job.id).map(|j| &**j), &job, s, now);
     let usage_seq = super::usage::record(c, s.usage_seq, &ended)?;
     let events: Vec<Event> = notes
         .into_iter()

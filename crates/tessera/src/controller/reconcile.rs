@@ -402,7 +402,7 @@ fn apply_plan(
             .collect();
         job.reason = format!("placed; waiting for the agent on {} to start it", names[0]);
         applied.waited_ms.push(now.saturating_sub(job.queued_ms));
-        changed.push((job, vec![(EventKind::Scheduled, placed.join("; "))]));
+        changed.push((*job, vec![(EventKind::Scheduled, placed.join("; "))]));
     }
     for p in &plan.preemptions {
         let Some(job) = s.jobs.get(&p.job) else {
@@ -431,7 +431,7 @@ fn apply_plan(
         )];
         notes.extend(settle(&mut job, now));
         applied.preemptions += 1;
-        changed.push((job, notes));
+        changed.push((*job, notes));
     }
     for m in &plan.moves {
         let Some(job) = s.jobs.get(&m.job) else {
@@ -454,7 +454,7 @@ fn apply_plan(
             ),
         )];
         notes.extend(settle(&mut job, now));
-        changed.push((job, notes));
+        changed.push((*job, notes));
     }
     for g in &plan.grows {
         let Some(job) = s.jobs.get(&g.job) else {

@@ -89,6 +89,7 @@ fn view(svc: &Service, s: &State, gw: &Gateway) -> ServiceView {
 fn children<'a>(s: &'a State, name: &'a str) -> impl Iterator<Item = &'a Job> + 'a {
     s.jobs
         .values()
+        .map(|j| &**j)
         .filter(move |j| j.service.as_deref() == Some(name) && !j.state.is_final())
 }
 
