@@ -9,17 +9,14 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::Path;
 
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use tessera_sched::cluster::{Cluster, NodeId};
-use tessera_sched::place::Placer;
 use tessera_sched::policy::PolicyKind;
 use tessera_sched::request::JobSpec;
 use tessera_sim::openb::{load_nodes, load_tasks};
-use tessera_sim::replay::{TUNE_RATIO, tuned_order, typical_shapes};
+use tessera_sim::replay::{prepare, typical_shapes};
 
 const SEEDS: std::ops::Range<u64> = 42..52;
 
@@ -47,15 +44,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let shapes = typical_shapes(&trace);
     let mut r = Residue::default();
     for seed in SEEDS {
-        let mut cluster = Cluster::new(nodes.clone())?;
-        let capacity = cluster.gpu_capacity_milli();
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let order = tuned_order(&trace.tasks, capacity, TUNE_RATIO, &mut rng);
-        let mut tie: Vec<NodeId> = (0..cluster.len() as u32).map(NodeId).collect();
-        tie.shuffle(&mut rng);
-        cluster.set_tie_order(&tie)?;
-        let built = policy.build(&shapes, &cluster);
-        let mut placer = Placer::new(cluster, built, rng.random());
+        let (mut placer, order) = prepare(&nodes, &trace, &shapes, policy, seed)?;
+        let capacity = placer.cluster().gpu_capacity_milli();
         let mut arrived = 0u64;
         for &i in &order {
             let request = &trace.tasks[i].request;
@@ -103,45 +93,56 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let n = SEEDS.count() as f64;
-    println!(
+    // Written at once, so that a reader that stops early (`| head`) ends the run with an error
+    // rather than a panic.
+    let mut out = String::new();
+    writeln!(
+        out,
         "{} on {}: unallocated {:.2}% of GPU capacity",
         policy.name(),
         trace.name,
         100.0 * r.unallocated / n
-    );
-    println!("whole free devices: {:.1}", r.whole_free as f64 / n);
+    )?;
+    writeln!(out, "whole free devices: {:.1}", r.whole_free as f64 / n)?;
     let partial: u64 = r.remainders.values().sum();
-    println!(
+    writeln!(
+        out,
         "free on partly used devices: {:.1} GPUs; by remainder (milli: GPUs):",
         partial as f64 / n / 1000.0
-    );
+    )?;
     let mut remainders: Vec<_> = r.remainders.into_iter().collect();
     remainders.sort_by_key(|&(_, m)| std::cmp::Reverse(m));
     for (free, milli) in remainders.iter().take(12) {
-        println!("  {free:4}: {:6.1}", *milli as f64 / n / 1000.0);
+        writeln!(out, "  {free:4}: {:6.1}", *milli as f64 / n / 1000.0)?;
     }
-    println!("tasks that found no node (per seed: count, GPUs):");
+    writeln!(out, "tasks that found no node (per seed: count, GPUs):")?;
     let mut failed: Vec<_> = r.failed.into_iter().collect();
     failed.sort_by_key(|(_, (_, m))| std::cmp::Reverse(*m));
     for (shape, (count, milli)) in failed.iter().take(12) {
-        println!(
+        writeln!(
+            out,
             "  {shape:42} {:6.1} {:6.1}",
             *count as f64 / n,
             *milli as f64 / n / 1000.0
-        );
+        )?;
     }
-    println!("small shares placed, by the device's free milli before (per seed):");
+    writeln!(
+        out,
+        "small shares placed, by the device's free milli before (per seed):"
+    )?;
     let mut share_now = None;
     for ((share, before), count) in &r.landed {
         if share_now != Some(*share) {
-            print!(
+            write!(
+                out,
                 "{}  {share:3} on",
                 if share_now.is_some() { "\n" } else { "" }
-            );
+            )?;
             share_now = Some(*share);
         }
-        print!(" {before}:{:.1}", *count as f64 / n);
+        write!(out, " {before}:{:.1}", *count as f64 / n)?;
     }
-    println!();
+    writeln!(out)?;
+    std::io::stdout().write_all(out.as_bytes())?;
     Ok(())
 }

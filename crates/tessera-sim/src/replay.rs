@@ -80,14 +80,15 @@ pub fn tuned_order(
     order
 }
 
-/// Replays one trace with one policy and one seed.
-pub fn replay(
+/// Steps 1–3 of the protocol for one seed: the pool with its tie order under `policy`, and the
+/// task order to place (indexes into `trace.tasks`).
+pub fn prepare(
     nodes: &[NodeSpec],
     trace: &Trace,
     shapes: &ShapeDistribution,
     policy: PolicyKind,
     seed: u64,
-) -> Result<RunResult, ValidationError> {
+) -> Result<(Placer, Vec<usize>), ValidationError> {
     let mut cluster = Cluster::new(nodes.to_vec())?;
     let capacity = cluster.gpu_capacity_milli();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -96,7 +97,19 @@ pub fn replay(
     tie.shuffle(&mut rng);
     cluster.set_tie_order(&tie)?;
     let built = policy.build(shapes, &cluster);
-    let mut placer = Placer::new(cluster, built, rng.random());
+    Ok((Placer::new(cluster, built, rng.random()), order))
+}
+
+/// Replays one trace with one policy and one seed.
+pub fn replay(
+    nodes: &[NodeSpec],
+    trace: &Trace,
+    shapes: &ShapeDistribution,
+    policy: PolicyKind,
+    seed: u64,
+) -> Result<RunResult, ValidationError> {
+    let (mut placer, order) = prepare(nodes, trace, shapes, policy, seed)?;
+    let capacity = placer.cluster().gpu_capacity_milli();
     let mut samples = Vec::with_capacity(order.len());
     let mut arrived = 0u64;
     let mut placed = 0usize;
