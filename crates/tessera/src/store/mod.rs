@@ -736,9 +736,9 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Runs a batch in one transaction, pushing each write's reply as it runs; on an error the
-/// transaction rolls back (writes not yet run are dropped, so their callers hear `StoreGone`).
-/// Opens the batch's transaction and runs its writes, leaving it to commit.
+/// Opens the batch's transaction and runs its writes in it, pushing each write's reply as it
+/// runs, and leaves the transaction to commit. On an error the caller rolls it back (writes not
+/// yet run are dropped, so their callers hear `StoreGone`).
 fn apply_batch(
     backend: &mut dyn Backend,
     state: &mut State,

@@ -158,7 +158,7 @@ pub async fn check_policy(
     Err(ApiError::new(axum::http::StatusCode::UNPROCESSABLE_ENTITY, message).with_field(field))
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobFilter {
     pub project: Option<String>,
@@ -169,20 +169,79 @@ pub struct JobFilter {
 
 /// Jobs a list answer puts in words per hold of the state's lock, and jobs it looks at per hold.
 /// The answer is streamed in such chunks, so that listing 100,000 jobs neither holds the lock
-/// for the whole list nor keeps every job's view in memory at once (that list was the largest
-/// single peak of a 10,000-node pool's memory).
+/// (and with it every write) for the whole list nor keeps every job's view in memory at once.
 const LIST_CHUNK: usize = 256;
 const LIST_SCAN: usize = 4096;
+
+/// A job list being streamed, newest first: each chunk goes on below the last job id the
+/// previous one looked at.
+struct JobList {
+    user: String,
+    role: Role,
+    filter: JobFilter,
+    states: Option<Vec<JobState>>,
+    below: Option<u64>,
+    /// Jobs still to send (the request's limit).
+    left: usize,
+    /// No job is sent yet: the next needs no comma.
+    first: bool,
+    done: bool,
+}
+
+impl JobList {
+    /// The next piece of the JSON array: its `[` first, its `]` last.
+    fn next_chunk(&mut self, s: &State) -> serde_json::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(64 << 10);
+        if self.below.is_none() && self.first {
+            out.push(b'[');
+        }
+        let visible = s.visible_projects(&self.user, self.role);
+        let f = &self.filter;
+        let range = match self.below {
+            None => s.jobs.range(..),
+            Some(below) => s.jobs.range(..below),
+        };
+        let (mut scanned, mut taken) = (0, 0);
+        let mut rest = range.rev();
+        self.done = loop {
+            if scanned == LIST_SCAN || taken == LIST_CHUNK || self.left == 0 {
+                break self.left == 0;
+            }
+            let Some((&id, j)) = rest.next() else {
+                break true;
+            };
+            scanned += 1;
+            self.below = Some(id);
+            let wanted = visible.as_ref().is_none_or(|v| v.contains(j.project()))
+                && f.project.as_ref().is_none_or(|p| p == j.project())
+                && f.owner.as_ref().is_none_or(|o| *o == j.owner)
+                && self.states.as_ref().is_none_or(|st| st.contains(&j.state));
+            if !wanted {
+                continue;
+            }
+            if !self.first {
+                out.push(b',');
+            }
+            self.first = false;
+            serde_json::to_writer(&mut out, &view(j, s))?;
+            taken += 1;
+            self.left -= 1;
+        };
+        if self.done {
+            out.push(b']');
+        }
+        Ok(out)
+    }
+}
 
 pub async fn list_jobs<R: Reader>(
     AxState(reader): AxState<Arc<R>>,
     caller: Caller,
-    Query(f): Query<JobFilter>,
+    Query(filter): Query<JobFilter>,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     let (user, role) = caller.user()?;
-    let (user, role) = (user.to_string(), role);
-    let states: Option<Vec<JobState>> = match &f.state {
+    let states: Option<Vec<JobState>> = match &filter.state {
         None => None,
         Some(text) => Some(
             text.split(',')
@@ -197,91 +256,39 @@ pub async fn list_jobs<R: Reader>(
                 .collect::<Result<_, _>>()?,
         ),
     };
-    let limit = f.limit.unwrap_or(1000).min(100_000);
-    // Newest first: each chunk goes on below the last job id the previous one looked at.
-    struct Cursor {
-        below: Option<u64>,
-        left: usize,
-        /// The `[` is sent.
-        opened: bool,
-        /// No job is sent yet (the next needs no comma).
-        first: bool,
-        done: bool,
-    }
-    let start = Cursor {
+    let list = JobList {
+        user: user.to_string(),
+        role,
+        left: filter.limit.unwrap_or(1000).min(100_000),
+        filter,
+        states,
         below: None,
-        left: limit,
-        opened: false,
         first: true,
         done: false,
     };
-    let chunks = futures_util::stream::unfold(start, move |mut c| {
-        let reader = reader.clone();
-        let (user, f, states) = (user.clone(), f.clone(), states.clone());
-        async move {
-            if c.done {
-                return None;
-            }
-            let gate = reader.gate();
-            let from = gate.map(|g| g.first_unsettled());
-            let mut out = Vec::with_capacity(64 << 10);
-            if !c.opened {
-                out.push(b'[');
-                c.opened = true;
-            }
-            let serialized = reader.read(|s| {
-                let visible = s.visible_projects(&user, role);
-                let range = match c.below {
-                    None => s.jobs.range(..),
-                    Some(below) => s.jobs.range(..below),
-                };
-                let (mut scanned, mut taken) = (0, 0);
-                for (&id, j) in range.rev() {
-                    if scanned == LIST_SCAN || taken == LIST_CHUNK || c.left == 0 {
-                        return Ok(());
-                    }
-                    scanned += 1;
-                    c.below = Some(id);
-                    let wanted = visible.as_ref().is_none_or(|v| v.contains(j.project()))
-                        && f.project.as_ref().is_none_or(|p| p == j.project())
-                        && f.owner.as_ref().is_none_or(|o| *o == j.owner)
-                        && states.as_ref().is_none_or(|st| st.contains(&j.state));
-                    if !wanted {
-                        continue;
-                    }
-                    if !c.first {
-                        out.push(b',');
-                    }
-                    c.first = false;
-                    serde_json::to_writer(&mut out, &view(j, s))?;
-                    taken += 1;
-                    c.left -= 1;
-                }
-                c.done = true;
-                Ok::<(), serde_json::Error>(())
-            });
-            if c.done || c.left == 0 {
-                out.push(b']');
-                c.done = true;
-            }
-            // What this chunk read must be committed (see `store::gate`); if it was not, the
-            // answer stops short, and the client sees an incomplete body, not a wrong list.
-            let settled = match (gate, from) {
-                (Some(g), Some(from)) => g
-                    .settled(from, g.applied())
-                    .await
-                    .map_err(|t| t.to_string()),
-                _ => Ok(()),
-            };
-            let chunk = serialized
-                .map_err(|e| e.to_string())
-                .and(settled)
-                .map(|()| axum::body::Bytes::from(out))
-                .map_err(std::io::Error::other);
-            let failed = chunk.is_err();
-            c.done |= failed;
-            Some((chunk, c))
+    let chunks = futures_util::stream::unfold((reader, list), |(reader, mut list)| async move {
+        if list.done {
+            return None;
         }
+        let gate = reader.gate().cloned();
+        let from = gate.as_ref().map(|g| g.first_unsettled());
+        let chunk = reader
+            .read(|s| list.next_chunk(s))
+            .map_err(|e| e.to_string());
+        // What this chunk read must be committed (see `store::gate`); if it was not, the answer
+        // stops short, and the client sees an incomplete body, not a wrong list.
+        let settled = match (gate, from) {
+            (Some(g), Some(from)) => g
+                .settled(from, g.applied())
+                .await
+                .map_err(|t| t.to_string()),
+            _ => Ok(()),
+        };
+        let chunk = chunk
+            .and_then(|bytes| settled.map(|()| axum::body::Bytes::from(bytes)))
+            .map_err(std::io::Error::other);
+        list.done |= chunk.is_err();
+        Some((chunk, (reader, list)))
     });
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
