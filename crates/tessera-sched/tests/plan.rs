@@ -269,7 +269,7 @@ proptest! {
         }
         // Only b's jobs can break a rule by asking (more than 2 GPUs); they are told why.
         for (id, why) in &plan.waiting {
-            if let tessera_sched::schedule::WaitReason::Policy { why } = why {
+            if let tessera_sched::schedule::WaitReason::Policy { why } = &**why {
                 prop_assert!(project_of(*id) == "b" && why.contains("at most 2"), "{why}");
             }
         }

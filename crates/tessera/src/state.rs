@@ -749,8 +749,9 @@ pub struct State {
     /// Nodes whose desired set changed in this batch: wake their agents after the commit.
     pub dirty_nodes: BTreeSet<String>,
     pub recent_requests: VecDeque<ResourceRequest>,
-    /// Reasons of waiting jobs from the last scheduling round (derived, not stored).
-    pub wait_reasons: HashMap<u64, tessera_sched::schedule::WaitReason>,
+    /// Reasons of waiting jobs from the last scheduling round (derived, not stored); jobs of
+    /// one shape share one.
+    pub wait_reasons: HashMap<u64, std::sync::Arc<tessera_sched::schedule::WaitReason>>,
     /// The last usage segment committed (see `controller::usage`).
     pub usage_seq: u64,
     /// Each running replica's latest use as its agent reported it, by replica key (derived, not

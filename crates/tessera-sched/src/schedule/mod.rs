@@ -16,6 +16,8 @@
 //! 5. last, grow elastic jobs into what is still idle.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -136,7 +138,9 @@ pub enum PreemptReason {
 pub struct Plan {
     /// Jobs placed, each with one allocation per replica.
     pub placements: Vec<(u64, Vec<Allocation>)>,
-    pub waiting: Vec<(u64, WaitReason)>,
+    /// Why each job not placed waits. Jobs of one shape share one reason: with thousands
+    /// waiting, a copy each cost more than the round.
+    pub waiting: Vec<(u64, Arc<WaitReason>)>,
     pub preemptions: Vec<Preemption>,
     /// Running jobs to move (stop, then start on `to`) so that `for_job` fits.
     pub moves: Vec<Move>,
@@ -201,9 +205,7 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
         shrunk: HashSet::new(),
         requests: running_requests(snapshot),
     };
-    // Shapes that found no room this round: nothing is released within a round, so the same
-    // shape cannot fit later either (preemption is tried once per shape, by its first job).
-    let mut no_room: HashMap<(ResourceRequest, u32, String, i32), WaitReason> = HashMap::new();
+    let mut no_room = NoRoom::default();
     while let Some(project) = next_project(&queues, &round.quotas) {
         let Some(job) = queues.get_mut(project).and_then(|q| q.pop_front()) else {
             break;
@@ -225,7 +227,7 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
                     round
                         .plan
                         .waiting
-                        .push((job.id, WaitReason::Policy { why }));
+                        .push((job.id, Arc::new(WaitReason::Policy { why })));
                     continue;
                 }
             },
@@ -233,7 +235,10 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
         let spec = &job.spec;
         let milli = spec.request.gpu.total_milli() * u64::from(spec.replicas);
         if let Err(err) = crate::validate::validate_job(spec) {
-            round.plan.waiting.push((job.id, WaitReason::Invalid(err)));
+            round
+                .plan
+                .waiting
+                .push((job.id, Arc::new(WaitReason::Invalid(err))));
             continue;
         }
         if let Some(hit) = round.quotas.limit_hit(project, milli) {
@@ -241,17 +246,11 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
                 hit,
                 requested_milli: milli,
             };
-            round.plan.waiting.push((job.id, reason));
+            round.plan.waiting.push((job.id, Arc::new(reason)));
             continue;
         }
-        let shape = (
-            spec.request.clone(),
-            spec.replicas,
-            spec.project.clone(),
-            spec.priority,
-        );
-        if let Some(reason) = no_room.get(&shape) {
-            round.plan.waiting.push((job.id, reason.clone()));
+        if let Some(reason) = no_room.get(spec) {
+            round.plan.waiting.push((job.id, reason));
             continue;
         }
         let warm = snapshot.warm.get(&job.id).map_or(&[][..], Vec::as_slice);
@@ -261,20 +260,24 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
                 round.plan.placements.push((job.id, allocs));
             }
             Err(PlacementError::Invalid(err)) => {
-                round.plan.waiting.push((job.id, WaitReason::Invalid(err)));
+                round
+                    .plan
+                    .waiting
+                    .push((job.id, Arc::new(WaitReason::Invalid(err))));
             }
             Err(PlacementError::NoFit { replica, replicas }) => {
                 // Least disruptive first: lent replicas back, then preemption, then moves.
                 let reason = if let Some(reason) = shrink::make_room(&mut round, job, milli) {
-                    reason
+                    Arc::new(reason)
                 } else if let Some(reason) = reclaim::make_room(&mut round, job, milli) {
-                    reason
+                    Arc::new(reason)
                 } else if let Some(reason) = consolidate::make_room(&mut round, job, milli) {
-                    reason
+                    Arc::new(reason)
                 } else {
                     let rules = snapshot.rules.get(project);
-                    let reason = no_fit(&mut round.placer, spec, rules, replica, replicas);
-                    no_room.insert(shape, reason.clone());
+                    let reason =
+                        Arc::new(no_fit(&mut round.placer, spec, rules, replica, replicas));
+                    no_room.insert(spec, reason.clone());
                     reason
                 };
                 round.plan.waiting.push((job.id, reason));
@@ -290,6 +293,43 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
         &round.shrunk,
     );
     Ok(round.plan)
+}
+
+/// Shapes (request, replicas, project, priority) that found no room this round: nothing is
+/// released within a round, so the same shape cannot fit later either (preemption is tried once
+/// per shape, by its first job). Looked up by a hash of the job's own fields, so a job of a known
+/// shape costs no copy.
+#[derive(Default)]
+struct NoRoom {
+    by_hash: HashMap<u64, Vec<(JobSpec, Arc<WaitReason>)>>,
+}
+
+impl NoRoom {
+    fn hash(spec: &JobSpec) -> u64 {
+        let mut h = DefaultHasher::new();
+        (&spec.request, spec.replicas, &spec.project, spec.priority).hash(&mut h);
+        h.finish()
+    }
+
+    fn same(a: &JobSpec, b: &JobSpec) -> bool {
+        a.request == b.request
+            && a.replicas == b.replicas
+            && a.project == b.project
+            && a.priority == b.priority
+    }
+
+    fn get(&self, spec: &JobSpec) -> Option<Arc<WaitReason>> {
+        let known = self.by_hash.get(&Self::hash(spec))?;
+        let (_, reason) = known.iter().find(|(s, _)| Self::same(s, spec))?;
+        Some(reason.clone())
+    }
+
+    fn insert(&mut self, spec: &JobSpec, reason: Arc<WaitReason>) {
+        self.by_hash
+            .entry(Self::hash(spec))
+            .or_default()
+            .push((spec.clone(), reason));
+    }
 }
 
 /// What one scheduling round carries from stage to stage.

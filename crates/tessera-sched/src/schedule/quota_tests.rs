@@ -3,6 +3,14 @@ use crate::cluster::NodeId;
 use crate::request::ResourceRequest;
 use crate::testkit::{h100_node as node, one_gpu_on, quota, running, whole};
 
+/// The plan's waiting jobs with their reasons, to compare whole.
+fn reasons(plan: &Plan) -> Vec<(u64, WaitReason)> {
+    plan.waiting
+        .iter()
+        .map(|(id, r)| (*id, WaitReason::clone(r)))
+        .collect()
+}
+
 fn job(project: &str, priority: i32, devices: u32, replicas: u32) -> JobSpec {
     JobSpec {
         project: project.into(),
@@ -62,7 +70,7 @@ fn a_project_under_its_guarantee_reclaims_lowest_priority_newest_first_and_no_mo
             .all(|p| p.for_job == 10 && p.reason == PreemptReason::QuotaReclaim)
     );
     assert_eq!(
-        plan.waiting,
+        reasons(&plan),
         vec![(
             10,
             WaitReason::Reclaiming {
@@ -83,7 +91,7 @@ fn reclaim_stops_at_the_other_projects_guarantee() {
     }];
     let plan = schedule(&snapshot, &config()).unwrap();
     assert!(plan.preemptions.is_empty());
-    assert!(matches!(plan.waiting[0].1, WaitReason::NoFit { .. }));
+    assert!(matches!(*plan.waiting[0].1, WaitReason::NoFit { .. }));
 }
 
 #[test]
@@ -107,7 +115,8 @@ fn a_project_over_its_guarantee_cannot_reclaim_but_may_preempt_its_own_lower_pri
         .map(|p| (p.job, p.for_job, p.reason))
         .collect();
     assert_eq!(got, vec![(3, 10, PreemptReason::Priority)]);
-    let waiting: HashMap<u64, &WaitReason> = plan.waiting.iter().map(|(id, r)| (*id, r)).collect();
+    let waiting: HashMap<u64, &WaitReason> =
+        plan.waiting.iter().map(|(id, r)| (*id, &**r)).collect();
     assert!(matches!(waiting[&11], WaitReason::NoFit { .. }));
 }
 
@@ -122,7 +131,7 @@ fn jobs_already_stopping_are_counted_before_new_victims() {
     let plan = schedule(&snapshot, &config()).unwrap();
     assert!(plan.preemptions.is_empty());
     assert_eq!(
-        plan.waiting,
+        reasons(&plan),
         vec![(10, WaitReason::Reclaiming { victims: vec![3] })]
     );
 }
@@ -147,7 +156,8 @@ fn a_victim_that_stopped_first_does_not_take_back_the_capacity_it_freed() {
     let plan = schedule(&snapshot, &config()).unwrap();
     assert!(plan.placements.is_empty(), "{:?}", plan.placements);
     assert!(plan.preemptions.is_empty(), "{:?}", plan.preemptions);
-    let waiting: HashMap<u64, &WaitReason> = plan.waiting.iter().map(|(id, r)| (*id, r)).collect();
+    let waiting: HashMap<u64, &WaitReason> =
+        plan.waiting.iter().map(|(id, r)| (*id, &**r)).collect();
     assert_eq!(waiting[&10], &WaitReason::Reclaiming { victims: vec![2] });
     assert!(matches!(waiting[&3], WaitReason::NoFit { .. }));
 
@@ -191,7 +201,7 @@ fn scattered_free_gpus_are_gathered_by_moving_a_small_job_and_only_when_it_fits_
     let other = if m.job == 1 { NodeId(1) } else { NodeId(0) };
     assert_eq!(m.to, other);
     assert_eq!(
-        plan.waiting,
+        reasons(&plan),
         vec![(10, WaitReason::Consolidating { moved: vec![m.job] })]
     );
 
@@ -200,7 +210,7 @@ fn scattered_free_gpus_are_gathered_by_moving_a_small_job_and_only_when_it_fits_
     snapshot.running[2].allocations[0].devices[0].device = 1;
     let plan = schedule(&snapshot, &config()).unwrap();
     assert!(plan.moves.is_empty(), "{:?}", plan.moves);
-    assert!(matches!(plan.waiting[0].1, WaitReason::NoFit { .. }));
+    assert!(matches!(*plan.waiting[0].1, WaitReason::NoFit { .. }));
 
     // A job whose request is unknown, or of higher priority, is never moved.
     snapshot.running.truncate(2);
@@ -244,7 +254,7 @@ fn a_gang_waiting_on_scattered_gpus_gets_whole_nodes_by_the_fewest_moves() {
     let mut moved: Vec<u64> = plan.moves.iter().map(|m| m.job).collect();
     moved.sort();
     assert!(matches!(
-        &plan.waiting[..],
+        &reasons(&plan)[..],
         [(10, WaitReason::Consolidating { .. })]
     ));
 
@@ -282,7 +292,7 @@ fn a_gang_waiting_on_scattered_gpus_gets_whole_nodes_by_the_fewest_moves() {
     snapshot.pending[0].spec = job("a", 50, 2, 3);
     let plan = schedule(&snapshot, &config()).unwrap();
     assert!(plan.moves.is_empty(), "{:?}", plan.moves);
-    assert!(matches!(plan.waiting[0].1, WaitReason::NoFit { .. }));
+    assert!(matches!(*plan.waiting[0].1, WaitReason::NoFit { .. }));
 }
 
 /// An elastic job of project `project` running `replicas` one-GPU replicas on node 0
@@ -376,7 +386,7 @@ fn a_waiting_job_takes_back_an_elastic_jobs_newest_extra_replicas_and_no_more() 
         }]
     );
     assert_eq!(
-        plan.waiting,
+        reasons(&plan),
         vec![(
             10,
             WaitReason::Shrinking {
@@ -401,7 +411,7 @@ fn a_waiting_job_takes_back_an_elastic_jobs_newest_extra_replicas_and_no_more() 
     snapshot.pending[0].spec = job("b", 25, 4, 1);
     let plan = schedule(&snapshot, &config()).unwrap();
     assert!(plan.shrinks.is_empty(), "{:?}", plan.shrinks);
-    assert!(matches!(plan.waiting[0].1, WaitReason::NoFit { .. }));
+    assert!(matches!(*plan.waiting[0].1, WaitReason::NoFit { .. }));
 }
 
 #[test]
@@ -431,7 +441,7 @@ fn room_an_elastic_job_gave_back_goes_to_the_job_it_was_given_for() {
     let plan = schedule(&snapshot, &config()).unwrap();
     assert!(plan.shrinks.is_empty(), "{:?}", plan.shrinks);
     assert_eq!(
-        plan.waiting,
+        reasons(&plan),
         vec![(
             10,
             WaitReason::Shrinking {

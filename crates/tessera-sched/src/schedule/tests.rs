@@ -114,7 +114,7 @@ fn higher_priority_goes_first_and_a_gang_that_cannot_fit_waits_with_its_reason()
     );
     let waiting: Vec<u64> = plan.waiting.iter().map(|(id, _)| *id).collect();
     assert_eq!(waiting, vec![3, 1]);
-    match &plan.waiting[0].1 {
+    match &*plan.waiting[0].1 {
         WaitReason::NoFit {
             replica,
             replicas,

@@ -6,6 +6,7 @@
 //! out and a restart backoff ending.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_sched::cluster::GpuAffinity;
@@ -281,33 +282,44 @@ async fn schedule_once(
         node_names,
         ..
     } = built;
-    let plan = tokio::task::spawn_blocking(move || schedule(&snapshot, &config))
-        .await
-        .map_err(|_| ApiError::internal("the scheduler task failed"))?;
-    let mut plan = plan.map_err(|e| ApiError::internal(format!("snapshot: {e}")))?;
+    // Reasons are kept as the scheduler gave them and put in words when a view asks: with
+    // thousands of jobs waiting, describing each one every round cost more than the round.
+    // They are gathered into their map on the blocking thread too (part of the round's cost).
+    let scheduled = tokio::task::spawn_blocking(move || {
+        schedule(&snapshot, &config).map(|mut plan| {
+            let waits: HashMap<u64, Arc<WaitReason>> =
+                std::mem::take(&mut plan.waiting).into_iter().collect();
+            (plan, waits)
+        })
+    })
+    .await
+    .map_err(|_| ApiError::internal("the scheduler task failed"))?;
+    let (plan, waits) = scheduled.map_err(|e| ApiError::internal(format!("snapshot: {e}")))?;
     ctl.metrics
         .schedule_seconds
         .observe(started.elapsed().as_secs_f64());
     *computing += started.elapsed();
 
-    // Reasons are kept as the scheduler gave them and put in words when a view asks: with
-    // thousands of jobs waiting, describing each one every round cost more than the round.
-    let waits: HashMap<u64, WaitReason> = std::mem::take(&mut plan.waiting).into_iter().collect();
     if plan.placements.is_empty()
         && plan.preemptions.is_empty()
         && plan.moves.is_empty()
         && plan.grows.is_empty()
         && plan.shrinks.is_empty()
     {
-        // Nothing to write: only the reasons change, and they live in memory.
-        let mut state = ctl.store.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.wait_reasons = waits;
+        // Nothing to write: only the reasons change, and they live in memory. The last round's
+        // are dropped after the lock is let go.
+        let old = {
+            let mut state = ctl.store.state.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut state.wait_reasons, waits)
+        };
+        drop(old);
         return Ok(next_backoff);
     }
     let metrics = ctl.metrics.clone();
     let ports = ctl.config.rendezvous_ports.clone();
-    ctl.store
-        .write(move |c, s| -> Result<(), ApiError> {
+    let old_reasons = ctl
+        .store
+        .write(move |c, s| -> Result<_, ApiError> {
             let now = c.now_ms;
             let applied = apply_plan(s, &plan, &node_names, ports, now);
             for waited in applied.waited_ms {
@@ -320,10 +332,11 @@ async fn schedule_once(
                 save_job(c, s, job, notes, now)?;
             }
             s.next_start_seq = applied.next_start_seq;
-            s.wait_reasons = waits;
-            Ok(())
+            Ok(std::mem::replace(&mut s.wait_reasons, waits))
         })
         .await?;
+    // Dropped here, not under the state's lock in the writer.
+    drop(old_reasons);
     Ok(next_backoff)
 }
 

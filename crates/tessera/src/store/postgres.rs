@@ -49,7 +49,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Connects, and drives the connection on `rt` until it closes.
-fn connect(rt: &Handle, url: &str) -> StoreResult<Client> {
+fn connect(rt: &Driver, url: &str) -> StoreResult<Client> {
     let (client, connection) = rt.block_on(tokio_postgres::connect(url, NoTls))?;
     rt.spawn(async move {
         if let Err(e) = connection.await {
@@ -59,9 +59,40 @@ fn connect(rt: &Handle, url: &str) -> StoreResult<Client> {
     Ok(client)
 }
 
+/// What polls a connection. The writer's connection is driven by the writer's own thread, on a
+/// single-thread runtime polled only while the writer waits for an answer: each exchange with
+/// the server then needs no hand-off to another thread (on a busy machine every hand-off waits
+/// for a core). Readers and checkpoint chunks, used from many threads, share a runtime.
+#[derive(Clone)]
+enum Driver {
+    Local(Arc<OwnRuntime>),
+    Shared(Handle),
+}
+
+impl Driver {
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        match self {
+            Driver::Local(rt) => rt.0.as_ref().expect("the runtime lives").block_on(f),
+            Driver::Shared(h) => h.block_on(f),
+        }
+    }
+
+    fn spawn<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match self {
+            Driver::Local(rt) => drop(rt.0.as_ref().expect("the runtime lives").spawn(f)),
+            Driver::Shared(h) => drop(h.spawn(f)),
+        }
+    }
+}
+
 /// The writer's connection to one PostgreSQL database.
 pub struct Postgres {
     url: String,
+    /// The writer's connection's driver (see [`Driver`]).
+    local: Driver,
     rt: Handle,
     _runtime: Arc<OwnRuntime>,
     /// `None` after the connection was lost, until the next batch reconnects.
@@ -78,7 +109,7 @@ pub struct Postgres {
 /// A connection and the runtime that drives it: what [`Tx`] and [`Ledger`] run on.
 pub struct PgConn {
     client: Client,
-    rt: Handle,
+    rt: Driver,
     /// Statements prepared on this connection, by their text.
     prepared: Mutex<HashMap<String, Statement>>,
     /// Changes of the open transaction not yet sent: they go together, pipelined, before the
@@ -121,7 +152,7 @@ impl ToSql for Encoded {
 }
 
 impl PgConn {
-    fn new(client: Client, rt: Handle) -> Self {
+    fn new(client: Client, rt: Driver) -> Self {
         PgConn {
             client,
             rt,
@@ -237,11 +268,18 @@ impl Postgres {
             .context("starting the PostgreSQL client's runtime")?;
         let rt = runtime.handle().clone();
         let runtime = Arc::new(OwnRuntime(Some(runtime)));
-        let client = connect(&rt, url).with_context(|| format!("connecting to {}", redact(url)))?;
-        let conn = PgConn::new(client, rt.clone());
+        let local = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the PostgreSQL writer's runtime")?;
+        let local = Driver::Local(Arc::new(OwnRuntime(Some(local))));
+        let client =
+            connect(&local, url).with_context(|| format!("connecting to {}", redact(url)))?;
+        let conn = PgConn::new(client, local.clone());
         migrate(&conn)?;
         Ok(Postgres {
             url: url.to_string(),
+            local,
             rt,
             _runtime: runtime,
             conn: Some(conn),
@@ -280,8 +318,8 @@ impl Postgres {
                 });
             }
             self.conn = None;
-            let client = connect(&self.rt, &self.url)?;
-            let conn = PgConn::new(client, self.rt.clone());
+            let client = connect(&self.local, &self.url)?;
+            let conn = PgConn::new(client, self.local.clone());
             if let Some((_, lease)) = &self.fence {
                 conn.batch(&idle_limit(*lease))?;
             }
@@ -467,7 +505,7 @@ impl Backend for Postgres {
             let client = match shared.as_ref().filter(|c| !c.is_closed()) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = Arc::new(connect(&rt, &url)?);
+                    let c = Arc::new(connect(&Driver::Shared(rt.clone()), &url)?);
                     *shared = Some(c.clone());
                     c
                 }
@@ -495,7 +533,7 @@ impl PgBlobs {
         if let Some(c) = shared.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let c = Arc::new(connect(&self.rt, &self.url)?);
+        let c = Arc::new(connect(&Driver::Shared(self.rt.clone()), &self.url)?);
         *shared = Some(c.clone());
         Ok(c)
     }
