@@ -59,6 +59,38 @@ pub fn callback_secret(key: &[u8], node: &str) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
+/// How long a standby's word for a client holds: long enough for a forwarded request to reach
+/// the leader, short enough that one overheard is soon worthless.
+pub const FORWARDED_PROOF_SECS: u64 = 60;
+
+/// A standby's proof that it sent a request of `client` on at `unix_secs` (the leader checks
+/// it with [`forwarded_client`]): `SECS.HMAC` under the pool's key, which only controllers
+/// of the pool hold.
+pub fn forwarded_proof(key: &[u8], client: &str, unix_secs: u64) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(format!("tessera-forwarded:{client}:{unix_secs}").as_bytes());
+    format!("{unix_secs}.{}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The client a forwarded request names, when `proof` shows a controller of the pool sent it
+/// within [`FORWARDED_PROOF_SECS`] of `now_secs`; `None` for anyone else's claim.
+pub fn forwarded_client(
+    key: &[u8],
+    client: &str,
+    proof: &str,
+    now_secs: u64,
+) -> Option<std::net::IpAddr> {
+    let ip: std::net::IpAddr = client.parse().ok()?;
+    let (secs, _) = proof.split_once('.')?;
+    let secs: u64 = secs.parse().ok()?;
+    if secs.abs_diff(now_secs) > FORWARDED_PROOF_SECS {
+        return None;
+    }
+    let expected = forwarded_proof(key, client, secs);
+    same_secret(expected.as_bytes(), proof.as_bytes()).then_some(ip)
+}
+
 /// Compares two secrets in time that does not depend on where they differ.
 pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -203,6 +235,26 @@ mod tests {
             name: "ana".into(),
             role: Role::Member,
         }
+    }
+
+    #[test]
+    fn only_a_controller_of_the_pool_may_name_a_forwarded_requests_client_and_only_briefly() {
+        let key = b"the pool's key";
+        let proof = forwarded_proof(key, "10.0.0.7", 1_000);
+        let ip: std::net::IpAddr = "10.0.0.7".parse().unwrap();
+        assert_eq!(forwarded_client(key, "10.0.0.7", &proof, 1_030), Some(ip));
+        // Another key, another client, a late or altered proof, or no address: not believed.
+        assert_eq!(
+            forwarded_client(b"another key", "10.0.0.7", &proof, 1_000),
+            None
+        );
+        assert_eq!(forwarded_client(key, "10.0.0.8", &proof, 1_000), None);
+        assert_eq!(forwarded_client(key, "10.0.0.7", &proof, 1_061), None);
+        let shifted = proof.replacen("1000.", "1001.", 1);
+        assert_eq!(forwarded_client(key, "10.0.0.7", &shifted, 1_000), None);
+        assert_eq!(forwarded_client(key, "10.0.0.7", "garbage", 1_000), None);
+        let named = forwarded_proof(key, "not an address", 1_000);
+        assert_eq!(forwarded_client(key, "not an address", &named, 1_000), None);
     }
 
     /// A state where user ana holds token `id` with stored hash `hash`.

@@ -761,3 +761,119 @@ fn a_leader_cut_off_by_the_network_is_replaced_keeps_nothing_running_twice_and_s
     assert_every_one_listed_once(&pool, &acked);
     long.ran_on_once(&pool);
 }
+
+/// A request body that trickles in: a space every 250 ms, `spaces` times, then `rest`.
+struct Trickle {
+    spaces: usize,
+    rest: Vec<u8>,
+}
+
+impl std::io::Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.spaces > 0 {
+            std::thread::sleep(Duration::from_millis(250));
+            self.spaces -= 1;
+            buf[0] = b' ';
+            return Ok(1);
+        }
+        let n = self.rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.rest[..n]);
+        self.rest.drain(..n);
+        Ok(n)
+    }
+}
+
+#[test]
+fn a_client_flooding_through_a_standby_spends_its_own_places_at_the_leader_not_the_standbys() {
+    // The leader admits four connections per address; the standby, on its own address, the
+    // default.
+    let mut pool = Pool::start_on_postgresql(&["--max-connections-per-address", "4"]);
+    let mut args = pool.controller_args.clone();
+    let cap = args
+        .iter()
+        .position(|a| a == "--max-connections-per-address")
+        .unwrap();
+    args.drain(cap..cap + 2);
+    let standby = pool.start_standby_at("127.0.0.5", &args);
+    // The standby reads the pool's key at start (then every second until it is there).
+    std::thread::sleep(Duration::from_secs(2));
+    let job = |name: &str| {
+        json!({"metadata": {"name": name, "project": "default"},
+               "spec": {"resources": {"cpu": 0.5, "memory": "128MiB"},
+                        "command": ["true"]}})
+    };
+    let client_at = |ip: &str| {
+        reqwest::blocking::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap()
+    };
+    let submit_url = format!("{}/v1/jobs", standby.url);
+    let flooder = client_at("127.0.0.2");
+    // Four slow submissions through the standby: each holds a connection to the leader while
+    // its body trickles in (6 s).
+    let slow: Vec<_> = (0..4)
+        .map(|i| {
+            let (client, url, token) = (flooder.clone(), submit_url.clone(), pool.admin.clone());
+            let body = serde_json::to_vec(&job(&format!("slow-{i}"))).unwrap();
+            std::thread::spawn(move || {
+                let resp = client
+                    .post(url)
+                    .bearer_auth(token)
+                    .header("content-type", "application/json")
+                    .body(reqwest::blocking::Body::new(Trickle {
+                        spaces: 24,
+                        rest: body,
+                    }))
+                    .send()
+                    .unwrap();
+                (resp.status().as_u16(), resp.text().unwrap())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    // Another client of the same standby is served meanwhile: the four count against the
+    // flooder's address at the leader, not the standby's.
+    let resp = client_at("127.0.0.3")
+        .post(&submit_url)
+        .bearer_auth(&pool.admin)
+        .json(&job("other"))
+        .send()
+        .unwrap();
+    let status = resp.status().as_u16();
+    assert_eq!(status, 201, "{}", resp.text().unwrap());
+    // The flooder's fifth at once is refused by the leader, which names its address.
+    let resp = flooder
+        .post(&submit_url)
+        .bearer_auth(&pool.admin)
+        .json(&job("fifth"))
+        .send()
+        .unwrap();
+    let (status, text) = (resp.status().as_u16(), resp.text().unwrap());
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("127.0.0.2"), "{text}");
+    // Its slow ones are answered, and then it is served again.
+    for handle in slow {
+        let (status, text) = handle.join().unwrap();
+        assert_eq!(status, 201, "{text}");
+    }
+    let resp = flooder
+        .post(&submit_url)
+        .bearer_auth(&pool.admin)
+        .json(&job("later"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    // A client cannot name another address itself: sent straight to the leader, its claim is
+    // ignored (without the pool's key it has no proof) and it is counted as itself.
+    let resp = client_at("127.0.0.6")
+        .post(format!("{}/v1/jobs", pool.url))
+        .bearer_auth(&pool.admin)
+        .header("x-tessera-forwarded-client", "127.0.0.2")
+        .header("x-tessera-forwarded-proof", "1.00")
+        .json(&job("claims"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+}

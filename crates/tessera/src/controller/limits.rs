@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -27,7 +27,35 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct Connections {
     max: usize,
     per_address: usize,
-    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    open: Mutex<Open>,
+}
+
+#[derive(Default)]
+struct Open {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+    /// Connections counted against another address than their peer's: a standby's connection
+    /// while it carries a request of the client it names (see [`Connections::charge_to`]).
+    charged: HashMap<SocketAddr, IpAddr>,
+}
+
+impl Open {
+    fn take(&mut self, ip: IpAddr) {
+        *self.by_address.entry(ip).or_default() += 1;
+    }
+
+    fn give_back(&mut self, ip: IpAddr) {
+        if let Some(n) = self.by_address.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_address.remove(&ip);
+            }
+        }
+    }
+
+    fn from(&self, ip: IpAddr) -> usize {
+        self.by_address.get(&ip).copied().unwrap_or(0)
+    }
 }
 
 impl Connections {
@@ -37,50 +65,99 @@ impl Connections {
         Arc::new(Connections {
             max,
             per_address: per_address.min(max),
-            open: Mutex::new((0, HashMap::new())),
+            open: Mutex::default(),
         })
     }
 
-    /// A place for a connection from `ip`, or `None` when the limits are reached.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let from_ip = open.1.get(&ip).copied().unwrap_or(0);
-        if open.0 >= self.max || from_ip >= self.per_address {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for a connection from `peer`, or `None` when the limits are reached.
+    pub fn admit(self: &Arc<Self>, peer: SocketAddr) -> Option<Admitted> {
+        let mut open = self.lock();
+        if open.total >= self.max || open.from(peer.ip()) >= self.per_address {
             return None;
         }
-        open.0 += 1;
-        open.1.insert(ip, from_ip + 1);
+        open.total += 1;
+        open.take(peer.ip());
         Some(Admitted {
             connections: self.clone(),
-            ip,
+            peer,
+        })
+    }
+
+    /// Counts the connection from `peer` against `client` instead, until the returned guard is
+    /// dropped: a standby's connection carrying a request of the client it vouches for, so that
+    /// one client flooding through a standby spends its own places, not the standby's (which
+    /// every other client of that standby needs). `None` when `client` holds its share already.
+    pub fn charge_to(self: &Arc<Self>, peer: SocketAddr, client: IpAddr) -> Option<Charged> {
+        let mut open = self.lock();
+        let now = open.charged.get(&peer).copied().unwrap_or(peer.ip());
+        if now == client {
+            return Some(Charged {
+                connections: self.clone(),
+                peer,
+                client: None,
+            });
+        }
+        if open.from(client) >= self.per_address {
+            return None;
+        }
+        open.give_back(now);
+        open.take(client);
+        open.charged.insert(peer, client);
+        Some(Charged {
+            connections: self.clone(),
+            peer,
+            client: Some(client),
         })
     }
 
     /// Open connections now.
     pub fn open(&self) -> usize {
-        self.open.lock().unwrap_or_else(|e| e.into_inner()).0
+        self.lock().total
+    }
+
+    /// Places counted against `ip` now.
+    pub fn from(&self, ip: IpAddr) -> usize {
+        self.lock().from(ip)
     }
 }
 
 /// A connection's place; given back when the connection closes.
 pub struct Admitted {
     connections: Arc<Connections>,
-    ip: IpAddr,
+    peer: SocketAddr,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let mut open = self
-            .connections
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        open.0 = open.0.saturating_sub(1);
-        if let Some(n) = open.1.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                open.1.remove(&self.ip);
-            }
+        let mut open = self.connections.lock();
+        open.total = open.total.saturating_sub(1);
+        let ip = open.charged.remove(&self.peer).unwrap_or(self.peer.ip());
+        open.give_back(ip);
+    }
+}
+
+/// A connection counted against a client it carries a request of (see
+/// [`Connections::charge_to`]); counted against its peer again when dropped, unless it closed
+/// meanwhile.
+pub struct Charged {
+    connections: Arc<Connections>,
+    peer: SocketAddr,
+    /// `None`: it was already counted against that client, by an earlier guard.
+    client: Option<IpAddr>,
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        let Some(client) = self.client else { return };
+        let mut open = self.connections.lock();
+        if open.charged.get(&self.peer) == Some(&client) {
+            open.charged.remove(&self.peer);
+            open.give_back(client);
+            open.take(self.peer.ip());
         }
     }
 }
@@ -113,7 +190,7 @@ where
         let admitted = stream
             .peer_addr()
             .ok()
-            .and_then(|peer| self.connections.admit(peer.ip()));
+            .and_then(|peer| self.connections.admit(peer));
         let Some(admitted) = admitted else {
             // Closing it at once is the answer: the client sees a reset and may retry later.
             tracing::debug!("connection refused: the connection limit is reached");
@@ -268,8 +345,8 @@ mod tests {
     #[test]
     fn one_address_cannot_take_every_connection_and_places_come_back_on_close() {
         let c = Connections::new(5, 3);
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:1000".parse().unwrap();
         let held: Vec<Admitted> = (0..3).map(|_| c.admit(a).unwrap()).collect();
         assert!(c.admit(a).is_none(), "a fourth from one address");
         let b1 = c.admit(b).unwrap();
@@ -284,5 +361,41 @@ mod tests {
         drop(held);
         assert_eq!(c.open(), 1);
         assert!(c.admit(a).is_some());
+    }
+
+    #[test]
+    fn a_standbys_connection_counts_against_the_client_it_carries_while_it_carries_it() {
+        let c = Connections::new(100, 2);
+        let standby = |port| SocketAddr::from(([10, 0, 0, 9], port));
+        let flooder: IpAddr = "10.0.0.1".parse().unwrap();
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        let conns: Vec<Admitted> = (1..=2).map(|p| c.admit(standby(p)).unwrap()).collect();
+        // Full from the standby's address, until its connections carry their clients' requests.
+        assert!(c.admit(standby(3)).is_none());
+        let first = c.charge_to(standby(1), flooder).unwrap();
+        let second = c.charge_to(standby(2), flooder).unwrap();
+        assert_eq!(c.from(flooder), 2);
+        assert_eq!(c.from(standby(1).ip()), 0);
+        // The flooder's third request is refused; another client of the standby is served.
+        let third = c.admit(standby(3)).unwrap();
+        assert!(c.charge_to(standby(3), flooder).is_none());
+        let served = c.charge_to(standby(3), other).unwrap();
+        assert_eq!(c.from(other), 1);
+        // A second request on a connection already counted against its client costs nothing.
+        let again = c.charge_to(standby(1), flooder).unwrap();
+        drop(again);
+        assert_eq!(c.from(flooder), 2);
+        // Answered, a connection counts against the standby again; closed, against nobody.
+        drop(first);
+        assert_eq!((c.from(flooder), c.from(standby(1).ip())), (1, 1));
+        drop(third);
+        drop(served);
+        assert_eq!((c.from(other), c.from(standby(1).ip())), (0, 1));
+        drop(conns);
+        drop(second);
+        assert_eq!(
+            (c.from(flooder), c.from(standby(1).ip()), c.open()),
+            (0, 0, 0)
+        );
     }
 }

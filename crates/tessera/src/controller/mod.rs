@@ -611,6 +611,7 @@ async fn elect_and_open(
             }
         }
     });
+    let learning = tokio::spawn(standby::learn_key(url.to_string(), switch.clone()));
     let id = format!("{}#{}", switch.me, &crate::auth::random_secret()[..8]);
     let gateway = gateway.map(|g| g.me.clone()).unwrap_or_default();
     let mut campaign = store::lease::Campaign::new(
@@ -648,6 +649,7 @@ async fn elect_and_open(
     // cannot commit any more): what it followed, plus the rest of the log, is the state.
     let _ = stop_following.send(true);
     following.await.context("following the leader's changes")?;
+    learning.abort();
     reads.stop_serving();
     let began = std::time::Instant::now();
     let mut follower = reads.follower.lock().await;
@@ -754,7 +756,7 @@ pub async fn start_telling(
         .with_context(|| format!("listening on {} (is it in use?)", config.listen))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    let switch = standby::Switch::new(advertised(&config, addr))?;
+    let switch = standby::Switch::new(advertised(&config, addr), addr.ip())?;
     // The service gateway: on a standby it sends requests on to the leader's.
     let gateway = match config.gateway {
         Some(at) => {
@@ -762,7 +764,11 @@ pub async fn start_telling(
                 .with_context(|| format!("gateway listening on {at} (is it in use?)"))?;
             listener.set_nonblocking(true)?;
             let local = listener.local_addr()?;
-            let gw = standby::Switch::gateway(&switch, gateway_advertised(&switch.me, local))?;
+            let gw = standby::Switch::gateway(
+                &switch,
+                gateway_advertised(&switch.me, local),
+                addr.ip(),
+            )?;
             Some((listener, local, gw))
         }
         None => None,
@@ -852,15 +858,31 @@ pub async fn start_telling(
         tokio::spawn(usage::history_loop(ctl.clone(), h, Duration::from_secs(30)));
     }
     tokio::spawn(services::run(ctl.clone()));
-    let gateway_addr = gateway.map(|(_, local, gw)| {
-        gw.lead(gateway::router(ctl.gateway.clone()));
-        local
+    let gateway_addr =
+        gateway.map(|(_, local, gw)| {
+            let vouched = Arc::new(standby::Vouched {
+                connections: ctl.connections[1].1.clone(),
+                key: ctl.callback_key.clone(),
+            });
+            gw.lead(gateway::router(ctl.gateway.clone()).layer(
+                axum::middleware::from_fn_with_state(vouched, standby::count_forwarded_client),
+            ));
+            local
+        });
+    let vouched = Arc::new(standby::Vouched {
+        connections: connections.clone(),
+        key: ctl.callback_key.clone(),
     });
     switch.lead(
-        router(ctl.clone()).layer(axum::middleware::from_fn_with_state(
-            leadership,
-            standby::while_leading,
-        )),
+        router(ctl.clone())
+            .layer(axum::middleware::from_fn_with_state(
+                leadership,
+                standby::while_leading,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                vouched,
+                standby::count_forwarded_client,
+            )),
     );
     let server = match server {
         Some(server) => server,

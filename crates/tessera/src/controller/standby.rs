@@ -29,6 +29,12 @@ use crate::store::lease::{Holder, Leadership};
 /// is not sent on again (two controllers that each think the other leads would loop).
 pub const FORWARDED_BY: &str = "x-tessera-forwarded-by";
 
+/// The client a standby sent a request on for (its address), with the standby's proof (see
+/// [`crate::auth::forwarded_proof`]): the leader counts the request against that client's
+/// places, not the standby's. Taken from clients, these are dropped; unproven, ignored.
+pub const FORWARDED_CLIENT: &str = "x-tessera-forwarded-client";
+pub const FORWARDED_PROOF: &str = "x-tessera-forwarded-proof";
+
 /// What a switch serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Serves {
@@ -48,6 +54,9 @@ pub struct Switch {
     serves: Serves,
     /// A standby's own answers to reads, once it follows the store.
     reads: OnceLock<(Arc<Reads>, Router)>,
+    /// The pool's key, once read from the store: with it a standby vouches for the clients it
+    /// sends requests on for.
+    key: Arc<OnceLock<Vec<u8>>>,
 }
 
 /// The header on an answer a standby made itself from the state it follows (at most a
@@ -171,32 +180,55 @@ fn read_here(path: &str) -> bool {
 }
 
 impl Switch {
-    pub fn new(me: String) -> anyhow::Result<Arc<Switch>> {
-        Switch::serving(me, Serves::Api, Arc::default())
+    /// The API's switch of the controller at `me`, whose requests to the leader leave from
+    /// `local` (the address it listens on, unless that is every address).
+    pub fn new(me: String, local: std::net::IpAddr) -> anyhow::Result<Arc<Switch>> {
+        Switch::serving(me, local, Serves::Api, Arc::default(), Arc::default())
     }
 
     /// The gateway's switch, beside the API's `api`.
-    pub fn gateway(api: &Switch, me: String) -> anyhow::Result<Arc<Switch>> {
-        Switch::serving(me, Serves::Gateway, api.holder.clone())
+    pub fn gateway(
+        api: &Switch,
+        me: String,
+        local: std::net::IpAddr,
+    ) -> anyhow::Result<Arc<Switch>> {
+        Switch::serving(
+            me,
+            local,
+            Serves::Gateway,
+            api.holder.clone(),
+            api.key.clone(),
+        )
     }
 
     fn serving(
         me: String,
+        local: std::net::IpAddr,
         serves: Serves,
         holder: Arc<Mutex<Option<Holder>>>,
+        key: Arc<OnceLock<Vec<u8>>>,
     ) -> anyhow::Result<Arc<Switch>> {
+        // No overall timeout: agents' long polls and log streams go through.
+        let mut http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .redirect(reqwest::redirect::Policy::none());
+        if !local.is_unspecified() {
+            http = http.local_address(local);
+        }
         Ok(Arc::new(Switch {
             leader: OnceLock::new(),
             holder,
-            // No overall timeout: agents' long polls and log streams go through.
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()?,
+            http: http.build()?,
             me,
             serves,
             reads: OnceLock::new(),
+            key,
         }))
+    }
+
+    /// The pool's key, read from the store: from now on requests sent on name their clients.
+    pub fn know_key(&self, key: Vec<u8>) {
+        let _ = self.key.set(key);
     }
 
     /// From now on this standby answers reads from `reads` while it serves.
@@ -328,9 +360,24 @@ async fn forward(sw: &Switch, req: Request) -> Response {
         .header(FORWARDED_BY, &sw.me)
         .body(reqwest::Body::wrap_stream(body.into_data_stream()));
     for (name, value) in &parts.headers {
-        if !hop_by_hop(name.as_str()) {
+        // Only this controller vouches for a client, never the client itself.
+        let claimed = *name == FORWARDED_CLIENT || *name == FORWARDED_PROOF;
+        if !hop_by_hop(name.as_str()) && !claimed {
             out = out.header(name, value);
         }
+    }
+    let client = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    if let (Some(key), Some(client)) = (sw.key.get(), client) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let proof = crate::auth::forwarded_proof(key, &client, now);
+        out = out
+            .header(FORWARDED_CLIENT, client)
+            .header(FORWARDED_PROOF, proof);
     }
     match out.send().await {
         Ok(resp) => {
@@ -351,6 +398,90 @@ async fn forward(sw: &Switch, req: Request) -> Response {
             ),
         ),
     }
+}
+
+/// Reads the pool's key from the store until it is there (the first leader makes it), so that
+/// this standby can vouch for the clients it sends requests on for.
+pub async fn learn_key(url: String, switch: Arc<Switch>) {
+    loop {
+        match read_key(&url).await {
+            Ok(Some(key)) => {
+                switch.know_key(key.into_bytes());
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!("reading the pool's key: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn read_key(url: &str) -> Result<Option<String>, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let driving = tokio::spawn(connection);
+    let row = client
+        .query_opt("SELECT value FROM meta WHERE key = 'callback_key'", &[])
+        .await;
+    drop(client);
+    let _ = driving.await;
+    Ok(row?.map(|r| r.get(0)))
+}
+
+/// What the leader needs to count a standby's request against the client it names.
+pub struct Vouched {
+    pub connections: Arc<super::limits::Connections>,
+    pub key: Vec<u8>,
+}
+
+/// A layer of the leader's router: a request a standby sent on, naming its client with a valid
+/// proof, is counted against that client's places (`--max-connections-per-address`) while it
+/// is answered, body included, instead of against the standby's, which all its other clients
+/// share. A client over its share gets 503; a claim without a valid proof counts for nothing.
+/// The same layer stands before the leader's service gateway.
+pub async fn count_forwarded_client(
+    State(vouched): State<Arc<Vouched>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    // Taken out: what is behind the leader (a service behind its gateway) never sees a proof
+    // it could replay.
+    let mut req = req;
+    let mut take = |h: &str| {
+        req.headers_mut()
+            .remove(h)
+            .and_then(|v| v.to_str().ok().map(str::to_string))
+    };
+    let (client, proof) = (take(FORWARDED_CLIENT), take(FORWARDED_PROOF));
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    let claim = (client, proof, peer);
+    let (Some(client), Some(proof), Some(peer)) = claim else {
+        return next.run(req).await;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let Some(client) = crate::auth::forwarded_client(&vouched.key, &client, &proof, now) else {
+        tracing::warn!("{peer} named a client it sent a request on for without a valid proof");
+        return next.run(req).await;
+    };
+    let Some(charged) = vouched.connections.charge_to(peer, client) else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{client} holds as many requests and connections as one address may                  (--max-connections-per-address); retry when some are answered"
+            ),
+        );
+    };
+    let (parts, body) = next.run(req).await.into_parts();
+    // Counted until the answer's last byte is sent (a log stream holds its place as long).
+    let body = futures_util::StreamExt::map(body.into_data_stream(), move |chunk| {
+        let _held = &charged;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(body))
 }
 
 /// A layer of the leader's router: once the lease is not surely held, nothing more is answered,

@@ -396,15 +396,26 @@ impl Pool {
     /// its own data dir and ports): a standby until the leader goes. Agents added afterwards
     /// are given its URL too.
     pub fn start_standby(&mut self) -> Standby {
+        let args = self.controller_args.clone();
+        self.start_standby_at("127.0.0.1", &args)
+    }
+
+    /// A standby listening on `ip` (its requests to the leader leave from there too), with
+    /// `controller_args` instead of the pool's.
+    pub fn start_standby_at<S: AsRef<std::ffi::OsStr>>(
+        &mut self,
+        ip: &str,
+        controller_args: &[S],
+    ) -> Standby {
         let n = self.standby_urls.len() + 1;
-        let listen = format!("127.0.0.1:{}", port());
-        let gateway = format!("127.0.0.1:{}", port());
+        let listen = format!("{ip}:{}", port());
+        let gateway = format!("{ip}:{}", port());
         let mut child = Command::new(bin())
             .args(["controller", "--data-dir"])
             .arg(self.data_root.join(format!("controller-{n}")))
             .args(["--listen", &listen])
             .args(self.defaults())
-            .args(&self.controller_args)
+            .args(controller_args)
             .args(["--gateway-listen", &gateway])
             .env("TESSERA_LOG", "warn")
             .stdout(Stdio::piped())
