@@ -96,6 +96,14 @@ pub enum BenchCommand {
         jobs: usize,
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Drive the controller's state, scheduler and apply path in this process, with no
+        /// sockets and no agents (for pools larger than the long polls a machine can hold):
+        /// memory, the time to build a snapshot, and rounds after one submission.
+        #[arg(long)]
+        in_process: bool,
+        /// With --in-process: rounds timed, each after one more submission.
+        #[arg(long, default_value_t = 100)]
+        rounds: usize,
         #[command(flatten)]
         common: Common,
     },
@@ -174,9 +182,19 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             nodes,
             jobs,
             concurrency,
+            in_process,
+            rounds,
             common,
         } => {
-            let r = rt.block_on(scale(&common, nodes, jobs, concurrency));
+            let r = match in_process {
+                true => rt.block_on(crate::bench_inprocess::run(
+                    common.data_dir.clone(),
+                    nodes,
+                    jobs,
+                    rounds,
+                )),
+                false => rt.block_on(scale(&common, nodes, jobs, concurrency)),
+            };
             (common, r)
         }
     };
@@ -466,7 +484,7 @@ pub fn process_memory(pid: u32) -> anyhow::Result<(u64, u64)> {
     Ok((field("VmRSS:"), field("VmHWM:")))
 }
 
-fn manifest(name: &str, gpu: f64, command: &[&str]) -> String {
+pub(crate) fn manifest(name: &str, gpu: f64, command: &[&str]) -> String {
     let mut resources = serde_json::Map::new();
     if gpu > 0.0 {
         resources.insert("gpu".into(), json!(gpu));
@@ -492,7 +510,7 @@ pub fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-fn bar(len: usize, what: &str) -> ProgressBar {
+pub(crate) fn bar(len: usize, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len as u64);
     pb.set_style(
         ProgressStyle::with_template(&format!(

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod auth;
 pub mod bench;
 pub mod bench_failover;
+pub mod bench_inprocess;
 pub mod cli;
 pub mod controller;
 pub mod endpoints;

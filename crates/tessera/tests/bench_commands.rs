@@ -140,6 +140,35 @@ fn scale_joins_its_nodes_and_runs_what_fits() {
 }
 
 #[test]
+fn scale_in_process_fills_the_pool_and_times_rounds_after_a_submission() {
+    let r = bench(&[
+        "scale",
+        "--in-process",
+        "--nodes",
+        "20",
+        "--jobs",
+        "400",
+        "--rounds",
+        "5",
+    ]);
+    // 160 GPUs for 400 jobs asking 350 GPUs among them: some are placed, the rest wait (counted
+    // before the timed rounds).
+    let (placed, waiting) = (
+        r["jobs_placed"].as_u64().unwrap(),
+        r["jobs_waiting"].as_u64().unwrap(),
+    );
+    assert!(placed > 0 && waiting > 0, "{r}");
+    assert_eq!(placed + waiting, 400, "{r}");
+    assert_eq!(r["rounds_timed"], 5, "{r}");
+    let p50 = r["round_p50_ms"].as_f64().unwrap();
+    assert!(
+        p50 > 0.0 && p50 <= r["round_p99_ms"].as_f64().unwrap(),
+        "{r}"
+    );
+    assert!(r["peak_rss_mib"].as_u64().unwrap() > 0, "{r}");
+}
+
+#[test]
 fn failover_kills_the_leader_and_loses_nothing() {
     let pg = testdb::PgCluster::start();
     let r = bench(&[

@@ -16,7 +16,7 @@ pub(super) const MAX_CONSOLIDATION_STARTS: usize = 4;
 fn consolidate<'a>(
     placer: &mut Placer,
     snapshot: &'a Snapshot,
-    requests: &HashMap<u64, ResourceRequest>,
+    requests: &Requests<'_>,
     job: &PendingJob,
     taken: &HashSet<u64>,
 ) -> Option<Vec<(&'a RunningJob, NodeId)>> {
@@ -65,7 +65,7 @@ fn consolidate<'a>(
 fn try_consolidation<'a>(
     placer: &mut Placer,
     movable: &[&'a RunningJob],
-    requests: &HashMap<u64, ResourceRequest>,
+    requests: &Requests<'_>,
     nodes: &[NodeId],
     spec: &JobSpec,
 ) -> Option<Vec<(&'a RunningJob, NodeId)>> {

@@ -12,7 +12,7 @@ pub(super) fn grow_elastic(
     placer: &mut Placer,
     quotas: &mut Quotas,
     snapshot: &Snapshot,
-    requests: &HashMap<u64, ResourceRequest>,
+    requests: &Requests<'_>,
     taken: &HashSet<u64>,
     shrunk: &HashSet<(u64, u32)>,
 ) -> Vec<Grow> {
@@ -38,7 +38,7 @@ pub(super) fn grow_elastic(
                 }
                 _ => e.may_grow,
             };
-            (room > 0).then_some((r, request, room))
+            (room > 0).then_some((r, &**request, room))
         })
         .collect();
     growers.sort_by_key(|(r, _, _)| (std::cmp::Reverse(r.priority), r.allocations.len(), r.id));

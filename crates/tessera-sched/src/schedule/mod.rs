@@ -185,7 +185,24 @@ pub enum SnapshotError {
 /// Places pending jobs in fair-share and priority order, each gang whole or not at all, and
 /// preempts running work only where quotas or priorities call for it.
 pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotError> {
-    let cluster = Cluster::new(snapshot.nodes.clone())?;
+    schedule_on(snapshot.nodes.clone(), snapshot, config)
+}
+
+/// [`schedule`] of a snapshot the caller gives up: its nodes become the round's cluster instead
+/// of a copy of them (a large pool's nodes cost a copy per round).
+pub fn schedule_owned(mut snapshot: Snapshot, config: &Config) -> Result<Plan, SnapshotError> {
+    let nodes = std::mem::take(&mut snapshot.nodes);
+    schedule_on(nodes, &snapshot, config)
+}
+
+/// The round, on a cluster of `nodes` (the snapshot's nodes; the snapshot's own list is not
+/// read again).
+fn schedule_on(
+    nodes: Vec<NodeSpec>,
+    snapshot: &Snapshot,
+    config: &Config,
+) -> Result<Plan, SnapshotError> {
+    let cluster = Cluster::new(nodes)?;
     let policy = config.policy.build(&config.shapes, &cluster);
     let mut placer = Placer::new(cluster, policy, config.seed);
     let mut quotas = Quotas::new(&snapshot.projects).with_history(&snapshot.history);
@@ -343,7 +360,7 @@ struct Round<'a> {
     /// Replicas of elastic jobs given back this round: (job, replica index).
     shrunk: HashSet<(u64, u32)>,
     /// What running jobs' replicas may ask for under their projects' rules (moves and growth).
-    requests: HashMap<u64, ResourceRequest>,
+    requests: Requests<'a>,
 }
 
 /// One queue per project, highest priority then oldest first.
@@ -361,15 +378,19 @@ fn project_queues(snapshot: &Snapshot) -> BTreeMap<&str, VecDeque<&PendingJob>> 
 }
 
 /// What running jobs' replicas may ask for under their projects' rules.
-fn running_requests(snapshot: &Snapshot) -> HashMap<u64, ResourceRequest> {
+/// Running jobs' requests, by job, as their projects' rules narrow them: borrowed from the
+/// snapshot where no rule narrows them (a round on a large pool copied every one).
+type Requests<'a> = HashMap<u64, std::borrow::Cow<'a, ResourceRequest>>;
+
+fn running_requests(snapshot: &Snapshot) -> Requests<'_> {
     snapshot
         .running
         .iter()
         .filter_map(|r| {
             let request = r.request.as_ref()?;
             let narrowed = match snapshot.rules.get(&r.project) {
-                Some(rules) => rules.narrow(request).ok()?,
-                None => request.clone(),
+                Some(rules) => std::borrow::Cow::Owned(rules.narrow(request).ok()?),
+                None => std::borrow::Cow::Borrowed(request),
             };
             Some((r.id, narrowed))
         })

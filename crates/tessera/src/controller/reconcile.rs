@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tessera_sched::cluster::GpuAffinity;
 use tessera_sched::quota::ProjectQuota;
 use tessera_sched::schedule::{
-    Config, ElasticRunning, PendingJob, RunningJob, Snapshot, WaitReason, schedule,
+    Config, ElasticRunning, PendingJob, RunningJob, Snapshot, WaitReason, schedule_owned,
 };
 use tessera_sched::{Allocation, NodeId, ShapeDistribution};
 
@@ -30,8 +30,8 @@ pub async fn run(ctl: Ctl) {
     loop {
         let next_lease = agents::expire_leases(&ctl).await;
         round += 1;
-        let mut computing = Duration::ZERO;
-        let next_backoff = match schedule_once(&ctl, round, &mut computing).await {
+        let mut phases = Phases::default();
+        let next_backoff = match schedule_once(&ctl, round, &mut phases).await {
             Ok(next) => next,
             Err(e) => {
                 tracing::error!("scheduling round failed: {}", e.message);
@@ -51,6 +51,7 @@ pub async fn run(ctl: Ctl) {
         // tens of milliseconds of CPU, and back to back they starved the requests and the
         // store's writer of the cores. Changes that arrive meanwhile go to the next round
         // together. (Waiting for the round's own commit is not computing, and does not count.)
+        let computing = phases.build + phases.schedule;
         if computing > MIN_PACED_ROUND {
             tokio::time::sleep(computing).await;
         }
@@ -248,12 +249,31 @@ fn affinity(gpu: &tessera_sched::GpuRequest) -> Option<GpuAffinity> {
     }
 }
 
-/// One round; returns when the earliest backoff ends, and sets `computing` to the time spent
-/// building the snapshot and scheduling it.
+/// Where a round's time went.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Phases {
+    /// Reading the state into a snapshot (under the state's lock).
+    pub build: Duration,
+    /// The scheduler's work on the snapshot (and gathering the waiting jobs' reasons).
+    pub schedule: Duration,
+    /// Applying the plan to the state and committing it.
+    pub apply: Duration,
+    /// Jobs placed.
+    pub placed: usize,
+}
+
+/// One round, as the reconcile loop runs it (the in-process benchmark runs it too).
+pub async fn round(ctl: &Ctl, round: u64) -> Result<Phases, ApiError> {
+    let mut phases = Phases::default();
+    schedule_once(ctl, round, &mut phases).await?;
+    Ok(phases)
+}
+
+/// One round; returns when the earliest backoff ends, and fills in `phases`.
 async fn schedule_once(
     ctl: &Ctl,
     round: u64,
-    computing: &mut Duration,
+    phases: &mut Phases,
 ) -> Result<Option<u64>, ApiError> {
     let building = Instant::now();
     let now = now_ms();
@@ -267,7 +287,7 @@ async fn schedule_once(
         .running
         .iter()
         .any(|r| r.elastic.as_ref().is_some_and(|e| e.may_grow > 0));
-    *computing = building.elapsed();
+    phases.build = building.elapsed();
     if built.snapshot.pending.is_empty() && !may_grow {
         return Ok(next_backoff);
     }
@@ -286,7 +306,7 @@ async fn schedule_once(
     // thousands of jobs waiting, describing each one every round cost more than the round.
     // They are gathered into their map on the blocking thread too (part of the round's cost).
     let scheduled = tokio::task::spawn_blocking(move || {
-        schedule(&snapshot, &config).map(|mut plan| {
+        schedule_owned(snapshot, &config).map(|mut plan| {
             let waits: HashMap<u64, Arc<WaitReason>> =
                 std::mem::take(&mut plan.waiting).into_iter().collect();
             (plan, waits)
@@ -298,7 +318,8 @@ async fn schedule_once(
     ctl.metrics
         .schedule_seconds
         .observe(started.elapsed().as_secs_f64());
-    *computing += started.elapsed();
+    phases.schedule = started.elapsed();
+    phases.placed = plan.placements.len();
 
     if plan.placements.is_empty()
         && plan.preemptions.is_empty()
@@ -317,6 +338,7 @@ async fn schedule_once(
     }
     let metrics = ctl.metrics.clone();
     let ports = ctl.config.rendezvous_ports.clone();
+    let applying = Instant::now();
     let old_reasons = ctl
         .store
         .write(move |c, s| -> Result<_, ApiError> {
@@ -335,6 +357,7 @@ async fn schedule_once(
             Ok(std::mem::replace(&mut s.wait_reasons, waits))
         })
         .await?;
+    phases.apply = applying.elapsed();
     // Dropped here, not under the state's lock in the writer.
     drop(old_reasons);
     Ok(next_backoff)
