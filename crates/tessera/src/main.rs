@@ -723,18 +723,6 @@ fn keep_large_allocations_returnable() {
 /// A command whose reader went away (`tessera jobs | head`) ends quietly, as Unix tools do,
 /// instead of panicking in `println!`. Servers keep SIGPIPE ignored (a closed socket is an error
 /// to handle, not a reason to die).
-/// The controller keeps the pool in memory and allocates from many threads (the runtime's
-/// workers, the store's writer, scheduling rounds); glibc gives each thread its own arena, up to
-/// eight per core, and memory freed in one arena is not reused by another. Two arenas cost the
-/// controller at 10,000 nodes and 100,000 jobs 75 MiB less at its peak (792 -> 717 MiB,
-/// docs/benchmarks.md). Called before any thread starts.
-fn few_malloc_arenas() {
-    // SAFETY: mallopt only sets an allocator parameter; no thread is running yet.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 fn exit_quietly_on_a_closed_pipe() {
     // SAFETY: restores the default disposition of one signal; no handler of ours is involved.
     unsafe {
@@ -757,9 +745,6 @@ fn main() {
         Command::Up { .. } | Command::Controller { .. } | Command::Agent { .. } | Command::Shim(_)
     ) {
         exit_quietly_on_a_closed_pipe();
-    }
-    if matches!(cli.command, Command::Up { .. } | Command::Controller { .. }) {
-        few_malloc_arenas();
     }
     let result = match cli.command {
         Command::Sim(cmd) => sim::run(cmd),

@@ -301,22 +301,12 @@ async fn within_request_timeout(
     }
 }
 
-/// What the API's clients send: request heads of a few hundred bytes (a token and a content
-/// type), bodies that stream. A connection's read buffer grows with the reads it has seen and
-/// keeps its size while a long poll holds it; capped at hyper's smallest (8 KiB, which also
-/// bounds a request's head), the controller's peak at 10,000 agents' held polls fell from 806 to
-/// 792 MiB. The service gateway keeps hyper's default: services' clients send cookies and long
-/// headers.
-pub const API_READ_BUFFER: usize = 8 << 10;
-
-/// Serves `app` on `listener` (over TLS with `tls`) within the limits; `read_buffer` caps each
-/// connection's read buffer (and with it a request's head), `None` leaving hyper's default.
+/// Serves `app` on `listener` (over TLS with `tls`) within the limits.
 pub async fn serve(
     listener: std::net::TcpListener,
     tls: Option<axum_server::tls_rustls::RustlsConfig>,
     app: axum::Router,
     connections: Arc<Connections>,
-    read_buffer: Option<usize>,
 ) -> io::Result<()> {
     let app = app
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
@@ -330,9 +320,6 @@ pub async fn serve(
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
-    if let Some(max) = read_buffer {
-        builder.http1().max_buf_size(max);
-    }
     let service = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     match tls {
         Some(tls) => {

@@ -779,7 +779,7 @@ pub async fn start_telling(
         let (listener, app) = (listener.try_clone()?, standby::router(gw.clone()));
         let connections = gateway_connections.clone();
         tokio::spawn(async move {
-            if let Err(e) = limits::serve(listener, None, app, connections, None).await {
+            if let Err(e) = limits::serve(listener, None, app, connections).await {
                 tracing::error!("the gateway stopped: {e}");
             }
         });
@@ -916,27 +916,15 @@ async fn serve(
                     )
                 })?;
             tokio::spawn(async move {
-                limits::serve(
-                    listener,
-                    Some(tls),
-                    app,
-                    connections,
-                    Some(limits::API_READ_BUFFER),
-                )
-                .await
-                .context("serving HTTPS")
+                limits::serve(listener, Some(tls), app, connections)
+                    .await
+                    .context("serving HTTPS")
             })
         }
         None => tokio::spawn(async move {
-            limits::serve(
-                listener,
-                None,
-                app,
-                connections,
-                Some(limits::API_READ_BUFFER),
-            )
-            .await
-            .context("serving HTTP")
+            limits::serve(listener, None, app, connections)
+                .await
+                .context("serving HTTP")
         }),
     };
     Ok(handle)
