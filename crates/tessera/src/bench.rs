@@ -885,15 +885,15 @@ async fn scale(
         "jobs",
     )
     .await?;
-    // Let the scheduler and the agents settle: wait until the running count stops changing.
+    // Let the scheduler and the agents settle: wait until the running count has not changed for
+    // 10 s (a round placing tens of thousands of jobs takes seconds before any of them is
+    // reported running, so a shorter quiet spell can end the wait half-way).
     let settle = Instant::now();
-    let mut last = u64::MAX;
-    loop {
+    let (mut last, mut quiet) = (u64::MAX, 0);
+    while quiet < 5 && settle.elapsed() < Duration::from_secs(300) {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let now = stats.running.load(Ordering::Relaxed);
-        if now == last || settle.elapsed() > Duration::from_secs(300) {
-            break;
-        }
+        quiet = if now == last { quiet + 1 } else { 0 };
         last = now;
     }
     let (rss, peak) = pool.controller_memory()?;
