@@ -1212,6 +1212,34 @@ mod tests {
     /// the controller goes on; PostgreSQL back: writes resume by themselves, and what was
     /// acknowledged before is all there.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_the_server_ended_between_batches_is_replaced_before_the_next() {
+        let place = Place::new(true);
+        let Place::Postgres(pg) = &place else {
+            unreachable!()
+        };
+        let store = place.start().await;
+        add_user(&store, "before", false).await.unwrap();
+        // The server ends the writer's idle session (an administrator, a restarted pooler).
+        let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let ended = client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(ended >= 1, "no session to end");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // The next write goes down a new session instead of failing on the dead one.
+        add_user(&store, "after", false).await.unwrap();
+        assert_eq!(place.users().await, ["after", "before"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn writes_wait_out_a_database_that_went_away_and_resume_when_it_is_back() {
         let place = Place::new(true);
         let Place::Postgres(pg) = &place else {

@@ -77,6 +77,19 @@ impl Driver {
         }
     }
 
+    /// Gives the connection's task a turn on the writer's runtime, which runs only while the
+    /// writer waits on it: a session the server ended since the last batch is then seen as
+    /// closed (and replaced) before a batch is sent down it. Two yields: the first polls the
+    /// socket and wakes the task, the second lets it run.
+    fn turn(&self) {
+        if let Driver::Local(rt) = self {
+            rt.0.as_ref().expect("the runtime lives").block_on(async {
+                tokio::task::yield_now().await;
+                tokio::task::yield_now().await;
+            });
+        }
+    }
+
     fn spawn<F>(&self, f: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
@@ -307,6 +320,9 @@ impl Postgres {
     }
 
     fn conn(&mut self) -> StoreResult<&PgConn> {
+        if !self.in_batch {
+            self.local.turn();
+        }
         if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
             if self.in_batch {
                 return Err(StoreError {
