@@ -450,6 +450,32 @@ pub fn simulated_node(name: &str, gpus: usize) -> RegisterRequest {
     }
 }
 
+/// Where a benchmark keeps its files: the `--data-dir` given, kept afterwards, or a fresh
+/// temporary dir named for `what`, removed when this is dropped.
+pub(crate) struct BenchDir {
+    pub path: PathBuf,
+    temporary: bool,
+}
+
+impl BenchDir {
+    pub(crate) fn new(given: Option<PathBuf>, what: &str) -> anyhow::Result<BenchDir> {
+        let temporary = given.is_none();
+        let path = given.unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("tessera-{what}-{}", std::process::id()))
+        });
+        std::fs::create_dir_all(&path)?;
+        Ok(BenchDir { path, temporary })
+    }
+}
+
+impl Drop for BenchDir {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
 /// A directory a benchmark and its workloads share, as a cluster file system would: outside
 /// `/tmp` (every workload has a private one) and writable by every workload's uid (1777).
 /// Removed on drop.
@@ -606,15 +632,8 @@ async fn api(common: &Common, jobs: usize, concurrency: usize) -> anyhow::Result
 /// fresh store, then times reports over them.
 fn usage(common: &Common, runs: usize) -> anyhow::Result<Value> {
     use crate::metering::{GroupBy, Rates, Segment, Window, report};
-    let (dir, remove_dir) = match &common.data_dir {
-        Some(d) => (d.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("tessera-bench-usage-{}", std::process::id())),
-            true,
-        ),
-    };
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("tessera.db");
+    let dir = BenchDir::new(common.data_dir.clone(), "bench-usage")?;
+    let path = dir.path.join("tessera.db");
     let mut store = crate::store::sqlite::Sqlite::open(&path)?;
     let day = 86_400_000u64;
     let now = 40 * day;
@@ -683,11 +702,8 @@ fn usage(common: &Common, runs: usize) -> anyhow::Result<Value> {
     let (month_project_ms, month_runs, _) = timed(30, GroupBy::Project)?;
     let (month_job_ms, _, month_jobs) = timed(30, GroupBy::Job)?;
     let bytes = std::fs::metadata(&path)?.len()
-        + std::fs::metadata(dir.join("tessera.db-wal")).map_or(0, |m| m.len());
+        + std::fs::metadata(dir.path.join("tessera.db-wal")).map_or(0, |m| m.len());
     drop(store);
-    if remove_dir {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
     Ok(json!({
         "runs": runs,
         "ledger_write_runs_per_s": round2(runs as f64 / write_s),

@@ -177,19 +177,8 @@ pub fn run(
     waiting: usize,
     nodes: usize,
 ) -> anyhow::Result<Value> {
-    let (dir, temporary) = match data_dir {
-        Some(d) => (d, false),
-        None => (
-            std::env::temp_dir().join(format!("tessera-failover-{}", std::process::id())),
-            true,
-        ),
-    };
-    std::fs::create_dir_all(&dir)?;
-    let result = measure(store, &dir, port, kills, leader_lease, waiting, nodes);
-    if temporary {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    result
+    let dir = crate::bench::BenchDir::new(data_dir, "failover")?;
+    measure(store, &dir.path, port, kills, leader_lease, waiting, nodes)
 }
 
 fn measure(

@@ -10,7 +10,7 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use tessera_sched::{DeviceSpec, NodeSpec};
 
-use crate::bench::{bar, percentile, process_memory, round2};
+use crate::bench::{BenchDir, bar, percentile, process_memory, round2};
 use crate::controller::{self, ApiError, Controller, ControllerConfig, Ctl, limits, reconcile};
 use crate::state::{EventKind, Job, Node, NodeHealth};
 use crate::store::{self, Store};
@@ -27,19 +27,8 @@ pub async fn run(
     jobs: usize,
     rounds: usize,
 ) -> anyhow::Result<Value> {
-    let (dir, remove) = match data_dir {
-        Some(d) => (d, false),
-        None => (
-            std::env::temp_dir().join(format!("tessera-bench-inprocess-{}", std::process::id())),
-            true,
-        ),
-    };
-    std::fs::create_dir_all(&dir)?;
-    let result = measure(&dir, nodes, jobs, rounds).await;
-    if remove {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    result
+    let dir = BenchDir::new(data_dir, "bench-inprocess")?;
+    measure(&dir.path, nodes, jobs, rounds).await
 }
 
 async fn measure(

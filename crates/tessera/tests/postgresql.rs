@@ -833,47 +833,39 @@ fn a_client_flooding_through_a_standby_spends_its_own_places_at_the_leader_not_t
         })
         .collect();
     std::thread::sleep(Duration::from_secs(2));
+    // A submission from `client` to `url` with `headers`: its status and answer.
+    let submit =
+        |client: &reqwest::blocking::Client, url: &str, name: &str, headers: &[(&str, &str)]| {
+            let mut req = client.post(url).bearer_auth(&pool.admin).json(&job(name));
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let resp = req.send().unwrap();
+            (resp.status().as_u16(), resp.text().unwrap())
+        };
     // Another client of the same standby is served meanwhile: the four count against the
     // flooder's address at the leader, not the standby's.
-    let resp = client_at("127.0.0.3")
-        .post(&submit_url)
-        .bearer_auth(&pool.admin)
-        .json(&job("other"))
-        .send()
-        .unwrap();
-    let status = resp.status().as_u16();
-    assert_eq!(status, 201, "{}", resp.text().unwrap());
+    let (status, text) = submit(&client_at("127.0.0.3"), &submit_url, "other", &[]);
+    assert_eq!(status, 201, "{text}");
     // The flooder's fifth at once is refused by the leader, which names its address.
-    let resp = flooder
-        .post(&submit_url)
-        .bearer_auth(&pool.admin)
-        .json(&job("fifth"))
-        .send()
-        .unwrap();
-    let (status, text) = (resp.status().as_u16(), resp.text().unwrap());
+    let (status, text) = submit(&flooder, &submit_url, "fifth", &[]);
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("127.0.0.2"), "{text}");
-    // Its slow ones are answered, and then it is served again.
+    // A client cannot name another address itself: sent straight to the leader while the
+    // flooder's address is full, a claim to be it (without the pool's key there is no valid
+    // proof) is ignored and the request counted as its own.
+    let claim = [
+        ("x-tessera-forwarded-client", "127.0.0.2"),
+        ("x-tessera-forwarded-proof", "1.00"),
+    ];
+    let leader_url = format!("{}/v1/jobs", pool.url);
+    let (status, text) = submit(&client_at("127.0.0.6"), &leader_url, "claims", &claim);
+    assert_eq!(status, 201, "{text}");
+    // The flooder's slow ones are answered, and then it is served again.
     for handle in slow {
         let (status, text) = handle.join().unwrap();
         assert_eq!(status, 201, "{text}");
     }
-    let resp = flooder
-        .post(&submit_url)
-        .bearer_auth(&pool.admin)
-        .json(&job("later"))
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
-    // A client cannot name another address itself: sent straight to the leader, its claim is
-    // ignored (without the pool's key it has no proof) and it is counted as itself.
-    let resp = client_at("127.0.0.6")
-        .post(format!("{}/v1/jobs", pool.url))
-        .bearer_auth(&pool.admin)
-        .header("x-tessera-forwarded-client", "127.0.0.2")
-        .header("x-tessera-forwarded-proof", "1.00")
-        .json(&job("claims"))
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201);
+    let (status, text) = submit(&flooder, &submit_url, "later", &[]);
+    assert_eq!(status, 201, "{text}");
 }

@@ -858,32 +858,25 @@ pub async fn start_telling(
         tokio::spawn(usage::history_loop(ctl.clone(), h, Duration::from_secs(30)));
     }
     tokio::spawn(services::run(ctl.clone()));
-    let gateway_addr =
-        gateway.map(|(_, local, gw)| {
-            let vouched = Arc::new(standby::Vouched {
-                connections: ctl.connections[1].1.clone(),
-                key: ctl.callback_key.clone(),
-            });
-            gw.lead(gateway::router(ctl.gateway.clone()).layer(
-                axum::middleware::from_fn_with_state(vouched, standby::count_forwarded_client),
-            ));
-            local
-        });
-    let vouched = Arc::new(standby::Vouched {
-        connections: connections.clone(),
-        key: ctl.callback_key.clone(),
+    let gateway_addr = gateway.map(|(_, local, gw)| {
+        let services = gateway::router(ctl.gateway.clone());
+        let (connections, key) = (ctl.connections[1].1.clone(), ctl.callback_key.clone());
+        gw.lead(standby::counting_forwarded_clients(
+            services,
+            connections,
+            key,
+        ));
+        local
     });
-    switch.lead(
-        router(ctl.clone())
-            .layer(axum::middleware::from_fn_with_state(
-                leadership,
-                standby::while_leading,
-            ))
-            .layer(axum::middleware::from_fn_with_state(
-                vouched,
-                standby::count_forwarded_client,
-            )),
-    );
+    let api = router(ctl.clone()).layer(axum::middleware::from_fn_with_state(
+        leadership,
+        standby::while_leading,
+    ));
+    switch.lead(standby::counting_forwarded_clients(
+        api,
+        connections.clone(),
+        ctl.callback_key.clone(),
+    ));
     let server = match server {
         Some(server) => server,
         None => serve(standby::router(switch), &config, listener, connections).await?,

@@ -371,10 +371,7 @@ async fn forward(sw: &Switch, req: Request) -> Response {
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip().to_string());
     if let (Some(key), Some(client)) = (sw.key.get(), client) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let proof = crate::auth::forwarded_proof(key, &client, now);
+        let proof = crate::auth::forwarded_proof(key, &client, super::now_ms() / 1000);
         out = out
             .header(FORWARDED_CLIENT, client)
             .header(FORWARDED_PROOF, proof);
@@ -429,8 +426,22 @@ async fn read_key(url: &str) -> Result<Option<String>, tokio_postgres::Error> {
 
 /// What the leader needs to count a standby's request against the client it names.
 pub struct Vouched {
-    pub connections: Arc<super::limits::Connections>,
-    pub key: Vec<u8>,
+    connections: Arc<super::limits::Connections>,
+    key: Vec<u8>,
+}
+
+/// `router` (the leader's API or service gateway) behind [`count_forwarded_client`], counting
+/// against `connections` the clients that standbys vouch for under `key`.
+pub fn counting_forwarded_clients(
+    router: Router,
+    connections: Arc<super::limits::Connections>,
+    key: Vec<u8>,
+) -> Router {
+    let vouched = Arc::new(Vouched { connections, key });
+    router.layer(axum::middleware::from_fn_with_state(
+        vouched,
+        count_forwarded_client,
+    ))
 }
 
 /// A layer of the leader's router: a request a standby sent on, naming its client with a valid
@@ -438,14 +449,13 @@ pub struct Vouched {
 /// is answered, body included, instead of against the standby's, which all its other clients
 /// share. A client over its share gets 503; a claim without a valid proof counts for nothing.
 /// The same layer stands before the leader's service gateway.
-pub async fn count_forwarded_client(
+async fn count_forwarded_client(
     State(vouched): State<Arc<Vouched>>,
-    req: Request,
+    mut req: Request,
     next: axum::middleware::Next,
 ) -> Response {
     // Taken out: what is behind the leader (a service behind its gateway) never sees a proof
     // it could replay.
-    let mut req = req;
     let mut take = |h: &str| {
         req.headers_mut()
             .remove(h)
@@ -456,22 +466,21 @@ pub async fn count_forwarded_client(
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
-    let claim = (client, proof, peer);
-    let (Some(client), Some(proof), Some(peer)) = claim else {
+    let (Some(client), Some(proof), Some(peer)) = (client, proof, peer) else {
         return next.run(req).await;
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = super::now_ms() / 1000;
     let Some(client) = crate::auth::forwarded_client(&vouched.key, &client, &proof, now) else {
-        tracing::warn!("{peer} named a client it sent a request on for without a valid proof");
+        // Anyone can send the headers: a refused claim is not worth a warning per request.
+        tracing::debug!("{peer} named a client it sent a request on for without a valid proof");
         return next.run(req).await;
     };
     let Some(charged) = vouched.connections.charge_to(peer, client) else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "{client} holds as many requests and connections as one address may                  (--max-connections-per-address); retry when some are answered"
+                "{client} holds as many requests and connections as one address may \
+                 (--max-connections-per-address); retry when some are answered"
             ),
         );
     };

@@ -1,7 +1,7 @@
-//! The PostgreSQL backend: the same tables as SQLite, reached with tokio-postgres. The
-//! connections run on a small runtime of their own: the writer holds the state's lock while it
-//! waits on the database, and handlers waiting for that lock may occupy every worker of the
-//! controller's runtime. Readers of the ledger share a second connection.
+//! The PostgreSQL backend: the same tables as SQLite, reached with tokio-postgres. No
+//! connection runs on the controller's runtime (the writer blocks on the database, and handlers
+//! may occupy every worker): the writer's is driven by the writer's own thread (see [`Driver`]),
+//! and readers of the ledger and checkpoint chunks share connections on a small runtime.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -72,7 +72,7 @@ enum Driver {
 impl Driver {
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         match self {
-            Driver::Local(rt) => rt.0.as_ref().expect("the runtime lives").block_on(f),
+            Driver::Local(rt) => rt.get().block_on(f),
             Driver::Shared(h) => h.block_on(f),
         }
     }
@@ -83,7 +83,7 @@ impl Driver {
     /// socket and wakes the task, the second lets it run.
     fn turn(&self) {
         if let Driver::Local(rt) = self {
-            rt.0.as_ref().expect("the runtime lives").block_on(async {
+            rt.get().block_on(async {
                 tokio::task::yield_now().await;
                 tokio::task::yield_now().await;
             });
@@ -95,7 +95,7 @@ impl Driver {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         match self {
-            Driver::Local(rt) => drop(rt.0.as_ref().expect("the runtime lives").spawn(f)),
+            Driver::Local(rt) => drop(rt.get().spawn(f)),
             Driver::Shared(h) => drop(h.spawn(f)),
         }
     }
@@ -356,6 +356,12 @@ fn idle_limit(lease: std::time::Duration) -> String {
 /// The client's runtime, shut down without waiting when the backend goes (which may happen on
 /// an async thread, where a runtime may not block).
 struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnRuntime {
+    fn get(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("taken only when dropped")
+    }
+}
 
 impl Drop for OwnRuntime {
     fn drop(&mut self) {
