@@ -4,7 +4,11 @@
 //! there is no GPU; it is not a product feature. It implements the driver calls Tessera's tests
 //! and probe use: init, devices and attributes, primary and created contexts, memory (plain,
 //! pitch, managed, async and pools, VMM basics, arrays), copies, PTX modules, kernel launches that
-//! take simulated time, streams, events and minimal graphs (stream capture).
+//! take simulated time, streams, events and minimal graphs (stream capture), and
+//! `cuFuncGetParamInfo` from the PTX entry's parameter list. One kernel does real work: an entry
+//! named `tessera_fill(.u64 ptr, .u32 value, .u64 count)` writes `value` into `count` 32-bit words
+//! at `ptr` when launched outside a capture, so that tests can check that a launch's parameters
+//! arrived intact.
 //!
 //! Devices are shared by every process on the machine, like real ones: each simulated device is a
 //! file under `TESSERA_FAKECUDA_DIR` (default `/dev/shm/tessera-fakecuda`) that holds its memory
@@ -827,14 +831,93 @@ pub extern "C" fn cuMemsetD8_v2(dst: u64, value: u8, count: usize) -> CUresult {
     CUDA_SUCCESS
 }
 
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemsetD32_v2(dst: u64, value: c_uint, count: usize) -> CUresult {
+    if dst == 0 || dst % 4 != 0 {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: the range is the caller's device memory, backed by host pages.
+    unsafe { std::slice::from_raw_parts_mut(dst as *mut u32, count) }.fill(value);
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemsetD8Async(dst: u64, value: u8, count: usize, _s: *mut c_void) -> CUresult {
+    cuMemsetD8_v2(dst, value, count)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemsetD32Async(
+    dst: u64,
+    value: c_uint,
+    count: usize,
+    _s: *mut c_void,
+) -> CUresult {
+    cuMemsetD32_v2(dst, value, count)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemcpyDtoDAsync_v2(
+    dst: u64,
+    src: u64,
+    bytes: usize,
+    _s: *mut c_void,
+) -> CUresult {
+    copy(dst, src, bytes)
+}
+
+/// Pinned host memory: ordinary pages here (nothing to pin them for).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocHost_v2(pp: *mut *mut c_void, bytes: usize) -> CUresult {
+    if pp.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let Some(p) = map_bytes(bytes.max(1) as u64, libc::PROT_READ | libc::PROT_WRITE) else {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    };
+    // SAFETY: checked non-null.
+    unsafe { *pp = p as *mut c_void };
+    CUDA_SUCCESS
+}
+
 // ---- modules, streams, launches, events, graphs -----------------------------------------------
 
 struct Module {
-    entries: Vec<String>,
+    /// Each entry's name and its parameters' (offset, size), in order.
+    entries: Vec<(String, Vec<(usize, usize)>)>,
 }
 
 struct Function {
-    _name: String,
+    name: String,
+    params: Vec<(usize, usize)>,
+}
+
+/// The (offset, size) of each parameter in a PTX entry's parameter list (`.param .u64 x, ...`),
+/// each aligned to its size, as the driver lays out a kernel's parameter buffer.
+fn ptx_params(signature: &str) -> Vec<(usize, usize)> {
+    let Some(list) = signature
+        .split_once('(')
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(list, _)| list)
+    else {
+        return Vec::new();
+    };
+    let mut offset: usize = 0;
+    list.split(',')
+        .filter_map(|p| {
+            let size = p.split_whitespace().find_map(|w| match w {
+                ".u8" | ".s8" | ".b8" => Some(1),
+                ".u16" | ".s16" | ".b16" | ".f16" => Some(2),
+                ".u32" | ".s32" | ".b32" | ".f32" => Some(4),
+                ".u64" | ".s64" | ".b64" | ".f64" => Some(8),
+                _ => None,
+            })?;
+            offset = offset.div_ceil(size) * size;
+            let at = offset;
+            offset += size;
+            Some((at, size))
+        })
+        .collect()
 }
 
 #[derive(Default)]
@@ -862,7 +945,7 @@ pub unsafe extern "C" fn cuModuleLoadData(
     if !text.contains(".version") || !text.contains(".target") {
         return CUDA_ERROR_INVALID_IMAGE;
     }
-    let entries: Vec<String> = text
+    let entries: Vec<(String, Vec<(usize, usize)>)> = text
         .split(".entry")
         .skip(1)
         .filter_map(|rest| {
@@ -871,7 +954,8 @@ pub unsafe extern "C" fn cuModuleLoadData(
                 .chars()
                 .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '$')
                 .collect();
-            (!name.is_empty()).then_some(name)
+            let signature = rest.split('{').next().unwrap_or("");
+            (!name.is_empty()).then(|| (name, ptx_params(signature)))
         })
         .collect();
     let m = Box::into_raw(Box::new(Module { entries }));
@@ -904,11 +988,12 @@ pub unsafe extern "C" fn cuModuleGetFunction(
     // SAFETY: modules are our leaked boxes; name is NUL-terminated.
     let (m, name) = unsafe { (&*(module as *const Module), CStr::from_ptr(name)) };
     let name = name.to_string_lossy();
-    if !m.entries.iter().any(|e| *e == name) {
+    let Some((_, params)) = m.entries.iter().find(|(e, _)| *e == name) else {
         return CUDA_ERROR_NOT_FOUND;
-    }
+    };
     let f = Box::into_raw(Box::new(Function {
-        _name: name.into_owned(),
+        name: name.into_owned(),
+        params: params.clone(),
     }));
     // SAFETY: checked non-null.
     unsafe { *function = f as *mut c_void };
@@ -917,6 +1002,51 @@ pub unsafe extern "C" fn cuModuleGetFunction(
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuModuleUnload(_module: *mut c_void) -> CUresult {
+    CUDA_SUCCESS
+}
+
+/// `cuFuncGetParamInfo` (CUDA 12.4): where parameter `index` of `f` sits in its parameter buffer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuFuncGetParamInfo(
+    f: *mut c_void,
+    index: usize,
+    offset: *mut usize,
+    size: *mut usize,
+) -> CUresult {
+    if f.is_null() || offset.is_null() || size.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: functions are our leaked boxes.
+    let f = unsafe { &*(f as *const Function) };
+    let Some(&(at, len)) = f.params.get(index) else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    // SAFETY: checked non-null.
+    unsafe {
+        *offset = at;
+        *size = len;
+    }
+    CUDA_SUCCESS
+}
+
+/// Runs `tessera_fill`'s work: `value` into `count` 32-bit words at `ptr` (its three parameters).
+fn fill(f: &Function, params: *mut *mut c_void) -> CUresult {
+    if params.is_null() || f.params.len() != 3 {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: kernelParams holds one pointer per parameter, each to a value of the declared size.
+    let (ptr, value, count) = unsafe {
+        (
+            *(*params as *const u64),
+            *(*params.add(1) as *const u32),
+            *(*params.add(2) as *const u64),
+        )
+    };
+    if ptr == 0 {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: the range is device memory the program allocated, backed by host pages.
+    unsafe { std::slice::from_raw_parts_mut(ptr as *mut u32, count as usize) }.fill(value);
     CUDA_SUCCESS
 }
 
@@ -1016,10 +1146,29 @@ fn kernel_ns(p: &Process, grid: [c_uint; 3], block: [c_uint; 3]) -> u64 {
     ((threads as f64 * p.ns_per_thread) as u64).max(p.min_kernel_ns)
 }
 
-fn launch(f: *mut c_void, grid: [c_uint; 3], block: [c_uint; 3], s: *mut c_void) -> CUresult {
+fn launch(
+    f: *mut c_void,
+    grid: [c_uint; 3],
+    block: [c_uint; 3],
+    s: *mut c_void,
+    params: *mut *mut c_void,
+) -> CUresult {
     let p = tri!(process());
     if f.is_null() {
         return CUDA_ERROR_INVALID_HANDLE;
+    }
+    // SAFETY: functions are our leaked boxes.
+    let function = unsafe { &*(f as *const Function) };
+    let capturing = stream(p, s)
+        .capture
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some();
+    if function.name == "tessera_fill" && !capturing {
+        tri!(match fill(function, params) {
+            CUDA_SUCCESS => Ok(()),
+            e => Err(e),
+        });
     }
     enqueue(s, kernel_ns(p, grid, block))
 }
@@ -1035,10 +1184,10 @@ pub extern "C" fn cuLaunchKernel(
     bz: c_uint,
     _shared: c_uint,
     s: *mut c_void,
-    _params: *mut *mut c_void,
+    params: *mut *mut c_void,
     _extra: *mut *mut c_void,
 ) -> CUresult {
-    launch(f, [gx, gy, gz], [bx, by, bz], s)
+    launch(f, [gx, gy, gz], [bx, by, bz], s, params)
 }
 
 #[unsafe(no_mangle)]
@@ -1052,9 +1201,9 @@ pub extern "C" fn cuLaunchCooperativeKernel(
     bz: c_uint,
     _shared: c_uint,
     s: *mut c_void,
-    _params: *mut *mut c_void,
+    params: *mut *mut c_void,
 ) -> CUresult {
-    launch(f, [gx, gy, gz], [bx, by, bz], s)
+    launch(f, [gx, gy, gz], [bx, by, bz], s, params)
 }
 
 /// CUlaunchConfig.
@@ -1072,7 +1221,7 @@ pub struct LaunchConfig {
 pub unsafe extern "C" fn cuLaunchKernelEx(
     config: *const LaunchConfig,
     f: *mut c_void,
-    _params: *mut *mut c_void,
+    params: *mut *mut c_void,
     _extra: *mut *mut c_void,
 ) -> CUresult {
     if config.is_null() {
@@ -1080,7 +1229,7 @@ pub unsafe extern "C" fn cuLaunchKernelEx(
     }
     // SAFETY: the caller passes a valid CUlaunchConfig.
     let c = unsafe { &*config };
-    launch(f, c.grid, c.block, c.stream)
+    launch(f, c.grid, c.block, c.stream, params)
 }
 
 struct Event {
@@ -1147,6 +1296,15 @@ pub unsafe extern "C" fn cuEventElapsedTime(
     }
     // SAFETY: the caller passes a writable float.
     unsafe { *ms = (b as f64 - a as f64) as f32 / 1e6 };
+    CUDA_SUCCESS
+}
+
+/// Work queued on `s` after this starts no earlier than the event's time.
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamWaitEvent(s: *mut c_void, e: *mut c_void, _flags: c_uint) -> CUresult {
+    let p = tri!(process());
+    let at = tri!(event_at(e));
+    stream(p, s).tail.fetch_max(at, Ordering::SeqCst);
     CUDA_SUCCESS
 }
 
@@ -1463,10 +1621,17 @@ exports!(
     cuMemcpyHtoDAsync_v2,
     cuMemcpyDtoHAsync_v2,
     cuMemsetD8_v2,
+    cuMemsetD32_v2,
+    cuMemAllocHost_v2,
+    cuMemsetD8Async,
+    cuMemsetD32Async,
+    cuMemcpyDtoDAsync_v2,
+    cuStreamWaitEvent,
     cuModuleLoadData,
     cuModuleLoadDataEx,
     cuModuleGetFunction,
     cuModuleUnload,
+    cuFuncGetParamInfo,
     cuStreamCreate,
     cuStreamCreateWithPriority,
     cuStreamDestroy_v2,

@@ -8,7 +8,17 @@
 //!   `--max` is reached); prints `allocated_bytes=N result=NAME`; holds the memory if asked.
 //! - `meminfo`: prints `free_bytes=F total_bytes=T device_total_bytes=D`.
 //! - `launch --seconds S [--empty]`: a launch loop; prints `launches_per_s=R kernels_per_s=R`.
+//!   With `--sync-every N`, the loop synchronizes its stream after every N launches, as a
+//!   training step does when it reads its loss.
 //! - `graph --seconds S`: the same through a CUDA graph of 10 kernels.
+//! - `check`: exercises what a program does besides launching, each checked by reading device
+//!   memory back: a kernel that writes its parameters' value (`tessera_fill`), memset, copies
+//!   both ways and on the device (several MiB, so in chunks when remote), events, an
+//!   asynchronous copy into pinned memory, a captured graph; prints `fill_ok=1 memset_ok=1 ...`.
+//! - `copy --bytes N --rounds R [--pinned]`: host-to-device and device-to-host bandwidth.
+//! - `async-error`: a memset the driver must refuse (address 0), then two synchronizations;
+//!   prints what each returned (on a remote GPU the memset is not waited for: its error comes at
+//!   the first synchronization, as CUDA reports errors of asynchronous work).
 //!
 //! With `--proc-address [--ptds]` it finds entry points through `cuGetProcAddress_v2` (with the
 //! per-thread default stream flag), as the CUDA runtime and PyTorch do, instead of `dlsym`.
@@ -40,6 +50,29 @@ SPIN:
 
 .visible .entry tessera_empty()
 {
+    ret;
+}
+
+.visible .entry tessera_fill(.param .u64 ptr, .param .u32 value, .param .u64 count)
+{
+    .reg .u64 %rd<7>;
+    .reg .u32 %r<6>;
+    .reg .pred %p;
+    ld.param.u64 %rd1, [ptr];
+    ld.param.u32 %r1, [value];
+    ld.param.u64 %rd2, [count];
+    mov.u32 %r2, %ctaid.x;
+    mov.u32 %r3, %ntid.x;
+    mov.u32 %r4, %tid.x;
+    mad.lo.u32 %r5, %r2, %r3, %r4;
+    cvt.u64.u32 %rd3, %r5;
+    setp.ge.u64 %p, %rd3, %rd2;
+    @%p bra DONE;
+    cvta.to.global.u64 %rd4, %rd1;
+    shl.b64 %rd5, %rd3, 2;
+    add.u64 %rd6, %rd4, %rd5;
+    st.global.u32 [%rd6], %r1;
+DONE:
     ret;
 }
 ";
@@ -402,23 +435,222 @@ fn main() {
                 let cycles = &mut cycles;
                 Box::new(move || launch_spin(d, launch, f, stream, cycles, empty))
             };
+            let sync_every: u64 = arg(&args, "--sync-every").unwrap_or(0);
             let start = Instant::now();
-            let mut n: u64 = 0;
+            let (mut n, mut syncs) = (0u64, 0u64);
             while start.elapsed().as_secs_f64() < seconds {
                 step();
                 n += 1;
+                if sync_every > 0 && n % sync_every == 0 {
+                    // SAFETY: our stream.
+                    d.check("cuStreamSynchronize", unsafe { sync(stream) });
+                    syncs += 1;
+                }
             }
             // SAFETY: our stream.
             d.check("cuStreamSynchronize", unsafe { sync(stream) });
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "launches_per_s={:.1} kernels_per_s={:.1} launches={n} seconds={secs:.3}",
+                "launches_per_s={:.1} kernels_per_s={:.1} launches={n} syncs={syncs} seconds={secs:.3}",
                 n as f64 / secs,
                 n as f64 * per_launch / secs
             );
         }
+        "check" => check(&d),
+        "copy" => copy(&d, &args),
+        "async-error" => {
+            let memset: unsafe extern "C" fn(u64, c_uint, usize) -> R = d.sym(c"cuMemsetD32_v2");
+            let sync: unsafe extern "C" fn() -> R = d.sym(c"cuCtxSynchronize");
+            // SAFETY: address 0 is never device memory: every driver refuses it, without
+            // touching anything.
+            let r = unsafe { memset(0, 1, 16) };
+            // SAFETY: no arguments.
+            let s1 = unsafe { sync() };
+            // SAFETY: no arguments.
+            let s2 = unsafe { sync() };
+            println!(
+                "call_result={} sync_result={} next_sync_result={}",
+                d.error_name(r),
+                d.error_name(s1),
+                d.error_name(s2)
+            );
+        }
         _ => fail(
-            "usage: tessera-vgpu-probe oom [--max BYTES] [--hold S] | meminfo | launch --seconds S [--empty] | graph --seconds S",
+            "usage: tessera-vgpu-probe oom [--max BYTES] [--hold S] | meminfo | launch --seconds S [--empty] [--sync-every N] | graph --seconds S | check | copy --bytes N [--rounds R] [--pinned] | async-error",
         ),
     }
+}
+
+type AllocFn = unsafe extern "C" fn(*mut u64, usize) -> R;
+type HtoDFn = unsafe extern "C" fn(u64, *const c_void, usize) -> R;
+type DtoHFn = unsafe extern "C" fn(Ptr, u64, usize) -> R;
+
+/// Each feature a program uses besides launch loops, checked by what device memory holds after.
+fn check(d: &Driver) {
+    const WORDS: usize = 1 << 20; // 4 MiB: several chunks on a remote GPU
+    let alloc: AllocFn = d.sym(c"cuMemAlloc_v2");
+    let htod: HtoDFn = d.sym(c"cuMemcpyHtoD_v2");
+    let dtoh: DtoHFn = d.sym(c"cuMemcpyDtoH_v2");
+    let dtod: unsafe extern "C" fn(u64, u64, usize) -> R = d.sym(c"cuMemcpyDtoD_v2");
+    let memset: unsafe extern "C" fn(u64, c_uint, usize) -> R = d.sym(c"cuMemsetD32_v2");
+    let launch: LaunchFn = d.sym(c"cuLaunchKernel");
+    let sync: unsafe extern "C" fn() -> R = d.sym(c"cuCtxSynchronize");
+    let bytes = WORDS * 4;
+    let (mut a, mut b) = (0u64, 0u64);
+    let mut host = vec![0u32; WORDS];
+    let read = |ptr: u64, host: &mut Vec<u32>| {
+        // SAFETY: our host buffer of `bytes` bytes and our device allocation.
+        d.check("cuMemcpyDtoH", unsafe {
+            dtoh(host.as_mut_ptr().cast(), ptr, bytes)
+        });
+    };
+    // SAFETY: driver calls with our own outputs and buffers.
+    unsafe {
+        d.check("cuMemAlloc", alloc(&mut a, bytes));
+        d.check("cuMemAlloc", alloc(&mut b, bytes));
+    }
+    // A kernel whose parameters say what to write where.
+    let fill = d.function(c"tessera_fill");
+    let (mut ptr, mut value, mut count) = (a, 0x5eed_u32, WORDS as u64);
+    let mut params = [
+        (&mut ptr as *mut u64).cast::<c_void>(),
+        (&mut value as *mut u32).cast(),
+        (&mut count as *mut u64).cast(),
+    ];
+    // SAFETY: a loaded function and a parameter array matching its three parameters.
+    let r = unsafe {
+        launch(
+            fill,
+            (WORDS / 256) as c_uint,
+            1,
+            1,
+            256,
+            1,
+            1,
+            0,
+            std::ptr::null_mut(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    };
+    d.check("cuLaunchKernel(tessera_fill)", r);
+    read(a, &mut host);
+    let fill_ok = host.iter().all(|w| *w == 0x5eed);
+    // SAFETY: our allocation of WORDS words.
+    d.check("cuMemsetD32", unsafe { memset(a, 7, WORDS) });
+    read(a, &mut host);
+    let memset_ok = host.iter().all(|w| *w == 7);
+    let pattern: Vec<u32> = (0..WORDS as u32)
+        .map(|i| i.wrapping_mul(2_654_435_761))
+        .collect();
+    // SAFETY: our buffers and allocations of `bytes` bytes.
+    unsafe {
+        d.check("cuMemcpyHtoD", htod(b, pattern.as_ptr().cast(), bytes));
+        d.check("cuMemcpyDtoD", dtod(a, b, bytes));
+    }
+    read(a, &mut host);
+    let copy_ok = host == pattern;
+    // Events around a kernel.
+    let create: unsafe extern "C" fn(*mut Ptr, c_uint) -> R = d.sym(c"cuEventCreate");
+    let record: unsafe extern "C" fn(Ptr, Ptr) -> R = d.sym(c"cuEventRecord");
+    let esync: unsafe extern "C" fn(Ptr) -> R = d.sym(c"cuEventSynchronize");
+    let elapsed: unsafe extern "C" fn(*mut f32, Ptr, Ptr) -> R = d.sym(c"cuEventElapsedTime");
+    let spin = d.function(c"tessera_spin");
+    let (mut e1, mut e2, mut ms) = (std::ptr::null_mut(), std::ptr::null_mut(), -1f32);
+    let mut cycles = 200_000u64;
+    // SAFETY: our events, our outputs, the default stream.
+    unsafe {
+        d.check("cuEventCreate", create(&mut e1, 0));
+        d.check("cuEventCreate", create(&mut e2, 0));
+        d.check("cuEventRecord", record(e1, std::ptr::null_mut()));
+        launch_spin(d, launch, spin, std::ptr::null_mut(), &mut cycles, false);
+        d.check("cuEventRecord", record(e2, std::ptr::null_mut()));
+        d.check("cuEventSynchronize", esync(e2));
+        d.check("cuEventElapsedTime", elapsed(&mut ms, e1, e2));
+    }
+    let events_ok = ms > 0.0;
+    // An asynchronous copy back into pinned memory on a stream of our own.
+    let host_alloc: unsafe extern "C" fn(*mut Ptr, usize) -> R = d.sym(c"cuMemAllocHost_v2");
+    let dtoh_async: unsafe extern "C" fn(Ptr, u64, usize, Ptr) -> R =
+        d.sym(c"cuMemcpyDtoHAsync_v2");
+    let screate: unsafe extern "C" fn(*mut Ptr, c_uint) -> R = d.sym(c"cuStreamCreate");
+    let ssync: unsafe extern "C" fn(Ptr) -> R = d.sym(c"cuStreamSynchronize");
+    let (mut pinned, mut stream) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: our pinned buffer of `bytes` bytes, our stream, our allocation.
+    let pinned_ok = unsafe {
+        d.check("cuMemAllocHost", host_alloc(&mut pinned, bytes));
+        d.check("cuStreamCreate", screate(&mut stream, 0));
+        d.check("cuMemcpyDtoHAsync", dtoh_async(pinned, a, bytes, stream));
+        d.check("cuStreamSynchronize", ssync(stream));
+        std::slice::from_raw_parts(pinned as *const u32, WORDS) == &pattern[..]
+    };
+    // A captured graph, launched twice.
+    let begin: unsafe extern "C" fn(Ptr, c_uint) -> R = d.sym(c"cuStreamBeginCapture_v2");
+    let end: unsafe extern "C" fn(Ptr, *mut Ptr) -> R = d.sym(c"cuStreamEndCapture");
+    let inst: unsafe extern "C" fn(*mut Ptr, Ptr, u64) -> R = d.sym(c"cuGraphInstantiateWithFlags");
+    let glaunch: unsafe extern "C" fn(Ptr, Ptr) -> R = d.sym(c"cuGraphLaunch");
+    let (mut graph, mut exec) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: capture on our stream; outputs are ours.
+    let graph_ok = unsafe {
+        d.check("cuStreamBeginCapture", begin(stream, 0));
+        for _ in 0..3 {
+            launch_spin(d, launch, spin, stream, &mut cycles, false);
+        }
+        d.check("cuStreamEndCapture", end(stream, &mut graph));
+        d.check("cuGraphInstantiate", inst(&mut exec, graph, 0));
+        d.check("cuGraphLaunch", glaunch(exec, stream));
+        d.check("cuGraphLaunch", glaunch(exec, stream));
+        ssync(stream) == 0 && sync() == 0
+    };
+    let flag = |b: bool| b as u8;
+    println!(
+        "fill_ok={} memset_ok={} copy_ok={} events_ok={} pinned_ok={} graph_ok={}",
+        flag(fill_ok),
+        flag(memset_ok),
+        flag(copy_ok),
+        flag(events_ok),
+        flag(pinned_ok),
+        flag(graph_ok)
+    );
+}
+
+/// Host-to-device and device-to-host bandwidth over `--rounds` copies of `--bytes`.
+fn copy(d: &Driver, args: &[String]) {
+    let bytes: usize = arg(args, "--bytes").unwrap_or(256 << 20);
+    let rounds: u32 = arg(args, "--rounds").unwrap_or(4);
+    let alloc: AllocFn = d.sym(c"cuMemAlloc_v2");
+    let htod: HtoDFn = d.sym(c"cuMemcpyHtoD_v2");
+    let dtoh: DtoHFn = d.sym(c"cuMemcpyDtoH_v2");
+    let sync: unsafe extern "C" fn() -> R = d.sym(c"cuCtxSynchronize");
+    let mut dev = 0u64;
+    // SAFETY: our output.
+    d.check("cuMemAlloc", unsafe { alloc(&mut dev, bytes) });
+    let mut pageable = Vec::new();
+    let host: *mut u8 = if args.iter().any(|a| a == "--pinned") {
+        let host_alloc: unsafe extern "C" fn(*mut Ptr, usize) -> R = d.sym(c"cuMemAllocHost_v2");
+        let mut p = std::ptr::null_mut();
+        // SAFETY: our output.
+        d.check("cuMemAllocHost", unsafe { host_alloc(&mut p, bytes) });
+        p.cast()
+    } else {
+        pageable = vec![1u8; bytes];
+        pageable.as_mut_ptr()
+    };
+    let rate = |secs: f64| (bytes as f64 * rounds as f64) / secs / 1e6;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        // SAFETY: our buffers of `bytes` bytes.
+        d.check("cuMemcpyHtoD", unsafe { htod(dev, host.cast(), bytes) });
+    }
+    // SAFETY: no arguments.
+    d.check("cuCtxSynchronize", unsafe { sync() });
+    let up = rate(start.elapsed().as_secs_f64());
+    let start = Instant::now();
+    for _ in 0..rounds {
+        // SAFETY: our buffers of `bytes` bytes.
+        d.check("cuMemcpyDtoH", unsafe { dtoh(host.cast(), dev, bytes) });
+    }
+    let down = rate(start.elapsed().as_secs_f64());
+    drop(pageable);
+    println!("htod_mb_s={up:.0} dtoh_mb_s={down:.0} bytes={bytes} rounds={rounds}");
 }
