@@ -7,7 +7,8 @@
 # API document against a live controller), and for container images a real registry (docker-registry), umoci and skopeo to build and push test
 # images, busybox-static for their shell, runc to run them, containerd (the image
 # benchmark's smoke run pulls beside it), and PostgreSQL (the store's tests start throwaway
-# clusters of their own; the system's cluster is never started).
+# clusters of their own; the system's cluster is never started), and iperf3 (the remote-GPU
+# benchmark's smoke run measures its link with it).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,6 +24,7 @@ command -v umoci >/dev/null || missing+=(umoci)
 command -v skopeo >/dev/null || missing+=(skopeo)
 command -v runc >/dev/null || missing+=(runc)
 command -v containerd >/dev/null || missing+=(containerd)
+command -v iperf3 >/dev/null || missing+=(iperf3)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -25,8 +25,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 use std::io::{self, BufReader, Read};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, Once, OnceLock};
 
 use tessera_remote::wire::{self, CHUNK, DeviceInfo, Fields, Frame, Op, REPLY, status};
 
@@ -43,6 +43,14 @@ const WINDOW_BYTES: usize = 8 << 20;
 /// ...and the client waits once this many markers are unanswered: it runs at most ~750 calls
 /// ahead of the device, as a driver's queue lets a program run ahead of a local GPU.
 const WINDOW_MARKERS: usize = 3;
+/// In a burst of calls (one within [`FLUSH_AFTER`] of the last send), calls that are not waited
+/// for gather and leave together (a system call per launch costs as much as a short kernel): at
+/// a synchronizing call, once this many bytes wait, or [`FLUSH_AFTER`] after the burst's last
+/// call, so the device never idles long behind a buffer. A call after a pause leaves at once.
+const FLUSH_BYTES: usize = 16 << 10;
+const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_micros(50);
+/// A copy's data larger than this leaves from the program's own buffer, not through the batch.
+const INLINE_BYTES: usize = 64 << 10;
 /// The one context of an attachment (a remote slice is one device, its primary context).
 const CONTEXT: usize = 0x7e55_c000_0000;
 
@@ -67,6 +75,9 @@ struct Conn {
     stream: TcpStream,
     reader: BufReader<TcpStream>,
     buf: Vec<u8>,
+    /// Calls not yet sent (see [`FLUSH_BYTES`]), and when anything was last sent.
+    out: Vec<u8>,
+    last_sent: std::time::Instant,
     pending: VecDeque<Pending>,
     pending_bytes: usize,
     /// Unanswered calls and their bytes since the last marker; markers unanswered.
@@ -80,6 +91,9 @@ struct Conn {
 
 struct Remote {
     conn: Mutex<Conn>,
+    /// Set while calls gather; the flusher thread, unparked when it is set.
+    gathering: AtomicBool,
+    flusher: OnceLock<std::thread::Thread>,
     info: DeviceInfo,
     addr: String,
     naive: bool,
@@ -140,10 +154,14 @@ fn attach() -> Result<Remote, CUresult> {
         stream.try_clone().map_err(|_| status::NO_DEVICE)?,
     );
     Ok(Remote {
+        gathering: AtomicBool::new(false),
+        flusher: OnceLock::new(),
         conn: Mutex::new(Conn {
             stream,
             reader,
             buf: Vec::with_capacity(4096),
+            out: Vec::with_capacity(FLUSH_BYTES + INLINE_BYTES),
+            last_sent: std::time::Instant::now(),
             pending: VecDeque::new(),
             pending_bytes: 0,
             since_marker: (0, 0),
@@ -195,12 +213,46 @@ impl Remote {
                 Err(code) => code,
             };
         }
+        let was_empty = c.out.is_empty();
         match c
             .write(op, 0, fill, trailing)
             .and_then(|()| c.window(trailing.len()))
         {
-            Ok(()) => SUCCESS,
+            Ok(()) => {
+                if was_empty
+                    && !c.out.is_empty()
+                    && !self.gathering.swap(true, Ordering::AcqRel)
+                    && let Some(t) = self.flusher.get()
+                {
+                    t.unpark();
+                }
+                SUCCESS
+            }
             Err(e) => c.lose(self, e),
+        }
+    }
+
+    /// Sends what gathered once the program has made no call for [`FLUSH_AFTER`]. It never
+    /// waits on the connection: while a call holds it (and will send what gathered itself), the
+    /// flusher only looks again later, so a synchronizing program never wakes it twice.
+    fn flusher(&self) {
+        loop {
+            std::thread::park();
+            while self.gathering.load(Ordering::Acquire) {
+                std::thread::sleep(FLUSH_AFTER);
+                let Ok(mut c) = self.conn.try_lock() else {
+                    continue;
+                };
+                if c.lost.is_some() {
+                    return;
+                }
+                if let Err(e) = c.flush() {
+                    c.lose(self, e);
+                    return;
+                }
+                // Under the lock: nothing gathers until it is released.
+                self.gathering.store(false, Ordering::Release);
+            }
         }
     }
 
@@ -221,8 +273,35 @@ impl Conn {
     ) -> io::Result<()> {
         let mut f = Frame::request(std::mem::take(&mut self.buf), op, flags);
         fill(&mut f);
-        let r = wire::write_frame(&mut self.stream, f.finish(trailing.len()), trailing);
+        f.finish(trailing.len());
+        let now = std::time::Instant::now();
+        let r = if trailing.len() > INLINE_BYTES
+            || (self.out.is_empty() && now.duration_since(self.last_sent) >= FLUSH_AFTER)
+        {
+            self.last_sent = now;
+            self.flush()
+                .and_then(|()| wire::write_frame(&mut self.stream, &f.buf, trailing))
+        } else {
+            self.out.extend_from_slice(&f.buf);
+            self.out.extend_from_slice(trailing);
+            if self.out.len() >= FLUSH_BYTES {
+                self.flush()
+            } else {
+                Ok(())
+            }
+        };
         self.buf = f.buf;
+        r
+    }
+
+    /// Sends the calls that gathered.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = std::io::Write::write_all(&mut self.stream, &self.out);
+        self.out.clear();
+        self.last_sent = std::time::Instant::now();
         r
     }
 
@@ -264,6 +343,7 @@ impl Conn {
 
     /// Reads the oldest reply the client did not wait for.
     fn read_pending(&mut self) -> io::Result<()> {
+        self.flush()?;
         match self.pending.pop_front() {
             None => Ok(()),
             Some(Pending::Marker) => {
@@ -291,6 +371,7 @@ impl Conn {
 
     /// Reads every reply sent before the one about to be read.
     fn drain(&mut self) -> io::Result<()> {
+        self.flush()?;
         while !self.pending.is_empty() {
             self.read_pending()?;
         }
@@ -332,6 +413,7 @@ impl Conn {
     ) -> Result<Vec<u8>, CUresult> {
         let result = (|| -> io::Result<(u32, Vec<u8>)> {
             self.write(op, flags, fill, trailing)?;
+            self.flush()?;
             self.since_marker = (0, 0);
             self.drain()?;
             let (len, code) = self.header()?;
@@ -386,7 +468,20 @@ pub extern "C" fn cuInit(flags: c_uint) -> CUresult {
         return status::INVALID_VALUE;
     }
     match REMOTE.get_or_init(attach) {
-        Ok(_) => SUCCESS,
+        Ok(r) => {
+            static FLUSHER: Once = Once::new();
+            if !r.naive {
+                FLUSHER.call_once(|| {
+                    let t = std::thread::spawn(|| {
+                        if let Ok(r) = remote() {
+                            r.flusher();
+                        }
+                    });
+                    let _ = r.flusher.set(t.thread().clone());
+                });
+            }
+            SUCCESS
+        }
         Err(e) => *e,
     }
 }
@@ -876,7 +971,11 @@ fn dtoh(dst: Ptr, src: u64, bytes: usize, s: Option<u64>) -> CUresult {
     // written when the program's next call reads the stream (it must synchronize before it
     // reads them).
     if s.is_some() && !r.naive && within(&r.pinned, dst as u64, bytes) {
-        if let Err(e) = c.write(Op::MemcpyDtoH, 0, fill, &[]) {
+        // Sent at once: the copy can start while the program goes on.
+        if let Err(e) = c
+            .write(Op::MemcpyDtoH, 0, fill, &[])
+            .and_then(|()| c.flush())
+        {
             return c.lose(r, e);
         }
         c.pending.push_back(Pending::Copy {

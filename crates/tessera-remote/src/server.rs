@@ -12,6 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, c_int, c_uint};
 use std::io::{self, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -107,9 +108,16 @@ fn session(
     conn.write_all(&info)?;
     let mut s = s?;
     let (tx, rx) = mpsc::channel();
-    let writer = conn.try_clone()?;
-    let sender = std::thread::spawn(move || send_replies(writer, rx));
-    s.out = Some(tx);
+    let out = Arc::new(Out {
+        writer: Mutex::new(BufWriter::with_capacity(256 << 10, conn.try_clone()?)),
+        queued: AtomicUsize::new(0),
+    });
+    let sender = {
+        let out = out.clone();
+        std::thread::spawn(move || send_replies(&out, rx))
+    };
+    // The sender stops when the session (which holds the only Sender) is dropped.
+    s.out = Some((out, tx));
     let mut reader = io::BufReader::with_capacity(256 << 10, conn);
     let mut body = Vec::new();
     let result = loop {
@@ -137,19 +145,35 @@ fn session(
     result
 }
 
-/// Writes answers in order; batches what is queued into as few system calls as it can.
-fn send_replies(conn: TcpStream, rx: Receiver<Vec<u8>>) {
-    let mut w = BufWriter::with_capacity(256 << 10, conn);
+/// Where a session's answers go. A short answer is written by the session's thread itself when
+/// nothing is queued before it (handing it to another thread would cost a wake-up, the largest
+/// part of a round trip on a busy machine); a copy's chunks go through the sender thread, so
+/// that the next chunk is read from the device while the last is on the wire.
+struct Out {
+    writer: Mutex<BufWriter<TcpStream>>,
+    /// Frames handed to the sender thread and not yet written.
+    queued: AtomicUsize,
+}
+
+impl Out {
+    fn writer(&self) -> std::sync::MutexGuard<'_, BufWriter<TcpStream>> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Writes queued answers in order; batches what is queued into as few system calls as it can.
+fn send_replies(out: &Out, rx: Receiver<Vec<u8>>) {
     while let Ok(frame) = rx.recv() {
-        if w.write_all(&frame).is_err() {
-            return;
+        let mut w = out.writer();
+        let mut n = 1;
+        let mut ok = w.write_all(&frame).is_ok();
+        while ok && let Ok(more) = rx.try_recv() {
+            ok = w.write_all(&more).is_ok();
+            n += 1;
         }
-        while let Ok(more) = rx.try_recv() {
-            if w.write_all(&more).is_err() {
-                return;
-            }
-        }
-        if w.flush().is_err() {
+        ok = ok && w.flush().is_ok();
+        out.queued.fetch_sub(n, Ordering::AcqRel);
+        if !ok {
             return;
         }
     }
@@ -159,7 +183,7 @@ fn send_replies(conn: TcpStream, rx: Receiver<Vec<u8>>) {
 pub struct Session {
     d: &'static Driver,
     pub info: DeviceInfo,
-    out: Option<Sender<Vec<u8>>>,
+    out: Option<(Arc<Out>, Sender<Vec<u8>>)>,
     modules: ModuleCache,
     streams: HashMap<u64, Ptr>,
     events: HashMap<u64, Ptr>,
@@ -235,13 +259,25 @@ impl Session {
         })
     }
 
-    fn send(&self, frame: Vec<u8>) -> io::Result<()> {
-        match &self.out {
-            Some(tx) => tx
-                .send(frame)
-                .map_err(|_| io::Error::other("the reply sender stopped")),
-            None => Ok(()),
+    /// Sends an answer: written here when nothing is queued before it and `direct`, else
+    /// queued for the sender thread (which keeps the order).
+    fn send_with(&self, frame: Vec<u8>, direct: bool) -> io::Result<()> {
+        let Some((out, tx)) = &self.out else {
+            return Ok(());
+        };
+        // Only this thread queues, so with nothing queued nothing can be written before this.
+        if direct && out.queued.load(Ordering::Acquire) == 0 {
+            let mut w = out.writer();
+            w.write_all(&frame)?;
+            return w.flush();
         }
+        out.queued.fetch_add(1, Ordering::AcqRel);
+        tx.send(frame)
+            .map_err(|_| io::Error::other("the reply sender stopped"))
+    }
+
+    fn send(&self, frame: Vec<u8>) -> io::Result<()> {
+        self.send_with(frame, true)
     }
 
     /// The driver's stream for a client's handle: the default streams (0, legacy 1, per-thread
@@ -738,7 +774,7 @@ impl Session {
                 return self.send(Frame::reply(code).finish(0).to_vec());
             }
             frame.finish(0);
-            self.send(frame.buf)?;
+            self.send_with(frame.buf, false)?;
             offset += n;
             if offset >= bytes {
                 return Ok(());

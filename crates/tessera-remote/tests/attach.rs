@@ -374,6 +374,29 @@ fn killing_the_client_frees_its_memory_on_the_gpu_node() {
 }
 
 #[test]
+fn calls_that_gather_are_sent_when_the_program_stops_calling() {
+    let link = Link::new();
+    let node = GpuNode::start(&link, 8 * GIB, GIB);
+    let mut c = node.attached(&link, &["free-burst", "--hold", "30"]);
+    let mut holder = c.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("freed=4"), "{line}");
+    // The program makes no further call; its frees must reach the GPU node all the same.
+    std::thread::sleep(Duration::from_millis(300));
+    let r = results(&run(node.attached(&link, &["meminfo"])));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(
+        num(&r, "free_bytes"),
+        GIB,
+        "frees held back in the client: {r:?}"
+    );
+}
+
+#[test]
 fn the_relay_adds_latency_without_changing_results() {
     let link = Link::new();
     let node = GpuNode::start(&link, 8 * GIB, GIB);

@@ -56,6 +56,14 @@ fn vgpu_overhead_measures_launches_with_and_without_the_slice_library() {
 }
 
 #[test]
+fn remote_gpu_runs_the_probe_across_two_namespaces_local_and_remote() {
+    let out = run("bench/remote-gpu.sh", &["0.2", "8"]);
+    assert!(out.contains("kernel 100 us, sync every 10: local"), "{out}");
+    assert!(out.contains("remote pageable: host-to-device"), "{out}");
+    assert!(out.contains("iperf3:"), "{out}");
+}
+
+#[test]
 fn image_pull_puts_one_image_through_containerd_and_tessera_and_starts_it_warm() {
     let out = run("bench/image-pull.sh", &["8", "1", "2"]);
     assert!(out.contains("containerd run 1: cold"), "{out}");
@@ -141,6 +149,7 @@ fn gpu_scripts_parse_and_every_bench_script_is_covered_here() {
         "bench/openb-constrained.sh",
         "bench/slurm-vs-tessera.sh",
         "bench/vgpu-overhead.sh",
+        "bench/remote-gpu.sh",
         "bench/service-move.py",
     ];
     let mut found = vec![];

@@ -16,6 +16,8 @@
 //!   both ways and on the device (several MiB, so in chunks when remote), events, an
 //!   asynchronous copy into pinned memory, a captured graph; prints `fill_ok=1 memset_ok=1 ...`.
 //! - `copy --bytes N --rounds R [--pinned]`: host-to-device and device-to-host bandwidth.
+//! - `free-burst [--hold S]`: four 64 MiB allocations freed in a burst, then no CUDA call for S
+//!   seconds (a remote client must still send the frees).
 //! - `async-error`: a memset the driver must refuse (address 0), then two synchronizations;
 //!   prints what each returned (on a remote GPU the memset is not waited for: its error comes at
 //!   the first synchronization, as CUDA reports errors of asynchronous work).
@@ -456,6 +458,25 @@ fn main() {
                 n as f64 * per_launch / secs
             );
         }
+        "free-burst" => {
+            // Four allocations, then four frees in a burst, then no CUDA call at all: what a
+            // program does before it turns to work of its own.
+            let alloc: AllocFn = d.sym(c"cuMemAlloc_v2");
+            let free: unsafe extern "C" fn(u64) -> R = d.sym(c"cuMemFree_v2");
+            let mut ptrs = [0u64; 4];
+            for p in &mut ptrs {
+                // SAFETY: our output.
+                d.check("cuMemAlloc", unsafe { alloc(p, 64 << 20) });
+            }
+            for p in ptrs {
+                // SAFETY: an allocation of ours.
+                d.check("cuMemFree", unsafe { free(p) });
+            }
+            println!("freed=4");
+            if let Some(hold) = arg::<f64>(&args, "--hold") {
+                std::thread::sleep(Duration::from_secs_f64(hold));
+            }
+        }
         "check" => check(&d),
         "copy" => copy(&d, &args),
         "async-error" => {
@@ -476,7 +497,7 @@ fn main() {
             );
         }
         _ => fail(
-            "usage: tessera-vgpu-probe oom [--max BYTES] [--hold S] | meminfo | launch --seconds S [--empty] [--sync-every N] | graph --seconds S | check | copy --bytes N [--rounds R] [--pinned] | async-error",
+            "usage: tessera-vgpu-probe oom [--max BYTES] [--hold S] | meminfo | launch --seconds S [--empty] [--sync-every N] | graph --seconds S | free-burst [--hold S] | check | copy --bytes N [--rounds R] [--pinned] | async-error",
         ),
     }
 }
