@@ -122,11 +122,43 @@ pub struct Allocation {
     pub memory_bytes: u64,
     pub devices: Vec<DeviceShare>,
     pub affinity: Option<GpuAffinity>,
+    /// For a remotely attached device: the node its `devices` are on (`node` holds the CPU and
+    /// memory). `None`: the devices are on `node`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_node: Option<NodeId>,
 }
 
 impl Allocation {
     pub fn gpu_milli(&self) -> u64 {
         self.devices.iter().map(|d| u64::from(d.milli)).sum()
+    }
+
+    /// The node the devices are on.
+    pub fn device_node(&self) -> NodeId {
+        self.gpu_node.unwrap_or(self.node)
+    }
+
+    /// A remote pair as its two halves on their own nodes: the CPU part (no devices) and the
+    /// device part (no CPU or memory); `None` for an allocation on one node.
+    pub fn halves(&self) -> Option<(Allocation, Allocation)> {
+        let g = self.gpu_node.filter(|g| *g != self.node)?;
+        let host = Allocation {
+            node: self.node,
+            cpu_milli: self.cpu_milli,
+            memory_bytes: self.memory_bytes,
+            devices: Vec::new(),
+            affinity: None,
+            gpu_node: None,
+        };
+        let device = Allocation {
+            node: g,
+            cpu_milli: 0,
+            memory_bytes: 0,
+            devices: self.devices.clone(),
+            affinity: self.affinity,
+            gpu_node: None,
+        };
+        Some((host, device))
     }
 }
 
@@ -459,8 +491,18 @@ impl Cluster {
         self.classes.iter().map(|c| &c.pristine)
     }
 
-    /// Applies an allocation, or refuses it whole if any part does not fit.
+    /// Applies an allocation, or refuses it whole if any part does not fit (a remote pair's two
+    /// halves are applied together or not at all).
     pub fn allocate(&mut self, alloc: &Allocation) -> Result<(), CapacityError> {
+        if let Some((host, device)) = alloc.halves() {
+            self.allocate(&host)?;
+            if let Err(e) = self.allocate(&device) {
+                let undone = self.release(&host);
+                debug_assert!(undone.is_ok(), "{undone:?}");
+                return Err(e);
+            }
+            return Ok(());
+        }
         let i = self.check_node(alloc.node)?;
         let node = &self.nodes[i];
         let name = || node.spec.name.clone();
@@ -528,8 +570,17 @@ impl Cluster {
         Ok(())
     }
 
-    /// Returns an allocation's resources to its node.
+    /// Returns an allocation's resources to its node (a remote pair's to both of its nodes).
     pub fn release(&mut self, alloc: &Allocation) -> Result<(), CapacityError> {
+        if let Some((host, device)) = alloc.halves() {
+            self.release(&device)?;
+            if let Err(e) = self.release(&host) {
+                let undone = self.allocate(&device);
+                debug_assert!(undone.is_ok(), "{undone:?}");
+                return Err(e);
+            }
+            return Ok(());
+        }
         let i = self.check_node(alloc.node)?;
         let node = &self.nodes[i];
         let name = || node.spec.name.clone();
@@ -656,6 +707,7 @@ mod tests {
 
     fn share(node: u32, device: u32, milli: u32) -> Allocation {
         Allocation {
+            gpu_node: None,
             node: NodeId(node),
             cpu_milli: 1000,
             memory_bytes: GIB,

@@ -29,7 +29,7 @@ pub use cluster::{Allocation, Cluster, DeviceShare, NodeId};
 pub use model::{DeviceSpec, NodeSpec};
 pub use place::{PlacementError, Placer};
 pub use policy::{PlacementPolicy, PolicyKind};
-pub use request::{GpuRequest, JobSpec, ResourceRequest};
+pub use request::{GpuAttach, GpuRequest, JobSpec, ResourceRequest};
 pub use rules::PlacementRules;
 pub use shapes::ShapeDistribution;
 pub use validate::ValidationError;

@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::cluster::{Allocation, CapacityError, Cluster, DeviceShare, GpuAffinity, NodeState};
 use crate::model::{MILLI_PER_DEVICE, human_milli, plural};
 use crate::policy::{DevicePick, Fit, PlacementPolicy, Resolved, Scored};
-use crate::request::{GpuRequest, JobSpec, ResourceRequest};
+use crate::request::{GpuAttach, GpuRequest, JobSpec, LOCALITY_LABEL, ResourceRequest};
 use crate::score_cache::{Scorer, ShapeScores};
 use crate::validate::{ValidationError, validate_job};
 
@@ -74,6 +74,9 @@ pub struct Placer {
     clock: u64,
     /// Nodes preferred among those that score the same (see [`Placer::place_job_preferring`]).
     prefer: Vec<crate::cluster::NodeId>,
+    /// A node the choice in progress must not take (a `remote` pair's CPU part is never beside
+    /// its device).
+    avoid: Option<u32>,
     /// Changes since the oldest open checkpoint, for [`Placer::rollback`].
     journal: Vec<Change>,
     /// Checkpoints taken and not yet rolled back or committed.
@@ -104,6 +107,7 @@ impl Placer {
             cache: HashMap::new(),
             clock: 0,
             prefer: Vec::new(),
+            avoid: None,
             journal: Vec::new(),
             open: 0,
         }
@@ -218,7 +222,77 @@ impl Placer {
     }
 
     /// Places one replica (the request must be valid) and commits it; `None` when nothing fits.
+    /// A replica that may attach its device from another node is placed as a pair when its
+    /// attachment says so (`remote`) or when it fits on no single node (`any`).
     pub fn place_replica(&mut self, request: &ResourceRequest) -> Option<Allocation> {
+        if request.gpu == GpuRequest::None {
+            return self.place_local(request);
+        }
+        match request.gpu_attach {
+            GpuAttach::Local => self.place_local(request),
+            GpuAttach::Any => self
+                .place_local(request)
+                .or_else(|| self.place_pair(request)),
+            GpuAttach::Remote => self.place_pair(request),
+        }
+    }
+
+    /// A replica's device on one node and its CPU part on another of the same network locality:
+    /// the device first (it is the scarcer), by the policy, as a request of the device alone;
+    /// then the CPU part, by the policy, among the nodes that share the device node's locality.
+    fn place_pair(&mut self, request: &ResourceRequest) -> Option<Allocation> {
+        let device_part = ResourceRequest {
+            cpu_milli: 0,
+            memory_bytes: 0,
+            gpu_attach: GpuAttach::Local,
+            ..request.clone()
+        };
+        let (g, pick) = self.choose(&device_part)?;
+        let gnode = self.cluster.node(g);
+        let fit = check_node(gnode, &Resolved::new(&device_part, &self.cluster)).ok()?;
+        let device = build_allocation(gnode, &device_part, pick, &fit);
+        let mut host_part = ResourceRequest {
+            gpu: GpuRequest::None,
+            gpu_memory_bytes: 0,
+            device_models: Vec::new(),
+            gpu_attach: GpuAttach::Local,
+            ..request.clone()
+        };
+        if let Some(locality) = gnode.spec.labels.get(LOCALITY_LABEL) {
+            host_part
+                .node_selector
+                .insert(LOCALITY_LABEL.to_string(), locality.clone());
+        }
+        // `remote` keeps the CPU part off the device's node: among the candidates each group of
+        // nodes offers, the best other one.
+        if request.gpu_attach == GpuAttach::Remote {
+            self.avoid = Some(g.0);
+        }
+        let chosen = self.choose(&host_part);
+        self.avoid = None;
+        let (c, _) = chosen?;
+        let alloc = Allocation {
+            node: c,
+            cpu_milli: request.cpu_milli,
+            memory_bytes: request.memory_bytes,
+            devices: device.devices,
+            affinity: device.affinity,
+            gpu_node: (c != g).then_some(g),
+        };
+        match self.cluster.allocate(&alloc) {
+            Ok(()) => {
+                self.record(|| Change::Allocated(alloc.clone()));
+                Some(alloc)
+            }
+            Err(err) => {
+                debug_assert!(false, "engine chose an infeasible pair: {err}");
+                None
+            }
+        }
+    }
+
+    /// Places a replica on one node.
+    fn place_local(&mut self, request: &ResourceRequest) -> Option<Allocation> {
         let (id, pick) = self.choose(request)?;
         let node = self.cluster.node(id);
         let fit = check_node(node, &Resolved::new(request, &self.cluster)).ok()?;
@@ -310,7 +384,7 @@ impl Placer {
 
         let mut best = Best::default();
         for i in candidates {
-            if !quick_fit(cluster, i, &resolved) {
+            if Some(i) == self.avoid || !quick_fit(cluster, i, &resolved) {
                 continue;
             }
             let node = &cluster.nodes()[i as usize];
@@ -355,7 +429,7 @@ impl Placer {
             .pristine_classes()
             .flat_map(|c| c.iter().map(|&(_, i)| i));
         for i in cluster.touched().iter().copied().chain(idle) {
-            if !quick_fit(cluster, i, resolved) {
+            if Some(i) == self.avoid || !quick_fit(cluster, i, resolved) {
                 continue;
             }
             let node = &cluster.nodes()[i as usize];
@@ -817,6 +891,7 @@ fn build_allocation(
             GpuRequest::Share { .. } => Some(GpuAffinity::Share),
             GpuRequest::Whole { devices } => Some(GpuAffinity::Whole(devices)),
         },
+        gpu_node: None,
     }
 }
 
@@ -904,5 +979,143 @@ mod tests {
         assert_eq!((b.resource, b.nodes, b.most_free), (Lack::Cpu, 1, 2000));
         // Node a lacks both: nothing is free there any more.
         assert_eq!((report.lacking_cpu, report.lacking_gpu), (2, 1));
+    }
+
+    use crate::cluster::NodeId;
+
+    /// A node with GPUs whose CPUs are nearly gone, and a CPU-only node with room.
+    fn stranded_pool(labels: [Option<&str>; 3]) -> Cluster {
+        let mut gpu = testkit::node("gpu", 2, 64, 2, "H100", 80);
+        let mut cpu = testkit::node("cpu", 32, 64, 0, "H100", 80);
+        let mut far = testkit::node("far", 32, 64, 0, "H100", 80);
+        for (n, l) in [&mut gpu, &mut cpu, &mut far].into_iter().zip(labels) {
+            if let Some(l) = l {
+                n.labels.insert(LOCALITY_LABEL.into(), l.into());
+            }
+        }
+        Cluster::new(vec![gpu, cpu, far]).unwrap()
+    }
+
+    fn attach(gpu: GpuRequest, cpus: u64, how: GpuAttach) -> ResourceRequest {
+        ResourceRequest {
+            gpu_attach: how,
+            ..ask(gpu, cpus)
+        }
+    }
+
+    #[test]
+    fn a_replica_that_fits_no_node_attaches_a_device_from_another() {
+        let cluster = stranded_pool([None, None, None]);
+        let mut p = Placer::new(
+            cluster,
+            PolicyKind::Tessera.build(&ShapeDistribution::default(), &stranded_pool([None; 3])),
+            1,
+        );
+        let want = GpuRequest::Share { milli: 500 };
+        // Local only: the GPU node has 2 CPUs, the others no GPU.
+        assert!(
+            p.place_replica(&attach(want, 8, GpuAttach::Local))
+                .is_none()
+        );
+        let a = p
+            .place_replica(&attach(want, 8, GpuAttach::Any))
+            .expect("a pair");
+        assert_eq!(a.gpu_node, Some(NodeId(0)), "{a:?}");
+        assert_ne!(a.node, NodeId(0), "{a:?}");
+        assert_eq!((a.cpu_milli, a.gpu_milli()), (8000, 500));
+        let gpu = p.cluster().node(NodeId(0));
+        assert_eq!(
+            (
+                gpu.cpu_free,
+                gpu.devices[a.devices[0].device as usize].milli_free
+            ),
+            (2000, 500)
+        );
+        assert_eq!(p.cluster().node(a.node).cpu_free, 24_000);
+        // Released, both halves come back.
+        p.release(&a).unwrap();
+        assert_eq!(p.cluster().gpu_used_milli(), 0);
+        assert_eq!(p.cluster().node(a.node).cpu_free, 32_000);
+    }
+
+    #[test]
+    fn any_prefers_its_own_node_and_remote_always_pairs() {
+        let cluster = stranded_pool([None; 3]);
+        let mut p = Placer::new(
+            cluster,
+            PolicyKind::Tessera.build(&ShapeDistribution::default(), &stranded_pool([None; 3])),
+            1,
+        );
+        let want = GpuRequest::Share { milli: 250 };
+        let local = p.place_replica(&attach(want, 1, GpuAttach::Any)).unwrap();
+        assert_eq!((local.node, local.gpu_node), (NodeId(0), None));
+        let remote = p
+            .place_replica(&attach(want, 1, GpuAttach::Remote))
+            .unwrap();
+        assert_eq!(remote.device_node(), NodeId(0));
+        assert_ne!(
+            remote.node,
+            NodeId(0),
+            "remote put its CPU part beside the device"
+        );
+    }
+
+    #[test]
+    fn a_pair_stays_within_its_network_locality() {
+        // The device's node and "far" share a rack; "cpu" is elsewhere.
+        let labels = [Some("rack-1"), Some("rack-2"), Some("rack-1")];
+        let mut p = Placer::new(
+            stranded_pool(labels),
+            PolicyKind::Tessera.build(&ShapeDistribution::default(), &stranded_pool(labels)),
+            1,
+        );
+        for _ in 0..2 {
+            let a = p
+                .place_replica(&attach(GpuRequest::Share { milli: 500 }, 8, GpuAttach::Any))
+                .unwrap();
+            assert_eq!((a.node, a.gpu_node), (NodeId(2), Some(NodeId(0))), "{a:?}");
+        }
+        // "far" has 16 CPUs left; a replica wanting 20 has nowhere in rack-1 to go.
+        assert!(
+            p.place_replica(&attach(
+                GpuRequest::Share { milli: 500 },
+                20,
+                GpuAttach::Any
+            ))
+            .is_none()
+        );
+        assert_eq!(
+            p.cluster().node(NodeId(1)).cpu_free,
+            32_000,
+            "rack-2 was used"
+        );
+    }
+
+    #[test]
+    fn a_pair_that_does_not_fit_whole_changes_nothing() {
+        let mut cluster = stranded_pool([None; 3]);
+        let pair = Allocation {
+            node: NodeId(1),
+            cpu_milli: 8000,
+            memory_bytes: GIB,
+            devices: vec![DeviceShare {
+                device: 0,
+                milli: 1000,
+                memory_bytes: 80 * GIB,
+            }],
+            affinity: Some(GpuAffinity::Whole(1)),
+            gpu_node: Some(NodeId(0)),
+        };
+        cluster.allocate(&pair).unwrap();
+        // The second asks for the same device: its CPU half fits, its device half does not.
+        assert!(cluster.allocate(&pair).is_err());
+        assert_eq!(
+            cluster.node(NodeId(1)).cpu_free,
+            24_000,
+            "the CPU half was left applied"
+        );
+        cluster.release(&pair).unwrap();
+        assert_eq!(cluster.node(NodeId(1)).cpu_free, 32_000);
+        assert_eq!(cluster.gpu_used_milli(), 0);
     }
 }

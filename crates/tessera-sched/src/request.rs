@@ -99,6 +99,32 @@ impl GpuRequest {
     }
 }
 
+/// Where a replica's device may be: on its own node, or attached over the network from another
+/// node (a remote GPU: the replica's CPU part runs on one node, its device slice on another of
+/// the same network locality, see [`LOCALITY_LABEL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuAttach {
+    /// On the replica's own node (the default).
+    #[default]
+    Local,
+    /// Always attached from another node: the CPU part and the device are placed as a pair.
+    Remote,
+    /// On its own node when that fits, else attached from another node.
+    Any,
+}
+
+impl GpuAttach {
+    pub fn is_local(&self) -> bool {
+        *self == GpuAttach::Local
+    }
+}
+
+/// The node label an admin sets to say which nodes are near enough on the network to attach
+/// each other's devices (a rack, a switch): a device on a node with the label is attached only
+/// from nodes with the same value; a device on a node without it, from any node.
+pub const LOCALITY_LABEL: &str = "tessera.io/network";
+
 /// Resources of one replica.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub struct ResourceRequest {
@@ -116,6 +142,9 @@ pub struct ResourceRequest {
     /// Node labels that must all match (`key=value`).
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,
+    /// Whether the device may be attached from another node.
+    #[serde(default, skip_serializing_if = "GpuAttach::is_local")]
+    pub gpu_attach: GpuAttach,
 }
 
 /// Named priority classes; a job may also give a plain number.

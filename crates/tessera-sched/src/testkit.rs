@@ -78,6 +78,7 @@ pub fn running(
 /// One whole 80 GiB device `device` of node `node`, with 1 CPU and 1 GiB.
 pub fn one_gpu_on(node: u32, device: u32) -> Allocation {
     Allocation {
+        gpu_node: None,
         node: NodeId(node),
         cpu_milli: 1000,
         memory_bytes: GIB,

@@ -139,6 +139,25 @@ pub fn validate_request(request: &ResourceRequest) -> Result<(), ValidationError
             }
         }
     }
+    if !request.gpu_attach.is_local() {
+        let attach = format!("{:?}", request.gpu_attach).to_lowercase();
+        if request.gpu == GpuRequest::None {
+            return Err(ValidationError::new(
+                "gpu_attach",
+                attach,
+                "a replica without a GPU has no device to attach from another node",
+                "ask for a GPU (e.g. gpu=0.5) or drop gpu_attach",
+            ));
+        }
+        if request.gpu.device_count() > 1 {
+            return Err(ValidationError::new(
+                "gpu_attach",
+                attach,
+                "a remote attachment carries one device per replica",
+                "ask for one device per replica and add replicas, or use gpu_attach=local",
+            ));
+        }
+    }
     if request.cpu_milli == 0 && request.gpu == GpuRequest::None {
         return Err(ValidationError::new(
             "cpu",
@@ -310,6 +329,24 @@ mod tests {
         assert_eq!(GpuRequest::from_gpus(0.3333).unwrap_err().field, "gpu");
         assert_eq!(GpuRequest::from_gpus(-1.0).unwrap_err().field, "gpu");
         assert_eq!(GpuRequest::from_gpus(f64::NAN).unwrap_err().field, "gpu");
+    }
+
+    #[test]
+    fn remote_attachment_needs_exactly_one_device() {
+        use crate::request::GpuAttach;
+        let mut r = cpu_only(1000);
+        r.gpu_attach = GpuAttach::Any;
+        let err = validate_request(&r).unwrap_err();
+        assert_eq!(err.field, "gpu_attach");
+        assert!(err.to_string().contains("no device to attach"), "{err}");
+        r.gpu = GpuRequest::Whole { devices: 2 };
+        let err = validate_request(&r).unwrap_err();
+        assert!(err.to_string().contains("one device per replica"), "{err}");
+        r.gpu = GpuRequest::Whole { devices: 1 };
+        validate_request(&r).unwrap();
+        r.gpu = GpuRequest::Share { milli: 250 };
+        r.gpu_attach = GpuAttach::Remote;
+        validate_request(&r).unwrap();
     }
 
     #[test]

@@ -58,6 +58,7 @@ fn request_strategy() -> impl Strategy<Value = ResourceRequest> {
     )
         .prop_map(
             |(gpu, cpu, mem_gib, models, zone, gpu_mem)| ResourceRequest {
+                gpu_attach: Default::default(),
                 gpu,
                 gpu_memory_bytes: if gpu == GpuRequest::None {
                     0

@@ -302,7 +302,7 @@ pub fn load_tasks(path: &Path) -> Result<Trace, TraceError> {
         }
         tasks.push(TraceTask {
             name,
-            request: ResourceRequest {
+            request: ResourceRequest { gpu_attach: Default::default(),
                 gpu,
                 gpu_memory_bytes: 0,
                 cpu_milli,

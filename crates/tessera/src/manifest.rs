@@ -431,6 +431,7 @@ impl Manifest {
             None => GpuRequest::None,
         };
         let request = ResourceRequest {
+            gpu_attach: Default::default(),
             gpu,
             gpu_memory_bytes: match &r.gpu_memory {
                 Some(q) => parse_bytes("spec.resources.gpuMemory", q)?,

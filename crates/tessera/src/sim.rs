@@ -80,6 +80,34 @@ pub struct OpenbArgs {
     /// ../fgd-results/analysis_allo_discrete.csv beside the first pod list's directory.
     #[arg(long, value_name = "FILE")]
     published: Option<PathBuf>,
+    /// Where every task of at most one device may take its GPU from: `any` lets a task that fits
+    /// on no single node run its CPU part on one node and attach its device from another (remote
+    /// GPUs); tasks of several devices stay local. The published results are all `local`.
+    #[arg(long, value_enum, default_value = "local")]
+    gpu_attach: Attach,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Attach {
+    Local,
+    Any,
+    Remote,
+}
+
+/// Gives every task of at most one device the attachment `attach`.
+fn with_attachment(mut trace: Trace, attach: Attach) -> Trace {
+    let attach = match attach {
+        Attach::Local => return trace,
+        Attach::Any => tessera_sched::GpuAttach::Any,
+        Attach::Remote => tessera_sched::GpuAttach::Remote,
+    };
+    for task in &mut trace.tasks {
+        let gpu = task.request.gpu;
+        if gpu != tessera_sched::GpuRequest::None && gpu.device_count() <= 1 {
+            task.request.gpu_attach = attach;
+        }
+    }
+    trace
 }
 
 pub fn run(cmd: SimCommand) -> Result<()> {
@@ -194,7 +222,7 @@ fn openb(args: OpenbArgs) -> Result<()> {
     let traces: Vec<Trace> = args
         .pods
         .iter()
-        .map(|p| load_tasks(p))
+        .map(|p| load_tasks(p).map(|t| with_attachment(t, args.gpu_attach)))
         .collect::<Result<_, _>>()?;
     let published_path = args
         .published
@@ -256,6 +284,47 @@ fn openb(args: OpenbArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attachment_is_given_to_tasks_of_one_device_at_most() {
+        use tessera_sched::{GpuAttach, GpuRequest, ResourceRequest};
+        use tessera_sim::openb::TraceTask;
+        let task = |gpu| TraceTask {
+            name: "t".into(),
+            request: ResourceRequest {
+                gpu,
+                cpu_milli: 1000,
+                ..Default::default()
+            },
+        };
+        let trace = Trace {
+            name: "x".into(),
+            tasks: vec![
+                task(GpuRequest::None),
+                task(GpuRequest::Share { milli: 500 }),
+                task(GpuRequest::Whole { devices: 1 }),
+                task(GpuRequest::Whole { devices: 2 }),
+            ],
+        };
+        let local = with_attachment(trace.clone(), Attach::Local);
+        assert!(
+            local
+                .tasks
+                .iter()
+                .all(|t| t.request.gpu_attach == GpuAttach::Local)
+        );
+        let any = with_attachment(trace, Attach::Any);
+        let got: Vec<GpuAttach> = any.tasks.iter().map(|t| t.request.gpu_attach).collect();
+        assert_eq!(
+            got,
+            [
+                GpuAttach::Local,
+                GpuAttach::Any,
+                GpuAttach::Any,
+                GpuAttach::Local
+            ]
+        );
+    }
 
     #[test]
     fn seeds_accept_ranges_lists_and_single_values() {

@@ -53,6 +53,7 @@ pub fn job(id: u64, request: ResourceRequest) -> Job {
 /// One replica's allocation on node `node` (by its index in the snapshot): 1 CPU, 1 GiB.
 pub fn alloc(node: u32) -> tessera_sched::Allocation {
     tessera_sched::Allocation {
+        gpu_node: None,
         node: tessera_sched::NodeId(node),
         cpu_milli: 1000,
         memory_bytes: 1 << 30,

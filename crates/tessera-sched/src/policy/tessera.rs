@@ -354,6 +354,7 @@ mod tests {
         let mut placer_cluster = cluster.clone();
         for device in 0..3 {
             let alloc = crate::cluster::Allocation {
+                gpu_node: None,
                 node: crate::cluster::NodeId(1),
                 cpu_milli: 1000,
                 memory_bytes: GIB,

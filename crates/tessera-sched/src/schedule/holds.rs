@@ -38,6 +38,7 @@ pub(super) fn hold_for_reclaimer(placer: &mut Placer, spec: &JobSpec, leaving: &
                 .fold((0, 0), |(m, b), d| (m + d.milli, b + d.memory_bytes))
         };
         let hold = Allocation {
+            gpu_node: None,
             node: alloc.node,
             cpu_milli: alloc
                 .cpu_milli

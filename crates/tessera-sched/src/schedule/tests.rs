@@ -147,6 +147,7 @@ fn running_work_beyond_capacity_is_a_snapshot_error() {
         },
     );
     let too_big = Allocation {
+        gpu_node: None,
         node: NodeId(0),
         cpu_milli: 2000,
         memory_bytes: 0,

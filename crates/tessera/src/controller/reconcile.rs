@@ -94,6 +94,7 @@ fn build(s: &State, now: u64) -> Built {
         if job.state.is_active() {
             let allocation = |r: &Replica| {
                 Some(Allocation {
+                    gpu_node: None,
                     node: NodeId(*index.get(r.node.as_str())?),
                     cpu_milli: r.cpu_milli,
                     memory_bytes: r.memory_bytes,
@@ -780,6 +781,7 @@ mod tests {
         running.state = JobState::Running;
         running.attempt = 1;
         let placed = tessera_sched::Allocation {
+            gpu_node: None,
             node: tessera_sched::NodeId(0),
             cpu_milli: 500,
             memory_bytes: 1 << 30,
