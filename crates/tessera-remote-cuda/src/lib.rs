@@ -17,6 +17,9 @@
 //! waits for every call's answer: the naive per-call RPC that benchmarks compare against.
 //! Once the server cannot be reached, every call fails with `CUDA_ERROR_DEVICE_UNAVAILABLE`
 //! (within seconds: the connection uses keepalive and a send timeout), never hangs.
+//! `TESSERA_REMOTE_TRACE=1` says on stderr which entry points a program (or the CUDA runtime)
+//! asked for that this library does not forward, and which export tables it asked for: what a
+//! new runtime needs, found on a real driver.
 
 #![allow(non_snake_case, clippy::missing_safety_doc, clippy::too_many_arguments)]
 
@@ -1946,6 +1949,36 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     NVML_SUCCESS
 }
 
+/// Whether `TESSERA_REMOTE_TRACE=1`.
+fn tracing() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TESSERA_REMOTE_TRACE").is_ok_and(|v| v == "1"))
+}
+
+/// `cuGetExportTable`: the CUDA runtime's private entry points into the driver, named by UUID and
+/// undocumented. None is forwarded; the UUID asked for is said under `TESSERA_REMOTE_TRACE=1`, so
+/// that a run on a real driver shows what the runtime needs.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetExportTable(
+    table: *mut *const c_void,
+    id: *const [u8; 16],
+) -> CUresult {
+    if table.is_null() || id.is_null() {
+        return status::INVALID_VALUE;
+    }
+    if tracing() {
+        // SAFETY: checked non-null; a UUID is 16 bytes.
+        let id = unsafe { *id };
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        say(&format!(
+            "trace: export table {hex} asked for; none is forwarded"
+        ));
+    }
+    // SAFETY: checked non-null.
+    unsafe { *table = std::ptr::null() };
+    status::NOT_SUPPORTED
+}
+
 macro_rules! exports {
     ($($name:ident),* $(,)?) => {
         /// The address of the exported function `name`.
@@ -2057,6 +2090,7 @@ exports!(
     cuGetErrorName,
     cuGetProcAddress,
     cuGetProcAddress_v2,
+    cuGetExportTable,
     nvmlInit_v2,
     nvmlShutdown,
     nvmlDeviceGetCount_v2,
@@ -2094,6 +2128,11 @@ pub unsafe extern "C" fn cuGetProcAddress(
         .iter()
         .filter(|c| version >= 3020 || !c.contains("_v"))
         .find_map(|c| export(c));
+    if found.is_none() && tracing() {
+        say(&format!(
+            "trace: no {name} (version {version}, flags {flags}) is forwarded"
+        ));
+    }
     // SAFETY: checked non-null.
     unsafe { *pfn = found.unwrap_or(std::ptr::null_mut()) };
     if found.is_some() {

@@ -127,6 +127,7 @@ fn gpu_scripts_parse_and_every_bench_script_is_covered_here() {
         "bench/gpu/telemetry.sh",
         "bench/gpu/criu-cuda.sh",
         "bench/gpu/containers.sh",
+        "bench/gpu/remote.sh",
         "bench/gpu/torch_slices.py",
     ];
     for script in gpu_only {
