@@ -179,6 +179,29 @@ pub struct Assignment {
     /// The container image it runs in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageRun>,
+    /// Its device is attached over the network from another node (a remote GPU): `devices` are
+    /// that node's, and this node puts the remote client in front of the program instead of a
+    /// driver of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_device: Option<RemoteDevice>,
+}
+
+/// Where a replica's remotely attached device is served, and the secret that proves the replica
+/// to that server (the attachment's own, random; never logged).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteDevice {
+    /// The GPU node's server, `ADDR:PORT`.
+    pub address: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for RemoteDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteDevice")
+            .field("address", &self.address)
+            .field("secret", &"<hidden>")
+            .finish()
+    }
 }
 
 /// A replica's image and what its agent needs to pull it.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 
 use super::AgentConfig;
-use crate::protocol::Assignment;
+use crate::protocol::{Assignment, RemoteDevice};
 
 /// Where a library built with Tessera is: `TESSERA_<VAR>`, else the newest of: beside the
 /// binary, in the build's `deps/` (a cargo build keeps the copy there current, while the one
@@ -41,62 +41,219 @@ pub fn slice_region(config: &AgentConfig, key: &str) -> PathBuf {
     gpu_dir(config).join(format!("slice-{key}"))
 }
 
-/// The environment that puts the simulated driver and the slice library in front of the
-/// replica, creating the slice's accounting region. An error when a fractional slice cannot be
-/// enforced: the replica must not run uncapped.
+/// How a replica's devices reach its program: one implementation per kind of device access.
+/// The agent picks one per replica ([`backend_for`]). What differs between the node's own
+/// NVIDIA driver, the simulated driver and a device attached from another node lives here; another
+/// accelerator would be one more implementation.
+pub trait DeviceBackend {
+    /// Shown in logs.
+    fn name(&self) -> &'static str;
+    /// The variables that select the replica's devices among the node's (none at all for a
+    /// replica without devices: it must see none).
+    fn select(&self, a: &Assignment) -> BTreeMap<String, String> {
+        let devices: Vec<String> = a.devices.iter().map(|d| d.device.to_string()).collect();
+        BTreeMap::from([("CUDA_VISIBLE_DEVICES".to_string(), devices.join(","))])
+    }
+    /// The driver the program loads instead of the node's own, and its variables; nothing for
+    /// the node's own driver. `dir` is the agent's GPU state directory.
+    fn driver(
+        &self,
+        config: &AgentConfig,
+        dir: &Path,
+        a: &Assignment,
+    ) -> anyhow::Result<BTreeMap<String, String>>;
+    /// Whether a fractional slice is enforced in the replica's own processes (the slice library
+    /// preloaded); false where the device's own node enforces it.
+    fn slices_here(&self) -> bool {
+        true
+    }
+}
+
+/// The node's own NVIDIA driver (devices from NVML).
+struct NodeDriver;
+
+impl DeviceBackend for NodeDriver {
+    fn name(&self) -> &'static str {
+        "nvml"
+    }
+
+    fn driver(
+        &self,
+        _: &AgentConfig,
+        _: &Path,
+        _: &Assignment,
+    ) -> anyhow::Result<BTreeMap<String, String>> {
+        Ok(BTreeMap::new())
+    }
+}
+
+/// The simulated driver (`--simulate-gpus`), shared by every replica of the node.
+struct SimulatedDriver;
+
+impl DeviceBackend for SimulatedDriver {
+    fn name(&self) -> &'static str {
+        "simulated"
+    }
+
+    fn driver(
+        &self,
+        config: &AgentConfig,
+        dir: &Path,
+        _: &Assignment,
+    ) -> anyhow::Result<BTreeMap<String, String>> {
+        let mut env = BTreeMap::new();
+        let Some(lib) = find_library("TESSERA_FAKECUDA_LIBRARY", "libcuda.so") else {
+            tracing::warn!(
+                "the simulated CUDA driver (libcuda.so of tessera-fakecuda) was not found beside \
+                 tessera; workloads on simulated GPUs get no driver"
+            );
+            return Ok(env);
+        };
+        // The simulated driver also answers NVML's memory calls.
+        env.insert(
+            "LD_LIBRARY_PATH".into(),
+            link_driver(&dir.join("lib"), &lib)?,
+        );
+        env.insert(
+            "TESSERA_FAKECUDA_DIR".into(),
+            dir.join("simulated").display().to_string(),
+        );
+        env.insert(
+            "TESSERA_FAKECUDA_DEVICES".into(),
+            config.devices.devices.len().to_string(),
+        );
+        if let Some(d) = config.devices.devices.first() {
+            env.insert("TESSERA_FAKECUDA_MEMORY".into(), d.memory_bytes.to_string());
+            env.insert(
+                "TESSERA_FAKECUDA_NAME".into(),
+                format!("Tessera Simulated {}", d.model),
+            );
+        }
+        Ok(env)
+    }
+}
+
+/// A device attached from another node: the remote client (`libtessera_remote_cuda.so`) is the
+/// program's `libcuda.so.1` and `libnvidia-ml.so.1`; the slice is enforced on the device's node,
+/// by the server running there under the slice library.
+struct RemoteClient<'a>(&'a RemoteDevice);
+
+impl DeviceBackend for RemoteClient<'_> {
+    fn name(&self) -> &'static str {
+        "remote"
+    }
+
+    /// The device's indices are the other node's: the client has exactly one device.
+    fn select(&self, _: &Assignment) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+
+    fn driver(
+        &self,
+        _: &AgentConfig,
+        dir: &Path,
+        a: &Assignment,
+    ) -> anyhow::Result<BTreeMap<String, String>> {
+        let Some(lib) = find_library("TESSERA_REMOTE_CUDA_LIBRARY", "libtessera_remote_cuda.so")
+        else {
+            bail!(
+                "the remote GPU client libtessera_remote_cuda.so is not beside tessera nor in \
+                 /usr/lib/tessera (set TESSERA_REMOTE_CUDA_LIBRARY); a replica with a remote GPU \
+                 cannot start without it"
+            );
+        };
+        let secret = remote_secret(dir, &a.key);
+        write_private(&secret, self.0.secret.as_bytes())?;
+        Ok(BTreeMap::from([
+            (
+                "LD_LIBRARY_PATH".to_string(),
+                link_driver(&dir.join("lib-remote"), &lib)?,
+            ),
+            ("TESSERA_REMOTE_GPU".to_string(), self.0.address.clone()),
+            (
+                "TESSERA_REMOTE_SECRET_FILE".to_string(),
+                secret.display().to_string(),
+            ),
+        ]))
+    }
+
+    fn slices_here(&self) -> bool {
+        false
+    }
+}
+
+/// The backend for `a` on this node.
+pub fn backend_for<'a>(config: &AgentConfig, a: &'a Assignment) -> Box<dyn DeviceBackend + 'a> {
+    match &a.remote_device {
+        Some(remote) => Box::new(RemoteClient(remote)),
+        None if config.devices.simulated => Box::new(SimulatedDriver),
+        None => Box::new(NodeDriver),
+    }
+}
+
+/// Where a replica's remote attachment secret is kept on this node (0600, the replica's uid).
+pub fn remote_secret(dir: &Path, key: &str) -> PathBuf {
+    dir.join(format!("remote-{key}.secret"))
+}
+
+/// What the agent keeps for a replica's devices, removed when the replica is done.
+pub fn forget(config: &AgentConfig, key: &str) {
+    let _ = std::fs::remove_file(slice_region(config, key));
+    let _ = std::fs::remove_file(remote_secret(&gpu_dir(config), key));
+}
+
+/// Writes `data` to a new file only its owner may read.
+fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Links `lib` as `libcuda.so.1` and `libnvidia-ml.so.1` in `libdir`; the library path that puts
+/// them first.
+fn link_driver(libdir: &Path, lib: &Path) -> anyhow::Result<String> {
+    crate::controller::restrict(libdir, 0o755)?;
+    for name in ["libcuda.so.1", "libnvidia-ml.so.1"] {
+        let link = libdir.join(name);
+        if std::fs::read_link(&link).ok().as_deref() != Some(lib) {
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(lib, &link)
+                .with_context(|| format!("linking {}", link.display()))?;
+        }
+    }
+    let mut path = libdir.display().to_string();
+    if let Ok(old) = std::env::var("LD_LIBRARY_PATH") {
+        path = format!("{path}:{old}");
+    }
+    Ok(path)
+}
+
+/// The environment that selects the replica's devices and puts its driver (the simulated one,
+/// the remote client) and the slice library in front of it, creating the slice's accounting
+/// region. An error when a fractional slice cannot be enforced: the replica must not run
+/// uncapped.
 pub fn device_env(
     config: &AgentConfig,
     a: &Assignment,
 ) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut env = BTreeMap::new();
+    let backend = backend_for(config, a);
+    let mut env = backend.select(a);
     let Some(first) = a.devices.first() else {
         return Ok(env);
     };
     let dir = gpu_dir(config);
     // Passable, not listable, by workloads (the agent's umask makes new directories private).
     crate::controller::restrict(&dir, 0o711)?;
-    if config.devices.simulated {
-        match find_library("TESSERA_FAKECUDA_LIBRARY", "libcuda.so") {
-            Some(lib) => {
-                let libdir = dir.join("lib");
-                crate::controller::restrict(&libdir, 0o755)?;
-                // The simulated driver also answers NVML's memory calls.
-                for name in ["libcuda.so.1", "libnvidia-ml.so.1"] {
-                    let link = libdir.join(name);
-                    if std::fs::read_link(&link).ok().as_deref() != Some(lib.as_path()) {
-                        let _ = std::fs::remove_file(&link);
-                        std::os::unix::fs::symlink(&lib, &link)
-                            .with_context(|| format!("linking {}", link.display()))?;
-                    }
-                }
-                let mut path = libdir.display().to_string();
-                if let Ok(old) = std::env::var("LD_LIBRARY_PATH") {
-                    path = format!("{path}:{old}");
-                }
-                env.insert("LD_LIBRARY_PATH".into(), path);
-                env.insert(
-                    "TESSERA_FAKECUDA_DIR".into(),
-                    dir.join("simulated").display().to_string(),
-                );
-                env.insert(
-                    "TESSERA_FAKECUDA_DEVICES".into(),
-                    config.devices.devices.len().to_string(),
-                );
-                if let Some(d) = config.devices.devices.first() {
-                    env.insert("TESSERA_FAKECUDA_MEMORY".into(), d.memory_bytes.to_string());
-                    env.insert(
-                        "TESSERA_FAKECUDA_NAME".into(),
-                        format!("Tessera Simulated {}", d.model),
-                    );
-                }
-            }
-            None => tracing::warn!(
-                "the simulated CUDA driver (libcuda.so of tessera-fakecuda) was not found beside \
-                 tessera; workloads on simulated GPUs get no driver"
-            ),
-        }
-    }
-    if first.milli < 1000 {
+    env.extend(backend.driver(config, &dir, a)?);
+    if first.milli < 1000 && backend.slices_here() {
         let Some(lib) = find_library("TESSERA_VGPU_LIBRARY", "libtessera_vgpu.so") else {
             bail!(
                 "the slice library libtessera_vgpu.so is not beside tessera nor in \
@@ -120,6 +277,7 @@ pub fn device_env(
                 .to_string(),
         );
     }
+    tracing::debug!("{}: devices through the {} backend", a.key, backend.name());
     Ok(env)
 }
 
@@ -134,15 +292,23 @@ pub fn library_files(config: &AgentConfig, env: &BTreeMap<String, String>) -> Ve
         .map(PathBuf::from)
         .filter(|p| p.is_absolute() && p.is_file())
         .collect();
-    if env.contains_key("TESSERA_FAKECUDA_DIR")
-        && let Ok(entries) = std::fs::read_dir(gpu_dir(config).join("lib"))
-    {
-        out.extend(
-            entries
-                .flatten()
-                .filter_map(|e| std::fs::canonicalize(e.path()).ok())
-                .filter(|p| p.is_file()),
-        );
+    for (var, dir) in [
+        ("TESSERA_FAKECUDA_DIR", "lib"),
+        ("TESSERA_REMOTE_GPU", "lib-remote"),
+    ] {
+        if env.contains_key(var)
+            && let Ok(entries) = std::fs::read_dir(gpu_dir(config).join(dir))
+        {
+            out.extend(
+                entries
+                    .flatten()
+                    .filter_map(|e| std::fs::canonicalize(e.path()).ok())
+                    .filter(|p| p.is_file()),
+            );
+        }
+    }
+    if let Some(secret) = env.get("TESSERA_REMOTE_SECRET_FILE") {
+        out.push(PathBuf::from(secret));
     }
     out.sort();
     out.dedup();
@@ -176,6 +342,15 @@ pub fn confined_paths(
         paths.push(sim);
         paths.push(dir.join("lib"));
     }
+    if env.contains_key("TESSERA_REMOTE_GPU") {
+        paths.push(dir.join("lib-remote"));
+    }
+    if let Some(secret) = env.get("TESSERA_REMOTE_SECRET_FILE").map(PathBuf::from) {
+        // The replica's own, readable by it alone.
+        std::os::unix::fs::chown(&secret, Some(uid), Some(uid))?;
+        shared(&secret, 0o600)?;
+        paths.push(secret);
+    }
     if let Some(region) = env.get("TESSERA_VGPU_SHM").map(PathBuf::from) {
         std::os::unix::fs::chown(&region, Some(uid), Some(uid))?;
         shared(&region, 0o600)?;
@@ -187,4 +362,170 @@ pub fn confined_paths(
         paths.push(schedule);
     }
     Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A program or library the workspace builds, beside this test's directory.
+    fn built(file: &str) -> PathBuf {
+        let exe = std::env::current_exe().unwrap();
+        let deps = exe.parent().unwrap();
+        [deps.parent().unwrap().join(file), deps.join(file)]
+            .into_iter()
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{file} is not built: run the workspace's tests"))
+    }
+
+    fn config(data_dir: &Path) -> AgentConfig {
+        AgentConfig {
+            controller: "https://127.0.0.1:1".into(),
+            join_token: None,
+            name: "cpu-node".into(),
+            data_dir: data_dir.to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            devices: crate::agent::devices::parse_simulated("1xH100-80GB").unwrap(),
+            labels: BTreeMap::new(),
+            cpu_milli: None,
+            memory_bytes: None,
+            grace_ms: 1000,
+            telemetry_ms: 1000,
+            ca_cert: None,
+            transparent: None,
+            confinement: crate::agent::confine::Mode::Unconfined {
+                why: "a test".into(),
+            },
+            transparent_unconfined: false,
+            hide: vec![],
+            pids_max: 1000,
+            keep_runs: std::time::Duration::from_secs(60),
+            image_cache: 1 << 30,
+            image_reserve: None,
+            insecure_registries: vec![],
+            runc: PathBuf::from("runc"),
+            image_criu: None,
+            gpu_driver: None,
+            python_dir: None,
+        }
+    }
+
+    fn assignment(milli: u32, remote: Option<RemoteDevice>) -> Assignment {
+        let mut a: Assignment = serde_json::from_value(serde_json::json!({
+            "key": "7-0", "job_id": 7, "job_name": "j", "project": "p", "replica": 0,
+            "replicas": 1, "attempt": 0, "command": ["true"], "env": {}, "cpu_milli": 1000,
+            "memory_bytes": 1 << 30, "device_memory": [80u64 << 30],
+            "devices": if milli == 0 { serde_json::json!([]) } else {
+                serde_json::json!([{"device": 0, "milli": milli, "memory_bytes": 1u64 << 30}])
+            },
+        }))
+        .unwrap();
+        a.remote_device = remote;
+        a
+    }
+
+    #[test]
+    fn local_backends_select_devices_and_preload_the_slice_library() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let env = device_env(&config, &assignment(500, None)).unwrap();
+        assert_eq!(env["CUDA_VISIBLE_DEVICES"], "0");
+        assert!(env["LD_PRELOAD"].ends_with("libtessera_vgpu.so"), "{env:?}");
+        assert!(env.contains_key("TESSERA_FAKECUDA_DIR"), "{env:?}");
+        // A replica without devices sees none.
+        let env = device_env(&config, &assignment(0, None)).unwrap();
+        assert_eq!(env["CUDA_VISIBLE_DEVICES"], "");
+        assert_eq!(
+            backend_for(&config, &assignment(0, None)).name(),
+            "simulated"
+        );
+    }
+
+    #[test]
+    fn a_remote_device_puts_the_client_in_front_of_an_unmodified_program() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(&dir.path().join("agent"));
+        std::fs::create_dir_all(&config.data_dir).unwrap();
+        // The GPU node: a server over the simulated driver, on loopback.
+        let gpu = dir.path().join("gpu-node");
+        std::fs::create_dir_all(&gpu).unwrap();
+        std::os::unix::fs::symlink(built("libcuda.so"), gpu.join("libcuda.so.1")).unwrap();
+        let secret = "an-attachment-secret-of-the-controller";
+        std::fs::write(gpu.join("secret"), secret).unwrap();
+        let mut server = std::process::Command::new(built("tessera-remote"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--secret-file"])
+            .arg(gpu.join("secret"))
+            .env("LD_LIBRARY_PATH", &gpu)
+            .env("TESSERA_FAKECUDA_DIR", gpu.join("devices"))
+            .env_remove("LD_PRELOAD")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(server.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap()
+            .to_string();
+
+        let a = assignment(
+            500,
+            Some(RemoteDevice {
+                address: address.clone(),
+                secret: secret.into(),
+            }),
+        );
+        assert_eq!(backend_for(&config, &a).name(), "remote");
+        let env = device_env(&config, &a).unwrap();
+        // The slice is enforced on the GPU node; here nothing is preloaded and no index of the
+        // other node's devices leaks into the program's view.
+        assert!(!env.contains_key("LD_PRELOAD"), "{env:?}");
+        assert!(!env.contains_key("CUDA_VISIBLE_DEVICES"), "{env:?}");
+        assert_eq!(env["TESSERA_REMOTE_GPU"], address);
+        let secret_file = PathBuf::from(&env["TESSERA_REMOTE_SECRET_FILE"]);
+        assert_eq!(std::fs::read_to_string(&secret_file).unwrap(), secret);
+        let mode = std::fs::metadata(&secret_file)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let libdir = env["LD_LIBRARY_PATH"]
+            .split(':')
+            .next()
+            .unwrap()
+            .to_string();
+        let target = std::fs::read_link(Path::new(&libdir).join("libcuda.so.1")).unwrap();
+        assert!(target.ends_with("libtessera_remote_cuda.so"), "{target:?}");
+        assert!(
+            library_files(&config, &env).contains(&secret_file),
+            "a container would not see its secret"
+        );
+
+        // An unmodified program with that environment runs on the other node's device.
+        let out = std::process::Command::new(built("tessera-vgpu-probe"))
+            .arg("check")
+            .env_remove("LD_PRELOAD")
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .envs(&env)
+            .output()
+            .unwrap();
+        let _ = server.kill();
+        let _ = server.wait();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("fill_ok=1 memset_ok=1 copy_ok=1"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        forget(&config, &a.key);
+        assert!(!secret_file.exists(), "the secret outlived its replica");
+    }
 }

@@ -734,7 +734,7 @@ fn converge(
             if !backend.remove(&cgroup_name(config, key)) {
                 tracing::warn!("{key}: its cgroup could not be removed yet; retried later");
             }
-            let _ = std::fs::remove_file(gpu::slice_region(config, key));
+            gpu::forget(config, key);
         }
     }
     // Stop what should not run.
@@ -1213,8 +1213,6 @@ pub fn allocation_env(a: &Assignment, node: &str) -> BTreeMap<String, String> {
     // make it block-buffered); the job may say otherwise.
     env.entry("PYTHONUNBUFFERED".into())
         .or_insert_with(|| "1".into());
-    let devices: Vec<String> = a.devices.iter().map(|d| d.device.to_string()).collect();
-    env.insert("CUDA_VISIBLE_DEVICES".into(), devices.join(","));
     env.insert("TESSERA_JOB_ID".into(), a.job_id.to_string());
     env.insert("TESSERA_JOB_NAME".into(), a.job_name.clone());
     env.insert("TESSERA_PROJECT".into(), a.project.clone());

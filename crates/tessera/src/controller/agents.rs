@@ -222,6 +222,8 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
                     credentials: super::registries::login_for(s, job.project(), &reference),
                     reference,
                 }),
+                // The controller does not place remote pairs yet (see docs/remote-gpu.md).
+                remote_device: None,
             });
         }
     }
