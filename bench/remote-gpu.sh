@@ -9,6 +9,8 @@
 #     naive per-call RPC (every call waits for its answer) beside it.
 #  2. Host-to-device and device-to-host bandwidth (pageable and pinned) against iperf3 on the
 #     same link, and against the same copies on the GPU node itself.
+#  3. The same attachment over TLS (a self-signed certificate made with openssl): a round trip,
+#     a launch loop and copies, beside the clear.
 #
 #   bench/remote-gpu.sh [SECONDS_EACH] [COPY_MIB]
 # TESSERA_BIN_DIR=DIR uses what is built there instead of building a release (the test suite's
@@ -67,6 +69,12 @@ for k in 100 10; do
       --to "$GIP:${PORT[$k]}" --rtt-us "$rtt" >/dev/null &
   done
 done
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj "/CN=gpu" \
+  -addext "subjectAltName=IP:$GIP" -addext "basicConstraints=critical,CA:FALSE" -keyout "$T/tls.key" -out "$T/tls.pem" 2>/dev/null
+ip netns exec "$G" env LD_LIBRARY_PATH="$T/driver" TESSERA_FAKECUDA_DIR="$T/dev-remote-tls" \
+  TESSERA_FAKECUDA_NS_PER_THREAD="${NS_PER_THREAD[100]}" \
+  "$REMOTE" serve --listen "$GIP:7300" --secret-file "$T/secret" --tls-cert "$T/tls.pem" \
+  --tls-key "$T/tls.key" >/dev/null 2>"$T/server-tls.log" &
 sleep 1
 target() { # kernel rtt -> ADDR
   if [ "$2" = 0 ]; then echo "$GIP:${PORT[$1]}"; else echo "127.0.0.1:$(( ${PORT[$1]} + $2 ))"; fi
@@ -80,6 +88,10 @@ remote_probe() { # kernel rtt naive args...
   local k=$1 rtt=$2 naive=$3; shift 3
   ip netns exec "$C" env LD_LIBRARY_PATH="$T/client" TESSERA_REMOTE_GPU="$(target "$k" "$rtt")" \
     TESSERA_REMOTE_SECRET_FILE="$T/secret" TESSERA_REMOTE_WAIT_EVERY_CALL="$naive" "$PROBE" "$@"
+}
+tls_probe() { # args...
+  ip netns exec "$C" env LD_LIBRARY_PATH="$T/client" TESSERA_REMOTE_GPU="$GIP:7300" \
+    TESSERA_REMOTE_SECRET_FILE="$T/secret" TESSERA_REMOTE_TLS_CA="$T/tls.pem" "$PROBE" "$@"
 }
 rate() { sed -n 's/.*launches_per_s=\([0-9.]*\).*/\1/p'; }
 
@@ -122,4 +134,23 @@ for pinned in "" --pinned; do
   up=$(echo "$out" | gbit htod) down=$(echo "$out" | gbit dtoh)
   awk -v p="${pinned:-pageable}" -v u="$up" -v d="$down" -v l="$link" 'BEGIN {
     printf "remote %s: host-to-device %.2f Gbit/s (%.0f%% of the link), device-to-host %.2f Gbit/s (%.0f%%)\n", p, u, 100*u/l, d, 100*d/l }'
+done
+
+echo "== over TLS (kernel 100 us) =="
+clear=$(remote_probe 10 0 0 launch --empty --sync-every 1 --seconds "$SECONDS_EACH" | rate)
+tls=$(tls_probe launch --empty --sync-every 1 --seconds "$SECONDS_EACH" | rate)
+awk -v c="$clear" -v t="$tls" 'BEGIN { printf "round trip of a launch + synchronize: clear %.1f us, TLS %.1f us\n", 1e6/c, 1e6/t }'
+for every in 10 1000; do
+  args=(launch --sync-every "$every" --seconds "$SECONDS_EACH")
+  loc=$(local_probe 100 "${args[@]}" | rate)
+  rem=$(remote_probe 100 0 0 "${args[@]}" | rate)
+  tls=$(tls_probe "${args[@]}" | rate)
+  awk -v e="$every" -v l="$loc" -v r="$rem" -v t="$tls" 'BEGIN {
+    printf "sync every %d: local %.0f | clear %.0f (%.1f%%) | TLS %.0f (%.1f%%)\n", e, l, r, 100*(l-r)/l, t, 100*(l-t)/l }'
+done
+for pinned in "" --pinned; do
+  out=$(tls_probe copy --bytes "$bytes" --rounds 4 $pinned)
+  up=$(echo "$out" | gbit htod) down=$(echo "$out" | gbit dtoh)
+  awk -v p="${pinned:-pageable}" -v u="$up" -v d="$down" -v l="$link" 'BEGIN {
+    printf "TLS %s: host-to-device %.2f Gbit/s (%.0f%% of the link), device-to-host %.2f Gbit/s (%.0f%%)\n", p, u, 100*u/l, d, 100*d/l }'
 done

@@ -13,7 +13,9 @@
 //! real addresses), copies back to the host, synchronizations and queries.
 //!
 //! Configuration (set by the agent): `TESSERA_REMOTE_GPU` (the server's `ADDR:PORT`),
-//! `TESSERA_REMOTE_SECRET_FILE` (the attachment's secret). `TESSERA_REMOTE_WAIT_EVERY_CALL=1`
+//! `TESSERA_REMOTE_SECRET_FILE` (the attachment's secret); over TLS, `TESSERA_REMOTE_TLS_CA`
+//! (the certificates to trust, PEM) and, when the certificate names the server otherwise than
+//! the address does, `TESSERA_REMOTE_TLS_NAME`. `TESSERA_REMOTE_WAIT_EVERY_CALL=1`
 //! waits for every call's answer: the naive per-call RPC that benchmarks compare against.
 //! Once the server cannot be reached, every call fails with `CUDA_ERROR_DEVICE_UNAVAILABLE`
 //! (within seconds: the connection uses keepalive and a send timeout), never hangs.
@@ -28,8 +30,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 use std::io::{self, BufReader, Read};
 use std::net::TcpStream;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, Once, OnceLock};
+use tessera_remote::server::Duplex;
 
 use tessera_remote::wire::{self, CHUNK, DeviceInfo, Fields, Frame, Op, REPLY, status};
 
@@ -75,8 +79,8 @@ enum Pending {
 }
 
 struct Conn {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
+    stream: Box<dyn Duplex>,
+    reader: BufReader<Box<dyn Duplex>>,
     buf: Vec<u8>,
     /// Calls not yet sent (see [`FLUSH_BYTES`]), and when anything was last sent.
     out: Vec<u8>,
@@ -134,10 +138,46 @@ fn attach() -> Result<Remote, CUresult> {
         say(&e);
         status::NO_DEVICE
     })?;
-    let connect = || -> io::Result<(TcpStream, DeviceInfo)> {
-        let mut s = TcpStream::connect(&addr)?;
-        tessera_remote::server::detect_dead_peers(&s, true);
-        tessera_remote::auth::connect(&mut s, &secret)?;
+    let tls = match std::env::var_os("TESSERA_REMOTE_TLS_CA") {
+        None => None,
+        Some(ca) => {
+            let name = std::env::var("TESSERA_REMOTE_TLS_NAME").ok();
+            let config = tessera_remote::tls::client_config(std::path::Path::new(&ca))
+                .and_then(|c| Ok((c, tessera_remote::tls::server_name(&addr, name.as_deref())?)));
+            match config {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    say(&format!("TESSERA_REMOTE_TLS_CA: {e}"));
+                    return Err(status::NO_DEVICE);
+                }
+            }
+        }
+    };
+    let connect = || -> io::Result<(Box<dyn Duplex>, DeviceInfo)> {
+        let tcp = TcpStream::connect(&addr)?;
+        tessera_remote::server::detect_dead_peers(&tcp, true);
+        let mut s: Box<dyn Duplex> = match &tls {
+            Some((config, name)) => Box::new(
+                tessera_remote::tls::connect(tcp, config.clone(), name.clone())
+                    .map_err(|e| io::Error::other(format!("TLS: {e}")))?,
+            ),
+            None => Box::new(tcp),
+        };
+        s.read_timeout(Some(tessera_remote::server::HANDSHAKE_TIMEOUT))?;
+        tessera_remote::auth::connect(&mut s, &secret).map_err(|e| {
+            if matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
+                io::Error::other(format!(
+                    "{e}: no greeting from the server (if it serves TLS, set TESSERA_REMOTE_TLS_CA)"
+                ))
+            } else {
+                e
+            }
+        })?;
+        // From here a read waits as long as the device works (opening it, a long synchronize).
+        s.read_timeout(None)?;
         let (len, code, _) = wire::read_header(&mut s)?;
         let mut body = Vec::new();
         wire::read_body(&mut s, len, &mut body)?;
@@ -154,7 +194,7 @@ fn attach() -> Result<Remote, CUresult> {
     })?;
     let reader = BufReader::with_capacity(
         256 << 10,
-        stream.try_clone().map_err(|_| status::NO_DEVICE)?,
+        stream.try_clone_box().map_err(|_| status::NO_DEVICE)?,
     );
     Ok(Remote {
         gathering: AtomicBool::new(false),

@@ -2,13 +2,14 @@
 //!
 //! The workload's side is `tessera-remote-cuda`, a `libcuda.so.1` that forwards the driver API
 //! over one TCP stream; this crate holds what both sides share ([`wire`], [`auth`]), the GPU
-//! node's server ([`server`], over the node's own driver: [`driver`]) and a relay that adds
-//! latency for tests and benchmarks ([`relay`]). docs/remote-gpu.md says how it fits together.
+//! node's server ([`server`], over the node's own driver: [`driver`]), TLS for untrusted networks
+//! ([`tls`]) and a relay that adds latency for tests and benchmarks ([`relay`]). docs/remote-gpu.md says how it fits together.
 
 pub mod auth;
 pub mod driver;
 pub mod relay;
 pub mod server;
+pub mod tls;
 pub mod wire;
 
 /// Reads an attachment's secret from a file the agent wrote (surrounding whitespace dropped).

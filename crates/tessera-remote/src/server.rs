@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, c_int, c_uint};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -28,11 +28,45 @@ pub type ModuleCache = Arc<Mutex<HashMap<[u8; 32], Arc<Vec<u8>>>>>;
 /// Highest device attribute number asked at attach (CUDA 12.8 defines up to ~140).
 const MAX_ATTRIBUTE: c_int = 160;
 
-/// Serves attachments on `listener` until it fails: one thread per client connection.
+/// A connection's byte stream: TCP itself, or the plaintext side of TLS ([`crate::tls`]).
+pub trait Duplex: Read + Write + Send + 'static {
+    /// A second handle on the same stream (one thread reads while another writes).
+    fn try_clone_box(&self) -> io::Result<Box<dyn Duplex>>;
+    /// Bounds each read (the handshake's), or not.
+    fn read_timeout(&self, limit: Option<std::time::Duration>) -> io::Result<()>;
+}
+
+impl Duplex for TcpStream {
+    fn try_clone_box(&self) -> io::Result<Box<dyn Duplex>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+
+    fn read_timeout(&self, limit: Option<std::time::Duration>) -> io::Result<()> {
+        self.set_read_timeout(limit)
+    }
+}
+
+impl Duplex for std::os::unix::net::UnixStream {
+    fn try_clone_box(&self) -> io::Result<Box<dyn Duplex>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+
+    fn read_timeout(&self, limit: Option<std::time::Duration>) -> io::Result<()> {
+        self.set_read_timeout(limit)
+    }
+}
+
+/// How long either side waits for the other's part of a handshake (TLS and the secret's): a
+/// peer that speaks another protocol, or none, is dropped instead of held.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves attachments on `listener` until it fails: one thread per client connection, over TLS
+/// when `tls` is given.
 pub fn serve(
     listener: TcpListener,
     secret: Arc<Vec<u8>>,
     driver: &'static Driver,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> io::Result<()> {
     let modules = ModuleCache::default();
     for conn in listener.incoming() {
@@ -43,13 +77,21 @@ pub fn serve(
                 continue;
             }
         };
-        let (secret, modules) = (secret.clone(), modules.clone());
+        let (secret, modules, tls) = (secret.clone(), modules.clone(), tls.clone());
         std::thread::spawn(move || {
             let peer = conn
                 .peer_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "?".into());
-            match session(conn, &secret, driver, modules) {
+            detect_dead_peers(&conn, false);
+            let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+            let conn: io::Result<Box<dyn Duplex>> = match tls {
+                Some(config) => crate::tls::accept(conn, config)
+                    .map(|c| Box::new(c) as Box<dyn Duplex>)
+                    .map_err(|e| io::Error::other(format!("TLS: {e}"))),
+                None => Ok(Box::new(conn)),
+            };
+            match conn.and_then(|conn| session(conn, &secret, driver, modules)) {
                 Ok(()) => eprintln!("tessera-remote: {peer} detached"),
                 Err(e) => eprintln!("tessera-remote: {peer}: {e}"),
             }
@@ -89,13 +131,15 @@ pub fn detect_dead_peers(s: &TcpStream, send_timeout: bool) {
 }
 
 fn session(
-    mut conn: TcpStream,
+    mut conn: Box<dyn Duplex>,
     secret: &[u8],
     driver: &'static Driver,
     modules: ModuleCache,
 ) -> io::Result<()> {
-    detect_dead_peers(&conn, false);
+    conn.read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     crate::auth::accept(&mut conn, secret)?;
+    // From here a read waits as long as the client computes.
+    conn.read_timeout(None)?;
     let mut s = Session::attach(driver, modules).map_err(|code| {
         io::Error::other(format!(
             "the device could not be attached: CUDA error {code}"
@@ -109,7 +153,7 @@ fn session(
     let mut s = s?;
     let (tx, rx) = mpsc::channel();
     let out = Arc::new(Out {
-        writer: Mutex::new(BufWriter::with_capacity(256 << 10, conn.try_clone()?)),
+        writer: Mutex::new(BufWriter::with_capacity(256 << 10, conn.try_clone_box()?)),
         queued: AtomicUsize::new(0),
     });
     let sender = {
@@ -150,13 +194,13 @@ fn session(
 /// part of a round trip on a busy machine); a copy's chunks go through the sender thread, so
 /// that the next chunk is read from the device while the last is on the wire.
 struct Out {
-    writer: Mutex<BufWriter<TcpStream>>,
+    writer: Mutex<BufWriter<Box<dyn Duplex>>>,
     /// Frames handed to the sender thread and not yet written.
     queued: AtomicUsize,
 }
 
 impl Out {
-    fn writer(&self) -> std::sync::MutexGuard<'_, BufWriter<TcpStream>> {
+    fn writer(&self) -> std::sync::MutexGuard<'_, BufWriter<Box<dyn Duplex>>> {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -103,7 +103,18 @@ struct GpuNode {
 
 impl GpuNode {
     fn start(link: &Link, device: u64, slice: u64) -> GpuNode {
+        Self::start_with(link, device, slice, |_| vec![])
+    }
+
+    /// With more arguments to `serve`, given the node's directory.
+    fn start_with(
+        link: &Link,
+        device: u64,
+        slice: u64,
+        extra: impl FnOnce(&Path) -> Vec<String>,
+    ) -> GpuNode {
         let dir = tempfile::tempdir().unwrap();
+        let extra = extra(dir.path());
         let fake = dir.path().join("driver");
         std::fs::create_dir(&fake).unwrap();
         std::os::unix::fs::symlink(built("libcuda.so"), fake.join("libcuda.so.1")).unwrap();
@@ -118,6 +129,7 @@ impl GpuNode {
             .args(["serve", "--listen", &format!("{}:0", link.gpu_ip)])
             .arg("--secret-file")
             .arg(dir.path().join("secret"))
+            .args(&extra)
             .env("LD_LIBRARY_PATH", &fake)
             .env("TESSERA_FAKECUDA_DIR", dir.path().join("devices"))
             .env("TESSERA_FAKECUDA_MEMORY", device.to_string())
@@ -443,4 +455,64 @@ fn the_relay_adds_latency_without_changing_results() {
     );
     let _ = relay.kill();
     let _ = relay.wait();
+}
+
+/// A self-signed certificate for `ip`, written as `<name>.pem` and `<name>.key` in `dir`.
+fn certificate(dir: &Path, name: &str, ip: &str) -> (PathBuf, PathBuf) {
+    let c = rcgen::generate_simple_self_signed(vec![ip.to_string()]).unwrap();
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert, c.cert.pem()).unwrap();
+    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+#[test]
+fn over_tls_the_client_attaches_only_to_the_server_it_trusts() {
+    let link = Link::new();
+    let ip = link.gpu_ip.clone();
+    let node = GpuNode::start_with(&link, 8 * GIB, GIB, |dir| {
+        let (cert, key) = certificate(dir, "server", &ip);
+        vec![
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ]
+    });
+    let ca = node.dir.path().join("server.pem");
+
+    // Trusting the server's certificate: everything works as in the clear.
+    let mut c = node.attached(&link, &["check"]);
+    c.env("TESSERA_REMOTE_TLS_CA", &ca);
+    let r = results(&run(c));
+    for key in ["fill_ok", "copy_ok", "pinned_ok", "graph_ok"] {
+        assert_eq!(r[key], "1", "{key} in {r:?}");
+    }
+
+    // Trusting another certificate: a server that cannot prove itself is refused.
+    let (other, _) = certificate(node.dir.path(), "other", &ip);
+    let mut c = node.attached(&link, &["meminfo"]);
+    c.env("TESSERA_REMOTE_TLS_CA", &other);
+    let out = run(c);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "attached to an untrusted server");
+    assert!(
+        stderr.contains("TLS") && stderr.contains("certificate"),
+        "{stderr}"
+    );
+
+    // A client that does not speak TLS gets no greeting, and is told why, within seconds.
+    let started = Instant::now();
+    let out = run(node.attached(&link, &["meminfo"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("set TESSERA_REMOTE_TLS_CA"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -1,5 +1,6 @@
-//! `tessera-remote serve --listen ADDR --secret-file F`: the GPU node's side of remote
-//! attachments (started by the agent under the slice library).
+//! `tessera-remote serve --listen ADDR --secret-file F [--tls-cert C --tls-key K]`: the GPU
+//! node's side of remote attachments (started by the agent under the slice library), over TLS
+//! when given a certificate.
 //! `tessera-remote relay --listen ADDR --to ADDR --rtt-us N`: a relay that adds N µs to each
 //! round trip, for tests and benchmarks.
 
@@ -45,6 +46,16 @@ fn main() {
                 });
             let secret = tessera_remote::read_secret(&secret).unwrap_or_else(|e| fail(&e));
             let listen = addr(&args, "--listen");
+            let tls = match (value(&args, "--tls-cert"), value(&args, "--tls-key")) {
+                (Some(cert), Some(key)) => Some(
+                    tessera_remote::tls::server_config(cert.as_ref(), key.as_ref())
+                        .unwrap_or_else(|e| fail(&e)),
+                ),
+                (None, None) => None,
+                _ => {
+                    fail("--tls-cert and --tls-key go together (the certificate and its key, PEM)")
+                }
+            };
             let driver = Driver::open().unwrap_or_else(|e| fail(&e));
             let listener = TcpListener::bind(listen)
                 .unwrap_or_else(|e| fail(&format!("--listen {listen}: {e}")));
@@ -56,7 +67,7 @@ fn main() {
                     .map(|a| a.to_string())
                     .unwrap_or_default()
             );
-            if let Err(e) = server::serve(listener, Arc::new(secret), driver) {
+            if let Err(e) = server::serve(listener, Arc::new(secret), driver, tls) {
                 fail(&e.to_string());
             }
         }
@@ -84,7 +95,7 @@ fn main() {
             }
         }
         _ => fail(
-            "usage: tessera-remote serve --listen ADDR --secret-file F [--die-with-parent] | relay --listen ADDR --to ADDR [--rtt-us N]",
+            "usage: tessera-remote serve --listen ADDR --secret-file F [--tls-cert C --tls-key K] [--die-with-parent] | relay --listen ADDR --to ADDR [--rtt-us N]",
         ),
     }
 }
