@@ -96,6 +96,7 @@ fn pool(n: usize, mixed: bool) -> Vec<NodeSpec> {
                 768 * GIB,
                 8,
                 DeviceSpec {
+                    class: Default::default(),
                     model: model.into(),
                     memory_bytes: gib * GIB,
                 },

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{DeviceSpec, MAX_DEVICE_MODELS, MILLI_PER_DEVICE, NodeSpec};
+use crate::model::{DeviceClass, DeviceSpec, MAX_DEVICE_MODELS, MILLI_PER_DEVICE, NodeSpec};
 use crate::validate::{ValidationError, validate_node};
 
 /// Index of a node in its [`Cluster`].
@@ -195,6 +195,8 @@ pub struct Cluster {
     nodes: Vec<NodeState>,
     summaries: Vec<NodeSummary>,
     models: Vec<String>,
+    /// Each model's class, indexed by [`ModelId`].
+    model_classes: Vec<DeviceClass>,
     tie_rank: Vec<u32>,
     classes: Vec<HardwareClass>,
     touched: Vec<u32>,
@@ -231,6 +233,7 @@ impl Cluster {
     /// Builds a pool from node inventories; ties between equal scores go to the earlier node.
     pub fn new(specs: Vec<NodeSpec>) -> Result<Self, ValidationError> {
         let mut models: Vec<String> = Vec::new();
+        let mut model_classes: Vec<DeviceClass> = Vec::new();
         let mut model_index: HashMap<String, ModelId> = HashMap::new();
         let mut class_index: HashMap<HardwareKey, usize> = HashMap::new();
         let mut names = BTreeSet::new();
@@ -249,6 +252,18 @@ impl Cluster {
             let mut model_mask = 0u64;
             for d in &spec.devices {
                 let id = match model_index.get(&d.model) {
+                    Some(&id) if model_classes[usize::from(id)] != d.class => {
+                        let other = &model_classes[usize::from(id)];
+                        return Err(ValidationError::new(
+                            "node.devices.model",
+                            d.model.clone(),
+                            format!(
+                                "the model is reported as {}/{} here and as {}/{} elsewhere",
+                                d.class.vendor, d.class.kind, other.vendor, other.kind
+                            ),
+                            "give devices of different vendors or kinds different model names",
+                        ));
+                    }
                     Some(&id) => id,
                     None => {
                         if models.len() >= MAX_DEVICE_MODELS {
@@ -261,6 +276,7 @@ impl Cluster {
                         }
                         let id = models.len() as ModelId;
                         models.push(d.model.clone());
+                        model_classes.push(d.class.clone());
                         model_index.insert(d.model.clone(), id);
                         id
                     }
@@ -326,6 +342,7 @@ impl Cluster {
             classes: vec![HardwareClass::default(); class_index.len()],
             nodes,
             models,
+            model_classes,
             tie_rank: (0..n as u32).collect(),
             touched: Vec::new(),
             touched_pos: vec![NOT_TOUCHED; n],
@@ -409,12 +426,16 @@ impl Cluster {
         &self.models
     }
 
-    /// Mask of the named models this pool knows; unknown names match no device.
+    /// Mask of the models the names take (models, classes such as `nvidia/gpu`, or models of a
+    /// class; see [`crate::model::DeviceSpec::matches`]); unknown names match no device.
     pub fn model_mask(&self, names: &[String]) -> u64 {
-        names
-            .iter()
-            .filter_map(|n| self.models.iter().position(|m| m == n))
-            .fold(0u64, |mask, id| mask | (1u64 << id))
+        let mut mask = 0u64;
+        for (id, (model, class)) in self.models.iter().zip(&self.model_classes).enumerate() {
+            if names.iter().any(|n| class.takes(model, n)) {
+                mask |= 1u64 << id;
+            }
+        }
+        mask
     }
 
     /// Free milli-GPU of each model, indexed by model id (see [`Cluster::models`]).
@@ -699,6 +720,7 @@ mod tests {
             64 * GIB,
             2,
             DeviceSpec {
+                class: Default::default(),
                 model: "T4".into(),
                 memory_bytes: 16 * GIB,
             },
@@ -782,5 +804,37 @@ mod tests {
     fn duplicate_node_names_are_refused() {
         let err = Cluster::new(vec![t4_node("a"), t4_node("a")]).unwrap_err();
         assert_eq!(err.field, "node.name");
+    }
+
+    #[test]
+    fn requests_name_models_classes_or_models_of_a_class() {
+        let mut amd = crate::testkit::node("mi", 64, 256, 2, "MI300X", 192);
+        for d in &mut amd.devices {
+            d.class = DeviceClass {
+                vendor: "amd".into(),
+                kind: "gpu".into(),
+            };
+        }
+        let nvidia = crate::testkit::node("h", 64, 256, 2, "H100", 80);
+        let c = Cluster::new(vec![nvidia.clone(), amd.clone()]).unwrap();
+        let mask =
+            |names: &[&str]| c.model_mask(&names.iter().map(|n| n.to_string()).collect::<Vec<_>>());
+        let (h100, mi) = (1u64 << 0, 1u64 << 1);
+        assert_eq!(mask(&["H100"]), h100);
+        assert_eq!(mask(&["amd/gpu"]), mi);
+        assert_eq!(mask(&["nvidia/gpu"]), h100);
+        assert_eq!(mask(&["nvidia/gpu/H100", "amd/gpu/MI300X"]), h100 | mi);
+        assert_eq!(mask(&["amd/gpu/H100"]), 0, "a model of another class");
+        assert_eq!(mask(&["amd/npu"]), 0);
+        // One model name may not stand for two classes.
+        let mut clash = nvidia;
+        clash.name = "h2".into();
+        clash.devices[0].model = "MI300X".into();
+        let err = Cluster::new(vec![amd, clash]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("nvidia/gpu here and as amd/gpu elsewhere"),
+            "{err}"
+        );
     }
 }

@@ -18,7 +18,7 @@ pub struct Misfit {
 }
 
 fn allowed(r: &ResourceRequest, d: &DeviceSpec) -> bool {
-    r.device_models.is_empty() || r.device_models.contains(&d.model)
+    r.device_models.is_empty() || r.device_models.iter().any(|n| d.matches(n))
 }
 
 /// Device memory one replica needs of each of its devices (0: any).
@@ -239,6 +239,15 @@ mod tests {
             None
         );
         assert_eq!(never_fits(&ask(whole(64), 0, 1, 1, &[]), &[]), None);
+        // A class of devices instead of a model; no node has devices of another class.
+        assert_eq!(
+            never_fits(&ask(whole(4), 16, 16, 64, &["nvidia/gpu"]), &refs(&pool())),
+            None
+        );
+        assert_eq!(
+            never_fits(&ask(whole(1), 0, 1, 1, &["amd/gpu"]), &refs(&pool())).map(|m| m.field),
+            Some("spec.resources.deviceModels")
+        );
     }
 
     #[test]

@@ -22,6 +22,30 @@ pub const MIB: u64 = 1024 * 1024;
 /// Bytes in one gibibyte.
 pub const GIB: u64 = 1024 * MIB;
 
+/// What kind of device it is, after Nomad's vendor/type/model: who makes it and what it is
+/// (`nvidia`/`gpu` unless an agent's backend says otherwise), so that other accelerators join
+/// the pool as one device backend each and a request can name a class instead of models.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DeviceClass {
+    pub vendor: String,
+    pub kind: String,
+}
+
+impl Default for DeviceClass {
+    fn default() -> Self {
+        DeviceClass {
+            vendor: "nvidia".into(),
+            kind: "gpu".into(),
+        }
+    }
+}
+
+impl DeviceClass {
+    fn is_default(&self) -> bool {
+        *self == DeviceClass::default()
+    }
+}
+
 /// One physical accelerator as the agent reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct DeviceSpec {
@@ -29,6 +53,31 @@ pub struct DeviceSpec {
     pub model: String,
     /// Device memory in bytes; 0 when the inventory does not know it.
     pub memory_bytes: u64,
+    #[serde(default, skip_serializing_if = "DeviceClass::is_default")]
+    pub class: DeviceClass,
+}
+
+impl DeviceSpec {
+    /// Whether a request's device name takes this device: a model (`H100-80GB`), a class
+    /// (`nvidia/gpu`), or a model of a class (`nvidia/gpu/H100-80GB`).
+    pub fn matches(&self, name: &str) -> bool {
+        self.class.takes(&self.model, name)
+    }
+}
+
+impl DeviceClass {
+    /// Whether a request's device name takes a device of this class and `model` (see
+    /// [`DeviceSpec::matches`]).
+    pub fn takes(&self, model: &str, name: &str) -> bool {
+        let mut parts = name.splitn(3, '/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(m), None, None) => m == model,
+            (Some(vendor), Some(kind), m) => {
+                vendor == self.vendor && kind == self.kind && m.is_none_or(|m| m == model)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// One machine of the pool and what it offers.

@@ -278,6 +278,7 @@ mod tests {
         )
             .prop_map(|(cpus, mem, devices, kind)| {
                 let device = |model: &str| DeviceSpec {
+                    class: Default::default(),
                     model: model.into(),
                     memory_bytes: 40 * GIB,
                 };

@@ -21,6 +21,7 @@ pub fn node(
         mem_gib * GIB,
         devices,
         DeviceSpec {
+            class: Default::default(),
             model: model.into(),
             memory_bytes: gpu_gib * GIB,
         },

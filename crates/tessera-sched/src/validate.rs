@@ -269,6 +269,29 @@ pub fn validate_node(node: &NodeSpec) -> Result<(), ValidationError> {
             "report the device as NVML names it",
         ));
     }
+    // A class names a vendor and a kind in request names (`vendor/kind/model`): short words.
+    let word = |w: &str| {
+        !w.is_empty()
+            && w.len() <= 32
+            && w.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if let Some(d) = node
+        .devices
+        .iter()
+        .find(|d| !word(&d.class.vendor) || !word(&d.class.kind) || d.model.contains('/'))
+    {
+        return Err(ValidationError::new(
+            "node.devices.class",
+            format!(
+                "{}/{}/{} (node {})",
+                d.class.vendor, d.class.kind, d.model, node.name
+            ),
+            "a device's vendor and kind are words of 1 to 32 lowercase letters, digits or '-', \
+             and its model has no '/'",
+            "report e.g. nvidia/gpu/H100-80GB",
+        ));
+    }
     if node.devices.len() > MAX_DEVICES_PER_NODE {
         return Err(ValidationError::new(
             "node.devices",
@@ -329,6 +352,17 @@ mod tests {
         assert_eq!(GpuRequest::from_gpus(0.3333).unwrap_err().field, "gpu");
         assert_eq!(GpuRequest::from_gpus(-1.0).unwrap_err().field, "gpu");
         assert_eq!(GpuRequest::from_gpus(f64::NAN).unwrap_err().field, "gpu");
+    }
+
+    #[test]
+    fn a_device_class_is_two_short_words() {
+        let mut n = crate::testkit::node("n", 8, 64, 1, "H100", 80);
+        validate_node(&n).unwrap();
+        n.devices[0].class.vendor = "Evil/Vendor".into();
+        assert_eq!(validate_node(&n).unwrap_err().field, "node.devices.class");
+        n.devices[0].class.vendor = "amd".into();
+        n.devices[0].model = "a/b".into();
+        assert_eq!(validate_node(&n).unwrap_err().field, "node.devices.class");
     }
 
     #[test]
@@ -399,6 +433,7 @@ mod tests {
             1 << 36,
             2,
             DeviceSpec {
+                class: Default::default(),
                 model: "T4".into(),
                 memory_bytes: 16 << 30,
             },

@@ -34,6 +34,7 @@ fn node_strategy() -> impl Strategy<Value = NodeSpec> {
                 labels,
                 devices: (0..devices)
                     .map(|i| DeviceSpec {
+                        class: Default::default(),
                         model: MODELS[if mixed { (model + i) % 3 } else { model }].to_owned(),
                         memory_bytes: dev_mem * GIB,
                     })
@@ -297,6 +298,7 @@ fn a_gang_that_does_not_fit_whole_is_not_placed_at_all() {
             256 * GIB,
             8,
             DeviceSpec {
+                class: Default::default(),
                 model: "H100".into(),
                 memory_bytes: 80 * GIB,
             },
@@ -338,6 +340,7 @@ fn an_invalid_job_is_refused_before_anything_is_placed() {
         GIB,
         1,
         DeviceSpec {
+            class: Default::default(),
             model: "T4".into(),
             memory_bytes: 0,
         },

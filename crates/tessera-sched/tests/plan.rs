@@ -67,6 +67,7 @@ fn snapshot(devices: &[usize], running: &[JobShape], pending: &[JobShape]) -> Sn
                 128 * GIB,
                 *n,
                 DeviceSpec {
+                    class: Default::default(),
                     model: "H100".into(),
                     memory_bytes: 80 * GIB,
                 },

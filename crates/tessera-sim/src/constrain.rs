@@ -259,6 +259,7 @@ mod tests {
             64 * GIB,
             devices,
             DeviceSpec {
+                class: Default::default(),
                 model: model.into(),
                 memory_bytes: 0,
             },

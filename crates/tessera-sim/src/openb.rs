@@ -212,6 +212,7 @@ pub fn load_nodes(path: &Path) -> Result<Vec<NodeSpec>, TraceError> {
             return Err(row.error("model", "a node with GPUs needs a model name"));
         }
         let device = DeviceSpec {
+            class: Default::default(),
             model: model.to_owned(),
             memory_bytes: device_memory_mib(model) * MIB,
         };

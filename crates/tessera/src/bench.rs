@@ -439,6 +439,7 @@ pub fn simulated_node(name: &str, gpus: usize) -> RegisterRequest {
         labels: BTreeMap::new(),
         devices: (0..gpus)
             .map(|_| DeviceSpec {
+                class: Default::default(),
                 model: "H100-80GB".into(),
                 memory_bytes: 80 << 30,
             })

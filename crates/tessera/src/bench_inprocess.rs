@@ -143,6 +143,7 @@ fn ms(d: Duration) -> f64 {
 /// A node of 8 simulated H100s, 64 CPUs and 512 GiB, as `bench scale`'s agents register.
 fn simulated_node(name: &str, now_ms: u64) -> Node {
     let device = DeviceSpec {
+        class: Default::default(),
         model: "H100-80GB".into(),
         memory_bytes: 80 << 30,
     };

@@ -13,6 +13,7 @@ pub fn node(name: &str, health: NodeHealth, cordoned: bool) -> Node {
             64 << 30,
             2,
             DeviceSpec {
+                class: Default::default(),
                 model: "H100-80GB".into(),
                 memory_bytes: 80 << 30,
             },

@@ -244,6 +244,7 @@ mod tests {
             64 * GIB,
             8,
             DeviceSpec {
+                class: Default::default(),
                 model: "G2".into(),
                 memory_bytes: 0,
             },
@@ -264,6 +265,7 @@ mod tests {
             64 * GIB,
             4,
             DeviceSpec {
+                class: Default::default(),
                 model: model.into(),
                 memory_bytes: 0,
             },

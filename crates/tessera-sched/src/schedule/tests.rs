@@ -6,6 +6,7 @@ use crate::testkit::{one_gpu_on, running as run, whole};
 #[test]
 fn a_node_holding_the_jobs_image_wins_a_tie_but_never_a_better_packing() {
     let gpu = DeviceSpec {
+        class: Default::default(),
         model: "H100".into(),
         memory_bytes: 80 * GIB,
     };
@@ -70,6 +71,7 @@ fn higher_priority_goes_first_and_a_gang_that_cannot_fit_waits_with_its_reason()
         64 * GIB,
         4,
         DeviceSpec {
+            class: Default::default(),
             model: "H100".into(),
             memory_bytes: 80 * GIB,
         },
@@ -142,6 +144,7 @@ fn running_work_beyond_capacity_is_a_snapshot_error() {
         GIB,
         0,
         DeviceSpec {
+            class: Default::default(),
             model: "x".into(),
             memory_bytes: 0,
         },

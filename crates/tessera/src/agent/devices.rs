@@ -36,6 +36,7 @@ pub fn parse_simulated(spec: &str) -> anyhow::Result<Inventory> {
             bail!("--simulate-gpus {part}: the model must end in its memory, e.g. H100-80GB");
         };
         devices.extend((0..count).map(|_| DeviceSpec {
+            class: Default::default(),
             model: model.to_string(),
             memory_bytes,
         }));
@@ -69,6 +70,7 @@ pub fn nvml_inventory() -> anyhow::Result<Option<Inventory>> {
         let name = device.name()?;
         let memory_bytes = device.memory_info()?.total;
         devices.push(DeviceSpec {
+            class: Default::default(),
             model: model_name(&name, memory_bytes),
             memory_bytes,
         });

@@ -437,7 +437,9 @@ fn agent_schemas() -> Value {
             "properties": {"name": {"type": "string"}, "cpu_milli": {"type": "integer", "minimum": 0}, "memory_bytes": {"type": "integer", "minimum": 0},
                 "labels": {"type": "object", "additionalProperties": {"type": "string"}},
                 "devices": {"type": "array", "items": {"type": "object", "required": ["model", "memory_bytes"], "properties": {
-                    "model": {"type": "string"}, "memory_bytes": {"type": "integer", "minimum": 0}}}},
+                    "model": {"type": "string"}, "memory_bytes": {"type": "integer", "minimum": 0},
+                    "class": {"type": "object", "description": "vendor and kind (default nvidia/gpu)",
+                        "properties": {"vendor": {"type": "string"}, "kind": {"type": "string"}}}}}},
                 "simulated": {"type": "boolean"}, "address": {"type": "string"},
                 "callback_secret": {"type": "string", "description": "not used"}, "confinement": {"type": "string"}}},
         "Pool": obj(json!({"policy": {"type": "string"}, "nodes": {"type": "integer"}})),
