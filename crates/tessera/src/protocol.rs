@@ -184,10 +184,16 @@ pub struct Assignment {
     /// driver of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_device: Option<RemoteDevice>,
+    /// The device half of a remote attachment: this node serves `devices` to a replica on
+    /// another node, so the agent runs the GPU server on `address` (under the slice library, as
+    /// any program on these devices) instead of a command of the job's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serves_device: Option<RemoteDevice>,
 }
 
-/// Where a replica's remotely attached device is served, and the secret that proves the replica
-/// to that server (the attachment's own, random; never logged).
+/// Where a replica's remotely attached device is served (or, for the serving side, where to
+/// listen), and the secret that proves the replica to that server (the attachment's own; never
+/// logged).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteDevice {
     /// The GPU node's server, `ADDR:PORT`.

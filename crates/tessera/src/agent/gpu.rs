@@ -31,6 +31,24 @@ fn find_library(var: &str, file: &str) -> Option<PathBuf> {
     .map(|(_, p)| p)
 }
 
+/// Where a program built with Tessera is: `TESSERA_<VAR>`, else beside the binary (a test's
+/// binary is in the build's `deps/`, the programs one level up), else the system location.
+fn find_program(var: &str, file: &str) -> Option<PathBuf> {
+    if let Ok(p) = std::env::var(var) {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    let mut candidates = vec![dir.join(file)];
+    if dir.file_name().is_some_and(|n| n == "deps")
+        && let Some(up) = dir.parent()
+    {
+        candidates.push(up.join(file));
+    }
+    candidates.push(Path::new("/usr/lib/tessera").join(file));
+    candidates.into_iter().find(|p| p.is_file())
+}
+
 /// The directory of this agent's GPU state: simulated devices, slice regions, device schedules.
 fn gpu_dir(config: &AgentConfig) -> PathBuf {
     config.data_dir.join("gpu")
@@ -236,6 +254,49 @@ fn link_driver(libdir: &Path, lib: &Path) -> anyhow::Result<String> {
     Ok(path)
 }
 
+/// What the replica runs: the job's command, or for the device half of a remote attachment the
+/// GPU server, listening where the controller said with the attachment's secret (written 0600
+/// for the replica's uid, and named in the environment so that confinement binds it in).
+pub fn command(
+    config: &AgentConfig,
+    a: &Assignment,
+    env: &mut BTreeMap<String, String>,
+) -> anyhow::Result<Vec<String>> {
+    let Some(serve) = &a.serves_device else {
+        return Ok(a.command.clone());
+    };
+    if a.image.is_some() {
+        bail!(
+            "{}: a device server runs from the node, never in an image",
+            a.key
+        );
+    }
+    let Some(server) = find_program("TESSERA_REMOTE_SERVER", "tessera-remote") else {
+        bail!(
+            "the GPU server tessera-remote is not beside tessera nor in /usr/lib/tessera (set \
+             TESSERA_REMOTE_SERVER); this node cannot serve a remote attachment without it"
+        );
+    };
+    let dir = gpu_dir(config);
+    crate::controller::restrict(&dir, 0o711)?;
+    let secret = remote_secret(&dir, &a.key);
+    write_private(&secret, serve.secret.as_bytes())?;
+    env.insert(
+        "TESSERA_REMOTE_SECRET_FILE".into(),
+        secret.display().to_string(),
+    );
+    Ok(vec![
+        server.display().to_string(),
+        "serve".into(),
+        "--listen".into(),
+        serve.address.clone(),
+        "--secret-file".into(),
+        secret.display().to_string(),
+        // Goes with its shim: a lost agent or a stopped replica never leaves the slice held.
+        "--die-with-parent".into(),
+    ])
+}
+
 /// The environment that selects the replica's devices and puts its driver (the simulated one,
 /// the remote client) and the slice library in front of it, creating the slice's accounting
 /// region. An error when a fractional slice cannot be enforced: the replica must not run
@@ -411,6 +472,92 @@ mod tests {
             gpu_driver: None,
             python_dir: None,
         }
+    }
+
+    #[test]
+    fn the_device_half_runs_the_server_under_the_slice_library() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let secret = "an-attachment-secret-of-the-controller";
+        let mut a = assignment(500, None);
+        a.serves_device = Some(RemoteDevice {
+            address: "127.0.0.1:0".into(),
+            secret: secret.into(),
+        });
+        // What the agent gives the replica: its allocation's and its devices' environment (the
+        // slice library's settings are the allocation's), then its command.
+        let mut env = crate::agent::allocation_env(&a, "gpu-node");
+        env.extend(device_env(&config, &a).unwrap());
+        let command = command(&config, &a, &mut env).unwrap();
+        assert!(command[0].ends_with("tessera-remote"), "{command:?}");
+        assert!(env["LD_PRELOAD"].ends_with("libtessera_vgpu.so"), "{env:?}");
+        let mut server = std::process::Command::new(&command[0])
+            .args(&command[1..])
+            .env_remove("LD_PRELOAD")
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .envs(&env)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(server.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap()
+            .to_string();
+
+        // The replica on the other node, as the agent there sets it up.
+        let client_config = super::tests::config(&dir.path().join("cpu-node"));
+        std::fs::create_dir_all(&client_config.data_dir).unwrap();
+        let user = assignment(
+            500,
+            Some(RemoteDevice {
+                address,
+                secret: secret.into(),
+            }),
+        );
+        let client_env = device_env(&client_config, &user).unwrap();
+        let probe = |mode: &str| {
+            std::process::Command::new(built("tessera-vgpu-probe"))
+                .arg(mode)
+                .env_remove("LD_PRELOAD")
+                .env_remove("CUDA_VISIBLE_DEVICES")
+                .envs(&client_env)
+                .output()
+                .unwrap()
+        };
+        let meminfo = probe("meminfo");
+        let check = probe("check");
+        let _ = server.kill();
+        let _ = server.wait();
+        // The slice's memory is what the remote program sees: the server runs in the slice.
+        let stdout = String::from_utf8_lossy(&meminfo.stdout);
+        assert!(
+            stdout.contains(&format!("total_bytes={}", 1u64 << 30)),
+            "{stdout}{}",
+            String::from_utf8_lossy(&meminfo.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&check.stdout);
+        assert!(
+            stdout.contains("fill_ok=1 memset_ok=1 copy_ok=1"),
+            "{stdout}"
+        );
+        // A device server never runs an image.
+        a.image = Some(crate::protocol::ImageRun {
+            reference: "busybox".into(),
+            credentials: None,
+        });
+        assert!(command_err(&config, &a).contains("never in an image"));
+    }
+
+    fn command_err(config: &AgentConfig, a: &Assignment) -> String {
+        command(config, a, &mut BTreeMap::new())
+            .unwrap_err()
+            .to_string()
     }
 
     fn assignment(milli: u32, remote: Option<RemoteDevice>) -> Assignment {

@@ -1380,7 +1380,8 @@ fn start(
             }
         }
     }
-    let device_env = gpu::device_env(config, a)?;
+    let mut device_env = gpu::device_env(config, a)?;
+    let command = gpu::command(config, a, &mut device_env)?;
     check_volumes(config, a, uid.is_some() && transparent && image.is_none())?;
     if let (Some(dir), None) = (&a.workdir, image) {
         cmd.arg("--workdir").arg(dir);
@@ -1484,7 +1485,7 @@ fn start(
     wenv.extend(device_env);
     match image {
         None => {
-            cmd.arg("--").args(&a.command);
+            cmd.arg("--").args(&command);
             cmd.envs(&wenv);
         }
         Some(pulled) => {
@@ -1557,7 +1558,7 @@ fn start(
                     .map(|l| shared.images.layer_dir(l))
                     .collect(),
                 image: pulled,
-                command: &a.command,
+                command: &command,
                 env: &wenv,
                 workdir: a.workdir.as_deref(),
                 uid,

@@ -224,6 +224,7 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
                 }),
                 // The controller does not place remote pairs yet (see docs/remote-gpu.md).
                 remote_device: None,
+                serves_device: None,
             });
         }
     }
