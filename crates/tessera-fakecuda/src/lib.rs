@@ -880,6 +880,27 @@ pub unsafe extern "C" fn cuMemAllocHost_v2(pp: *mut *mut c_void, bytes: usize) -
     CUDA_SUCCESS
 }
 
+/// A 2D copy, row by row (every address here is host memory).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemcpy2D_v2(p: *const tessera_shm::cuda::Memcpy2d) -> CUresult {
+    if p.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: the caller passes a valid CUDA_MEMCPY2D.
+    let Some(rows) = (unsafe { *p }).rows() else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    // SAFETY: as above.
+    let width = unsafe { (*p).width_in_bytes };
+    for (dst, _, src, _) in rows {
+        let r = copy(dst, src, width);
+        if r != CUDA_SUCCESS {
+            return r;
+        }
+    }
+    CUDA_SUCCESS
+}
+
 // ---- modules, streams, launches, events, graphs -----------------------------------------------
 
 struct Module {
@@ -1623,6 +1644,7 @@ exports!(
     cuMemsetD8_v2,
     cuMemsetD32_v2,
     cuMemAllocHost_v2,
+    cuMemcpy2D_v2,
     cuMemsetD8Async,
     cuMemsetD32Async,
     cuMemcpyDtoDAsync_v2,

@@ -34,6 +34,7 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, Once, OnceLock};
 use tessera_remote::server::Duplex;
+use tessera_shm::cuda::{MEMORY_UNIFIED, Memcpy2d};
 
 use tessera_remote::wire::{self, CHUNK, DeviceInfo, Fields, Frame, Op, REPLY, status};
 
@@ -1153,6 +1154,63 @@ pub extern "C" fn cuMemcpyAsync_ptsz(dst: u64, src: u64, bytes: usize, s: Ptr) -
     memcpy(dst, src, bytes, Some(stream_id(s, true)))
 }
 
+/// A 2D copy as its rows, each through the copy of its direction: rows to the device gather in
+/// one burst, rows back each wait for their bytes.
+unsafe fn memcpy_2d(p: *const Memcpy2d, s: Option<u64>) -> CUresult {
+    if p.is_null() {
+        return status::INVALID_VALUE;
+    }
+    // SAFETY: the caller passes a valid CUDA_MEMCPY2D.
+    let c = unsafe { *p };
+    let Some(rows) = c.rows() else {
+        // Arrays are not forwarded; a row wider than its pitch is the caller's error.
+        return if c.src_memory_type == 3 || c.dst_memory_type == 3 {
+            status::NOT_SUPPORTED
+        } else {
+            status::INVALID_VALUE
+        };
+    };
+    let unified = c.src_memory_type == MEMORY_UNIFIED || c.dst_memory_type == MEMORY_UNIFIED;
+    for (dst, dst_dev, src, src_dev) in rows {
+        let code = match (dst_dev, src_dev) {
+            // A unified address is on whichever side this client's allocations say.
+            _ if unified => memcpy(dst, src, c.width_in_bytes, s),
+            (true, true) => dtod(dst, src, c.width_in_bytes, s),
+            (true, false) => htod(dst, src as *const c_void, c.width_in_bytes, s),
+            (false, true) => dtoh(dst as Ptr, src, c.width_in_bytes, s),
+            (false, false) => memcpy(dst, src, c.width_in_bytes, s),
+        };
+        if code != SUCCESS {
+            return code;
+        }
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemcpy2D_v2(p: *const Memcpy2d) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { memcpy_2d(p, None) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemcpy2DUnaligned_v2(p: *const Memcpy2d) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { memcpy_2d(p, None) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemcpy2DAsync_v2(p: *const Memcpy2d, s: Ptr) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { memcpy_2d(p, Some(stream_id(s, false))) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemcpy2DAsync_v2_ptsz(p: *const Memcpy2d, s: Ptr) -> CUresult {
+    // SAFETY: forwarded contract.
+    unsafe { memcpy_2d(p, Some(stream_id(s, true))) }
+}
+
 fn memset(dst: u64, width: u32, value: u32, count: usize, s: Option<u64>) -> CUresult {
     let r = tri!(remote());
     r.send(
@@ -2085,6 +2143,10 @@ exports!(
     cuMemcpy,
     cuMemcpyAsync,
     cuMemcpyAsync_ptsz,
+    cuMemcpy2D_v2,
+    cuMemcpy2DUnaligned_v2,
+    cuMemcpy2DAsync_v2,
+    cuMemcpy2DAsync_v2_ptsz,
     cuMemsetD8_v2,
     cuMemsetD32_v2,
     cuMemsetD8Async,

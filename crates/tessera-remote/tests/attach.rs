@@ -240,6 +240,7 @@ fn an_unmodified_program_runs_on_a_remote_slice_that_holds_its_cap() {
         "events_ok",
         "pinned_ok",
         "graph_ok",
+        "copy2d_ok",
     ] {
         assert_eq!(r[key], "1", "{key} in {r:?}");
     }

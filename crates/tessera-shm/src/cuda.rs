@@ -1,6 +1,7 @@
 //! The CUDA and NVML structures accounting reads and reports: how many bytes arrays and
 //! mipmapped arrays take, from the descriptors the driver API receives, and NVML's memory info,
-//! which both the slice library and the simulated driver fill.
+//! which both the slice library and the simulated driver fill; and a 2D copy's rows, which the
+//! simulated driver and the remote client both copy one by one.
 
 use std::ffi::c_uint;
 
@@ -110,5 +111,68 @@ mod tests {
         // 64 + 16 + 4 + 1 bytes over four levels; more levels than sizes stay at 1.
         assert_eq!(array3d_bytes(&m, 4), 85);
         assert_eq!(array3d_bytes(&m, 5), 86);
+    }
+}
+
+/// `CUDA_MEMCPY2D`: a copy of `height` rows of `width_in_bytes` between two pitched regions.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct Memcpy2d {
+    pub src_x_in_bytes: usize,
+    pub src_y: usize,
+    pub src_memory_type: u32,
+    pub src_host: *const std::ffi::c_void,
+    pub src_device: u64,
+    pub src_array: *mut std::ffi::c_void,
+    pub src_pitch: usize,
+    pub dst_x_in_bytes: usize,
+    pub dst_y: usize,
+    pub dst_memory_type: u32,
+    pub dst_host: *mut std::ffi::c_void,
+    pub dst_device: u64,
+    pub dst_array: *mut std::ffi::c_void,
+    pub dst_pitch: usize,
+    pub width_in_bytes: usize,
+    pub height: usize,
+}
+
+/// `CUmemorytype`: host, device, array, unified.
+pub const MEMORY_HOST: u32 = 1;
+pub const MEMORY_DEVICE: u32 = 2;
+pub const MEMORY_UNIFIED: u32 = 4;
+
+impl Memcpy2d {
+    /// Each row's (destination, source) address, with whether each is on the device; `None`
+    /// for arrays (not forwarded) or a row wider than its pitch.
+    pub fn rows(&self) -> Option<Vec<(u64, bool, u64, bool)>> {
+        let side = |kind: u32, host: u64, device: u64| match kind {
+            MEMORY_HOST => Some((host, false)),
+            MEMORY_DEVICE => Some((device, true)),
+            // Unified addresses: the caller tells which side by its own allocations.
+            MEMORY_UNIFIED => Some((device, true)),
+            _ => None,
+        };
+        let (src, src_dev) = side(self.src_memory_type, self.src_host as u64, self.src_device)?;
+        let (dst, dst_dev) = side(self.dst_memory_type, self.dst_host as u64, self.dst_device)?;
+        if self.height > 1
+            && (self.width_in_bytes > self.src_pitch || self.width_in_bytes > self.dst_pitch)
+        {
+            return None;
+        }
+        Some(
+            (0..self.height)
+                .map(|row| {
+                    let at = |base: u64, x: usize, y: usize, pitch: usize| {
+                        base + (x + (y + row) * pitch) as u64
+                    };
+                    (
+                        at(dst, self.dst_x_in_bytes, self.dst_y, self.dst_pitch),
+                        dst_dev,
+                        at(src, self.src_x_in_bytes, self.src_y, self.src_pitch),
+                        src_dev,
+                    )
+                })
+                .collect(),
+        )
     }
 }

@@ -14,7 +14,8 @@
 //! - `check`: exercises what a program does besides launching, each checked by reading device
 //!   memory back: a kernel that writes its parameters' value (`tessera_fill`), memset, copies
 //!   both ways and on the device (several MiB, so in chunks when remote), events, an
-//!   asynchronous copy into pinned memory, a captured graph; prints `fill_ok=1 memset_ok=1 ...`.
+//!   asynchronous copy into pinned memory, a captured graph, a pitched 2D copy both ways; prints
+//!   `fill_ok=1 memset_ok=1 ...`.
 //! - `copy --bytes N --rounds R [--pinned]`: host-to-device and device-to-host bandwidth.
 //! - `free-burst [--hold S]`: four 64 MiB allocations freed in a burst, then no CUDA call for S
 //!   seconds (a remote client must still send the frees).
@@ -623,15 +624,17 @@ fn check(d: &Driver) {
         d.check("cuGraphLaunch", glaunch(exec, stream));
         ssync(stream) == 0 && sync() == 0
     };
+    let copy2d_ok = copy_2d(d);
     let flag = |b: bool| b as u8;
     println!(
-        "fill_ok={} memset_ok={} copy_ok={} events_ok={} pinned_ok={} graph_ok={}",
+        "fill_ok={} memset_ok={} copy_ok={} events_ok={} pinned_ok={} graph_ok={} copy2d_ok={}",
         flag(fill_ok),
         flag(memset_ok),
         flag(copy_ok),
         flag(events_ok),
         flag(pinned_ok),
-        flag(graph_ok)
+        flag(graph_ok),
+        flag(copy2d_ok)
     );
 }
 
@@ -674,4 +677,81 @@ fn copy(d: &Driver, args: &[String]) {
     let down = rate(start.elapsed().as_secs_f64());
     drop(pageable);
     println!("htod_mb_s={up:.0} dtoh_mb_s={down:.0} bytes={bytes} rounds={rounds}");
+}
+
+/// A pitched 2D copy to the device and back, between host rows of other pitches: every row's
+/// bytes come back, and nothing between the rows is written.
+fn copy_2d(d: &Driver) -> bool {
+    use tessera_shm::cuda::{MEMORY_DEVICE, MEMORY_HOST, Memcpy2d};
+    let (width, height) = (1000usize, 300usize);
+    let alloc: unsafe extern "C" fn(*mut u64, *mut usize, usize, usize, c_uint) -> R =
+        d.sym(c"cuMemAllocPitch_v2");
+    let copy: unsafe extern "C" fn(*const Memcpy2d) -> R = d.sym(c"cuMemcpy2D_v2");
+    let (mut dev, mut pitch) = (0u64, 0usize);
+    // SAFETY: our outputs.
+    d.check("cuMemAllocPitch", unsafe {
+        alloc(&mut dev, &mut pitch, width, height, 4)
+    });
+    let (up_pitch, down_pitch) = (1024usize, 1100usize);
+    let source: Vec<u8> = (0..up_pitch * height)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let mut back = vec![0xAAu8; down_pitch * height];
+    let plan = |src_type,
+                src_host: *const c_void,
+                src_device,
+                src_pitch,
+                dst_type,
+                dst_host: Ptr,
+                dst_device,
+                dst_pitch| Memcpy2d {
+        src_x_in_bytes: 0,
+        src_y: 0,
+        src_memory_type: src_type,
+        src_host,
+        src_device,
+        src_array: std::ptr::null_mut(),
+        src_pitch,
+        dst_x_in_bytes: 0,
+        dst_y: 0,
+        dst_memory_type: dst_type,
+        dst_host,
+        dst_device,
+        dst_array: std::ptr::null_mut(),
+        dst_pitch,
+        width_in_bytes: width,
+        height,
+    };
+    let up = plan(
+        MEMORY_HOST,
+        source.as_ptr().cast(),
+        0,
+        up_pitch,
+        MEMORY_DEVICE,
+        std::ptr::null_mut(),
+        dev,
+        pitch,
+    );
+    let down = plan(
+        MEMORY_DEVICE,
+        std::ptr::null(),
+        dev,
+        pitch,
+        MEMORY_HOST,
+        back.as_mut_ptr().cast(),
+        0,
+        down_pitch,
+    );
+    // SAFETY: both plans name our buffers and allocation, each row inside them.
+    unsafe {
+        d.check("cuMemcpy2D (up)", copy(&up));
+        d.check("cuMemcpy2D (down)", copy(&down));
+    }
+    (0..height).all(|row| {
+        back[row * down_pitch..row * down_pitch + width]
+            == source[row * up_pitch..row * up_pitch + width]
+            && back[row * down_pitch + width..(row + 1) * down_pitch]
+                .iter()
+                .all(|b| *b == 0xAA)
+    })
 }
