@@ -1227,16 +1227,7 @@ pub extern "C" fn cuLaunchCooperativeKernel(
     launch(f, [gx, gy, gz], [bx, by, bz], s, params)
 }
 
-/// CUlaunchConfig.
-#[repr(C)]
-pub struct LaunchConfig {
-    pub grid: [c_uint; 3],
-    pub block: [c_uint; 3],
-    pub shared: c_uint,
-    pub stream: *mut c_void,
-    pub attrs: *mut c_void,
-    pub num_attrs: c_uint,
-}
+pub use tessera_shm::cuda::LaunchConfig;
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuLaunchKernelEx(
@@ -1710,21 +1701,7 @@ pub unsafe extern "C" fn cuGetProcAddress(
     }
     // SAFETY: symbol is NUL-terminated.
     let name = unsafe { CStr::from_ptr(symbol) }.to_string_lossy();
-    const PER_THREAD_DEFAULT_STREAM: u64 = 2;
-    let mut candidates = Vec::new();
-    for suffix in ["_v3", "_v2", ""] {
-        let base = format!("{name}{suffix}");
-        if flags & PER_THREAD_DEFAULT_STREAM != 0 {
-            candidates.push(format!("{base}_ptsz"));
-            candidates.push(format!("{base}_ptds"));
-        }
-        candidates.push(base);
-    }
-    // Versioned names are only returned to callers built for a version that has them.
-    let found = candidates
-        .iter()
-        .filter(|c| version >= 3020 || !c.contains("_v"))
-        .find_map(|c| export(c));
+    let found = tessera_shm::cuda::proc_address(&name, version, flags, export);
     match found {
         Some(f) => {
             // SAFETY: checked non-null.

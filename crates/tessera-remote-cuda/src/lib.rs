@@ -34,7 +34,9 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, Once, OnceLock};
 use tessera_remote::server::Duplex;
-use tessera_shm::cuda::{MEMORY_UNIFIED, Memcpy2d};
+use tessera_shm::cuda::{
+    LAUNCH_ATTRIBUTE_BYTES, LaunchConfig, MEMORY_UNIFIED, Memcpy2d, NvmlMemory, NvmlMemoryV2,
+};
 
 use tessera_remote::wire::{self, CHUNK, DeviceInfo, Fields, Frame, Op, REPLY, status};
 
@@ -495,6 +497,14 @@ fn stream_id(s: Ptr, per_thread: bool) -> u64 {
     }
 }
 
+/// [`out`] for `tri!`: the first of several outputs.
+fn put<T>(p: *mut T, v: T) -> Result<(), CUresult> {
+    match out(p, v) {
+        SUCCESS => Ok(()),
+        e => Err(e),
+    }
+}
+
 fn out<T>(p: *mut T, v: T) -> CUresult {
     if p.is_null() {
         return status::INVALID_VALUE;
@@ -502,6 +512,14 @@ fn out<T>(p: *mut T, v: T) -> CUresult {
     // SAFETY: checked non-null; the caller passes a writable output, as the API requires.
     unsafe { *p = v };
     SUCCESS
+}
+
+/// Sends a call that carries no data and is not waited for.
+fn post(op: Op, fill: impl FnOnce(&mut Frame)) -> CUresult {
+    match remote() {
+        Ok(r) => r.send(op, fill, &[]),
+        Err(code) => code,
+    }
 }
 
 // ---- initialisation, devices, contexts -------------------------------------------------------
@@ -662,10 +680,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxGetState(
     if dev != 0 {
         return 101;
     }
-    tri!(match out(flags, 0) {
-        SUCCESS => Ok(()),
-        e => Err(e),
-    });
+    tri!(put(flags, 0));
     out(active, 1)
 }
 
@@ -764,10 +779,7 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
     element: c_uint,
 ) -> CUresult {
     let (ptr, p) = tri!(alloc(2, width as u64, height as u64, element as u64));
-    tri!(match out(pitch, p as usize) {
-        SUCCESS => Ok(()),
-        e => Err(e),
-    });
+    tri!(put(pitch, p as usize));
     out(dptr, ptr)
 }
 
@@ -873,10 +885,7 @@ fn mem_info() -> Result<(u64, u64), CUresult> {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
     let (f, t) = tri!(mem_info());
-    tri!(match out(free, f as usize) {
-        SUCCESS => Ok(()),
-        e => Err(e),
-    });
+    tri!(put(free, f as usize));
     out(total, t as usize)
 }
 
@@ -1049,18 +1058,13 @@ fn dtoh(dst: Ptr, src: u64, bytes: usize, s: Option<u64>) -> CUresult {
 }
 
 fn dtod(dst: u64, src: u64, bytes: usize, s: Option<u64>) -> CUresult {
-    let r = tri!(remote());
-    r.send(
-        Op::MemcpyDtoD,
-        |f| {
-            f.u64(dst)
-                .u64(src)
-                .u64(bytes as u64)
-                .u64(s.unwrap_or(0))
-                .u32(s.is_some() as u32);
-        },
-        &[],
-    )
+    post(Op::MemcpyDtoD, |f| {
+        f.u64(dst)
+            .u64(src)
+            .u64(bytes as u64)
+            .u64(s.unwrap_or(0))
+            .u32(s.is_some() as u32);
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -1212,19 +1216,14 @@ pub unsafe extern "C" fn cuMemcpy2DAsync_v2_ptsz(p: *const Memcpy2d, s: Ptr) -> 
 }
 
 fn memset(dst: u64, width: u32, value: u32, count: usize, s: Option<u64>) -> CUresult {
-    let r = tri!(remote());
-    r.send(
-        Op::Memset,
-        |f| {
-            f.u64(dst)
-                .u32(width)
-                .u32(value)
-                .u64(count as u64)
-                .u64(s.unwrap_or(0))
-                .u32(s.is_some() as u32);
-        },
-        &[],
-    )
+    post(Op::Memset, |f| {
+        f.u64(dst)
+            .u32(width)
+            .u32(value)
+            .u64(count as u64)
+            .u64(s.unwrap_or(0))
+            .u32(s.is_some() as u32);
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -1320,14 +1319,9 @@ pub unsafe extern "C" fn cuModuleLoad(module: *mut Ptr, path: *const c_char) -> 
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuModuleUnload(module: Ptr) -> CUresult {
-    let r = tri!(remote());
-    r.send(
-        Op::ModuleUnload,
-        |f| {
-            f.u64(module as u64);
-        },
-        &[],
-    )
+    post(Op::ModuleUnload, |f| {
+        f.u64(module as u64);
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -1394,14 +1388,9 @@ pub unsafe extern "C" fn cuStreamCreate(s: *mut Ptr, flags: c_uint) -> CUresult 
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuStreamDestroy_v2(s: Ptr) -> CUresult {
-    let r = tri!(remote());
-    r.send(
-        Op::StreamDestroy,
-        |f| {
-            f.u64(s as u64);
-        },
-        &[],
-    )
+    post(Op::StreamDestroy, |f| {
+        f.u64(s as u64);
+    })
 }
 
 fn stream_call(op: Op, s: u64) -> CUresult {
@@ -1434,14 +1423,9 @@ pub extern "C" fn cuStreamQuery_ptsz(s: Ptr) -> CUresult {
 }
 
 fn wait_event(s: u64, e: Ptr, flags: c_uint) -> CUresult {
-    let r = tri!(remote());
-    r.send(
-        Op::StreamWaitEvent,
-        |f| {
-            f.u64(s).u64(e as u64).u32(flags);
-        },
-        &[],
-    )
+    post(Op::StreamWaitEvent, |f| {
+        f.u64(s).u64(e as u64).u32(flags);
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -1476,25 +1460,15 @@ pub unsafe extern "C" fn cuEventCreate(e: *mut Ptr, flags: c_uint) -> CUresult {
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuEventDestroy_v2(e: Ptr) -> CUresult {
-    let r = tri!(remote());
-    r.send(
-        Op::EventDestroy,
-        |f| {
-            f.u64(e as u64);
-        },
-        &[],
-    )
+    post(Op::EventDestroy, |f| {
+        f.u64(e as u64);
+    })
 }
 
 fn record(e: Ptr, s: u64) -> CUresult {
-    let r = tri!(remote());
-    r.send(
-        Op::EventRecord,
-        |f| {
-            f.u64(e as u64).u64(s);
-        },
-        &[],
-    )
+    post(Op::EventRecord, |f| {
+        f.u64(e as u64).u64(s);
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -1699,17 +1673,6 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel(
     }
 }
 
-/// `CUlaunchConfig`.
-#[repr(C)]
-pub struct LaunchConfig {
-    pub grid: [c_uint; 3],
-    pub block: [c_uint; 3],
-    pub shared: c_uint,
-    pub stream: Ptr,
-    pub attrs: Ptr,
-    pub num_attrs: c_uint,
-}
-
 unsafe fn launch_ex(
     config: *const LaunchConfig,
     f: Ptr,
@@ -1729,7 +1692,7 @@ unsafe fn launch_ex(
         } else {
             std::slice::from_raw_parts(
                 c.attrs as *const u8,
-                c.num_attrs as usize * tessera_remote::server::LAUNCH_ATTRIBUTE_BYTES,
+                c.num_attrs as usize * LAUNCH_ATTRIBUTE_BYTES,
             )
         };
         let [gx, gy, gz] = c.grid;
@@ -1772,14 +1735,9 @@ pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
 // ---- graphs ----------------------------------------------------------------------------------
 
 fn begin_capture(s: u64, mode: c_uint) -> CUresult {
-    let r = tri!(remote());
-    r.send(
-        Op::StreamBeginCapture,
-        |f| {
-            f.u64(s).u32(mode);
-        },
-        &[],
-    )
+    post(Op::StreamBeginCapture, |f| {
+        f.u64(s).u32(mode);
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -1838,14 +1796,9 @@ pub unsafe extern "C" fn cuGraphInstantiate_v2(
 }
 
 fn graph_launch(exec: Ptr, s: u64) -> CUresult {
-    let r = tri!(remote());
-    r.send(
-        Op::GraphLaunch,
-        |f| {
-            f.u64(exec as u64).u64(s);
-        },
-        &[],
-    )
+    post(Op::GraphLaunch, |f| {
+        f.u64(exec as u64).u64(s);
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -1860,26 +1813,16 @@ pub extern "C" fn cuGraphLaunch_ptsz(exec: Ptr, s: Ptr) -> CUresult {
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuGraphDestroy(g: Ptr) -> CUresult {
-    let r = tri!(remote());
-    r.send(
-        Op::GraphDestroy,
-        |f| {
-            f.u64(g as u64);
-        },
-        &[],
-    )
+    post(Op::GraphDestroy, |f| {
+        f.u64(g as u64);
+    })
 }
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuGraphExecDestroy(e: Ptr) -> CUresult {
-    let r = tri!(remote());
-    r.send(
-        Op::GraphExecDestroy,
-        |f| {
-            f.u64(e as u64);
-        },
-        &[],
-    )
+    post(Op::GraphExecDestroy, |f| {
+        f.u64(e as u64);
+    })
 }
 
 // ---- errors, entry points, NVML ---------------------------------------------------------------
@@ -1926,24 +1869,6 @@ pub unsafe extern "C" fn cuGetErrorName(code: CUresult, s: *mut *const c_char) -
         Some((name, _)) => out(s, name.as_ptr()),
         None => status::INVALID_VALUE,
     }
-}
-
-/// NVML's `nvmlMemory_t`.
-#[repr(C)]
-pub struct NvmlMemory {
-    pub total: u64,
-    pub free: u64,
-    pub used: u64,
-}
-
-/// NVML's `nvmlMemory_v2_t`.
-#[repr(C)]
-pub struct NvmlMemoryV2 {
-    pub version: c_uint,
-    pub total: u64,
-    pub reserved: u64,
-    pub free: u64,
-    pub used: u64,
 }
 
 const NVML_SUCCESS: c_uint = 0;
@@ -2216,20 +2141,7 @@ pub unsafe extern "C" fn cuGetProcAddress(
     }
     // SAFETY: symbol is NUL-terminated.
     let name = unsafe { CStr::from_ptr(symbol) }.to_string_lossy();
-    const PER_THREAD_DEFAULT_STREAM: u64 = 2;
-    let mut candidates = Vec::new();
-    for suffix in ["_v3", "_v2", ""] {
-        let base = format!("{name}{suffix}");
-        if flags & PER_THREAD_DEFAULT_STREAM != 0 {
-            candidates.push(format!("{base}_ptsz"));
-            candidates.push(format!("{base}_ptds"));
-        }
-        candidates.push(base);
-    }
-    let found = candidates
-        .iter()
-        .filter(|c| version >= 3020 || !c.contains("_v"))
-        .find_map(|c| export(c));
+    let found = tessera_shm::cuda::proc_address(&name, version, flags, export);
     if found.is_none() && tracing() {
         say(&format!(
             "trace: no {name} (version {version}, flags {flags}) is forwarded"

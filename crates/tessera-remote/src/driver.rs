@@ -88,16 +88,7 @@ driver! {
     cuGraphExecDestroy: fn(Ptr);
 }
 
-/// `CUlaunchConfig`.
-#[repr(C)]
-pub struct LaunchConfig {
-    pub grid: [c_uint; 3],
-    pub block: [c_uint; 3],
-    pub shared: c_uint,
-    pub stream: Ptr,
-    pub attrs: Ptr,
-    pub num_attrs: c_uint,
-}
+pub use tessera_shm::cuda::LaunchConfig;
 
 /// Calls a driver function, or answers `CUDA_ERROR_NOT_FOUND` where the driver has none. Every
 /// use is an FFI call whose arguments are the server's own buffers and handles; the arguments

@@ -20,10 +20,17 @@ use sha2::{Digest, Sha256};
 
 use crate::driver::{CUresult, Driver, LaunchConfig, Ptr, call};
 use crate::wire::{self, CHUNK, DeviceInfo, Fields, Frame, Op, REPLY, status};
+use tessera_shm::cuda::LAUNCH_ATTRIBUTE_BYTES;
 
 /// Module images by SHA-256, kept for the server's life: a program that loads the same module in
 /// each of its processes, or again after a reconnect, sends it once.
 pub type ModuleCache = Arc<Mutex<HashMap<[u8; 32], Arc<Vec<u8>>>>>;
+
+/// Most connections served at once (handshakes included): anyone on the network can connect
+/// before proving anything, and each connection holds a thread.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Most bytes of module images kept for reuse; past it the cache starts afresh.
+const MAX_CACHED_MODULE_BYTES: usize = 1 << 30;
 
 /// Highest device attribute number asked at attach (CUDA 12.8 defines up to ~140).
 const MAX_ATTRIBUTE: c_int = 160;
@@ -69,6 +76,7 @@ pub fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> io::Result<()> {
     let modules = ModuleCache::default();
+    let open = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let conn = match conn {
             Ok(c) => c,
@@ -77,6 +85,15 @@ pub fn serve(
                 continue;
             }
         };
+        if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::AcqRel);
+            eprintln!(
+                "tessera-remote: {} refused: {MAX_CONNECTIONS} connections are open",
+                conn.peer_addr().map(|a| a.to_string()).unwrap_or_default()
+            );
+            continue;
+        }
+        let open = open.clone();
         let (secret, modules, tls) = (secret.clone(), modules.clone(), tls.clone());
         std::thread::spawn(move || {
             let peer = conn
@@ -95,6 +112,7 @@ pub fn serve(
                 Ok(()) => eprintln!("tessera-remote: {peer} detached"),
                 Err(e) => eprintln!("tessera-remote: {peer}: {e}"),
             }
+            open.fetch_sub(1, Ordering::AcqRel);
         });
     }
     Ok(())
@@ -241,10 +259,6 @@ pub struct Session {
     /// synchronizing call.
     deferred: Option<CUresult>,
 }
-
-// SAFETY: the driver's handles in the maps are only used on the session's own thread; they are
-// moved there once, before use.
-unsafe impl Send for Session {}
 
 fn ok(code: CUresult) -> Result<(), CUresult> {
     if code == status::SUCCESS {
@@ -517,7 +531,12 @@ impl Session {
                     // PTX is text the driver reads to its NUL; keep one after every image.
                     owned.push(0);
                     let owned = Arc::new(owned);
-                    self.cache().insert(hash, owned.clone());
+                    let mut cache = self.cache();
+                    let held: usize = cache.values().map(|i| i.len()).sum();
+                    if held + owned.len() > MAX_CACHED_MODULE_BYTES {
+                        cache.clear();
+                    }
+                    cache.insert(hash, owned.clone());
                     owned
                 };
                 let mut m = std::ptr::null_mut();
@@ -698,7 +717,7 @@ impl Session {
         Ok(params)
     }
 
-    fn launch(&mut self, f: &mut Fields) -> Result<(), CUresult> {
+    fn launch(&self, f: &mut Fields) -> Result<(), CUresult> {
         let bad = |_| status::INVALID_VALUE;
         let func = f.u64().map_err(bad)?;
         let mut dims = [0 as c_uint; 6];
@@ -713,11 +732,9 @@ impl Session {
         let attrs = f.bytes().map_err(bad)?;
         let params = f.bytes().map_err(bad)?;
         let as_extra = f.u32().map_err(bad)? != 0;
-        let (func, layout) = self
-            .functions
-            .get(&func)
-            .map(|(p, l)| (*p, l.clone()))
-            .ok_or(status::INVALID_HANDLE)?;
+        // Borrowed, not copied: this runs once per kernel launch.
+        let (func, layout) = self.functions.get(&func).ok_or(status::INVALID_HANDLE)?;
+        let func = *func;
         let s = self.stream(s)?;
         // The driver copies the values out during the call; they only need to live until then.
         let mut buffer: Vec<u64> = vec![0; params.len().div_ceil(8)];
@@ -736,7 +753,7 @@ impl Session {
         ];
         let mut pointers: Vec<Ptr> = Vec::new();
         if !as_extra {
-            for (offset, len) in &layout {
+            for (offset, len) in layout {
                 if offset + len > params.len() {
                     return Err(status::INVALID_VALUE);
                 }
@@ -851,6 +868,3 @@ impl Session {
         self.functions.clear();
     }
 }
-
-/// `sizeof(CUlaunchAttribute)`: an id padded to 8 bytes and a 64-byte value.
-pub const LAUNCH_ATTRIBUTE_BYTES: usize = 72;

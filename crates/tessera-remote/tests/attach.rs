@@ -517,3 +517,41 @@ fn over_tls_the_client_attaches_only_to_the_server_it_trusts() {
         started.elapsed()
     );
 }
+
+#[test]
+fn a_flood_of_connections_is_capped_and_the_server_serves_after_it() {
+    let link = Link::new();
+    let node = GpuNode::start(&link, 8 * GIB, GIB);
+    let (host, port) = node.addr.rsplit_once(':').unwrap();
+    let cap = tessera_remote::server::MAX_CONNECTIONS;
+    // From the CPU node: cap + 8 connections that never answer the greeting. Those within the
+    // cap get the server's greeting; the rest are closed at once.
+    let script = format!(
+        "import socket\n\
+         socks = [socket.create_connection(('{host}', {port})) for _ in range({n})]\n\
+         greeted = closed = 0\n\
+         for s in socks:\n\
+         \x20   s.settimeout(3)\n\
+         \x20   try:\n\
+         \x20       d = s.recv(64)\n\
+         \x20   except Exception:\n\
+         \x20       d = None\n\
+         \x20   if d: greeted += 1\n\
+         \x20   elif d == b'': closed += 1\n\
+         print(f'greeted={{greeted}} closed={{closed}}')\n",
+        n = cap + 8
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &link.cpu, "python3", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("greeted={cap} closed=8")),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The flood's connections are gone (the script ended): the attachment's own program is served.
+    let r = results(&run(node.attached(&link, &["meminfo"])));
+    assert_eq!(num(&r, "total_bytes"), GIB, "{r:?}");
+}

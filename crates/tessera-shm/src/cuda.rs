@@ -176,3 +176,43 @@ impl Memcpy2d {
         )
     }
 }
+
+/// `CUlaunchConfig`.
+#[repr(C)]
+pub struct LaunchConfig {
+    pub grid: [c_uint; 3],
+    pub block: [c_uint; 3],
+    pub shared: c_uint,
+    pub stream: *mut std::ffi::c_void,
+    pub attrs: *mut std::ffi::c_void,
+    pub num_attrs: c_uint,
+}
+
+/// `sizeof(CUlaunchAttribute)`: an id padded to 8 bytes and a 64-byte value.
+pub const LAUNCH_ATTRIBUTE_BYTES: usize = 72;
+
+/// What `cuGetProcAddress(symbol, version, flags)` answers from a library's own exports: the
+/// newest variant of `symbol` (`_v3`, `_v2`, plain) that `export` has for `version`, and with
+/// the per-thread default stream flag the `_ptsz`/`_ptds` variant where one exists.
+pub fn proc_address<P>(
+    symbol: &str,
+    version: i32,
+    flags: u64,
+    export: impl Fn(&str) -> Option<P>,
+) -> Option<P> {
+    const PER_THREAD_DEFAULT_STREAM: u64 = 2;
+    let mut candidates = Vec::new();
+    for suffix in ["_v3", "_v2", ""] {
+        let base = format!("{symbol}{suffix}");
+        if flags & PER_THREAD_DEFAULT_STREAM != 0 {
+            candidates.push(format!("{base}_ptsz"));
+            candidates.push(format!("{base}_ptds"));
+        }
+        candidates.push(base);
+    }
+    // Versioned names are only returned to callers built for a version that has them.
+    candidates
+        .iter()
+        .filter(|c| version >= 3020 || !c.contains("_v"))
+        .find_map(|c| export(c))
+}

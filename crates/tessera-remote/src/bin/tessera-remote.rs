@@ -30,6 +30,21 @@ fn addr(args: &[String], name: &str) -> SocketAddr {
         .unwrap_or_else(|_| fail(&format!("{name} {v}: not an address such as 10.0.0.2:7070")))
 }
 
+/// Binds `--listen` and says where (tests and the agent read the port from this line when they
+/// asked for port 0).
+fn bind(listen: SocketAddr) -> TcpListener {
+    let listener =
+        TcpListener::bind(listen).unwrap_or_else(|e| fail(&format!("--listen {listen}: {e}")));
+    println!(
+        "listening on {}",
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    );
+    listener
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -57,16 +72,7 @@ fn main() {
                 }
             };
             let driver = Driver::open().unwrap_or_else(|e| fail(&e));
-            let listener = TcpListener::bind(listen)
-                .unwrap_or_else(|e| fail(&format!("--listen {listen}: {e}")));
-            // Tests and the agent read the port from here when they asked for port 0.
-            println!(
-                "listening on {}",
-                listener
-                    .local_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default()
-            );
+            let listener = bind(listen);
             if let Err(e) = server::serve(listener, Arc::new(secret), driver, tls) {
                 fail(&e.to_string());
             }
@@ -81,15 +87,7 @@ fn main() {
                     })
                 })
                 .unwrap_or(0);
-            let listener = TcpListener::bind(listen)
-                .unwrap_or_else(|e| fail(&format!("--listen {listen}: {e}")));
-            println!(
-                "listening on {}",
-                listener
-                    .local_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default()
-            );
+            let listener = bind(listen);
             if let Err(e) = relay::run(listener, to, Duration::from_micros(rtt)) {
                 fail(&e.to_string());
             }

@@ -441,6 +441,25 @@ mod tests {
             .unwrap_or_else(|| panic!("{file} is not built: run the workspace's tests"))
     }
 
+    /// Starts a GPU server; it and the address it listens on.
+    fn serving(mut c: std::process::Command) -> (std::process::Child, String) {
+        let mut server = c
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(server.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap()
+            .to_string();
+        (server, address)
+    }
+
     fn config(data_dir: &Path) -> AgentConfig {
         AgentConfig {
             controller: "https://127.0.0.1:1".into(),
@@ -491,24 +510,12 @@ mod tests {
         let command = command(&config, &a, &mut env).unwrap();
         assert!(command[0].ends_with("tessera-remote"), "{command:?}");
         assert!(env["LD_PRELOAD"].ends_with("libtessera_vgpu.so"), "{env:?}");
-        let mut server = std::process::Command::new(&command[0])
+        let mut server = std::process::Command::new(&command[0]);
+        server
             .args(&command[1..])
-            .env_remove("LD_PRELOAD")
             .env_remove("CUDA_VISIBLE_DEVICES")
-            .envs(&env)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(server.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let address = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap()
-            .to_string();
+            .envs(&env);
+        let (mut server, address) = serving(server);
 
         // The replica on the other node, as the agent there sets it up.
         let client_config = super::tests::config(&dir.path().join("cpu-node"));
@@ -602,25 +609,14 @@ mod tests {
         std::os::unix::fs::symlink(built("libcuda.so"), gpu.join("libcuda.so.1")).unwrap();
         let secret = "an-attachment-secret-of-the-controller";
         std::fs::write(gpu.join("secret"), secret).unwrap();
-        let mut server = std::process::Command::new(built("tessera-remote"))
+        let mut server = std::process::Command::new(built("tessera-remote"));
+        server
             .args(["serve", "--listen", "127.0.0.1:0", "--secret-file"])
             .arg(gpu.join("secret"))
             .env("LD_LIBRARY_PATH", &gpu)
             .env("TESSERA_FAKECUDA_DIR", gpu.join("devices"))
-            .env_remove("LD_PRELOAD")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(server.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let address = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap()
-            .to_string();
+            .env_remove("LD_PRELOAD");
+        let (mut server, address) = serving(server);
 
         let a = assignment(
             500,
