@@ -6,6 +6,7 @@
 //! ([`tls`]) and a relay that adds latency for tests and benchmarks ([`relay`]). docs/remote-gpu.md says how it fits together.
 
 pub mod auth;
+pub mod cli;
 pub mod driver;
 pub mod relay;
 pub mod server;

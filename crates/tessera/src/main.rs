@@ -197,6 +197,13 @@ enum Command {
     },
     #[command(hide = true)]
     Shim(agent::shim::ShimArgs),
+    /// The GPU server of a remote attachment (`serve`), which the agent runs on the device's
+    /// node, and a latency-adding `relay` for tests; inside tessera so that it ships with it.
+    #[command(hide = true)]
+    RemoteGpu {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// A node's image cache: pull an image ahead of its jobs (as `crictl pull`), list layers.
     Images {
         #[command(subcommand)]
@@ -742,7 +749,11 @@ fn main() {
     let cli = Cli::parse();
     if !matches!(
         cli.command,
-        Command::Up { .. } | Command::Controller { .. } | Command::Agent { .. } | Command::Shim(_)
+        Command::Up { .. }
+            | Command::Controller { .. }
+            | Command::Agent { .. }
+            | Command::Shim(_)
+            | Command::RemoteGpu { .. }
     ) {
         exit_quietly_on_a_closed_pipe();
     }
@@ -769,6 +780,10 @@ fn main() {
         )
         .and_then(|cfg| runtime()?.block_on(agent::run(cfg))),
         Command::Shim(args) => agent::shim::run(args),
+        Command::RemoteGpu { args } => {
+            tessera_remote::cli::main(args);
+            Ok(())
+        }
         Command::Submit { conn, args } => {
             cli::Client::new(&conn).and_then(|c| cli::submit(&c, &args))
         }

@@ -271,10 +271,12 @@ pub fn command(
             a.key
         );
     }
-    let Some(server) = find_program("TESSERA_REMOTE_SERVER", "tessera-remote") else {
+    // The server is tessera itself (`tessera remote-gpu serve`): the agent's own program, or
+    // beside a test's binary.
+    let Some(server) = find_program("TESSERA_PROGRAM", "tessera") else {
         bail!(
-            "the GPU server tessera-remote is not beside tessera nor in /usr/lib/tessera (set \
-             TESSERA_REMOTE_SERVER); this node cannot serve a remote attachment without it"
+            "the tessera program is not beside this one nor in /usr/lib/tessera (set \
+             TESSERA_PROGRAM); this node cannot serve a remote attachment without it"
         );
     };
     let dir = gpu_dir(config);
@@ -287,6 +289,7 @@ pub fn command(
     );
     Ok(vec![
         server.display().to_string(),
+        "remote-gpu".into(),
         "serve".into(),
         "--listen".into(),
         serve.address.clone(),
@@ -508,7 +511,8 @@ mod tests {
         let mut env = crate::agent::allocation_env(&a, "gpu-node");
         env.extend(device_env(&config, &a).unwrap());
         let command = command(&config, &a, &mut env).unwrap();
-        assert!(command[0].ends_with("tessera-remote"), "{command:?}");
+        assert!(command[0].ends_with("tessera"), "{command:?}");
+        assert_eq!(command[1..3], ["remote-gpu", "serve"], "{command:?}");
         assert!(env["LD_PRELOAD"].ends_with("libtessera_vgpu.so"), "{env:?}");
         let mut server = std::process::Command::new(&command[0]);
         server
@@ -609,9 +613,15 @@ mod tests {
         std::os::unix::fs::symlink(built("libcuda.so"), gpu.join("libcuda.so.1")).unwrap();
         let secret = "an-attachment-secret-of-the-controller";
         std::fs::write(gpu.join("secret"), secret).unwrap();
-        let mut server = std::process::Command::new(built("tessera-remote"));
+        let mut server = std::process::Command::new(built("tessera"));
         server
-            .args(["serve", "--listen", "127.0.0.1:0", "--secret-file"])
+            .args([
+                "remote-gpu",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--secret-file",
+            ])
             .arg(gpu.join("secret"))
             .env("LD_LIBRARY_PATH", &gpu)
             .env("TESSERA_FAKECUDA_DIR", gpu.join("devices"))
