@@ -126,6 +126,28 @@ fn say(msg: &str) {
     eprintln!("tessera-remote-cuda: {msg}");
 }
 
+/// How long a refused connection is tried again: the two halves of an attachment start on
+/// their nodes at about the same time, and the server may not listen yet.
+const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Connects to `addr`, again while it is refused (a server starting), for [`CONNECT_WAIT`].
+fn connect_patiently(addr: &str) -> io::Result<TcpStream> {
+    let until = std::time::Instant::now() + CONNECT_WAIT;
+    let mut pause = std::time::Duration::from_millis(20);
+    loop {
+        match TcpStream::connect(addr) {
+            Err(e)
+                if e.kind() == io::ErrorKind::ConnectionRefused
+                    && std::time::Instant::now() < until =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn attach() -> Result<Remote, CUresult> {
     let Ok(addr) = std::env::var("TESSERA_REMOTE_GPU") else {
         say(
@@ -157,7 +179,7 @@ fn attach() -> Result<Remote, CUresult> {
         }
     };
     let connect = || -> io::Result<(Box<dyn Duplex>, DeviceInfo)> {
-        let tcp = TcpStream::connect(&addr)?;
+        let tcp = connect_patiently(&addr)?;
         tessera_remote::server::detect_dead_peers(&tcp, true);
         let mut s: Box<dyn Duplex> = match &tls {
             Some((config, name)) => Box::new(

@@ -59,6 +59,17 @@ pub fn callback_secret(key: &[u8], node: &str) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
+/// The secret both halves of a remote GPU attachment prove to each other: derived from the
+/// controller's key and the replica's key (its attempt included), so the store never holds it
+/// and each attempt has its own.
+pub fn attachment_secret(key: &[u8], replica_key: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(b"tessera-remote-gpu:");
+    mac.update(replica_key.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
 /// How long a standby's word for a client holds: long enough for a forwarded request to reach
 /// the leader, short enough that one overheard is soon worthless.
 pub const FORWARDED_PROOF_SECS: u64 = 60;

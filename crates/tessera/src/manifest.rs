@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tessera_sched::request::parse_priority;
 use tessera_sched::validate::validate_job;
-use tessera_sched::{GpuRequest, JobSpec, ResourceRequest, ValidationError};
+use tessera_sched::{GpuAttach, GpuRequest, JobSpec, ResourceRequest, ValidationError};
 
 use crate::units::{Quantity, parse_bytes, parse_cpu, parse_duration, parse_gpu};
 
@@ -249,6 +249,10 @@ pub struct Resources {
     pub device_models: Vec<String>,
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,
+    /// `local` (the default), `remote` or `any`: whether the replica's GPU may be attached over
+    /// the network from another node (docs/remote-gpu.md).
+    #[serde(default)]
+    pub gpu_attach: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -430,8 +434,30 @@ impl Manifest {
             }
             None => GpuRequest::None,
         };
+        let gpu_attach = match r.gpu_attach.as_deref() {
+            None | Some("local") => GpuAttach::Local,
+            Some("remote") => GpuAttach::Remote,
+            Some("any") => GpuAttach::Any,
+            Some(other) => {
+                return Err(ValidationError::new(
+                    "spec.resources.gpuAttach",
+                    other,
+                    "not a way to attach a GPU",
+                    "write local (its own node), remote (another node's, over the network) or \
+                     any (its own when that fits, else another's)",
+                ));
+            }
+        };
+        if gpu_attach != GpuAttach::Local && matches!(spec.replicas, Some(Replicas::Range(_))) {
+            return Err(ValidationError::new(
+                "spec.resources.gpuAttach",
+                r.gpu_attach.clone().unwrap_or_default(),
+                "an elastic job's replicas are placed one node each",
+                "leave gpuAttach out (local) for an elastic job",
+            ));
+        }
         let request = ResourceRequest {
-            gpu_attach: Default::default(),
+            gpu_attach,
             gpu,
             gpu_memory_bytes: match &r.gpu_memory {
                 Some(q) => parse_bytes("spec.resources.gpuMemory", q)?,
@@ -591,6 +617,17 @@ impl Manifest {
                  without an image",
             ));
         }
+        if checkpoint.as_ref().is_some_and(|c| c.transparent)
+            && job.request.gpu_attach != GpuAttach::Local
+        {
+            return Err(ValidationError::new(
+                "spec.checkpoint.mode",
+                "transparent",
+                "a transparent checkpoint cannot save a GPU attached over the network (its state \
+                 is on the other node)",
+                "use a cooperative checkpoint (the program saves on a signal), or gpuAttach: local",
+            ));
+        }
         Ok(JobDef {
             spec: job,
             image,
@@ -684,6 +721,46 @@ spec:
         assert_eq!(def.spec.request.cpu_milli, 2000);
         assert_eq!(def.restart, RestartPolicy::OnFailure);
         assert_eq!(def.max_restarts, DEFAULT_MAX_RESTARTS);
+    }
+
+    #[test]
+    fn gpu_attach_is_one_of_three_words_and_refused_where_it_cannot_hold() {
+        let with = |attach: &str, more: &str| {
+            Manifest::parse(
+                &GOOD
+                    .replace(
+                        "memory: 8GiB}",
+                        &format!("memory: 8GiB, gpuAttach: {attach}}}"),
+                    )
+                    .replace("  restart:", &format!("{more}  restart:")),
+            )
+            .unwrap()
+            .into_def("d")
+        };
+        for (word, want) in [
+            ("local", GpuAttach::Local),
+            ("remote", GpuAttach::Remote),
+            ("any", GpuAttach::Any),
+        ] {
+            assert_eq!(with(word, "").unwrap().spec.request.gpu_attach, want);
+        }
+        let def = Manifest::parse(GOOD).unwrap().into_def("d").unwrap();
+        assert_eq!(def.spec.request.gpu_attach, GpuAttach::Local, "the default");
+        let err = with("network", "").unwrap_err();
+        assert_eq!(err.field, "spec.resources.gpuAttach");
+        assert!(err.to_string().contains("remote"), "{err}");
+        let err = with("any", "  checkpoint: {mode: transparent}\n").unwrap_err();
+        assert_eq!(err.field, "spec.checkpoint.mode");
+        assert!(with("any", "  checkpoint: {signal: USR1}\n").is_ok());
+        let elastic = Manifest::parse(
+            &GOOD
+                .replace("replicas: 4", "replicas: {min: 1, max: 3}")
+                .replace("memory: 8GiB}", "memory: 8GiB, gpuAttach: remote}"),
+        )
+        .unwrap()
+        .into_def("d")
+        .unwrap_err();
+        assert_eq!(elastic.field, "spec.resources.gpuAttach");
     }
 
     #[test]

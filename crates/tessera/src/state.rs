@@ -311,6 +311,16 @@ pub struct Replica {
     /// A replica added to an elastic job that starts from the checkpoint of this departed one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_of: Option<u32>,
+    /// A remotely attached replica: the node its `devices` are on (its program runs on `node`).
+    /// That node's agent runs the GPU server for it (see docs/remote-gpu.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_node: Option<String>,
+    /// The port the GPU server listens on, reserved on `gpu_node`'s host at placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_port: Option<u16>,
+    /// The GPU server has started (its agent said so): the program may start now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gpu_serving: bool,
 }
 
 impl Replica {
@@ -330,7 +340,36 @@ impl Replica {
             port: None,
             leaving: false,
             resume_of: None,
+            gpu_node: None,
+            gpu_port: None,
+            gpu_serving: false,
         }
+    }
+
+    /// A replica the scheduler placed: `alloc`'s nodes (its program's, and its devices' for a
+    /// remote pair) named by `names`, the scheduler's node list.
+    pub fn placed(index: u32, alloc: &tessera_sched::Allocation, names: &[String]) -> Replica {
+        let mut r = Replica::assigned(index, &names[alloc.node.index()], alloc);
+        r.gpu_node = alloc
+            .gpu_node
+            .filter(|g| *g != alloc.node)
+            .map(|g| names[g.index()].clone());
+        r
+    }
+
+    /// The nodes it holds something on: its own, and its devices' when they are remote.
+    pub fn nodes(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.node).chain(self.gpu_node.as_ref())
+    }
+
+    /// The node its devices are on.
+    pub fn device_node(&self) -> &str {
+        self.gpu_node.as_deref().unwrap_or(&self.node)
+    }
+
+    /// Whether it holds anything on `node`.
+    pub fn is_on(&self, node: &str) -> bool {
+        self.nodes().any(|n| n == node)
     }
 
     pub fn gpu_milli(&self) -> u64 {
@@ -432,6 +471,11 @@ impl Job {
         format!("{}.{}.{}", self.id, self.attempt, replica)
     }
 
+    /// The key of a remotely attached replica's other half: its GPU server on `gpu_node`.
+    pub fn device_key(&self, replica: u32) -> String {
+        format!("{}{DEVICE_KEY_SUFFIX}", self.key(replica))
+    }
+
     /// Milli-GPU held now by replicas that have not finished.
     pub fn gpu_milli_held(&self) -> u64 {
         self.replicas
@@ -444,6 +488,14 @@ impl Job {
     pub fn all_replicas_done(&self) -> bool {
         self.replicas.iter().all(|r| r.phase.is_done())
     }
+}
+
+/// What ends the key of a remote attachment's GPU server (`{job}.{attempt}.{index}.gpu`).
+pub const DEVICE_KEY_SUFFIX: &str = ".gpu";
+
+/// Splits the key of a remote attachment's GPU server (see [`Job::device_key`]).
+pub fn parse_device_key(key: &str) -> Option<(u64, u32, u32)> {
+    parse_key(key.strip_suffix(DEVICE_KEY_SUFFIX)?)
 }
 
 /// Splits a replica key `{job}.{attempt}.{index}`.
@@ -804,19 +856,19 @@ impl State {
     pub fn insert_job(&mut self, job: impl Into<Box<Job>>) {
         let job: Box<Job> = job.into();
         if let Some(old) = self.jobs.get(&job.id) {
-            for r in &old.replicas {
-                if let Some(ids) = self.jobs_by_node.get_mut(&r.node) {
+            for n in old.replicas.iter().flat_map(Replica::nodes) {
+                if let Some(ids) = self.jobs_by_node.get_mut(n) {
                     ids.remove(&job.id);
                     if ids.is_empty() {
-                        self.jobs_by_node.remove(&r.node);
+                        self.jobs_by_node.remove(n);
                     }
                 }
             }
         }
         if job.state.is_active() {
-            for r in &job.replicas {
+            for n in job.replicas.iter().flat_map(Replica::nodes) {
                 self.jobs_by_node
-                    .entry(r.node.clone())
+                    .entry(n.clone())
                     .or_default()
                     .insert(job.id);
             }
@@ -824,7 +876,8 @@ impl State {
         self.jobs.insert(job.id, job);
     }
 
-    /// The active jobs with a replica (of their current attempt) on `node`.
+    /// The active jobs with a replica (of their current attempt) on `node`, or a remote
+    /// replica's devices.
     pub fn jobs_on(&self, node: &str) -> impl Iterator<Item = &Job> {
         self.jobs_by_node
             .get(node)

@@ -108,7 +108,8 @@ impl Sampler {
             replicas.insert(
                 a.key.clone(),
                 ReplicaUsage {
-                    gpu_util_pct: if a.devices.is_empty() {
+                    // A remote device's use is its GPU server's, on the other node.
+                    gpu_util_pct: if a.devices.is_empty() || a.remote_device.is_some() {
                         0.0
                     } else {
                         (cpu_pct * 1000.0 / a.cpu_milli.max(1) as f64).min(100.0)
@@ -127,6 +128,8 @@ impl Sampler {
             let index = index as u32;
             let holders: Vec<(&Assignment, u32)> = running
                 .iter()
+                // A remote replica's device indices are another node's.
+                .filter(|a| a.remote_device.is_none())
                 .flat_map(|a| {
                     a.devices
                         .iter()

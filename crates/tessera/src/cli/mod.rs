@@ -338,6 +338,10 @@ pub struct SubmitArgs {
     /// Device models allowed (repeatable).
     #[arg(long = "model")]
     pub models: Vec<String>,
+    /// Where its GPU may be: local (its own node; the default), remote (another node's, over
+    /// the network) or any (its own when that fits, else another's).
+    #[arg(long)]
+    pub gpu_attach: Option<String>,
     /// KEY=VALUE environment variables (repeatable).
     #[arg(long = "env")]
     pub env: Vec<String>,
@@ -420,6 +424,9 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
         if let Some(v) = flag {
             m["spec"]["resources"][key] = num_or_text(v);
         }
+    }
+    if let Some(a) = &args.gpu_attach {
+        m["spec"]["resources"]["gpuAttach"] = json!(a);
     }
     if !args.models.is_empty() {
         m["spec"]["resources"]["deviceModels"] = json!(args.models);

@@ -18,11 +18,12 @@ use super::{ApiError, AxState, Caller, Ctl, S, issue_token, now_ms};
 use crate::auth::Principal;
 use crate::manifest::check_name;
 use crate::protocol::{
-    Assignment, ImageRun, Member, Peer, RegisterRequest, RegisterResponse, Rendezvous, ReplicaSet,
-    ReplicaStatus, RunPhase, SyncRequest, SyncResponse,
+    Assignment, ImageRun, Member, Peer, RegisterRequest, RegisterResponse, RemoteDevice,
+    Rendezvous, ReplicaSet, ReplicaStatus, RunPhase, SyncRequest, SyncResponse,
 };
 use crate::state::{
-    EventKind, Job, Node, NodeHealth, ReplicaPhase, State, StopCause, TokenKind, parse_key,
+    EventKind, Job, Node, NodeHealth, Replica, ReplicaPhase, State, StopCause, TokenKind,
+    parse_device_key, parse_key,
 };
 use crate::volumes::Volume;
 
@@ -160,8 +161,9 @@ pub async fn register(
     }))
 }
 
-/// What node `name` should run now, and the revision of that set.
-fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
+/// What node `name` should run now, and the revision of that set. `key` is the controller's
+/// (remote attachments' secrets derive from it).
+fn desired(s: &State, key: &[u8], name: &str) -> (u64, Vec<Assignment>) {
     let revision = s.node_revision.get(name).copied().unwrap_or(0);
     let mut out = Vec::new();
     let Some(node) = s.nodes.get(name) else {
@@ -174,11 +176,17 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
         let elastic = job.def.elastic.map(|e| replica_set(s, job, e));
         let rendezvous = rendezvous(s, job);
         let (volumes, hidden_volumes, workdir) = mounts(s, job);
-        for r in job.replicas.iter().filter(|r| {
-            r.node == name
-                && !r.leaving
-                && matches!(r.phase, ReplicaPhase::Assigned | ReplicaPhase::Running)
-        }) {
+        let live = |r: &&Replica| {
+            !r.leaving && matches!(r.phase, ReplicaPhase::Assigned | ReplicaPhase::Running)
+        };
+        for r in job.replicas.iter().filter(live) {
+            if r.gpu_node.as_deref() == Some(name) {
+                out.extend(serves_device(s, key, job, r, node));
+            }
+            // A remote replica's program starts once its GPU server runs.
+            if r.node != name || (r.gpu_node.is_some() && !r.gpu_serving) {
+                continue;
+            }
             let spec = &job.def.spec;
             out.push(Assignment {
                 key: job.key(r.index),
@@ -195,7 +203,7 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
                 cpu_milli: r.cpu_milli,
                 memory_bytes: r.memory_bytes,
                 devices: r.devices.clone(),
-                device_memory: node.spec.devices.iter().map(|d| d.memory_bytes).collect(),
+                device_memory: device_memory(s, r.gpu_node.as_deref().unwrap_or(name)),
                 checkpoint: job.def.checkpoint.clone(),
                 resume: job
                     .def
@@ -222,13 +230,76 @@ fn desired(s: &State, name: &str) -> (u64, Vec<Assignment>) {
                     credentials: super::registries::login_for(s, job.project(), &reference),
                     reference,
                 }),
-                // The controller does not place remote pairs yet (see docs/remote-gpu.md).
-                remote_device: None,
+                remote_device: r.gpu_node.as_ref().and_then(|g| {
+                    Some(RemoteDevice {
+                        address: format!("{}:{}", node_host(s, g), r.gpu_port?),
+                        secret: crate::auth::attachment_secret(key, &job.key(r.index)),
+                    })
+                }),
                 serves_device: None,
             });
         }
     }
     (revision, out)
+}
+
+/// The memory of each device of node `name`.
+fn device_memory(s: &State, name: &str) -> Vec<u64> {
+    s.nodes
+        .get(name)
+        .map(|n| n.spec.devices.iter().map(|d| d.memory_bytes).collect())
+        .unwrap_or_default()
+}
+
+/// What the GPU server of a remote attachment may use on its node: limits, not reservations
+/// (the device half of a pair reserves the device alone, which is what lets a node whose CPUs
+/// are all taken lend its GPUs). One core, and memory for its copy buffers and module cache.
+pub const SERVER_CPU_MILLI: u64 = 1000;
+pub const SERVER_MEMORY_BYTES: u64 = 1536 << 20;
+
+/// The device half of remote replica `r` on `node`: its GPU server, listening on the node's
+/// address at the port reserved at placement, with the replica's devices and none of the job's
+/// command, environment, image or volumes.
+fn serves_device(s: &State, key: &[u8], job: &Job, r: &Replica, node: &Node) -> Option<Assignment> {
+    let port = r.gpu_port?;
+    let host = node_host(s, &node.spec.name);
+    // The node's address when it is one; a name is served on every address.
+    let ip = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    let all_volumes = s.projects.values().flat_map(|p| &p.policy.volumes);
+    Some(Assignment {
+        key: job.device_key(r.index),
+        job_id: job.id,
+        job_name: job.def.spec.name.clone(),
+        project: job.project().to_string(),
+        replica: r.index,
+        replicas: job.def.spec.replicas,
+        attempt: job.attempt,
+        command: Vec::new(),
+        env: BTreeMap::new(),
+        cpu_milli: SERVER_CPU_MILLI,
+        memory_bytes: SERVER_MEMORY_BYTES,
+        devices: r.devices.clone(),
+        device_memory: device_memory(s, &node.spec.name),
+        checkpoint: None,
+        resume: None,
+        port: None,
+        elastic: None,
+        uid: s.users.get(&job.owner).and_then(|u| u.uid),
+        rendezvous: None,
+        volumes: Vec::new(),
+        hidden_volumes: crate::volumes::hidden(all_volumes, &[]),
+        workdir: None,
+        image: None,
+        remote_device: None,
+        serves_device: Some(RemoteDevice {
+            address: std::net::SocketAddr::new(ip, port).to_string(),
+            secret: crate::auth::attachment_secret(key, &job.key(r.index)),
+        }),
+    })
 }
 
 /// What a job mounts now: its volumes its project still offers (read-only where either says so),
@@ -491,10 +562,10 @@ pub async fn sync(
     let wait = Duration::from_millis(req.wait_ms.min(ctl.config.lease.as_millis() as u64 / 3));
     let mut watch = ctl.store.notifier.watch_node(&node);
     watch.borrow_and_update();
-    let (mut revision, mut want) = ctl.store.read(|s| desired(s, &node));
+    let (mut revision, mut want) = ctl.store.read(|s| desired(s, &ctl.callback_key, &node));
     if revision == req.revision && acked.is_empty() && !wait.is_zero() {
         let _ = tokio::time::timeout(wait, watch.changed()).await;
-        (revision, want) = ctl.store.read(|s| desired(s, &node));
+        (revision, want) = ctl.store.read(|s| desired(s, &ctl.callback_key, &node));
     }
     Ok(Json(SyncResponse {
         revision,
@@ -509,6 +580,15 @@ pub async fn sync(
 /// are assigned to it; an earlier attempt's replica is reported only to be acknowledged (its
 /// report changes nothing), and a key that names no job changes nothing either.
 fn reportable(s: &State, node: &str, key: &str) -> bool {
+    if let Some((job, attempt, index)) = parse_device_key(key) {
+        return match s.jobs.get(&job) {
+            Some(j) if j.attempt == attempt => j
+                .replicas
+                .iter()
+                .any(|r| r.index == index && r.gpu_node.as_deref() == Some(node)),
+            _ => true,
+        };
+    }
     let Some((job, attempt, index)) = parse_key(key) else {
         return true;
     };
@@ -558,6 +638,20 @@ fn report(
     record_use(s, statuses, now);
     if !came_back {
         for st in statuses {
+            if let Some((job_id, attempt, index)) = parse_device_key(&st.key) {
+                let Some(job) = s
+                    .jobs
+                    .get(&job_id)
+                    .filter(|j| j.attempt == attempt && j.state.is_active())
+                else {
+                    continue;
+                };
+                let (job, notes) = changed
+                    .entry(job_id)
+                    .or_insert_with(|| ((**job).clone(), Vec::new()));
+                notes.extend(device_status(job, index, st, name));
+                continue;
+            }
             let Some((job_id, attempt, index)) = parse_key(&st.key) else {
                 continue;
             };
@@ -634,12 +728,28 @@ fn report(
                 })
                 .map(|r| r.index)
                 .collect();
-            if missing.is_empty() {
+            // GPU servers of running remote replicas that the agent no longer reports.
+            let servers_gone: Vec<u32> = job
+                .replicas
+                .iter()
+                .filter(|r| {
+                    r.gpu_node.as_deref() == Some(name)
+                        && r.gpu_serving
+                        && !r.phase.is_done()
+                        && job.stop.is_none()
+                        && !by_key.contains_key(job.device_key(r.index).as_str())
+                })
+                .map(|r| r.index)
+                .collect();
+            if missing.is_empty() && servers_gone.is_empty() {
                 continue;
             }
             let (j, notes) = changed
                 .entry(job.id)
                 .or_insert_with(|| (job.clone(), Vec::new()));
+            for index in servers_gone {
+                notes.extend(server_ended(j, index, name, "no longer known to its agent"));
+            }
             for index in missing {
                 let Some(r) = j.replicas.iter_mut().find(|r| r.index == index) else {
                     continue;
@@ -685,6 +795,50 @@ fn report(
     }
     s.nodes.insert(name.to_string(), node);
     Ok(acked)
+}
+
+/// What the report of a remote replica's GPU server on `node` changes: once it runs, the
+/// replica's program may start; if it ends while the replica runs, the replica's device is gone.
+fn device_status(job: &mut Job, index: u32, st: &ReplicaStatus, node: &str) -> Vec<Note> {
+    let Some(r) = job.replicas.iter_mut().find(|r| r.index == index) else {
+        return Vec::new();
+    };
+    if r.phase.is_done() || job.stop.is_some() {
+        return Vec::new();
+    }
+    match st.phase {
+        RunPhase::Running if !r.gpu_serving => {
+            r.gpu_serving = true;
+            vec![(
+                EventKind::Replica,
+                format!("replica {index}'s GPU server started on {node}"),
+            )]
+        }
+        RunPhase::Exited => {
+            let why = if st.message.is_empty() {
+                "it exited".to_string()
+            } else {
+                st.message.clone()
+            };
+            server_ended(job, index, node, &why)
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// A remote replica's GPU server on `node` ended while the replica was to run: its program has
+/// no device any more, so the job stops and is queued again (resuming from its checkpoint)
+/// without using a restart of its own.
+fn server_ended(job: &mut Job, index: u32, node: &str, why: &str) -> Vec<Note> {
+    if job.stop.is_some() {
+        return Vec::new();
+    }
+    let why = format!("replica {index}'s GPU server on {node} ended ({why})");
+    job.stop = Some(StopCause::Interrupted {
+        replica: index,
+        why: why.clone(),
+    });
+    vec![(EventKind::Replica, why)]
 }
 
 /// Keeps the latest use of replicas still running (an exit carries the final energy count; read
@@ -760,10 +914,11 @@ pub async fn expire_leases(ctl: &Ctl) -> Option<u64> {
                 c.put_node(&node)?;
                 let mut changed = Vec::new();
                 for job in s.jobs_on(&name) {
+                    // A remote replica is lost with either of its nodes.
                     if !job
                         .replicas
                         .iter()
-                        .any(|r| r.node == name && !r.phase.is_done())
+                        .any(|r| r.is_on(&name) && !r.phase.is_done())
                     {
                         continue;
                     }
@@ -771,7 +926,7 @@ pub async fn expire_leases(ctl: &Ctl) -> Option<u64> {
                     for r in job
                         .replicas
                         .iter_mut()
-                        .filter(|r| r.node == name && !r.phase.is_done())
+                        .filter(|r| r.is_on(&name) && !r.phase.is_done())
                     {
                         r.phase = ReplicaPhase::Lost;
                         r.finished_ms = Some(now);
@@ -859,7 +1014,7 @@ mod tests {
     #[test]
     fn a_node_is_told_only_its_own_replicas_of_jobs_that_are_not_stopping() {
         let s = pool();
-        let (_, told) = desired(&s, "a");
+        let (_, told) = desired(&s, b"key", "a");
         let keys: Vec<String> = told.iter().map(|a| a.key.clone()).collect();
         assert_eq!(keys, [s.jobs[&1].key(0), s.jobs[&3].key(0)]);
         assert!(
@@ -868,8 +1023,8 @@ mod tests {
         );
         assert_eq!((told[0].replicas, told[0].attempt), (2, 2));
         // A lost node is told nothing: its work is judged elsewhere.
-        assert!(desired(&s, "b").1.is_empty());
-        assert!(desired(&s, "nowhere").1.is_empty());
+        assert!(desired(&s, b"key", "b").1.is_empty());
+        assert!(desired(&s, b"key", "nowhere").1.is_empty());
     }
 
     #[test]
@@ -889,6 +1044,145 @@ mod tests {
         earlier.attempt = 1;
         assert!(reportable(&s, "b", &earlier.key(0)));
         assert!(reportable(&s, "a", "not a key"));
+    }
+
+    /// Adds GPU node c (at 10.0.0.3) and job 7, whose one replica runs its program on a and has
+    /// half of c's device 1 attached, its server's port reserved on c.
+    fn attached(s: &mut State) {
+        let mut c = node("c", NodeHealth::Ready, false);
+        c.address = "http://10.0.0.3:7000".into();
+        s.nodes.insert("c".into(), c);
+        let mut j = job(7, ResourceRequest::default());
+        j.state = JobState::Scheduled;
+        j.attempt = 1;
+        let mut r = Replica::assigned(0, "a", &alloc(0));
+        r.devices = vec![tessera_sched::DeviceShare {
+            device: 1,
+            milli: 500,
+            memory_bytes: 40 << 30,
+        }];
+        r.gpu_node = Some("c".into());
+        r.gpu_port = Some(29_501);
+        j.replicas = vec![r];
+        s.insert_job(j);
+    }
+
+    #[test]
+    fn a_remote_replica_runs_its_gpu_server_first_then_its_program_attached_to_it() {
+        let mut s = pool();
+        attached(&mut s);
+        let ours = |node: &str, s: &State| -> Vec<Assignment> {
+            desired(s, b"key", node)
+                .1
+                .into_iter()
+                .filter(|a| a.job_id == 7)
+                .collect()
+        };
+        let on_c = ours("c", &s);
+        assert_eq!(on_c.len(), 1, "{on_c:?}");
+        let server = &on_c[0];
+        assert_eq!(server.key, s.jobs[&7].device_key(0));
+        // Nothing of the job's own runs beside the device: no command, environment, image,
+        // volumes or checkpoint; the devices are the replica's, on the node's own address.
+        assert!(server.command.is_empty() && server.env.is_empty() && server.image.is_none());
+        assert!(server.volumes.is_empty() && server.checkpoint.is_none());
+        assert_eq!(server.devices, s.jobs[&7].replicas[0].devices);
+        assert_eq!(server.device_memory, [80 << 30, 80 << 30]);
+        assert_eq!(
+            (server.cpu_milli, server.memory_bytes),
+            (SERVER_CPU_MILLI, SERVER_MEMORY_BYTES)
+        );
+        let serve = server.serves_device.clone().unwrap();
+        assert_eq!(serve.address, "10.0.0.3:29501");
+        assert!(server.remote_device.is_none());
+        assert!(
+            ours("a", &s).is_empty(),
+            "the program waits for its GPU server"
+        );
+
+        // The server runs: the program is sent, attached to it with the same secret.
+        let mut j = (*s.jobs[&7]).clone();
+        let mut st = status(&j.device_key(0), RunPhase::Running);
+        assert_eq!(device_status(&mut j, 0, &st, "c").len(), 1);
+        assert!(j.replicas[0].gpu_serving);
+        s.insert_job(j.clone());
+        let on_a = ours("a", &s);
+        assert_eq!(on_a.len(), 1, "{on_a:?}");
+        let program = &on_a[0];
+        assert_eq!(program.key, j.key(0));
+        assert!(program.serves_device.is_none());
+        let remote = program.remote_device.clone().unwrap();
+        assert_eq!(remote.address, "10.0.0.3:29501");
+        assert_eq!(remote.secret, serve.secret);
+        assert_eq!(
+            remote.secret,
+            crate::auth::attachment_secret(b"key", &j.key(0))
+        );
+        assert_ne!(
+            remote.secret,
+            crate::auth::attachment_secret(b"another pool's key", &j.key(0))
+        );
+        let mut next = j.clone();
+        next.attempt += 1;
+        assert_ne!(
+            remote.secret,
+            crate::auth::attachment_secret(b"key", &next.key(0)),
+            "each attempt has its own secret"
+        );
+        assert_eq!(program.devices, j.replicas[0].devices);
+        assert_eq!(
+            program.device_memory,
+            [80 << 30, 80 << 30],
+            "the device node's"
+        );
+        assert_eq!(ours("c", &s).len(), 1, "the server keeps running");
+
+        // The server ends under a running replica: the job stops, to be queued again.
+        st.phase = RunPhase::Exited;
+        st.message = "killed by signal 9".into();
+        let notes = device_status(&mut j, 0, &st, "c");
+        assert!(notes[0].1.contains("GPU server on c ended"), "{notes:?}");
+        assert!(matches!(
+            j.stop,
+            Some(StopCause::Interrupted { replica: 0, .. })
+        ));
+        // Once stopping, later reports of its server change nothing.
+        assert!(device_status(&mut j, 0, &st, "c").is_empty());
+        s.insert_job(j);
+        assert!(ours("a", &s).is_empty() && ours("c", &s).is_empty());
+    }
+
+    #[test]
+    fn only_the_device_node_speaks_for_a_gpu_server_and_both_nodes_hold_the_job() {
+        let mut s = pool();
+        attached(&mut s);
+        let j = &s.jobs[&7];
+        assert!(reportable(&s, "c", &j.device_key(0)));
+        assert!(!reportable(&s, "a", &j.device_key(0)), "a runs the program");
+        assert!(!reportable(&s, "c", &j.key(0)), "c runs the server");
+        assert!(reportable(&s, "a", &j.key(0)));
+        assert_eq!(
+            crate::state::parse_device_key(&j.device_key(0)),
+            Some((7, 1, 0))
+        );
+        assert_eq!(crate::state::parse_key(&j.device_key(0)), None);
+        for n in ["a", "c"] {
+            assert!(s.jobs_on(n).any(|j| j.id == 7), "job 7 is on {n}");
+        }
+    }
+
+    fn status(key: &str, phase: RunPhase) -> ReplicaStatus {
+        ReplicaStatus {
+            key: key.into(),
+            phase,
+            exit_code: None,
+            interrupted: false,
+            message: String::new(),
+            resume_failed: None,
+            port: None,
+            usage: None,
+            image: None,
+        }
     }
 
     fn sync(seq: u64) -> SyncRequest {

@@ -102,7 +102,12 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                 .any(|r| r.phase == ReplicaPhase::Running)
         {
             job.state = JobState::Running;
-            let mut nodes: Vec<&str> = job.replicas.iter().map(|r| r.node.as_str()).collect();
+            let mut nodes: Vec<&str> = job
+                .replicas
+                .iter()
+                .flat_map(|r| r.nodes().map(String::as_str))
+                .collect();
+            nodes.sort_unstable();
             nodes.dedup();
             job.reason = format!("running on {}", nodes.join(", "));
             notes.push((EventKind::Running, job.reason.clone()));

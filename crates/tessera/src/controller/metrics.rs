@@ -134,7 +134,7 @@ pub async fn scrape(AxState(ctl): S) -> impl IntoResponse {
             if j.state.is_active() {
                 *project_gpu.entry(j.project()).or_default() += j.gpu_milli_held();
                 for r in j.replicas.iter().filter(|r| !r.phase.is_done()) {
-                    *node_used.entry(r.node.as_str()).or_default() += r.gpu_milli();
+                    *node_used.entry(r.device_node()).or_default() += r.gpu_milli();
                 }
             }
         }
@@ -290,7 +290,7 @@ fn devices(
                 j.id,
                 r.index,
                 esc(j.project()),
-                esc(&r.node),
+                esc(r.device_node()),
                 gpus.join(","),
                 r.devices.first().is_some_and(|d| d.milli < 1000),
                 u.simulated
@@ -310,7 +310,7 @@ fn devices(
                 .devices
                 .iter()
                 .filter_map(|d| {
-                    let sample = latest.get(&r.node)?;
+                    let sample = latest.get(r.device_node())?;
                     let dev = sample.devices.iter().find(|x| x.index == d.device)?;
                     Some(dev.power_mw as f64 / 1000.0 * f64::from(d.milli) / 1000.0)
                 })

@@ -8,7 +8,7 @@ use super::lifecycle::Note;
 use super::lifecycle::settle;
 use super::{ApiError, Caller};
 use crate::manifest::Manifest;
-use crate::state::{Event, EventKind, Job, JobState, NodeHealth, Role, State, StopCause};
+use crate::state::{Event, EventKind, Job, JobState, NodeHealth, Replica, Role, State, StopCause};
 
 /// The user behind a call that changes jobs; viewers may not `what`.
 pub fn acting_user(caller: &Caller, what: &str) -> Result<String, ApiError> {
@@ -83,7 +83,13 @@ pub fn save_job(
     let old = s.jobs.get(&job.id);
     let was_pending = old.is_some_and(|o| o.state == JobState::Pending);
     let old_nodes: BTreeSet<String> = old
-        .map(|o| o.replicas.iter().map(|r| r.node.clone()).collect())
+        .map(|o| {
+            o.replicas
+                .iter()
+                .flat_map(Replica::nodes)
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
     let is_new = old.is_none();
     let done = |j: &Job| j.replicas.iter().filter(|r| r.phase.is_done()).count();
@@ -94,11 +100,16 @@ pub fn save_job(
             || o.attempt != job.attempt
             || o.stop.is_some() != job.stop.is_some()
             || o.generation != job.generation
+            // A remote replica's program is sent once its GPU server runs.
+            || o.replicas.iter().map(|r| r.gpu_serving).ne(job.replicas.iter().map(|r| r.gpu_serving))
     });
     // An elastic job that starts running may grow: worth a scheduling round.
     let may_grow = job.def.elastic.is_some() && old.is_some_and(|o| o.state != job.state);
     if changed_desired {
-        for n in old_nodes.iter().chain(job.replicas.iter().map(|r| &r.node)) {
+        for n in old_nodes
+            .iter()
+            .chain(job.replicas.iter().flat_map(Replica::nodes))
+        {
             s.touch_node(&n.clone());
         }
     }

@@ -92,15 +92,41 @@ fn build(s: &State, now: u64) -> Built {
     let mut next_backoff: Option<u64> = None;
     for job in s.jobs.values() {
         if job.state.is_active() {
+            // What a replica holds on the nodes the scheduler sees; of a remote pair with one
+            // node gone (lost, cordoned), the half on the other.
             let allocation = |r: &Replica| {
-                Some(Allocation {
+                let node = index.get(r.node.as_str()).map(|&i| NodeId(i));
+                let gpu_node = r
+                    .gpu_node
+                    .as_ref()
+                    .map(|g| index.get(g.as_str()).map(|&i| NodeId(i)));
+                let whole = Allocation {
                     gpu_node: None,
-                    node: NodeId(*index.get(r.node.as_str())?),
+                    node: node.unwrap_or(NodeId(0)),
                     cpu_milli: r.cpu_milli,
                     memory_bytes: r.memory_bytes,
                     devices: r.devices.clone(),
                     affinity: affinity(&job.def.spec.request.gpu),
-                })
+                };
+                match (node, gpu_node) {
+                    (Some(_), None) => Some(whole),
+                    (None, None) => None,
+                    (Some(_), Some(Some(g))) => Some(Allocation {
+                        gpu_node: Some(g),
+                        ..whole
+                    }),
+                    (Some(_), Some(None)) => Some(Allocation {
+                        devices: Vec::new(),
+                        affinity: None,
+                        ..whole
+                    }),
+                    (None, Some(g)) => Some(Allocation {
+                        node: g?,
+                        cpu_milli: 0,
+                        memory_bytes: 0,
+                        ..whole
+                    }),
+                }
             };
             let live = || job.replicas.iter().filter(|r| !r.phase.is_done());
             let allocations = live().filter_map(allocation).collect();
@@ -400,26 +426,64 @@ fn apply_plan(
             continue;
         }
         let names: Vec<&String> = allocs.iter().map(|a| &node_names[a.node.index()]).collect();
-        if names.iter().any(|n| {
+        let device_nodes = allocs
+            .iter()
+            .filter_map(|a| a.gpu_node.map(|g| &node_names[g.index()]));
+        if names.iter().copied().chain(device_nodes).any(|n| {
             s.nodes
-                .get(*n)
+                .get(n.as_str())
                 .is_none_or(|node| node.health != NodeHealth::Ready || node.cordoned)
         }) {
             continue;
         }
         let mut job = job.clone();
+        let mut replicas: Vec<Replica> = allocs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Replica::placed(i as u32, a, node_names))
+            .collect();
+        // Ports to reserve: a gang's rendezvous on its rank 0's host, and each remote replica's
+        // GPU server on its device's host. All or none: a job that cannot have them all waits.
+        let mut wanted: Vec<(String, Option<usize>)> = Vec::new();
         if job.def.spec.replicas > 1 || job.def.elastic.is_some() {
-            let taken = taken.get_or_insert_with(|| rendezvous_ports_taken(s));
-            let on = taken.entry(agents::node_host(s, names[0])).or_default();
-            let Some(port) = ports.clone().find(|p| !on.contains(p)) else {
+            wanted.push((names[0].clone(), None));
+        }
+        for (i, r) in replicas.iter().enumerate() {
+            if let Some(g) = &r.gpu_node {
+                wanted.push((g.clone(), Some(i)));
+            }
+        }
+        if !wanted.is_empty() {
+            let taken = taken.get_or_insert_with(|| ports_taken(s));
+            let mut got = Vec::new();
+            for (node, _) in &wanted {
+                let on = taken.entry(agents::node_host(s, node)).or_default();
+                match ports.clone().find(|p| !on.contains(p)) {
+                    Some(port) => {
+                        on.insert(port);
+                        got.push(port);
+                    }
+                    None => break,
+                }
+            }
+            if got.len() < wanted.len() {
+                for ((node, _), port) in wanted.iter().zip(&got) {
+                    if let Some(on) = taken.get_mut(&agents::node_host(s, node)) {
+                        on.remove(port);
+                    }
+                }
                 tracing::warn!(
-                    "job {id} waits: every rendezvous port of --rendezvous-ports is in use on {}",
-                    names[0]
+                    "job {id} waits: every port of --rendezvous-ports is in use on {}",
+                    wanted[got.len()].0
                 );
                 continue;
-            };
-            on.insert(port);
-            job.rendezvous_port = Some(port);
+            }
+            for ((_, replica), port) in wanted.iter().zip(got) {
+                match replica {
+                    None => job.rendezvous_port = Some(port),
+                    Some(i) => replicas[*i].gpu_port = Some(port),
+                }
+            }
         }
         job.attempt += 1;
         applied.next_start_seq += 1;
@@ -427,11 +491,7 @@ fn apply_plan(
         job.state = JobState::Scheduled;
         job.pin_node = None;
         job.generation += 1;
-        job.replicas = allocs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| Replica::assigned(i as u32, &node_names[a.node.index()], a))
-            .collect();
+        job.replicas = replicas;
         let placed: Vec<String> = job
             .replicas
             .iter()
@@ -558,14 +618,21 @@ pub fn describe_wait(s: &State, job: &Job, why: &WaitReason) -> String {
     why.describe(&scheduling_spec(job))
 }
 
-/// The rendezvous ports active gangs hold, by the host of their rank 0's node (by host, not by
-/// node: several agents may share one host, as under `tessera up --nodes`).
-fn rendezvous_ports_taken(s: &State) -> HashMap<String, BTreeSet<u16>> {
+/// The ports active jobs hold, by host (not by node: several agents may share one host, as
+/// under `tessera up --nodes`): gangs' rendezvous on their rank 0's, remote replicas' GPU
+/// servers on their devices'.
+fn ports_taken(s: &State) -> HashMap<String, BTreeSet<u16>> {
     let mut taken: HashMap<String, BTreeSet<u16>> = HashMap::new();
     for job in s.jobs.values().filter(|j| j.state.is_active()) {
         if let (Some(port), Some(first)) = (job.rendezvous_port, job.replicas.first()) {
             let host = agents::node_host(s, &first.node);
             taken.entry(host).or_default().insert(port);
+        }
+        for r in &job.replicas {
+            if let (Some(port), Some(g)) = (r.gpu_port, &r.gpu_node) {
+                let host = agents::node_host(s, g);
+                taken.entry(host).or_default().insert(port);
+            }
         }
     }
     taken
@@ -602,8 +669,10 @@ fn grow(
     let mut takeover: Vec<u32> = departed.iter().map(|r| r.index).collect();
     let first = job.replicas.iter().map(|r| r.index + 1).max().unwrap_or(0);
     let mut lines = Vec::new();
-    for (next, a) in (first..).zip(allocations.iter().take(room)) {
-        let mut r = Replica::assigned(next, &node_names[a.node.index()], a);
+    // A remote pair needs a port reserved for its server: elastic jobs grow on one node each.
+    let local = allocations.iter().filter(|a| a.gpu_node.is_none());
+    for (next, a) in (first..).zip(local.take(room)) {
+        let mut r = Replica::placed(next, a, node_names);
         r.resume_of = job.def.checkpoint.as_ref().and(takeover.pop());
         let mut line = placed_line(job.attempt, &r);
         if let Some(of) = r.resume_of {
@@ -914,6 +983,79 @@ mod tests {
             ports,
             [(2, Some(29501)), (3, Some(29500)), (5, Some(29501))]
         );
+    }
+
+    #[test]
+    fn a_remote_pair_gets_a_server_port_on_its_device_nodes_host_and_both_nodes_count() {
+        let mut s = state();
+        for (name, host) in [("a", "10.0.0.1"), ("d", "10.0.0.2")] {
+            s.nodes.get_mut(name).unwrap().address = format!("http://{host}:7481");
+        }
+        let pair = |cpu: u32, gpu: u32| Allocation {
+            gpu_node: Some(NodeId(gpu)),
+            devices: vec![tessera_sched::DeviceShare {
+                device: 0,
+                milli: 500,
+                memory_bytes: 40 << 30,
+            }],
+            ..alloc(cpu)
+        };
+        // A gang on d holds 29500 there.
+        let mut gang = job(1, ResourceRequest::default());
+        gang.def.spec.replicas = 2;
+        gang.state = JobState::Running;
+        gang.rendezvous_port = Some(29500);
+        gang.replicas = vec![Replica::assigned(0, "d", &alloc(3))];
+        s.insert_job(gang);
+        for id in 2..=4 {
+            s.insert_job(job(id, ResourceRequest::default()));
+        }
+        let plan = tessera_sched::schedule::Plan {
+            placements: vec![
+                (2, vec![pair(0, 3)]), // program on a, device on d: 29501 on d's host
+                (3, vec![pair(0, 3)]), // d has no port left: waits, placing nothing
+                (4, vec![pair(3, 1)]), // device on b, which is lost: waits
+            ],
+            ..Default::default()
+        };
+        let applied = apply_plan(&s, &plan, &names(), 29500..=29501, 1_000);
+        assert_eq!(applied.changed.len(), 1, "{:?}", applied.changed);
+        let placed = &applied.changed[0].0;
+        assert_eq!(placed.id, 2);
+        let r = &placed.replicas[0];
+        assert_eq!((r.node.as_str(), r.gpu_node.as_deref()), ("a", Some("d")));
+        assert_eq!(r.gpu_port, Some(29501));
+        assert_eq!(placed.rendezvous_port, None, "one replica: no rendezvous");
+        assert!(!r.gpu_serving);
+        s.insert_job(placed.clone());
+        assert_eq!(ports_taken(&s)["10.0.0.2"], [29500, 29501].into());
+
+        // The next snapshot counts the pair as it was placed: CPU on a, the device on d.
+        let built = build(&s, 1_000);
+        let a = built.node_names.iter().position(|n| n == "a").unwrap() as u32;
+        let d = built.node_names.iter().position(|n| n == "d").unwrap() as u32;
+        let held = built
+            .snapshot
+            .running
+            .iter()
+            .find(|j| j.id == 2)
+            .map(|j| j.allocations.clone())
+            .unwrap();
+        assert_eq!(held[0].node, NodeId(a));
+        assert_eq!(held[0].gpu_node, Some(NodeId(d)));
+        assert_eq!(held[0].devices, r.devices);
+        // With d cordoned, a keeps the CPU part and nothing counts the device.
+        s.nodes.get_mut("d").unwrap().cordoned = true;
+        let built = build(&s, 1_000);
+        let held = &built
+            .snapshot
+            .running
+            .iter()
+            .find(|j| j.id == 2)
+            .unwrap()
+            .allocations;
+        assert_eq!((held[0].gpu_node, held[0].devices.len()), (None, 0));
+        assert_eq!(held[0].cpu_milli, 1000);
     }
 
     #[test]

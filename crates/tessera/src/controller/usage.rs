@@ -26,7 +26,8 @@ fn segment(
     idle: &HashMap<String, IdleCount>,
     end_ms: u64,
 ) -> Segment {
-    let node = nodes.get(&r.node);
+    // GPU time is the device's node's (of a remote replica, not where its program ran).
+    let node = nodes.get(r.device_node());
     let model = r
         .devices
         .first()
@@ -41,7 +42,7 @@ fn segment(
         user: job.owner.clone(),
         project: job.project().to_string(),
         model,
-        node: r.node.clone(),
+        node: r.device_node().to_string(),
         gpu_milli: r.gpu_milli(),
         gpu_memory_bytes: r.devices.iter().map(|d| d.memory_bytes).sum(),
         cpu_milli: r.cpu_milli,

@@ -21,6 +21,9 @@ pub struct ReplicaView {
     /// Given back by its elastic job.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub leaving: bool,
+    /// A remotely attached replica's device node (`node` runs its program).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_node: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

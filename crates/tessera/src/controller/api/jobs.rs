@@ -69,6 +69,7 @@ pub fn view(job: &Job, state: &State) -> JobView {
                 exit_code: r.exit_code,
                 exit_message: r.exit_message.clone(),
                 leaving: r.leaving,
+                gpu_node: r.gpu_node.clone(),
             })
             .collect(),
     }

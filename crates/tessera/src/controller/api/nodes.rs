@@ -28,10 +28,15 @@ pub(super) fn node_view(s: &State, name: &str) -> Option<NodeView> {
         for r in j
             .replicas
             .iter()
-            .filter(|r| r.node == name && !r.phase.is_done())
+            .filter(|r| r.is_on(name) && !r.phase.is_done())
         {
-            replicas += 1;
-            cpu += r.cpu_milli;
+            if r.node == name {
+                replicas += 1;
+                cpu += r.cpu_milli;
+            }
+            if r.device_node() != name {
+                continue;
+            }
             for d in &r.devices {
                 if let Some(u) = used.get_mut(d.device as usize) {
                     *u += d.milli;
@@ -134,7 +139,7 @@ pub(super) async fn set_cordon(
                     if job
                         .replicas
                         .iter()
-                        .any(|r| r.node == n && !r.phase.is_done())
+                        .any(|r| r.is_on(&n) && !r.phase.is_done())
                     {
                         let mut job = job.clone();
                         job.stop = Some(StopCause::Drain { node: n.clone() });
