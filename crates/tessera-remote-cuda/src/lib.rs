@@ -380,6 +380,11 @@ impl Conn {
                 "lost the GPU server at {}: {e}; every CUDA call now fails",
                 r.addr
             ));
+            // Tells the agent that the program ends (if it does) for want of its device, not of
+            // its own fault: its job is queued again rather than failed.
+            if let Some(f) = std::env::var_os("TESSERA_REMOTE_LOST_FILE") {
+                let _ = std::fs::write(f, format!("the GPU server at {} was lost: {e}", r.addr));
+            }
             self.lost = Some(e.to_string());
         }
         status::DEVICE_UNAVAILABLE

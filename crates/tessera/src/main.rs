@@ -88,7 +88,8 @@ struct ControllerArgs {
     #[arg(long, default_value = "256MiB")]
     gateway_body_budget: String,
     /// Ports kept free for Tessera on every node, FIRST-LAST: each gang of replicas gets one on
-    /// its rank 0's node for its rendezvous (MASTER_PORT), unique on that node.
+    /// its rank 0's node for its rendezvous (MASTER_PORT), and each remotely attached GPU one
+    /// on its device's node for its server, unique on that node.
     #[arg(long, default_value = "29500-30499")]
     rendezvous_ports: String,
 }

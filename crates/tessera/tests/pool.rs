@@ -719,6 +719,162 @@ fn a_fractional_job_runs_with_its_slice_enforced_on_simulated_gpus() {
     assert!(out.contains("preload=\n"), "{out}");
 }
 
+/// The GPU server of job `id`'s remote replica 0 on node `node`'s agent (by its secret file,
+/// which names the node's data dir and the replica's key).
+fn gpu_server_pid(pool: &Pool, node: &str, id: u64, attempt: u64) -> Option<i32> {
+    let secret = pool
+        .path(node)
+        .join("gpu")
+        .join(format!("remote-{id}.{attempt}.0.gpu.secret"));
+    let out = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            &format!("^[^ ]*tessera remote-gpu serve .*{}", secret.display()),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+}
+
+#[test]
+fn a_job_on_a_cpu_only_node_uses_the_gpu_of_a_node_whose_cpus_are_taken() {
+    let probe = Path::new(bin()).with_file_name("tessera-vgpu-probe");
+    let p = probe.display();
+    let mut pool = Pool::start();
+    pool.add_agent("g", "127.0.0.61", "1xH100-80GB");
+    pool.add_agent("c", "127.0.0.62", "");
+    // Every CPU of the GPU node is taken by a job without a GPU.
+    let (status, v) = pool.post(
+        "/v1/jobs",
+        json!({"metadata": {"name": "cpu-hog"},
+               "spec": {"resources": {"cpu": 8, "memory": "128MiB",
+                                      "nodeSelector": {"tessera.io/node": "g"}},
+                        "command": ["sleep", "600"]}}),
+        &pool.admin,
+    );
+    assert_eq!(status, 201, "{v}");
+    let hog = v["id"].as_u64().unwrap();
+    pool.wait_state(hog, "running");
+
+    // Half the GPU with 1 GiB, attached from wherever it fits: the program runs on c, unmodified,
+    // its device on g under g's slice library; then it keeps the device in use.
+    let (status, v) = pool.post(
+        "/v1/jobs",
+        json!({"metadata": {"name": "attached"},
+               "spec": {"resources": {"gpu": 0.5, "gpuMemory": "1GiB", "cpu": 0.5,
+                                      "memory": "256MiB", "gpuAttach": "any"},
+                        "command": ["sh", "-c", format!("{p} meminfo && {p} oom && {p} check && exec {p} launch --seconds 599")]}}),
+        &pool.admin,
+    );
+    assert_eq!(status, 201, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    let job = pool.wait_state(id, "running");
+    let r = &job["assignments"][0];
+    assert_eq!(
+        (r["node"].as_str(), r["gpu_node"].as_str()),
+        (Some("c"), Some("g")),
+        "{job}"
+    );
+    pool.wait_for("the remote program's checks", || {
+        logs(&pool, id).contains("graph_ok=1")
+    });
+    let out = logs(&pool, id);
+    // The program sees the slice, is refused past it, and its launches, copies, events and
+    // graphs work over the network.
+    assert!(
+        out.contains("free_bytes=1073741824 total_bytes=1073741824"),
+        "{out}"
+    );
+    assert!(
+        out.contains("allocated_bytes=1073741824 result=CUDA_ERROR_OUT_OF_MEMORY"),
+        "{out}"
+    );
+    for key in [
+        "fill_ok=1",
+        "memset_ok=1",
+        "copy_ok=1",
+        "events_ok=1",
+        "pinned_ok=1",
+        "copy2d_ok=1",
+    ] {
+        assert!(out.contains(key), "{key} in {out}");
+    }
+    let said: Vec<String> = events(&pool, id)
+        .iter()
+        .map(|e| e["message"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        said.iter().any(|m| m.contains("GPU server started on g")),
+        "{said:?}"
+    );
+    // The device is g's: its node view counts the share there, and c holds the CPU.
+    let (_, nodes) = pool.get("/v1/nodes", &pool.admin);
+    let view = |n: &str| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(view("c")["replicas"], 1, "{nodes}");
+
+    // The GPU server dies: the job is queued again without a restart of its own, and placed
+    // again as a pair.
+    let server = gpu_server_pid(&pool, "g", id, 1).expect("the GPU server runs on g");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    pool.wait_for("job to be placed again", || pool.job(id)["attempt"] == 2);
+    let job = pool.wait_state(id, "running");
+    assert_eq!(job["restarts"], 0, "{job}");
+    let said: Vec<String> = events(&pool, id)
+        .iter()
+        .map(|e| e["message"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        said.iter().any(|m| m.contains("GPU server on g ended")),
+        "{said:?}"
+    );
+
+    // The GPU node is lost: the job is queued again (by its program, whose calls fail at once,
+    // or by the node's lease, whichever comes first), never failed; the program on c is
+    // stopped, and the job waits for a GPU.
+    pool.wait_for("the second server", || {
+        gpu_server_pid(&pool, "g", id, 2).is_some()
+    });
+    pool.kill_agent("g");
+    pool.wait_for("job to be queued again", || {
+        pool.job(id)["state"] == "pending"
+    });
+    let job = pool.job(id);
+    assert_eq!(job["restarts"], 0, "{job}");
+    let said: Vec<String> = events(&pool, id)
+        .iter()
+        .map(|e| format!("{} {}", e["kind"], e["message"]))
+        .collect();
+    let last = said.last().unwrap();
+    assert!(last.contains("Requeued"), "{said:?}");
+    assert!(
+        last.contains("node g")
+            || last.contains("its remote GPU went away (the GPU server at 127.0.0.61:"),
+        "{said:?}"
+    );
+    pool.wait_for("the program on c to be stopped", || {
+        let out = std::process::Command::new("pgrep")
+            .args(["-f", "tessera-vgpu-probe launch --seconds 599"])
+            .output()
+            .unwrap();
+        out.stdout.is_empty()
+    });
+}
+
 /// A counting "training" job that checkpoints its count when asked (USR1) and resumes from it.
 /// A job that counts to `to` (20 a second) into `worklog`, saving its count on USR1.
 fn counting_job(pool: &Pool, worklog: &Path, to: u32) -> u64 {

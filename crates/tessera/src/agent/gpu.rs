@@ -182,6 +182,8 @@ impl DeviceBackend for RemoteClient<'_> {
         };
         let secret = remote_secret(dir, &a.key);
         write_private(&secret, self.0.secret.as_bytes())?;
+        let lost = remote_lost(dir, &a.key);
+        write_private(&lost, b"")?;
         Ok(BTreeMap::from([
             (
                 "LD_LIBRARY_PATH".to_string(),
@@ -191,6 +193,10 @@ impl DeviceBackend for RemoteClient<'_> {
             (
                 "TESSERA_REMOTE_SECRET_FILE".to_string(),
                 secret.display().to_string(),
+            ),
+            (
+                "TESSERA_REMOTE_LOST_FILE".to_string(),
+                lost.display().to_string(),
             ),
         ]))
     }
@@ -214,10 +220,24 @@ pub fn remote_secret(dir: &Path, key: &str) -> PathBuf {
     dir.join(format!("remote-{key}.secret"))
 }
 
+/// Where the remote client of a replica on this node writes that it lost its GPU server (empty
+/// until then; the replica's own, 0600).
+pub fn remote_lost(dir: &Path, key: &str) -> PathBuf {
+    dir.join(format!("remote-{key}.lost"))
+}
+
+/// The file that says a replica's remote device was lost, when it runs attached to one.
+pub fn lost_device_file(config: &AgentConfig, a: &Assignment) -> Option<PathBuf> {
+    a.remote_device
+        .as_ref()
+        .map(|_| remote_lost(&gpu_dir(config), &a.key))
+}
+
 /// What the agent keeps for a replica's devices, removed when the replica is done.
 pub fn forget(config: &AgentConfig, key: &str) {
     let _ = std::fs::remove_file(slice_region(config, key));
     let _ = std::fs::remove_file(remote_secret(&gpu_dir(config), key));
+    let _ = std::fs::remove_file(remote_lost(&gpu_dir(config), key));
 }
 
 /// Writes `data` to a new file only its owner may read.
@@ -371,8 +391,10 @@ pub fn library_files(config: &AgentConfig, env: &BTreeMap<String, String>) -> Ve
             );
         }
     }
-    if let Some(secret) = env.get("TESSERA_REMOTE_SECRET_FILE") {
-        out.push(PathBuf::from(secret));
+    for var in ["TESSERA_REMOTE_SECRET_FILE", "TESSERA_REMOTE_LOST_FILE"] {
+        if let Some(file) = env.get(var) {
+            out.push(PathBuf::from(file));
+        }
     }
     out.sort();
     out.dedup();
@@ -409,11 +431,13 @@ pub fn confined_paths(
     if env.contains_key("TESSERA_REMOTE_GPU") {
         paths.push(dir.join("lib-remote"));
     }
-    if let Some(secret) = env.get("TESSERA_REMOTE_SECRET_FILE").map(PathBuf::from) {
-        // The replica's own, readable by it alone.
-        std::os::unix::fs::chown(&secret, Some(uid), Some(uid))?;
-        shared(&secret, 0o600)?;
-        paths.push(secret);
+    for var in ["TESSERA_REMOTE_SECRET_FILE", "TESSERA_REMOTE_LOST_FILE"] {
+        if let Some(file) = env.get(var).map(PathBuf::from) {
+            // The replica's own, readable (and the second writable) by it alone.
+            std::os::unix::fs::chown(&file, Some(uid), Some(uid))?;
+            shared(&file, 0o600)?;
+            paths.push(file);
+        }
     }
     if let Some(region) = env.get("TESSERA_VGPU_SHM").map(PathBuf::from) {
         std::os::unix::fs::chown(&region, Some(uid), Some(uid))?;

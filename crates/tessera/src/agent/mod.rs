@@ -1324,6 +1324,9 @@ fn start(
     if let Some(f) = oom_file {
         cmd.arg("--oom-file").arg(f);
     }
+    if let Some(f) = gpu::lost_device_file(config, a) {
+        cmd.arg("--device-lost-file").arg(f);
+    }
     // The workload's environment, beside the shim's options.
     let mut wenv: BTreeMap<String, String> = BTreeMap::new();
     let mut resume_failed = None;

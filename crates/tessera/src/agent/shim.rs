@@ -79,6 +79,10 @@ pub struct ShimArgs {
     /// Checked for an OOM kill after the workload ends.
     #[arg(long)]
     pub oom_file: Option<PathBuf>,
+    /// Written by a remotely attached workload's client when it lost its GPU server: an end
+    /// after that is the device's, so the job is queued again rather than failed.
+    #[arg(long)]
+    pub device_lost_file: Option<PathBuf>,
     /// Transparent checkpoints: the CRIU binary (and the rest of the `--home` options).
     #[arg(long, requires_all = ["home", "checkpoint_dir"])]
     pub criu: Option<PathBuf>,
@@ -475,10 +479,17 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
         .oom_file
         .as_ref()
         .is_some_and(|f| fs::read_to_string(f).is_ok_and(|t| super::cgroup::oom_kills(&t) > 0));
-    let message = match (why, oom) {
-        (_, true) => format!("exited with code {code}: killed by its memory limit (OOM)"),
-        (Some(w), _) => format!("{w} (code {code})"),
-        (None, _) => {
+    let device_lost = args
+        .device_lost_file
+        .as_ref()
+        .and_then(|f| fs::read_to_string(f).ok())
+        .map(|t| t.trim().chars().take(300).collect::<String>())
+        .filter(|t| !t.is_empty() && code != 0);
+    let message = match (why, oom, &device_lost) {
+        (_, true, _) => format!("exited with code {code}: killed by its memory limit (OOM)"),
+        (None, false, Some(lost)) => format!("its remote GPU went away ({lost}; code {code})"),
+        (Some(w), _, _) => format!("{w} (code {code})"),
+        (None, false, None) => {
             let words = format!("exited with {}", crate::protocol::exit_words(code));
             // A failed program's last word on stderr is usually why (a traceback's last line).
             match super::logs::last_error_line(&home, 300).filter(|_| code != 0) {
@@ -492,7 +503,7 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
         &ExitRecord {
             code,
             message,
-            interrupted: lease_lost,
+            interrupted: lease_lost || (device_lost.is_some() && !oom),
         },
     )?;
     Ok(())

@@ -876,6 +876,46 @@ fn record_use(s: &mut State, statuses: &[ReplicaStatus], now: u64) {
     }
 }
 
+/// The jobs that node `name`, silent for `silent_ms`, loses: their replicas on it (programs, or
+/// remote replicas' devices) are lost, and each job stops to be queued again.
+fn lose_node(s: &State, name: &str, silent_ms: u64, now: u64) -> Vec<(Job, Vec<Note>)> {
+    let mut changed = Vec::new();
+    for job in s.jobs_on(name) {
+        // A remote replica is lost with either of its nodes.
+        if !job
+            .replicas
+            .iter()
+            .any(|r| r.is_on(name) && !r.phase.is_done())
+        {
+            continue;
+        }
+        let mut job = job.clone();
+        for r in job
+            .replicas
+            .iter_mut()
+            .filter(|r| r.is_on(name) && !r.phase.is_done())
+        {
+            r.phase = ReplicaPhase::Lost;
+            r.finished_ms = Some(now);
+        }
+        let mut notes = vec![(
+            EventKind::NodeLost,
+            format!(
+                "node {name} missed heartbeats for {silent_ms} ms; its agent has stopped the \
+                 replicas there"
+            ),
+        )];
+        if job.stop.is_none() {
+            job.stop = Some(StopCause::NodeLost {
+                node: name.to_string(),
+            });
+        }
+        notes.extend(settle(&mut job, now));
+        changed.push((job, notes));
+    }
+    changed
+}
+
 /// Marks nodes unheard-from for longer than lease + grace as lost, and requeues their work.
 /// Returns when the next node would expire.
 pub async fn expire_leases(ctl: &Ctl) -> Option<u64> {
@@ -912,39 +952,7 @@ pub async fn expire_leases(ctl: &Ctl) -> Option<u64> {
                 }
                 node.health = NodeHealth::Lost;
                 c.put_node(&node)?;
-                let mut changed = Vec::new();
-                for job in s.jobs_on(&name) {
-                    // A remote replica is lost with either of its nodes.
-                    if !job
-                        .replicas
-                        .iter()
-                        .any(|r| r.is_on(&name) && !r.phase.is_done())
-                    {
-                        continue;
-                    }
-                    let mut job = job.clone();
-                    for r in job
-                        .replicas
-                        .iter_mut()
-                        .filter(|r| r.is_on(&name) && !r.phase.is_done())
-                    {
-                        r.phase = ReplicaPhase::Lost;
-                        r.finished_ms = Some(now);
-                    }
-                    let mut notes = vec![(
-                        EventKind::NodeLost,
-                        format!(
-                            "node {name} missed heartbeats for {} ms; its agent has stopped the \
-                             replicas there",
-                            now - node.last_seen_ms
-                        ),
-                    )];
-                    if job.stop.is_none() {
-                        job.stop = Some(StopCause::NodeLost { node: name.clone() });
-                    }
-                    notes.extend(settle(&mut job, now));
-                    changed.push((job, notes));
-                }
+                let changed = lose_node(s, &name, now - node.last_seen_ms, now);
                 for (job, notes) in changed {
                     save_job(c, s, job, notes, now)?;
                 }
@@ -1169,6 +1177,35 @@ mod tests {
         for n in ["a", "c"] {
             assert!(s.jobs_on(n).any(|j| j.id == 7), "job 7 is on {n}");
         }
+    }
+
+    #[test]
+    fn a_remote_replica_is_lost_with_either_of_its_nodes() {
+        for lost in ["a", "c"] {
+            let mut s = pool();
+            attached(&mut s);
+            let mut j = (*s.jobs[&7]).clone();
+            j.state = JobState::Running;
+            j.replicas[0].phase = ReplicaPhase::Running;
+            j.replicas[0].gpu_serving = true;
+            s.insert_job(j);
+            let changed = lose_node(&s, lost, 5_000, 10_000);
+            let (job, notes) = changed
+                .iter()
+                .find(|(j, _)| j.id == 7)
+                .unwrap_or_else(|| panic!("losing {lost} loses job 7: {changed:?}"));
+            assert!(notes[0].1.contains(&format!("node {lost} missed")), "{notes:?}");
+            // Queued again: the other node's agent stops its half, which is no longer wanted.
+            assert_eq!(job.state, JobState::Pending, "{notes:?}");
+            s.insert_job(job.clone());
+            let other = if lost == "a" { "c" } else { "a" };
+            assert!(!desired(&s, b"key", other).1.iter().any(|a| a.job_id == 7));
+        }
+        // A node that holds neither half loses nothing of it.
+        let mut s = pool();
+        attached(&mut s);
+        s.nodes.insert("d".into(), node("d", NodeHealth::Ready, false));
+        assert!(lose_node(&s, "d", 5_000, 10_000).is_empty());
     }
 
     fn status(key: &str, phase: RunPhase) -> ReplicaStatus {

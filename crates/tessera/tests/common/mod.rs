@@ -490,9 +490,14 @@ impl Pool {
                 &join,
                 "--node-name",
                 name,
-                "--simulate-gpus",
-                gpus,
             ])
+            // "": a node without GPUs.
+            .args(
+                Some(gpus)
+                    .filter(|g| !g.is_empty())
+                    .into_iter()
+                    .flat_map(|g| ["--simulate-gpus", g]),
+            )
             .args([
                 "--listen",
                 &format!("{ip}:0"),
