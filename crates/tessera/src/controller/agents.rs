@@ -1194,7 +1194,10 @@ mod tests {
                 .iter()
                 .find(|(j, _)| j.id == 7)
                 .unwrap_or_else(|| panic!("losing {lost} loses job 7: {changed:?}"));
-            assert!(notes[0].1.contains(&format!("node {lost} missed")), "{notes:?}");
+            assert!(
+                notes[0].1.contains(&format!("node {lost} missed")),
+                "{notes:?}"
+            );
             // Queued again: the other node's agent stops its half, which is no longer wanted.
             assert_eq!(job.state, JobState::Pending, "{notes:?}");
             s.insert_job(job.clone());
@@ -1204,7 +1207,8 @@ mod tests {
         // A node that holds neither half loses nothing of it.
         let mut s = pool();
         attached(&mut s);
-        s.nodes.insert("d".into(), node("d", NodeHealth::Ready, false));
+        s.nodes
+            .insert("d".into(), node("d", NodeHealth::Ready, false));
         assert!(lose_node(&s, "d", 5_000, 10_000).is_empty());
     }
 
