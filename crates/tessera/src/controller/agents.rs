@@ -19,7 +19,7 @@ use crate::auth::Principal;
 use crate::manifest::check_name;
 use crate::protocol::{
     Assignment, ImageRun, Member, Peer, RegisterRequest, RegisterResponse, RemoteDevice,
-    Rendezvous, ReplicaSet, ReplicaStatus, RunPhase, SyncRequest, SyncResponse,
+    Rendezvous, ReplicaSet, ReplicaStatus, ReplicaUsage, RunPhase, SyncRequest, SyncResponse,
 };
 use crate::state::{
     EventKind, Job, Node, NodeHealth, Replica, ReplicaPhase, State, StopCause, TokenKind,
@@ -526,19 +526,8 @@ pub async fn sync(
     let statuses = req.statuses.clone();
     let seq = req.seq;
     ctl.metrics.heartbeats.inc();
-    {
-        let now = now_ms();
-        let mut t = super::telemetry::lock(&ctl.telemetry);
-        if let Some(sample) = &req.sample {
-            t.record_node(&node, sample);
-        }
-        for st in &req.statuses {
-            if let (Some(u), Some((job, _, index)), RunPhase::Running) =
-                (&st.usage, parse_key(&st.key), st.phase)
-            {
-                t.record_replica(job, index, u, now);
-            }
-        }
+    if let Some(sample) = &req.sample {
+        super::telemetry::lock(&ctl.telemetry).record_node(&node, sample);
     }
     // What images the node holds (for the scheduler's tie-break), bounded as agents are told.
     let images: std::collections::BTreeSet<String> = req
@@ -548,17 +537,24 @@ pub async fn sync(
         .filter(|i| i.len() <= 512)
         .cloned()
         .collect();
-    let acked = ctl
+    let (acked, readings) = ctl
         .store
-        .write(move |c, s| -> Result<Vec<String>, ApiError> {
-            let acked = report(c, s, &name, seq, &statuses)?;
+        .write(move |c, s| -> Result<_, ApiError> {
+            let (acked, readings) = report(c, s, &name, seq, &statuses)?;
             if s.node_images.get(&name) != Some(&images) {
                 s.node_images.insert(name.clone(), images);
                 s.kick = true;
             }
-            Ok(acked)
+            Ok((acked, readings))
         })
         .await?;
+    {
+        let now = now_ms();
+        let mut t = super::telemetry::lock(&ctl.telemetry);
+        for (job, index, u) in &readings {
+            t.record_replica(*job, *index, u, now);
+        }
+    }
     let wait = Duration::from_millis(req.wait_ms.min(ctl.config.lease.as_millis() as u64 / 3));
     let mut watch = ctl.store.notifier.watch_node(&node);
     watch.borrow_and_update();
@@ -601,14 +597,18 @@ fn reportable(s: &State, node: &str, key: &str) -> bool {
     }
 }
 
-/// Records a heartbeat and the agent's report; returns the exits now durable.
+/// Running replicas' use as a report leaves it: (job, replica, use), for telemetry.
+type Readings = Vec<(u64, u32, ReplicaUsage)>;
+
+/// Records a heartbeat and the agent's report; returns the exits now durable, and the running
+/// replicas' use for telemetry.
 fn report(
     c: &crate::store::Write,
     s: &mut State,
     name: &str,
     seq: u64,
     statuses: &[ReplicaStatus],
-) -> Result<Vec<String>, ApiError> {
+) -> Result<(Vec<String>, Readings), ApiError> {
     let now = now_ms();
     let Some(mut node) = s.nodes.get(name).cloned() else {
         return Err(ApiError::conflict(format!(
@@ -635,7 +635,7 @@ fn report(
     let mut changed: BTreeMap<u64, (Job, Vec<Note>)> = BTreeMap::new();
     // Jobs whose reason changed without an event (an image pull's progress).
     let mut progressed: std::collections::BTreeSet<u64> = Default::default();
-    record_use(s, statuses, now);
+    let readings = record_use(s, statuses, now);
     if !came_back {
         for st in statuses {
             if let Some((job_id, attempt, index)) = parse_device_key(&st.key) {
@@ -794,7 +794,7 @@ fn report(
         s.touch_node(name);
     }
     s.nodes.insert(name.to_string(), node);
-    Ok(acked)
+    Ok((acked, readings))
 }
 
 /// What the report of a remote replica's GPU server on `node` changes: once it runs, the
@@ -843,13 +843,21 @@ fn server_ended(job: &mut Job, index: u32, node: &str, why: &str) -> Vec<Note> {
 
 /// Keeps the latest use of replicas still running (an exit carries the final energy count; read
 /// when their run ends, see `usage::ended`) and their idle time: each reading's GPU share counts
-/// idle until the next while under the project's threshold.
-fn record_use(s: &mut State, statuses: &[ReplicaStatus], now: u64) {
+/// idle until the next while under the project's threshold. A remote replica's use is its two
+/// halves': the device's readings from its GPU server's report, the CPU and memory from its
+/// program's. Returns each running replica's use as now known, for telemetry.
+fn record_use(s: &mut State, statuses: &[ReplicaStatus], now: u64) -> Readings {
+    let mut readings = Vec::new();
     for st in statuses {
         let Some(u) = &st.usage else { continue };
-        let Some((job, attempt, index)) = parse_key(&st.key) else {
-            continue;
+        let (key, device_half) = match parse_device_key(&st.key) {
+            Some(k) => (k, true),
+            None => match parse_key(&st.key) {
+                Some(k) => (k, false),
+                None => continue,
+            },
         };
+        let (job, attempt, index) = key;
         let Some(j) = s.jobs.get(&job).filter(|j| j.attempt == attempt) else {
             continue;
         };
@@ -860,20 +868,54 @@ fn record_use(s: &mut State, statuses: &[ReplicaStatus], now: u64) {
         else {
             continue;
         };
+        let replica_key = j.key(index);
+        let remote = r.gpu_node.is_some();
+        if remote && !device_half {
+            // The program's half: no device on its node; its CPU and memory only.
+            let e = s
+                .replica_usage
+                .entry(replica_key)
+                .or_insert_with(|| ReplicaUsage {
+                    gpu_util_pct: 0.0,
+                    gpu_memory_bytes: 0,
+                    energy_mj: 0,
+                    ..u.clone()
+                });
+            e.cpu_pct = u.cpu_pct;
+            e.memory_bytes = u.memory_bytes;
+            if st.phase == RunPhase::Running {
+                readings.push((job, index, e.clone()));
+            }
+            continue;
+        }
         let milli = r.gpu_milli();
         let threshold = s.projects.get(j.project()).map_or(
             crate::state::ProjectPolicy::DEFAULT_IDLE_THRESHOLD_PCT,
             |p| p.policy.idle_threshold(),
         );
-        let c = s.replica_idle.entry(st.key.clone()).or_default();
+        let c = s.replica_idle.entry(replica_key.clone()).or_default();
         if c.last_at > 0 && milli > 0 && c.last_util_pct < threshold {
             // A gap in the readings counts at most a minute.
             c.idle_gpu_milli_ms += milli * now.saturating_sub(c.last_at).min(60_000);
         }
         c.last_at = now;
         c.last_util_pct = u.gpu_util_pct;
-        s.replica_usage.insert(st.key.clone(), u.clone());
+        let mut merged = u.clone();
+        if device_half {
+            // The server's own CPU and memory are not the program's.
+            let (cpu_pct, memory_bytes) = s
+                .replica_usage
+                .get(&replica_key)
+                .map_or((0.0, 0), |e| (e.cpu_pct, e.memory_bytes));
+            merged.cpu_pct = cpu_pct;
+            merged.memory_bytes = memory_bytes;
+        }
+        if st.phase == RunPhase::Running {
+            readings.push((job, index, merged.clone()));
+        }
+        s.replica_usage.insert(replica_key, merged);
     }
+    readings
 }
 
 /// The jobs that node `name`, silent for `silent_ms`, loses: their replicas on it (programs, or
@@ -1210,6 +1252,65 @@ mod tests {
         s.nodes
             .insert("d".into(), node("d", NodeHealth::Ready, false));
         assert!(lose_node(&s, "d", 5_000, 10_000).is_empty());
+    }
+
+    #[test]
+    fn a_remote_replicas_use_is_its_devices_from_the_server_and_its_cpu_from_the_program() {
+        let usage = |gpu: f64, cpu: f64, energy: u64| ReplicaUsage {
+            gpu_util_pct: gpu,
+            gpu_memory_bytes: if gpu > 0.0 { 2 << 30 } else { 0 },
+            cpu_pct: cpu,
+            memory_bytes: if gpu > 0.0 { 300 << 20 } else { 1 << 30 },
+            energy_mj: energy,
+            simulated: true,
+        };
+        for device_first in [true, false] {
+            let mut s = pool();
+            attached(&mut s);
+            let mut j = (*s.jobs[&7]).clone();
+            j.state = JobState::Running;
+            j.replicas[0].phase = ReplicaPhase::Running;
+            j.replicas[0].gpu_serving = true;
+            s.insert_job(j.clone());
+            let mut program = status(&j.key(0), RunPhase::Running);
+            program.usage = Some(usage(0.0, 150.0, 0));
+            let mut server = status(&j.device_key(0), RunPhase::Running);
+            server.usage = Some(usage(80.0, 40.0, 5_000));
+            // The program's node has no device: a long run of its readings alone is not idle
+            // time of the replica's GPU.
+            record_use(&mut s, std::slice::from_ref(&program), 1_000);
+            record_use(&mut s, std::slice::from_ref(&program), 50_000);
+            assert_eq!(
+                s.replica_idle
+                    .get(&j.key(0))
+                    .map_or(0, |c| c.idle_gpu_milli_ms),
+                0
+            );
+            let both = if device_first {
+                vec![server.clone(), program.clone()]
+            } else {
+                vec![program.clone(), server.clone()]
+            };
+            let readings = record_use(&mut s, &both, 60_000);
+            let u = &s.replica_usage[&j.key(0)];
+            assert_eq!(
+                (u.gpu_util_pct, u.gpu_memory_bytes, u.energy_mj),
+                (80.0, 2 << 30, 5_000),
+                "the device's, from its server"
+            );
+            assert_eq!(
+                (u.cpu_pct, u.memory_bytes),
+                (150.0, 1 << 30),
+                "the program's"
+            );
+            assert!(!s.replica_usage.contains_key(&j.device_key(0)));
+            assert_eq!(s.replica_idle[&j.key(0)].last_util_pct, 80.0);
+            assert_eq!(
+                readings.last().unwrap().2,
+                *u,
+                "telemetry sees the whole replica"
+            );
+        }
     }
 
     fn status(key: &str, phase: RunPhase) -> ReplicaStatus {
