@@ -868,6 +868,12 @@ fn a_job_on_a_cpu_only_node_uses_the_gpu_of_a_node_whose_cpus_are_taken() {
             || last.contains("its remote GPU went away (the GPU server at 127.0.0.61:"),
         "{said:?}"
     );
+    // Both losses are in the audit log.
+    let lost: Vec<Value> = audit(&pool, "action=remote-gpu-lost")
+        .into_iter()
+        .filter(|e| e["job"] == id)
+        .collect();
+    assert_eq!(lost.len(), 2, "{lost:?}");
     pool.wait_for("the program on c to be stopped", || {
         let out = std::process::Command::new("pgrep")
             .args(["-f", "tessera-vgpu-probe launch --seconds 599"])

@@ -831,11 +831,15 @@ pub fn describe_job(c: &Client, id: u64) -> anyhow::Result<()> {
         if !j.assignments.is_empty() {
             println!("Replicas:");
             for r in &j.assignments {
+                // A remote replica's devices are its GPU node's.
+                let devices = match &r.gpu_node {
+                    Some(g) => format!("devices {:?} on {g} (attached)", r.devices),
+                    None => format!("devices {:?}", r.devices),
+                };
                 println!(
-                    "  {}  node {}  devices {:?}  {}  {}",
+                    "  {}  node {}  {devices}  {}  {}",
                     r.index,
                     r.node,
-                    r.devices,
                     format!("{:?}", r.phase).to_lowercase(),
                     r.exit_code.map(|c| format!("exit {c}")).unwrap_or_default()
                 );

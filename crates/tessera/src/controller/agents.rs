@@ -649,7 +649,12 @@ fn report(
                 let (job, notes) = changed
                     .entry(job_id)
                     .or_insert_with(|| ((**job).clone(), Vec::new()));
-                notes.extend(device_status(job, index, st, name));
+                let stopping = job.stop.is_some();
+                let more = device_status(job, index, st, name);
+                if !stopping && job.stop.is_some() {
+                    audit_attachment(c, now, job, &more[0].1)?;
+                }
+                notes.extend(more);
                 continue;
             }
             let Some((job_id, attempt, index)) = parse_key(&st.key) else {
@@ -703,7 +708,16 @@ fn report(
                 }
                 continue;
             }
+            let stopping = job.stop.is_some();
             if apply_status(job, index, st, now) {
+                let remote = job
+                    .replicas
+                    .iter()
+                    .any(|r| r.index == index && r.gpu_node.is_some());
+                if remote && st.interrupted && !stopping && job.stop.is_some() {
+                    let what = format!("replica {index} on {name}: {}", st.message);
+                    audit_attachment(c, now, job, &what)?;
+                }
                 let what = match (st.phase, &st.image) {
                     (RunPhase::Running, None) => format!("replica {index} started on {name}"),
                     (RunPhase::Running, Some(image)) => {
@@ -748,7 +762,11 @@ fn report(
                 .entry(job.id)
                 .or_insert_with(|| (job.clone(), Vec::new()));
             for index in servers_gone {
-                notes.extend(server_ended(j, index, name, "no longer known to its agent"));
+                let more = server_ended(j, index, name, "no longer known to its agent");
+                if let Some((_, what)) = more.first() {
+                    audit_attachment(c, now, j, what)?;
+                }
+                notes.extend(more);
             }
             for index in missing {
                 let Some(r) = j.replicas.iter_mut().find(|r| r.index == index) else {
@@ -824,6 +842,25 @@ fn device_status(job: &mut Job, index: u32, st: &ReplicaStatus, node: &str) -> V
         }
         _ => Vec::new(),
     }
+}
+
+/// Writes in the audit log that a remote GPU attachment of `job` lost one of its halves.
+fn audit_attachment(
+    c: &crate::store::Write,
+    now: u64,
+    job: &Job,
+    what: &str,
+) -> Result<(), ApiError> {
+    super::audit::record(
+        c,
+        now,
+        "controller",
+        "remote-gpu-lost",
+        Some(job.project()),
+        Some(job.id),
+        what,
+    )?;
+    Ok(())
 }
 
 /// A remote replica's GPU server on `node` ended while the replica was to run: its program has
@@ -996,6 +1033,17 @@ pub async fn expire_leases(ctl: &Ctl) -> Option<u64> {
                 c.put_node(&node)?;
                 let changed = lose_node(s, &name, now - node.last_seen_ms, now);
                 for (job, notes) in changed {
+                    let attached = s.jobs.get(&job.id).is_some_and(|old| {
+                        old.replicas
+                            .iter()
+                            .any(|r| r.gpu_node.is_some() && r.is_on(&name) && !r.phase.is_done())
+                    });
+                    if attached {
+                        let what = format!(
+                            "a remote GPU attachment lost node {name}; the job is queued again"
+                        );
+                        audit_attachment(c, now, &job, &what)?;
+                    }
                     save_job(c, s, job, notes, now)?;
                 }
                 s.nodes.insert(name.clone(), node);
