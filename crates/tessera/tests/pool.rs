@@ -883,6 +883,52 @@ fn a_job_on_a_cpu_only_node_uses_the_gpu_of_a_node_whose_cpus_are_taken() {
     });
 }
 
+#[test]
+fn a_moved_remote_job_saves_from_its_device_before_its_gpu_server_stops() {
+    let probe = Path::new(bin()).with_file_name("tessera-vgpu-probe");
+    let mut pool = Pool::start();
+    pool.add_agent("g", "127.0.0.63", "1xH100-80GB");
+    pool.add_agent("c", "127.0.0.64", "");
+    // Checkpointing reads the device (here: its memory), through the attachment.
+    let script = format!(
+        r#"if [ -n "${{TESSERA_RESUME_FROM:-}}" ]; then echo "resumed: $(cat "$TESSERA_RESUME_FROM/device")"; exit 0; fi
+trap '{p} meminfo > "$TESSERA_CHECKPOINT_DIR/device" 2>&1; : > "$TESSERA_CHECKPOINT_DIR/COMPLETE"; exit 0' USR1
+echo started
+while true; do sleep 0.1; done"#,
+        p = probe.display()
+    );
+    let (status, v) = pool.post(
+        "/v1/jobs",
+        json!({"metadata": {"name": "moved"},
+               "spec": {"resources": {"gpu": 0.5, "gpuMemory": "1GiB", "cpu": 0.5,
+                                      "memory": "256MiB", "gpuAttach": "remote"},
+                        "checkpoint": {"signal": "USR1", "grace": "20s"},
+                        "command": ["sh", "-c", script]}}),
+        &pool.admin,
+    );
+    assert_eq!(status, 201, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    let job = pool.wait_state(id, "running");
+    let r = &job["assignments"][0];
+    assert_eq!(
+        (r["node"].as_str(), r["gpu_node"].as_str()),
+        (Some("c"), Some("g")),
+        "{job}"
+    );
+    pool.wait_for("the program to start", || {
+        logs(&pool, id).contains("started")
+    });
+    let (s, v) = pool.post(&format!("/v1/jobs/{id}/migrate"), json!({}), &pool.admin);
+    assert_eq!(s, 200, "{v}");
+    let done = pool.wait_state(id, "succeeded");
+    assert_eq!(done["attempt"], 2, "{done}");
+    let out = logs(&pool, id);
+    assert!(
+        out.contains("resumed: free_bytes=1073741824 total_bytes=1073741824"),
+        "the checkpoint read the device while the program stopped: {out}"
+    );
+}
+
 /// A counting "training" job that checkpoints its count when asked (USR1) and resumes from it.
 /// A job that counts to `to` (20 a second) into `worklog`, saving its count on USR1.
 fn counting_job(pool: &Pool, worklog: &Path, to: u32) -> u64 {

@@ -172,17 +172,24 @@ fn desired(s: &State, key: &[u8], name: &str) -> (u64, Vec<Assignment>) {
     if node.health != NodeHealth::Ready {
         return (revision, out);
     }
-    for job in s.jobs_on(name).filter(|j| j.stop.is_none()) {
+    let live = |r: &&Replica| {
+        !r.leaving && matches!(r.phase, ReplicaPhase::Assigned | ReplicaPhase::Running)
+    };
+    for job in s.jobs_on(name) {
+        // A GPU server outlives its job's stop until its program has ended: a program stopping
+        // through its checkpoint still needs its device to save what is on it.
+        for r in job.replicas.iter().filter(live) {
+            if r.gpu_node.as_deref() == Some(name) && (job.stop.is_none() || r.gpu_serving) {
+                out.extend(serves_device(s, key, job, r, node));
+            }
+        }
+        if job.stop.is_some() {
+            continue;
+        }
         let elastic = job.def.elastic.map(|e| replica_set(s, job, e));
         let rendezvous = rendezvous(s, job);
         let (volumes, hidden_volumes, workdir) = mounts(s, job);
-        let live = |r: &&Replica| {
-            !r.leaving && matches!(r.phase, ReplicaPhase::Assigned | ReplicaPhase::Running)
-        };
         for r in job.replicas.iter().filter(live) {
-            if r.gpu_node.as_deref() == Some(name) {
-                out.extend(serves_device(s, key, job, r, node));
-            }
             // A remote replica's program starts once its GPU server runs.
             if r.node != name || (r.gpu_node.is_some() && !r.gpu_serving) {
                 continue;
@@ -750,7 +757,6 @@ fn report(
                     r.gpu_node.as_deref() == Some(name)
                         && r.gpu_serving
                         && !r.phase.is_done()
-                        && job.stop.is_none()
                         && !by_key.contains_key(job.device_key(r.index).as_str())
                 })
                 .map(|r| r.index)
@@ -762,9 +768,10 @@ fn report(
                 .entry(job.id)
                 .or_insert_with(|| (job.clone(), Vec::new()));
             for index in servers_gone {
+                let stopping = j.stop.is_some();
                 let more = server_ended(j, index, name, "no longer known to its agent");
-                if let Some((_, what)) = more.first() {
-                    audit_attachment(c, now, j, what)?;
+                if !stopping {
+                    audit_attachment(c, now, j, &more[0].1)?;
                 }
                 notes.extend(more);
             }
@@ -821,18 +828,18 @@ fn device_status(job: &mut Job, index: u32, st: &ReplicaStatus, node: &str) -> V
     let Some(r) = job.replicas.iter_mut().find(|r| r.index == index) else {
         return Vec::new();
     };
-    if r.phase.is_done() || job.stop.is_some() {
+    if r.phase.is_done() {
         return Vec::new();
     }
     match st.phase {
-        RunPhase::Running if !r.gpu_serving => {
+        RunPhase::Running if !r.gpu_serving && job.stop.is_none() => {
             r.gpu_serving = true;
             vec![(
                 EventKind::Replica,
                 format!("replica {index}'s GPU server started on {node}"),
             )]
         }
-        RunPhase::Exited => {
+        RunPhase::Exited if r.gpu_serving || job.stop.is_none() => {
             let why = if st.message.is_empty() {
                 "it exited".to_string()
             } else {
@@ -865,16 +872,19 @@ fn audit_attachment(
 
 /// A remote replica's GPU server on `node` ended while the replica was to run: its program has
 /// no device any more, so the job stops and is queued again (resuming from its checkpoint)
-/// without using a restart of its own.
+/// without using a restart of its own. (Of a job already stopping, it is only said.)
 fn server_ended(job: &mut Job, index: u32, node: &str, why: &str) -> Vec<Note> {
-    if job.stop.is_some() {
-        return Vec::new();
+    if let Some(r) = job.replicas.iter_mut().find(|r| r.index == index) {
+        // Not to be sent again: it serves no more.
+        r.gpu_serving = false;
     }
     let why = format!("replica {index}'s GPU server on {node} ended ({why})");
-    job.stop = Some(StopCause::Interrupted {
-        replica: index,
-        why: why.clone(),
-    });
+    if job.stop.is_none() {
+        job.stop = Some(StopCause::Interrupted {
+            replica: index,
+            why: why.clone(),
+        });
+    }
     vec![(EventKind::Replica, why)]
 }
 
@@ -1248,6 +1258,55 @@ mod tests {
         assert!(device_status(&mut j, 0, &st, "c").is_empty());
         s.insert_job(j);
         assert!(ours("a", &s).is_empty() && ours("c", &s).is_empty());
+    }
+
+    #[test]
+    fn a_stopping_remote_replica_keeps_its_gpu_server_until_its_program_has_ended() {
+        let mut s = pool();
+        attached(&mut s);
+        let mut j = (*s.jobs[&7]).clone();
+        j.state = JobState::Running;
+        j.replicas[0].phase = ReplicaPhase::Running;
+        j.replicas[0].gpu_serving = true;
+        // Preempted: the program is stopped through its checkpoint, which needs the device.
+        j.stop = Some(StopCause::Preempt {
+            for_job: 9,
+            reason: "room".into(),
+        });
+        s.insert_job(j.clone());
+        let on = |node: &str, s: &State| -> Vec<String> {
+            desired(s, b"key", node)
+                .1
+                .into_iter()
+                .filter(|a| a.job_id == 7)
+                .map(|a| a.key)
+                .collect()
+        };
+        assert!(on("a", &s).is_empty(), "the program is stopped");
+        assert_eq!(on("c", &s), [j.device_key(0)], "its server stays");
+        // Its server ends meanwhile: said, and not sent again.
+        let mut st = status(&j.device_key(0), RunPhase::Exited);
+        st.message = "killed".into();
+        let mut ended = j.clone();
+        assert_eq!(device_status(&mut ended, 0, &st, "c").len(), 1);
+        assert!(!ended.replicas[0].gpu_serving);
+        assert!(
+            matches!(ended.stop, Some(StopCause::Preempt { .. })),
+            "the cause stays"
+        );
+        assert!(
+            device_status(&mut ended, 0, &st, "c").is_empty(),
+            "said once"
+        );
+        // The program has ended: the server goes too.
+        j.replicas[0].phase = ReplicaPhase::Exited;
+        s.insert_job(j.clone());
+        assert!(on("c", &s).is_empty());
+        // A server that never started is not started for a job already stopping.
+        j.replicas[0].phase = ReplicaPhase::Assigned;
+        j.replicas[0].gpu_serving = false;
+        s.insert_job(j);
+        assert!(on("c", &s).is_empty());
     }
 
     #[test]
