@@ -332,6 +332,25 @@ enum Command {
         #[command(subcommand)]
         cmd: cli::TokenCmd,
     },
+    /// Which controller the CLI talks to: `config use URL`, `config view`.
+    Config {
+        #[command(subcommand)]
+        cmd: cli::session::ConfigCmd,
+        #[arg(short, long, global = true, value_enum, default_value_t = cli::Output::Table)]
+        output: cli::Output,
+    },
+    /// Who the controller takes you for: user, role, projects.
+    Whoami {
+        #[command(flatten)]
+        conn: cli::Conn,
+    },
+    /// This program's version and the controller's.
+    Version {
+        #[command(flatten)]
+        conn: cli::Conn,
+    },
+    /// A shell's completion script: `source <(tessera completion bash)`.
+    Completion { shell: clap_complete::Shell },
     /// Replay production traces through Tessera's placement engine.
     #[command(subcommand)]
     Sim(sim::SimCommand),
@@ -661,17 +680,24 @@ fn serve(controller: ControllerArgs, node: Option<NodeArgs>) -> anyhow::Result<(
             println!("First admin token (shown once): {token}");
             let path = cli::config_path();
             if !path.exists() {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
                 let file = cli::ConfigFile {
                     url: url.clone(),
                     token: token.clone(),
                     ca_cert: None,
                 };
-                controller::write_private(&path, &serde_yaml::to_string(&file)?)?;
+                let path = cli::session::write(&file)?;
                 println!("Wrote {} for the CLI.", path.display());
             }
+        } else if let Some(mut file) = std::fs::read_to_string(cli::config_path())
+            .ok()
+            .and_then(|t| serde_yaml::from_str::<cli::ConfigFile>(&t).ok())
+            .filter(|f| f.url != url && node.is_some())
+        {
+            // A second `tessera up` of the same pool, on another address: the CLI follows it
+            // (the token, kept in the config file, is the pool's).
+            let was = std::mem::replace(&mut file.url, url.clone());
+            let path = cli::session::write(&file)?;
+            println!("Updated {}: url {url} (was {was}).", path.display());
         }
         if let Some(gw) = running.gateway {
             println!("Service gateway at http://{gw}/SERVICE/");
@@ -746,6 +772,8 @@ fn main() {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour for a person at a terminal; none in a redirected log.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     if !matches!(
@@ -853,6 +881,12 @@ fn main() {
         }
         Command::Users { conn, cmd } => cli::Client::new(&conn).and_then(|c| cli::users(&c, cmd)),
         Command::Token { conn, cmd } => cli::Client::new(&conn).and_then(|c| cli::token(&c, cmd)),
+        Command::Config { cmd, output } => cli::session::config(cmd, output),
+        Command::Whoami { conn } => cli::Client::new(&conn).and_then(|c| cli::session::whoami(&c)),
+        Command::Version { conn } => cli::session::version(cli::Client::new(&conn), conn.output),
+        Command::Completion { shell } => {
+            cli::session::completion(shell, &mut <Cli as clap::CommandFactory>::command())
+        }
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -884,6 +884,96 @@ fn a_job_on_a_cpu_only_node_uses_the_gpu_of_a_node_whose_cpus_are_taken() {
 }
 
 #[test]
+fn the_cli_says_who_and_where_it_talks_to_and_completes_itself() {
+    let pool = Pool::start();
+    let (ok, out, err) = cli(&pool, &["whoami", "-o", "json"]);
+    assert!(ok, "{err}");
+    let me: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (me["user"].as_str(), me["role"].as_str()),
+        (Some("admin"), Some("admin")),
+        "{me}"
+    );
+    let (ok, out, err) = cli(&pool, &["version"]);
+    assert!(ok, "{err}");
+    let v = env!("CARGO_PKG_VERSION");
+    assert!(out.contains(&format!("Client:      tessera {v}")), "{out}");
+    assert!(out.contains(&format!("Controller:  tessera {v}")), "{out}");
+
+    // The config file: `config use` writes it (0600), keeps the token, says what changed.
+    let config = pool.path("cli-config.yaml");
+    let tessera = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .env("TESSERA_CONFIG", &config)
+            .env_remove("TESSERA_URL")
+            .env_remove("TESSERA_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = tessera(&["config", "use", &pool.url]);
+    assert!(!ok && err.contains("--token"), "no token yet: {err}");
+    assert!(!config.exists(), "a refused command writes nothing");
+    let (ok, _, err) = tessera(&[
+        "config",
+        "use",
+        "http://127.0.0.1:9",
+        "--token",
+        &pool.admin,
+    ]);
+    assert!(ok, "{err}");
+    // Nothing listens at that URL: the error says where the URL came from and how to change it.
+    let (ok, _, err) = tessera(&["jobs"]);
+    assert!(!ok);
+    assert!(
+        err.contains("calling the controller at http://127.0.0.1:9"),
+        "{err}"
+    );
+    assert!(
+        err.contains("tessera config use URL") && err.contains("came from the config file"),
+        "{err}"
+    );
+    let (ok, out, err) = tessera(&["config", "use", &pool.url]);
+    assert!(ok, "{err}");
+    assert!(out.contains("(was http://127.0.0.1:9)"), "{out}");
+    let (ok, out, err) = tessera(&["jobs", "-o", "json"]);
+    assert!(ok && out.trim() == "[]", "{out}{err}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (ok, out, _) = tessera(&["config", "view", "-o", "json"]);
+    assert!(ok);
+    let view: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(view["url"], pool.url.as_str());
+    let secret = pool.admin.rsplit_once('_').unwrap().1;
+    assert!(
+        !out.contains(secret),
+        "the token's secret is not shown: {out}"
+    );
+    assert!(view["token"].as_str().unwrap().ends_with('…'), "{view}");
+
+    // Completion scripts know the commands and their flags.
+    for shell in ["bash", "zsh", "fish"] {
+        let (ok, out, err) = tessera(&["completion", shell]);
+        assert!(ok, "{err}");
+        assert!(
+            out.contains("submit") && out.contains("gpu-attach"),
+            "{shell}: {}",
+            &out[..out.len().min(300)]
+        );
+    }
+    let (ok, _, err) = tessera(&["completion", "cmd.exe"]);
+    assert!(!ok && err.contains("bash"), "{err}");
+}
+
+#[test]
 fn a_moved_remote_job_saves_from_its_device_before_its_gpu_server_stops() {
     let probe = Path::new(bin()).with_file_name("tessera-vgpu-probe");
     let mut pool = Pool::start();

@@ -47,6 +47,8 @@ pub struct ConfigFile {
     pub ca_cert: Option<PathBuf>,
 }
 
+pub mod session;
+
 pub fn config_path() -> PathBuf {
     if let Ok(p) = std::env::var("TESSERA_CONFIG") {
         return PathBuf::from(p);
@@ -57,6 +59,8 @@ pub fn config_path() -> PathBuf {
 
 pub struct Client {
     controllers: crate::endpoints::Endpoints,
+    /// Where the URL came from (--url, TESSERA_URL, the config file), for errors.
+    url_from: &'static str,
     token: String,
     http: reqwest::blocking::Client,
     pub output: Output,
@@ -72,7 +76,7 @@ impl Client {
             .clone()
             .map(|u| ("--url", u))
             .or_else(|| std::env::var("TESSERA_URL").ok().map(|u| ("TESSERA_URL", u)))
-            .or_else(|| file.as_ref().map(|f| ("the config file's url", f.url.clone())))
+            .or_else(|| file.as_ref().map(|f| ("the config file", f.url.clone())))
             .context("no controller URL: pass --url, set TESSERA_URL, or run `tessera up` (it writes the config file)")?;
         let controllers = crate::endpoints::Endpoints::parse(from, &url)?;
         let token = conn
@@ -96,6 +100,7 @@ impl Client {
         }
         Ok(Client {
             controllers,
+            url_from: from,
             token,
             http: b.build()?,
             output: conn.output,
@@ -153,9 +158,18 @@ impl Client {
                 // Not sent at all: safe to send elsewhere, whatever the method.
                 Err(e) if e.is_connect() && more => anyhow::Error::new(e),
                 Err(e) => {
-                    return Err(
-                        anyhow::Error::new(e).context(format!("calling the controller at {base}"))
-                    );
+                    let hint = if e.is_connect() {
+                        format!(
+                            "; nothing answers there: start one with `tessera up`, or use \
+                             another with --url URL, TESSERA_URL or `tessera config use URL` \
+                             (this URL came from {})",
+                            self.url_from
+                        )
+                    } else {
+                        String::new()
+                    };
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("calling the controller at {base}{hint}")));
                 }
             };
             self.controllers.failed(&base);
