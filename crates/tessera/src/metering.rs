@@ -158,6 +158,9 @@ impl Window {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UsageRow {
     pub key: String,
+    /// By job: the job's name, while the pool still knows the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Milli-GPU-milliseconds (exact).
     pub gpu_milli_ms: u64,
     /// Device-memory MiB-milliseconds (exact).

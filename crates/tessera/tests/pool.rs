@@ -959,6 +959,36 @@ fn the_cli_says_who_and_where_it_talks_to_and_completes_itself() {
     );
     assert!(view["token"].as_str().unwrap().ends_with('…'), "{view}");
 
+    // A wrong field of a manifest is reported at its line and column in the file.
+    let manifest = pool.path("bad.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: tessera/v1\nkind: Job\nmetadata: {name: t}\nspec:\n  resources: {gpu: 1}\n  gpus: 2\n  command: [\"true\"]\n",
+    )
+    .unwrap();
+    let (ok, _, err) = cli(&pool, &["submit", "-f", manifest.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("unknown field `gpus`") && err.contains("line 6"),
+        "{err}"
+    );
+
+    // Usage by job names the jobs.
+    let mut pool = pool;
+    pool.add_agent("n1", "127.0.0.65", "1xH100-80GB");
+    let id = cli_submit(
+        &pool,
+        &["--name", "named-run", "--gpu", "1", "--", "sleep", "0.3"],
+    );
+    pool.wait_state(id, "succeeded");
+    let (ok, out, err) = cli(&pool, &["usage", "--since", "1h", "--by", "job"]);
+    assert!(ok, "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(&id.to_string()))
+        .unwrap_or_else(|| panic!("no row of job {id}: {out}"));
+    assert_eq!(row.split_whitespace().nth(1), Some("named-run"), "{out}");
+
     // Completion scripts know the commands and their flags.
     for shell in ["bash", "zsh", "fish"] {
         let (ok, out, err) = tessera(&["completion", shell]);

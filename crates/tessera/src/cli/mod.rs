@@ -392,6 +392,14 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
                 std::fs::read_to_string(path)
                     .with_context(|| format!("reading {}", path.display()))?
             };
+            // Read as the manifest it must be, so that a wrong field or type is reported at its
+            // line and column in this file (not in the JSON it is sent as); a missing field
+            // may still come from the flags, and the controller judges the whole.
+            if let Err(e) = serde_yaml::from_str::<crate::manifest::Manifest>(&text)
+                && !e.to_string().contains("missing field")
+            {
+                bail!("{}: {e}", path.display());
+            }
             serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
         }
         None => {
@@ -605,6 +613,10 @@ pub fn usage(c: &Client, a: &UsageArgs) -> anyhow::Result<()> {
         if co2 {
             header.insert(7, "CO2 kg".into());
         }
+        let named = report.by == crate::metering::GroupBy::Job;
+        if named {
+            header.insert(1, "NAME".into());
+        }
         let line = |r: &crate::metering::UsageRow| {
             let mut cells = vec![
                 r.key.clone(),
@@ -619,6 +631,9 @@ pub fn usage(c: &Client, a: &UsageArgs) -> anyhow::Result<()> {
             ];
             if let Some(kg) = r.co2_kg {
                 cells.insert(7, format!("{kg:.4}"));
+            }
+            if named {
+                cells.insert(1, r.name.clone().unwrap_or_default());
             }
             cells
         };

@@ -392,7 +392,7 @@ fn schemas() -> Value {
         "Project": obj(json!({"name": {"type": "string"}, "guaranteed_gpu": {"type": "number"}, "limit_gpu": {},
             "over_quota_weight": {"type": "integer"}, "used_gpu": {"type": "number"}})),
         "ProjectList": list("Project"),
-        "UsageRow": obj(json!({"key": {"type": "string"}, "gpu_milli_ms": {"type": "integer"}, "idle_gpu_milli_ms": {"type": "integer"},
+        "UsageRow": obj(json!({"key": {"type": "string"}, "name": {"type": "string"}, "gpu_milli_ms": {"type": "integer"}, "idle_gpu_milli_ms": {"type": "integer"},
             "gpu_memory_mib_ms": {"type": "integer"}, "cpu_milli_ms": {"type": "integer"}, "memory_mib_ms": {"type": "integer"},
             "energy_mj": {"type": "integer"}, "gpu_hours": {"type": "number"}, "idle_gpu_hours": {"type": "number"},
             "energy_kwh": {"type": "number"}, "cost": {"type": "number"}, "co2_kg": {"type": "number"},

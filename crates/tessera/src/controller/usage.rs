@@ -166,7 +166,21 @@ pub async fn get_usage(
         .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     segments.extend(closed);
     segments.retain(|s| wanted.as_ref().is_none_or(|w| w.contains(&s.project)));
-    Ok(Json(report(&segments, window, by, &ctl.config.rates)))
+    let mut r = report(&segments, window, by, &ctl.config.rates);
+    if by == GroupBy::Job {
+        // Names for people; the key stays the job's id.
+        ctl.store.read(|s| {
+            for row in &mut r.rows {
+                row.name = row
+                    .key
+                    .parse::<u64>()
+                    .ok()
+                    .and_then(|id| s.jobs.get(&id))
+                    .map(|j| j.def.spec.name.clone());
+            }
+        });
+    }
+    Ok(Json(r))
 }
 
 /// Keeps each project's decayed past use (for fair share) fresh: every `every`, from the ledger
