@@ -2625,6 +2625,11 @@ fn the_dashboard_logs_in_submits_a_job_and_shows_it_run_on_its_slice_in_headless
             text("nodes").await.contains(&format!("job {id} 0.5"))
         })
         .await;
+        // A project without a guarantee or a limit has no quota to be over.
+        eventually("the default project without a quota", || async {
+            text("projects").await.contains("no quota")
+        })
+        .await;
         shot(b.clone(), "dashboard.png").await;
         b.find(Locator::Css(&row))
             .await

@@ -141,10 +141,21 @@ function drawNodes(nodes, jobs) {
 function drawProjects(projects) {
   fill($("projects").tBodies[0], projects.map((p) => {
     const cap = Math.max(p.limit_gpu || 0, p.guaranteed_gpu, p.used_gpu, 0.001);
+    // Over quota: using more than a guarantee it has. Without a guarantee or a limit there is no
+    // quota to be over (the project shares what is free).
+    const over = p.guaranteed_gpu > 0 && p.used_gpu > p.guaranteed_gpu;
     const used = el("div", {
-      class: "used" + (p.used_gpu > p.guaranteed_gpu ? " over" : ""),
+      class: "used" + (over ? " over" : ""),
       style: `width:${Math.min(100, 100 * p.used_gpu / cap)}%`,
     });
+    const noQuota = !p.guaranteed_gpu && p.limit_gpu == null;
+    const bar = noQuota
+      ? el("span", { class: "no-quota", title: "no guaranteed share and no limit: it uses what is free" }, "no quota")
+      : el("div", {
+        class: "quota",
+        title: `${p.used_gpu} GPU in use of ${p.guaranteed_gpu} guaranteed` +
+          (p.limit_gpu != null ? `, limit ${p.limit_gpu}` : "") + (over ? " (over its guarantee)" : ""),
+      }, used);
     const policy = [];
     const pol = p.policy || {};
     if (pol.residency) policy.push(Object.entries(pol.residency).map(([k, v]) => `${k}=${v}`).join(","));
@@ -152,7 +163,7 @@ function drawProjects(projects) {
     if (pol.max_job_gpu_milli) policy.push(`<=${pol.max_job_gpu_milli / 1000} GPU/job`);
     if (pol.idle_after_ms) policy.push(`idle stop ${pol.idle_after_ms / 1000}s`);
     return el("tr", {},
-      el("td", {}, p.name), el("td", {}, el("div", { class: "quota" }, used)),
+      el("td", {}, p.name), el("td", {}, bar),
       el("td", {}, p.used_gpu), el("td", {}, p.guaranteed_gpu), el("td", {}, p.limit_gpu ?? "-"),
       el("td", {}, (p.recent_gpu || 0).toFixed(3)), el("td", {}, p.jobs_running), el("td", {}, p.jobs_pending),
       el("td", {}, policy.join("; ") || "-"));
