@@ -1528,7 +1528,11 @@ fn a_service_under_load_moves_and_scales_without_a_failed_request_and_autoscales
     let load = Load::start(format!("http://{}/web/", pool.gateway), 4);
     std::thread::sleep(Duration::from_millis(500));
     // Move: the new replica starts on the other node, takes the traffic, the old one drains.
-    let (ok, _, err) = cli(&pool, &["services", "move", "web", "--to", other]);
+    let (ok, out, err) = cli(&pool, &["services", "move", "web", "--to", other]);
+    assert!(
+        out.starts_with(&format!("service web: moving a replica to {other};")),
+        "{out}"
+    );
     assert!(ok, "{err}");
     pool.wait_for("the move", || {
         let ready = ready_jobs(&pool, "web");
@@ -1537,7 +1541,11 @@ fn a_service_under_load_moves_and_scales_without_a_failed_request_and_autoscales
     let moved = ready_jobs(&pool, "web")[0];
     assert_eq!(pool.job(moved)["assignments"][0]["node"], other);
     // Scale up, then down, under the same load.
-    let (ok, _, err) = cli(&pool, &["services", "scale", "web", "3"]);
+    let (ok, out, err) = cli(&pool, &["services", "scale", "web", "3"]);
+    assert!(
+        out.starts_with("service web: scaled to 3 replica(s)"),
+        "{out}"
+    );
     assert!(ok, "{err}");
     pool.wait_for("three replicas", || ready_jobs(&pool, "web").len() == 3);
     std::thread::sleep(Duration::from_millis(500));
@@ -1619,7 +1627,11 @@ fn a_service_under_load_moves_and_scales_without_a_failed_request_and_autoscales
     assert!(v.to_string().contains("spec.service.port"), "{v}");
     let r = reqwest::blocking::get(format!("http://{}/nosuch/", pool.gateway)).unwrap();
     assert_eq!(r.status(), 404);
-    let (ok, _, err) = cli(&pool, &["services", "delete", "slow"]);
+    let (ok, out, err) = cli(&pool, &["services", "delete", "slow"]);
+    assert!(
+        out.starts_with("service slow: deleted; its replicas are stopping"),
+        "{out}"
+    );
     assert!(ok, "{err}");
 }
 

@@ -1338,24 +1338,46 @@ pub enum ServicesCmd {
 
 pub fn services(c: &Client, cmd: Option<ServicesCmd>) -> anyhow::Result<()> {
     let one = |v: Value| Value::Array(vec![v]);
+    // What a changing command did, said before the service's line.
+    let mut said = None;
     let v = match cmd.unwrap_or(ServicesCmd::List) {
         ServicesCmd::List => c.get("/v1/services")?,
         ServicesCmd::Get { name } => one(c.get(&format!("/v1/services/{name}"))?),
-        ServicesCmd::Scale { name, replicas } => one(c.post(
-            &format!("/v1/services/{name}/scale"),
-            json!({ "replicas": replicas }),
-        )?),
-        ServicesCmd::Move { name, job, to } => one(c.post(
-            &format!("/v1/services/{name}/move"),
-            json!({ "job": job, "to": to }),
-        )?),
-        ServicesCmd::Delete { name } => one(c.call(
-            reqwest::Method::DELETE,
-            &format!("/v1/services/{name}"),
-            None,
-        )?),
+        ServicesCmd::Scale { name, replicas } => {
+            said = Some(format!("service {name}: scaled to {replicas} replica(s)"));
+            one(c.post(
+                &format!("/v1/services/{name}/scale"),
+                json!({ "replicas": replicas }),
+            )?)
+        }
+        ServicesCmd::Move { name, job, to } => {
+            let v = c.post(
+                &format!("/v1/services/{name}/move"),
+                json!({ "job": job, "to": to }),
+            )?;
+            let what = job.map_or("a replica".to_string(), |j| format!("job {j}"));
+            let whither = to.as_deref().map_or(String::new(), |n| format!(" to {n}"));
+            said = Some(format!(
+                "service {name}: moving {what}{whither}; a new replica starts, and the old one \
+                 stops once the new one is ready"
+            ));
+            one(v)
+        }
+        ServicesCmd::Delete { name } => {
+            said = Some(format!(
+                "service {name}: deleted; its replicas are stopping"
+            ));
+            one(c.call(
+                reqwest::Method::DELETE,
+                &format!("/v1/services/{name}"),
+                None,
+            )?)
+        }
     };
     c.print(&v, |v| {
+        if let Some(line) = &said {
+            println!("{line}");
+        }
         let rows = v
             .as_array()
             .into_iter()
