@@ -228,9 +228,10 @@ enum Command {
     Describe {
         #[command(flatten)]
         conn: cli::Conn,
-        /// `job`
+        /// `job`, `node` or `project`
         kind: String,
-        id: u64,
+        /// The job's id, or the node's or project's name.
+        id: String,
     },
     /// A replica's output.
     Logs {
@@ -817,15 +818,17 @@ fn main() {
             cli::Client::new(&conn).and_then(|c| cli::submit(&c, &args))
         }
         Command::Jobs { conn, args } => cli::Client::new(&conn).and_then(|c| cli::jobs(&c, &args)),
-        Command::Describe { conn, kind, id } => {
-            if kind != "job" {
-                Err(anyhow::anyhow!(
-                    "describe {kind}: only `describe job ID` exists"
-                ))
-            } else {
-                cli::Client::new(&conn).and_then(|c| cli::describe_job(&c, id))
-            }
-        }
+        Command::Describe { conn, kind, id } => match kind.as_str() {
+            "job" => id
+                .parse::<u64>()
+                .map_err(|_| anyhow::anyhow!("describe job {id}: a job's id is a number"))
+                .and_then(|id| cli::Client::new(&conn).and_then(|c| cli::describe_job(&c, id))),
+            "node" => cli::Client::new(&conn).and_then(|c| cli::describe::node(&c, &id)),
+            "project" => cli::Client::new(&conn).and_then(|c| cli::describe::project(&c, &id)),
+            _ => Err(anyhow::anyhow!(
+                "describe {kind}: describe job ID, node NAME or project NAME"
+            )),
+        },
         Command::Logs {
             conn,
             id,

@@ -811,6 +811,14 @@ fn a_job_on_a_cpu_only_node_uses_the_gpu_of_a_node_whose_cpus_are_taken() {
         "{said:?}"
     );
     // The device is g's: its node view counts the share there, and c holds the CPU.
+    let (ok, out, err) = cli(&pool, &["describe", "node", "g"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("replica 0's GPU (attached from c)"), "{out}");
+    let (ok, out, err) = cli(&pool, &["describe", "node", "c"]);
+    assert!(
+        ok && out.contains("replica 0") && !out.contains("GPU (attached"),
+        "{out}{err}"
+    );
     let (_, nodes) = pool.get("/v1/nodes", &pool.admin);
     let view = |n: &str| {
         nodes
@@ -972,6 +980,15 @@ fn the_cli_says_who_and_where_it_talks_to_and_completes_itself() {
         err.contains("unknown field `gpus`") && err.contains("line 6"),
         "{err}"
     );
+
+    // describe project: its quota in words; describe of what does not exist says so.
+    let (ok, out, err) = cli(&pool, &["describe", "project", "default"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Quota:       no quota"), "{out}");
+    let (ok, _, err) = cli(&pool, &["describe", "node", "nowhere"]);
+    assert!(!ok && err.contains("nowhere"), "{err}");
+    let (ok, _, err) = cli(&pool, &["describe", "job", "web"]);
+    assert!(!ok && err.contains("a job's id is a number"), "{err}");
 
     // Usage by job names the jobs.
     let mut pool = pool;

@@ -47,6 +47,7 @@ pub struct ConfigFile {
     pub ca_cert: Option<PathBuf>,
 }
 
+pub mod describe;
 pub mod session;
 
 pub fn config_path() -> PathBuf {
