@@ -990,14 +990,52 @@ fn the_cli_says_who_and_where_it_talks_to_and_completes_itself() {
     let (ok, _, err) = cli(&pool, &["describe", "job", "web"]);
     assert!(!ok && err.contains("a job's id is a number"), "{err}");
 
-    // Usage by job names the jobs.
+    // Usage by job names the jobs; a watch shows the job's states as they come.
     let mut pool = pool;
     pool.add_agent("n1", "127.0.0.65", "1xH100-80GB");
+    let mut watch = Proc(
+        Command::new(bin())
+            .args(["jobs", "-w", "--url", &pool.url, "--token", &pool.admin])
+            .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = {
+        let out = std::io::BufReader::new(watch.0.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(out).map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
     let id = cli_submit(
         &pool,
-        &["--name", "named-run", "--gpu", "1", "--", "sleep", "0.3"],
+        &["--name", "named-run", "--gpu", "1", "--", "sleep", "4"],
     );
     pool.wait_state(id, "succeeded");
+    let mut states = Vec::new();
+    let until = Instant::now() + Duration::from_secs(20);
+    while !states.contains(&"succeeded".to_string()) && Instant::now() < until {
+        if let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+            let cells: Vec<&str> = line.split_whitespace().collect();
+            if cells.first() == Some(&id.to_string().as_str()) {
+                states.push(cells[4].to_string());
+            }
+        }
+    }
+    assert!(states.contains(&"running".to_string()), "{states:?}");
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("succeeded"),
+        "{states:?}"
+    );
+    drop(watch);
     let (ok, out, err) = cli(&pool, &["usage", "--since", "1h", "--by", "job"]);
     assert!(ok, "{err}");
     let row = out

@@ -769,6 +769,36 @@ pub struct JobsArgs {
     pub owner: Option<String>,
     #[arg(long)]
     pub limit: Option<usize>,
+    /// After the list, a line for each job as it changes (state, replicas, reason), as
+    /// `kubectl get -w`, until interrupted; with -o json, one object per line.
+    #[arg(short = 'w', long)]
+    pub watch: bool,
+}
+
+/// A job's line in `tessera jobs`.
+fn job_row(j: &JobView) -> Vec<String> {
+    let mut reason = printable(&j.reason);
+    if reason.chars().count() > 70 {
+        reason = reason.chars().take(67).collect::<String>() + "...";
+    }
+    vec![
+        j.id.to_string(),
+        j.name.clone(),
+        j.project.clone(),
+        j.owner.clone(),
+        format!("{:?}", j.state).to_lowercase(),
+        replicas_text(j),
+        gpu_text(j.gpu),
+        age(j.created_ms),
+        reason,
+    ]
+}
+
+/// What a watch reports a change of: everything of a job's line but its age.
+fn watched(row: &[String]) -> Vec<String> {
+    let mut key = row.to_vec();
+    key.remove(7);
+    key
 }
 
 pub fn jobs(c: &Client, a: &JobsArgs) -> anyhow::Result<()> {
@@ -783,35 +813,52 @@ pub fn jobs(c: &Client, a: &JobsArgs) -> anyhow::Result<()> {
             q.push(format!("{k}={v}"));
         }
     }
-    let v = c.get(&format!("/v1/jobs?{}", q.join("&")))?;
-    c.print(&v, |v| {
+    let path = format!("/v1/jobs?{}", q.join("&"));
+    let v = c.get(&path)?;
+    let mut seen: std::collections::HashMap<u64, Vec<String>> = Default::default();
+    let mut remember = |v: &Value| -> anyhow::Result<Vec<(JobView, Vec<String>)>> {
         let jobs: Vec<JobView> = serde_json::from_value(v.clone())?;
-        table(
-            &[
-                "ID", "NAME", "PROJECT", "OWNER", "STATE", "REPLICAS", "GPU", "AGE", "REASON",
-            ],
-            jobs.iter()
-                .map(|j| {
-                    let mut reason = printable(&j.reason);
-                    if reason.chars().count() > 70 {
-                        reason = reason.chars().take(67).collect::<String>() + "...";
-                    }
-                    vec![
-                        j.id.to_string(),
-                        j.name.clone(),
-                        j.project.clone(),
-                        j.owner.clone(),
-                        format!("{:?}", j.state).to_lowercase(),
-                        replicas_text(j),
-                        gpu_text(j.gpu),
-                        age(j.created_ms),
-                        reason,
-                    ]
-                })
-                .collect(),
-        );
-        Ok(())
-    })
+        let mut changed = Vec::new();
+        for j in jobs {
+            let row = job_row(&j);
+            if seen.insert(j.id, watched(&row)).as_ref() != Some(&watched(&row)) {
+                changed.push((j, row));
+            }
+        }
+        Ok(changed)
+    };
+    let first = remember(&v)?;
+    if a.watch && c.output == Output::Json {
+        // One object per line, so that a script reads them as they come.
+        for item in v.as_array().into_iter().flatten() {
+            println!("{item}");
+        }
+    } else {
+        c.print(&v, |_| {
+            table(
+                &[
+                    "ID", "NAME", "PROJECT", "OWNER", "STATE", "REPLICAS", "GPU", "AGE", "REASON",
+                ],
+                first.iter().map(|(_, row)| row.clone()).collect(),
+            );
+            Ok(())
+        })?;
+    }
+    if !a.watch {
+        return Ok(());
+    }
+    use std::io::Write;
+    loop {
+        std::io::stdout().flush()?;
+        std::thread::sleep(Duration::from_secs(1));
+        let v = c.get(&path)?;
+        for (j, row) in remember(&v)? {
+            match c.output {
+                Output::Json => println!("{}", serde_json::to_string(&j)?),
+                _ => println!("{}", row.join("  ")),
+            }
+        }
+    }
 }
 
 /// Text from the pool as a terminal may show it: control characters (a job's command may hold
