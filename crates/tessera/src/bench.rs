@@ -797,17 +797,7 @@ async fn protocol_agent(
             revision,
             statuses: running
                 .iter()
-                .map(|key| ReplicaStatus {
-                    key: key.clone(),
-                    phase: RunPhase::Running,
-                    exit_code: None,
-                    interrupted: false,
-                    message: String::new(),
-                    resume_failed: None,
-                    port: None,
-                    usage: None,
-                    image: None,
-                })
+                .map(|key| ReplicaStatus::new(key.clone(), RunPhase::Running))
                 .collect(),
             wait_ms: lease_ms / 3,
             sample: None,

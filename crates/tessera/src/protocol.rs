@@ -78,6 +78,23 @@ pub struct ReplicaStatus {
     pub image: Option<String>,
 }
 
+impl ReplicaStatus {
+    /// Replica `key` in `phase`, with nothing else to say.
+    pub fn new(key: impl Into<String>, phase: RunPhase) -> ReplicaStatus {
+        ReplicaStatus {
+            key: key.into(),
+            phase,
+            exit_code: None,
+            interrupted: false,
+            message: String::new(),
+            resume_failed: None,
+            port: None,
+            usage: None,
+            image: None,
+        }
+    }
+}
+
 /// One replica's use of what it holds, sampled by its agent.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaUsage {

@@ -498,6 +498,14 @@ pub fn parse_device_key(key: &str) -> Option<(u64, u32, u32)> {
     parse_key(key.strip_suffix(DEVICE_KEY_SUFFIX)?)
 }
 
+/// Splits a replica's key or its GPU server's: the replica, and whether it is the server's.
+pub fn parse_either_key(key: &str) -> Option<((u64, u32, u32), bool)> {
+    match parse_device_key(key) {
+        Some(k) => Some((k, true)),
+        None => parse_key(key).map(|k| (k, false)),
+    }
+}
+
 /// Splits a replica key `{job}.{attempt}.{index}`.
 pub fn parse_key(key: &str) -> Option<(u64, u32, u32)> {
     let mut it = key.split('.');

@@ -739,6 +739,21 @@ fn gpu_server_pid(pool: &Pool, node: &str, id: u64, attempt: u64) -> Option<i32>
         .and_then(|l| l.trim().parse().ok())
 }
 
+/// Submits `manifest` and waits until it runs as a pair: its program on node c, its GPU on g.
+fn run_attached(pool: &Pool, manifest: Value) -> u64 {
+    let (status, v) = pool.post("/v1/jobs", manifest, &pool.admin);
+    assert_eq!(status, 201, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    let job = pool.wait_state(id, "running");
+    let r = &job["assignments"][0];
+    assert_eq!(
+        (r["node"].as_str(), r["gpu_node"].as_str()),
+        (Some("c"), Some("g")),
+        "{job}"
+    );
+    id
+}
+
 #[test]
 fn a_job_on_a_cpu_only_node_uses_the_gpu_of_a_node_whose_cpus_are_taken() {
     let probe = Path::new(bin()).with_file_name("tessera-vgpu-probe");
@@ -761,22 +776,12 @@ fn a_job_on_a_cpu_only_node_uses_the_gpu_of_a_node_whose_cpus_are_taken() {
 
     // Half the GPU with 1 GiB, attached from wherever it fits: the program runs on c, unmodified,
     // its device on g under g's slice library; then it keeps the device in use.
-    let (status, v) = pool.post(
-        "/v1/jobs",
+    let id = run_attached(
+        &pool,
         json!({"metadata": {"name": "attached"},
                "spec": {"resources": {"gpu": 0.5, "gpuMemory": "1GiB", "cpu": 0.5,
                                       "memory": "256MiB", "gpuAttach": "any"},
                         "command": ["sh", "-c", format!("{p} meminfo && {p} oom && {p} check && exec {p} launch --seconds 599")]}}),
-        &pool.admin,
-    );
-    assert_eq!(status, 201, "{v}");
-    let id = v["id"].as_u64().unwrap();
-    let job = pool.wait_state(id, "running");
-    let r = &job["assignments"][0];
-    assert_eq!(
-        (r["node"].as_str(), r["gpu_node"].as_str()),
-        (Some("c"), Some("g")),
-        "{job}"
     );
     pool.wait_for("the remote program's checks", || {
         logs(&pool, id).contains("graph_ok=1")
@@ -910,20 +915,7 @@ fn the_cli_says_who_and_where_it_talks_to_and_completes_itself() {
 
     // The config file: `config use` writes it (0600), keeps the token, says what changed.
     let config = pool.path("cli-config.yaml");
-    let tessera = |args: &[&str]| {
-        let out = std::process::Command::new(bin())
-            .args(args)
-            .env("TESSERA_CONFIG", &config)
-            .env_remove("TESSERA_URL")
-            .env_remove("TESSERA_TOKEN")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let tessera = |args: &[&str]| cli_with_config(Command::new(bin()).args(args), &config);
     let (ok, _, err) = tessera(&["config", "use", &pool.url]);
     assert!(!ok && err.contains("--token"), "no token yet: {err}");
     assert!(!config.exists(), "a refused command writes nothing");
@@ -1072,23 +1064,13 @@ echo started
 while true; do sleep 0.1; done"#,
         p = probe.display()
     );
-    let (status, v) = pool.post(
-        "/v1/jobs",
+    let id = run_attached(
+        &pool,
         json!({"metadata": {"name": "moved"},
                "spec": {"resources": {"gpu": 0.5, "gpuMemory": "1GiB", "cpu": 0.5,
                                       "memory": "256MiB", "gpuAttach": "remote"},
                         "checkpoint": {"signal": "USR1", "grace": "20s"},
                         "command": ["sh", "-c", script]}}),
-        &pool.admin,
-    );
-    assert_eq!(status, 201, "{v}");
-    let id = v["id"].as_u64().unwrap();
-    let job = pool.wait_state(id, "running");
-    let r = &job["assignments"][0];
-    assert_eq!(
-        (r["node"].as_str(), r["gpu_node"].as_str()),
-        (Some("c"), Some("g")),
-        "{job}"
     );
     pool.wait_for("the program to start", || {
         logs(&pool, id).contains("started")

@@ -23,7 +23,7 @@ use crate::protocol::{
 };
 use crate::state::{
     EventKind, Job, Node, NodeHealth, Replica, ReplicaPhase, State, StopCause, TokenKind,
-    parse_device_key, parse_key,
+    parse_either_key,
 };
 use crate::volumes::Volume;
 
@@ -583,23 +583,19 @@ pub async fn sync(
 /// are assigned to it; an earlier attempt's replica is reported only to be acknowledged (its
 /// report changes nothing), and a key that names no job changes nothing either.
 fn reportable(s: &State, node: &str, key: &str) -> bool {
-    if let Some((job, attempt, index)) = parse_device_key(key) {
-        return match s.jobs.get(&job) {
-            Some(j) if j.attempt == attempt => j
-                .replicas
-                .iter()
-                .any(|r| r.index == index && r.gpu_node.as_deref() == Some(node)),
-            _ => true,
-        };
-    }
-    let Some((job, attempt, index)) = parse_key(key) else {
+    let Some(((job, attempt, index), device_half)) = parse_either_key(key) else {
         return true;
     };
     match s.jobs.get(&job) {
-        Some(j) if j.attempt == attempt => j
-            .replicas
-            .iter()
-            .any(|r| r.index == index && r.node == node),
+        // A GPU server's key is its device node's to report, a program's its own node's.
+        Some(j) if j.attempt == attempt => j.replicas.iter().any(|r| {
+            r.index == index
+                && if device_half {
+                    r.gpu_node.as_deref() == Some(node)
+                } else {
+                    r.node == node
+                }
+        }),
         _ => true,
     }
 }
@@ -645,30 +641,12 @@ fn report(
     let readings = record_use(s, statuses, now);
     if !came_back {
         for st in statuses {
-            if let Some((job_id, attempt, index)) = parse_device_key(&st.key) {
-                let Some(job) = s
-                    .jobs
-                    .get(&job_id)
-                    .filter(|j| j.attempt == attempt && j.state.is_active())
-                else {
-                    continue;
-                };
-                let (job, notes) = changed
-                    .entry(job_id)
-                    .or_insert_with(|| ((**job).clone(), Vec::new()));
-                let stopping = job.stop.is_some();
-                let more = device_status(job, index, st, name);
-                if !stopping && job.stop.is_some() {
-                    audit_attachment(c, now, job, &more[0].1)?;
-                }
-                notes.extend(more);
-                continue;
-            }
-            let Some((job_id, attempt, index)) = parse_key(&st.key) else {
+            let Some(((job_id, attempt, index), device_half)) = parse_either_key(&st.key) else {
                 continue;
             };
             let mut corrupt = None;
             if let Some(bad) = &st.resume_failed
+                && !device_half
                 && s.checkpoints
                     .get(&(job_id, index))
                     .is_some_and(|m| m.id == *bad)
@@ -694,6 +672,15 @@ fn report(
             let (job, notes) = changed
                 .entry(job_id)
                 .or_insert_with(|| ((**job).clone(), Vec::new()));
+            if device_half {
+                let stopping = job.stop.is_some();
+                let more = device_status(job, index, st, name);
+                if !stopping && job.stop.is_some() {
+                    audit_attachment(c, now, job, &more[0].1)?;
+                }
+                notes.extend(more);
+                continue;
+            }
             if let Some(text) = corrupt {
                 notes.push((EventKind::CheckpointCorrupt, text));
             }
@@ -897,14 +884,9 @@ fn record_use(s: &mut State, statuses: &[ReplicaStatus], now: u64) -> Readings {
     let mut readings = Vec::new();
     for st in statuses {
         let Some(u) = &st.usage else { continue };
-        let (key, device_half) = match parse_device_key(&st.key) {
-            Some(k) => (k, true),
-            None => match parse_key(&st.key) {
-                Some(k) => (k, false),
-                None => continue,
-            },
+        let Some(((job, attempt, index), device_half)) = parse_either_key(&st.key) else {
+            continue;
         };
-        let (job, attempt, index) = key;
         let Some(j) = s.jobs.get(&job).filter(|j| j.attempt == attempt) else {
             continue;
         };
@@ -1421,17 +1403,7 @@ mod tests {
     }
 
     fn status(key: &str, phase: RunPhase) -> ReplicaStatus {
-        ReplicaStatus {
-            key: key.into(),
-            phase,
-            exit_code: None,
-            interrupted: false,
-            message: String::new(),
-            resume_failed: None,
-            port: None,
-            usage: None,
-            image: None,
-        }
+        ReplicaStatus::new(key, phase)
     }
 
     fn sync(seq: u64) -> SyncRequest {

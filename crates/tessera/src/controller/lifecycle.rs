@@ -244,15 +244,8 @@ mod tests {
 
     fn status(phase: RunPhase, code: Option<i32>) -> ReplicaStatus {
         ReplicaStatus {
-            key: String::new(),
-            phase,
             exit_code: code,
-            interrupted: false,
-            message: String::new(),
-            resume_failed: None,
-            port: None,
-            usage: None,
-            image: None,
+            ..ReplicaStatus::new("", phase)
         }
     }
 

@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
@@ -669,11 +669,18 @@ pub fn logs(pool: &Pool, id: u64) -> String {
 
 /// Runs the CLI against the pool; returns (success, stdout, stderr).
 pub fn cli(pool: &Pool, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin())
-        .arg(args[0])
+    let mut cmd = Command::new(bin());
+    cmd.arg(args[0])
         .args(["--url", &pool.url, "--token", &pool.admin])
-        .args(&args[1..])
-        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .args(&args[1..]);
+    cli_with_config(&mut cmd, &pool.path("no-config.yaml"))
+}
+
+/// Runs a CLI command with `config` as its config file and no connection from the environment;
+/// returns (success, stdout, stderr).
+pub fn cli_with_config(cmd: &mut Command, config: &Path) -> (bool, String, String) {
+    let out = cmd
+        .env("TESSERA_CONFIG", config)
         .env_remove("TESSERA_URL")
         .env_remove("TESSERA_TOKEN")
         .env_remove("TESSERA_CA_CERT")
