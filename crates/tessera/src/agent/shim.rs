@@ -482,7 +482,16 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
     let device_lost = args
         .device_lost_file
         .as_ref()
-        .and_then(|f| fs::read_to_string(f).ok())
+        // The workload can write this file: read its first 1 KiB only, whatever its size.
+        .and_then(|f| {
+            let mut head = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(fs::File::open(f).ok()?, 1024),
+                &mut head,
+            )
+            .ok()?;
+            Some(String::from_utf8_lossy(&head).into_owned())
+        })
         .map(|t| t.trim().chars().take(300).collect::<String>())
         .filter(|t| !t.is_empty() && code != 0);
     let message = match (why, oom, &device_lost) {
