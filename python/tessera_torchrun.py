@@ -10,7 +10,7 @@ torchrun forms its group from that file instead of negotiating membership itself
 - A replica's node rank is its position in the set; the group is the set's members.
 - When the set's generation changes (a replica joined or was given back), torchrun's monitor sees
   "nodes waiting", stops its workers and forms the group again at the new size, without using up
-  a restart: the training script restarts from its last checkpoint (tessera_checkpoint), as with
+  a restart: the training script restarts from its last checkpoint (tessera.checkpoint), as with
   any elastic torchrun.
 - The set's first member hosts the agents' store on the job's rendezvous port (MASTER_PORT), and
   its workers' store on a port it picks per generation, so no key of an earlier group is seen.
@@ -24,7 +24,7 @@ import os
 import time
 from datetime import timedelta
 
-from tessera_elastic import ReplicaSet
+from tessera.elastic import ReplicaSet
 
 # Imported lazily by `create`, so that this module can be read without PyTorch.
 _torch = None

@@ -8,7 +8,8 @@
 # images, busybox-static for their shell, runc to run them, containerd (the image
 # benchmark's smoke run pulls beside it), and PostgreSQL (the store's tests start throwaway
 # clusters of their own; the system's cluster is never started), and iperf3 (the remote-GPU
-# benchmark's smoke run measures its link with it).
+# benchmark's smoke run measures its link with it), and wheel, pandas and mypy for the
+# Python client's test.
 # Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -57,6 +58,13 @@ if [ "$(readlink -f "$TORCH_VENV/bin/python3")" != "$(readlink -f /usr/bin/pytho
     fi
     "$TORCH_VENV/bin/pip" install -q --no-cache-dir 'torch==2.15.0' numpy
     chmod -R a+rX "$TORCH_VENV"
+fi
+# The Python client's test installs it with pip, offline (setuptools needs `wheel` to build it),
+# checks its types with mypy, and turns records into a pandas DataFrame.
+if ! python3 -c 'import wheel, pandas, mypy' >/dev/null 2>&1; then
+    echo "installing wheel, pandas and mypy" >&2
+    python3 -m pip install -q --root-user-action=ignore wheel pandas mypy 2>/dev/null ||
+        python3 -m pip install -q --break-system-packages wheel pandas mypy
 fi
 if ! command -v st >/dev/null; then
     command -v pip3 >/dev/null || {

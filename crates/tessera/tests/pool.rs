@@ -3967,3 +3967,84 @@ fn a_waiting_jobs_reason_names_the_resource_that_binds() {
         "{reason}"
     );
 }
+
+/// Copies `from` into `to` without Python's caches (the package is installed from the copy, so
+/// that a build leaves nothing in the source tree).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if name == "__pycache__" || name == "build" {
+            continue;
+        }
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &to.join(&name));
+        } else {
+            std::fs::copy(entry.path(), to.join(&name)).unwrap();
+        }
+    }
+}
+
+/// The Python client, installed with pip from python/, against a live pool over TLS: submit,
+/// wait, logs (followed too), failure and cancel, refusals naming the field, lists and usage as
+/// typed records, the records against the document the pool serves, the config file; and
+/// `import tessera` inside a job (the agent puts the package on its PYTHONPATH).
+#[test]
+fn the_python_client_drives_a_live_pool() {
+    let mut pool = Pool::start_with(true);
+    pool.add_agent("n1", "127.0.0.2", "1xH100-80GB");
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
+    let source = pool.path("python-src");
+    copy_tree(&python, &source);
+    let site = pool.path("site");
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-build-isolation",
+            "--no-deps",
+        ])
+        .args(["--no-index", "--disable-pip-version-check", "--target"])
+        .arg(&site)
+        .arg(&source)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pip install ./python: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(site.join("tessera/py.typed").is_file(), "typed package");
+    let out = Command::new("python3")
+        .args(["-m", "mypy", "--strict", "--no-incremental", "tessera"])
+        .current_dir(&source)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the package's types: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("python3")
+        .arg(python.join("tests/live_pool.py"))
+        .current_dir(pool.path(""))
+        .env("PYTHONPATH", &site)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("TESSERA_URL", &pool.url)
+        .env("TESSERA_TOKEN", &pool.admin)
+        .env("TESSERA_CA_CERT", pool.cert.as_ref().unwrap())
+        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("\"ok\": true"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -12,7 +12,8 @@
 //! An elastic job's replicas change while they run, so its torchrun forms its group from the
 //! replica-set file instead (`PET_RDZV_BACKEND=tessera`, python/tessera_torchrun.py, put on the
 //! replica's `PYTHONPATH`): `PET_NNODES=MIN:MAX`, and every change of the set makes torchrun form
-//! the group again at the new size.
+//! the group again at the new size. (The agent puts the helpers on every process-mode replica's
+//! `PYTHONPATH`, and an elastic container's: see [`add_python_path`].)
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -113,19 +114,23 @@ pub fn env(a: &Assignment, r: &Rendezvous, python: Option<&Path>) -> BTreeMap<St
             ("PET_MASTER_PORT", port.to_string()),
         ]),
     }
-    let mut out: BTreeMap<String, String> = vars
-        .into_iter()
+    vars.into_iter()
         .filter(|(k, _)| !a.env.contains_key(*k))
         .map(|(k, v)| (k.to_string(), v))
-        .collect();
-    if let Some((_, python)) = follows_set {
-        let pythonpath = match a.env.get("PYTHONPATH") {
-            Some(own) => format!("{own}:{}", python.display()),
-            None => python.display().to_string(),
-        };
-        out.insert("PYTHONPATH".into(), pythonpath);
-    }
-    out
+        .collect()
+}
+
+/// Puts Tessera's Python package (`import tessera`: the checkpoint and elastic helpers, the
+/// client, torchrun's rendezvous) after the job's own `PYTHONPATH`, so that the job's own
+/// modules win; said once however often it is asked.
+pub fn add_python_path(env: &mut BTreeMap<String, String>, python: &Path) {
+    let ours = python.display().to_string();
+    let path = match env.get("PYTHONPATH").filter(|p| !p.is_empty()) {
+        Some(own) if own.split(':').any(|p| p == ours) => return,
+        Some(own) => format!("{own}:{ours}"),
+        None => ours,
+    };
+    env.insert("PYTHONPATH".into(), path);
 }
 
 /// Where Tessera's Python helpers are on this node: `$TESSERA_PYTHON_DIR`, else the source
@@ -140,7 +145,7 @@ pub fn python_dir() -> Option<PathBuf> {
         .take(4)
         .map(|d| d.join("python"))
         .chain([PathBuf::from("/usr/lib/tessera/python")])
-        .find(|d| d.join("tessera_torchrun.py").is_file())
+        .find(|d| d.join("tessera/__init__.py").is_file())
 }
 
 /// A port nothing listens on now, for a lone replica's own rendezvous.
@@ -294,11 +299,29 @@ mod tests {
         let vars = env(&a, &r, Some(Path::new("/usr/lib/tessera/python")));
         assert_eq!(vars["PET_RDZV_BACKEND"], "tessera");
         assert_eq!(vars["PET_NNODES"], "1:4");
-        assert_eq!(vars["PYTHONPATH"], "/srv/mine:/usr/lib/tessera/python");
         assert!(!vars.contains_key("PET_NODE_RANK") && !vars.contains_key("PET_MASTER_ADDR"));
         // Without the helpers its torchrun is a group of the set it started in.
         let vars = env(&a, &r, None);
         assert_eq!(vars["PET_NNODES"], "2");
         assert!(!vars.contains_key("PET_RDZV_BACKEND"));
+    }
+
+    #[test]
+    fn the_python_package_comes_after_the_jobs_own_path_once() {
+        let ours = Path::new("/usr/lib/tessera/python");
+        let mut env = BTreeMap::new();
+        add_python_path(&mut env, ours);
+        assert_eq!(env["PYTHONPATH"], "/usr/lib/tessera/python");
+        add_python_path(&mut env, ours);
+        assert_eq!(env["PYTHONPATH"], "/usr/lib/tessera/python");
+        let mut env = BTreeMap::from([("PYTHONPATH".to_string(), "/srv/mine:/srv/b".to_string())]);
+        add_python_path(&mut env, ours);
+        assert_eq!(
+            env["PYTHONPATH"],
+            "/srv/mine:/srv/b:/usr/lib/tessera/python"
+        );
+        let mut env = BTreeMap::from([("PYTHONPATH".to_string(), String::new())]);
+        add_python_path(&mut env, ours);
+        assert_eq!(env["PYTHONPATH"], "/usr/lib/tessera/python");
     }
 }

@@ -1486,6 +1486,13 @@ fn start(
         (None, _) => vec![],
     };
     wenv.extend(device_env);
+    // `import tessera` in every process-mode job; in a container, only where its torchrun
+    // follows an elastic set (the image's own PYTHONPATH is otherwise left as it is).
+    if let Some(python) = &config.python_dir
+        && (image.is_none() || a.elastic.is_some())
+    {
+        distributed::add_python_path(&mut wenv, python);
+    }
     match image {
         None => {
             cmd.arg("--").args(&command);

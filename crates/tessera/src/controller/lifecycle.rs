@@ -109,8 +109,12 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                 .collect();
             nodes.sort_unstable();
             nodes.dedup();
-            job.reason = format!("running on {}", nodes.join(", "));
-            notes.push((EventKind::Running, job.reason.clone()));
+            let running = format!("running on {}", nodes.join(", "));
+            // A job being stopped keeps saying so (cancelling, moving).
+            if job.stop.is_none() {
+                job.reason = running.clone();
+            }
+            notes.push((EventKind::Running, running));
         }
     }
     if job.stop.is_some() && job.all_replicas_done() {

@@ -38,7 +38,7 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
         "post",
         "/v1/jobs/{id}/migrate",
         "Move a running job (checkpointed first when it checkpoints), to a given node or anywhere",
-        None,
+        Some("MigrateBody"),
         "Job",
     ),
     (
@@ -356,26 +356,13 @@ fn schemas() -> Value {
             "autoscale": {}})),
         "ServiceList": list("Service"),
         "Scale": {"type": "object", "required": ["replicas"], "additionalProperties": false, "properties": {"replicas": {"type": "integer", "minimum": 0}}},
+        "MigrateBody": {"type": "object", "additionalProperties": false, "properties": {"to": {"type": "string", "description": "a node (default: wherever the scheduler places it)"}}},
         "Move": {"type": "object", "additionalProperties": false, "properties": {"job": {"type": "integer", "minimum": 0}, "to": {"type": "string"}}},
-        "Job": obj(json!({
-            "id": {"type": "integer"}, "name": {"type": "string"}, "project": {"type": "string"},
-            "owner": {"type": "string"},
-            "state": {"enum": ["pending", "scheduled", "running", "succeeded", "failed", "cancelled"]},
-            "reason": {"type": "string"}, "priority": {"type": "integer"}, "replicas": {"type": "integer"},
-            "elastic": {"type": "object", "properties": {"min": {"type": "integer"}, "max": {"type": "integer"}}},
-            "gpu": {"type": "number"}, "gpu_memory_bytes": {"type": "integer"}, "cpu_milli": {"type": "integer"},
-            "memory_bytes": {"type": "integer"}, "attempt": {"type": "integer"}, "restarts": {"type": "integer"},
-            "assignments": {"type": "array", "items": obj(json!({"index": {"type": "integer"}, "node": {"type": "string"},
-                "phase": {"type": "string"}, "gpu_milli": {"type": "integer"}, "devices": {"type": "array"}, "exit_code": {},
-                "leaving": {"type": "boolean"}, "gpu_node": {"type": "string"}}))}})),
         "JobList": list("Job"),
         "Event": obj(json!({"job": {"type": "integer"}, "ts_ms": {"type": "integer"}, "kind": {"type": "string"}, "message": {"type": "string"}})),
         "EventList": list("Event"),
         "LogChunk": obj(json!({"data": {"type": "string"}, "offset": {"type": "integer"}, "cut": {"type": "integer"}, "next_offset": {"type": "integer"}, "done": {"type": "boolean"},
             "lines": {"type": "array", "items": obj(json!({"ts_ms": {"type": "integer"}, "stream": {"enum": ["stdout", "stderr", "tessera"]}, "text": {"type": "string"}, "partial": {"type": "boolean"}}))}})),
-        "Node": obj(json!({"name": {"type": "string"}, "health": {"enum": ["ready", "lost"]}, "cordoned": {"type": "boolean"},
-            "simulated": {"type": "boolean"}, "cpu_milli": {"type": "integer"}, "memory_bytes": {"type": "integer"},
-            "devices": {"type": "array"}, "gpu_allocated_milli": {"type": "integer"}})),
         "NodeList": list("Node"),
         "ProjectBody": {"type": "object", "additionalProperties": false, "properties": {
             "name": {"type": "string"}, "parent": {"type": "string"}, "guaranteed_gpu": {"type": "number"},
@@ -389,13 +376,12 @@ fn schemas() -> Value {
             "idle_threshold": {"type": "number", "description": "percent GPU utilisation"},
             "idle_warning": {"type": "string"},
             "volumes": {"type": "array", "items": {"type": "string"}, "description": "host paths its jobs may mount, PATH or PATH:ro"}}},
-        "Project": obj(json!({"name": {"type": "string"}, "guaranteed_gpu": {"type": "number"}, "limit_gpu": {},
-            "over_quota_weight": {"type": "integer"}, "used_gpu": {"type": "number"}})),
         "ProjectList": list("Project"),
         "UsageRow": obj(json!({"key": {"type": "string"}, "name": {"type": "string"}, "gpu_milli_ms": {"type": "integer"}, "idle_gpu_milli_ms": {"type": "integer"},
             "gpu_memory_mib_ms": {"type": "integer"}, "cpu_milli_ms": {"type": "integer"}, "memory_mib_ms": {"type": "integer"},
             "energy_mj": {"type": "integer"}, "gpu_hours": {"type": "number"}, "idle_gpu_hours": {"type": "number"},
-            "energy_kwh": {"type": "number"}, "cost": {"type": "number"}, "co2_kg": {"type": "number"},
+            "gpu_memory_gib_hours": {"type": "number"}, "cpu_hours": {"type": "number"},
+            "memory_gib_hours": {"type": "number"}, "energy_kwh": {"type": "number"}, "cost": {"type": "number"}, "co2_kg": {"type": "number"},
             "segments": {"type": "integer"}, "jobs": {"type": "integer"}, "simulated": {"type": "boolean"}})),
         "Usage": obj(json!({"by": {"type": "string"}, "window": {"type": "object"},
             "rows": {"type": "array", "items": {"$ref": "#/components/schemas/UsageRow"}},
@@ -422,10 +408,49 @@ fn schemas() -> Value {
             "expires_in": {"type": "string", "description": "join tokens: how long it works, e.g. 1h (default), 7d"}}},
         "Token": obj(json!({"id": {"type": "string"}, "kind": {"type": "string"}, "subject": {"type": "string"}, "token": {"type": "string"}})),
         "TokenList": list("Token"),
-        "WhoAmI": obj(json!({"user": {"type": "string"}, "role": {"type": "string"}})),
+        "WhoAmI": obj(json!({"user": {"type": "string"}, "role": {"enum": ["admin", "member", "viewer"]},
+            "projects": {"type": ["array", "null"], "items": {"type": "string"}, "description": "null: every project (an admin)"}})),
         "Desired": obj(json!({"revision": {"type": "integer"}, "lease_ms": {"type": "integer"}, "desired": {"type": "array"}, "acked": {"type": "array"}})),
         "Empty": {"type": "null"},
         "Error": obj(json!({"error": obj(json!({"status": {"type": "integer"}, "message": {"type": "string"}, "field": {"type": "string"}}))}))
+    })
+}
+
+/// What the API answers about jobs, nodes and projects (the views), which the Python client reads
+/// as records: a separate literal, as the agents' side is.
+fn view_schemas() -> Value {
+    let obj = |props: Value| json!({"type": "object", "properties": props});
+    json!({
+        "Job": obj(json!({
+            "id": {"type": "integer"}, "name": {"type": "string"}, "project": {"type": "string"},
+            "owner": {"type": "string"},
+            "state": {"enum": ["pending", "scheduled", "running", "succeeded", "failed", "cancelled"]},
+            "reason": {"type": "string"}, "priority": {"type": "integer"}, "replicas": {"type": "integer"},
+            "elastic": {"type": "object", "properties": {"min": {"type": "integer"}, "max": {"type": "integer"}}},
+            "gpu": {"type": "number"}, "gpu_memory_bytes": {"type": "integer"}, "cpu_milli": {"type": "integer"},
+            "memory_bytes": {"type": "integer"}, "command": {"type": "array", "items": {"type": "string"}},
+            "restart": {"enum": ["never", "on-failure"]}, "attempt": {"type": "integer"}, "restarts": {"type": "integer"},
+            "created_ms": {"type": "integer"}, "updated_ms": {"type": "integer"}, "finished_ms": {"type": ["integer", "null"]},
+            "assignments": {"type": "array", "items": {"$ref": "#/components/schemas/Replica"}}})),
+        "Replica": obj(json!({"index": {"type": "integer"}, "node": {"type": "string"},
+            "phase": {"enum": ["assigned", "running", "exited", "lost", "not_started"]}, "gpu_milli": {"type": "integer"},
+            "devices": {"type": "array", "items": {"type": "integer"}}, "exit_code": {"type": ["integer", "null"]},
+            "exit_message": {"type": "string"}, "leaving": {"type": "boolean"},
+            "gpu_node": {"type": "string", "description": "a remotely attached replica's device node"}})),
+        "Node": obj(json!({"name": {"type": "string"}, "health": {"enum": ["ready", "lost"]}, "cordoned": {"type": "boolean"},
+            "simulated": {"type": "boolean"}, "cpu_milli": {"type": "integer"}, "memory_bytes": {"type": "integer"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "checkpoint": {"type": "array", "items": {"type": "string"}}, "confinement": {"type": "string"},
+            "address": {"type": "string"}, "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
+            "gpu_allocated_milli": {"type": "integer"}, "cpu_allocated_milli": {"type": "integer"},
+            "replicas": {"type": "integer"}, "last_seen_ms_ago": {"type": "integer"}})),
+        "Device": obj(json!({"index": {"type": "integer"}, "model": {"type": "string"}, "memory_bytes": {"type": "integer"},
+            "allocated_milli": {"type": "integer"}, "simulated": {"type": "boolean"}})),
+        "Project": obj(json!({"name": {"type": "string"}, "parent": {"type": ["string", "null"]},
+            "guaranteed_gpu": {"type": "number"}, "limit_gpu": {"type": ["number", "null"]},
+            "over_quota_weight": {"type": "integer"}, "members": {"type": "array", "items": {"type": "string"}},
+            "min_runtime_s": {"type": "number"}, "used_gpu": {"type": "number"}, "jobs_running": {"type": "integer"},
+            "jobs_pending": {"type": "integer"}, "policy": {"type": "object"}, "recent_gpu": {"type": "number"}}))
     })
 }
 
@@ -493,11 +518,18 @@ fn optional_may_be_null(schema: &mut Value) {
 
 pub fn build() -> Value {
     let mut schemas = schemas();
+    if let (Some(all), Value::Object(more)) = (schemas.as_object_mut(), view_schemas()) {
+        all.extend(more);
+    }
     if let (Some(all), Value::Object(more)) = (schemas.as_object_mut(), agent_schemas()) {
         all.extend(more);
     }
-    for (_, _, _, body, _) in OPERATIONS {
-        if let Some(schema) = body.and_then(|b| schemas.get_mut(b)) {
+    // Once per schema: several operations take the same body (a manifest makes jobs and
+    // services), and a second pass would wrap its fields twice.
+    let bodies: std::collections::BTreeSet<&str> =
+        OPERATIONS.iter().filter_map(|op| op.3).collect();
+    for body in bodies {
+        if let Some(schema) = schemas.get_mut(body) {
             optional_may_be_null(schema);
         }
     }
@@ -530,7 +562,7 @@ pub fn build() -> Value {
             }
             Some(schema) => {
                 // Optional bodies: creating a token and moving a job or service take defaults.
-                let required = !matches!(*schema, "TokenBody" | "Move" | "Migrate");
+                let required = !matches!(*schema, "TokenBody" | "Move" | "MigrateBody");
                 op["requestBody"] = json!({"required": required, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
             }
             None => {}
@@ -586,5 +618,29 @@ mod tests {
                 "{r} is not defined"
             );
         }
+    }
+
+    /// The Python client's records and calls are checked against this document (by the client's
+    /// own checker, as CI runs it), so that neither can change without the other.
+    #[test]
+    fn the_python_client_agrees_with_the_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("openapi.json");
+        std::fs::write(&file, serde_json::to_vec(&build()).unwrap()).unwrap();
+        let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
+        let out = std::process::Command::new("python3")
+            .args(["-m", "tessera.openapi"])
+            .arg(&file)
+            .env("PYTHONPATH", &python)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .output()
+            .expect("python3 runs");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "the client and the document differ:\n{said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(said.contains("the client agrees"), "{said}");
     }
 }

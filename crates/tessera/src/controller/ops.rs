@@ -207,6 +207,8 @@ pub fn cancel(job: &mut Job, by: &str, now: u64) -> Vec<Note> {
         notes.push((EventKind::Cancelled, job.reason.clone()));
     } else if !matches!(job.stop, Some(StopCause::Cancel { .. })) {
         job.stop = Some(StopCause::Cancel { by: by.to_string() });
+        // What `tessera cancel` says it did, until the replicas have stopped.
+        job.reason = format!("cancelling at the request of {by}; stopping its replicas");
         notes.push((
             EventKind::Cancelling,
             format!("{by} asked to cancel; stopping its replicas"),
