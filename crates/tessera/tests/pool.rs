@@ -1008,8 +1008,34 @@ fn the_cli_says_who_and_where_it_talks_to_and_completes_itself() {
     };
     let id = cli_submit(
         &pool,
-        &["--name", "named-run", "--gpu", "1", "--", "sleep", "4"],
+        &[
+            "--name",
+            "named-run",
+            "--gpu",
+            "1",
+            "--model",
+            "H100-80GB",
+            "--node-selector",
+            "tessera.io/node=n1",
+            "--",
+            "sleep",
+            "4",
+        ],
     );
+    // A selector no node matches waits, saying so (labels may change); a malformed one never
+    // leaves the CLI.
+    let elsewhere = cli_submit(
+        &pool,
+        &["--node-selector", "tessera.io/node=n9", "--", "true"],
+    );
+    pool.wait_for("the job to say why it waits", || {
+        pool.job(elsewhere)["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("do not match the node selector"))
+    });
+    assert!(cli(&pool, &["cancel", &elsewhere.to_string()]).0);
+    let (ok, _, err) = cli(&pool, &["submit", "--node-selector", "n1", "--", "true"]);
+    assert!(!ok && err.contains("write KEY=VALUE"), "{err}");
     pool.wait_state(id, "succeeded");
     let mut states = Vec::new();
     let until = Instant::now() + Duration::from_secs(20);

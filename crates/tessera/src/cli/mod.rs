@@ -353,6 +353,9 @@ pub struct SubmitArgs {
     /// Device models allowed (repeatable).
     #[arg(long = "model")]
     pub models: Vec<String>,
+    /// Run only on nodes with this label, KEY=VALUE (repeatable; all must match).
+    #[arg(long = "node-selector", value_name = "KEY=VALUE")]
+    pub node_selector: Vec<String>,
     /// Where its GPU may be: local (its own node; the default), remote (another node's, over
     /// the network) or any (its own when that fits, else another's).
     #[arg(long)]
@@ -453,6 +456,12 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
     }
     if !args.models.is_empty() {
         m["spec"]["resources"]["deviceModels"] = json!(args.models);
+    }
+    for kv in &args.node_selector {
+        let Some((k, v)) = kv.split_once('=').filter(|(k, _)| !k.is_empty()) else {
+            bail!("--node-selector {kv}: write KEY=VALUE, e.g. --node-selector zone=a");
+        };
+        m["spec"]["resources"]["nodeSelector"][k] = json!(v);
     }
     if let Some(r) = &args.replicas {
         m["spec"]["replicas"] = replicas_flag(r)?;
