@@ -131,6 +131,12 @@ class Job(Record):
     updated_ms: int = 0
     finished_ms: Optional[int] = None
     assignments: List[Replica] = field(default_factory=list)
+    #: The array it is a task of: {"id", "index", "count", "limit", "text"}.
+    array: Optional[Dict[str, Any]] = None
+    #: The jobs it waits for: [{"job": 5, "on": "start" | "ok" | "any"}].
+    after: List[Dict[str, Any]] = field(default_factory=list)
+    time_limit_ms: Optional[int] = None
+    held: bool = False
     raw: Dict[str, Any] = _raw()
     _client: Optional["Client"] = field(default=None, repr=False, compare=False)
 
@@ -202,6 +208,26 @@ class Job(Record):
         """Moves the running job, checkpointed first when it checkpoints: to node `to`, or
         wherever the scheduler places it."""
         return self._take(self._pool()._job_call(self.id, "migrate", {"to": to} if to else {}))
+
+    def hold(self) -> "Job":
+        """Holds the pending job: it does not start until released."""
+        return self._take(self._pool()._job_call(self.id, "hold"))
+
+    def release(self) -> "Job":
+        """Releases the held job."""
+        return self._take(self._pool()._job_call(self.id, "release"))
+
+    def requeue(self) -> "Job":
+        """Queues the job again: a running one is stopped first (through its checkpoint), an
+        ended one starts a new attempt."""
+        return self._take(self._pool()._job_call(self.id, "requeue"))
+
+    def tasks(self) -> "Records[Job]":
+        """The tasks of the array this job is the first task of (its id is the array's)."""
+        return Records(
+            self._pool()._job(j)
+            for j in self._pool().request("GET", "/v1/jobs", query={"array": self.id})
+        )
 
     @property
     def exit_codes(self) -> List[Optional[int]]:
@@ -316,10 +342,19 @@ class Client:
         wait_for_capacity: Optional[bool] = None,
         workdir: Optional[str] = None,
         volumes: Optional[Sequence[str]] = None,
+        array: Optional[str] = None,
+        after: Optional[Sequence[int]] = None,
+        after_ok: Optional[Sequence[int]] = None,
+        after_any: Optional[Sequence[int]] = None,
+        time_limit: Optional[str] = None,
+        begin: Optional[str] = None,
+        hold: Optional[bool] = None,
     ) -> Job:
         """Submits a job and returns it (pending). A string command runs through `sh -c`; a list
         runs as it is. Sizes take the pool's words ("20GiB", "500m"); `replicas=(1, 8)` is an
-        elastic range; `checkpoint={"signal": "USR1", "interval": "10m"}` as in a manifest.
+        elastic range; `checkpoint={"signal": "USR1", "interval": "10m"}` as in a manifest;
+        Slurm's habits: `array="0-99%8"` (returns the first task; each task is a job),
+        `after_ok=[job.id]`, `time_limit="4h"`, `begin="+1h"`, `hold=True`.
         The pool checks everything and names the field at fault (TesseraError.field)."""
         resources: Dict[str, Any] = {}
         for key, value in (
@@ -361,6 +396,13 @@ class Client:
             ("waitForCapacity", wait_for_capacity),
             ("workdir", os.path.abspath(workdir) if workdir else None),
             ("volumes", list(volumes) if volumes else None),
+            ("array", array),
+            ("after", [int(j) for j in after] if after else None),
+            ("afterOk", [int(j) for j in after_ok] if after_ok else None),
+            ("afterAny", [int(j) for j in after_any] if after_any else None),
+            ("timeLimit", time_limit),
+            ("begin", begin),
+            ("hold", hold),
         )
         for key, value in extra:
             if value is not None:

@@ -27,6 +27,9 @@ CALLS = [
     ("get", "/v1/jobs/{id}"),
     ("post", "/v1/jobs/{id}/cancel"),
     ("post", "/v1/jobs/{id}/migrate"),
+    ("post", "/v1/jobs/{id}/hold"),
+    ("post", "/v1/jobs/{id}/release"),
+    ("post", "/v1/jobs/{id}/requeue"),
     ("get", "/v1/jobs/{id}/events"),
     ("get", "/v1/jobs/{id}/logs"),
     ("get", "/v1/nodes"),
@@ -40,6 +43,7 @@ CALLS = [
 SUBMIT_SPEC = [
     "resources", "command", "image", "replicas", "env", "restart", "priority", "checkpoint",
     "preemptible", "interactive", "waitForCapacity", "workdir", "volumes", "submitDir",
+    "array", "after", "afterOk", "afterAny", "timeLimit", "begin", "hold",
 ]
 SUBMIT_RESOURCES = ["gpu", "gpuMemory", "cpu", "memory", "gpuAttach", "deviceModels", "nodeSelector"]
 

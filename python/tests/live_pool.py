@@ -96,6 +96,19 @@ y = c.submit_manifest(
 expect(y.name == "from-yaml" and y.wait(timeout=120).state == "succeeded", f"yaml: {y}")
 expect(y.logs() == "yaml\n", f"yaml logs: {y.logs()!r}")
 
+# Slurm's habits: an array with a limit (each task a job), a dependency, a hold.
+first = c.submit("echo $TESSERA_ARRAY_INDEX", name="sweep", array="0-3%2", cpu="100m", memory="64MiB")
+expect(first.array and first.array["count"] == 4 and first.array["limit"] == 2, f"array: {first.array}")
+tasks = first.tasks()
+expect([t.array["index"] for t in sorted(tasks, key=lambda t: t.id)] == [0, 1, 2, 3], f"tasks: {tasks}")
+after = c.submit("true", after_ok=[first.id], hold=True, cpu="100m", memory="64MiB")
+expect(after.held and after.after == [{"job": first.id, "on": "ok"}], f"after: {after}")
+for t in tasks:
+    expect(t.wait(timeout=120).state == "succeeded", f"task: {t}")
+    expect(t.logs() == f"{t.array['index']}\n", f"task logs: {t.logs()!r}")
+expect(after.refresh().state == "pending" and after.reason.startswith("held"), f"held: {after}")
+expect(after.release().wait(timeout=120).state == "succeeded", f"released: {after}")
+
 # Lists as typed records.
 done = c.jobs(state=["failed", "cancelled"])
 expect({j.id for j in done} >= {fails.id, sleeper.id}, f"jobs by state: {[j.id for j in done]}")

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod batch;
 pub mod bench;
 pub mod bench_failover;
 pub mod bench_inprocess;

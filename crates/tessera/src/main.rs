@@ -215,7 +215,7 @@ enum Command {
         #[command(flatten)]
         conn: cli::Conn,
         #[command(flatten)]
-        args: cli::SubmitArgs,
+        args: Box<cli::SubmitArgs>,
     },
     /// List jobs.
     Jobs {
@@ -268,11 +268,31 @@ enum Command {
         #[arg(long, conflicts_with = "replica")]
         all_replicas: bool,
     },
-    /// Cancel jobs (their process trees are killed).
+    /// Cancel jobs (their process trees are killed); an array's id cancels all its tasks,
+    /// ARRAY_INDEX one of them.
     Cancel {
         #[command(flatten)]
         conn: cli::Conn,
-        ids: Vec<u64>,
+        ids: Vec<String>,
+    },
+    /// Hold pending jobs: they do not start until released (an array's id: all its tasks).
+    Hold {
+        #[command(flatten)]
+        conn: cli::Conn,
+        ids: Vec<String>,
+    },
+    /// Release held jobs.
+    Release {
+        #[command(flatten)]
+        conn: cli::Conn,
+        ids: Vec<String>,
+    },
+    /// Queue jobs again: a running one is stopped first (through its checkpoint, without using
+    /// a restart), an ended one starts a new attempt.
+    Requeue {
+        #[command(flatten)]
+        conn: cli::Conn,
+        ids: Vec<String>,
     },
     /// Move a running job to another node (a checkpointing job saves first and resumes there).
     Migrate {
@@ -863,9 +883,15 @@ fn main() {
             }
             cli::logs(&c, id, replica, &opts, follow, tail)
         }),
-        Command::Cancel { conn, ids } => {
-            cli::Client::new(&conn).and_then(|c| cli::cancel(&c, &ids))
+        Command::Cancel { conn, ids } => cli::Client::new(&conn)
+            .and_then(|c| cli::batch::act(&c, cli::batch::Verb::Cancel, &ids)),
+        Command::Hold { conn, ids } => {
+            cli::Client::new(&conn).and_then(|c| cli::batch::act(&c, cli::batch::Verb::Hold, &ids))
         }
+        Command::Release { conn, ids } => cli::Client::new(&conn)
+            .and_then(|c| cli::batch::act(&c, cli::batch::Verb::Release, &ids)),
+        Command::Requeue { conn, ids } => cli::Client::new(&conn)
+            .and_then(|c| cli::batch::act(&c, cli::batch::Verb::Requeue, &ids)),
         Command::Migrate { conn, id, to } => {
             cli::Client::new(&conn).and_then(|c| cli::migrate(&c, id, to.as_deref()))
         }

@@ -80,6 +80,29 @@ pub struct ManifestSpec {
     /// `kind: Service` only: port, readiness check and autoscaling.
     #[serde(default)]
     pub service: Option<crate::service::ServiceManifest>,
+    /// A job array, as Slurm writes it: `0-99%8` (a task per index, each a job of its own with
+    /// `TESSERA_ARRAY_INDEX`, at most 8 running at once).
+    #[serde(default)]
+    pub array: Option<String>,
+    /// Jobs it starts after, once they have started (Slurm's `after`).
+    #[serde(default)]
+    pub after: Vec<u64>,
+    /// Jobs it starts after, once they have succeeded; cancelled if one fails (`afterok`).
+    #[serde(default)]
+    pub after_ok: Vec<u64>,
+    /// Jobs it starts after, once they have ended however (`afterany`).
+    #[serde(default)]
+    pub after_any: Vec<u64>,
+    /// How long it may run (`4h`): then it is stopped as a preemption stops it (its checkpoint
+    /// signal and grace first), and fails with the reason "time limit".
+    #[serde(default)]
+    pub time_limit: Option<String>,
+    /// Start no earlier than this: `2026-12-08T09:00:00Z`, or `+2h` from submission.
+    #[serde(default)]
+    pub begin: Option<String>,
+    /// Submitted held: it does not start until released.
+    #[serde(default)]
+    pub hold: Option<bool>,
 }
 
 /// `spec.checkpoint`: how the job saves its progress. To stop it (preemption, a move, a drain),
@@ -303,6 +326,22 @@ pub struct JobDef {
     /// What the manifest asked for its volumes and working directory, until resolved.
     #[serde(skip)]
     pub asked: AskedMounts,
+    /// Jobs it waits for (see [`crate::batch`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<crate::batch::After>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_limit_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub begin: Option<crate::batch::Begin>,
+    /// The array it is a task of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array: Option<crate::batch::ArrayTask>,
+    /// The array's indexes and limit as asked, until the submit makes its tasks.
+    #[serde(skip)]
+    pub asked_array: Option<crate::batch::ArraySpec>,
+    /// Submitted held.
+    #[serde(skip)]
+    pub asked_hold: bool,
 }
 
 /// A manifest's `volumes`, `workdir` and `submitDir`, resolved at submit (see
@@ -376,6 +415,24 @@ impl Manifest {
                 self.kind.clone().unwrap_or_default(),
                 "not a service",
                 "write kind: Service",
+            ));
+        }
+        let batch_only = [
+            ("spec.array", self.spec.array.is_some()),
+            ("spec.after", !self.spec.after.is_empty()),
+            ("spec.afterOk", !self.spec.after_ok.is_empty()),
+            ("spec.afterAny", !self.spec.after_any.is_empty()),
+            ("spec.timeLimit", self.spec.time_limit.is_some()),
+            ("spec.begin", self.spec.begin.is_some()),
+            ("spec.hold", self.spec.hold.is_some()),
+        ];
+        if let Some((field, _)) = batch_only.iter().find(|(_, set)| *set) {
+            return Err(ValidationError::new(
+                *field,
+                "...",
+                "a service runs until it is deleted; arrays, dependencies, time limits, start \
+                 times and holds are for jobs",
+                format!("remove {field}, or submit it as kind: Job"),
             ));
         }
         let svc = self.spec.service.take().unwrap_or_default();
@@ -628,7 +685,67 @@ impl Manifest {
                 "use a cooperative checkpoint (the program saves on a signal), or gpuAttach: local",
             ));
         }
+        let mut after = Vec::new();
+        for (ids, on, field) in [
+            (&spec.after, crate::batch::AfterKind::Start, "spec.after"),
+            (&spec.after_ok, crate::batch::AfterKind::Ok, "spec.afterOk"),
+            (
+                &spec.after_any,
+                crate::batch::AfterKind::Any,
+                "spec.afterAny",
+            ),
+        ] {
+            if after.len() + ids.len() > crate::batch::MAX_DEPENDENCIES {
+                return Err(ValidationError::new(
+                    field,
+                    format!("{} jobs", after.len() + ids.len()),
+                    "too many dependencies",
+                    "depend on at most 100 jobs (an array counts as one: depend on its tasks' \
+                     last job, or on the array's id)",
+                ));
+            }
+            after.extend(ids.iter().map(|&job| crate::batch::After { job, on }));
+        }
+        let time_limit_ms = match &spec.time_limit {
+            None => None,
+            Some(t) => {
+                let d = parse_duration("spec.timeLimit", t)?;
+                if d.as_millis() < 1000 {
+                    return Err(ValidationError::new(
+                        "spec.timeLimit",
+                        t,
+                        "a time limit under a second",
+                        "write a limit such as 30m, 4h or 2d",
+                    ));
+                }
+                Some(d.as_millis() as u64)
+            }
+        };
+        let begin = spec
+            .begin
+            .as_deref()
+            .map(|b| crate::batch::parse_begin("spec.begin", b))
+            .transpose()?;
+        let asked_array = spec
+            .array
+            .as_deref()
+            .map(|a| crate::batch::parse_array("spec.array", a))
+            .transpose()?;
+        if asked_array.is_some() && elastic.is_some() {
+            return Err(ValidationError::new(
+                "spec.array",
+                spec.array.clone().unwrap_or_default(),
+                "an elastic job cannot be an array",
+                "give the tasks a fixed number of replicas, or leave out spec.array",
+            ));
+        }
         Ok(JobDef {
+            after,
+            time_limit_ms,
+            begin,
+            array: None,
+            asked_array,
+            asked_hold: spec.hold.unwrap_or(false),
             spec: job,
             image,
             command: spec.command,

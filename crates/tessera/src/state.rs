@@ -263,6 +263,14 @@ pub enum StopCause {
         replica: u32,
         why: String,
     },
+    /// It ran as long as its time limit allows (`--time`): it fails.
+    TimeLimit {
+        limit_ms: u64,
+    },
+    /// Its owner or an admin asked for it to be queued again (`tessera requeue`).
+    Requeue {
+        by: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -420,6 +428,9 @@ pub struct Job {
     /// A gang's rendezvous port on its rank 0's node (`MASTER_PORT`), reserved at placement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rendezvous_port: Option<u16>,
+    /// Held by its owner or an admin (`tessera hold`): it does not start until released.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
 }
 
 impl From<Box<Job>> for Job {
@@ -431,6 +442,9 @@ impl From<Box<Job>> for Job {
 impl Job {
     /// A job just submitted: pending, waiting for the scheduler.
     pub fn new(id: u64, owner: &str, def: JobDef, now: u64) -> Job {
+        // `--begin`: not placed before then.
+        let not_before_ms = def.begin.map_or(0, |b| b.at(now));
+        let held = def.asked_hold;
         Job {
             id,
             owner: owner.to_string(),
@@ -441,7 +455,8 @@ impl Job {
             updated_ms: now,
             attempt: 0,
             restarts: 0,
-            not_before_ms: 0,
+            not_before_ms,
+            held,
             replicas: vec![],
             stop: None,
             started_seq: 0,
@@ -619,10 +634,13 @@ pub enum EventKind {
     CheckpointCorrupt,
     IdleWarning,
     IdleStop,
+    TimeLimit,
+    Held,
+    Released,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 24] = [
+    pub const ALL: [EventKind; 27] = [
         EventKind::Submitted,
         EventKind::Scheduled,
         EventKind::Running,
@@ -647,6 +665,9 @@ impl EventKind {
         EventKind::CheckpointCorrupt,
         EventKind::IdleWarning,
         EventKind::IdleStop,
+        EventKind::TimeLimit,
+        EventKind::Held,
+        EventKind::Released,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -675,6 +696,9 @@ impl EventKind {
             EventKind::CheckpointCorrupt => "CheckpointCorrupt",
             EventKind::IdleWarning => "IdleWarning",
             EventKind::IdleStop => "IdleStop",
+            EventKind::TimeLimit => "TimeLimit",
+            EventKind::Held => "Held",
+            EventKind::Released => "Released",
         }
     }
 
@@ -699,6 +723,9 @@ impl EventKind {
             Requeued => "requeue",
             IdleWarning => "idle-warning",
             IdleStop => "idle-stop",
+            TimeLimit => "time-limit",
+            Held => "hold",
+            Released => "release",
             Running | Succeeded | Failed | Cancelled | Preempted | Restarting | ReplicaFailed
             | Replica | Ready | Draining | Migrated | NodeLost | Checkpoint | CheckpointCorrupt => {
                 return None;

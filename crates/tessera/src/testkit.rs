@@ -47,6 +47,12 @@ pub fn job(id: u64, request: ResourceRequest) -> Job {
         volumes: vec![],
         workdir: None,
         asked: Default::default(),
+        after: vec![],
+        time_limit_ms: None,
+        begin: None,
+        array: None,
+        asked_array: None,
+        asked_hold: false,
     };
     Job::new(id, "ana", def, 0)
 }

@@ -4074,3 +4074,225 @@ fn the_python_client_drives_a_live_pool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Slurm's habits end to end through the CLI: an array with a limit on how many tasks run at
+/// once (one line in `tessera jobs`, each task a job), dependencies through success and
+/// failure, a time limit that stops a job through its checkpoint signal, a start time, holds and
+/// requeues, and the refusals of each flag's bad input.
+#[test]
+fn slurm_habits_arrays_dependencies_time_limits_begin_and_holds() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.66", "2xH100-80GB");
+    let submit = |args: &[&str]| cli_submit(&pool, args);
+    let reason = |id: u64| pool.job(id)["reason"].as_str().unwrap_or("").to_string();
+
+    // Bad input never makes a job.
+    for (args, says) in [
+        (vec!["--array", "5-1"], "spec.array"),
+        (vec!["--array", "0-9%0"], "spec.array"),
+        (vec!["--after-ok", "99999"], "no job 99999 that you can see"),
+        (vec!["--time", "0s"], "spec.timeLimit"),
+        (vec!["--begin", "tomorrow"], "spec.begin"),
+    ] {
+        let mut all = vec!["submit"];
+        all.extend(args.iter().copied());
+        all.extend(["--", "true"]);
+        let (ok, _, err) = cli(&pool, &all);
+        assert!(!ok && err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(pool.get("/v1/jobs", &pool.admin).1, json!([]));
+
+    // An array of 6 tasks, at most 2 at once; each knows its index.
+    let trace = pool.shared("array-trace");
+    let line = format!(
+        "echo start $TESSERA_ARRAY_INDEX $(date +%s%N) >> {t}; echo task $TESSERA_ARRAY_INDEX \
+         of $SLURM_ARRAY_JOB_ID; sleep 1; echo end $TESSERA_ARRAY_INDEX $(date +%s%N) >> {t}",
+        t = trace.display()
+    );
+    let (ok, out, err) = cli(
+        &pool,
+        &[
+            "submit", "--name", "sweep", "--array", "0-5%2", "--cpu", "0.1", "--", "sh", "-c",
+            &line,
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("6 tasks") && out.contains("at most 2 running at once"),
+        "{out}"
+    );
+    let array: u64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let tasks: Vec<u64> = (array..array + 6).collect();
+    // While it runs the array is one line, its tasks summed up.
+    let (ok, out, _) = cli(&pool, &["jobs"]);
+    assert!(
+        ok && out.contains("sweep[0-5%2]") && out.contains("6 tasks"),
+        "{out}"
+    );
+    for &t in &tasks {
+        pool.wait_state(t, "succeeded");
+    }
+    let logs = replica_logs(&pool, tasks[3], 0);
+    assert_eq!(logs.trim(), format!("task 3 of {array}"), "{logs}");
+    // Never more than 2 at once, and 2 at once at some point.
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let mut edges: Vec<(u128, i32)> = text
+        .lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w[2].parse().unwrap(), if w[0] == "start" { 1 } else { -1 })
+        })
+        .collect();
+    edges.sort();
+    let (mut now, mut most) = (0, 0);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    assert_eq!(most, 2, "{text}");
+    let (ok, out, _) = cli(&pool, &["jobs"]);
+    assert!(ok && out.contains("6 succeeded"), "{out}");
+    let (ok, out, _) = cli(&pool, &["jobs", "--expand"]);
+    assert!(ok && out.contains(&format!("{array}_5")), "{out}");
+
+    // Dependencies: after-ok waits for success; a failure cancels its after-ok dependents and
+    // lets its after-any ones run.
+    let first = submit(&["--cpu", "0.1", "--", "sleep", "2"]);
+    let second = submit(&[
+        "--cpu",
+        "0.1",
+        "--after-ok",
+        &first.to_string(),
+        "--",
+        "true",
+    ]);
+    pool.wait_state(first, "running");
+    assert!(
+        reason(second).contains(&format!("waiting for job {first} to succeed")),
+        "{}",
+        reason(second)
+    );
+    pool.wait_state(second, "succeeded");
+    let ended = pool.job(first)["finished_ms"].as_u64().unwrap();
+    assert!(pool.job(second)["created_ms"].as_u64().unwrap() <= ended);
+    let fails = submit(&["--cpu", "0.1", "--", "sh", "-c", "sleep 1; exit 3"]);
+    let doomed = submit(&[
+        "--cpu",
+        "0.1",
+        "--after-ok",
+        &fails.to_string(),
+        "--",
+        "true",
+    ]);
+    let anyway = submit(&[
+        "--cpu",
+        "0.1",
+        "--after-any",
+        &fails.to_string(),
+        "--",
+        "true",
+    ]);
+    pool.wait_state(doomed, "cancelled");
+    assert!(
+        reason(doomed).contains(&format!("dependency failed: job {fails} failed")),
+        "{}",
+        reason(doomed)
+    );
+    pool.wait_state(anyway, "succeeded");
+
+    // A time limit stops the job through its checkpoint signal; it fails with the reason.
+    let script = "trap 'echo checkpointed; exit 0' USR1; echo up; while true; do sleep 0.1; done";
+    let limited = submit(&[
+        "--cpu",
+        "0.1",
+        "--time",
+        "2s",
+        "--checkpoint-signal",
+        "USR1",
+        "--checkpoint-grace",
+        "10s",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let job = pool.wait_state(limited, "failed");
+    assert!(
+        job["reason"].as_str().unwrap().contains("time limit"),
+        "{job}"
+    );
+    assert!(replica_logs(&pool, limited, 0).contains("checkpointed"));
+    assert!(
+        events(&pool, limited)
+            .iter()
+            .any(|e| e["kind"] == "TimeLimit"),
+        "{:?}",
+        events(&pool, limited)
+    );
+
+    // --begin: not before then, and it says so.
+    let later = submit(&["--cpu", "0.1", "--begin", "+3s", "--", "true"]);
+    assert!(reason(later).contains("--begin"), "{}", reason(later));
+    let job = pool.wait_state(later, "succeeded");
+    let started = events(&pool, later)
+        .iter()
+        .find(|e| e["kind"] == "Running")
+        .map(|e| e["ts_ms"].as_u64().unwrap())
+        .unwrap();
+    assert!(
+        started >= job["created_ms"].as_u64().unwrap() + 3000,
+        "{job}"
+    );
+
+    // Holds: submitted held, it waits until released; a running job cannot be held, but it can
+    // be requeued (a new attempt, no restart used).
+    let held = submit(&["--cpu", "0.1", "--hold", "--", "true"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(pool.job(held)["state"], "pending");
+    assert!(reason(held).starts_with("held"), "{}", reason(held));
+    let (ok, out, err) = cli(&pool, &["release", &held.to_string()]);
+    assert!(ok && out.contains("released by admin"), "{out}{err}");
+    pool.wait_state(held, "succeeded");
+    let long = submit(&["--cpu", "0.1", "--", "sleep", "300"]);
+    pool.wait_state(long, "running");
+    let (ok, _, err) = cli(&pool, &["hold", &long.to_string()]);
+    assert!(
+        !ok && err.contains("only a pending job can be held"),
+        "{err}"
+    );
+    let (ok, out, err) = cli(&pool, &["requeue", &long.to_string()]);
+    assert!(ok && out.contains("requeueing"), "{out}{err}");
+    pool.wait_for("the requeued job to run again", || {
+        let j = pool.job(long);
+        j["state"] == "running" && j["attempt"] == 2
+    });
+    assert_eq!(pool.job(long)["restarts"], 0);
+
+    // An array's id names all its tasks: hold one by ARRAY_INDEX, cancel them all.
+    let (ok, out, err) = cli(
+        &pool,
+        &[
+            "submit", "--array", "0-3%1", "--cpu", "0.1", "--", "sleep", "300",
+        ],
+    );
+    assert!(ok, "{err}");
+    let sleepers: u64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pool.wait_state(sleepers, "running");
+    let (ok, _, err) = cli(&pool, &["hold", &format!("{sleepers}_2")]);
+    assert!(ok, "{err}");
+    assert!(pool.job(sleepers + 2)["held"].as_bool().unwrap_or(false));
+    assert!(
+        reason(sleepers + 1).contains("its limit (%1)"),
+        "{}",
+        reason(sleepers + 1)
+    );
+    let (ok, out, err) = cli(&pool, &["cancel", &sleepers.to_string(), &long.to_string()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("array {sleepers}: cancelled 4 of its 4 tasks")),
+        "{out}"
+    );
+    for id in (sleepers..sleepers + 4).chain([long]) {
+        pool.wait_state(id, "cancelled");
+    }
+}

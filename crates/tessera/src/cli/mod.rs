@@ -47,6 +47,7 @@ pub struct ConfigFile {
     pub ca_cert: Option<PathBuf>,
 }
 
+pub mod batch;
 pub mod describe;
 pub mod session;
 
@@ -353,6 +354,29 @@ pub struct SubmitArgs {
     /// Device models allowed (repeatable).
     #[arg(long = "model")]
     pub models: Vec<String>,
+    /// A job array, as Slurm's: 0-99%8 runs a task per index (each a job of its own, its index
+    /// in TESSERA_ARRAY_INDEX), at most 8 at once.
+    #[arg(long)]
+    pub array: Option<String>,
+    /// Start after these jobs have started (comma-separated ids; an array's id: all its tasks).
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    pub after: Vec<u64>,
+    /// Start after these jobs have succeeded; cancelled if one fails.
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    pub after_ok: Vec<u64>,
+    /// Start after these jobs have ended, however they ended.
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    pub after_any: Vec<u64>,
+    /// How long it may run (30m, 4h, 2d): then it is stopped through its checkpoint signal and
+    /// fails with the reason "time limit" (Slurm's --time).
+    #[arg(long = "time", value_name = "LIMIT")]
+    pub time_limit: Option<String>,
+    /// Start no earlier than this: 2026-12-08T09:00:00Z, or +2h from now.
+    #[arg(long)]
+    pub begin: Option<String>,
+    /// Submit it held: it starts once released (`tessera release ID`).
+    #[arg(long)]
+    pub hold: bool,
     /// Run only on nodes with this label, KEY=VALUE (repeatable; all must match).
     #[arg(long = "node-selector", value_name = "KEY=VALUE")]
     pub node_selector: Vec<String>,
@@ -462,6 +486,27 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
             bail!("--node-selector {kv}: write KEY=VALUE, e.g. --node-selector zone=a");
         };
         m["spec"]["resources"]["nodeSelector"][k] = json!(v);
+    }
+    if let Some(a) = &args.array {
+        m["spec"]["array"] = json!(a);
+    }
+    for (ids, key) in [
+        (&args.after, "after"),
+        (&args.after_ok, "afterOk"),
+        (&args.after_any, "afterAny"),
+    ] {
+        if !ids.is_empty() {
+            m["spec"][key] = json!(ids);
+        }
+    }
+    if let Some(t) = &args.time_limit {
+        m["spec"]["timeLimit"] = json!(t);
+    }
+    if let Some(b) = &args.begin {
+        m["spec"]["begin"] = json!(b);
+    }
+    if args.hold {
+        m["spec"]["hold"] = json!(true);
     }
     if let Some(r) = &args.replicas {
         m["spec"]["replicas"] = replicas_flag(r)?;
@@ -756,6 +801,9 @@ pub fn submit(c: &Client, args: &SubmitArgs) -> anyhow::Result<()> {
         });
     }
     let job = c.post("/v1/jobs", m)?;
+    if job["array"].is_object() {
+        return batch::submitted(c, &job);
+    }
     c.print(&job, |j| {
         println!(
             "job {} submitted ({}, project {})",
@@ -782,6 +830,10 @@ pub struct JobsArgs {
     /// `kubectl get -w`, until interrupted; with -o json, one object per line.
     #[arg(short = 'w', long)]
     pub watch: bool,
+    /// Each task of an array on its own line, as ARRAY_INDEX (squeue -r); without it an array
+    /// is one line with its tasks' states summed up.
+    #[arg(short = 'r', long)]
+    pub expand: bool,
 }
 
 /// A job's line in `tessera jobs`.
@@ -824,17 +876,27 @@ pub fn jobs(c: &Client, a: &JobsArgs) -> anyhow::Result<()> {
     }
     let path = format!("/v1/jobs?{}", q.join("&"));
     let v = c.get(&path)?;
-    let mut seen: std::collections::HashMap<u64, Vec<String>> = Default::default();
-    let mut remember = |v: &Value| -> anyhow::Result<Vec<(JobView, Vec<String>)>> {
+    let mut seen: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut seen_jobs: std::collections::HashMap<u64, Vec<String>> = Default::default();
+    let expand = a.expand;
+    // The lines that changed since the last look (all of them the first time), and for -o json
+    // the jobs that did.
+    let mut remember = |v: &Value| -> anyhow::Result<(Vec<Vec<String>>, Vec<JobView>)> {
         let jobs: Vec<JobView> = serde_json::from_value(v.clone())?;
-        let mut changed = Vec::new();
-        for j in jobs {
-            let row = job_row(&j);
-            if seen.insert(j.id, watched(&row)).as_ref() != Some(&watched(&row)) {
-                changed.push((j, row));
+        let mut rows = Vec::new();
+        for (key, row) in batch::rows(&jobs, expand) {
+            if seen.insert(key, watched(&row)).as_ref() != Some(&watched(&row)) {
+                rows.push(row);
             }
         }
-        Ok(changed)
+        let mut changed = Vec::new();
+        for j in jobs {
+            let row = watched(&job_row(&j));
+            if seen_jobs.insert(j.id, row.clone()).as_ref() != Some(&row) {
+                changed.push(j);
+            }
+        }
+        Ok((rows, changed))
     };
     let first = remember(&v)?;
     if a.watch && c.output == Output::Json {
@@ -848,7 +910,7 @@ pub fn jobs(c: &Client, a: &JobsArgs) -> anyhow::Result<()> {
                 &[
                     "ID", "NAME", "PROJECT", "OWNER", "STATE", "REPLICAS", "GPU", "AGE", "REASON",
                 ],
-                first.iter().map(|(_, row)| row.clone()).collect(),
+                first.0.clone(),
             );
             Ok(())
         })?;
@@ -861,10 +923,17 @@ pub fn jobs(c: &Client, a: &JobsArgs) -> anyhow::Result<()> {
         std::io::stdout().flush()?;
         std::thread::sleep(Duration::from_secs(1));
         let v = c.get(&path)?;
-        for (j, row) in remember(&v)? {
-            match c.output {
-                Output::Json => println!("{}", serde_json::to_string(&j)?),
-                _ => println!("{}", row.join("  ")),
+        let (rows, jobs) = remember(&v)?;
+        match c.output {
+            Output::Json => {
+                for j in jobs {
+                    println!("{}", serde_json::to_string(&j)?);
+                }
+            }
+            _ => {
+                for row in rows {
+                    println!("{}", row.join("  "));
+                }
             }
         }
     }
@@ -1217,23 +1286,6 @@ fn last_lines(
         }
         window *= 4;
     }
-}
-
-pub fn cancel(c: &Client, ids: &[u64]) -> anyhow::Result<()> {
-    let mut all = vec![];
-    for id in ids {
-        all.push(c.post(&format!("/v1/jobs/{id}/cancel"), json!({}))?);
-    }
-    c.print(&Value::Array(all.clone()), |_| {
-        for j in &all {
-            println!(
-                "job {}: {}",
-                j["id"],
-                printable(j["reason"].as_str().unwrap_or(""))
-            );
-        }
-        Ok(())
-    })
 }
 
 /// Moves a running job (checkpointed first when it checkpoints), to `to` or anywhere.

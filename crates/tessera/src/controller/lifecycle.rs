@@ -184,6 +184,19 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                 requeue(job, format!("node {node} is being drained; queued again"));
                 notes.push((EventKind::Requeued, job.reason.clone()));
             }
+            StopCause::Requeue { by } => {
+                requeue(job, format!("requeued at the request of {by}"));
+                notes.push((EventKind::Requeued, job.reason.clone()));
+            }
+            StopCause::TimeLimit { limit_ms } => {
+                job.state = JobState::Failed;
+                job.reason = format!(
+                    "time limit: stopped after running {}, its limit (--time)",
+                    crate::batch::duration_text(limit_ms)
+                );
+                job.finished_ms = Some(now);
+                notes.push((EventKind::Failed, job.reason.clone()));
+            }
             StopCause::ReplicaFailed { replica, exit_code } => {
                 let how = match job.replicas.iter().find(|r| r.index == replica) {
                     Some(r) => ended_how(r),

@@ -16,7 +16,7 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
     (
         "get",
         "/v1/jobs",
-        "List jobs; filters: project, state (comma-separated), owner, limit",
+        "List jobs; filters: project, state (comma-separated), owner, limit, array (an array's tasks)",
         None,
         "JobList",
     ),
@@ -39,6 +39,27 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
         "/v1/jobs/{id}/migrate",
         "Move a running job (checkpointed first when it checkpoints), to a given node or anywhere",
         Some("MigrateBody"),
+        "Job",
+    ),
+    (
+        "post",
+        "/v1/jobs/{id}/hold",
+        "Hold a pending job: it does not start until released",
+        None,
+        "Job",
+    ),
+    (
+        "post",
+        "/v1/jobs/{id}/release",
+        "Release a held job",
+        None,
+        "Job",
+    ),
+    (
+        "post",
+        "/v1/jobs/{id}/requeue",
+        "Queue a job again: a running one is stopped first (through its checkpoint), an ended one starts a new attempt",
+        None,
         "Job",
     ),
     (
@@ -349,7 +370,14 @@ fn schemas() -> Value {
                         "volumes": {"type": "array", "items": {"type": "string"}, "description": "its project's volumes it mounts, PATH or PATH:ro (default: all)"},
                         "submitDir": {"type": "string", "description": "where it was submitted from (the CLI sets it); its workdir when on a volume"},
                         "checkpoint": checkpoint,
-                        "service": service}}}
+                        "service": service,
+                        "array": {"type": "string", "description": "a job array as Slurm writes it: 0-99%8 (indexes, at most 8 running at once)"},
+                        "after": {"type": "array", "items": {"type": "integer"}, "description": "jobs it starts after, once they have started"},
+                        "afterOk": {"type": "array", "items": {"type": "integer"}, "description": "jobs it starts after, once they have succeeded (cancelled if one fails)"},
+                        "afterAny": {"type": "array", "items": {"type": "integer"}, "description": "jobs it starts after, once they have ended"},
+                        "timeLimit": {"type": "string", "description": "how long it may run, e.g. 4h; then stopped through its checkpoint signal"},
+                        "begin": {"type": "string", "description": "start no earlier than: 2026-12-08T09:00:00Z, or +2h"},
+                        "hold": {"type": "boolean", "description": "submitted held: it starts once released"}}}}
         },
         "Service": obj(json!({"name": {"type": "string"}, "project": {"type": "string"}, "replicas": {"type": "integer"},
             "ready": {"type": "integer"}, "path": {"type": "string"}, "jobs": {"type": "array"}, "endpoints": {"type": "array"},
@@ -431,7 +459,13 @@ fn view_schemas() -> Value {
             "memory_bytes": {"type": "integer"}, "command": {"type": "array", "items": {"type": "string"}},
             "restart": {"enum": ["never", "on-failure"]}, "attempt": {"type": "integer"}, "restarts": {"type": "integer"},
             "created_ms": {"type": "integer"}, "updated_ms": {"type": "integer"}, "finished_ms": {"type": ["integer", "null"]},
-            "assignments": {"type": "array", "items": {"$ref": "#/components/schemas/Replica"}}})),
+            "assignments": {"type": "array", "items": {"$ref": "#/components/schemas/Replica"}},
+            "array": {"type": "object", "description": "the array it is a task of", "properties": {
+                "id": {"type": "integer"}, "index": {"type": "integer"}, "count": {"type": "integer"},
+                "limit": {"type": "integer"}, "text": {"type": "string"}}},
+            "after": {"type": "array", "items": {"type": "object", "properties": {
+                "job": {"type": "integer"}, "on": {"enum": ["start", "ok", "any"]}}}},
+            "time_limit_ms": {"type": "integer"}, "held": {"type": "boolean"}})),
         "Replica": obj(json!({"index": {"type": "integer"}, "node": {"type": "string"},
             "phase": {"enum": ["assigned", "running", "exited", "lost", "not_started"]}, "gpu_milli": {"type": "integer"},
             "devices": {"type": "array", "items": {"type": "integer"}}, "exit_code": {"type": ["integer", "null"]},

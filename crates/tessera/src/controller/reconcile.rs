@@ -67,6 +67,10 @@ struct Built {
     snapshot: Snapshot,
     node_names: Vec<String>,
     next_backoff: Option<u64>,
+    /// Pending jobs that can never run (a dependency failed), with why: they are cancelled.
+    never: Vec<(u64, String)>,
+    /// Running jobs past their time limit: they are stopped.
+    overdue: Vec<u64>,
 }
 
 /// Every node carries its own name as this label, so a job can be pinned to one.
@@ -90,7 +94,30 @@ fn build(s: &State, now: u64) -> Built {
     let mut running = Vec::new();
     let mut pending = Vec::new();
     let mut next_backoff: Option<u64> = None;
+    let mut never = Vec::new();
+    let mut overdue = Vec::new();
+    // Tasks of limited arrays scheduled or running, by array; their pending tasks are judged
+    // after every job is counted.
+    let mut array_active: HashMap<u64, u32> = HashMap::new();
+    let mut array_pending: Vec<&Job> = Vec::new();
     for job in s.jobs.values() {
+        if job.state.is_active()
+            && let Some(t) = job.def.array.as_ref().filter(|t| t.limit.is_some())
+        {
+            *array_active.entry(t.id).or_default() += 1;
+        }
+        if job.state.is_active()
+            && job.stop.is_none()
+            && let Some(limit) = job.def.time_limit_ms
+            && let Some(started) = job.replicas.iter().filter_map(|r| r.started_ms).min()
+        {
+            let ends = started.saturating_add(limit);
+            if ends <= now {
+                overdue.push(job.id);
+            } else {
+                next_backoff = Some(next_backoff.map_or(ends, |x| x.min(ends)));
+            }
+        }
         if job.state.is_active() {
             // What a replica holds on the nodes the scheduler sees; of a remote pair with one
             // node gone (lost, cordoned), the half on the other.
@@ -190,6 +217,18 @@ fn build(s: &State, now: u64) -> Built {
                     Some(next_backoff.map_or(job.not_before_ms, |x| x.min(job.not_before_ms)));
                 continue;
             }
+            if job.def.array.as_ref().is_some_and(|t| t.limit.is_some()) {
+                array_pending.push(job);
+                continue;
+            }
+            match crate::batch::gate(job, |id| s.jobs.get(&id).map(|j| &**j), 0) {
+                crate::batch::Gate::Open => {}
+                crate::batch::Gate::Wait(_) => continue,
+                crate::batch::Gate::Never(why) => {
+                    never.push((job.id, why));
+                    continue;
+                }
+            }
             let spec = scheduling_spec(job);
             if let Some(image) = &job.def.image {
                 let holding: Vec<NodeId> = s
@@ -203,6 +242,22 @@ fn build(s: &State, now: u64) -> Built {
                 }
             }
             pending.push(PendingJob { id: job.id, spec });
+        }
+    }
+    // A limited array's pending tasks, in id order, while its limit leaves room.
+    for job in array_pending {
+        let Some(t) = &job.def.array else { continue };
+        let active = array_active.entry(t.id).or_default();
+        match crate::batch::gate(job, |id| s.jobs.get(&id).map(|j| &**j), *active) {
+            crate::batch::Gate::Open => {
+                *active += 1;
+                pending.push(PendingJob {
+                    id: job.id,
+                    spec: scheduling_spec(job),
+                });
+            }
+            crate::batch::Gate::Wait(_) => {}
+            crate::batch::Gate::Never(why) => never.push((job.id, why)),
         }
     }
     let projects = s
@@ -238,6 +293,8 @@ fn build(s: &State, now: u64) -> Built {
         },
         node_names,
         next_backoff,
+        never,
+        overdue,
     }
 }
 
@@ -304,11 +361,20 @@ async fn schedule_once(
 ) -> Result<Option<u64>, ApiError> {
     let building = Instant::now();
     let now = now_ms();
-    let (built, shapes) = ctl.store.read(|s| {
+    let (mut built, shapes) = ctl.store.read(|s| {
         let shapes = ShapeDistribution::typical(s.recent_requests.iter(), 0.95);
         (build(s, now), shapes)
     });
     let next_backoff = built.next_backoff;
+    let (never, overdue) = (
+        std::mem::take(&mut built.never),
+        std::mem::take(&mut built.overdue),
+    );
+    if !never.is_empty() || !overdue.is_empty() {
+        ctl.store
+            .write(move |c, s| end_gated(c, s, never, overdue))
+            .await?;
+    }
     let may_grow = built
         .snapshot
         .running
@@ -388,6 +454,48 @@ async fn schedule_once(
     // Dropped here, not under the state's lock in the writer.
     drop(old_reasons);
     Ok(next_backoff)
+}
+
+/// Cancels the pending jobs that can never run (a dependency failed) and stops the running
+/// ones past their time limit, judged again against the state as it is now.
+fn end_gated(
+    c: &crate::store::Write,
+    s: &mut State,
+    never: Vec<(u64, String)>,
+    overdue: Vec<u64>,
+) -> Result<(), ApiError> {
+    let now = c.now_ms;
+    for (id, why) in never {
+        let Some(job) = s.jobs.get(&id).filter(|j| j.state == JobState::Pending) else {
+            continue;
+        };
+        let mut job = Job::clone(job);
+        job.state = JobState::Cancelled;
+        job.reason = why.clone();
+        job.finished_ms = Some(now);
+        save_job(c, s, job, vec![(EventKind::Cancelled, why)], now)?;
+    }
+    for id in overdue {
+        let Some(job) = s
+            .jobs
+            .get(&id)
+            .filter(|j| j.state.is_active() && j.stop.is_none())
+        else {
+            continue;
+        };
+        let mut job = Job::clone(job);
+        let limit_ms = job.def.time_limit_ms.unwrap_or_default();
+        let limit = crate::batch::duration_text(limit_ms);
+        job.stop = Some(StopCause::TimeLimit { limit_ms });
+        job.reason = format!("time limit: it ran {limit}, its limit; stopping it");
+        let mut notes = vec![(
+            EventKind::TimeLimit,
+            format!("it ran {limit}, its time limit; stopping it (its checkpoint signal first)"),
+        )];
+        notes.extend(settle(&mut job, now));
+        save_job(c, s, job, notes, now)?;
+    }
+    Ok(())
 }
 
 /// What a plan changes in the pool, judged against the state at the time it is applied.

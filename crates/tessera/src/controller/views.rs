@@ -52,6 +52,17 @@ pub struct JobView {
     pub updated_ms: u64,
     pub finished_ms: Option<u64>,
     pub assignments: Vec<ReplicaView>,
+    /// The array it is a task of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array: Option<crate::batch::ArrayTask>,
+    /// The jobs it waits for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<crate::batch::After>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_limit_ms: Option<u64>,
+    /// Held: it does not start until released.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

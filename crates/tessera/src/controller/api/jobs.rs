@@ -19,16 +19,42 @@ pub(super) fn job_view(s: &State, id: u64) -> Result<JobView, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("no job {id}")))
 }
 
+/// Tasks of `job`'s array that are scheduled or running, up to its limit (0 when it is not a
+/// limited array's). Tasks start in id order, so the scan for the limit ends early.
+fn array_active(s: &State, job: &Job) -> u32 {
+    match &job.def.array {
+        Some(t) if t.limit.is_some() => s
+            .jobs
+            .range(t.id..t.id + u64::from(t.count))
+            .filter(|(_, j)| j.state.is_active())
+            .take(t.limit.unwrap_or_default() as usize)
+            .count() as u32,
+        _ => 0,
+    }
+}
+
 pub fn view(job: &Job, state: &State) -> JobView {
     let s = &job.def.spec;
     let mut reason = job.reason.clone();
     if job.state == JobState::Pending {
         let now = now_ms();
-        if job.not_before_ms > now {
+        let gate = crate::batch::gate(
+            job,
+            |id| state.jobs.get(&id).map(|j| &**j),
+            array_active(state, job),
+        );
+        if job.not_before_ms > now && job.attempt == 0 && job.def.begin.is_some() {
+            reason = format!(
+                "starts no earlier than {} (--begin)",
+                crate::controller::api::logs::rfc3339(job.not_before_ms)
+            );
+        } else if job.not_before_ms > now {
             reason = format!(
                 "{reason} (restarting in {:.1} s)",
                 (job.not_before_ms - now) as f64 / 1000.0
             );
+        } else if let crate::batch::Gate::Wait(why) | crate::batch::Gate::Never(why) = gate {
+            reason = why;
         } else if let Some(why) = state.wait_reasons.get(&job.id) {
             reason = crate::controller::reconcile::describe_wait(state, job, why);
         }
@@ -72,6 +98,10 @@ pub fn view(job: &Job, state: &State) -> JobView {
                 gpu_node: r.gpu_node.clone(),
             })
             .collect(),
+        array: job.def.array.clone(),
+        after: job.def.after.clone(),
+        time_limit_ms: job.def.time_limit_ms,
+        held: job.held,
     }
 }
 
@@ -109,16 +139,59 @@ pub async fn submit(
                 let mut def = def;
                 resolve_mounts(s, &mut def)?;
                 refuse_never_fitting(s, &def)?;
+                // A job may wait only for jobs its submitter can see.
+                for a in &def.after {
+                    if visible_job(s, &caller, a.job).is_err() {
+                        let field = match a.on {
+                            crate::batch::AfterKind::Start => "spec.after",
+                            crate::batch::AfterKind::Ok => "spec.afterOk",
+                            crate::batch::AfterKind::Any => "spec.afterAny",
+                        };
+                        return Err(ApiError::bad(format!(
+                            "{field}: no job {} that you can see; list yours with `tessera jobs`",
+                            a.job
+                        ))
+                        .with_field(field));
+                    }
+                }
                 let now = c.now_ms;
-                let id = s
-                    .take_job_id()
-                    .map_err(|e| ApiError::internal(format!("reserving a job id: {e}")))?;
-                let job = Job::new(id, &user, def, now);
-                let note = (EventKind::Submitted, format!("submitted by {user}"));
-                s.remember_request(&job.def.spec.request);
-                save_job(c, s, job, vec![note], now)?;
-                s.next_job_id = id;
-                job_view(s, id)
+                let array = def.asked_array.take();
+                let tasks = array.as_ref().map_or(1, |a| a.indexes.len());
+                let mut first = None;
+                for k in 0..tasks {
+                    let id = s
+                        .take_job_id()
+                        .map_err(|e| ApiError::internal(format!("reserving a job id: {e}")))?;
+                    s.next_job_id = id;
+                    let first = *first.get_or_insert(id);
+                    let mut def = def.clone();
+                    let mut note = format!("submitted by {user}");
+                    if let Some(a) = &array {
+                        // The ids of an array's tasks follow each other from its first.
+                        debug_assert_eq!(id, first + k as u64);
+                        let index = a.indexes[k];
+                        def.array = Some(crate::batch::ArrayTask {
+                            id: first,
+                            index,
+                            count: a.indexes.len() as u32,
+                            limit: a.limit,
+                            text: a.text.clone(),
+                        });
+                        for (key, value) in [
+                            ("TESSERA_ARRAY_ID", first.to_string()),
+                            ("TESSERA_ARRAY_INDEX", index.to_string()),
+                            ("SLURM_ARRAY_JOB_ID", first.to_string()),
+                            ("SLURM_ARRAY_TASK_ID", index.to_string()),
+                        ] {
+                            def.env.insert(key.into(), value);
+                        }
+                        note = format!("{note} as task {index} of array {first} ({})", a.text);
+                    }
+                    let job = Job::new(id, &user, def, now);
+                    s.remember_request(&job.def.spec.request);
+                    save_job(c, s, job, vec![(EventKind::Submitted, note)], now)?;
+                }
+                job_view(s, first.unwrap_or_default())
             },
         )
         .await?;
@@ -166,6 +239,8 @@ pub struct JobFilter {
     pub state: Option<String>,
     pub owner: Option<String>,
     pub limit: Option<usize>,
+    /// Only the tasks of this array.
+    pub array: Option<u64>,
 }
 
 /// Jobs a list answer puts in words per hold of the state's lock, and jobs it looks at per hold.
@@ -216,6 +291,8 @@ impl JobList {
             let wanted = visible.as_ref().is_none_or(|v| v.contains(j.project()))
                 && f.project.as_ref().is_none_or(|p| p == j.project())
                 && f.owner.as_ref().is_none_or(|o| *o == j.owner)
+                && f.array
+                    .is_none_or(|a| j.def.array.as_ref().is_some_and(|t| t.id == a))
                 && self.states.as_ref().is_none_or(|st| st.contains(&j.state));
             if !wanted {
                 continue;
@@ -350,6 +427,128 @@ pub async fn cancel_job(
                 }
                 let now = c.now_ms;
                 let notes = cancel(&mut job, &user, now);
+                save_job(c, s, job, notes, now)?;
+                job_view(s, id)
+            },
+        )
+        .await?;
+    Ok(Json(job))
+}
+
+/// `tessera hold`: a pending job does not start until released.
+pub async fn hold_job(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Json<JobView>, ApiError> {
+    change_job(ctl, caller, id, "hold jobs", move |job, user| {
+        if job.state != JobState::Pending {
+            return Err(ApiError::conflict(format!(
+                "job {id} is {}; only a pending job can be held (`tessera requeue {id}` queues                  a running one again)",
+                job.state.name()
+            )));
+        }
+        if job.held {
+            return Ok(vec![]);
+        }
+        job.held = true;
+        job.reason = format!("held by {user}; it starts once released (`tessera release {id}`)");
+        Ok(vec![(EventKind::Held, format!("held by {user}"))])
+    })
+    .await
+}
+
+/// `tessera release`: a held job may start again.
+pub async fn release_job(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Json<JobView>, ApiError> {
+    change_job(ctl, caller, id, "release jobs", move |job, user| {
+        if !job.held {
+            return Err(ApiError::conflict(format!(
+                "job {id} is not held; nothing to release"
+            )));
+        }
+        job.held = false;
+        job.reason = format!("released by {user}; waiting for the scheduler");
+        Ok(vec![(EventKind::Released, format!("released by {user}"))])
+    })
+    .await
+}
+
+/// `tessera requeue`: a running job is stopped (through its checkpoint, as preemption stops it)
+/// and queued again without using a restart; an ended one is queued again as a new attempt.
+pub async fn requeue_job(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Json<JobView>, ApiError> {
+    change_job(ctl, caller, id, "requeue jobs", move |job, user| {
+        if job.service.is_some() {
+            return Err(ApiError::conflict(format!(
+                "job {id} is a service's replica; move it with `tessera services move`"
+            )));
+        }
+        match job.state {
+            JobState::Pending => Err(ApiError::conflict(format!("job {id} is pending already"))),
+            s if s.is_final() => {
+                job.state = JobState::Pending;
+                job.reason = format!("requeued at the request of {user} after it {}", s.name());
+                job.finished_ms = None;
+                job.not_before_ms = 0;
+                job.replicas.clear();
+                Ok(vec![(EventKind::Requeued, job.reason.clone())])
+            }
+            _ if job.stop.is_some() => Err(ApiError::conflict(format!(
+                "job {id} is stopping already ({})",
+                job.reason
+            ))),
+            _ => {
+                job.stop = Some(StopCause::Requeue {
+                    by: user.to_string(),
+                });
+                job.reason = format!("requeueing at the request of {user}; stopping it first");
+                Ok(vec![(
+                    EventKind::Requeued,
+                    format!("{user} asked to requeue it; stopping its replicas"),
+                )])
+            }
+        }
+    })
+    .await
+}
+
+/// Changes job `id` with `f` on behalf of the caller (who must see it and may act), settles it
+/// and saves it; answers the job as it is then.
+async fn change_job(
+    ctl: crate::controller::Ctl,
+    caller: Caller,
+    id: u64,
+    what: &'static str,
+    f: impl FnOnce(&mut Job, &str) -> Result<Vec<crate::controller::lifecycle::Note>, ApiError>
+    + Send
+    + 'static,
+) -> Result<Json<JobView>, ApiError> {
+    let user = acting_user(&caller, what)?;
+    ctl.store
+        .read(|s| visible_job(s, &caller, id).map(|_| ()))?;
+    let job = ctl
+        .store
+        .write_as(
+            Some(user.clone()),
+            move |c, s| -> Result<JobView, ApiError> {
+                let mut job = s
+                    .jobs
+                    .get(&id)
+                    .map(|j| Job::clone(j))
+                    .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
+                let now = c.now_ms;
+                let mut notes = f(&mut job, &user)?;
+                if notes.is_empty() {
+                    return job_view(s, id);
+                }
+                notes.extend(settle(&mut job, now));
                 save_job(c, s, job, notes, now)?;
                 job_view(s, id)
             },
