@@ -268,18 +268,6 @@ fn judge(on: AfterKind, dep: &Job) -> Verdict {
     }
 }
 
-/// A duration as people write it back: 4h, 90m, 30s.
-pub fn duration_text(ms: u64) -> String {
-    let s = ms / 1000;
-    if s > 0 && s % 3600 == 0 {
-        format!("{}h", s / 3600)
-    } else if s > 0 && s % 60 == 0 {
-        format!("{}m", s / 60)
-    } else {
-        format!("{s}s")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

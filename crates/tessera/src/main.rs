@@ -268,6 +268,18 @@ enum Command {
         #[arg(long, conflicts_with = "replica")]
         all_replicas: bool,
     },
+    /// A job as the manifest that makes it again, with its status (YAML; `-o json`):
+    /// `tessera get job 5 | tessera submit -f -` submits it again.
+    Get {
+        #[command(flatten)]
+        conn: cli::Conn,
+        /// `job`.
+        kind: String,
+        id: u64,
+        /// Only the manifest: without the status.
+        #[arg(long)]
+        export: bool,
+    },
     /// Cancel jobs (their process trees are killed); an array's id cancels all its tasks,
     /// ARRAY_INDEX one of them.
     Cancel {
@@ -883,6 +895,19 @@ fn main() {
             }
             cli::logs(&c, id, replica, &opts, follow, tail)
         }),
+        Command::Get {
+            conn,
+            kind,
+            id,
+            export,
+        } => match kind.as_str() {
+            "job" | "jobs" => {
+                cli::Client::new(&conn).and_then(|c| cli::batch::get_job(&c, id, export))
+            }
+            _ => Err(anyhow::anyhow!(
+                "get {kind}: get job ID (nodes and projects: `tessera describe`)"
+            )),
+        },
         Command::Cancel { conn, ids } => cli::Client::new(&conn)
             .and_then(|c| cli::batch::act(&c, cli::batch::Verb::Cancel, &ids)),
         Command::Hold { conn, ids } => {

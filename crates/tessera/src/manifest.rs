@@ -24,6 +24,10 @@ pub struct Manifest {
     pub kind: Option<String>,
     pub metadata: Metadata,
     pub spec: ManifestSpec,
+    /// What `tessera get job ID -o yaml` shows of the job as it is; ignored when submitted, so
+    /// that its output submits again as it is (as `kubectl apply` ignores status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -768,6 +772,129 @@ impl Manifest {
     }
 }
 
+impl JobDef {
+    /// The manifest that makes this job again (`tessera get job ID -o yaml | tessera submit -f
+    /// -`): camelCase, what the pool filled in written out (resolved volumes and working
+    /// directory, the restart count), nothing of the pool's own (ids, state, the variables it
+    /// sets). An array's first task gives the array; another task, a job of its own.
+    pub fn to_manifest(&self, id: u64, held: bool) -> serde_json::Value {
+        let r = &self.spec.request;
+        let gpu = match r.gpu {
+            GpuRequest::None => None,
+            GpuRequest::Share { milli } => Some(Quantity::Number(f64::from(milli) / 1000.0)),
+            GpuRequest::Whole { devices } => Some(Quantity::Number(f64::from(devices))),
+        };
+        let bytes = |b: u64| Quantity::Text(crate::units::bytes_text(b));
+        let array = self.array.as_ref().filter(|t| t.id == id);
+        let mut env = self.env.clone();
+        if self.array.is_some() {
+            env.retain(|k, _| !k.starts_with("TESSERA_ARRAY_") && !k.starts_with("SLURM_ARRAY_"));
+        }
+        let mut after = (Vec::new(), Vec::new(), Vec::new());
+        for a in &self.after {
+            match a.on {
+                crate::batch::AfterKind::Start => after.0.push(a.job),
+                crate::batch::AfterKind::Ok => after.1.push(a.job),
+                crate::batch::AfterKind::Any => after.2.push(a.job),
+            }
+        }
+        let spec = ManifestSpec {
+            replicas: Some(match &self.elastic {
+                Some(e) => Replicas::Range(ReplicaRange {
+                    min: e.min,
+                    max: e.max,
+                }),
+                None => Replicas::Count(self.spec.replicas),
+            }),
+            priority: Some(Priority::Number(self.spec.priority)),
+            resources: Resources {
+                gpu,
+                gpu_memory: (r.gpu_memory_bytes > 0).then(|| bytes(r.gpu_memory_bytes)),
+                cpu: Some(Quantity::Text(format!("{}m", r.cpu_milli))),
+                memory: Some(bytes(r.memory_bytes)),
+                device_models: r.device_models.clone(),
+                node_selector: r.node_selector.clone(),
+                gpu_attach: match r.gpu_attach {
+                    GpuAttach::Local => None,
+                    GpuAttach::Remote => Some("remote".into()),
+                    GpuAttach::Any => Some("any".into()),
+                },
+            },
+            image: self.image.clone(),
+            command: self.command.clone(),
+            env,
+            // Without a restart block a job never restarts.
+            restart: (self.restart == RestartPolicy::OnFailure).then_some(Restart {
+                policy: self.restart,
+                max_restarts: Some(self.max_restarts),
+            }),
+            preemptible: Some(self.preemptible),
+            interactive: self.interactive.then_some(true),
+            wait_for_capacity: self.wait_for_capacity.then_some(true),
+            checkpoint: self.checkpoint.as_ref().map(|c| CheckpointManifest {
+                mode: c.transparent.then(|| "transparent".into()),
+                signal: (!c.transparent).then(|| c.signal_name.clone()),
+                grace: Some(crate::units::duration_text(c.grace_ms)),
+                interval: c.interval_ms.map(crate::units::duration_text),
+            }),
+            workdir: self.workdir.clone(),
+            volumes: self
+                .volumes
+                .iter()
+                .map(|v| match v.read_only {
+                    true => format!("{}:ro", v.path),
+                    false => v.path.clone(),
+                })
+                .collect(),
+            submit_dir: None,
+            service: None,
+            array: array.map(|t| t.text.clone()),
+            after: after.0,
+            after_ok: after.1,
+            after_any: after.2,
+            time_limit: self.time_limit_ms.map(crate::units::duration_text),
+            begin: self.begin.map(|b| match b {
+                crate::batch::Begin::AtMs(t) => crate::controller::api::rfc3339(t),
+                crate::batch::Begin::AfterMs(d) => format!("+{}", crate::units::duration_text(d)),
+            }),
+            hold: held.then_some(true),
+        };
+        let m = Manifest {
+            api_version: Some("tessera/v1".into()),
+            kind: Some("Job".into()),
+            metadata: Metadata {
+                name: self.spec.name.clone(),
+                project: Some(self.spec.project.clone()),
+            },
+            spec,
+            status: None,
+        };
+        let mut v = serde_json::to_value(m).unwrap_or_default();
+        prune(&mut v);
+        v
+    }
+}
+
+/// Drops nulls, empty lists and empty maps: what a person would not write.
+fn prune(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            for x in m.values_mut() {
+                prune(x);
+            }
+            m.retain(|_, x| match x {
+                Value::Null => false,
+                Value::Array(a) => !a.is_empty(),
+                Value::Object(o) => !o.is_empty(),
+                _ => true,
+            });
+        }
+        Value::Array(a) => a.iter_mut().for_each(prune),
+        _ => {}
+    }
+}
+
 /// An image reference as the registry protocol reads it (`[registry/]repository[:tag][@digest]`),
 /// trimmed; refused with the form to write otherwise.
 pub fn check_image(text: &str) -> Result<String, ValidationError> {
@@ -814,6 +941,54 @@ pub fn check_name(field: &str, name: &str) -> Result<(), ValidationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a job's manifest says comes back as the same job: `tessera get job ID -o yaml |
+    /// tessera submit -f -` makes the job again.
+    #[test]
+    fn a_jobs_manifest_makes_the_same_job_again() {
+        for text in [
+            "metadata: {name: a}\nspec: {command: [\"true\"]}",
+            "metadata: {name: b, project: vision}\nspec:\n  command: [python3, t.py]\n  replicas: 4\n  priority: high\n  resources: {gpu: 2, gpuMemory: 20GiB, cpu: 2.5, memory: 1.5GiB, deviceModels: [H100-80GB], nodeSelector: {zone: a}}\n  env: {A: '1', B: x y}\n  restart: {policy: on-failure, maxRestarts: 5}\n  preemptible: false\n  checkpoint: {signal: TERM, grace: 90s, interval: 10m}\n  timeLimit: 4h\n  begin: '+2h'\n  afterOk: [3, 4]\n  after: [5]\n  afterAny: [6]\n  hold: true\n  interactive: true\n  waitForCapacity: true",
+            "metadata: {name: c}\nspec:\n  image: registry.example.com/t/train:1.0\n  replicas: {min: 1, max: 8}\n  resources: {cpu: 250m}\n  checkpoint: {mode: transparent, grace: 1500ms}\n  begin: 2026-12-08T09:00:00Z",
+            "metadata: {name: d}\nspec:\n  command: [sh]\n  resources: {gpu: 0.5, gpuAttach: any}",
+        ] {
+            let def = Manifest::parse(text).unwrap().into_def("default").unwrap();
+            let exported = def.to_manifest(1, def.asked_hold);
+            let again: Manifest = serde_json::from_value(exported.clone()).unwrap();
+            let def2 = again.into_def("other").unwrap();
+            assert_eq!(def, def2, "{text}\n{exported:#}");
+            // What the pool adds is not written out; what a person would not write either.
+            let yaml = serde_yaml::to_string(&exported).unwrap();
+            assert!(
+                !yaml.contains("null") && !yaml.contains("submitDir"),
+                "{yaml}"
+            );
+        }
+        // An array's first task gives the array, without the variables the pool sets; another
+        // task, a job of its own.
+        let mut def = Manifest::parse("metadata: {name: s}\nspec: {command: [x], array: 0-9%2}")
+            .unwrap()
+            .into_def("p")
+            .unwrap();
+        let asked = def.asked_array.take().unwrap();
+        def.array = Some(crate::batch::ArrayTask {
+            id: 7,
+            index: 0,
+            count: 10,
+            limit: asked.limit,
+            text: asked.text,
+        });
+        def.env.insert("TESSERA_ARRAY_INDEX".into(), "0".into());
+        let first = def.to_manifest(7, false);
+        assert_eq!(first["spec"]["array"], "0-9%2");
+        assert!(first["spec"].get("env").is_none(), "{first}");
+        assert!(def.to_manifest(8, false)["spec"].get("array").is_none());
+        // A status, as `get` shows it, is ignored when submitted.
+        let mut shown = first.clone();
+        shown["status"] = serde_json::json!({"id": 7, "state": "running"});
+        let m: Manifest = serde_json::from_value(shown).unwrap();
+        assert!(m.into_def("p").is_ok());
+    }
 
     const GOOD: &str = r#"
 apiVersion: tessera/v1

@@ -156,6 +156,32 @@ pub fn parse_duration(field: &str, text: &str) -> Result<std::time::Duration, Va
     Ok(std::time::Duration::from_secs_f64(secs))
 }
 
+/// Bytes as people write them back, exactly: `8GiB`, `512MiB`, `100KiB`, or a plain number.
+pub fn bytes_text(b: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if b > 0 && b % (1 << shift) == 0 {
+            return format!("{}{unit}", b >> shift);
+        }
+    }
+    b.to_string()
+}
+
+/// A duration as people write it back, exactly: `4h`, `90m`, `30s`, `1500ms`.
+pub fn duration_text(ms: u64) -> String {
+    let s = ms / 1000;
+    if ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else if s > 0 && s % 86400 == 0 {
+        format!("{}d", s / 86400)
+    } else if s > 0 && s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s > 0 && s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +199,19 @@ mod tests {
         assert_eq!(parse_cpu("c", &Quantity::Number(2.0)).unwrap(), 2000);
         assert_eq!(parse_gpu_milli("g", &t("2.5")).unwrap(), 2500);
         assert_eq!(parse_duration("d", "7d").unwrap().as_secs(), 7 * 86400);
+        for (ms, text) in [
+            (4 * 3_600_000, "4h"),
+            (90_000, "90s"),
+            (1500, "1500ms"),
+            (172_800_000, "2d"),
+        ] {
+            assert_eq!(duration_text(ms), text);
+            assert_eq!(parse_duration("d", text).unwrap().as_millis() as u64, ms);
+        }
+        for (b, text) in [(8 << 30, "8GiB"), (3 << 29, "1536MiB"), (4097, "4097")] {
+            assert_eq!(bytes_text(b), text);
+            assert_eq!(parse_bytes("m", &t(text)).unwrap(), b);
+        }
     }
 
     #[test]

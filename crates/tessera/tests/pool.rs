@@ -1054,6 +1054,59 @@ fn the_cli_says_who_and_where_it_talks_to_and_completes_itself() {
         "{states:?}"
     );
     drop(watch);
+    // `get job` writes the manifest that makes the job again: piped into `submit -f -`, it
+    // makes a job whose manifest is the same.
+    let (ok, yaml, err) = cli(&pool, &["get", "job", &id.to_string()]);
+    assert!(ok, "{err}");
+    for part in [
+        "name: named-run",
+        "tessera.io/node: n1",
+        "H100-80GB",
+        "status:",
+        "state: succeeded",
+    ] {
+        assert!(yaml.contains(part), "{part}: {yaml}");
+    }
+    let mut again = Command::new(bin())
+        .args([
+            "submit",
+            "-f",
+            "-",
+            "-o",
+            "json",
+            "--url",
+            &pool.url,
+            "--token",
+            &pool.admin,
+        ])
+        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut again.stdin.take().unwrap(), yaml.as_bytes()).unwrap();
+    let out = again.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copy: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let copy = copy["id"].as_u64().unwrap();
+    let export = |id: u64| {
+        let (ok, out, err) = cli(
+            &pool,
+            &["get", "job", &id.to_string(), "--export", "-o", "json"],
+        );
+        assert!(ok, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let (first, second) = (export(id), export(copy));
+    assert!(first.get("status").is_none(), "{first}");
+    assert_eq!(first["spec"]["command"], json!(["sleep", "4"]));
+    assert_eq!(first, second);
+    pool.wait_state(copy, "succeeded");
     let (ok, out, err) = cli(&pool, &["usage", "--since", "1h", "--by", "job"]);
     assert!(ok, "{err}");
     let row = out

@@ -1,6 +1,7 @@
 //! Slurm's habits on the command line: an array is one line in `tessera jobs` (`--expand` for
 //! its tasks), `cancel`, `hold`, `release` and `requeue` take an array's id for all its tasks
-//! and `ID_INDEX` for one (as `scancel 5` and `scancel 5_3` do).
+//! and `ID_INDEX` for one (as `scancel 5` and `scancel 5_3` do); `get job` writes a job as the
+//! manifest that makes it again.
 
 use std::collections::BTreeMap;
 
@@ -227,5 +228,18 @@ pub fn submitted(c: &Client, first: &Value) -> anyhow::Result<()> {
         first["project"].as_str().unwrap_or(""),
         id + count.saturating_sub(1),
     );
+    Ok(())
+}
+
+/// `tessera get job ID`: the manifest that makes it again, YAML unless `-o json`.
+pub fn get_job(c: &Client, id: u64, export: bool) -> anyhow::Result<()> {
+    let mut m = c.get(&format!("/v1/jobs/{id}/manifest"))?;
+    if export && let Some(o) = m.as_object_mut() {
+        o.remove("status");
+    }
+    match c.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&m)?),
+        _ => print!("{}", serde_yaml::to_string(&m)?),
+    }
     Ok(())
 }

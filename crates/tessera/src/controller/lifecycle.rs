@@ -192,7 +192,7 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                 job.state = JobState::Failed;
                 job.reason = format!(
                     "time limit: stopped after running {}, its limit (--time)",
-                    crate::batch::duration_text(limit_ms)
+                    crate::units::duration_text(limit_ms)
                 );
                 job.finished_ms = Some(now);
                 notes.push((EventKind::Failed, job.reason.clone()));

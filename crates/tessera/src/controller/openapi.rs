@@ -42,6 +42,13 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
         "Job",
     ),
     (
+        "get",
+        "/v1/jobs/{id}/manifest",
+        "The manifest that makes the job again (camelCase, what the pool filled in written out), with its status beside it (ignored when submitted)",
+        None,
+        "Manifest",
+    ),
+    (
         "post",
         "/v1/jobs/{id}/hold",
         "Hold a pending job: it does not start until released",
@@ -343,6 +350,7 @@ fn schemas() -> Value {
                 "kind": {"enum": ["Job", "Service"]},
                 "metadata": {"type": "object", "required": ["name"], "additionalProperties": false,
                     "properties": {"name": {"type": "string"}, "project": {"type": "string"}}},
+                "status": {"type": "object", "description": "what `tessera get` shows of the job; ignored when submitted"},
                 "spec": {"type": "object", "additionalProperties": false,
                     "properties": {
                         "replicas": {"description": "a gang of N, or an elastic range {min, max}", "oneOf": [

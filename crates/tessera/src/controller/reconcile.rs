@@ -485,7 +485,7 @@ fn end_gated(
         };
         let mut job = Job::clone(job);
         let limit_ms = job.def.time_limit_ms.unwrap_or_default();
-        let limit = crate::batch::duration_text(limit_ms);
+        let limit = crate::units::duration_text(limit_ms);
         job.stop = Some(StopCause::TimeLimit { limit_ms });
         job.reason = format!("time limit: it ran {limit}, its limit; stopping it");
         let mut notes = vec![(

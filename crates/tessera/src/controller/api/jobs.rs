@@ -46,7 +46,7 @@ pub fn view(job: &Job, state: &State) -> JobView {
         if job.not_before_ms > now && job.attempt == 0 && job.def.begin.is_some() {
             reason = format!(
                 "starts no earlier than {} (--begin)",
-                crate::controller::api::logs::rfc3339(job.not_before_ms)
+                crate::controller::api::rfc3339(job.not_before_ms)
             );
         } else if job.not_before_ms > now {
             reason = format!(
@@ -433,6 +433,27 @@ pub async fn cancel_job(
         )
         .await?;
     Ok(Json(job))
+}
+
+/// The manifest that makes a job again (`tessera get job ID -o yaml`), with its status beside
+/// it (ignored when submitted).
+pub async fn job_manifest(
+    AxState(ctl): S,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    ctl.store.read(|s| {
+        let job = visible_job(s, &caller, id)?;
+        let mut m = job.def.to_manifest(job.id, job.held);
+        let v = view(job, s);
+        m["status"] = serde_json::json!({
+            "id": v.id, "state": v.state, "reason": v.reason, "owner": v.owner,
+            "attempt": v.attempt, "restarts": v.restarts, "createdMs": v.created_ms,
+            "finishedMs": v.finished_ms,
+            "nodes": v.assignments.iter().map(|r| r.node.clone()).collect::<Vec<_>>(),
+        });
+        Ok(Json(m))
+    })
 }
 
 /// `tessera hold`: a pending job does not start until released.
