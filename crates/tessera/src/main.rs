@@ -232,6 +232,9 @@ enum Command {
         kind: String,
         /// The job's id, or the node's or project's name.
         id: String,
+        /// Describe it again whenever it changes, until interrupted.
+        #[arg(short = 'w', long)]
+        watch: bool,
     },
     /// A replica's output.
     Logs {
@@ -850,17 +853,12 @@ fn main() {
             cli::Client::new(&conn).and_then(|c| cli::submit(&c, &args))
         }
         Command::Jobs { conn, args } => cli::Client::new(&conn).and_then(|c| cli::jobs(&c, &args)),
-        Command::Describe { conn, kind, id } => match kind.as_str() {
-            "job" => id
-                .parse::<u64>()
-                .map_err(|_| anyhow::anyhow!("describe job {id}: a job's id is a number"))
-                .and_then(|id| cli::Client::new(&conn).and_then(|c| cli::describe_job(&c, id))),
-            "node" => cli::Client::new(&conn).and_then(|c| cli::describe::node(&c, &id)),
-            "project" => cli::Client::new(&conn).and_then(|c| cli::describe::project(&c, &id)),
-            _ => Err(anyhow::anyhow!(
-                "describe {kind}: describe job ID, node NAME or project NAME"
-            )),
-        },
+        Command::Describe {
+            conn,
+            kind,
+            id,
+            watch,
+        } => cli::Client::new(&conn).and_then(|c| cli::describe::describe(&c, &kind, &id, watch)),
         Command::Logs {
             conn,
             id,

@@ -4286,7 +4286,30 @@ fn slurm_habits_arrays_dependencies_time_limits_begin_and_holds() {
     // --begin: not before then, and it says so.
     let later = submit(&["--cpu", "0.1", "--begin", "+3s", "--", "true"]);
     assert!(reason(later).contains("--begin"), "{}", reason(later));
+    // describe --watch describes it again as it changes.
+    let (watch, lines) = cli_lines(&pool, &["describe", "job", &later.to_string(), "--watch"]);
     let job = pool.wait_state(later, "succeeded");
+    let mut seen = Vec::new();
+    let until = Instant::now() + Duration::from_secs(20);
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("State:      succeeded"))
+        && Instant::now() < until
+    {
+        if let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+            seen.push(line);
+        }
+    }
+    drop(watch);
+    let text = seen.join("\n");
+    assert!(
+        text.contains("State:      pending") && text.contains("State:      succeeded"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n--- "),
+        "a line with the time between descriptions: {text}"
+    );
     let started = events(&pool, later)
         .iter()
         .find(|e| e["kind"] == "Running")

@@ -157,3 +157,68 @@ pub fn project(c: &Client, name: &str) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// `tessera describe KIND ID [--watch]`: with `watch`, described again each time what it
+/// describes changes (looked at every second), under a line with the time, as `watch` would
+/// but only on a change.
+pub fn describe(c: &Client, kind: &str, id: &str, watch: bool) -> anyhow::Result<()> {
+    type Render<'a> = Box<dyn Fn() -> anyhow::Result<()> + 'a>;
+    type Look<'a> = Box<dyn Fn() -> anyhow::Result<Value> + 'a>;
+    let (render, look): (Render, Look) = match kind {
+        "job" => {
+            let id: u64 = id
+                .parse()
+                .map_err(|_| anyhow::anyhow!("describe job {id}: a job's id is a number"))?;
+            (
+                Box::new(move || super::describe_job(c, id)),
+                Box::new(move || {
+                    Ok(json!([
+                        c.get(&format!("/v1/jobs/{id}"))?,
+                        c.get(&format!("/v1/jobs/{id}/events"))?
+                    ]))
+                }),
+            )
+        }
+        "node" => (
+            Box::new(move || node(c, id)),
+            Box::new(move || {
+                let mut v = c.get(&format!("/v1/nodes/{id}"))?;
+                // Counts up by itself: not a change of the node.
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("last_seen_ms_ago");
+                }
+                Ok(json!([v, c.get("/v1/jobs?state=scheduled,running")?]))
+            }),
+        ),
+        "project" => (
+            Box::new(move || project(c, id)),
+            Box::new(move || {
+                Ok(json!([
+                    c.get(&format!("/v1/projects/{id}"))?,
+                    c.get(&format!(
+                        "/v1/jobs?project={id}&state=pending,scheduled,running"
+                    ))?
+                ]))
+            }),
+        ),
+        _ => anyhow::bail!("describe {kind}: describe job ID, node NAME or project NAME"),
+    };
+    render()?;
+    if !watch {
+        return Ok(());
+    }
+    let mut seen = look()?;
+    loop {
+        std::io::Write::flush(&mut std::io::stdout())?;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let now = look()?;
+        if now != seen {
+            seen = now;
+            println!(
+                "\n--- {} ---",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            );
+            render()?;
+        }
+    }
+}

@@ -754,3 +754,25 @@ pub fn replica_logs(pool: &Pool, id: u64, replica: u32) -> String {
     assert_eq!(status, 200, "{v}");
     v["data"].as_str().unwrap().to_string()
 }
+
+/// Starts a CLI command that keeps running (a watch) and hands its output line by line.
+pub fn cli_lines(pool: &Pool, args: &[&str]) -> (Proc, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(bin())
+        .args(args)
+        .args(["--url", &pool.url, "--token", &pool.admin])
+        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(out).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Proc(child), rx)
+}
