@@ -11,6 +11,7 @@ pub mod bench_inprocess;
 pub mod cli;
 pub mod controller;
 pub mod endpoints;
+pub mod interactive;
 pub mod manifest;
 pub mod metering;
 pub mod protocol;

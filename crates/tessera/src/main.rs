@@ -271,6 +271,48 @@ enum Command {
         #[arg(long, conflicts_with = "replica")]
         all_replicas: bool,
     },
+    /// Run a command inside a running replica (`-it` for a shell with a terminal), as
+    /// `kubectl exec`; exits with its exit code.
+    Exec {
+        #[command(flatten)]
+        conn: cli::Conn,
+        id: u64,
+        #[arg(long, default_value_t = 0)]
+        replica: u32,
+        /// Send this terminal's input to it.
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// Give it a terminal.
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// The command, after `--`.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Forward a local port to one a running replica listens on: LOCAL:REMOTE (0 for any free
+    /// local port), until interrupted.
+    PortForward {
+        #[command(flatten)]
+        conn: cli::Conn,
+        id: u64,
+        ports: String,
+        #[arg(long, default_value_t = 0)]
+        replica: u32,
+    },
+    /// Run a command with a terminal in a job of its own, as `srun --pty`: submit (the flags of
+    /// `submit`), wait, run it inside, cancel the job when it ends.
+    Run {
+        #[command(flatten)]
+        conn: cli::Conn,
+        /// Send this terminal's input to it.
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// Give it a terminal.
+        #[arg(short = 't', long)]
+        tty: bool,
+        #[command(flatten)]
+        args: Box<cli::SubmitArgs>,
+    },
     /// A job as the manifest that makes it again, with its status (YAML; `-o json`):
     /// `tessera get job 5 | tessera submit -f -` submits it again.
     Get {
@@ -893,6 +935,31 @@ fn main() {
             }
             cli::logs(&c, id, replica, &opts, follow, tail)
         }),
+        Command::Exec {
+            conn,
+            id,
+            replica,
+            stdin,
+            tty,
+            command,
+        } => cli::Client::new(&conn)
+            .and_then(|c| cli::interactive::exec(&c, id, replica, stdin, tty, &command))
+            .map(|code| std::process::exit(code)),
+        Command::PortForward {
+            conn,
+            id,
+            ports,
+            replica,
+        } => cli::Client::new(&conn)
+            .and_then(|c| cli::interactive::port_forward(&c, id, replica, &ports, |_| {})),
+        Command::Run {
+            conn,
+            stdin,
+            tty,
+            args,
+        } => cli::Client::new(&conn)
+            .and_then(|c| cli::interactive::run(&c, &args, stdin, tty))
+            .map(|code| std::process::exit(code)),
         Command::Get {
             conn,
             kind,

@@ -4372,3 +4372,218 @@ fn slurm_habits_arrays_dependencies_time_limits_begin_and_holds() {
         pool.wait_state(id, "cancelled");
     }
 }
+
+/// Interactive work: `tessera exec` runs inside a running replica (its uid, cgroup, namespaces
+/// and environment; output, input, a terminal and the exit status carried), `port-forward`
+/// carries HTTP to a port the replica listens on and to no other, `run -i` holds a job while
+/// its command runs; a viewer may not exec, and each session is audited.
+#[test]
+fn exec_port_forward_and_run_reach_inside_a_running_replica() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.67", "1xH100-80GB");
+    let web_port = port();
+    let page = pool.shared("served");
+    std::fs::create_dir_all(&page).unwrap();
+    std::fs::write(page.join("hello.txt"), "from inside\n").unwrap();
+    let id = cli_submit(
+        &pool,
+        &[
+            "--cpu",
+            "0.2",
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            &web_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            page.to_str().unwrap(),
+        ],
+    );
+    pool.wait_state(id, "running");
+    let tessera = |args: &[&str], input: &str| {
+        let mut child = Command::new(bin())
+            .arg(args[0])
+            .args(["--url", &pool.url, "--token", &pool.admin])
+            .args(&args[1..])
+            .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let sid = id.to_string();
+
+    // Output by stream and the exit status.
+    let (code, out, err) = tessera(
+        &[
+            "exec",
+            &sid,
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 7",
+        ],
+        "",
+    );
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (Some(7), "out\n", "err\n")
+    );
+    // As the replica: its uid, its cgroup, its pid namespace, its environment.
+    let (code, out, err) = tessera(
+        &[
+            "exec",
+            &sid,
+            "--",
+            "sh",
+            "-c",
+            "id -u; cat /proc/self/cgroup; echo job=$TESSERA_JOB_ID; ls /proc | grep -c '^[0-9]'",
+        ],
+        "",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_ne!(lines[0], "0", "not root: {out}");
+    assert!(
+        out.contains(&format!("_{id}.1.0")),
+        "in the replica's cgroup: {out}"
+    );
+    assert!(out.contains(&format!("job={id}")), "{out}");
+    let pids: usize = lines.last().unwrap().parse().unwrap();
+    assert!(pids < 10, "only the replica's processes are seen: {out}");
+    // Input with -i; a terminal with -t.
+    let (code, out, _) = tessera(&["exec", "-i", &sid, "--", "cat"], "typed\n");
+    assert_eq!((code, out.as_str()), (Some(0), "typed\n"));
+    let (code, out, _) = tessera(
+        &[
+            "exec",
+            "-t",
+            &sid,
+            "--",
+            "sh",
+            "-c",
+            "test -t 0 && echo on-a-terminal",
+        ],
+        "",
+    );
+    assert_eq!(code, Some(0));
+    assert!(out.contains("on-a-terminal"), "{out:?}");
+    // Refusals: a replica it does not have, an empty command, a viewer.
+    let (code, _, err) = tessera(&["exec", &sid, "--replica", "3", "--", "true"], "");
+    assert!(code != Some(0) && err.contains("replica 3"), "{err}");
+    let (code, _, err) = tessera(&["exec", &sid], "");
+    assert!(code != Some(0) && err.contains("after `--`"), "{err}");
+    assert_eq!(
+        pool.post(
+            "/v1/users",
+            json!({"name": "vic", "role": "viewer"}),
+            &pool.admin
+        )
+        .0,
+        201
+    );
+    let (_, token) = pool.post(
+        "/v1/tokens",
+        json!({"kind": "user", "user": "vic"}),
+        &pool.admin,
+    );
+    let out = Command::new(bin())
+        .args([
+            "exec",
+            &sid,
+            "--url",
+            &pool.url,
+            "--token",
+            token["token"].as_str().unwrap(),
+        ])
+        .args(["--", "true"])
+        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("viewer"), "{err}");
+
+    pool.wait_for("the replica's server to listen", || {
+        replica_logs(&pool, id, 0).contains("Serving HTTP")
+    });
+    // port-forward: HTTP through to the replica's port; a port it does not listen on (the
+    // controller's own) is refused.
+    let mut forward = Command::new(bin())
+        .args(["port-forward", "--url", &pool.url, "--token", &pool.admin])
+        .args([&sid, &format!("0:{web_port}")])
+        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = std::io::BufReader::new(forward.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+    let forward = Proc(forward);
+    let local: u16 = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    for _ in 0..2 {
+        let body = reqwest::blocking::get(format!("http://127.0.0.1:{local}/hello.txt"))
+            .unwrap()
+            .text()
+            .unwrap();
+        assert_eq!(body, "from inside\n");
+    }
+    drop(forward);
+    let api_port = pool.url.rsplit(':').next().unwrap().to_string();
+    let (code, _, err) = tessera(&["port-forward", &sid, &format!("0:{api_port}")], "");
+    assert!(
+        code != Some(0) && err.contains("does not listen there"),
+        "{err}"
+    );
+
+    // run -i: a job of its own for as long as its command lasts.
+    let (code, out, err) = tessera(
+        &[
+            "run",
+            "-i",
+            "--cpu",
+            "0.1",
+            "--",
+            "sh",
+            "-c",
+            "read x; echo got $x in $TESSERA_JOB_ID; exit 3",
+        ],
+        "this\n",
+    );
+    assert_eq!(code, Some(3), "{err}");
+    let ran: u64 = out
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|i| i.parse().ok())
+        .unwrap_or_else(|| panic!("{out}{err}"));
+    assert!(out.starts_with("got this in"), "{out}");
+    pool.wait_state(ran, "cancelled");
+
+    // Each session is in the audit log.
+    let audit = pool.get(&format!("/v1/audit?job={id}"), &pool.admin).1;
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert!(
+        actions.contains(&"exec") && actions.contains(&"port-forward"),
+        "{actions:?}"
+    );
+}

@@ -12,6 +12,7 @@ pub mod container;
 pub mod criu;
 pub mod devices;
 pub mod distributed;
+pub mod exec;
 pub mod gpu;
 pub mod image;
 pub mod logs;
@@ -222,9 +223,20 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("agent listening on {}", config.listen))?;
     let local = listener.local_addr()?;
+    let node = exec::Node {
+        shared: shared.clone(),
+        config: config.clone(),
+        backend: backend.clone(),
+    };
     let app = axum::Router::new()
         .route("/v1/logs/{key}", axum::routing::get(serve_logs))
-        .with_state(shared.clone());
+        .with_state(shared.clone())
+        .merge(
+            axum::Router::new()
+                .route("/v1/exec/{key}", axum::routing::get(exec::serve_exec))
+                .route("/v1/forward/{key}", axum::routing::get(exec::serve_forward))
+                .with_state(node),
+        );
     tokio::spawn(async move { axum::serve(listener, app).await });
     let address = config
         .advertise

@@ -49,6 +49,7 @@ pub struct ConfigFile {
 
 pub mod batch;
 pub mod describe;
+pub mod interactive;
 pub mod session;
 
 pub fn config_path() -> PathBuf {
@@ -297,7 +298,7 @@ fn age(ms: u64) -> String {
     }
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct SubmitArgs {
     /// A manifest file (YAML or JSON); `-` reads standard input.
     #[arg(short, long)]

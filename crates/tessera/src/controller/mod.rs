@@ -942,6 +942,8 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
         .route("/v1/jobs/{id}/migrate", post(api::migrate_job))
         .route("/v1/jobs/{id}/manifest", get(api::job_manifest))
+        .route("/v1/jobs/{id}/exec", get(api::exec_job))
+        .route("/v1/jobs/{id}/port-forward", get(api::forward_job))
         .route("/v1/jobs/{id}/hold", post(api::hold_job))
         .route("/v1/jobs/{id}/release", post(api::release_job))
         .route("/v1/jobs/{id}/requeue", post(api::requeue_job))

@@ -49,6 +49,20 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
         "Manifest",
     ),
     (
+        "get",
+        "/v1/jobs/{id}/exec",
+        "A WebSocket to a process inside a running replica (tessera exec); query: replica, command (a JSON list), tty, term. Binary frames: a channel byte (0 stdin, 1 stdout, 2 stderr, 3 resize {cols, rows}, 4 exit {code}, 5 end of stdin, 6 failed to start) and its bytes",
+        None,
+        "Empty",
+    ),
+    (
+        "get",
+        "/v1/jobs/{id}/port-forward",
+        "A WebSocket carrying one TCP connection to a port the replica listens on (tessera port-forward); query: replica, port",
+        None,
+        "Empty",
+    ),
+    (
         "post",
         "/v1/jobs/{id}/hold",
         "Hold a pending job: it does not start until released",

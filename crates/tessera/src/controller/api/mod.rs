@@ -24,12 +24,14 @@ use crate::state::{Event, Job, JobState, Project, Role, State, StopCause, TokenK
 use crate::units::{Quantity, parse_gpu_milli};
 use std::sync::Arc;
 
+mod interactive;
 mod jobs;
 mod logs;
 mod nodes;
 mod projects;
 mod users;
 
+pub use interactive::*;
 pub use jobs::*;
 pub use logs::*;
 pub use nodes::*;

@@ -1,0 +1,334 @@
+//! Interactive work from the command line: `tessera exec` (a process inside a running replica,
+//! with a terminal for `-t`), `tessera port-forward` (a local port to one the replica listens
+//! on) and `tessera run -it` (a job for as long as a shell in it lasts, as `srun --pty`).
+
+use std::io::{Read, Write};
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use super::Client;
+use crate::interactive as wire;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the controller's WebSocket at `path` as this client.
+async fn open(c: &Client, path: &str) -> anyhow::Result<Socket> {
+    let base = c.controllers.current().to_string();
+    let Some(rest) = base.strip_prefix("http://") else {
+        bail!(
+            "{base}: exec and port-forward speak to a controller over plain HTTP only, for now \
+             (this one is HTTPS)"
+        );
+    };
+    let mut req = format!("ws://{rest}{path}").into_client_request()?;
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {}", c.token).parse()?);
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((s, _)) => Ok(s),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            let body =
+                String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned();
+            let msg = serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or(body);
+            bail!("{msg}")
+        }
+        Err(e) => Err(e).with_context(|| format!("calling the controller at {base}")),
+    }
+}
+
+/// The query of an exec.
+fn exec_path(id: u64, replica: u32, tty: bool, command: &[String]) -> anyhow::Result<String> {
+    let mut u = reqwest::Url::parse("http://x/")?;
+    u.query_pairs_mut()
+        .append_pair("replica", &replica.to_string())
+        .append_pair("command", &serde_json::to_string(command)?)
+        .append_pair("tty", if tty { "true" } else { "false" });
+    if tty && let Ok(term) = std::env::var("TERM") {
+        u.query_pairs_mut().append_pair("term", &term);
+    }
+    Ok(format!(
+        "/v1/jobs/{id}/exec?{}",
+        u.query().unwrap_or_default()
+    ))
+}
+
+/// Puts the local terminal in raw mode while it lives (keys go to the remote process as typed).
+struct Raw(Option<nix::sys::termios::Termios>);
+
+impl Raw {
+    fn new(on: bool) -> Raw {
+        use nix::sys::termios;
+        if !on {
+            return Raw(None);
+        }
+        let stdin = std::io::stdin();
+        let Ok(saved) = termios::tcgetattr(&stdin) else {
+            return Raw(None);
+        };
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        let _ = termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &raw);
+        Raw(Some(saved))
+    }
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                saved,
+            );
+        }
+    }
+}
+
+/// The local terminal's size, when standard output is one.
+fn terminal_size() -> Option<(u16, u16)> {
+    nix::ioctl_read_bad!(get_window_size, nix::libc::TIOCGWINSZ, nix::libc::winsize);
+    let mut size = nix::libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the pointer, which is valid for the call;
+    // a descriptor that is no terminal fails the call and nothing is written.
+    unsafe { get_window_size(std::io::stdout().as_raw_fd(), &mut size) }.ok()?;
+    (size.ws_col > 0).then_some((size.ws_col, size.ws_row))
+}
+
+/// `tessera exec JOB [--replica N] [-i] [-t] -- CMD`: runs CMD inside the replica and returns its
+/// exit code. `stdin`: send this terminal's input; `tty`: give it a terminal.
+pub fn exec(
+    c: &Client,
+    id: u64,
+    replica: u32,
+    stdin: bool,
+    tty: bool,
+    command: &[String],
+) -> anyhow::Result<i32> {
+    if command.is_empty() {
+        bail!("name what to run after `--`, e.g. tessera exec -it {id} -- bash");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let socket = open(c, &exec_path(id, replica, tty, command)?).await?;
+        let (mut tx, mut rx) = socket.split();
+        let _raw = Raw::new(tty && stdin);
+        if tty && let Some((cols, rows)) = terminal_size() {
+            let size = serde_json::json!({"cols": cols, "rows": rows}).to_string();
+            tx.send(Message::Binary(
+                wire::frame(wire::RESIZE, size.as_bytes()).into(),
+            ))
+            .await?;
+        }
+        // Standard input, read on a thread of its own (it blocks), as frames.
+        let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+        if stdin {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                let mut input = std::io::stdin();
+                loop {
+                    match input.read(&mut buf) {
+                        Ok(0) | Err(_) => {
+                            let _ = in_tx.blocking_send(wire::frame(wire::STDIN_END, &[]));
+                            return;
+                        }
+                        Ok(n) => {
+                            if in_tx
+                                .blocking_send(wire::frame(wire::STDIN, &buf[..n]))
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        } else {
+            tx.send(Message::Binary(wire::frame(wire::STDIN_END, &[]).into()))
+                .await?;
+            drop(in_tx);
+        }
+        let mut input_open = stdin;
+        loop {
+            tokio::select! {
+                frame = in_rx.recv(), if input_open => match frame {
+                    Some(f) => tx.send(Message::Binary(f.into())).await?,
+                    None => input_open = false,
+                },
+                msg = rx.next() => {
+                    let Some(msg) = msg else { bail!("the connection to the replica ended") };
+                    let Message::Binary(b) = msg? else { continue };
+                    match wire::split(&b) {
+                        Some((wire::STDOUT, d)) => {
+                            let mut out = std::io::stdout();
+                            out.write_all(d)?;
+                            out.flush()?;
+                        }
+                        Some((wire::STDERR, d)) => std::io::stderr().write_all(d)?,
+                        Some((wire::EXIT, d)) => {
+                            let v: Value = serde_json::from_slice(d)?;
+                            return Ok(v["code"].as_i64().unwrap_or(1) as i32);
+                        }
+                        Some((wire::FAILED, d)) => {
+                            bail!("{}", String::from_utf8_lossy(d))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// `tessera port-forward JOB LOCAL:REMOTE`: each connection to LOCAL on this machine reaches
+/// REMOTE in the replica, until interrupted. `ready` is told the local port once it listens.
+pub fn port_forward(
+    c: &Client,
+    id: u64,
+    replica: u32,
+    ports: &str,
+    ready: impl FnOnce(u16),
+) -> anyhow::Result<()> {
+    let (local, remote) = match ports.split_once(':') {
+        Some((l, r)) => (l, r),
+        None => (ports, ports),
+    };
+    let bad = || {
+        anyhow::anyhow!(
+            "{ports}: write LOCAL:REMOTE ports, e.g. 8888:8888 (0 for any free local port)"
+        )
+    };
+    let local: u16 = local.parse().map_err(|_| bad())?;
+    let remote: u16 = remote.parse().map_err(|_| bad())?;
+    if remote == 0 {
+        return Err(bad());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let path = format!("/v1/jobs/{id}/port-forward?replica={replica}&port={remote}");
+        // Refused at once (no such job, not running, nothing listening) rather than at the
+        // first connection.
+        let first = open(c, &path).await?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", local))
+            .await
+            .with_context(|| format!("listening on 127.0.0.1:{local}"))?;
+        let at = listener.local_addr()?.port();
+        eprintln!(
+            "Forwarding from 127.0.0.1:{at} to port {remote} of job {id} (replica {replica})"
+        );
+        ready(at);
+        let mut first = Some(first);
+        loop {
+            let (tcp, _) = listener.accept().await?;
+            let socket = match first.take() {
+                Some(s) => s,
+                None => match open(c, &path).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("port-forward: {e:#}");
+                        continue;
+                    }
+                },
+            };
+            tokio::spawn(carry(tcp, socket));
+        }
+    })
+}
+
+/// Carries one local connection over its socket, both ways, until either side closes.
+async fn carry(tcp: tokio::net::TcpStream, socket: Socket) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut r, mut w) = tcp.into_split();
+    let (mut tx, mut rx) = socket.split();
+    let up = async {
+        let mut buf = vec![0u8; 32 * 1024];
+        while let Ok(n) = r.read(&mut buf).await {
+            if n == 0
+                || tx
+                    .send(Message::Binary(buf[..n].to_vec().into()))
+                    .await
+                    .is_err()
+            {
+                break;
+            }
+        }
+        let _ = tx.send(Message::Close(None)).await;
+    };
+    let down = async {
+        while let Some(Ok(m)) = rx.next().await {
+            match m {
+                Message::Binary(b) if w.write_all(&b).await.is_err() => break,
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        let _ = w.shutdown().await;
+    };
+    tokio::join!(up, down);
+}
+
+/// `tessera run -it [submit flags] -- CMD`: a job that holds its resources while CMD runs inside
+/// it with this terminal, cancelled when CMD ends (as `srun --pty`). Returns CMD's exit code.
+pub fn run(c: &Client, args: &super::SubmitArgs, stdin: bool, tty: bool) -> anyhow::Result<i32> {
+    let command = args.command.clone();
+    if command.is_empty() {
+        bail!("name what to run after `--`, e.g. tessera run -it --gpu 0.5 -- bash");
+    }
+    let mut holder = args.clone();
+    holder.command = vec![
+        "sh".into(),
+        "-c".into(),
+        "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done".into(),
+    ];
+    holder.interactive = true;
+    if holder.name.is_none() {
+        holder.name = Some(format!(
+            "run-{}",
+            command[0].rsplit('/').next().unwrap_or("shell")
+        ));
+    }
+    let job = c.post("/v1/jobs", super::manifest_from(&holder)?)?;
+    let id = job["id"].as_u64().context("the pool answered no job id")?;
+    eprintln!("[tessera: job {id} submitted; waiting for it to start]");
+    let outcome = (|| {
+        loop {
+            let j = c.get(&format!("/v1/jobs/{id}"))?;
+            let running = j["assignments"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|r| r["phase"] == "running"));
+            match j["state"].as_str() {
+                Some("running") if running => break,
+                Some(s @ ("succeeded" | "failed" | "cancelled")) => {
+                    bail!(
+                        "job {id} {s} before it ran: {}",
+                        j["reason"].as_str().unwrap_or("")
+                    )
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(300)),
+            }
+        }
+        exec(c, id, 0, stdin, tty, &command)
+    })();
+    // However it went, the job gives its resources back.
+    let _ = c.post(&format!("/v1/jobs/{id}/cancel"), serde_json::json!({}));
+    eprintln!("[tessera: job {id} cancelled]");
+    outcome
+}
