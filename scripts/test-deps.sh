@@ -9,7 +9,7 @@
 # benchmark's smoke run pulls beside it), and PostgreSQL (the store's tests start throwaway
 # clusters of their own; the system's cluster is never started), and iperf3 (the remote-GPU
 # benchmark's smoke run measures its link with it), and wheel, pandas and mypy for the
-# Python client's test.
+# Python client's test, and Jupyter's notebook (`tessera notebook` starts a real one).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,6 +26,7 @@ command -v skopeo >/dev/null || missing+=(skopeo)
 command -v runc >/dev/null || missing+=(runc)
 command -v containerd >/dev/null || missing+=(containerd)
 command -v iperf3 >/dev/null || missing+=(iperf3)
+command -v jupyter-notebook >/dev/null || missing+=(jupyter-notebook)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -313,6 +313,17 @@ enum Command {
         #[command(flatten)]
         args: Box<cli::SubmitArgs>,
     },
+    /// Jupyter in an interactive job of its own (the flags of `submit`: --gpu, --image ...),
+    /// its port forwarded to this machine: prints the URL to open; Ctrl-C cancels the job.
+    Notebook {
+        #[command(flatten)]
+        conn: cli::Conn,
+        /// The local port (default: any free one).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        #[command(flatten)]
+        args: Box<cli::SubmitArgs>,
+    },
     /// A job as the manifest that makes it again, with its status (YAML; `-o json`):
     /// `tessera get job 5 | tessera submit -f -` submits it again.
     Get {
@@ -960,6 +971,9 @@ fn main() {
         } => cli::Client::new(&conn)
             .and_then(|c| cli::interactive::run(&c, &args, stdin, tty))
             .map(|code| std::process::exit(code)),
+        Command::Notebook { conn, port, args } => {
+            cli::Client::new(&conn).and_then(|c| cli::interactive::notebook(&c, &args, port))
+        }
         Command::Get {
             conn,
             kind,

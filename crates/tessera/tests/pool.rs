@@ -4587,3 +4587,76 @@ fn exec_port_forward_and_run_reach_inside_a_running_replica() {
         "{actions:?}"
     );
 }
+
+/// `tessera notebook`: a real Jupyter in an interactive job, its port forwarded here; the URL it
+/// prints opens the server with its token and not without; interrupted, it cancels its job.
+#[test]
+fn a_notebook_serves_jupyter_through_a_forwarded_port_until_interrupted() {
+    let mut pool = Pool::start();
+    pool.add_agent("n1", "127.0.0.68", "1xH100-80GB");
+    let mut notebook = Command::new(bin())
+        .args([
+            "notebook",
+            "--url",
+            &pool.url,
+            "--token",
+            &pool.admin,
+            "--cpu",
+            "1",
+        ])
+        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = std::io::BufReader::new(notebook.stdout.take().unwrap());
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(out).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let pid = notebook.id() as i32;
+    let notebook = Proc(notebook);
+    let url = lines
+        .recv_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|_| {
+            panic!(
+                "no URL from tessera notebook: {:?}",
+                pool.get("/v1/jobs", &pool.admin).1
+            )
+        });
+    let url = url
+        .split(": ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{url}"))
+        .to_string();
+    let (base, token) = url.split_once("/?token=").unwrap();
+    let status = |with: &str| {
+        reqwest::blocking::get(format!("{base}/api/status{with}"))
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(status(&format!("?token={token}")), 200);
+    assert_eq!(status(""), 403, "no token, no notebook");
+    let jobs = pool.get("/v1/jobs?state=running", &pool.admin).1;
+    let job = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "notebook")
+        .unwrap()
+        .clone();
+    let id = job["id"].as_u64().unwrap();
+    // Interrupted, it cancels its job.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    pool.wait_state(id, "cancelled");
+    drop(notebook);
+}

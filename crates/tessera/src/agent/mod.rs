@@ -1410,6 +1410,12 @@ fn start(
             std::fs::create_dir_all(&tmp)?;
             confine::own(&tmp, uid)?;
             cmd.arg("--namespaces").arg("--private-tmp").arg(&tmp);
+            // Its home is its own work dir, not the agent's (a program that keeps files in
+            // ~/.local or ~/.cache, as Jupyter and pip do, could not write the agent's).
+            if !a.env.contains_key("HOME") {
+                let work = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+                wenv.insert("HOME".into(), path_text(&work.join("work")));
+            }
             for m in std::iter::once(&config.data_dir).chain(&config.hide) {
                 cmd.arg("--mask").arg(m);
             }

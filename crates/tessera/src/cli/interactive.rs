@@ -237,7 +237,11 @@ pub fn port_forward(
         ready(at);
         let mut first = Some(first);
         loop {
-            let (tcp, _) = listener.accept().await?;
+            let (tcp, _) = tokio::select! {
+                got = listener.accept() => got?,
+                // Interrupted: the caller may clean up (`notebook` cancels its job).
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            };
             let socket = match first.take() {
                 Some(s) => s,
                 None => match open(c, &path).await {
@@ -331,4 +335,88 @@ pub fn run(c: &Client, args: &super::SubmitArgs, stdin: bool, tty: bool) -> anyh
     let _ = c.post(&format!("/v1/jobs/{id}/cancel"), serde_json::json!({}));
     eprintln!("[tessera: job {id} cancelled]");
     outcome
+}
+
+/// What a notebook job runs: Jupyter (Lab where it is installed, else the classic notebook) on
+/// a free port of the node's loopback, with the token the CLI chose (JUPYTER_TOKEN); a clear
+/// word when neither
+/// is installed.
+const NOTEBOOK: &str = r#"port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+set -- --no-browser --ip=127.0.0.1 --port="$port" --ServerApp.root_dir="$PWD" --NotebookApp.notebook_dir="$PWD"
+if jupyter lab --version >/dev/null 2>&1; then exec jupyter lab "$@"; fi
+if jupyter notebook --version >/dev/null 2>&1; then exec jupyter notebook "$@"; fi
+echo "tessera: Jupyter is not installed in this job's environment: install it (pip install jupyterlab) or use an image that has it (--image)" >&2
+exit 127"#;
+
+/// `tessera notebook [submit flags] [--port LOCAL]`: an interactive job running Jupyter, its
+/// port forwarded here; prints the URL to open, and cancels the job when interrupted.
+pub fn notebook(c: &Client, args: &super::SubmitArgs, local: u16) -> anyhow::Result<()> {
+    let token = crate::auth::random_secret();
+    let mut job = args.clone();
+    job.command = vec!["sh".into(), "-c".into(), NOTEBOOK.into()];
+    job.interactive = true;
+    // Jupyter reads its token from JUPYTER_TOKEN (the job's environment is seen only by those
+    // who may see the job).
+    job.env.push(format!("JUPYTER_TOKEN={token}"));
+    if job.name.is_none() {
+        job.name = Some("notebook".into());
+    }
+    let submitted = c.post("/v1/jobs", super::manifest_from(&job)?)?;
+    let id = submitted["id"]
+        .as_u64()
+        .context("the pool answered no job id")?;
+    eprintln!("[tessera: notebook job {id} submitted; waiting for Jupyter to start]");
+    let found = (|| -> anyhow::Result<u16> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+        let at = regex_port();
+        loop {
+            let j = c.get(&format!("/v1/jobs/{id}"))?;
+            let state = j["state"].as_str().unwrap_or("");
+            if matches!(state, "running" | "succeeded" | "failed" | "cancelled")
+                && let Ok(v) = c.get(&format!("/v1/jobs/{id}/logs?replica=0"))
+            {
+                let text = v["data"].as_str().unwrap_or("");
+                if let Some(port) = at(text) {
+                    return Ok(port);
+                }
+                if state != "running" {
+                    let said = text.lines().rev().take(5).collect::<Vec<_>>();
+                    let said: Vec<&str> = said.into_iter().rev().collect();
+                    bail!(
+                        "job {id} {state} before Jupyter served: {}\n{}",
+                        j["reason"].as_str().unwrap_or(""),
+                        said.join("\n")
+                    );
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "Jupyter did not say where it serves within 10 minutes; see `tessera logs {id}`"
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    })();
+    let outcome = found.and_then(|remote| {
+        port_forward(c, id, 0, &format!("{local}:{remote}"), |at| {
+            println!("Jupyter (job {id}): http://127.0.0.1:{at}/?token={token}");
+            println!(
+                "Interrupt (Ctrl-C) to stop it; an idle notebook follows its project's idle policy."
+            );
+            let _ = std::io::stdout().flush();
+        })
+    });
+    let _ = c.post(&format!("/v1/jobs/{id}/cancel"), serde_json::json!({}));
+    eprintln!("[tessera: notebook job {id} cancelled]");
+    outcome
+}
+
+/// Finds the port in Jupyter's "http://127.0.0.1:PORT/" line.
+fn regex_port() -> impl Fn(&str) -> Option<u16> {
+    |text: &str| {
+        text.split("http://127.0.0.1:").skip(1).find_map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+    }
 }
