@@ -349,6 +349,7 @@ class Client:
         time_limit: Optional[str] = None,
         begin: Optional[str] = None,
         hold: Optional[bool] = None,
+        output_file: Optional[str] = None,
     ) -> Job:
         """Submits a job and returns it (pending). A string command runs through `sh -c`; a list
         runs as it is. Sizes take the pool's words ("20GiB", "500m"); `replicas=(1, 8)` is an
@@ -403,6 +404,7 @@ class Client:
             ("timeLimit", time_limit),
             ("begin", begin),
             ("hold", hold),
+            ("outputFile", output_file),
         )
         for key, value in extra:
             if value is not None:

@@ -43,7 +43,7 @@ CALLS = [
 SUBMIT_SPEC = [
     "resources", "command", "image", "replicas", "env", "restart", "priority", "checkpoint",
     "preemptible", "interactive", "waitForCapacity", "workdir", "volumes", "submitDir",
-    "array", "after", "afterOk", "afterAny", "timeLimit", "begin", "hold",
+    "array", "after", "afterOk", "afterAny", "timeLimit", "begin", "hold", "outputFile",
 ]
 SUBMIT_RESOURCES = ["gpu", "gpuMemory", "cpu", "memory", "gpuAttach", "deviceModels", "nodeSelector"]
 

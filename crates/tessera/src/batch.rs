@@ -268,6 +268,67 @@ fn judge(on: AfterKind, dep: &Job) -> Verdict {
     }
 }
 
+/// `--output-file slurm-%j.out`: a path relative to the job's working directory (no `..`), with
+/// Slurm's placeholders %j (job id), %A (array id), %a (array index), %x (job name), %N (node),
+/// %% (a percent sign).
+pub fn check_output(field: &str, text: &str) -> Result<String, ValidationError> {
+    let bad = |why: &str| {
+        ValidationError::new(
+            field,
+            text,
+            why,
+            "write a path relative to the job's working directory, e.g. slurm-%j.out or \
+             logs/%x-%A_%a.out (%j job, %A array, %a index, %x name, %N node; the directory \
+             must exist, as with Slurm)",
+        )
+    };
+    let t = text.trim();
+    if t.is_empty() || t.len() > 255 || t.contains('\0') {
+        return Err(bad("not a file name"));
+    }
+    if t.starts_with('/')
+        || t.split('/')
+            .any(|c| c == ".." || c.is_empty() && t.len() > 1)
+    {
+        return Err(bad(
+            "the output file stays inside the job's working directory",
+        ));
+    }
+    let mut chars = t.chars();
+    while let Some(c) = chars.next() {
+        if c == '%' && !matches!(chars.next(), Some('j' | 'A' | 'a' | 'x' | 'N' | '%')) {
+            return Err(bad("an unknown placeholder"));
+        }
+    }
+    Ok(t.to_string())
+}
+
+/// The output file's name for one replica (placeholders filled in).
+pub fn expand_output(pattern: &str, job: &Job, node: &str) -> String {
+    let (array, index) = match &job.def.array {
+        Some(t) => (t.id.to_string(), t.index.to_string()),
+        None => (job.id.to_string(), "0".to_string()),
+    };
+    let mut out = String::new();
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('j') => out.push_str(&job.id.to_string()),
+            Some('A') => out.push_str(&array),
+            Some('a') => out.push_str(&index),
+            Some('x') => out.push_str(&job.def.spec.name),
+            Some('N') => out.push_str(node),
+            Some(other) => out.push(other),
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +349,28 @@ mod tests {
             let e = parse_array("spec.array", bad).unwrap_err();
             assert_eq!(e.field, "spec.array", "{bad}");
         }
+    }
+
+    #[test]
+    fn output_files_stay_in_the_working_directory_and_fill_in_slurms_placeholders() {
+        assert_eq!(check_output("o", "slurm-%j.out").unwrap(), "slurm-%j.out");
+        for bad in ["/etc/x", "../x", "a/../../x", "a%q", "", "a//b"] {
+            assert!(check_output("o", bad).is_err(), "{bad}");
+        }
+        let mut j = job(12, JobState::Running, 1);
+        j.def.spec.name = "sweep".into();
+        assert_eq!(
+            expand_output("o/%x-%j-%N-100%%", &j, "n1"),
+            "o/sweep-12-n1-100%"
+        );
+        j.def.array = Some(ArrayTask {
+            id: 10,
+            index: 2,
+            count: 4,
+            limit: None,
+            text: "0-3".into(),
+        });
+        assert_eq!(expand_output("%A_%a.out", &j, "n1"), "10_2.out");
     }
 
     #[test]

@@ -107,6 +107,10 @@ pub struct ManifestSpec {
     /// Submitted held: it does not start until released.
     #[serde(default)]
     pub hold: Option<bool>,
+    /// A file in its working directory that gets its output (stdout and stderr as they come),
+    /// as Slurm's `--output`: `slurm-%j.out`.
+    #[serde(default)]
+    pub output_file: Option<String>,
 }
 
 /// `spec.checkpoint`: how the job saves its progress. To stop it (preemption, a move, a drain),
@@ -346,6 +350,9 @@ pub struct JobDef {
     /// Submitted held.
     #[serde(skip)]
     pub asked_hold: bool,
+    /// Its output file's pattern (see [`crate::batch::check_output`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_file: Option<String>,
 }
 
 /// A manifest's `volumes`, `workdir` and `submitDir`, resolved at submit (see
@@ -429,6 +436,7 @@ impl Manifest {
             ("spec.timeLimit", self.spec.time_limit.is_some()),
             ("spec.begin", self.spec.begin.is_some()),
             ("spec.hold", self.spec.hold.is_some()),
+            ("spec.outputFile", self.spec.output_file.is_some()),
         ];
         if let Some((field, _)) = batch_only.iter().find(|(_, set)| *set) {
             return Err(ValidationError::new(
@@ -743,7 +751,24 @@ impl Manifest {
                 "give the tasks a fixed number of replicas, or leave out spec.array",
             ));
         }
+        let output_file = spec
+            .output_file
+            .as_deref()
+            .map(|o| crate::batch::check_output("spec.outputFile", o))
+            .transpose()?;
+        if output_file.is_some()
+            && (image.is_some() || checkpoint.as_ref().is_some_and(|c| c.transparent))
+        {
+            return Err(ValidationError::new(
+                "spec.outputFile",
+                spec.output_file.clone().unwrap_or_default(),
+                "an output file is written for jobs run as processes, not yet for image jobs or \
+                 transparent checkpoints",
+                "read its output with `tessera logs`, or leave out spec.outputFile",
+            ));
+        }
         Ok(JobDef {
+            output_file,
             after,
             time_limit_ms,
             begin,
@@ -858,6 +883,7 @@ impl JobDef {
                 crate::batch::Begin::AfterMs(d) => format!("+{}", crate::units::duration_text(d)),
             }),
             hold: held.then_some(true),
+            output_file: self.output_file.clone(),
         };
         let m = Manifest {
             api_version: Some("tessera/v1".into()),

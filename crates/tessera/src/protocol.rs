@@ -206,6 +206,10 @@ pub struct Assignment {
     /// any program on these devices) instead of a command of the job's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serves_device: Option<RemoteDevice>,
+    /// A file in its working directory that also gets its output (`--output-file`), its
+    /// placeholders filled in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_file: Option<String>,
 }
 
 /// Where a replica's remotely attached device is served (or, for the serving side, where to

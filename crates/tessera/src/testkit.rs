@@ -53,6 +53,7 @@ pub fn job(id: u64, request: ResourceRequest) -> Job {
         array: None,
         asked_array: None,
         asked_hold: false,
+        output_file: None,
     };
     Job::new(id, "ana", def, 0)
 }

@@ -4574,6 +4574,46 @@ fn exec_port_forward_and_run_reach_inside_a_running_replica() {
     assert!(out.starts_with("got this in"), "{out}");
     pool.wait_state(ran, "cancelled");
 
+    // --output-file: its output also goes to a file of its own in its working directory, as
+    // Slurm's slurm-%j.out, owned by the workload.
+    let written = cli_submit(
+        &pool,
+        &[
+            "--cpu",
+            "0.1",
+            "--output-file",
+            "slurm-%j.out",
+            "--",
+            "sh",
+            "-c",
+            "echo to-out; echo to-err >&2; sleep 300",
+        ],
+    );
+    pool.wait_state(written, "running");
+    pool.wait_for("its output", || {
+        replica_logs(&pool, written, 0).contains("to-err")
+    });
+    let (code, out, err) = tessera(
+        &[
+            "exec",
+            &written.to_string(),
+            "--",
+            "sh",
+            "-c",
+            &format!("cat slurm-{written}.out; stat -c %u slurm-{written}.out; id -u"),
+        ],
+        "",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..2], &["to-out", "to-err"], "{out}");
+    assert_eq!(
+        lines[2], lines[3],
+        "the workload owns its output file: {out}"
+    );
+    let (ok, _, err) = cli(&pool, &["submit", "--output-file", "../../x", "--", "true"]);
+    assert!(!ok && err.contains("spec.outputFile"), "{err}");
+
     // Each session is in the audit log.
     let audit = pool.get(&format!("/v1/audit?job={id}"), &pool.admin).1;
     let actions: Vec<&str> = audit

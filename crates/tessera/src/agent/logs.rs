@@ -216,6 +216,8 @@ pub fn note(dir: &Path, text: &str) -> io::Result<()> {
 #[derive(Default)]
 pub struct Pump {
     out: Option<Rotating>,
+    /// The job's own output file (`--output-file`): the bytes as they came, both streams.
+    also: Option<fs::File>,
     pipes: Vec<Pipe>,
     /// Writing failed (a full disk) and was said once: output is dropped rather than left to
     /// fill the pipe and stall the workload.
@@ -234,6 +236,11 @@ impl Pump {
             out: Some(out),
             ..Pump::default()
         }
+    }
+
+    /// Also appends everything to `file`, as it comes.
+    pub fn also(&mut self, file: fs::File) {
+        self.also = Some(file);
     }
 
     /// Copies `from` as `stream` until every writer of the pipe has closed it.
@@ -255,6 +262,12 @@ impl Pump {
     /// progress bar shows as it runs).
     fn write(&mut self, stream: Stream, data: &[u8]) {
         let ts = super::now_ms();
+        if let Some(f) = self.also.as_mut()
+            && let Err(e) = f.write_all(data)
+        {
+            eprintln!("tessera: the job's output file is no longer written: {e}");
+            self.also = None;
+        }
         let Some(out) = self.out.as_mut() else {
             return;
         };

@@ -1401,6 +1401,9 @@ fn start(
     if let (Some(dir), None) = (&a.workdir, image) {
         cmd.arg("--workdir").arg(dir);
     }
+    if let (Some(file), None) = (&a.output_file, image) {
+        cmd.arg("--output-file").arg(file);
+    }
     // An image's container is confined by the runtime (below), not by the shim.
     if let (Some(uid), None) = (uid, image) {
         cmd.arg("--uid").arg(uid.to_string());

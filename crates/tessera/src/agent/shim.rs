@@ -123,6 +123,10 @@ pub struct ShimArgs {
     /// Most bytes of output kept (stdout and stderr together; older output rotates away).
     #[arg(long, default_value_t = super::logs::DEFAULT_LIMIT)]
     pub log_limit: u64,
+    /// A file, relative to the working directory, that also gets the output as it comes
+    /// (Slurm's `--output`); opened with the workload's own permissions.
+    #[arg(long)]
+    pub output_file: Option<PathBuf>,
     /// How the workload is confined (none without `--uid`: the admin allowed it).
     #[command(flatten)]
     pub confine: super::confine::Confine,
@@ -322,6 +326,9 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
             let (out_r, out_w) = super::logs::pipe()?;
             let (err_r, err_w) = super::logs::pipe()?;
             pump = super::logs::Pump::into(Rotating::open(&home, OUTPUT, args.log_limit)?);
+            if let Some(name) = &args.output_file {
+                pump.also(open_as_workload(&work, name, args.confine.uid)?);
+            }
             let pid = spawn(&args, &work, out_w, err_w)?;
             pump.add(out_r, Stream::Stdout)?;
             pump.add(err_r, Stream::Stderr)?;
@@ -516,4 +523,73 @@ pub fn run(args: ShimArgs) -> anyhow::Result<()> {
         },
     )?;
     Ok(())
+}
+
+/// Opens (creating, appending) the job's output file `name` in its working directory `work`
+/// with the workload's permissions, not the shim's: the name is resolved beneath `work` only
+/// (no `..`, no link out of it) and judged as the workload's uid (`setfsuid`), so a file it may
+/// not write is refused as it would be to the workload itself. Its directory must exist, as
+/// with Slurm.
+fn open_as_workload(work: &Path, name: &Path, uid: Option<u32>) -> std::io::Result<fs::File> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    use nix::sys::stat::Mode;
+    use nix::unistd::{Gid, Uid, setfsgid, setfsuid};
+    // The working directory is the shim's to open (the workload's own, or a volume's).
+    let dir = fs::File::open(work)?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_APPEND | OFlag::O_CLOEXEC)
+        .mode(Mode::from_bits_truncate(0o644))
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let old = uid.map(|u| (setfsuid(Uid::from_raw(u)), setfsgid(Gid::from_raw(u))));
+    let opened = openat2(&dir, name, how);
+    if let Some((old_uid, old_gid)) = old {
+        setfsuid(old_uid);
+        setfsgid(old_gid);
+    }
+    opened.map(fs::File::from).map_err(|e| {
+        let e = std::io::Error::from(e);
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "its output file {} could not be opened in {}: {e}",
+                name.display(),
+                work.display()
+            ),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The output file is judged as the workload would be: refused where its uid may not
+    /// write, never outside its working directory, created as its own where it may.
+    #[test]
+    fn the_output_file_is_opened_with_the_workloads_permissions() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let nobody = 65534;
+        let root_only = dir.path().join("root");
+        fs::create_dir(&root_only).unwrap();
+        let e = open_as_workload(&root_only, Path::new("x.out"), Some(nobody)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        let theirs = dir.path().join("theirs");
+        fs::create_dir_all(theirs.join("logs")).unwrap();
+        for d in [&theirs, &theirs.join("logs")] {
+            std::os::unix::fs::chown(d, Some(nobody), Some(nobody)).unwrap();
+        }
+        let mut f = open_as_workload(&theirs, Path::new("logs/x.out"), Some(nobody)).unwrap();
+        std::io::Write::write_all(&mut f, b"hi").unwrap();
+        assert_eq!(
+            fs::metadata(theirs.join("logs/x.out")).unwrap().uid(),
+            nobody
+        );
+        // A link out of the working directory is not followed, even for root.
+        std::os::unix::fs::symlink(root_only.join("z.out"), theirs.join("out")).unwrap();
+        assert!(open_as_workload(&theirs, Path::new("out"), None).is_err());
+        assert!(!root_only.join("z.out").exists());
+        // The shim itself is root again afterwards.
+        assert!(open_as_workload(&root_only, Path::new("y.out"), None).is_ok());
+    }
 }

@@ -378,6 +378,11 @@ pub struct SubmitArgs {
     /// Submit it held: it starts once released (`tessera release ID`).
     #[arg(long)]
     pub hold: bool,
+    /// Also write its output (stdout and stderr as they come) to this file in its working
+    /// directory, as Slurm's --output: slurm-%j.out (%j job, %A array, %a index, %x name,
+    /// %N node).
+    #[arg(long, value_name = "PATTERN")]
+    pub output_file: Option<String>,
     /// Run only on nodes with this label, KEY=VALUE (repeatable; all must match).
     #[arg(long = "node-selector", value_name = "KEY=VALUE")]
     pub node_selector: Vec<String>,
@@ -508,6 +513,9 @@ fn manifest_from(args: &SubmitArgs) -> anyhow::Result<Value> {
     }
     if args.hold {
         m["spec"]["hold"] = json!(true);
+    }
+    if let Some(o) = &args.output_file {
+        m["spec"]["outputFile"] = json!(o);
     }
     if let Some(r) = &args.replicas {
         m["spec"]["replicas"] = replicas_flag(r)?;

@@ -232,6 +232,11 @@ fn desired(s: &State, key: &[u8], name: &str) -> (u64, Vec<Assignment>) {
                 rendezvous: rendezvous.clone(),
                 volumes: volumes.clone(),
                 hidden_volumes: hidden_volumes.clone(),
+                output_file: job
+                    .def
+                    .output_file
+                    .as_deref()
+                    .map(|o| crate::batch::expand_output(o, job, name)),
                 workdir: workdir.clone(),
                 image: job.def.image.clone().map(|reference| ImageRun {
                     credentials: super::registries::login_for(s, job.project(), &reference),
@@ -306,6 +311,7 @@ fn serves_device(s: &State, key: &[u8], job: &Job, r: &Replica, node: &Node) -> 
             address: std::net::SocketAddr::new(ip, port).to_string(),
             secret: crate::auth::attachment_secret(key, &job.key(r.index)),
         }),
+        output_file: None,
     })
 }
 

@@ -399,7 +399,8 @@ fn schemas() -> Value {
                         "afterAny": {"type": "array", "items": {"type": "integer"}, "description": "jobs it starts after, once they have ended"},
                         "timeLimit": {"type": "string", "description": "how long it may run, e.g. 4h; then stopped through its checkpoint signal"},
                         "begin": {"type": "string", "description": "start no earlier than: 2026-12-08T09:00:00Z, or +2h"},
-                        "hold": {"type": "boolean", "description": "submitted held: it starts once released"}}}}
+                        "hold": {"type": "boolean", "description": "submitted held: it starts once released"},
+                        "outputFile": {"type": "string", "description": "a file in its working directory that also gets its output, as Slurm's --output: slurm-%j.out"}}}}
         },
         "Service": obj(json!({"name": {"type": "string"}, "project": {"type": "string"}, "replicas": {"type": "integer"},
             "ready": {"type": "integer"}, "path": {"type": "string"}, "jobs": {"type": "array"}, "endpoints": {"type": "array"},
