@@ -13,6 +13,22 @@ pub const MAX_ARRAY_TASKS: usize = 10_000;
 /// Most jobs one job may depend on.
 pub const MAX_DEPENDENCIES: usize = 100;
 
+/// Most jobs one job's dependencies may stand for, an array counting as its tasks: every
+/// scheduling round and every view of a waiting job looks at each of them, so a member must not
+/// make one job stand on a million (a hundred arrays of 10,000 tasks).
+pub const MAX_DEPENDENCY_TASKS: usize = MAX_ARRAY_TASKS;
+
+/// How many jobs `after` stands for: an array's id counts as its tasks.
+pub fn dependency_weight<'a>(after: &[After], job_of: impl Fn(u64) -> Option<&'a Job>) -> usize {
+    after
+        .iter()
+        .map(|a| match job_of(a.job).and_then(|d| d.def.array.as_ref()) {
+            Some(t) if t.id == a.job => t.count as usize,
+            _ => 1,
+        })
+        .sum()
+}
+
 /// `--array 0-99%8`: the task indexes, and how many may run at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArraySpec {
@@ -371,6 +387,35 @@ mod tests {
             text: "0-3".into(),
         });
         assert_eq!(expand_output("%A_%a.out", &j, "n1"), "10_2.out");
+    }
+
+    #[test]
+    fn an_arrays_id_weighs_its_tasks_among_dependencies() {
+        let mut first = job(5, JobState::Running, 1);
+        first.def.array = Some(ArrayTask {
+            id: 5,
+            index: 0,
+            count: 400,
+            limit: None,
+            text: "0-399".into(),
+        });
+        let mut second = job(6, JobState::Running, 1);
+        second.def.array = Some(ArrayTask {
+            index: 1,
+            ..first.def.array.clone().unwrap()
+        });
+        let plain = job(9, JobState::Running, 1);
+        let jobs = [first, second, plain];
+        let of = |id: u64| jobs.iter().find(|j| j.id == id);
+        let after = |job| After {
+            job,
+            on: AfterKind::Ok,
+        };
+        // The array's id stands for its 400 tasks; one of its tasks, or a plain job, for one.
+        assert_eq!(
+            dependency_weight(&[after(5), after(6), after(9), after(77)], of),
+            403
+        );
     }
 
     #[test]

@@ -985,27 +985,7 @@ fn the_cli_says_who_and_where_it_talks_to_and_completes_itself() {
     // Usage by job names the jobs; a watch shows the job's states as they come.
     let mut pool = pool;
     pool.add_agent("n1", "127.0.0.65", "1xH100-80GB");
-    let mut watch = Proc(
-        Command::new(bin())
-            .args(["jobs", "-w", "--url", &pool.url, "--token", &pool.admin])
-            .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let lines = {
-        let out = std::io::BufReader::new(watch.0.stdout.take().unwrap());
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in std::io::BufRead::lines(out).map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        rx
-    };
+    let (watch, lines) = cli_lines(&pool, &["jobs", "-w"]);
     let id = cli_submit(
         &pool,
         &[

@@ -74,8 +74,8 @@ fn environment_of(pid: i32) -> Vec<String> {
         .collect()
 }
 
-/// Whether the controller sent this request (its secret), as for logs.
-fn from_controller(shared: &Shared, headers: &HeaderMap) -> bool {
+/// Whether the controller sent this request (its secret): logs, exec and port-forward.
+pub(super) fn from_controller(shared: &Shared, headers: &HeaderMap) -> bool {
     headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -1693,19 +1693,7 @@ async fn serve_logs(
     Query(q): Query<LogQuery>,
 ) -> axum::response::Response {
     let answer = |status: StatusCode, text: &str| (status, text.to_string()).into_response();
-    let ok = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| {
-            use sha2::Digest;
-            let presented: [u8; 32] = sha2::Sha256::digest(t.as_bytes()).into();
-            shared
-                .callback_hash
-                .get()
-                .is_some_and(|h| crate::auth::same_secret(h, &presented))
-        });
-    if !ok {
+    if !exec::from_controller(&shared, &headers) {
         return answer(
             StatusCode::UNAUTHORIZED,
             "the controller's secret is required",

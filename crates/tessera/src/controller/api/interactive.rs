@@ -65,6 +65,31 @@ async fn running_replica(
     })
 }
 
+/// Writes a session to the audit log before it starts.
+async fn audit(
+    ctl: &crate::controller::Ctl,
+    user: String,
+    action: &'static str,
+    project: String,
+    job: u64,
+    detail: String,
+) -> Result<(), ApiError> {
+    ctl.store
+        .write(move |c, _| -> Result<(), ApiError> {
+            crate::controller::audit::record(
+                c,
+                c.now_ms,
+                &user,
+                action,
+                Some(&project),
+                Some(job),
+                &detail,
+            )?;
+            Ok(())
+        })
+        .await
+}
+
 /// Opens the agent's end: `ws://` for an agent served over HTTP.
 async fn agent_socket(
     address: &str,
@@ -184,20 +209,7 @@ pub async fn exec_job(
         if q.tty { " with a terminal" } else { "" },
         command.join(" ")
     );
-    ctl.store
-        .write(move |c, _| -> Result<(), ApiError> {
-            crate::controller::audit::record(
-                c,
-                c.now_ms,
-                &user,
-                "exec",
-                Some(&project),
-                Some(id),
-                &detail,
-            )?;
-            Ok(())
-        })
-        .await?;
+    audit(&ctl, user, "exec", project, id, detail).await?;
     Ok(ws.on_upgrade(move |socket| relay(socket, agent)))
 }
 
@@ -220,19 +232,6 @@ pub async fn forward_job(
     )
     .await?;
     let detail = format!("port-forward to port {} of replica {replica}", p.port);
-    ctl.store
-        .write(move |c, _| -> Result<(), ApiError> {
-            crate::controller::audit::record(
-                c,
-                c.now_ms,
-                &user,
-                "port-forward",
-                Some(&project),
-                Some(id),
-                &detail,
-            )?;
-            Ok(())
-        })
-        .await?;
+    audit(&ctl, user, "port-forward", project, id, detail).await?;
     Ok(ws.on_upgrade(move |socket| relay(socket, agent)))
 }

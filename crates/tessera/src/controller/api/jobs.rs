@@ -154,6 +154,16 @@ pub async fn submit(
                         .with_field(field));
                     }
                 }
+                let weight =
+                    crate::batch::dependency_weight(&def.after, |id| s.jobs.get(&id).map(|j| &**j));
+                if weight > crate::batch::MAX_DEPENDENCY_TASKS {
+                    return Err(ApiError::bad(format!(
+                        "spec.after, afterOk, afterAny: its dependencies stand for {weight} jobs \
+                         (an array's id counts as its tasks); depend on at most {} at once",
+                        crate::batch::MAX_DEPENDENCY_TASKS
+                    ))
+                    .with_field("spec.after"));
+                }
                 let now = c.now_ms;
                 let array = def.asked_array.take();
                 let tasks = array.as_ref().map_or(1, |a| a.indexes.len());
