@@ -506,10 +506,11 @@ class Client:
         until: Optional[str] = None,
         by: str = "project",
         project: Optional[str] = None,
+        job: Optional[int] = None,
     ) -> "Records[UsageRow]":
-        """Use over a window (`since` 7d, 24h or Unix ms) by project, user, model, job or node;
-        the rows, with the report's total in `.total`."""
-        query = {"since": since, "until": until, "by": by, "project": project}
+        """Use over a window (`since` 7d, 24h or Unix ms) by project, user, model, job or node,
+        of one project or one job; the rows, with the report's total in `.total`."""
+        query = {"since": since, "until": until, "by": by, "project": project, "job": job}
         report = self.request("GET", "/v1/usage", query=query)
         rows: Records[UsageRow] = Records(UsageRow.from_json(r) for r in report["rows"])
         rows.total = UsageRow.from_json(report["total"])

@@ -2594,8 +2594,25 @@ where
     }
 }
 
+/// The newest few KiB of replica `replica`'s output of job `id`'s current attempt.
+fn output_tail(pool: &Pool, id: u64, replica: u32) -> String {
+    let at = |offset: u64| {
+        let (status, v) = pool.get(
+            &format!("/v1/jobs/{id}/logs?replica={replica}&offset={offset}"),
+            &pool.admin,
+        );
+        (status == 200).then_some(v)
+    };
+    let Some(end) = at(u64::MAX >> 11).and_then(|v| v["offset"].as_u64()) else {
+        return String::new();
+    };
+    at(end.saturating_sub(4096))
+        .and_then(|v| v["data"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 #[test]
-fn the_dashboard_logs_in_submits_a_job_and_shows_it_run_on_its_slice_in_headless_chromium() {
+fn the_dashboard_tells_the_truth_about_jobs_logs_services_and_the_audit_in_headless_chromium() {
     let (Some(chromium), Some(chromedriver)) = (which("chromium"), which("chromedriver")) else {
         panic!(
             "Chromium and ChromeDriver are needed: run scripts/test-deps.sh (the README's test command)"
@@ -2603,6 +2620,77 @@ fn the_dashboard_logs_in_submits_a_job_and_shows_it_run_on_its_slice_in_headless
     };
     let mut pool = Pool::start();
     pool.add_agent("n1", "127.0.0.2", "2xH100-80GB");
+
+    // A member of another project, with a job of their own there.
+    let (s, v) = pool.post(
+        "/v1/users",
+        json!({"name": "ana", "role": "member"}),
+        &pool.admin,
+    );
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = pool.post(
+        "/v1/projects",
+        json!({"name": "vision", "members": ["ana"]}),
+        &pool.admin,
+    );
+    assert_eq!(s, 201, "{v}");
+    let ana = pool
+        .post("/v1/tokens", json!({"user": "ana"}), &pool.admin)
+        .1["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, v) = pool.post(
+        "/v1/jobs",
+        json!({"metadata": {"name": "ana-done", "project": "vision"},
+               "spec": {"resources": {"cpu": 0.1, "memory": "64MiB"}, "command": ["true"]}}),
+        &ana,
+    );
+    assert_eq!(s, 201, "{v}");
+    let ana_job = v["id"].as_u64().unwrap();
+    // A job with two replicas whose first attempt fails after writing ~190 KB each (more than the
+    // 64 KiB the log view reads back when it opens), and whose second keeps running. Both have
+    // written all their lines before the first attempt fails (the gang stops the other replica
+    // when one fails). Its command carries markup, which must stay text.
+    let chatty_script = "i=0; while [ $i -lt 6000 ]; do \
+         printf 'replica %s attempt %s line %05d\\n' $TESSERA_REPLICA $TESSERA_ATTEMPT $i; \
+         i=$((i+1)); done; [ $TESSERA_ATTEMPT -ge 2 ] || { sleep 2; exit 1; }; exec sleep 120 \
+         # <img id=pwned src=x>";
+    let (s, v) = pool.post(
+        "/v1/jobs",
+        json!({"metadata": {"name": "chatty", "project": "default"},
+               "spec": {"replicas": 2, "resources": {"cpu": 0.1, "memory": "64MiB"},
+                        "restart": {"policy": "on-failure", "maxRestarts": 1},
+                        "command": ["sh", "-c", chatty_script]}}),
+        &pool.admin,
+    );
+    assert_eq!(s, 201, "{v}");
+    let chatty = v["id"].as_u64().unwrap();
+    // A service, for the services pane.
+    let server = write_service(&pool, 0.0);
+    let (s, v) = pool.post(
+        "/v1/services",
+        json!({"kind": "Service", "metadata": {"name": "web"},
+               "spec": {"resources": {"cpu": 0.1, "memory": "128MiB"},
+                        "command": ["python3", server],
+                        "service": {"readiness": {"path": "/healthz", "period": "200ms"}}}}),
+        &pool.admin,
+    );
+    assert_eq!(s, 201, "{v}");
+    pool.wait_state(ana_job, "succeeded");
+    pool.wait_for(
+        "chatty's second attempt to have written all its lines",
+        || {
+            let j = pool.job(chatty);
+            j["attempt"] == 2
+                && j["state"] == "running"
+                && (0..2).all(|r| {
+                    output_tail(&pool, chatty, r)
+                        .ends_with(&format!("replica {r} attempt 2 line 05999\n"))
+                })
+        },
+    );
+
     let driver_port = port();
     let _driver = Proc(
         Command::new(chromedriver)
@@ -2612,7 +2700,8 @@ fn the_dashboard_logs_in_submits_a_job_and_shows_it_run_on_its_slice_in_headless
             .spawn()
             .unwrap(),
     );
-    // Screenshots for the docs when asked: TESSERA_SCREENSHOTS=docs/img cargo test ... dashboard
+    // Screenshots for the docs when asked (tests run in the crate's directory):
+    // TESSERA_SCREENSHOTS=$PWD/docs/img cargo test --test pool the_dashboard
     let shots = std::env::var_os("TESSERA_SCREENSHOTS").map(PathBuf::from);
     let url = format!("{}/ui/", pool.url);
     let admin = pool.admin.clone();
@@ -2662,6 +2751,11 @@ fn the_dashboard_logs_in_submits_a_job_and_shows_it_run_on_its_slice_in_headless
                 }
             }
         };
+        // What a script in the page answers (the whole text of a scrolled element, say).
+        let js = |script: String| {
+            let b = b.clone();
+            async move { b.execute(&script, vec![]).await.unwrap() }
+        };
         let click = |id: &'static str| {
             let b = b.clone();
             async move {
@@ -2681,6 +2775,37 @@ fn the_dashboard_logs_in_submits_a_job_and_shows_it_run_on_its_slice_in_headless
                 field.send_keys(&text).await.unwrap();
             }
         };
+        let choose = |id: &'static str, value: String| {
+            let b = b.clone();
+            async move {
+                b.find(Locator::Id(id))
+                    .await
+                    .unwrap()
+                    .select_by_value(&value)
+                    .await
+                    .unwrap()
+            }
+        };
+        // Every field the page has is labelled, the login's too.
+        let unlabelled = "return [...document.querySelectorAll('input, select')]\
+                          .filter(e => e.labels.length === 0).map(e => e.id)";
+        assert_eq!(js(unlabelled.into()).await, json!([]));
+        // And no id names two elements (the script finds each by its id).
+        let twice = "return [...document.querySelectorAll('[id]')].map(e => e.id)\
+                     .filter((id, i, all) => all.indexOf(id) !== i)";
+        assert_eq!(js(twice.into()).await, json!([]));
+        // The icon: named by the page, and where browsers look unasked.
+        assert_eq!(
+            js("return document.querySelector('link[rel=icon]').getAttribute('href')".into())
+                .await,
+            json!("/ui/favicon.svg")
+        );
+        let icon = js("return fetch('/favicon.ico').then(r => r.text().then(t => \
+                       [r.status, r.headers.get('content-type'), t.startsWith('<svg')]))"
+            .into())
+        .await;
+        assert_eq!(icon, json!([200, "image/svg+xml", true]));
+
         // A wrong token is refused, and says so.
         type_in("token", "not-a-token".into()).await;
         click("login").await;
@@ -2699,7 +2824,7 @@ fn the_dashboard_logs_in_submits_a_job_and_shows_it_run_on_its_slice_in_headless
         })
         .await;
 
-        // Submit half a GPU from the form; see it run on its share of a device, then its logs.
+        // Submit half a GPU from the form; see it run on its share of a device.
         type_in("job-name", "from-ui".into()).await;
         type_in(
             "job-command",
@@ -2733,12 +2858,32 @@ fn the_dashboard_logs_in_submits_a_job_and_shows_it_run_on_its_slice_in_headless
             text("nodes").await.contains(&format!("job {id} 0.5"))
         })
         .await;
+        // The slice is drawn half as wide as its device, under the page's security policy.
+        let widths = js(format!(
+            "const s = [...document.querySelectorAll('a.share')]\
+               .find(e => e.textContent === 'job {id} 0.5');\
+             return [s.getBoundingClientRect().width, s.parentElement.getBoundingClientRect().width]"
+        ))
+        .await;
+        let (w, whole) = (widths[0].as_f64().unwrap(), widths[1].as_f64().unwrap());
+        assert!((w / whole - 0.5).abs() < 0.05, "{widths}");
         // A project without a guarantee or a limit has no quota to be over.
         eventually("the default project without a quota", || async {
             text("projects").await.contains("no quota")
         })
         .await;
+        eventually("the service in its pane", || async {
+            text("services").await.contains("web")
+        })
+        .await;
+        eventually("the placement in the audit log", || async {
+            let audit = text("audit").await;
+            audit.contains("place") && audit.contains(&format!("{id}"))
+        })
+        .await;
         shot(b.clone(), "dashboard.png").await;
+
+        // Its page: the events, the logs, the use as it ends.
         b.find(Locator::Css(&row))
             .await
             .unwrap()
@@ -2749,21 +2894,185 @@ fn the_dashboard_logs_in_submits_a_job_and_shows_it_run_on_its_slice_in_headless
             text("log").await.contains("hello from the dashboard")
         })
         .await;
-        eventually("the job to succeed", || {
-            let f = row_text(b.clone(), row.clone());
-            async move { f.await.contains("succeeded") }
+        eventually("the job to succeed", || async {
+            text("job-state").await == "succeeded"
         })
         .await;
+        eventually("its events", || async {
+            let events = text("job-events").await;
+            ["Submitted", "Scheduled", "Running", "Succeeded"]
+                .iter()
+                .all(|k| events.contains(k))
+        })
+        .await;
+        eventually("its usage", || async {
+            let usage = text("job-usage").await;
+            let gpu_hours: f64 = usage
+                .lines()
+                .last()
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0.0);
+            gpu_hours > 0.0
+        })
+        .await;
+        assert!(text("job-summary").await.contains("0.5 GPU"));
+        shot(b.clone(), "dashboard-job.png").await;
+
+        // The jobs table filtered by state, project and owner.
+        click("job-back").await;
+        let rows = |b: fantoccini::Client| async move {
+            let v = b
+                .execute(
+                    "return [...document.querySelectorAll('#jobs tbody tr')]\
+                     .map(r => [Number(r.dataset.job), r.dataset.state, r.cells[2].textContent, \
+                     r.cells[3].textContent])",
+                    vec![],
+                )
+                .await
+                .unwrap();
+            serde_json::from_value::<Vec<(u64, String, String, String)>>(v).unwrap()
+        };
+        eventually("every job in the table", || {
+            let f = rows(b.clone());
+            async move {
+                let r = f.await;
+                [id, ana_job, chatty].iter().all(|j| r.iter().any(|x| x.0 == *j))
+            }
+        })
+        .await;
+        choose("filter-state", "succeeded".into()).await;
+        eventually("only succeeded jobs", || {
+            let f = rows(b.clone());
+            async move {
+                let r = f.await;
+                r.iter().all(|x| x.1 == "succeeded")
+                    && r.iter().any(|x| x.0 == id)
+                    && r.iter().any(|x| x.0 == ana_job)
+            }
+        })
+        .await;
+        choose("filter-project", "vision".into()).await;
+        eventually("only vision's succeeded jobs", || {
+            let f = rows(b.clone());
+            async move {
+                let r = f.await;
+                r.iter().all(|x| x.1 == "succeeded" && x.2 == "vision") && r.len() == 1
+            }
+        })
+        .await;
+        choose("filter-state", "".into()).await;
+        choose("filter-project", "".into()).await;
+        choose("filter-owner", "admin".into()).await;
+        eventually("only admin's jobs", || {
+            let f = rows(b.clone());
+            async move {
+                let r = f.await;
+                r.iter().all(|x| x.3 == "admin")
+                    && r.iter().any(|x| x.0 == chatty)
+                    && !r.iter().any(|x| x.0 == ana_job)
+            }
+        })
+        .await;
+
+        // A deep link to the chatty job: its logs open at the latest line of its latest
+        // attempt, scrolled to it, without reading the whole output.
+        b.goto(&format!("{url}#/jobs/{chatty}")).await.unwrap();
+        let log_text = || {
+            async move {
+                js("return document.getElementById('log').textContent".into())
+                    .await
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            }
+        };
+        eventually("the last line of replica 0, attempt 2", || async {
+            log_text()
+                .await
+                .ends_with("replica 0 attempt 2 line 05999\n")
+        })
+        .await;
+        let log = log_text().await;
+        assert!(!log.contains("line 00000"), "read from the start");
+        assert!(text("log-note").await.contains("earlier output not shown"));
+        let below = js("const p = document.getElementById('log'); \
+                        return p.scrollHeight - p.scrollTop - p.clientHeight"
+            .into())
+        .await;
+        assert!(below.as_f64().unwrap() < 8.0, "not at the latest line: {below}");
+        assert_eq!(
+            js("return document.getElementById('pwned')".into()).await,
+            Value::Null,
+            "markup in a command became an element"
+        );
+        assert!(text("job-summary").await.contains("<img id=pwned src=x>"));
+        js("document.getElementById('log-controls').scrollIntoView()".into()).await;
         shot(b.clone(), "dashboard-logs.png").await;
+        // The pickers: the other replica, then the first attempt, then all of it.
+        choose("log-replica", "1".into()).await;
+        eventually("replica 1's output", || async {
+            log_text()
+                .await
+                .ends_with("replica 1 attempt 2 line 05999\n")
+        })
+        .await;
+        choose("log-attempt", "1".into()).await;
+        eventually("replica 1's first attempt", || async {
+            log_text()
+                .await
+                .ends_with("replica 1 attempt 1 line 05999\n")
+        })
+        .await;
+        click("log-all").await;
+        eventually("the whole first attempt", || async {
+            let log = log_text().await;
+            log.starts_with("replica 1 attempt 1 line 00000\n")
+                && log.ends_with("replica 1 attempt 1 line 05999\n")
+        })
+        .await;
+        eventually("the restart among its events", || async {
+            text("job-events").await.contains("Restarting")
+        })
+        .await;
+        // Cancel from its page.
+        click("job-cancel").await;
+        eventually("chatty cancelled", || async {
+            text("job-state").await == "cancelled"
+        })
+        .await;
         b.close().await.unwrap();
         id
     });
     let job = pool.wait_state(job_id, "succeeded");
     assert_eq!(job["name"], "from-ui");
     assert_eq!(job["gpu"], 0.5);
-    // The page, script and style come from the controller itself.
+    assert_eq!(pool.job(chatty)["state"], "cancelled");
+    // The page comes from the controller itself, under a policy that allows only its own files.
     let page = pool.http.get(format!("{}/ui/", pool.url)).send().unwrap();
     assert_eq!(page.status(), 200);
+    let policy = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(
+        policy.contains("script-src 'self'") && policy.contains("frame-ancestors 'none'"),
+        "{policy}"
+    );
+    // The job's usage, picked out by the API the page reads.
+    let (s, report) = pool.get(
+        &format!("/v1/usage?by=job&job={job_id}&since=1h"),
+        &pool.admin,
+    );
+    assert_eq!(s, 200, "{report}");
+    let keys: Vec<&str> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, [job_id.to_string()]);
+    // Another tenant's job reads as no usage at all to a member.
+    let (s, report) = pool.get(&format!("/v1/usage?by=job&job={job_id}&since=1h"), &ana);
+    assert_eq!(s, 200, "{report}");
+    assert!(report["rows"].as_array().unwrap().is_empty(), "{report}");
 }
 
 /// The agent's run directory of job `id`'s replica 0 (its first attempt's key, `ID.1.0`).

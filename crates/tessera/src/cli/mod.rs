@@ -648,6 +648,9 @@ pub struct UsageArgs {
     /// Only this project.
     #[arg(long)]
     pub project: Option<String>,
+    /// Only this job's runs.
+    #[arg(long)]
+    pub job: Option<u64>,
 }
 
 /// `tessera usage`: GPU-hours, memory, CPU, energy and cost per project (user, model, ...).
@@ -658,6 +661,9 @@ pub fn usage(c: &Client, a: &UsageArgs) -> anyhow::Result<()> {
     }
     if let Some(p) = &a.project {
         q.push(format!("project={p}"));
+    }
+    if let Some(j) = a.job {
+        q.push(format!("job={j}"));
     }
     let v = c.get(&format!("/v1/usage?{}", q.join("&")))?;
     c.print(&v, |v| {

@@ -931,6 +931,8 @@ pub fn router(ctl: Ctl) -> Router {
         .route("/ui/", get(ui::index))
         .route("/ui/app.js", get(ui::app))
         .route("/ui/style.css", get(ui::style))
+        .route("/ui/favicon.svg", get(ui::icon))
+        .route("/favicon.ico", get(ui::icon))
         .route("/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics::scrape))
         .route("/healthz", get(healthz))

@@ -142,7 +142,7 @@ pub const OPERATIONS: &[(&str, &str, &str, Option<&str>, &str)] = &[
     (
         "get",
         "/v1/usage",
-        "Usage over a window; query: since (7d or epoch ms), until, by (project|user|model|job|node), project",
+        "Usage over a window; query: since (7d or epoch ms), until, by (project|user|model|job|node), project, job",
         None,
         "Usage",
     ),
