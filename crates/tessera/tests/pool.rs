@@ -672,6 +672,69 @@ fn over_tls_agents_join_jobs_run_and_the_cli_trusts_only_the_given_ca() {
         .bearer_auth(&pool.admin)
         .send();
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
+
+    // exec and port-forward reach a running replica over wss://, trusting the given CA only.
+    let web_port = port();
+    let page = pool.shared("served-tls");
+    std::fs::create_dir_all(&page).unwrap();
+    std::fs::write(page.join("hello.txt"), "through tls\n").unwrap();
+    let server = pool.submit(
+        "default",
+        0.0,
+        1,
+        50,
+        &format!(
+            "exec python3 -m http.server {web_port} --bind 127.0.0.1 --directory {}",
+            page.display()
+        ),
+    );
+    pool.wait_state(server, "running");
+    pool.wait_for("the replica's server to listen", || {
+        replica_logs(&pool, server, 0).contains("Serving HTTP")
+    });
+    let sid = server.to_string();
+    let ca = cert.to_str().unwrap();
+    let (ok, out, err) = cli(
+        &pool,
+        &[
+            "exec",
+            "--ca-cert",
+            ca,
+            &sid,
+            "--",
+            "sh",
+            "-c",
+            "echo inside over tls",
+        ],
+    );
+    assert!(ok && out == "inside over tls\n", "{out}{err}");
+    let (ok, _, err) = cli(&pool, &["exec", &sid, "--", "true"]);
+    assert!(
+        !ok && err.contains("calling the controller at https://"),
+        "without the CA: {err}"
+    );
+    let mut forward = Command::new(bin())
+        .args(["port-forward", "--url", &pool.url, "--token", &pool.admin])
+        .args(["--ca-cert", ca, &sid, &format!("0:{web_port}")])
+        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = std::io::BufReader::new(forward.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+    let _forward = Proc(forward);
+    let local: u16 = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    let body = reqwest::blocking::get(format!("http://127.0.0.1:{local}/hello.txt"))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert_eq!(body, "through tls\n");
 }
 
 #[test]
@@ -4666,6 +4729,45 @@ fn slurm_habits_arrays_dependencies_time_limits_begin_and_holds() {
 /// and environment; output, input, a terminal and the exit status carried), `port-forward`
 /// carries HTTP to a port the replica listens on and to no other, `run -i` holds a job while
 /// its command runs; a viewer may not exec, and each session is audited.
+/// Runs a command on a terminal of its own (a pty) sized 30x100, waits for "30 100", resizes
+/// the terminal to 40x120 and tells the command (SIGWINCH, as a terminal emulator does), then
+/// presses Enter until "40 120" comes back and ends the input; prints all it read.
+const PTY_DRIVER: &str = r#"
+import fcntl, os, pty, select, signal, struct, subprocess, sys, termios, time
+master, slave = pty.openpty()
+def size(fd, rows, cols):
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+size(slave, 30, 100)
+p = subprocess.Popen(sys.argv[1:], stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+os.close(slave)
+seen = b""
+def read(wait):
+    global seen
+    r, _, _ = select.select([master], [], [], wait)
+    if r:
+        try:
+            seen += os.read(master, 4096)
+        except OSError:
+            pass
+def until(text, poke=None):
+    end = time.time() + 30
+    while text not in seen:
+        if time.time() > end:
+            sys.exit("timed out waiting for %r; read %r" % (text, seen))
+        if poke:
+            poke()
+        read(0.3)
+until(b"30 100")
+size(master, 40, 120)
+os.kill(p.pid, signal.SIGWINCH)
+until(b"40 120", lambda: os.write(master, b"\r"))
+os.write(master, b"\x04")
+code = p.wait(timeout=30)
+read(0.2)
+print(seen.decode(errors="replace"))
+sys.exit(code)
+"#;
+
 #[test]
 fn exec_port_forward_and_run_reach_inside_a_running_replica() {
     let mut pool = Pool::start();
@@ -4767,6 +4869,38 @@ fn exec_port_forward_and_run_reach_inside_a_running_replica() {
     );
     assert_eq!(code, Some(0));
     assert!(out.contains("on-a-terminal"), "{out:?}");
+    // -it from a real terminal: the replica's terminal takes the local one's size, and follows
+    // it when it is resized (SIGWINCH), as ssh does.
+    let driver = pool.shared("pty-driver.py");
+    std::fs::write(&driver, PTY_DRIVER).unwrap();
+    let out = Command::new("python3")
+        .arg(&driver)
+        .arg(bin())
+        .args([
+            "exec",
+            "--url",
+            &pool.url,
+            "--token",
+            &pool.admin,
+            "-it",
+            &sid,
+        ])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "stty size; while read x; do stty size; done",
+        ])
+        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("30 100") && said.contains("40 120"), "{said}");
     // Refusals: a replica it does not have, an empty command, a viewer.
     let (code, _, err) = tessera(&["exec", &sid, "--replica", "3", "--", "true"], "");
     assert!(code != Some(0) && err.contains("replica 3"), "{err}");
@@ -4838,6 +4972,59 @@ fn exec_port_forward_and_run_reach_inside_a_running_replica() {
         code != Some(0) && err.contains("does not listen there"),
         "{err}"
     );
+    // A replica that made a network namespace of its own (`unshare -rn`, no privilege needed):
+    // its loopback is reached there, not the node's.
+    let own_port = port();
+    let own = cli_submit(
+        &pool,
+        &[
+            "--cpu",
+            "0.1",
+            "--",
+            "unshare",
+            "-rn",
+            "sh",
+            "-c",
+            &format!(
+                "ip link set lo up && exec python3 -m http.server {own_port} --bind 127.0.0.1 \
+                 --directory {}",
+                page.display()
+            ),
+        ],
+    );
+    pool.wait_state(own, "running");
+    pool.wait_for("the server in its own namespace to listen", || {
+        replica_logs(&pool, own, 0).contains("Serving HTTP")
+    });
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", own_port)).is_err(),
+        "the server is not on the node's network"
+    );
+    let mut forward = Command::new(bin())
+        .args(["port-forward", "--url", &pool.url, "--token", &pool.admin])
+        .args([&own.to_string(), &format!("0:{own_port}")])
+        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = std::io::BufReader::new(forward.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+    let forward = Proc(forward);
+    let local: u16 = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    let body = reqwest::blocking::get(format!("http://127.0.0.1:{local}/hello.txt"))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert_eq!(body, "from inside\n");
+    drop(forward);
+    let (s, v) = pool.post(&format!("/v1/jobs/{own}/cancel"), json!({}), &pool.admin);
+    assert_eq!(s, 200, "{v}");
 
     // run -i: a job of its own for as long as its command lasts.
     let (code, out, err) = tessera(

@@ -418,15 +418,6 @@ pub(super) async fn serve_forward(
         Ok(found) => found,
         Err(answer) => return answer.into_response(),
     };
-    let same_net = |p: &str| std::fs::read_link(format!("{p}/ns/net")).ok();
-    if same_net(&format!("/proc/{pid}")) != same_net("/proc/self") {
-        return (
-            StatusCode::CONFLICT,
-            "the replica has a network namespace of its own; port-forward reaches replicas on \
-             the node's network only",
-        )
-            .into_response();
-    }
     let cgroup = super::cgroup_name(&node.config, &key);
     let pids = node.backend.pids(&cgroup);
     if !held_by(&pids, &listening_inodes(pid, q.port)) {
@@ -441,19 +432,45 @@ pub(super) async fn serve_forward(
             .into_response();
     }
     ws.on_upgrade(move |socket| async move {
-        if let Err(e) = forward(socket, q.port).await {
+        if let Err(e) = forward(socket, pid, q.port).await {
             tracing::debug!("port-forward to {key}: {e:#}");
         }
     })
 }
 
+/// A connection to `port` on the loopback of the network namespace of process `pid`: the
+/// node's own, or one the replica made for itself (`unshare -rn`, say). The connection is made
+/// on a thread of its own that enters that namespace and then ends, so no other work of the
+/// agent runs there; the socket keeps the namespace it was made in.
+async fn connect_in(pid: i32, port: u16) -> anyhow::Result<tokio::net::TcpStream> {
+    use anyhow::Context;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .context("the replica's network namespace")?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // A thread of its own, not one of the runtime's pools: a thread that entered a namespace
+    // must not run other work afterwards.
+    std::thread::spawn(move || {
+        let connect = || -> anyhow::Result<std::net::TcpStream> {
+            let here = std::fs::read_link("/proc/thread-self/ns/net").ok();
+            if here != std::fs::read_link(format!("/proc/{pid}/ns/net")).ok() {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .context("entering the replica's network namespace")?;
+            }
+            let tcp = std::net::TcpStream::connect(("127.0.0.1", port))
+                .or_else(|_| std::net::TcpStream::connect(("::1", port)))?;
+            tcp.set_nonblocking(true)?;
+            Ok(tcp)
+        };
+        let _ = tx.send(connect());
+    });
+    let stream = rx.await.context("the connecting thread ended")??;
+    Ok(tokio::net::TcpStream::from_std(stream)?)
+}
+
 /// Relays `socket` to the replica's port, bytes as they are, until either side closes.
-async fn forward(socket: WebSocket, port: u16) -> anyhow::Result<()> {
+async fn forward(socket: WebSocket, pid: i32, port: u16) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let tcp = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-        Ok(t) => t,
-        Err(_) => tokio::net::TcpStream::connect(("::1", port)).await?,
-    };
+    let tcp = connect_in(pid, port).await?;
     let (mut r, mut w) = tcp.into_split();
     let (mut tx, mut rx) = socket.split();
     let up = async {

@@ -16,19 +16,22 @@ use crate::interactive as wire;
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Opens the controller's WebSocket at `path` as this client.
+/// Opens the controller's WebSocket at `path` as this client: `ws://` to a controller served
+/// over HTTP, `wss://` over HTTPS, trusting the same certificates as the client's other calls.
 async fn open(c: &Client, path: &str) -> anyhow::Result<Socket> {
     let base = c.controllers.current().to_string();
-    let Some(rest) = base.strip_prefix("http://") else {
-        bail!(
-            "{base}: exec and port-forward speak to a controller over plain HTTP only, for now \
-             (this one is HTTPS)"
-        );
+    let (url, tls) = if let Some(rest) = base.strip_prefix("http://") {
+        (format!("ws://{rest}{path}"), None)
+    } else if let Some(rest) = base.strip_prefix("https://") {
+        (format!("wss://{rest}{path}"), Some(tls_config(c)?))
+    } else {
+        bail!("{base}: a controller URL starts with http:// or https://");
     };
-    let mut req = format!("ws://{rest}{path}").into_client_request()?;
+    let mut req = url.into_client_request()?;
     req.headers_mut()
         .insert("authorization", format!("Bearer {}", c.token).parse()?);
-    match tokio_tungstenite::connect_async(req).await {
+    let connector = tls.map(tokio_tungstenite::Connector::Rustls);
+    match tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector).await {
         Ok((s, _)) => Ok(s),
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
             let body =
@@ -41,6 +44,25 @@ async fn open(c: &Client, path: &str) -> anyhow::Result<Socket> {
         }
         Err(e) => Err(e).with_context(|| format!("calling the controller at {base}")),
     }
+}
+
+/// TLS for `wss://`: the CA given (--ca-cert, TESSERA_CA_CERT or the config file) and nothing
+/// else, as for the pool's own CA; without one, the public roots.
+fn tls_config(c: &Client) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    if let Some(ca) = &c.ca_cert {
+        return tessera_remote::tls::client_config(ca)
+            .map_err(|e| anyhow::anyhow!("--ca-cert {e}"));
+    }
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
 }
 
 /// The query of an exec.
@@ -164,11 +186,23 @@ pub fn exec(
             drop(in_tx);
         }
         let mut input_open = stdin;
+        // A terminal resized while the process runs is resized there too (as ssh does).
+        let mut winch =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
         loop {
             tokio::select! {
                 frame = in_rx.recv(), if input_open => match frame {
                     Some(f) => tx.send(Message::Binary(f.into())).await?,
                     None => input_open = false,
+                },
+                _ = winch.recv(), if tty => {
+                    if let Some((cols, rows)) = terminal_size() {
+                        let size = serde_json::json!({"cols": cols, "rows": rows}).to_string();
+                        tx.send(Message::Binary(
+                            wire::frame(wire::RESIZE, size.as_bytes()).into(),
+                        ))
+                        .await?;
+                    }
                 },
                 msg = rx.next() => {
                     let Some(msg) = msg else { bail!("the connection to the replica ended") };

@@ -66,6 +66,8 @@ pub struct Client {
     url_from: &'static str,
     token: String,
     http: reqwest::blocking::Client,
+    /// The CA the controller's certificate must chain to (WebSockets build their own TLS).
+    ca_cert: Option<PathBuf>,
     pub output: Output,
 }
 
@@ -94,8 +96,8 @@ impl Client {
             .clone()
             .or_else(|| std::env::var_os("TESSERA_CA_CERT").map(PathBuf::from))
             .or_else(|| file.as_ref().and_then(|f| f.ca_cert.clone()));
-        if let Some(ca) = ca_cert {
-            let pem = std::fs::read(&ca)
+        if let Some(ca) = &ca_cert {
+            let pem = std::fs::read(ca)
                 .with_context(|| format!("--ca-cert {}: cannot read it", ca.display()))?;
             let cert = reqwest::Certificate::from_pem(&pem)
                 .with_context(|| format!("--ca-cert {}: not a PEM certificate", ca.display()))?;
@@ -106,6 +108,7 @@ impl Client {
             url_from: from,
             token,
             http: b.build()?,
+            ca_cert,
             output: conn.output,
         })
     }
