@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tessera_sched::cluster::GpuAffinity;
 use tessera_sched::quota::ProjectQuota;
 use tessera_sched::schedule::{
-    Config, ElasticRunning, PendingJob, RunningJob, Snapshot, WaitReason, schedule_owned,
+    Config, ElasticRunning, PendingJob, Plan, RunningJob, Snapshot, WaitReason, schedule_owned,
 };
 use tessera_sched::{Allocation, NodeId, ShapeDistribution};
 
@@ -436,17 +436,24 @@ async fn schedule_once(
         .store
         .write(move |c, s| -> Result<_, ApiError> {
             let now = c.now_ms;
-            let applied = apply_plan(s, &plan, &node_names, ports, now);
-            for waited in applied.waited_ms {
-                metrics.observe_wait(waited);
+            // Placements are applied a slice at a time, each slice's changed jobs saved before
+            // the next is made: a round that places 100,000 jobs would otherwise hold a copy of
+            // each beside the state at once (this set the controller's peak memory). One
+            // transaction still: a slice sees the ones before it (start numbers, ports).
+            for part in slices(plan, APPLY_SLICE) {
+                let applied = apply_plan(s, &part, &node_names, ports.clone(), now);
+                drop(part);
+                for waited in applied.waited_ms {
+                    metrics.observe_wait(waited);
+                }
+                for _ in 0..applied.preemptions {
+                    metrics.preemptions.inc();
+                }
+                for (job, notes) in applied.changed {
+                    save_job(c, s, job, notes, now)?;
+                }
+                s.next_start_seq = applied.next_start_seq;
             }
-            for _ in 0..applied.preemptions {
-                metrics.preemptions.inc();
-            }
-            for (job, notes) in applied.changed {
-                save_job(c, s, job, notes, now)?;
-            }
-            s.next_start_seq = applied.next_start_seq;
             Ok(std::mem::replace(&mut s.wait_reasons, waits))
         })
         .await?;
@@ -454,6 +461,26 @@ async fn schedule_once(
     // Dropped here, not under the state's lock in the writer.
     drop(old_reasons);
     Ok(next_backoff)
+}
+
+/// Placements a round applies at a time (see the round's write).
+const APPLY_SLICE: usize = 2048;
+
+/// `plan` as plans of at most `n` placements each, in order, then one with the rest of it
+/// (preemptions, moves, grows, shrinks, reasons) and no placements.
+fn slices(mut plan: Plan, n: usize) -> impl Iterator<Item = Plan> {
+    let mut placements = std::mem::take(&mut plan.placements).into_iter();
+    let mut rest = Some(plan);
+    std::iter::from_fn(move || {
+        let part: Vec<_> = placements.by_ref().take(n.max(1)).collect();
+        if part.is_empty() {
+            return rest.take();
+        }
+        Some(Plan {
+            placements: part,
+            ..Plan::default()
+        })
+    })
 }
 
 /// Cancels the pending jobs that can never run (a dependency failed) and stops the running
@@ -995,6 +1022,34 @@ mod tests {
             .iter()
             .map(|(j, _)| (j.id, j.replicas.iter().map(|r| r.node.clone()).collect()))
             .collect()
+    }
+
+    #[test]
+    fn a_plan_is_applied_in_slices_of_placements_then_the_rest_once() {
+        let plan = Plan {
+            placements: (1..=5).map(|id| (id, Vec::new())).collect(),
+            preemptions: vec![tessera_sched::schedule::Preemption {
+                job: 9,
+                for_job: 1,
+                reason: tessera_sched::schedule::PreemptReason::Priority,
+            }],
+            ..Plan::default()
+        };
+        let parts: Vec<Plan> = slices(plan, 2).collect();
+        let ids: Vec<Vec<u64>> = parts
+            .iter()
+            .map(|p| p.placements.iter().map(|(id, _)| *id).collect())
+            .collect();
+        assert_eq!(ids, [vec![1, 2], vec![3, 4], vec![5], vec![]]);
+        let preempted: Vec<usize> = parts.iter().map(|p| p.preemptions.len()).collect();
+        assert_eq!(preempted, [0, 0, 0, 1], "the rest comes once, last");
+        // An empty plan is one empty part; a slice size of 0 is taken as 1.
+        assert_eq!(slices(Plan::default(), 2).count(), 1);
+        let one_each = Plan {
+            placements: (1..=3).map(|id| (id, Vec::new())).collect(),
+            ..Plan::default()
+        };
+        assert_eq!(slices(one_each, 0).count(), 4);
     }
 
     #[test]
