@@ -808,7 +808,8 @@ impl IdCeiling {
     }
 }
 
-/// Events kept in memory per job (all are in the store).
+/// A job's newest events that its events are read as (all are in the store; none are kept in
+/// memory: at 100,000 jobs they took about 45 MiB there).
 pub const EVENTS_PER_JOB: usize = 200;
 /// Requests remembered for the pool's shape history.
 pub const SHAPE_HISTORY: usize = 2000;
@@ -826,7 +827,6 @@ pub struct State {
     pub jobs: BTreeMap<u64, Box<Job>>,
     pub nodes: BTreeMap<String, Node>,
     pub tokens: BTreeMap<String, TokenRecord>,
-    pub events: HashMap<u64, VecDeque<Event>>,
     pub next_job_id: u64,
     pub next_start_seq: u64,
     /// Per node, bumped whenever what should run there changes.
@@ -931,14 +931,6 @@ impl State {
             self.recent_requests.pop_front();
         }
         self.recent_requests.push_back(request.clone());
-    }
-
-    pub fn push_event(&mut self, event: Event) {
-        let list = self.events.entry(event.job).or_default();
-        if list.len() >= EVENTS_PER_JOB {
-            list.pop_front();
-        }
-        list.push_back(event);
     }
 
     /// Projects a user may see and act in; `None` means all.

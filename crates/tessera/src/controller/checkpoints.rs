@@ -199,7 +199,6 @@ pub async fn put_checkpoint(
                 ),
             };
             c.add_event(&e)?;
-            s.push_event(e);
             s.checkpoints.insert((m.job, m.replica), m);
             Ok(())
         })

@@ -128,7 +128,15 @@ pub trait Reader: Send + Sync + 'static {
     fn gate(&self) -> Option<&Arc<store::gate::CommitGate>> {
         None
     }
+
+    /// A job's newest events, oldest first, read from the store (they are not kept in memory).
+    fn events(&self, job: u64) -> EventsRead<'_>;
 }
+
+/// The answer of [`Reader::events`].
+pub type EventsRead<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = anyhow::Result<Vec<crate::state::Event>>> + Send + 'a>,
+>;
 
 impl Reader for Controller {
     fn state(&self) -> &Arc<std::sync::Mutex<crate::state::State>> {
@@ -141,6 +149,12 @@ impl Reader for Controller {
 
     fn gate(&self) -> Option<&Arc<store::gate::CommitGate>> {
         Some(&self.store.gate)
+    }
+
+    fn events(&self, job: u64) -> EventsRead<'_> {
+        Box::pin(self.store.read_ledger("events", move |l| {
+            l.events(job, crate::state::EVENTS_PER_JOB as u64)
+        }))
     }
 }
 

@@ -124,9 +124,6 @@ pub fn save_job(
     if job.state != JobState::Pending {
         s.wait_reasons.remove(&job.id);
     }
-    for e in events {
-        s.push_event(e);
-    }
     s.insert_job(job);
     Ok(())
 }

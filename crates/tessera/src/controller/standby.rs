@@ -152,6 +152,17 @@ impl Reader for Reads {
     fn tokens(&self) -> &Arc<TokenCache> {
         &self.tokens
     }
+
+    fn events(&self, job: u64) -> super::EventsRead<'_> {
+        Box::pin(async move {
+            let mut follower = tokio::time::timeout(CATCH_UP_WITHIN, self.follower.lock()).await?;
+            tokio::time::timeout(
+                CATCH_UP_WITHIN,
+                follower.events(job, crate::state::EVENTS_PER_JOB as u64),
+            )
+            .await?
+        })
+    }
 }
 
 /// The reads a standby answers itself: those whose answers come whole from the store. A job's

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio_postgres::{Client, IsolationLevel, NoTls};
 
-use super::{RECENT_EVENTS, STATE_TABLES, apply_deletion, apply_doc, apply_event};
+use super::{STATE_TABLES, apply_deletion, apply_doc};
 use crate::state::State;
 
 /// One change read from the log, applied in rev order.
@@ -30,9 +30,6 @@ pub struct Follower {
     state: Arc<Mutex<State>>,
     /// The highest rev applied.
     rev: i64,
-    /// The highest event sequence number applied (0: none yet; the first read takes the newest
-    /// [`RECENT_EVENTS`], as a full read does).
-    event_seq: i64,
     /// A takeover took the state ([`Follower::take_state`]).
     taken: bool,
 }
@@ -45,7 +42,6 @@ impl Follower {
             client: None,
             state: Arc::default(),
             rev: 0,
-            event_seq: 0,
             taken: false,
         }
     }
@@ -70,7 +66,7 @@ impl Follower {
     /// how many changes it applied. Nodes it reads count as seen at `now_ms`. On an error nothing
     /// of this call is applied and the next call reads the same changes again.
     pub async fn catch_up(&mut self, now_ms: u64) -> anyhow::Result<usize> {
-        let (rev, event_seq) = (self.rev, self.event_seq);
+        let rev = self.rev;
         let client = self.client().await?;
         let read = async {
             let tx = client
@@ -90,29 +86,14 @@ impl Follower {
             for row in tx.query(sql, &[&rev]).await? {
                 changes.push((row.get(0), Change::Deleted(row.get(1), row.get(2))));
             }
-            let events = if event_seq == 0 {
-                tx.query(
-                    "SELECT seq, job, ts_ms, kind, message FROM events WHERE seq > \
-                     (SELECT COALESCE(MAX(seq), 0) FROM events) - $1 ORDER BY seq",
-                    &[&(RECENT_EVENTS as i64)],
-                )
-                .await?
-            } else {
-                tx.query(
-                    "SELECT seq, job, ts_ms, kind, message FROM events WHERE seq > $1 \
-                     ORDER BY seq",
-                    &[&event_seq],
-                )
-                .await?
-            };
             let usage = tx
                 .query_one("SELECT COALESCE(MAX(seq), 0) FROM usage", &[])
                 .await?
                 .get::<_, i64>(0);
             tx.commit().await?;
-            anyhow::Ok((changes, events, usage))
+            anyhow::Ok((changes, usage))
         };
-        let (mut changes, events, usage) = match read.await {
+        let (mut changes, usage) = match read.await {
             Ok(read) => read,
             Err(e) => {
                 self.client = None;
@@ -120,7 +101,7 @@ impl Follower {
             }
         };
         changes.sort_by_key(|(rev, _)| *rev);
-        let applied = changes.len() + events.len();
+        let applied = changes.len();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         // A record this controller cannot read stops the takeover, as it stops a full read.
         for (rev, change) in changes {
@@ -130,13 +111,42 @@ impl Follower {
             }
             self.rev = rev;
         }
-        for row in events {
-            let (seq, job, ts_ms): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-            apply_event(&mut state, job as u64, ts_ms as u64, row.get(3), row.get(4))?;
-            self.event_seq = seq;
-        }
         state.usage_seq = state.usage_seq.max(usage as u64);
         Ok(applied)
+    }
+
+    /// The newest `limit` events of `job`, oldest first, read from the store (events are not
+    /// kept in memory; see `controller::api::job_events`).
+    pub async fn events(
+        &mut self,
+        job: u64,
+        limit: u64,
+    ) -> anyhow::Result<Vec<crate::state::Event>> {
+        let client = self.client().await?;
+        let rows = match client
+            .query(
+                "SELECT ts_ms, kind, message FROM events WHERE job = $1 ORDER BY seq DESC \
+                 LIMIT $2",
+                &[&(job as i64), &(limit as i64)],
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                self.client = None;
+                return Err(e.into());
+            }
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows.iter().rev() {
+            out.push(super::event_of(
+                job,
+                r.get::<_, i64>(0) as u64,
+                r.get(1),
+                r.get(2),
+            )?);
+        }
+        Ok(out)
     }
 
     /// Drops the connection (one that stopped answering); the next catch-up connects afresh.
@@ -151,7 +161,7 @@ impl Follower {
 
     /// Whether a catch-up has read the store.
     pub fn warm(&self) -> bool {
-        self.rev > 0 || self.event_seq > 0
+        self.rev > 0
     }
 
     /// Whether a takeover took the state.
@@ -215,17 +225,6 @@ mod tests {
             all
         };
         assert_eq!(checkpoints(followed), checkpoints(read));
-        let events = |s: &State| {
-            let mut all: Vec<_> = s
-                .events
-                .values()
-                .flatten()
-                .map(|e| (e.job, e.ts_ms, e.kind.as_str(), e.message.clone()))
-                .collect();
-            all.sort();
-            all
-        };
-        assert_eq!(events(followed), events(read));
         for name in read.nodes.keys() {
             let ids = |s: &State| s.jobs_on(name).map(|j| j.id).collect::<Vec<_>>();
             assert_eq!(ids(followed), ids(read), "active jobs on node {name}");
@@ -316,7 +315,7 @@ mod tests {
         });
         let mut f = Follower::new(&pg.url());
         let first = rt.block_on(f.catch_up(7)).unwrap();
-        assert_eq!(first, 1 + 2 + 40 + 40 + 2 + 2 + 2, "every record and event");
+        assert_eq!(first, 1 + 2 + 40 + 2 + 2 + 2, "every record");
         assert_same(&f.shared().lock().unwrap(), &b.load(7).unwrap());
 
         // The leader's next batches: a job starts on node a, another arrives, a node is
@@ -344,8 +343,16 @@ mod tests {
         let next = rt.block_on(f.catch_up(7)).unwrap();
         assert_eq!(
             next,
-            2 + 1 + 1 + 4 + 1,
-            "two jobs, an event, a node, four deletions and a service: nothing read twice"
+            2 + 1 + 4 + 1,
+            "two jobs, a node, four deletions and a service: nothing read twice"
+        );
+        // Events are not followed into memory; they are read from the store when asked.
+        let events = rt.block_on(f.events(3, 200)).unwrap();
+        let said: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(said, ["submitted", "running on a"]);
+        assert_eq!(
+            rt.block_on(f.events(3, 1)).unwrap()[0].message,
+            "running on a"
         );
         let read = b.load(7).unwrap();
         assert_same(&f.shared().lock().unwrap(), &read);

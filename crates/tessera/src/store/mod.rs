@@ -126,6 +126,8 @@ pub trait Ledger {
     fn usage(&self, seq: u64, w: Window) -> StoreResult<Vec<Segment>>;
     /// Audit entries that match, newest first, until `each` returns false.
     fn audit(&self, f: &AuditFilter, each: &mut dyn FnMut(Entry) -> bool) -> StoreResult<()>;
+    /// The newest `limit` events of `job`, oldest first.
+    fn events(&self, job: u64, limit: u64) -> StoreResult<Vec<Event>>;
     /// Stored points of the series named `prefix` (or starting with it), from `since_ms`.
     fn samples(
         &self,
@@ -135,14 +137,12 @@ pub trait Ledger {
     ) -> StoreResult<Vec<(String, Point)>>;
 }
 
-/// What reading the state back needs of a backend: the records of a table, the ledger's last
-/// sequence number, and the newest events.
+/// What reading the state back needs of a backend: the records of a table and the ledger's
+/// last sequence number.
 pub trait Records {
     /// Every record (JSON) of `table`.
     fn docs(&self, table: &str) -> anyhow::Result<Vec<String>>;
     fn usage_seq(&self) -> anyhow::Result<u64>;
-    /// The newest `limit` events, oldest first, as (job, time, kind, message).
-    fn recent_events(&self, limit: u64) -> anyhow::Result<Vec<(u64, u64, String, String)>>;
 }
 
 /// The tables whose records the state keeps in memory, in the order a full read applies them.
@@ -243,33 +243,20 @@ pub fn load_state(from: &dyn Records, now_ms: u64) -> anyhow::Result<State> {
         }
     }
     state.usage_seq = from.usage_seq()?;
-    for (job, ts_ms, kind, message) in from.recent_events(RECENT_EVENTS)? {
-        apply_event(&mut state, job, ts_ms, &kind, message)?;
-    }
     Ok(state)
 }
 
-/// How many of the newest events a full read takes (memory keeps at most
-/// [`crate::state::EVENTS_PER_JOB`] per job; the store keeps them all).
-pub const RECENT_EVENTS: u64 = 200_000;
-
-/// Puts one stored event into the state.
-pub fn apply_event(
-    state: &mut State,
-    job: u64,
-    ts_ms: u64,
-    kind: &str,
-    message: String,
-) -> anyhow::Result<()> {
-    let kind = crate::state::EventKind::parse(kind)
-        .ok_or_else(|| anyhow::anyhow!("job {job} has an event of unknown kind {kind:?}"))?;
-    state.push_event(Event {
+/// An event as stored: its kind by name.
+pub fn event_of(job: u64, ts_ms: u64, kind: &str, message: String) -> StoreResult<Event> {
+    let kind = crate::state::EventKind::parse(kind).ok_or_else(|| {
+        StoreError::new(format!("job {job} has an event of unknown kind {kind:?}"))
+    })?;
+    Ok(Event {
         job,
         ts_ms,
         kind,
         message,
-    });
-    Ok(())
+    })
 }
 
 /// Which audit entries to read.
@@ -1022,12 +1009,24 @@ mod tests {
                 w.put_token(&t)?;
                 w.put_meta("bootstrapped", "1")?;
                 w.put_meta("bootstrapped", "2")?;
-                w.add_event(&Event {
-                    job: 9,
-                    ts_ms: 10,
-                    kind: crate::state::EventKind::Submitted,
-                    message: "it's here".into(),
-                })?;
+                for (job, ts_ms, kind, message) in [
+                    (9, 10, crate::state::EventKind::Submitted, "it's here"),
+                    (8, 11, crate::state::EventKind::Submitted, "another job's"),
+                    (
+                        9,
+                        12,
+                        crate::state::EventKind::Scheduled,
+                        "attempt 1: replica 0 on n1",
+                    ),
+                    (9, 13, crate::state::EventKind::Running, "running on n1"),
+                ] {
+                    w.add_event(&Event {
+                        job,
+                        ts_ms,
+                        kind,
+                        message: message.into(),
+                    })?;
+                }
                 for (seq, (project, start, end)) in
                     [("vision", 0, 100), ("vision", 200, 300), ("nlp", 50, 60)]
                         .into_iter()
@@ -1154,6 +1153,26 @@ mod tests {
         assert_eq!(
             samples, r#"[("node/n1/gpu0", 20.0), ("node/n1/gpu1", 30.0)] [("node/n1/gpu0", 20.0)]"#,
             "a minute written twice keeps the later point; points before the cut are gone"
+        );
+        let events = ledger(Box::new(|l| {
+            let say = |events: Vec<Event>| {
+                events
+                    .iter()
+                    .map(|e| format!("{} {} {}", e.ts_ms, e.kind.as_str(), e.message))
+                    .collect::<Vec<_>>()
+            };
+            Ok(format!(
+                "{:?} {:?}",
+                say(l.events(9, 200)?),
+                say(l.events(9, 2)?)
+            ))
+        }))
+        .await
+        .unwrap();
+        assert_eq!(
+            events,
+            r#"["10 Submitted it's here", "12 Scheduled attempt 1: replica 0 on n1", "13 Running running on n1"] ["12 Scheduled attempt 1: replica 0 on n1", "13 Running running on n1"]"#,
+            "one job's events, oldest first; the newest when limited"
         );
     }
 

@@ -670,25 +670,6 @@ impl super::Records for PgConn {
         let rows = self.rows("SELECT COALESCE(MAX(seq), 0) FROM usage", &[])?;
         Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)) as u64)
     }
-
-    fn recent_events(&self, limit: u64) -> anyhow::Result<Vec<(u64, u64, String, String)>> {
-        let rows = self.rows(
-            "SELECT job, ts_ms, kind, message FROM events WHERE seq > \
-             (SELECT COALESCE(MAX(seq), 0) FROM events) - $1 ORDER BY seq",
-            &[&(limit as i64)],
-        )?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                (
-                    r.get::<_, i64>(0) as u64,
-                    r.get::<_, i64>(1) as u64,
-                    r.get(2),
-                    r.get(3),
-                )
-            })
-            .collect())
-    }
 }
 
 /// Inserts or replaces a document keyed by `key` columns.
@@ -886,6 +867,23 @@ impl PgReader {
 }
 
 impl Ledger for PgReader {
+    fn events(&self, job: u64, limit: u64) -> StoreResult<Vec<Event>> {
+        let rows = self.rows(
+            "SELECT ts_ms, kind, message FROM events WHERE job = $1 ORDER BY seq DESC LIMIT $2",
+            &[&(job as i64), &(limit as i64)],
+        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows.iter().rev() {
+            out.push(super::event_of(
+                job,
+                r.get::<_, i64>(0) as u64,
+                r.get(1),
+                r.get(2),
+            )?);
+        }
+        Ok(out)
+    }
+
     fn usage(&self, seq: u64, w: Window) -> StoreResult<Vec<Segment>> {
         let rows = self.rows(
             "SELECT doc FROM usage WHERE seq <= $1 AND end_ms > $2 AND start_ms < $3",

@@ -143,22 +143,6 @@ impl super::Records for Connection {
             })? as u64,
         )
     }
-
-    fn recent_events(&self, limit: u64) -> anyhow::Result<Vec<(u64, u64, String, String)>> {
-        let mut stmt = self.prepare(
-            "SELECT job, ts_ms, kind, message FROM events WHERE seq > \
-             (SELECT COALESCE(MAX(seq), 0) FROM events) - ?1 ORDER BY seq",
-        )?;
-        let rows = stmt.query_map([limit as i64], |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-            ))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
 }
 
 impl Tx for Connection {
@@ -323,6 +307,26 @@ impl Tx for Connection {
 }
 
 impl Ledger for Connection {
+    fn events(&self, job: u64, limit: u64) -> StoreResult<Vec<Event>> {
+        let mut stmt = self.prepare_cached(
+            "SELECT ts_ms, kind, message FROM events WHERE job = ?1 ORDER BY seq DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![job as i64, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (ts_ms, kind, message) = row?;
+            out.push(super::event_of(job, ts_ms, &kind, message)?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     fn usage(&self, seq: u64, w: Window) -> StoreResult<Vec<Segment>> {
         let mut stmt = self
             .prepare("SELECT doc FROM usage WHERE seq <= ?1 AND end_ms > ?2 AND start_ms < ?3")?;

@@ -400,15 +400,12 @@ pub async fn job_events<R: Reader>(
     caller: Caller,
     Path(id): Path<u64>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    reader.read(|s| {
-        visible_job(s, &caller, id)?;
-        Ok(Json(
-            s.events
-                .get(&id)
-                .map(|e| e.iter().cloned().collect())
-                .unwrap_or_default(),
-        ))
-    })
+    reader.read(|s| visible_job(s, &caller, id).map(|_| ()))?;
+    let events = reader
+        .events(id)
+        .await
+        .map_err(|e| ApiError::internal(format!("reading job {id}'s events: {e:#}")))?;
+    Ok(Json(events))
 }
 
 pub async fn cancel_job(

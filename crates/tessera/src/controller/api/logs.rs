@@ -68,7 +68,9 @@ pub async fn job_logs(
     };
     let replica = q.replica.unwrap_or(0);
     let offset = q.offset.unwrap_or(0);
-    let (key, address, secret, replica_done) = ctl.store.read(|s| {
+    // The current attempt, or the last one that ran; where an earlier attempt ran is in the
+    // job's events (read from the store).
+    let (attempt, current) = ctl.store.read(|s| {
         let job = visible_job(s, &caller, id)?;
         // An elastic job's replicas are numbered on as it grows.
         if job.def.elastic.is_none() && replica >= job.def.spec.replicas {
@@ -77,33 +79,46 @@ pub async fn job_logs(
                 job.def.spec.replicas - 1
             )));
         }
-        // The current attempt, or the last one that ran (kept in the events' history).
         let attempt = q.attempt.unwrap_or(job.attempt);
         if attempt == 0 {
             return Err(ApiError::conflict(format!(
                 "job {id} has not started yet, so it has no output; see `tessera describe job {id}`"
             )));
         }
-        let node = job
+        let current = job
             .replicas
             .iter()
             .find(|r| r.index == replica && attempt == job.attempt)
-            .map(|r| (r.node.clone(), r.phase.is_done()))
-            .or_else(|| last_node_of(s, id, attempt, replica).map(|n| (n, true)));
-        let Some((node, done)) = node else {
-            return Err(ApiError::not_found(format!(
-                "no record of where replica {replica} of job {id} (attempt {attempt}) ran"
-            )));
-        };
+            .map(|r| (r.node.clone(), r.phase.is_done() || job.state.is_final()));
+        Ok((attempt, current))
+    })?;
+    let (node, replica_done) = match current {
+        Some(found) => found,
+        None => {
+            let events = ctl
+                .store
+                .read_ledger("events", move |l| {
+                    l.events(id, crate::state::EVENTS_PER_JOB as u64)
+                })
+                .await
+                .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            let node = last_node_of(&events, attempt, replica).ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "no record of where replica {replica} of job {id} (attempt {attempt}) ran"
+                ))
+            })?;
+            (node, true)
+        }
+    };
+    let (key, address, secret) = ctl.store.read(|s| {
         let n = s
             .nodes
             .get(&node)
             .ok_or_else(|| ApiError::not_found(format!("node {node} is gone")))?;
-        Ok((
+        Ok::<_, ApiError>((
             format!("{id}.{attempt}.{replica}"),
             n.address.clone(),
             crate::auth::callback_secret(&ctl.callback_key, &node),
-            done || job.state.is_final(),
         ))
     })?;
     let url =
@@ -152,9 +167,13 @@ pub async fn job_logs(
 }
 
 /// The node an earlier attempt's replica ran on, from the job's events.
-pub(super) fn last_node_of(s: &State, job: u64, attempt: u32, replica: u32) -> Option<String> {
+pub(super) fn last_node_of(
+    events: &[crate::state::Event],
+    attempt: u32,
+    replica: u32,
+) -> Option<String> {
     let prefix = format!("attempt {attempt}: replica {replica} on ");
-    s.events.get(&job)?.iter().find_map(|e| {
+    events.iter().find_map(|e| {
         e.message
             .split("; ")
             .find_map(|part| part.strip_prefix(&prefix))
