@@ -379,31 +379,31 @@ mod tests {
             expand_output("o/%x-%j-%N-100%%", &j, "n1"),
             "o/sweep-12-n1-100%"
         );
-        j.def.array = Some(ArrayTask {
+        j.def.array = Some(Box::new(ArrayTask {
             id: 10,
             index: 2,
             count: 4,
             limit: None,
             text: "0-3".into(),
-        });
+        }));
         assert_eq!(expand_output("%A_%a.out", &j, "n1"), "10_2.out");
     }
 
     #[test]
     fn an_arrays_id_weighs_its_tasks_among_dependencies() {
         let mut first = job(5, JobState::Running, 1);
-        first.def.array = Some(ArrayTask {
+        first.def.array = Some(Box::new(ArrayTask {
             id: 5,
             index: 0,
             count: 400,
             limit: None,
             text: "0-399".into(),
-        });
+        }));
         let mut second = job(6, JobState::Running, 1);
-        second.def.array = Some(ArrayTask {
+        second.def.array = Some(Box::new(ArrayTask {
             index: 1,
-            ..first.def.array.clone().unwrap()
-        });
+            ..*first.def.array.clone().unwrap()
+        }));
         let plain = job(9, JobState::Running, 1);
         let jobs = [first, second, plain];
         let of = |id: u64| jobs.iter().find(|j| j.id == id);
@@ -476,13 +476,13 @@ mod tests {
         me.held = true;
         assert!(matches!(gate(&me, of, 0), Gate::Wait(w) if w.starts_with("held")));
         me.held = false;
-        me.def.array = Some(ArrayTask {
+        me.def.array = Some(Box::new(ArrayTask {
             id: 5,
             index: 3,
             count: 10,
             limit: Some(2),
             text: "0-9%2".into(),
-        });
+        }));
         assert_eq!(gate(&me, of, 1), Gate::Open);
         assert!(matches!(gate(&me, of, 2), Gate::Wait(w) if w.contains("%2")));
     }

@@ -315,7 +315,7 @@ pub struct JobDef {
     pub max_restarts: u32,
     pub preemptible: bool,
     #[serde(default)]
-    pub checkpoint: Option<Checkpoint>,
+    pub checkpoint: Option<Box<Checkpoint>>,
     /// A person works in it; its project's idle policy applies.
     #[serde(default)]
     pub interactive: bool,
@@ -343,10 +343,10 @@ pub struct JobDef {
     pub begin: Option<crate::batch::Begin>,
     /// The array it is a task of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub array: Option<crate::batch::ArrayTask>,
+    pub array: Option<Box<crate::batch::ArrayTask>>,
     /// The array's indexes and limit as asked, until the submit makes its tasks.
     #[serde(skip)]
-    pub asked_array: Option<crate::batch::ArraySpec>,
+    pub asked_array: Option<Box<crate::batch::ArraySpec>>,
     /// Submitted held.
     #[serde(skip)]
     pub asked_hold: bool,
@@ -773,7 +773,7 @@ impl Manifest {
             time_limit_ms,
             begin,
             array: None,
-            asked_array,
+            asked_array: asked_array.map(Box::new),
             asked_hold: spec.hold.unwrap_or(false),
             spec: job,
             image,
@@ -782,7 +782,7 @@ impl Manifest {
             restart,
             max_restarts,
             preemptible: spec.preemptible.unwrap_or(true),
-            checkpoint,
+            checkpoint: checkpoint.map(Box::new),
             elastic,
             interactive: spec.interactive.unwrap_or(false),
             wait_for_capacity: spec.wait_for_capacity.unwrap_or(false),
@@ -997,13 +997,13 @@ mod tests {
             .into_def("p")
             .unwrap();
         let asked = def.asked_array.take().unwrap();
-        def.array = Some(crate::batch::ArrayTask {
+        def.array = Some(Box::new(crate::batch::ArrayTask {
             id: 7,
             index: 0,
             count: 10,
             limit: asked.limit,
             text: asked.text,
-        });
+        }));
         def.env.insert("TESSERA_ARRAY_INDEX".into(), "0".into());
         let first = def.to_manifest(7, false);
         assert_eq!(first["spec"]["array"], "0-9%2");

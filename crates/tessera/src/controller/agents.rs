@@ -211,7 +211,7 @@ fn desired(s: &State, key: &[u8], name: &str) -> (u64, Vec<Assignment>) {
                 memory_bytes: r.memory_bytes,
                 devices: r.devices.clone(),
                 device_memory: device_memory(s, r.gpu_node.as_deref().unwrap_or(name)),
-                checkpoint: job.def.checkpoint.clone(),
+                checkpoint: job.def.checkpoint.as_deref().cloned(),
                 resume: job
                     .def
                     .checkpoint
@@ -873,10 +873,10 @@ fn server_ended(job: &mut Job, index: u32, node: &str, why: &str) -> Vec<Note> {
     }
     let why = format!("replica {index}'s GPU server on {node} ended ({why})");
     if job.stop.is_none() {
-        job.stop = Some(StopCause::Interrupted {
+        job.stop = Some(Box::new(StopCause::Interrupted {
             replica: index,
             why: why.clone(),
-        });
+        }));
     }
     vec![(EventKind::Replica, why)]
 }
@@ -983,9 +983,9 @@ fn lose_node(s: &State, name: &str, silent_ms: u64, now: u64) -> Vec<(Job, Vec<N
             ),
         )];
         if job.stop.is_none() {
-            job.stop = Some(StopCause::NodeLost {
+            job.stop = Some(Box::new(StopCause::NodeLost {
                 node: name.to_string(),
-            });
+            }));
         }
         notes.extend(settle(&mut job, now));
         changed.push((job, notes));
@@ -1087,10 +1087,10 @@ mod tests {
         };
         s.insert_job(running(1, &["a", "b"]));
         let mut stopping = running(2, &["a"]);
-        stopping.stop = Some(StopCause::Preempt {
+        stopping.stop = Some(Box::new(StopCause::Preempt {
             for_job: 9,
             reason: "room".into(),
-        });
+        }));
         s.insert_job(stopping);
         let mut leaving = running(3, &["a", "a"]);
         leaving.replicas[1].leaving = true;
@@ -1239,7 +1239,7 @@ mod tests {
         let notes = device_status(&mut j, 0, &st, "c");
         assert!(notes[0].1.contains("GPU server on c ended"), "{notes:?}");
         assert!(matches!(
-            j.stop,
+            j.stop.as_deref(),
             Some(StopCause::Interrupted { replica: 0, .. })
         ));
         // Once stopping, later reports of its server change nothing.
@@ -1257,10 +1257,10 @@ mod tests {
         j.replicas[0].phase = ReplicaPhase::Running;
         j.replicas[0].gpu_serving = true;
         // Preempted: the program is stopped through its checkpoint, which needs the device.
-        j.stop = Some(StopCause::Preempt {
+        j.stop = Some(Box::new(StopCause::Preempt {
             for_job: 9,
             reason: "room".into(),
-        });
+        }));
         s.insert_job(j.clone());
         let on = |node: &str, s: &State| -> Vec<String> {
             desired(s, b"key", node)
@@ -1279,7 +1279,7 @@ mod tests {
         assert_eq!(device_status(&mut ended, 0, &st, "c").len(), 1);
         assert!(!ended.replicas[0].gpu_serving);
         assert!(
-            matches!(ended.stop, Some(StopCause::Preempt { .. })),
+            matches!(ended.stop.as_deref(), Some(StopCause::Preempt { .. })),
             "the cause stays"
         );
         assert!(

@@ -173,7 +173,7 @@ pub async fn run(ctl: Ctl, every: Duration) {
                     let mut job = job.clone();
                     let mut notes = notes;
                     if let Action::Stop { idle_ms, .. } = a {
-                        job.stop = Some(StopCause::Idle { idle_ms });
+                        job.stop = Some(Box::new(StopCause::Idle { idle_ms }));
                         notes.extend(settle(&mut job, now));
                     }
                     save_job(c, s, job, notes, now)?;

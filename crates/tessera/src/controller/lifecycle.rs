@@ -37,10 +37,10 @@ pub fn apply_status(job: &mut Job, index: u32, status: &ReplicaStatus, now: u64)
             r.exit_message = Some(status.message.clone()).filter(|m| !m.is_empty());
             r.finished_ms = Some(now);
             if status.interrupted && !r.leaving && job.stop.is_none() {
-                job.stop = Some(StopCause::Interrupted {
+                job.stop = Some(Box::new(StopCause::Interrupted {
                     replica: index,
                     why: status.message.clone(),
-                });
+                }));
             }
             true
         }
@@ -78,10 +78,10 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
                     "; stopping the other {others} replica(s) of the gang"
                 ));
             }
-            job.stop = Some(StopCause::ReplicaFailed {
+            job.stop = Some(Box::new(StopCause::ReplicaFailed {
                 replica: r.index,
                 exit_code: code,
-            });
+            }));
             notes.push((EventKind::ReplicaFailed, text));
         } else if job.all_replicas_done()
             && job
@@ -118,7 +118,7 @@ pub fn settle(job: &mut Job, now: u64) -> Vec<Note> {
         }
     }
     if job.stop.is_some() && job.all_replicas_done() {
-        let cause = job.stop.take().unwrap_or(StopCause::Cancel {
+        let cause = job.stop.take().map(|b| *b).unwrap_or(StopCause::Cancel {
             by: "unknown".into(),
         });
         let requeue = |job: &mut Job, reason: String| {

@@ -202,8 +202,8 @@ pub fn cancel(job: &mut Job, by: &str, now: u64) -> Vec<Note> {
         job.reason = format!("cancelled by {by} before it started");
         job.finished_ms = Some(now);
         notes.push((EventKind::Cancelled, job.reason.clone()));
-    } else if !matches!(job.stop, Some(StopCause::Cancel { .. })) {
-        job.stop = Some(StopCause::Cancel { by: by.to_string() });
+    } else if !matches!(job.stop.as_deref(), Some(StopCause::Cancel { .. })) {
+        job.stop = Some(Box::new(StopCause::Cancel { by: by.to_string() }));
         // What `tessera cancel` says it did, until the replicas have stopped.
         job.reason = format!("cancelling at the request of {by}; stopping its replicas");
         notes.push((

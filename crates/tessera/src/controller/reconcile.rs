@@ -513,7 +513,7 @@ fn end_gated(
         let mut job = Job::clone(job);
         let limit_ms = job.def.time_limit_ms.unwrap_or_default();
         let limit = crate::units::duration_text(limit_ms);
-        job.stop = Some(StopCause::TimeLimit { limit_ms });
+        job.stop = Some(Box::new(StopCause::TimeLimit { limit_ms }));
         job.reason = format!("time limit: it ran {limit}, its limit; stopping it");
         let mut notes = vec![(
             EventKind::TimeLimit,
@@ -653,10 +653,10 @@ fn apply_plan(
                 "a higher-priority job of the same project needs the room".to_string()
             }
         };
-        job.stop = Some(StopCause::Preempt {
+        job.stop = Some(Box::new(StopCause::Preempt {
             for_job: p.for_job,
             reason: reason.clone(),
-        });
+        }));
         let mut notes = vec![(
             EventKind::Preempting,
             format!("for job {}: {reason}", p.for_job),
@@ -674,10 +674,10 @@ fn apply_plan(
         }
         let mut job = job.clone();
         let to = node_names[m.to.index()].clone();
-        job.stop = Some(StopCause::Migrate {
+        job.stop = Some(Box::new(StopCause::Migrate {
             by: format!("consolidation for job {}", m.for_job),
             to: Some(to.clone()),
-        });
+        }));
         let mut notes = vec![(
             EventKind::Migrating,
             format!(
@@ -929,13 +929,13 @@ mod tests {
         s.insert_job(pinned);
         let mut transparent = job(3, ResourceRequest::default());
         transparent.def.spec.request.gpu = tessera_sched::GpuRequest::Whole { devices: 1 };
-        transparent.def.checkpoint = Some(crate::manifest::Checkpoint {
+        transparent.def.checkpoint = Some(Box::new(crate::manifest::Checkpoint {
             signal: 10,
             signal_name: "USR1".into(),
             grace_ms: 1000,
             interval_ms: None,
             transparent: true,
-        });
+        }));
         s.insert_job(transparent);
 
         let built = build(&s, 1_000);
@@ -1235,10 +1235,10 @@ mod tests {
             s.insert_job(running(id));
         }
         let mut stopping = running(3);
-        stopping.stop = Some(StopCause::Preempt {
+        stopping.stop = Some(Box::new(StopCause::Preempt {
             for_job: 8,
             reason: "earlier".into(),
-        });
+        }));
         s.insert_job(stopping);
         let mut ended = running(5);
         ended.state = JobState::Succeeded;

@@ -98,7 +98,7 @@ pub fn view(job: &Job, state: &State) -> JobView {
                 gpu_node: r.gpu_node.clone(),
             })
             .collect(),
-        array: job.def.array.clone(),
+        array: job.def.array.as_deref().cloned(),
         after: job.def.after.clone(),
         time_limit_ms: job.def.time_limit_ms,
         held: job.held,
@@ -180,13 +180,13 @@ pub async fn submit(
                         // The ids of an array's tasks follow each other from its first.
                         debug_assert_eq!(id, first + k as u64);
                         let index = a.indexes[k];
-                        def.array = Some(crate::batch::ArrayTask {
+                        def.array = Some(Box::new(crate::batch::ArrayTask {
                             id: first,
                             index,
                             count: a.indexes.len() as u32,
                             limit: a.limit,
                             text: a.text.clone(),
-                        });
+                        }));
                         for (key, value) in [
                             ("TESSERA_ARRAY_ID", first.to_string()),
                             ("TESSERA_ARRAY_INDEX", index.to_string()),
@@ -533,9 +533,9 @@ pub async fn requeue_job(
                 job.reason
             ))),
             _ => {
-                job.stop = Some(StopCause::Requeue {
+                job.stop = Some(Box::new(StopCause::Requeue {
                     by: user.to_string(),
-                });
+                }));
                 job.reason = format!("requeueing at the request of {user}; stopping it first");
                 Ok(vec![(
                     EventKind::Requeued,
@@ -678,10 +678,10 @@ pub async fn migrate_job(
                     format!("{user} asked to move the job{target}; stopping its replicas"),
                 )];
                 job.reason = format!("moving{target} at the request of {user}; stopping it first");
-                job.stop = Some(StopCause::Migrate {
+                job.stop = Some(Box::new(StopCause::Migrate {
                     by: user.clone(),
                     to: b.to.clone(),
-                });
+                }));
                 notes.extend(settle(&mut job, now));
                 save_job(c, s, job, notes, now)?;
                 job_view(s, id)

@@ -142,7 +142,7 @@ pub(super) async fn set_cordon(
                         .any(|r| r.is_on(&n) && !r.phase.is_done())
                     {
                         let mut job = job.clone();
-                        job.stop = Some(StopCause::Drain { node: n.clone() });
+                        job.stop = Some(Box::new(StopCause::Drain { node: n.clone() }));
                         let mut notes =
                             vec![(EventKind::Requeued, format!("{admin} drains node {n}"))];
                         notes.extend(settle(&mut job, now));
