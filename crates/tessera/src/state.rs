@@ -984,6 +984,9 @@ mod budget {
     #[test]
     fn a_job_stays_within_its_inline_budget() {
         let size = std::mem::size_of::<super::Job>();
-        assert!(size <= 720, "a Job is {size} bytes inline; its budget is 720");
+        assert!(
+            size <= 720,
+            "a Job is {size} bytes inline; its budget is 720"
+        );
     }
 }
