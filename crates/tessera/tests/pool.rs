@@ -645,6 +645,28 @@ fn failed_jobs_restart_with_backoff_memory_hogs_are_oom_killed_and_the_cli_speak
     assert_eq!(oom["assignments"][0]["exit_code"], 137, "{oom}");
 }
 
+/// Starts `tessera port-forward` with `args` after its connection flags, and the local port it
+/// says it listens on.
+fn port_forward(pool: &Pool, args: &[&str]) -> (Proc, u16) {
+    let mut forward = Command::new(bin())
+        .args(["port-forward", "--url", &pool.url, "--token", &pool.admin])
+        .args(args)
+        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = std::io::BufReader::new(forward.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+    let local: u16 = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    (Proc(forward), local)
+}
+
 #[test]
 fn over_tls_agents_join_jobs_run_and_the_cli_trusts_only_the_given_ca() {
     let mut pool = Pool::start_with(true);
@@ -713,23 +735,7 @@ fn over_tls_agents_join_jobs_run_and_the_cli_trusts_only_the_given_ca() {
         !ok && err.contains("calling the controller at https://"),
         "without the CA: {err}"
     );
-    let mut forward = Command::new(bin())
-        .args(["port-forward", "--url", &pool.url, "--token", &pool.admin])
-        .args(["--ca-cert", ca, &sid, &format!("0:{web_port}")])
-        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = std::io::BufReader::new(forward.stderr.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
-    let _forward = Proc(forward);
-    let local: u16 = line
-        .split("127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
+    let (_forward, local) = port_forward(&pool, &["--ca-cert", ca, &sid, &format!("0:{web_port}")]);
     let body = reqwest::blocking::get(format!("http://127.0.0.1:{local}/hello.txt"))
         .unwrap()
         .text()
@@ -4941,23 +4947,7 @@ fn exec_port_forward_and_run_reach_inside_a_running_replica() {
     });
     // port-forward: HTTP through to the replica's port; a port it does not listen on (the
     // controller's own) is refused.
-    let mut forward = Command::new(bin())
-        .args(["port-forward", "--url", &pool.url, "--token", &pool.admin])
-        .args([&sid, &format!("0:{web_port}")])
-        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = std::io::BufReader::new(forward.stderr.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
-    let forward = Proc(forward);
-    let local: u16 = line
-        .split("127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
+    let (forward, local) = port_forward(&pool, &[&sid, &format!("0:{web_port}")]);
     for _ in 0..2 {
         let body = reqwest::blocking::get(format!("http://127.0.0.1:{local}/hello.txt"))
             .unwrap()
@@ -5000,23 +4990,7 @@ fn exec_port_forward_and_run_reach_inside_a_running_replica() {
         std::net::TcpStream::connect(("127.0.0.1", own_port)).is_err(),
         "the server is not on the node's network"
     );
-    let mut forward = Command::new(bin())
-        .args(["port-forward", "--url", &pool.url, "--token", &pool.admin])
-        .args([&own.to_string(), &format!("0:{own_port}")])
-        .env("TESSERA_CONFIG", pool.path("no-config.yaml"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = std::io::BufReader::new(forward.stderr.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
-    let forward = Proc(forward);
-    let local: u16 = line
-        .split("127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
+    let (forward, local) = port_forward(&pool, &[&own.to_string(), &format!("0:{own_port}")]);
     let body = reqwest::blocking::get(format!("http://127.0.0.1:{local}/hello.txt"))
         .unwrap()
         .text()

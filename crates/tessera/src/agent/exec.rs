@@ -439,25 +439,39 @@ pub(super) async fn serve_forward(
 }
 
 /// A connection to `port` on the loopback of the network namespace of process `pid`: the
-/// node's own, or one the replica made for itself (`unshare -rn`, say). The connection is made
-/// on a thread of its own that enters that namespace and then ends, so no other work of the
-/// agent runs there; the socket keeps the namespace it was made in.
+/// node's own, or one the replica made for itself (`unshare -rn`, say). Into a namespace of
+/// the replica's own, the connection is made on a thread of its own that enters it and then
+/// ends, so no other work of the agent runs there; the socket keeps the namespace it was made
+/// in. The tenant rules that namespace (it may drop packets): the attempt is bounded in time.
 async fn connect_in(pid: i32, port: u16) -> anyhow::Result<tokio::net::TcpStream> {
     use anyhow::Context;
+    const WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
     let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
         .context("the replica's network namespace")?;
+    let same = std::fs::read_link("/proc/self/ns/net").ok()
+        == std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    let addrs = [
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+    ];
+    if same {
+        let connect = async {
+            match tokio::net::TcpStream::connect(addrs[0]).await {
+                Ok(t) => Ok(t),
+                Err(_) => tokio::net::TcpStream::connect(addrs[1]).await,
+            }
+        };
+        return Ok(tokio::time::timeout(WITHIN, connect).await??);
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     // A thread of its own, not one of the runtime's pools: a thread that entered a namespace
     // must not run other work afterwards.
     std::thread::spawn(move || {
         let connect = || -> anyhow::Result<std::net::TcpStream> {
-            let here = std::fs::read_link("/proc/thread-self/ns/net").ok();
-            if here != std::fs::read_link(format!("/proc/{pid}/ns/net")).ok() {
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .context("entering the replica's network namespace")?;
-            }
-            let tcp = std::net::TcpStream::connect(("127.0.0.1", port))
-                .or_else(|_| std::net::TcpStream::connect(("::1", port)))?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("entering the replica's network namespace")?;
+            let tcp = std::net::TcpStream::connect_timeout(&addrs[0], WITHIN)
+                .or_else(|_| std::net::TcpStream::connect_timeout(&addrs[1], WITHIN))?;
             tcp.set_nonblocking(true)?;
             Ok(tcp)
         };

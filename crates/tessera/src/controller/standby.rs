@@ -75,6 +75,8 @@ pub struct Reads {
     /// When the last successful catch-up began (its copy holds every commit before that): a
     /// copy older than [`STALE_AFTER`] is not read from.
     caught_up_at: Mutex<Option<std::time::Instant>>,
+    /// Jobs' events, read from the store on a connection of their own.
+    events: crate::store::follow::EventReader,
 }
 
 /// A standby whose copy has not caught up with the store for this long (the database away or
@@ -88,6 +90,7 @@ impl Reads {
     pub fn new(follower: Follower) -> Arc<Reads> {
         Arc::new(Reads {
             state: follower.shared().clone(),
+            events: follower.event_reader(),
             follower: tokio::sync::Mutex::new(follower),
             tokens: Arc::default(),
             serving: AtomicBool::new(false),
@@ -155,12 +158,8 @@ impl Reader for Reads {
 
     fn events(&self, job: u64) -> super::EventsRead<'_> {
         Box::pin(async move {
-            let mut follower = tokio::time::timeout(CATCH_UP_WITHIN, self.follower.lock()).await?;
-            tokio::time::timeout(
-                CATCH_UP_WITHIN,
-                follower.events(job, crate::state::EVENTS_PER_JOB as u64),
-            )
-            .await?
+            let read = self.events.events(job, crate::state::EVENTS_PER_JOB as u64);
+            tokio::time::timeout(CATCH_UP_WITHIN, read).await?
         })
     }
 }

@@ -115,38 +115,12 @@ impl Follower {
         Ok(applied)
     }
 
-    /// The newest `limit` events of `job`, oldest first, read from the store (events are not
-    /// kept in memory; see `controller::api::job_events`).
-    pub async fn events(
-        &mut self,
-        job: u64,
-        limit: u64,
-    ) -> anyhow::Result<Vec<crate::state::Event>> {
-        let client = self.client().await?;
-        let rows = match client
-            .query(
-                "SELECT ts_ms, kind, message FROM events WHERE job = $1 ORDER BY seq DESC \
-                 LIMIT $2",
-                &[&(job as i64), &(limit as i64)],
-            )
-            .await
-        {
-            Ok(rows) => rows,
-            Err(e) => {
-                self.client = None;
-                return Err(e.into());
-            }
-        };
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows.iter().rev() {
-            out.push(super::event_of(
-                job,
-                r.get::<_, i64>(0) as u64,
-                r.get(1),
-                r.get(2),
-            )?);
+    /// A reader of jobs' events on a connection of its own (see [`EventReader`]).
+    pub fn event_reader(&self) -> EventReader {
+        EventReader {
+            url: self.url.clone(),
+            client: tokio::sync::Mutex::new(None),
         }
-        Ok(out)
     }
 
     /// Drops the connection (one that stopped answering); the next catch-up connects afresh.
@@ -179,6 +153,42 @@ impl Follower {
             node.last_seen_ms = now_ms;
         }
         state
+    }
+}
+
+/// A standby's reads of a job's events, which no controller keeps in memory: on a connection
+/// of its own, not the follower's, so that many readers neither wait on a catch-up nor hold it
+/// back (the connection answers several queries at once).
+pub struct EventReader {
+    url: String,
+    client: tokio::sync::Mutex<Option<Arc<Client>>>,
+}
+
+impl EventReader {
+    /// The newest `limit` events of `job`, oldest first.
+    pub async fn events(&self, job: u64, limit: u64) -> anyhow::Result<Vec<crate::state::Event>> {
+        let client = {
+            let mut held = self.client.lock().await;
+            match held.as_ref() {
+                Some(c) if !c.is_closed() => c.clone(),
+                _ => {
+                    let (client, connection) = tokio_postgres::connect(&self.url, NoTls).await?;
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!("the standby's events connection ended: {e}");
+                        }
+                    });
+                    held.insert(Arc::new(client)).clone()
+                }
+            }
+        };
+        let rows = client
+            .query(
+                super::postgres::JOB_EVENTS,
+                &[&(job as i64), &(limit as i64)],
+            )
+            .await?;
+        Ok(super::postgres::job_events(job, &rows)?)
     }
 }
 
@@ -347,11 +357,12 @@ mod tests {
             "two jobs, a node, four deletions and a service: nothing read twice"
         );
         // Events are not followed into memory; they are read from the store when asked.
-        let events = rt.block_on(f.events(3, 200)).unwrap();
+        let reader = f.event_reader();
+        let events = rt.block_on(reader.events(3, 200)).unwrap();
         let said: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
         assert_eq!(said, ["submitted", "running on a"]);
         assert_eq!(
-            rt.block_on(f.events(3, 1)).unwrap()[0].message,
+            rt.block_on(reader.events(3, 1)).unwrap()[0].message,
             "running on a"
         );
         let read = b.load(7).unwrap();

@@ -866,22 +866,23 @@ impl PgReader {
     }
 }
 
+/// A job's newest events (`$1` the job, `$2` how many), newest first: the leader's reader and a
+/// standby's both ask this.
+pub(super) const JOB_EVENTS: &str =
+    "SELECT ts_ms, kind, message FROM events WHERE job = $1 ORDER BY seq DESC LIMIT $2";
+
+/// The rows of [`JOB_EVENTS`] as events, oldest first.
+pub(super) fn job_events(job: u64, rows: &[tokio_postgres::Row]) -> StoreResult<Vec<Event>> {
+    rows.iter()
+        .rev()
+        .map(|r| super::event_of(job, r.get::<_, i64>(0) as u64, r.get(1), r.get(2)))
+        .collect()
+}
+
 impl Ledger for PgReader {
     fn events(&self, job: u64, limit: u64) -> StoreResult<Vec<Event>> {
-        let rows = self.rows(
-            "SELECT ts_ms, kind, message FROM events WHERE job = $1 ORDER BY seq DESC LIMIT $2",
-            &[&(job as i64), &(limit as i64)],
-        )?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows.iter().rev() {
-            out.push(super::event_of(
-                job,
-                r.get::<_, i64>(0) as u64,
-                r.get(1),
-                r.get(2),
-            )?);
-        }
-        Ok(out)
+        let rows = self.rows(JOB_EVENTS, &[&(job as i64), &(limit as i64)])?;
+        job_events(job, &rows)
     }
 
     fn usage(&self, seq: u64, w: Window) -> StoreResult<Vec<Segment>> {
