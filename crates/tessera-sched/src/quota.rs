@@ -168,7 +168,9 @@ impl Quotas {
     /// half-life (Slurm's and KAI's time-decayed fair share). Past use counts only for access
     /// above the guarantee: a project that used much over its quota lately waits behind one
     /// that did not.
+    /// Replaces any history given before.
     pub fn with_history(mut self, history: &std::collections::BTreeMap<String, u64>) -> Self {
+        self.history.iter_mut().for_each(|h| *h = 0);
         for (name, milli) in history {
             if let Some(&i) = self.index.get(name) {
                 self.history[i] = *milli;

@@ -102,6 +102,7 @@ pub struct Config {
 mod consolidate;
 mod grow;
 mod holds;
+mod kept;
 mod order;
 mod reasons;
 mod reclaim;
@@ -110,6 +111,7 @@ mod shrink;
 
 use grow::grow_elastic;
 use holds::{fits, hold_for_reclaimer};
+pub use kept::Kept;
 use order::next_project;
 use reasons::no_fit;
 pub use reasons::{FreeBlock, WaitReason};
@@ -190,9 +192,25 @@ pub fn schedule(snapshot: &Snapshot, config: &Config) -> Result<Plan, SnapshotEr
 
 /// [`schedule`] of a snapshot the caller gives up: its nodes become the round's cluster instead
 /// of a copy of them (a large pool's nodes cost a copy per round).
-pub fn schedule_owned(mut snapshot: Snapshot, config: &Config) -> Result<Plan, SnapshotError> {
+pub fn schedule_owned(snapshot: Snapshot, config: &Config) -> Result<Plan, SnapshotError> {
+    schedule_keeping(snapshot, config).map(|(plan, _)| plan)
+}
+
+/// [`schedule_owned`], and when the round changed nothing (every job waits), what it leaves for
+/// a quick next round ([`Kept::schedule_new`]).
+pub fn schedule_keeping(
+    mut snapshot: Snapshot,
+    config: &Config,
+) -> Result<(Plan, Option<Kept>), SnapshotError> {
     let nodes = std::mem::take(&mut snapshot.nodes);
-    schedule_on(nodes, &snapshot, config)
+    let (plan, ended) = run_round(nodes, &snapshot, config)?;
+    let quiet = plan.placements.is_empty()
+        && plan.preemptions.is_empty()
+        && plan.moves.is_empty()
+        && plan.grows.is_empty()
+        && plan.shrinks.is_empty();
+    let kept = quiet.then(|| Kept::new(ended, &mut snapshot));
+    Ok((plan, kept))
 }
 
 /// The round, on a cluster of `nodes` (the snapshot's nodes; the snapshot's own list is not
@@ -202,6 +220,21 @@ fn schedule_on(
     snapshot: &Snapshot,
     config: &Config,
 ) -> Result<Plan, SnapshotError> {
+    run_round(nodes, snapshot, config).map(|(plan, _)| plan)
+}
+
+/// What a round ends with besides its plan.
+struct Ended {
+    placer: Placer,
+    quotas: Quotas,
+    no_room: NoRoom,
+}
+
+fn run_round(
+    nodes: Vec<NodeSpec>,
+    snapshot: &Snapshot,
+    config: &Config,
+) -> Result<(Plan, Ended), SnapshotError> {
     let cluster = Cluster::new(nodes)?;
     let policy = config.policy.build(&config.shapes, &cluster);
     let mut placer = Placer::new(cluster, policy, config.seed);
@@ -212,7 +245,7 @@ fn schedule_on(
         }
         quotas.charge(&job.project, job.gpu_milli);
     }
-    let mut queues = project_queues(snapshot);
+    let mut queues = project_queues(&snapshot.pending);
     let mut round = Round {
         snapshot,
         placer,
@@ -223,66 +256,26 @@ fn schedule_on(
         requests: running_requests(snapshot),
     };
     let mut no_room = NoRoom::default();
-    while let Some(project) = next_project(&queues, &round.quotas) {
-        let Some(job) = queues.get_mut(project).and_then(|q| q.pop_front()) else {
-            break;
-        };
-        if queues.get(project).is_some_and(|q| q.is_empty()) {
-            queues.remove(project);
-        }
-        // The project's rules narrow what the job may be given (e.g. only nodes in region=eu).
-        let narrowed;
-        let job: &PendingJob = match snapshot.rules.get(project).filter(|r| !r.is_empty()) {
-            None => job,
-            Some(rules) => match rules.narrow_job(&job.spec) {
-                Ok(spec) => {
-                    narrowed = PendingJob { id: job.id, spec };
-                    &narrowed
-                }
-                Err(breach) => {
-                    let why = breach.why;
-                    round
-                        .plan
-                        .waiting
-                        .push((job.id, Arc::new(WaitReason::Policy { why })));
-                    continue;
-                }
-            },
-        };
-        let spec = &job.spec;
-        let milli = spec.request.gpu.total_milli() * u64::from(spec.replicas);
-        if let Err(err) = crate::validate::validate_job(spec) {
-            round
-                .plan
-                .waiting
-                .push((job.id, Arc::new(WaitReason::Invalid(err))));
-            continue;
-        }
-        if let Some(hit) = round.quotas.limit_hit(project, milli) {
-            let reason = WaitReason::QuotaLimit {
-                hit,
-                requested_milli: milli,
-            };
-            round.plan.waiting.push((job.id, Arc::new(reason)));
-            continue;
-        }
-        if let Some(reason) = no_room.get(spec) {
-            round.plan.waiting.push((job.id, reason));
-            continue;
-        }
-        let warm = snapshot.warm.get(&job.id).map_or(&[][..], Vec::as_slice);
-        match round.placer.place_job_preferring(spec, warm) {
-            Ok(allocs) => {
-                round.quotas.charge(project, milli);
-                round.plan.placements.push((job.id, allocs));
-            }
-            Err(PlacementError::Invalid(err)) => {
-                round
-                    .plan
-                    .waiting
-                    .push((job.id, Arc::new(WaitReason::Invalid(err))));
-            }
-            Err(PlacementError::NoFit { replica, replicas }) => {
+    while let Some(job) = next_job(&mut queues, &round.quotas) {
+        let step = take_step(
+            &mut round.placer,
+            &mut round.quotas,
+            &no_room,
+            &snapshot.rules,
+            job,
+            &snapshot.warm,
+        );
+        match step {
+            Step::Waits(reason) => round.plan.waiting.push((job.id, reason)),
+            Step::Placed(allocs) => round.plan.placements.push((job.id, allocs)),
+            Step::NoFit {
+                job: narrowed,
+                milli,
+                replica,
+                replicas,
+            } => {
+                let job = &*narrowed;
+                let spec = &job.spec;
                 // Least disruptive first: lent replicas back, then preemption, then moves.
                 let reason = if let Some(reason) = shrink::make_room(&mut round, job, milli) {
                     Arc::new(reason)
@@ -291,7 +284,7 @@ fn schedule_on(
                 } else if let Some(reason) = consolidate::make_room(&mut round, job, milli) {
                     Arc::new(reason)
                 } else {
-                    let rules = snapshot.rules.get(project);
+                    let rules = snapshot.rules.get(&spec.project);
                     let reason =
                         Arc::new(no_fit(&mut round.placer, spec, rules, replica, replicas));
                     no_room.insert(spec, reason.clone());
@@ -309,7 +302,91 @@ fn schedule_on(
         &round.taken,
         &round.shrunk,
     );
-    Ok(round.plan)
+    let ended = Ended {
+        placer: round.placer,
+        quotas: round.quotas,
+        no_room,
+    };
+    Ok((round.plan, ended))
+}
+
+/// The next job in fair-share order, taken off its project's queue.
+fn next_job<'a>(
+    queues: &mut BTreeMap<&'a str, VecDeque<&'a PendingJob>>,
+    quotas: &Quotas,
+) -> Option<&'a PendingJob> {
+    let project = next_project(queues, quotas)?;
+    let queue = queues.get_mut(project)?;
+    let job = queue.pop_front();
+    if queue.is_empty() {
+        queues.remove(project);
+    }
+    job
+}
+
+/// How a job's turn went short of making room: it waits, it was placed (and charged), or it
+/// fits nowhere as the pool stands.
+enum Step<'j> {
+    Waits(Arc<WaitReason>),
+    Placed(Vec<Allocation>),
+    NoFit {
+        /// The job as its project's rules narrow it.
+        job: std::borrow::Cow<'j, PendingJob>,
+        /// Milli-GPU it counts against its project's quota.
+        milli: u64,
+        replica: u32,
+        replicas: u32,
+    },
+}
+
+/// A job's turn up to its placement: its project's rules, its validity, its project's limit, a
+/// known answer for its shape, then a placement (charged to its project when made).
+fn take_step<'j>(
+    placer: &mut Placer,
+    quotas: &mut Quotas,
+    no_room: &NoRoom,
+    rules: &BTreeMap<String, crate::rules::PlacementRules>,
+    job: &'j PendingJob,
+    warm: &BTreeMap<u64, Vec<NodeId>>,
+) -> Step<'j> {
+    let waits = |reason: WaitReason| Step::Waits(Arc::new(reason));
+    // The project's rules narrow what the job may be given (e.g. only nodes in region=eu).
+    let job = match rules.get(&job.spec.project).filter(|r| !r.is_empty()) {
+        None => std::borrow::Cow::Borrowed(job),
+        Some(rules) => match rules.narrow_job(&job.spec) {
+            Ok(spec) => std::borrow::Cow::Owned(PendingJob { id: job.id, spec }),
+            Err(breach) => return waits(WaitReason::Policy { why: breach.why }),
+        },
+    };
+    let spec = &job.spec;
+    let project = spec.project.as_str();
+    let milli = spec.request.gpu.total_milli() * u64::from(spec.replicas);
+    if let Err(err) = crate::validate::validate_job(spec) {
+        return waits(WaitReason::Invalid(err));
+    }
+    if let Some(hit) = quotas.limit_hit(project, milli) {
+        return waits(WaitReason::QuotaLimit {
+            hit,
+            requested_milli: milli,
+        });
+    }
+    if let Some(reason) = no_room.get(spec) {
+        return Step::Waits(reason);
+    }
+    let prefer = warm.get(&job.id).map_or(&[][..], Vec::as_slice);
+    match placer.place_job_preferring(spec, prefer) {
+        Ok(allocs) => {
+            quotas.charge(project, milli);
+            Step::Placed(allocs)
+        }
+        Err(PlacementError::Invalid(err)) => waits(WaitReason::Invalid(err)),
+        Err(PlacementError::NoFit { replica, replicas }) => Step::NoFit {
+            job,
+            milli,
+            replica,
+            replicas,
+        },
+    }
 }
 
 /// Shapes (request, replicas, project, priority) that found no room this round: nothing is
@@ -364,9 +441,9 @@ struct Round<'a> {
 }
 
 /// One queue per project, highest priority then oldest first.
-fn project_queues(snapshot: &Snapshot) -> BTreeMap<&str, VecDeque<&PendingJob>> {
+fn project_queues(pending: &[PendingJob]) -> BTreeMap<&str, VecDeque<&PendingJob>> {
     let mut queues: BTreeMap<&str, VecDeque<&PendingJob>> = BTreeMap::new();
-    for job in &snapshot.pending {
+    for job in pending {
         queues.entry(&job.spec.project).or_default().push_back(job);
     }
     for queue in queues.values_mut() {
