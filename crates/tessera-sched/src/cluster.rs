@@ -107,7 +107,7 @@ pub struct NodeSummary {
 }
 
 /// The share of one device an allocation holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct DeviceShare {
     pub device: u32,
     pub milli: u32,
@@ -115,7 +115,7 @@ pub struct DeviceShare {
 }
 
 /// One replica bound to a node and a set of slices.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Allocation {
     pub node: NodeId,
     pub cpu_milli: u64,

@@ -833,6 +833,8 @@ pub struct State {
     pub node_revision: HashMap<String, u64>,
     /// Set by writes: run the scheduler after the commit.
     pub kick: bool,
+    /// What changed for the scheduler since its last round (derived, not stored).
+    pub sched_changes: SchedChanges,
     /// Nodes whose desired set changed in this batch: wake their agents after the commit.
     pub dirty_nodes: BTreeSet<String>,
     pub recent_requests: VecDeque<ResourceRequest>,
@@ -886,10 +888,58 @@ pub struct CheckpointManifest {
     pub created_ms: u64,
 }
 
+/// What changed for the scheduler since its last round: the jobs written, and whether anything
+/// else it reads changed (a node, a project, a service). A round that finds only jobs submitted
+/// since can decide them alone (`controller::reconcile`'s quick rounds); anything else, or more
+/// than [`SchedChanges::MAX_JOBS`] jobs, takes a full one. A new state starts as "everything".
+#[derive(Debug)]
+pub struct SchedChanges {
+    pub jobs: Vec<u64>,
+    pub other: bool,
+}
+
+impl SchedChanges {
+    /// Jobs written between two rounds beyond which a full round is cheaper than looking at each.
+    pub const MAX_JOBS: usize = 4096;
+
+    pub fn none() -> Self {
+        SchedChanges {
+            jobs: Vec::new(),
+            other: false,
+        }
+    }
+}
+
+impl Default for SchedChanges {
+    fn default() -> Self {
+        SchedChanges {
+            jobs: Vec::new(),
+            other: true,
+        }
+    }
+}
+
 impl State {
+    /// Something the scheduler reads besides a job changed (a node, a project, a service):
+    /// the next round is a full one.
+    pub fn changed_for_scheduler(&mut self) {
+        self.kick = true;
+        self.sched_changes.other = true;
+        self.sched_changes.jobs = Vec::new();
+    }
+
     /// Inserts or replaces a job, keeping the per-node index.
     pub fn insert_job(&mut self, job: impl Into<Box<Job>>) {
         let job: Box<Job> = job.into();
+        let changes = &mut self.sched_changes;
+        if !changes.other {
+            if changes.jobs.len() >= SchedChanges::MAX_JOBS {
+                changes.other = true;
+                changes.jobs = Vec::new();
+            } else {
+                changes.jobs.push(job.id);
+            }
+        }
         if let Some(old) = self.jobs.get(&job.id) {
             for n in old.replicas.iter().flat_map(Replica::nodes) {
                 if let Some(ids) = self.jobs_by_node.get_mut(n) {

@@ -160,11 +160,20 @@ fn scale_in_process_fills_the_pool_and_times_rounds_after_a_submission() {
     assert!(placed > 0 && waiting > 0, "{r}");
     assert_eq!(placed + waiting, 400, "{r}");
     assert_eq!(r["rounds_timed"], 5, "{r}");
-    let p50 = r["round_p50_ms"].as_f64().unwrap();
+    // Each timed round follows one submission into a pool the rounds before left settled: it
+    // is a quick one (the job decided alone), and the CPU-only job among them (the fourth) is
+    // placed. The full rounds after them read the whole pool.
+    let after = &r["after_one_submission"];
+    assert_eq!(after["rounds"], 5, "{r}");
+    assert_eq!(after["quick"], 5, "{r}");
+    assert_eq!(after["placing"], 1, "{r}");
+    let p50 = after["round_p50_ms"].as_f64().unwrap();
     assert!(
-        p50 > 0.0 && p50 <= r["round_p99_ms"].as_f64().unwrap(),
+        p50 > 0.0 && p50 <= after["round_p99_ms"].as_f64().unwrap(),
         "{r}"
     );
+    assert_eq!(r["full_rounds"]["rounds"], 3, "{r}");
+    assert_eq!(r["full_rounds"]["quick"], 0, "{r}");
     assert!(r["peak_rss_mib"].as_u64().unwrap() > 0, "{r}");
 }
 

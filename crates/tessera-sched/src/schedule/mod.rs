@@ -38,7 +38,7 @@ pub struct PendingJob {
 }
 
 /// A job that holds resources now.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Hash)]
 pub struct RunningJob {
     pub id: u64,
     pub project: String,
@@ -62,7 +62,7 @@ pub struct RunningJob {
 
 /// What an elastic job may do now: grow into idle capacity, and give back its replicas above
 /// its minimum when a waiting job needs the room.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Hash)]
 pub struct ElasticRunning {
     /// Replicas it may add now (its maximum less what it runs; 0 while it must not grow).
     pub may_grow: u32,

@@ -149,7 +149,7 @@ pub async fn register(
             };
             s.touch_node(&node.spec.name);
             s.nodes.insert(node.spec.name.clone(), node);
-            s.kick = true;
+            s.changed_for_scheduler();
             Ok(token)
         })
         .await?;
@@ -556,7 +556,7 @@ pub async fn sync(
             let (acked, readings) = report(c, s, &name, seq, &statuses)?;
             if s.node_images.get(&name) != Some(&images) {
                 s.node_images.insert(name.clone(), images);
-                s.kick = true;
+                s.changed_for_scheduler();
             }
             Ok((acked, readings))
         })
@@ -808,7 +808,7 @@ fn report(
     node.last_seq = seq;
     node.heartbeats += 1;
     if came_back {
-        s.kick = true;
+        s.changed_for_scheduler();
         s.touch_node(name);
     }
     s.nodes.insert(name.to_string(), node);
@@ -1046,7 +1046,7 @@ pub async fn expire_leases(ctl: &Ctl) -> Option<u64> {
                 }
                 s.nodes.insert(name.clone(), node);
                 s.touch_node(&name);
-                s.kick = true;
+                s.changed_for_scheduler();
                 Ok(())
             })
             .await;

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use tessera_sched::cluster::GpuAffinity;
 use tessera_sched::quota::ProjectQuota;
 use tessera_sched::schedule::{
-    Config, ElasticRunning, PendingJob, Plan, RunningJob, Snapshot, WaitReason, schedule_owned,
+    Config, ElasticRunning, Kept, PendingJob, Plan, RunningJob, Snapshot, WaitReason,
+    schedule_keeping,
 };
 use tessera_sched::{Allocation, NodeId, ShapeDistribution};
 
@@ -20,18 +21,17 @@ use super::lifecycle::Note;
 use super::lifecycle::settle;
 use super::ops::save_job;
 use super::{ApiError, Ctl, agents, now_ms};
-use crate::state::{EventKind, Job, JobState, NodeHealth, Replica, State, StopCause};
+use crate::state::{EventKind, Job, JobState, NodeHealth, Replica, SchedChanges, State, StopCause};
 
 /// Longest sleep when nothing is due (a safety net, not the scheduling cadence).
 const IDLE_WAKE: Duration = Duration::from_secs(5);
 
 pub async fn run(ctl: Ctl) {
-    let mut round: u64 = 0;
+    let mut rounds = Rounds::default();
     loop {
         let next_lease = agents::expire_leases(&ctl).await;
-        round += 1;
         let mut phases = Phases::default();
-        let next_backoff = match schedule_once(&ctl, round, &mut phases).await {
+        let next_backoff = match rounds.schedule_once(&ctl, &mut phases).await {
             Ok(next) => next,
             Err(e) => {
                 tracing::error!("scheduling round failed: {}", e.message);
@@ -71,6 +71,8 @@ struct Built {
     never: Vec<(u64, String)>,
     /// Running jobs past their time limit: they are stopped.
     overdue: Vec<u64>,
+    /// Each active job's view, hashed (see [`view_hash`]).
+    views: HashMap<u64, u64>,
 }
 
 /// Every node carries its own name as this label, so a job can be pinned to one.
@@ -92,6 +94,7 @@ fn build(s: &State, now: u64) -> Built {
         }
     }
     let mut running = Vec::new();
+    let mut views = HashMap::new();
     let mut pending = Vec::new();
     let mut next_backoff: Option<u64> = None;
     let mut never = Vec::new();
@@ -119,98 +122,12 @@ fn build(s: &State, now: u64) -> Built {
             }
         }
         if job.state.is_active() {
-            // What a replica holds on the nodes the scheduler sees; of a remote pair with one
-            // node gone (lost, cordoned), the half on the other.
-            let allocation = |r: &Replica| {
-                let node = index.get(r.node.as_str()).map(|&i| NodeId(i));
-                let gpu_node = r
-                    .gpu_node
-                    .as_ref()
-                    .map(|g| index.get(g.as_str()).map(|&i| NodeId(i)));
-                let whole = Allocation {
-                    gpu_node: None,
-                    node: node.unwrap_or(NodeId(0)),
-                    cpu_milli: r.cpu_milli,
-                    memory_bytes: r.memory_bytes,
-                    devices: r.devices.clone(),
-                    affinity: affinity(&job.def.spec.request.gpu),
-                };
-                match (node, gpu_node) {
-                    (Some(_), None) => Some(whole),
-                    (None, None) => None,
-                    (Some(_), Some(Some(g))) => Some(Allocation {
-                        gpu_node: Some(g),
-                        ..whole
-                    }),
-                    (Some(_), Some(None)) => Some(Allocation {
-                        devices: Vec::new(),
-                        affinity: None,
-                        ..whole
-                    }),
-                    (None, Some(g)) => Some(Allocation {
-                        node: g?,
-                        cpu_milli: 0,
-                        memory_bytes: 0,
-                        ..whole
-                    }),
-                }
-            };
-            let live = || job.replicas.iter().filter(|r| !r.phase.is_done());
-            let allocations = live().filter_map(allocation).collect();
-            let elastic = job.def.elastic.filter(|_| job.stop.is_none()).map(|e| {
-                let leaving: Vec<(u32, Allocation)> = live()
-                    .filter(|r| r.leaving)
-                    .filter_map(|r| Some((r.index, allocation(r)?)))
-                    .collect();
-                // Replicas of the starting gang (indexes below min) are never given back.
-                let extra = job
-                    .members()
-                    .filter(|r| r.index >= e.min)
-                    .filter_map(|r| Some((r.index, allocation(r)?)))
-                    .collect();
-                // It grows only while it runs whole: not while it starts, finishes, or gives
-                // replicas back.
-                let settled = job.state == JobState::Running
-                    && leaving.is_empty()
-                    && !job.replicas.iter().any(|r| !r.leaving && r.phase.is_done());
-                ElasticRunning {
-                    may_grow: if settled {
-                        e.max.saturating_sub(job.members().count() as u32)
-                    } else {
-                        0
-                    },
-                    extra,
-                    leaving,
-                }
-            });
-            // A job is protected from preemption for its project's minimum runtime, counted
-            // from its first replica's start; the loop wakes when the protection ends.
-            let min_runtime = s
-                .projects
-                .get(job.project())
-                .map_or(0, |p| p.min_runtime_ms);
-            let protected_until = job
-                .replicas
-                .iter()
-                .filter_map(|r| r.started_ms)
-                .min()
-                .map_or(0, |t| t + min_runtime);
-            running.push(RunningJob {
-                id: job.id,
-                project: job.project().to_string(),
-                priority: job.def.spec.priority,
-                started: job.started_seq,
-                gpu_milli: job.gpu_milli_held(),
-                allocations,
-                stopping: job.stop.is_some(),
-                preemptible: job.def.preemptible && protected_until <= now,
-                request: Some(job.def.spec.request.clone()),
-                elastic,
-            });
-            if job.def.preemptible && protected_until > now {
-                next_backoff =
-                    Some(next_backoff.map_or(protected_until, |x| x.min(protected_until)));
+            let (view, protected_until) = running_view(s, job, &|n| index.get(n).copied(), now);
+            if let Some(t) = protected_until {
+                next_backoff = Some(next_backoff.map_or(t, |x| x.min(t)));
             }
+            views.insert(job.id, view_hash(&view));
+            running.push(view);
         } else if job.state == JobState::Pending {
             if job.not_before_ms > now {
                 next_backoff =
@@ -295,7 +212,115 @@ fn build(s: &State, now: u64) -> Built {
         next_backoff,
         never,
         overdue,
+        views,
     }
+}
+
+/// A running job as the scheduler sees it, with `index` giving the scheduler's number of each
+/// node it sees; and when its protection from preemption ends, if later than `now` (the loop
+/// wakes then).
+fn running_view(
+    s: &State,
+    job: &Job,
+    index: &dyn Fn(&str) -> Option<u32>,
+    now: u64,
+) -> (RunningJob, Option<u64>) {
+    // What a replica holds on the nodes the scheduler sees; of a remote pair with one
+    // node gone (lost, cordoned), the half on the other.
+    let allocation = |r: &Replica| {
+        let node = index(r.node.as_str()).map(NodeId);
+        let gpu_node = r.gpu_node.as_ref().map(|g| index(g.as_str()).map(NodeId));
+        let whole = Allocation {
+            gpu_node: None,
+            node: node.unwrap_or(NodeId(0)),
+            cpu_milli: r.cpu_milli,
+            memory_bytes: r.memory_bytes,
+            devices: r.devices.clone(),
+            affinity: affinity(&job.def.spec.request.gpu),
+        };
+        match (node, gpu_node) {
+            (Some(_), None) => Some(whole),
+            (None, None) => None,
+            (Some(_), Some(Some(g))) => Some(Allocation {
+                gpu_node: Some(g),
+                ..whole
+            }),
+            (Some(_), Some(None)) => Some(Allocation {
+                devices: Vec::new(),
+                affinity: None,
+                ..whole
+            }),
+            (None, Some(g)) => Some(Allocation {
+                node: g?,
+                cpu_milli: 0,
+                memory_bytes: 0,
+                ..whole
+            }),
+        }
+    };
+    let live = || job.replicas.iter().filter(|r| !r.phase.is_done());
+    let allocations = live().filter_map(allocation).collect();
+    let elastic = job.def.elastic.filter(|_| job.stop.is_none()).map(|e| {
+        let leaving: Vec<(u32, Allocation)> = live()
+            .filter(|r| r.leaving)
+            .filter_map(|r| Some((r.index, allocation(r)?)))
+            .collect();
+        // Replicas of the starting gang (indexes below min) are never given back.
+        let extra = job
+            .members()
+            .filter(|r| r.index >= e.min)
+            .filter_map(|r| Some((r.index, allocation(r)?)))
+            .collect();
+        // It grows only while it runs whole: not while it starts, finishes, or gives
+        // replicas back.
+        let settled = job.state == JobState::Running
+            && leaving.is_empty()
+            && !job.replicas.iter().any(|r| !r.leaving && r.phase.is_done());
+        ElasticRunning {
+            may_grow: if settled {
+                e.max.saturating_sub(job.members().count() as u32)
+            } else {
+                0
+            },
+            extra,
+            leaving,
+        }
+    });
+    // A job is protected from preemption for its project's minimum runtime, counted
+    // from its first replica's start; the loop wakes when the protection ends.
+    let min_runtime = s
+        .projects
+        .get(job.project())
+        .map_or(0, |p| p.min_runtime_ms);
+    let protected_until = job
+        .replicas
+        .iter()
+        .filter_map(|r| r.started_ms)
+        .min()
+        .map_or(0, |t| t + min_runtime);
+    let view = RunningJob {
+        id: job.id,
+        project: job.project().to_string(),
+        priority: job.def.spec.priority,
+        started: job.started_seq,
+        gpu_milli: job.gpu_milli_held(),
+        allocations,
+        stopping: job.stop.is_some(),
+        preemptible: job.def.preemptible && protected_until <= now,
+        request: Some(job.def.spec.request.clone()),
+        elastic,
+    };
+    let wake = (job.def.preemptible && protected_until > now).then_some(protected_until);
+    (view, wake)
+}
+
+/// A running job's view, hashed: a job written since a round whose view hashes the same changed
+/// nothing the scheduler reads (e.g. it only reported progress). Hashed with a fixed seed (the
+/// same view hashes the same for the life of the process) and a fast hash: a full round hashes
+/// every running job.
+fn view_hash(view: &RunningJob) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x7e55e7a).hash_one(view)
 }
 
 /// What the scheduler places for a pending job: its spec, plus the node it is pinned to and the
@@ -336,7 +361,8 @@ fn affinity(gpu: &tessera_sched::GpuRequest) -> Option<GpuAffinity> {
 /// Where a round's time went.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Phases {
-    /// Reading the state into a snapshot (under the state's lock).
+    /// Reading the state into a snapshot (under the state's lock); for a quick round, reading
+    /// what changed.
     pub build: Duration,
     /// The scheduler's work on the snapshot (and gathering the waiting jobs' reasons).
     pub schedule: Duration,
@@ -344,94 +370,329 @@ pub struct Phases {
     pub apply: Duration,
     /// Jobs placed.
     pub placed: usize,
+    /// A quick round: only jobs submitted since were decided (see [`Rounds`]).
+    pub quick: bool,
 }
 
-/// One round, as the reconcile loop runs it (the in-process benchmark runs it too).
-pub async fn round(ctl: &Ctl, round: u64) -> Result<Phases, ApiError> {
-    let mut phases = Phases::default();
-    schedule_once(ctl, round, &mut phases).await?;
-    Ok(phases)
-}
-
-/// One round; returns when the earliest backoff ends, and fills in `phases`.
-async fn schedule_once(
-    ctl: &Ctl,
+/// The reconcile loop's memory from round to round: its count, and what the last full round
+/// that changed nothing kept (`tessera_sched::schedule::Kept`). While only new jobs arrive, a
+/// round decides them alone in that kept cluster (a quick round) and costs what arrived, not
+/// the pool; anything else the scheduler reads changing, a timer falling due, or a new job
+/// that fits nowhere with no known answer, makes the round a full one.
+#[derive(Default)]
+pub struct Rounds {
     round: u64,
-    phases: &mut Phases,
-) -> Result<Option<u64>, ApiError> {
-    let building = Instant::now();
-    let now = now_ms();
-    let (mut built, shapes) = ctl.store.read(|s| {
-        let shapes = ShapeDistribution::typical(s.recent_requests.iter(), 0.95);
-        (build(s, now), shapes)
-    });
-    let next_backoff = built.next_backoff;
-    let (never, overdue) = (
-        std::mem::take(&mut built.never),
-        std::mem::take(&mut built.overdue),
-    );
-    if !never.is_empty() || !overdue.is_empty() {
-        ctl.store
-            .write(move |c, s| end_gated(c, s, never, overdue))
-            .await?;
-    }
-    let may_grow = built
-        .snapshot
-        .running
-        .iter()
-        .any(|r| r.elastic.as_ref().is_some_and(|e| e.may_grow > 0));
-    phases.build = building.elapsed();
-    if built.snapshot.pending.is_empty() && !may_grow {
-        return Ok(next_backoff);
-    }
-    let config = Config {
-        policy: ctl.config.policy,
-        seed: ctl.config.seed ^ round,
-        shapes,
-    };
-    let started = Instant::now();
-    let Built {
-        snapshot,
-        node_names,
-        ..
-    } = built;
-    // Reasons are kept as the scheduler gave them and put in words when a view asks: with
-    // thousands of jobs waiting, describing each one every round cost more than the round.
-    // They are gathered into their map on the blocking thread too (part of the round's cost).
-    let scheduled = tokio::task::spawn_blocking(move || {
-        schedule_owned(snapshot, &config).map(|mut plan| {
-            let waits: HashMap<u64, Arc<WaitReason>> =
-                std::mem::take(&mut plan.waiting).into_iter().collect();
-            (plan, waits)
-        })
-    })
-    .await
-    .map_err(|_| ApiError::internal("the scheduler task failed"))?;
-    let (plan, waits) = scheduled.map_err(|e| ApiError::internal(format!("snapshot: {e}")))?;
-    ctl.metrics
-        .schedule_seconds
-        .observe(started.elapsed().as_secs_f64());
-    phases.schedule = started.elapsed();
-    phases.placed = plan.placements.len();
+    kept: Option<KeptRound>,
+}
 
-    if plan.placements.is_empty()
-        && plan.preemptions.is_empty()
-        && plan.moves.is_empty()
-        && plan.grows.is_empty()
-        && plan.shrinks.is_empty()
-    {
-        // Nothing to write: only the reasons change, and they live in memory. The last round's
-        // are dropped after the lock is let go.
-        let old = {
-            let mut state = ctl.store.state.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::replace(&mut state.wait_reasons, waits)
-        };
-        drop(old);
-        return Ok(next_backoff);
+/// What a quick round starts from.
+struct KeptRound {
+    sched: Kept,
+    /// The full round's nodes, in its numbering.
+    node_names: Arc<Vec<String>>,
+    index: HashMap<String, u32>,
+    /// Each active job's view as the scheduler holds it, hashed: a job written since whose view
+    /// hashes the same changed nothing it reads.
+    views: HashMap<u64, u64>,
+    /// The earliest timer the full round saw (a time limit, a protection ending, a --begin):
+    /// a full round once it falls due.
+    next_backoff: Option<u64>,
+}
+
+/// Jobs submitted since the kept round, ready for a quick one.
+struct Arrived {
+    new: Vec<PendingJob>,
+    warm: std::collections::BTreeMap<u64, Vec<NodeId>>,
+    history: std::collections::BTreeMap<String, u64>,
+    /// Pending jobs written since that may not start yet (held, waiting on a dependency):
+    /// their old reasons go.
+    gated: Vec<u64>,
+    elastic: BTreeSet<u64>,
+    next_backoff: Option<u64>,
+}
+
+impl Rounds {
+    /// One round, as the reconcile loop runs it (the in-process benchmark runs it too).
+    pub async fn round(&mut self, ctl: &Ctl) -> Result<Phases, ApiError> {
+        let mut phases = Phases::default();
+        self.schedule_once(ctl, &mut phases).await?;
+        Ok(phases)
     }
+
+    /// One round; returns when the earliest backoff ends, and fills in `phases`.
+    async fn schedule_once(
+        &mut self,
+        ctl: &Ctl,
+        phases: &mut Phases,
+    ) -> Result<Option<u64>, ApiError> {
+        self.round += 1;
+        if let Some(kept) = self.kept.take()
+            && let Some(next) = self.quick(ctl, kept, phases).await?
+        {
+            return Ok(next);
+        }
+        *phases = Phases::default();
+        self.full(ctl, phases).await
+    }
+
+    /// A quick round from `kept`, or `None` when the round must be a full one.
+    async fn quick(
+        &mut self,
+        ctl: &Ctl,
+        kept: KeptRound,
+        phases: &mut Phases,
+    ) -> Result<Option<Option<u64>>, ApiError> {
+        let building = Instant::now();
+        let now = now_ms();
+        let arrived = {
+            let mut s = ctl.store.state.lock().unwrap_or_else(|e| e.into_inner());
+            let changes = std::mem::replace(&mut s.sched_changes, SchedChanges::none());
+            if changes.other || kept.next_backoff.is_some_and(|t| t <= now) {
+                return Ok(None);
+            }
+            match arrived(&s, &kept, changes.jobs, now) {
+                Some(arrived) => arrived,
+                None => return Ok(None),
+            }
+        };
+        phases.build = building.elapsed();
+        let started = Instant::now();
+        let KeptRound {
+            sched,
+            node_names,
+            index,
+            mut views,
+            ..
+        } = kept;
+        let (plan, still) = sched.schedule_new(&arrived.new, &arrived.history, &arrived.warm);
+        let Some(mut plan) = plan else {
+            return Ok(None);
+        };
+        let waits: HashMap<u64, Arc<WaitReason>> =
+            std::mem::take(&mut plan.waiting).into_iter().collect();
+        phases.schedule = started.elapsed();
+        phases.placed = plan.placements.len();
+        phases.quick = true;
+        ctl.metrics
+            .schedule_seconds
+            .observe(phases.schedule.as_secs_f64());
+        let placed: Vec<u64> = plan.placements.iter().map(|(id, _)| *id).collect();
+        let elastic = placed.iter().any(|id| arrived.elastic.contains(id));
+        let applying = Instant::now();
+        let gated = arrived.gated;
+        if plan.placements.is_empty() {
+            let mut s = ctl.store.state.lock().unwrap_or_else(|e| e.into_inner());
+            for id in gated {
+                s.wait_reasons.remove(&id);
+            }
+            s.wait_reasons.extend(waits);
+        } else {
+            apply(ctl, plan, waits, node_names.clone(), Reasons::Add(gated)).await?;
+        }
+        phases.apply = applying.elapsed();
+        // Kept only while the scheduler's view of every job it placed is the state's.
+        let mut sched = still.filter(|_| !elastic);
+        if sched.is_some() && !placed.is_empty() {
+            let s = ctl.store.state.lock().unwrap_or_else(|e| e.into_inner());
+            for id in &placed {
+                match s.jobs.get(id).filter(|j| j.state.is_active()) {
+                    Some(job) => {
+                        let (view, _) = running_view(&s, job, &|n| index.get(n).copied(), now);
+                        views.insert(*id, view_hash(&view));
+                    }
+                    None => sched = None,
+                }
+            }
+        }
+        self.kept = sched.map(|sched| KeptRound {
+            sched,
+            node_names,
+            index,
+            views,
+            next_backoff: arrived.next_backoff,
+        });
+        Ok(Some(arrived.next_backoff))
+    }
+
+    /// A full round: the whole pool read into a snapshot and scheduled.
+    async fn full(&mut self, ctl: &Ctl, phases: &mut Phases) -> Result<Option<u64>, ApiError> {
+        let building = Instant::now();
+        let now = now_ms();
+        let (mut built, shapes) = {
+            let mut s = ctl.store.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.sched_changes = SchedChanges::none();
+            let shapes = ShapeDistribution::typical(s.recent_requests.iter(), 0.95);
+            (build(&s, now), shapes)
+        };
+        let next_backoff = built.next_backoff;
+        let (never, overdue) = (
+            std::mem::take(&mut built.never),
+            std::mem::take(&mut built.overdue),
+        );
+        if !never.is_empty() || !overdue.is_empty() {
+            ctl.store
+                .write(move |c, s| end_gated(c, s, never, overdue))
+                .await?;
+        }
+        phases.build = building.elapsed();
+        let config = Config {
+            policy: ctl.config.policy,
+            seed: ctl.config.seed ^ self.round,
+            shapes,
+        };
+        let started = Instant::now();
+        let Built {
+            snapshot,
+            node_names,
+            views,
+            ..
+        } = built;
+        // Reasons are kept as the scheduler gave them and put in words when a view asks: with
+        // thousands of jobs waiting, describing each one every round cost more than the round.
+        // They are gathered into their map on the blocking thread too (part of the round's cost).
+        let scheduled = tokio::task::spawn_blocking(move || {
+            schedule_keeping(snapshot, &config).map(|(mut plan, kept)| {
+                let waits: HashMap<u64, Arc<WaitReason>> =
+                    std::mem::take(&mut plan.waiting).into_iter().collect();
+                let kept = kept.map(|sched| {
+                    let index = node_names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| (n.clone(), i as u32))
+                        .collect();
+                    KeptRound {
+                        sched,
+                        node_names: Arc::new(Vec::new()),
+                        index,
+                        views,
+                        next_backoff,
+                    }
+                });
+                (plan, waits, kept, node_names)
+            })
+        })
+        .await
+        .map_err(|_| ApiError::internal("the scheduler task failed"))?;
+        let (plan, waits, kept, node_names) =
+            scheduled.map_err(|e| ApiError::internal(format!("snapshot: {e}")))?;
+        ctl.metrics
+            .schedule_seconds
+            .observe(started.elapsed().as_secs_f64());
+        phases.schedule = started.elapsed();
+        phases.placed = plan.placements.len();
+        let node_names = Arc::new(node_names);
+        self.kept = kept.map(|k| KeptRound {
+            node_names: node_names.clone(),
+            ..k
+        });
+
+        if self.kept.is_some() {
+            // Nothing to write: only the reasons change, and they live in memory. The last
+            // round's are dropped after the lock is let go.
+            let old = {
+                let mut state = ctl.store.state.lock().unwrap_or_else(|e| e.into_inner());
+                std::mem::replace(&mut state.wait_reasons, waits)
+            };
+            drop(old);
+            return Ok(next_backoff);
+        }
+        let applying = Instant::now();
+        apply(ctl, plan, waits, node_names, Reasons::Replace).await?;
+        phases.apply = applying.elapsed();
+        Ok(next_backoff)
+    }
+}
+
+/// The jobs written since the kept round, if all that changed is jobs submitted (or that only
+/// reported progress): the new ones to decide, with what deciding them needs. `None` when the
+/// round must be a full one: a job ended, stopped, moved, was requeued or changed what it holds;
+/// a pending one was cancelled (its dependents may be let go) or is a task of a limited array.
+fn arrived(s: &State, kept: &KeptRound, written: Vec<u64>, now: u64) -> Option<Arrived> {
+    let mut seen = std::collections::HashSet::new();
+    let mut arrived = Arrived {
+        new: Vec::new(),
+        warm: Default::default(),
+        history: s
+            .usage_history
+            .iter()
+            .map(|(p, milli)| (p.clone(), milli.round() as u64))
+            .collect(),
+        gated: Vec::new(),
+        elastic: BTreeSet::new(),
+        next_backoff: kept.next_backoff,
+    };
+    let index = |n: &str| kept.index.get(n).copied();
+    for id in written {
+        if !seen.insert(id) {
+            continue;
+        }
+        let job = s.jobs.get(&id)?;
+        if job.state.is_active() {
+            let (view, _) = running_view(s, job, &index, now);
+            if kept.views.get(&id) != Some(&view_hash(&view)) {
+                return None;
+            }
+            continue;
+        }
+        if kept.views.contains_key(&id) || job.state != JobState::Pending {
+            return None;
+        }
+        if job.not_before_ms > now {
+            let t = job.not_before_ms;
+            arrived.next_backoff = Some(arrived.next_backoff.map_or(t, |x| x.min(t)));
+            arrived.gated.push(id);
+            continue;
+        }
+        if job.def.array.as_ref().is_some_and(|t| t.limit.is_some()) {
+            return None;
+        }
+        match crate::batch::gate(job, |id| s.jobs.get(&id).map(|j| &**j), 0) {
+            crate::batch::Gate::Open => {}
+            crate::batch::Gate::Wait(_) => {
+                arrived.gated.push(id);
+                continue;
+            }
+            crate::batch::Gate::Never(_) => return None,
+        }
+        if let Some(image) = &job.def.image {
+            let holding: Vec<NodeId> = s
+                .node_images
+                .iter()
+                .filter(|(_, held)| held.contains(image))
+                .filter_map(|(node, _)| index(node).map(NodeId))
+                .collect();
+            if !holding.is_empty() {
+                arrived.warm.insert(id, holding);
+            }
+        }
+        if job.def.elastic.is_some() {
+            arrived.elastic.insert(id);
+        }
+        arrived.new.push(PendingJob {
+            id,
+            spec: scheduling_spec(job),
+        });
+    }
+    Some(arrived)
+}
+
+/// What a round does with the waiting jobs' reasons: a full round's replace them all; a quick
+/// round's are added, and the reasons of jobs that may not start yet dropped.
+enum Reasons {
+    Replace,
+    Add(Vec<u64>),
+}
+
+/// Applies `plan` and commits it, with the reasons of the jobs that wait.
+async fn apply(
+    ctl: &Ctl,
+    plan: Plan,
+    waits: HashMap<u64, Arc<WaitReason>>,
+    node_names: Arc<Vec<String>>,
+    reasons: Reasons,
+) -> Result<(), ApiError> {
     let metrics = ctl.metrics.clone();
     let ports = ctl.config.rendezvous_ports.clone();
-    let applying = Instant::now();
     let old_reasons = ctl
         .store
         .write(move |c, s| -> Result<_, ApiError> {
@@ -454,13 +715,21 @@ async fn schedule_once(
                 }
                 s.next_start_seq = applied.next_start_seq;
             }
-            Ok(std::mem::replace(&mut s.wait_reasons, waits))
+            Ok(match reasons {
+                Reasons::Replace => std::mem::replace(&mut s.wait_reasons, waits),
+                Reasons::Add(gated) => {
+                    for id in gated {
+                        s.wait_reasons.remove(&id);
+                    }
+                    s.wait_reasons.extend(waits);
+                    HashMap::new()
+                }
+            })
         })
         .await?;
-    phases.apply = applying.elapsed();
     // Dropped here, not under the state's lock in the writer.
     drop(old_reasons);
-    Ok(next_backoff)
+    Ok(())
 }
 
 /// Placements a round applies at a time (see the round's write).
@@ -1282,5 +1551,165 @@ mod tests {
             stops[2].1.contains("Migrate") && stops[2].1.contains("moving to d"),
             "{stops:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod quick_tests {
+    use super::*;
+    use crate::state::Project;
+    use crate::testkit::{job, node};
+    use tessera_sched::{GpuRequest, ResourceRequest};
+
+    /// `devices` whole GPUs (none: a CPU-only job), 1 CPU and 1 GiB.
+    fn gpus(devices: u32) -> ResourceRequest {
+        ResourceRequest {
+            gpu: match devices {
+                0 => GpuRequest::None,
+                devices => GpuRequest::Whole { devices },
+            },
+            cpu_milli: 1000,
+            memory_bytes: 1 << 30,
+            ..Default::default()
+        }
+    }
+
+    fn config() -> Config {
+        Config {
+            policy: tessera_sched::PolicyKind::Tessera,
+            seed: 1,
+            shapes: ShapeDistribution::default(),
+        }
+    }
+
+    /// A full round over `s` as the loop runs it: its placements saved into the state; what it
+    /// kept, if it changed nothing.
+    fn full_round(s: &mut State, now: u64) -> (Option<KeptRound>, HashMap<u64, Arc<WaitReason>>) {
+        s.sched_changes = SchedChanges::none();
+        let built = build(s, now);
+        let (plan, kept) = schedule_keeping(built.snapshot, &config()).unwrap();
+        let applied = apply_plan(s, &plan, &built.node_names, 29_500..=29_510, now);
+        for (job, _) in applied.changed {
+            s.insert_job(job);
+        }
+        let waits = plan.waiting.into_iter().collect();
+        let index = (built.node_names.iter().enumerate())
+            .map(|(i, n)| (n.clone(), i as u32))
+            .collect();
+        let kept = kept.map(|sched| KeptRound {
+            sched,
+            node_names: Arc::new(built.node_names),
+            index,
+            views: built.views,
+            next_backoff: built.next_backoff,
+        });
+        (kept, waits)
+    }
+
+    /// Two ready nodes of two GPUs; jobs 1 and 2 hold them, job 3 waits.
+    fn settled() -> (State, KeptRound, HashMap<u64, Arc<WaitReason>>) {
+        let mut s = State::default();
+        for name in ["a", "d"] {
+            s.nodes
+                .insert(name.into(), node(name, NodeHealth::Ready, false));
+        }
+        s.projects.insert(
+            "default".into(),
+            Project {
+                name: "default".into(),
+                parent: None,
+                guaranteed_milli: 0,
+                limit_milli: None,
+                over_quota_weight: 1,
+                members: Default::default(),
+                created_ms: 0,
+                min_runtime_ms: 0,
+                policy: Default::default(),
+            },
+        );
+        for id in 1..=3 {
+            s.insert_job(job(id, gpus(2)));
+        }
+        let (kept, _) = full_round(&mut s, 1_000);
+        assert!(kept.is_none(), "the first round placed work");
+        let (kept, waits) = full_round(&mut s, 1_000);
+        let kept = kept.expect("the second round changed nothing and keeps what it built");
+        assert_eq!(waits.keys().copied().collect::<Vec<_>>(), [3]);
+        s.sched_changes = SchedChanges::none();
+        (s, kept, waits)
+    }
+
+    fn written(s: &mut State) -> Vec<u64> {
+        std::mem::replace(&mut s.sched_changes, SchedChanges::none()).jobs
+    }
+
+    #[test]
+    fn a_quick_round_sees_new_jobs_and_progress_and_hands_anything_else_to_a_full_round() {
+        let (mut s, kept, full) = settled();
+
+        // Progress only (a running job's text), a new job of the waiting shape, a CPU-only
+        // job, and one held until later: two to decide, one to wake for.
+        let mut busy = Job::clone(&s.jobs[&1]);
+        busy.reason = "running".into();
+        s.insert_job(busy);
+        s.insert_job(job(4, gpus(2)));
+        s.insert_job(job(5, gpus(0)));
+        let mut later = job(6, gpus(1));
+        later.not_before_ms = 9_000;
+        s.insert_job(later);
+        let ids = written(&mut s);
+        assert!(!s.sched_changes.other);
+        let got = arrived(&s, &kept, ids, 2_000).expect("only new jobs and progress");
+        let new: Vec<u64> = got.new.iter().map(|j| j.id).collect();
+        assert_eq!(new, [4, 5]);
+        assert_eq!(got.gated, [6]);
+        assert_eq!(got.next_backoff, Some(9_000));
+        let KeptRound { sched, .. } = kept;
+        let (plan, still) = sched.schedule_new(&got.new, &got.history, &got.warm);
+        let plan = plan.expect("decided without a full round");
+        // Job 4 waits for job 3's reason; job 5 fits beside the running work.
+        assert_eq!(plan.waiting.len(), 1);
+        assert_eq!(plan.waiting[0].0, 4);
+        assert_eq!(plan.waiting[0].1, full[&3]);
+        assert_eq!(plan.placements.len(), 1);
+        assert_eq!(plan.placements[0].0, 5);
+        assert!(still.is_some(), "nothing waiting could reclaim from job 5");
+
+        // Anything else is a full round's: a running job that ends, a waiting job cancelled (a
+        // job after it may be let go), a node or project changed.
+        let (mut s, kept, _) = settled();
+        let mut done = Job::clone(&s.jobs[&2]);
+        done.state = JobState::Succeeded;
+        s.insert_job(done);
+        let ids = written(&mut s);
+        assert!(
+            arrived(&s, &kept, ids, 2_000).is_none(),
+            "capacity was freed"
+        );
+
+        let (mut s, kept, _) = settled();
+        let mut gone = Job::clone(&s.jobs[&3]);
+        gone.state = JobState::Cancelled;
+        s.insert_job(gone);
+        let ids = written(&mut s);
+        assert!(
+            arrived(&s, &kept, ids, 2_000).is_none(),
+            "a pending job ended"
+        );
+
+        let (mut s, kept, _) = settled();
+        let mut stopping = Job::clone(&s.jobs[&1]);
+        stopping.stop = Some(Box::new(StopCause::TimeLimit { limit_ms: 1 }));
+        s.insert_job(stopping);
+        let ids = written(&mut s);
+        assert!(
+            arrived(&s, &kept, ids, 2_000).is_none(),
+            "a job is stopping"
+        );
+
+        let (mut s, _, _) = settled();
+        s.changed_for_scheduler();
+        s.insert_job(job(7, gpus(1)));
+        assert!(s.sched_changes.other && s.sched_changes.jobs.is_empty());
     }
 }

@@ -291,7 +291,7 @@ pub async fn scale(
                 &what,
             )?;
             s.services.insert(name.clone(), svc);
-            s.kick = true;
+            s.changed_for_scheduler();
             Ok(view(service(s, &name)?, s, &gw))
         })
         .await?;

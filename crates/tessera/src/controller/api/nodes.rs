@@ -154,7 +154,7 @@ pub(super) async fn set_cordon(
                 save_job(c, s, job, notes, now)?;
             }
             s.nodes.insert(n.clone(), node);
-            s.kick = true;
+            s.changed_for_scheduler();
             Ok(())
         })
         .await?;

@@ -295,7 +295,7 @@ pub async fn create_project(
                 &serde_json::to_string(&b).unwrap_or_default(),
             )?;
             s.projects.insert(name.clone(), p);
-            s.kick = true;
+            s.changed_for_scheduler();
             s.projects
                 .get(&name)
                 .map(|p| project_view(s, p))
@@ -328,7 +328,7 @@ pub(super) async fn change_project(
                 &serde_json::to_string(&b).unwrap_or_default(),
             )?;
             s.projects.insert(name.clone(), p);
-            s.kick = true;
+            s.changed_for_scheduler();
             s.projects
                 .get(&name)
                 .map(|p| project_view(s, p))
