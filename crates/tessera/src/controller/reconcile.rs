@@ -109,12 +109,7 @@ fn build(s: &State, now: u64) -> Built {
         {
             *array_active.entry(t.id).or_default() += 1;
         }
-        if job.state.is_active()
-            && job.stop.is_none()
-            && let Some(limit) = job.def.time_limit_ms
-            && let Some(started) = job.replicas.iter().filter_map(|r| r.started_ms).min()
-        {
-            let ends = started.saturating_add(limit);
+        if let Some(ends) = time_limit_ends(job) {
             if ends <= now {
                 overdue.push(job.id);
             } else {
@@ -312,6 +307,17 @@ fn running_view(
     };
     let wake = (job.def.preemptible && protected_until > now).then_some(protected_until);
     (view, wake)
+}
+
+/// When an active job that is not being stopped reaches its time limit (counted from its first
+/// replica's start), if it has one and has started.
+fn time_limit_ends(job: &Job) -> Option<u64> {
+    let limit = job.def.time_limit_ms?;
+    if !job.state.is_active() || job.stop.is_some() {
+        return None;
+    }
+    let started = job.replicas.iter().filter_map(|r| r.started_ms).min()?;
+    Some(started.saturating_add(limit))
 }
 
 /// A running job's view, hashed: a job written since a round whose view hashes the same changed
@@ -628,9 +634,18 @@ fn arrived(s: &State, kept: &KeptRound, written: Vec<u64>, now: u64) -> Option<A
         }
         let job = s.jobs.get(&id)?;
         if job.state.is_active() {
-            let (view, _) = running_view(s, job, &index, now);
+            let (view, protected_until) = running_view(s, job, &index, now);
             if kept.views.get(&id) != Some(&view_hash(&view)) {
                 return None;
+            }
+            // Its timers may be new (it started since): a time limit passed is a full round's
+            // to act on, and the loop wakes for the next.
+            let ends = time_limit_ends(job);
+            if ends.is_some_and(|t| t <= now) {
+                return None;
+            }
+            for t in [ends, protected_until].into_iter().flatten() {
+                arrived.next_backoff = Some(arrived.next_backoff.map_or(t, |x| x.min(t)));
             }
             continue;
         }
@@ -1705,6 +1720,21 @@ mod quick_tests {
         assert!(
             arrived(&s, &kept, ids, 2_000).is_none(),
             "a job is stopping"
+        );
+
+        // A job that started since with a time limit: the loop wakes for it, and once it is
+        // past, the round is a full one (which stops it).
+        let (mut s, kept, _) = settled();
+        let mut limited = Job::clone(&s.jobs[&1]);
+        limited.def.time_limit_ms = Some(5_000);
+        limited.replicas[0].started_ms = Some(1_500);
+        s.insert_job(limited);
+        let ids = written(&mut s);
+        let got = arrived(&s, &kept, ids.clone(), 2_000).expect("only a start");
+        assert_eq!(got.next_backoff, Some(6_500));
+        assert!(
+            arrived(&s, &kept, ids, 7_000).is_none(),
+            "past its time limit"
         );
 
         let (mut s, _, _) = settled();
