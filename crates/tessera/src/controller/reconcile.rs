@@ -73,6 +73,8 @@ struct Built {
     overdue: Vec<u64>,
     /// Each active job's view, hashed (see [`view_hash`]).
     views: HashMap<u64, u64>,
+    /// Jobs (or arrays) that pending jobs wait on (`--after`).
+    awaited: std::collections::HashSet<u64>,
 }
 
 /// Every node carries its own name as this label, so a job can be pinned to one.
@@ -95,6 +97,7 @@ fn build(s: &State, now: u64) -> Built {
     }
     let mut running = Vec::new();
     let mut views = HashMap::new();
+    let mut awaited = std::collections::HashSet::new();
     let mut pending = Vec::new();
     let mut next_backoff: Option<u64> = None;
     let mut never = Vec::new();
@@ -135,7 +138,10 @@ fn build(s: &State, now: u64) -> Built {
             }
             match crate::batch::gate(job, |id| s.jobs.get(&id).map(|j| &**j), 0) {
                 crate::batch::Gate::Open => {}
-                crate::batch::Gate::Wait(_) => continue,
+                crate::batch::Gate::Wait(_) => {
+                    awaited.extend(job.def.after.iter().map(|a| a.job));
+                    continue;
+                }
                 crate::batch::Gate::Never(why) => {
                     never.push((job.id, why));
                     continue;
@@ -168,7 +174,7 @@ fn build(s: &State, now: u64) -> Built {
                     spec: scheduling_spec(job),
                 });
             }
-            crate::batch::Gate::Wait(_) => {}
+            crate::batch::Gate::Wait(_) => awaited.extend(job.def.after.iter().map(|a| a.job)),
             crate::batch::Gate::Never(why) => never.push((job.id, why)),
         }
     }
@@ -208,6 +214,7 @@ fn build(s: &State, now: u64) -> Built {
         never,
         overdue,
         views,
+        awaited,
     }
 }
 
@@ -403,6 +410,9 @@ struct KeptRound {
     /// The earliest timer the full round saw (a time limit, a protection ending, a --begin):
     /// a full round once it falls due.
     next_backoff: Option<u64>,
+    /// Jobs (or arrays) that pending jobs wait on (`--after`): one written since may let them
+    /// go, and the round is a full one.
+    awaited: std::collections::HashSet<u64>,
 }
 
 /// Jobs submitted since the kept round, ready for a quick one.
@@ -413,6 +423,8 @@ struct Arrived {
     /// Pending jobs written since that may not start yet (held, waiting on a dependency):
     /// their old reasons go.
     gated: Vec<u64>,
+    /// What the gated ones wait on.
+    awaited: Vec<u64>,
     elastic: BTreeSet<u64>,
     next_backoff: Option<u64>,
 }
@@ -468,6 +480,7 @@ impl Rounds {
             node_names,
             index,
             mut views,
+            mut awaited,
             ..
         } = kept;
         let (plan, still) = sched.schedule_new(&arrived.new, &arrived.history, &arrived.warm);
@@ -510,12 +523,14 @@ impl Rounds {
                 }
             }
         }
+        awaited.extend(arrived.awaited);
         self.kept = sched.map(|sched| KeptRound {
             sched,
             node_names,
             index,
             views,
             next_backoff: arrived.next_backoff,
+            awaited,
         });
         Ok(Some(arrived.next_backoff))
     }
@@ -551,6 +566,7 @@ impl Rounds {
             snapshot,
             node_names,
             views,
+            awaited,
             ..
         } = built;
         // Reasons are kept as the scheduler gave them and put in words when a view asks: with
@@ -572,6 +588,7 @@ impl Rounds {
                         index,
                         views,
                         next_backoff,
+                        awaited,
                     }
                 });
                 (plan, waits, kept, node_names)
@@ -624,6 +641,7 @@ fn arrived(s: &State, kept: &KeptRound, written: Vec<u64>, now: u64) -> Option<A
             .map(|(p, milli)| (p.clone(), milli.round() as u64))
             .collect(),
         gated: Vec::new(),
+        awaited: Vec::new(),
         elastic: BTreeSet::new(),
         next_backoff: kept.next_backoff,
     };
@@ -633,6 +651,10 @@ fn arrived(s: &State, kept: &KeptRound, written: Vec<u64>, now: u64) -> Option<A
             continue;
         }
         let job = s.jobs.get(&id)?;
+        let array = job.def.array.as_ref().map(|t| t.id);
+        if kept.awaited.contains(&id) || array.is_some_and(|a| kept.awaited.contains(&a)) {
+            return None;
+        }
         if job.state.is_active() {
             let (view, protected_until) = running_view(s, job, &index, now);
             if kept.views.get(&id) != Some(&view_hash(&view)) {
@@ -665,6 +687,7 @@ fn arrived(s: &State, kept: &KeptRound, written: Vec<u64>, now: u64) -> Option<A
             crate::batch::Gate::Open => {}
             crate::batch::Gate::Wait(_) => {
                 arrived.gated.push(id);
+                arrived.awaited.extend(job.def.after.iter().map(|a| a.job));
                 continue;
             }
             crate::batch::Gate::Never(_) => return None,
@@ -1617,6 +1640,7 @@ mod quick_tests {
             index,
             views: built.views,
             next_backoff: built.next_backoff,
+            awaited: built.awaited,
         });
         (kept, waits)
     }
@@ -1735,6 +1759,29 @@ mod quick_tests {
         assert!(
             arrived(&s, &kept, ids, 7_000).is_none(),
             "past its time limit"
+        );
+
+        // A job that waits to start after job 3 does: when job 3 is written (placed, say),
+        // the round is a full one, which lets it go.
+        let (mut s, mut kept, _) = settled();
+        let mut after = job(8, gpus(0));
+        after.def.after = vec![crate::batch::After {
+            job: 3,
+            on: crate::batch::AfterKind::Start,
+        }];
+        s.insert_job(after);
+        let ids = written(&mut s);
+        let got = arrived(&s, &kept, ids, 2_000).expect("a job that waits on another");
+        assert!(got.new.is_empty());
+        assert_eq!((got.gated, got.awaited.clone()), (vec![8], vec![3]));
+        kept.awaited.extend(got.awaited);
+        let mut placed = Job::clone(&s.jobs[&3]);
+        placed.attempt = 1;
+        s.insert_job(placed);
+        let ids = written(&mut s);
+        assert!(
+            arrived(&s, &kept, ids, 2_000).is_none(),
+            "job 3 was awaited"
         );
 
         let (mut s, _, _) = settled();
