@@ -831,15 +831,23 @@ fn serve(controller: ControllerArgs, node: Option<NodeArgs>) -> anyhow::Result<(
     })
 }
 
-/// Makes glibc return large freed blocks to the system. By default glibc raises its mmap
-/// threshold to the size of the last freed large block, after which argon2's 19 MiB working areas
-/// (one per token hashed or verified) come from the heap and stay there: a controller that saw a
-/// thousand agents join held 700 MiB it no longer used. A fixed threshold keeps them mmapped.
+/// Makes glibc return large freed blocks to the system, and keep one heap. By default glibc
+/// raises its mmap threshold to the size of the last freed large block, after which argon2's 19
+/// MiB working areas (one per token hashed or verified) come from the heap and stay there: a
+/// controller that saw a thousand agents join held 700 MiB it no longer used. A fixed threshold
+/// keeps them mmapped. And by default each thread that meets contention gets an arena of its own
+/// (up to 8 per core), each keeping its freed memory: a controller holding 10,000 agents' long
+/// polls peaked 60-100 MiB higher with them (docs/benchmarks.md). Small blocks are still cached
+/// per thread (glibc's tcache); an operator of a many-core controller who finds the one arena
+/// contended sets MALLOC_ARENA_MAX, which is then left alone.
 fn keep_large_allocations_returnable() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning; it is called once, before any thread starts.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
     }
 }
 
