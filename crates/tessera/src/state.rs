@@ -50,6 +50,24 @@ pub struct Project {
     pub policy: ProjectPolicy,
 }
 
+impl Project {
+    /// A project with no guarantee, no limit, no members and no policy (as the pool's first,
+    /// `default`, is made).
+    pub fn open(name: &str, created_ms: u64) -> Project {
+        Project {
+            name: name.into(),
+            parent: None,
+            guaranteed_milli: 0,
+            limit_milli: None,
+            over_quota_weight: 1,
+            members: Default::default(),
+            created_ms,
+            min_runtime_ms: 0,
+            policy: Default::default(),
+        }
+    }
+}
+
 /// A project's policy: residency (node labels), allowed device models, the most GPU one job
 /// may ask for, and idle reclaim of interactive jobs. Sub-projects are bound by their
 /// ancestors' policies too.

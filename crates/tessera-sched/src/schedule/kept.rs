@@ -104,11 +104,6 @@ impl Kept {
         let kept = (!reclaimable).then_some(self);
         (Some(plan), kept)
     }
-
-    /// Shapes whose answer is known (they found no room even by reclaiming or moving work).
-    pub fn known_shapes(&self) -> usize {
-        self.no_room.by_hash.values().map(Vec::len).sum()
-    }
 }
 
 /// Could a waiting job preempt `placed` now that it runs, or others of its project now that it

@@ -402,17 +402,7 @@ pub async fn bootstrap(store: &Store) -> anyhow::Result<Option<String>> {
                 uid: None,
             };
             c.put_user(&admin)?;
-            let default = Project {
-                name: "default".into(),
-                parent: None,
-                guaranteed_milli: 0,
-                limit_milli: None,
-                over_quota_weight: 1,
-                members: Default::default(),
-                created_ms: now,
-                min_runtime_ms: 0,
-                policy: Default::default(),
-            };
+            let default = Project::open("default", now);
             c.put_project(&default)?;
             c.put_meta("bootstrapped", &now.to_string())?;
             let t = issue_token(c, s, TokenKind::User, "admin", "first admin token", t)?;

@@ -576,20 +576,12 @@ impl Rounds {
             schedule_keeping(snapshot, &config).map(|(mut plan, kept)| {
                 let waits: HashMap<u64, Arc<WaitReason>> =
                     std::mem::take(&mut plan.waiting).into_iter().collect();
+                // The node numbering a quick round needs, made here off the async threads.
                 let kept = kept.map(|sched| {
-                    let index = node_names
-                        .iter()
-                        .enumerate()
+                    let index = (node_names.iter().enumerate())
                         .map(|(i, n)| (n.clone(), i as u32))
-                        .collect();
-                    KeptRound {
-                        sched,
-                        node_names: Arc::new(Vec::new()),
-                        index,
-                        views,
-                        next_backoff,
-                        awaited,
-                    }
+                        .collect::<HashMap<_, _>>();
+                    (sched, index)
                 });
                 (plan, waits, kept, node_names)
             })
@@ -604,9 +596,13 @@ impl Rounds {
         phases.schedule = started.elapsed();
         phases.placed = plan.placements.len();
         let node_names = Arc::new(node_names);
-        self.kept = kept.map(|k| KeptRound {
+        self.kept = kept.map(|(sched, index)| KeptRound {
+            sched,
             node_names: node_names.clone(),
-            ..k
+            index,
+            views,
+            next_backoff,
+            awaited,
         });
 
         if self.kept.is_some() {
@@ -1652,20 +1648,8 @@ mod quick_tests {
             s.nodes
                 .insert(name.into(), node(name, NodeHealth::Ready, false));
         }
-        s.projects.insert(
-            "default".into(),
-            Project {
-                name: "default".into(),
-                parent: None,
-                guaranteed_milli: 0,
-                limit_milli: None,
-                over_quota_weight: 1,
-                members: Default::default(),
-                created_ms: 0,
-                min_runtime_ms: 0,
-                policy: Default::default(),
-            },
-        );
+        s.projects
+            .insert("default".into(), Project::open("default", 0));
         for id in 1..=3 {
             s.insert_job(job(id, gpus(2)));
         }
@@ -1676,6 +1660,17 @@ mod quick_tests {
         assert_eq!(waits.keys().copied().collect::<Vec<_>>(), [3]);
         s.sched_changes = SchedChanges::none();
         (s, kept, waits)
+    }
+
+    /// Whether, in the settled pool, writing job `id` changed by `change` makes the next round
+    /// a full one.
+    fn full_after(id: u64, change: impl FnOnce(&mut Job)) -> bool {
+        let (mut s, kept, _) = settled();
+        let mut job = Job::clone(&s.jobs[&id]);
+        change(&mut job);
+        s.insert_job(job);
+        let ids = written(&mut s);
+        arrived(&s, &kept, ids, 2_000).is_none()
     }
 
     fn written(s: &mut State) -> Vec<u64> {
@@ -1716,35 +1711,16 @@ mod quick_tests {
 
         // Anything else is a full round's: a running job that ends, a waiting job cancelled (a
         // job after it may be let go), a node or project changed.
-        let (mut s, kept, _) = settled();
-        let mut done = Job::clone(&s.jobs[&2]);
-        done.state = JobState::Succeeded;
-        s.insert_job(done);
-        let ids = written(&mut s);
         assert!(
-            arrived(&s, &kept, ids, 2_000).is_none(),
-            "capacity was freed"
+            !full_after(1, |j| j.reason = "running".into()),
+            "progress only"
         );
-
-        let (mut s, kept, _) = settled();
-        let mut gone = Job::clone(&s.jobs[&3]);
-        gone.state = JobState::Cancelled;
-        s.insert_job(gone);
-        let ids = written(&mut s);
-        assert!(
-            arrived(&s, &kept, ids, 2_000).is_none(),
-            "a pending job ended"
-        );
-
-        let (mut s, kept, _) = settled();
-        let mut stopping = Job::clone(&s.jobs[&1]);
-        stopping.stop = Some(Box::new(StopCause::TimeLimit { limit_ms: 1 }));
-        s.insert_job(stopping);
-        let ids = written(&mut s);
-        assert!(
-            arrived(&s, &kept, ids, 2_000).is_none(),
-            "a job is stopping"
-        );
+        let ends = |j: &mut Job| j.state = JobState::Succeeded;
+        assert!(full_after(2, ends), "capacity was freed");
+        let cancelled = |j: &mut Job| j.state = JobState::Cancelled;
+        assert!(full_after(3, cancelled), "a pending job ended");
+        let stopping = |j: &mut Job| j.stop = Some(Box::new(StopCause::TimeLimit { limit_ms: 1 }));
+        assert!(full_after(1, stopping), "a job is stopping");
 
         // A job that started since with a time limit: the loop wakes for it, and once it is
         // past, the round is a full one (which stops it).
